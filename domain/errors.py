@@ -1,0 +1,51 @@
+"""Named domain errors; each carries the code the API answers with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """A command refused by a rule of the domain."""
+
+    code = "domain_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidTransition(DomainError):
+    code = "invalid_transition"
+
+
+class NotEligible(DomainError):
+    code = "not_eligible"
+
+
+class VersionConflict(DomainError):
+    code = "version_conflict"
+
+
+class IdempotencyKeyReused(DomainError):
+    code = "idempotency_key_reused"
+
+
+class ParticipantNotFound(DomainError):
+    code = "not_found"
+
+
+class ValidationFailed(DomainError):
+    """A value broke a field rule; ``fields`` maps dotted paths to messages."""
+
+    code = "validation_failed"
+
+    def __init__(self, fields: dict[str, list[str]]) -> None:
+        first = next(iter(fields.items()))
+        super().__init__(f"{first[0]}: {first[1][0]}", fields=fields)
+        self.fields = fields
+
+
+class ProtocolError(ValueError):
+    """The protocol file is malformed; the message names the key."""

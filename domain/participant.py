@@ -1,0 +1,419 @@
+"""The Participant aggregate: every fact about one participant, as events.
+
+Command methods check the protocol's rules and trigger events; event ``apply`` methods only
+change state. Captured data is kept per event (``records``), so a correction patches the
+record it names and every view derived from it follows.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import date
+from typing import Any, Iterator, Mapping
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from domain import eligibility
+from domain.chain import ChainedAggregate
+from domain.commands import Audit
+from domain.errors import InvalidTransition, NotEligible, ValidationFailed
+from domain.protocol import Protocol
+from domain.randomization import AllocationSequence
+from domain.scoring import visit_scores
+
+# Fields that key other state (the randomization stratum, the withdrawal scope, the visit)
+# can't be corrected: they are recorded again by a new command instead.
+LOCKED_FIELDS = frozenset({"site_id", "scope", "visit"})
+ACTIVE = ("randomized", "off_treatment")
+
+
+def participant_uuid(participant_id: str) -> UUID:
+    return uuid5(NAMESPACE_URL, f"trialog:participant:{participant_id}")
+
+
+def event_uuid(originator_id: UUID, version: int) -> str:
+    return str(uuid5(originator_id, str(version)))
+
+
+def _walk(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], str]:
+    """The dict holding the last key of a dotted path, and that key."""
+    *parents, last = path.split(".")
+    node: Any = data
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ValidationFailed({"data.field": [f"{path!r} is not a field of that event"]})
+    return node, last
+
+
+class Participant(ChainedAggregate):
+    """One participant's record, from screening to the end of follow-up."""
+
+    class Event(ChainedAggregate.Event):
+        @property
+        def event_id(self) -> str:
+            return event_uuid(self.originator_id, self.originator_version)
+
+    class Capture(Event):
+        """An event that captures data; its ``data`` can be corrected later."""
+
+        data: dict[str, Any]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.records[self.event_id] = {"type": type(self).__name__,
+                                                "data": copy.deepcopy(self.data)}
+            self.absorb(aggregate)
+
+        def absorb(self, aggregate: Any) -> None:
+            pass
+
+    class ParticipantScreened(Capture, ChainedAggregate.Created):
+        participant_id: str
+        eligible: bool
+        failed_criteria: list[str]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.participant_id = self.participant_id
+            aggregate.site_id = self.data["site_id"]
+            aggregate.records = {}
+            aggregate.deviations = {}
+            aggregate.reminders = []
+            aggregate.missed_visits = []
+            aggregate.consent_event = None
+            aggregate.registration_event = None
+            aggregate.arm = None
+            aggregate.allocation_index = None
+            aggregate.withdrawals = {}
+            Participant.Capture.apply(self, aggregate)
+
+        def absorb(self, aggregate: Any) -> None:
+            aggregate.screening_event = self.event_id
+            aggregate.eligible = self.eligible
+            aggregate.failed_criteria = list(self.failed_criteria)
+            aggregate.status = "screened" if self.eligible else "screen_failed"
+
+    class ParticipantRescreened(Capture):
+        eligible: bool
+        failed_criteria: list[str]
+
+        def absorb(self, aggregate: Any) -> None:
+            Participant.ParticipantScreened.absorb(self, aggregate)  # type: ignore[arg-type]
+
+    class ConsentRecorded(Capture):
+        def absorb(self, aggregate: Any) -> None:
+            aggregate.consent_event = self.event_id
+            if aggregate.status == "screened":
+                aggregate.status = "consented"
+
+    class ParticipantRandomized(Capture):
+        arm: str
+        allocation_index: int
+
+        def absorb(self, aggregate: Any) -> None:
+            aggregate.registration_event = self.event_id
+            aggregate.arm = self.arm
+            aggregate.allocation_index = self.allocation_index
+            aggregate.status = "randomized"
+
+    class BloodSampleCollected(Capture):
+        pass
+
+    class DoseRecorded(Capture):
+        pass
+
+    class VisitCompleted(Capture):
+        completes_study: bool
+
+        def absorb(self, aggregate: Any) -> None:
+            if self.completes_study:
+                aggregate.status = "completed"
+
+    class MedicationReported(Capture):
+        pass
+
+    class ParticipantWithdrawn(Capture):
+        def absorb(self, aggregate: Any) -> None:
+            scope = self.data["scope"]
+            aggregate.withdrawals[scope] = self.event_id
+            aggregate.status = "withdrawn" if scope == "study" else "off_treatment"
+
+    class DataCorrected(Event):
+        target_event_id: str
+        field: str
+        previous_value: Any
+        value: Any
+
+        def apply(self, aggregate: Any) -> None:
+            record = aggregate.records[self.target_event_id]
+            parent, key = _walk(record["data"], self.field)
+            parent[key] = copy.deepcopy(self.value)
+
+    class DeviationFlagged(Event):
+        deviation_id: str
+        code: str
+        severity: str
+        evidence: list[str]
+        detail: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.deviations[self.deviation_id] = {
+                "deviation_id": self.deviation_id, "code": self.code,
+                "severity": self.severity, "evidence": list(self.evidence),
+                "detail": self.detail, "detected_at": self.timestamp.isoformat(),
+                "status": "open", "resolution": None,
+            }
+
+    class DeviationResolved(Event):
+        deviation_id: str
+        resolution: str
+
+        def apply(self, aggregate: Any) -> None:
+            deviation = aggregate.deviations[self.deviation_id]
+            deviation["status"] = "resolved"
+            deviation["resolution"] = self.resolution
+
+    class ReminderSent(Event):
+        visit: str
+        kind: str
+        recipients: list[str]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.reminders.append(f"{self.visit}/{self.kind}")
+
+    class VisitMissed(Event):
+        visit: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.missed_visits.append(self.visit)
+
+    # --- derived views -------------------------------------------------------------------
+
+    def data_of(self, event_id: str | None) -> dict[str, Any]:
+        return self.records[event_id]["data"] if event_id else {}
+
+    def records_of(self, *types: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for event_id, record in self.records.items():
+            if record["type"] in types:
+                yield event_id, record["data"]
+
+    @property
+    def screening(self) -> dict[str, Any]:
+        return self.data_of(self.screening_event)
+
+    @property
+    def registered_on(self) -> date | None:
+        registered: date | None = self.data_of(self.registration_event).get("registered_on")
+        return registered
+
+    @property
+    def consented_on(self) -> date | None:
+        signed: date | None = self.data_of(self.consent_event).get("signed_on")
+        return signed
+
+    def withdrawn_on(self, scope: str) -> date | None:
+        withdrawn: date | None = self.data_of(self.withdrawals.get(scope)).get("withdrawn_on")
+        return withdrawn
+
+    def completed_visits(self) -> dict[str, dict[str, Any]]:
+        return {d["visit"]: {**d, "event_id": e} for e, d in self.records_of("VisitCompleted")}
+
+    def scores(self) -> dict[str, dict[str, float | None]]:
+        return {
+            code: visit_scores(v.get("bpi_sf"), v.get("fact_es"))
+            for code, v in self.completed_visits().items()
+        }
+
+    # --- commands ------------------------------------------------------------------------
+
+    @classmethod
+    def screen(
+        cls, participant_id: str, data: Mapping[str, Any], protocol: Protocol, audit: Audit
+    ) -> Participant:
+        eligible, failed = _screening_outcome(data, protocol)
+        return cls._create(
+            cls.ParticipantScreened, id=participant_uuid(participant_id),
+            participant_id=participant_id, data=dict(data), eligible=eligible,
+            failed_criteria=failed, **audit.event_fields(),
+        )
+
+    def rescreen(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit) -> None:
+        if self.status != "screen_failed":
+            raise InvalidTransition(
+                f"participant {self.participant_id} is already screened (status {self.status}); "
+                "a rescreen is accepted only after a screen failure"
+            )
+        if data["site_id"] != self.site_id:
+            raise ValidationFailed({"data.site_id": [f"must be the participant's site, "
+                                                     f"{self.site_id}"]})
+        eligible, failed = _screening_outcome(data, protocol)
+        self.trigger_event(self.ParticipantRescreened, data=dict(data), eligible=eligible,
+                           failed_criteria=failed, **audit.event_fields())
+
+    def record_consent(self, data: Mapping[str, Any], audit: Audit) -> None:
+        self._refuse_screen_failure("consented")
+        self._require_status("record consent", "screened", "consented", *ACTIVE, "completed")
+        self.trigger_event(self.ConsentRecorded, data=dict(data), **audit.event_fields())
+
+    def randomize(
+        self, data: Mapping[str, Any], sequence: AllocationSequence, seed: bytes,
+        protocol: Protocol, audit: Audit,
+    ) -> None:
+        self._refuse_screen_failure("randomized")
+        self._require_status("randomize", "consented")
+        registered_on: date = data["registered_on"]
+        if registered_on < self.screening["screened_on"]:
+            raise ValidationFailed({"data.registered_on": ["must not be before screened_on"]})
+        failed = eligibility.failed_criteria(
+            self.screening["eligibility"], self.screening["birth_date"], registered_on,
+            protocol.eligibility, only=eligibility.TIME_RELATIVE,
+        )
+        medications = [d for _, d in self.records_of("MedicationReported")]
+        washout_failed = eligibility.washout_failures(
+            medications, registered_on, protocol.eligibility
+        )
+        if washout_failed and "b12_washout" not in failed:
+            failed.append("b12_washout")
+        if failed:
+            raise NotEligible(
+                f"participant {self.participant_id} is not eligible on {registered_on}: "
+                + ", ".join(failed), failed_criteria=failed,
+            )
+        index, arm = sequence.draw(self.participant_id, seed, protocol.randomization, audit)
+        self.trigger_event(self.ParticipantRandomized, data=dict(data), arm=arm,
+                           allocation_index=index, **audit.event_fields())
+
+    def record_blood_sample(self, data: Mapping[str, Any], protocol: Protocol,
+                            audit: Audit) -> None:
+        self._require_status("record a blood sample", "consented", *ACTIVE, "completed")
+        _require_visit(protocol, data["timepoint"], "data.timepoint")
+        self.trigger_event(self.BloodSampleCollected, data=dict(data), **audit.event_fields())
+
+    def record_dose(self, data: Mapping[str, Any], audit: Audit) -> None:
+        self._require_status("record a dose", *ACTIVE, "completed")
+        taken_on: date = data["taken_on"]
+        stopped = self.withdrawn_on("treatment")
+        if stopped is not None and taken_on > stopped:
+            raise InvalidTransition(
+                f"a dose on {taken_on} is after the treatment withdrawal on {stopped}"
+            )
+        if any(d["taken_on"] == taken_on for _, d in self.records_of("DoseRecorded")):
+            raise InvalidTransition(
+                f"a dose is already recorded for {taken_on}; use CorrectData to change it"
+            )
+        self.trigger_event(self.DoseRecorded, data=dict(data), **audit.event_fields())
+
+    def complete_visit(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit) -> None:
+        self._require_status("complete a visit", *ACTIVE)
+        code = data["visit"]
+        _require_visit(protocol, code, "data.visit")
+        if code in self.completed_visits():
+            raise InvalidTransition(
+                f"visit {code} is already completed; use CorrectData to change it"
+            )
+        self.trigger_event(
+            self.VisitCompleted, data=dict(data), completes_study=code == protocol.visits[-1].code,
+            **audit.event_fields(),
+        )
+
+    def report_medication(self, data: Mapping[str, Any], audit: Audit) -> None:
+        self._require_status("report a medication", "screened", "consented", *ACTIVE,
+                             "completed")
+        self.trigger_event(self.MedicationReported, data=dict(data), **audit.event_fields())
+
+    def withdraw(self, data: Mapping[str, Any], audit: Audit) -> None:
+        if data["scope"] == "treatment":
+            self._require_status("withdraw from treatment", "randomized")
+        else:
+            self._require_status("withdraw from the study", "screened", "consented", *ACTIVE)
+        self.trigger_event(self.ParticipantWithdrawn, data=dict(data), **audit.event_fields())
+
+    def correct_data(self, data: Mapping[str, Any], audit: Audit) -> None:
+        if not audit.reason:
+            raise ValidationFailed({"reason": ["is required for CorrectData"]})
+        target = data["event_id"]
+        record = self.records.get(target)
+        if record is None:
+            raise ValidationFailed(
+                {"data.event_id": ["is not a data-capturing event of this participant"]}
+            )
+        path: str = data["field"]
+        if path.split(".")[0] in LOCKED_FIELDS:
+            raise ValidationFailed({"data.field": [f"{path!r} can't be corrected"]})
+        parent, key = _walk(record["data"], path)
+        previous = parent.get(key)
+        if previous == data["value"]:
+            raise ValidationFailed({"data.value": ["is the value already recorded"]})
+        self.trigger_event(
+            self.DataCorrected, target_event_id=target, field=path,
+            previous_value=copy.deepcopy(previous), value=copy.deepcopy(data["value"]),
+            **audit.event_fields(),
+        )
+
+    def flag_deviation(
+        self, deviation_id: str, code: str, severity: str, evidence: list[str], detail: str,
+        audit: Audit,
+    ) -> bool:
+        """Flags a deviation once; False when it was flagged before."""
+        if deviation_id in self.deviations:
+            return False
+        self.trigger_event(self.DeviationFlagged, deviation_id=deviation_id, code=code,
+                           severity=severity, evidence=list(evidence), detail=detail,
+                           **audit.event_fields())
+        return True
+
+    def resolve_deviation(self, data: Mapping[str, Any], audit: Audit) -> None:
+        deviation = self.deviations.get(data["deviation_id"])
+        if deviation is None:
+            raise ValidationFailed({"data.deviation_id": ["is not a deviation of this "
+                                                          "participant"]})
+        if deviation["status"] != "open":
+            raise InvalidTransition(f"deviation {data['deviation_id']} is already resolved")
+        self.trigger_event(self.DeviationResolved, deviation_id=data["deviation_id"],
+                           resolution=data["resolution"], **audit.event_fields())
+
+    def record_reminder_sent(self, visit: str, kind: str, recipients: list[str],
+                             audit: Audit) -> bool:
+        """Records a sent reminder once; False when it was recorded before."""
+        if f"{visit}/{kind}" in self.reminders:
+            return False
+        self.trigger_event(self.ReminderSent, visit=visit, kind=kind,
+                           recipients=list(recipients), **audit.event_fields())
+        return True
+
+    def record_visit_missed(self, visit: str, audit: Audit) -> bool:
+        if visit in self.missed_visits or visit in self.completed_visits():
+            return False
+        self.trigger_event(self.VisitMissed, visit=visit, **audit.event_fields())
+        return True
+
+    # --- guards --------------------------------------------------------------------------
+
+    def _refuse_screen_failure(self, what: str) -> None:
+        if self.status == "screen_failed":
+            raise NotEligible(
+                f"participant {self.participant_id} failed screening and can't be {what}",
+                failed_criteria=list(self.failed_criteria),
+            )
+
+    def _require_status(self, action: str, *allowed: str) -> None:
+        if self.status not in allowed:
+            raise InvalidTransition(
+                f"can't {action} for participant {self.participant_id} "
+                f"in status {self.status}"
+            )
+
+
+def _require_visit(protocol: Protocol, code: str, path: str) -> None:
+    if protocol.visit(code) is None:
+        raise ValidationFailed({path: [f"must be one of: {', '.join(protocol.visit_codes)}"]})
+
+
+def _screening_outcome(data: Mapping[str, Any], protocol: Protocol) -> tuple[bool, list[str]]:
+    if protocol.site(data["site_id"]) is None:
+        raise ValidationFailed({"data.site_id": [f"must be one of: "
+                                                 f"{', '.join(protocol.site_ids)}"]})
+    failed = eligibility.failed_criteria(
+        data["eligibility"], data["birth_date"], data["screened_on"], protocol.eligibility
+    )
+    if data["language"] not in protocol.languages:
+        failed.append("questionnaire_language")
+    return not failed, failed

@@ -1,0 +1,280 @@
+"""The protocol as data: arms, visits and windows, eligibility parameters, randomization,
+sites, reminder offsets and deviation thresholds, validated when loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from domain.errors import ProtocolError
+
+STAGES = ("0", "I", "II", "III", "IV")
+
+
+@dataclass(frozen=True)
+class Arm:
+    code: str
+    name: str
+    receives_dose: bool
+
+
+@dataclass(frozen=True)
+class Visit:
+    code: str
+    target_day: int
+    window_before: int
+    window_after: int
+
+
+@dataclass(frozen=True)
+class AromataseInhibitor:
+    drug: str
+    daily_dose_mg: float
+
+
+@dataclass(frozen=True)
+class EligibilityRules:
+    stages: tuple[str, ...]
+    zubrod_max: int
+    ai_min_days_before_registration: int
+    ai_min_planned_days_after_registration: int
+    analgesic_min_stable_days: int
+    b12_washout_min_days: int
+    substance_abuse_exclusion_days: int
+    menopause_min_months_since_last_period: int
+    menopause_age_without_fsh: int
+    aromatase_inhibitors: tuple[AromataseInhibitor, ...]
+
+
+@dataclass(frozen=True)
+class Randomization:
+    ratio: tuple[tuple[str, int], ...]
+    block_sizes: tuple[int, ...]
+    strata: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    id: str
+    name: str
+    coordinator_email: str
+
+
+@dataclass(frozen=True)
+class ReminderOffset:
+    kind: str
+    relative_to: str
+    days: int
+
+
+@dataclass(frozen=True)
+class DeviationThresholds:
+    max_missed_dose_fraction: float
+    adherence_min_expected_doses: int
+
+
+@dataclass(frozen=True)
+class Protocol:
+    study_id: str
+    title: str
+    languages: tuple[str, ...]
+    arms: tuple[Arm, ...]
+    dose_mcg: float
+    visits: tuple[Visit, ...]
+    eligibility: EligibilityRules
+    randomization: Randomization
+    sites: tuple[Site, ...]
+    reminders: tuple[ReminderOffset, ...]
+    deviations: DeviationThresholds
+
+    def arm(self, code: str) -> Arm:
+        return next(a for a in self.arms if a.code == code)
+
+    def visit(self, code: str) -> Visit | None:
+        return next((v for v in self.visits if v.code == code), None)
+
+    def site(self, site_id: str) -> Site | None:
+        return next((s for s in self.sites if s.id == site_id), None)
+
+    @property
+    def visit_codes(self) -> tuple[str, ...]:
+        return tuple(v.code for v in self.visits)
+
+    @property
+    def site_ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.sites)
+
+
+class _Reader:
+    """Reads typed values from nested mappings, naming the dotted key on error."""
+
+    def __init__(self, data: Mapping[str, Any], path: str = "") -> None:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"{path or 'protocol'}: expected a table")
+        self.data = data
+        self.path = path
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def raw(self, key: str) -> Any:
+        if key not in self.data:
+            raise ProtocolError(f"{self._key(key)}: missing")
+        return self.data[key]
+
+    def typed(self, key: str, kind: type | tuple[type, ...], label: str) -> Any:
+        value = self.raw(key)
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ProtocolError(f"{self._key(key)}: expected {label}")
+        if not isinstance(value, kind):
+            raise ProtocolError(f"{self._key(key)}: expected {label}")
+        return value
+
+    def str(self, key: str) -> str:
+        value: str = self.typed(key, str, "a string")
+        if not value:
+            raise ProtocolError(f"{self._key(key)}: must not be empty")
+        return value
+
+    def int(self, key: str, minimum: int | None = None) -> int:
+        value: int = self.typed(key, int, "an integer")
+        if minimum is not None and value < minimum:
+            raise ProtocolError(f"{self._key(key)}: must be at least {minimum}")
+        return value
+
+    def number(self, key: str) -> float:
+        return float(self.typed(key, (int, float), "a number"))
+
+    def bool(self, key: str) -> bool:
+        value: bool = self.typed(key, bool, "true or false")
+        return value
+
+    def table(self, key: str) -> _Reader:
+        return _Reader(self.raw(key), self._key(key))
+
+    def tables(self, key: str) -> list[_Reader]:
+        items = self.typed(key, list, "a list of tables")
+        if not items:
+            raise ProtocolError(f"{self._key(key)}: must not be empty")
+        return [_Reader(item, f"{self._key(key)}[{i}]") for i, item in enumerate(items)]
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        items = self.typed(key, list, "a list of strings")
+        if not items or not all(isinstance(i, str) and i for i in items):
+            raise ProtocolError(f"{self._key(key)}: expected a non-empty list of strings")
+        return tuple(items)
+
+    def ints(self, key: str) -> tuple[int, ...]:
+        items = self.typed(key, list, "a list of integers")
+        if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise ProtocolError(f"{self._key(key)}: expected a non-empty list of integers")
+        return tuple(items)
+
+
+def _unique(values: list[str], key: str) -> None:
+    if len(set(values)) != len(values):
+        raise ProtocolError(f"{key}: codes must be unique")
+
+
+def _arms(root: _Reader) -> tuple[Arm, ...]:
+    arms = tuple(
+        Arm(t.str("code"), t.str("name"), t.bool("receives_dose")) for t in root.tables("arms")
+    )
+    _unique([a.code for a in arms], "arms")
+    return arms
+
+
+def _visits(root: _Reader) -> tuple[Visit, ...]:
+    visits = tuple(
+        Visit(t.str("code"), t.int("target_day", 0), t.int("window_before", 0),
+              t.int("window_after", 0))
+        for t in root.tables("visits")
+    )
+    _unique([v.code for v in visits], "visits")
+    days = [v.target_day for v in visits]
+    if days != sorted(days):
+        raise ProtocolError("visits: must be listed in order of target_day")
+    return visits
+
+
+def _eligibility(root: _Reader) -> EligibilityRules:
+    e = root.table("eligibility")
+    stages = e.strings("stages")
+    for stage in stages:
+        if stage not in STAGES:
+            raise ProtocolError(f"eligibility.stages: {stage!r} is not one of {', '.join(STAGES)}")
+    inhibitors = tuple(
+        AromataseInhibitor(t.str("drug"), t.number("daily_dose_mg"))
+        for t in e.tables("aromatase_inhibitors")
+    )
+    return EligibilityRules(
+        stages=stages,
+        zubrod_max=e.int("zubrod_max", 0),
+        ai_min_days_before_registration=e.int("ai_min_days_before_registration", 0),
+        ai_min_planned_days_after_registration=e.int("ai_min_planned_days_after_registration", 0),
+        analgesic_min_stable_days=e.int("analgesic_min_stable_days", 0),
+        b12_washout_min_days=e.int("b12_washout_min_days", 0),
+        substance_abuse_exclusion_days=e.int("substance_abuse_exclusion_days", 0),
+        menopause_min_months_since_last_period=e.int("menopause_min_months_since_last_period", 0),
+        menopause_age_without_fsh=e.int("menopause_age_without_fsh", 0),
+        aromatase_inhibitors=inhibitors,
+    )
+
+
+def _randomization(root: _Reader, arms: tuple[Arm, ...]) -> Randomization:
+    r = root.table("randomization")
+    ratio_table = r.table("ratio")
+    ratio = tuple((a.code, ratio_table.int(a.code, 1)) for a in arms)
+    unknown = set(ratio_table.data) - {a.code for a in arms}
+    if unknown:
+        raise ProtocolError(f"randomization.ratio: unknown arm {sorted(unknown)[0]!r}")
+    block_sizes = r.ints("block_sizes")
+    unit = sum(n for _, n in ratio)
+    for size in block_sizes:
+        if size <= 0 or size % unit:
+            raise ProtocolError(
+                f"randomization.block_sizes: {size} is not a positive multiple of {unit}"
+            )
+    strata = r.strings("strata")
+    if strata != ("site_id",):
+        raise ProtocolError("randomization.strata: only ['site_id'] is supported")
+    return Randomization(ratio, block_sizes, strata)
+
+
+def _reminders(root: _Reader) -> tuple[ReminderOffset, ...]:
+    offsets = []
+    for t in root.table("reminders").tables("offsets"):
+        relative_to = t.str("relative_to")
+        if relative_to not in ("target", "window_open"):
+            raise ProtocolError(f"{t.path}.relative_to: must be 'target' or 'window_open'")
+        offsets.append(ReminderOffset(t.str("kind"), relative_to, t.int("days")))
+    _unique([o.kind for o in offsets], "reminders.offsets")
+    return tuple(offsets)
+
+
+def protocol_from_mapping(data: Mapping[str, Any]) -> Protocol:
+    """Builds a Protocol from parsed TOML, raising ProtocolError that names the bad key."""
+    root = _Reader(data)
+    study = root.table("study")
+    arms = _arms(root)
+    sites = tuple(
+        Site(t.str("id"), t.str("name"), t.str("coordinator_email")) for t in root.tables("sites")
+    )
+    _unique([s.id for s in sites], "sites")
+    deviations = root.table("deviations")
+    fraction = deviations.number("max_missed_dose_fraction")
+    if not 0 <= fraction <= 1:
+        raise ProtocolError("deviations.max_missed_dose_fraction: must be between 0 and 1")
+    return Protocol(
+        study_id=study.str("id"),
+        title=study.str("title"),
+        languages=study.strings("languages"),
+        arms=arms,
+        dose_mcg=root.table("dose").number("dose_mcg"),
+        visits=_visits(root),
+        eligibility=_eligibility(root),
+        randomization=_randomization(root, arms),
+        sites=sites,
+        reminders=_reminders(root),
+        deviations=DeviationThresholds(fraction, deviations.int("adherence_min_expected_doses", 0)),
+    )

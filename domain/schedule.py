@@ -1,0 +1,50 @@
+"""The visit schedule: each visit's target day and window, from the registration date."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from domain.protocol import Protocol, Visit
+
+
+@dataclass(frozen=True)
+class ScheduledVisit:
+    code: str
+    target: date
+    window_start: date
+    window_end: date
+
+    def in_window(self, day: date) -> bool:
+        return self.window_start <= day <= self.window_end
+
+
+def scheduled_visit(visit: Visit, registered_on: date) -> ScheduledVisit:
+    """Target = registration + target day; window = target - before .. target + after."""
+    target = registered_on + timedelta(days=visit.target_day)
+    return ScheduledVisit(
+        code=visit.code,
+        target=target,
+        window_start=target - timedelta(days=visit.window_before),
+        window_end=target + timedelta(days=visit.window_after),
+    )
+
+
+def schedule(protocol: Protocol, registered_on: date) -> list[ScheduledVisit]:
+    return [scheduled_visit(v, registered_on) for v in protocol.visits]
+
+
+def visit_status(
+    visit: ScheduledVisit, completed_on: date | None, missed: bool, today: date
+) -> str:
+    """completed | missed | open (window open today) | upcoming | overdue (window closed,
+    not yet marked missed)."""
+    if completed_on is not None:
+        return "completed"
+    if missed:
+        return "missed"
+    if today < visit.window_start:
+        return "upcoming"
+    if today <= visit.window_end:
+        return "open"
+    return "overdue"

@@ -1,0 +1,1 @@
+"""Adapters: event store wiring, tables, the command bus, audit, CLI and settings."""

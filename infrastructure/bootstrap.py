@@ -1,0 +1,70 @@
+"""The one place where real adapters are chosen: builds the application from settings."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy.engine import Engine
+
+from domain.errors import ProtocolError
+from domain.protocol import Protocol, protocol_from_mapping
+from domain.service import TrialService
+from infrastructure import migrations
+from infrastructure.bus import CommandBus, utc_now
+from infrastructure.settings import Settings
+
+
+def load_protocol(path: Path) -> Protocol:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ProtocolError(f"{path}: can't read the protocol file ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProtocolError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return protocol_from_mapping(data)
+    except ProtocolError as e:
+        raise ProtocolError(f"{path}: {e}") from None
+
+
+def event_store_env(settings: Settings) -> dict[str, str]:
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing_sqlalchemy",
+        "SQLALCHEMY_URL": settings.database_url,
+        "CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
+        "CIPHER_KEY": settings.cipher_key,
+        "CREATE_TABLE": "y",
+    }
+
+
+@dataclass
+class Trialog:
+    settings: Settings
+    protocol: Protocol
+    service: TrialService
+    bus: CommandBus
+
+    @property
+    def engine(self) -> Engine:
+        engine: Engine = self.service.recorder.datastore.engine  # type: ignore[attr-defined]
+        return engine
+
+    def close(self) -> None:
+        self.service.close()
+
+
+def bootstrap(settings: Settings, *, migrate: bool | None = None,
+              clock: Callable[[], datetime] = utc_now) -> Trialog:
+    """Builds the application. ``migrate`` runs the migrations first (default: on SQLite,
+    where the embedded default must work with no separate step)."""
+    protocol = load_protocol(settings.protocol_path)
+    service = TrialService(protocol, settings.allocation_seed, env=event_store_env(settings))
+    trialog = Trialog(settings, protocol, service, CommandBus(service, clock))
+    if migrate if migrate is not None else settings.is_sqlite:
+        migrations.upgrade(trialog.engine)
+    return trialog
