@@ -1,0 +1,87 @@
+"""What the record says: a participant's current state and the trial summary."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import date
+from statistics import fmean
+from typing import Any, Iterable
+
+from domain.participant import Participant
+from domain.protocol import Protocol
+from domain.schedule import schedule, visit_status
+
+
+def visits_view(p: Participant, protocol: Protocol, today: date) -> list[dict[str, Any]]:
+    registered_on = p.registered_on
+    if registered_on is None:
+        return []
+    completed = p.completed_visits()
+    rows = []
+    for visit in schedule(protocol, registered_on):
+        done = completed.get(visit.code)
+        rows.append({
+            "code": visit.code,
+            "target": visit.target.isoformat(),
+            "window": {"start": visit.window_start.isoformat(),
+                       "end": visit.window_end.isoformat()},
+            "status": visit_status(visit, done["completed_on"] if done else None,
+                                   visit.code in p.missed_visits, today),
+            "completed_on": done["completed_on"].isoformat() if done else None,
+        })
+    return rows
+
+
+def participant_state(p: Participant, protocol: Protocol, today: date,
+                      contact: bool = False) -> dict[str, Any]:
+    """The participant's current state; contact details only when ``contact``."""
+    state: dict[str, Any] = {
+        "participant_id": p.participant_id,
+        "status": p.status,
+        "arm": p.arm,
+        "version": p.version,
+        "site_id": p.site_id,
+        "eligible": p.eligible,
+        "failed_criteria": list(p.failed_criteria),
+        "registered_on": p.registered_on.isoformat() if p.registered_on else None,
+        "visits": visits_view(p, protocol, today),
+        "open_deviations": [d for d in p.deviations.values() if d["status"] == "open"],
+        "scores": p.scores(),
+    }
+    if contact:
+        birth_date = p.screening.get("birth_date")
+        state["contact"] = {"email": p.screening.get("email"),
+                            "birth_date": birth_date.isoformat() if birth_date else None}
+    return state
+
+
+def trial_summary(participants: Iterable[Participant]) -> dict[str, Any]:
+    """Counts by status, arm and site, deviations by code, and mean BPI average pain
+    (item 'average') by arm and visit."""
+    by_status: Counter[str] = Counter()
+    by_arm: Counter[str] = Counter()
+    by_site: Counter[str] = Counter()
+    deviations: Counter[str] = Counter()
+    pain: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for p in participants:
+        by_status[p.status] += 1
+        by_site[p.site_id] += 1
+        if p.arm:
+            by_arm[p.arm] += 1
+        for d in p.deviations.values():
+            deviations[d["code"]] += 1
+        for code, visit in p.completed_visits().items():
+            bpi = visit.get("bpi_sf")
+            if p.arm and bpi and bpi.get("average") is not None:
+                pain[p.arm][code].append(float(bpi["average"]))
+    return {
+        "participants": sum(by_status.values()),
+        "by_status": dict(sorted(by_status.items())),
+        "by_arm": dict(sorted(by_arm.items())),
+        "by_site": dict(sorted(by_site.items())),
+        "deviations_by_code": dict(sorted(deviations.items())),
+        "mean_pain_by_arm_and_visit": {
+            arm: {visit: {"n": len(v), "mean": fmean(v)} for visit, v in visits.items()}
+            for arm, visits in sorted(pain.items())
+        },
+    }

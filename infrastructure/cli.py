@@ -1,0 +1,161 @@
+"""The ``trialog`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from domain.errors import DomainError, ProtocolError
+from infrastructure import migrations
+from infrastructure.audit import history, verify
+from infrastructure.bootstrap import Trialog, bootstrap
+from infrastructure.settings import Settings, SettingsError
+
+
+class CliError(Exception):
+    """A failure reported as one line on standard error."""
+
+
+def parse_moment(text: str) -> datetime:
+    """An ISO date or datetime; a time without zone is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--as-of: {text!r} is not an ISO 8601 date or datetime") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()
+    raise TypeError(repr(value))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=_json_default, ensure_ascii=False))
+
+
+def _app() -> Trialog:
+    return bootstrap(Settings.from_env())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from infrastructure.demo import run_demo
+
+    path = Path(args.database)
+    summary = run_demo(path, participants=args.participants, seed=args.seed)
+    print(format_summary(summary))
+    print(f"\nSQLite file: {path.resolve()}")
+    print(f"Try: TRIALOG_DATABASE_URL=sqlite:///{path.resolve()} trialog audit verify")
+    return 0
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"Trial summary: {s['participants']} participants"]
+    for title, key in (("By status", "by_status"), ("By arm", "by_arm"), ("By site", "by_site"),
+                       ("Deviations by code", "deviations_by_code")):
+        counts = s[key]
+        lines.append(f"\n{title}:")
+        lines += [f"  {name:<28}{n:>5}" for name, n in counts.items()] or ["  (none)"]
+    lines.append("\nMean BPI average pain by arm and visit:")
+    for arm, visits in s["mean_pain_by_arm_and_visit"].items():
+        for visit, v in visits.items():
+            lines.append(f"  {arm:<9}{visit:<19}{v['mean']:>6.2f}  (n={v['n']})")
+    return "\n".join(lines)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    trialog = bootstrap(Settings.from_env(), migrate=False)
+    try:
+        migrations.upgrade(trialog.engine)
+    finally:
+        trialog.close()
+    print("tables are up to date")
+    return 0
+
+
+def cmd_audit_history(args: argparse.Namespace) -> int:
+    trialog = _app()
+    try:
+        as_of = parse_moment(args.as_of) if args.as_of else None
+        entries = history(trialog.service, args.participant_id, as_of)
+        trialog.service.get_participant(args.participant_id)  # 'not found' when unknown
+    finally:
+        trialog.close()
+    if not entries:
+        raise CliError(f"participant {args.participant_id} has no events recorded by {args.as_of}")
+    if args.format == "json":
+        _print_json({"participant_id": args.participant_id, "events": entries})
+        return 0
+    for e in entries:
+        reason = f"  reason: {e['reason']}" if e["reason"] else ""
+        print(f"v{e['version']:<4} {e['recorded_at'].isoformat():<33} {e['type']:<22} "
+              f"by {e['actor']}  command {e['command_id']}{reason}")
+        print(f"      {json.dumps(e['data'], default=_json_default, ensure_ascii=False)}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    trialog = _app()
+    try:
+        with tqdm(unit="ev", desc="verifying", disable=args.quiet, file=sys.stderr) as bar:
+            report = verify(trialog.service, progress=bar.update)
+            rate = bar.format_dict["rate"] or 0
+    finally:
+        trialog.close()
+    _print_json(report.as_dict())
+    if not args.quiet:
+        print(f"{report.events_checked} events checked ({rate:,.0f} events/s)", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trialog", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="simulate a cohort on SQLite and print the summary")
+    demo.add_argument("--participants", type=int, default=40)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--database", default="trialog-demo.db")
+    demo.set_defaults(func=cmd_demo)
+
+    db = sub.add_parser("db", help="database tables").add_subparsers(dest="db", required=True)
+    db.add_parser("upgrade", help="create or migrate the tables").set_defaults(
+        func=cmd_db_upgrade)
+
+    audit = sub.add_parser("audit", help="history and verification").add_subparsers(
+        dest="audit", required=True)
+    hist = audit.add_parser("history", help="the timeline of one participant")
+    hist.add_argument("participant_id")
+    hist.add_argument("--as-of", help="recording time (ISO 8601; no zone means UTC)")
+    hist.add_argument("--format", choices=("table", "json"), default="table")
+    hist.set_defaults(func=cmd_audit_history)
+    ver = audit.add_parser("verify", help="check every stored event's hash chain")
+    ver.add_argument("--quiet", action="store_true")
+    ver.set_defaults(func=cmd_audit_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (CliError, DomainError, SettingsError, ProtocolError) as e:
+        print(f"trialog: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # noqa: BLE001 - every failure is one line, not a traceback
+        print(f"trialog: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

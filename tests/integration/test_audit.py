@@ -1,0 +1,155 @@
+"""Verification finds and locates every kind of tampering; history replays any moment."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import and_, delete, insert, select, update
+
+from domain import commands as c
+from domain.participant import participant_uuid
+from infrastructure.audit import history, participant_as_of, verify
+from infrastructure.bus import CommandBus
+from tests.integration.helpers import dose, enrol, send
+
+
+def events_table(t):
+    return t.service.recorder.events_record_cls.__table__
+
+
+def row(t, pid, version):
+    table = events_table(t)
+    where = and_(table.c.originator_id == participant_uuid(pid),
+                 table.c.originator_version == version)
+    return table, where
+
+
+def tampered(t, pid, statement_for) -> list[dict]:
+    with t.engine.begin() as conn:
+        for statement in statement_for(events_table(t), participant_uuid(pid), conn):
+            conn.execute(statement)
+    report = verify(t.service)
+    assert not report.ok
+    return [p.as_dict() for p in report.problems]
+
+
+def setup_participant(t) -> str:
+    pid = enrol(t)
+    for day in range(3):
+        send(t, c.RecordDose(pid, dose(day)))
+    return pid  # versions 1..6
+
+
+def test_an_untouched_store_verifies(isolated):
+    setup_participant(isolated)
+    report = verify(isolated.service)
+    assert report.ok
+    assert report.events_checked == 6 + 2  # the participant and its allocation sequence
+
+
+def test_an_edited_event_is_detected_and_located(isolated):
+    pid = setup_participant(isolated)
+
+    def edit(table, oid, conn):
+        state = conn.execute(select(table.c.state).where(
+            and_(table.c.originator_id == oid, table.c.originator_version == 4))).scalar_one()
+        flipped = bytes(state[:-1]) + bytes([state[-1] ^ 1])
+        yield update(table).where(and_(table.c.originator_id == oid,
+                                       table.c.originator_version == 4)).values(state=flipped)
+
+    problems = tampered(isolated, pid, edit)
+    assert [(p["kind"], p["version"], p["participant_id"]) for p in problems] == [
+        ("edited", 4, pid)]
+
+
+def test_a_deleted_event_is_detected_and_located(isolated):
+    pid = setup_participant(isolated)
+
+    def remove(table, oid, conn):
+        yield delete(table).where(and_(table.c.originator_id == oid,
+                                       table.c.originator_version == 3))
+
+    problems = tampered(isolated, pid, remove)
+    assert [(p["kind"], p["version"], p["participant_id"]) for p in problems] == [
+        ("deleted", 4, pid)]
+    assert "3..3" in problems[0]["detail"]
+
+
+def test_reordered_events_are_detected_and_located(isolated):
+    pid = setup_participant(isolated)
+
+    def swap(table, oid, conn):
+        at = lambda v: and_(table.c.originator_id == oid, table.c.originator_version == v)  # noqa: E731
+        yield update(table).where(at(4)).values(originator_version=-4)
+        yield update(table).where(at(5)).values(originator_version=4)
+        yield update(table).where(at(-4)).values(originator_version=5)
+
+    problems = tampered(isolated, pid, swap)
+    assert [(p["kind"], p["version"]) for p in problems] == [("reordered", 4), ("reordered", 5)]
+    assert all(p["participant_id"] == pid for p in problems)
+
+
+def test_an_inserted_event_is_detected_and_located(isolated):
+    pid = setup_participant(isolated)
+    other = setup_participant(isolated)
+
+    def replay_foreign_row(table, oid, conn):
+        foreign = conn.execute(select(table.c.topic, table.c.state).where(and_(
+            table.c.originator_id == participant_uuid(other),
+            table.c.originator_version == 5))).one()
+        yield insert(table).values(originator_id=oid, originator_version=7,
+                                   topic=foreign.topic, state=foreign.state)
+
+    problems = tampered(isolated, pid, replay_foreign_row)
+    assert [(p["kind"], p["version"], p["participant_id"]) for p in problems] == [
+        ("inserted", 7, pid)]
+
+
+def test_a_copied_event_is_detected_as_inserted(isolated):
+    pid = setup_participant(isolated)
+
+    def copy_row(table, oid, conn):
+        original = conn.execute(select(table.c.topic, table.c.state).where(and_(
+            table.c.originator_id == oid, table.c.originator_version == 5))).one()
+        yield insert(table).values(originator_id=oid, originator_version=7,
+                                   topic=original.topic, state=original.state)
+
+    problems = tampered(isolated, pid, copy_row)
+    assert [(p["kind"], p["version"]) for p in problems] == [("inserted", 7)]
+    assert "copy of version 5" in problems[0]["detail"]
+
+
+class SteppingClock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(minutes=1)
+        return self.now
+
+
+def test_history_and_state_as_recorded_at_a_moment(trialog):
+    clock = SteppingClock(datetime(2026, 3, 4, 9, tzinfo=timezone.utc))
+    trialog.bus = CommandBus(trialog.service, clock)
+    pid = enrol(trialog)  # recorded at 09:01, 09:02, 09:03
+    send(trialog, c.RecordDose(pid, dose(0)))  # 09:04 (plus the allocation sequence's events)
+    full = history(trialog.service, pid)
+    assert [e["type"] for e in full] == ["ParticipantScreened", "ConsentRecorded",
+                                         "ParticipantRandomized", "DoseRecorded"]
+    assert all(e["actor"] == "test-service" and e["command_id"] for e in full)
+    moment = full[1]["recorded_at"]
+    assert [e["version"] for e in history(trialog.service, pid, moment)] == [1, 2]
+    assert participant_as_of(trialog.service, pid, moment).status == "consented"
+    before = full[0]["recorded_at"] - timedelta(seconds=1)
+    assert participant_as_of(trialog.service, pid, before) is None
+
+
+@pytest.mark.parametrize("scope", ["edited"])
+def test_verify_never_crashes_on_garbage_rows(isolated, scope):
+    pid = setup_participant(isolated)
+    table, where = row(isolated, pid, 2)
+    with isolated.engine.begin() as conn:
+        conn.execute(update(table).where(where).values(state=b"not even ciphertext"))
+    report = verify(isolated.service)
+    assert [(p.kind, p.version) for p in report.problems] == [(scope, 2)]

@@ -1,0 +1,265 @@
+from datetime import date, datetime, timedelta
+
+import pytest
+
+from domain.chain import compute_digest
+from domain.errors import InvalidTransition, NotEligible, ValidationFailed
+from domain.participant import Participant
+from domain.randomization import AllocationSequence
+from tests.factories import SCREENED_ON, audit, consent, protocol, screening
+
+PROTOCOL = protocol()
+SEED = b"unit-test-seed"
+REGISTERED = date(2026, 3, 4)
+
+
+def screened(**changes) -> Participant:
+    return Participant.screen("CASE-0001", screening(**changes), PROTOCOL, audit())
+
+
+def randomized(**changes) -> Participant:
+    p = screened(**changes)
+    p.record_consent(consent(), audit())
+    randomize(p)
+    return p
+
+
+def randomize(p: Participant, registered_on: date = REGISTERED) -> None:
+    sequence = AllocationSequence.open(PROTOCOL.study_id, p.site_id, audit())
+    p.randomize({"registered_on": registered_on}, sequence, SEED, PROTOCOL, audit())
+
+
+def dose(day: date, taken: bool = True) -> dict:
+    return {"taken_on": day, "taken": taken, "dose_mcg": 1000}
+
+
+def visit(code: str, day: date, **instruments) -> dict:
+    return {"visit": code, "completed_on": day, **instruments}
+
+
+def test_an_eligible_candidate_is_screened():
+    p = screened()
+    assert (p.status, p.eligible, p.failed_criteria, p.version) == ("screened", True, [], 1)
+
+
+def test_a_failed_criterion_is_a_screen_failure_with_the_criteria_listed():
+    p = screened(stage="IV", zubrod=3)
+    assert p.status == "screen_failed"
+    assert p.failed_criteria == ["stage", "zubrod"]
+
+
+def test_an_unknown_site_is_a_validation_error():
+    with pytest.raises(ValidationFailed) as e:
+        screened(site_id="NOWHERE")
+    assert "data.site_id" in e.value.fields
+
+
+def test_a_screen_failure_can_be_neither_consented_nor_randomized():
+    p = screened(zubrod=3)
+    with pytest.raises(NotEligible):
+        p.record_consent(consent(), audit())
+    with pytest.raises(NotEligible):
+        randomize(p)
+
+
+def test_a_rescreen_is_accepted_only_after_a_screen_failure():
+    p = screened()
+    with pytest.raises(InvalidTransition):
+        p.rescreen(screening(), PROTOCOL, audit())
+    failed = screened(zubrod=3)
+    failed.rescreen(screening(), PROTOCOL, audit())
+    assert failed.status == "screened"
+
+
+def test_randomization_needs_consent():
+    with pytest.raises(InvalidTransition):
+        randomize(screened())
+
+
+def test_randomization_records_the_arm_and_the_draw():
+    p = randomized()
+    assert p.status == "randomized"
+    assert p.arm in ("b12", "control")
+    assert p.allocation_index == 0
+
+
+def test_randomizing_twice_is_an_invalid_transition():
+    p = randomized()
+    with pytest.raises(InvalidTransition):
+        randomize(p)
+
+
+def test_time_relative_criteria_are_rechecked_against_the_registration_date():
+    p = screened()
+    p.record_consent(consent(), audit())
+    # A corrected AI start date 13 days before registration fails the 14-day rule...
+    p.correct_data({"event_id": p.screening_event, "field": "eligibility.aromatase_inhibitor"
+                    ".started_on", "value": REGISTERED - timedelta(days=13)},
+                   audit(reason="start date misread"))
+    with pytest.raises(NotEligible) as e:
+        randomize(p)
+    assert e.value.details["failed_criteria"] == ["ai_duration"]
+    assert p.status == "consented"
+    # ...and 14 days passes.
+    p.correct_data({"event_id": p.screening_event, "field": "eligibility.aromatase_inhibitor"
+                    ".started_on", "value": REGISTERED - timedelta(days=14)},
+                   audit(reason="checked with the pharmacy"))
+    randomize(p)
+    assert p.status == "randomized"
+
+
+def test_a_b12_product_reported_before_randomization_fails_the_washout():
+    p = screened()
+    p.record_consent(consent(), audit())
+    p.report_medication({"drug": "multivitamin", "contains_b12": True,
+                         "stopped_on": REGISTERED - timedelta(days=5)}, audit())
+    with pytest.raises(NotEligible) as e:
+        randomize(p)
+    assert e.value.details["failed_criteria"] == ["b12_washout"]
+
+
+def test_a_dose_needs_randomization():
+    p = screened()
+    p.record_consent(consent(), audit())
+    with pytest.raises(InvalidTransition):
+        p.record_dose(dose(REGISTERED), audit())
+
+
+def test_after_a_treatment_withdrawal_only_earlier_doses_are_accepted():
+    p = randomized()
+    stopped = REGISTERED + timedelta(days=10)
+    p.withdraw({"withdrawn_on": stopped, "scope": "treatment", "reason_code": "ae"}, audit())
+    assert p.status == "off_treatment"
+    p.record_dose(dose(stopped), audit())  # a late diary entry
+    with pytest.raises(InvalidTransition):
+        p.record_dose(dose(stopped + timedelta(days=1)), audit())
+
+
+def test_a_second_dose_for_the_same_day_is_refused():
+    p = randomized()
+    p.record_dose(dose(REGISTERED), audit())
+    with pytest.raises(InvalidTransition):
+        p.record_dose(dose(REGISTERED), audit())
+
+
+def test_after_a_study_withdrawal_only_corrections_and_resolutions_are_accepted():
+    p = randomized()
+    p.record_dose(dose(REGISTERED), audit())
+    p.flag_deviation("d1", "wrong_dose", "minor", [], "test", audit())
+    p.withdraw({"withdrawn_on": REGISTERED, "scope": "study", "reason_code": "moved"}, audit())
+    assert p.status == "withdrawn"
+    refused = [
+        lambda: p.record_dose(dose(REGISTERED - timedelta(days=1)), audit()),
+        lambda: p.complete_visit(visit("baseline", REGISTERED), PROTOCOL, audit()),
+        lambda: p.record_consent(consent(), audit()),
+        lambda: p.report_medication({"drug": "x", "contains_b12": False}, audit()),
+        lambda: p.record_blood_sample({"timepoint": "baseline",
+                                       "collected_at": datetime(2026, 3, 4, 8)}, PROTOCOL,
+                                      audit()),
+        lambda: p.withdraw({"withdrawn_on": REGISTERED, "scope": "study",
+                            "reason_code": "x"}, audit()),
+        lambda: p.withdraw({"withdrawn_on": REGISTERED, "scope": "treatment",
+                            "reason_code": "x"}, audit()),
+    ]
+    for command in refused:
+        with pytest.raises(InvalidTransition):
+            command()
+    dose_event = next(e for e, r in p.records.items() if r["type"] == "DoseRecorded")
+    p.correct_data({"event_id": dose_event, "field": "dose_mcg", "value": 500},
+                   audit(reason="diary misread"))
+    p.resolve_deviation({"deviation_id": "d1", "resolution": "confirmed"}, audit())
+    assert p.deviations["d1"]["status"] == "resolved"
+
+
+def test_withdrawing_from_treatment_needs_randomization():
+    p = screened()
+    with pytest.raises(InvalidTransition):
+        p.withdraw({"withdrawn_on": SCREENED_ON, "scope": "treatment", "reason_code": "x"},
+                   audit())
+
+
+def test_a_visit_is_completed_once_and_the_last_completes_the_study():
+    p = randomized()
+    p.complete_visit(visit("baseline", REGISTERED), PROTOCOL, audit())
+    with pytest.raises(InvalidTransition):
+        p.complete_visit(visit("baseline", REGISTERED), PROTOCOL, audit())
+    with pytest.raises(ValidationFailed):
+        p.complete_visit(visit("week99", REGISTERED), PROTOCOL, audit())
+    p.complete_visit(visit("follow_up", REGISTERED + timedelta(days=180)), PROTOCOL, audit())
+    assert p.status == "completed"
+
+
+def test_a_blood_sample_needs_consent_and_a_known_timepoint():
+    p = screened()
+    sample = {"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8)}
+    with pytest.raises(InvalidTransition):
+        p.record_blood_sample(sample, PROTOCOL, audit())
+    p.record_consent(consent(), audit())
+    with pytest.raises(ValidationFailed):
+        p.record_blood_sample({**sample, "timepoint": "day3"}, PROTOCOL, audit())
+    p.record_blood_sample(sample, PROTOCOL, audit())
+
+
+def test_a_correction_needs_a_reason_and_changes_the_derived_scores():
+    p = randomized()
+    bpi = {"worst": 6, "least": 2, "average": 4, "now": 4}
+    p.complete_visit(visit("baseline", REGISTERED, bpi_sf=bpi), PROTOCOL, audit())
+    event_id = next(e for e, r in p.records.items() if r["type"] == "VisitCompleted")
+    correction = {"event_id": event_id, "field": "bpi_sf.worst", "value": 10}
+    with pytest.raises(ValidationFailed) as e:
+        p.correct_data(correction, audit())
+    assert "reason" in e.value.fields
+    p.correct_data(correction, audit(reason="transcription error"))
+    assert p.scores()["baseline"]["bpi_severity"] == 5.0
+    corrected = p.collect_events()[-1]
+    assert (corrected.previous_value, corrected.value, corrected.reason) == (
+        6, 10, "transcription error")
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    ("site_id", "can't be corrected"),
+    ("nonexistent.path", "is not a field"),
+])
+def test_locked_or_unknown_fields_cannot_be_corrected(field, message):
+    p = screened()
+    with pytest.raises(ValidationFailed) as e:
+        p.correct_data({"event_id": p.screening_event, "field": field, "value": "X"},
+                       audit(reason="r"))
+    assert message in e.value.fields["data.field"][0]
+
+
+def test_a_correction_must_name_an_event_of_this_participant():
+    p = screened()
+    with pytest.raises(ValidationFailed):
+        p.correct_data({"event_id": "nope", "field": "email", "value": "x@y.z"},
+                       audit(reason="r"))
+
+
+def test_deviations_and_reminders_are_recorded_once():
+    p = randomized()
+    assert p.flag_deviation("d1", "wrong_dose", "minor", [], "", audit()) is True
+    assert p.flag_deviation("d1", "wrong_dose", "minor", [], "", audit()) is False
+    assert p.record_reminder_sent("week6", "window_open", ["a@b.c"], audit()) is True
+    assert p.record_reminder_sent("week6", "window_open", ["a@b.c"], audit()) is False
+    with pytest.raises(ValidationFailed):
+        p.resolve_deviation({"deviation_id": "d2", "resolution": "x"}, audit())
+    p.resolve_deviation({"deviation_id": "d1", "resolution": "ok"}, audit())
+    with pytest.raises(InvalidTransition):
+        p.resolve_deviation({"deviation_id": "d1", "resolution": "ok"}, audit())
+
+
+def test_every_event_carries_audit_fields_and_is_chained_to_the_previous():
+    p = randomized()
+    events = p.collect_events()
+    previous = ""
+    for event in events:
+        assert event.command_id and event.actor == "test-service"
+        assert event.previous_digest == previous
+        assert compute_digest(event) == event.digest
+        previous = event.digest
+
+
+def test_an_altered_event_no_longer_matches_its_digest():
+    event = screened().collect_events()[0]
+    object.__setattr__(event, "data", {**event.data, "email": "someone.else@example.org"})
+    assert compute_digest(event) != event.digest

@@ -1,0 +1,31 @@
+import pytest
+
+from domain.errors import ProtocolError
+from domain.protocol import protocol_from_mapping
+from tests.factories import protocol_data
+
+
+def test_the_default_protocol_loads():
+    p = protocol_from_mapping(protocol_data())
+    assert [v.code for v in p.visits] == ["baseline", "week6", "end_of_treatment", "follow_up"]
+    assert [(v.target_day, v.window_before) for v in p.visits] == [(0, 0), (42, 7), (90, 7),
+                                                                   (180, 14)]
+    assert p.site_ids == ("CASE", "METRO")
+    assert [a.code for a in p.arms] == ["b12", "control"]
+
+
+@pytest.mark.parametrize(("mutate", "key"), [
+    (lambda d: d["eligibility"].pop("zubrod_max"), "eligibility.zubrod_max: missing"),
+    (lambda d: d["eligibility"].update(zubrod_max="two"), "eligibility.zubrod_max: expected"),
+    (lambda d: d["visits"][1].update(target_day=-3), "visits[1].target_day"),
+    (lambda d: d["randomization"].update(block_sizes=[3]), "randomization.block_sizes"),
+    (lambda d: d["sites"].append(dict(d["sites"][0])), "sites: codes must be unique"),
+    (lambda d: d["eligibility"].update(stages=["V"]), "eligibility.stages"),
+    (lambda d: d["reminders"]["offsets"][0].update(relative_to="moon"),
+     "reminders.offsets[0].relative_to"),
+])
+def test_a_bad_protocol_names_the_key(mutate, key):
+    data = protocol_data()
+    mutate(data)
+    with pytest.raises(ProtocolError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        protocol_from_mapping(data)
