@@ -1,0 +1,167 @@
+"""`make bench`: writes benchmarks/results.json and prints it."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import sqlalchemy
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate
+
+from domain import commands as c
+from infrastructure.audit import verify
+from infrastructure.bootstrap import Trialog, bootstrap
+from infrastructure.settings import Settings
+from tests.factories import consent, screening
+
+PG_SERVER = os.environ.get("TRIALOG_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+KEY = "YmVuY2htYXJrLWtleS1iZW5jaG1hcmsta2V5LTMyYiE="
+N_COMMANDS = int(os.environ.get("TRIALOG_BENCH_COMMANDS", "1500"))
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+class Ping(Aggregate):
+    """The raw library's single-event aggregate (the baseline)."""
+
+
+@contextmanager
+def database(kind: str, workdir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A fresh database: our URL, and the raw library's settings for the same database."""
+    if kind == "sqlite":
+        path = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
+        raw = workdir / f"raw-{uuid.uuid4().hex[:8]}.db"
+        yield f"sqlite:///{path}", {"PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                                    "SQLITE_DBNAME": str(raw)}
+        return
+    name = f"trialog_bench_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{PG_SERVER}/{name}", {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": name,
+            "POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": "5432", "POSTGRES_USER": "postgres",
+            "POSTGRES_PASSWORD": ""}
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def rate(n: int, run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return n / (time.perf_counter() - start)
+
+
+def raw_single_event_saves(env: dict[str, str], n: int) -> float:
+    app: Application[Any] = Application(env=env)
+    try:
+        return rate(n, lambda: [app.save(Ping()) for _ in range(n)])
+    finally:
+        app.close()
+
+
+def raw_log_read(env: dict[str, str]) -> tuple[int, float]:
+    app: Application[Any] = Application(env=env)
+    try:
+        count, position = 0, 0
+        start = time.perf_counter()
+        while page := app.recorder.select_notifications(position + 1, 1000):
+            for notification in page:
+                app.mapper.to_domain_event(notification)
+            count += len(page)
+            position = page[-1].id
+        return count, count / (time.perf_counter() - start)
+    finally:
+        app.close()
+
+
+def screen_commands(t: Trialog, n: int) -> None:
+    data = screening()
+    for _ in range(n):
+        pid = f"CASE-{uuid.uuid4().hex[:12]}"
+        t.bus.dispatch(c.ScreenParticipant(pid, data), command_id=str(uuid.uuid4()),
+                       actor="bench")
+
+
+def long_participant(t: Trialog, events: int) -> str:
+    pid = f"CASE-{uuid.uuid4().hex[:12]}"
+    send = lambda cmd: t.bus.dispatch(cmd, command_id=str(uuid.uuid4()), actor="bench")  # noqa: E731
+    send(c.ScreenParticipant(pid, screening()))
+    send(c.RecordConsent(pid, consent()))
+    registered = date(2026, 3, 4)
+    send(c.RandomizeParticipant(pid, {"registered_on": registered}))
+    for day in range(events - 3):
+        send(c.RecordDose(pid, {"taken_on": registered + timedelta(days=day), "taken": True,
+                                "dose_mcg": 1000}))
+    return pid
+
+
+def p95_ms(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=20)[18] * 1000
+
+
+def result(name: str, value: float, unit: str, baseline_name: str, baseline: float,
+           db: str) -> dict[str, Any]:
+    return {"name": name, "value": round(value, 2), "unit": unit,
+            "baseline_name": baseline_name, "baseline_value": round(baseline, 2),
+            "ratio": round(value / baseline, 3) if baseline else None, "database": db}
+
+
+def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
+    results = []
+    with database(kind, workdir) as (url, raw_env):
+        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY})
+        t = bootstrap(settings, migrate=True)
+        try:
+            screen_commands(t, 50)  # warm up connections and caches
+            raw_single_event_saves(raw_env, 50)
+            ours = rate(N_COMMANDS, lambda: screen_commands(t, N_COMMANDS))
+            raw = raw_single_event_saves(raw_env, N_COMMANDS)
+            results.append(result("commands_app", ours, "ev/s", "library_single_event_save",
+                                  raw, kind))
+
+            pid = long_participant(t, 500)
+            loads = []
+            for _ in range(40):
+                start = time.perf_counter()
+                t.service.get_participant(pid)
+                loads.append(time.perf_counter() - start)
+            raw_count, raw_read = raw_log_read(raw_env)
+            results.append(result("replay_500_p95_ms", p95_ms(loads), "ms",
+                                  "library_log_read_ev_per_s", raw_read, kind))
+
+            start = time.perf_counter()
+            report = verify(t.service)
+            verify_rate = report.events_checked / (time.perf_counter() - start)
+            if not report.ok:
+                raise SystemExit(f"verify found problems in a fresh database: {report.problems}")
+            results.append(result("verify", verify_rate, "ev/s", "library_log_read", raw_read,
+                                  kind))
+        finally:
+            t.close()
+    return results
+
+
+def main() -> int:
+    workdir = Path(os.environ.get("TRIALOG_BENCH_DIR", "/tmp/trialog-bench"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    kinds = sys.argv[1:] or ["postgresql", "sqlite"]
+    results = [r for kind in kinds for r in bench(kind, workdir)]
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The command line, run as a user runs it (a subprocess, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from tests.integration.conftest import TEST_KEY
+
+TRIALOG = [sys.executable, "-m", "infrastructure.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(args, cwd, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(TRIALOG + args, cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_demo_prints_the_summary_then_history_and_verify_work_on_its_file(tmp_path):
+    demo = run(["demo", "--participants", "14", "--seed", "3"], tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    assert "Trial summary: 14 participants" in demo.stdout
+    assert "Mean BPI average pain by arm and visit" in demo.stdout
+    database = tmp_path / "trialog-demo.db"
+    assert f"SQLite file: {database}" in demo.stdout
+    url = f"sqlite:///{database}"
+
+    verified = run(["audit", "verify", "--quiet"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["ok"] is True
+
+    timeline = run(["audit", "history", "CASE-0002", "--format", "json"], tmp_path,
+                   TRIALOG_DATABASE_URL=url)
+    assert timeline.returncode == 0, timeline.stderr
+    events = json.loads(timeline.stdout)["events"]
+    assert events[0]["type"] == "ParticipantScreened"
+    early = run(["audit", "history", "CASE-0002", "--as-of", events[0]["recorded_at"],
+                 "--format", "json"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert [e["version"] for e in json.loads(early.stdout)["events"]] == [1]
+
+    with create_engine(url).begin() as conn:
+        conn.execute(text("DELETE FROM trialog_events WHERE id = 5"))
+    broken = run(["audit", "verify", "--quiet"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert broken.returncode == 1
+    assert json.loads(broken.stdout)["problems"][0]["kind"] == "deleted"
+
+
+def test_failures_are_one_line_on_standard_error(tmp_path):
+    missing = run(["audit", "history", "CASE-9999"], tmp_path,
+                  TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", TRIALOG_CIPHER_KEY=TEST_KEY)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0
+    assert "CASE-9999" in missing.stderr
+    bad_url = run(["audit", "verify"], tmp_path, TRIALOG_DATABASE_URL="mysql://nope")
+    assert bad_url.returncode == 1
+    assert bad_url.stderr.startswith("trialog: TRIALOG_DATABASE_URL")
+    no_key = run(["audit", "verify"], tmp_path,
+                 TRIALOG_DATABASE_URL="postgresql://postgres@127.0.0.1/test")
+    assert no_key.returncode == 1 and "TRIALOG_CIPHER_KEY" in no_key.stderr

@@ -1,0 +1,1 @@
+"""Celery plumbing: the app, the beat schedule and thin tasks (reminders, deviations)."""
