@@ -8,10 +8,11 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import sqlalchemy
 from eventsourcing.application import Application
@@ -96,7 +97,7 @@ def screen_commands(t: Trialog, n: int) -> None:
 
 def long_participant(t: Trialog, events: int) -> str:
     pid = f"CASE-{uuid.uuid4().hex[:12]}"
-    send = lambda cmd: t.bus.dispatch(cmd, command_id=str(uuid.uuid4()), actor="bench")  # noqa: E731
+    send = lambda cmd: t.bus.dispatch(cmd, command_id=str(uuid.uuid4()), actor="bench")
     send(c.ScreenParticipant(pid, screening()))
     send(c.RecordConsent(pid, consent()))
     registered = date(2026, 3, 4)
@@ -137,7 +138,7 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
                 start = time.perf_counter()
                 t.service.get_participant(pid)
                 loads.append(time.perf_counter() - start)
-            raw_count, raw_read = raw_log_read(raw_env)
+            _, raw_read = raw_log_read(raw_env)
             results.append(result("replay_500_p95_ms", p95_ms(loads), "ms",
                                   "library_log_read_ev_per_s", raw_read, kind))
 

@@ -6,9 +6,10 @@ Event-driven rules look only at recorded data; clock-driven rules (``visit_misse
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any, Callable, Iterator
+from typing import Any
 from uuid import uuid5
 
 from domain.eligibility import days_between

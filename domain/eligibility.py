@@ -8,8 +8,9 @@ age is completed years on the reference date.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from domain.protocol import EligibilityRules
 
@@ -89,7 +90,8 @@ def postmenopausal(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bo
 
 def zubrod(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bool:
     """Zubrod performance status 0-2."""
-    return 0 <= f["zubrod"] <= rules.zubrod_max
+    score: int = f["zubrod"]
+    return 0 <= score <= rules.zubrod_max
 
 
 def no_b12_allergy(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bool:

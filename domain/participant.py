@@ -8,8 +8,9 @@ record it names and every view derived from it follows.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Mapping
 from datetime import date
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from domain import eligibility
@@ -185,6 +186,23 @@ class Participant(ChainedAggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.missed_visits.append(self.visit)
 
+    if TYPE_CHECKING:  # set by the events; not annotated at run time (see chain.py)
+        participant_id: str
+        site_id: str
+        status: str
+        eligible: bool
+        failed_criteria: list[str]
+        records: dict[str, dict[str, Any]]
+        screening_event: str
+        consent_event: str | None
+        registration_event: str | None
+        arm: str | None
+        allocation_index: int | None
+        withdrawals: dict[str, str]
+        deviations: dict[str, dict[str, Any]]
+        reminders: list[str]
+        missed_visits: list[str]
+
     # --- derived views -------------------------------------------------------------------
 
     def data_of(self, event_id: str | None) -> dict[str, Any]:
@@ -242,8 +260,8 @@ class Participant(ChainedAggregate):
                 "a rescreen is accepted only after a screen failure"
             )
         if data["site_id"] != self.site_id:
-            raise ValidationFailed({"data.site_id": [f"must be the participant's site, "
-                                                     f"{self.site_id}"]})
+            message = f"must be the participant's site, {self.site_id}"
+            raise ValidationFailed({"data.site_id": [message]})
         eligible, failed = _screening_outcome(data, protocol)
         self.trigger_event(self.ParticipantRescreened, data=dict(data), eligible=eligible,
                            failed_criteria=failed, **audit.event_fields())
@@ -363,8 +381,8 @@ class Participant(ChainedAggregate):
     def resolve_deviation(self, data: Mapping[str, Any], audit: Audit) -> None:
         deviation = self.deviations.get(data["deviation_id"])
         if deviation is None:
-            raise ValidationFailed({"data.deviation_id": ["is not a deviation of this "
-                                                          "participant"]})
+            message = "is not a deviation of this participant"
+            raise ValidationFailed({"data.deviation_id": [message]})
         if deviation["status"] != "open":
             raise InvalidTransition(f"deviation {data['deviation_id']} is already resolved")
         self.trigger_event(self.DeviationResolved, deviation_id=data["deviation_id"],
@@ -409,8 +427,8 @@ def _require_visit(protocol: Protocol, code: str, path: str) -> None:
 
 def _screening_outcome(data: Mapping[str, Any], protocol: Protocol) -> tuple[bool, list[str]]:
     if protocol.site(data["site_id"]) is None:
-        raise ValidationFailed({"data.site_id": [f"must be one of: "
-                                                 f"{', '.join(protocol.site_ids)}"]})
+        message = f"must be one of: {', '.join(protocol.site_ids)}"
+        raise ValidationFailed({"data.site_id": [message]})
     failed = eligibility.failed_criteria(
         data["eligibility"], data["birth_date"], data["screened_on"], protocol.eligibility
     )

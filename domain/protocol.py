@@ -3,8 +3,9 @@ sites, reminder offsets and deviation thresholds, validated when loaded."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from domain.errors import ProtocolError
 
@@ -130,13 +131,13 @@ class _Reader:
             raise ProtocolError(f"{self._key(key)}: expected {label}")
         return value
 
-    def str(self, key: str) -> str:
+    def text(self, key: str) -> str:
         value: str = self.typed(key, str, "a string")
         if not value:
             raise ProtocolError(f"{self._key(key)}: must not be empty")
         return value
 
-    def int(self, key: str, minimum: int | None = None) -> int:
+    def integer(self, key: str, minimum: int | None = None) -> int:
         value: int = self.typed(key, int, "an integer")
         if minimum is not None and value < minimum:
             raise ProtocolError(f"{self._key(key)}: must be at least {minimum}")
@@ -145,7 +146,7 @@ class _Reader:
     def number(self, key: str) -> float:
         return float(self.typed(key, (int, float), "a number"))
 
-    def bool(self, key: str) -> bool:
+    def flag(self, key: str) -> bool:
         value: bool = self.typed(key, bool, "true or false")
         return value
 
@@ -178,7 +179,7 @@ def _unique(values: list[str], key: str) -> None:
 
 def _arms(root: _Reader) -> tuple[Arm, ...]:
     arms = tuple(
-        Arm(t.str("code"), t.str("name"), t.bool("receives_dose")) for t in root.tables("arms")
+        Arm(t.text("code"), t.text("name"), t.flag("receives_dose")) for t in root.tables("arms")
     )
     _unique([a.code for a in arms], "arms")
     return arms
@@ -186,8 +187,8 @@ def _arms(root: _Reader) -> tuple[Arm, ...]:
 
 def _visits(root: _Reader) -> tuple[Visit, ...]:
     visits = tuple(
-        Visit(t.str("code"), t.int("target_day", 0), t.int("window_before", 0),
-              t.int("window_after", 0))
+        Visit(t.text("code"), t.integer("target_day", 0), t.integer("window_before", 0),
+              t.integer("window_after", 0))
         for t in root.tables("visits")
     )
     _unique([v.code for v in visits], "visits")
@@ -204,19 +205,19 @@ def _eligibility(root: _Reader) -> EligibilityRules:
         if stage not in STAGES:
             raise ProtocolError(f"eligibility.stages: {stage!r} is not one of {', '.join(STAGES)}")
     inhibitors = tuple(
-        AromataseInhibitor(t.str("drug"), t.number("daily_dose_mg"))
+        AromataseInhibitor(t.text("drug"), t.number("daily_dose_mg"))
         for t in e.tables("aromatase_inhibitors")
     )
     return EligibilityRules(
         stages=stages,
-        zubrod_max=e.int("zubrod_max", 0),
-        ai_min_days_before_registration=e.int("ai_min_days_before_registration", 0),
-        ai_min_planned_days_after_registration=e.int("ai_min_planned_days_after_registration", 0),
-        analgesic_min_stable_days=e.int("analgesic_min_stable_days", 0),
-        b12_washout_min_days=e.int("b12_washout_min_days", 0),
-        substance_abuse_exclusion_days=e.int("substance_abuse_exclusion_days", 0),
-        menopause_min_months_since_last_period=e.int("menopause_min_months_since_last_period", 0),
-        menopause_age_without_fsh=e.int("menopause_age_without_fsh", 0),
+        zubrod_max=e.integer("zubrod_max", 0),
+        ai_min_days_before_registration=e.integer("ai_min_days_before_registration", 0),
+        ai_min_planned_days_after_registration=e.integer("ai_min_planned_days_after_registration", 0),
+        analgesic_min_stable_days=e.integer("analgesic_min_stable_days", 0),
+        b12_washout_min_days=e.integer("b12_washout_min_days", 0),
+        substance_abuse_exclusion_days=e.integer("substance_abuse_exclusion_days", 0),
+        menopause_min_months_since_last_period=e.integer("menopause_min_months_since_last_period", 0),
+        menopause_age_without_fsh=e.integer("menopause_age_without_fsh", 0),
         aromatase_inhibitors=inhibitors,
     )
 
@@ -224,10 +225,10 @@ def _eligibility(root: _Reader) -> EligibilityRules:
 def _randomization(root: _Reader, arms: tuple[Arm, ...]) -> Randomization:
     r = root.table("randomization")
     ratio_table = r.table("ratio")
-    ratio = tuple((a.code, ratio_table.int(a.code, 1)) for a in arms)
+    ratio = tuple((a.code, ratio_table.integer(a.code, 1)) for a in arms)
     unknown = set(ratio_table.data) - {a.code for a in arms}
     if unknown:
-        raise ProtocolError(f"randomization.ratio: unknown arm {sorted(unknown)[0]!r}")
+        raise ProtocolError(f"randomization.ratio: unknown arm {min(unknown)!r}")
     block_sizes = r.ints("block_sizes")
     unit = sum(n for _, n in ratio)
     for size in block_sizes:
@@ -244,10 +245,10 @@ def _randomization(root: _Reader, arms: tuple[Arm, ...]) -> Randomization:
 def _reminders(root: _Reader) -> tuple[ReminderOffset, ...]:
     offsets = []
     for t in root.table("reminders").tables("offsets"):
-        relative_to = t.str("relative_to")
+        relative_to = t.text("relative_to")
         if relative_to not in ("target", "window_open"):
             raise ProtocolError(f"{t.path}.relative_to: must be 'target' or 'window_open'")
-        offsets.append(ReminderOffset(t.str("kind"), relative_to, t.int("days")))
+        offsets.append(ReminderOffset(t.text("kind"), relative_to, t.integer("days")))
     _unique([o.kind for o in offsets], "reminders.offsets")
     return tuple(offsets)
 
@@ -258,7 +259,7 @@ def protocol_from_mapping(data: Mapping[str, Any]) -> Protocol:
     study = root.table("study")
     arms = _arms(root)
     sites = tuple(
-        Site(t.str("id"), t.str("name"), t.str("coordinator_email")) for t in root.tables("sites")
+        Site(t.text("id"), t.text("name"), t.text("coordinator_email")) for t in root.tables("sites")
     )
     _unique([s.id for s in sites], "sites")
     deviations = root.table("deviations")
@@ -266,8 +267,8 @@ def protocol_from_mapping(data: Mapping[str, Any]) -> Protocol:
     if not 0 <= fraction <= 1:
         raise ProtocolError("deviations.max_missed_dose_fraction: must be between 0 and 1")
     return Protocol(
-        study_id=study.str("id"),
-        title=study.str("title"),
+        study_id=study.text("id"),
+        title=study.text("title"),
         languages=study.strings("languages"),
         arms=arms,
         dose_mcg=root.table("dose").number("dose_mcg"),
@@ -276,5 +277,5 @@ def protocol_from_mapping(data: Mapping[str, Any]) -> Protocol:
         randomization=_randomization(root, arms),
         sites=sites,
         reminders=_reminders(root),
-        deviations=DeviationThresholds(fraction, deviations.int("adherence_min_expected_doses", 0)),
+        deviations=DeviationThresholds(fraction, deviations.integer("adherence_min_expected_doses", 0)),
     )

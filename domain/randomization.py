@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import random
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from domain.chain import ChainedAggregate
@@ -68,6 +68,11 @@ class AllocationSequence(ChainedAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.drawn = self.index + 1
+
+    if TYPE_CHECKING:  # set by the events
+        study_id: str
+        stratum: str
+        drawn: int
 
     @classmethod
     def open(cls, study_id: str, stratum: str, audit: Audit) -> AllocationSequence:

@@ -5,8 +5,8 @@ Scores are unrounded; a score is None when too few items were answered.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from statistics import fmean
-from typing import Mapping
 
 BPI_PAIN_ITEMS = ("worst", "least", "average", "now")
 BPI_INTERFERENCE_ITEMS = (

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from datetime import date
 from statistics import fmean
-from typing import Any, Iterable
+from typing import Any
 
 from domain.participant import Participant
 from domain.protocol import Protocol

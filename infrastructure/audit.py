@@ -4,9 +4,10 @@ crashed on)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from eventsourcing.persistence import StoredEvent
 from sqlalchemy import select

@@ -6,11 +6,12 @@ from __future__ import annotations
 import heapq
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from itertools import count
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm import tqdm
 
@@ -29,7 +30,7 @@ SERVICE = "demo-screening-app"
 @dataclass
 class SimClock:
     now: datetime = field(default_factory=lambda: datetime.combine(START, time(9),
-                                                                   timezone.utc))
+                                                                   UTC))
 
     def __call__(self) -> datetime:
         return self.now
@@ -83,7 +84,7 @@ class Simulation:
         self.randomized = 0
 
     def at(self, day: date, action: Callable[[], None], hour: int = 10) -> None:
-        when = datetime.combine(day, time(hour, self.rng.randint(0, 59)), timezone.utc)
+        when = datetime.combine(day, time(hour, self.rng.randint(0, 59)), UTC)
         when = max(when, self.clock.now)  # recording times never go backwards
         heapq.heappush(self.queue, (when, next(self.seq), action))
 

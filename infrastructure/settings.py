@@ -6,9 +6,9 @@ import base64
 import hashlib
 import hmac
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from eventsourcing.cryptography import AESCipher
 

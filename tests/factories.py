@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import tomllib
 import uuid
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ def protocol() -> Protocol:
 
 def audit(reason: str | None = None, at: datetime | None = None) -> Audit:
     return Audit(command_id=str(uuid.uuid4()), actor="test-service",
-                 recorded_at=at or datetime.now(timezone.utc), reason=reason)
+                 recorded_at=at or datetime.now(UTC), reason=reason)
 
 
 def eligibility(**changes: Any) -> dict[str, Any]:

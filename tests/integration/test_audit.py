@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import and_, delete, insert, select, update
@@ -80,7 +80,7 @@ def test_reordered_events_are_detected_and_located(isolated):
     pid = setup_participant(isolated)
 
     def swap(table, oid, conn):
-        at = lambda v: and_(table.c.originator_id == oid, table.c.originator_version == v)  # noqa: E731
+        at = lambda v: and_(table.c.originator_id == oid, table.c.originator_version == v)
         yield update(table).where(at(4)).values(originator_version=-4)
         yield update(table).where(at(5)).values(originator_version=4)
         yield update(table).where(at(-4)).values(originator_version=5)
@@ -130,7 +130,7 @@ class SteppingClock:
 
 
 def test_history_and_state_as_recorded_at_a_moment(trialog):
-    clock = SteppingClock(datetime(2026, 3, 4, 9, tzinfo=timezone.utc))
+    clock = SteppingClock(datetime(2026, 3, 4, 9, tzinfo=UTC))
     trialog.bus = CommandBus(trialog.service, clock)
     pid = enrol(trialog)  # recorded at 09:01, 09:02, 09:03
     send(trialog, c.RecordDose(pid, dose(0)))  # 09:04 (plus the allocation sequence's events)

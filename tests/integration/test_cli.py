@@ -20,7 +20,7 @@ def run(args, cwd, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
     full_env.update(env)
     full_env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(TRIALOG + args, cwd=cwd, env=full_env, capture_output=True,
+    return subprocess.run(TRIALOG + args, cwd=cwd, env=full_env, capture_output=True, check=False,
                           text=True, timeout=240)
 
 

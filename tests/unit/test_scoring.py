@@ -1,8 +1,13 @@
 import pytest
 
 from domain.scoring import (
-    FACT_SUBSCALES, bpi_interference, bpi_severity, fact_item_score, fact_scores,
-    fact_subscale, visit_scores,
+    FACT_SUBSCALES,
+    bpi_interference,
+    bpi_severity,
+    fact_item_score,
+    fact_scores,
+    fact_subscale,
+    visit_scores,
 )
 
 
