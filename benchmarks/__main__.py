@@ -14,7 +14,6 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
 
@@ -22,6 +21,7 @@ from domain import commands as c
 from infrastructure.audit import verify
 from infrastructure.bootstrap import Trialog, bootstrap
 from infrastructure.settings import Settings
+from tests.databases import fresh_postgres_database
 from tests.factories import consent, screening
 
 PG_SERVER = os.environ.get("TRIALOG_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
@@ -43,19 +43,11 @@ def database(kind: str, workdir: Path) -> Iterator[tuple[str, dict[str, str]]]:
         yield f"sqlite:///{path}", {"PERSISTENCE_MODULE": "eventsourcing.sqlite",
                                     "SQLITE_DBNAME": str(raw)}
         return
-    name = f"trialog_bench_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
+    with fresh_postgres_database("trialog_bench", PG_SERVER) as name:
         yield f"{PG_SERVER}/{name}", {
             "PERSISTENCE_MODULE": "eventsourcing.postgres", "POSTGRES_DBNAME": name,
             "POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": "5432", "POSTGRES_USER": "postgres",
             "POSTGRES_PASSWORD": ""}
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def rate(n: int, run: Callable[[], None]) -> float:

@@ -216,7 +216,9 @@ def run_demo(path: Path, participants: int = 40, seed: int = 7,
     """Runs the simulation into a fresh SQLite file and returns the trial summary."""
     for stale in (path, Path(f"{path}.key"), Path(f"{path}-wal"), Path(f"{path}-shm")):
         stale.unlink(missing_ok=True)
-    settings = Settings.from_env({"TRIALOG_DATABASE_URL": f"sqlite:///{path.resolve()}"})
+    # The allocation seed follows --seed, so the same seed gives the same cohort and arms.
+    settings = Settings.from_env({"TRIALOG_DATABASE_URL": f"sqlite:///{path.resolve()}",
+                                  "TRIALOG_ALLOCATION_SEED": f"demo-{seed}"})
     clock = SimClock()
     trialog = bootstrap(settings, clock=clock)
     try:

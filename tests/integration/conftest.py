@@ -4,16 +4,14 @@ whole store to itself."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
-import sqlalchemy
 
 from infrastructure.bootstrap import Trialog, bootstrap
 from infrastructure.settings import Settings
+from tests.databases import PG_SERVER, fresh_postgres_database
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 TEST_KEY = "dHJpYWxvZy10ZXN0LWtleS0zMi1ieXRlcy1sb25nISE="  # 32 bytes, tests only
 
 
@@ -41,16 +39,8 @@ def isolated_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'isolated.db'}"
         return
-    name = f"trialog_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
+    with fresh_postgres_database("trialog") as name:
         yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture

@@ -53,6 +53,13 @@ def test_demo_prints_the_summary_then_history_and_verify_work_on_its_file(tmp_pa
     assert json.loads(broken.stdout)["problems"][0]["kind"] == "deleted"
 
 
+def test_the_same_seed_gives_the_same_summary(tmp_path):
+    first = run(["demo", "--participants", "8", "--seed", "5"], tmp_path)
+    second = run(["demo", "--participants", "8", "--seed", "5"], tmp_path)
+    assert first.returncode == second.returncode == 0
+    assert first.stdout == second.stdout
+
+
 def test_failures_are_one_line_on_standard_error(tmp_path):
     missing = run(["audit", "history", "CASE-9999"], tmp_path,
                   TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", TRIALOG_CIPHER_KEY=TEST_KEY)
