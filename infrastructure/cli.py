@@ -86,7 +86,8 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
     try:
         as_of = parse_moment(args.as_of) if args.as_of else None
         entries = history(trialog.service, args.participant_id, as_of)
-        trialog.service.get_participant(args.participant_id)  # 'not found' when unknown
+        if not entries:
+            trialog.service.get_participant(args.participant_id)  # 'not found' when unknown
     finally:
         trialog.close()
     if not entries:
