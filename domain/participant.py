@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from datetime import date
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -25,6 +25,8 @@ from domain.scoring import visit_scores
 # can't be corrected: they are recorded again by a new command instead.
 LOCKED_FIELDS = frozenset({"site_id", "scope", "visit"})
 ACTIVE = ("randomized", "off_treatment")
+# Direct identifiers captured at screening, shown only to roles allowed to contact.
+CONTACT_FIELDS = frozenset({"email", "birth_date"})
 
 
 def participant_uuid(participant_id: str) -> UUID:
@@ -358,11 +360,12 @@ class Participant(ChainedAggregate):
             raise ValidationFailed({"data.field": [f"{path!r} can't be corrected"]})
         parent, key = _walk(record["data"], path)
         previous = parent.get(key)
-        if previous == data["value"]:
+        value = _like(previous, data["value"])
+        if previous == value:
             raise ValidationFailed({"data.value": ["is the value already recorded"]})
         self.trigger_event(
             self.DataCorrected, target_event_id=target, field=path,
-            previous_value=copy.deepcopy(previous), value=copy.deepcopy(data["value"]),
+            previous_value=copy.deepcopy(previous), value=copy.deepcopy(value),
             **audit.event_fields(),
         )
 
@@ -418,6 +421,32 @@ class Participant(ChainedAggregate):
                 f"can't {action} for participant {self.participant_id} "
                 f"in status {self.status}"
             )
+
+
+def _like(previous: Any, value: Any) -> Any:
+    """``value`` in the type of the value it corrects (dates arrive as ISO strings)."""
+    if previous is None or value is None:
+        return value
+    kinds: tuple[tuple[type, ...], ...] = ((bool,), (int, float), (str,), (dict,), (list,))
+    if isinstance(previous, date):
+        parse = datetime.fromisoformat if isinstance(previous, datetime) else date.fromisoformat
+        if isinstance(value, date) and isinstance(value, datetime) == isinstance(previous,
+                                                                                 datetime):
+            return value
+        try:
+            return parse(value) if isinstance(value, str) else _not_like(previous)
+        except ValueError:
+            return _not_like(previous)
+    for kind in kinds:
+        if isinstance(previous, kind):
+            bool_mismatch = isinstance(value, bool) != isinstance(previous, bool)
+            return value if isinstance(value, kind) and not bool_mismatch else _not_like(previous)
+    return value
+
+
+def _not_like(previous: Any) -> Any:
+    kind = "an ISO 8601 date" if isinstance(previous, date) else type(previous).__name__
+    raise ValidationFailed({"data.value": [f"must be {kind}, like the recorded value"]})
 
 
 def _require_visit(protocol: Protocol, code: str, path: str) -> None:

@@ -13,7 +13,7 @@ from eventsourcing.persistence import StoredEvent
 from sqlalchemy import select
 
 from domain.chain import GENESIS, compute_digest
-from domain.participant import Participant, participant_uuid
+from domain.participant import CONTACT_FIELDS, Participant, participant_uuid
 from domain.service import TrialService
 
 AUDIT_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_topic",
@@ -33,6 +33,21 @@ def event_entry(event: Any) -> dict[str, Any]:
         "data": {k: v for k, v in vars(event).items() if k not in AUDIT_FIELDS},
         "digest": event.digest,
     }
+
+
+REDACTED = "[redacted]"
+
+
+def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry without contact details (screening data, and corrections of them)."""
+    data = entry["data"]
+    if isinstance(data.get("data"), dict) and CONTACT_FIELDS & data["data"].keys():
+        captured = {k: REDACTED if k in CONTACT_FIELDS and v is not None else v
+                    for k, v in data["data"].items()}
+        data = {**data, "data": captured}
+    if data.get("field") in CONTACT_FIELDS:
+        data = {**data, "previous_value": REDACTED, "value": REDACTED}
+    return {**entry, "data": data}
 
 
 def history(service: TrialService, participant_id: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -48,6 +48,9 @@ class Trialog:
     protocol: Protocol
     service: TrialService
     bus: CommandBus
+
+    def today(self) -> date:
+        return self.bus.clock().date()
 
     @property
     def engine(self) -> Engine:

@@ -117,6 +117,87 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infrastructure.api import create_app
+    from infrastructure.logs import configure_logging
+
+    configure_logging()
+    trialog = _app()
+    app = create_app(trialog)
+    if args.dev:
+        app.run(host=args.host, port=args.port)
+    else:
+        import waitress
+
+        waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
+                       ident="trialog")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from infrastructure.tokens import TokenError, create_token
+
+    trialog = _app()
+    try:
+        token = create_token(trialog.engine, args.name, args.role)
+    except TokenError as e:
+        raise CliError(str(e)) from None
+    finally:
+        trialog.close()
+    print(token)
+    return 0
+
+
+def cmd_projections_rebuild(args: argparse.Namespace) -> int:
+    from infrastructure.projections import TrialProjection
+
+    trialog = _app()
+    try:
+        projection = TrialProjection(trialog, batch_size=args.batch_size)
+        total = projection.head()
+        with tqdm(total=total, unit="ev", desc=f"rebuilding {projection.name}",
+                  disable=args.quiet, file=sys.stderr) as bar:
+            done = projection.rebuild(progress=lambda n, _: bar.update(n))
+            rate = bar.format_dict["rate"] or 0
+    finally:
+        trialog.close()
+    print(f"{projection.name}: {done} events applied ({rate:,.0f} events/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_projections_status(args: argparse.Namespace) -> int:
+    from infrastructure.projections import followers
+
+    trialog = _app()
+    try:
+        head = None
+        for follower in followers(trialog):
+            head = follower.head() if head is None else head
+            position = follower.position()
+            print(f"{follower.name:<20} position {position:>10}  lag {head - position:>8}")
+    finally:
+        trialog.close()
+    return 0
+
+
+def cmd_projections_follow(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from infrastructure.projections import TrialProjection
+
+    trialog = _app()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        TrialProjection(trialog, batch_size=args.batch_size).follow(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        trialog.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trialog", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
     ver = audit.add_parser("verify", help="check every stored event's hash chain")
     ver.add_argument("--quiet", action="store_true")
     ver.set_defaults(func=cmd_audit_verify)
+
+    serve = sub.add_parser("serve", help="the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--threads", type=int, default=16)
+    serve.add_argument("--dev", action="store_true", help="Flask's development server")
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token",
+                                                                       required=True)
+    create = token.add_parser("create", help="print a new token (only its hash is kept)")
+    create.add_argument("--name", required=True, help="who the token is; the events' actor")
+    create.add_argument("--role", required=True,
+                        choices=("service", "coordinator", "monitor", "auditor", "admin"))
+    create.set_defaults(func=cmd_token_create)
+
+    projections = sub.add_parser("projections", help="read models").add_subparsers(
+        dest="projections", required=True)
+    rebuild = projections.add_parser("rebuild", help="rebuild the read models from event 1")
+    rebuild.add_argument("name", nargs="?", default="trial", choices=("trial",))
+    rebuild.add_argument("--batch-size", type=int, default=2000)
+    rebuild.add_argument("--quiet", action="store_true")
+    rebuild.set_defaults(func=cmd_projections_rebuild)
+    projections.add_parser("status", help="position and lag of each follower").set_defaults(
+        func=cmd_projections_status)
+    follow = projections.add_parser("follow", help="keep the read models up to date")
+    follow.add_argument("--batch-size", type=int, default=500)
+    follow.set_defaults(func=cmd_projections_follow)
     return parser
 
 

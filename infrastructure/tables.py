@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from domain.scoring import SCORE_NAMES
 
 metadata = MetaData()
 
@@ -18,3 +33,82 @@ command_records = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False),
 )
 
+
+# The read models: the current state of the trial, built only from events by the
+# projection in infrastructure/projections.py. Contact details are not copied here; they
+# stay encrypted in the event store.
+participants = Table(
+    "rm_participants",
+    metadata,
+    Column("participant_id", String(64), primary_key=True),
+    Column("site_id", String(32), nullable=False, index=True),
+    Column("status", String(32), nullable=False, index=True),
+    Column("arm", String(32), nullable=True, index=True),
+    Column("version", Integer, nullable=False),
+    Column("language", String(8), nullable=False),
+    Column("eligible", Boolean, nullable=False),
+    Column("failed_criteria", JSON, nullable=False),
+    Column("screened_on", Date, nullable=False),
+    Column("registered_on", Date, nullable=True),
+    Column("scores", JSON, nullable=False),
+    Column("position", BigInteger, nullable=False),
+)
+
+visits = Table(
+    "rm_visits",
+    metadata,
+    Column("participant_id", String(64), primary_key=True),
+    Column("code", String(32), primary_key=True),
+    Column("sequence", Integer, nullable=False),
+    Column("target", Date, nullable=False),
+    Column("window_start", Date, nullable=False, index=True),
+    Column("window_end", Date, nullable=False),
+    Column("completed_on", Date, nullable=True),
+    Column("missed", Boolean, nullable=False),
+)
+
+deviations = Table(
+    "rm_deviations",
+    metadata,
+    Column("deviation_id", String(36), primary_key=True),
+    Column("participant_id", String(64), nullable=False, index=True),
+    Column("code", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("detail", Text, nullable=False),
+    Column("evidence", JSON, nullable=False),
+    Column("detected_at", DateTime(timezone=True), nullable=False),
+    Column("resolution", Text, nullable=True),
+)
+
+scores = Table(
+    "rm_scores",
+    metadata,
+    Column("participant_id", String(64), primary_key=True),
+    Column("visit", String(32), primary_key=True),
+    Column("arm", String(32), nullable=True),
+    Column("bpi_average", Float, nullable=True),
+    *(Column(name, Float, nullable=True) for name in SCORE_NAMES),
+)
+
+# How far each follower of the notification log has got, written in the same transaction
+# as what it did with the events.
+positions = Table(
+    "trialog_positions",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=True),
+)
+
+READ_MODELS = (participants, visits, deviations, scores)
+
+# API tokens: only a SHA-256 of each token is kept; the token is shown once at creation.
+tokens = Table(
+    "trialog_tokens",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from tests.integration.conftest import TEST_KEY
+from tests.conftest import TEST_KEY
 
 TRIALOG = [sys.executable, "-m", "infrastructure.cli"]
 ROOT = Path(__file__).resolve().parents[2]

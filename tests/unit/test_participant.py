@@ -263,3 +263,32 @@ def test_an_altered_event_no_longer_matches_its_digest():
     event = screened().collect_events()[0]
     object.__setattr__(event, "data", {**event.data, "email": "someone.else@example.org"})
     assert compute_digest(event) != event.digest
+
+
+@pytest.mark.parametrize(("field", "value", "stored"), [
+    ("birth_date", "1958-06-16", date(1958, 6, 16)),
+    ("eligibility.zubrod", 2, 2),
+    ("email", "new@example.org", "new@example.org"),
+])
+def test_a_correction_takes_the_type_of_the_value_it_corrects(field, value, stored):
+    participant = screened()
+    event_id = participant.screening_event
+    participant.correct_data({"event_id": event_id, "field": field, "value": value},
+                             audit(reason="transcription error"))
+    parent, key = participant.records[event_id]["data"], field.split(".")[-1]
+    for part in field.split(".")[:-1]:
+        parent = parent[part]
+    assert parent[key] == stored
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("birth_date", "16/06/1958"), ("birth_date", 1958), ("eligibility.zubrod", "2"),
+    ("eligibility.metastatic", 0), ("eligibility.zubrod", True),
+])
+def test_a_correction_of_another_type_is_refused(field, value):
+    participant = screened()
+    with pytest.raises(ValidationFailed) as refused:
+        participant.correct_data(
+            {"event_id": participant.screening_event, "field": field, "value": value},
+            audit(reason="transcription error"))
+    assert list(refused.value.fields) == ["data.value"]

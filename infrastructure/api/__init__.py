@@ -1,0 +1,132 @@
+"""The HTTP API: an app factory, bearer-token authentication, errors as the contract's
+JSON bodies, and one structured log line per request."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import date, datetime
+from typing import Any
+from uuid import UUID
+
+from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+from infrastructure.api import commands, reads
+from infrastructure.api.errors import ApiError, error_response
+from infrastructure.api.runtime import Runtime
+from infrastructure.api.schemas import document_commands
+from infrastructure.bootstrap import Trialog
+from infrastructure.tokens import authenticate
+
+log = logging.getLogger("trialog.http")
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+
+
+class TrialogJSON(DefaultJSONProvider):
+    """Dates and datetimes as ISO 8601 (Flask's default is the HTTP date format)."""
+
+    sort_keys = False
+    ensure_ascii = False
+
+    @staticmethod
+    def default(o: Any) -> Any:
+        if isinstance(o, (date, datetime)):
+            return o.isoformat()
+        if isinstance(o, UUID):
+            return str(o)
+        return DefaultJSONProvider.default(o)
+
+
+class TrialogApi(Api):  # type: ignore[misc]
+    DEFAULT_ERROR_RESPONSE_NAME = None  # our error bodies are documented per endpoint
+
+
+def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
+    """The Flask app; ``follow`` runs the read-model projection in this process."""
+    app = Flask("trialog")
+    app.json = TrialogJSON(app)
+    app.config.update(
+        API_TITLE="Trialog", API_VERSION="1", OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/", OPENAPI_JSON_PATH="openapi.json",
+        API_SPEC_OPTIONS={
+            "info": {"description": "Event-sourced clinical data capture: commands, "
+                                    "queries and audit of one trial."},
+            "security": [{"bearerAuth": []}],
+        },
+    )
+    api = TrialogApi(app)
+    api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
+    document_commands(api.spec, trialog.protocol)
+    app.extensions["trialog"] = Runtime(trialog, follow=follow)
+    for blueprint in (commands.blp, *reads.BLUEPRINTS):
+        api.register_blueprint(blueprint)
+    app.before_request(_authenticate)
+    app.after_request(_log_request)
+    app.register_error_handler(ApiError, lambda e: error_response(e.status, e.body))
+    app.register_error_handler(HTTPException, _http_error)
+    return app
+
+
+def runtime() -> Runtime:
+    from flask import current_app
+
+    value: Runtime = current_app.extensions["trialog"]
+    return value
+
+
+def _authenticate() -> None:
+    g.started = time.perf_counter()
+    g.request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+    g.principal = None
+    if request.path in PUBLIC_PATHS:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "an Authorization: Bearer <token> header is required")
+    principal = authenticate(runtime().trialog.engine, token.strip())
+    if principal is None:
+        raise ApiError(401, "unauthorized", "the bearer token is not valid")
+    g.principal = principal
+
+
+def _http_error(e: HTTPException) -> Response:
+    code = e.code or 500
+    data = getattr(e, "data", None)
+    if code == 422 and data and "messages" in data:
+        from infrastructure.api.schemas import flatten
+
+        messages = data["messages"]
+        fields = flatten(next(iter(messages.values())) if len(messages) == 1 else messages)
+        return error_response(422, {"error": "validation_failed",
+                                    "message": "; ".join(f"{k}: {v[0]}"
+                                                         for k, v in fields.items()),
+                                    "fields": fields})
+    name = (e.name or "error").lower().replace(" ", "_")
+    response = error_response(code, {"error": name, "message": e.description or name})
+    for header, value in e.get_headers():
+        if header.lower() != "content-type":
+            response.headers[header] = value  # e.g. Allow on a 405
+    return response
+
+
+def _log_request(response: Response) -> Response:
+    principal = getattr(g, "principal", None)
+    started = getattr(g, "started", time.perf_counter())
+    participant_id = (request.view_args or {}).get("participant_id") or g.get("participant_id")
+    log.info("request", extra={
+        "request_id": g.get("request_id"), "method": request.method, "path": request.path,
+        "status": response.status_code,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        "actor": principal.name if principal else None,
+        "command_id": g.get("command_id"), "participant_id": participant_id,
+    })
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    return response
+
+
+__all__ = ["create_app", "jsonify"]

@@ -1,0 +1,36 @@
+"""API errors as the contract's JSON bodies; domain errors mapped to status codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, jsonify
+
+from domain.errors import DomainError
+
+STATUS_OF = {
+    "invalid_transition": 409, "not_eligible": 409, "version_conflict": 409,
+    "idempotency_key_reused": 409, "not_found": 404, "validation_failed": 422,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str | dict[str, Any], message: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error if isinstance(error, dict) else {"error": error, "message": message}
+
+
+def from_domain(e: DomainError) -> ApiError:
+    body: dict[str, Any] = {"error": e.code, "message": e.message, **e.details}
+    return ApiError(STATUS_OF.get(e.code, 409), body)
+
+
+def forbidden(principal_name: str, role: str, what: str) -> ApiError:
+    return ApiError(403, "forbidden", f"token {principal_name!r} (role {role}) may not {what}")
+
+
+def error_response(status: int, body: dict[str, Any]) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    return response

@@ -1,0 +1,179 @@
+"""Query endpoints: the read models, the audit history and verification, liveness."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+from flask import Response, g, jsonify
+from flask_smorest import Blueprint
+from marshmallow import Schema, fields, validate
+
+from domain.errors import DomainError
+from domain.views import participant_state as state_of
+from infrastructure import audit, queries
+from infrastructure.api import responses as r
+from infrastructure.api.errors import ApiError, forbidden, from_domain
+from infrastructure.api.schemas import ErrorBody
+
+participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participants",
+                             description="Participants: current state, history, the list")
+trial_blp = Blueprint("trial", __name__, url_prefix="/v1",
+                      description="Deviations, visits due, the trial summary, audit")
+health_blp = Blueprint("health", __name__, description="Liveness")
+BLUEPRINTS = (participants_blp, trial_blp, health_blp)
+
+
+class ReadArgs(Schema):
+    after = fields.Integer(validate=validate.Range(min=0, max=2**62), metadata={
+        "description": "wait until the read models include this position (read your write)"})
+    wait = fields.Float(load_default=2.0, validate=validate.Range(min=0, max=10),
+                        metadata={"description": "longest wait for `after`, in seconds"})
+
+
+class StateArgs(ReadArgs):
+    as_of = fields.AwareDateTime(default_timezone=UTC, metadata={
+        "description": "the state as recorded at this moment (no zone: UTC)"})
+
+
+class ListArgs(ReadArgs):
+    status = fields.String(validate=validate.OneOf(r.STATUSES))
+    arm = fields.String(validate=validate.Length(min=1, max=32))
+    site_id = fields.String(validate=validate.Length(min=1, max=32))
+    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10**9))
+
+
+class DeviationArgs(ReadArgs):
+    status = fields.String(validate=validate.OneOf(("open", "resolved")))
+    code = fields.String(validate=validate.Length(min=1, max=64))
+    participant_id = fields.String(validate=validate.Length(min=1, max=64))
+
+
+class DueArgs(ReadArgs):
+    within_days = fields.Integer(load_default=14, validate=validate.Range(min=0, max=3660))
+
+
+def _read(what: str, args: dict[str, Any] | None = None) -> None:
+    """Checks the caller's role may read ``what``, then honours ``?after=``."""
+    from infrastructure.api import runtime
+
+    principal = g.principal
+    if not principal.may_read(what):
+        raise forbidden(principal.name, principal.role, f"read {what}")
+    if args and args.get("after") is not None:
+        head = runtime().projection.head()
+        if args["after"] > head:
+            message = f"is beyond the newest event position, {head}"
+            raise ApiError(422, {"error": "validation_failed", "message": f"after: {message}",
+                                 "fields": {"after": [message]}})
+        if not runtime().wait_for(args["after"], args["wait"]):
+            raise ApiError(503, "read_side_behind",
+                           f"the read models have not reached position {args['after']} "
+                           f"within {args['wait']} s; retry")
+
+
+def _trialog() -> Any:
+    from infrastructure.api import runtime
+
+    return runtime().trialog
+
+
+COMMON = (401, 403, 422, 503)
+
+
+def query(blp: Blueprint, path: str, args: type[Schema] | None, answer: type[Schema],
+          *errors: int) -> Any:
+    """Routes a GET view with its query arguments, answer and error answers documented."""
+    def decorate(view: Any) -> Any:
+        for code in (*COMMON, *errors):
+            view = blp.alt_response(code, schema=ErrorBody)(view)
+        view = blp.response(200, answer)(view)
+        if args is not None:
+            view = blp.arguments(args, location="query", as_kwargs=True)(view)
+        return blp.route(path)(view)
+    return decorate
+
+
+@query(participants_blp, "", ListArgs, r.ParticipantList)
+def list_participants(**args: Any) -> Response:
+    """Participants, filtered by status, arm and site."""
+    _read("participants", args)
+    rows = queries.list_participants(
+        _trialog(), status=args.get("status"), arm=args.get("arm"),
+        site_id=args.get("site_id"), limit=args["limit"], offset=args["offset"])
+    return jsonify({"participants": rows})
+
+
+@query(participants_blp, "/<participant_id>", StateArgs, r.ParticipantState, 404)
+def get_participant(participant_id: str, **args: Any) -> Response:
+    """One participant's current state, or its state as recorded at ``as_of``."""
+    _read("participants", args)
+    t = _trialog()
+    contact = g.principal.sees_contact
+    try:
+        if args.get("as_of") is None:
+            return jsonify(queries.participant_state(t, participant_id, contact=contact))
+        participant = audit.participant_as_of(t.service, participant_id, args["as_of"])
+    except DomainError as e:
+        raise from_domain(e) from None
+    if participant is None:
+        raise ApiError(404, "not_found", f"participant {participant_id} has no events "
+                                         f"recorded at or before {args['as_of'].isoformat()}")
+    state = state_of(participant, t.protocol, args["as_of"].date(), contact=contact)
+    state.update(language=participant.screening["language"], position=None)
+    return jsonify(state)
+
+
+@query(participants_blp, "/<participant_id>/history", StateArgs, r.History, 404)
+def get_history(participant_id: str, **args: Any) -> Response:
+    """Every event of one participant, oldest first, with who, when and why."""
+    _read("history")
+    entries = audit.history(_trialog().service, participant_id, args.get("as_of"))
+    if not entries:
+        raise ApiError(404, "not_found", f"participant {participant_id} not found")
+    if not g.principal.sees_contact:
+        entries = [audit.redact_contact(e) for e in entries]
+    return jsonify({"participant_id": participant_id, "events": entries})
+
+
+@query(trial_blp, "/deviations", DeviationArgs, r.DeviationList)
+def get_deviations(**args: Any) -> Response:
+    """Protocol deviations, filtered by status, code and participant."""
+    _read("deviations", args)
+    return jsonify({"deviations": queries.list_deviations(
+        _trialog(), status=args.get("status"), code=args.get("code"),
+        participant_id=args.get("participant_id"))})
+
+
+@query(trial_blp, "/visits/due", DueArgs, r.VisitList)
+def get_visits_due(**args: Any) -> Response:
+    """Visits whose window is open or opens within ``within_days``."""
+    _read("visits", args)
+    return jsonify({"visits": queries.visits_due(_trialog(), args["within_days"])})
+
+
+@query(trial_blp, "/trial/summary", ReadArgs, r.Summary)
+def get_summary(**args: Any) -> Response:
+    """Counts by status, arm and site; deviations by code; mean pain by arm and visit."""
+    _read("summary", args)
+    return jsonify(queries.trial_summary(_trialog()))
+
+
+@query(trial_blp, "/audit/verify", None, r.VerifyReport)
+def get_verify() -> Response:
+    """Checks the hash chain of every stored event."""
+    _read("audit")
+    return jsonify(audit.verify(_trialog().service).as_dict())
+
+
+@health_blp.route("/healthz")
+@health_blp.doc(security=[])
+@health_blp.response(200, r.Health)
+def healthz() -> Response:
+    """Liveness: the database answers; the read models' position."""
+    from infrastructure.api import runtime
+
+    rt = runtime()
+    return jsonify({"status": "ok", "database": rt.trialog.engine.dialect.name,
+                    "read_position": rt.projection.position()})

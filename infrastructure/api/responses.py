@@ -1,0 +1,139 @@
+"""Schemas of the answers, for the OpenAPI document (views return plain JSON)."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+from domain.scoring import SCORE_NAMES
+
+STATUSES = ("screened", "screen_failed", "consented", "randomized", "off_treatment",
+            "completed", "withdrawn")
+
+
+def _nullable_string() -> fields.String:
+    return fields.String(required=True, allow_none=True)
+
+
+class Window(Schema):
+    start = fields.String(required=True)
+    end = fields.String(required=True)
+
+
+class Visit(Schema):
+    code = fields.String(required=True)
+    target = fields.String(required=True)
+    window = fields.Nested(Window, required=True)
+    status = fields.String(required=True, validate=validate.OneOf(
+        ("completed", "missed", "open", "upcoming", "overdue")))
+    completed_on = _nullable_string()
+
+
+class DueVisit(Visit):
+    participant_id = fields.String(required=True)
+    site_id = fields.String(required=True)
+
+
+class Deviation(Schema):
+    deviation_id = fields.String(required=True)
+    participant_id = fields.String(required=True)
+    code = fields.String(required=True)
+    severity = fields.String(required=True, validate=validate.OneOf(("major", "minor")))
+    status = fields.String(required=True, validate=validate.OneOf(("open", "resolved")))
+    detail = fields.String(required=True)
+    evidence = fields.List(fields.String(), required=True)
+    detected_at = fields.String(required=True)
+    resolution = _nullable_string()
+
+
+Scores = Schema.from_dict(
+    {name: fields.Float(required=True, allow_none=True) for name in SCORE_NAMES},
+    name="Scores",
+)
+
+
+class Contact(Schema):
+    email = _nullable_string()
+    birth_date = _nullable_string()
+
+
+class ParticipantSummary(Schema):
+    participant_id = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    arm = _nullable_string()
+    version = fields.Integer(required=True)
+    site_id = fields.String(required=True)
+    language = fields.String(required=True)
+    registered_on = _nullable_string()
+
+
+class ParticipantState(ParticipantSummary):
+    eligible = fields.Boolean(required=True)
+    failed_criteria = fields.List(fields.String(), required=True)
+    visits = fields.List(fields.Nested(Visit), required=True)
+    open_deviations = fields.List(fields.Nested(Deviation), required=True)
+    scores = fields.Dict(keys=fields.String(), values=fields.Nested(Scores), required=True)
+    position = fields.Integer(required=True, allow_none=True)
+    contact = fields.Nested(Contact)
+
+
+class ParticipantList(Schema):
+    participants = fields.List(fields.Nested(ParticipantSummary), required=True)
+
+
+class DeviationList(Schema):
+    deviations = fields.List(fields.Nested(Deviation), required=True)
+
+
+class VisitList(Schema):
+    visits = fields.List(fields.Nested(DueVisit), required=True)
+
+
+class HistoryEvent(Schema):
+    event_id = fields.String(required=True)
+    type = fields.String(required=True)
+    version = fields.Integer(required=True)
+    recorded_at = fields.String(required=True)
+    actor = fields.String(required=True)
+    command_id = fields.String(required=True)
+    reason = _nullable_string()
+    data = fields.Dict(required=True)
+    digest = fields.String(required=True)
+
+
+class History(Schema):
+    participant_id = fields.String(required=True)
+    events = fields.List(fields.Nested(HistoryEvent), required=True)
+
+
+class Summary(Schema):
+    participants = fields.Integer(required=True)
+    by_status = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    by_arm = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    by_site = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    deviations_by_code = fields.Dict(keys=fields.String(), values=fields.Integer(),
+                                     required=True)
+    open_deviations_by_code = fields.Dict(keys=fields.String(), values=fields.Integer(),
+                                          required=True)
+    mean_pain_by_arm_and_visit = fields.Dict(keys=fields.String(), values=fields.Dict(),
+                                             required=True)
+
+
+class Problem(Schema):
+    kind = fields.String(required=True)
+    stream = fields.String(required=True)
+    version = fields.Integer(required=True)
+    notification_id = fields.Integer(required=True, allow_none=True)
+    detail = fields.String(required=True)
+    participant_id = _nullable_string()
+
+
+class VerifyReport(Schema):
+    ok = fields.Boolean(required=True)
+    events_checked = fields.Integer(required=True)
+    problems = fields.List(fields.Nested(Problem), required=True)
+
+
+class Health(Schema):
+    status = fields.String(required=True)
+    database = fields.String(required=True)
+    read_position = fields.Integer(required=True)

@@ -1,0 +1,279 @@
+"""marshmallow schemas of the command envelope and of each command type's ``data``.
+
+Choices that come from the protocol (sites, visit codes) are read from it, so another
+protocol file changes what is accepted without a code change.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from domain.commands import COMMAND_TYPES
+from domain.protocol import Protocol
+from domain.scoring import BPI_INTERFERENCE_ITEMS, BPI_PAIN_ITEMS, FACT_ITEMS
+
+LANGUAGES = ("en", "es")
+STAGES = ("0", "I", "II", "III", "IV")
+
+
+class UUIDString(fields.UUID):
+    """A UUID, validated and kept as its canonical string."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        return str(super()._deserialize(value, attr, data, **kwargs))
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only (not "yes", 1 or "on")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictFloat(fields.Float):
+    """A JSON number only (not a numeric string)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
+    return fields.Integer(strict=True, validate=validate.Range(min=low, max=high), **kwargs)
+
+
+def _text(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(min=1, max=200), **kwargs)
+
+
+class AromataseInhibitor(Schema):
+    drug = _text(required=True)
+    daily_dose_mg = StrictFloat(required=True, validate=validate.Range(min=0))
+    started_on = fields.Date(required=True)
+    planned_days_after_registration = _int(0, 36_500, required=True)
+
+
+class Menopause(Schema):
+    months_since_last_period = _int(0, 1_200, required=True, allow_none=True)
+    bilateral_oophorectomy = StrictBoolean(required=True)
+    hysterectomy_ovaries_retained = StrictBoolean(required=True)
+    fsh_postmenopausal = StrictBoolean(required=True, allow_none=True)
+
+
+class Analgesic(Schema):
+    drug = _text(required=True)
+    stable_since = fields.Date(required=True)
+
+
+class Eligibility(Schema):
+    er_positive = StrictBoolean(required=True, allow_none=True)
+    pgr_positive = StrictBoolean(required=True, allow_none=True)
+    stage = fields.String(required=True, validate=validate.OneOf(STAGES))
+    metastatic = StrictBoolean(required=True)
+    surgery_completed = StrictBoolean(required=True)
+    aimss_after_ai_start = StrictBoolean(required=True)
+    aromatase_inhibitor = fields.Nested(AromataseInhibitor, required=True)
+    menopause = fields.Nested(Menopause, required=True)
+    zubrod = _int(0, 4, required=True)
+    b12_allergy = StrictBoolean(required=True)
+    substance_abuse_last_on = fields.Date(required=True, allow_none=True)
+    chronic_liver_disease = StrictBoolean(required=True)
+    end_stage_renal_disease = StrictBoolean(required=True)
+    analgesics = fields.List(fields.Nested(Analgesic), required=True)
+    b12_supplement_stopped_on = fields.Date(required=True, allow_none=True)
+    willing_blood_samples = StrictBoolean(required=True)
+    other_investigational_agents = StrictBoolean(required=True)
+    uncontrolled_intercurrent_illness = StrictBoolean(required=True)
+
+    @validates_schema
+    def one_receptor_status_given(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("er_positive") is None and data.get("pgr_positive") is None:
+            raise ValidationError("er_positive and pgr_positive can't both be null",
+                                  "er_positive")
+
+
+BpiInterference = Schema.from_dict(
+    {item: _int(0, 10, allow_none=True) for item in BPI_INTERFERENCE_ITEMS},
+    name="BpiInterference",
+)
+BpiSf = Schema.from_dict(
+    {**{item: _int(0, 10, allow_none=True) for item in BPI_PAIN_ITEMS},
+     "interference": fields.Nested(BpiInterference)},
+    name="BpiSf",
+)
+FactEs = Schema.from_dict({item: _int(0, 4) for item in sorted(FACT_ITEMS)}, name="FactEs")
+
+
+class Adherence(Schema):
+    doses_taken = _int(0, 100_000)
+    doses_expected = _int(0, 100_000)
+
+
+class BloodResults(Schema):
+    b12_pg_ml = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+    crp_mg_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+    homocysteine_umol_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+    mma_nmol_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+
+
+def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
+    """The ``data`` schema of each command type, with the protocol's choices."""
+    sites = validate.OneOf(protocol.site_ids)
+    visit = validate.OneOf(protocol.visit_codes)
+    schemas: dict[str, dict[str, Any]] = {
+        "ScreenParticipant": {
+            "site_id": fields.String(required=True, validate=sites),
+            "screened_on": fields.Date(required=True),
+            "birth_date": fields.Date(required=True),
+            "email": fields.Email(allow_none=True),
+            "language": fields.String(required=True, validate=validate.OneOf(LANGUAGES)),
+            "eligibility": fields.Nested(Eligibility, required=True),
+        },
+        "RecordConsent": {
+            "consent_version": _text(required=True),
+            "signed_on": fields.Date(required=True),
+            "signed_by": fields.String(required=True, validate=validate.OneOf(
+                ("participant", "legal_representative"))),
+            "language": fields.String(required=True, validate=validate.OneOf(LANGUAGES)),
+        },
+        "RandomizeParticipant": {"registered_on": fields.Date(required=True)},
+        "RecordBloodSample": {
+            "timepoint": fields.String(required=True, validate=visit),
+            "collected_at": fields.AwareDateTime(required=True, default_timezone=UTC),
+            "results": fields.Nested(BloodResults),
+        },
+        "RecordDose": {
+            "taken_on": fields.Date(required=True),
+            "taken": StrictBoolean(required=True),
+            "dose_mcg": StrictFloat(validate=validate.Range(min=0, max=100_000),
+                                     allow_none=True),
+        },
+        "CompleteVisit": {
+            "visit": fields.String(required=True, validate=visit),
+            "completed_on": fields.Date(required=True),
+            "bpi_sf": fields.Nested(BpiSf),
+            "fact_es": fields.Nested(FactEs),
+            "adherence": fields.Nested(Adherence),
+        },
+        "ReportMedication": {
+            "drug": _text(required=True),
+            "started_on": fields.Date(allow_none=True),
+            "stopped_on": fields.Date(allow_none=True),
+            "contains_b12": StrictBoolean(required=True),
+        },
+        "WithdrawParticipant": {
+            "withdrawn_on": fields.Date(required=True),
+            "scope": fields.String(required=True,
+                                   validate=validate.OneOf(("treatment", "study"))),
+            "reason_code": _text(required=True),
+            "note": fields.String(validate=validate.Length(max=2000), allow_none=True),
+        },
+        "CorrectData": {
+            "event_id": UUIDString(required=True),
+            "field": fields.String(required=True, validate=validate.Regexp(
+                r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
+                error="must be a dotted field path such as bpi_sf.worst")),
+            "value": fields.Raw(required=True, allow_none=True),
+        },
+        "ResolveDeviation": {
+            "deviation_id": UUIDString(required=True),
+            "resolution": fields.String(required=True, validate=validate.Length(min=1,
+                                                                                max=2000)),
+        },
+    }
+    assert set(schemas) == set(COMMAND_TYPES), "every command type has a data schema"
+    return {name: Schema.from_dict(spec, name=f"{name}Data") for name, spec in schemas.items()}
+
+
+class CommandEnvelope(Schema):
+    command_id = UUIDString(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(sorted(COMMAND_TYPES)))
+    participant_id = fields.String(required=True, validate=validate.Regexp(
+        r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        error="must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"))
+    expected_version = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**31),
+                                      allow_none=True)
+    reason = fields.String(validate=validate.Length(min=1, max=2000), allow_none=True)
+    data = fields.Dict(keys=fields.String(), required=True)
+
+
+class CommandBatch(Schema):
+    commands = fields.List(fields.Dict(), required=True,
+                           validate=validate.Length(min=1, max=1000))
+
+
+class EventSummary(Schema):
+    type = fields.String(required=True)
+    version = fields.Integer(required=True)
+    recorded_at = fields.String(required=True)
+
+
+class CommandAnswer(Schema):
+    command_id = fields.String(required=True)
+    participant_id = fields.String(required=True)
+    version = fields.Integer(required=True)
+    position = fields.Integer(required=True, allow_none=True)
+    events = fields.List(fields.Nested(EventSummary), required=True)
+
+
+class BatchResult(Schema):
+    status = fields.Integer(required=True)
+    body = fields.Dict(required=True)
+
+
+class BatchAnswer(Schema):
+    results = fields.List(fields.Nested(BatchResult), required=True)
+
+
+class ErrorBody(Schema):
+    error = fields.String(required=True)
+    message = fields.String(required=True)
+    fields_ = fields.Dict(data_key="fields", keys=fields.String(),
+                          values=fields.List(fields.String()))
+    failed_criteria = fields.List(fields.String())
+    expected_version = fields.Integer()
+    actual_version = fields.Integer()
+
+
+def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested error messages as dotted paths from the body root."""
+    if isinstance(messages, dict):
+        flat: dict[str, list[str]] = {}
+        for key, value in messages.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key == "_schema":
+                path = prefix or "body"
+            flat.update(flatten(value, path))
+        return flat
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return {prefix or "body": list(messages)}
+    return {prefix or "body": [str(messages)]}
+
+
+def document_commands(spec: Any, protocol: Protocol) -> None:
+    """Adds to the OpenAPI document one envelope per command type, each with its own
+    ``data`` schema, and ``Command`` as the choice between them by ``type``."""
+    spec.components.schema("CommandEnvelope", schema=CommandEnvelope)
+    envelope = spec.components.schemas["CommandEnvelope"]
+    choices = []
+    for name, data_schema in data_schemas(protocol).items():
+        spec.components.schema(f"{name}Data", schema=data_schema)
+        properties = {**envelope["properties"],
+                      "type": {"type": "string", "enum": [name]},
+                      "data": {"$ref": f"#/components/schemas/{name}Data"}}
+        spec.components.schema(f"{name}Command", {
+            "type": "object", "properties": properties,
+            "required": envelope["required"], "additionalProperties": False})
+        choices.append({"$ref": f"#/components/schemas/{name}Command"})
+    spec.components.schema("Command", {"oneOf": choices,
+                                       "discriminator": {"propertyName": "type"}})
+    spec.components.schema("CommandBatch", {
+        "type": "object", "required": ["commands"], "additionalProperties": False,
+        "properties": {"commands": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                    "items": {"$ref": "#/components/schemas/Command"}}}})

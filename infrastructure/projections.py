@@ -1,0 +1,287 @@
+"""Followers of the notification log, and the projection that builds the read models.
+
+A follower reads events after its recorded position in batches; what it does with a batch
+and its new position commit in one transaction, so each event is applied exactly once and a
+crash loses nothing. The position row is locked for the batch, so several followers of the
+same name (API processes, a CLI rebuild) take turns instead of applying a batch twice.
+
+On PostgreSQL the event store inserts under a table lock, so notification ids become
+visible in order and reading ``id > position`` never skips a slow writer's event.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy.exc
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from domain.participant import Participant
+from domain.schedule import schedule
+from infrastructure.bootstrap import Trialog
+from infrastructure.tables import READ_MODELS, deviations, participants, positions, scores, visits
+
+PARTICIPANT_TOPIC = get_topic(Participant) + "."
+Progress = Callable[[int, int], None]  # (events done in this batch, position)
+
+
+class LogFollower:
+    """Applies batches of the notification log; subclasses say what a batch does."""
+
+    name = "follower"
+    topic_prefix = PARTICIPANT_TOPIC
+
+    def __init__(self, trialog: Trialog, batch_size: int = 500) -> None:
+        self.trialog = trialog
+        self.service = trialog.service
+        self.recorder: Any = trialog.service.recorder
+        self.events_table = self.recorder.events_record_cls.__table__
+        self.batch_size = batch_size
+
+    # --- positions -----------------------------------------------------------------------
+
+    def position(self) -> int:
+        with self.trialog.engine.connect() as connection:
+            value = connection.execute(
+                select(positions.c.position).where(positions.c.name == self.name)
+            ).scalar()
+        return int(value or 0)
+
+    def head(self) -> int:
+        """The newest notification id in the store (0 when empty)."""
+        with self.trialog.engine.connect() as connection:
+            value = connection.execute(select(func.max(self.events_table.c.id))).scalar()
+        return int(value or 0)
+
+    def ensure_position(self) -> None:
+        try:
+            with self.recorder.transaction(commit=True) as session:
+                exists = session.execute(
+                    select(positions.c.name).where(positions.c.name == self.name)
+                ).first()
+                if exists is None:
+                    session.execute(insert(positions).values(name=self.name, position=0))
+        except sqlalchemy.exc.IntegrityError:
+            pass  # another process created it first
+
+    def _claim(self, session: Session) -> int:
+        """Locks this follower's position row for the transaction and reads it."""
+        session.execute(
+            update(positions).where(positions.c.name == self.name)
+            .values(position=positions.c.position)
+        )
+        return int(session.execute(
+            select(positions.c.position).where(positions.c.name == self.name)
+        ).scalar_one())
+
+    # --- batches -------------------------------------------------------------------------
+
+    def step(self, limit: int | None = None) -> int:
+        """Applies the next batch; the number of notifications consumed (0: caught up)."""
+        if self.head() <= self.position():
+            return 0
+        self.ensure_position()
+        with self.recorder.transaction(commit=True) as session:
+            position = self._claim(session)
+            t = self.events_table
+            rows = session.execute(
+                select(t.c.id, t.c.originator_id, t.c.originator_version, t.c.topic, t.c.state)
+                .where(t.c.id > position).order_by(t.c.id).limit(limit or self.batch_size)
+            ).all()
+            if not rows:
+                return 0
+            batch = [(row.id, self._decode(row)) for row in rows
+                     if row.topic.startswith(self.topic_prefix)]
+            self.apply(session, batch)
+            session.execute(
+                update(positions).where(positions.c.name == self.name)
+                .values(position=rows[-1].id, updated_at=datetime.now(UTC))
+            )
+        self.after_commit(batch)
+        return len(rows)
+
+    def _decode(self, row: Any) -> Any:
+        state = bytes(row.state) if isinstance(row.state, memoryview) else row.state
+        originator_id = row.originator_id
+        if not isinstance(originator_id, UUID):
+            originator_id = UUID(str(originator_id))
+        return self.service.mapper.to_domain_event(StoredEvent(
+            originator_id=originator_id, originator_version=row.originator_version,
+            topic=row.topic, state=state,
+        ))
+
+    def apply(self, session: Session, batch: list[tuple[int, Any]]) -> None:
+        raise NotImplementedError
+
+    def after_commit(self, batch: list[tuple[int, Any]]) -> None:
+        """Runs once the batch and the position are committed (e.g. to enqueue tasks)."""
+
+    def catch_up(self, progress: Progress | None = None) -> int:
+        done = 0
+        while n := self.step():
+            done += n
+            if progress:
+                progress(n, self.position())
+        return done
+
+    def follow(self, stop: threading.Event, wake: threading.Event | None = None,
+               poll_interval: float = 0.05) -> None:
+        """Applies batches until ``stop`` is set; between them waits for a PostgreSQL
+        NOTIFY from the event store, an in-process ``wake``, or the poll interval."""
+        waiter = _Waiter(self.trialog, self.recorder, wake, poll_interval)
+        try:
+            while not stop.is_set():
+                try:
+                    n = self.step()
+                except sqlalchemy.exc.OperationalError:
+                    n = 0  # the database is briefly unavailable: wait and try again
+                    time.sleep(poll_interval)
+                if n < self.batch_size:
+                    waiter.wait()
+        finally:
+            waiter.close()
+
+
+class _Waiter:
+    def __init__(self, trialog: Trialog, recorder: Any, wake: threading.Event | None,
+                 poll_interval: float) -> None:
+        self.wake = wake or threading.Event()
+        self.poll_interval = poll_interval
+        self.connection: Any = None
+        if not trialog.settings.is_sqlite:
+            import psycopg
+
+            url = trialog.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+            self.connection = psycopg.connect(url, autocommit=True)
+            self.connection.execute(f"LISTEN {recorder.channel_name}")
+
+    def wait(self) -> None:
+        if self.connection is not None:
+            for _ in self.connection.notifies(timeout=self.poll_interval * 4, stop_after=1):
+                pass
+        else:
+            self.wake.wait(self.poll_interval)
+            self.wake.clear()
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+class TrialProjection(LogFollower):
+    """Builds rm_participants, rm_visits, rm_deviations and rm_scores from participant
+    events, by applying them to aggregates kept in a bounded cache."""
+
+    name = "trial"
+
+    def __init__(self, trialog: Trialog, batch_size: int = 500,
+                 cache_size: int = 50_000) -> None:
+        super().__init__(trialog, batch_size)
+        self.cache: OrderedDict[UUID, Participant] = OrderedDict()
+        self.cache_size = cache_size
+
+    def apply(self, session: Session, batch: list[tuple[int, Any]]) -> None:
+        touched: dict[str, tuple[Participant, int]] = {}
+        for position, event in batch:
+            participant = event.mutate(self._before(event))
+            self._remember(participant)
+            touched[participant.participant_id] = (participant, position)
+        if touched:
+            self._write(session, touched.values())
+
+    def _before(self, event: Any) -> Participant | None:
+        """The participant as it was just before ``event``."""
+        if event.originator_version == 1:
+            return None
+        cached = self.cache.get(event.originator_id)
+        if cached is not None and cached.version == event.originator_version - 1:
+            return cached
+        # Not cached, or another process applied events in between: read it back.
+        participant: Participant = self.service.repository.get(
+            event.originator_id, version=event.originator_version - 1
+        )
+        return participant
+
+    def _remember(self, participant: Participant) -> None:
+        self.cache[participant.id] = participant
+        self.cache.move_to_end(participant.id)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+
+    def _write(self, session: Session,
+               touched: Iterable[tuple[Participant, int]]) -> None:
+        rows: dict[Any, list[dict[str, Any]]] = {t: [] for t in READ_MODELS}
+        ids = []
+        for participant, position in touched:
+            ids.append(participant.participant_id)
+            for table, row in read_model_rows(participant, self.trialog, position):
+                rows[table].append(row)
+        for table in READ_MODELS:
+            session.execute(delete(table).where(table.c.participant_id.in_(ids)))
+        for table in READ_MODELS:
+            if rows[table]:
+                session.execute(insert(table), rows[table])
+
+    def rebuild(self, progress: Progress | None = None) -> int:
+        """Empties the read models and applies every event again from the first."""
+        self.ensure_position()
+        with self.recorder.transaction(commit=True) as session:
+            self._claim(session)
+            for table in READ_MODELS:
+                session.execute(delete(table))
+            session.execute(update(positions).where(positions.c.name == self.name)
+                            .values(position=0, updated_at=datetime.now(UTC)))
+        self.cache.clear()
+        return self.catch_up(progress)
+
+
+def read_model_rows(p: Participant, trialog: Trialog,
+                    position: int) -> Iterable[tuple[Any, dict[str, Any]]]:
+    """The read-model rows of one participant, as (table, row) pairs."""
+    screening = p.screening
+    yield participants, {
+        "participant_id": p.participant_id, "site_id": p.site_id, "status": p.status,
+        "arm": p.arm, "version": p.version, "language": screening["language"],
+        "eligible": p.eligible, "failed_criteria": list(p.failed_criteria),
+        "screened_on": screening["screened_on"], "registered_on": p.registered_on,
+        "scores": p.scores(), "position": position,
+    }
+    completed = p.completed_visits()
+    if p.registered_on is not None:
+        for sequence, visit in enumerate(schedule(trialog.protocol, p.registered_on)):
+            done = completed.get(visit.code)
+            yield visits, {
+                "participant_id": p.participant_id, "code": visit.code, "sequence": sequence,
+                "target": visit.target, "window_start": visit.window_start,
+                "window_end": visit.window_end,
+                "completed_on": done["completed_on"] if done else None,
+                "missed": visit.code in p.missed_visits,
+            }
+    for code, visit_scores in p.scores().items():
+        bpi = completed[code].get("bpi_sf") or {}
+        average = bpi.get("average")
+        yield scores, {"participant_id": p.participant_id, "visit": code, "arm": p.arm,
+                       "bpi_average": float(average) if average is not None else None,
+                       **visit_scores}
+    for d in p.deviations.values():
+        yield deviations, {
+            "deviation_id": d["deviation_id"], "participant_id": p.participant_id,
+            "code": d["code"], "severity": d["severity"], "status": d["status"],
+            "detail": d["detail"], "evidence": list(d["evidence"]),
+            "detected_at": datetime.fromisoformat(d["detected_at"]),
+            "resolution": d["resolution"],
+        }
+
+
+def followers(trialog: Trialog) -> list[LogFollower]:
+    """Every follower of the notification log, for status reports."""
+    return [TrialProjection(trialog)]

@@ -1,0 +1,143 @@
+"""Queries answered from the read models (no aggregate replay), plus the contact details,
+which are read from the encrypted event store only for the roles allowed to see them."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import date, timedelta
+from typing import Any
+
+from sqlalchemy import Row, func, select
+
+from domain.errors import ParticipantNotFound
+from domain.schedule import ScheduledVisit, visit_status
+from infrastructure.bootstrap import Trialog
+from infrastructure.tables import deviations, participants, scores, visits
+
+
+def _visit(row: Row[Any], today: date) -> dict[str, Any]:
+    scheduled = ScheduledVisit(row.code, row.target, row.window_start, row.window_end)
+    return {
+        "code": row.code, "target": row.target.isoformat(),
+        "window": {"start": row.window_start.isoformat(), "end": row.window_end.isoformat()},
+        "status": visit_status(scheduled, row.completed_on, row.missed, today),
+        "completed_on": row.completed_on.isoformat() if row.completed_on else None,
+    }
+
+
+def _deviation(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "deviation_id": row.deviation_id, "participant_id": row.participant_id,
+        "code": row.code, "severity": row.severity, "status": row.status,
+        "detail": row.detail, "evidence": list(row.evidence),
+        "detected_at": row.detected_at.isoformat(), "resolution": row.resolution,
+    }
+
+
+def _summary_row(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "participant_id": row.participant_id, "status": row.status, "arm": row.arm,
+        "version": row.version, "site_id": row.site_id, "language": row.language,
+        "registered_on": row.registered_on.isoformat() if row.registered_on else None,
+    }
+
+
+def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
+                      ) -> dict[str, Any]:
+    today = t.today()
+    with t.engine.connect() as c:
+        row = c.execute(select(participants)
+                        .where(participants.c.participant_id == participant_id)).first()
+        if row is None:
+            raise ParticipantNotFound(f"participant {participant_id} not found")
+        visit_rows = c.execute(select(visits).where(visits.c.participant_id == participant_id)
+                               .order_by(visits.c.sequence)).all()
+        open_rows = c.execute(select(deviations).where(
+            deviations.c.participant_id == participant_id, deviations.c.status == "open"
+        ).order_by(deviations.c.detected_at)).all()
+    state = {
+        **_summary_row(row),
+        "eligible": row.eligible, "failed_criteria": list(row.failed_criteria),
+        "visits": [_visit(v, today) for v in visit_rows],
+        "open_deviations": [_deviation(d) for d in open_rows],
+        "scores": row.scores,
+        "position": row.position,
+    }
+    if contact:
+        screening = t.service.get_participant(participant_id).screening
+        birth_date = screening.get("birth_date")
+        state["contact"] = {"email": screening.get("email"),
+                            "birth_date": birth_date.isoformat() if birth_date else None}
+    return state
+
+
+def list_participants(t: Trialog, *, status: str | None = None, arm: str | None = None,
+                      site_id: str | None = None, limit: int = 1000, offset: int = 0
+                      ) -> list[dict[str, Any]]:
+    query = select(participants).order_by(participants.c.participant_id)
+    for column, value in (("status", status), ("arm", arm), ("site_id", site_id)):
+        if value is not None:
+            query = query.where(participants.c[column] == value)
+    with t.engine.connect() as c:
+        rows = c.execute(query.limit(limit).offset(offset)).all()
+    return [_summary_row(r) for r in rows]
+
+
+def list_deviations(t: Trialog, *, status: str | None = None, code: str | None = None,
+                    participant_id: str | None = None) -> list[dict[str, Any]]:
+    query = select(deviations).order_by(deviations.c.detected_at, deviations.c.deviation_id)
+    for column, value in (("status", status), ("code", code),
+                          ("participant_id", participant_id)):
+        if value is not None:
+            query = query.where(deviations.c[column] == value)
+    with t.engine.connect() as c:
+        return [_deviation(r) for r in c.execute(query)]
+
+
+def visits_due(t: Trialog, within_days: int) -> list[dict[str, Any]]:
+    """Visits not completed or missed whose window opens within ``within_days`` (or is open
+    now), for participants still in follow-up."""
+    today = t.today()
+    query = (
+        select(visits, participants.c.site_id, participants.c.status)
+        .join(participants, participants.c.participant_id == visits.c.participant_id)
+        .where(visits.c.completed_on.is_(None), visits.c.missed.is_(False),
+               visits.c.window_start <= today + timedelta(days=within_days),
+               visits.c.window_end >= today,
+               participants.c.status.in_(("randomized", "off_treatment")))
+        .order_by(visits.c.window_start, visits.c.participant_id)
+    )
+    with t.engine.connect() as c:
+        rows = c.execute(query).all()
+    return [{"participant_id": r.participant_id, "site_id": r.site_id, **_visit(r, today)}
+            for r in rows]
+
+
+def trial_summary(t: Trialog) -> dict[str, Any]:
+    """Counts by status, arm and site, deviations by code, and the mean BPI average pain
+    by arm and visit."""
+    with t.engine.connect() as c:
+        def counts(column: Any, *where: Any) -> dict[str, int]:
+            query = select(column, func.count()).where(column.is_not(None), *where)
+            return {k: n for k, n in sorted(c.execute(query.group_by(column)).all())}
+
+        by_status = counts(participants.c.status)
+        pain_rows = c.execute(
+            select(scores.c.arm, scores.c.visit, func.count(scores.c.bpi_average),
+                   func.avg(scores.c.bpi_average))
+            .where(scores.c.arm.is_not(None), scores.c.bpi_average.is_not(None))
+            .group_by(scores.c.arm, scores.c.visit).order_by(scores.c.arm, scores.c.visit)
+        ).all()
+        summary = {
+            "participants": sum(by_status.values()),
+            "by_status": by_status,
+            "by_arm": counts(participants.c.arm),
+            "by_site": counts(participants.c.site_id),
+            "deviations_by_code": counts(deviations.c.code),
+            "open_deviations_by_code": counts(deviations.c.code, deviations.c.status == "open"),
+        }
+    pain: dict[str, dict[str, Any]] = defaultdict(dict)
+    for arm, visit, n, mean in pain_rows:
+        pain[arm][visit] = {"n": n, "mean": float(mean)}
+    summary["mean_pain_by_arm_and_visit"] = dict(pain)
+    return summary

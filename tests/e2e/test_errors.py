@@ -1,0 +1,132 @@
+"""Every error class of the contract, and nothing stored for any of them."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+
+from tests.e2e import payloads as p
+from tests.e2e.test_lifecycle import enrol
+
+
+def history_length(client, pid: str) -> int:
+    answer = client.get(f"/v1/participants/{pid}/history")
+    return len(answer.json()["events"]) if answer.status_code == 200 else 0
+
+
+def test_malformed_json_is_a_400(server):
+    answer = requests.post(f"{server.url}/v1/commands", data="{not json",
+                           headers={"Authorization": f"Bearer {server.tokens['service']}",
+                                    "Content-Type": "application/json"}, timeout=10)
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "malformed_json"
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer not-a-token", "Basic abc"])
+def test_no_or_a_bad_token_is_a_401(server, header):
+    headers = {"Authorization": header} if header else {}
+    pid = p.participant_id()
+    body = {"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+            "participant_id": pid, "data": p.screening()}
+    answer = requests.post(f"{server.url}/v1/commands", json=body, headers=headers, timeout=10)
+    assert answer.status_code == 401
+    assert answer.json()["error"] == "unauthorized"
+    assert history_length(server.client("admin"), pid) == 0
+
+
+def test_a_command_for_an_unknown_participant_is_a_404(server):
+    answer = server.client("service").command("RecordConsent", p.participant_id(), p.CONSENT)
+    assert answer.status_code == 404
+    assert answer.json()["error"] == "not_found"
+
+
+def test_randomizing_a_screen_failure_is_not_eligible(server):
+    service = server.client("service")
+    pid = p.participant_id()
+    screened = service.command("ScreenParticipant", pid, p.screening(stage="IV"))
+    assert screened.status_code == 201  # a failed criterion is a screen failure, not a 422
+    refused = service.command("RecordConsent", pid, p.CONSENT)
+    assert (refused.status_code, refused.json()["error"]) == (409, "not_eligible")
+    assert "stage" in refused.json()["failed_criteria"]
+
+
+def test_rescreening_an_eligible_participant_is_an_invalid_transition(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    again = service.command("ScreenParticipant", pid, p.screening())
+    assert (again.status_code, again.json()["error"]) == (409, "invalid_transition")
+    assert history_length(service, pid) == 3
+
+
+def test_a_stale_expected_version_is_a_version_conflict(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    stale = service.command("RecordDose", pid, p.dose(0), expected_version=2)
+    assert stale.status_code == 409
+    assert stale.json() | {"message": ""} == {
+        "error": "version_conflict", "message": "", "expected_version": 2,
+        "actual_version": 3}
+    assert service.command("RecordDose", pid, p.dose(0), expected_version=3).status_code == 201
+
+
+UNPROCESSABLE = [
+    ({"type": "MakeCoffee"}, "type"),
+    ({"command_id": "not-a-uuid"}, "command_id"),
+    ({"participant_id": ""}, "participant_id"),
+    ({"data": p.screening() | {"screened_on": "2026-02-30"}}, "data.screened_on"),
+    ({"data": p.screening() | {"site_id": "NOWHERE"}}, "data.site_id"),
+    ({"data": p.screening() | {"language": "fr"}}, "data.language"),
+    ({"data": p.screening() | {"shoe_size": 38}}, "data.shoe_size"),
+    ({"data": p.screening(zubrod=7)}, "data.eligibility.zubrod"),
+    ({"data": p.screening(stage="V")}, "data.eligibility.stage"),
+    ({"data": p.screening(metastatic="no")}, "data.eligibility.metastatic"),
+    ({"data": p.screening(analgesics=[{"drug": "gabapentin"}])},
+     "data.eligibility.analgesics.0.stable_since"),
+    ({"data": p.screening(er_positive=None, pgr_positive=None)}, "data.eligibility.er_positive"),
+    ({"expected_version": -1}, "expected_version"),
+]
+
+
+@pytest.mark.parametrize(("change", "path"), UNPROCESSABLE)
+def test_a_field_breaking_its_rule_is_a_422_naming_the_field(server, change, path):
+    pid = p.participant_id()
+    body = {"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+            "participant_id": pid, "data": p.screening(), **change}
+    answer = server.client("service").post("/v1/commands", body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "validation_failed"
+    assert path in answer.json()["fields"]
+    assert history_length(server.client("admin"), pid) == 0
+
+
+@pytest.mark.parametrize(("data", "path"), [
+    (p.visit("week6", 42) | {"bpi_sf": {"worst": 11}}, "data.bpi_sf.worst"),
+    (p.visit("week6", 42) | {"fact_es": {"GP1": 5}}, "data.fact_es.GP1"),
+    (p.visit("week6", 42) | {"fact_es": {"XX9": 1}}, "data.fact_es.XX9"),
+    (p.visit("week6", 42) | {"visit": "week7"}, "data.visit"),
+])
+def test_an_out_of_range_score_is_a_422(server, data, path):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    answer = service.command("CompleteVisit", pid, data)
+    assert answer.status_code == 422
+    assert path in answer.json()["fields"]
+    assert history_length(service, pid) == 3
+
+
+def test_a_correction_needs_a_reason_and_a_value_of_the_recorded_type(server):
+    coordinator = server.client("coordinator")
+    pid, _ = enrol(coordinator)
+    screening = coordinator.get(f"/v1/participants/{pid}/history").json()["events"][0]
+    data = {"event_id": screening["event_id"], "field": "birth_date", "value": "1958-06-16"}
+    no_reason = coordinator.command("CorrectData", pid, data)
+    assert (no_reason.status_code, list(no_reason.json()["fields"])) == (422, ["reason"])
+    wrong_type = coordinator.command("CorrectData", pid, data | {"value": 1958},
+                                     reason="transcription error")
+    assert list(wrong_type.json()["fields"]) == ["data.value"]
+    fixed = coordinator.command("CorrectData", pid, data, reason="transcription error")
+    assert fixed.status_code == 201
+    state = coordinator.get(f"/v1/participants/{pid}", after=fixed.json()["position"]).json()
+    assert state["contact"]["birth_date"] == "1958-06-16"

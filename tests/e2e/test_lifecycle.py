@@ -1,0 +1,134 @@
+"""A whole participant lifecycle over HTTP, retries and concurrency."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.e2e import payloads as p
+
+
+def enrol(client, site: str = "CASE") -> tuple[str, int]:
+    pid = p.participant_id(site)
+    assert client.command("ScreenParticipant", pid, p.screening(site)).status_code == 201
+    assert client.command("RecordConsent", pid, p.CONSENT).status_code == 201
+    answer = client.command("RandomizeParticipant", pid, p.RANDOMIZE)
+    assert answer.status_code == 201, answer.text
+    return pid, answer.json()["position"]
+
+
+def test_a_participant_goes_from_screening_to_completion(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    blood = {"timepoint": "baseline", "collected_at": "2026-03-04T08:30:00Z",
+             "results": {"b12_pg_ml": 410.0}}
+    assert service.command("RecordBloodSample", pid, blood).status_code == 201
+    for day in range(3):
+        assert service.command("RecordDose", pid, p.dose(day)).status_code == 201
+    for code, day, pain in (("baseline", 0, 6), ("week6", 42, 4), ("end_of_treatment", 90, 3),
+                            ("follow_up", 180, 3)):
+        answer = service.command("CompleteVisit", pid, p.visit(code, day, pain))
+        assert answer.status_code == 201, answer.text
+    last = answer.json()
+
+    state = service.get(f"/v1/participants/{pid}", after=last["position"])
+    assert state.status_code == 200
+    body = state.json()
+    assert (body["status"], body["version"]) == ("completed", last["version"])
+    assert [v["status"] for v in body["visits"]] == ["completed"] * 4
+    assert body["scores"]["week6"]["bpi_severity"] == 4.0  # (6 + 2 + 4 + 4) / 4
+    assert "contact" not in body
+
+    history = service.get(f"/v1/participants/{pid}/history").json()["events"]
+    assert [e["version"] for e in history] == list(range(1, last["version"] + 1))
+    assert {e["actor"] for e in history} == {server.names["service"]}
+    assert history[0]["type"] == "ParticipantScreened"
+
+    listed = service.get("/v1/participants", status="completed", site_id="CASE",
+                         after=last["position"]).json()["participants"]
+    assert pid in {row["participant_id"] for row in listed}
+    summary = service.get("/v1/trial/summary").json()
+    assert summary["by_status"]["completed"] >= 1
+
+
+def test_the_state_as_of_a_moment_is_what_was_recorded_then(server):
+    service = server.client("service")
+    pid = p.participant_id()
+    service.command("ScreenParticipant", pid, p.screening())
+    consented = service.command("RecordConsent", pid, p.CONSENT).json()
+    service.command("RandomizeParticipant", pid, p.RANDOMIZE)
+    moment = consented["events"][0]["recorded_at"]
+
+    then = service.get(f"/v1/participants/{pid}", as_of=moment)
+    assert (then.json()["status"], then.json()["version"]) == ("consented", 2)
+    before = service.get(f"/v1/participants/{pid}", as_of="2000-01-01T00:00:00")
+    assert before.status_code == 404
+
+
+def test_a_retried_command_answers_the_first_answer_and_writes_nothing(server):
+    service = server.client("service")
+    pid = p.participant_id()
+    body = {"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+            "participant_id": pid, "data": p.screening()}
+    first = service.post("/v1/commands", body)
+    again = service.post("/v1/commands", body)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+
+    other = dict(body, data=p.screening(language="es"))
+    reused = service.post("/v1/commands", other)
+    assert reused.status_code == 409
+    assert reused.json()["error"] == "idempotency_key_reused"
+    assert len(service.get(f"/v1/participants/{pid}/history").json()["events"]) == 1
+
+
+def test_concurrent_commands_without_expected_version_all_succeed(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda day: server.client("service").command(
+            "RecordDose", pid, p.dose(day)), range(16)))
+    assert [a.status_code for a in answers] == [201] * 16
+    assert sorted(a.json()["version"] for a in answers) == list(range(4, 20))
+
+
+def test_concurrent_commands_with_the_same_expected_version_one_wins(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda day: server.client("service").command(
+            "RecordDose", pid, p.dose(day), expected_version=3), range(8)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201] + [409] * 7
+    conflicts = [a.json() for a in answers if a.status_code == 409]
+    assert {c["error"] for c in conflicts} == {"version_conflict"}
+    assert len(service.get(f"/v1/participants/{pid}/history").json()["events"]) == 4
+
+
+def test_a_batch_answers_one_result_per_command_and_goes_on_after_a_failure(server):
+    service = server.client("service")
+    pid = p.participant_id()
+
+    def command(type_, data):
+        return {"command_id": str(uuid.uuid4()), "type": type_, "participant_id": pid,
+                "data": data}
+
+    batch = [command("ScreenParticipant", p.screening()),
+             command("RandomizeParticipant", p.RANDOMIZE),  # not consented yet: 409
+             command("RecordConsent", p.CONSENT),
+             command("RandomizeParticipant", p.RANDOMIZE)]
+    answer = service.post("/v1/commands/batch", {"commands": batch})
+    assert answer.status_code == 200
+    results = answer.json()["results"]
+    assert [r["status"] for r in results] == [201, 409, 201, 201]
+    assert results[1]["body"]["error"] == "invalid_transition"
+    assert results[3]["body"]["version"] == 3
+
+
+def test_deviations_and_visits_due_are_listed(server):
+    coordinator = server.client("coordinator")
+    pid, position = enrol(coordinator)
+    due = coordinator.get("/v1/visits/due", within_days=100000 // 100, after=position)
+    assert due.status_code == 200
+    deviations = coordinator.get("/v1/deviations", status="open", participant_id=pid)
+    assert deviations.json() == {"deviations": []}

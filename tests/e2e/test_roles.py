@@ -1,0 +1,69 @@
+"""The role table of the contract, as a matrix over every command and read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from domain.commands import COMMAND_TYPES
+from infrastructure.tokens import ROLES
+from tests.e2e import payloads as p
+from tests.e2e.test_lifecycle import enrol
+
+SERVICE = {"ScreenParticipant", "RecordConsent", "RandomizeParticipant", "RecordBloodSample",
+           "RecordDose", "CompleteVisit", "ReportMedication", "WithdrawParticipant"}
+MAY_ISSUE = {
+    "service": SERVICE,
+    "coordinator": SERVICE | {"CorrectData"},
+    "monitor": {"ResolveDeviation"},
+    "auditor": set(),
+    "admin": set(COMMAND_TYPES),
+}
+READS = {
+    "/v1/participants": "participants", "/v1/participants/{pid}": "participants",
+    "/v1/participants/{pid}/history": "history", "/v1/visits/due": "visits",
+    "/v1/deviations": "deviations", "/v1/trial/summary": "summary",
+    "/v1/audit/verify": "audit",
+}
+SERVICE_READS = {"participants", "history", "visits", "deviations", "summary"}
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("command_type", sorted(COMMAND_TYPES))
+def test_a_role_issues_only_its_commands(server, role, command_type):
+    # Empty data: an allowed command gets as far as validation (422), a refused one is 403.
+    answer = server.client(role).command(command_type, p.participant_id(), {})
+    expected = 422 if command_type in MAY_ISSUE[role] else 403
+    assert answer.status_code == expected, answer.text
+    if expected == 403:
+        assert answer.json()["error"] == "forbidden"
+
+
+@pytest.fixture(scope="module")
+def known_participant(server):
+    pid, position = enrol(server.client("admin"))
+    server.client("admin").get(f"/v1/participants/{pid}", after=position)
+    return pid
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("path", sorted(READS))
+def test_a_role_reads_only_what_it_may(server, known_participant, role, path):
+    answer = server.client(role).get(path.format(pid=known_participant))
+    allowed = role != "service" or READS[path] in SERVICE_READS
+    assert answer.status_code == (200 if allowed else 403), answer.text
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_only_coordinators_and_admins_see_contact_details(server, known_participant, role):
+    state = server.client(role).get(f"/v1/participants/{known_participant}").json()
+    history = server.client(role).get(f"/v1/participants/{known_participant}/history").json()
+    if role in ("coordinator", "admin"):
+        assert state["contact"] == {"email": "participant@example.org",
+                                    "birth_date": "1958-06-15"}
+        assert "participant@example.org" in json.dumps(history)
+    else:
+        assert "contact" not in state
+        assert "participant@example.org" not in json.dumps(history)
+        assert "1958-06-15" not in json.dumps(history)
