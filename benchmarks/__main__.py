@@ -17,6 +17,7 @@ from typing import Any
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
 
+from benchmarks import http, projection
 from domain import commands as c
 from infrastructure.audit import verify
 from infrastructure.bootstrap import Trialog, bootstrap
@@ -27,6 +28,9 @@ from tests.factories import consent, screening
 PG_SERVER = os.environ.get("TRIALOG_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 KEY = "YmVuY2htYXJrLWtleS1iZW5jaG1hcmsta2V5LTMyYiE="
 N_COMMANDS = int(os.environ.get("TRIALOG_BENCH_COMMANDS", "1500"))
+N_HTTP = int(os.environ.get("TRIALOG_BENCH_HTTP_COMMANDS", "2400"))
+REBUILD_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_REBUILD_PARTICIPANTS", "2000"))
+RUNNER_EVENTS = int(os.environ.get("TRIALOG_BENCH_RUNNER_EVENTS", "3000"))
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -141,9 +145,44 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
                 raise SystemExit(f"verify found problems in a fresh database: {report.problems}")
             results.append(result("verify", verify_rate, "ev/s", "library_log_read", raw_read,
                                   kind))
+            if kind == "postgresql":
+                results += http_results(t, url, raw_env, workdir)
         finally:
             t.close()
+    if kind == "postgresql":
+        results.append(rebuild_result(workdir))
     return results
+
+
+def http_results(t: Trialog, url: str, raw_env: dict[str, str],
+                 workdir: Path) -> list[dict[str, Any]]:
+    with http.serving(url, KEY, t.engine, workdir) as (base, token):
+        ours = http.http_commands(base, token, N_HTTP)
+        raw = http.raw_concurrent_saves(raw_env, N_HTTP)
+        bulk = http.bulk_import(base, token, 1000)
+    return [
+        result("commands_http", ours, "commands/s", "library_single_event_save_8_threads",
+               raw, "postgresql"),
+        result("bulk_import", bulk, "ev/s", "library_single_event_save_8_threads", raw,
+               "postgresql"),
+    ]
+
+
+def rebuild_result(workdir: Path) -> dict[str, Any]:
+    """Rebuild over >= 200k events in a fresh database, beside the library's runner."""
+    with database("postgresql", workdir) as (url, _):
+        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY})
+        t = bootstrap(settings, migrate=True)
+        try:
+            events = projection.seed_participants(t, REBUILD_PARTICIPANTS, 100)
+            ours = projection.ours(t)
+            runner = projection.library_runner(t, min(events, RUNNER_EVENTS))
+        finally:
+            t.close()
+    row = result("projection_rebuild", ours, "ev/s", "library_projection_runner", runner,
+                 "postgresql")
+    row["events"] = events
+    return row
 
 
 def main() -> int:

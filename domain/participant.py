@@ -8,6 +8,7 @@ record it names and every view derived from it follows.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator, Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,13 @@ def participant_uuid(participant_id: str) -> UUID:
 
 
 def event_uuid(originator_id: UUID, version: int) -> str:
-    return str(uuid5(originator_id, str(version)))
+    """``str(uuid5(originator_id, str(version)))``, without building UUID objects (this runs
+    for every event applied)."""
+    digest = bytearray(hashlib.sha1(originator_id.bytes + str(version).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _walk(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], str]:
@@ -62,8 +69,9 @@ class Participant(ChainedAggregate):
         data: dict[str, Any]
 
         def apply(self, aggregate: Any) -> None:
-            aggregate.records[self.event_id] = {"type": type(self).__name__,
-                                                "data": copy.deepcopy(self.data)}
+            # Shared with the event, never changed in place: a correction replaces it.
+            aggregate.records[self.originator_version] = {"type": type(self).__name__,
+                                                          "data": self.data}
             self.absorb(aggregate)
 
         def absorb(self, aggregate: Any) -> None:
@@ -81,15 +89,15 @@ class Participant(ChainedAggregate):
             aggregate.deviations = {}
             aggregate.reminders = []
             aggregate.missed_visits = []
-            aggregate.consent_event = None
-            aggregate.registration_event = None
+            aggregate.consent_record = None
+            aggregate.registration_record = None
             aggregate.arm = None
             aggregate.allocation_index = None
             aggregate.withdrawals = {}
             Participant.Capture.apply(self, aggregate)
 
         def absorb(self, aggregate: Any) -> None:
-            aggregate.screening_event = self.event_id
+            aggregate.screening_record = self.originator_version
             aggregate.eligible = self.eligible
             aggregate.failed_criteria = list(self.failed_criteria)
             aggregate.status = "screened" if self.eligible else "screen_failed"
@@ -103,7 +111,7 @@ class Participant(ChainedAggregate):
 
     class ConsentRecorded(Capture):
         def absorb(self, aggregate: Any) -> None:
-            aggregate.consent_event = self.event_id
+            aggregate.consent_record = self.originator_version
             if aggregate.status == "screened":
                 aggregate.status = "consented"
 
@@ -112,7 +120,7 @@ class Participant(ChainedAggregate):
         allocation_index: int
 
         def absorb(self, aggregate: Any) -> None:
-            aggregate.registration_event = self.event_id
+            aggregate.registration_record = self.originator_version
             aggregate.arm = self.arm
             aggregate.allocation_index = self.allocation_index
             aggregate.status = "randomized"
@@ -136,7 +144,7 @@ class Participant(ChainedAggregate):
     class ParticipantWithdrawn(Capture):
         def absorb(self, aggregate: Any) -> None:
             scope = self.data["scope"]
-            aggregate.withdrawals[scope] = self.event_id
+            aggregate.withdrawals[scope] = self.originator_version
             aggregate.status = "withdrawn" if scope == "study" else "off_treatment"
 
     class DataCorrected(Event):
@@ -146,9 +154,12 @@ class Participant(ChainedAggregate):
         value: Any
 
         def apply(self, aggregate: Any) -> None:
-            record = aggregate.records[self.target_event_id]
-            parent, key = _walk(record["data"], self.field)
+            version = aggregate.version_of(self.target_event_id)
+            record = aggregate.records[version]
+            data = copy.deepcopy(record["data"])  # copy on write: the captured event stays
+            parent, key = _walk(data, self.field)
             parent[key] = copy.deepcopy(self.value)
+            aggregate.records[version] = {**record, "data": data}
 
     class DeviationFlagged(Event):
         deviation_id: str
@@ -194,39 +205,59 @@ class Participant(ChainedAggregate):
         status: str
         eligible: bool
         failed_criteria: list[str]
-        records: dict[str, dict[str, Any]]
-        screening_event: str
-        consent_event: str | None
-        registration_event: str | None
+        records: dict[int, dict[str, Any]]  # by the version of the capturing event
+        screening_record: int
+        consent_record: int | None
+        registration_record: int | None
         arm: str | None
         allocation_index: int | None
-        withdrawals: dict[str, str]
+        withdrawals: dict[str, int]
         deviations: dict[str, dict[str, Any]]
         reminders: list[str]
         missed_visits: list[str]
 
     # --- derived views -------------------------------------------------------------------
 
-    def data_of(self, event_id: str | None) -> dict[str, Any]:
-        return self.records[event_id]["data"] if event_id else {}
+    def data_of(self, version: int | None) -> dict[str, Any]:
+        return self.records[version]["data"] if version else {}
+
+    def event_id_of(self, version: int | None) -> str | None:
+        return event_uuid(self.id, version) if version else None
+
+    def version_of(self, event_id: str) -> int | None:
+        """The version of a data-capturing event, from its id (ids are derived, not stored,
+        so that replaying an event costs no hashing)."""
+        return next((v for v in self.records if event_uuid(self.id, v) == event_id), None)
+
+    @property
+    def screening_event(self) -> str:
+        return event_uuid(self.id, self.screening_record)
+
+    @property
+    def consent_event(self) -> str | None:
+        return self.event_id_of(self.consent_record)
+
+    @property
+    def registration_event(self) -> str | None:
+        return self.event_id_of(self.registration_record)
 
     def records_of(self, *types: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for event_id, record in self.records.items():
+        for version, record in self.records.items():
             if record["type"] in types:
-                yield event_id, record["data"]
+                yield event_uuid(self.id, version), record["data"]
 
     @property
     def screening(self) -> dict[str, Any]:
-        return self.data_of(self.screening_event)
+        return self.data_of(self.screening_record)
 
     @property
     def registered_on(self) -> date | None:
-        registered: date | None = self.data_of(self.registration_event).get("registered_on")
+        registered: date | None = self.data_of(self.registration_record).get("registered_on")
         return registered
 
     @property
     def consented_on(self) -> date | None:
-        signed: date | None = self.data_of(self.consent_event).get("signed_on")
+        signed: date | None = self.data_of(self.consent_record).get("signed_on")
         return signed
 
     def withdrawn_on(self, scope: str) -> date | None:
@@ -350,7 +381,8 @@ class Participant(ChainedAggregate):
         if not audit.reason:
             raise ValidationFailed({"reason": ["is required for CorrectData"]})
         target = data["event_id"]
-        record = self.records.get(target)
+        version = self.version_of(target)
+        record = self.records[version] if version is not None else None
         if record is None:
             raise ValidationFailed(
                 {"data.event_id": ["is not a data-capturing event of this participant"]}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -40,7 +40,8 @@ class Outcome:
     events: list[dict[str, Any]]
 
 
-Handler = Callable[[Command, Audit, "int | None"], Outcome]
+Decision = tuple[Participant, ...] | tuple[Participant, AllocationSequence]
+Handler = Callable[[Command, Audit, "int | None"], Any]
 
 
 class TrialService(Application[Any]):
@@ -75,7 +76,31 @@ class TrialService(Application[Any]):
 
     def execute(self, command: Command, audit: Audit,
                 expected_version: int | None = None) -> Outcome:
-        return self._handlers[type(command)](command, audit, expected_version)
+        return self.record(self.decide(command, audit, expected_version))
+
+    def decide(self, command: Command, audit: Audit,
+               expected_version: int | None = None) -> Decision:
+        """Runs the command against the participant; nothing is saved yet."""
+        decision: Decision = self._handlers[type(command)](command, audit, expected_version)
+        return decision
+
+    def record(self, decision: Decision) -> Outcome:
+        """Saves what a command decided; the participant last, so that the position is
+        that of its last event."""
+        participant, *others = decision
+        return self._save(participant, *others)
+
+    @staticmethod
+    def answer(decision: Decision) -> Outcome:
+        """What saving ``decision`` will answer, but for the position."""
+        participant = decision[0]
+        return Outcome(
+            participant_id=participant.participant_id, version=participant.version,
+            position=None,
+            events=[{"type": type(e).__name__, "version": e.originator_version,
+                     "recorded_at": e.timestamp.isoformat()}
+                    for e in participant.pending_events],
+        )
 
     def get_participant(self, participant_id: str, version: int | None = None) -> Participant:
         try:
@@ -88,7 +113,7 @@ class TrialService(Application[Any]):
 
     # --- one method per command ----------------------------------------------------------
 
-    def screen_participant(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def screen_participant(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         try:
             participant = self._load(cmd.participant_id, expected)
         except ParticipantNotFound:
@@ -96,75 +121,75 @@ class TrialService(Application[Any]):
             participant = Participant.screen(cmd.participant_id, cmd.data, self.protocol, audit)
         else:
             participant.rescreen(cmd.data, self.protocol, audit)
-        return self._save(participant)
+        return (participant,)
 
-    def record_consent(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def record_consent(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.record_consent(cmd.data, audit)
-        return self._save(participant)
+        return (participant,)
 
     def randomize_participant(self, cmd: Command, audit: Audit,
-                              expected: int | None) -> Outcome:
+                              expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         sequence = self._sequence(participant.site_id, audit)
         participant.randomize(cmd.data, sequence, self.allocation_seed, self.protocol, audit)
-        return self._save(participant, sequence)
+        return participant, sequence
 
-    def record_blood_sample(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def record_blood_sample(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.record_blood_sample(cmd.data, self.protocol, audit)
-        return self._save(participant)
+        return (participant,)
 
-    def record_dose(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def record_dose(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.record_dose(cmd.data, audit)
-        return self._save(participant)
+        return (participant,)
 
-    def complete_visit(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def complete_visit(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.complete_visit(cmd.data, self.protocol, audit)
-        return self._save(participant)
+        return (participant,)
 
-    def report_medication(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def report_medication(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.report_medication(cmd.data, audit)
-        return self._save(participant)
+        return (participant,)
 
     def withdraw_participant(self, cmd: Command, audit: Audit,
-                             expected: int | None) -> Outcome:
+                             expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.withdraw(cmd.data, audit)
-        return self._save(participant)
+        return (participant,)
 
-    def correct_data(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def correct_data(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.correct_data(cmd.data, audit)
-        return self._save(participant)
+        return (participant,)
 
-    def resolve_deviation(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def resolve_deviation(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.resolve_deviation(cmd.data, audit)
-        return self._save(participant)
+        return (participant,)
 
-    def flag_deviation(self, cmd: Command, audit: Audit, expected: int | None) -> Outcome:
+    def flag_deviation(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         d = cmd.data
         participant.flag_deviation(d["deviation_id"], d["code"], d["severity"],
                                    list(d["evidence"]), d["detail"], audit)
-        return self._save(participant)
+        return (participant,)
 
     def record_reminder_sent(self, cmd: Command, audit: Audit,
-                             expected: int | None) -> Outcome:
+                             expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         d = cmd.data
         participant.record_reminder_sent(d["visit"], d["kind"], list(d["recipients"]), audit)
-        return self._save(participant)
+        return (participant,)
 
     def record_visit_missed(self, cmd: Command, audit: Audit,
-                            expected: int | None) -> Outcome:
+                            expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
         participant.record_visit_missed(cmd.data["visit"], audit)
-        return self._save(participant)
+        return (participant,)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -183,23 +208,13 @@ class TrialService(Application[Any]):
         return sequence
 
     def _save(self, participant: Participant, *others: Any) -> Outcome:
-        pending = list(participant.pending_events)
-        # The participant is saved last so that the position is that of its last event.
+        answer = self.answer((participant,))
         recordings = self.save(*others, participant)
         positions = [
             r.notification.id for r in recordings
             if r.domain_event.originator_id == participant.id
         ]
-        return Outcome(
-            participant_id=participant.participant_id,
-            version=participant.version,
-            position=max(positions) if positions else None,
-            events=[
-                {"type": type(e).__name__, "version": e.originator_version,
-                 "recorded_at": e.timestamp.isoformat()}
-                for e in pending
-            ],
-        )
+        return replace(answer, position=max(positions) if positions else None)
 
 
 def _check_version(participant_id: str, actual: int, expected: int | None) -> None:

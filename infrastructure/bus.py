@@ -21,6 +21,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from domain.commands import Audit, Command
 from domain.errors import IdempotencyKeyReused
+from domain.participant import participant_uuid
 from domain.service import TrialService
 from infrastructure.tables import command_records
 
@@ -86,16 +87,30 @@ class CommandBus:
                     raise IdempotencyKeyReused(
                         f"command_id {command_id} was already used for another command"
                     )
-                return Accepted(json.loads(previous.response), replayed=True)
+                return Accepted(self._with_position(session, previous.response), replayed=True)
             audit = Audit(command_id=command_id, actor=actor, recorded_at=self.clock(),
                           reason=reason)
-            outcome = self.service.execute(command, audit, expected_version)
-            body = {"command_id": command_id, "participant_id": outcome.participant_id,
-                    "version": outcome.version, "position": outcome.position,
-                    "events": outcome.events}
+            decision = self.service.decide(command, audit, expected_version)
+            answer = self.service.answer(decision)
+            body = {"command_id": command_id, "participant_id": answer.participant_id,
+                    "version": answer.version, "position": None, "events": answer.events}
+            # Written before the events: the event store's insert locks its table until
+            # commit, so the less done after it, the more writers get through.
             session.execute(insert(command_records).values(
                 command_id=command_id, fingerprint=digest,
-                participant_id=outcome.participant_id, response=json.dumps(body),
+                participant_id=answer.participant_id, response=json.dumps(body),
                 recorded_at=audit.recorded_at,
             ))
+            body["position"] = self.service.record(decision).position
         return Accepted(body, replayed=False)
+
+    def _with_position(self, session: Any, response: str) -> dict[str, Any]:
+        """The first answer again; its position is that of the event it ended with."""
+        body: dict[str, Any] = json.loads(response)
+        events = self.service.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
+        body["position"] = session.execute(
+            select(events.c.id).where(
+                events.c.originator_id == participant_uuid(body["participant_id"]),
+                events.c.originator_version == body["version"])
+        ).scalar()
+        return body

@@ -118,12 +118,18 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from infrastructure.api import create_app
     from infrastructure.logs import configure_logging
 
     configure_logging()
-    trialog = _app()
-    app = create_app(trialog)
+    if args.workers > 1:
+        from infrastructure.api.server import serve_processes
+
+        serve_processes(args.host, args.port, args.workers, args.threads,
+                        follow=not args.no_projection)
+        return 0
+    from infrastructure.api import create_app
+
+    app = create_app(_app(), follow=not args.no_projection)
     if args.dev:
         app.run(host=args.host, port=args.port)
     else:
@@ -226,8 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--threads", type=int, default=16)
+    serve.add_argument("--threads", type=int, default=16, help="threads per process")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes (more than 1: gunicorn, one projection follower)")
     serve.add_argument("--dev", action="store_true", help="Flask's development server")
+    serve.add_argument("--no-projection", action="store_true",
+                       help="don't follow the event log here (run `trialog projections "
+                            "follow` beside it instead)")
     serve.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="token",
@@ -242,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="projections", required=True)
     rebuild = projections.add_parser("rebuild", help="rebuild the read models from event 1")
     rebuild.add_argument("name", nargs="?", default="trial", choices=("trial",))
-    rebuild.add_argument("--batch-size", type=int, default=2000)
+    rebuild.add_argument("--batch-size", type=int, default=5000)
     rebuild.add_argument("--quiet", action="store_true")
     rebuild.set_defaults(func=cmd_projections_rebuild)
     projections.add_parser("status", help="position and lag of each follower").set_defaults(

@@ -19,8 +19,9 @@ from domain import commands as c
 from domain.deviations import detect
 from domain.errors import DomainError
 from domain.scoring import FACT_ITEMS
-from domain.views import trial_summary
 from infrastructure.bootstrap import Trialog, bootstrap
+from infrastructure.projections import TrialProjection
+from infrastructure.queries import trial_summary
 from infrastructure.settings import Settings
 
 START = date(2026, 1, 5)
@@ -228,7 +229,8 @@ def run_demo(path: Path, participants: int = 40, seed: int = 7,
                   leave=False) as bar:
             last_day = sim.run(bar.update)
         sim.flag_deviations(last_day + timedelta(days=1))
-        summary = trial_summary(trialog.service.get_participant(p) for p in sim.ids)
+        TrialProjection(trialog, batch_size=2000).catch_up()  # the read models, as the API
+        summary = trial_summary(trialog)
     finally:
         trialog.close()
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -82,9 +83,26 @@ def create_token(engine: Engine, name: str, role: str) -> str:
     return token
 
 
-def authenticate(engine: Engine, token: str) -> Principal | None:
-    with engine.connect() as connection:
-        row = connection.execute(
-            select(tokens.c.name, tokens.c.role).where(tokens.c.token_hash == token_hash(token))
-        ).first()
-    return Principal(row.name, row.role) if row else None
+class Authenticator:
+    """Looks tokens up by hash, remembering known ones for ``ttl`` seconds (tokens are
+    never changed, only created; an unknown token is looked up every time)."""
+
+    def __init__(self, engine: Engine, ttl: float = 60.0) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self._known: dict[str, tuple[Principal, float]] = {}
+
+    def __call__(self, token: str) -> Principal | None:
+        digest = token_hash(token)
+        known = self._known.get(digest)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(tokens.c.name, tokens.c.role).where(tokens.c.token_hash == digest)
+            ).first()
+        if row is None:
+            return None
+        principal = Principal(row.name, row.role)
+        self._known[digest] = (principal, time.monotonic() + self.ttl)
+        return principal

@@ -20,7 +20,6 @@ from infrastructure.api.errors import ApiError, error_response
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import document_commands
 from infrastructure.bootstrap import Trialog
-from infrastructure.tokens import authenticate
 
 log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
@@ -88,7 +87,7 @@ def _authenticate() -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "unauthorized", "an Authorization: Bearer <token> header is required")
-    principal = authenticate(runtime().trialog.engine, token.strip())
+    principal = runtime().authenticate(token.strip())
     if principal is None:
         raise ApiError(401, "unauthorized", "the bearer token is not valid")
     g.principal = principal

@@ -14,7 +14,7 @@ from domain.views import participant_state as state_of
 from infrastructure import audit, queries
 from infrastructure.api import responses as r
 from infrastructure.api.errors import ApiError, forbidden, from_domain
-from infrastructure.api.schemas import ErrorBody
+from infrastructure.api.schemas import ErrorBody, text
 
 participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participants",
                              description="Participants: current state, history, the list")
@@ -38,16 +38,16 @@ class StateArgs(ReadArgs):
 
 class ListArgs(ReadArgs):
     status = fields.String(validate=validate.OneOf(r.STATUSES))
-    arm = fields.String(validate=validate.Length(min=1, max=32))
-    site_id = fields.String(validate=validate.Length(min=1, max=32))
+    arm = text(1, 32)
+    site_id = text(1, 32)
     limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
     offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10**9))
 
 
 class DeviationArgs(ReadArgs):
     status = fields.String(validate=validate.OneOf(("open", "resolved")))
-    code = fields.String(validate=validate.Length(min=1, max=64))
-    participant_id = fields.String(validate=validate.Length(min=1, max=64))
+    code = text(1, 64)
+    participant_id = text(1, 64)
 
 
 class DueArgs(ReadArgs):

@@ -9,6 +9,7 @@ import time
 
 from infrastructure.bootstrap import Trialog
 from infrastructure.projections import TrialProjection
+from infrastructure.tokens import Authenticator
 
 log = logging.getLogger("trialog.projections")
 
@@ -17,6 +18,7 @@ class Runtime:
     def __init__(self, trialog: Trialog, follow: bool = True) -> None:
         self.trialog = trialog
         self.projection = TrialProjection(trialog)
+        self.authenticate = Authenticator(trialog.engine)
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None

@@ -44,16 +44,21 @@ class StrictFloat(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+# PostgreSQL text can't hold NUL, and no field of a trial record needs control characters.
+PRINTABLE = validate.Regexp(r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*$",
+                            error="must not contain control characters")
+
+
 def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
     return fields.Integer(strict=True, validate=validate.Range(min=low, max=high), **kwargs)
 
 
-def _text(**kwargs: Any) -> fields.String:
-    return fields.String(validate=validate.Length(min=1, max=200), **kwargs)
+def text(low: int = 1, high: int = 200, **kwargs: Any) -> fields.String:
+    return fields.String(validate=[validate.Length(min=low, max=high), PRINTABLE], **kwargs)
 
 
 class AromataseInhibitor(Schema):
-    drug = _text(required=True)
+    drug = text(required=True)
     daily_dose_mg = StrictFloat(required=True, validate=validate.Range(min=0))
     started_on = fields.Date(required=True)
     planned_days_after_registration = _int(0, 36_500, required=True)
@@ -67,7 +72,7 @@ class Menopause(Schema):
 
 
 class Analgesic(Schema):
-    drug = _text(required=True)
+    drug = text(required=True)
     stable_since = fields.Date(required=True)
 
 
@@ -136,7 +141,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "eligibility": fields.Nested(Eligibility, required=True),
         },
         "RecordConsent": {
-            "consent_version": _text(required=True),
+            "consent_version": text(required=True),
             "signed_on": fields.Date(required=True),
             "signed_by": fields.String(required=True, validate=validate.OneOf(
                 ("participant", "legal_representative"))),
@@ -162,7 +167,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "adherence": fields.Nested(Adherence),
         },
         "ReportMedication": {
-            "drug": _text(required=True),
+            "drug": text(required=True),
             "started_on": fields.Date(allow_none=True),
             "stopped_on": fields.Date(allow_none=True),
             "contains_b12": StrictBoolean(required=True),
@@ -171,8 +176,8 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "withdrawn_on": fields.Date(required=True),
             "scope": fields.String(required=True,
                                    validate=validate.OneOf(("treatment", "study"))),
-            "reason_code": _text(required=True),
-            "note": fields.String(validate=validate.Length(max=2000), allow_none=True),
+            "reason_code": text(required=True),
+            "note": text(0, 2000, allow_none=True),
         },
         "CorrectData": {
             "event_id": UUIDString(required=True),
@@ -183,8 +188,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
         },
         "ResolveDeviation": {
             "deviation_id": UUIDString(required=True),
-            "resolution": fields.String(required=True, validate=validate.Length(min=1,
-                                                                                max=2000)),
+            "resolution": text(1, 2000, required=True),
         },
     }
     assert set(schemas) == set(COMMAND_TYPES), "every command type has a data schema"
@@ -199,7 +203,7 @@ class CommandEnvelope(Schema):
         error="must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"))
     expected_version = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**31),
                                       allow_none=True)
-    reason = fields.String(validate=validate.Length(min=1, max=2000), allow_none=True)
+    reason = text(1, 2000, allow_none=True)
     data = fields.Dict(keys=fields.String(), required=True)
 
 

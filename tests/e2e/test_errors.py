@@ -130,3 +130,14 @@ def test_a_correction_needs_a_reason_and_a_value_of_the_recorded_type(server):
     assert fixed.status_code == 201
     state = coordinator.get(f"/v1/participants/{pid}", after=fixed.json()["position"]).json()
     assert state["contact"]["birth_date"] == "1958-06-16"
+
+
+def test_control_characters_are_refused_in_queries_and_commands(server):
+    service = server.client("service")
+    query = service.get("/v1/deviations", code="wash\x00out")
+    assert (query.status_code, list(query.json()["fields"])) == (422, ["code"])
+    pid, _ = enrol(service)
+    medication = {"drug": "multi\x00vitamin", "contains_b12": True}
+    answer = service.command("ReportMedication", pid, medication)
+    assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.drug"])
+    assert history_length(service, pid) == 3

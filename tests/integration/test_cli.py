@@ -72,3 +72,35 @@ def test_failures_are_one_line_on_standard_error(tmp_path):
     no_key = run(["audit", "verify"], tmp_path,
                  TRIALOG_DATABASE_URL="postgresql://postgres@127.0.0.1/test")
     assert no_key.returncode == 1 and "TRIALOG_CIPHER_KEY" in no_key.stderr
+
+
+def test_token_create_prints_the_token_alone_and_keeps_only_its_hash(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    created = run(["token", "create", "--name", "lab-system", "--role", "service"], tmp_path,
+                  TRIALOG_DATABASE_URL=url)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert created.stdout == token + "\n" and len(token) > 30
+    with create_engine(url).connect() as conn:
+        stored = conn.execute(text("SELECT name, role, token_hash FROM trialog_tokens")).all()
+    assert [(name, role) for name, role, _ in stored] == [("lab-system", "service")]
+    assert token not in stored[0][2]
+    again = run(["token", "create", "--name", "lab-system", "--role", "admin"], tmp_path,
+                TRIALOG_DATABASE_URL=url)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    bad_role = run(["token", "create", "--name", "x", "--role", "root"], tmp_path,
+                   TRIALOG_DATABASE_URL=url)
+    assert bad_role.returncode != 0 and "--role" in bad_role.stderr
+
+
+def test_projections_rebuild_and_status_report_positions(tmp_path):
+    assert run(["demo", "--participants", "6", "--seed", "2"], tmp_path).returncode == 0
+    url = f"sqlite:///{tmp_path / 'trialog-demo.db'}"
+    status = run(["projections", "status"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert status.returncode == 0, status.stderr
+    name, _, position, _, lag = status.stdout.split()
+    assert (name, lag) == ("trial", "0") and int(position) > 0
+    rebuilt = run(["projections", "rebuild"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert f"trial: {position} events applied" in rebuilt.stderr
+    assert "events/s" in rebuilt.stderr

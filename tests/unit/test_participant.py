@@ -164,7 +164,7 @@ def test_after_a_study_withdrawal_only_corrections_and_resolutions_are_accepted(
     for command in refused:
         with pytest.raises(InvalidTransition):
             command()
-    dose_event = next(e for e, r in p.records.items() if r["type"] == "DoseRecorded")
+    dose_event = next(e for e, _ in p.records_of("DoseRecorded"))
     p.correct_data({"event_id": dose_event, "field": "dose_mcg", "value": 500},
                    audit(reason="diary misread"))
     p.resolve_deviation({"deviation_id": "d1", "resolution": "confirmed"}, audit())
@@ -204,7 +204,7 @@ def test_a_correction_needs_a_reason_and_changes_the_derived_scores():
     p = randomized()
     bpi = {"worst": 6, "least": 2, "average": 4, "now": 4}
     p.complete_visit(visit("baseline", REGISTERED, bpi_sf=bpi), PROTOCOL, audit())
-    event_id = next(e for e, r in p.records.items() if r["type"] == "VisitCompleted")
+    event_id = next(e for e, _ in p.records_of("VisitCompleted"))
     correction = {"event_id": event_id, "field": "bpi_sf.worst", "value": 10}
     with pytest.raises(ValidationFailed) as e:
         p.correct_data(correction, audit())
@@ -275,7 +275,7 @@ def test_a_correction_takes_the_type_of_the_value_it_corrects(field, value, stor
     event_id = participant.screening_event
     participant.correct_data({"event_id": event_id, "field": field, "value": value},
                              audit(reason="transcription error"))
-    parent, key = participant.records[event_id]["data"], field.split(".")[-1]
+    parent, key = participant.screening, field.split(".")[-1]
     for part in field.split(".")[:-1]:
         parent = parent[part]
     assert parent[key] == stored
@@ -292,3 +292,23 @@ def test_a_correction_of_another_type_is_refused(field, value):
             {"event_id": participant.screening_event, "field": field, "value": value},
             audit(reason="transcription error"))
     assert list(refused.value.fields) == ["data.value"]
+
+
+def test_event_ids_are_the_uuid5_of_the_stream_and_version():
+    from uuid import uuid4, uuid5
+
+    from domain.participant import event_uuid
+
+    stream = uuid4()
+    assert [event_uuid(stream, v) for v in (1, 7, 500)] == [
+        str(uuid5(stream, str(v))) for v in (1, 7, 500)]
+
+
+def test_a_correction_leaves_the_captured_event_as_it_was():
+    participant = screened()
+    screening_event = participant.collect_events()[0]
+    participant.correct_data({"event_id": participant.screening_event,
+                              "field": "eligibility.zubrod", "value": 2},
+                             audit(reason="transcription error"))
+    assert screening_event.data["eligibility"]["zubrod"] == 1
+    assert participant.screening["eligibility"]["zubrod"] == 2
