@@ -1,11 +1,13 @@
-"""The visit schedule: each visit's target day and window, from the registration date."""
+"""The visit schedule: each visit's target day and window, from the registration date, and
+the days its reminders are due."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, timedelta
+from uuid import UUID, uuid5
 
-from domain.protocol import Protocol, Visit
+from domain.protocol import Protocol, ReminderOffset, Visit
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,14 @@ def visit_status(
     if today <= visit.window_end:
         return "open"
     return "overdue"
+
+
+def reminder_due(visit: ScheduledVisit, offset: ReminderOffset) -> date:
+    """The day a reminder is due: ``days`` after the target day or the window's first day."""
+    anchor = visit.target if offset.relative_to == "target" else visit.window_start
+    return anchor + timedelta(days=offset.days)
+
+
+def reminder_id(participant_uuid: UUID, visit: str, kind: str) -> str:
+    """One reminder per participant, visit and kind: the outbox's key."""
+    return str(uuid5(participant_uuid, f"reminder:{visit}:{kind}"))

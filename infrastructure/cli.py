@@ -204,6 +204,38 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reminders_scan(args: argparse.Namespace) -> int:
+    from infrastructure import reminders
+    from infrastructure.projections import TrialProjection
+    from workers.tasks import send_reminder
+
+    trialog = _app()
+    try:
+        TrialProjection(trialog).catch_up()  # the schedule is read from the read models
+        new = reminders.scan(trialog, trialog.today())
+        handed = reminders.hand_over(trialog, send_reminder.delay)
+    finally:
+        trialog.close()
+    print(f"{len(new)} reminders due; {handed} handed to the workers")
+    return 0
+
+
+def cmd_deviations_scan(args: argparse.Namespace) -> int:
+    from infrastructure import monitor
+    from infrastructure.projections import TrialProjection
+
+    trialog = _app()
+    try:
+        TrialProjection(trialog).catch_up()
+        events = monitor.DeviationMonitor(trialog).catch_up()
+        counts = monitor.scan_clock(trialog, trialog.today())
+    finally:
+        trialog.close()
+    print(f"{events} new events checked; {counts['participants']} participants scanned, "
+          f"{counts['missed']} visits missed, {counts['flagged']} deviations flagged")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trialog", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     follow = projections.add_parser("follow", help="keep the read models up to date")
     follow.add_argument("--batch-size", type=int, default=500)
     follow.set_defaults(func=cmd_projections_follow)
+
+    for name, func, text in (("reminders", cmd_reminders_scan, "reminders due now"),
+                             ("deviations", cmd_deviations_scan, "deviation rules now")):
+        group = sub.add_parser(name, help=text).add_subparsers(dest=name, required=True)
+        group.add_parser("scan", help=f"one scan of the {text}").set_defaults(func=func)
     return parser
 
 

@@ -26,9 +26,17 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from domain.participant import Participant
-from domain.schedule import schedule
+from domain.schedule import reminder_due, reminder_id, schedule
 from infrastructure.bootstrap import Trialog
-from infrastructure.tables import READ_MODELS, deviations, participants, positions, scores, visits
+from infrastructure.tables import (
+    READ_MODELS,
+    deviations,
+    participants,
+    positions,
+    reminder_schedule,
+    scores,
+    visits,
+)
 
 PARTICIPANT_TOPIC = get_topic(Participant) + "."
 Progress = Callable[[int, int], None]  # (events done in this batch, position)
@@ -289,6 +297,13 @@ def read_model_rows(p: Participant, trialog: Trialog,
                 "completed_on": done["completed_on"] if done else None,
                 "missed": visit.code in p.missed_visits,
             }
+            for offset in trialog.protocol.reminders:
+                yield reminder_schedule, {
+                    "reminder_id": reminder_id(p.id, visit.code, offset.kind),
+                    "participant_id": p.participant_id, "visit": visit.code,
+                    "kind": offset.kind, "due_on": reminder_due(visit, offset),
+                    "until": visit.window_end,
+                }
     for code, visit_scores in p.scores().items():
         bpi = completed[code].get("bpi_sf") or {}
         average = bpi.get("average")

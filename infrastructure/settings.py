@@ -28,6 +28,7 @@ class Settings:
     cipher_key: str
     protocol_path: Path
     allocation_seed: bytes
+    mail_from: str = "Trialog <no-reply@trialog.localhost>"
 
     @property
     def is_sqlite(self) -> bool:
@@ -54,6 +55,7 @@ class Settings:
             cipher_key=key,
             protocol_path=Path(env.get("TRIALOG_PROTOCOL") or DEFAULT_PROTOCOL),
             allocation_seed=seed,
+            mail_from=env.get("TRIALOG_MAIL_FROM") or cls.mail_from,
         )
 
 

@@ -101,7 +101,6 @@ positions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=True),
 )
 
-READ_MODELS = (participants, visits, deviations, scores)
 
 # API tokens: only a SHA-256 of each token is kept; the token is shown once at creation.
 tokens = Table(
@@ -112,3 +111,37 @@ tokens = Table(
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+# When each reminder of each visit is due (built by the projection from the visit schedule
+# and the protocol's offsets), and until when it is worth sending (the window's end).
+reminder_schedule = Table(
+    "rm_reminder_schedule",
+    metadata,
+    Column("reminder_id", String(36), primary_key=True),
+    Column("participant_id", String(64), nullable=False, index=True),
+    Column("visit", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("due_on", Date, nullable=False, index=True),
+    Column("until", Date, nullable=False),
+)
+
+# The outbox: one row per reminder a scan found due, written with the scan's position;
+# a task sends it and records ReminderSent. Status: pending, sent, cancelled, failed.
+outbox = Table(
+    "trialog_outbox",
+    metadata,
+    Column("reminder_id", String(36), primary_key=True),
+    Column("participant_id", String(64), nullable=False, index=True),
+    Column("visit", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("due_on", Date, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("scan_position", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("enqueued_at", DateTime(timezone=True), nullable=True),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+)
+
+READ_MODELS = (participants, visits, deviations, scores, reminder_schedule)

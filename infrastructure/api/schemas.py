@@ -118,6 +118,7 @@ FactEs = Schema.from_dict({item: _int(0, 4) for item in sorted(FACT_ITEMS)}, nam
 class Adherence(Schema):
     doses_taken = _int(0, 100_000)
     doses_expected = _int(0, 100_000)
+    missed_ai_doses_last_week = _int(0, 7)
 
 
 class BloodResults(Schema):

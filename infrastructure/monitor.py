@@ -1,0 +1,76 @@
+"""The deviation monitor: event-driven rules run as events arrive (a follower of the
+notification log whose flags commit with its position), clock-driven rules from a scan."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+from uuid import NAMESPACE_URL, uuid5
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from domain import commands as c
+from domain.deviations import CLOCK_DRIVEN, RULES, detect
+from domain.participant import Participant
+from infrastructure.bootstrap import Trialog
+from infrastructure.projections import LogFollower
+from infrastructure.tables import participants
+
+ACTOR = "deviation-monitor"
+EVENT_DRIVEN = tuple(code for code in RULES if code not in CLOCK_DRIVEN)
+# Events the monitor writes or that can't change what a rule decides.
+QUIET = frozenset({"DeviationFlagged", "DeviationResolved", "ReminderSent", "VisitMissed"})
+
+
+def flag(t: Trialog, participant: Participant, today: date,
+         codes: tuple[str, ...] = tuple(RULES)) -> list[str]:
+    """Flags each deviation the record shows that is not flagged yet; their codes."""
+    flagged = []
+    for finding in detect(participant, t.protocol, today, codes):
+        deviation_id = finding.deviation_id(participant)
+        t.bus.dispatch(
+            c.FlagDeviation(participant.participant_id, {
+                "deviation_id": deviation_id, "code": finding.code,
+                "severity": finding.severity, "evidence": list(finding.evidence),
+                "detail": finding.detail}),
+            command_id=str(uuid5(NAMESPACE_URL, f"trialog:flag:{deviation_id}")), actor=ACTOR,
+        )
+        flagged.append(finding.code)
+    return flagged
+
+
+class DeviationMonitor(LogFollower):
+    """Runs the event-driven rules for each participant a batch of events touched; the
+    flags join the batch's transaction, so they and the position commit together."""
+
+    name = "deviation_monitor"
+
+    def apply(self, session: Session, batch: list[tuple[int, Any]]) -> None:
+        touched = {event.originator_id for _, event in batch
+                   if type(event).__name__ not in QUIET}
+        for originator_id in touched:
+            participant: Participant = self.service.repository.get(originator_id)
+            flag(self.trialog, participant, self.trialog.today(), EVENT_DRIVEN)
+
+
+def scan_clock(t: Trialog, today: date) -> dict[str, int]:
+    """The clock-driven rules over every participant still in the study: a closed window
+    with no visit is recorded as missed and flagged; poor adherence is flagged."""
+    with t.engine.connect() as connection:
+        ids = list(connection.execute(select(participants.c.participant_id).where(
+            participants.c.status.in_(("randomized", "off_treatment")))).scalars())
+    counts = {"participants": len(ids), "missed": 0, "flagged": 0}
+    for participant_id in ids:
+        participant = t.service.get_participant(participant_id)
+        missed = detect(participant, t.protocol, today, ("visit_missed",))
+        for finding in missed:
+            t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
+                           command_id=str(uuid5(NAMESPACE_URL, f"trialog:missed:"
+                                                f"{participant.id}:{finding.key}")),
+                           actor=ACTOR)
+        if missed:
+            counts["missed"] += len(missed)
+            participant = t.service.get_participant(participant_id)
+        counts["flagged"] += len(flag(t, participant, today, CLOCK_DRIVEN))
+    return counts

@@ -1,0 +1,197 @@
+"""Reminders and the deviation monitor with a real Celery worker, real Redis and a real
+SMTP server, on a fresh PostgreSQL database and a clock the test moves."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import select
+
+import workers.app
+from domain import commands as c
+from infrastructure import reminders
+from infrastructure.bootstrap import Trialog, bootstrap
+from infrastructure.projections import TrialProjection
+from infrastructure.queries import list_deviations
+from infrastructure.tables import outbox
+from tests.conftest import settings_for
+from tests.databases import PG_SERVER, fresh_postgres_database
+from tests.factories import consent, new_participant_id, screening
+from tests.smtp import Sink, smtp_sink, text_of
+from workers.app import make_app
+
+REGISTERED = date(2026, 3, 4)
+
+
+class Clock:
+    def __init__(self, today: date) -> None:
+        self.now = datetime(today.year, today.month, today.day, 12, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, today: date) -> None:
+        self.now = datetime(today.year, today.month, today.day, 12, tzinfo=UTC)
+
+
+@dataclass
+class Stack:
+    trialog: Trialog
+    app: Celery
+    sink: Sink
+    clock: Clock
+
+    def task(self, name: str) -> Any:
+        return self.app.tasks[f"workers.tasks.{name}"]
+
+    def enrol(self, language: str = "en", registered_on: date = REGISTERED,
+              site: str = "CASE") -> str:
+        pid = new_participant_id(site)
+        data = screening(site) | {"language": language, "email": f"{pid.lower()}@example.org"}
+        for command in (c.ScreenParticipant(pid, data), c.RecordConsent(pid, consent()),
+                        c.RandomizeParticipant(pid, {"registered_on": registered_on})):
+            self.send(command)
+        return pid
+
+    def send(self, command: c.Command) -> dict[str, Any]:
+        return self.trialog.bus.dispatch(command, command_id=str(uuid.uuid4()),
+                                         actor="test").body
+
+    def scan(self, today: date) -> list[str]:
+        self.clock.set(today)
+        TrialProjection(self.trialog).catch_up()
+        return reminders.scan(self.trialog, today, enqueue=self.task("send_reminder").delay)
+
+    def reminders_sent(self, pid: str) -> list[str]:
+        return list(self.trialog.service.get_participant(pid).reminders)
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    with fresh_postgres_database("trialog_workers") as name, smtp_sink() as sink:
+        settings = settings_for(f"{PG_SERVER}/{name}", TRIALOG_SMTP_URL=sink.url)
+        clock = Clock(REGISTERED)
+        trialog = bootstrap(settings, migrate=True, clock=clock)
+        app = make_app(settings)
+        app.conf.task_default_queue = f"trialog-test-{uuid.uuid4().hex[:8]}"
+        app.set_current()
+        workers.app._trialog[id(app)] = trialog
+        try:
+            with start_worker(app, perform_ping_check=False, shutdown_timeout=30):
+                yield Stack(trialog, app, sink, clock)
+        finally:
+            workers.app._trialog.pop(id(app), None)
+            workers.app.app.set_current()
+            trialog.close()
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_reminders_arrive_once_in_the_participants_language_at_their_offsets(stack):
+    english, spanish = stack.enrol("en"), stack.enrol("es")
+    week6 = REGISTERED + timedelta(days=42)
+
+    assert stack.scan(week6 - timedelta(days=8)) == []  # the day before the window opens
+    assert len(stack.scan(week6 - timedelta(days=7))) == 2  # window_open, both
+    messages = stack.sink.wait_for(2)
+    by_recipient = {m["To"].split(",")[0]: m for m in messages}
+    assert by_recipient[f"{english.lower()}@example.org"]["Subject"] == \
+        "Reminder: your week 6 visit"
+    spanish_message = by_recipient[f"{spanish.lower()}@example.org"]
+    assert spanish_message["Subject"] == "Recordatorio: su visita de la semana 6"
+    assert "a partir de hoy" in text_of(spanish_message)
+    coordinator = stack.trialog.protocol.site("CASE").coordinator_email
+    assert coordinator in spanish_message["To"]
+    assert {p.get_content_type() for p in spanish_message.walk()} >= {"text/plain",
+                                                                     "text/html"}
+    wait_until(lambda: stack.reminders_sent(english) == ["week6/window_open"])
+
+    assert stack.scan(week6 - timedelta(days=6)) == []  # nothing new the next day
+    assert len(stack.scan(week6 - timedelta(days=3))) == 2  # three_days_before
+    stack.sink.wait_for(4)
+    wait_until(lambda: stack.reminders_sent(spanish) == ["week6/window_open",
+                                                         "week6/three_days_before"])
+    time.sleep(0.5)
+    assert len(stack.sink.messages) == 4
+
+
+def test_no_reminder_for_a_completed_visit_or_a_withdrawn_participant(stack):
+    done, withdrawn = stack.enrol(), stack.enrol()
+    week6 = REGISTERED + timedelta(days=42)
+    stack.send(c.CompleteVisit(done, {"visit": "week6", "completed_on": week6 - timedelta(7)}))
+    stack.send(c.WithdrawParticipant(withdrawn, {"withdrawn_on": REGISTERED + timedelta(20),
+                                                 "scope": "study", "reason_code": "moved"}))
+    assert stack.scan(week6 - timedelta(days=7)) == []
+
+
+def test_a_withdrawal_after_the_scan_cancels_what_has_not_gone_out(stack):
+    pid = stack.enrol()
+    week6 = REGISTERED + timedelta(days=42)
+    stack.clock.set(week6 - timedelta(days=7))
+    TrialProjection(stack.trialog).catch_up()
+    (reminder_id,) = reminders.scan(stack.trialog, week6 - timedelta(days=7))  # no enqueue
+    stack.send(c.WithdrawParticipant(pid, {"withdrawn_on": week6 - timedelta(days=7),
+                                           "scope": "study", "reason_code": "moved"}))
+    stack.task("send_reminder").delay(reminder_id)
+    wait_until(lambda: _status(stack, reminder_id) == "cancelled")
+    assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
+
+
+def test_a_refused_address_is_recorded_as_failed_and_not_retried(stack):
+    pid = stack.enrol()
+    stack.sink.refuse = {f"{pid.lower()}@example.org",
+                         stack.trialog.protocol.site("CASE").coordinator_email}
+    (reminder_id,) = stack.scan(REGISTERED + timedelta(days=35))
+    wait_until(lambda: _status(stack, reminder_id) == "failed")
+    with stack.trialog.engine.connect() as connection:
+        row = connection.execute(select(outbox).where(outbox.c.reminder_id == reminder_id)).one()
+    assert row.attempts == 1 and "refused" in row.last_error
+    assert stack.reminders_sent(pid) == []
+
+
+def test_the_deviation_monitor_flags_events_as_they_arrive(stack):
+    pid = stack.enrol()
+    stack.send(c.ReportMedication(pid, {  # the seed's missed-washout case
+        "drug": "multivitamin with B12", "started_on": date(2025, 1, 1),
+        "stopped_on": REGISTERED - timedelta(days=5), "contains_b12": True}))
+    stack.task("follow_deviations").delay()
+    wait_until(lambda: "washout_incomplete" in {
+        d["code"] for d in stack.trialog.service.get_participant(pid).deviations.values()})
+    TrialProjection(stack.trialog).catch_up()
+    listed = list_deviations(stack.trialog, participant_id=pid, status="open")
+    assert [d["code"] for d in listed] == ["washout_incomplete"]
+    assert listed[0]["severity"] == "major"
+
+    stack.task("follow_deviations").delay()  # again: nothing new
+    time.sleep(1)
+    assert len(stack.trialog.service.get_participant(pid).deviations) == 1
+
+
+def test_the_clock_scan_records_missed_visits_and_flags_them(stack):
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED}))
+    stack.clock.set(REGISTERED + timedelta(days=50))  # the week6 window closed yesterday
+    TrialProjection(stack.trialog).catch_up()
+    stack.task("scan_deviations").delay()
+    wait_until(lambda: "week6" in stack.trialog.service.get_participant(pid).missed_visits)
+    codes = {d["code"] for d in stack.trialog.service.get_participant(pid).deviations.values()}
+    assert "visit_missed" in codes
+
+
+def _status(stack: Stack, reminder_id: str) -> str:
+    with stack.trialog.engine.connect() as connection:
+        return connection.execute(select(outbox.c.status)
+                                  .where(outbox.c.reminder_id == reminder_id)).scalar_one()

@@ -1,0 +1,71 @@
+"""A real SMTP server in-process (aiosmtpd) that keeps what it receives."""
+
+from __future__ import annotations
+
+import email
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from tests.e2e.conftest import free_port
+
+
+@dataclass
+class Sink:
+    messages: list[Message] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)  # addresses answered 550
+    delay: float = 0.0  # seconds to hold each DATA before answering (once)
+    received: threading.Event = field(default_factory=threading.Event)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: Any) -> str:
+        if address in self.refuse:
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import asyncio
+
+        self.messages.append(email.message_from_bytes(envelope.content))
+        self.received.set()
+        if self.delay:
+            delay, self.delay = self.delay, 0.0
+            await asyncio.sleep(delay)
+        return "250 Message accepted"
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[Message]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.messages)} emails arrived, not {count}")
+            time.sleep(0.05)
+        return self.messages
+
+
+@contextmanager
+def smtp_sink() -> Iterator[Sink]:
+    sink = Sink(port=free_port())
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller.start()
+    try:
+        yield sink
+    finally:
+        controller.stop()
+
+
+def text_of(message: Message) -> str:
+    part = next(p for p in message.walk() if p.get_content_type() == "text/plain")
+    payload = part.get_payload(decode=True)
+    return payload.decode(part.get_content_charset() or "utf-8")  # type: ignore[union-attr]

@@ -1,0 +1,183 @@
+"""Each of the 12 deviation rules fires on its positive case and stays silent on its
+negative case (no I/O: aggregates in memory)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+
+import pytest
+
+from domain.deviations import RULES, SEVERITY, detect
+from domain.participant import Participant
+from domain.randomization import AllocationSequence
+from tests.factories import audit, consent, protocol, screening
+
+PROTOCOL = protocol()
+REGISTERED = date(2026, 3, 4)
+LATER = REGISTERED + timedelta(days=400)
+
+
+def day(n: int) -> date:
+    return REGISTERED + timedelta(days=n)
+
+
+def randomized(arm: str = "b12") -> Participant:
+    """A randomized participant in ``arm`` (the seed is chosen to draw it)."""
+    for n in range(100):
+        p = Participant.screen("CASE-0001", screening(), PROTOCOL, audit())
+        p.record_consent(consent(), audit())
+        sequence = AllocationSequence.open(PROTOCOL.study_id, p.site_id, audit())
+        p.randomize({"registered_on": REGISTERED}, sequence, f"seed-{n}".encode(), PROTOCOL,
+                    audit())
+        if p.arm == arm:
+            return p
+    raise AssertionError(f"no seed draws {arm}")
+
+
+def dose(p: Participant, n: int, mcg: float = 1000) -> None:
+    p.record_dose({"taken_on": day(n), "taken": True, "dose_mcg": mcg}, audit())
+
+
+def codes(p: Participant, today: date = LATER) -> set[str]:
+    return {f.code for f in detect(p, PROTOCOL, today)}
+
+
+def correct(p: Participant, field: str, value) -> None:
+    p.correct_data({"event_id": p.screening_event, "field": field, "value": value},
+                   audit(reason="source document check"))
+
+
+def multivitamin(stopped_on: date | None, started_on: date | None = None) -> dict:
+    return {"drug": "multivitamin with B12", "started_on": started_on, "stopped_on": stopped_on,
+            "contains_b12": True}
+
+
+def test_the_catalogue_has_twelve_codes_each_with_a_severity():
+    assert len(RULES) == 12 and set(RULES) == set(SEVERITY)
+    assert set(SEVERITY.values()) == {"major", "minor"}
+
+
+def test_washout_incomplete_fires_for_the_seed_case_reported_after_randomization():
+    p = randomized()
+    p.report_medication(multivitamin(stopped_on=REGISTERED - timedelta(days=5)), audit())
+    assert "washout_incomplete" in codes(p)
+
+
+def test_washout_incomplete_is_silent_after_a_two_week_washout():
+    p = randomized()
+    p.report_medication(multivitamin(stopped_on=REGISTERED - timedelta(days=20)), audit())
+    assert "washout_incomplete" not in codes(p)
+
+
+def test_ai_duration_short_fires_when_a_correction_moves_the_ai_start_late():
+    p = randomized()
+    correct(p, "eligibility.aromatase_inhibitor.started_on", REGISTERED - timedelta(days=5))
+    assert "ai_duration_short" in codes(p)
+    assert "ai_duration_short" not in codes(randomized())
+
+
+def test_analgesic_unstable_fires_when_a_correction_moves_the_stable_date_late():
+    p = randomized()
+    correct(p, "eligibility.analgesics", [{"drug": "gabapentin",
+                                          "stable_since": REGISTERED - timedelta(days=10)}])
+    assert "analgesic_unstable" in codes(p)
+    assert "analgesic_unstable" not in codes(randomized())
+
+
+def test_procedure_before_consent_fires_for_blood_drawn_before_signing():
+    p = randomized()
+    p.record_blood_sample({"timepoint": "baseline",
+                           "collected_at": datetime(2026, 3, 1, 9, 0)}, PROTOCOL, audit())
+    assert "procedure_before_consent" in codes(p)
+    q = randomized()
+    q.record_blood_sample({"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8)},
+                          PROTOCOL, audit())
+    assert "procedure_before_consent" not in codes(q)
+
+
+def test_baseline_blood_after_the_first_dose_fires():
+    p = randomized()
+    dose(p, 0)
+    p.record_blood_sample({"timepoint": "baseline", "collected_at": datetime(2026, 3, 5, 9)},
+                          PROTOCOL, audit())
+    assert "baseline_blood_after_dose" in codes(p)
+    q = randomized()
+    q.record_blood_sample({"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8)},
+                          PROTOCOL, audit())
+    dose(q, 0)
+    assert "baseline_blood_after_dose" not in codes(q)
+
+
+def test_a_dose_in_the_control_arm_fires_and_not_in_the_b12_arm():
+    control, b12 = randomized("control"), randomized("b12")
+    dose(control, 1)
+    dose(b12, 1)
+    assert "dose_in_control_arm" in codes(control)
+    assert "dose_in_control_arm" not in codes(b12)
+
+
+def test_a_dose_dated_before_registration_fires():
+    p, q = randomized(), randomized()
+    dose(p, -1)
+    dose(q, 0)
+    assert "dose_before_randomization" in codes(p)
+    assert "dose_before_randomization" not in codes(q)
+
+
+def test_a_dose_of_another_strength_fires():
+    p, q = randomized(), randomized()
+    dose(p, 1, mcg=500)
+    dose(q, 1, mcg=1000)
+    assert "wrong_dose" in codes(p)
+    assert "wrong_dose" not in codes(q)
+
+
+def test_a_visit_outside_its_window_fires():
+    p, q = randomized(), randomized()
+    p.complete_visit({"visit": "week6", "completed_on": day(30)}, PROTOCOL, audit())
+    q.complete_visit({"visit": "week6", "completed_on": day(42)}, PROTOCOL, audit())
+    assert "visit_out_of_window" in codes(p)
+    assert "visit_out_of_window" not in codes(q)
+
+
+def test_a_visit_missed_fires_once_its_window_has_closed():
+    p = randomized()
+    p.complete_visit({"visit": "baseline", "completed_on": day(0)}, PROTOCOL, audit())
+    assert "visit_missed" not in codes(p, today=day(49))  # last day of the week6 window
+    missed = {f.key for f in detect(p, PROTOCOL, day(50), ("visit_missed",))}
+    assert missed == {"week6"}
+    p.complete_visit({"visit": "week6", "completed_on": day(49)}, PROTOCOL, audit())
+    assert "visit_missed" not in codes(p, today=day(50))
+
+
+def test_poor_adherence_fires_past_the_missed_dose_threshold():
+    p, q = randomized(), randomized()
+    for n in range(30):
+        if n % 3 == 0:
+            dose(p, n)
+        dose(q, n)
+    assert "poor_adherence" in codes(p, today=day(30))
+    assert "poor_adherence" not in codes(q, today=day(30))
+
+
+def test_poor_adherence_waits_for_enough_expected_doses():
+    p = randomized()
+    assert "poor_adherence" not in codes(p, today=day(10))
+
+
+def test_b12_use_in_the_control_arm_fires_and_not_in_the_b12_arm():
+    control, b12 = randomized("control"), randomized("b12")
+    for p in (control, b12):
+        p.report_medication(multivitamin(stopped_on=None, started_on=day(10)), audit())
+    assert "b12_use_in_control" in codes(control)
+    assert "b12_use_in_control" not in codes(b12)
+
+
+@pytest.mark.parametrize("code", sorted(RULES))
+def test_a_flagged_deviation_is_not_found_again(code):
+    p = randomized("control")
+    dose(p, 1)
+    for finding in detect(p, PROTOCOL, LATER):
+        p.flag_deviation(finding.deviation_id(p), finding.code, finding.severity,
+                         list(finding.evidence), finding.detail, audit())
+    assert detect(p, PROTOCOL, LATER) == []

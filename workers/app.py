@@ -1,0 +1,78 @@
+"""The Celery app: `celery -A workers.app worker` and `celery -A workers.app beat`.
+
+Tasks are thin and idempotent: they take ids, reload what they need, and do one thing.
+Safety: a task is acknowledged only when done (``acks_late``) and put back when its worker
+process dies (``task_reject_on_worker_lost``); Redis redelivers an unacknowledged task
+after ``visibility_timeout``, which is longer than any task or retry countdown here.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_shutdown
+
+from infrastructure.settings import Settings
+
+VISIBILITY_TIMEOUT = 3600  # s; longer than any task (SMTP timeout 30 s) or countdown
+MAX_RETRY_COUNTDOWN = 600  # s; retries of a failing SMTP server back off up to this
+REMINDER_SCAN_EVERY = 60.0  # s
+DEVIATION_FOLLOW_EVERY = 2.0  # s
+DEVIATION_SCAN_EVERY = 3600.0  # s
+
+log = logging.getLogger("trialog.workers")
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("trialog", broker=settings.redis_url, include=["workers.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        timezone="UTC",
+        beat_schedule={
+            "reminders-scan": {"task": "workers.tasks.scan_reminders",
+                               "schedule": REMINDER_SCAN_EVERY},
+            "deviations-follow": {"task": "workers.tasks.follow_deviations",
+                                  "schedule": DEVIATION_FOLLOW_EVERY},
+            "deviations-scan": {"task": "workers.tasks.scan_deviations",
+                                "schedule": DEVIATION_SCAN_EVERY},
+        },
+    )
+    app.conf.trialog_settings = settings
+    return app
+
+
+app = make_app()
+_trialog: dict[int, Any] = {}
+
+
+def trialog(celery_app: Celery | None = None) -> Any:
+    """This process's application, built on first use (never at import)."""
+    from infrastructure.bootstrap import bootstrap
+
+    key = id(celery_app or app)
+    if key not in _trialog:
+        settings = (celery_app or app).conf.trialog_settings
+        _trialog[key] = bootstrap(settings)
+    return _trialog[key]
+
+
+@worker_process_shutdown.connect
+def _close(**_: Any) -> None:
+    for t in _trialog.values():
+        t.close()
+    _trialog.clear()
+
+
+def today() -> date:
+    return trialog().today()  # type: ignore[no-any-return]

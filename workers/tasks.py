@@ -1,0 +1,47 @@
+"""The tasks: each takes ids or nothing, reloads what it needs and is safe to run twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from infrastructure import monitor, reminders
+from workers.app import MAX_RETRY_COUNTDOWN, trialog
+
+
+def _app(task: Any) -> Any:
+    return trialog(task.app)
+
+
+def _mailer(t: Any) -> reminders.Mailer:
+    return reminders.Mailer(t.settings.smtp_url, t.settings.mail_from)
+
+
+@shared_task(bind=True, autoretry_for=(reminders.TransientMailError,), retry_backoff=5,
+             retry_backoff_max=MAX_RETRY_COUNTDOWN, retry_jitter=True, max_retries=8)
+def send_reminder(self: Any, reminder_id: str) -> str:
+    """Sends one reminder of the outbox (once; a refused address is recorded)."""
+    t = _app(self)
+    return reminders.send(t, _mailer(t), reminder_id, t.today())
+
+
+@shared_task(bind=True)
+def scan_reminders(self: Any) -> int:
+    """Turns due reminders into outbox rows and hands them to send_reminder."""
+    t = _app(self)
+    new = reminders.scan(t, t.today(), enqueue=send_reminder.delay)
+    return len(new)
+
+
+@shared_task(bind=True)
+def follow_deviations(self: Any) -> int:
+    """Runs the event-driven deviation rules over the events since the last run."""
+    return monitor.DeviationMonitor(_app(self)).catch_up()
+
+
+@shared_task(bind=True)
+def scan_deviations(self: Any) -> dict[str, int]:
+    """Runs the clock-driven rules (missed visits, poor adherence)."""
+    t = _app(self)
+    return monitor.scan_clock(t, t.today())
