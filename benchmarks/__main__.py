@@ -18,6 +18,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
 
 from benchmarks import http, projection
+from benchmarks import reminders as reminder_bench
 from domain import commands as c
 from infrastructure.audit import verify
 from infrastructure.bootstrap import Trialog, bootstrap
@@ -31,6 +32,8 @@ N_COMMANDS = int(os.environ.get("TRIALOG_BENCH_COMMANDS", "1500"))
 N_HTTP = int(os.environ.get("TRIALOG_BENCH_HTTP_COMMANDS", "2400"))
 REBUILD_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_REBUILD_PARTICIPANTS", "2000"))
 RUNNER_EVENTS = int(os.environ.get("TRIALOG_BENCH_RUNNER_EVENTS", "3000"))
+N_REMINDERS = int(os.environ.get("TRIALOG_BENCH_REMINDERS", "500"))
+SCAN_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_SCAN_PARTICIPANTS", "100000"))
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -151,7 +154,33 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
             t.close()
     if kind == "postgresql":
         results.append(rebuild_result(workdir))
+        results += reminder_results(workdir)
     return results
+
+
+def reminder_results(workdir: Path) -> list[dict[str, Any]]:
+    """Emails/s to a local SMTP sink; the daily scan over 100k participants."""
+    port = http.free_port()
+    sink = reminder_bench.smtp_sink_process(port)
+    try:
+        with database("postgresql", workdir) as (url, raw_env):
+            settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY,
+                                          "TRIALOG_SMTP_URL": f"smtp://127.0.0.1:{port}"})
+            t = bootstrap(settings, migrate=True)
+            try:
+                sent = reminder_bench.sends_per_second(t, settings.smtp_url, N_REMINDERS)
+                raw = raw_single_event_saves(raw_env, N_REMINDERS)
+                scan, found = reminder_bench.scan_ms(t, SCAN_PARTICIPANTS)
+            finally:
+                t.close()
+    finally:
+        sink.terminate()
+    scan_row = result("reminder_scan_ms", scan, "ms", "library_single_event_save", raw,
+                      "postgresql")
+    scan_row["ratio"] = None
+    scan_row.update(participants=SCAN_PARTICIPANTS, reminders_found=found)
+    return [result("reminders", sent, "emails/s", "library_single_event_save", raw,
+                   "postgresql"), scan_row]
 
 
 def http_results(t: Trialog, url: str, raw_env: dict[str, str],

@@ -25,7 +25,7 @@ from eventsourcing.utils import get_topic, resolve_topic
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from domain.participant import Participant
+from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from infrastructure.bootstrap import Trialog
 from infrastructure.tables import (
@@ -297,12 +297,14 @@ def read_model_rows(p: Participant, trialog: Trialog,
                 "completed_on": done["completed_on"] if done else None,
                 "missed": visit.code in p.missed_visits,
             }
+            if p.status not in ACTIVE or done or visit.code in p.missed_visits:
+                continue
             for offset in trialog.protocol.reminders:
                 yield reminder_schedule, {
                     "reminder_id": reminder_id(p.id, visit.code, offset.kind),
                     "participant_id": p.participant_id, "visit": visit.code,
                     "kind": offset.kind, "due_on": reminder_due(visit, offset),
-                    "until": visit.window_end,
+                    "until": visit.window_end, "position": position,
                 }
     for code, visit_scores in p.scores().items():
         bpi = completed[code].get("bpi_sf") or {}

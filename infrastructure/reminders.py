@@ -21,18 +21,17 @@ from uuid import NAMESPACE_URL, uuid5
 
 import kombu.exceptions
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import insert, select, update
 
 from domain import commands as c
-from domain.participant import Participant
+from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, scheduled_visit
 from infrastructure.bootstrap import Trialog
 from infrastructure.projections import TrialProjection
-from infrastructure.tables import outbox, participants, positions, reminder_schedule, visits
+from infrastructure.tables import outbox, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
 ACTOR = "reminder-worker"
-ACTIVE = ("randomized", "off_treatment")
 REENQUEUE_AFTER = timedelta(minutes=5)
 TEMPLATES = Environment(
     loader=FileSystemLoader(Path(__file__).with_name("templates")),
@@ -61,22 +60,22 @@ class TransientMailError(Exception):
 def scan(t: Trialog, today: date, enqueue: Callable[[str], None] | None = None) -> list[str]:
     """Writes an outbox row for each reminder due ``today`` that has none, in one
     transaction with the read models' position; then hands pending rows to ``enqueue``.
-    Returns the new rows' ids."""
-    span = max(v.window_after + v.window_before for v in t.protocol.visits) + max(
-        [abs(o.days) for o in t.protocol.reminders] or [0])
-    s, v, p = reminder_schedule, visits, participants
-    due = (
-        select(s.c.reminder_id, s.c.participant_id, s.c.visit, s.c.kind, s.c.due_on)
-        .join(v, and_(v.c.participant_id == s.c.participant_id, v.c.code == s.c.visit))
-        .join(p, p.c.participant_id == s.c.participant_id)
-        .outerjoin(outbox, outbox.c.reminder_id == s.c.reminder_id)
-        .where(s.c.due_on <= today, s.c.due_on >= today - timedelta(days=span),
-               s.c.until >= today, v.c.completed_on.is_(None), v.c.missed.is_(False),
-               p.c.status.in_(ACTIVE), outbox.c.reminder_id.is_(None))
-    )
+    Returns the new rows' ids.
+
+    Only what can have become due since the last scan is looked at: reminders due after
+    the last scan's day, and schedule rows written since its position."""
+    s = reminder_schedule
     now = datetime.now(UTC)
     with t.service.recorder.transaction(commit=True) as session:  # type: ignore[attr-defined]
         position = TrialProjection(t).position()
+        last_day, last_position = _last_scan(session)
+        since = s.c.due_on > last_day if last_day else s.c.due_on.is_not(None)
+        due = (
+            select(s.c.reminder_id, s.c.participant_id, s.c.visit, s.c.kind, s.c.due_on)
+            .outerjoin(outbox, outbox.c.reminder_id == s.c.reminder_id)
+            .where(s.c.due_on <= today, s.c.until >= today, outbox.c.reminder_id.is_(None),
+                   since | (s.c.position > last_position))
+        )
         rows = session.execute(due).all()
         if rows:
             session.execute(insert(outbox), [
@@ -84,18 +83,25 @@ def scan(t: Trialog, today: date, enqueue: Callable[[str], None] | None = None) 
                  "visit": r.visit, "kind": r.kind, "due_on": r.due_on, "status": "pending",
                  "attempts": 0, "scan_position": position, "created_at": now}
                 for r in rows])
-        _record_scan(session, position, now)
+        _record(session, "reminder_scan", position, now)
+        _record(session, "reminder_scan_day", today.toordinal(), now)
     if enqueue is not None:
         hand_over(t, enqueue)
     return [r.reminder_id for r in rows]
 
 
-def _record_scan(session: Any, position: int, now: datetime) -> None:
-    updated = session.execute(update(positions).where(positions.c.name == "reminder_scan")
-                              .values(position=position, updated_at=now))
+def _last_scan(session: Any) -> tuple[date | None, int]:
+    found = dict(session.execute(select(positions.c.name, positions.c.position).where(
+        positions.c.name.in_(("reminder_scan", "reminder_scan_day")))).all())
+    day = found.get("reminder_scan_day")
+    return (date.fromordinal(day) if day else None), int(found.get("reminder_scan", -1))
+
+
+def _record(session: Any, name: str, value: int, now: datetime) -> None:
+    updated = session.execute(update(positions).where(positions.c.name == name)
+                              .values(position=value, updated_at=now))
     if updated.rowcount == 0:
-        session.execute(insert(positions).values(name="reminder_scan", position=position,
-                                                 updated_at=now))
+        session.execute(insert(positions).values(name=name, position=value, updated_at=now))
 
 
 def hand_over(t: Trialog, enqueue: Callable[[str], None]) -> int:
@@ -133,7 +139,8 @@ class Email:
 
 
 class Mailer:
-    """SMTP with the standard library; ``smtp://host:port``."""
+    """SMTP with the standard library (``smtp://host:port``); one connection is kept and
+    reused for the next message, and opened again when the server has closed it."""
 
     def __init__(self, url: str, sender: str, timeout: float = 30) -> None:
         parts = urlsplit(url)
@@ -141,6 +148,7 @@ class Mailer:
             raise ValueError("TRIALOG_SMTP_URL: must be smtp://host:port")
         self.host, self.port = parts.hostname, parts.port or 25
         self.sender, self.timeout = sender, timeout
+        self._smtp: smtplib.SMTP | None = None
 
     def send(self, email: Email) -> None:
         message = EmailMessage()
@@ -149,8 +157,7 @@ class Mailer:
         message.set_content(email.text)
         message.add_alternative(email.html, subtype="html")
         try:
-            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
-                smtp.send_message(message)
+            self._deliver(message)
         except smtplib.SMTPRecipientsRefused as e:
             codes = [code for code, _ in e.recipients.values()]
             if all(code >= 500 for code in codes):
@@ -160,7 +167,31 @@ class Mailer:
             error = PermanentMailError if e.smtp_code >= 500 else TransientMailError
             raise error(f"{e.smtp_code} {e.smtp_error!r}") from None
         except (smtplib.SMTPException, OSError) as e:
+            self.close()
             raise TransientMailError(str(e) or type(e).__name__) from None
+
+    def _deliver(self, message: EmailMessage) -> None:
+        for attempt in (1, 2):
+            if self._smtp is None:
+                self._smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            try:
+                self._smtp.send_message(message)
+                return
+            except smtplib.SMTPServerDisconnected:
+                self._smtp = None  # closed while idle: one new connection, then give up
+                if attempt == 2:
+                    raise
+            except smtplib.SMTPRecipientsRefused:
+                self._smtp.rset()
+                raise
+
+    def close(self) -> None:
+        if self._smtp is not None:
+            try:
+                self._smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._smtp = None
 
 
 def compose(t: Trialog, participant: Participant, visit: str, kind: str) -> Email:

@@ -112,8 +112,10 @@ tokens = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-# When each reminder of each visit is due (built by the projection from the visit schedule
-# and the protocol's offsets), and until when it is worth sending (the window's end).
+# The reminders still to send: when each is due (built by the projection from the visit
+# schedule and the protocol's offsets), until when it is worth sending (the window's end),
+# and the log position that wrote it. Rows go when the visit is done or missed or the
+# participant leaves.
 reminder_schedule = Table(
     "rm_reminder_schedule",
     metadata,
@@ -123,6 +125,7 @@ reminder_schedule = Table(
     Column("kind", String(32), nullable=False),
     Column("due_on", Date, nullable=False, index=True),
     Column("until", Date, nullable=False),
+    Column("position", BigInteger, nullable=False, index=True),
 )
 
 # The outbox: one row per reminder a scan found due, written with the scan's position;

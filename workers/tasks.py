@@ -14,8 +14,15 @@ def _app(task: Any) -> Any:
     return trialog(task.app)
 
 
+_MAILERS: dict[str, reminders.Mailer] = {}
+
+
 def _mailer(t: Any) -> reminders.Mailer:
-    return reminders.Mailer(t.settings.smtp_url, t.settings.mail_from)
+    """This process's SMTP connection to the configured server, reused between tasks."""
+    url = t.settings.smtp_url
+    if url not in _MAILERS:
+        _MAILERS[url] = reminders.Mailer(url, t.settings.mail_from)
+    return _MAILERS[url]
 
 
 @shared_task(bind=True, autoretry_for=(reminders.TransientMailError,), retry_backoff=5,

@@ -21,6 +21,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(32), nullable=False),
         sa.Column("due_on", sa.Date, nullable=False, index=True),
         sa.Column("until", sa.Date, nullable=False),
+        sa.Column("position", sa.BigInteger, nullable=False, index=True),
     )
     op.create_table(
         "trialog_outbox",

@@ -1,0 +1,11 @@
+# One image for the API, the worker, beat and the migration job.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY domain ./domain
+COPY infrastructure ./infrastructure
+COPY workers ./workers
+COPY protocols ./protocols
+RUN pip install --no-cache-dir .
+RUN useradd --create-home trialog
+USER trialog

@@ -1,0 +1,107 @@
+"""Reminder sending to a local SMTP sink, and the reminder scan over 100k participants."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert
+
+from domain import commands as c
+from infrastructure import reminders
+from infrastructure.bootstrap import Trialog
+from infrastructure.projections import TrialProjection
+from infrastructure.tables import participants, reminder_schedule, visits
+from tests.factories import consent, screening
+
+
+def _sink(port: int, ready: Any) -> None:
+    import asyncio
+
+    from aiosmtpd.controller import Controller
+
+    class Discard:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            return "250 OK"
+
+    controller = Controller(Discard(), hostname="127.0.0.1", port=port)
+    controller.start()
+    ready.set()
+    asyncio.run(asyncio.sleep(3600))
+
+
+def smtp_sink_process(port: int) -> multiprocessing.Process:
+    """An SMTP server in its own process, so that it does not share the sender's GIL."""
+    ready = multiprocessing.Event()
+    process = multiprocessing.Process(target=_sink, args=(port, ready), daemon=True)
+    process.start()
+    ready.wait(30)
+    return process
+
+
+def sends_per_second(t: Trialog, smtp_url: str, n: int) -> float:
+    """Sends ``n`` due reminders one after another, as one worker process does."""
+    today = datetime.now(UTC).date()
+    registered = today - timedelta(days=36)  # the week6 window opened yesterday
+    for _ in range(n):
+        pid = f"CASE-{uuid.uuid4().hex[:12]}"
+        for command in (c.ScreenParticipant(pid, screening()), c.RecordConsent(pid, consent()),
+                        c.RandomizeParticipant(pid, {"registered_on": registered})):
+            t.bus.dispatch(command, command_id=str(uuid.uuid4()), actor="bench")
+    TrialProjection(t, batch_size=5000).catch_up()
+    ids = reminders.scan(t, today)
+    mailer = reminders.Mailer(smtp_url, t.settings.mail_from)
+    start = time.perf_counter()
+    outcomes = [reminders.send(t, mailer, reminder_id, today) for reminder_id in ids]
+    elapsed = time.perf_counter() - start
+    if set(outcomes) != {"sent"}:
+        raise SystemExit(f"reminders not sent: {set(outcomes)}")
+    return len(ids) / elapsed
+
+
+def scan_ms(t: Trialog, population: int) -> tuple[float, int]:
+    """The daily scan over ``population`` participants registered over a year: the first
+    scan fills the outbox, the next day's scan is timed (the steady state beat sees)."""
+    today = date(2026, 11, 26)
+    rows: dict[Any, list[dict[str, Any]]] = {participants: [], visits: [],
+                                             reminder_schedule: []}
+    for i in range(population):
+        pid = f"SCAN-{i:06d}"
+        registered = today - timedelta(days=i % 365)
+        participant_rows(t, pid, registered, rows)
+        if len(rows[participants]) == 5000 or i == population - 1:
+            with t.engine.begin() as connection:
+                for table, batch in rows.items():
+                    connection.execute(insert(table), batch)
+                    batch.clear()
+    reminders.scan(t, today - timedelta(days=1))
+    with t.engine.begin() as connection:  # as autovacuum would after a bulk load
+        connection.exec_driver_sql("ANALYZE")
+    start = time.perf_counter()
+    new = reminders.scan(t, today)
+    return (time.perf_counter() - start) * 1000, len(new)
+
+
+def participant_rows(t: Trialog, pid: str, registered: date,
+                     rows: dict[Any, list[dict[str, Any]]]) -> None:
+    from domain.schedule import reminder_due, reminder_id, schedule
+    from domain.participant import participant_uuid
+
+    rows[participants].append({
+        "participant_id": pid, "site_id": "CASE", "status": "randomized", "arm": "b12",
+        "version": 3, "language": "en", "eligible": True, "failed_criteria": [],
+        "screened_on": registered, "registered_on": registered, "scores": {}, "position": 0})
+    for sequence, visit in enumerate(schedule(t.protocol, registered)):
+        rows[visits].append({
+            "participant_id": pid, "code": visit.code, "sequence": sequence,
+            "target": visit.target, "window_start": visit.window_start,
+            "window_end": visit.window_end, "completed_on": None, "missed": False})
+        for offset in t.protocol.reminders:
+            rows[reminder_schedule].append({
+                "reminder_id": reminder_id(participant_uuid(pid), visit.code, offset.kind),
+                "participant_id": pid, "visit": visit.code, "kind": offset.kind,
+                "due_on": reminder_due(visit, offset), "until": visit.window_end,
+                "position": 0})
