@@ -87,8 +87,8 @@ def scan_ms(t: Trialog, population: int) -> tuple[float, int]:
 
 def participant_rows(t: Trialog, pid: str, registered: date,
                      rows: dict[Any, list[dict[str, Any]]]) -> None:
-    from domain.schedule import reminder_due, reminder_id, schedule
     from domain.participant import participant_uuid
+    from domain.schedule import reminder_due, reminder_id, schedule
 
     rows[participants].append({
         "participant_id": pid, "site_id": "CASE", "status": "randomized", "arm": "b12",
