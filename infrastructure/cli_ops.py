@@ -1,0 +1,130 @@
+"""The operational commands of the ``trialog`` command line: the API server, tokens, the
+read models and the workers' scans."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from infrastructure.cli import CliError, _app
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infrastructure.logs import configure_logging
+
+    configure_logging()
+    if args.workers > 1:
+        from infrastructure.api.server import serve_processes
+
+        serve_processes(args.host, args.port, args.workers, args.threads,
+                        follow=not args.no_projection)
+        return 0
+    from infrastructure.api import create_app
+
+    app = create_app(_app(), follow=not args.no_projection)
+    if args.dev:
+        app.run(host=args.host, port=args.port)
+    else:
+        import waitress
+
+        waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
+                       ident="trialog")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from infrastructure.tokens import TokenError, create_token
+
+    trialog = _app()
+    try:
+        token = create_token(trialog.engine, args.name, args.role)
+    except TokenError as e:
+        raise CliError(str(e)) from None
+    finally:
+        trialog.close()
+    print(token)
+    return 0
+
+
+def cmd_projections_rebuild(args: argparse.Namespace) -> int:
+    from infrastructure.projections import TrialProjection
+
+    trialog = _app()
+    try:
+        projection = TrialProjection(trialog, batch_size=args.batch_size)
+        total = projection.head()
+        with tqdm(total=total, unit="ev", desc=f"rebuilding {projection.name}",
+                  disable=args.quiet, file=sys.stderr) as bar:
+            done = projection.rebuild(progress=lambda n, _: bar.update(n))
+            rate = bar.format_dict["rate"] or 0
+    finally:
+        trialog.close()
+    print(f"{projection.name}: {done} events applied ({rate:,.0f} events/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_projections_status(args: argparse.Namespace) -> int:
+    from infrastructure.projections import followers
+
+    trialog = _app()
+    try:
+        head = None
+        for follower in followers(trialog):
+            head = follower.head() if head is None else head
+            position = follower.position()
+            print(f"{follower.name:<20} position {position:>10}  lag {head - position:>8}")
+    finally:
+        trialog.close()
+    return 0
+
+
+def cmd_projections_follow(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from infrastructure.projections import TrialProjection
+
+    trialog = _app()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        TrialProjection(trialog, batch_size=args.batch_size).follow(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        trialog.close()
+    return 0
+
+
+def cmd_reminders_scan(args: argparse.Namespace) -> int:
+    from infrastructure import reminders
+    from infrastructure.projections import TrialProjection
+    from workers.tasks import send_reminder
+
+    trialog = _app()
+    try:
+        TrialProjection(trialog).catch_up()  # the schedule is read from the read models
+        new = reminders.scan(trialog, trialog.today())
+        handed = reminders.hand_over(trialog, send_reminder.delay)
+    finally:
+        trialog.close()
+    print(f"{len(new)} reminders due; {handed} handed to the workers")
+    return 0
+
+
+def cmd_deviations_scan(args: argparse.Namespace) -> int:
+    from infrastructure import monitor
+    from infrastructure.projections import TrialProjection
+
+    trialog = _app()
+    try:
+        TrialProjection(trialog).catch_up()
+        events = monitor.DeviationMonitor(trialog).catch_up()
+        counts = monitor.scan_clock(trialog, trialog.today())
+    finally:
+        trialog.close()
+    print(f"{events} new events checked; {counts['participants']} participants scanned, "
+          f"{counts['missed']} visits missed, {counts['flagged']} deviations flagged")
+    return 0
