@@ -120,6 +120,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from infrastructure.cli_ops import (
         cmd_deviations_scan,
+        cmd_export,
         cmd_projections_follow,
         cmd_projections_rebuild,
         cmd_projections_status,
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                              ("deviations", cmd_deviations_scan, "deviation rules now")):
         group = sub.add_parser(name, help=text).add_subparsers(dest=name, required=True)
         group.add_parser("scan", help=f"one scan of the {text}").set_defaults(func=func)
+
+    export = sub.add_parser("export", help="the trial's data, to standard output or a file")
+    export.add_argument("format", choices=("csv", "odm", "fhir"))
+    export.add_argument("--output", help="a file instead of standard output")
+    export.add_argument("--deidentify", action="store_true",
+                        help="pseudonymous ids, dates shifted per participant")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

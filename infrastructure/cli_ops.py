@@ -128,3 +128,22 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
     print(f"{events} new events checked; {counts['participants']} participants scanned, "
           f"{counts['missed']} visits missed, {counts['flagged']} deviations flagged")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from infrastructure import exports
+
+    if args.format != "csv":
+        raise CliError(f"export {args.format}: not available yet (csv is)")
+    trialog = _app()
+    try:
+        out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+        try:
+            for chunk in exports.csv_text(trialog, deidentify=args.deidentify):
+                out.write(chunk)
+        finally:
+            if args.output:
+                out.close()
+    finally:
+        trialog.close()
+    return 0

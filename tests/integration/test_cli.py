@@ -104,3 +104,29 @@ def test_projections_rebuild_and_status_report_positions(tmp_path):
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert f"trial: {position} events applied" in rebuilt.stderr
     assert "events/s" in rebuilt.stderr
+
+
+def test_export_csv_has_a_row_per_participant_visit_and_deidentifies(tmp_path):
+    import csv
+    from datetime import date
+
+    assert run(["demo", "--participants", "6", "--seed", "4"], tmp_path).returncode == 0
+    url = f"sqlite:///{tmp_path / 'trialog-demo.db'}"
+    plain = run(["export", "csv"], tmp_path, TRIALOG_DATABASE_URL=url)
+    masked = run(["export", "csv", "--deidentify", "--output", "out.csv"], tmp_path,
+                 TRIALOG_DATABASE_URL=url)
+    assert plain.returncode == masked.returncode == 0
+    rows = list(csv.DictReader(plain.stdout.splitlines()))
+    hidden = list(csv.DictReader((tmp_path / "out.csv").read_text().splitlines()))
+    assert rows and len(rows) % 4 == 0 and len(hidden) == len(rows)
+    assert [r["visit"] for r in rows[:4]] == ["baseline", "week6", "end_of_treatment",
+                                              "follow_up"]
+    assert {r["participant_id"] for r in rows}.isdisjoint(r["participant_id"] for r in hidden)
+    for original, masked_row in zip(rows, hidden, strict=True):
+        assert original["bpi_severity"] == masked_row["bpi_severity"]
+        if original["completed_on"]:
+            shift = (date.fromisoformat(original["completed_on"])
+                     - date.fromisoformat(masked_row["completed_on"])).days
+            assert 1 <= shift <= 365
+    unavailable = run(["export", "odm"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert unavailable.returncode == 1 and "not available" in unavailable.stderr

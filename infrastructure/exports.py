@@ -1,0 +1,74 @@
+"""Exports for statisticians and auditors, streamed row by row (constant memory).
+
+``deidentify`` replaces each participant id with a keyed pseudonym and shifts every date
+of a participant by the same keyed number of days (1 to 365 back), so intervals within a
+participant are kept and dates can't be matched to the source."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import Any
+
+from sqlalchemy import and_, select
+
+from domain.scoring import SCORE_NAMES
+from infrastructure.bootstrap import Trialog
+from infrastructure.tables import participants, scores, visits
+
+CSV_COLUMNS = ("participant_id", "site_id", "arm", "visit", "completed_on", *SCORE_NAMES)
+
+
+class Deidentifier:
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def _digest(self, participant_id: str, purpose: bytes) -> bytes:
+        return hmac.new(self.key, purpose + participant_id.encode(), hashlib.sha256).digest()
+
+    def pseudonym(self, participant_id: str) -> str:
+        return "P-" + self._digest(participant_id, b"id:").hex()[:12]
+
+    def shift(self, participant_id: str, day: date) -> date:
+        days = 1 + int.from_bytes(self._digest(participant_id, b"date:")[:4], "big") % 365
+        return day - timedelta(days=days)
+
+
+def csv_rows(t: Trialog, deidentify: bool = False) -> Iterator[dict[str, Any]]:
+    """One row per participant and scheduled visit, with the visit's scores."""
+    p, v, s = participants, visits, scores
+    query = (
+        select(p.c.participant_id, p.c.site_id, p.c.arm, v.c.code, v.c.completed_on,
+               *(s.c[name] for name in SCORE_NAMES))
+        .join(v, v.c.participant_id == p.c.participant_id)
+        .outerjoin(s, and_(s.c.participant_id == v.c.participant_id, s.c.visit == v.c.code))
+        .order_by(p.c.participant_id, v.c.sequence)
+    )
+    masker = Deidentifier(t.settings.allocation_seed) if deidentify else None
+    with t.engine.connect() as connection:
+        for row in connection.execution_options(yield_per=1000).execute(query):
+            pid, completed = row.participant_id, row.completed_on
+            if masker is not None:
+                completed = masker.shift(pid, completed) if completed else None
+                pid = masker.pseudonym(pid)
+            yield {"participant_id": pid, "site_id": row.site_id, "arm": row.arm,
+                   "visit": row.code, "completed_on": completed.isoformat() if completed else "",
+                   **{name: row._mapping[name] for name in SCORE_NAMES}}
+
+
+def csv_text(t: Trialog, deidentify: bool = False) -> Iterator[str]:
+    """The CSV document in chunks: a header, then one line per row."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for i, row in enumerate(csv_rows(t, deidentify), 1):
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        if i % 500 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
