@@ -21,7 +21,7 @@ participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participa
 trial_blp = Blueprint("trial", __name__, url_prefix="/v1",
                       description="Deviations, visits due, the trial summary, audit")
 health_blp = Blueprint("health", __name__, description="Liveness")
-BLUEPRINTS = (participants_blp, trial_blp, health_blp)
+
 
 
 class ReadArgs(Schema):
@@ -34,6 +34,8 @@ class ReadArgs(Schema):
 class StateArgs(ReadArgs):
     as_of = fields.AwareDateTime(default_timezone=UTC, metadata={
         "description": "the state as recorded at this moment (no zone: UTC)"})
+    version = fields.Integer(validate=validate.Range(min=1, max=2**31), metadata={
+        "description": "the state as it was at this version of the participant"})
 
 
 class ListArgs(ReadArgs):
@@ -111,16 +113,28 @@ def get_participant(participant_id: str, **args: Any) -> Response:
     _read("participants", args)
     t = _trialog()
     contact = g.principal.sees_contact
+    if args.get("as_of") is not None and args.get("version") is not None:
+        raise ApiError(422, {"error": "validation_failed",
+                             "message": "version: give as_of or version, not both",
+                             "fields": {"version": ["give as_of or version, not both"]}})
     try:
-        if args.get("as_of") is None:
+        if args.get("version") is not None:
+            participant = t.service.get_participant(participant_id, version=args["version"])
+            if participant.version != args["version"]:
+                raise ApiError(404, "not_found", f"participant {participant_id} has no "
+                                                 f"version {args['version']}")
+            moment = participant.modified_on
+        elif args.get("as_of") is not None:
+            participant = audit.participant_as_of(t.service, participant_id, args["as_of"])
+            moment = args["as_of"]
+        else:
             return jsonify(queries.participant_state(t, participant_id, contact=contact))
-        participant = audit.participant_as_of(t.service, participant_id, args["as_of"])
     except DomainError as e:
         raise from_domain(e) from None
     if participant is None:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
-                                         f"recorded at or before {args['as_of'].isoformat()}")
-    state = state_of(participant, t.protocol, args["as_of"].date(), contact=contact)
+                                         f"recorded at or before {moment.isoformat()}")
+    state = state_of(participant, t.protocol, moment.date(), contact=contact)
     state.update(language=participant.screening["language"], position=None)
     return jsonify(state)
 
@@ -167,6 +181,31 @@ def get_verify() -> Response:
     return jsonify(audit.verify(_trialog().service).as_dict())
 
 
+exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",
+                        description="Exports for statisticians and auditors")
+
+
+class ExportArgs(Schema):
+    deidentify = fields.Boolean(load_default=False, metadata={
+        "description": "pseudonymous ids, dates shifted per participant"})
+
+
+@exports_blp.route("/csv")
+@exports_blp.arguments(ExportArgs, location="query", as_kwargs=True)
+@exports_blp.response(200, description="one row per participant and visit",
+                      content_type="text/csv")
+@exports_blp.alt_response(401, schema=ErrorBody)
+@exports_blp.alt_response(403, schema=ErrorBody)
+@exports_blp.alt_response(422, schema=ErrorBody)
+def get_csv(deidentify: bool) -> Response:
+    """The statisticians' CSV: one row per participant and visit with the scores."""
+    from infrastructure import exports
+
+    _read("exports")
+    return Response(exports.csv_text(_trialog(), deidentify=deidentify),
+                    mimetype="text/csv")
+
+
 @health_blp.route("/healthz")
 @health_blp.doc(security=[])
 @health_blp.response(200, r.Health)
@@ -177,3 +216,6 @@ def healthz() -> Response:
     rt = runtime()
     return jsonify({"status": "ok", "database": rt.trialog.engine.dialect.name,
                     "read_position": rt.projection.position()})
+
+
+BLUEPRINTS = (participants_blp, trial_blp, exports_blp, health_blp)

@@ -64,6 +64,12 @@ def test_the_state_as_of_a_moment_is_what_was_recorded_then(server):
     before = service.get(f"/v1/participants/{pid}", as_of="2000-01-01T00:00:00")
     assert before.status_code == 404
 
+    at_version = service.get(f"/v1/participants/{pid}", version=2).json()
+    assert (at_version["status"], at_version["version"]) == ("consented", 2)
+    assert service.get(f"/v1/participants/{pid}", version=9).status_code == 404
+    both = service.get(f"/v1/participants/{pid}", version=2, as_of=moment)
+    assert both.status_code == 422
+
 
 def test_a_retried_command_answers_the_first_answer_and_writes_nothing(server):
     service = server.client("service")
@@ -132,3 +138,19 @@ def test_deviations_and_visits_due_are_listed(server):
     assert due.status_code == 200
     deviations = coordinator.get("/v1/deviations", status="open", participant_id=pid)
     assert deviations.json() == {"deviations": []}
+
+
+def test_an_auditor_downloads_the_csv_export(server):
+    pid, position = enrol(server.client("service"))
+    service = server.client("service")
+    service.command("CompleteVisit", pid, p.visit("baseline", 0, pain=6))
+    auditor = server.client("auditor")
+    auditor.get("/v1/trial/summary", after=position)
+    answer = auditor.get("/v1/exports/csv")
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("text/csv")
+    lines = answer.text.splitlines()
+    assert lines[0].startswith("participant_id,site_id,arm,visit,completed_on,bpi_severity")
+    assert any(line.startswith(f"{pid},CASE,") for line in lines[1:])
+    masked = auditor.get("/v1/exports/csv", deidentify="true").text
+    assert pid not in masked

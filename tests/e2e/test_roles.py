@@ -24,7 +24,7 @@ READS = {
     "/v1/participants": "participants", "/v1/participants/{pid}": "participants",
     "/v1/participants/{pid}/history": "history", "/v1/visits/due": "visits",
     "/v1/deviations": "deviations", "/v1/trial/summary": "summary",
-    "/v1/audit/verify": "audit",
+    "/v1/audit/verify": "audit", "/v1/exports/csv": "exports",
 }
 SERVICE_READS = {"participants", "history", "visits", "deviations", "summary"}
 
