@@ -136,8 +136,9 @@ def trial_summary(t: Trialog) -> dict[str, Any]:
             "deviations_by_code": counts(deviations.c.code),
             "open_deviations_by_code": counts(deviations.c.code, deviations.c.status == "open"),
         }
+    order = {code: i for i, code in enumerate(t.protocol.visit_codes)}
     pain: dict[str, dict[str, Any]] = defaultdict(dict)
-    for arm, visit, n, mean in pain_rows:
-        pain[arm][visit] = {"n": n, "mean": float(mean)}
+    for arm, visit, n, mean in sorted(pain_rows, key=lambda r: (r[0], order.get(r[1], 99))):
+        pain[arm][visit] = {"n": n, "mean": float(mean)}  # in the protocol's visit order
     summary["mean_pain_by_arm_and_visit"] = dict(pain)
     return summary

@@ -130,3 +130,11 @@ def test_export_csv_has_a_row_per_participant_visit_and_deidentifies(tmp_path):
             assert 1 <= shift <= 365
     unavailable = run(["export", "odm"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert unavailable.returncode == 1 and "not available" in unavailable.stderr
+
+
+def test_the_summary_lists_mean_pain_in_the_protocols_visit_order(tmp_path):
+    demo = run(["demo", "--participants", "8", "--seed", "5"], tmp_path)
+    lines = [line.split() for line in demo.stdout.splitlines()
+             if line.startswith("  b12 ") and "(n=" in line]
+    assert [line[1] for line in lines] == ["baseline", "week6", "end_of_treatment",
+                                           "follow_up"]
