@@ -14,6 +14,7 @@ from eventsourcing.cryptography import AESCipher
 
 DEFAULT_PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "nct04205786.toml"
 DEFAULT_DATABASE_FILE = "trialog.db"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class SettingsError(ValueError):
@@ -50,13 +51,20 @@ class Settings:
         seed = seed_text.encode() if seed_text else _derived_seed(key)
         return cls(
             database_url=url,
-            redis_url=env.get("TRIALOG_REDIS_URL") or "redis://127.0.0.1:6379/0",
+            redis_url=redis_url(env),
             smtp_url=env.get("TRIALOG_SMTP_URL") or "smtp://127.0.0.1:1025",
             cipher_key=key,
             protocol_path=Path(env.get("TRIALOG_PROTOCOL") or DEFAULT_PROTOCOL),
             allocation_seed=seed,
             mail_from=env.get("TRIALOG_MAIL_FROM") or cls.mail_from,
         )
+
+
+def redis_url(env: Mapping[str, str] | None = None) -> str:
+    """The broker's URL alone: reading it writes nothing (unlike a full ``from_env`` on the
+    SQLite default, which creates the key file)."""
+    env = os.environ if env is None else env
+    return env.get("TRIALOG_REDIS_URL") or DEFAULT_REDIS_URL
 
 
 def normalise_database_url(url: str) -> str:

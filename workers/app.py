@@ -8,14 +8,12 @@ after ``visibility_timeout``, which is longer than any task or retry countdown h
 
 from __future__ import annotations
 
-import logging
-from datetime import date
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_shutdown
 
-from infrastructure.settings import Settings
+from infrastructure.settings import Settings, redis_url
 
 VISIBILITY_TIMEOUT = 3600  # s; longer than any task (SMTP timeout 30 s) or countdown
 MAX_RETRY_COUNTDOWN = 600  # s; retries of a failing SMTP server back off up to this
@@ -23,12 +21,11 @@ REMINDER_SCAN_EVERY = 60.0  # s
 DEVIATION_FOLLOW_EVERY = 2.0  # s
 DEVIATION_SCAN_EVERY = 3600.0  # s
 
-log = logging.getLogger("trialog.workers")
-
-
 def make_app(settings: Settings | None = None) -> Celery:
-    settings = settings or Settings.from_env()
-    app = Celery("trialog", broker=settings.redis_url, include=["workers.tasks"])
+    """The app; without ``settings`` they are read from the environment when a task first
+    needs them, so that importing this module (as `celery -A` does) writes nothing."""
+    broker = settings.redis_url if settings else redis_url()
+    app = Celery("trialog", broker=broker, include=["workers.tasks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -62,7 +59,7 @@ def trialog(celery_app: Celery | None = None) -> Any:
 
     key = id(celery_app or app)
     if key not in _trialog:
-        settings = (celery_app or app).conf.trialog_settings
+        settings = (celery_app or app).conf.trialog_settings or Settings.from_env()
         _trialog[key] = bootstrap(settings)
     return _trialog[key]
 
@@ -73,6 +70,3 @@ def _close(**_: Any) -> None:
         t.close()
     _trialog.clear()
 
-
-def today() -> date:
-    return trialog().today()  # type: ignore[no-any-return]

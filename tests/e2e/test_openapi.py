@@ -16,11 +16,11 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,response_headers_conformance,unsupported_method")
 
 
-def test_generated_requests_find_no_server_error_and_no_mismatch(server):
+def test_generated_requests_find_no_server_error_and_no_mismatch(server, tmp_path):
     run = subprocess.run(
         [ST, "run", f"{server.url}/openapi.json", "--checks", CHECKS, "--max-examples", "25",
          "--seed", "20261126", "-H", f"Authorization: Bearer {server.tokens['admin']}"],
-        check=False, capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert run.returncode == 0, run.stdout[:8000]
 

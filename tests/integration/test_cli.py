@@ -138,3 +138,13 @@ def test_the_summary_lists_mean_pain_in_the_protocols_visit_order(tmp_path):
              if line.startswith("  b12 ") and "(n=" in line]
     assert [line[1] for line in lines] == ["baseline", "week6", "end_of_treatment",
                                            "follow_up"]
+
+
+def test_importing_the_worker_app_writes_nothing(tmp_path):
+    # `celery -A workers.app` imports it in whatever folder it is started from.
+    imported = subprocess.run([sys.executable, "-c", "import workers.app, workers.tasks"],
+                              cwd=tmp_path, env={"PATH": os.environ["PATH"],
+                                                 "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, check=False, timeout=60)
+    assert imported.returncode == 0, imported.stderr
+    assert list(tmp_path.iterdir()) == []
