@@ -16,7 +16,7 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
 from infrastructure.api import commands, reads
-from infrastructure.api.errors import ApiError, error_response
+from infrastructure.api.errors import ApiError, error_response, invalid
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import document_commands
 from infrastructure.bootstrap import Trialog
@@ -100,11 +100,9 @@ def _http_error(e: HTTPException) -> Response:
         from infrastructure.api.schemas import flatten
 
         messages = data["messages"]
-        fields = flatten(next(iter(messages.values())) if len(messages) == 1 else messages)
-        return error_response(422, {"error": "validation_failed",
-                                    "message": "; ".join(f"{k}: {v[0]}"
-                                                         for k, v in fields.items()),
-                                    "fields": fields})
+        error = invalid(flatten(next(iter(messages.values())) if len(messages) == 1
+                                else messages))
+        return error_response(error.status, error.body)
     name = (e.name or "error").lower().replace(" ", "_")
     response = error_response(code, {"error": name, "message": e.description or name})
     for header, value in e.get_headers():

@@ -12,7 +12,13 @@ from marshmallow import Schema, ValidationError
 from domain.commands import COMMAND_TYPES
 from domain.errors import DomainError
 from domain.protocol import Protocol
-from infrastructure.api.errors import ApiError, error_response, forbidden, from_domain
+from infrastructure.api.errors import (
+    ApiError,
+    error_response,
+    forbidden,
+    from_domain,
+    invalid,
+)
 from infrastructure.api.schemas import (
     BatchAnswer,
     CommandAnswer,
@@ -54,9 +60,7 @@ def _json_body() -> Any:
 
 
 def _validation(messages: Any, prefix: str = "") -> ApiError:
-    fields = flatten(messages, prefix)
-    message = "; ".join(f"{path}: {errors[0]}" for path, errors in fields.items())
-    return ApiError(422, {"error": "validation_failed", "message": message, "fields": fields})
+    return invalid(flatten(messages, prefix))
 
 
 def execute(raw: Any) -> tuple[int, dict[str, Any]]:

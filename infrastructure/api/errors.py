@@ -21,6 +21,12 @@ class ApiError(Exception):
         self.body = error if isinstance(error, dict) else {"error": error, "message": message}
 
 
+def invalid(fields: dict[str, list[str]]) -> ApiError:
+    """A 422 naming each failing field (dotted paths from the body root) and its rule."""
+    message = "; ".join(f"{path}: {errors[0]}" for path, errors in fields.items())
+    return ApiError(422, {"error": "validation_failed", "message": message, "fields": fields})
+
+
 def from_domain(e: DomainError) -> ApiError:
     body: dict[str, Any] = {"error": e.code, "message": e.message, **e.details}
     return ApiError(STATUS_OF.get(e.code, 409), body)

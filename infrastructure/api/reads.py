@@ -13,7 +13,7 @@ from domain.errors import DomainError
 from domain.views import participant_state as state_of
 from infrastructure import audit, queries
 from infrastructure.api import responses as r
-from infrastructure.api.errors import ApiError, forbidden, from_domain
+from infrastructure.api.errors import ApiError, forbidden, from_domain, invalid
 from infrastructure.api.schemas import ErrorBody, text
 
 participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participants",
@@ -66,9 +66,7 @@ def _read(what: str, args: dict[str, Any] | None = None) -> None:
     if args and args.get("after") is not None:
         head = runtime().projection.head()
         if args["after"] > head:
-            message = f"is beyond the newest event position, {head}"
-            raise ApiError(422, {"error": "validation_failed", "message": f"after: {message}",
-                                 "fields": {"after": [message]}})
+            raise invalid({"after": [f"is beyond the newest event position, {head}"]})
         if not runtime().wait_for(args["after"], args["wait"]):
             raise ApiError(503, "read_side_behind",
                            f"the read models have not reached position {args['after']} "
@@ -114,9 +112,7 @@ def get_participant(participant_id: str, **args: Any) -> Response:
     t = _trialog()
     contact = g.principal.sees_contact
     if args.get("as_of") is not None and args.get("version") is not None:
-        raise ApiError(422, {"error": "validation_failed",
-                             "message": "version: give as_of or version, not both",
-                             "fields": {"version": ["give as_of or version, not both"]}})
+        raise invalid({"version": ["give as_of or version, not both"]})
     try:
         if args.get("version") is not None:
             participant = t.service.get_participant(participant_id, version=args["version"])
