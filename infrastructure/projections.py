@@ -54,6 +54,7 @@ class LogFollower:
         self.recorder: Any = trialog.service.recorder
         self.events_table = self.recorder.events_record_cls.__table__
         self.batch_size = batch_size
+        self._position_exists = False
 
     # --- positions -----------------------------------------------------------------------
 
@@ -71,6 +72,9 @@ class LogFollower:
         return int(value or 0)
 
     def ensure_position(self) -> None:
+        """Creates this follower's position row (at 0) unless it exists; checked once."""
+        if self._position_exists:
+            return
         try:
             with self.recorder.transaction(commit=True) as session:
                 exists = session.execute(
@@ -80,6 +84,7 @@ class LogFollower:
                     session.execute(insert(positions).values(name=self.name, position=0))
         except sqlalchemy.exc.IntegrityError:
             pass  # another process created it first
+        self._position_exists = True
 
     def _claim(self, session: Session) -> int:
         """Locks this follower's position row for the transaction and reads it."""
@@ -93,16 +98,15 @@ class LogFollower:
 
     # --- batches -------------------------------------------------------------------------
 
-    def step(self, limit: int | None = None) -> int:
+    def step(self) -> int:
         """Applies the next batch; the number of notifications consumed (0: caught up)."""
         if self.head() <= self.position():
             return 0
         self.ensure_position()
         with self.recorder.transaction(commit=True) as session:
             position = self._claim(session)
-            rows = self._select(session, position, limit or self.batch_size)
-            batch = self._apply_rows(session, rows)
-        self.after_commit(batch)
+            rows = self._select(session, position, self.batch_size)
+            self._apply_rows(session, rows)
         return len(rows)
 
     def _select(self, connection: Any, position: int, limit: int) -> list[Any]:
@@ -112,9 +116,9 @@ class LogFollower:
             .where(t.c.id > position).order_by(t.c.id).limit(limit)
         ).all())
 
-    def _apply_rows(self, session: Session, rows: list[Any]) -> list[tuple[int, Any]]:
+    def _apply_rows(self, session: Session, rows: list[Any]) -> None:
         if not rows:
-            return []
+            return
         batch = [(row.id, self._decode(row)) for row in rows
                  if row.topic.startswith(self.topic_prefix)]
         self.apply(session, batch)
@@ -122,7 +126,6 @@ class LogFollower:
             update(positions).where(positions.c.name == self.name)
             .values(position=rows[-1].id, updated_at=datetime.now(UTC))
         )
-        return batch
 
     def _decode(self, row: Any) -> Any:
         """The domain event of a stored row: the library mapper's steps for events without
@@ -151,9 +154,6 @@ class LogFollower:
 
     def apply(self, session: Session, batch: list[tuple[int, Any]]) -> None:
         raise NotImplementedError
-
-    def after_commit(self, batch: list[tuple[int, Any]]) -> None:
-        """Runs once the batch and the position are committed (e.g. to enqueue tasks)."""
 
     def catch_up(self, progress: Progress | None = None) -> int:
         """Applies batches until the head; the number of notifications consumed."""
