@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate
 
 from benchmarks import http, projection
 from benchmarks import reminders as reminder_bench
+from benchmarks.baseline import Ping
 from domain import commands as c
 from infrastructure.audit import verify
 from infrastructure.bootstrap import Trialog, bootstrap
@@ -35,10 +35,6 @@ RUNNER_EVENTS = int(os.environ.get("TRIALOG_BENCH_RUNNER_EVENTS", "3000"))
 N_REMINDERS = int(os.environ.get("TRIALOG_BENCH_REMINDERS", "500"))
 SCAN_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_SCAN_PARTICIPANTS", "100000"))
 RESULTS = Path(__file__).resolve().parent / "results.json"
-
-
-class Ping(Aggregate):
-    """The raw library's single-event aggregate (the baseline)."""
 
 
 @contextmanager

@@ -17,8 +17,8 @@ from typing import Any
 
 import requests
 from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate
 
+from benchmarks.baseline import Ping
 from infrastructure.tokens import create_token
 from tests.e2e.conftest import free_port, wait_until_up
 from tests.e2e.payloads import screening
@@ -27,10 +27,6 @@ TRIALOG = str(Path(sys.executable).with_name("trialog"))
 CLIENTS = 8
 # The deployment the README recommends on a small machine: two processes.
 SERVE_ARGS = os.environ.get("TRIALOG_BENCH_SERVE_ARGS", "--workers 2 --threads 8")
-
-
-class Ping(Aggregate):
-    """The raw library's single-event aggregate (the baseline)."""
 
 
 @contextmanager
