@@ -112,20 +112,21 @@ def hand_over(t: Trialog, enqueue: Callable[[str], None]) -> int:
         ids = list(connection.execute(select(outbox.c.reminder_id).where(
             outbox.c.status == "pending",
             (outbox.c.enqueued_at.is_(None)) | (outbox.c.enqueued_at < stale))).scalars())
-    handed = 0
+    handed: list[str] = []
     for reminder_id in ids:
         try:
             enqueue(reminder_id)
         except (OSError, kombu.exceptions.OperationalError) as e:
             # The broker is unreachable: commands go on, the rows wait for the next scan.
             log.warning("could not enqueue reminders; they stay pending",
-                        extra={"error": str(e), "pending": len(ids) - handed})
+                        extra={"error": str(e), "pending": len(ids) - len(handed)})
             break
+        handed.append(reminder_id)
+    if handed:
         with t.engine.begin() as connection:
-            connection.execute(update(outbox).where(outbox.c.reminder_id == reminder_id)
+            connection.execute(update(outbox).where(outbox.c.reminder_id.in_(handed))
                                .values(enqueued_at=datetime.now(UTC)))
-        handed += 1
-    return handed
+    return len(handed)
 
 
 # --- sending -----------------------------------------------------------------------------
