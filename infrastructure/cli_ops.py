@@ -57,7 +57,7 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> int:
         total = projection.head()
         with tqdm(total=total, unit="ev", desc=f"rebuilding {projection.name}",
                   disable=args.quiet, file=sys.stderr) as bar:
-            done = projection.rebuild(progress=lambda n, _: bar.update(n))
+            done = projection.rebuild(progress=bar.update)
             rate = bar.format_dict["rate"] or 0
     finally:
         trialog.close()

@@ -39,7 +39,7 @@ from infrastructure.tables import (
 )
 
 PARTICIPANT_TOPIC = get_topic(Participant) + "."
-Progress = Callable[[int, int], None]  # (events done in this batch, position)
+Progress = Callable[[int], None]  # called with the events done in each batch
 
 
 class LogFollower:
@@ -161,7 +161,7 @@ class LogFollower:
         while n := self.step():
             done += n
             if progress:
-                progress(n, self.position())
+                progress(n)
         return done
 
     def follow(self, stop: threading.Event, wake: threading.Event | None = None,
