@@ -20,14 +20,13 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy.exc
-from eventsourcing.persistence import StoredEvent
-from eventsourcing.utils import get_topic, resolve_topic
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from infrastructure.bootstrap import Trialog
+from infrastructure.stored import PARTICIPANT_TOPIC, decode
 from infrastructure.tables import (
     READ_MODELS,
     deviations,
@@ -38,7 +37,6 @@ from infrastructure.tables import (
     visits,
 )
 
-PARTICIPANT_TOPIC = get_topic(Participant) + "."
 Progress = Callable[[int], None]  # called with the events done in each batch
 
 
@@ -128,29 +126,8 @@ class LogFollower:
         )
 
     def _decode(self, row: Any) -> Any:
-        """The domain event of a stored row: the library mapper's steps for events without
-        upcasting, minus its per-event generic lookups (this runs for every event)."""
-        state = bytes(row.state) if isinstance(row.state, memoryview) else row.state
-        originator_id = row.originator_id
-        if not isinstance(originator_id, UUID):
-            originator_id = UUID(str(originator_id))
-        cls = resolve_topic(row.topic)
-        if getattr(cls, "class_version", 1) != 1:
-            return self.service.mapper.to_domain_event(StoredEvent(
-                originator_id=originator_id, originator_version=row.originator_version,
-                topic=row.topic, state=state,
-            ))
-        mapper = self.service.mapper
-        if mapper.cipher:
-            state = mapper.cipher.decrypt(state)
-        if mapper.compressor:
-            state = mapper.compressor.decompress(state)
-        event_state = mapper.transcoder.decode(state)
-        event_state["originator_id"] = originator_id
-        event_state["originator_version"] = row.originator_version
-        event = object.__new__(cls)
-        object.__setattr__(event, "__dict__", event_state)
-        return event
+        return decode(self.service.mapper, row.originator_id, row.originator_version,
+                      row.topic, row.state)
 
     def apply(self, session: Session, batch: list[tuple[int, Any]]) -> None:
         raise NotImplementedError
