@@ -133,13 +133,12 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from infrastructure import exports
 
-    if args.format != "csv":
-        raise CliError(f"export {args.format}: not available yet (csv is)")
     trialog = _app()
     try:
-        out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+        out = (open(args.output, "w", newline="", encoding="utf-8")  # noqa: SIM115
+               if args.output else sys.stdout)
         try:
-            for chunk in exports.csv_text(trialog, deidentify=args.deidentify):
+            for chunk in exports.document(trialog, args.format, args.deidentify):
                 out.write(chunk)
         finally:
             if args.output:

@@ -10,8 +10,8 @@ import csv
 import hashlib
 import hmac
 import io
-from collections.abc import Iterator
-from datetime import date, timedelta
+from collections.abc import Callable, Iterator
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, select
@@ -33,9 +33,16 @@ class Deidentifier:
     def pseudonym(self, participant_id: str) -> str:
         return "P-" + self._digest(participant_id, b"id:").hex()[:12]
 
-    def shift(self, participant_id: str, day: date) -> date:
+    def offset(self, participant_id: str) -> timedelta:
+        """How far back this participant's dates move: 1 to 365 days, the same for all."""
         days = 1 + int.from_bytes(self._digest(participant_id, b"date:")[:4], "big") % 365
-        return day - timedelta(days=days)
+        return timedelta(days=days)
+
+    def shift(self, participant_id: str, day: date) -> date:
+        return day - self.offset(participant_id)
+
+    def shift_datetime(self, participant_id: str, moment: datetime) -> datetime:
+        return moment - self.offset(participant_id)
 
 
 def csv_rows(t: Trialog, deidentify: bool = False) -> Iterator[dict[str, Any]]:
@@ -72,3 +79,19 @@ def csv_text(t: Trialog, deidentify: bool = False) -> Iterator[str]:
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
+
+
+FORMATS = ("csv", "odm", "fhir")
+
+
+def document(t: Trialog, kind: str, deidentify: bool = False,
+             contact: bool = True) -> Iterator[str]:
+    """The export of one format, in chunks of text; contact details (only the ODM export
+    has any) are left out unless ``contact``."""
+    from infrastructure import fhir, odm  # they build on this module
+
+    if kind == "odm":
+        return odm.odm_document(t, deidentify=deidentify, contact=contact)
+    writers: dict[str, Callable[..., Iterator[str]]] = {"csv": csv_text,
+                                                         "fhir": fhir.fhir_ndjson}
+    return writers[kind](t, deidentify=deidentify)

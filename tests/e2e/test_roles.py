@@ -25,6 +25,7 @@ READS = {
     "/v1/participants/{pid}/history": "history", "/v1/visits/due": "visits",
     "/v1/deviations": "deviations", "/v1/trial/summary": "summary",
     "/v1/audit/verify": "audit", "/v1/exports/csv": "exports",
+    "/v1/exports/odm": "exports", "/v1/exports/fhir": "exports",
 }
 SERVICE_READS = {"participants", "history", "visits", "deviations", "summary"}
 

@@ -1,0 +1,391 @@
+"""The auditors' export: one CDISC ODM 1.3.2 document, transactional, built from the event
+store, so every change to the record is in it with its AuditRecord.
+
+Each data-capturing event is one ``FormData`` (its repeat key is the event's version) with
+one AuditRecord: who (``UserRef``), where (the participant's site), when (the recording
+time) and the command (``SourceID``). A correction is an ``ItemData`` update of the item it
+names, in the same form, with its own AuditRecord and ``ReasonForChange``, so the document
+holds both values. Deviations, missed visits and reminders are forms too.
+
+The items are the fields of each command's ``data`` schema, so what is exported is what
+is accepted. The document is streamed with constant memory: the clinical data goes to a
+spooled temporary file while the users are gathered (``AdminData`` comes before
+``ClinicalData`` in ODM), then the whole is yielded in chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from marshmallow import Schema, fields
+
+from domain.participant import CONTACT_FIELDS, event_uuid
+from domain.protocol import Protocol
+from infrastructure.bootstrap import Trialog
+from infrastructure.exports import Deidentifier
+from infrastructure.stored import participant_events
+
+ODM_NAMESPACE = "http://www.cdisc.org/ns/odm/v1.3"
+METADATA_VERSION = "MDV.1"
+# Contact details: the contact fields and the addresses reminders went to.
+CONTACT_ITEMS = CONTACT_FIELDS | {"recipients"}
+# Not exported when de-identifying: contact details and free text that may name a person.
+IDENTIFYING_ITEMS = CONTACT_ITEMS | {"note"}
+
+
+@dataclass(frozen=True)
+class Form:
+    """Where one event type goes: a form, in a fixed study event or in the visit named by
+    a field of the event."""
+
+    key: str  # the OID suffix of the form, its item group and its items
+    name: str
+    command: str | None  # the command type whose ``data`` schema lists the captured items
+    attributes: tuple[tuple[str, str], ...]  # items from the event's own fields: (name, type)
+    study_event: str | None = None
+    visit_field: str | None = None
+
+    @property
+    def oid(self) -> str:
+        return f"F.{self.key}"
+
+    @property
+    def group_oid(self) -> str:
+        return f"IG.{self.key}"
+
+    def item_oid(self, path: str) -> str:
+        return f"I.{self.key}.{path}"
+
+
+SCREENING = Form("SCREENING", "Screening", "ScreenParticipant",
+                 (("eligible", "boolean"), ("failed_criteria", "text")), "SE.SCREENING")
+FORMS: dict[str, Form] = {
+    "ParticipantScreened": SCREENING,
+    "ParticipantRescreened": SCREENING,
+    "ConsentRecorded": Form("CONSENT", "Informed consent", "RecordConsent", (),
+                            "SE.SCREENING"),
+    "ParticipantRandomized": Form("RANDOMIZATION", "Randomization", "RandomizeParticipant",
+                                  (("arm", "text"), ("allocation_index", "integer")),
+                                  "SE.RANDOMIZATION"),
+    "BloodSampleCollected": Form("BLOOD", "Blood sample", "RecordBloodSample", (),
+                                 visit_field="timepoint"),
+    "VisitCompleted": Form("VISIT", "Visit assessments", "CompleteVisit",
+                           (("completes_study", "boolean"),), visit_field="visit"),
+    "VisitMissed": Form("VISIT_MISSED", "Visit missed", None, (("visit", "text"),),
+                        visit_field="visit"),
+    "ReminderSent": Form("REMINDER", "Visit reminder sent", None,
+                         (("visit", "text"), ("kind", "text"), ("recipients", "text")),
+                         visit_field="visit"),
+    "DoseRecorded": Form("DOSE", "Study drug dose", "RecordDose", (), "SE.ON_STUDY"),
+    "MedicationReported": Form("MEDICATION", "Concomitant medication", "ReportMedication",
+                               (), "SE.ON_STUDY"),
+    "ParticipantWithdrawn": Form("WITHDRAWAL", "Withdrawal", "WithdrawParticipant", (),
+                                 "SE.ON_STUDY"),
+    "DeviationFlagged": Form("DEVIATION", "Protocol deviation", None,
+                             (("deviation_id", "text"), ("code", "text"),
+                              ("severity", "text"), ("evidence", "text"),
+                              ("detail", "text")), "SE.DEVIATIONS"),
+    "DeviationResolved": Form("DEVIATION_RESOLVED", "Protocol deviation resolved", None,
+                              (("deviation_id", "text"), ("resolution", "text")),
+                              "SE.DEVIATIONS"),
+}
+FIXED_STUDY_EVENTS = (("SE.SCREENING", "Screening"), ("SE.RANDOMIZATION", "Randomization"))
+COMMON_STUDY_EVENTS = (("SE.ON_STUDY", "On study: doses, medications, withdrawals"),
+                       ("SE.DEVIATIONS", "Protocol deviations"))
+
+
+def visit_study_event(code: str) -> str:
+    return f"SE.{code.upper()}"
+
+
+# --- metadata -------------------------------------------------------------------------------
+
+def _datatype(field: fields.Field) -> str:
+    if isinstance(field, fields.Boolean):
+        return "boolean"
+    if isinstance(field, fields.Integer):
+        return "integer"
+    if isinstance(field, fields.Float):
+        return "float"
+    if isinstance(field, fields.Date):  # before DateTime: a Date is a DateTime field
+        return "date"
+    if isinstance(field, fields.DateTime):
+        return "datetime"
+    return "text"
+
+
+def _schema_items(schema: Schema, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted path, ODM data type) of every leaf field; lists are one text item (JSON)."""
+    for name, field in schema.fields.items():
+        if isinstance(field, fields.Nested) and isinstance(field.schema, Schema):
+            yield from _schema_items(field.schema, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", _datatype(field)
+
+
+def form_items(protocol: Protocol) -> dict[str, list[tuple[str, str]]]:
+    """The items of each form, by form key, from the command schemas."""
+    from infrastructure.api.schemas import data_schemas
+
+    schemas = data_schemas(protocol)
+    items: dict[str, list[tuple[str, str]]] = {}
+    for form in FORMS.values():
+        captured = list(_schema_items(schemas[form.command]())) if form.command else []
+        items[form.key] = captured + list(form.attributes)
+    return items
+
+
+def _study_events(protocol: Protocol) -> list[tuple[str, str, str, list[Form]]]:
+    """(OID, name, type, forms) of each study event, in protocol order."""
+    unique = list({form.key: form for form in FORMS.values()}.values())
+    fixed = [(oid, name, "Scheduled", [f for f in unique if f.study_event == oid])
+             for oid, name in FIXED_STUDY_EVENTS]
+    by_visit = [f for f in unique if f.visit_field]
+    visits = [(visit_study_event(v.code), f"Visit {v.code}", "Scheduled", by_visit)
+              for v in protocol.visits]
+    common = [(oid, name, "Common", [f for f in unique if f.study_event == oid])
+              for oid, name in COMMON_STUDY_EVENTS]
+    return fixed + visits + common
+
+
+def _attr(name: str, value: Any) -> str:
+    return f" {name}={quoteattr(str(value))}"
+
+
+def metadata_xml(protocol: Protocol) -> str:
+    """The Study element: global variables and the MetaDataVersion every OID refers to."""
+    study_events = _study_events(protocol)
+    items = form_items(protocol)
+    out = [f"<Study{_attr('OID', protocol.study_id)}>",
+           (f"<GlobalVariables><StudyName>{escape(protocol.study_id)}</StudyName>"
+           f"<StudyDescription>{escape(protocol.title)}</StudyDescription>"
+           f"<ProtocolName>{escape(protocol.study_id)}</ProtocolName></GlobalVariables>"),
+           (f"<MetaDataVersion{_attr('OID', METADATA_VERSION)}"
+           f"{_attr('Name', protocol.study_id + ' data capture')}>"),
+           "<Protocol>"]
+    out += [f"<StudyEventRef{_attr('StudyEventOID', oid)}{_attr('OrderNumber', n)}"
+            f' Mandatory="No"/>' for n, (oid, *_) in enumerate(study_events, 1)]
+    out.append("</Protocol>")
+    for oid, name, kind, forms in study_events:
+        out.append(f"<StudyEventDef{_attr('OID', oid)}{_attr('Name', name)}"
+                   f' Repeating="No"{_attr("Type", kind)}>')
+        out += [f'<FormRef{_attr("FormOID", f.oid)} Mandatory="No"/>' for f in forms]
+        out.append("</StudyEventDef>")
+    unique = list({form.key: form for form in FORMS.values()}.values())
+    for form in unique:
+        out.append(f'<FormDef{_attr("OID", form.oid)}{_attr("Name", form.name)} '
+                   f'Repeating="Yes"><ItemGroupRef{_attr("ItemGroupOID", form.group_oid)} '
+                   f'Mandatory="Yes"/></FormDef>')
+    for form in unique:
+        out.append(f'<ItemGroupDef{_attr("OID", form.group_oid)}{_attr("Name", form.name)} '
+                   f'Repeating="No">')
+        out += [f'<ItemRef{_attr("ItemOID", form.item_oid(path))} Mandatory="No"/>'
+                for path, _ in items[form.key]]
+        out.append("</ItemGroupDef>")
+    for form in unique:
+        out += [f"<ItemDef{_attr('OID', form.item_oid(path))}{_attr('Name', path)}"
+                f"{_attr('DataType', datatype)}/>" for path, datatype in items[form.key]]
+    out.append("</MetaDataVersion></Study>")
+    return "\n".join(out) + "\n"
+
+
+def admin_xml(protocol: Protocol, users: set[str], effective: date) -> str:
+    """Users (every actor of an exported event) and locations (the sites)."""
+    out = [f"<AdminData{_attr('StudyOID', protocol.study_id)}>"]
+    out += [f"<User{_attr('OID', user_oid(u))}><LoginName>{escape(u)}</LoginName></User>"
+            for u in sorted(users)]
+    for site in protocol.sites:
+        out.append(f"<Location{_attr('OID', location_oid(site.id))}{_attr('Name', site.name)}"
+                   f' LocationType="Site"><MetaDataVersionRef'
+                   f"{_attr('StudyOID', protocol.study_id)}"
+                   f"{_attr('MetaDataVersionOID', METADATA_VERSION)}"
+                   f"{_attr('EffectiveDate', effective.isoformat())}/></Location>")
+    out.append("</AdminData>")
+    return "\n".join(out) + "\n"
+
+
+def user_oid(actor: str) -> str:
+    return f"USR.{actor}"
+
+
+def location_oid(site_id: str) -> str:
+    return f"LOC.{site_id}"
+
+
+# --- clinical data --------------------------------------------------------------------------
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (date, datetime)):
+        return value.isoformat()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str, ensure_ascii=False, sort_keys=True)
+    return str(value)
+
+
+def _flatten(value: Any, path: str, leaves: set[str]) -> Iterator[tuple[str, Any]]:
+    """(item path, value) pairs of a captured value: nested objects are walked down to the
+    items the form defines; anything else is one item."""
+    if isinstance(value, dict) and path not in leaves:
+        for key, inner in value.items():
+            yield from _flatten(inner, f"{path}.{key}" if path else key, leaves)
+    else:
+        yield path, value
+
+
+class _Subject:
+    """Writes one participant's events as a SubjectData element."""
+
+    def __init__(self, first: Any, masker: Deidentifier | None, withheld: frozenset[str],
+                 leaves: dict[str, set[str]]) -> None:
+        self.participant_id: str = first.participant_id
+        self.site = location_oid(first.data["site_id"])
+        self.masker = masker
+        self.withheld = withheld
+        self.leaves = leaves
+        self.forms: dict[str, tuple[str, Form, int]] = {}  # captured event id -> its place
+        key = masker.pseudonym(self.participant_id) if masker else self.participant_id
+        self.out = [(f"<SubjectData{_attr('SubjectKey', key)} TransactionType=\"Insert\">"
+                    f"<SiteRef{_attr('LocationOID', self.site)}/>")]
+
+    def _plain(self, path: str, value: Any) -> str | None:
+        """The exported text of a value, or None when it is withheld."""
+        if path.rsplit(".", 1)[-1] in self.withheld:
+            return None
+        if self.masker is not None:
+            if isinstance(value, datetime):
+                value = self.masker.shift_datetime(self.participant_id, value)
+            elif isinstance(value, date):
+                value = self.masker.shift(self.participant_id, value)
+        return _value(value)
+
+    def _audit(self, event: Any, reason: str | None = None) -> str:
+        stamp = event.timestamp
+        if self.masker is not None:
+            stamp = self.masker.shift_datetime(self.participant_id, stamp)
+        reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
+        return (f"<AuditRecord><UserRef{_attr('UserOID', user_oid(event.actor))}/>"
+                f"<LocationRef{_attr('LocationOID', self.site)}/>"
+                f"<DateTimeStamp>{stamp.isoformat()}</DateTimeStamp>{reason_xml}"
+                f"<SourceID>{escape(event.command_id)}</SourceID></AuditRecord>")
+
+    def _study_event(self, form: Form, event: Any) -> str:
+        if form.study_event:
+            return form.study_event
+        source = event.data if form.command else vars(event)
+        return visit_study_event(source[form.visit_field])
+
+    def add(self, event: Any) -> None:
+        kind = type(event).__name__
+        if kind == "DataCorrected":
+            self._correction(event)
+            return
+        form = FORMS.get(kind)
+        if form is None:
+            return
+        study_event = self._study_event(form, event)
+        values: list[tuple[str, Any]] = []
+        if form.command:
+            self.forms[event_uuid(event.originator_id, event.originator_version)] = (
+                study_event, form, event.originator_version)
+            values += _flatten(event.data, "", self.leaves[form.key])
+        values += [(name, getattr(event, name)) for name, _ in form.attributes]
+        items = []
+        for path, value in values:
+            text = None if value is None else self._plain(path, value)
+            if text is not None:
+                items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}"
+                             f"{_attr('Value', text)} TransactionType=\"Insert\"/>")
+        self.out.append(
+            f"<StudyEventData{_attr('StudyEventOID', study_event)} TransactionType=\"Upsert\">"
+            f"<FormData{_attr('FormOID', form.oid)}"
+            f"{_attr('FormRepeatKey', event.originator_version)} TransactionType=\"Insert\">"
+            f"{self._audit(event)}<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
+            f"TransactionType=\"Insert\">{''.join(items)}</ItemGroupData></FormData>"
+            f"</StudyEventData>")
+
+    def _correction(self, event: Any) -> None:
+        place = self.forms.get(event.target_event_id)
+        if place is None:
+            return
+        study_event, form, version = place
+        items = []
+        for path, value in _flatten(event.value, event.field, self.leaves[form.key]):
+            if value is None:
+                value_xml = ' IsNull="Yes"'
+            else:
+                text = self._plain(path, value)
+                if text is None:
+                    continue
+                value_xml = _attr("Value", text)
+            items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}{value_xml} "
+                         f"TransactionType=\"Update\">{self._audit(event, event.reason)}"
+                         f"</ItemData>")
+        if not items:
+            return
+        self.out.append(
+            f"<StudyEventData{_attr('StudyEventOID', study_event)} TransactionType=\"Context\">"
+            f"<FormData{_attr('FormOID', form.oid)}{_attr('FormRepeatKey', version)} "
+            f"TransactionType=\"Context\"><ItemGroupData{_attr('ItemGroupOID', form.group_oid)}"
+            f" TransactionType=\"Context\">{''.join(items)}</ItemGroupData></FormData>"
+            f"</StudyEventData>")
+
+    def close(self) -> str:
+        self.out.append("</SubjectData>\n")
+        return "\n".join(self.out)
+
+
+def clinical_data_xml(t: Trialog, masker: Deidentifier | None, withheld: frozenset[str],
+                      users: set[str]) -> Iterator[str]:
+    """One SubjectData per participant, from the events in version order, without the
+    ``withheld`` items; collects the actors into ``users``."""
+    leaves = {key: {path for path, _ in items}
+              for key, items in form_items(t.protocol).items()}
+    yield (f"<ClinicalData{_attr('StudyOID', t.protocol.study_id)}"
+           f"{_attr('MetaDataVersionOID', METADATA_VERSION)}>\n")
+    subject: _Subject | None = None
+    stream = None
+    for event in participant_events(t.service):
+        if event.originator_id != stream:
+            if subject is not None:
+                yield subject.close()
+            stream = event.originator_id
+            subject = _Subject(event, masker, withheld, leaves)
+        assert subject is not None
+        users.add(event.actor)
+        subject.add(event)
+    if subject is not None:
+        yield subject.close()
+    yield "</ClinicalData>\n"
+
+
+def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
+                 created: datetime | None = None) -> Iterator[str]:
+    """The ODM document in chunks; without contact details unless ``contact``."""
+    created = created or datetime.now(UTC)
+    masker = Deidentifier(t.settings.allocation_seed) if deidentify else None
+    withheld = (frozenset(IDENTIFYING_ITEMS) if deidentify
+                else frozenset() if contact else frozenset(CONTACT_ITEMS))
+    users: set[str] = set()
+    with tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8") as body:
+        for chunk in clinical_data_xml(t, masker, withheld, users):
+            body.write(chunk)
+        yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
+               f'<ODM xmlns="{ODM_NAMESPACE}" ODMVersion="1.3.2" FileType="Transactional"'
+               f"{_attr('FileOID', f'Trialog.{uuid.uuid4()}')}"
+               f"{_attr('CreationDateTime', created.isoformat())}"
+               ' Originator="Trialog" SourceSystem="Trialog">\n')
+        yield metadata_xml(t.protocol)
+        yield admin_xml(t.protocol, users, created.date())
+        body.seek(0)
+        while chunk := body.read(1 << 16):
+            yield chunk
+    yield "</ODM>\n"

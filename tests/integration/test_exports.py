@@ -1,0 +1,223 @@
+"""The auditors' exports: ODM 1.3.2 validated against the official schema, FHIR R4
+ResearchSubjects parsed by fhir.resources, both with and without de-identification."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import odmlib
+import pytest
+from fhir.resources.R4B.researchsubject import ResearchSubject
+from lxml import etree
+
+from domain import commands as c
+from infrastructure import exports
+from infrastructure.fhir import research_subjects
+from infrastructure.odm import odm_document
+from infrastructure.projections import TrialProjection
+from tests.factories import consent, new_participant_id, screening
+from tests.integration.helpers import REGISTERED, dose, enrol, send
+
+ODM_XSD = Path(odmlib.__file__).parent / "schemas" / "odm" / "1.3.2" / "ODM1-3-2.xsd"
+NS = {"odm": "http://www.cdisc.org/ns/odm/v1.3"}
+R4_SUBJECT_STATUSES = {
+    "candidate", "eligible", "follow-up", "ineligible", "not-registered", "off-study",
+    "on-study", "on-study-intervention", "on-study-observation", "pending-on-study",
+    "potential-candidate", "screening", "withdrawn"}
+
+
+@pytest.fixture(scope="module")
+def odm_schema() -> etree.XMLSchema:
+    return etree.XMLSchema(etree.parse(str(ODM_XSD)))
+
+
+def _record_with_a_correction(t) -> dict[str, str]:
+    """A randomized participant with doses, a visit, a blood sample, a medication, a
+    correction of a score and of the email, and a deviation flag; the ids to look for."""
+    pid = enrol(t)
+    for day in range(3):
+        send(t, c.RecordDose(pid, dose(day)))
+    visit_command = str(uuid.uuid4())
+    send(t, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED,
+                                  "bpi_sf": {"worst": 6, "least": 2, "average": 4, "now": 3}}),
+         command_id=visit_command, actor="site-coordinator")
+    send(t, c.RecordBloodSample(pid, {"timepoint": "baseline",
+                                      "collected_at": datetime(2026, 3, 4, 8, 30),
+                                      "results": {"b12_pg_ml": 410.0}}))
+    send(t, c.ReportMedication(pid, {"drug": "ibuprofen", "contains_b12": False}))
+    participant = t.service.get_participant(pid)
+    visit_event = next(event_id for event_id, _ in participant.records_of("VisitCompleted"))
+    correction = str(uuid.uuid4())
+    send(t, c.CorrectData(pid, {"event_id": visit_event, "field": "bpi_sf.worst", "value": 7}),
+         command_id=correction, actor="data-manager", reason="transcription error on page 2")
+    send(t, c.CorrectData(pid, {"event_id": participant.screening_event, "field": "email",
+                                "value": "new-address@participants.example"}),
+         actor="data-manager", reason="participant moved")
+    send(t, c.FlagDeviation(pid, {"deviation_id": str(uuid.uuid4()), "code": "wrong_dose",
+                                  "severity": "minor", "evidence": [], "detail": "test"}),
+         actor="deviation-monitor")
+    return {"pid": pid, "visit_command": visit_command, "correction": correction}
+
+
+def _export(t, deidentify=False) -> etree._Element:
+    chunks = list(odm_document(t, deidentify=deidentify))
+    assert len(chunks) > 3, "the document is yielded in parts"
+    return etree.fromstring("".join(chunks).encode())
+
+
+def _defined(root, tag: str) -> set[str]:
+    return {e.get("OID") for e in root.iterfind(f".//odm:{tag}", NS)}
+
+
+def _referenced(root, tag: str, attribute: str) -> set[str]:
+    return {e.get(attribute) for e in root.iterfind(f".//odm:{tag}", NS)}
+
+
+def test_the_odm_export_validates_and_carries_every_change_with_its_audit_record(
+        isolated, odm_schema):
+    ids = _record_with_a_correction(isolated)
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    # The schema has no key references: check every OID used is defined in the document.
+    assert _referenced(root, "ItemData", "ItemOID") <= _defined(root, "ItemDef")
+    assert _referenced(root, "ItemRef", "ItemOID") == _defined(root, "ItemDef")
+    assert _referenced(root, "FormData", "FormOID") <= _defined(root, "FormDef")
+    assert _referenced(root, "StudyEventData", "StudyEventOID") <= _defined(root,
+                                                                             "StudyEventDef")
+    assert _referenced(root, "ItemGroupData", "ItemGroupOID") <= _defined(root, "ItemGroupDef")
+    assert _referenced(root, "UserRef", "UserOID") == _defined(root, "User")
+    assert _referenced(root, "LocationRef", "LocationOID") <= _defined(root, "Location")
+
+    subject = root.find(f".//odm:SubjectData[@SubjectKey='{ids['pid']}']", NS)
+    forms = subject.findall(".//odm:FormData[@TransactionType='Insert']", NS)
+    assert [f.get("FormOID") for f in forms] == [
+        "F.SCREENING", "F.CONSENT", "F.RANDOMIZATION", "F.DOSE", "F.DOSE", "F.DOSE",
+        "F.VISIT", "F.BLOOD", "F.MEDICATION", "F.DEVIATION"]
+    assert all(f.find("odm:AuditRecord/odm:SourceID", NS) is not None for f in forms)
+    visit = forms[6]
+    assert visit.find("odm:AuditRecord/odm:SourceID", NS).text == ids["visit_command"]
+    assert visit.find("odm:AuditRecord/odm:UserRef", NS).get("UserOID") == \
+        "USR.site-coordinator"
+    original = visit.find(".//odm:ItemData[@ItemOID='I.VISIT.bpi_sf.worst']", NS)
+    assert original.get("Value") == "6" and original.get("TransactionType") == "Insert"
+
+    updates = subject.findall(".//odm:ItemData[@TransactionType='Update']", NS)
+    assert [u.get("ItemOID") for u in updates] == ["I.VISIT.bpi_sf.worst",
+                                                   "I.SCREENING.email"]
+    worst = updates[0]
+    assert worst.get("Value") == "7"
+    audit = worst.find("odm:AuditRecord", NS)
+    assert audit.find("odm:ReasonForChange", NS).text == "transcription error on page 2"
+    assert audit.find("odm:SourceID", NS).text == ids["correction"]
+    assert audit.find("odm:UserRef", NS).get("UserOID") == "USR.data-manager"
+    assert audit.find("odm:LocationRef", NS).get("LocationOID") == "LOC.CASE"
+    assert datetime.fromisoformat(audit.find("odm:DateTimeStamp", NS).text).tzinfo
+    # The update is placed in the corrected form: same study event, form and repeat key.
+    corrected_form = worst.getparent().getparent()
+    assert (corrected_form.get("FormOID"), corrected_form.get("FormRepeatKey")) == \
+        (visit.get("FormOID"), visit.get("FormRepeatKey"))
+    assert corrected_form.getparent().get("StudyEventOID") == "SE.BASELINE"
+
+
+def test_the_deidentified_odm_export_has_no_identifiers_and_shifted_dates(isolated,
+                                                                        odm_schema):
+    ids = _record_with_a_correction(isolated)
+    plain, masked = _export(isolated), _export(isolated, deidentify=True)
+    assert odm_schema.validate(masked), odm_schema.error_log
+    text = etree.tostring(masked, encoding="unicode")
+    assert ids["pid"] not in text and "participants.example" not in text
+    for item in ("I.SCREENING.email", "I.SCREENING.birth_date"):
+        assert masked.find(f".//odm:ItemData[@ItemOID='{item}']", NS) is None
+        assert plain.find(f".//odm:ItemData[@ItemOID='{item}']", NS) is not None
+    subjects = masked.findall(".//odm:SubjectData", NS)
+    assert len(subjects) == 1 and subjects[0].get("SubjectKey").startswith("P-")
+
+    def dates(root, oid):
+        return [date.fromisoformat(e.get("Value"))
+                for e in root.iterfind(f".//odm:ItemData[@ItemOID='{oid}']", NS)]
+    shifts = {(a - b).days for oid in ("I.SCREENING.screened_on", "I.DOSE.taken_on",
+                                       "I.RANDOMIZATION.registered_on")
+              for a, b in zip(dates(plain, oid), dates(masked, oid), strict=True)}
+
+    def stamps(root):  # of the forms (the withheld email correction has one more)
+        return [datetime.fromisoformat(e.text)
+                for e in root.iterfind(".//odm:FormData/odm:AuditRecord/odm:DateTimeStamp", NS)]
+    shifts |= {(a - b).days for a, b in zip(stamps(plain), stamps(masked), strict=True)}
+    assert len(shifts) == 1 and 1 <= shifts.pop() <= 365
+    # The scores are kept as they are.
+    assert [e.get("Value") for e in masked.iterfind(".//odm:ItemData", NS)
+            if e.get("ItemOID") == "I.VISIT.bpi_sf.worst"] == ["6", "7"]
+
+
+def test_without_contact_rights_the_odm_export_leaves_out_contact_details(isolated,
+                                                                         odm_schema):
+    ids = _record_with_a_correction(isolated)
+    root = etree.fromstring("".join(odm_document(isolated, contact=False)).encode())
+    assert odm_schema.validate(root), odm_schema.error_log
+    assert root.find(f".//odm:SubjectData[@SubjectKey='{ids['pid']}']", NS) is not None
+    oids = _referenced(root, "ItemData", "ItemOID")
+    assert "I.SCREENING.email" not in oids and "I.SCREENING.birth_date" not in oids
+    assert "participants.example" not in etree.tostring(root, encoding="unicode")
+    assert "I.VISIT.bpi_sf.worst" in oids
+
+
+def _participant_in_each_status(t) -> dict[str, str]:
+    """Participant id -> our status, one participant per status the protocol reaches."""
+    made = {}
+    screened = new_participant_id()
+    send(t, c.ScreenParticipant(screened, screening()))
+    made[screened] = "screened"
+    failed = new_participant_id()
+    send(t, c.ScreenParticipant(failed, screening(stage="IV")))
+    made[failed] = "screen_failed"
+    consented = new_participant_id()
+    send(t, c.ScreenParticipant(consented, screening()))
+    send(t, c.RecordConsent(consented, consent()))
+    made[consented] = "consented"
+    for _ in range(4):  # both arms appear among four allocations
+        made[enrol(t)] = "randomized"
+    off = enrol(t)
+    send(t, c.WithdrawParticipant(off, {"withdrawn_on": REGISTERED + timedelta(days=3),
+                                        "scope": "treatment", "reason_code": "toxicity"}))
+    made[off] = "off_treatment"
+    gone = enrol(t, site="METRO")
+    send(t, c.WithdrawParticipant(gone, {"withdrawn_on": REGISTERED + timedelta(days=3),
+                                         "scope": "study", "reason_code": "moved"}))
+    made[gone] = "withdrawn"
+    TrialProjection(t).catch_up()
+    return made
+
+
+@pytest.mark.parametrize("deidentify", [False, True])
+def test_every_fhir_resource_parses_as_r4_research_subject(isolated, deidentify):
+    made = _participant_in_each_status(isolated)
+    lines = "".join(exports.document(isolated, "fhir", deidentify)).splitlines()
+    assert len(lines) == len(made)
+    subjects = [ResearchSubject.model_validate_json(line) for line in lines]
+    assert {s.status for s in subjects} <= R4_SUBJECT_STATUSES
+    assert all(s.study.reference == "ResearchStudy/NCT04205786" for s in subjects)
+    values = {s.identifier[0].value for s in subjects}
+    assert (values == set(made)) != deidentify
+    assert all(v.startswith("P-") for v in values) == deidentify
+
+
+def test_fhir_statuses_and_arms_follow_the_participants_state(isolated):
+    made = _participant_in_each_status(isolated)
+    expected = {"screened": "eligible", "screen_failed": "ineligible",
+                "consented": "pending-on-study", "off_treatment": "follow-up",
+                "withdrawn": "withdrawn"}
+    for resource in research_subjects(isolated):
+        pid = resource["identifier"][0]["value"]
+        arm = resource.get("assignedArm")
+        if made[pid] == "randomized":
+            assert resource["status"] == {"b12": "on-study-intervention",
+                                          "control": "on-study-observation"}[arm]
+        else:
+            assert resource["status"] == expected[made[pid]]
+        randomized = made[pid] in ("randomized", "off_treatment", "withdrawn")
+        assert (arm in ("b12", "control")) == randomized
+        assert resource.get("actualArm") == arm
+        json.dumps(resource)  # plain JSON
