@@ -50,10 +50,11 @@ def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, "data": data}
 
 
-def history(service: TrialService, participant_id: str,
-            as_of: datetime | None = None) -> list[dict[str, Any]]:
-    """The participant's events, oldest first, up to the recording time ``as_of``."""
-    events = service.events.get(participant_uuid(participant_id))
+def history(service: TrialService, participant_id: str, as_of: datetime | None = None,
+            version: int | None = None) -> list[dict[str, Any]]:
+    """The participant's events, oldest first, up to the recording time ``as_of`` or up to
+    and including ``version``."""
+    events = service.events.get(participant_uuid(participant_id), lte=version)
     return [event_entry(e) for e in events if as_of is None or e.timestamp <= as_of]
 
 

@@ -82,10 +82,14 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_history(args: argparse.Namespace) -> int:
+    if args.as_of and args.version is not None:
+        raise CliError("give --as-of or --version, not both")
+    if args.version is not None and args.version < 1:
+        raise CliError(f"--version: {args.version} is not a version (they start at 1)")
     trialog = _app()
     try:
         as_of = parse_moment(args.as_of) if args.as_of else None
-        entries = history(trialog.service, args.participant_id, as_of)
+        entries = history(trialog.service, args.participant_id, as_of, args.version)
         if not entries:
             trialog.service.get_participant(args.participant_id)  # 'not found' when unknown
     finally:
@@ -147,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist = audit.add_parser("history", help="the timeline of one participant")
     hist.add_argument("participant_id")
     hist.add_argument("--as-of", help="recording time (ISO 8601; no zone means UTC)")
+    hist.add_argument("--version", type=int,
+                      help="the timeline up to and including this version of the participant")
     hist.add_argument("--format", choices=("table", "json"), default="table")
     hist.set_defaults(func=cmd_audit_history)
     ver = audit.add_parser("verify", help="check every stored event's hash chain")

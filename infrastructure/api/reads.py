@@ -135,13 +135,23 @@ def get_participant(participant_id: str, **args: Any) -> Response:
     return jsonify(state)
 
 
+def _until(args: dict[str, Any]) -> str:
+    if args.get("as_of") is not None:
+        return f" at or before {args['as_of'].isoformat()}"
+    return f" up to version {args['version']}" if args.get("version") is not None else ""
+
+
 @query(participants_blp, "/<participant_id>/history", StateArgs, r.History, 404)
 def get_history(participant_id: str, **args: Any) -> Response:
     """Every event of one participant, oldest first, with who, when and why."""
     _read("history")
-    entries = audit.history(_trialog().service, participant_id, args.get("as_of"))
+    if args.get("as_of") is not None and args.get("version") is not None:
+        raise invalid({"version": ["give as_of or version, not both"]})
+    entries = audit.history(_trialog().service, participant_id, args.get("as_of"),
+                            args.get("version"))
     if not entries:
-        raise ApiError(404, "not_found", f"participant {participant_id} not found")
+        raise ApiError(404, "not_found", f"participant {participant_id} has no events "
+                                         f"recorded{_until(args)}")
     if not g.principal.sees_contact:
         entries = [audit.redact_contact(e) for e in entries]
     return jsonify({"participant_id": participant_id, "events": entries})
@@ -186,20 +196,34 @@ class ExportArgs(Schema):
         "description": "pseudonymous ids, dates shifted per participant"})
 
 
-@exports_blp.route("/csv")
-@exports_blp.arguments(ExportArgs, location="query", as_kwargs=True)
-@exports_blp.response(200, description="one row per participant and visit",
-                      content_type="text/csv")
-@exports_blp.alt_response(401, schema=ErrorBody)
-@exports_blp.alt_response(403, schema=ErrorBody)
-@exports_blp.alt_response(422, schema=ErrorBody)
-def get_csv(deidentify: bool) -> Response:
-    """The statisticians' CSV: one row per participant and visit with the scores."""
-    from infrastructure import exports
+EXPORTS = (
+    ("csv", "text/csv", "one row per participant and visit with the scores (statisticians)"),
+    ("odm", "application/xml", ("one CDISC ODM 1.3.2 document: ClinicalData with an "
+                               "AuditRecord per change")),
+    ("fhir", "application/fhir+ndjson", "one FHIR R4 ResearchSubject per line"),
+)
 
-    _read("exports")
-    return Response(exports.csv_text(_trialog(), deidentify=deidentify),
-                    mimetype="text/csv")
+
+def _export_view(kind: str, mimetype: str, description: str) -> None:
+    def view(deidentify: bool) -> Response:
+        from infrastructure import exports
+
+        _read("exports")
+        chunks = exports.document(_trialog(), kind, deidentify,
+                                  contact=g.principal.sees_contact)
+        return Response(chunks, mimetype=mimetype)
+
+    view.__name__ = f"get_{kind}"
+    view.__doc__ = f"Export: {description}."
+    routed = exports_blp.arguments(ExportArgs, location="query", as_kwargs=True)(view)
+    routed = exports_blp.response(200, description=description, content_type=mimetype)(routed)
+    for code in (401, 403, 422):
+        routed = exports_blp.alt_response(code, schema=ErrorBody)(routed)
+    exports_blp.route(f"/{kind}")(routed)
+
+
+for _kind, _mimetype, _description in EXPORTS:
+    _export_view(_kind, _mimetype, _description)
 
 
 @health_blp.route("/healthz")

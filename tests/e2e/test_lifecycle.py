@@ -70,6 +70,12 @@ def test_the_state_as_of_a_moment_is_what_was_recorded_then(server):
     both = service.get(f"/v1/participants/{pid}", version=2, as_of=moment)
     assert both.status_code == 422
 
+    history = f"/v1/participants/{pid}/history"
+    assert [e["version"] for e in service.get(history, version=2).json()["events"]] == [1, 2]
+    assert [e["version"] for e in service.get(history, as_of=moment).json()["events"]] == [1, 2]
+    assert len(service.get(history).json()["events"]) == 3
+    assert service.get(history, version=2, as_of=moment).status_code == 422
+
 
 def test_a_retried_command_answers_the_first_answer_and_writes_nothing(server):
     service = server.client("service")
@@ -154,3 +160,26 @@ def test_an_auditor_downloads_the_csv_export(server):
     assert any(line.startswith(f"{pid},CASE,") for line in lines[1:])
     masked = auditor.get("/v1/exports/csv", deidentify="true").text
     assert pid not in masked
+
+
+def test_an_auditor_downloads_the_odm_and_fhir_exports(server):
+    from fhir.resources.R4B.researchsubject import ResearchSubject
+    from lxml import etree
+
+    pid, position = enrol(server.client("service"))
+    auditor = server.client("auditor")
+    auditor.get("/v1/trial/summary", after=position)
+    odm = auditor.get("/v1/exports/odm")
+    assert odm.status_code == 200 and odm.headers["Content-Type"].startswith("application/xml")
+    root = etree.fromstring(odm.content)
+    subject = root.find(f".//{{*}}SubjectData[@SubjectKey='{pid}']")
+    assert subject is not None
+    # An auditor sees no contact details: the screening form has no email or birth date.
+    items = {e.get("ItemOID") for e in subject.iter("{*}ItemData")}
+    assert "I.SCREENING.site_id" in items and "I.SCREENING.email" not in items
+    assert "I.SCREENING.birth_date" not in items
+    fhir = auditor.get("/v1/exports/fhir", deidentify="true")
+    assert fhir.status_code == 200
+    assert fhir.headers["Content-Type"].startswith("application/fhir+ndjson")
+    subjects = [ResearchSubject.model_validate_json(line) for line in fhir.text.splitlines()]
+    assert subjects and pid not in fhir.text

@@ -45,6 +45,14 @@ def test_demo_prints_the_summary_then_history_and_verify_work_on_its_file(tmp_pa
     early = run(["audit", "history", "CASE-0002", "--as-of", events[0]["recorded_at"],
                  "--format", "json"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert [e["version"] for e in json.loads(early.stdout)["events"]] == [1]
+    upto = run(["audit", "history", "CASE-0002", "--version", "2"], tmp_path,
+               TRIALOG_DATABASE_URL=url)
+    assert upto.returncode == 0, upto.stderr
+    versions = [line.split()[0] for line in upto.stdout.splitlines() if line.startswith("v")]
+    assert versions == ["v1", "v2"]
+    both = run(["audit", "history", "CASE-0002", "--version", "2", "--as-of",
+                events[0]["recorded_at"]], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert both.returncode == 1 and "not both" in both.stderr
 
     with create_engine(url).begin() as conn:
         conn.execute(text("DELETE FROM trialog_events WHERE id = 5"))
@@ -128,8 +136,23 @@ def test_export_csv_has_a_row_per_participant_visit_and_deidentifies(tmp_path):
             shift = (date.fromisoformat(original["completed_on"])
                      - date.fromisoformat(masked_row["completed_on"])).days
             assert 1 <= shift <= 365
-    unavailable = run(["export", "odm"], tmp_path, TRIALOG_DATABASE_URL=url)
-    assert unavailable.returncode == 1 and "not available" in unavailable.stderr
+
+
+def test_export_odm_and_fhir_write_documents_to_a_file_or_standard_output(tmp_path):
+    from lxml import etree
+
+    assert run(["demo", "--participants", "5", "--seed", "4"], tmp_path).returncode == 0
+    url = f"sqlite:///{tmp_path / 'trialog-demo.db'}"
+    odm = run(["export", "odm", "--output", "out.xml"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert odm.returncode == 0, odm.stderr
+    root = etree.parse(str(tmp_path / "out.xml")).getroot()
+    assert root.get("ODMVersion") == "1.3.2"
+    assert len(root.findall(".//{*}SubjectData")) == 5
+    fhir = run(["export", "fhir", "--deidentify"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert fhir.returncode == 0, fhir.stderr
+    lines = [json.loads(line) for line in fhir.stdout.splitlines()]
+    assert len(lines) == 5 and {r["resourceType"] for r in lines} == {"ResearchSubject"}
+    assert all(r["id"].startswith("P-") for r in lines)
 
 
 def test_the_summary_lists_mean_pain_in_the_protocols_visit_order(tmp_path):
