@@ -16,24 +16,28 @@ from eventsourcing.utils import get_topic
 GENESIS = ""
 
 
-def _plain(value: Any) -> Any:
+def _scalar(value: Any) -> str:
+    """The JSON text of the values JSON has no type for."""
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     if isinstance(value, UUID):
         return str(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    raise TypeError(f"{type(value).__name__} can't be part of a digest")
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_scalar)
+
+
+def canonical_json(content: dict[str, Any]) -> str:
+    """Sorted keys, no spaces, ASCII; dates, datetimes and UUIDs as ISO and dashed text."""
+    return _CANONICAL.encode(content)
 
 
 def compute_digest(event: object) -> str:
     """SHA-256 over the event's topic and every attribute but its own digest."""
     content = {k: v for k, v in vars(event).items() if k != "digest"}
     content["topic"] = get_topic(type(event))
-    encoded = json.dumps(_plain(content), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()
 
 
 class ChainedAggregate(Aggregate):

@@ -1,8 +1,9 @@
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
 from domain.chain import compute_digest
+from domain.commands import Audit
 from domain.errors import InvalidTransition, NotEligible, ValidationFailed
 from domain.participant import Participant
 from domain.randomization import AllocationSequence
@@ -312,3 +313,28 @@ def test_a_correction_leaves_the_captured_event_as_it_was():
                              audit(reason="transcription error"))
     assert screening_event.data["eligibility"]["zubrod"] == 1
     assert participant.screening["eligibility"]["zubrod"] == 2
+
+
+def test_the_digest_of_a_known_event_is_pinned():
+    # Stored chains are checked with this function: any change of its output would make
+    # every recorded event fail verification.
+    at = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
+    pinned = Audit(command_id="9b2d3c6e-0000-4000-8000-000000000001", actor="señora-app",
+                   recorded_at=at, reason="été")
+    participant = Participant.screen("CASE-PINNED", screening(), PROTOCOL, pinned)
+    participant.record_consent(consent(), pinned)
+    participant.randomize({"registered_on": REGISTERED},
+                          AllocationSequence.open(PROTOCOL.study_id, "CASE", pinned), SEED,
+                          PROTOCOL, pinned)
+    participant.record_blood_sample({"timepoint": "baseline", "collected_at": at,
+                                     "results": {"b12_pg_ml": 410.5}}, PROTOCOL, pinned)
+    digests = [compute_digest(e) for e in participant.collect_events()]
+    assert digests == PINNED_DIGESTS
+
+
+PINNED_DIGESTS = [
+    "ecc7f6dc3208db1e8d4c3f5955c4225048cb670188239490f0d6f4b6a0f25c37",
+    "b22151314bdbf28ab3d0a4f892ffc65fc5e0c3da4e84c9b7ff6a1f6d597f8305",
+    "b3aacba1edab390dfb83feb9f22cd6daf9af7c602b1dd1917d858f82fbf252a8",
+    "940cd1d86ea0099997dd2fa76e2b05cf2b8983904d8fceac0bc5aaae8bd79377",
+]
