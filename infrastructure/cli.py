@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from domain.errors import DomainError, ProtocolError
 from infrastructure import migrations
-from infrastructure.audit import history, verify
+from infrastructure.audit import check_store, history
 from infrastructure.bootstrap import Trialog, bootstrap
 from infrastructure.settings import Settings, SettingsError
+from infrastructure.stored import stored_events
 
 
 class CliError(Exception):
@@ -101,7 +102,7 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
         return 0
     for e in entries:
         reason = f"  reason: {e['reason']}" if e["reason"] else ""
-        print(f"v{e['version']:<4} {e['recorded_at'].isoformat():<33} {e['type']:<22} "
+        print(f"v{e['version']:<4} {e['recorded_at']:<33} {e['type']:<22} "
               f"by {e['actor']}  command {e['command_id']}{reason}")
         print(f"      {json.dumps(e['data'], default=_json_default, ensure_ascii=False)}")
     return 0
@@ -110,14 +111,17 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     trialog = _app()
     try:
-        with tqdm(unit="ev", desc="verifying", disable=args.quiet, file=sys.stderr) as bar:
-            report = verify(trialog.service, progress=bar.update)
-            rate = bar.format_dict["rate"] or 0
+        total = stored_events(trialog.service.recorder)
+        with tqdm(total=total, unit="ev", desc="verifying", disable=args.quiet,
+                  file=sys.stderr) as bar:
+            report = check_store(trialog, args.processes, progress=bar.update)
     finally:
         trialog.close()
-    _print_json(report.as_dict())
+    answer = report.as_dict()
+    _print_json(answer)
     if not args.quiet:
-        print(f"{report.events_checked} events checked ({rate:,.0f} events/s)", file=sys.stderr)
+        print(f"{report.events_checked} events checked "
+              f"({answer['events_per_second']:,} events/s)", file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist.set_defaults(func=cmd_audit_history)
     ver = audit.add_parser("verify", help="check every stored event's hash chain")
     ver.add_argument("--quiet", action="store_true")
+    ver.add_argument("--processes", type=int, default=None,
+                     help="worker processes for a big store (default: one per CPU)")
     ver.set_defaults(func=cmd_audit_verify)
 
     serve = sub.add_parser("serve", help="the HTTP API")

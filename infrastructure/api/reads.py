@@ -147,8 +147,10 @@ def get_history(participant_id: str, **args: Any) -> Response:
     _read("history")
     if args.get("as_of") is not None and args.get("version") is not None:
         raise invalid({"version": ["give as_of or version, not both"]})
+    from infrastructure.api import runtime
+
     entries = audit.history(_trialog().service, participant_id, args.get("as_of"),
-                            args.get("version"))
+                            args.get("version"), cache=runtime().histories)
     if not entries:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded{_until(args)}")
@@ -184,7 +186,7 @@ def get_summary(**args: Any) -> Response:
 def get_verify() -> Response:
     """Checks the hash chain of every stored event."""
     _read("audit")
-    return jsonify(audit.verify(_trialog().service).as_dict())
+    return jsonify(audit.check_store(_trialog()).as_dict())
 
 
 exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",

@@ -1,5 +1,6 @@
-"""What the API process runs beside its views: the projection follower, and the bounded
-wait that lets a client read its own write (``?after=POSITION``)."""
+"""What the API process runs beside its views: the projection follower, the bounded wait
+that lets a client read its own write (``?after=POSITION``), and the cache of decoded
+histories."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import threading
 import time
 
+from infrastructure.audit import HistoryCache
 from infrastructure.bootstrap import Trialog
 from infrastructure.projections import TrialProjection
 from infrastructure.tokens import Authenticator
@@ -19,6 +21,7 @@ class Runtime:
         self.trialog = trialog
         self.projection = TrialProjection(trialog)
         self.authenticate = Authenticator(trialog.engine)
+        self.histories = HistoryCache(trialog.service)
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None

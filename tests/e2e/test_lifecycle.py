@@ -74,6 +74,10 @@ def test_the_state_as_of_a_moment_is_what_was_recorded_then(server):
     assert [e["version"] for e in service.get(history, version=2).json()["events"]] == [1, 2]
     assert [e["version"] for e in service.get(history, as_of=moment).json()["events"]] == [1, 2]
     assert len(service.get(history).json()["events"]) == 3
+    service.command("RecordDose", pid, {"taken_on": "2026-03-05", "taken": True,
+                                        "dose_mcg": 1000})
+    # The server keeps decoded histories: a new event still shows at once.
+    assert [e["type"] for e in service.get(history).json()["events"]][-1] == "DoseRecorded"
     assert service.get(history, version=2, as_of=moment).status_code == 422
 
 

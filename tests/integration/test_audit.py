@@ -137,10 +137,11 @@ def test_history_and_state_as_recorded_at_a_moment(trialog):
     assert [e["type"] for e in full] == ["ParticipantScreened", "ConsentRecorded",
                                          "ParticipantRandomized", "DoseRecorded"]
     assert all(e["actor"] == "test-service" and e["command_id"] for e in full)
-    moment = full[1]["recorded_at"]
+    assert full[0]["recorded_at"] == "2026-03-04T09:01:00+00:00"
+    moment = datetime.fromisoformat(full[1]["recorded_at"])
     assert [e["version"] for e in history(trialog.service, pid, moment)] == [1, 2]
     assert participant_as_of(trialog.service, pid, moment).status == "consented"
-    before = full[0]["recorded_at"] - timedelta(seconds=1)
+    before = datetime.fromisoformat(full[0]["recorded_at"]) - timedelta(seconds=1)
     assert participant_as_of(trialog.service, pid, before) is None
 
 
@@ -151,3 +152,48 @@ def test_verify_never_crashes_on_garbage_rows(isolated):
         conn.execute(update(table).where(where).values(state=b"not even ciphertext"))
     report = verify(isolated.service)
     assert [(p.kind, p.version) for p in report.problems] == [("edited", 2)]
+
+
+def test_verifying_in_processes_finds_what_one_process_finds(isolated):
+    from infrastructure.audit import check_store, verify_parallel
+    from infrastructure.projections import TrialProjection
+
+    pids = [setup_participant(isolated) for _ in range(6)]
+    TrialProjection(isolated).catch_up()  # the read model names a stream whose first
+    before = verify(isolated.service).events_checked  # event is unreadable
+    with isolated.engine.begin() as conn:
+        table = events_table(isolated)
+        for pid, version in ((pids[0], 2), (pids[3], 5)):
+            conn.execute(delete(table).where(and_(
+                table.c.originator_id == participant_uuid(pid),
+                table.c.originator_version == version)))
+        where = and_(table.c.originator_id == participant_uuid(pids[5]),
+                     table.c.originator_version == 1)
+        state = conn.execute(select(table.c.state).where(where)).scalar_one()
+        conn.execute(update(table).where(where).values(state=bytes(state[:-1]) + b"\0"))
+    alone = verify(isolated.service)
+    together = verify_parallel(isolated.settings, 2)
+    assert together.events_checked == alone.events_checked == before - 2
+    key = lambda p: (p.stream, p.version, p.kind, p.participant_id)
+    assert sorted(map(key, together.problems)) == sorted(map(key, alone.problems))
+    assert {(p.participant_id, p.kind) for p in together.problems} == {
+        (pids[0], "deleted"), (pids[3], "deleted"), (pids[5], "edited")}
+    timed = check_store(isolated, processes=1).as_dict()
+    assert timed["seconds"] > 0 and timed["events_per_second"] > 0
+
+
+def test_reading_histories_gives_every_connection_back_to_the_pool(trialog):
+    # The store's own get_connection() never closes what it opens: reads that used it
+    # held a pooled connection each until garbage collection and exhausted the pool.
+    from infrastructure.audit import HistoryCache
+    from infrastructure.stored import stored_events
+
+    pid = enrol(trialog)
+    pool = trialog.engine.pool
+    checked_out = pool.checkedout()
+    cache = HistoryCache(trialog.service)
+    for _ in range(25):
+        assert len(history(trialog.service, pid)) == 3
+        assert len(history(trialog.service, pid, cache=cache)) == 3
+        assert stored_events(trialog.service.recorder) > 0
+    assert pool.checkedout() == checked_out
