@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -108,3 +109,24 @@ def raw_concurrent_saves(env: dict[str, str], total: int) -> float:
         return each * CLIENTS / (time.perf_counter() - start)
     finally:
         app.close()
+
+
+def history_p95_ms(base: str, token: str, participant_id: str, requests_n: int = 60) -> float:
+    """p95 of GET /v1/participants/{id}/history, one client, after two warm-up reads."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    url = f"{base}/v1/participants/{participant_id}/history"
+    samples = []
+    for i in range(requests_n + 2):
+        start = time.perf_counter()
+        answer = session.get(url, timeout=60)
+        elapsed = time.perf_counter() - start
+        if answer.status_code != 200 or len(answer.json()["events"]) < 500:
+            raise RuntimeError(f"history answered {answer.status_code}")
+        if i >= 2:
+            samples.append(elapsed)
+    return p95_ms(samples)
+
+
+def p95_ms(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=20)[18] * 1000

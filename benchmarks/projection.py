@@ -28,13 +28,15 @@ def _audit() -> Audit:
     return Audit(command_id=str(uuid.uuid4()), actor="bench", recorded_at=datetime.now(UTC))
 
 
-def seed_participants(t: Trialog, participants: int, events_each: int) -> int:
-    """Saves ``participants`` participants of ``events_each`` events, 20 per save."""
+def seed_participants(t: Trialog, participants: int, events_each: int) -> list[str]:
+    """Saves ``participants`` participants of ``events_each`` events, 20 per save, in a
+    store with no allocation sequence yet; their ids."""
     sequence = AllocationSequence.open(t.protocol.study_id, "CASE", _audit())
     group: list[Any] = []
+    ids = []
     for _ in range(participants):
-        p = Participant.screen(f"CASE-{uuid.uuid4().hex[:12]}", screening(), t.protocol,
-                               _audit())
+        ids.append(f"CASE-{uuid.uuid4().hex[:12]}")
+        p = Participant.screen(ids[-1], screening(), t.protocol, _audit())
         p.record_consent(consent(), _audit())
         p.randomize({"registered_on": REGISTERED}, sequence, t.service.allocation_seed,
                     t.protocol, _audit())
@@ -46,7 +48,7 @@ def seed_participants(t: Trialog, participants: int, events_each: int) -> int:
             t.service.save(*group)
             group = []
     t.service.save(sequence, *group)
-    return TrialProjection(t).head()
+    return ids
 
 
 def ours(t: Trialog) -> float:

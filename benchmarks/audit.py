@@ -1,0 +1,71 @@
+"""The auditors' reads: history over HTTP, verification of a big store, and the exports'
+peak memory (a child process per export, so each peak is its own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from benchmarks import http
+from infrastructure.audit import check_store, verify
+from infrastructure.bootstrap import Trialog
+
+ROOT = Path(__file__).resolve().parents[1]
+# The peak is VmHWM, this process image's own high-water mark: ru_maxrss would carry the
+# forking parent's size across exec.
+EXPORT_PEAK = """
+import re, sys
+from infrastructure.cli import main
+code = main(["export", sys.argv[1], "--output", sys.argv[2]])
+status = open("/proc/self/status").read()
+print(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def first_reads_p95_ms(base: str, token: str, participant_ids: list[str]) -> float:
+    """p95 of the first history read of each participant (nothing cached yet)."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    samples = []
+    for pid in participant_ids:
+        start = time.perf_counter()
+        answer = session.get(f"{base}/v1/participants/{pid}/history", timeout=60)
+        samples.append(time.perf_counter() - start)
+        if answer.status_code != 200 or len(answer.json()["events"]) < 500:
+            raise RuntimeError(f"history answered {answer.status_code}")
+    return http.p95_ms(samples)
+
+
+def verify_rates(t: Trialog) -> tuple[float, float]:
+    """Events/s of the whole check: in one process per CPU, and in this process alone."""
+    report = check_store(t)
+    if not report.ok:
+        raise SystemExit(f"verify found problems in a fresh database: {report.problems}")
+    start = time.perf_counter()
+    alone = verify(t.service)
+    alone_rate = alone.events_checked / (time.perf_counter() - start)
+    return report.events_checked / (report.seconds or 1), alone_rate
+
+
+def export_peak(url: str, key: str, kind: str, workdir: Path) -> tuple[float, float, int]:
+    """(peak RSS in MiB, seconds, bytes written) of ``trialog export KIND`` in a process
+    of its own."""
+    out = workdir / f"export.{kind}"
+    env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": key,
+           "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", EXPORT_PEAK, kind, str(out)], env=env,
+                          capture_output=True, text=True, check=False, timeout=1800)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"export {kind} failed: {done.stderr}")
+    peak_kib = int(done.stderr.strip().splitlines()[-1])
+    size = out.stat().st_size
+    out.unlink()
+    return peak_kib / 1024, seconds, size
