@@ -14,10 +14,11 @@ from tqdm import tqdm
 
 from domain.errors import DomainError, ProtocolError
 from infrastructure import migrations
-from infrastructure.audit import check_store, history
+from infrastructure.audit import history
 from infrastructure.bootstrap import Trialog, bootstrap
 from infrastructure.settings import Settings, SettingsError
 from infrastructure.stored import stored_events
+from infrastructure.verification import check_store
 
 
 class CliError(Exception):
@@ -114,7 +115,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         total = stored_events(trialog.service.recorder)
         with tqdm(total=total, unit="ev", desc="verifying", disable=args.quiet,
                   file=sys.stderr) as bar:
-            report = check_store(trialog, args.processes, progress=bar.update)
+            report = check_store(trialog, args.processes, progress=bar.update, deep=args.deep)
     finally:
         trialog.close()
     answer = report.as_dict()
@@ -161,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     hist.set_defaults(func=cmd_audit_history)
     ver = audit.add_parser("verify", help="check every stored event's hash chain")
     ver.add_argument("--quiet", action="store_true")
+    ver.add_argument("--deep", action="store_true",
+                     help="also recompute every event's digest from its content")
     ver.add_argument("--processes", type=int, default=None,
-                     help="worker processes for a big store (default: one per CPU)")
+                     help="worker processes for a deep check of a big store "
+                          "(default: one per CPU)")
     ver.set_defaults(func=cmd_audit_verify)
 
     serve = sub.add_parser("serve", help="the HTTP API")

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from sqlalchemy import func, select
@@ -38,6 +41,27 @@ def decode(mapper: Mapper[UUID], originator_id: Any, version: int, topic: str,
     event = object.__new__(cls)
     object.__setattr__(event, "__dict__", event_state)
     return event
+
+
+class Decrypter:
+    """The library's AES-GCM cipher's decryption with the key set up once, not per call
+    (its ``decrypt`` builds a new AESGCM every time). A state this can't decrypt is handed
+    to the library's own cipher, so a change of its framing costs speed, never a false
+    report."""
+
+    def __init__(self, cipher: Any) -> None:
+        self.cipher = cipher
+        key = getattr(cipher, "key", None)
+        self.aesgcm = AESGCM(key) if isinstance(cipher, AESCipher) and key else None
+
+    def __call__(self, state: bytes) -> bytes:
+        if self.aesgcm is not None:  # nonce (12 bytes), tag (16), then the ciphertext
+            try:
+                return self.aesgcm.decrypt(state[:12], state[28:] + state[12:28], None)
+            except (InvalidTag, ValueError):
+                pass
+        plain: bytes = self.cipher.decrypt(state)
+        return plain
 
 
 def events_table(recorder: Any) -> Any:
@@ -81,6 +105,58 @@ def stream_rows(recorder: Any, batch: int = 2000, topic_prefix: str | None = Non
     query = query.order_by(table.c.originator_id, table.c.originator_version)
     with recorder.datastore.engine.connect() as connection:
         yield from connection.execution_options(yield_per=batch).execute(query)
+
+
+def link_rows(recorder: Any, batch: int = 5000,
+              streams: StreamRange = (None, None)) -> Iterator[tuple[int, Any, int, bytes]]:
+    """(notification id, stream key, version, state) of every stored event, stream by
+    stream in version order: the least a chain check needs. On PostgreSQL a binary
+    server-side cursor, the key being the id's 16 bytes (decoding a UUID and the topic of
+    every row costs more than the rest of the read); elsewhere through SQLAlchemy."""
+    engine = recorder.datastore.engine
+    if engine.dialect.name != "postgresql":
+        for row in stream_rows(recorder, batch, streams=streams):
+            state = row.state if isinstance(row.state, bytes) else bytes(row.state)
+            yield row.id, row.originator_id, row.originator_version, state
+        return
+    table = events_table(recorder)
+    query = select(table.c.id, func.uuid_send(table.c.originator_id),
+                   table.c.originator_version, table.c.state)
+    low, high = streams
+    if low is not None:
+        query = query.where(table.c.originator_id >= low)
+    if high is not None:
+        query = query.where(table.c.originator_id < high)
+    compiled = query.order_by(table.c.originator_id, table.c.originator_version).compile(
+        dialect=engine.dialect)
+    raw = engine.raw_connection()
+    try:
+        with raw.driver_connection.cursor(name="trialog_link_rows", binary=True) as cursor:
+            cursor.execute(str(compiled), compiled.params)
+            while rows := cursor.fetchmany(batch):
+                yield from rows
+    finally:
+        raw.close()
+
+
+def stream_key_id(key: Any) -> UUID:
+    """The originator id of a ``link_rows`` stream key."""
+    if isinstance(key, UUID):
+        return key
+    if isinstance(key, bytes):
+        return UUID(bytes=key)
+    return UUID(str(key))
+
+
+def load_event(service: Any, originator_id: UUID, version: int) -> Any | None:
+    """One stored event, decoded; None when there is no such row."""
+    table = events_table(service.recorder)
+    query = select(table.c.originator_id, table.c.originator_version, table.c.topic,
+                   table.c.state).where(table.c.originator_id == originator_id,
+                                        table.c.originator_version == version)
+    with service.recorder.datastore.engine.connect() as connection:
+        row = connection.execute(query).first()
+    return None if row is None else decode(service.mapper, *row)
 
 
 def plain_text(d: dict[str, Any]) -> Any:

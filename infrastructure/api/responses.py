@@ -131,6 +131,7 @@ class VerifyReport(Schema):
     ok = fields.Boolean(required=True)
     events_checked = fields.Integer(required=True)
     problems = fields.List(fields.Nested(Problem), required=True)
+    deep = fields.Boolean(metadata={"description": "every digest was recomputed too"})
     seconds = fields.Float(metadata={"description": "how long the check took"})
     events_per_second = fields.Float()
 

@@ -187,3 +187,13 @@ def test_an_auditor_downloads_the_odm_and_fhir_exports(server):
     assert fhir.headers["Content-Type"].startswith("application/fhir+ndjson")
     subjects = [ResearchSubject.model_validate_json(line) for line in fhir.text.splitlines()]
     assert subjects and pid not in fhir.text
+
+
+def test_an_auditor_verifies_the_store_plainly_and_deeply(server):
+    enrol(server.client("service"))  # the store has a participant to check
+    auditor = server.client("auditor")
+    for deep in ("false", "true"):
+        answer = auditor.get("/v1/audit/verify", deep=deep).json()
+        assert answer["ok"] is True and answer["problems"] == []
+        assert answer["deep"] is (deep == "true")
+        assert answer["events_checked"] >= 3 and answer["events_per_second"] > 0

@@ -8,8 +8,9 @@ from sqlalchemy import and_, delete, insert, select, update
 
 from domain import commands as c
 from domain.participant import participant_uuid
-from infrastructure.audit import history, participant_as_of, verify
+from infrastructure.audit import history, participant_as_of
 from infrastructure.bus import CommandBus
+from infrastructure.verification import verify
 from tests.integration.helpers import dose, enrol, send
 
 
@@ -30,6 +31,9 @@ def tampered(t, pid, statement_for) -> list[dict]:
             conn.execute(statement)
     report = verify(t.service)
     assert not report.ok
+    deep = verify(t.service, deep=True)
+    # Both checks find and classify the same tampering.
+    assert [p.as_dict() for p in deep.problems] == [p.as_dict() for p in report.problems]
     return [p.as_dict() for p in report.problems]
 
 
@@ -155,8 +159,8 @@ def test_verify_never_crashes_on_garbage_rows(isolated):
 
 
 def test_verifying_in_processes_finds_what_one_process_finds(isolated):
-    from infrastructure.audit import check_store, verify_parallel
     from infrastructure.projections import TrialProjection
+    from infrastructure.verification import check_store, verify_parallel
 
     pids = [setup_participant(isolated) for _ in range(6)]
     TrialProjection(isolated).catch_up()  # the read model names a stream whose first
@@ -197,3 +201,24 @@ def test_reading_histories_gives_every_connection_back_to_the_pool(trialog):
         assert len(history(trialog.service, pid, cache=cache)) == 3
         assert stored_events(trialog.service.recorder) > 0
     assert pool.checkedout() == checked_out
+
+
+def test_the_deep_check_catches_an_edit_made_with_the_cipher_key(isolated):
+    # Someone holding the key decrypts a row, changes a value and encrypts it again
+    # without rewriting the digests: it decrypts and its links hold, but its content no
+    # longer matches its digest.
+    import json
+
+    pid = setup_participant(isolated)
+    table, where = row(isolated, pid, 4)
+    cipher = isolated.service.mapper.cipher
+    with isolated.engine.begin() as conn:
+        state = conn.execute(select(table.c.state).where(where)).scalar_one()
+        content = json.loads(cipher.decrypt(bytes(state)))
+        content["data"]["dose_mcg"] = 5000
+        forged = cipher.encrypt(json.dumps(content, separators=(",", ":")).encode())
+        conn.execute(update(table).where(where).values(state=forged))
+    assert verify(isolated.service).ok  # links and encryption hold
+    deep = verify(isolated.service, deep=True)
+    assert [(p.kind, p.version, p.participant_id) for p in deep.problems] == [
+        ("edited", 4, pid)]
