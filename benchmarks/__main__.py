@@ -20,10 +20,10 @@ from benchmarks import reminders as reminder_bench
 from benchmarks.baseline import Ping
 from benchmarks.http import p95_ms
 from domain import commands as c
-from infrastructure.audit import verify
 from infrastructure.bootstrap import Trialog, bootstrap
 from infrastructure.projections import TrialProjection
 from infrastructure.settings import Settings
+from infrastructure.verification import verify
 from tests.databases import fresh_postgres_database
 from tests.factories import consent, screening
 
@@ -204,7 +204,7 @@ def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
             events = TrialProjection(t).head()
             ours = projection.ours(t)
             runner = projection.library_runner(t, min(events, RUNNER_EVENTS))
-            verify_rate, verify_alone = audit.verify_rates(t)
+            verify_rate, verify_deep = audit.verify_rates(t)
             exports = {kind: audit.export_peak(url, KEY, kind, workdir)
                        for kind in ("odm", "fhir")}
         finally:
@@ -214,9 +214,9 @@ def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
     row["events"] = events
     rows = [row,
             {**result("verify", verify_rate, "ev/s", "library_log_read", raw_read,
-                      "postgresql"), "events": events, "processes": os.cpu_count()},
-            {**result("verify_one_process", verify_alone, "ev/s", "library_log_read",
-                      raw_read, "postgresql"), "events": events}]
+                      "postgresql"), "events": events},
+            {**result("verify_deep", verify_deep, "ev/s", "library_log_read", raw_read,
+                      "postgresql"), "events": events, "processes": os.cpu_count()}]
     for kind, (peak, seconds, size) in exports.items():
         rows.append({**result(f"export_{kind}_peak_rss_mib", peak, "MiB", "", 0,
                               "postgresql"), "events": events,
