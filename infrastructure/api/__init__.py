@@ -3,6 +3,7 @@ JSON bodies, and one structured log line per request."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -67,6 +68,9 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     app.after_request(_log_request)
     app.register_error_handler(ApiError, lambda e: error_response(e.status, e.body))
     app.register_error_handler(HTTPException, _http_error)
+    # What exists now lives as long as the process: out of the collector's way, so a full
+    # collection scans only what requests create (a 500-event history is ~5k objects).
+    gc.freeze()
     return app
 
 
