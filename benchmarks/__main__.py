@@ -149,7 +149,7 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
             t.close()
     if kind == "postgresql":
         results += rebuild_results(workdir, raw_read)
-        results += history_results(workdir)
+        results += history_results(workdir, raw_read)
         results += reminder_results(workdir)
     return results
 
@@ -224,16 +224,16 @@ def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
     return rows
 
 
-def history_results(workdir: Path) -> list[dict[str, Any]]:
+def history_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
     """History of 500-event participants over HTTP: the same participant read again and
     again (the contract's figure), and the first read of each of 30 participants; then the
     exports of this smaller store, for their peak memory beside the 200k-event one."""
-    with database("postgresql", workdir) as (url, raw_env):
+    with database("postgresql", workdir) as (url, _):
         settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY})
         t = bootstrap(settings, migrate=True)
         try:
             pids = projection.seed_participants(t, HISTORY_PARTICIPANTS, 500)
-            _, raw_read = raw_log_read(raw_env)
+            TrialProjection(t).catch_up()  # the steady state: the API's followers are idle
             with http.serving(url, KEY, t.engine, workdir) as (base, token):
                 cold = audit.first_reads_p95_ms(base, token, pids[1:])
                 warm = http.history_p95_ms(base, token, pids[0])
