@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from domain.chain import canonical_json
 from domain.participant import Participant
@@ -107,21 +107,27 @@ def stream_rows(recorder: Any, batch: int = 2000, topic_prefix: str | None = Non
         yield from connection.execution_options(yield_per=batch).execute(query)
 
 
+LinkRow = tuple[int, Any, int, "str | None", bytes]
+
+
 def link_rows(recorder: Any, batch: int = 5000,
-              streams: StreamRange = (None, None)) -> Iterator[tuple[int, Any, int, bytes]]:
-    """(notification id, stream key, version, state) of every stored event, stream by
-    stream in version order: the least a chain check needs. On PostgreSQL a binary
-    server-side cursor, the key being the id's 16 bytes (decoding a UUID and the topic of
-    every row costs more than the rest of the read); elsewhere through SQLAlchemy."""
+              streams: StreamRange = (None, None)) -> Iterator[LinkRow]:
+    """(notification id, stream key, version, topic of a first event, state) of every
+    stored event, stream by stream in version order: the least a chain check needs. On
+    PostgreSQL a binary server-side cursor, the key being the id's 16 bytes and the topic
+    only given for version 1 (decoding a UUID and a topic for every row costs more than
+    the rest of the read); elsewhere through SQLAlchemy."""
     engine = recorder.datastore.engine
     if engine.dialect.name != "postgresql":
         for row in stream_rows(recorder, batch, streams=streams):
             state = row.state if isinstance(row.state, bytes) else bytes(row.state)
-            yield row.id, row.originator_id, row.originator_version, state
+            topic = row.topic if row.originator_version == 1 else None
+            yield row.id, row.originator_id, row.originator_version, topic, state
         return
     table = events_table(recorder)
+    first_topic = case((table.c.originator_version == 1, table.c.topic), else_=None)
     query = select(table.c.id, func.uuid_send(table.c.originator_id),
-                   table.c.originator_version, table.c.state)
+                   table.c.originator_version, first_topic, table.c.state)
     low, high = streams
     if low is not None:
         query = query.where(table.c.originator_id >= low)

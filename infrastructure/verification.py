@@ -5,8 +5,9 @@ crashed on.
 Every stored state is encrypted with AES-GCM, which authenticates it, and carries its own
 digest and the digest of the event before it. The default check decrypts each row (an
 altered row no longer decrypts) and follows the declared links and versions (a deleted,
-moved or copied row breaks them): without the cipher key no row can be edited, moved or
-added unseen. The deep check also recomputes every digest from the event's content, which
+moved or copied row breaks them); it recomputes the digest of each stream's first event,
+which covers the stream's id (no link does): without the cipher key no row can be edited,
+moved or added unseen. The deep check also recomputes every digest from the event's content, which
 catches an edit by someone holding the key who did not rewrite the digests. Any row whose
 link fails is decoded and its digest recomputed in both, to say what happened to it.
 """
@@ -195,6 +196,9 @@ class _StreamCheck:
             return "edited", "the stored state no longer decodes"
         if event.digest in self.seen:
             return "inserted", f"a copy of version {self.seen[event.digest]}"
+        owner = getattr(event, "participant_id", None) or self.participant_id
+        if owner is not None and participant_uuid(owner) != event.originator_id:
+            return "inserted", f"the event belongs to participant {owner}'s stream"
         version = event.originator_version
         for other in range(1, version + 64):
             if other != version:
@@ -255,7 +259,17 @@ def _links(service: TrialService, batch: int, streams: StreamRange,
         return
     decrypt = Decrypter(mapper.cipher) if mapper.cipher else None
     compressor = mapper.compressor
-    for notification_id, key, version, state in link_rows(service.recorder, batch, streams):
+    for notification_id, key, version, topic, state in link_rows(service.recorder, batch,
+                                                                 streams):
+        if topic is not None:
+            # A stream's first event: its digest covers the stream id, which no link
+            # does, so a whole stream moved to another id shows here.
+            try:
+                link = _deep_link(service, str(stream_key_id(key)), version, topic, state)
+            except Exception:  # noqa: BLE001 - a corrupt row is reported, not raised
+                link = None
+            yield notification_id, key, version, link
+            continue
         try:
             plain = decrypt(state) if decrypt else state
             if compressor:

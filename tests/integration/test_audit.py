@@ -222,3 +222,19 @@ def test_the_deep_check_catches_an_edit_made_with_the_cipher_key(isolated):
     deep = verify(isolated.service, deep=True)
     assert [(p.kind, p.version, p.participant_id) for p in deep.problems] == [
         ("edited", 4, pid)]
+
+
+def test_a_whole_stream_moved_to_another_id_is_detected(isolated):
+    # Every link within the moved stream still holds: only the first event's digest,
+    # which covers the stream's id, shows the move.
+    pid = setup_participant(isolated)
+    table = events_table(isolated)
+    elsewhere = participant_uuid(f"{pid}-X")
+    with isolated.engine.begin() as conn:
+        conn.execute(update(table).where(table.c.originator_id == participant_uuid(pid))
+                     .values(originator_id=elsewhere))
+    for deep in (False, True):
+        problems = verify(isolated.service, deep=deep).problems
+        assert [(p.kind, p.stream, p.version, p.participant_id) for p in problems] == [
+            ("inserted", str(elsewhere), version, pid) for version in range(1, 7)]
+        assert all(f"participant {pid}'s stream" in p.detail for p in problems)
