@@ -4,6 +4,7 @@ projection, the audit and the exports, and the whole store stream by stream."""
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
@@ -31,11 +32,7 @@ def decode(mapper: Mapper[UUID], originator_id: Any, version: int, topic: str,
     cls = resolve_topic(topic)
     if getattr(cls, "class_version", 1) != 1:
         return mapper.to_domain_event(StoredEvent(originator_id, version, topic, state))
-    if mapper.cipher:
-        state = mapper.cipher.decrypt(state)
-    if mapper.compressor:
-        state = mapper.compressor.decompress(state)
-    event_state = mapper.transcoder.decode(state)
+    event_state = mapper.transcoder.decode(decrypt(mapper, state))
     event_state["originator_id"] = originator_id
     event_state["originator_version"] = version
     event = object.__new__(cls)
@@ -62,6 +59,22 @@ class Decrypter:
                 pass
         plain: bytes = self.cipher.decrypt(state)
         return plain
+
+
+_DECRYPTERS: weakref.WeakKeyDictionary[Any, Decrypter] = weakref.WeakKeyDictionary()
+
+
+def decrypt(mapper: Mapper[UUID], state: bytes) -> bytes:
+    """A stored state decrypted (when the store encrypts) and decompressed (when it
+    compresses), as the mapper would."""
+    if mapper.cipher:
+        decrypter = _DECRYPTERS.get(mapper.cipher)
+        if decrypter is None:
+            decrypter = _DECRYPTERS[mapper.cipher] = Decrypter(mapper.cipher)
+        state = decrypter(state)
+    if mapper.compressor:
+        state = mapper.compressor.decompress(state)
+    return state
 
 
 def events_table(recorder: Any) -> Any:
@@ -186,11 +199,7 @@ class Upcast(Exception):
 
 def plain_state(mapper: Mapper[UUID], state: bytes) -> dict[str, Any]:
     """A stored state as plain JSON values, without building the domain event."""
-    if mapper.cipher:
-        state = mapper.cipher.decrypt(state)
-    if mapper.compressor:
-        state = mapper.compressor.decompress(state)
-    content: dict[str, Any] = PLAIN_JSON.decode(state.decode())
+    content: dict[str, Any] = PLAIN_JSON.decode(decrypt(mapper, state).decode())
     if "class_version" in content:
         raise Upcast
     return content

@@ -32,10 +32,10 @@ from domain.participant import participant_uuid
 from domain.service import TrialService
 from infrastructure.settings import Settings
 from infrastructure.stored import (
-    Decrypter,
     StreamRange,
     Upcast,
     decode,
+    decrypt,
     link_rows,
     load_event,
     plain_state,
@@ -257,8 +257,6 @@ def _links(service: TrialService, batch: int, streams: StreamRange,
                 link = None
             yield row.id, row.originator_id, row.originator_version, link
         return
-    decrypt = Decrypter(mapper.cipher) if mapper.cipher else None
-    compressor = mapper.compressor
     for notification_id, key, version, topic, state in link_rows(service.recorder, batch,
                                                                  streams):
         if topic is not None:
@@ -271,10 +269,7 @@ def _links(service: TrialService, batch: int, streams: StreamRange,
             yield notification_id, key, version, link
             continue
         try:
-            plain = decrypt(state) if decrypt else state
-            if compressor:
-                plain = compressor.decompress(plain)
-            link = declared_link(plain)
+            link = declared_link(decrypt(mapper, state))
             if link is None:
                 event = load_event(service, stream_key_id(key), version)
                 link = None if event is None else _link_of(event)
