@@ -84,6 +84,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_history(args: argparse.Namespace) -> int:
+    from domain.views import participant_state
+
     if args.as_of and args.version is not None:
         raise CliError("give --as-of or --version, not both")
     if args.version is not None and args.version < 1:
@@ -94,18 +96,32 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
         entries = history(trialog.service, args.participant_id, as_of, args.version)
         if not entries:
             trialog.service.get_participant(args.participant_id)  # 'not found' when unknown
+            raise CliError(f"participant {args.participant_id} has no events recorded by "
+                           f"{args.as_of or f'version {args.version}'}")
+        # The state the record gave at the last event shown, on that event's day.
+        last = entries[-1]
+        participant = trialog.service.get_participant(args.participant_id,
+                                                      version=last["version"])
+        moment = datetime.fromisoformat(last["recorded_at"])
+        state = participant_state(participant, trialog.protocol, moment.date(), contact=True)
     finally:
         trialog.close()
-    if not entries:
-        raise CliError(f"participant {args.participant_id} has no events recorded by {args.as_of}")
     if args.format == "json":
-        _print_json({"participant_id": args.participant_id, "events": entries})
+        _print_json({"participant_id": args.participant_id, "events": entries,
+                     "state": state})
         return 0
     for e in entries:
         reason = f"  reason: {e['reason']}" if e["reason"] else ""
         print(f"v{e['version']:<4} {e['recorded_at']:<33} {e['type']:<22} "
               f"by {e['actor']}  command {e['command_id']}{reason}")
         print(f"      {json.dumps(e['data'], default=_json_default, ensure_ascii=False)}")
+    print(f"\nState at v{state['version']} ({last['recorded_at']}): {state['status']}, "
+          f"arm {state['arm'] or '-'}, site {state['site_id']}, "
+          f"{len(state['open_deviations'])} open deviations")
+    for visit in state["visits"]:
+        scores = state["scores"].get(visit["code"], {})
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if v is not None)
+        print(f"  {visit['code']:<18} {visit['status']:<12} {shown}")
     return 0
 
 

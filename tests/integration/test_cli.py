@@ -50,6 +50,12 @@ def test_demo_prints_the_summary_then_history_and_verify_work_on_its_file(tmp_pa
     assert upto.returncode == 0, upto.stderr
     versions = [line.split()[0] for line in upto.stdout.splitlines() if line.startswith("v")]
     assert versions == ["v1", "v2"]
+    assert "State at v2 (" in upto.stdout and "): consented, arm -, site CASE" in upto.stdout
+    randomized = json.loads(run(["audit", "history", "CASE-0002", "--version", "3",
+                                 "--format", "json"], tmp_path,
+                                TRIALOG_DATABASE_URL=url).stdout)["state"]
+    assert (randomized["version"], randomized["status"]) == (3, "randomized")
+    assert randomized["arm"] in ("b12", "control")
     both = run(["audit", "history", "CASE-0002", "--version", "2", "--as-of",
                 events[0]["recorded_at"]], tmp_path, TRIALOG_DATABASE_URL=url)
     assert both.returncode == 1 and "not both" in both.stderr
