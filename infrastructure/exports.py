@@ -39,10 +39,14 @@ class Deidentifier:
         return timedelta(days=days)
 
     def shift(self, participant_id: str, day: date) -> date:
-        return day - self.offset(participant_id)
+        """The date moved back; the earliest date when that would go before year 1."""
+        offset = self.offset(participant_id)
+        return day - offset if day - date.min >= offset else date.min
 
     def shift_datetime(self, participant_id: str, moment: datetime) -> datetime:
-        return moment - self.offset(participant_id)
+        offset = self.offset(participant_id)
+        earliest = datetime.min.replace(tzinfo=moment.tzinfo)
+        return moment - offset if moment - earliest >= offset else earliest
 
 
 def csv_rows(t: Trialog, deidentify: bool = False) -> Iterator[dict[str, Any]]:

@@ -221,3 +221,17 @@ def test_fhir_statuses_and_arms_follow_the_participants_state(isolated):
         assert (arm in ("b12", "control")) == randomized
         assert resource.get("actualArm") == arm
         json.dumps(resource)  # plain JSON
+
+
+def test_shifting_a_date_never_goes_before_year_one():
+    # Dates near year 1 are accepted by the API; shifting them back must not fail.
+    from datetime import UTC, date, datetime
+
+    from infrastructure.exports import Deidentifier
+
+    masker = Deidentifier(b"key")
+    assert masker.shift("P", date(1, 1, 2)) == date.min
+    assert masker.shift_datetime("P", datetime(1, 1, 2, tzinfo=UTC)) == datetime.min.replace(
+        tzinfo=UTC)
+    days = masker.offset("P").days
+    assert masker.shift("P", date(2026, 3, 4)) == date(2026, 3, 4) - timedelta(days=days)
