@@ -204,7 +204,7 @@ def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
             events = TrialProjection(t).head()
             ours = projection.ours(t)
             runner = projection.library_runner(t, min(events, RUNNER_EVENTS))
-            verify_rate, verify_deep = audit.verify_rates(t)
+            (verify_rate, processes), (verify_deep, deep_processes) = audit.verify_rates(t)
             exports = {kind: audit.export_peak(url, KEY, kind, workdir)
                        for kind in ("odm", "fhir")}
         finally:
@@ -214,9 +214,9 @@ def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
     row["events"] = events
     rows = [row,
             {**result("verify", verify_rate, "ev/s", "library_log_read", raw_read,
-                      "postgresql"), "events": events},
+                      "postgresql"), "events": events, "processes": processes},
             {**result("verify_deep", verify_deep, "ev/s", "library_log_read", raw_read,
-                      "postgresql"), "events": events, "processes": os.cpu_count()}]
+                      "postgresql"), "events": events, "processes": deep_processes}]
     for kind, (peak, seconds, size) in exports.items():
         rows.append({**result(f"export_{kind}_peak_rss_mib", peak, "MiB", "", 0,
                               "postgresql"), "events": events,

@@ -42,16 +42,16 @@ def first_reads_p95_ms(base: str, token: str, participant_ids: list[str]) -> flo
     return http.p95_ms(samples)
 
 
-def verify_rates(t: Trialog) -> tuple[float, float]:
-    """Events/s of the whole check (decrypt, versions, links) and of the deep one (every
-    digest recomputed too, one process per CPU)."""
+def verify_rates(t: Trialog) -> list[tuple[float, int]]:
+    """(events/s, processes) of the whole check (decrypt, versions, links) and of the deep
+    one (every digest recomputed too)."""
     rates = []
     for deep in (False, True):
         report = check_store(t, deep=deep)
         if not report.ok:
             raise SystemExit(f"verify found problems in a fresh database: {report.problems}")
-        rates.append(report.events_checked / (report.seconds or 1))
-    return rates[0], rates[1]
+        rates.append((report.events_checked / (report.seconds or 1), report.processes))
+    return rates
 
 
 def export_peak(url: str, key: str, kind: str, workdir: Path) -> tuple[float, float, int]:

@@ -126,6 +126,7 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    tqdm.monitor_interval = 0  # no monitor thread: the check may fork its workers
     trialog = _app()
     try:
         total = stored_events(trialog.service.recorder)

@@ -64,14 +64,19 @@ class Decrypter:
 _DECRYPTERS: weakref.WeakKeyDictionary[Any, Decrypter] = weakref.WeakKeyDictionary()
 
 
+def decrypter(cipher: Any) -> Decrypter:
+    """The one decrypter of a cipher."""
+    found = _DECRYPTERS.get(cipher)
+    if found is None:
+        found = _DECRYPTERS[cipher] = Decrypter(cipher)
+    return found
+
+
 def decrypt(mapper: Mapper[UUID], state: bytes) -> bytes:
     """A stored state decrypted (when the store encrypts) and decompressed (when it
     compresses), as the mapper would."""
     if mapper.cipher:
-        decrypter = _DECRYPTERS.get(mapper.cipher)
-        if decrypter is None:
-            decrypter = _DECRYPTERS[mapper.cipher] = Decrypter(mapper.cipher)
-        state = decrypter(state)
+        state = decrypter(mapper.cipher)(state)
     if mapper.compressor:
         state = mapper.compressor.decompress(state)
     return state

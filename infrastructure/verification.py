@@ -14,9 +14,11 @@ link fails is decoded and its digest recomputed in both, to say what happened to
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,10 +34,12 @@ from domain.participant import participant_uuid
 from domain.service import TrialService
 from infrastructure.settings import Settings
 from infrastructure.stored import (
+    LinkRow,
     StreamRange,
     Upcast,
     decode,
     decrypt,
+    decrypter,
     link_rows,
     load_event,
     plain_state,
@@ -70,6 +74,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     seconds: float | None = None
     deep: bool = False
+    processes: int = 1
 
     @property
     def ok(self) -> bool:
@@ -78,7 +83,7 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         answer: dict[str, Any] = {"ok": self.ok, "events_checked": self.events_checked,
                                   "problems": [p.as_dict() for p in self.problems],
-                                  "deep": self.deep}
+                                  "deep": self.deep, "processes": self.processes}
         if self.seconds is not None:
             answer["seconds"] = round(self.seconds, 3)
             answer["events_per_second"] = round(self.events_checked / self.seconds
@@ -240,42 +245,29 @@ def _name_unknown_streams(service: TrialService, problems: list[Problem]) -> Non
         problem.participant_id = problem.participant_id or names.get(problem.stream)
 
 
-def _links(service: TrialService, batch: int, streams: StreamRange,
-           deep: bool) -> Iterator[tuple[int, Any, int, Link | None]]:
-    """(notification id, stream key, version, link) of every row, stream by stream."""
-    mapper = service.mapper
-    if deep:
-        stream, key = "", None
-        for row in stream_rows(service.recorder, batch, streams=streams):
-            if row.originator_id != key:
-                key, stream = row.originator_id, str(stream_key_id(row.originator_id))
-            state = row.state if isinstance(row.state, bytes) else bytes(row.state)
-            try:
-                link: Link | None = _deep_link(service, stream, row.originator_version,
-                                               row.topic, state)
-            except Exception:  # noqa: BLE001 - a corrupt row is reported, not raised
-                link = None
-            yield row.id, row.originator_id, row.originator_version, link
-        return
-    for notification_id, key, version, topic, state in link_rows(service.recorder, batch,
-                                                                 streams):
+def _row_link(service: TrialService, stream: str, key: Any, version: int,
+              topic: str | None, state: bytes) -> Link | None:
+    """The link of one row: recomputed when its topic is given (every row of a deep check,
+    a stream's first event otherwise), else as its decrypted text declares it."""
+    try:
         if topic is not None:
-            # A stream's first event: its digest covers the stream id, which no link
-            # does, so a whole stream moved to another id shows here.
-            try:
-                link = _deep_link(service, str(stream_key_id(key)), version, topic, state)
-            except Exception:  # noqa: BLE001 - a corrupt row is reported, not raised
-                link = None
-            yield notification_id, key, version, link
-            continue
-        try:
-            link = declared_link(decrypt(mapper, state))
-            if link is None:
-                event = load_event(service, stream_key_id(key), version)
-                link = None if event is None else _link_of(event)
-        except Exception:  # noqa: BLE001 - a corrupt row is reported, not raised
-            link = None
-        yield notification_id, key, version, link
+            return _deep_link(service, stream, version, topic, state)
+        link = declared_link(decrypt(service.mapper, state))
+        if link is None:
+            event = load_event(service, stream_key_id(key), version)
+            link = None if event is None else _link_of(event)
+        return link
+    except Exception:  # noqa: BLE001 - a corrupt row is reported, not raised
+        return None
+
+
+def _rows(service: TrialService, batch: int, streams: StreamRange,
+          deep: bool) -> Iterator[LinkRow]:
+    if not deep:
+        return link_rows(service.recorder, batch, streams)
+    return ((row.id, row.originator_id, row.originator_version, row.topic,
+             row.state if isinstance(row.state, bytes) else bytes(row.state))
+            for row in stream_rows(service.recorder, batch, streams=streams))
 
 
 def verify(service: TrialService, batch: int = 5000, progress: Progress | None = None,
@@ -283,24 +275,45 @@ def verify(service: TrialService, batch: int = 5000, progress: Progress | None =
     """Checks every stream (of the range of originator ids); ``deep`` recomputes every
     digest too."""
     report = VerifyReport(deep=deep)
-    stream: _StreamCheck | None = None
+    mapper = service.mapper
+    # The common row's decryption, inlined below: AES-GCM with the key set up once.
+    aes = decrypter(mapper.cipher).aesgcm if mapper.cipher and not mapper.compressor else None
+    check: _StreamCheck | None = None
     key: Any = None
     done = 0
-    for notification_id, row_key, version, link in _links(service, batch, streams, deep):
-        if row_key != key or stream is None:
-            if stream is not None:
-                stream.finish()
-            key = row_key
-            stream = _StreamCheck(service, stream_key_id(key), report)
-        stream.check(notification_id, version, link)
+    for notification_id, row_key, version, topic, state in _rows(service, batch, streams,
+                                                                 deep):
         done += 1
         if done == batch:
             report.events_checked += done
             if progress is not None:
                 progress(done)
             done = 0
-    if stream is not None:
-        stream.finish()
+        if row_key != key or check is None:
+            if check is not None:
+                check.finish()
+            key = row_key
+            check = _StreamCheck(service, stream_key_id(key), report)
+        if topic is None:
+            # Most rows: the next version, declaring the digest of the one before.
+            try:
+                plain = (aes.decrypt(state[:12], state[28:] + state[12:28], None)
+                         if aes is not None else decrypt(mapper, state))
+            except Exception:  # noqa: BLE001 - the slow path below decides
+                plain = b""
+            d, p = plain.find(_DIGEST), plain.find(_PREVIOUS)
+            if d >= 0 and p >= 0 and version == check.last_version + 1:
+                p += len(_PREVIOUS)
+                if plain[p:plain.index(b'"', p)].decode() == check.last_digest:
+                    d += len(_DIGEST)
+                    digest = plain[d:plain.index(b'"', d)].decode()
+                    check.seen[digest] = check.last_version = version
+                    check.last_digest = digest
+                    continue
+        check.check(notification_id, version,
+                    _row_link(service, check.stream, row_key, version, topic, state))
+    if check is not None:
+        check.finish()
     report.events_checked += done
     if progress is not None and done:
         progress(done)
@@ -319,12 +332,24 @@ def _verify_range(settings: Settings, streams: StreamRange, deep: bool) -> Verif
         trialog.close()
 
 
+def fork_is_safe() -> bool:
+    """Forking copies only the calling thread: safe while it is the only one (a lock
+    another thread holds would stay held in the child)."""
+    return threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+
+
 def verify_parallel(settings: Settings, processes: int, progress: Progress | None = None,
-                    deep: bool = False) -> VerifyReport:
+                    deep: bool = False, start_method: str | None = None) -> VerifyReport:
     """``verify`` split by ranges of streams over ``processes`` processes (a stream is
-    never split); progress is reported as each range finishes."""
-    report = VerifyReport(deep=deep)
-    context = multiprocessing.get_context("spawn")
+    never split); progress is reported as each range finishes. The workers are forked when
+    that is safe (milliseconds), else spawned (about a second: a new interpreter each).
+    Each builds its own application and connections; the parent's objects are frozen out
+    of the collector first, so a child never finalizes a connection it inherited."""
+    report = VerifyReport(deep=deep, processes=processes)
+    start_method = start_method or ("fork" if fork_is_safe() else "spawn")
+    if start_method == "fork":
+        gc.freeze()
+    context = multiprocessing.get_context(start_method)
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
         futures = [pool.submit(_verify_range, settings, streams, deep)
                    for streams in stream_ranges(processes * 4)]
@@ -344,12 +369,14 @@ PARALLEL_FROM = 100_000
 
 def check_store(trialog: Trialog, processes: int | None = None,
                 progress: Progress | None = None, deep: bool = False) -> VerifyReport:
-    """Verifies the whole store, timed; a deep check runs in ``processes`` processes
-    (default: one per CPU) when the store is big enough for that to pay."""
+    """Verifies the whole store, timed, in ``processes`` processes (default: one per CPU)
+    when the store is big enough for that to pay: the default check only where workers
+    can be forked (spawning one costs more than it saves there), the deep check always."""
     processes = processes or os.cpu_count() or 1
     start = time.perf_counter()
-    if deep and processes > 1 and stored_events(trialog.service.recorder) >= PARALLEL_FROM:
-        report = verify_parallel(trialog.settings, processes, progress, deep=True)
+    if (processes > 1 and (deep or fork_is_safe())
+            and stored_events(trialog.service.recorder) >= PARALLEL_FROM):
+        report = verify_parallel(trialog.settings, processes, progress, deep=deep)
     else:
         report = verify(trialog.service, progress=progress, deep=deep)
     report.seconds = time.perf_counter() - start

@@ -132,6 +132,7 @@ class VerifyReport(Schema):
     events_checked = fields.Integer(required=True)
     problems = fields.List(fields.Nested(Problem), required=True)
     deep = fields.Boolean(metadata={"description": "every digest was recomputed too"})
+    processes = fields.Integer(metadata={"description": "processes the check ran in"})
     seconds = fields.Float(metadata={"description": "how long the check took"})
     events_per_second = fields.Float()
 

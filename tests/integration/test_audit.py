@@ -176,12 +176,15 @@ def test_verifying_in_processes_finds_what_one_process_finds(isolated):
         state = conn.execute(select(table.c.state).where(where)).scalar_one()
         conn.execute(update(table).where(where).values(state=bytes(state[:-1]) + b"\0"))
     alone = verify(isolated.service)
-    together = verify_parallel(isolated.settings, 2)
-    assert together.events_checked == alone.events_checked == before - 2
     key = lambda p: (p.stream, p.version, p.kind, p.participant_id)
-    assert sorted(map(key, together.problems)) == sorted(map(key, alone.problems))
-    assert {(p.participant_id, p.kind) for p in together.problems} == {
-        (pids[0], "deleted"), (pids[3], "deleted"), (pids[5], "edited")}
+    for start_method, deep in (("fork", False), ("spawn", True)):
+        together = verify_parallel(isolated.settings, 2, deep=deep, start_method=start_method)
+        assert together.events_checked == alone.events_checked == before - 2
+        assert sorted(map(key, together.problems)) == sorted(map(key, alone.problems))
+        assert {(p.participant_id, p.kind) for p in together.problems} == {
+            (pids[0], "deleted"), (pids[3], "deleted"), (pids[5], "edited")}
+    # The parent's pooled connections still work after its children have come and gone.
+    assert verify(isolated.service).events_checked == alone.events_checked
     timed = check_store(isolated, processes=1).as_dict()
     assert timed["seconds"] > 0 and timed["events_per_second"] > 0
 
