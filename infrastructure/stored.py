@@ -103,6 +103,16 @@ def stored_events(recorder: Any) -> int:
                    or 0)
 
 
+def _in_range(query: Any, table: Any, streams: StreamRange) -> Any:
+    """The query limited to the streams whose ids fall in the range."""
+    low, high = streams
+    if low is not None:
+        query = query.where(table.c.originator_id >= low)
+    if high is not None:
+        query = query.where(table.c.originator_id < high)
+    return query
+
+
 def stream_rows(recorder: Any, batch: int = 2000, topic_prefix: str | None = None,
                 originator_id: UUID | None = None,
                 streams: StreamRange = (None, None)) -> Iterator[Any]:
@@ -115,12 +125,8 @@ def stream_rows(recorder: Any, batch: int = 2000, topic_prefix: str | None = Non
         query = query.where(table.c.topic.startswith(topic_prefix))
     if originator_id is not None:
         query = query.where(table.c.originator_id == originator_id)
-    low, high = streams
-    if low is not None:
-        query = query.where(table.c.originator_id >= low)
-    if high is not None:
-        query = query.where(table.c.originator_id < high)
-    query = query.order_by(table.c.originator_id, table.c.originator_version)
+    query = _in_range(query, table, streams).order_by(table.c.originator_id,
+                                                      table.c.originator_version)
     with recorder.datastore.engine.connect() as connection:
         yield from connection.execution_options(yield_per=batch).execute(query)
 
@@ -146,13 +152,8 @@ def link_rows(recorder: Any, batch: int = 5000,
     first_topic = case((table.c.originator_version == 1, table.c.topic), else_=None)
     query = select(table.c.id, func.uuid_send(table.c.originator_id),
                    table.c.originator_version, first_topic, table.c.state)
-    low, high = streams
-    if low is not None:
-        query = query.where(table.c.originator_id >= low)
-    if high is not None:
-        query = query.where(table.c.originator_id < high)
-    compiled = query.order_by(table.c.originator_id, table.c.originator_version).compile(
-        dialect=engine.dialect)
+    compiled = _in_range(query, table, streams).order_by(
+        table.c.originator_id, table.c.originator_version).compile(dialect=engine.dialect)
     raw = engine.raw_connection()
     try:
         with raw.driver_connection.cursor(name="trialog_link_rows", binary=True) as cursor:
