@@ -96,6 +96,7 @@ FORMS: dict[str, Form] = {
                               (("deviation_id", "text"), ("resolution", "text")),
                               "SE.DEVIATIONS"),
 }
+DISTINCT_FORMS = tuple({form.key: form for form in FORMS.values()}.values())
 FIXED_STUDY_EVENTS = (("SE.SCREENING", "Screening"), ("SE.RANDOMIZATION", "Randomization"))
 COMMON_STUDY_EVENTS = (("SE.ON_STUDY", "On study: doses, medications, withdrawals"),
                        ("SE.DEVIATIONS", "Protocol deviations"))
@@ -136,7 +137,7 @@ def form_items(protocol: Protocol) -> dict[str, list[tuple[str, str]]]:
 
     schemas = data_schemas(protocol)
     items: dict[str, list[tuple[str, str]]] = {}
-    for form in FORMS.values():
+    for form in DISTINCT_FORMS:
         captured = list(_schema_items(schemas[form.command]())) if form.command else []
         items[form.key] = captured + list(form.attributes)
     return items
@@ -144,13 +145,12 @@ def form_items(protocol: Protocol) -> dict[str, list[tuple[str, str]]]:
 
 def _study_events(protocol: Protocol) -> list[tuple[str, str, str, list[Form]]]:
     """(OID, name, type, forms) of each study event, in protocol order."""
-    unique = list({form.key: form for form in FORMS.values()}.values())
-    fixed = [(oid, name, "Scheduled", [f for f in unique if f.study_event == oid])
+    fixed = [(oid, name, "Scheduled", [f for f in DISTINCT_FORMS if f.study_event == oid])
              for oid, name in FIXED_STUDY_EVENTS]
-    by_visit = [f for f in unique if f.visit_field]
+    by_visit = [f for f in DISTINCT_FORMS if f.visit_field]
     visits = [(visit_study_event(v.code), f"Visit {v.code}", "Scheduled", by_visit)
               for v in protocol.visits]
-    common = [(oid, name, "Common", [f for f in unique if f.study_event == oid])
+    common = [(oid, name, "Common", [f for f in DISTINCT_FORMS if f.study_event == oid])
               for oid, name in COMMON_STUDY_EVENTS]
     return fixed + visits + common
 
@@ -178,18 +178,17 @@ def metadata_xml(protocol: Protocol) -> str:
                    f' Repeating="No"{_attr("Type", kind)}>')
         out += [f'<FormRef{_attr("FormOID", f.oid)} Mandatory="No"/>' for f in forms]
         out.append("</StudyEventDef>")
-    unique = list({form.key: form for form in FORMS.values()}.values())
-    for form in unique:
+    for form in DISTINCT_FORMS:
         out.append(f'<FormDef{_attr("OID", form.oid)}{_attr("Name", form.name)} '
                    f'Repeating="Yes"><ItemGroupRef{_attr("ItemGroupOID", form.group_oid)} '
                    f'Mandatory="Yes"/></FormDef>')
-    for form in unique:
+    for form in DISTINCT_FORMS:
         out.append(f'<ItemGroupDef{_attr("OID", form.group_oid)}{_attr("Name", form.name)} '
                    f'Repeating="No">')
         out += [f'<ItemRef{_attr("ItemOID", form.item_oid(path))} Mandatory="No"/>'
                 for path, _ in items[form.key]]
         out.append("</ItemGroupDef>")
-    for form in unique:
+    for form in DISTINCT_FORMS:
         out += [f"<ItemDef{_attr('OID', form.item_oid(path))}{_attr('Name', path)}"
                 f"{_attr('DataType', datatype)}/>" for path, datatype in items[form.key]]
     out.append("</MetaDataVersion></Study>")
