@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Response, g, jsonify
 from flask_smorest import Blueprint
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from domain.errors import DomainError
 from domain.views import participant_state as state_of
@@ -36,6 +36,11 @@ class StateArgs(ReadArgs):
         "description": "the state as recorded at this moment (no zone: UTC)"})
     version = fields.Integer(validate=validate.Range(min=1, max=2**31), metadata={
         "description": "the state as it was at this version of the participant"})
+
+    @validates_schema
+    def one_moment(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("as_of") is not None and data.get("version") is not None:
+            raise ValidationError("give as_of or version, not both", "version")
 
 
 class ListArgs(ReadArgs):
@@ -111,8 +116,6 @@ def get_participant(participant_id: str, **args: Any) -> Response:
     _read("participants", args)
     t = _trialog()
     contact = g.principal.sees_contact
-    if args.get("as_of") is not None and args.get("version") is not None:
-        raise invalid({"version": ["give as_of or version, not both"]})
     try:
         if args.get("version") is not None:
             participant = t.service.get_participant(participant_id, version=args["version"])
@@ -145,8 +148,6 @@ def _until(args: dict[str, Any]) -> str:
 def get_history(participant_id: str, **args: Any) -> Response:
     """Every event of one participant, oldest first, with who, when and why."""
     _read("history")
-    if args.get("as_of") is not None and args.get("version") is not None:
-        raise invalid({"version": ["give as_of or version, not both"]})
     from infrastructure.api import runtime
 
     entries = audit.history(_trialog().service, participant_id, args.get("as_of"),
