@@ -9,9 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
-from benchmarks import http
 from infrastructure.bootstrap import Trialog
 from infrastructure.verification import check_store
 
@@ -26,20 +23,6 @@ status = open("/proc/self/status").read()
 print(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1), file=sys.stderr)
 sys.exit(code)
 """
-
-
-def first_reads_p95_ms(base: str, token: str, participant_ids: list[str]) -> float:
-    """p95 of the first history read of each participant (nothing cached yet)."""
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {token}"
-    samples = []
-    for pid in participant_ids:
-        start = time.perf_counter()
-        answer = session.get(f"{base}/v1/participants/{pid}/history", timeout=60)
-        samples.append(time.perf_counter() - start)
-        if answer.status_code != 200 or len(answer.json()["events"]) < 500:
-            raise RuntimeError(f"history answered {answer.status_code}")
-    return http.p95_ms(samples)
 
 
 def verify_rates(t: Trialog) -> list[tuple[float, int]]:

@@ -111,19 +111,21 @@ def raw_concurrent_saves(env: dict[str, str], total: int) -> float:
         app.close()
 
 
-def history_p95_ms(base: str, token: str, participant_id: str, requests_n: int = 60) -> float:
-    """p95 of GET /v1/participants/{id}/history, one client, after two warm-up reads."""
+def history_p95_ms(base: str, token: str, participant_ids: list[str],
+                   warm_up: int = 0) -> float:
+    """p95 of GET /v1/participants/{id}/history, one client, reading the participants in
+    the order given (one id again and again, or each once); the first ``warm_up`` reads
+    are not counted."""
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {token}"
-    url = f"{base}/v1/participants/{participant_id}/history"
     samples = []
-    for i in range(requests_n + 2):
+    for i, pid in enumerate(participant_ids):
         start = time.perf_counter()
-        answer = session.get(url, timeout=60)
+        answer = session.get(f"{base}/v1/participants/{pid}/history", timeout=60)
         elapsed = time.perf_counter() - start
         if answer.status_code != 200 or len(answer.json()["events"]) < 500:
             raise RuntimeError(f"history answered {answer.status_code}")
-        if i >= 2:
+        if i >= warm_up:
             samples.append(elapsed)
     return p95_ms(samples)
 
