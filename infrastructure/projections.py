@@ -20,13 +20,13 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy.exc
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from infrastructure.bootstrap import Trialog
-from infrastructure.stored import PARTICIPANT_TOPIC, decode
+from infrastructure.stored import PARTICIPANT_TOPIC, decode, stored_events
 from infrastructure.tables import (
     READ_MODELS,
     deviations,
@@ -65,9 +65,7 @@ class LogFollower:
 
     def head(self) -> int:
         """The newest notification id in the store (0 when empty)."""
-        with self.trialog.engine.connect() as connection:
-            value = connection.execute(select(func.max(self.events_table.c.id))).scalar()
-        return int(value or 0)
+        return stored_events(self.recorder)
 
     def ensure_position(self) -> None:
         """Creates this follower's position row (at 0) unless it exists; checked once."""

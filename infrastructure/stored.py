@@ -97,7 +97,8 @@ def stream_ranges(parts: int) -> list[StreamRange]:
 
 
 def stored_events(recorder: Any) -> int:
-    """The newest notification id: the number of stored events, near enough."""
+    """The newest notification id (0 when empty): the number of stored events, near
+    enough."""
     with recorder.datastore.engine.connect() as connection:
         return int(connection.execute(select(func.max(events_table(recorder).c.id))).scalar()
                    or 0)
