@@ -16,6 +16,7 @@ from domain.errors import DomainError, ProtocolError
 from infrastructure import migrations
 from infrastructure.audit import history
 from infrastructure.bootstrap import Trialog, bootstrap
+from infrastructure.exports import FORMATS
 from infrastructure.settings import Settings, SettingsError
 from infrastructure.stored import stored_events
 from infrastructure.verification import check_store
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_parser("scan", help=f"one scan of the {text}").set_defaults(func=func)
 
     export = sub.add_parser("export", help="the trial's data, to standard output or a file")
-    export.add_argument("format", choices=("csv", "odm", "fhir"))
+    export.add_argument("format", choices=FORMATS)
     export.add_argument("--output", help="a file instead of standard output")
     export.add_argument("--deidentify", action="store_true",
                         help="pseudonymous ids, dates shifted per participant")
