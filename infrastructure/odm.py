@@ -159,10 +159,10 @@ def _attr(name: str, value: Any) -> str:
     return f" {name}={quoteattr(str(value))}"
 
 
-def metadata_xml(protocol: Protocol) -> str:
-    """The Study element: global variables and the MetaDataVersion every OID refers to."""
+def metadata_xml(protocol: Protocol, items: dict[str, list[tuple[str, str]]]) -> str:
+    """The Study element: global variables and the MetaDataVersion every OID refers to,
+    with the ``form_items``."""
     study_events = _study_events(protocol)
-    items = form_items(protocol)
     out = [f"<Study{_attr('OID', protocol.study_id)}>",
            (f"<GlobalVariables><StudyName>{escape(protocol.study_id)}</StudyName>"
            f"<StudyDescription>{escape(protocol.title)}</StudyDescription>"
@@ -342,12 +342,12 @@ class _Subject:
         return "\n".join(self.out)
 
 
-def clinical_data_xml(t: Trialog, masker: Deidentifier | None, withheld: frozenset[str],
+def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
+                      masker: Deidentifier | None, withheld: frozenset[str],
                       users: set[str]) -> Iterator[str]:
     """One SubjectData per participant, from the events in version order, without the
     ``withheld`` items; collects the actors into ``users``."""
-    leaves = {key: {path for path, _ in items}
-              for key, items in form_items(t.protocol).items()}
+    leaves = {key: {path for path, _ in form} for key, form in items.items()}
     yield (f"<ClinicalData{_attr('StudyOID', t.protocol.study_id)}"
            f"{_attr('MetaDataVersionOID', METADATA_VERSION)}>\n")
     subject: _Subject | None = None
@@ -373,16 +373,17 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
     masker = Deidentifier(t.settings.allocation_seed) if deidentify else None
     withheld = (frozenset(IDENTIFYING_ITEMS) if deidentify
                 else frozenset() if contact else frozenset(CONTACT_ITEMS))
+    items = form_items(t.protocol)
     users: set[str] = set()
     with tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8") as body:
-        for chunk in clinical_data_xml(t, masker, withheld, users):
+        for chunk in clinical_data_xml(t, items, masker, withheld, users):
             body.write(chunk)
         yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
                f'<ODM xmlns="{ODM_NAMESPACE}" ODMVersion="1.3.2" FileType="Transactional"'
                f"{_attr('FileOID', f'Trialog.{uuid.uuid4()}')}"
                f"{_attr('CreationDateTime', created.isoformat())}"
                ' Originator="Trialog" SourceSystem="Trialog">\n')
-        yield metadata_xml(t.protocol)
+        yield metadata_xml(t.protocol, items)
         yield admin_xml(t.protocol, users, created.date())
         body.seek(0)
         while chunk := body.read(1 << 16):
