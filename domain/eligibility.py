@@ -4,6 +4,10 @@ Every criterion is evaluated against a reference date (``screened_on`` at screen
 ``registered_on`` at randomization). "At least N days before" holds when
 ``(reference - date).days >= N``; substance use excludes when ``(reference - date).days <= 365``;
 age is completed years on the reference date.
+
+A yes/no criterion added after records were first stored is not evaluated (so not failed)
+for a record that lacks its key: re-evaluating an old record never fails it, or raises, for
+a question it was not asked.
 """
 
 from __future__ import annotations
@@ -42,9 +46,27 @@ def non_metastatic(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bo
     return f["metastatic"] is False
 
 
+def _answered(f: Facts, key: str, required: bool) -> bool:
+    """The fact has the required answer, or the record predates the question."""
+    return key not in f or f[key] is required
+
+
 def surgery_completed(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bool:
-    """Mastectomy or breast-sparing surgery completed, side effects recovered."""
+    """Must have completed mastectomy or breast sparing surgery."""
     return f["surgery_completed"] is True
+
+
+def surgery_side_effects_resolved(f: Facts, rules: EligibilityRules, ref: date,
+                                  age: int) -> bool:
+    """Must have recovered from all side effects of the surgery."""
+    return _answered(f, "surgery_side_effects_resolved", True)
+
+
+def prior_therapy_toxicity_resolved(f: Facts, rules: EligibilityRules, ref: date,
+                                    age: int) -> bool:
+    """Recovered from all Grade 2 or higher side effects of chemotherapy and/or radiation
+    therapy with the exception of alopecia and peripheral neuropathy."""
+    return _answered(f, "prior_therapy_toxicity_resolved", True)
 
 
 def aimss_after_ai_start(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bool:
@@ -52,8 +74,37 @@ def aimss_after_ai_start(f: Facts, rules: EligibilityRules, ref: date, age: int)
     return f["aimss_after_ai_start"] is True
 
 
+def no_pain_due_to_fracture_or_injury(f: Facts, rules: EligibilityRules, ref: date,
+                                      age: int) -> bool:
+    """New musculoskeletal pain must not be due specifically to fracture or traumatic
+    injury."""
+    return _answered(f, "pain_due_to_fracture_or_injury", False)
+
+
+def aromatase_inhibitor_generic_name(name: str, rules: EligibilityRules) -> str | None:
+    """The generic name of the protocol's aromatase inhibitor that ``name`` names, by its
+    generic or a brand name in any case (Anastrozole (Arimidex), Letrozole (Femara),
+    Exemestane (Aromasin)); None for any other drug."""
+    wanted = name.casefold()
+    return next((ai.drug for ai in rules.aromatase_inhibitors
+                 if wanted in (n.casefold() for n in ai.names)), None)
+
+
+def aromatase_inhibitor_choices(rules: EligibilityRules) -> list[str]:
+    """The protocol's aromatase inhibitors as a person reads them: ``anastrozole
+    (Arimidex)``, each drug once."""
+    choices: dict[str, str] = {}
+    for ai in rules.aromatase_inhibitors:
+        brands = f" ({', '.join(ai.brand_names)})" if ai.brand_names else ""
+        choices.setdefault(ai.drug, ai.drug + brands)
+    return list(choices.values())
+
+
 def aromatase_inhibitor(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bool:
-    """Currently taking anastrozole 1 mg, letrozole 2.5 mg or exemestane 25 mg daily."""
+    """Currently taking one of the following aromatase inhibitor (AI) doses: Anastrozole
+    (Arimidex) 1 mg daily OR Letrozole (Femara) 2.5 mg daily OR Exemestane (Aromasin) 25 mg
+    daily. The record holds the generic name (brand names are resolved when the command is
+    validated)."""
     ai = f["aromatase_inhibitor"]
     return any(
         ai["drug"] == allowed.drug and float(ai["daily_dose_mg"]) == allowed.daily_dose_mg
@@ -134,6 +185,12 @@ def willing_blood_samples(f: Facts, rules: EligibilityRules, ref: date, age: int
     return f["willing_blood_samples"] is True
 
 
+def able_to_consent(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bool:
+    """Subjects must have the ability to understand and the willingness to sign a written
+    informed consent document."""
+    return _answered(f, "able_to_consent", True)
+
+
 def no_other_investigational_agents(f: Facts, rules: EligibilityRules, ref: date, age: int) -> bool:
     """Not receiving any other investigational agents."""
     return f["other_investigational_agents"] is False
@@ -152,11 +209,12 @@ CRITERIA: dict[str, Criterion] = {
     c.__name__: c
     for c in (
         hormone_receptor_positive, stage, non_metastatic, surgery_completed,
-        aimss_after_ai_start, aromatase_inhibitor, ai_duration, ai_planned_continuation,
-        postmenopausal, zubrod, no_b12_allergy, no_recent_substance_abuse,
-        no_chronic_liver_disease, no_end_stage_renal_disease, analgesics_stable, b12_washout,
-        willing_blood_samples, no_other_investigational_agents,
-        no_uncontrolled_intercurrent_illness,
+        surgery_side_effects_resolved, prior_therapy_toxicity_resolved, aimss_after_ai_start,
+        no_pain_due_to_fracture_or_injury, aromatase_inhibitor, ai_duration,
+        ai_planned_continuation, postmenopausal, zubrod, no_b12_allergy,
+        no_recent_substance_abuse, no_chronic_liver_disease, no_end_stage_renal_disease,
+        analgesics_stable, b12_washout, willing_blood_samples, able_to_consent,
+        no_other_investigational_agents, no_uncontrolled_intercurrent_illness,
     )
 }
 

@@ -29,8 +29,14 @@ class Visit:
 
 @dataclass(frozen=True)
 class AromataseInhibitor:
-    drug: str
+    drug: str  # the generic name, as the record keeps it
     daily_dose_mg: float
+    brand_names: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The generic name, then the brand names."""
+        return (self.drug, *self.brand_names)
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,9 @@ class _Reader:
             raise ProtocolError(f"{self._key(key)}: expected a non-empty list of strings")
         return tuple(items)
 
+    def optional_strings(self, key: str) -> tuple[str, ...]:
+        return self.strings(key) if key in self.data else ()
+
     def ints(self, key: str) -> tuple[int, ...]:
         items = self.typed(key, list, "a list of integers")
         if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
@@ -204,10 +213,7 @@ def _eligibility(root: _Reader) -> EligibilityRules:
     for stage in stages:
         if stage not in STAGES:
             raise ProtocolError(f"eligibility.stages: {stage!r} is not one of {', '.join(STAGES)}")
-    inhibitors = tuple(
-        AromataseInhibitor(t.text("drug"), t.number("daily_dose_mg"))
-        for t in e.tables("aromatase_inhibitors")
-    )
+    inhibitors = _aromatase_inhibitors(e)
     return EligibilityRules(
         stages=stages,
         zubrod_max=e.integer("zubrod_max", 0),
@@ -220,6 +226,22 @@ def _eligibility(root: _Reader) -> EligibilityRules:
         menopause_age_without_fsh=e.integer("menopause_age_without_fsh", 0),
         aromatase_inhibitors=inhibitors,
     )
+
+
+def _aromatase_inhibitors(e: _Reader) -> tuple[AromataseInhibitor, ...]:
+    inhibitors = tuple(
+        AromataseInhibitor(t.text("drug"), t.number("daily_dose_mg"),
+                           t.optional_strings("brand_names"))
+        for t in e.tables("aromatase_inhibitors")
+    )
+    # A drug is named by its generic or a brand name in any case: no name may mean two drugs.
+    generic: dict[str, str] = {}
+    for ai in inhibitors:
+        for name in ai.names:
+            if generic.setdefault(name.casefold(), ai.drug) != ai.drug:
+                raise ProtocolError(f"eligibility.aromatase_inhibitors: {name!r} names both "
+                                    f"{generic[name.casefold()]} and {ai.drug}")
+    return inhibitors
 
 
 def _randomization(root: _Reader, arms: tuple[Arm, ...]) -> Randomization:

@@ -55,14 +55,18 @@ def eligibility_facts(rng: random.Random, screened_on: date) -> dict[str, Any]:
                        if rng.random() < 0.3 else []),
         "b12_supplement_stopped_on": None, "willing_blood_samples": True,
         "other_investigational_agents": False, "uncontrolled_intercurrent_illness": False,
+        "surgery_side_effects_resolved": True, "prior_therapy_toxicity_resolved": True,
+        "pain_due_to_fracture_or_injury": False, "able_to_consent": True,
     }
 
 
 SCREEN_FAILURES: list[Callable[[dict[str, Any]], None]] = [
     lambda f: f.update(stage="IV", metastatic=True),
     lambda f: f.update(zubrod=3),
-    lambda f: f["aromatase_inhibitor"].update(drug="tamoxifen"),
+    # Another dose fails the criterion; another drug would not pass validation (a 422).
+    lambda f: f["aromatase_inhibitor"].update(daily_dose_mg=5),
     lambda f: f.update(b12_allergy=True),
+    lambda f: f.update(pain_due_to_fracture_or_injury=True),
 ]
 
 

@@ -44,6 +44,8 @@ def eligibility(**changes: Any) -> dict[str, Any]:
         "analgesics": [{"drug": "gabapentin", "stable_since": date(2025, 12, 1)}],
         "b12_supplement_stopped_on": None, "willing_blood_samples": True,
         "other_investigational_agents": False, "uncontrolled_intercurrent_illness": False,
+        "surgery_side_effects_resolved": True, "prior_therapy_toxicity_resolved": True,
+        "pain_due_to_fracture_or_injury": False, "able_to_consent": True,
     }
     facts = copy.deepcopy(facts)
     for key, value in changes.items():

@@ -12,7 +12,8 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from domain.commands import COMMAND_TYPES
-from domain.protocol import Protocol
+from domain.eligibility import aromatase_inhibitor_choices, aromatase_inhibitor_generic_name
+from domain.protocol import EligibilityRules, Protocol
 from domain.scoring import BPI_INTERFERENCE_ITEMS, BPI_PAIN_ITEMS, FACT_ITEMS
 
 LANGUAGES = ("en", "es")
@@ -57,7 +58,27 @@ def text(low: int = 1, high: int = 200, **kwargs: Any) -> fields.String:
     return fields.String(validate=[validate.Length(min=low, max=high), PRINTABLE], **kwargs)
 
 
+class AromataseInhibitorDrug(fields.String):
+    """One of the protocol's aromatase inhibitors, by its generic or a brand name in any
+    case, loaded as its generic name (the name the record keeps and the criterion compares)."""
+
+    def __init__(self, rules: EligibilityRules, **kwargs: Any) -> None:
+        self.rules = rules
+        self.choices = ", ".join(aromatase_inhibitor_choices(rules))
+        description = f"generic or brand name, any case: {self.choices}"
+        super().__init__(metadata={"description": description}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        name = super()._deserialize(value, attr, data, **kwargs)
+        generic = aromatase_inhibitor_generic_name(name, self.rules)
+        if generic is None:
+            raise ValidationError(f"must be one of: {self.choices}")
+        return generic
+
+
 class AromataseInhibitor(Schema):
+    """The protocol-free fields; ``eligibility_schema`` gives ``drug`` the protocol's drugs."""
+
     drug = text(required=True)
     daily_dose_mg = StrictFloat(required=True, validate=validate.Range(min=0))
     started_on = fields.Date(required=True)
@@ -77,6 +98,8 @@ class Analgesic(Schema):
 
 
 class Eligibility(Schema):
+    """The protocol-free fields; ``eligibility_schema`` gives the one a protocol loads with."""
+
     er_positive = StrictBoolean(required=True, allow_none=True)
     pgr_positive = StrictBoolean(required=True, allow_none=True)
     stage = fields.String(required=True, validate=validate.OneOf(STAGES))
@@ -95,12 +118,25 @@ class Eligibility(Schema):
     willing_blood_samples = StrictBoolean(required=True)
     other_investigational_agents = StrictBoolean(required=True)
     uncontrolled_intercurrent_illness = StrictBoolean(required=True)
+    surgery_side_effects_resolved = StrictBoolean(required=True)
+    prior_therapy_toxicity_resolved = StrictBoolean(required=True)
+    pain_due_to_fracture_or_injury = StrictBoolean(required=True)
+    able_to_consent = StrictBoolean(required=True)
 
     @validates_schema
     def one_receptor_status_given(self, data: dict[str, Any], **kwargs: Any) -> None:
         if data.get("er_positive") is None and data.get("pgr_positive") is None:
             raise ValidationError("er_positive and pgr_positive can't both be null",
                                   "er_positive")
+
+
+def eligibility_schema(protocol: Protocol) -> type[Schema]:
+    """The ``eligibility`` object of ScreenParticipant, whose aromatase inhibitor must be one
+    of the protocol's drugs."""
+    drug = AromataseInhibitorDrug(protocol.eligibility, required=True)
+    inhibitor = type("AromataseInhibitor", (AromataseInhibitor,), {"drug": drug})
+    return type("Eligibility", (Eligibility,),
+                {"aromatase_inhibitor": fields.Nested(inhibitor, required=True)})
 
 
 BpiInterference = Schema.from_dict(
@@ -139,7 +175,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "birth_date": fields.Date(required=True),
             "email": fields.Email(allow_none=True),
             "language": fields.String(required=True, validate=validate.OneOf(LANGUAGES)),
-            "eligibility": fields.Nested(Eligibility, required=True),
+            "eligibility": fields.Nested(eligibility_schema(protocol), required=True),
         },
         "RecordConsent": {
             "consent_version": text(required=True),

@@ -2,7 +2,15 @@ from datetime import date, timedelta
 
 import pytest
 
-from domain.eligibility import CRITERIA, age_on, failed_criteria, washout_failures
+from domain.eligibility import (
+    CRITERIA,
+    TIME_RELATIVE,
+    age_on,
+    aromatase_inhibitor_choices,
+    aromatase_inhibitor_generic_name,
+    failed_criteria,
+    washout_failures,
+)
 from tests.factories import eligibility, protocol
 
 RULES = protocol().eligibility
@@ -58,6 +66,14 @@ def test_a_typical_candidate_meets_every_criterion():
     ({"willing_blood_samples": False}, ["willing_blood_samples"]),
     ({"other_investigational_agents": True}, ["no_other_investigational_agents"]),
     ({"uncontrolled_intercurrent_illness": True}, ["no_uncontrolled_intercurrent_illness"]),
+    ({"surgery_side_effects_resolved": True}, []),
+    ({"surgery_side_effects_resolved": False}, ["surgery_side_effects_resolved"]),
+    ({"prior_therapy_toxicity_resolved": True}, []),
+    ({"prior_therapy_toxicity_resolved": False}, ["prior_therapy_toxicity_resolved"]),
+    ({"pain_due_to_fracture_or_injury": False}, []),
+    ({"pain_due_to_fracture_or_injury": True}, ["no_pain_due_to_fracture_or_injury"]),
+    ({"able_to_consent": True}, []),
+    ({"able_to_consent": False}, ["able_to_consent"]),
 ])
 def test_each_criterion_at_its_boundary(changes, expected):
     assert failed(eligibility(**changes)) == expected
@@ -94,6 +110,63 @@ def test_age_is_completed_years_on_the_reference_date():
 def test_every_failed_criterion_is_listed_in_protocol_order():
     facts = eligibility(zubrod=4, stage="IV", b12_allergy=True)
     assert failed(facts) == ["stage", "zubrod", "no_b12_allergy"]
+
+
+NEW_QUESTIONS = ("surgery_side_effects_resolved", "prior_therapy_toxicity_resolved",
+                 "pain_due_to_fracture_or_injury", "able_to_consent")
+
+
+def screened_before_the_new_questions(**changes):
+    facts = eligibility(**changes)
+    for key in NEW_QUESTIONS:
+        del facts[key]
+    return facts
+
+
+def test_a_record_stored_before_the_new_questions_is_not_failed_for_them():
+    assert failed(screened_before_the_new_questions()) == []
+
+
+def test_a_record_stored_before_the_new_questions_still_fails_its_other_criteria():
+    assert failed(screened_before_the_new_questions(zubrod=3)) == ["zubrod"]
+
+
+def test_a_record_stored_before_the_new_questions_is_rechecked_at_randomization():
+    facts = screened_before_the_new_questions()
+    later = REF + timedelta(days=3)
+    assert failed_criteria(facts, BORN, later, RULES, only=TIME_RELATIVE) == []
+
+
+def test_every_failed_criterion_is_listed_in_protocol_order_with_the_new_ones():
+    facts = eligibility(able_to_consent=False, pain_due_to_fracture_or_injury=True,
+                        prior_therapy_toxicity_resolved=False, stage="IV")
+    assert failed(facts) == ["stage", "prior_therapy_toxicity_resolved",
+                             "no_pain_due_to_fracture_or_injury", "able_to_consent"]
+
+
+@pytest.mark.parametrize(("name", "generic"), [
+    ("anastrozole", "anastrozole"), ("Anastrozole", "anastrozole"),
+    ("Arimidex", "anastrozole"), ("ARIMIDEX", "anastrozole"), ("arimidex", "anastrozole"),
+    ("Femara", "letrozole"), ("fEMARA", "letrozole"), ("LETROZOLE", "letrozole"),
+    ("Aromasin", "exemestane"), ("aromasin", "exemestane"), ("Exemestane", "exemestane"),
+    ("tamoxifen", None), ("Nolvadex", None), ("Arimidex 1 mg", None), ("", None),
+])
+def test_an_aromatase_inhibitor_is_named_by_its_generic_or_brand_name_in_any_case(name,
+                                                                                     generic):
+    assert aromatase_inhibitor_generic_name(name, RULES) == generic
+
+
+def test_the_protocol_drugs_are_listed_with_their_brand_names():
+    assert aromatase_inhibitor_choices(RULES) == [
+        "anastrozole (Arimidex)", "letrozole (Femara)", "exemestane (Aromasin)"]
+
+
+def test_the_criterion_compares_the_generic_name_the_record_keeps():
+    assert failed(eligibility(aromatase_inhibitor={"drug": "letrozole",
+                                                   "daily_dose_mg": 2.5})) == []
+    assert failed(eligibility(aromatase_inhibitor={"drug": "anastrozole",
+                                                   "daily_dose_mg": 2.5})) == [
+        "aromatase_inhibitor"]
 
 
 def test_every_criterion_has_the_seed_wording_in_its_docstring():

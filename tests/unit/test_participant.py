@@ -321,7 +321,13 @@ def test_the_digest_of_a_known_event_is_pinned():
     at = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
     pinned = Audit(command_id="9b2d3c6e-0000-4000-8000-000000000001", actor="señora-app",
                    recorded_at=at, reason="été")
-    participant = Participant.screen("CASE-PINNED", screening(), PROTOCOL, pinned)
+    # The screening record as it was when the digests were pinned, before the eligibility
+    # object gained four questions.
+    record = screening()
+    for question in ("surgery_side_effects_resolved", "prior_therapy_toxicity_resolved",
+                     "pain_due_to_fracture_or_injury", "able_to_consent"):
+        del record["eligibility"][question]
+    participant = Participant.screen("CASE-PINNED", record, PROTOCOL, pinned)
     participant.record_consent(consent(), pinned)
     participant.randomize({"registered_on": REGISTERED},
                           AllocationSequence.open(PROTOCOL.study_id, "CASE", pinned), SEED,

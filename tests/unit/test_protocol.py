@@ -23,9 +23,31 @@ def test_the_default_protocol_loads():
     (lambda d: d["eligibility"].update(stages=["V"]), "eligibility.stages"),
     (lambda d: d["reminders"]["offsets"][0].update(relative_to="moon"),
      "reminders.offsets[0].relative_to"),
+    (lambda d: d["eligibility"]["aromatase_inhibitors"][0].update(brand_names="Arimidex"),
+     "eligibility.aromatase_inhibitors[0].brand_names: expected"),
+    (lambda d: d["eligibility"]["aromatase_inhibitors"][0].update(brand_names=[]),
+     "eligibility.aromatase_inhibitors[0].brand_names: expected"),
+    (lambda d: d["eligibility"]["aromatase_inhibitors"][1].update(brand_names=["ARIMIDEX"]),
+     "eligibility.aromatase_inhibitors: 'ARIMIDEX' names both anastrozole and letrozole"),
 ])
 def test_a_bad_protocol_names_the_key(mutate, key):
     data = protocol_data()
     mutate(data)
     with pytest.raises(ProtocolError, match=key.replace("[", r"\[").replace("]", r"\]")):
         protocol_from_mapping(data)
+
+
+def test_the_aromatase_inhibitors_carry_their_brand_names():
+    inhibitors = protocol_from_mapping(protocol_data()).eligibility.aromatase_inhibitors
+    assert [(ai.drug, ai.brand_names, ai.daily_dose_mg) for ai in inhibitors] == [
+        ("anastrozole", ("Arimidex",), 1), ("letrozole", ("Femara",), 2.5),
+        ("exemestane", ("Aromasin",), 25)]
+
+
+def test_brand_names_are_optional():
+    data = protocol_data()
+    for inhibitor in data["eligibility"]["aromatase_inhibitors"]:
+        del inhibitor["brand_names"]
+    inhibitors = protocol_from_mapping(data).eligibility.aromatase_inhibitors
+    assert [ai.names for ai in inhibitors] == [("anastrozole",), ("letrozole",),
+                                               ("exemestane",)]
