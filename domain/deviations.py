@@ -12,6 +12,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from uuid import uuid5
 
+from domain import eligibility
 from domain.eligibility import days_between
 from domain.participant import Participant
 from domain.protocol import Protocol
@@ -23,7 +24,7 @@ SEVERITY = {
     "baseline_blood_after_dose": "major", "dose_in_control_arm": "major",
     "dose_before_randomization": "major", "wrong_dose": "minor",
     "visit_out_of_window": "minor", "visit_missed": "major", "poor_adherence": "minor",
-    "b12_use_in_control": "major",
+    "b12_use_in_control": "major", "ineligible_randomized": "major",
 }
 CLOCK_DRIVEN = ("visit_missed", "poor_adherence")
 
@@ -106,8 +107,9 @@ analgesic_unstable = _time_relative(
 
 def procedure_before_consent(p: Participant, protocol: Protocol,
                              today: date) -> Iterator[Finding]:
-    """A blood sample or a visit dated before the consent was signed."""
-    consented = p.consented_on
+    """A blood sample or a visit dated before the consent was first signed (a re-consent
+    after a protocol amendment does not make the earlier procedures late)."""
+    consented = p.first_consented_on
     procedures = [(e, _day(d["collected_at"])) for e, d in p.records_of("BloodSampleCollected")]
     procedures += [(e, d["completed_on"]) for e, d in p.records_of("VisitCompleted")]
     for event_id, day in procedures:
@@ -220,12 +222,33 @@ def b12_use_in_control(p: Participant, protocol: Protocol, today: date) -> Itera
                           f"{med['drug']} (contains B12) reported by a {p.arm} participant")
 
 
+def ineligible_randomized(p: Participant, protocol: Protocol,
+                          today: date) -> Iterator[Finding]:
+    """A randomized participant whose screening record, as corrected, fails a criterion
+    that does not depend on the registration date (those have their own codes)."""
+    if p.registration_event is None:
+        return
+    screening = p.screening
+    failed = eligibility.failed_criteria(
+        screening["eligibility"], screening["birth_date"], screening["screened_on"],
+        protocol.eligibility,
+        only=[c for c in eligibility.CRITERIA if c not in eligibility.TIME_RELATIVE],
+    )
+    if screening["language"] not in protocol.languages:
+        failed.append("questionnaire_language")
+    if failed:
+        yield Finding("ineligible_randomized", "screening",
+                      (p.screening_event, p.registration_event),
+                      "the corrected screening record fails: " + ", ".join(failed))
+
+
 RULES: dict[str, Rule] = {
     r.__name__: r
     for r in (
         washout_incomplete, ai_duration_short, analgesic_unstable, procedure_before_consent,
         baseline_blood_after_dose, dose_in_control_arm, dose_before_randomization, wrong_dose,
         visit_out_of_window, visit_missed, poor_adherence, b12_use_in_control,
+        ineligible_randomized,
     )
 }
 

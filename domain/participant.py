@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -28,6 +28,12 @@ LOCKED_FIELDS = frozenset({"site_id", "scope", "visit"})
 ACTIVE = ("randomized", "off_treatment")
 # Direct identifiers captured at screening, shown only to roles allowed to contact.
 CONTACT_FIELDS = frozenset({"email", "birth_date"})
+
+CorrectionRule = Callable[[str, str, Any, Mapping[str, Any]], Any]
+"""The rule of the field a correction names: called with the type of the corrected event,
+the dotted path, the new value and the data recorded so far, it answers the value as the field holds it, or raises
+``ValidationFailed`` on ``data.value`` (an undefined field, or a value that breaks the rule
+the original command's field applies)."""
 
 
 def participant_uuid(participant_id: str) -> UUID:
@@ -53,6 +59,27 @@ def _walk(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], str]:
         if not isinstance(node, dict):
             raise ValidationFailed({"data.field": [f"{path!r} is not a field of that event"]})
     return node, last
+
+
+def _lookup(data: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path; None where the record left it (or a parent) out."""
+    node: Any = data
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def _place(data: dict[str, Any], path: str, value: Any) -> None:
+    """Sets the value at a dotted path, adding the objects a record left out (an item of a
+    questionnaire that was not answered)."""
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[last] = value
 
 
 class Participant(ChainedAggregate):
@@ -90,6 +117,7 @@ class Participant(ChainedAggregate):
             aggregate.reminders = []
             aggregate.missed_visits = []
             aggregate.consent_record = None
+            aggregate.first_consent_record = None
             aggregate.registration_record = None
             aggregate.arm = None
             aggregate.allocation_index = None
@@ -112,6 +140,8 @@ class Participant(ChainedAggregate):
     class ConsentRecorded(Capture):
         def absorb(self, aggregate: Any) -> None:
             aggregate.consent_record = self.originator_version
+            if aggregate.first_consent_record is None:
+                aggregate.first_consent_record = self.originator_version
             if aggregate.status == "screened":
                 aggregate.status = "consented"
 
@@ -157,8 +187,7 @@ class Participant(ChainedAggregate):
             version = aggregate.version_of(self.target_event_id)
             record = aggregate.records[version]
             data = copy.deepcopy(record["data"])  # copy on write: the captured event stays
-            parent, key = _walk(data, self.field)
-            parent[key] = copy.deepcopy(self.value)
+            _place(data, self.field, copy.deepcopy(self.value))
             aggregate.records[version] = {**record, "data": data}
 
     class DeviationFlagged(Event):
@@ -207,7 +236,8 @@ class Participant(ChainedAggregate):
         failed_criteria: list[str]
         records: dict[int, dict[str, Any]]  # by the version of the capturing event
         screening_record: int
-        consent_record: int | None
+        consent_record: int | None  # the latest consent (a re-consent after an amendment)
+        first_consent_record: int | None
         registration_record: int | None
         arm: str | None
         allocation_index: int | None
@@ -258,6 +288,13 @@ class Participant(ChainedAggregate):
     @property
     def consented_on(self) -> date | None:
         signed: date | None = self.data_of(self.consent_record).get("signed_on")
+        return signed
+
+    @property
+    def first_consented_on(self) -> date | None:
+        """The day the participant first consented; a re-consent (a protocol amendment)
+        does not move it."""
+        signed: date | None = self.data_of(self.first_consent_record).get("signed_on")
         return signed
 
     def withdrawn_on(self, scope: str) -> date | None:
@@ -341,15 +378,13 @@ class Participant(ChainedAggregate):
     def record_dose(self, data: Mapping[str, Any], audit: Audit) -> None:
         self._require_status("record a dose", *ACTIVE, "completed")
         taken_on: date = data["taken_on"]
+        _require_not_future(taken_on, audit, "data.taken_on")
         stopped = self.withdrawn_on("treatment")
         if stopped is not None and taken_on > stopped:
             raise InvalidTransition(
                 f"a dose on {taken_on} is after the treatment withdrawal on {stopped}"
             )
-        if any(d["taken_on"] == taken_on for _, d in self.records_of("DoseRecorded")):
-            raise InvalidTransition(
-                f"a dose is already recorded for {taken_on}; use CorrectData to change it"
-            )
+        self._require_no_dose_on(taken_on)
         self.trigger_event(self.DoseRecorded, data=dict(data), **audit.event_fields())
 
     def complete_visit(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit) -> None:
@@ -377,24 +412,34 @@ class Participant(ChainedAggregate):
             self._require_status("withdraw from the study", "screened", "consented", *ACTIVE)
         self.trigger_event(self.ParticipantWithdrawn, data=dict(data), **audit.event_fields())
 
-    def correct_data(self, data: Mapping[str, Any], audit: Audit) -> None:
+    def correct_data(self, data: Mapping[str, Any], audit: Audit,
+                     rule: CorrectionRule | None = None) -> None:
+        """Records a new value for a field of a captured event. ``rule`` validates it as
+        the original command's field would; without one the value must keep the type of
+        the value it corrects (a field the record holds)."""
         if not audit.reason:
             raise ValidationFailed({"reason": ["is required for CorrectData"]})
         target = data["event_id"]
         version = self.version_of(target)
         record = self.records[version] if version is not None else None
-        if record is None:
+        if version is None or record is None:
             raise ValidationFailed(
                 {"data.event_id": ["is not a data-capturing event of this participant"]}
             )
         path: str = data["field"]
         if path.split(".")[0] in LOCKED_FIELDS:
             raise ValidationFailed({"data.field": [f"{path!r} can't be corrected"]})
-        parent, key = _walk(record["data"], path)
-        previous = parent.get(key)
-        value = _like(previous, data["value"])
+        previous = _lookup(record["data"], path)
+        if rule is None:
+            _walk(record["data"], path)
+            value = _like(previous, data["value"])
+        else:
+            value = rule(record["type"], path, data["value"], record["data"])
         if previous == value:
             raise ValidationFailed({"data.value": ["is the value already recorded"]})
+        if record["type"] == "DoseRecorded" and path == "taken_on":
+            _require_not_future(value, audit, "data.value")
+            self._require_no_dose_on(value)
         self.trigger_event(
             self.DataCorrected, target_event_id=target, field=path,
             previous_value=copy.deepcopy(previous), value=copy.deepcopy(value),
@@ -440,6 +485,13 @@ class Participant(ChainedAggregate):
 
     # --- guards --------------------------------------------------------------------------
 
+    def _require_no_dose_on(self, day: date) -> None:
+        """One dose record per day."""
+        if any(d["taken_on"] == day for _, d in self.records_of("DoseRecorded")):
+            raise InvalidTransition(
+                f"a dose is already recorded for {day}; use CorrectData to change it"
+            )
+
     def _refuse_screen_failure(self, what: str) -> None:
         if self.status == "screen_failed":
             raise NotEligible(
@@ -479,6 +531,12 @@ def _like(previous: Any, value: Any) -> Any:
 def _not_like(previous: Any) -> Any:
     kind = "an ISO 8601 date" if isinstance(previous, date) else type(previous).__name__
     raise ValidationFailed({"data.value": [f"must be {kind}, like the recorded value"]})
+
+
+def _require_not_future(day: date, audit: Audit, path: str) -> None:
+    today = audit.recorded_at.date()
+    if day > today:
+        raise ValidationFailed({path: [f"must not be after today ({today.isoformat()})"]})
 
 
 def _require_visit(protocol: Protocol, code: str, path: str) -> None:

@@ -37,14 +37,17 @@ def schedule(protocol: Protocol, registered_on: date) -> list[ScheduledVisit]:
 
 
 def visit_status(
-    visit: ScheduledVisit, completed_on: date | None, missed: bool, today: date
+    visit: ScheduledVisit, completed_on: date | None, missed: bool, today: date,
+    withdrawn: bool = False,
 ) -> str:
-    """completed | missed | open (window open today) | upcoming | overdue (window closed,
-    not yet marked missed)."""
+    """completed | missed | cancelled (the participant left the study first) | open (window
+    open today) | upcoming | overdue (window closed, not yet marked missed)."""
     if completed_on is not None:
         return "completed"
     if missed:
         return "missed"
+    if withdrawn:
+        return "cancelled"
     if today < visit.window_start:
         return "upcoming"
     if today <= visit.window_end:

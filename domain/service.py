@@ -13,7 +13,7 @@ from eventsourcing.persistence import JSONTranscoder, Transcoding
 from domain import commands as c
 from domain.commands import Audit, Command
 from domain.errors import ParticipantNotFound, VersionConflict
-from domain.participant import Participant, participant_uuid
+from domain.participant import CorrectionRule, Participant, participant_uuid
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
 
@@ -50,9 +50,11 @@ class TrialService(Application[Any]):
     name = "Trialog"
 
     def __init__(self, protocol: Protocol, allocation_seed: bytes,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 correction_rule: CorrectionRule | None = None) -> None:
         self.protocol = protocol
         self.allocation_seed = allocation_seed
+        self.correction_rule = correction_rule
         super().__init__(env)
         self._handlers: dict[type[Command], Handler] = {
             c.ScreenParticipant: self.screen_participant,
@@ -163,7 +165,7 @@ class TrialService(Application[Any]):
 
     def correct_data(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
         participant = self._load(cmd.participant_id, expected)
-        participant.correct_data(cmd.data, audit)
+        participant.correct_data(cmd.data, audit, self.correction_rule)
         return (participant,)
 
     def resolve_deviation(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:

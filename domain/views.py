@@ -27,7 +27,8 @@ def visits_view(p: Participant, protocol: Protocol, today: date) -> list[dict[st
             "window": {"start": visit.window_start.isoformat(),
                        "end": visit.window_end.isoformat()},
             "status": visit_status(visit, done["completed_on"] if done else None,
-                                   visit.code in p.missed_visits, today),
+                                   visit.code in p.missed_visits, today,
+                                   withdrawn=p.status == "withdrawn"),
             "completed_on": done["completed_on"].isoformat() if done else None,
         })
     return rows

@@ -38,7 +38,8 @@ REDACTED = "[redacted]"
 
 
 def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
-    """The entry without contact details (screening data, and corrections of them)."""
+    """The entry without contact details (screening data, corrections of them, reminder
+    recipients)."""
     data = entry["data"]
     if isinstance(data.get("data"), dict) and CONTACT_FIELDS & data["data"].keys():
         captured = {k: REDACTED if k in CONTACT_FIELDS and v is not None else v
@@ -46,6 +47,8 @@ def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
         data = {**data, "data": captured}
     if data.get("field") in CONTACT_FIELDS:
         data = {**data, "previous_value": REDACTED, "value": REDACTED}
+    if data.get("recipients"):  # the addresses a reminder went to
+        data = {**data, "recipients": [REDACTED for _ in data["recipients"]]}
     return {**entry, "data": data}
 
 

@@ -15,6 +15,7 @@ from domain.protocol import Protocol, protocol_from_mapping
 from domain.service import TrialService
 from infrastructure import migrations
 from infrastructure.bus import CommandBus, utc_now
+from infrastructure.corrections import CorrectionRules
 from infrastructure.settings import Settings
 
 
@@ -66,7 +67,8 @@ def bootstrap(settings: Settings, *, migrate: bool | None = None,
     """Builds the application. ``migrate`` runs the migrations first (default: on SQLite,
     where the embedded default must work with no separate step)."""
     protocol = load_protocol(settings.protocol_path)
-    service = TrialService(protocol, settings.allocation_seed, env=event_store_env(settings))
+    service = TrialService(protocol, settings.allocation_seed, env=event_store_env(settings),
+                           correction_rule=CorrectionRules(protocol))
     trialog = Trialog(settings, protocol, service, CommandBus(service, clock))
     if migrate if migrate is not None else settings.is_sqlite:
         migrations.upgrade(trialog.engine)

@@ -75,12 +75,20 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    trialog = bootstrap(Settings.from_env(), migrate=False)
+    settings = Settings.from_env()
+    before = migrations.tables_and_revision(settings.database_url)
+    trialog = bootstrap(settings, migrate=False)
     try:
         migrations.upgrade(trialog.engine)
     finally:
         trialog.close()
-    print("tables are up to date")
+    after = migrations.tables_and_revision(settings.database_url)
+    created = sorted(after[0] - before[0])
+    if created:
+        print(f"created {len(created)} tables: {', '.join(created)}")
+    if before[1] != after[1]:
+        print(f"migrated from revision {before[1] or 'none'} to {after[1]}")
+    print(f"tables are up to date (revision {after[1]})")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -55,10 +56,12 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> int:
     try:
         projection = TrialProjection(trialog, batch_size=args.batch_size)
         total = projection.head()
+        started = time.perf_counter()
         with tqdm(total=total, unit="ev", desc=f"rebuilding {projection.name}",
                   disable=args.quiet, file=sys.stderr) as bar:
             done = projection.rebuild(progress=bar.update)
-            rate = bar.format_dict["rate"] or 0
+        # The whole run's rate (tqdm's own is a moving average of the last batches).
+        rate = done / max(time.perf_counter() - started, 1e-9)
     finally:
         trialog.close()
     print(f"{projection.name}: {done} events applied ({rate:,.0f} events/s)", file=sys.stderr)
@@ -67,14 +70,22 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_projections_status(args: argparse.Namespace) -> int:
     from infrastructure.projections import followers
+    from infrastructure.quarantine import listing
 
     trialog = _app()
     try:
         head = None
+        with trialog.engine.connect() as connection:
+            held = listing(connection)
         for follower in followers(trialog):
             head = follower.head() if head is None else head
             position = follower.position()
-            print(f"{follower.name:<20} position {position:>10}  lag {head - position:>8}")
+            mine = [q for q in held if q["follower"] == follower.name]
+            print(f"{follower.name:<20} position {position:>10}  lag {head - position:>8}  "
+                  f"quarantined {len(mine)}")
+            for q in mine:
+                print(f"  {q['participant_id']}: {q['event_type'] or 'unreadable event'} at "
+                      f"position {q['position']}, since {q['quarantined_at']}: {q['error']}")
     finally:
         trialog.close()
     return 0

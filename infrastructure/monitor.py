@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session
 
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
-from domain.participant import Participant
+from domain.participant import Participant, participant_uuid
 from infrastructure.bootstrap import Trialog
-from infrastructure.projections import LogFollower
+from infrastructure.projections import DATABASE_UNAVAILABLE, LogFollower
+from infrastructure.quarantine import set_aside
 from infrastructure.tables import participants
 
 ACTOR = "deviation-monitor"
@@ -60,17 +61,29 @@ def scan_clock(t: Trialog, today: date) -> dict[str, int]:
     with t.engine.connect() as connection:
         ids = list(connection.execute(select(participants.c.participant_id).where(
             participants.c.status.in_(("randomized", "off_treatment")))).scalars())
-    counts = {"participants": len(ids), "missed": 0, "flagged": 0}
+    counts = {"participants": len(ids), "missed": 0, "flagged": 0, "quarantined": 0}
     for participant_id in ids:
-        participant = t.service.get_participant(participant_id)
-        missed = detect(participant, t.protocol, today, ("visit_missed",))
-        for finding in missed:
-            t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
-                           command_id=str(uuid5(NAMESPACE_URL, f"trialog:missed:"
-                                                f"{participant.id}:{finding.key}")),
-                           actor=ACTOR)
-        if missed:
-            counts["missed"] += len(missed)
-            participant = t.service.get_participant(participant_id)
-        counts["flagged"] += len(flag(t, participant, today, CLOCK_DRIVEN))
+        try:
+            _scan_one(t, participant_id, today, counts)
+        except DATABASE_UNAVAILABLE:
+            raise
+        except Exception as error:  # noqa: BLE001 - one participant never stops the others
+            counts["quarantined"] += 1
+            with t.service.recorder.transaction(commit=True) as session:  # type: ignore
+                set_aside(session, DeviationMonitor.name, participant_uuid(participant_id),
+                          participant_id, None, None, error)
     return counts
+
+
+def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, int]) -> None:
+    participant = t.service.get_participant(participant_id)
+    missed = detect(participant, t.protocol, today, ("visit_missed",))
+    for finding in missed:
+        t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
+                       command_id=str(uuid5(NAMESPACE_URL, f"trialog:missed:"
+                                            f"{participant.id}:{finding.key}")),
+                       actor=ACTOR)
+    if missed:
+        counts["missed"] += len(missed)
+        participant = t.service.get_participant(participant_id)
+    counts["flagged"] += len(flag(t, participant, today, CLOCK_DRIVEN))

@@ -20,12 +20,14 @@ from typing import Any
 from uuid import UUID
 
 import sqlalchemy.exc
+from eventsourcing import persistence as es_persistence
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from infrastructure.bootstrap import Trialog
+from infrastructure.quarantine import quarantined_ids, release, set_aside
 from infrastructure.stored import PARTICIPANT_TOPIC, decode, stored_events
 from infrastructure.tables import (
     READ_MODELS,
@@ -37,6 +39,9 @@ from infrastructure.tables import (
     visits,
 )
 
+# Errors of the connection, not of an event: the batch is retried, nobody is set aside.
+DATABASE_UNAVAILABLE = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                        es_persistence.OperationalError, es_persistence.InterfaceError)
 Progress = Callable[[int], None]  # called with the events done in each batch
 
 
@@ -115,13 +120,63 @@ class LogFollower:
     def _apply_rows(self, session: Session, rows: list[Any]) -> None:
         if not rows:
             return
-        batch = [(row.id, self._decode(row)) for row in rows
-                 if row.topic.startswith(self.topic_prefix)]
-        self.apply(session, batch)
+        batch, broken = [], []
+        for row in rows:
+            if not row.topic.startswith(self.topic_prefix):
+                continue
+            try:
+                batch.append((row.id, self._decode(row)))
+            except Exception as error:  # noqa: BLE001 - an unreadable row: its participant waits
+                broken.append((row, error))
+        held = quarantined_ids(session, self.name)
+        try:
+            with session.begin_nested():
+                self.apply(session, batch)
+            failed: dict[Any, tuple[int, Any, BaseException]] = {}
+        except DATABASE_UNAVAILABLE:
+            raise
+        except Exception:  # noqa: BLE001 - find the participants that fail, set them aside
+            failed = self._apply_one_by_one(session, batch)
+        for row, error in broken:
+            failed[row.originator_id] = (row.id, None, error)
+        applied = {event.originator_id for _, event in batch} - set(failed)
+        release(session, self.name, {i for i in applied if str(i) in held})
+        for originator_id, (position, event, error) in failed.items():
+            set_aside(session, self.name, originator_id, self.participant_id_of(originator_id),
+                      position, type(event).__name__ if event is not None else None, error)
         session.execute(
             update(positions).where(positions.c.name == self.name)
             .values(position=rows[-1].id, updated_at=datetime.now(UTC))
         )
+
+    def _apply_one_by_one(self, session: Session, batch: list[tuple[int, Any]],
+                          ) -> dict[Any, tuple[int, Any, BaseException]]:
+        """A batch that failed, again one event at a time, each in its own savepoint: the
+        participants whose last event still fails, with that event and the error."""
+        failed: dict[Any, tuple[int, Any, BaseException]] = {}
+        for position, event in batch:
+            self.forget(event.originator_id)
+            try:
+                with session.begin_nested():
+                    self.apply(session, [(position, event)])
+            except DATABASE_UNAVAILABLE:
+                raise
+            except Exception as error:  # noqa: BLE001 - whatever it is, it is this event's
+                self.forget(event.originator_id)
+                failed[event.originator_id] = (position, event, error)
+            else:
+                failed.pop(event.originator_id, None)
+        return failed
+
+    def forget(self, originator_id: Any) -> None:
+        """Drops what the follower keeps in memory of a participant (after a rollback)."""
+
+    def participant_id_of(self, originator_id: Any) -> str:
+        try:
+            first: Participant = self.service.repository.get(originator_id, version=1)
+            return first.participant_id
+        except Exception:  # noqa: BLE001 - the stream can't even be read: name it by its id
+            return str(originator_id)
 
     def _decode(self, row: Any) -> Any:
         return decode(self.service.mapper, row.originator_id, row.originator_version,
@@ -217,6 +272,9 @@ class TrialProjection(LogFollower):
         )
         return participant
 
+    def forget(self, originator_id: Any) -> None:
+        self.cache.pop(originator_id, None)
+
     def _remember(self, participant: Participant) -> None:
         self.cache[participant.id] = participant
         self.cache.move_to_end(participant.id)
@@ -298,5 +356,8 @@ def read_model_rows(p: Participant, trialog: Trialog,
 
 
 def followers(trialog: Trialog) -> list[LogFollower]:
-    """Every follower of the notification log, for status reports."""
-    return [TrialProjection(trialog)]
+    """Every follower of the notification log, for status reports (the reminder schedule
+    is one of the trial projection's read models)."""
+    from infrastructure.monitor import DeviationMonitor
+
+    return [TrialProjection(trialog), DeviationMonitor(trialog)]

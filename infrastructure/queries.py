@@ -10,17 +10,19 @@ from typing import Any
 from sqlalchemy import Row, func, select
 
 from domain.errors import ParticipantNotFound
+from domain.participant import participant_uuid
 from domain.schedule import ScheduledVisit, visit_status
+from domain.views import participant_state as state_of
 from infrastructure.bootstrap import Trialog
 from infrastructure.tables import deviations, participants, scores, visits
 
 
-def _visit(row: Row[Any], today: date) -> dict[str, Any]:
+def _visit(row: Row[Any], today: date, withdrawn: bool = False) -> dict[str, Any]:
     scheduled = ScheduledVisit(row.code, row.target, row.window_start, row.window_end)
     return {
         "code": row.code, "target": row.target.isoformat(),
         "window": {"start": row.window_start.isoformat(), "end": row.window_end.isoformat()},
-        "status": visit_status(scheduled, row.completed_on, row.missed, today),
+        "status": visit_status(scheduled, row.completed_on, row.missed, today, withdrawn),
         "completed_on": row.completed_on.isoformat() if row.completed_on else None,
     }
 
@@ -42,14 +44,32 @@ def _summary_row(row: Row[Any]) -> dict[str, Any]:
     }
 
 
+def stream_head(t: Trialog, participant_id: str) -> tuple[int, int] | None:
+    """The version and the log position of a participant's newest stored event (None if it
+    has none): what every command answered so far has written."""
+    events = t.service.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
+    with t.engine.connect() as c:
+        head = c.execute(
+            select(events.c.originator_version, events.c.id)
+            .where(events.c.originator_id == participant_uuid(participant_id))
+            .order_by(events.c.originator_version.desc()).limit(1)).first()
+    return (int(head[0]), int(head[1])) if head is not None else None
+
+
 def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
                       ) -> dict[str, Any]:
+    """The current state: from the read models when they have the participant's newest
+    event, else replayed from the event store, so a read never misses a write that was
+    answered before it began."""
+    head = stream_head(t, participant_id)
+    if head is None:
+        raise ParticipantNotFound(f"participant {participant_id} not found")
     today = t.today()
     with t.engine.connect() as c:
         row = c.execute(select(participants)
                         .where(participants.c.participant_id == participant_id)).first()
-        if row is None:
-            raise ParticipantNotFound(f"participant {participant_id} not found")
+        if row is None or row.version < head[0]:
+            return _replayed_state(t, participant_id, today, contact, head[1])
         visit_rows = c.execute(select(visits).where(visits.c.participant_id == participant_id)
                                .order_by(visits.c.sequence)).all()
         open_rows = c.execute(select(deviations).where(
@@ -58,17 +78,28 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     state = {
         **_summary_row(row),
         "eligible": row.eligible, "failed_criteria": list(row.failed_criteria),
-        "visits": [_visit(v, today) for v in visit_rows],
+        "visits": [_visit(v, today, row.status == "withdrawn") for v in visit_rows],
         "open_deviations": [_deviation(d) for d in open_rows],
         "scores": row.scores,
         "position": row.position,
     }
     if contact:
-        screening = t.service.get_participant(participant_id).screening
-        birth_date = screening.get("birth_date")
-        state["contact"] = {"email": screening.get("email"),
-                            "birth_date": birth_date.isoformat() if birth_date else None}
+        state["contact"] = _contact(t.service.get_participant(participant_id).screening)
     return state
+
+
+def _replayed_state(t: Trialog, participant_id: str, today: date, contact: bool,
+                    position: int) -> dict[str, Any]:
+    participant = t.service.get_participant(participant_id)
+    state = state_of(participant, t.protocol, today, contact=contact)
+    state.update(language=participant.screening["language"], position=position)
+    return state
+
+
+def _contact(screening: dict[str, Any]) -> dict[str, Any]:
+    birth_date = screening.get("birth_date")
+    return {"email": screening.get("email"),
+            "birth_date": birth_date.isoformat() if birth_date else None}
 
 
 def list_participants(t: Trialog, *, status: str | None = None, arm: str | None = None,

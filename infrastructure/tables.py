@@ -102,6 +102,22 @@ positions = Table(
 )
 
 
+# Participants a follower of the log could not apply an event of: the follower moves on
+# and retries with the participant's next event; a row goes when a retry succeeds.
+quarantine = Table(
+    "trialog_quarantine",
+    metadata,
+    Column("follower", String(64), primary_key=True),
+    Column("originator_id", String(36), primary_key=True),
+    Column("participant_id", String(64), nullable=False, index=True),
+    Column("position", BigInteger, nullable=True),
+    Column("event_type", String(100), nullable=True),
+    Column("error", Text, nullable=False),
+    Column("quarantined_at", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False),
+)
+
+
 # API tokens: only a SHA-256 of each token is kept; the token is shown once at creation.
 tokens = Table(
     "trialog_tokens",

@@ -17,13 +17,15 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
 from infrastructure.api import commands, reads
-from infrastructure.api.errors import ApiError, error_response, invalid
+from infrastructure.api.errors import ApiError, database_unavailable, error_response, invalid
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import document_commands
 from infrastructure.bootstrap import Trialog
+from infrastructure.projections import DATABASE_UNAVAILABLE
 
 log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+POSITION_HEADER = "Trialog-Position"
 
 
 class TrialogJSON(DefaultJSONProvider):
@@ -68,6 +70,8 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     app.after_request(_log_request)
     app.register_error_handler(ApiError, lambda e: error_response(e.status, e.body))
     app.register_error_handler(HTTPException, _http_error)
+    for error in DATABASE_UNAVAILABLE:
+        app.register_error_handler(error, database_unavailable)
     # What exists now lives as long as the process: out of the collector's way, so a full
     # collection scans only what requests create (a 500-event history is ~5k objects).
     gc.freeze()
@@ -127,7 +131,22 @@ def _log_request(response: Response) -> Response:
         "command_id": g.get("command_id"), "participant_id": participant_id,
     })
     response.headers["X-Request-Id"] = g.get("request_id", "")
+    position = _position()
+    if position is not None:
+        response.headers[POSITION_HEADER] = str(position)
     return response
+
+
+def _position() -> int | None:
+    """The newest log position the answer reflects: the one a view set (a command's, a
+    participant's newest event), else the read models'."""
+    position: int | None = g.get("position")
+    if position is None and request.path != "/openapi.json":
+        try:
+            position = runtime().projection.position()
+        except DATABASE_UNAVAILABLE:
+            return None
+    return position
 
 
 __all__ = ["create_app", "jsonify"]

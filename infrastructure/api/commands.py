@@ -92,6 +92,7 @@ def execute(raw: Any) -> tuple[int, dict[str, Any]]:
         raise from_domain(e) from None
     if not accepted.replayed:
         runtime().nudge()
+    g.position = max(g.get("position") or 0, accepted.body.get("position") or 0) or None
     log.info("command", extra={"command_id": envelope["command_id"],
                                "participant_id": envelope["participant_id"],
                                "type": envelope["type"], "actor": principal.name,

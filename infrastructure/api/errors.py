@@ -36,7 +36,22 @@ def forbidden(principal_name: str, role: str, what: str) -> ApiError:
     return ApiError(403, "forbidden", f"token {principal_name!r} (role {role}) may not {what}")
 
 
+RETRY_AFTER_S = 2
+
+
 def error_response(status: int, body: dict[str, Any]) -> Response:
     response = jsonify(body)
     response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="trialog"'
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
     return response
+
+
+def database_unavailable(e: Exception) -> Response:
+    """The database can't be reached (restarting, failing over): a 503 the client retries,
+    never a 500. Nothing was stored: a command's transaction did not commit."""
+    return error_response(503, {"error": "database_unavailable",
+                                "message": "the database is unavailable; retry after "
+                                           f"{RETRY_AFTER_S} s (nothing was stored)"})

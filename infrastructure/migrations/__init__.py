@@ -6,9 +6,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
 
 HERE = Path(__file__).resolve().parent
+VERSION_TABLE = "trialog_alembic_version"
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -18,3 +21,15 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def tables_and_revision(url: str) -> tuple[set[str], str | None]:
+    """The tables a database has and the revision its own tables are at."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            revision = MigrationContext.configure(
+                connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+            return set(inspect(connection).get_table_names()), revision
+    finally:
+        engine.dispose()

@@ -52,8 +52,8 @@ def multivitamin(stopped_on: date | None, started_on: date | None = None) -> dic
             "contains_b12": True}
 
 
-def test_the_catalogue_has_twelve_codes_each_with_a_severity():
-    assert len(RULES) == 12 and set(RULES) == set(SEVERITY)
+def test_the_catalogue_has_thirteen_codes_each_with_a_severity():
+    assert len(RULES) == 13 and set(RULES) == set(SEVERITY)
     assert set(SEVERITY.values()) == {"major", "minor"}
 
 
@@ -93,6 +93,31 @@ def test_procedure_before_consent_fires_for_blood_drawn_before_signing():
     q.record_blood_sample({"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8)},
                           PROTOCOL, audit())
     assert "procedure_before_consent" not in codes(q)
+
+
+def test_a_reconsent_does_not_make_earlier_procedures_late():
+    p = randomized()
+    p.record_blood_sample({"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8)},
+                          PROTOCOL, audit())
+    p.record_consent(consent(signed_on=date(2026, 5, 1)), audit())  # protocol amendment
+    assert p.consented_on == date(2026, 5, 1)
+    assert "procedure_before_consent" not in codes(p)
+
+
+def test_a_correction_that_makes_a_randomized_participant_ineligible_is_flagged_major():
+    p = randomized()
+    assert "ineligible_randomized" not in codes(p)
+    correct(p, "eligibility.zubrod", 3)
+    findings = [f for f in detect(p, PROTOCOL, LATER) if f.code == "ineligible_randomized"]
+    assert [(f.severity, f.evidence) for f in findings] == [
+        ("major", (p.screening_event, p.registration_event))]
+    assert "zubrod" in findings[0].detail
+
+
+def test_a_screen_failure_or_a_participant_not_randomized_is_not_ineligible_randomized():
+    p = Participant.screen("CASE-0002", screening(), PROTOCOL, audit())
+    correct(p, "eligibility.zubrod", 3)
+    assert "ineligible_randomized" not in codes(p)
 
 
 def test_baseline_blood_after_the_first_dose_fires():

@@ -344,3 +344,15 @@ PINNED_DIGESTS = [
     "b3aacba1edab390dfb83feb9f22cd6daf9af7c602b1dd1917d858f82fbf252a8",
     "940cd1d86ea0099997dd2fa76e2b05cf2b8983904d8fceac0bc5aaae8bd79377",
 ]
+
+
+def test_a_study_withdrawal_cancels_the_visits_not_done_and_keeps_the_done_ones():
+    from domain.views import participant_state
+
+    p = randomized()
+    p.complete_visit(visit("baseline", REGISTERED), PROTOCOL, audit())
+    p.withdraw({"withdrawn_on": REGISTERED, "scope": "study", "reason_code": "moved"}, audit())
+    statuses = {v["code"]: v["status"]
+                for v in participant_state(p, PROTOCOL, REGISTERED)["visits"]}
+    assert statuses == {"baseline": "completed", "week6": "cancelled",
+                        "end_of_treatment": "cancelled", "follow_up": "cancelled"}

@@ -1,0 +1,100 @@
+"""A correction is validated by the rule of the field it corrects, and the record's derived
+facts (scores, eligibility, deviations) follow the corrected value."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e import payloads as p
+from tests.e2e.test_errors import history_length
+from tests.e2e.test_lifecycle import enrol
+
+REASON = "source document check"
+
+
+def capture(client, pid: str, type_: str, data: dict) -> str:
+    """Records a command and answers the event id of the event it wrote."""
+    answer = client.command(type_, pid, data)
+    assert answer.status_code == 201, answer.text
+    version = answer.json()["version"]
+    events = client.get(f"/v1/participants/{pid}/history").json()["events"]
+    return next(e["event_id"] for e in events if e["version"] == version)
+
+
+def correct(client, pid: str, event_id: str, field: str, value):
+    return client.command("CorrectData", pid,
+                          {"event_id": event_id, "field": field, "value": value}, reason=REASON)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("fact_es.GE1", "x"),            # an item left unanswered, with a value of the wrong type
+    ("fact_es.GE1", 5),              # FACT items are 0-4
+    ("fact_es.GP9", 1),              # not an item of the FACT-ES
+    ("bpi_sf.worst", 99),            # BPI items are 0-10
+    ("bpi_sf.interference.sleep", 11),
+    ("completed_on", None),          # a required date can't be emptied
+    ("completed_on", "2026-13-01"),
+    ("visit_note", "x"),             # a field CompleteVisit does not define
+])
+def test_a_visit_correction_that_breaks_the_field_rule_is_a_422_and_stores_nothing(
+        server, field, value):
+    coordinator = server.client("coordinator")
+    pid, _ = enrol(coordinator)
+    visit = capture(coordinator, pid, "CompleteVisit", p.visit("baseline", 0))
+    answer = correct(coordinator, pid, visit, field, value)
+    assert answer.status_code == 422, answer.text
+    assert list(answer.json()["fields"]) == ["data.value"]
+    assert history_length(coordinator, pid) == 4
+
+
+@pytest.mark.parametrize("field, value", [
+    ("email", "not-an-email"),
+    ("email", "a@example.org\r\nBcc: b@example.org"),
+    ("eligibility.zubrod", 7),
+    ("eligibility.stage", "V"),
+    ("eligibility.pgr_positive", None),     # both receptor statuses would be null
+    ("language", "fr"),
+])
+def test_a_screening_correction_that_breaks_the_field_rule_is_a_422(server, field, value):
+    coordinator = server.client("coordinator")
+    pid = p.participant_id()
+    screening = capture(coordinator, pid, "ScreenParticipant",
+                        p.screening(er_positive=None, pgr_positive=True))
+    answer = correct(coordinator, pid, screening, field, value)
+    assert answer.status_code == 422, answer.text
+    assert list(answer.json()["fields"]) == ["data.value"]
+    assert history_length(coordinator, pid) == 1
+
+
+def test_an_unanswered_item_can_be_corrected_and_the_scores_follow(server):
+    coordinator = server.client("coordinator")
+    pid, _ = enrol(coordinator)
+    data = p.visit("baseline", 0)
+    data["fact_es"].update(GE2=1, GE3=1, GE4=1)  # 3 of 6 emotional items: not scored
+    visit = capture(coordinator, pid, "CompleteVisit", data)
+    before = coordinator.get(f"/v1/participants/{pid}").json()["scores"]["baseline"]
+    answer = correct(coordinator, pid, visit, "fact_es.GE1", 2)
+    assert answer.status_code == 201, answer.text
+    after = coordinator.get(f"/v1/participants/{pid}",
+                            after=answer.json()["position"]).json()["scores"]["baseline"]
+    assert before["fact_ewb"] is None and after["fact_ewb"] is not None
+
+
+def test_a_dose_date_correction_keeps_one_dose_per_day_and_no_dose_after_today(server):
+    coordinator = server.client("coordinator")
+    pid, _ = enrol(coordinator)
+    first = capture(coordinator, pid, "RecordDose", p.dose(0))
+    capture(coordinator, pid, "RecordDose", p.dose(1))
+    same_day = correct(coordinator, pid, first, "taken_on", p.dose(1)["taken_on"])
+    assert (same_day.status_code, same_day.json()["error"]) == (409, "invalid_transition")
+    future = correct(coordinator, pid, first, "taken_on", "2999-01-01")
+    assert (future.status_code, list(future.json()["fields"])) == (422, ["data.value"])
+    assert correct(coordinator, pid, first, "taken_on", p.dose(2)["taken_on"]).status_code == 201
+
+
+def test_a_dose_dated_after_today_is_a_422(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    answer = service.command("RecordDose", pid, {"taken_on": "2999-01-01", "taken": True})
+    assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.taken_on"])
+    assert history_length(service, pid) == 3

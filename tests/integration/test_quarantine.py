@@ -1,0 +1,134 @@
+"""One participant can never stop the others: an event a follower of the log can't apply
+sets its participant aside (stored, shown), the follower moves on, and the participant's
+next event tries again."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from domain import commands as c
+from domain.participant import Participant
+from infrastructure.monitor import DeviationMonitor
+from infrastructure.projections import TrialProjection
+from infrastructure.quarantine import listing
+from infrastructure.tables import deviations, participants, scores
+from tests.integration.helpers import REGISTERED, enrol, send
+from tests.integration.test_cli import TEST_KEY, run
+
+
+def visit(day: int = 0) -> dict:
+    return {"visit": "baseline", "completed_on": REGISTERED.replace(day=REGISTERED.day + day),
+            "fact_es": {"GE2": 1, "GE3": 1, "GE4": 1}}
+
+
+def write_straight_into_the_store(t, pid: str, target_version: int | None, field: str,
+                                  value) -> None:
+    """A DataCorrected that no command would accept, stored by the library's recorder
+    directly (not applied to the aggregate first, so it may be one that can't be)."""
+    participant = t.service.get_participant(pid)
+    target = (participant.event_id_of(target_version) if target_version
+              else str(uuid.uuid4()))
+    event = Participant.DataCorrected(
+        originator_id=participant.id, originator_version=participant.version + 1,
+        timestamp=datetime.now(UTC), command_id=str(uuid.uuid4()),
+        actor="straight-into-the-store", reason="test", previous_digest=participant.chain_head,
+        target_event_id=target, field=field, previous_value=None, value=value)
+    t.service.recorder.insert_events([t.service.mapper.to_stored_event(event)])
+
+
+def quarantined(t, follower: str) -> dict[str, dict]:
+    with t.engine.connect() as connection:
+        return {q["participant_id"]: q for q in listing(connection)
+                if q["follower"] == follower}
+
+
+def row(t, table, pid: str):
+    with t.engine.connect() as connection:
+        return connection.execute(select(table).where(table.c.participant_id == pid)).first()
+
+
+def test_the_read_models_set_a_bad_participant_aside_and_a_correction_repairs_it(isolated):
+    t = isolated
+    bad, good = enrol(t), enrol(t)
+    visit_version = send(t, c.CompleteVisit(bad, visit()))["version"]
+    write_straight_into_the_store(t, bad, visit_version, "fact_es.GE1", "x")
+    send(t, c.CompleteVisit(good, visit()))
+    projection = TrialProjection(t)
+
+    projection.catch_up()
+
+    assert projection.position() == projection.head()
+    assert row(t, participants, good).status == "randomized"
+    assert row(t, scores, good) is not None
+    held = quarantined(t, "trial")
+    assert list(held) == [bad] and held[bad]["event_type"] == "DataCorrected"
+    assert "TypeError" in held[bad]["error"]
+
+    repaired = send(t, c.CorrectData(bad, {"event_id": t.service.get_participant(bad)
+                                           .event_id_of(visit_version),
+                                           "field": "fact_es.GE1", "value": 2}),
+                    reason="transcription error")
+    projection.catch_up()
+
+    assert quarantined(t, "trial") == {}
+    assert row(t, participants, bad).version == repaired["version"]
+    assert row(t, scores, bad).fact_ewb is not None
+
+
+def test_an_event_that_cannot_be_applied_at_all_leaves_the_others_going(isolated):
+    t = isolated
+    bad = enrol(t)
+    write_straight_into_the_store(t, bad, None, "bpi_sf.worst", 3)  # names no event
+    later = enrol(t)
+    projection = TrialProjection(t)
+
+    projection.catch_up()
+
+    assert projection.position() == projection.head()
+    assert row(t, participants, later) is not None
+    assert list(quarantined(t, "trial")) == [bad]
+    assert row(t, participants, bad).version == 3  # as it was before the event
+
+
+def test_the_deviation_monitor_sets_a_bad_participant_aside_and_flags_the_others(isolated):
+    t = isolated
+    bad, good = enrol(t), enrol(t)
+    visit_version = send(t, c.CompleteVisit(bad, visit()))["version"]
+    write_straight_into_the_store(t, bad, visit_version, "completed_on", None)
+    send(t, c.RecordDose(good, {"taken_on": REGISTERED, "taken": True, "dose_mcg": 5}))
+    monitor = DeviationMonitor(t)
+
+    monitor.catch_up()
+
+    assert monitor.position() == monitor.head()
+    assert list(quarantined(t, "deviation_monitor")) == [bad]
+    TrialProjection(t).catch_up()
+    with t.engine.connect() as connection:
+        codes = set(connection.execute(select(deviations.c.code).where(
+            deviations.c.participant_id == good)).scalars())
+    assert "wrong_dose" in codes
+
+
+def test_projections_status_lists_every_follower_with_its_quarantine(tmp_path):
+    from infrastructure.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    url = f"sqlite:///{tmp_path / 'status.db'}"
+    t = bootstrap(settings_for(url), migrate=True)
+    try:
+        bad = enrol(t)
+        write_straight_into_the_store(t, bad, None, "bpi_sf.worst", 3)
+        TrialProjection(t).catch_up()
+    finally:
+        t.close()
+    status = run(["projections", "status"], tmp_path, TRIALOG_DATABASE_URL=url,
+                 TRIALOG_CIPHER_KEY=TEST_KEY)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("trial ") and "quarantined 1" in lines[0]
+    assert bad in lines[1] and "DataCorrected" in lines[1]
+    assert any(line.startswith("deviation_monitor") and "quarantined 0" in line
+               for line in lines)
