@@ -1,0 +1,114 @@
+"""Contact details only where the roles allow: a marker address given at screening and sent
+a reminder is searched for in every read of every role, in the server's log and in the
+database file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from domain import commands as c
+from infrastructure.bootstrap import bootstrap
+from infrastructure.tokens import ROLES, create_token
+from tests.conftest import TEST_KEY, settings_for
+from tests.e2e import payloads as p
+from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up
+
+MARKER = f"marker-{uuid.uuid4().hex[:12]}@example.org"
+WITH_CONTACT = {"coordinator", "admin"}
+
+
+class Site:
+    def __init__(self, folder: Path, url: str, clients: dict[str, Client]) -> None:
+        self.folder, self.database, self.clients = folder, url, clients
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[Site]:
+    folder = tmp_path_factory.mktemp("privacy")
+    url = f"sqlite:///{folder / 'trialog.db'}"
+    trialog = bootstrap(settings_for(url), migrate=True)
+    tokens = {role: create_token(trialog.engine, f"{role}-privacy", role) for role in ROLES}
+    trialog.close()
+    port = free_port()
+    env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}
+    with open(folder / "server.log", "w") as out:
+        process = subprocess.Popen([TRIALOG, "serve", "--port", str(port)], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(base, process, folder / "server.log")
+        yield Site(folder, url, {role: Client(base, token) for role, token in tokens.items()})
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def participant(site) -> str:
+    """A participant whose address is the marker, sent one reminder."""
+    coordinator = site.clients["coordinator"]
+    pid = p.participant_id()
+    screening = p.screening() | {"email": MARKER}
+    assert coordinator.command("ScreenParticipant", pid, screening).status_code == 201
+    assert coordinator.command("RecordConsent", pid, p.CONSENT).status_code == 201
+    assert coordinator.command("RandomizeParticipant", pid, p.RANDOMIZE).status_code == 201
+    last = coordinator.command("CompleteVisit", pid, p.visit("baseline", 0))
+    assert last.status_code == 201
+    trialog = bootstrap(settings_for(site.database))
+    try:
+        sent = trialog.bus.dispatch(
+            c.RecordReminderSent(pid, {"visit": "week6", "kind": "window_open",
+                                       "recipients": [MARKER, "coordinator@case.example"]}),
+            command_id=str(uuid.uuid4()), actor="reminder-worker")
+    finally:
+        trialog.close()
+    coordinator.get(f"/v1/participants/{pid}", after=sent.body["position"])
+    return pid
+
+
+def reads(pid: str) -> list[str]:
+    return [f"/v1/participants/{pid}", f"/v1/participants/{pid}/history",
+            f"/v1/participants/{pid}?version=1", "/v1/participants", "/v1/deviations",
+            "/v1/visits/due?within_days=365", "/v1/trial/summary", "/v1/exports/odm",
+            "/v1/exports/csv", "/v1/exports/fhir", "/v1/exports/odm?deidentify=true",
+            "/v1/audit/verify"]
+
+
+@pytest.mark.parametrize("role", sorted(set(ROLES) - WITH_CONTACT))
+def test_no_read_of_a_role_without_contact_rights_holds_the_address(site, participant, role):
+    client = site.clients[role]
+    local_part = MARKER.split("@")[0]
+    for path in reads(participant):
+        answer = client.get(path)
+        assert answer.status_code in (200, 403), (path, answer.status_code)
+        assert local_part not in answer.text, (role, path)
+    history = client.get(f"/v1/participants/{participant}/history").json()["events"]
+    reminder = next(e for e in history if e["type"] == "ReminderSent")
+    assert reminder["data"]["recipients"] == ["[redacted]", "[redacted]"]
+
+
+@pytest.mark.parametrize("role", sorted(WITH_CONTACT))
+def test_roles_with_contact_rights_see_the_address_and_the_recipients(site, participant, role):
+    client = site.clients[role]
+    assert client.get(f"/v1/participants/{participant}").json()["contact"]["email"] == MARKER
+    history = client.get(f"/v1/participants/{participant}/history").json()["events"]
+    reminder = next(e for e in history if e["type"] == "ReminderSent")
+    assert MARKER in reminder["data"]["recipients"]
+
+
+def test_the_log_and_the_database_file_never_hold_the_address(site, participant):
+    for role in ROLES:  # every role has read everything once
+        for path in reads(participant):
+            site.clients[role].get(path)
+    local_part = MARKER.split("@")[0].encode()
+    assert local_part not in (site.folder / "server.log").read_bytes()
+    files = [f for f in site.folder.iterdir() if f.name.startswith("trialog.db")]
+    assert files
+    for file in files:
+        assert local_part not in file.read_bytes(), file.name
