@@ -29,6 +29,9 @@ from tests.factories import consent, screening
 
 PG_SERVER = os.environ.get("TRIALOG_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 KEY = "YmVuY2htYXJrLWtleS1iZW5jaG1hcmsta2V5LTMyYiE="
+# The three secrets PostgreSQL requires, each its own (benchmarks only).
+SECRETS = {"TRIALOG_CIPHER_KEY": KEY, "TRIALOG_ALLOCATION_SEED": "benchmark-allocation-seed",
+           "TRIALOG_PSEUDONYM_KEY": "benchmark-pseudonym-key"}
 N_COMMANDS = int(os.environ.get("TRIALOG_BENCH_COMMANDS", "1500"))
 N_HTTP = int(os.environ.get("TRIALOG_BENCH_HTTP_COMMANDS", "2400"))
 REBUILD_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_REBUILD_PARTICIPANTS", "2000"))
@@ -115,7 +118,7 @@ def result(name: str, value: float, unit: str, baseline_name: str, baseline: flo
 def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
     results = []
     with database(kind, workdir) as (url, raw_env):
-        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY})
+        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS})
         t = bootstrap(settings, migrate=True)
         try:
             screen_commands(t, 50)  # warm up connections and caches
@@ -160,7 +163,7 @@ def reminder_results(workdir: Path) -> list[dict[str, Any]]:
     sink = reminder_bench.smtp_sink_process(port)
     try:
         with database("postgresql", workdir) as (url, raw_env):
-            settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY,
+            settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS,
                                           "TRIALOG_SMTP_URL": f"smtp://127.0.0.1:{port}"})
             t = bootstrap(settings, migrate=True)
             try:
@@ -181,7 +184,7 @@ def reminder_results(workdir: Path) -> list[dict[str, Any]]:
 
 def http_results(t: Trialog, url: str, raw_env: dict[str, str],
                  workdir: Path) -> list[dict[str, Any]]:
-    with http.serving(url, KEY, t.engine, workdir) as (base, token):
+    with http.serving(url, SECRETS, t.engine, workdir) as (base, token):
         ours = http.http_commands(base, token, N_HTTP)
         raw = http.raw_concurrent_saves(raw_env, N_HTTP)
         bulk = http.bulk_import(base, token, 1000)
@@ -197,7 +200,7 @@ def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
     """Over >= 200k events in a fresh database: the rebuild beside the library's runner,
     verification, and the exports' peak memory."""
     with database("postgresql", workdir) as (url, _):
-        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY})
+        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS})
         t = bootstrap(settings, migrate=True)
         try:
             projection.seed_participants(t, REBUILD_PARTICIPANTS, 100)
@@ -205,7 +208,7 @@ def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
             ours = projection.ours(t)
             runner = projection.library_runner(t, min(events, RUNNER_EVENTS))
             (verify_rate, processes), (verify_deep, deep_processes) = audit.verify_rates(t)
-            exports = {kind: audit.export_peak(url, KEY, kind, workdir)
+            exports = {kind: audit.export_peak(url, SECRETS, kind, workdir)
                        for kind in ("odm", "fhir")}
         finally:
             t.close()
@@ -229,16 +232,16 @@ def history_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
     again (the contract's figure), and the first read of each of 30 participants; then the
     exports of this smaller store, for their peak memory beside the 200k-event one."""
     with database("postgresql", workdir) as (url, _):
-        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": KEY})
+        settings = Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS})
         t = bootstrap(settings, migrate=True)
         try:
             pids = projection.seed_participants(t, HISTORY_PARTICIPANTS, 500)
             TrialProjection(t).catch_up()  # the steady state: the API's followers are idle
-            with http.serving(url, KEY, t.engine, workdir) as (base, token):
+            with http.serving(url, SECRETS, t.engine, workdir) as (base, token):
                 cold = http.history_p95_ms(base, token, pids[1:])  # each read first
                 warm = http.history_p95_ms(base, token, [pids[0]] * 62, warm_up=2)
             events = HISTORY_PARTICIPANTS * 500
-            small = {kind: audit.export_peak(url, KEY, kind, workdir)[0]
+            small = {kind: audit.export_peak(url, SECRETS, kind, workdir)[0]
                      for kind in ("odm", "fhir")}
         finally:
             t.close()

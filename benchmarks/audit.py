@@ -37,11 +37,12 @@ def verify_rates(t: Trialog) -> list[tuple[float, int]]:
     return rates
 
 
-def export_peak(url: str, key: str, kind: str, workdir: Path) -> tuple[float, float, int]:
+def export_peak(url: str, secrets: dict[str, str], kind: str,
+                workdir: Path) -> tuple[float, float, int]:
     """(peak RSS in MiB, seconds, bytes written) of ``trialog export KIND`` in a process
     of its own."""
     out = workdir / f"export.{kind}"
-    env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": key,
+    env = {**os.environ, "TRIALOG_DATABASE_URL": url, **secrets,
            "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", EXPORT_PEAK, kind, str(out)], env=env,

@@ -31,11 +31,12 @@ SERVE_ARGS = os.environ.get("TRIALOG_BENCH_SERVE_ARGS", "--workers 2 --threads 8
 
 
 @contextmanager
-def serving(url: str, key: str, engine: Any, workdir: Path) -> Iterator[tuple[str, str]]:
+def serving(url: str, secrets: dict[str, str], engine: Any,
+            workdir: Path) -> Iterator[tuple[str, str]]:
     token = create_token(engine, f"bench-{uuid.uuid4().hex[:8]}", "admin")
     port = free_port()
     log = workdir / f"serve-{port}.log"
-    env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": key}
+    env = {**os.environ, "TRIALOG_DATABASE_URL": url, **secrets}
     with open(log, "w") as out:
         process = subprocess.Popen([TRIALOG, "serve", "--port", str(port), "--threads", "16",
                                     *SERVE_ARGS.split()],

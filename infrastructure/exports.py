@@ -59,7 +59,7 @@ def csv_rows(t: Trialog, deidentify: bool = False) -> Iterator[dict[str, Any]]:
         .outerjoin(s, and_(s.c.participant_id == v.c.participant_id, s.c.visit == v.c.code))
         .order_by(p.c.participant_id, v.c.sequence)
     )
-    masker = Deidentifier(t.settings.allocation_seed) if deidentify else None
+    masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
     with t.engine.connect() as connection:
         for row in connection.execution_options(yield_per=1000).execute(query):
             pid, completed = row.participant_id, row.completed_on

@@ -9,11 +9,17 @@ from infrastructure.settings import Settings
 from tests.databases import PG_SERVER
 
 TEST_KEY = "dHJpYWxvZy10ZXN0LWtleS0zMi1ieXRlcy1sb25nISE="  # 32 bytes, tests only
+# The seed the tests drew with when it was derived from TEST_KEY, so that the allocation
+# blocks already begun in the shared PostgreSQL database carry on as they were.
+TEST_SEED = "base64:+2eRkg3jYMc+arXzEzUgqmrwT5LerNUnrNBlpvV01ao="
+TEST_PSEUDONYM_KEY = "trialog-test-pseudonym-key"
+# The three secrets PostgreSQL requires; the environment of a test's `trialog` process.
+TEST_SECRETS = {"TRIALOG_CIPHER_KEY": TEST_KEY, "TRIALOG_ALLOCATION_SEED": TEST_SEED,
+                "TRIALOG_PSEUDONYM_KEY": TEST_PSEUDONYM_KEY}
 
 
 def settings_for(url: str, **env: str) -> Settings:
-    return Settings.from_env({"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY,
-                              **env})
+    return Settings.from_env({"TRIALOG_DATABASE_URL": url, **TEST_SECRETS, **env})
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

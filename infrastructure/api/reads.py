@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC
 from typing import Any
+from uuid import UUID
 
 from flask import Response, g, jsonify
 from flask_smorest import Blueprint
@@ -185,16 +186,46 @@ def get_summary(**args: Any) -> Response:
 
 class VerifyArgs(Schema):
     deep = fields.Boolean(load_default=False, metadata={
-        "description": "also recompute every event's digest from its content"})
+        "description": "also recompute every event's digest from its content: the check "
+                       "runs in the background (202) and is polled at its `url`"})
+
+
+JOB_STARTED = ("the deep check runs in the background: poll its `url` (200 while running, "
+               "then the report with status `done`). While one runs, every deep request is "
+               "pointed to it: one at a time.")
+JOB_LOCATION = {"Location": {"description": "the check's `url`", "required": True,
+                             "schema": {"type": "string"}}}
 
 
 @query(trial_blp, "/audit/verify", VerifyArgs, r.VerifyReport)
+@trial_blp.alt_response(202, schema=r.VerifyJob, description=JOB_STARTED,
+                        headers=JOB_LOCATION, success=True)
 def get_verify(deep: bool) -> Response:
-    """Checks every stored event: it decrypts, its versions and links follow on."""
+    """Checks every stored event: it decrypts, its versions and links follow on; the deep
+    check runs in the background."""
+    from infrastructure.api import runtime
     from infrastructure.verification import check_store
 
     _read("audit")
-    return jsonify(check_store(_trialog(), deep=deep).as_dict())
+    if not deep:
+        return jsonify(check_store(_trialog()).as_dict())
+    job = runtime().verify_jobs.start(g.principal.name)
+    answer = jsonify(job)
+    answer.status_code = 202
+    answer.headers["Location"] = job["url"]
+    return answer
+
+
+@query(trial_blp, "/audit/verify/jobs/<uuid:job_id>", None, r.VerifyJob, 404)
+def get_verify_job(job_id: UUID) -> Response:
+    """A deep check started by ``/audit/verify?deep=true``: running, done or failed."""
+    from infrastructure.api import runtime
+
+    _read("audit")
+    job = runtime().verify_jobs.get(str(job_id))
+    if job is None:
+        raise ApiError(404, "not_found", f"no verification {job_id}")
+    return jsonify(job)
 
 
 exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",

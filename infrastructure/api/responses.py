@@ -137,6 +137,24 @@ class VerifyReport(Schema):
     events_per_second = fields.Float()
 
 
+class VerifyJob(VerifyReport):
+    """A deep verification in the background: while it runs, its progress; once done, the
+    verify report's fields beside these; if it failed, why."""
+
+    status = fields.String(required=True, validate=validate.OneOf(("running", "done",
+                                                                   "failed")))
+    url = fields.String(required=True, metadata={"description": "where to poll the check"})
+    job_id = fields.String(required=True)
+    started_by = fields.String(required=True)
+    started_at = fields.String(required=True)
+    finished_at = _nullable_string()
+    events_checked = fields.Integer(required=True, metadata={
+        "description": "so far, while running"})
+    ok = fields.Boolean(metadata={"description": "once done"})
+    problems = fields.List(fields.Nested(Problem), metadata={"description": "once done"})
+    message = fields.String(metadata={"description": "why a failed check failed"})
+
+
 class Health(Schema):
     status = fields.String(required=True)
     database = fields.String(required=True)

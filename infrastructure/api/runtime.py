@@ -1,6 +1,6 @@
 """What the API process runs beside its views: the projection follower, the bounded wait
-that lets a client read its own write (``?after=POSITION``), and the cache of decoded
-histories."""
+that lets a client read its own write (``?after=POSITION``), the cache of decoded
+histories, and the deep verifications running in the background."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from infrastructure.audit import HistoryCache
 from infrastructure.bootstrap import Trialog
 from infrastructure.projections import TrialProjection
 from infrastructure.tokens import Authenticator
+from infrastructure.verify_jobs import VerifyJobs
 
 log = logging.getLogger("trialog.projections")
 
@@ -22,6 +23,7 @@ class Runtime:
         self.projection = TrialProjection(trialog)
         self.authenticate = Authenticator(trialog.engine)
         self.histories = HistoryCache(trialog.service)
+        self.verify_jobs = VerifyJobs(trialog)
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None

@@ -19,7 +19,7 @@ import requests
 
 from infrastructure.bootstrap import bootstrap
 from infrastructure.tokens import ROLES, create_token
-from tests.conftest import TEST_KEY, settings_for
+from tests.conftest import TEST_SECRETS, settings_for
 from tests.databases import PG_SERVER
 
 TRIALOG = str(Path(sys.executable).with_name("trialog"))
@@ -31,6 +31,7 @@ class Server:
     log: Path
     tokens: dict[str, str] = field(default_factory=dict)  # role -> token
     names: dict[str, str] = field(default_factory=dict)  # role -> token name
+    database: str = ""  # the URL of the server's database
 
     def client(self, role: str) -> Client:
         return Client(self.url, self.tokens[role])
@@ -86,13 +87,13 @@ def server(request, tmp_path_factory) -> Iterator[Server]:
            else f"{PG_SERVER}/test")
     trialog = bootstrap(settings_for(url), migrate=True)
     port = free_port()
-    running = Server(f"http://127.0.0.1:{port}", folder / "server.log")
+    running = Server(f"http://127.0.0.1:{port}", folder / "server.log", database=url)
     for role in ROLES:
         name = f"{role}-{uuid.uuid4().hex[:8]}"
         running.tokens[role] = create_token(trialog.engine, name, role)
         running.names[role] = name
     trialog.close()
-    env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}
+    env = {**os.environ, "TRIALOG_DATABASE_URL": url, **TEST_SECRETS}
     with open(running.log, "w") as log:
         process = subprocess.Popen([TRIALOG, "serve", "--port", str(port)], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)

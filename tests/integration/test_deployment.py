@@ -20,5 +20,7 @@ def test_docker_compose_runs_the_whole_stack_with_health_checks():
     assert services["beat"]["command"][:4] == ["celery", "-A", "workers.app", "beat"]
     env = services["migrate"]["environment"]
     assert {"TRIALOG_DATABASE_URL", "TRIALOG_REDIS_URL", "TRIALOG_SMTP_URL",
-            "TRIALOG_CIPHER_KEY"} <= set(env)
+            "TRIALOG_CIPHER_KEY", "TRIALOG_ALLOCATION_SEED", "TRIALOG_PSEUDONYM_KEY"} <= set(env)
+    for name in ("api", "worker", "beat"):  # every process gets the same settings
+        assert services[name]["environment"] == env, name
     assert (ROOT / "Dockerfile").exists()

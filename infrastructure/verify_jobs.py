@@ -1,0 +1,156 @@
+"""Deep verification in the background of the API: on a big store it takes longer than a
+request may wait. One runs at a time for the whole deployment (a second request is pointed
+to the running one). Its state is a row, so whichever API process a poll reaches answers
+it; a check whose process stopped is marked failed once it has given no sign of life for
+a while."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, String, Table, Text, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from infrastructure.bootstrap import Trialog
+from infrastructure.tables import metadata
+from infrastructure.verification import check_store
+
+log = logging.getLogger("trialog.verify")
+
+HEARTBEAT = 5.0  # seconds between a running check's signs of life
+STALE = timedelta(seconds=60)  # no sign of life for this long: its process stopped
+ABANDONED = {"message": "the process running the check stopped before it finished"}
+
+verify_jobs = Table(
+    "trialog_verify_jobs",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    # True while the check runs, then NULL: unique, so that at most one runs at a time.
+    Column("running", Boolean, nullable=True, unique=True),
+    Column("status", String(16), nullable=False),  # running | done | failed
+    Column("started_by", String(128), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("events_checked", BigInteger, nullable=False),
+    Column("report", Text, nullable=True),  # JSON: the finished report, or why it failed
+)
+
+
+def job_url(job_id: str) -> str:
+    return f"/v1/audit/verify/jobs/{job_id}"
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.events = 0
+
+    def __call__(self, events: int) -> None:
+        self.events += events
+
+
+class VerifyJobs:
+    """Starts deep checks in threads of this process and answers for any of them."""
+
+    def __init__(self, trialog: Trialog) -> None:
+        self.trialog = trialog
+        self.engine = trialog.engine
+
+    def start(self, actor: str) -> dict[str, Any]:
+        """The running check, as ``get`` answers: one started now unless one runs already."""
+        self._fail_abandoned()
+        while True:
+            running = self._first(verify_jobs.c.running.is_(True))
+            if running is not None:
+                return _answer(running)
+            job = self._claim(actor)
+            if job is not None:
+                threading.Thread(target=self._run, args=(job["job_id"],), daemon=True,
+                                 name=f"verify-{job['job_id'][:8]}").start()
+                return _answer(job)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        self._fail_abandoned()
+        job = self._first(verify_jobs.c.job_id == job_id)
+        return None if job is None else _answer(job)
+
+    def _first(self, where: Any) -> RowMapping | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(verify_jobs).where(where)).first()
+        return None if row is None else row._mapping
+
+    def _claim(self, actor: str) -> dict[str, Any] | None:
+        now = datetime.now(UTC)
+        job = {"job_id": str(uuid.uuid4()), "running": True, "status": "running",
+               "started_by": actor, "started_at": now, "heartbeat_at": now,
+               "finished_at": None, "events_checked": 0, "report": None}
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(verify_jobs.insert().values(**job))
+        except IntegrityError:  # another process started one first
+            return None
+        return job
+
+    def _run(self, job_id: str) -> None:
+        progress = _Progress()
+        finished = threading.Event()
+        threading.Thread(target=self._beat, args=(job_id, progress, finished), daemon=True,
+                         name=f"verify-{job_id[:8]}-heartbeat").start()
+        try:
+            status, body = "done", check_store(self.trialog, progress=progress,
+                                               deep=True).as_dict()
+        except Exception as e:  # whoever polls is told; the details go to the log only
+            log.exception("deep verification %s failed", job_id)
+            status, body = "failed", {"message": f"the check stopped on {type(e).__name__} "
+                                                 "(the server's log has the details)"}
+        finally:
+            finished.set()
+        self._update(job_id, running=None, status=status, finished_at=datetime.now(UTC),
+                     events_checked=body.get("events_checked", progress.events),
+                     report=json.dumps(body))
+
+    def _beat(self, job_id: str, progress: _Progress, finished: threading.Event) -> None:
+        while not finished.wait(HEARTBEAT):
+            self._update(job_id, verify_jobs.c.running.is_(True),
+                         heartbeat_at=datetime.now(UTC), events_checked=progress.events)
+
+    def _update(self, job_id: str, *where: Any, **values: Any) -> None:
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(update(verify_jobs)
+                                   .where(verify_jobs.c.job_id == job_id, *where)
+                                   .values(**values))
+        except SQLAlchemyError:  # the next beat retries; a stale one is marked failed
+            log.exception("can't record the state of deep verification %s", job_id)
+
+    def _fail_abandoned(self) -> None:
+        now = datetime.now(UTC)
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(verify_jobs)
+                .where(verify_jobs.c.running.is_(True), verify_jobs.c.heartbeat_at < now - STALE)
+                .values(running=None, status="failed", finished_at=now,
+                        report=json.dumps(ABANDONED)))
+
+
+def _moment(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+def _answer(job: Mapping[Any, Any]) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "status": job["status"], "url": job_url(job["job_id"]), "job_id": job["job_id"],
+        "started_by": job["started_by"], "started_at": _moment(job["started_at"]),
+        "finished_at": _moment(job["finished_at"]), "events_checked": job["events_checked"]}
+    if job["report"]:
+        answer.update(json.loads(job["report"]))
+    return answer
