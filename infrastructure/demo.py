@@ -219,7 +219,9 @@ class Simulation:
 def run_demo(path: Path, participants: int = 40, seed: int = 7,
              show_progress: bool = True) -> dict[str, Any]:
     """Runs the simulation into a fresh SQLite file and returns the trial summary."""
-    for stale in (path, Path(f"{path}.key"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+    stale_files = [path, *(Path(f"{path}{suffix}") for suffix in (
+        ".key", ".seed", ".pseudonym-key", "-wal", "-shm"))]
+    for stale in stale_files:
         stale.unlink(missing_ok=True)
     # The allocation seed follows --seed, so the same seed gives the same cohort and arms.
     settings = Settings.from_env({"TRIALOG_DATABASE_URL": f"sqlite:///{path.resolve()}",

@@ -40,7 +40,7 @@ def research_subjects(t: Trialog, deidentify: bool = False) -> Iterator[dict[str
     kind = "pseudonym" if deidentify else "participant"
     system = f"urn:trialog:{protocol.study_id}:{kind}"
     doses = {arm.code: arm.receives_dose for arm in protocol.arms}
-    masker = Deidentifier(t.settings.allocation_seed) if deidentify else None
+    masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
     p = participants
     query = select(p.c.participant_id, p.c.status, p.c.arm, p.c.screened_on).order_by(
         p.c.participant_id)

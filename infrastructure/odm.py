@@ -370,7 +370,7 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
                  created: datetime | None = None) -> Iterator[str]:
     """The ODM document in chunks; without contact details unless ``contact``."""
     created = created or datetime.now(UTC)
-    masker = Deidentifier(t.settings.allocation_seed) if deidentify else None
+    masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
     withheld = (frozenset(IDENTIFYING_ITEMS) if deidentify
                 else frozenset() if contact else frozenset(CONTACT_ITEMS))
     items = form_items(t.protocol)

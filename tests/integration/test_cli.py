@@ -112,8 +112,10 @@ def test_projections_rebuild_and_status_report_positions(tmp_path):
     url = f"sqlite:///{tmp_path / 'trialog-demo.db'}"
     status = run(["projections", "status"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert status.returncode == 0, status.stderr
-    name, _, position, _, lag = status.stdout.split()
-    assert (name, lag) == ("trial", "0") and int(position) > 0
+    lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()}
+    assert set(lines) == {"trial", "deviation_monitor"}  # every follower of the log
+    name, _, position, _, lag, _, quarantined = lines["trial"]
+    assert (lag, quarantined) == ("0", "0") and int(position) > 0
     rebuilt = run(["projections", "rebuild"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert f"trial: {position} events applied" in rebuilt.stderr

@@ -18,7 +18,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, insert, select
 from domain import commands as c
 from infrastructure.projections import LogFollower, TrialProjection
 from infrastructure.tables import READ_MODELS, participants
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, TEST_SECRETS
 from tests.factories import consent
 from tests.integration.helpers import dose, enrol, send
 
@@ -127,7 +127,7 @@ def test_a_follower_killed_mid_batch_resumes_to_the_same_tables(isolated, isolat
         workload(isolated, participants_=10)
     projection = TrialProjection(isolated)
     head = projection.head()
-    env = {**os.environ, "TRIALOG_DATABASE_URL": isolated_url, "TRIALOG_CIPHER_KEY": TEST_KEY}
+    env = {**os.environ, "TRIALOG_DATABASE_URL": isolated_url, **TEST_SECRETS}
     command = [TRIALOG, "projections", "follow", "--batch-size", "20"]
     follower = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 60

@@ -19,7 +19,7 @@ from domain import commands as c
 from infrastructure import reminders
 from infrastructure.bootstrap import bootstrap
 from infrastructure.projections import TrialProjection
-from tests.conftest import TEST_KEY, settings_for
+from tests.conftest import TEST_KEY, TEST_SECRETS, settings_for
 from tests.databases import PG_SERVER, fresh_postgres_database
 from tests.e2e.conftest import free_port
 from tests.factories import consent, new_participant_id, screening
@@ -54,7 +54,7 @@ def test_a_worker_killed_mid_send_still_records_exactly_one_reminder(tmp_path):
         settings = settings_for(url, TRIALOG_SMTP_URL=sink.url)
         t = bootstrap(settings, migrate=True)
         queue = f"trialog-kill-{uuid.uuid4().hex[:8]}"
-        env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY,
+        env = {**os.environ, "TRIALOG_DATABASE_URL": url, **TEST_SECRETS,
                "TRIALOG_SMTP_URL": sink.url, "PYTHONPATH": str(ROOT)}
         worker = subprocess.Popen(
             [CELERY, "-A", "workers.app", "worker", "-P", "prefork", "-c", "1", "-Q", queue,
