@@ -128,7 +128,9 @@ def get_participant(participant_id: str, **args: Any) -> Response:
             participant = audit.participant_as_of(t.service, participant_id, args["as_of"])
             moment = args["as_of"]
         else:
-            return jsonify(queries.participant_state(t, participant_id, contact=contact))
+            current = queries.participant_state(t, participant_id, contact=contact)
+            g.position = current["position"]
+            return jsonify(current)
     except DomainError as e:
         raise from_domain(e) from None
     if participant is None:
@@ -158,6 +160,8 @@ def get_history(participant_id: str, **args: Any) -> Response:
                                          f"recorded{_until(args)}")
     if not g.principal.sees_contact:
         entries = [audit.redact_contact(e) for e in entries]
+    head = queries.stream_head(_trialog(), participant_id)
+    g.position = head[1] if head else None
     return jsonify({"participant_id": participant_id, "events": entries})
 
 
@@ -271,12 +275,19 @@ for _kind, _mimetype, _description in EXPORTS:
 @health_blp.doc(security=[])
 @health_blp.response(200, r.Health)
 def healthz() -> Response:
-    """Liveness: the database answers; the read models' position."""
+    """Liveness: the database answers; the read models' position; ``degraded`` while a
+    follower of the log has participants set aside."""
     from infrastructure.api import runtime
+    from infrastructure.quarantine import listing
 
     rt = runtime()
-    return jsonify({"status": "ok", "database": rt.trialog.engine.dialect.name,
-                    "read_position": rt.projection.position()})
+    with rt.trialog.engine.connect() as connection:
+        held = listing(connection)
+    return jsonify({"status": "degraded" if held else "ok",
+                    "database": rt.trialog.engine.dialect.name,
+                    "read_position": rt.projection.position(),
+                    # counts only: /healthz answers without a token
+                    "quarantined": len(held)})
 
 
 BLUEPRINTS = (participants_blp, trial_blp, exports_blp, health_blp)

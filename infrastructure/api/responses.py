@@ -24,7 +24,7 @@ class Visit(Schema):
     target = fields.String(required=True)
     window = fields.Nested(Window, required=True)
     status = fields.String(required=True, validate=validate.OneOf(
-        ("completed", "missed", "open", "upcoming", "overdue")))
+        ("completed", "missed", "cancelled", "open", "upcoming", "overdue")))
     completed_on = _nullable_string()
 
 
@@ -156,6 +156,9 @@ class VerifyJob(VerifyReport):
 
 
 class Health(Schema):
-    status = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(("ok", "degraded")))
     database = fields.String(required=True)
     read_position = fields.Integer(required=True)
+    quarantined = fields.Integer(required=True, metadata={
+        "description": "participants a follower of the log has set aside (see "
+                       "`trialog projections status`); while any, status is degraded"})
