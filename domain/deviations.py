@@ -195,7 +195,7 @@ def poor_adherence(p: Participant, protocol: Protocol, today: date) -> Iterator[
     """More missed daily doses than the protocol's threshold over the treatment so far."""
     if p.arm is None or p.registered_on is None or not protocol.arm(p.arm).receives_dose:
         return
-    treatment = protocol.visit("end_of_treatment") or protocol.visits[-1]
+    treatment = protocol.visit(protocol.treatment_ends_at) or protocol.visits[-1]
     end = min(today - timedelta(days=1),
               p.registered_on + timedelta(days=treatment.target_day),
               p.withdrawn_on("treatment") or date.max)

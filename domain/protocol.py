@@ -9,8 +9,6 @@ from typing import Any
 
 from domain.errors import ProtocolError
 
-STAGES = ("0", "I", "II", "III", "IV")
-
 
 @dataclass(frozen=True)
 class Arm:
@@ -25,6 +23,11 @@ class Visit:
     target_day: int
     window_before: int
     window_after: int
+    names: tuple[tuple[str, str], ...] = ()  # (language, the visit's name in it)
+
+    def name_in(self, language: str) -> str:
+        """How a reminder names the visit in ``language`` (its code when not given)."""
+        return dict(self.names).get(language, self.code)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ class AromataseInhibitor:
 
 @dataclass(frozen=True)
 class EligibilityRules:
-    stages: tuple[str, ...]
+    stage_choices: tuple[str, ...]  # every stage a screening may record
+    stages: tuple[str, ...]  # the eligible ones
     zubrod_max: int
     ai_min_days_before_registration: int
     ai_min_planned_days_after_registration: int
@@ -93,6 +97,7 @@ class Protocol:
     sites: tuple[Site, ...]
     reminders: tuple[ReminderOffset, ...]
     deviations: DeviationThresholds
+    treatment_ends_at: str  # the visit that closes the treatment period
 
     def arm(self, code: str) -> Arm:
         return next(a for a in self.arms if a.code == code)
@@ -194,10 +199,10 @@ def _arms(root: _Reader) -> tuple[Arm, ...]:
     return arms
 
 
-def _visits(root: _Reader) -> tuple[Visit, ...]:
+def _visits(root: _Reader, languages: tuple[str, ...]) -> tuple[Visit, ...]:
     visits = tuple(
         Visit(t.text("code"), t.integer("target_day", 0), t.integer("window_before", 0),
-              t.integer("window_after", 0))
+              t.integer("window_after", 0), _names(t, languages))
         for t in root.tables("visits")
     )
     _unique([v.code for v in visits], "visits")
@@ -207,14 +212,28 @@ def _visits(root: _Reader) -> tuple[Visit, ...]:
     return visits
 
 
+def _names(visit: _Reader, languages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    if "names" not in visit.data:
+        return ()
+    names = visit.table("names")
+    unknown = set(names.data) - set(languages)
+    if unknown:
+        raise ProtocolError(f"{names.path}: {min(unknown)!r} is not a language of the study")
+    return tuple((language, names.text(language)) for language in languages
+                 if language in names.data)
+
+
 def _eligibility(root: _Reader) -> EligibilityRules:
     e = root.table("eligibility")
+    choices = e.strings("stage_choices")
     stages = e.strings("stages")
     for stage in stages:
-        if stage not in STAGES:
-            raise ProtocolError(f"eligibility.stages: {stage!r} is not one of {', '.join(STAGES)}")
+        if stage not in choices:
+            raise ProtocolError(f"eligibility.stages: {stage!r} is not one of "
+                                f"{', '.join(choices)} (eligibility.stage_choices)")
     inhibitors = _aromatase_inhibitors(e)
     return EligibilityRules(
+        stage_choices=choices,
         stages=stages,
         zubrod_max=e.integer("zubrod_max", 0),
         ai_min_days_before_registration=e.integer("ai_min_days_before_registration", 0),
@@ -288,16 +307,23 @@ def protocol_from_mapping(data: Mapping[str, Any]) -> Protocol:
     fraction = deviations.number("max_missed_dose_fraction")
     if not 0 <= fraction <= 1:
         raise ProtocolError("deviations.max_missed_dose_fraction: must be between 0 and 1")
+    languages = study.strings("languages")
+    visits = _visits(root, languages)
+    dose = root.table("dose")
+    treatment_ends_at = dose.text("treatment_ends_at")
+    if treatment_ends_at not in {v.code for v in visits}:
+        raise ProtocolError(f"dose.treatment_ends_at: {treatment_ends_at!r} is not a visit")
     return Protocol(
         study_id=study.text("id"),
         title=study.text("title"),
-        languages=study.strings("languages"),
+        languages=languages,
         arms=arms,
-        dose_mcg=root.table("dose").number("dose_mcg"),
-        visits=_visits(root),
+        dose_mcg=dose.number("dose_mcg"),
+        visits=visits,
         eligibility=_eligibility(root),
         randomization=_randomization(root, arms),
         sites=sites,
         reminders=_reminders(root),
         deviations=DeviationThresholds(fraction, deviations.integer("adherence_min_expected_doses", 0)),
+        treatment_ends_at=treatment_ends_at,
     )

@@ -72,7 +72,7 @@ SCREEN_FAILURES: list[Callable[[dict[str, Any]], None]] = [
 
 SCENARIOS = (
     "typical", "late_visit", "typical", "withdraws_treatment", "typical",
-    "late_washout_report", "misses_week6", "typical", "late_baseline_blood",
+    "late_washout_report", "misses_a_visit", "typical", "late_baseline_blood",
     "control_takes_dose", "typical", "poor_adherence", "withdraws_study",
 )
 
@@ -149,7 +149,7 @@ class Simulation:
         self.randomized += 1
         blood_day = registered + timedelta(days=1 if scenario == "late_baseline_blood" else 0)
         self.at(blood_day, lambda: self.send(c.RecordBloodSample(pid, {
-            "timepoint": "baseline", "collected_at": datetime.combine(blood_day, time(8, 30)),
+            "timepoint": self.t.protocol.visits[0].code, "collected_at": datetime.combine(blood_day, time(8, 30)),
             "results": {"b12_pg_ml": self.rng.randint(250, 700),
                         "crp_mg_l": round(self.rng.uniform(0.5, 8), 1)}})), hour=8)
         withdrawn = None
@@ -170,7 +170,7 @@ class Simulation:
                 "drug": "multivitamin with B12", "started_on": registered - timedelta(days=200),
                 "stopped_on": registered - timedelta(days=5), "contains_b12": True})))
         for visit in self.t.protocol.visits:
-            if scenario == "misses_week6" and visit.code == "week6":
+            if scenario == "misses_a_visit" and visit is self.t.protocol.visits[1]:
                 continue
             if scenario == "withdraws_study" and withdrawn and visit.target_day > 40:
                 continue

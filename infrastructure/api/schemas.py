@@ -16,9 +16,6 @@ from domain.eligibility import aromatase_inhibitor_choices, aromatase_inhibitor_
 from domain.protocol import EligibilityRules, Protocol
 from domain.scoring import BPI_INTERFERENCE_ITEMS, BPI_PAIN_ITEMS, FACT_ITEMS
 
-LANGUAGES = ("en", "es")
-STAGES = ("0", "I", "II", "III", "IV")
-
 
 class UUIDString(fields.UUID):
     """A UUID, validated and kept as its canonical string."""
@@ -102,7 +99,7 @@ class Eligibility(Schema):
 
     er_positive = StrictBoolean(required=True, allow_none=True)
     pgr_positive = StrictBoolean(required=True, allow_none=True)
-    stage = fields.String(required=True, validate=validate.OneOf(STAGES))
+    stage = fields.String(required=True)  # one of the protocol's stage_choices
     metastatic = StrictBoolean(required=True)
     surgery_completed = StrictBoolean(required=True)
     aimss_after_ai_start = StrictBoolean(required=True)
@@ -132,11 +129,14 @@ class Eligibility(Schema):
 
 def eligibility_schema(protocol: Protocol) -> type[Schema]:
     """The ``eligibility`` object of ScreenParticipant, whose aromatase inhibitor must be one
-    of the protocol's drugs."""
+    of the protocol's drugs and whose stage one of its stage choices."""
     drug = AromataseInhibitorDrug(protocol.eligibility, required=True)
     inhibitor = type("AromataseInhibitor", (AromataseInhibitor,), {"drug": drug})
+    stage = fields.String(required=True,
+                          validate=validate.OneOf(protocol.eligibility.stage_choices))
     return type("Eligibility", (Eligibility,),
-                {"aromatase_inhibitor": fields.Nested(inhibitor, required=True)})
+                {"aromatase_inhibitor": fields.Nested(inhibitor, required=True),
+                 "stage": stage})
 
 
 BpiInterference = Schema.from_dict(
@@ -174,7 +174,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "screened_on": fields.Date(required=True),
             "birth_date": fields.Date(required=True),
             "email": fields.Email(allow_none=True),
-            "language": fields.String(required=True, validate=validate.OneOf(LANGUAGES)),
+            "language": fields.String(required=True, validate=validate.OneOf(protocol.languages)),
             "eligibility": fields.Nested(eligibility_schema(protocol), required=True),
         },
         "RecordConsent": {
@@ -182,7 +182,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "signed_on": fields.Date(required=True),
             "signed_by": fields.String(required=True, validate=validate.OneOf(
                 ("participant", "legal_representative"))),
-            "language": fields.String(required=True, validate=validate.OneOf(LANGUAGES)),
+            "language": fields.String(required=True, validate=validate.OneOf(protocol.languages)),
         },
         "RandomizeParticipant": {"registered_on": fields.Date(required=True)},
         "RecordBloodSample": {

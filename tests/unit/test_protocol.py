@@ -12,6 +12,11 @@ def test_the_default_protocol_loads():
                                                                    (180, 14)]
     assert p.site_ids == ("CASE", "METRO")
     assert [a.code for a in p.arms] == ["b12", "control"]
+    # Languages, stages and the visits' names come from the file, not from the code.
+    assert p.languages == ("en", "es")
+    assert p.eligibility.stage_choices == ("0", "I", "II", "III", "IV")
+    assert p.visits[1].name_in("es") == "de la semana 6" and p.visits[1].name_in("fr") == "week6"
+    assert p.treatment_ends_at == "end_of_treatment"
 
 
 @pytest.mark.parametrize(("mutate", "key"), [
@@ -21,6 +26,10 @@ def test_the_default_protocol_loads():
     (lambda d: d["randomization"].update(block_sizes=[3]), "randomization.block_sizes"),
     (lambda d: d["sites"].append(dict(d["sites"][0])), "sites: codes must be unique"),
     (lambda d: d["eligibility"].update(stages=["V"]), "eligibility.stages"),
+    (lambda d: d["eligibility"].pop("stage_choices"), "eligibility.stage_choices: missing"),
+    (lambda d: d["dose"].update(treatment_ends_at="week99"), "dose.treatment_ends_at"),
+    (lambda d: d["visits"][0]["names"].update(fr="initiale"),
+     "visits[0].names: 'fr' is not a language of the study"),
     (lambda d: d["reminders"]["offsets"][0].update(relative_to="moon"),
      "reminders.offsets[0].relative_to"),
     (lambda d: d["eligibility"]["aromatase_inhibitors"][0].update(brand_names="Arimidex"),
