@@ -8,18 +8,29 @@ after ``visibility_timeout``, which is longer than any task or retry countdown h
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_shutdown
+from celery.signals import beat_init, worker_init, worker_process_shutdown
 
-from infrastructure.settings import Settings, redis_url
+from infrastructure.settings import Settings, SettingsError, check_secrets, redis_url
 
 VISIBILITY_TIMEOUT = 3600  # s; longer than any task (SMTP timeout 30 s) or countdown
 MAX_RETRY_COUNTDOWN = 600  # s; retries of a failing SMTP server back off up to this
 REMINDER_SCAN_EVERY = 60.0  # s
 DEVIATION_FOLLOW_EVERY = 2.0  # s
 DEVIATION_SCAN_EVERY = 3600.0  # s
+
+
+def beat_schedule_file() -> str:
+    """Where beat keeps its schedule: ``TRIALOG_BEAT_SCHEDULE``, else the system's temporary
+    folder, never the working folder (a checkout)."""
+    default = os.path.join(tempfile.gettempdir(), "trialog-celerybeat-schedule")
+    return os.environ.get("TRIALOG_BEAT_SCHEDULE") or default
+
 
 def make_app(settings: Settings | None = None) -> Celery:
     """The app; without ``settings`` they are read from the environment when a task first
@@ -36,6 +47,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         timezone="UTC",
+        beat_schedule_filename=beat_schedule_file(),
         beat_schedule={
             "reminders-scan": {"task": "workers.tasks.scan_reminders",
                                "schedule": REMINDER_SCAN_EVERY},
@@ -62,6 +74,20 @@ def trialog(celery_app: Celery | None = None) -> Any:
         settings = (celery_app or app).conf.trialog_settings or Settings.from_env()
         _trialog[key] = bootstrap(settings)
     return _trialog[key]
+
+
+@worker_init.connect
+@beat_init.connect
+def _check_settings(**_: Any) -> None:
+    """A worker or beat without the secrets its database needs stops at once, in one line
+    (not at its first task)."""
+    if app.conf.trialog_settings is not None:
+        return
+    try:
+        check_secrets()
+    except SettingsError as e:
+        print(f"trialog: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 @worker_process_shutdown.connect

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import tempfile
 
-from tests.integration.test_cli import TEST_KEY, run
+from tests.databases import PG_SERVER
+from tests.integration.test_cli import ROOT, TEST_KEY, run
+from workers.app import beat_schedule_file
 
 
 def test_db_upgrade_says_what_it_created_and_then_that_nothing_was_needed(tmp_path):
@@ -34,3 +40,33 @@ def test_rebuild_prints_the_rate_of_the_whole_run(tmp_path):
     found = re.search(r"trial: (\d+) events applied \(([\d,]+) events/s\)", rebuilt.stderr)
     assert found is not None and int(found.group(1)) > 0
     assert int(found.group(2).replace(",", "")) > 0
+
+
+CELERY = [sys.executable, "-m", "celery", "-A", "workers.app"]
+
+
+def celery(args, cwd, timeout, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+    full.update(env, PYTHONPATH=str(ROOT))
+    try:
+        return subprocess.run(CELERY + args, cwd=cwd, env=full, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        return e
+
+
+def test_a_worker_without_its_secrets_stops_at_start_naming_them(tmp_path):
+    done = celery(["worker", "--pool", "solo"], tmp_path, 60,
+                  TRIALOG_DATABASE_URL=f"{PG_SERVER}/test")
+    assert isinstance(done, subprocess.CompletedProcess) and done.returncode == 1
+    assert "TRIALOG_ALLOCATION_SEED" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_beat_keeps_its_schedule_outside_the_working_folder(tmp_path):
+    schedule = tmp_path / "state" / "beat-schedule"
+    schedule.parent.mkdir()
+    celery(["beat"], tmp_path, 4, TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'b.db'}",
+           TRIALOG_BEAT_SCHEDULE=str(schedule))
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith("celerybeat")]
+    assert [f for f in schedule.parent.iterdir() if f.name.startswith("beat-schedule")]
+    assert beat_schedule_file().startswith(tempfile.gettempdir())  # the default
