@@ -145,7 +145,9 @@ reminder_schedule = Table(
 )
 
 # The outbox: one row per reminder a scan found due, written with the scan's position;
-# a task sends it and records ReminderSent. Status: pending, sent, cancelled, failed.
+# a task sends it and records ReminderSent. Status: pending, mailed (the SMTP server took
+# it, ReminderSent still to record), sent, cancelled, expired (more than a day late),
+# failed (the reason in last_error, addresses masked).
 outbox = Table(
     "trialog_outbox",
     metadata,

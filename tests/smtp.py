@@ -20,6 +20,7 @@ from tests.e2e.conftest import free_port
 class Sink:
     messages: list[Message] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
+    defer: set[str] = field(default_factory=set)  # addresses answered 451
     delay: float = 0.0  # seconds to hold each DATA before answering (once)
     received: threading.Event = field(default_factory=threading.Event)
     port: int = 0
@@ -31,7 +32,9 @@ class Sink:
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: Any) -> str:
         if address in self.refuse:
-            return "550 5.1.1 mailbox unavailable"
+            return f"550 5.1.1 <{address}>: mailbox unavailable"
+        if address in self.defer:
+            return f"451 4.3.0 <{address}>: try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

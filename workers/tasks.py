@@ -25,10 +25,12 @@ def _mailer(t: Any) -> reminders.Mailer:
     return _MAILERS[url]
 
 
-@shared_task(bind=True, autoretry_for=(reminders.TransientMailError,), retry_backoff=5,
-             retry_backoff_max=MAX_RETRY_COUNTDOWN, retry_jitter=True, max_retries=8)
+@shared_task(bind=True, autoretry_for=(reminders.TransientMailError, reminders.ReminderBusy),
+             retry_backoff=5, retry_backoff_max=MAX_RETRY_COUNTDOWN, retry_jitter=True,
+             max_retries=8)
 def send_reminder(self: Any, reminder_id: str) -> str:
-    """Sends one reminder of the outbox (once; a refused address is recorded)."""
+    """Sends one reminder of the outbox (once; an address that cannot be sent to is
+    recorded as failed, a reminder more than a day late as expired)."""
     t = _app(self)
     return reminders.send(t, _mailer(t), reminder_id, t.today())
 

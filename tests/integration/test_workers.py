@@ -53,9 +53,10 @@ class Stack:
         return self.app.tasks[f"workers.tasks.{name}"]
 
     def enrol(self, language: str = "en", registered_on: date = REGISTERED,
-              site: str = "CASE") -> str:
+              site: str = "CASE", email: str | None = None) -> str:
         pid = new_participant_id(site)
-        data = screening(site) | {"language": language, "email": f"{pid.lower()}@example.org"}
+        data = screening(site) | {"language": language,
+                                  "email": email or f"{pid.lower()}@example.org"}
         for command in (c.ScreenParticipant(pid, data), c.RecordConsent(pid, consent()),
                         c.RandomizeParticipant(pid, {"registered_on": registered_on})):
             self.send(command)
@@ -159,7 +160,10 @@ def test_a_refused_address_is_recorded_as_failed_and_not_retried(stack):
     with stack.trialog.engine.connect() as connection:
         row = connection.execute(select(outbox).where(outbox.c.reminder_id == reminder_id)).one()
     assert row.attempts == 1 and "refused" in row.last_error
+    assert f"{pid.lower()}@example.org" not in row.last_error  # contact details: masked
+    assert f"{pid.lower()[0]}***@example.org" in row.last_error
     assert stack.reminders_sent(pid) == []
+    assert reminders.hand_over(stack.trialog, stack.task("send_reminder").delay) == 0
 
 
 def test_the_deviation_monitor_flags_events_as_they_arrive(stack):

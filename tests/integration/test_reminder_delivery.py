@@ -1,0 +1,287 @@
+"""Reminder delivery when things go wrong, with a real Celery worker, Redis, PostgreSQL and
+SMTP server: nothing held in the database while SMTP talks, a write conflict on
+ReminderSent, addresses that cannot be sent to, late reminders, the headers, and contact
+details kept out of the outbox and the logs."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from datetime import date, timedelta
+from email.message import Message
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text, update
+
+from domain import commands as c
+from infrastructure import reminders
+from infrastructure.logs import JsonFormatter, mask_email, mask_emails_in
+from infrastructure.projections import TrialProjection
+from infrastructure.tables import outbox
+from tests.integration import test_workers
+from tests.integration.test_workers import REGISTERED, Stack, wait_until
+from tests.smtp import text_of
+
+stack = test_workers.stack  # the fixture: a Celery worker, Redis, PostgreSQL, an SMTP server
+
+WEEK6 = REGISTERED + timedelta(days=42)
+WINDOW_OPENS = WEEK6 - timedelta(days=7)  # the window_open reminder's due day
+THREE_DAYS_BEFORE = WEEK6 - timedelta(days=3)
+MEDICATION = {"drug": "ibuprofen", "started_on": REGISTERED, "stopped_on": None,
+              "contains_b12": False}
+
+
+def scan_without_sending(stack: Stack, today: date) -> list[str]:
+    """The scan's outbox rows, not handed to the workers (as with the broker down)."""
+    stack.clock.set(today)
+    TrialProjection(stack.trialog).catch_up()
+    return reminders.scan(stack.trialog, today)
+
+
+def status(stack: Stack, reminder_id: str) -> str:
+    return str(outbox_row(stack, reminder_id).status)
+
+
+def outbox_row(stack: Stack, reminder_id: str) -> Any:
+    with stack.trialog.engine.connect() as connection:
+        return connection.execute(
+            select(outbox).where(outbox.c.reminder_id == reminder_id)).one()
+
+
+def event_types(stack: Stack, pid: str) -> list[str]:
+    participant = stack.trialog.service.get_participant(pid)
+    return [type(e).__name__ for e in stack.trialog.service.events.get(participant.id)]
+
+
+def addresses(stack: Stack, pid: str) -> tuple[str, str]:
+    return f"{pid.lower()}@example.org", stack.trialog.protocol.site("CASE").coordinator_email
+
+
+def html_of(message: Message) -> str:
+    part = next(p for p in message.walk() if p.get_content_type() == "text/html")
+    return part.get_payload(decode=True).decode(part.get_content_charset() or "utf-8")  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """The lines the application logs, as the JSON formatter writes them."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(JsonFormatter().format(record))
+
+    logger, handler = logging.getLogger("trialog"), Keep()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+# --- SMTP outside any transaction; one sender at a time ------------------------------------
+
+def test_nothing_is_held_in_the_database_while_smtp_talks(stack):
+    stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    stack.sink.delay = 5.0  # the server holds its answer to DATA
+    stack.task("send_reminder").delay(reminder_id)
+    assert stack.sink.received.wait(30)
+
+    with stack.trialog.engine.begin() as connection:
+        in_transaction = connection.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND xact_start IS NOT NULL")).scalar_one()
+        locked = connection.execute(select(outbox.c.reminder_id).where(
+            outbox.c.reminder_id == reminder_id).with_for_update(nowait=True)).scalar_one()
+    assert in_transaction == 0 and locked == reminder_id
+    wait_until(lambda: status(stack, reminder_id) == "sent")
+
+
+def test_a_second_sender_of_the_same_reminder_neither_waits_nor_sends(stack):
+    stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    stack.sink.delay = 3.0
+    stack.task("send_reminder").delay(reminder_id)
+    assert stack.sink.received.wait(30)  # the worker is mid-send
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+
+    with pytest.raises(reminders.ReminderBusy):
+        reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS)
+    wait_until(lambda: status(stack, reminder_id) == "sent")
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "done"
+    assert len(stack.sink.messages) == 1
+
+
+# --- recording ReminderSent ----------------------------------------------------------------
+
+def test_a_write_conflict_on_reminder_sent_is_retried_and_never_emails_again(stack):
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    t = stack.trialog
+    events = t.service.recorder.events_record_cls.__table__.name
+    with t.service.recorder.transaction(commit=True) as session:
+        # Holding the event table's write lock: the worker mails, loads the participant and
+        # queues for the lock; another command writes to the participant before it.
+        session.execute(text(f"LOCK TABLE {events} IN EXCLUSIVE MODE"))
+        stack.task("send_reminder").delay(reminder_id)
+        wait_until(lambda: _waits_for_lock_on(stack, events))
+        stack.send(c.ReportMedication(pid, MEDICATION))
+
+    wait_until(lambda: status(stack, reminder_id) == "sent")
+    assert event_types(stack, pid)[-2:] == ["MedicationReported", "ReminderSent"]
+    mailer = reminders.Mailer(stack.sink.url, t.settings.mail_from)
+    assert reminders.send(t, mailer, reminder_id, WINDOW_OPENS) == "done"  # a retry
+    time.sleep(0.5)
+    assert len(stack.sink.messages) == 1
+    assert event_types(stack, pid).count("ReminderSent") == 1
+
+
+def _waits_for_lock_on(stack: Stack, table: str) -> bool:
+    with stack.trialog.engine.connect() as connection:
+        return bool(connection.execute(text(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation "
+            "WHERE r.relname = :table AND NOT l.granted"), {"table": table}).scalar_one())
+
+
+def test_a_reminder_mailed_but_not_recorded_is_recorded_without_emailing_again(stack):
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    with stack.trialog.engine.begin() as connection:  # a sender that died after the server
+        connection.execute(update(outbox).where(  # took the message
+            outbox.c.reminder_id == reminder_id).values(status="mailed", attempts=1))
+
+    assert reminders.hand_over(stack.trialog, stack.task("send_reminder").delay) == 1
+    wait_until(lambda: status(stack, reminder_id) == "sent")
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
+    assert stack.sink.messages == []
+
+
+# --- addresses that cannot be sent to ------------------------------------------------------
+
+def test_an_address_with_a_line_break_is_marked_failed_and_nothing_is_sent(stack):
+    pid = stack.enrol(email="x@example.org\r\nBcc: someone@example.net")
+    (reminder_id,) = stack.scan(WINDOW_OPENS)
+    wait_until(lambda: status(stack, reminder_id) == "failed")
+
+    row = outbox_row(stack, reminder_id)
+    assert row.attempts == 1 and row.last_error == "not an email address: ***"
+    assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
+    assert reminders.hand_over(stack.trialog, stack.task("send_reminder").delay) == 0
+
+
+def test_a_refused_address_is_logged_and_recorded_masked(stack, log_lines):
+    pid = stack.enrol()
+    participant, coordinator = addresses(stack, pid)
+    stack.sink.refuse = {participant, coordinator}
+    (reminder_id,) = stack.scan(WINDOW_OPENS)
+    wait_until(lambda: status(stack, reminder_id) == "failed")
+
+    row = outbox_row(stack, reminder_id)
+    warnings = [line for line in log_lines if reminder_id in line]
+    assert warnings
+    for written in (row.last_error, *warnings):
+        assert participant not in written and coordinator not in written
+        assert mask_email(participant) in written and mask_email(coordinator) in written
+
+
+def test_a_recipient_refused_while_the_other_takes_the_reminder_is_noted(stack):
+    pid = stack.enrol()
+    _, coordinator = addresses(stack, pid)
+    stack.sink.refuse = {coordinator}
+    (reminder_id,) = stack.scan(WINDOW_OPENS)
+    wait_until(lambda: status(stack, reminder_id) == "sent")
+
+    row = outbox_row(stack, reminder_id)
+    assert row.last_error is not None and mask_email(coordinator) in row.last_error
+    assert coordinator not in row.last_error and "550" in row.last_error
+    assert len(stack.sink.messages) == 1 and stack.reminders_sent(pid) == ["week6/window_open"]
+
+
+def test_a_deferred_reminder_stays_pending_with_its_reason_masked(stack):
+    pid = stack.enrol()
+    stack.sink.defer = set(addresses(stack, pid))
+    (reminder_id,) = stack.scan(WINDOW_OPENS)
+    wait_until(lambda: outbox_row(stack, reminder_id).attempts >= 1)
+
+    row = outbox_row(stack, reminder_id)
+    assert row.status == "pending" and "451" in row.last_error
+    for address in addresses(stack, pid):
+        assert address not in row.last_error and mask_email(address) in row.last_error
+
+
+def test_addresses_are_masked_to_their_first_character_and_domain():
+    assert mask_email("jane.doe@example.org") == "j***@example.org"
+    assert mask_email("x@example.org\r\nBcc: y@example.net") == "***"
+    assert mask_email("not an address") == "***"
+    assert mask_emails_in("550 5.1.1 <jane@example.org>: unknown; bob@x.org") == \
+        "550 5.1.1 <j***@example.org>: unknown; b***@x.org"
+
+
+# --- late reminders ------------------------------------------------------------------------
+
+def test_a_reminder_found_more_than_a_day_late_is_expired_not_sent(stack):
+    pid = stack.enrol()
+    assert stack.scan(WINDOW_OPENS + timedelta(days=2)) == []  # the scans had stopped
+
+    with stack.trialog.engine.connect() as connection:
+        rows = connection.execute(select(outbox).where(outbox.c.participant_id == pid)).all()
+    assert [(r.kind, r.status) for r in rows] == [("window_open", "expired")]
+    time.sleep(0.5)
+    assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
+
+
+def test_a_reminder_that_waited_more_than_a_day_to_go_out_is_expired(stack):
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    stack.clock.set(WINDOW_OPENS + timedelta(days=2))  # e.g. the broker was down
+    stack.task("send_reminder").delay(reminder_id)
+
+    wait_until(lambda: status(stack, reminder_id) == "expired")
+    assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
+
+
+def test_a_reminder_sent_a_day_late_gives_the_date_not_today(stack):
+    english, spanish = stack.enrol("en"), stack.enrol("es")
+    assert len(stack.scan(WINDOW_OPENS + timedelta(days=1))) == 2
+    by_recipient = {m["To"].split(",")[0]: m for m in stack.sink.wait_for(2)}
+    en = by_recipient[f"{english.lower()}@example.org"]
+    es = by_recipient[f"{spanish.lower()}@example.org"]
+    assert f"due from {WINDOW_OPENS}." in text_of(en) and "today" not in text_of(en)
+    assert f"due from {WINDOW_OPENS}." in html_of(en) and "today" not in html_of(en)
+    assert f"a partir del {WINDOW_OPENS}." in text_of(es) and "hoy" not in text_of(es)
+
+    assert len(stack.scan(THREE_DAYS_BEFORE + timedelta(days=1))) == 2
+    by_recipient = {m["To"].split(",")[0]: m for m in stack.sink.wait_for(4)[2:]}
+    en = by_recipient[f"{english.lower()}@example.org"]
+    es = by_recipient[f"{spanish.lower()}@example.org"]
+    assert f"due on {WEEK6}." in text_of(en) and "three days" not in text_of(en)
+    assert f"corresponde el {WEEK6}." in text_of(es) and "tres días" not in text_of(es)
+
+
+def test_a_reminder_sent_on_its_day_says_so(stack):
+    english = stack.enrol("en")
+    stack.scan(WINDOW_OPENS)
+    assert "is due from today." in text_of(stack.sink.wait_for(1)[0])
+    stack.scan(THREE_DAYS_BEFORE)
+    assert "is due in three days." in text_of(stack.sink.wait_for(2)[1])
+    wait_until(lambda: len(stack.reminders_sent(english)) == 2)
+
+
+# --- headers -------------------------------------------------------------------------------
+
+def test_reminders_carry_a_date_and_a_message_id(stack):
+    stack.enrol(), stack.enrol()
+    stack.scan(WINDOW_OPENS)
+    messages = stack.sink.wait_for(2)
+
+    for message in messages:
+        assert parsedate_to_datetime(message["Date"]).tzinfo is not None
+        assert re.fullmatch(r"<[^<>@\s]+@trialog\.localhost>", message["Message-ID"])
+    assert messages[0]["Message-ID"] != messages[1]["Message-ID"]
