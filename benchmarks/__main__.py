@@ -20,10 +20,10 @@ from benchmarks import reminders as reminder_bench
 from benchmarks.baseline import Ping
 from benchmarks.http import p95_ms
 from domain import commands as c
-from infrastructure.bootstrap import Trialog, bootstrap
-from infrastructure.projections import TrialProjection
-from infrastructure.settings import Settings
-from infrastructure.verification import verify
+from infrastructure.audit.verification import verify
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.bootstrap import Trialog, bootstrap
+from infrastructure.store.settings import Settings
 from tests.databases import fresh_postgres_database
 from tests.factories import consent, screening
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from infrastructure.bootstrap import Trialog
-from infrastructure.verification import check_store
+from infrastructure.audit.verification import check_store
+from infrastructure.store.bootstrap import Trialog
 
 ROOT = Path(__file__).resolve().parents[1]
 # The peak is VmHWM, this process image's own high-water mark: ru_maxrss would carry the

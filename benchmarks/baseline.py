@@ -14,7 +14,7 @@ class Ping(Aggregate):
 def _read_range(settings: Any, start: int, stop: int) -> int:
     """The library reads the notifications ``start..stop`` of the store and turns each into
     a domain event (decrypt, decompress, decode): the work verify does first."""
-    from infrastructure.bootstrap import bootstrap
+    from infrastructure.store.bootstrap import bootstrap
 
     t = bootstrap(settings, migrate=False)
     try:

@@ -20,7 +20,7 @@ import requests
 from eventsourcing.application import Application
 
 from benchmarks.baseline import Ping
-from infrastructure.tokens import create_token
+from infrastructure.store.tokens import create_token
 from tests.e2e.conftest import free_port, wait_until_up
 from tests.e2e.payloads import screening
 

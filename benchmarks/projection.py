@@ -16,9 +16,9 @@ from domain.commands import Audit
 from domain.participant import Participant
 from domain.randomization import AllocationSequence
 from domain.service import TrialService
-from infrastructure.bootstrap import Trialog, event_store_env
-from infrastructure.projections import TrialProjection, read_model_rows
-from infrastructure.tables import participants
+from infrastructure.readside.projections import TrialProjection, read_model_rows
+from infrastructure.store.bootstrap import Trialog, event_store_env
+from infrastructure.store.tables import participants
 from tests.factories import consent, screening
 
 REGISTERED = date(2026, 3, 4)

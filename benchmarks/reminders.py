@@ -12,10 +12,10 @@ from typing import Any
 from sqlalchemy import insert
 
 from domain import commands as c
-from infrastructure import reminders
-from infrastructure.bootstrap import Trialog
-from infrastructure.projections import TrialProjection
-from infrastructure.tables import participants, reminder_schedule, visits
+from infrastructure.jobs import reminders
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tables import participants, reminder_schedule, visits
 from tests.factories import consent, screening
 
 

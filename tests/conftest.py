@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from infrastructure.settings import Settings
+from infrastructure.store.settings import Settings
 from tests.databases import PG_SERVER
 
 TEST_KEY = "dHJpYWxvZy10ZXN0LWtleS0zMi1ieXRlcy1sb25nISE="  # 32 bytes, tests only

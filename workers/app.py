@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import beat_init, worker_init, worker_process_shutdown
 
-from infrastructure.settings import Settings, SettingsError, check_secrets, redis_url
+from infrastructure.store.settings import Settings, SettingsError, check_secrets, redis_url
 
 VISIBILITY_TIMEOUT = 3600  # s; longer than any task (SMTP timeout 30 s) or countdown
 MAX_RETRY_COUNTDOWN = 600  # s; retries of a failing SMTP server back off up to this
@@ -67,7 +67,7 @@ _trialog: dict[int, Any] = {}
 
 def trialog(celery_app: Celery | None = None) -> Any:
     """This process's application, built on first use (never at import)."""
-    from infrastructure.bootstrap import bootstrap
+    from infrastructure.store.bootstrap import bootstrap
 
     key = id(celery_app or app)
     if key not in _trialog:

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from infrastructure import monitor, reminders
+from infrastructure.jobs import monitor, reminders
 from workers.app import MAX_RETRY_COUNTDOWN, trialog
 
 

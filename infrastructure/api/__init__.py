@@ -20,8 +20,8 @@ from infrastructure.api import commands, reads
 from infrastructure.api.errors import ApiError, database_unavailable, error_response, invalid
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import document_commands
-from infrastructure.bootstrap import Trialog
-from infrastructure.projections import DATABASE_UNAVAILABLE
+from infrastructure.readside.projections import DATABASE_UNAVAILABLE
+from infrastructure.store.bootstrap import Trialog
 
 log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
@@ -105,7 +105,7 @@ def _http_error(e: HTTPException) -> Response:
     code = e.code or 500
     data = getattr(e, "data", None)
     if code == 422 and data and "messages" in data:
-        from infrastructure.api.schemas import flatten
+        from infrastructure.store.schemas import flatten
 
         messages = data["messages"]
         error = invalid(flatten(next(iter(messages.values())) if len(messages) == 1

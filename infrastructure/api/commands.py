@@ -25,9 +25,8 @@ from infrastructure.api.schemas import (
     CommandBatch,
     CommandEnvelope,
     ErrorBody,
-    data_schemas,
-    flatten,
 )
+from infrastructure.store.schemas import data_schemas, flatten
 
 log = logging.getLogger("trialog.commands")
 blp = Blueprint("commands", __name__, url_prefix="/v1/commands",

@@ -12,10 +12,12 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 
 from domain.errors import DomainError
 from domain.views import participant_state as state_of
-from infrastructure import audit, queries
 from infrastructure.api import responses as r
 from infrastructure.api.errors import ApiError, forbidden, from_domain, invalid
-from infrastructure.api.schemas import ErrorBody, text
+from infrastructure.api.schemas import ErrorBody
+from infrastructure.audit import history as audit
+from infrastructure.readside import queries
+from infrastructure.store.schemas import text
 
 participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participants",
                              description="Participants: current state, history, the list")
@@ -208,7 +210,7 @@ def get_verify(deep: bool) -> Response:
     """Checks every stored event: it decrypts, its versions and links follow on; the deep
     check runs in the background."""
     from infrastructure.api import runtime
-    from infrastructure.verification import check_store
+    from infrastructure.audit.verification import check_store
 
     _read("audit")
     if not deep:
@@ -251,7 +253,7 @@ EXPORTS = (
 
 def _export_view(kind: str, mimetype: str, description: str) -> None:
     def view(deidentify: bool) -> Response:
-        from infrastructure import exports
+        from infrastructure.audit import exports
 
         _read("exports")
         chunks = exports.document(_trialog(), kind, deidentify,
@@ -278,7 +280,7 @@ def healthz() -> Response:
     """Liveness: the database answers; the read models' position; ``degraded`` while a
     follower of the log has participants set aside."""
     from infrastructure.api import runtime
-    from infrastructure.quarantine import listing
+    from infrastructure.readside.quarantine import listing
 
     rt = runtime()
     with rt.trialog.engine.connect() as connection:

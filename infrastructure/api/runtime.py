@@ -8,11 +8,11 @@ import logging
 import threading
 import time
 
-from infrastructure.audit import HistoryCache
-from infrastructure.bootstrap import Trialog
-from infrastructure.projections import TrialProjection
-from infrastructure.tokens import Authenticator
-from infrastructure.verify_jobs import VerifyJobs
+from infrastructure.audit.history import HistoryCache
+from infrastructure.audit.verify_jobs import VerifyJobs
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tokens import Authenticator
 
 log = logging.getLogger("trialog.projections")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from infrastructure.settings import Settings
+from infrastructure.store.settings import Settings
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -24,7 +24,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         from infrastructure.api import create_app
-        from infrastructure.bootstrap import bootstrap
+        from infrastructure.store.bootstrap import bootstrap
 
         return create_app(bootstrap(Settings.from_env()), follow=self.follow)
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from infrastructure.bootstrap import bootstrap
-from infrastructure.tokens import ROLES, create_token
+from infrastructure.store.bootstrap import bootstrap
+from infrastructure.store.tokens import ROLES, create_token
 from tests.conftest import TEST_SECRETS, settings_for
 from tests.databases import PG_SERVER
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from infrastructure.bootstrap import bootstrap
-from infrastructure.tokens import create_token
+from infrastructure.store.bootstrap import bootstrap
+from infrastructure.store.tokens import create_token
 from tests.conftest import TEST_KEY, settings_for
 from tests.e2e import payloads as p
 from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up

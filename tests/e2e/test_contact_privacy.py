@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from domain import commands as c
-from infrastructure.bootstrap import bootstrap
-from infrastructure.tokens import ROLES, create_token
+from infrastructure.store.bootstrap import bootstrap
+from infrastructure.store.tokens import ROLES, create_token
 from tests.conftest import TEST_KEY, settings_for
 from tests.e2e import payloads as p
 from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up

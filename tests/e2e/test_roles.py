@@ -7,7 +7,7 @@ import json
 import pytest
 
 from domain.commands import COMMAND_TYPES
-from infrastructure.tokens import ROLES
+from infrastructure.store.tokens import ROLES
 from tests.e2e import payloads as p
 from tests.e2e.test_lifecycle import enrol
 

@@ -13,7 +13,7 @@ from typing import Any
 import requests
 import sqlalchemy
 
-from infrastructure.verify_jobs import verify_jobs
+from infrastructure.audit.verify_jobs import verify_jobs
 from tests.e2e.conftest import Client
 from tests.e2e.test_lifecycle import enrol
 

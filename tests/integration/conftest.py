@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from infrastructure.bootstrap import Trialog, bootstrap
+from infrastructure.store.bootstrap import Trialog, bootstrap
 from tests.conftest import settings_for
 from tests.databases import PG_SERVER, fresh_postgres_database
 

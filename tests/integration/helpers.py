@@ -5,7 +5,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from domain import commands as c
-from infrastructure.bootstrap import Trialog
+from infrastructure.store.bootstrap import Trialog
 from tests.factories import consent, new_participant_id, screening
 
 REGISTERED = date(2026, 3, 4)

@@ -8,9 +8,9 @@ from sqlalchemy import and_, delete, insert, select, update
 
 from domain import commands as c
 from domain.participant import participant_uuid
-from infrastructure.audit import history, participant_as_of
-from infrastructure.bus import CommandBus
-from infrastructure.verification import verify
+from infrastructure.audit.history import history, participant_as_of
+from infrastructure.audit.verification import verify
+from infrastructure.store.bus import CommandBus
 from tests.integration.helpers import dose, enrol, send
 
 
@@ -159,8 +159,8 @@ def test_verify_never_crashes_on_garbage_rows(isolated):
 
 
 def test_verifying_in_processes_finds_what_one_process_finds(isolated):
-    from infrastructure.projections import TrialProjection
-    from infrastructure.verification import check_store, fork_is_safe, verify_parallel
+    from infrastructure.audit.verification import check_store, fork_is_safe, verify_parallel
+    from infrastructure.readside.projections import TrialProjection
 
     pids = [setup_participant(isolated) for _ in range(6)]
     TrialProjection(isolated).catch_up()  # the read model names a stream whose first
@@ -194,8 +194,8 @@ def test_verifying_in_processes_finds_what_one_process_finds(isolated):
 def test_reading_histories_gives_every_connection_back_to_the_pool(trialog):
     # The store's own get_connection() never closes what it opens: reads that used it
     # held a pooled connection each until garbage collection and exhausted the pool.
-    from infrastructure.audit import HistoryCache
-    from infrastructure.stored import stored_events
+    from infrastructure.audit.history import HistoryCache
+    from infrastructure.store.stored import stored_events
 
     pid = enrol(trialog)
     pool = trialog.engine.pool

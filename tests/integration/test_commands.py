@@ -10,7 +10,7 @@ from sqlalchemy import func, select, text
 
 from domain import commands as c
 from domain.errors import IdempotencyKeyReused, NotEligible, ParticipantNotFound, VersionConflict
-from infrastructure.tables import command_records
+from infrastructure.store.tables import command_records
 from tests.factories import new_participant_id, screening
 from tests.integration.helpers import dose, enrol, send
 

@@ -14,10 +14,10 @@ from fhir.resources.R4B.researchsubject import ResearchSubject
 from lxml import etree
 
 from domain import commands as c
-from infrastructure import exports
-from infrastructure.fhir import research_subjects
-from infrastructure.odm import odm_document
-from infrastructure.projections import TrialProjection
+from infrastructure.audit import exports
+from infrastructure.audit.fhir import research_subjects
+from infrastructure.audit.odm import odm_document
+from infrastructure.readside.projections import TrialProjection
 from tests.factories import consent, new_participant_id, screening
 from tests.integration.helpers import REGISTERED, dose, enrol, send
 
@@ -227,7 +227,7 @@ def test_shifting_a_date_never_goes_before_year_one():
     # Dates near year 1 are accepted by the API; shifting them back must not fail.
     from datetime import UTC, date, datetime
 
-    from infrastructure.exports import Deidentifier
+    from infrastructure.audit.exports import Deidentifier
 
     masker = Deidentifier(b"key")
     assert masker.shift("P", date(1, 1, 2)) == date.min

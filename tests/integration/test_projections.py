@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
 
 from domain import commands as c
-from infrastructure.projections import LogFollower, TrialProjection
-from infrastructure.tables import READ_MODELS, participants
-from tests.conftest import TEST_KEY, TEST_SECRETS
+from infrastructure.readside.projections import LogFollower, TrialProjection
+from infrastructure.store.tables import READ_MODELS, participants
+from tests.conftest import TEST_SECRETS
 from tests.factories import consent
 from tests.integration.helpers import dose, enrol, send
 

@@ -11,10 +11,10 @@ from sqlalchemy import select
 
 from domain import commands as c
 from domain.participant import Participant
-from infrastructure.monitor import DeviationMonitor
-from infrastructure.projections import TrialProjection
-from infrastructure.quarantine import listing
-from infrastructure.tables import deviations, participants, scores
+from infrastructure.jobs.monitor import DeviationMonitor
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.readside.quarantine import listing
+from infrastructure.store.tables import deviations, participants, scores
 from tests.integration.helpers import REGISTERED, enrol, send
 from tests.integration.test_cli import TEST_KEY, run
 
@@ -113,7 +113,7 @@ def test_the_deviation_monitor_sets_a_bad_participant_aside_and_flags_the_others
 
 
 def test_projections_status_lists_every_follower_with_its_quarantine(tmp_path):
-    from infrastructure.bootstrap import bootstrap
+    from infrastructure.store.bootstrap import bootstrap
     from tests.conftest import settings_for
 
     url = f"sqlite:///{tmp_path / 'status.db'}"

@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import select, text, update
 
 from domain import commands as c
-from infrastructure import reminders
+from infrastructure.jobs import reminders
 from infrastructure.logs import JsonFormatter, mask_email, mask_emails_in
-from infrastructure.projections import TrialProjection
-from infrastructure.tables import outbox
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.tables import outbox
 from tests.integration import test_workers
 from tests.integration.test_workers import REGISTERED, Stack, wait_until
 from tests.smtp import text_of

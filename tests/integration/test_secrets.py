@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from infrastructure import exports
-from infrastructure.projections import TrialProjection
-from infrastructure.settings import Settings, SettingsError, check_secrets
+from infrastructure.audit import exports
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.settings import Settings, SettingsError, check_secrets
 from tests.conftest import TEST_KEY, TEST_PSEUDONYM_KEY, TEST_SECRETS
 from tests.databases import PG_SERVER
 from tests.integration.helpers import enrol

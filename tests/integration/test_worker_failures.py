@@ -16,10 +16,10 @@ import pytest
 import workers.app
 import workers.tasks
 from domain import commands as c
-from infrastructure import reminders
-from infrastructure.bootstrap import bootstrap
-from infrastructure.projections import TrialProjection
-from tests.conftest import TEST_KEY, TEST_SECRETS, settings_for
+from infrastructure.jobs import reminders
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.bootstrap import bootstrap
+from tests.conftest import TEST_SECRETS, settings_for
 from tests.databases import PG_SERVER, fresh_postgres_database
 from tests.e2e.conftest import free_port
 from tests.factories import consent, new_participant_id, screening

@@ -17,11 +17,11 @@ from sqlalchemy import select
 
 import workers.app
 from domain import commands as c
-from infrastructure import reminders
-from infrastructure.bootstrap import Trialog, bootstrap
-from infrastructure.projections import TrialProjection
-from infrastructure.queries import list_deviations
-from infrastructure.tables import outbox
+from infrastructure.jobs import reminders
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.readside.queries import list_deviations
+from infrastructure.store.bootstrap import Trialog, bootstrap
+from infrastructure.store.tables import outbox
 from tests.conftest import settings_for
 from tests.databases import PG_SERVER, fresh_postgres_database
 from tests.factories import consent, new_participant_id, screening

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
 from domain.participant import Participant, participant_uuid
-from infrastructure.bootstrap import Trialog
-from infrastructure.projections import DATABASE_UNAVAILABLE, LogFollower
-from infrastructure.quarantine import set_aside
-from infrastructure.tables import participants
+from infrastructure.readside.projections import DATABASE_UNAVAILABLE, LogFollower
+from infrastructure.readside.quarantine import set_aside
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tables import participants
 
 ACTOR = "deviation-monitor"
 EVENT_DRIVEN = tuple(code for code in RULES if code not in CLOCK_DRIVEN)

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from infrastructure.tables import quarantine
+from infrastructure.store.tables import quarantine
 
 log = logging.getLogger("trialog.quarantine")
 

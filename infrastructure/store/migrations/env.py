@@ -1,7 +1,7 @@
 from alembic import context
 
-from infrastructure.migrations import VERSION_TABLE
-from infrastructure.tables import metadata
+from infrastructure.store.migrations import VERSION_TABLE
+from infrastructure.store.tables import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata,

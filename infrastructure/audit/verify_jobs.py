@@ -18,9 +18,9 @@ from sqlalchemy import BigInteger, Boolean, Column, DateTime, String, Table, Tex
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from infrastructure.bootstrap import Trialog
-from infrastructure.tables import metadata
-from infrastructure.verification import check_store
+from infrastructure.audit.verification import check_store
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tables import metadata
 
 log = logging.getLogger("trialog.verify")
 

@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session
 
 from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
-from infrastructure.bootstrap import Trialog
-from infrastructure.quarantine import quarantined_ids, release, set_aside
-from infrastructure.stored import PARTICIPANT_TOPIC, decode, stored_events
-from infrastructure.tables import (
+from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.stored import PARTICIPANT_TOPIC, decode, stored_events
+from infrastructure.store.tables import (
     READ_MODELS,
     deviations,
     participants,
@@ -358,6 +358,6 @@ def read_model_rows(p: Participant, trialog: Trialog,
 def followers(trialog: Trialog) -> list[LogFollower]:
     """Every follower of the notification log, for status reports (the reminder schedule
     is one of the trial projection's read models)."""
-    from infrastructure.monitor import DeviationMonitor
+    from infrastructure.jobs.monitor import DeviationMonitor
 
     return [TrialProjection(trialog), DeviationMonitor(trialog)]

@@ -23,7 +23,7 @@ from domain.commands import Audit, Command
 from domain.errors import IdempotencyKeyReused
 from domain.participant import participant_uuid
 from domain.service import TrialService
-from infrastructure.tables import command_records
+from infrastructure.store.tables import command_records
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
 

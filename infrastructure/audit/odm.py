@@ -28,9 +28,9 @@ from marshmallow import Schema, fields
 
 from domain.participant import CONTACT_FIELDS, event_uuid
 from domain.protocol import Protocol
-from infrastructure.bootstrap import Trialog
-from infrastructure.exports import Deidentifier
-from infrastructure.stored import participant_events
+from infrastructure.audit.exports import Deidentifier
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.stored import participant_events
 
 ODM_NAMESPACE = "http://www.cdisc.org/ns/odm/v1.3"
 METADATA_VERSION = "MDV.1"
@@ -133,7 +133,7 @@ def _schema_items(schema: Schema, prefix: str = "") -> Iterator[tuple[str, str]]
 
 def form_items(protocol: Protocol) -> dict[str, list[tuple[str, str]]]:
     """The items of each form, by form key, from the command schemas."""
-    from infrastructure.api.schemas import data_schemas
+    from infrastructure.store.schemas import data_schemas
 
     schemas = data_schemas(protocol)
     items: dict[str, list[tuple[str, str]]] = {}

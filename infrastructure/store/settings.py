@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eventsourcing.cryptography import AESCipher
 
-DEFAULT_PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "nct04205786.toml"
+DEFAULT_PROTOCOL = Path(__file__).resolve().parents[2] / "protocols" / "nct04205786.toml"
 DEFAULT_DATABASE_FILE = "trialog.db"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -13,10 +13,10 @@ from sqlalchemy.engine import Engine
 from domain.errors import ProtocolError
 from domain.protocol import Protocol, protocol_from_mapping
 from domain.service import TrialService
-from infrastructure import migrations
-from infrastructure.bus import CommandBus, utc_now
-from infrastructure.corrections import CorrectionRules
-from infrastructure.settings import Settings
+from infrastructure.store import migrations
+from infrastructure.store.bus import CommandBus, utc_now
+from infrastructure.store.corrections import CorrectionRules
+from infrastructure.store.settings import Settings
 
 
 def load_protocol(path: Path) -> Protocol:

@@ -38,10 +38,10 @@ from sqlalchemy import Connection, insert, select, text, update
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, scheduled_visit
-from infrastructure.bootstrap import Trialog
 from infrastructure.logs import mask_email, mask_emails_in
-from infrastructure.projections import TrialProjection
-from infrastructure.tables import outbox, positions, reminder_schedule
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tables import outbox, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
 ACTOR = "reminder-worker"

@@ -17,6 +17,7 @@ from marshmallow import Schema, ValidationError, fields
 
 from domain.errors import ValidationFailed
 from domain.protocol import Protocol
+from infrastructure.store.schemas import data_schemas, flatten
 
 # The command that captured each kind of event, whose data schema its fields follow.
 CAPTURED_BY = {
@@ -61,8 +62,6 @@ class CorrectionRules:
     """Validates corrections against the data schemas of one protocol."""
 
     def __init__(self, protocol: Protocol) -> None:
-        from infrastructure.api.schemas import data_schemas
-
         self.schemas = {name: schema() for name, schema in data_schemas(protocol).items()}
 
     def __call__(self, event_type: str, path: str, value: Any, recorded: Any) -> Any:
@@ -99,8 +98,6 @@ class CorrectionRules:
 
 
 def _errors(schema: Schema, data: Any) -> dict[str, str]:
-    from infrastructure.api.schemas import flatten
-
     try:
         schema.load(data)
     except ValidationError as e:
@@ -109,8 +106,6 @@ def _errors(schema: Schema, data: Any) -> dict[str, str]:
 
 
 def _messages(messages: Any) -> list[str]:
-    from infrastructure.api.schemas import flatten
-
     if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
         return list(messages)
     return [f"{path}: {'; '.join(m)}" for path, m in flatten(messages).items()]

@@ -32,8 +32,8 @@ from sqlalchemy import select
 from domain.chain import GENESIS, canonical_json, compute_digest
 from domain.participant import participant_uuid
 from domain.service import TrialService
-from infrastructure.settings import Settings
-from infrastructure.stored import (
+from infrastructure.store.settings import Settings
+from infrastructure.store.stored import (
     LinkRow,
     StreamRange,
     Upcast,
@@ -50,7 +50,7 @@ from infrastructure.stored import (
 )
 
 if TYPE_CHECKING:
-    from infrastructure.bootstrap import Trialog
+    from infrastructure.store.bootstrap import Trialog
 
 Progress = Callable[[int], None]
 
@@ -227,7 +227,7 @@ class _StreamCheck:
 def _name_unknown_streams(service: TrialService, problems: list[Problem]) -> None:
     """Names the participant of problems in streams whose first event can't be read, from
     the read model's participant ids (a stream's id is derived from its participant's)."""
-    from infrastructure.tables import participants
+    from infrastructure.store.tables import participants
 
     unknown = {p.stream for p in problems if p.participant_id is None}
     if not unknown:
@@ -314,7 +314,7 @@ def verify(service: TrialService, batch: int = 5000, progress: Progress | None =
 
 def _verify_range(settings: Settings, streams: StreamRange, deep: bool) -> VerifyReport:
     """One worker process's share: the streams of one range of originator ids."""
-    from infrastructure.bootstrap import bootstrap
+    from infrastructure.store.bootstrap import bootstrap
 
     trialog = bootstrap(settings, migrate=False)
     try:

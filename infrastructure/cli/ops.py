@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from infrastructure.tokens import TokenError, create_token
+    from infrastructure.store.tokens import TokenError, create_token
 
     trialog = _app()
     try:
@@ -50,7 +50,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_projections_rebuild(args: argparse.Namespace) -> int:
-    from infrastructure.projections import TrialProjection
+    from infrastructure.readside.projections import TrialProjection
 
     trialog = _app()
     try:
@@ -69,8 +69,8 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_projections_status(args: argparse.Namespace) -> int:
-    from infrastructure.projections import followers
-    from infrastructure.quarantine import listing
+    from infrastructure.readside.projections import followers
+    from infrastructure.readside.quarantine import listing
 
     trialog = _app()
     try:
@@ -95,7 +95,7 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from infrastructure.projections import TrialProjection
+    from infrastructure.readside.projections import TrialProjection
 
     trialog = _app()
     stop = threading.Event()
@@ -110,8 +110,8 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
 
 
 def cmd_reminders_scan(args: argparse.Namespace) -> int:
-    from infrastructure import reminders
-    from infrastructure.projections import TrialProjection
+    from infrastructure.jobs import reminders
+    from infrastructure.readside.projections import TrialProjection
     from workers.tasks import send_reminder
 
     trialog = _app()
@@ -126,8 +126,8 @@ def cmd_reminders_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_deviations_scan(args: argparse.Namespace) -> int:
-    from infrastructure import monitor
-    from infrastructure.projections import TrialProjection
+    from infrastructure.jobs import monitor
+    from infrastructure.readside.projections import TrialProjection
 
     trialog = _app()
     try:
@@ -142,7 +142,7 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from infrastructure import exports
+    from infrastructure.audit import exports
 
     trialog = _app()
     try:

@@ -14,7 +14,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
 from domain.commands import COMMAND_TYPES
-from infrastructure.tables import tokens
+from infrastructure.store.tables import tokens
 
 SERVICE_COMMANDS = frozenset({
     "ScreenParticipant", "RecordConsent", "RandomizeParticipant", "RecordBloodSample",

@@ -10,9 +10,9 @@ from typing import Any
 from sqlalchemy import select
 
 from domain.participant import participant_uuid
-from infrastructure.bootstrap import Trialog
-from infrastructure.exports import Deidentifier
-from infrastructure.tables import participants
+from infrastructure.audit.exports import Deidentifier
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tables import participants
 
 # Our participant status -> R4 ResearchSubject.status (required value set
 # http://hl7.org/fhir/ValueSet/research-subject-status). A randomized participant is on

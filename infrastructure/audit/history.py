@@ -11,7 +11,7 @@ from uuid import UUID
 
 from domain.participant import CONTACT_FIELDS, Participant, event_uuid, participant_uuid
 from domain.service import TrialService
-from infrastructure.stored import plain_stream
+from infrastructure.store.stored import plain_stream
 
 AUDIT_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_topic",
                 "command_id", "actor", "reason", "previous_digest", "digest")

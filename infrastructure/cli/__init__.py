@@ -13,13 +13,13 @@ from typing import Any
 from tqdm import tqdm
 
 from domain.errors import DomainError, ProtocolError
-from infrastructure import migrations
-from infrastructure.audit import history
-from infrastructure.bootstrap import Trialog, bootstrap
-from infrastructure.exports import FORMATS
-from infrastructure.settings import Settings, SettingsError
-from infrastructure.stored import stored_events
-from infrastructure.verification import check_store
+from infrastructure.audit.exports import FORMATS
+from infrastructure.audit.history import history
+from infrastructure.audit.verification import check_store
+from infrastructure.store import migrations
+from infrastructure.store.bootstrap import Trialog, bootstrap
+from infrastructure.store.settings import Settings, SettingsError
+from infrastructure.store.stored import stored_events
 
 
 class CliError(Exception):
@@ -50,7 +50,7 @@ def _app() -> Trialog:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from infrastructure.demo import run_demo
+    from infrastructure.cli.demo import run_demo
 
     path = Path(args.database)
     summary = run_demo(path, participants=args.participants, seed=args.seed)
@@ -153,7 +153,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from infrastructure.cli_ops import (
+    from infrastructure.cli.ops import (
         cmd_deviations_scan,
         cmd_export,
         cmd_projections_follow,

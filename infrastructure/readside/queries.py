@@ -13,8 +13,8 @@ from domain.errors import ParticipantNotFound
 from domain.participant import participant_uuid
 from domain.schedule import ScheduledVisit, visit_status
 from domain.views import participant_state as state_of
-from infrastructure.bootstrap import Trialog
-from infrastructure.tables import deviations, participants, scores, visits
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tables import deviations, participants, scores, visits
 
 
 def _visit(row: Row[Any], today: date, withdrawn: bool = False) -> dict[str, Any]:

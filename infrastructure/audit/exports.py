@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import and_, select
 
 from domain.scoring import SCORE_NAMES
-from infrastructure.bootstrap import Trialog
-from infrastructure.tables import participants, scores, visits
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.tables import participants, scores, visits
 
 CSV_COLUMNS = ("participant_id", "site_id", "arm", "visit", "completed_on", *SCORE_NAMES)
 
@@ -92,7 +92,10 @@ def document(t: Trialog, kind: str, deidentify: bool = False,
              contact: bool = True) -> Iterator[str]:
     """The export of one format, in chunks of text; contact details (only the ODM export
     has any) are left out unless ``contact``."""
-    from infrastructure import fhir, odm  # they build on this module
+    from infrastructure.audit import (
+        fhir,  # they build on this module
+        odm,
+    )
 
     if kind == "odm":
         return odm.odm_document(t, deidentify=deidentify, contact=contact)

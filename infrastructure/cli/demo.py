@@ -19,10 +19,10 @@ from domain import commands as c
 from domain.deviations import detect
 from domain.errors import DomainError
 from domain.scoring import FACT_ITEMS
-from infrastructure.bootstrap import Trialog, bootstrap
-from infrastructure.projections import TrialProjection
-from infrastructure.queries import trial_summary
-from infrastructure.settings import Settings
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.readside.queries import trial_summary
+from infrastructure.store.bootstrap import Trialog, bootstrap
+from infrastructure.store.settings import Settings
 
 START = date(2026, 1, 5)
 SERVICE = "demo-screening-app"

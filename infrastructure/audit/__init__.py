@@ -1,0 +1,1 @@
+"""What auditors read: the history of a record, verification of the store, the exports."""

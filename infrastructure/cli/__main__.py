@@ -1,0 +1,5 @@
+import sys
+
+from infrastructure.cli import main
+
+sys.exit(main())

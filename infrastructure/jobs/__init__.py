@@ -1,0 +1,1 @@
+"""The work the workers do: reminders and the deviation monitor."""

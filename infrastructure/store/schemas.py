@@ -1,0 +1,250 @@
+"""marshmallow schemas of each command type's ``data``: the rules every command's fields
+follow, used by the API, by the correction rules (a corrected value follows the rule of the
+field it corrects) and by the exports (an ODM item per field).
+
+Choices that come from the protocol (sites, visit codes, languages, stages, aromatase
+inhibitors) are read from it, so another protocol file changes what is accepted without a
+code change.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from domain.commands import COMMAND_TYPES
+from domain.eligibility import aromatase_inhibitor_choices, aromatase_inhibitor_generic_name
+from domain.protocol import EligibilityRules, Protocol
+from domain.scoring import BPI_INTERFERENCE_ITEMS, BPI_PAIN_ITEMS, FACT_ITEMS
+
+
+class UUIDString(fields.UUID):
+    """A UUID, validated and kept as its canonical string."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        return str(super()._deserialize(value, attr, data, **kwargs))
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only (not "yes", 1 or "on")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictFloat(fields.Float):
+    """A JSON number only (not a numeric string)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+# PostgreSQL text can't hold NUL, and no field of a trial record needs control characters.
+PRINTABLE = validate.Regexp(r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*$",
+                            error="must not contain control characters")
+
+
+def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
+    return fields.Integer(strict=True, validate=validate.Range(min=low, max=high), **kwargs)
+
+
+def text(low: int = 1, high: int = 200, **kwargs: Any) -> fields.String:
+    return fields.String(validate=[validate.Length(min=low, max=high), PRINTABLE], **kwargs)
+
+
+class AromataseInhibitorDrug(fields.String):
+    """One of the protocol's aromatase inhibitors, by its generic or a brand name in any
+    case, loaded as its generic name (the name the record keeps and the criterion compares)."""
+
+    def __init__(self, rules: EligibilityRules, **kwargs: Any) -> None:
+        self.rules = rules
+        self.choices = ", ".join(aromatase_inhibitor_choices(rules))
+        description = f"generic or brand name, any case: {self.choices}"
+        super().__init__(metadata={"description": description}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        name = super()._deserialize(value, attr, data, **kwargs)
+        generic = aromatase_inhibitor_generic_name(name, self.rules)
+        if generic is None:
+            raise ValidationError(f"must be one of: {self.choices}")
+        return generic
+
+
+class AromataseInhibitor(Schema):
+    """The protocol-free fields; ``eligibility_schema`` gives ``drug`` the protocol's drugs."""
+
+    drug = text(required=True)
+    daily_dose_mg = StrictFloat(required=True, validate=validate.Range(min=0))
+    started_on = fields.Date(required=True)
+    planned_days_after_registration = _int(0, 36_500, required=True)
+
+
+class Menopause(Schema):
+    months_since_last_period = _int(0, 1_200, required=True, allow_none=True)
+    bilateral_oophorectomy = StrictBoolean(required=True)
+    hysterectomy_ovaries_retained = StrictBoolean(required=True)
+    fsh_postmenopausal = StrictBoolean(required=True, allow_none=True)
+
+
+class Analgesic(Schema):
+    drug = text(required=True)
+    stable_since = fields.Date(required=True)
+
+
+class Eligibility(Schema):
+    """The protocol-free fields; ``eligibility_schema`` gives the one a protocol loads with."""
+
+    er_positive = StrictBoolean(required=True, allow_none=True)
+    pgr_positive = StrictBoolean(required=True, allow_none=True)
+    stage = fields.String(required=True)  # one of the protocol's stage_choices
+    metastatic = StrictBoolean(required=True)
+    surgery_completed = StrictBoolean(required=True)
+    aimss_after_ai_start = StrictBoolean(required=True)
+    aromatase_inhibitor = fields.Nested(AromataseInhibitor, required=True)
+    menopause = fields.Nested(Menopause, required=True)
+    zubrod = _int(0, 4, required=True)
+    b12_allergy = StrictBoolean(required=True)
+    substance_abuse_last_on = fields.Date(required=True, allow_none=True)
+    chronic_liver_disease = StrictBoolean(required=True)
+    end_stage_renal_disease = StrictBoolean(required=True)
+    analgesics = fields.List(fields.Nested(Analgesic), required=True)
+    b12_supplement_stopped_on = fields.Date(required=True, allow_none=True)
+    willing_blood_samples = StrictBoolean(required=True)
+    other_investigational_agents = StrictBoolean(required=True)
+    uncontrolled_intercurrent_illness = StrictBoolean(required=True)
+    surgery_side_effects_resolved = StrictBoolean(required=True)
+    prior_therapy_toxicity_resolved = StrictBoolean(required=True)
+    pain_due_to_fracture_or_injury = StrictBoolean(required=True)
+    able_to_consent = StrictBoolean(required=True)
+
+    @validates_schema
+    def one_receptor_status_given(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("er_positive") is None and data.get("pgr_positive") is None:
+            raise ValidationError("er_positive and pgr_positive can't both be null",
+                                  "er_positive")
+
+
+def eligibility_schema(protocol: Protocol) -> type[Schema]:
+    """The ``eligibility`` object of ScreenParticipant, whose aromatase inhibitor must be one
+    of the protocol's drugs and whose stage one of its stage choices."""
+    drug = AromataseInhibitorDrug(protocol.eligibility, required=True)
+    inhibitor = type("AromataseInhibitor", (AromataseInhibitor,), {"drug": drug})
+    stage = fields.String(required=True,
+                          validate=validate.OneOf(protocol.eligibility.stage_choices))
+    return type("Eligibility", (Eligibility,),
+                {"aromatase_inhibitor": fields.Nested(inhibitor, required=True),
+                 "stage": stage})
+
+
+BpiInterference = Schema.from_dict(
+    {item: _int(0, 10, allow_none=True) for item in BPI_INTERFERENCE_ITEMS},
+    name="BpiInterference",
+)
+BpiSf = Schema.from_dict(
+    {**{item: _int(0, 10, allow_none=True) for item in BPI_PAIN_ITEMS},
+     "interference": fields.Nested(BpiInterference)},
+    name="BpiSf",
+)
+FactEs = Schema.from_dict({item: _int(0, 4) for item in sorted(FACT_ITEMS)}, name="FactEs")
+
+
+class Adherence(Schema):
+    doses_taken = _int(0, 100_000)
+    doses_expected = _int(0, 100_000)
+    missed_ai_doses_last_week = _int(0, 7)
+
+
+class BloodResults(Schema):
+    b12_pg_ml = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+    crp_mg_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+    homocysteine_umol_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+    mma_nmol_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
+
+
+def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
+    """The ``data`` schema of each command type, with the protocol's choices."""
+    sites = validate.OneOf(protocol.site_ids)
+    visit = validate.OneOf(protocol.visit_codes)
+    schemas: dict[str, dict[str, Any]] = {
+        "ScreenParticipant": {
+            "site_id": fields.String(required=True, validate=sites),
+            "screened_on": fields.Date(required=True),
+            "birth_date": fields.Date(required=True),
+            "email": fields.Email(allow_none=True),
+            "language": fields.String(required=True, validate=validate.OneOf(protocol.languages)),
+            "eligibility": fields.Nested(eligibility_schema(protocol), required=True),
+        },
+        "RecordConsent": {
+            "consent_version": text(required=True),
+            "signed_on": fields.Date(required=True),
+            "signed_by": fields.String(required=True, validate=validate.OneOf(
+                ("participant", "legal_representative"))),
+            "language": fields.String(required=True, validate=validate.OneOf(protocol.languages)),
+        },
+        "RandomizeParticipant": {"registered_on": fields.Date(required=True)},
+        "RecordBloodSample": {
+            "timepoint": fields.String(required=True, validate=visit),
+            "collected_at": fields.AwareDateTime(required=True, default_timezone=UTC),
+            "results": fields.Nested(BloodResults),
+        },
+        "RecordDose": {
+            "taken_on": fields.Date(required=True),
+            "taken": StrictBoolean(required=True),
+            "dose_mcg": StrictFloat(validate=validate.Range(min=0, max=100_000),
+                                     allow_none=True),
+        },
+        "CompleteVisit": {
+            "visit": fields.String(required=True, validate=visit),
+            "completed_on": fields.Date(required=True),
+            "bpi_sf": fields.Nested(BpiSf),
+            "fact_es": fields.Nested(FactEs),
+            "adherence": fields.Nested(Adherence),
+        },
+        "ReportMedication": {
+            "drug": text(required=True),
+            "started_on": fields.Date(allow_none=True),
+            "stopped_on": fields.Date(allow_none=True),
+            "contains_b12": StrictBoolean(required=True),
+        },
+        "WithdrawParticipant": {
+            "withdrawn_on": fields.Date(required=True),
+            "scope": fields.String(required=True,
+                                   validate=validate.OneOf(("treatment", "study"))),
+            "reason_code": text(required=True),
+            "note": text(0, 2000, allow_none=True),
+        },
+        "CorrectData": {
+            "event_id": UUIDString(required=True),
+            "field": fields.String(required=True, validate=validate.Regexp(
+                r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
+                error="must be a dotted field path such as bpi_sf.worst")),
+            "value": fields.Raw(required=True, allow_none=True),
+        },
+        "ResolveDeviation": {
+            "deviation_id": UUIDString(required=True),
+            "resolution": text(1, 2000, required=True),
+        },
+    }
+    assert set(schemas) == set(COMMAND_TYPES), "every command type has a data schema"
+    return {name: Schema.from_dict(spec, name=f"{name}Data") for name, spec in schemas.items()}
+
+
+def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested error messages as dotted paths from the body root."""
+    if isinstance(messages, dict):
+        flat: dict[str, list[str]] = {}
+        for key, value in messages.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key == "_schema":
+                path = prefix or "body"
+            flat.update(flatten(value, path))
+        return flat
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return {prefix or "body": list(messages)}
+    return {prefix or "body": [str(messages)]}

@@ -1,0 +1,31 @@
+"""The tree shows the parts, and the parts depend inward: the command data schemas, the
+read side, the audit and the jobs never need the HTTP API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = {"store", "readside", "audit", "jobs", "api", "cli"}
+
+
+def test_infrastructure_is_split_into_its_parts():
+    packages = {p.parent.name for p in (ROOT / "infrastructure").glob("*/__init__.py")}
+    assert packages == PARTS
+    loose = {p.name for p in (ROOT / "infrastructure").glob("*.py")}
+    assert loose == {"__init__.py", "logs.py"}
+
+
+def test_the_schemas_the_exports_and_the_jobs_import_without_the_api():
+    probe = ("import sys\n"
+             "import infrastructure.store.schemas, infrastructure.store.corrections\n"
+             "import infrastructure.audit.exports, infrastructure.audit.odm\n"
+             "import infrastructure.readside.projections, infrastructure.jobs.reminders\n"
+             "import infrastructure.jobs.monitor, workers.tasks\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('infrastructure.api', "
+             "'flask'))))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, check=True, timeout=60)
+    assert done.stdout.strip() == "[]"
