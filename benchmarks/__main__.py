@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from infrastructure.readside.projections import TrialProjection
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from infrastructure.store.settings import Settings
 from tests.databases import fresh_postgres_database
-from tests.factories import consent, screening
+from tests.factories import screening
 
 PG_SERVER = os.environ.get("TRIALOG_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 KEY = "YmVuY2htYXJrLWtleS1iZW5jaG1hcmsta2V5LTMyYiE="
@@ -98,9 +98,9 @@ def screen_commands(t: Trialog, n: int) -> None:
 def long_participant(t: Trialog, events: int) -> str:
     pid = f"CASE-{uuid.uuid4().hex[:12]}"
     send = lambda cmd: t.bus.dispatch(cmd, command_id=str(uuid.uuid4()), actor="bench")
-    send(c.ScreenParticipant(pid, screening()))
-    send(c.RecordConsent(pid, consent()))
-    registered = date(2026, 3, 4)
+    send(c.ScreenParticipant(pid, projection.early_screening()))
+    send(c.RecordConsent(pid, projection.early_consent()))
+    registered = projection.REGISTERED
     send(c.RandomizeParticipant(pid, {"registered_on": registered}))
     for day in range(events - 3):
         send(c.RecordDose(pid, {"taken_on": registered + timedelta(days=day), "taken": True,

@@ -21,7 +21,23 @@ from infrastructure.store.bootstrap import Trialog, event_store_env
 from infrastructure.store.tables import participants
 from tests.factories import consent, screening
 
-REGISTERED = date(2026, 3, 4)
+# Long records start early enough that a dose a day for 500 days is all in the past (a
+# dose dated after today is refused).
+REGISTERED = date(2024, 3, 4)
+
+
+def early_screening() -> dict[str, Any]:
+    """A screening two years before the tests' one, every date moved alike."""
+    data = screening()
+    data["screened_on"] = date(2024, 3, 1)
+    data["eligibility"]["aromatase_inhibitor"]["started_on"] = date(2024, 1, 2)
+    data["eligibility"]["analgesics"] = [{"drug": "gabapentin",
+                                          "stable_since": date(2023, 12, 1)}]
+    return data
+
+
+def early_consent() -> dict[str, Any]:
+    return consent(signed_on=date(2024, 3, 2))
 
 
 def _audit() -> Audit:
@@ -36,8 +52,8 @@ def seed_participants(t: Trialog, participants: int, events_each: int) -> list[s
     ids = []
     for _ in range(participants):
         ids.append(f"CASE-{uuid.uuid4().hex[:12]}")
-        p = Participant.screen(ids[-1], screening(), t.protocol, _audit())
-        p.record_consent(consent(), _audit())
+        p = Participant.screen(ids[-1], early_screening(), t.protocol, _audit())
+        p.record_consent(early_consent(), _audit())
         p.randomize({"registered_on": REGISTERED}, sequence, t.service.allocation_seed,
                     t.protocol, _audit())
         for day in range(events_each - 3):

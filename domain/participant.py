@@ -69,7 +69,7 @@ def _lookup(data: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def _place(data: dict[str, Any], path: str, value: Any) -> None:
+def place(data: dict[str, Any], path: str, value: Any) -> None:
     """Sets the value at a dotted path, adding the objects a record left out (an item of a
     questionnaire that was not answered)."""
     *parents, last = path.split(".")
@@ -187,7 +187,7 @@ class Participant(ChainedAggregate):
             version = aggregate.version_of(self.target_event_id)
             record = aggregate.records[version]
             data = copy.deepcopy(record["data"])  # copy on write: the captured event stays
-            _place(data, self.field, copy.deepcopy(self.value))
+            place(data, self.field, copy.deepcopy(self.value))
             aggregate.records[version] = {**record, "data": data}
 
     class DeviationFlagged(Event):

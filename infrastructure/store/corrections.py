@@ -16,6 +16,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields
 
 from domain.errors import ValidationFailed
+from domain.participant import place
 from domain.protocol import Protocol
 from infrastructure.store.schemas import data_schemas, flatten
 
@@ -84,14 +85,7 @@ class CorrectionRules:
         already had (a field added to the schema since) is not the correction's."""
         before = as_json(recorded)
         after = copy.deepcopy(before)
-        node = after
-        *parents, last = path.split(".")
-        for key in parents:
-            child = node.get(key)
-            if not isinstance(child, dict):
-                child = node[key] = {}
-            node = child
-        node[last] = value
+        place(after, path, value)
         new = set(_errors(schema, after).items()) - set(_errors(schema, before).items())
         if new:
             raise ValidationFailed({"data.value": [f"{p}: {m}" for p, m in sorted(new)]})

@@ -201,3 +201,17 @@ def test_an_auditor_verifies_the_store_plainly_and_deeply(server):
         assert answer["ok"] is True and answer["problems"] == []
         assert answer["deep"] is (deep == "true")
         assert answer["events_checked"] >= 3 and answer["events_per_second"] > 0
+
+
+def test_a_study_withdrawal_cancels_the_open_visits_in_the_read_models(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    assert service.command("CompleteVisit", pid, p.visit("baseline", 0)).status_code == 201
+    withdrawn = service.command("WithdrawParticipant", pid, {
+        "withdrawn_on": "2026-03-20", "scope": "study", "reason_code": "moved_away"})
+    assert withdrawn.status_code == 201, withdrawn.text
+    # ?after= makes the answer come from the read models, not from a replay.
+    state = service.get(f"/v1/participants/{pid}", after=withdrawn.json()["position"]).json()
+    assert {v["code"]: v["status"] for v in state["visits"]} == {
+        "baseline": "completed", "week6": "cancelled", "end_of_treatment": "cancelled",
+        "follow_up": "cancelled"}

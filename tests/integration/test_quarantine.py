@@ -5,7 +5,7 @@ next event tries again."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
@@ -132,3 +132,19 @@ def test_projections_status_lists_every_follower_with_its_quarantine(tmp_path):
     assert bad in lines[1] and "DataCorrected" in lines[1]
     assert any(line.startswith("deviation_monitor") and "quarantined 0" in line
                for line in lines)
+
+
+def test_the_clock_scan_sets_a_bad_participant_aside_and_scans_the_others(isolated):
+
+    from infrastructure.jobs.monitor import scan_clock
+
+    t = isolated
+    bad, good = enrol(t), enrol(t)
+    write_straight_into_the_store(t, bad, None, "bpi_sf.worst", 3)  # bad can't be loaded
+    TrialProjection(t).catch_up()
+
+    counts = scan_clock(t, REGISTERED + timedelta(days=400))
+
+    assert counts["quarantined"] == 1 and counts["missed"] >= 4  # good's four windows
+    assert list(quarantined(t, "deviation_monitor")) == [bad]
+    assert t.service.get_participant(good).missed_visits
