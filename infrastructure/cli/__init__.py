@@ -56,7 +56,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(path, participants=args.participants, seed=args.seed)
     print(format_summary(summary))
     print(f"\nSQLite file: {path.resolve()}")
-    print(f"Try: TRIALOG_DATABASE_URL=sqlite:///{path.resolve()} trialog audit verify")
+    print(f"Try: TRIALOG_DATABASE_URL=sqlite:///{path.resolve()} "
+          f"{Path(sys.executable).with_name('trialog')} audit verify")
     return 0
 
 
@@ -88,7 +89,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         print(f"created {len(created)} tables: {', '.join(created)}")
     if before[1] != after[1]:
         print(f"migrated from revision {before[1] or 'none'} to {after[1]}")
-    print(f"tables are up to date (revision {after[1]})")
+    else:
+        print(f"tables are up to date (revision {after[1]})")
     return 0
 
 

@@ -224,8 +224,11 @@ def run_demo(path: Path, participants: int = 40, seed: int = 7,
     for stale in stale_files:
         stale.unlink(missing_ok=True)
     # The allocation seed follows --seed, so the same seed gives the same cohort and arms.
-    settings = Settings.from_env({"TRIALOG_DATABASE_URL": f"sqlite:///{path.resolve()}",
-                                  "TRIALOG_ALLOCATION_SEED": f"demo-{seed}"})
+    # It goes in the database's seed file, where later commands on the file read it.
+    seed_file = Path(f"{path}.seed")
+    seed_file.touch(mode=0o600)
+    seed_file.write_text(f"demo-{seed}\n")
+    settings = Settings.from_env({"TRIALOG_DATABASE_URL": f"sqlite:///{path.resolve()}"})
     clock = SimClock()
     trialog = bootstrap(settings, clock=clock)
     try:

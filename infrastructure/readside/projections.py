@@ -83,8 +83,8 @@ class LogFollower:
                 ).first()
                 if exists is None:
                     session.execute(insert(positions).values(name=self.name, position=0))
-        except sqlalchemy.exc.IntegrityError:
-            pass  # another process created it first
+        except (sqlalchemy.exc.IntegrityError, es_persistence.IntegrityError):
+            pass  # another process created it first (the store re-raises as its own error)
         self._position_exists = True
 
     def _claim(self, session: Session) -> int:

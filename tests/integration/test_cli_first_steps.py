@@ -29,6 +29,7 @@ def test_db_upgrade_says_what_it_created_and_then_that_nothing_was_needed(tmp_pa
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout and "migrated" not in again.stdout
     assert "tables are up to date (revision" in again.stdout
+    assert "up to date" not in first.stdout
 
 
 def test_rebuild_prints_the_rate_of_the_whole_run(tmp_path):
@@ -70,3 +71,18 @@ def test_beat_keeps_its_schedule_outside_the_working_folder(tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith("celerybeat")]
     assert [f for f in schedule.parent.iterdir() if f.name.startswith("beat-schedule")]
     assert beat_schedule_file().startswith(tempfile.gettempdir())  # the default
+
+
+def test_the_demo_keeps_its_seed_in_the_seed_file_and_its_hint_runs_as_printed(tmp_path):
+    demo = run(["demo", "--participants", "4", "--seed", "5"], tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    seed_file = tmp_path / "trialog-demo.db.seed"
+    assert seed_file.read_text().strip() == "demo-5"
+    assert oct(seed_file.stat().st_mode & 0o777) == "0o600"
+    hint = next(line for line in demo.stdout.splitlines() if line.startswith("Try: "))
+    assignment, command, *args = hint.removeprefix("Try: ").split()
+    name, _, value = assignment.partition("=")
+    done = subprocess.run([command, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, name: value}, check=False)
+    assert done.returncode == 0, done.stderr
+    assert seed_file.read_text().strip() == "demo-5"  # read, not replaced

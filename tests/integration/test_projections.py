@@ -149,3 +149,34 @@ def test_a_follower_killed_mid_batch_resumes_to_the_same_tables(isolated, isolat
     resumed = snapshot(isolated)
     projection.rebuild()
     assert snapshot(isolated) == resumed
+
+
+def test_followers_starting_together_create_their_position_row_once(trialog):
+    """Several API processes start their followers at once on a fresh database: the one
+    that loses the race to create the position row carries on (no error)."""
+    import threading
+    import uuid
+
+    from infrastructure.readside.projections import TrialProjection
+
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    start, errors = threading.Barrier(6), []
+
+    def begin() -> None:
+        follower = TrialProjection(trialog)
+        follower.name = name
+        start.wait()
+        try:
+            follower.ensure_position()
+        except Exception as e:  # noqa: BLE001 - the test reports any
+            errors.append(e)
+
+    threads = [threading.Thread(target=begin) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    follower = TrialProjection(trialog)
+    follower.name = name
+    assert follower.position() == 0
