@@ -225,17 +225,11 @@ def b12_use_in_control(p: Participant, protocol: Protocol, today: date) -> Itera
 def ineligible_randomized(p: Participant, protocol: Protocol,
                           today: date) -> Iterator[Finding]:
     """A randomized participant whose screening record, as corrected, fails a criterion
-    that does not depend on the registration date (those have their own codes)."""
-    if p.registration_event is None:
+    that does not depend on the registration date (those have their own codes). Only a
+    correction can show it: a record never corrected passed screening."""
+    if p.registration_event is None or p.screening_record not in p.corrected:
         return
-    screening = p.screening
-    failed = eligibility.failed_criteria(
-        screening["eligibility"], screening["birth_date"], screening["screened_on"],
-        protocol.eligibility,
-        only=[c for c in eligibility.CRITERIA if c not in eligibility.TIME_RELATIVE],
-    )
-    if screening["language"] not in protocol.languages:
-        failed.append("questionnaire_language")
+    failed = [c for c in p.eligibility_now(protocol)[1] if c not in eligibility.TIME_RELATIVE]
     if failed:
         yield Finding("ineligible_randomized", "screening",
                       (p.screening_event, p.registration_event),

@@ -122,6 +122,7 @@ class Participant(ChainedAggregate):
             aggregate.arm = None
             aggregate.allocation_index = None
             aggregate.withdrawals = {}
+            aggregate.corrected = set()
             Participant.Capture.apply(self, aggregate)
 
         def absorb(self, aggregate: Any) -> None:
@@ -189,6 +190,7 @@ class Participant(ChainedAggregate):
             data = copy.deepcopy(record["data"])  # copy on write: the captured event stays
             place(data, self.field, copy.deepcopy(self.value))
             aggregate.records[version] = {**record, "data": data}
+            aggregate.corrected.add(version)
 
     class DeviationFlagged(Event):
         deviation_id: str
@@ -245,7 +247,7 @@ class Participant(ChainedAggregate):
         deviations: dict[str, dict[str, Any]]
         reminders: list[str]
         missed_visits: list[str]
-
+        corrected: set[int]  # versions of the captured events corrected since
     # --- derived views -------------------------------------------------------------------
 
     def data_of(self, version: int | None) -> dict[str, Any]:
@@ -279,6 +281,14 @@ class Participant(ChainedAggregate):
     @property
     def screening(self) -> dict[str, Any]:
         return self.data_of(self.screening_record)
+
+    def eligibility_now(self, protocol: Protocol) -> tuple[bool, list[str]]:
+        """The screening outcome of the record as it stands: the recorded one, or, once the
+        screening data was corrected, every criterion evaluated again on ``screened_on``."""
+        if self.screening_record not in self.corrected:
+            return self.eligible, list(self.failed_criteria)
+        eligible, failed = _screening_outcome(self.screening, protocol)
+        return eligible, failed
 
     @property
     def registered_on(self) -> date | None:
@@ -354,6 +364,9 @@ class Participant(ChainedAggregate):
             self.screening["eligibility"], self.screening["birth_date"], registered_on,
             protocol.eligibility, only=eligibility.TIME_RELATIVE,
         )
+        # A corrected screening is evaluated again in full (the rest on screened_on).
+        failed += [c for c in self.eligibility_now(protocol)[1]
+                   if c not in eligibility.TIME_RELATIVE and c not in failed]
         medications = [d for _, d in self.records_of("MedicationReported")]
         washout_failed = eligibility.washout_failures(
             medications, registered_on, protocol.eligibility

@@ -38,15 +38,16 @@ def schedule(protocol: Protocol, registered_on: date) -> list[ScheduledVisit]:
 
 def visit_status(
     visit: ScheduledVisit, completed_on: date | None, missed: bool, today: date,
-    withdrawn: bool = False,
+    left_study_on: date | None = None,
 ) -> str:
-    """completed | missed | cancelled (the participant left the study first) | open (window
-    open today) | upcoming | overdue (window closed, not yet marked missed)."""
+    """completed | missed | cancelled (the participant left the study before the window
+    closed) | open (window open today) | upcoming | overdue (window closed, not yet marked
+    missed)."""
     if completed_on is not None:
         return "completed"
     if missed:
         return "missed"
-    if withdrawn:
+    if left_study_on is not None and visit.window_end >= left_study_on:
         return "cancelled"
     if today < visit.window_start:
         return "upcoming"

@@ -28,7 +28,7 @@ def visits_view(p: Participant, protocol: Protocol, today: date) -> list[dict[st
                        "end": visit.window_end.isoformat()},
             "status": visit_status(visit, done["completed_on"] if done else None,
                                    visit.code in p.missed_visits, today,
-                                   withdrawn=p.status == "withdrawn"),
+                                   p.withdrawn_on("study")),
             "completed_on": done["completed_on"].isoformat() if done else None,
         })
     return rows
@@ -37,17 +37,19 @@ def visits_view(p: Participant, protocol: Protocol, today: date) -> list[dict[st
 def participant_state(p: Participant, protocol: Protocol, today: date,
                       contact: bool = False) -> dict[str, Any]:
     """The participant's current state; contact details only when ``contact``."""
+    eligible, failed = p.eligibility_now(protocol)
     state: dict[str, Any] = {
         "participant_id": p.participant_id,
         "status": p.status,
         "arm": p.arm,
         "version": p.version,
         "site_id": p.site_id,
-        "eligible": p.eligible,
-        "failed_criteria": list(p.failed_criteria),
+        "eligible": eligible,
+        "failed_criteria": failed,
         "registered_on": p.registered_on.isoformat() if p.registered_on else None,
         "visits": visits_view(p, protocol, today),
-        "open_deviations": [d for d in p.deviations.values() if d["status"] == "open"],
+        "open_deviations": [{**d, "participant_id": p.participant_id}
+                            for d in p.deviations.values() if d["status"] == "open"],
         "scores": p.scores(),
     }
     if contact:

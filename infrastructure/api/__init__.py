@@ -17,11 +17,11 @@ from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
 from infrastructure.api import commands, reads
-from infrastructure.api.errors import ApiError, database_unavailable, error_response, invalid
+from infrastructure.api.errors import ApiError, database_error, error_response, invalid
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import document_commands
-from infrastructure.readside.projections import DATABASE_UNAVAILABLE
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.outages import DATABASE_ERRORS
 
 log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
@@ -70,8 +70,8 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     app.after_request(_log_request)
     app.register_error_handler(ApiError, lambda e: error_response(e.status, e.body))
     app.register_error_handler(HTTPException, _http_error)
-    for error in DATABASE_UNAVAILABLE:
-        app.register_error_handler(error, database_unavailable)
+    for error in DATABASE_ERRORS:
+        app.register_error_handler(error, database_error)
     # What exists now lives as long as the process: out of the collector's way, so a full
     # collection scans only what requests create (a 500-event history is ~5k objects).
     gc.freeze()
@@ -144,7 +144,7 @@ def _position() -> int | None:
     if position is None and request.path != "/openapi.json":
         try:
             position = runtime().projection.position()
-        except DATABASE_UNAVAILABLE:
+        except DATABASE_ERRORS:
             return None
     return position
 

@@ -13,6 +13,7 @@ from domain.commands import COMMAND_TYPES
 from domain.errors import DomainError
 from domain.protocol import Protocol
 from infrastructure.api.errors import (
+    UNAVAILABLE,
     ApiError,
     error_response,
     forbidden,
@@ -26,6 +27,7 @@ from infrastructure.api.schemas import (
     CommandEnvelope,
     ErrorBody,
 )
+from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
 from infrastructure.store.schemas import data_schemas, flatten
 
 log = logging.getLogger("trialog.commands")
@@ -135,6 +137,11 @@ def post_batch() -> Response:
             status, body = execute(command)
         except ApiError as e:
             status, body = e.status, e.body
+        except DATABASE_ERRORS as e:
+            if not is_unavailable(e):
+                raise
+            # This command was not stored; those before it were, and are answered.
+            status, body = 503, dict(UNAVAILABLE)
         results.append({"status": status, "body": body})
     g.command_id = None
     return jsonify({"results": results})

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Response, jsonify
 
 from domain.errors import DomainError
+from infrastructure.store.outages import is_unavailable
+
+log = logging.getLogger("trialog.http")
 
 STATUS_OF = {
     "invalid_transition": 409, "not_eligible": 409, "version_conflict": 409,
@@ -49,9 +53,16 @@ def error_response(status: int, body: dict[str, Any]) -> Response:
     return response
 
 
-def database_unavailable(e: Exception) -> Response:
-    """The database can't be reached (restarting, failing over): a 503 the client retries,
-    never a 500. Nothing was stored: a command's transaction did not commit."""
-    return error_response(503, {"error": "database_unavailable",
-                                "message": "the database is unavailable; retry after "
-                                           f"{RETRY_AFTER_S} s (nothing was stored)"})
+UNAVAILABLE = {"error": "database_unavailable",
+               "message": f"the database can't be reached; retry after {RETRY_AFTER_S} s "
+                          "(a command may be sent again with the same command_id)"}
+
+
+def database_error(e: Exception) -> Response:
+    """A database that can't be reached (restarting, failing over) is a 503 the client
+    retries, never a 500; any other database error is the server's fault (500, logged)."""
+    if is_unavailable(e):
+        return error_response(503, dict(UNAVAILABLE))
+    log.exception("database error")
+    return error_response(500, {"error": "internal_error",
+                                "message": "the server failed; the error is logged"})

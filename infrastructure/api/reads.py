@@ -139,7 +139,8 @@ def get_participant(participant_id: str, **args: Any) -> Response:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded at or before {moment.isoformat()}")
     state = state_of(participant, t.protocol, moment.date(), contact=contact)
-    state.update(language=participant.screening["language"], position=None)
+    g.position = queries.event_position(t, participant_id, participant.version)
+    state.update(language=participant.screening["language"], position=g.position)
     return jsonify(state)
 
 
@@ -162,8 +163,8 @@ def get_history(participant_id: str, **args: Any) -> Response:
                                          f"recorded{_until(args)}")
     if not g.principal.sees_contact:
         entries = [audit.redact_contact(e) for e in entries]
-    head = queries.stream_head(_trialog(), participant_id)
-    g.position = head[1] if head else None
+    # The position of the last event shown (the history may stop at as_of or a version).
+    g.position = queries.event_position(_trialog(), participant_id, entries[-1]["version"])
     return jsonify({"participant_id": participant_id, "events": entries})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 from tqdm import tqdm
 
@@ -69,6 +70,7 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_projections_status(args: argparse.Namespace) -> int:
+    from infrastructure.jobs.monitor import SCAN
     from infrastructure.readside.projections import followers
     from infrastructure.readside.quarantine import listing
 
@@ -83,12 +85,21 @@ def cmd_projections_status(args: argparse.Namespace) -> int:
             mine = [q for q in held if q["follower"] == follower.name]
             print(f"{follower.name:<20} position {position:>10}  lag {head - position:>8}  "
                   f"quarantined {len(mine)}")
-            for q in mine:
-                print(f"  {q['participant_id']}: {q['event_type'] or 'unreadable event'} at "
-                      f"position {q['position']}, since {q['quarantined_at']}: {q['error']}")
+            _print_quarantined(mine)
+        scanned = [q for q in held if q["follower"] == SCAN]
+        print(f"{SCAN:<20} (the clock-driven rules' scan)  quarantined {len(scanned)}")
+        _print_quarantined(scanned)
     finally:
         trialog.close()
     return 0
+
+
+def _print_quarantined(rows: list[dict[str, Any]]) -> None:
+    for q in rows:
+        what = q["event_type"] or ("unreadable event" if q["position"] else "scan")
+        where = f" at position {q['position']}" if q["position"] else ""
+        print(f"  {q['participant_id']}: {what}{where}, since {q['quarantined_at']}: "
+              f"{q['error']}")
 
 
 def cmd_projections_follow(args: argparse.Namespace) -> int:

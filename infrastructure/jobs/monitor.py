@@ -13,12 +13,14 @@ from sqlalchemy.orm import Session
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
 from domain.participant import Participant, participant_uuid
-from infrastructure.readside.projections import DATABASE_UNAVAILABLE, LogFollower
-from infrastructure.readside.quarantine import set_aside
+from infrastructure.readside.projections import LogFollower
+from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.outages import is_unavailable
 from infrastructure.store.tables import participants
 
 ACTOR = "deviation-monitor"
+SCAN = "deviation_scan"  # the clock-driven rules' quarantine, apart from the follower's
 EVENT_DRIVEN = tuple(code for code in RULES if code not in CLOCK_DRIVEN)
 # Events the monitor writes or that can't change what a rule decides.
 QUIET = frozenset({"DeviationFlagged", "DeviationResolved", "ReminderSent", "VisitMissed"})
@@ -47,9 +49,11 @@ class DeviationMonitor(LogFollower):
 
     name = "deviation_monitor"
 
+    def evaluates(self, event: Any) -> bool:
+        return type(event).__name__ not in QUIET
+
     def apply(self, session: Session, batch: list[tuple[int, Any]]) -> None:
-        touched = {event.originator_id for _, event in batch
-                   if type(event).__name__ not in QUIET}
+        touched = {event.originator_id for _, event in batch if self.evaluates(event)}
         for originator_id in touched:
             participant: Participant = self.service.repository.get(originator_id)
             flag(self.trialog, participant, self.trialog.today(), EVENT_DRIVEN)
@@ -62,16 +66,22 @@ def scan_clock(t: Trialog, today: date) -> dict[str, int]:
         ids = list(connection.execute(select(participants.c.participant_id).where(
             participants.c.status.in_(("randomized", "off_treatment")))).scalars())
     counts = {"participants": len(ids), "missed": 0, "flagged": 0, "quarantined": 0}
+    with t.engine.connect() as connection:
+        held = quarantined_ids(connection, SCAN)
     for participant_id in ids:
+        key = participant_uuid(participant_id)
         try:
             _scan_one(t, participant_id, today, counts)
-        except DATABASE_UNAVAILABLE:
-            raise
-        except Exception as error:  # noqa: BLE001 - one participant never stops the others
+        except Exception as error:
+            if is_unavailable(error):
+                raise
             counts["quarantined"] += 1
             with t.service.recorder.transaction(commit=True) as session:  # type: ignore
-                set_aside(session, DeviationMonitor.name, participant_uuid(participant_id),
-                          participant_id, None, None, error)
+                set_aside(session, SCAN, key, participant_id, None, None, error)
+        else:
+            if str(key) in held:
+                with t.service.recorder.transaction(commit=True) as session:  # type: ignore
+                    release(session, SCAN, {key})
     return counts
 
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import sqlalchemy.exc
 from eventsourcing import persistence as es_persistence
 from sqlalchemy import delete, insert, select, update
@@ -28,6 +29,7 @@ from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
 from infrastructure.store.stored import PARTICIPANT_TOPIC, decode, stored_events
 from infrastructure.store.tables import (
     READ_MODELS,
@@ -39,9 +41,6 @@ from infrastructure.store.tables import (
     visits,
 )
 
-# Errors of the connection, not of an event: the batch is retried, nobody is set aside.
-DATABASE_UNAVAILABLE = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-                        es_persistence.OperationalError, es_persistence.InterfaceError)
 Progress = Callable[[int], None]  # called with the events done in each batch
 
 
@@ -128,19 +127,21 @@ class LogFollower:
                 batch.append((row.id, self._decode(row)))
             except Exception as error:  # noqa: BLE001 - an unreadable row: its participant waits
                 broken.append((row, error))
+        _refuse_unreadable_store(batch, broken)
         held = quarantined_ids(session, self.name)
         try:
             with session.begin_nested():
                 self.apply(session, batch)
             failed: dict[Any, tuple[int, Any, BaseException]] = {}
-        except DATABASE_UNAVAILABLE:
-            raise
-        except Exception:  # noqa: BLE001 - find the participants that fail, set them aside
+        except Exception as error:
+            if is_unavailable(error):
+                raise
             failed = self._apply_one_by_one(session, batch)
         for row, error in broken:
             failed[row.originator_id] = (row.id, None, error)
-        applied = {event.originator_id for _, event in batch} - set(failed)
-        release(session, self.name, {i for i in applied if str(i) in held})
+        # Only a participant whose event this follower really evaluated is released.
+        applied = {event.originator_id for _, event in batch if self.evaluates(event)}
+        release(session, self.name, {i for i in applied - set(failed) if str(i) in held})
         for originator_id, (position, event, error) in failed.items():
             set_aside(session, self.name, originator_id, self.participant_id_of(originator_id),
                       position, type(event).__name__ if event is not None else None, error)
@@ -159,9 +160,9 @@ class LogFollower:
             try:
                 with session.begin_nested():
                     self.apply(session, [(position, event)])
-            except DATABASE_UNAVAILABLE:
-                raise
-            except Exception as error:  # noqa: BLE001 - whatever it is, it is this event's
+            except Exception as error:
+                if is_unavailable(error):
+                    raise
                 self.forget(event.originator_id)
                 failed[event.originator_id] = (position, event, error)
             else:
@@ -170,6 +171,11 @@ class LogFollower:
 
     def forget(self, originator_id: Any) -> None:
         """Drops what the follower keeps in memory of a participant (after a rollback)."""
+
+    def evaluates(self, event: Any) -> bool:
+        """Whether applying ``event`` runs all this follower does for its participant (so
+        that success lifts a quarantine)."""
+        return True
 
     def participant_id_of(self, originator_id: Any) -> str:
         try:
@@ -203,39 +209,72 @@ class LogFollower:
             while not stop.is_set():
                 try:
                     n = self.step()
-                except sqlalchemy.exc.OperationalError:
+                except DATABASE_ERRORS as error:
+                    if not is_unavailable(error):
+                        raise
                     n = 0  # the database is briefly unavailable: wait and try again
-                    time.sleep(poll_interval)
+                    waiter.reset()
+                    time.sleep(max(poll_interval, 0.5))
                 if n < self.batch_size:
                     waiter.wait()
         finally:
             waiter.close()
 
 
+def _refuse_unreadable_store(batch: list[Any], broken: list[Any]) -> None:
+    """A batch in which no row of any participant can be read is not one participant's
+    fault (another cipher key, a damaged store): the follower stops, loudly, rather than
+    set everyone aside and move past every event."""
+    if broken and not batch and len({row.originator_id for row, _ in broken}) > 1:
+        row, error = broken[0]
+        raise UnreadableStore(
+            f"no event of this batch can be read (from position {row.id}): {error!r}; "
+            "check TRIALOG_CIPHER_KEY") from error
+
+
+class UnreadableStore(RuntimeError):
+    pass
+
+
 class _Waiter:
+    """Waits for news of the event store: PostgreSQL's NOTIFY on a listening connection
+    (made again after the database comes back), or an in-process wake and a poll."""
+
     def __init__(self, trialog: Trialog, recorder: Any, wake: threading.Event | None,
                  poll_interval: float) -> None:
         self.wake = wake or threading.Event()
         self.poll_interval = poll_interval
+        self.channel = recorder.channel_name
+        self.url = (None if trialog.settings.is_sqlite else
+                    trialog.settings.database_url.replace("postgresql+psycopg://",
+                                                          "postgresql://"))
         self.connection: Any = None
-        if not trialog.settings.is_sqlite:
-            import psycopg
-
-            url = trialog.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
-            self.connection = psycopg.connect(url, autocommit=True)
-            self.connection.execute(f"LISTEN {recorder.channel_name}")
 
     def wait(self) -> None:
-        if self.connection is not None:
-            for _ in self.connection.notifies(timeout=self.poll_interval * 4, stop_after=1):
-                pass
-        else:
+        if self.url is None:
             self.wake.wait(self.poll_interval)
             self.wake.clear()
+            return
+        try:
+            if self.connection is None:
+                self.connection = psycopg.connect(self.url, autocommit=True)
+                self.connection.execute(f"LISTEN {self.channel}")
+            for _ in self.connection.notifies(timeout=self.poll_interval * 4, stop_after=1):
+                pass
+        except psycopg.OperationalError:  # the database went away: listen again later
+            self.reset()
+            time.sleep(max(self.poll_interval, 0.5))
+
+    def reset(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except psycopg.Error:
+                pass
+        self.connection = None
 
     def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
+        self.reset()
 
 
 class TrialProjection(LogFollower):
@@ -312,10 +351,11 @@ def read_model_rows(p: Participant, trialog: Trialog,
                     position: int) -> Iterable[tuple[Any, dict[str, Any]]]:
     """The read-model rows of one participant, as (table, row) pairs."""
     screening = p.screening
+    eligible, failed = p.eligibility_now(trialog.protocol)
     yield participants, {
         "participant_id": p.participant_id, "site_id": p.site_id, "status": p.status,
         "arm": p.arm, "version": p.version, "language": screening["language"],
-        "eligible": p.eligible, "failed_criteria": list(p.failed_criteria),
+        "eligible": eligible, "failed_criteria": failed,
         "screened_on": screening["screened_on"], "registered_on": p.registered_on,
         "scores": p.scores(), "position": position,
     }

@@ -12,16 +12,20 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy.exc
+from eventsourcing import persistence as es_persistence
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
+from infrastructure.logs import mask_emails_in
 from infrastructure.store.tables import quarantine
 
 log = logging.getLogger("trialog.quarantine")
 
 
 def describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:2000]
+    """The error as stored and logged, addresses masked (it may quote recorded data)."""
+    return mask_emails_in(f"{type(error).__name__}: {error}")[:2000]
 
 
 def set_aside(session: Any, follower: str, originator_id: Any, participant_id: str,
@@ -33,9 +37,13 @@ def set_aside(session: Any, follower: str, originator_id: Any, participant_id: s
     values = {"participant_id": participant_id, "position": position,
               "event_type": event_type, "error": describe(error)}
     if known is None:
-        session.execute(insert(quarantine).values(
-            follower=follower, originator_id=str(originator_id), attempts=1,
-            quarantined_at=datetime.now(UTC), **values))
+        try:
+            with session.begin_nested():
+                session.execute(insert(quarantine).values(
+                    follower=follower, originator_id=str(originator_id), attempts=1,
+                    quarantined_at=datetime.now(UTC), **values))
+        except (sqlalchemy.exc.IntegrityError, es_persistence.IntegrityError):
+            return  # set aside at the same moment by another process, which logged it
         log.error("participant quarantined", extra={
             "follower": follower, "participant_id": participant_id, "position": position,
             "event_type": event_type, "error": describe(error)})

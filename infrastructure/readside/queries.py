@@ -3,8 +3,9 @@ which are read from the encrypted event store only for the roles allowed to see 
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, func, select
@@ -14,17 +15,25 @@ from domain.participant import participant_uuid
 from domain.schedule import ScheduledVisit, visit_status
 from domain.views import participant_state as state_of
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.outages import is_unavailable
 from infrastructure.store.tables import deviations, participants, scores, visits
 
+log = logging.getLogger("trialog.queries")
 
-def _visit(row: Row[Any], today: date, withdrawn: bool = False) -> dict[str, Any]:
+
+def _visit(row: Row[Any], today: date) -> dict[str, Any]:
     scheduled = ScheduledVisit(row.code, row.target, row.window_start, row.window_end)
     return {
         "code": row.code, "target": row.target.isoformat(),
         "window": {"start": row.window_start.isoformat(), "end": row.window_end.isoformat()},
-        "status": visit_status(scheduled, row.completed_on, row.missed, today, withdrawn),
+        "status": visit_status(scheduled, row.completed_on, row.missed, today),
         "completed_on": row.completed_on.isoformat() if row.completed_on else None,
     }
+
+
+def _utc(moment: datetime) -> datetime:
+    """A recorded time as UTC (SQLite gives it back without its zone)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _deviation(row: Row[Any]) -> dict[str, Any]:
@@ -32,7 +41,7 @@ def _deviation(row: Row[Any]) -> dict[str, Any]:
         "deviation_id": row.deviation_id, "participant_id": row.participant_id,
         "code": row.code, "severity": row.severity, "status": row.status,
         "detail": row.detail, "evidence": list(row.evidence),
-        "detected_at": row.detected_at.isoformat(), "resolution": row.resolution,
+        "detected_at": _utc(row.detected_at).isoformat(), "resolution": row.resolution,
     }
 
 
@@ -56,6 +65,16 @@ def stream_head(t: Trialog, participant_id: str) -> tuple[int, int] | None:
     return (int(head[0]), int(head[1])) if head is not None else None
 
 
+def event_position(t: Trialog, participant_id: str, version: int) -> int | None:
+    """The log position of one event of a participant."""
+    events = t.service.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
+    with t.engine.connect() as c:
+        position = c.execute(select(events.c.id).where(
+            events.c.originator_id == participant_uuid(participant_id),
+            events.c.originator_version == version)).scalar()
+    return int(position) if position is not None else None
+
+
 def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
                       ) -> dict[str, Any]:
     """The current state: from the read models when they have the participant's newest
@@ -68,8 +87,16 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     with t.engine.connect() as c:
         row = c.execute(select(participants)
                         .where(participants.c.participant_id == participant_id)).first()
-        if row is None or row.version < head[0]:
-            return _replayed_state(t, participant_id, today, contact, head[1])
+        # A participant who left the study is replayed: which visits it cancelled depends
+        # on the day it left, which the read models don't keep.
+        if row is None or row.version < head[0] or row.status == "withdrawn":
+            try:
+                return _replayed_state(t, participant_id, today, contact, head[1])
+            except Exception as error:
+                if row is None or is_unavailable(error):
+                    raise
+                log.warning("participant %s can't be replayed; answering its read models",
+                            participant_id)
         visit_rows = c.execute(select(visits).where(visits.c.participant_id == participant_id)
                                .order_by(visits.c.sequence)).all()
         open_rows = c.execute(select(deviations).where(
@@ -78,7 +105,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     state = {
         **_summary_row(row),
         "eligible": row.eligible, "failed_criteria": list(row.failed_criteria),
-        "visits": [_visit(v, today, row.status == "withdrawn") for v in visit_rows],
+        "visits": [_visit(v, today) for v in visit_rows],
         "open_deviations": [_deviation(d) for d in open_rows],
         "scores": row.scores,
         "position": row.position,

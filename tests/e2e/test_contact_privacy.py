@@ -20,6 +20,7 @@ from tests.e2e import payloads as p
 from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up
 
 MARKER = f"marker-{uuid.uuid4().hex[:12]}@example.org"
+BIRTH_DATE = "1958-06-15"  # the payloads' birth date, a contact detail
 WITH_CONTACT = {"coordinator", "admin"}
 
 
@@ -88,6 +89,7 @@ def test_no_read_of_a_role_without_contact_rights_holds_the_address(site, partic
         answer = client.get(path)
         assert answer.status_code in (200, 403), (path, answer.status_code)
         assert local_part not in answer.text, (role, path)
+        assert BIRTH_DATE not in answer.text, (role, path)
     history = client.get(f"/v1/participants/{participant}/history").json()["events"]
     reminder = next(e for e in history if e["type"] == "ReminderSent")
     assert reminder["data"]["recipients"] == ["[redacted]", "[redacted]"]

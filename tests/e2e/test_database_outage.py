@@ -143,6 +143,10 @@ def test_a_postgresql_restart_under_load_answers_503_and_loses_nothing(tmp_path)
                 client.join(timeout=120)
             after = requests.get(f"{url}/v1/participants/{acknowledged[-1][0]}",
                                  headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            health = requests.get(f"{url}/v1/participants", timeout=30, params={
+                "after": after.json()["position"]},
+                headers={"Authorization": f"Bearer {token}"})
+            healthz = requests.get(f"{url}/healthz", timeout=30).json()
         finally:
             process.terminate()
             process.wait(timeout=10)
@@ -150,6 +154,8 @@ def test_a_postgresql_restart_under_load_answers_503_and_loses_nothing(tmp_path)
         assert outcomes[500] == 0, (outcomes, log.read_text()[-3000:])
         assert outcomes[503] > 0, outcomes
         assert after.status_code == 200  # recovered without a restart
+        assert health.status_code == 200  # the read models caught up
+        assert (healthz["status"], healthz["quarantined"]) == ("ok", 0)  # nobody set aside
         engine = sqlalchemy.create_engine(pg.url)
         with engine.connect() as c:
             stored = Counter(c.execute(sqlalchemy.text(
@@ -158,3 +164,29 @@ def test_a_postgresql_restart_under_load_answers_503_and_loses_nothing(tmp_path)
         assert len(acknowledged) > 10
         assert all(stored[pid] == 1 for pid, _ in acknowledged)
         assert sum(stored.values()) == len(acknowledged)
+
+
+def test_a_database_error_that_is_not_an_outage_is_a_500_not_a_503(tmp_path):
+    """A missing table is the server's fault: retrying would not help, so it is not
+    answered as if the database were away."""
+    url = f"sqlite:///{tmp_path / 'broken.db'}"
+    trialog = bootstrap(settings_for(url), migrate=True)
+    token = create_token(trialog.engine, "auditor-broken", "auditor")
+    with trialog.engine.begin() as c:
+        c.execute(sqlalchemy.text("DROP TABLE rm_deviations"))
+    trialog.close()
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "TRIALOG_DATABASE_URL": url, **SECRETS}
+    with open(log, "w") as out:
+        process = subprocess.Popen([TRIALOG, "serve", "--port", str(port), "--no-projection"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", process, log)
+        answer = requests.get(f"http://127.0.0.1:{port}/v1/deviations", timeout=30,
+                              headers={"Authorization": f"Bearer {token}"})
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert (answer.status_code, answer.json()["error"]) == (500, "internal_error")
+    assert "Retry-After" not in answer.headers

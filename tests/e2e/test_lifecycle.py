@@ -210,7 +210,6 @@ def test_a_study_withdrawal_cancels_the_open_visits_in_the_read_models(server):
     withdrawn = service.command("WithdrawParticipant", pid, {
         "withdrawn_on": "2026-03-20", "scope": "study", "reason_code": "moved_away"})
     assert withdrawn.status_code == 201, withdrawn.text
-    # ?after= makes the answer come from the read models, not from a replay.
     state = service.get(f"/v1/participants/{pid}", after=withdrawn.json()["position"]).json()
     assert {v["code"]: v["status"] for v in state["visits"]} == {
         "baseline": "completed", "week6": "cancelled", "end_of_treatment": "cancelled",

@@ -113,7 +113,8 @@ def test_projections_rebuild_and_status_report_positions(tmp_path):
     status = run(["projections", "status"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert status.returncode == 0, status.stderr
     lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()}
-    assert set(lines) == {"trial", "deviation_monitor"}  # every follower of the log
+    # Every follower of the log, and the clock-driven scan.
+    assert set(lines) == {"trial", "deviation_monitor", "deviation_scan"}
     _, _, position, _, lag, _, quarantined = lines["trial"]
     assert (lag, quarantined) == ("0", "0") and int(position) > 0
     rebuilt = run(["projections", "rebuild"], tmp_path, TRIALOG_DATABASE_URL=url)

@@ -146,5 +146,50 @@ def test_the_clock_scan_sets_a_bad_participant_aside_and_scans_the_others(isolat
     counts = scan_clock(t, REGISTERED + timedelta(days=400))
 
     assert counts["quarantined"] == 1 and counts["missed"] >= 4  # good's four windows
-    assert list(quarantined(t, "deviation_monitor")) == [bad]
+    assert list(quarantined(t, "deviation_scan")) == [bad]
     assert t.service.get_participant(good).missed_visits
+
+
+def test_the_monitor_lifts_a_quarantine_only_when_it_ran_the_rules_again(isolated):
+    t = isolated
+    bad = enrol(t)
+    visit_version = send(t, c.CompleteVisit(bad, visit()))["version"]
+    write_straight_into_the_store(t, bad, visit_version, "completed_on", None)
+    monitor = DeviationMonitor(t)
+    monitor.catch_up()
+    assert list(quarantined(t, "deviation_monitor")) == [bad]
+
+    # A reminder is an event the monitor does not evaluate: the quarantine stays.
+    send(t, c.RecordReminderSent(bad, {"visit": "week6", "kind": "window_open",
+                                       "recipients": ["coordinator@case.example"]}))
+    monitor.catch_up()
+    assert list(quarantined(t, "deviation_monitor")) == [bad]
+
+    event_id = t.service.get_participant(bad).event_id_of(visit_version)
+    send(t, c.CorrectData(bad, {"event_id": event_id, "field": "completed_on",
+                                "value": REGISTERED.isoformat()}), reason="source check")
+    monitor.catch_up()
+    assert quarantined(t, "deviation_monitor") == {}
+
+
+def test_a_store_no_row_of_which_can_be_read_stops_the_follower_loudly(isolated_url):
+    import pytest
+
+    from infrastructure.readside.projections import UnreadableStore
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    first = bootstrap(settings_for(isolated_url), migrate=True)
+    try:
+        enrol(first), enrol(first)
+    finally:
+        first.close()
+    other_key = "b3RoZXIta2V5LW90aGVyLWtleS1vdGhlci1rZXktMzI="
+    t = bootstrap(settings_for(isolated_url, TRIALOG_CIPHER_KEY=other_key))
+    try:
+        projection = TrialProjection(t)
+        with pytest.raises(UnreadableStore, match="TRIALOG_CIPHER_KEY"):
+            projection.catch_up()
+        assert projection.position() == 0 and quarantined(t, "trial") == {}
+    finally:
+        t.close()

@@ -351,8 +351,29 @@ def test_a_study_withdrawal_cancels_the_visits_not_done_and_keeps_the_done_ones(
 
     p = randomized()
     p.complete_visit(visit("baseline", REGISTERED), PROTOCOL, audit())
-    p.withdraw({"withdrawn_on": REGISTERED, "scope": "study", "reason_code": "moved"}, audit())
-    statuses = {v["code"]: v["status"]
-                for v in participant_state(p, PROTOCOL, REGISTERED)["visits"]}
-    assert statuses == {"baseline": "completed", "week6": "cancelled",
+    left = REGISTERED + timedelta(days=60)  # week 6's window closed on day 49, unvisited
+    p.withdraw({"withdrawn_on": left, "scope": "study", "reason_code": "moved"}, audit())
+    today = REGISTERED + timedelta(days=70)
+    statuses = {v["code"]: v["status"] for v in participant_state(p, PROTOCOL, today)["visits"]}
+    assert statuses == {"baseline": "completed", "week6": "overdue",
                         "end_of_treatment": "cancelled", "follow_up": "cancelled"}
+
+
+def test_a_correction_that_makes_a_consented_participant_ineligible_refuses_randomization():
+    from domain.views import participant_state
+
+    p = screened()
+    p.record_consent(consent(), audit())
+    p.correct_data({"event_id": p.screening_event, "field": "eligibility.metastatic",
+                    "value": True}, audit(reason="staging report"))
+    state = participant_state(p, PROTOCOL, REGISTERED)
+    assert (state["eligible"], state["failed_criteria"]) == (False, ["non_metastatic"])
+    sequence = AllocationSequence.open(PROTOCOL.study_id, p.site_id, audit())
+    with pytest.raises(NotEligible) as refused:
+        p.randomize({"registered_on": REGISTERED}, sequence, b"seed", PROTOCOL, audit())
+    assert "non_metastatic" in refused.value.details["failed_criteria"]
+
+
+def test_an_uncorrected_record_keeps_the_outcome_recorded_at_screening():
+    p = screened()
+    assert p.eligibility_now(PROTOCOL) == (True, [])
