@@ -41,6 +41,7 @@ from domain.schedule import reminder_due, scheduled_visit
 from infrastructure.logs import mask_email, mask_emails_in
 from infrastructure.readside.projections import TrialProjection
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.outages import is_unavailable
 from infrastructure.store.tables import outbox, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
@@ -308,7 +309,15 @@ def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
             select(outbox).where(outbox.c.reminder_id == reminder_id)).first()
         if row is None or row.status not in ("pending", "mailed"):
             return "done"
-        participant = t.service.get_participant(row.participant_id)
+        try:
+            participant = t.service.get_participant(row.participant_id)
+        except Exception as e:
+            if is_unavailable(e):
+                raise
+            error = mask_emails_in(f"the participant's record can't be read: {e!r}")
+            _mark(connection, row, "failed", error=error)
+            log.warning("reminder failed", extra={"reminder_id": reminder_id, "error": error})
+            return "failed"
         if row.status == "mailed":  # the server took it: only ReminderSent is missing
             _record_sent(t, connection, row, recipients(t, participant))
             return "sent"

@@ -72,20 +72,30 @@ class CorrectionRules:
         if schema is None or field is None:
             raise ValidationFailed({"data.value": [
                 f"{path!r} is not a field of {command or event_type}"]})
+        # null for a field the command may leave out takes the answer back (an item
+        # answered by mistake); a required field can't be emptied.
+        removes = value is None and not field.required and not field.allow_none
         try:
-            loaded = field.deserialize(value)
+            loaded = None if removes else field.deserialize(value)
         except ValidationError as e:
             raise ValidationFailed({"data.value": _messages(e.messages)}) from None
-        self._check_record(schema, path, value, recorded)
+        self._check_record(schema, path, value, recorded, removes)
         return loaded
 
     @staticmethod
-    def _check_record(schema: Schema, path: str, value: Any, recorded: Any) -> None:
+    def _check_record(schema: Schema, path: str, value: Any, recorded: Any,
+                      removes: bool) -> None:
         """The rules across fields, for the record as corrected; an error the record
         already had (a field added to the schema since) is not the correction's."""
         before = as_json(recorded)
         after = copy.deepcopy(before)
         place(after, path, value)
+        if removes:  # checked as the command would send it: without the field
+            *parents, last = path.split(".")
+            node = after
+            for key in parents:
+                node = node[key]
+            del node[last]
         new = set(_errors(schema, after).items()) - set(_errors(schema, before).items())
         if new:
             raise ValidationFailed({"data.value": [f"{p}: {m}" for p, m in sorted(new)]})

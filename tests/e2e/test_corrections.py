@@ -98,3 +98,19 @@ def test_a_dose_dated_after_today_is_a_422(server):
     answer = service.command("RecordDose", pid, {"taken_on": "2999-01-01", "taken": True})
     assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.taken_on"])
     assert history_length(service, pid) == 3
+
+
+def test_null_takes_back_an_optional_answer_and_the_scores_follow(server):
+    coordinator = server.client("coordinator")
+    pid, _ = enrol(coordinator)
+    data = p.visit("baseline", 0)
+    data["fact_es"] = {f"GE{i}": 1 for i in range(1, 5)}  # 4 of 6: the subscale is scored
+    visit = capture(coordinator, pid, "CompleteVisit", data)
+    answer = correct(coordinator, pid, visit, "fact_es.GE4", None)  # 3 of 6: not scored
+    assert answer.status_code == 201, answer.text
+    scores = coordinator.get(f"/v1/participants/{pid}").json()["scores"]["baseline"]
+    assert scores["fact_ewb"] is None
+    whole = correct(coordinator, pid, visit, "bpi_sf", None)  # the questionnaire, taken back
+    assert whole.status_code == 201, whole.text
+    scores = coordinator.get(f"/v1/participants/{pid}").json()["scores"]["baseline"]
+    assert scores["bpi_severity"] is None and scores["bpi_interference"] is None

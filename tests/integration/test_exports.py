@@ -53,6 +53,8 @@ def _record_with_a_correction(t) -> dict[str, str]:
     correction = str(uuid.uuid4())
     send(t, c.CorrectData(pid, {"event_id": visit_event, "field": "bpi_sf.worst", "value": 7}),
          command_id=correction, actor="data-manager", reason="transcription error on page 2")
+    send(t, c.CorrectData(pid, {"event_id": visit_event, "field": "bpi_sf.now", "value": None}),
+         actor="data-manager", reason="answer given by the companion, taken back")
     send(t, c.CorrectData(pid, {"event_id": participant.screening_event, "field": "email",
                                 "value": "new-address@participants.example"}),
          actor="data-manager", reason="participant moved")
@@ -106,7 +108,8 @@ def test_the_odm_export_validates_and_carries_every_change_with_its_audit_record
 
     updates = subject.findall(".//odm:ItemData[@TransactionType='Update']", NS)
     assert [u.get("ItemOID") for u in updates] == ["I.VISIT.bpi_sf.worst",
-                                                   "I.SCREENING.email"]
+                                                   "I.VISIT.bpi_sf.now", "I.SCREENING.email"]
+    assert updates[1].get("IsNull") == "Yes"  # an answer taken back
     worst = updates[0]
     assert worst.get("Value") == "7"
     audit = worst.find("odm:AuditRecord", NS)

@@ -285,3 +285,19 @@ def test_reminders_carry_a_date_and_a_message_id(stack):
         assert parsedate_to_datetime(message["Date"]).tzinfo is not None
         assert re.fullmatch(r"<[^<>@\s]+@trialog\.localhost>", message["Message-ID"])
     assert messages[0]["Message-ID"] != messages[1]["Message-ID"]
+
+
+def test_a_reminder_of_a_record_that_cannot_be_read_fails_instead_of_coming_back(stack):
+    from tests.integration.test_quarantine import write_straight_into_the_store
+
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    write_straight_into_the_store(stack.trialog, pid, None, "bpi_sf.worst", 3)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "failed"
+
+    row = outbox_row(stack, reminder_id)
+    assert row.status == "failed" and "can't be read" in row.last_error
+    assert stack.sink.messages == []
+    assert reminders.hand_over(stack.trialog, stack.task("send_reminder").delay) == 0
