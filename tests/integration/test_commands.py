@@ -118,3 +118,31 @@ def test_contact_details_are_encrypted_at_rest(trialog):
     assert states
     assert not any(f"{pid}@secret.example".encode() in bytes(s) for s in states)
     assert trialog.service.get_participant(pid).screening["email"] == f"{pid}@secret.example"
+
+
+def test_a_write_conflict_inside_a_callers_transaction_is_retried(trialog):
+    """A follower of the log dispatches commands inside its own transaction: a write
+    conflict there rolls back to the attempt's savepoint and the retry succeeds."""
+    import threading
+
+    if trialog.settings.is_sqlite:
+        pytest.skip("SQLite serialises writers: no conflict can happen between them")
+    pid = enrol(trialog)
+    record, injected = trialog.service.record, []
+
+    def record_after_another_writer(decision):
+        if not injected:  # once: another process writes to the participant first
+            injected.append(True)
+            other = threading.Thread(target=send, args=(trialog, c.RecordDose(pid, dose(1))))
+            other.start()
+            other.join()
+        return record(decision)
+
+    trialog.service.record = record_after_another_writer
+    try:
+        with trialog.service.recorder.transaction(commit=True):
+            answer = send(trialog, c.RecordDose(pid, dose(2)))
+    finally:
+        trialog.service.record = record
+    assert injected and answer["version"] == 5
+    assert stored_versions(trialog, pid) == 5
