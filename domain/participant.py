@@ -453,6 +453,7 @@ class Participant(ChainedAggregate):
         if record["type"] == "DoseRecorded" and path == "taken_on":
             _require_not_future(value, audit, "data.value")
             self._require_no_dose_on(value)
+        self._require_registration_after_screening(version, path, value)
         self.trigger_event(
             self.DataCorrected, target_event_id=target, field=path,
             previous_value=copy.deepcopy(previous), value=copy.deepcopy(value),
@@ -497,6 +498,21 @@ class Participant(ChainedAggregate):
         return True
 
     # --- guards --------------------------------------------------------------------------
+
+    def _require_registration_after_screening(self, version: int, path: str,
+                                              value: Any) -> None:
+        """A correction keeps registered_on on or after screened_on, as randomization
+        required."""
+        screened, registered = self.screening.get("screened_on"), self.registered_on
+        if version == self.screening_record and path == "screened_on":
+            screened = value
+        elif version == self.registration_record and path == "registered_on":
+            registered = value
+        else:
+            return
+        if screened is not None and registered is not None and registered < screened:
+            raise ValidationFailed({"data.value": [
+                f"registered_on ({registered}) must not be before screened_on ({screened})"]})
 
     def _require_no_dose_on(self, day: date) -> None:
         """One dose record per day."""

@@ -377,3 +377,16 @@ def test_a_correction_that_makes_a_consented_participant_ineligible_refuses_rand
 def test_an_uncorrected_record_keeps_the_outcome_recorded_at_screening():
     p = screened()
     assert p.eligibility_now(PROTOCOL) == (True, [])
+
+
+@pytest.mark.parametrize("field, value", [("screened_on", date(2026, 3, 10)),
+                                          ("registered_on", date(2026, 2, 20))])
+def test_a_correction_keeps_registration_on_or_after_screening(field, value):
+    p = randomized()
+    target = p.screening_event if field == "screened_on" else p.registration_event
+    with pytest.raises(ValidationFailed) as refused:
+        p.correct_data({"event_id": target, "field": field, "value": value.isoformat()},
+                       audit(reason="typo"))
+    assert list(refused.value.fields) == ["data.value"]
+    p.correct_data({"event_id": target, "field": field, "value": "2026-03-03"},
+                   audit(reason="typo"))  # still in order
