@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_reminders_scan,
         cmd_serve,
         cmd_token_create,
+        cmd_token_revoke,
     )
 
     parser = argparse.ArgumentParser(prog="trialog", description=__doc__)
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True,
                         choices=("service", "coordinator", "monitor", "auditor", "admin"))
     create.set_defaults(func=cmd_token_create)
+    revoke = token.add_parser("revoke", help="refuse a token from the next request on")
+    revoke.add_argument("name", help="the token's name")
+    revoke.set_defaults(func=cmd_token_revoke)
 
     projections = sub.add_parser("projections", help="read models").add_subparsers(
         dest="projections", required=True)

@@ -50,6 +50,20 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from infrastructure.store.tokens import TokenError, revoke_token
+
+    trialog = _app()
+    try:
+        revoke_token(trialog.engine, args.name)
+    except TokenError as e:
+        raise CliError(str(e)) from None
+    finally:
+        trialog.close()
+    print(f"revoked {args.name}: refused from the next request on")
+    return 0
+
+
 def cmd_projections_rebuild(args: argparse.Namespace) -> int:
     from infrastructure.readside.projections import TrialProjection
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy.exc
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
 from domain.commands import COMMAND_TYPES
@@ -83,26 +82,30 @@ def create_token(engine: Engine, name: str, role: str) -> str:
     return token
 
 
-class Authenticator:
-    """Looks tokens up by hash, remembering known ones for ``ttl`` seconds (tokens are
-    never changed, only created; an unknown token is looked up every time)."""
+def revoke_token(engine: Engine, name: str) -> None:
+    """Revokes the token named ``name``; it is refused from the next request on."""
+    with engine.begin() as connection:
+        row = connection.execute(select(tokens.c.revoked_at)
+                                 .where(tokens.c.name == name)).first()
+        if row is None:
+            raise TokenError(f"no token is named {name!r}")
+        if row.revoked_at is not None:
+            raise TokenError(f"the token {name!r} was revoked on {row.revoked_at:%Y-%m-%d}")
+        connection.execute(update(tokens).where(tokens.c.name == name)
+                           .values(revoked_at=datetime.now(UTC)))
 
-    def __init__(self, engine: Engine, ttl: float = 60.0) -> None:
+
+class Authenticator:
+    """Looks a token up by its hash on every request, so a revocation acts on the next
+    one (no cache outlives a request)."""
+
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.ttl = ttl
-        self._known: dict[str, tuple[Principal, float]] = {}
 
     def __call__(self, token: str) -> Principal | None:
-        digest = token_hash(token)
-        known = self._known.get(digest)
-        if known is not None and known[1] > time.monotonic():
-            return known[0]
         with self.engine.connect() as connection:
             row = connection.execute(
-                select(tokens.c.name, tokens.c.role).where(tokens.c.token_hash == digest)
+                select(tokens.c.name, tokens.c.role).where(
+                    tokens.c.token_hash == token_hash(token), tokens.c.revoked_at.is_(None))
             ).first()
-        if row is None:
-            return None
-        principal = Principal(row.name, row.role)
-        self._known[digest] = (principal, time.monotonic() + self.ttl)
-        return principal
+        return Principal(row.name, row.role) if row is not None else None

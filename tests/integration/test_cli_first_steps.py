@@ -86,3 +86,33 @@ def test_the_demo_keeps_its_seed_in_the_seed_file_and_its_hint_runs_as_printed(t
                           timeout=120, env={**os.environ, name: value}, check=False)
     assert done.returncode == 0, done.stderr
     assert seed_file.read_text().strip() == "demo-5"  # read, not replaced
+
+
+def test_a_revoked_token_is_refused_on_the_next_request(tmp_path):
+    """trialog token revoke, with a server running: its very next request is a 401."""
+    from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up
+
+    url = f"sqlite:///{tmp_path / 'revoke.db'}"
+    env = {"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}
+    created = run(["token", "create", "--name", "lab-system", "--role", "service"], tmp_path,
+                  **env)
+    assert created.returncode == 0, created.stderr
+    port = free_port()
+    client = Client(f"http://127.0.0.1:{port}", created.stdout.strip())
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")} | env
+    with open(tmp_path / "server.log", "w") as out:
+        server = subprocess.Popen([TRIALOG, "serve", "--port", str(port)], env=full,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(client.url, server, tmp_path / "server.log")
+        assert client.get("/v1/participants").status_code == 200
+        revoked = run(["token", "revoke", "lab-system"], tmp_path, **env)
+        assert revoked.returncode == 0, revoked.stderr
+        assert client.get("/v1/participants").status_code == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    again = run(["token", "revoke", "lab-system"], tmp_path, **env)
+    assert again.returncode == 1 and "was revoked on" in again.stderr
+    unknown = run(["token", "revoke", "nobody"], tmp_path, **env)
+    assert unknown.returncode == 1 and "no token is named 'nobody'" in unknown.stderr
