@@ -122,7 +122,7 @@ class Participant(ChainedAggregate):
             aggregate.arm = None
             aggregate.allocation_index = None
             aggregate.withdrawals = {}
-            aggregate.corrected = set()
+            aggregate.corrected = []  # a list: aggregate state stays plain JSON values
             Participant.Capture.apply(self, aggregate)
 
         def absorb(self, aggregate: Any) -> None:
@@ -190,7 +190,8 @@ class Participant(ChainedAggregate):
             data = copy.deepcopy(record["data"])  # copy on write: the captured event stays
             place(data, self.field, copy.deepcopy(self.value))
             aggregate.records[version] = {**record, "data": data}
-            aggregate.corrected.add(version)
+            if version not in aggregate.corrected:
+                aggregate.corrected.append(version)
 
     class DeviationFlagged(Event):
         deviation_id: str
@@ -247,7 +248,7 @@ class Participant(ChainedAggregate):
         deviations: dict[str, dict[str, Any]]
         reminders: list[str]
         missed_visits: list[str]
-        corrected: set[int]  # versions of the captured events corrected since
+        corrected: list[int]  # versions of the captured events corrected since
     # --- derived views -------------------------------------------------------------------
 
     def data_of(self, version: int | None) -> dict[str, Any]:
