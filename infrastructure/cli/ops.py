@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
 from infrastructure.cli import CliError, _app
@@ -36,32 +38,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_token_create(args: argparse.Namespace) -> int:
-    from infrastructure.store.tokens import TokenError, create_token
+def _on_tokens(action: Callable[[Engine], str]) -> int:
+    """Runs ``action`` on the tokens table; its answer goes to standard output."""
+    from infrastructure.store.tokens import TokenError
 
     trialog = _app()
     try:
-        token = create_token(trialog.engine, args.name, args.role)
+        answer = action(trialog.engine)
     except TokenError as e:
         raise CliError(str(e)) from None
     finally:
         trialog.close()
-    print(token)
+    print(answer)
     return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from infrastructure.store.tokens import create_token
+
+    return _on_tokens(lambda engine: create_token(engine, args.name, args.role))
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from infrastructure.store.tokens import TokenError, revoke_token
+    from infrastructure.store.tokens import revoke_token
 
-    trialog = _app()
-    try:
-        revoke_token(trialog.engine, args.name)
-    except TokenError as e:
-        raise CliError(str(e)) from None
-    finally:
-        trialog.close()
-    print(f"revoked {args.name}: refused from the next request on")
-    return 0
+    def revoke(engine: Engine) -> str:
+        revoke_token(engine, args.name)
+        return f"revoked {args.name}: refused from the next request on"
+
+    return _on_tokens(revoke)
 
 
 def cmd_projections_rebuild(args: argparse.Namespace) -> int:
