@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 from uuid import UUID
@@ -15,6 +16,7 @@ from domain.views import participant_state as state_of
 from infrastructure.api import responses as r
 from infrastructure.api.errors import ApiError, forbidden, from_domain, invalid
 from infrastructure.api.schemas import ErrorBody
+from infrastructure.audit import access
 from infrastructure.audit import history as audit
 from infrastructure.readside import queries
 from infrastructure.store.schemas import text
@@ -132,6 +134,8 @@ def get_participant(participant_id: str, **args: Any) -> Response:
         else:
             current = queries.participant_state(t, participant_id, contact=contact)
             g.position = current["position"]
+            if contact:
+                _disclose([participant_id], f"GET /v1/participants/{participant_id}")
             return jsonify(current)
     except DomainError as e:
         raise from_domain(e) from None
@@ -139,6 +143,8 @@ def get_participant(participant_id: str, **args: Any) -> Response:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded at or before {moment.isoformat()}")
     state = state_of(participant, t.protocol, moment.date(), contact=contact)
+    if contact:
+        _disclose([participant_id], f"GET /v1/participants/{participant_id}")
     g.position = queries.event_position(t, participant_id, participant.version)
     state.update(language=participant.screening["language"], position=g.position)
     return jsonify(state)
@@ -161,7 +167,9 @@ def get_history(participant_id: str, **args: Any) -> Response:
     if not entries:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded{_until(args)}")
-    if not g.principal.sees_contact:
+    if g.principal.sees_contact:
+        _disclose([participant_id], f"GET /v1/participants/{participant_id}/history")
+    else:
         entries = [audit.redact_contact(e) for e in entries]
     # The position of the last event shown (the history may stop at as_of or a version).
     g.position = queries.event_position(_trialog(), participant_id, entries[-1]["version"])
@@ -235,6 +243,19 @@ def get_verify_job(job_id: UUID) -> Response:
     return jsonify(job)
 
 
+class AccessArgs(Schema):
+    participant_id = text(1, 64, metadata={"description": "one participant's disclosures"})
+    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
+
+
+@query(trial_blp, "/audit/access", AccessArgs, r.AccessLog)
+def get_access_log(**args: Any) -> Response:
+    """Who was shown a participant's contact details, when, by which endpoint."""
+    _read("access_log")
+    return jsonify({"disclosures": access.disclosures(
+        _trialog().engine, args.get("participant_id"), args["limit"])})
+
+
 exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",
                         description="Exports for statisticians and auditors")
 
@@ -252,14 +273,37 @@ EXPORTS = (
 )
 
 
+def _disclose(participant_ids: list[str], endpoint: str) -> None:
+    """Records that this answer shows these participants' contact details."""
+    access.record(_trialog().engine, g.principal.name, participant_ids, endpoint,
+                  g.get("request_id"))
+
+
+def _disclosed(chunks: Iterator[str], shown: list[str], endpoint: str) -> Iterator[str]:
+    """The export's chunks; the participants whose contact details it carries are recorded
+    before the first one leaves (the export has gathered them all by then). Who asks is
+    read now: the chunks are sent after the view has returned."""
+    engine, actor, request_id = _trialog().engine, g.principal.name, g.get("request_id")
+
+    def sent() -> Iterator[str]:
+        for n, chunk in enumerate(chunks):
+            if n == 0:
+                access.record(engine, actor, shown, endpoint, request_id)
+            yield chunk
+
+    return sent()
+
+
 def _export_view(kind: str, mimetype: str, description: str) -> None:
     def view(deidentify: bool) -> Response:
         from infrastructure.audit import exports
 
         _read("exports")
+        shown: list[str] = []
         chunks = exports.document(_trialog(), kind, deidentify,
-                                  contact=g.principal.sees_contact)
-        return Response(chunks, mimetype=mimetype)
+                                  contact=g.principal.sees_contact, shown=shown)
+        return Response(_disclosed(chunks, shown, f"GET /v1/exports/{kind}"),
+                        mimetype=mimetype)
 
     view.__name__ = f"get_{kind}"
     view.__doc__ = f"Export: {description}."

@@ -162,3 +162,16 @@ class Health(Schema):
     quarantined = fields.Integer(required=True, metadata={
         "description": "participants a follower of the log has set aside (see "
                        "`trialog projections status`); while any, status is degraded"})
+
+
+class Disclosure(Schema):
+    at = fields.String(required=True)
+    actor = fields.String(required=True, metadata={"description": "the token's name"})
+    participant_id = fields.String(required=True)
+    endpoint = fields.String(required=True)
+    request_id = _nullable_string()
+
+
+class AccessLog(Schema):
+    disclosures = fields.List(fields.Nested(Disclosure), required=True,
+                              metadata={"description": "newest first"})

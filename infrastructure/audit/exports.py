@@ -89,16 +89,17 @@ FORMATS = ("csv", "odm", "fhir")
 
 
 def document(t: Trialog, kind: str, deidentify: bool = False,
-             contact: bool = True) -> Iterator[str]:
+             contact: bool = True, shown: list[str] | None = None) -> Iterator[str]:
     """The export of one format, in chunks of text; contact details (only the ODM export
-    has any) are left out unless ``contact``."""
+    has any) are left out unless ``contact``. ``shown`` collects the participants whose
+    contact details the export carries, before its first chunk."""
     from infrastructure.audit import (
         fhir,  # they build on this module
         odm,
     )
 
     if kind == "odm":
-        return odm.odm_document(t, deidentify=deidentify, contact=contact)
+        return odm.odm_document(t, deidentify=deidentify, contact=contact, shown=shown)
     writers: dict[str, Callable[..., Iterator[str]]] = {"csv": csv_text,
                                                          "fhir": fhir.fhir_ndjson}
     return writers[kind](t, deidentify=deidentify)

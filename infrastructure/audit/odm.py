@@ -344,7 +344,7 @@ class _Subject:
 
 def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
                       masker: Deidentifier | None, withheld: frozenset[str],
-                      users: set[str]) -> Iterator[str]:
+                      users: set[str], shown: list[str] | None = None) -> Iterator[str]:
     """One SubjectData per participant, from the events in version order, without the
     ``withheld`` items; collects the actors into ``users``."""
     leaves = {key: {path for path, _ in form} for key, form in items.items()}
@@ -358,6 +358,8 @@ def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
                 yield subject.close()
             stream = event.originator_id
             subject = _Subject(event, masker, withheld, leaves)
+            if shown is not None and not CONTACT_ITEMS & withheld:
+                shown.append(subject.participant_id)
         assert subject is not None
         users.add(event.actor)
         subject.add(event)
@@ -367,7 +369,8 @@ def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
 
 
 def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
-                 created: datetime | None = None) -> Iterator[str]:
+                 created: datetime | None = None,
+                 shown: list[str] | None = None) -> Iterator[str]:
     """The ODM document in chunks; without contact details unless ``contact``."""
     created = created or datetime.now(UTC)
     masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
@@ -376,7 +379,7 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
     items = form_items(t.protocol)
     users: set[str] = set()
     with tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8") as body:
-        for chunk in clinical_data_xml(t, items, masker, withheld, users):
+        for chunk in clinical_data_xml(t, items, masker, withheld, users, shown):
             body.write(chunk)
         yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
                f'<ODM xmlns="{ODM_NAMESPACE}" ODMVersion="1.3.2" FileType="Transactional"'

@@ -118,6 +118,20 @@ quarantine = Table(
 )
 
 
+# Who was shown a participant's contact details (written by the server as it answers; no
+# endpoint writes here).
+access_log = Table(
+    "trialog_access_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(100), nullable=False),
+    Column("participant_id", String(64), nullable=False, index=True),
+    Column("endpoint", String(200), nullable=False),
+    Column("request_id", String(100), nullable=True),
+)
+
+
 # API tokens: only a SHA-256 of each token is kept; the token is shown once at creation.
 tokens = Table(
     "trialog_tokens",

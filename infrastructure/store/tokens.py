@@ -31,8 +31,9 @@ COMMANDS_BY_ROLE: dict[str, frozenset[str]] = {
     "admin": frozenset(COMMAND_TYPES),
 }
 READS_BY_ROLE: dict[str, frozenset[str]] = {
-    "service": SERVICE_READS, "coordinator": READS, "monitor": READS, "auditor": READS,
-    "admin": READS,
+    "service": SERVICE_READS, "coordinator": READS, "monitor": READS,
+    # The accounting of disclosures of contact details: auditors and admins only.
+    "auditor": READS | {"access_log"}, "admin": READS | {"access_log"},
 }
 CONTACT_ROLES = frozenset({"coordinator", "admin"})
 ROLES = tuple(COMMANDS_BY_ROLE)

@@ -26,8 +26,10 @@ READS = {
     "/v1/deviations": "deviations", "/v1/trial/summary": "summary",
     "/v1/audit/verify": "audit", "/v1/exports/csv": "exports",
     "/v1/exports/odm": "exports", "/v1/exports/fhir": "exports",
+    "/v1/audit/access": "access_log",
 }
 SERVICE_READS = {"participants", "history", "visits", "deviations", "summary"}
+ACCESS_LOG_ROLES = {"auditor", "admin"}
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -52,7 +54,10 @@ def known_participant(server):
 @pytest.mark.parametrize("path", sorted(READS))
 def test_a_role_reads_only_what_it_may(server, known_participant, role, path):
     answer = server.client(role).get(path.format(pid=known_participant))
-    allowed = role != "service" or READS[path] in SERVICE_READS
+    if READS[path] == "access_log":
+        allowed = role in ACCESS_LOG_ROLES
+    else:
+        allowed = role != "service" or READS[path] in SERVICE_READS
     assert answer.status_code == (200 if allowed else 403), answer.text
 
 
@@ -68,3 +73,27 @@ def test_only_coordinators_and_admins_see_contact_details(server, known_particip
         assert "contact" not in state
         assert "participant@example.org" not in json.dumps(history)
         assert "1958-06-15" not in json.dumps(history)
+
+
+def test_every_answer_that_shows_contact_details_is_accounted_for(server):
+    coordinator, monitor, auditor = (server.client(r) for r in
+                                     ("coordinator", "monitor", "auditor"))
+    pid, position = enrol(coordinator)
+    coordinator.get(f"/v1/participants/{pid}", after=position)
+    coordinator.get(f"/v1/participants/{pid}/history")
+    coordinator.get(f"/v1/participants/{pid}", version=1)
+    monitor.get(f"/v1/participants/{pid}")  # no contact details shown: not accounted
+    monitor.get(f"/v1/participants/{pid}/history")
+    coordinator.get("/v1/exports/odm")
+    coordinator.get("/v1/exports/odm", deidentify="true")  # none shown
+    coordinator.get("/v1/exports/csv")  # the CSV has none
+
+    listed = auditor.get("/v1/audit/access", participant_id=pid)
+    assert listed.status_code == 200
+    seen = [(d["actor"], d["endpoint"]) for d in reversed(listed.json()["disclosures"])]
+    name = server.names["coordinator"]
+    assert seen == [(name, f"GET /v1/participants/{pid}"),
+                    (name, f"GET /v1/participants/{pid}/history"),
+                    (name, f"GET /v1/participants/{pid}"),
+                    (name, "GET /v1/exports/odm")]
+    assert all(d["participant_id"] == pid and d["at"] for d in listed.json()["disclosures"])
