@@ -29,11 +29,25 @@ ACTIVE = ("randomized", "off_treatment")
 # Direct identifiers captured at screening, shown only to roles allowed to contact.
 CONTACT_FIELDS = frozenset({"email", "birth_date"})
 
+# The command that records each data-capturing event: its data follows that command's
+# fields (a correction is checked by them, the exports list them).
+CAPTURED_BY = {
+    "ParticipantScreened": "ScreenParticipant",
+    "ParticipantRescreened": "ScreenParticipant",
+    "ConsentRecorded": "RecordConsent",
+    "ParticipantRandomized": "RandomizeParticipant",
+    "BloodSampleCollected": "RecordBloodSample",
+    "DoseRecorded": "RecordDose",
+    "VisitCompleted": "CompleteVisit",
+    "MedicationReported": "ReportMedication",
+    "ParticipantWithdrawn": "WithdrawParticipant",
+}
+
 CorrectionRule = Callable[[str, str, Any, Mapping[str, Any]], Any]
 """The rule of the field a correction names: called with the type of the corrected event,
-the dotted path, the new value and the data recorded so far, it answers the value as the field holds it, or raises
-``ValidationFailed`` on ``data.value`` (an undefined field, or a value that breaks the rule
-the original command's field applies)."""
+the dotted path, the new value and the data recorded so far, it answers the value as the
+field holds it, or raises ``ValidationFailed`` on ``data.value`` (an undefined field, or a
+value that breaks the rule the original command's field applies)."""
 
 
 def participant_uuid(participant_id: str) -> UUID:
@@ -249,6 +263,7 @@ class Participant(ChainedAggregate):
         reminders: list[str]
         missed_visits: list[str]
         corrected: list[int]  # versions of the captured events corrected since
+
     # --- derived views -------------------------------------------------------------------
 
     def data_of(self, version: int | None) -> dict[str, Any]:
@@ -288,8 +303,7 @@ class Participant(ChainedAggregate):
         screening data was corrected, every criterion evaluated again on ``screened_on``."""
         if self.screening_record not in self.corrected:
             return self.eligible, list(self.failed_criteria)
-        eligible, failed = _screening_outcome(self.screening, protocol)
-        return eligible, failed
+        return _screening_outcome(self.screening, protocol)
 
     @property
     def registered_on(self) -> date | None:

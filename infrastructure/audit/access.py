@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
-from infrastructure.store.tables import access_log
+from infrastructure.store.tables import access_log, as_utc
 
 
 def record(engine: Engine, actor: str, participant_ids: Iterable[str], endpoint: str,
@@ -33,10 +33,6 @@ def disclosures(engine: Engine, participant_id: str | None = None,
         query = query.where(access_log.c.participant_id == participant_id)
     with engine.connect() as connection:
         rows = connection.execute(query).mappings().all()
-    return [{"at": _utc(r["at"]).isoformat(), "actor": r["actor"],
+    return [{"at": as_utc(r["at"]).isoformat(), "actor": r["actor"],
              "participant_id": r["participant_id"], "endpoint": r["endpoint"],
              "request_id": r["request_id"]} for r in rows]
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

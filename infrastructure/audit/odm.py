@@ -19,14 +19,14 @@ import json
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from marshmallow import Schema, fields
 
-from domain.participant import CONTACT_FIELDS, event_uuid
+from domain.participant import CAPTURED_BY, CONTACT_FIELDS, event_uuid
 from domain.protocol import Protocol
 from infrastructure.audit.exports import Deidentifier
 from infrastructure.store.bootstrap import Trialog
@@ -47,10 +47,10 @@ class Form:
 
     key: str  # the OID suffix of the form, its item group and its items
     name: str
-    command: str | None  # the command type whose ``data`` schema lists the captured items
     attributes: tuple[tuple[str, str], ...]  # items from the event's own fields: (name, type)
     study_event: str | None = None
     visit_field: str | None = None
+    command: str | None = None  # the command whose ``data`` schema lists the captured items
 
     @property
     def oid(self) -> str:
@@ -64,38 +64,37 @@ class Form:
         return f"I.{self.key}.{path}"
 
 
-SCREENING = Form("SCREENING", "Screening", "ScreenParticipant",
+SCREENING = Form("SCREENING", "Screening",
                  (("eligible", "boolean"), ("failed_criteria", "text")), "SE.SCREENING")
-FORMS: dict[str, Form] = {
+_FORMS: dict[str, Form] = {
     "ParticipantScreened": SCREENING,
     "ParticipantRescreened": SCREENING,
-    "ConsentRecorded": Form("CONSENT", "Informed consent", "RecordConsent", (),
-                            "SE.SCREENING"),
-    "ParticipantRandomized": Form("RANDOMIZATION", "Randomization", "RandomizeParticipant",
+    "ConsentRecorded": Form("CONSENT", "Informed consent", (), "SE.SCREENING"),
+    "ParticipantRandomized": Form("RANDOMIZATION", "Randomization",
                                   (("arm", "text"), ("allocation_index", "integer")),
                                   "SE.RANDOMIZATION"),
-    "BloodSampleCollected": Form("BLOOD", "Blood sample", "RecordBloodSample", (),
-                                 visit_field="timepoint"),
-    "VisitCompleted": Form("VISIT", "Visit assessments", "CompleteVisit",
+    "BloodSampleCollected": Form("BLOOD", "Blood sample", (), visit_field="timepoint"),
+    "VisitCompleted": Form("VISIT", "Visit assessments",
                            (("completes_study", "boolean"),), visit_field="visit"),
-    "VisitMissed": Form("VISIT_MISSED", "Visit missed", None, (("visit", "text"),),
+    "VisitMissed": Form("VISIT_MISSED", "Visit missed", (("visit", "text"),),
                         visit_field="visit"),
-    "ReminderSent": Form("REMINDER", "Visit reminder sent", None,
+    "ReminderSent": Form("REMINDER", "Visit reminder sent",
                          (("visit", "text"), ("kind", "text"), ("recipients", "text")),
                          visit_field="visit"),
-    "DoseRecorded": Form("DOSE", "Study drug dose", "RecordDose", (), "SE.ON_STUDY"),
-    "MedicationReported": Form("MEDICATION", "Concomitant medication", "ReportMedication",
-                               (), "SE.ON_STUDY"),
-    "ParticipantWithdrawn": Form("WITHDRAWAL", "Withdrawal", "WithdrawParticipant", (),
-                                 "SE.ON_STUDY"),
-    "DeviationFlagged": Form("DEVIATION", "Protocol deviation", None,
+    "DoseRecorded": Form("DOSE", "Study drug dose", (), "SE.ON_STUDY"),
+    "MedicationReported": Form("MEDICATION", "Concomitant medication", (), "SE.ON_STUDY"),
+    "ParticipantWithdrawn": Form("WITHDRAWAL", "Withdrawal", (), "SE.ON_STUDY"),
+    "DeviationFlagged": Form("DEVIATION", "Protocol deviation",
                              (("deviation_id", "text"), ("code", "text"),
                               ("severity", "text"), ("evidence", "text"),
                               ("detail", "text")), "SE.DEVIATIONS"),
-    "DeviationResolved": Form("DEVIATION_RESOLVED", "Protocol deviation resolved", None,
+    "DeviationResolved": Form("DEVIATION_RESOLVED", "Protocol deviation resolved",
                               (("deviation_id", "text"), ("resolution", "text")),
                               "SE.DEVIATIONS"),
 }
+# Each data-capturing event's form lists the fields of the command that records it.
+FORMS = {event: replace(form, command=CAPTURED_BY.get(event))
+         for event, form in _FORMS.items()}
 DISTINCT_FORMS = tuple({form.key: form for form in FORMS.values()}.values())
 FIXED_STUDY_EVENTS = (("SE.SCREENING", "Screening"), ("SE.RANDOMIZATION", "Randomization"))
 COMMON_STUDY_EVENTS = (("SE.ON_STUDY", "On study: doses, medications, withdrawals"),

@@ -20,8 +20,6 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-import sqlalchemy.exc
-from eventsourcing import persistence as es_persistence
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -29,6 +27,7 @@ from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.bus import WRITE_CONFLICTS
 from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
 from infrastructure.store.stored import PARTICIPANT_TOPIC, decode, stored_events
 from infrastructure.store.tables import (
@@ -82,8 +81,8 @@ class LogFollower:
                 ).first()
                 if exists is None:
                     session.execute(insert(positions).values(name=self.name, position=0))
-        except (sqlalchemy.exc.IntegrityError, es_persistence.IntegrityError):
-            pass  # another process created it first (the store re-raises as its own error)
+        except WRITE_CONFLICTS:
+            pass  # another process created it first
         self._position_exists = True
 
     def _claim(self, session: Session) -> int:

@@ -12,13 +12,12 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy.exc
-from eventsourcing import persistence as es_persistence
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from infrastructure.logs import mask_emails_in
-from infrastructure.store.tables import quarantine
+from infrastructure.store.bus import WRITE_CONFLICTS
+from infrastructure.store.tables import as_utc, quarantine
 
 log = logging.getLogger("trialog.quarantine")
 
@@ -42,11 +41,9 @@ def set_aside(session: Any, follower: str, originator_id: Any, participant_id: s
                 session.execute(insert(quarantine).values(
                     follower=follower, originator_id=str(originator_id), attempts=1,
                     quarantined_at=datetime.now(UTC), **values))
-        except (sqlalchemy.exc.IntegrityError, es_persistence.IntegrityError):
+        except WRITE_CONFLICTS:
             return  # set aside at the same moment by another process, which logged it
-        log.error("participant quarantined", extra={
-            "follower": follower, "participant_id": participant_id, "position": position,
-            "event_type": event_type, "error": describe(error)})
+        log.error("participant quarantined", extra={"follower": follower, **values})
     else:
         session.execute(update(quarantine).where(key).values(attempts=known + 1, **values))
 
@@ -74,4 +71,9 @@ def listing(connection: Connection) -> list[dict[str, Any]]:
     return [{"follower": r["follower"], "participant_id": r["participant_id"],
              "position": r["position"], "event_type": r["event_type"], "error": r["error"],
              "attempts": r["attempts"],
-             "quarantined_at": r["quarantined_at"].isoformat()} for r in rows]
+             "quarantined_at": as_utc(r["quarantined_at"]).isoformat()} for r in rows]
+
+
+def count(connection: Connection) -> int:
+    """How many participants are set aside, by any follower."""
+    return int(connection.execute(select(func.count()).select_from(quarantine)).scalar_one())

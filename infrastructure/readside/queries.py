@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy import Row, func, select
@@ -16,7 +16,8 @@ from domain.schedule import ScheduledVisit, visit_status
 from domain.views import participant_state as state_of
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import is_unavailable
-from infrastructure.store.tables import deviations, participants, scores, visits
+from infrastructure.store.stored import events_table, position_of
+from infrastructure.store.tables import as_utc, deviations, participants, scores, visits
 
 log = logging.getLogger("trialog.queries")
 
@@ -31,17 +32,12 @@ def _visit(row: Row[Any], today: date) -> dict[str, Any]:
     }
 
 
-def _utc(moment: datetime) -> datetime:
-    """A recorded time as UTC (SQLite gives it back without its zone)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _deviation(row: Row[Any]) -> dict[str, Any]:
     return {
         "deviation_id": row.deviation_id, "participant_id": row.participant_id,
         "code": row.code, "severity": row.severity, "status": row.status,
         "detail": row.detail, "evidence": list(row.evidence),
-        "detected_at": _utc(row.detected_at).isoformat(), "resolution": row.resolution,
+        "detected_at": as_utc(row.detected_at).isoformat(), "resolution": row.resolution,
     }
 
 
@@ -56,7 +52,7 @@ def _summary_row(row: Row[Any]) -> dict[str, Any]:
 def stream_head(t: Trialog, participant_id: str) -> tuple[int, int] | None:
     """The version and the log position of a participant's newest stored event (None if it
     has none): what every command answered so far has written."""
-    events = t.service.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
+    events = events_table(t.service.recorder)
     with t.engine.connect() as c:
         head = c.execute(
             select(events.c.originator_version, events.c.id)
@@ -67,11 +63,8 @@ def stream_head(t: Trialog, participant_id: str) -> tuple[int, int] | None:
 
 def event_position(t: Trialog, participant_id: str, version: int) -> int | None:
     """The log position of one event of a participant."""
-    events = t.service.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
     with t.engine.connect() as c:
-        position = c.execute(select(events.c.id).where(
-            events.c.originator_id == participant_uuid(participant_id),
-            events.c.originator_version == version)).scalar()
+        position = c.execute(position_of(t.service.recorder, participant_id, version)).scalar()
     return int(position) if position is not None else None
 
 

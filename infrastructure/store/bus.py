@@ -23,8 +23,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from domain.commands import Audit, Command
 from domain.errors import IdempotencyKeyReused
-from domain.participant import participant_uuid
 from domain.service import TrialService
+from infrastructure.store.stored import position_of
 from infrastructure.store.tables import command_records
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
@@ -129,10 +129,6 @@ class CommandBus:
     def _with_position(self, session: Any, response: str) -> dict[str, Any]:
         """The first answer again; its position is that of the event it ended with."""
         body: dict[str, Any] = json.loads(response)
-        events = self.service.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
-        body["position"] = session.execute(
-            select(events.c.id).where(
-                events.c.originator_id == participant_uuid(body["participant_id"]),
-                events.c.originator_version == body["version"])
-        ).scalar()
+        body["position"] = session.execute(position_of(
+            self.service.recorder, body["participant_id"], body["version"])).scalar()
         return body

@@ -16,22 +16,9 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields
 
 from domain.errors import ValidationFailed
-from domain.participant import place
+from domain.participant import CAPTURED_BY, place
 from domain.protocol import Protocol
 from infrastructure.store.schemas import data_schemas, flatten
-
-# The command that captured each kind of event, whose data schema its fields follow.
-CAPTURED_BY = {
-    "ParticipantScreened": "ScreenParticipant",
-    "ParticipantRescreened": "ScreenParticipant",
-    "ConsentRecorded": "RecordConsent",
-    "ParticipantRandomized": "RandomizeParticipant",
-    "BloodSampleCollected": "RecordBloodSample",
-    "DoseRecorded": "RecordDose",
-    "VisitCompleted": "CompleteVisit",
-    "MedicationReported": "ReportMedication",
-    "ParticipantWithdrawn": "WithdrawParticipant",
-}
 
 
 def as_json(value: Any) -> Any:

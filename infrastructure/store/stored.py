@@ -17,7 +17,7 @@ from eventsourcing.utils import get_topic, resolve_topic
 from sqlalchemy import case, func, select
 
 from domain.chain import canonical_json
-from domain.participant import Participant
+from domain.participant import Participant, participant_uuid
 
 PARTICIPANT_TOPIC = get_topic(Participant) + "."
 
@@ -84,6 +84,13 @@ def decrypt(mapper: Mapper[UUID], state: bytes) -> bytes:
 
 def events_table(recorder: Any) -> Any:
     return recorder.events_record_cls.__table__
+
+
+def position_of(recorder: Any, participant_id: str, version: int) -> Any:
+    """The query for the log position (notification id) of one event of a participant."""
+    t = events_table(recorder)
+    return select(t.c.id).where(t.c.originator_id == participant_uuid(participant_id),
+                                t.c.originator_version == version)
 
 
 StreamRange = tuple[UUID | None, UUID | None]  # originator ids from (inclusive), to

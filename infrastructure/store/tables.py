@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -20,6 +22,12 @@ from sqlalchemy import (
 from domain.scoring import SCORE_NAMES
 
 metadata = MetaData()
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A time read from a ``DateTime(timezone=True)`` column, in UTC (SQLite gives it back
+    without its zone)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 # One row per accepted command: the idempotency key, a fingerprint of its body and the
 # answer given, written in the same transaction as the command's events.
