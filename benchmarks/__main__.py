@@ -15,9 +15,11 @@ from typing import Any
 
 from eventsourcing.application import Application
 
-from benchmarks import audit, baseline, http, projection
+from benchmarks import audit, baseline, http, management, projection
+from benchmarks import console as console_bench
+from benchmarks import feed as feed_bench
 from benchmarks import reminders as reminder_bench
-from benchmarks.baseline import Ping
+from benchmarks.baseline import Ping, read_whole_log
 from benchmarks.http import p95_ms
 from domain import commands as c
 from infrastructure.audit.verification import verify
@@ -37,8 +39,22 @@ N_HTTP = int(os.environ.get("TRIALOG_BENCH_HTTP_COMMANDS", "2400"))
 REBUILD_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_REBUILD_PARTICIPANTS", "2000"))
 RUNNER_EVENTS = int(os.environ.get("TRIALOG_BENCH_RUNNER_EVENTS", "3000"))
 N_REMINDERS = int(os.environ.get("TRIALOG_BENCH_REMINDERS", "500"))
-HISTORY_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_HISTORY_PARTICIPANTS", "31"))
+HISTORY_WARM_UP = 15
+HISTORY_PARTICIPANTS = 1 + HISTORY_WARM_UP + int(os.environ.get(
+    "TRIALOG_BENCH_HISTORY_PARTICIPANTS", "30"))
+N_SESSIONS = int(os.environ.get("TRIALOG_BENCH_SESSIONS", "50"))
 SCAN_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_SCAN_PARTICIPANTS", "100000"))
+MANAGEMENT_ROUNDS = int(os.environ.get("TRIALOG_BENCH_MANAGEMENT_ROUNDS", "6"))
+MANAGEMENT_EACH = int(os.environ.get("TRIALOG_BENCH_MANAGEMENT_EACH", "12"))
+MANAGEMENT_RECORD = int(os.environ.get("TRIALOG_BENCH_MANAGEMENT_RECORD", "12"))
+N_QUERIES = int(os.environ.get("TRIALOG_BENCH_QUERIES", "10000"))
+QUERY_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_QUERY_PARTICIPANTS", "320"))
+N_QUERY_LISTS = int(os.environ.get("TRIALOG_BENCH_QUERY_LISTS", "50"))
+CONSOLE_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_CONSOLE_PARTICIPANTS", "30"))
+CONSOLE_WARM_UP = 4  # pages viewed first, not counted: each server process compiles its templates
+FEED_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_FEED_PARTICIPANTS", "1000"))
+FEED_EVENTS_EACH = int(os.environ.get("TRIALOG_BENCH_FEED_EVENTS_EACH", "50"))
+N_WEBHOOK_DELIVERIES = int(os.environ.get("TRIALOG_BENCH_WEBHOOK_DELIVERIES", "5000"))
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
@@ -75,14 +91,7 @@ def raw_single_event_saves(env: dict[str, str], n: int) -> float:
 def raw_log_read(env: dict[str, str]) -> tuple[int, float]:
     app: Application[Any] = Application(env=env)
     try:
-        count, position = 0, 0
-        start = time.perf_counter()
-        while page := app.recorder.select_notifications(position + 1, 1000):
-            for notification in page:
-                app.mapper.to_domain_event(notification)
-            count += len(page)
-            position = page[-1].id
-        return count, count / (time.perf_counter() - start)
+        return read_whole_log(app)
     finally:
         app.close()
 
@@ -156,7 +165,134 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
         results += rebuild_results(workdir, raw_read)
         results += history_results(workdir, raw_read)
         results += reminder_results(workdir)
+        results += management_results(workdir)
+        results += feed_results(workdir)
+        results += console_results(workdir)
     return results
+
+
+def console_results(workdir: Path) -> list[dict[str, Any]]:
+    """The console's participant page of 500-event participants, each viewed once (a first
+    view), by a monitor, then by a coordinator on participants of their own (see
+    benchmarks/console.py); the read side caught up before the server starts, and a few
+    other participants' pages viewed first by each, so that each server process has
+    compiled its templates (no measured participant has been seen)."""
+    events = 500
+    with database("postgresql", workdir) as (url, _):
+        t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS}),
+                      migrate=True)
+        try:
+            pids = projection.seed_participants(
+                t, 2 * CONSOLE_PARTICIPANTS + CONSOLE_WARM_UP, events)
+            feed_bench.catch_up(t)  # the read models and the feed's pages: followers idle
+            warm_up, pids = pids[:CONSOLE_WARM_UP], pids[CONSOLE_WARM_UP:]
+            with http.serving(url, SECRETS, t.engine, workdir) as (base, _):
+                sessions = {role: console_bench.signed_in(base, t.engine, role)
+                            for role in ("monitor", "coordinator")}
+                for session in sessions.values():
+                    console_bench.first_views(base, session, warm_up, events)
+                views = {role: console_bench.first_views(base, sessions[role], chunk, events)
+                         for role, chunk in (("monitor", pids[:CONSOLE_PARTICIPANTS]),
+                                             ("coordinator", pids[CONSOLE_PARTICIPANTS:]))}
+        finally:
+            t.close()
+    return [
+        {**result("console_page_p95_ms", views["monitor"]["p95_ms"], "ms", "", 0,
+                  "postgresql"),
+         "baseline_name": None, "baseline_value": None, "ratio": None,
+         "record_events": events, "role": "monitor (no contact details)", **views["monitor"]},
+        {**result("console_page_contact_p95_ms", views["coordinator"]["p95_ms"], "ms", "", 0,
+                  "postgresql"),
+         "baseline_name": None, "baseline_value": None, "ratio": None,
+         "record_events": events, "role": "coordinator (contact details read and the "
+                                           "disclosure recorded)", **views["coordinator"]},
+    ]
+
+
+def feed_results(workdir: Path) -> list[dict[str, Any]]:
+    """On a fresh database of FEED_PARTICIPANTS x FEED_EVENTS_EACH events (half CASE, half
+    METRO): GET /v1/feed paged from 0 to the end, 1,000 positions a request, by one
+    client, each read the first of a fresh `trialog serve` (an every-site admin token,
+    then a CASE service token); then N_WEBHOOK_DELIVERIES webhook deliveries to a local
+    receiver. Beside them, the raw library's PostgreSQL recorder reading the same store's
+    notification log (see benchmarks/feed.py), read three times between the figures."""
+    with database("postgresql", workdir) as (url, raw_env):
+        t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS}),
+                      migrate=True)
+        try:
+            f = feed_bench.figures(t, url, raw_env, SECRETS, workdir, FEED_PARTICIPANTS,
+                                   FEED_EVENTS_EACH, N_WEBHOOK_DELIVERIES)
+        finally:
+            t.close()
+    print(f"feed store: {f['events']} events built and projected in "
+          f"{f['built_seconds']:.1f} s", file=sys.stderr)
+    library, rows = f["library"], []
+    for name, read in f["reads"].items():
+        value = read["events"] / read["seconds"]
+        row = result(name, value, "ev/s", "library_log_read", library, "postgresql")
+        if name == "feed_read_scoped":  # as commands_http_scoped: beside the every-site read
+            every = f["reads"]["feed_read"]
+            row.update(result(name, value, "ev/s", "feed_read",
+                              every["events"] / every["seconds"], "postgresql"),
+                       library_log_read=round(library, 2),
+                       token="service role scoped to CASE (no contact details)")
+        else:
+            row["token"] = "admin, every site"
+        rows.append({**row, "store_events": f["events"], "events_received": read["events"],
+                     "positions_per_s": round(read["positions"] / read["seconds"], 2),
+                     "requests": read["requests"], "limit": feed_bench.MAX_LIMIT,
+                     "server_share": round(read["server_seconds"] / read["seconds"], 3),
+                     "library_log_read_rounds": [round(r) for r in f["library_rates"]]})
+    rows.append({**result("webhook_deliveries", f["deliveries"] / f["delivery_seconds"],
+                          "deliveries/s", "library_log_read", library, "postgresql"),
+                 "deliveries": f["deliveries"], "subscriptions": 1,
+                 "level": "webhooks.deliver() in this process (what one deliver_webhook "
+                          "task runs), a fresh Feed; receiver: a threaded HTTP server in "
+                          "another process answering 204",
+                 "library_log_read_rounds": [round(r) for r in f["library_rates"]]})
+    return rows
+
+
+def management_results(workdir: Path) -> list[dict[str, Any]]:
+    """On a fresh database: GET /v1/queries over N_QUERIES queries (built with the
+    aggregate's methods, the read side caught up before the server starts), then the
+    data-management commands beside CompleteVisit through the bus (see
+    benchmarks/management.py)."""
+    with database("postgresql", workdir) as (url, _):
+        t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS}),
+                      migrate=True)
+        try:
+            start = time.perf_counter()
+            management.seed_queries(t, N_QUERIES, QUERY_PARTICIPANTS)
+            feed_bench.catch_up(t)  # the read side and the feed's pages: followers idle
+            built = time.perf_counter() - start
+            counts = management.query_counts(t)
+            if sum(counts.values()) != N_QUERIES:
+                raise SystemExit(f"the read side lists {counts} queries, not {N_QUERIES}")
+            with http.serving(url, SECRETS, t.engine, workdir) as (base, _):
+                lists = management.queries_list_p95_ms(base, management.reader_token(t),
+                                                       N_QUERY_LISTS, N_QUERIES)
+            screen_commands(t, 50)  # warm up, as bench() does first
+            figures = management.management_commands(t, MANAGEMENT_ROUNDS, MANAGEMENT_EACH,
+                                                     MANAGEMENT_RECORD)
+        finally:
+            t.close()
+    print(f"queries store: {N_QUERIES} queries built and projected in {built:.1f} s",
+          file=sys.stderr)
+    return [
+        {**result("management_commands", figures["management"], "commands/s",
+                  "complete_visit", figures["complete_visit"], "postgresql"),
+         "level": "command bus (as commands_app); SignVisit without the API's Argon2 "
+                  "re-authentication",
+         "mix": sorted(management.MIX), "record_events": MANAGEMENT_RECORD,
+         "rounds": MANAGEMENT_ROUNDS, "round_ratios": figures["round_ratios"],
+         "per_type": figures["per_type"]},
+        {**result("queries_list_p95_ms", lists["default"]["p95_ms"], "ms", "", 0,
+                  "postgresql"),
+         "baseline_name": None, "baseline_value": None, "ratio": None,
+         "queries": N_QUERIES, "participants": QUERY_PARTICIPANTS, "statuses": counts,
+         "requests": N_QUERY_LISTS, "page": 100, "lists": lists},
+    ]
 
 
 def reminder_results(workdir: Path) -> list[dict[str, Any]]:
@@ -169,6 +305,10 @@ def reminder_results(workdir: Path) -> list[dict[str, Any]]:
                                           "TRIALOG_SMTP_URL": f"smtp://127.0.0.1:{port}"})
             t = bootstrap(settings, migrate=True)
             try:
+                env = {"TRIALOG_DATABASE_URL": url, **SECRETS,
+                       "TRIALOG_SMTP_URL": f"smtp://127.0.0.1:{port}"}
+                chunked, with_start_up = reminder_bench.chunked_sends_per_second(
+                    t, env, N_REMINDERS * 4)
                 sent = reminder_bench.sends_per_second(t, settings.smtp_url, N_REMINDERS)
                 raw = raw_single_event_saves(raw_env, N_REMINDERS)
                 scan, found = reminder_bench.scan_ms(t, SCAN_PARTICIPANTS)
@@ -180,22 +320,53 @@ def reminder_results(workdir: Path) -> list[dict[str, Any]]:
                       "postgresql")
     scan_row["ratio"] = None
     scan_row.update(participants=SCAN_PARTICIPANTS, reminders_found=found)
-    return [result("reminders", sent, "emails/s", "library_single_event_save", raw,
-                   "postgresql"), scan_row]
+    # The chunked figure is timed once both worker processes are up (as running Celery
+    # workers are); with their start-up (imports, a bootstrap each) beside it.
+    return [result("reminders", chunked, "emails/s", "library_single_event_save", raw,
+                   "postgresql") | {"processes": 2, "chunk": 50,
+                                    "with_start_up": round(with_start_up, 2)},
+            result("reminders_one_by_one", sent, "emails/s", "library_single_event_save",
+                   raw, "postgresql"), scan_row]
 
 
 def http_results(t: Trialog, url: str, raw_env: dict[str, str],
                  workdir: Path) -> list[dict[str, Any]]:
     with http.serving(url, SECRETS, t.engine, workdir) as (base, token):
-        ours = http.http_commands(base, token, N_HTTP)
+        # commands_http and commands_http_scoped alternate, round by round, on this server
+        # (see http.ROUNDS): the ratio is not left to the noise between two runs.
+        ours, scoped, round_ratios = http.http_commands_alternating(
+            base, token, http.scoped_tokens(t.engine), N_HTTP)
         raw = http.raw_concurrent_saves(raw_env, N_HTTP)
         bulk = http.bulk_import(base, token, 1000)
+        raw_batched = http.raw_batched_saves(raw_env, 2000)
+        sessions, argon2_parameters = http.sessions_p95_ms(base, t.engine, N_SESSIONS)
+    print(f"sessions_p95_ms: Argon2 parameters {argon2_parameters}", file=sys.stderr)
     return [
-        result("commands_http", ours, "commands/s", "library_single_event_save_8_threads",
-               raw, "postgresql"),
-        result("bulk_import", bulk, "ev/s", "library_single_event_save_8_threads", raw,
-               "postgresql"),
+        {**result("commands_http", ours, "commands/s", "library_single_event_save_8_threads",
+                  raw, "postgresql"), "rounds": http.ROUNDS},
+        {**result("commands_http_scoped", scoped, "commands/s", "commands_http", ours,
+                  "postgresql"),
+         "rounds": http.ROUNDS, "round_ratios": round_ratios,
+         "tokens": "service role, 4 clients scoped to CASE and 4 to METRO"},
+        {**result("bulk_import", bulk, "ev/s", "library_100_events_per_save", raw_batched,
+                  "postgresql"), "library_single_event_save_8_threads": raw},
+        {**result("sessions_p95_ms", sessions, "ms", "", 0, "postgresql"),
+         "baseline_name": None, "baseline_value": None, "ratio": None,
+         "requests": N_SESSIONS, "argon2": argon2_parameters},
     ]
+
+
+def http_only(workdir: Path) -> list[dict[str, Any]]:
+    """The HTTP figures alone, on a fresh PostgreSQL database: `python -m benchmarks http`
+    (printed, benchmarks/results.json left as it is)."""
+    with database("postgresql", workdir) as (url, raw_env):
+        t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS}),
+                      migrate=True)
+        try:
+            screen_commands(t, 50)  # warm up, as bench() does first (a smaller store)
+            return http_results(t, url, raw_env, workdir)
+        finally:
+            t.close()
 
 
 def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
@@ -243,10 +414,19 @@ def history_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
         t = bootstrap(settings, migrate=True)
         try:
             pids = projection.seed_participants(t, HISTORY_PARTICIPANTS, 500)
-            TrialProjection(t).catch_up()  # the steady state: the API's followers are idle
+            feed_bench.catch_up(t)  # the steady state: the API's followers are idle
             with http.serving(url, SECRETS, t.engine, workdir) as (base, token):
-                cold = http.history_p95_ms(base, token, pids[1:])  # each read first
-                warm = http.history_p95_ms(base, token, [pids[0]] * 62, warm_up=2)
+                # Each measured read is the first of its participant. The first reads of
+                # HISTORY_WARM_UP other participants come before them, not counted: each
+                # worker's one-time start-up (imports, compiled statements, and the
+                # driver's prepared ones, prepared at their fifth use on each pooled
+                # connection; the server's log showed the first ten or so reads after
+                # five of them still 2-3x slower) is no participant's data, and with 30
+                # samples the p95 is mostly the two slowest.
+                cold, cold_median = http.history_p95_ms(base, token, pids[1:],
+                                                        warm_up=HISTORY_WARM_UP)
+                warm, warm_median = http.history_p95_ms(base, token, [pids[0]] * 62,
+                                                        warm_up=2)
             events = HISTORY_PARTICIPANTS * 500
             small = {kind: audit.export_peak(url, SECRETS, kind, workdir)[0]
                      for kind in ("odm", "fhir")}
@@ -256,8 +436,9 @@ def history_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
                    "postgresql"),
             result("history_first_read_p95_ms", cold, "ms", "library_log_read_ev_per_s",
                    raw_read, "postgresql")]
-    for row in rows:
+    for row, median in zip(rows, (warm_median, cold_median), strict=True):
         row["ratio"] = None  # a latency beside a rate: no ratio
+        row["median_ms"] = median
     rows += [{**result(f"export_{kind}_peak_rss_mib_small_store", peak, "MiB", "", 0,
                        "postgresql"), "events": events} for kind, peak in small.items()]
     return rows
@@ -266,6 +447,21 @@ def history_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
 def main() -> int:
     workdir = Path(os.environ.get("TRIALOG_BENCH_DIR", "/tmp/trialog-bench"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] == ["http"]:
+        print(json.dumps(http_only(workdir), indent=2))
+        return 0
+    if sys.argv[1:] == ["console"]:
+        print(json.dumps(console_results(workdir), indent=2))
+        return 0
+    if sys.argv[1:] == ["feed"]:
+        print(json.dumps(feed_results(workdir), indent=2))
+        return 0
+    if sys.argv[1:] == ["reminders"]:
+        print(json.dumps(reminder_results(workdir), indent=2))
+        return 0
+    if sys.argv[1:] == ["management"]:
+        print(json.dumps(management_results(workdir), indent=2))
+        return 0
     kinds = sys.argv[1:] or ["postgresql", "sqlite"]
     results = [r for kind in kinds for r in bench(kind, workdir)]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

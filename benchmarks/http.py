@@ -1,10 +1,12 @@
 """HTTP command throughput: `trialog serve` in its own process, 8 concurrent clients, beside
-the raw library saving single-event aggregates from 8 threads on the same database."""
+the raw library saving single-event aggregates from 8 threads on the same database; the same
+with site-scoped tokens; and the latency of a person's sign-in."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -16,12 +18,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import argon2
 import requests
 from eventsourcing.application import Application
+from requests.adapters import HTTPAdapter
+from sqlalchemy import select
+from urllib3.util.retry import Retry
 
 from benchmarks.baseline import Ping
+from domain.access import Scope
+from infrastructure.store.people import create_user
+from infrastructure.store.tables import users
 from infrastructure.store.tokens import create_token
-from tests.e2e.conftest import free_port, wait_until_up
+from tests.e2e.conftest import free_port
 from tests.e2e.payloads import screening
 
 TRIALOG = str(Path(sys.executable).with_name("trialog"))
@@ -43,41 +52,134 @@ def serving(url: str, secrets: dict[str, str], engine: Any,
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(base, process, log)
+        _wait_until_up(base, process, log)
         yield base, token
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
-def _screen_body() -> dict[str, Any]:
+def _wait_until_up(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """As the e2e tests' wait, but a /healthz that is slow to answer on a loaded machine
+    (a read timeout, not only a refused connection) is asked again."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"trialog serve exited:\n{log.read_text()}")
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError("trialog serve did not answer /healthz within 60 s")
+
+
+def _screen_body(site: str = "CASE") -> dict[str, Any]:
     return {"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
-            "participant_id": f"CASE-{uuid.uuid4().hex[:12]}", "data": screening()}
+            "participant_id": f"{site}-{uuid.uuid4().hex[:12]}", "data": screening(site)}
 
 
-def _client(base: str, token: str, n: int) -> None:
+def _session(token: str) -> requests.Session:
+    """A client that keeps its connection, and sends a request again when the server had
+    just closed that connection as idle (its keep-alive timeout): the same body, so the
+    same command id, as an upstream system retries."""
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {token}"
+    retry = Retry(total=3, connect=3, read=3, status=0, allowed_methods=None,
+                  backoff_factor=0.05)
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    return session
+
+
+def _commands(base: str, session: requests.Session, n: int, site: str = "CASE") -> None:
     for _ in range(n):
-        answer = session.post(f"{base}/v1/commands", json=_screen_body(), timeout=60)
-        if answer.status_code != 201:
+        answer = session.post(f"{base}/v1/commands", json=_screen_body(site), timeout=60)
+        if answer.status_code not in (200, 201):  # 200: a retry answered from its record
             raise RuntimeError(f"{answer.status_code}: {answer.text}")
 
 
-def http_commands(base: str, token: str, total: int) -> float:
-    """Single-event commands per second from 8 concurrent clients."""
-    _client(base, token, 20)  # warm up
-    each = total // CLIENTS
-    start = time.perf_counter()
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        list(pool.map(lambda _: _client(base, token, each), range(CLIENTS)))
-    return each * CLIENTS / (time.perf_counter() - start)
+# `commands_http` and `commands_http_scoped` are measured alternately on the same server:
+# ROUNDS rounds of each in the order A B B A A B ... (A: the admin token of
+# `commands_http`, every site; B: site-scoped service tokens, four clients scoped to CASE
+# screening CASE- participants, four scoped to METRO screening METRO- ones), so that drift
+# (the store growing, other load on the machine) falls on both alike. A round is 8
+# concurrent clients issuing total / ROUNDS / 8 screenings each; each client keeps its
+# HTTP session (connection) across rounds. Each figure is all its commands over the sum of
+# its rounds' times, so `commands_http` is still `total` commands from 8 clients, as its
+# library baseline's saves are.
+ROUNDS = int(os.environ.get("TRIALOG_BENCH_HTTP_ROUNDS", "6"))
+SCOPED_SITES = ("CASE", "METRO")
+
+
+def scoped_tokens(engine: Any) -> list[tuple[str, str]]:
+    """A service token scoped to each site: (token, site) for each of the 8 clients."""
+    by_site = {site: create_token(engine, f"bench-{site.lower()}-{uuid.uuid4().hex[:8]}",
+                                  "service", Scope.of([site]))
+               for site in SCOPED_SITES}
+    return [(by_site[site], site)
+            for site in SCOPED_SITES for _ in range(CLIENTS // len(SCOPED_SITES))]
+
+
+def http_commands_alternating(base: str, token: str, scoped: list[tuple[str, str]],
+                              total: int) -> tuple[float, float, list[float]]:
+    """Commands/s with the every-site token and with the scoped ones (see ROUNDS), and the
+    ratio scoped / every-site of each pair of rounds (to show the noise)."""
+    plain = [(_session(token), "CASE") for _ in range(CLIENTS)]
+    sited = [(_session(t), site) for t, site in scoped]
+    for session, site in plain + sited:  # warm up each client's connection and token
+        _commands(base, session, 3, site)
+    each = total // ROUNDS // CLIENTS
+    seconds: dict[str, list[float]] = {"plain": [], "scoped": []}
+
+    def round_of(name: str, clients: list[tuple[requests.Session, str]]) -> None:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(lambda client: _commands(base, client[0], each, client[1]),
+                          clients))
+        seconds[name].append(time.perf_counter() - start)
+
+    for i in range(ROUNDS):
+        order = [("plain", plain), ("scoped", sited)]
+        for name, clients in order if i % 2 == 0 else reversed(order):
+            round_of(name, clients)
+    done = each * CLIENTS * ROUNDS
+    ratios = [round(p / s, 3) for p, s in zip(seconds["plain"], seconds["scoped"],
+                                               strict=True)]
+    return done / sum(seconds["plain"]), done / sum(seconds["scoped"]), ratios
+
+
+def sessions_p95_ms(base: str, engine: Any, n: int = 50,
+                    warm_up: int = 3) -> tuple[float, dict[str, Any]]:
+    """p95 of POST /v1/sessions with the right password, one client, sequential; and the
+    Argon2 parameters of the person's stored hash after the sign-ins (the server rehashes
+    a hash whose parameters differ from its own, so these are the ones it verifies)."""
+    login, password = f"bench-person-{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(18)
+    create_user(engine, login, "Bench Person", "coordinator", Scope.of(["CASE"]), password)
+    session = requests.Session()
+    samples = []
+    for i in range(warm_up + n):
+        start = time.perf_counter()
+        answer = session.post(f"{base}/v1/sessions",
+                              json={"login": login, "password": password}, timeout=60)
+        elapsed = time.perf_counter() - start
+        if answer.status_code != 201 or not answer.json().get("token"):
+            raise RuntimeError(f"sessions answered {answer.status_code}: {answer.text}")
+        if i >= warm_up:
+            samples.append(elapsed)
+    with engine.connect() as connection:
+        stored = connection.execute(select(users.c.password_hash)
+                                    .where(users.c.login == login)).scalar_one()
+    p = argon2.extract_parameters(stored)
+    parameters = {"type": f"argon2{p.type.name.lower()}", "version": p.version,
+                  "time_cost": p.time_cost, "memory_cost_kib": p.memory_cost,
+                  "parallelism": p.parallelism, "hash_len": p.hash_len,
+                  "salt_len": p.salt_len}
+    return p95_ms(samples), parameters
 
 
 def bulk_import(base: str, token: str, participants: int) -> float:
     """Events per second through the batch endpoint, 100 commands per request."""
-    session = requests.Session()
-    session.headers["Authorization"] = f"Bearer {token}"
+    session = _session(token)
     commands = []
     for _ in range(participants):
         body = _screen_body()
@@ -112,11 +214,25 @@ def raw_concurrent_saves(env: dict[str, str], total: int) -> float:
         app.close()
 
 
+def raw_batched_saves(env: dict[str, str], total: int, per_save: int = 100) -> float:
+    """The library's own recorder: ``per_save`` new single-event aggregates in each save
+    (one transaction), one thread, as the bulk import's client sends its batches."""
+    app: Application[Any] = Application(env=env)
+    try:
+        app.save(*(Ping() for _ in range(per_save)))
+        start = time.perf_counter()
+        for _ in range(total // per_save):
+            app.save(*(Ping() for _ in range(per_save)))
+        return total // per_save * per_save / (time.perf_counter() - start)
+    finally:
+        app.close()
+
+
 def history_p95_ms(base: str, token: str, participant_ids: list[str],
-                   warm_up: int = 0) -> float:
+                   warm_up: int = 0) -> tuple[float, float]:
     """p95 of GET /v1/participants/{id}/history, one client, reading the participants in
     the order given (one id again and again, or each once); the first ``warm_up`` reads
-    are not counted."""
+    are not counted. Also their median (ms)."""
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {token}"
     samples = []
@@ -128,7 +244,7 @@ def history_p95_ms(base: str, token: str, participant_ids: list[str],
             raise RuntimeError(f"history answered {answer.status_code}")
         if i >= warm_up:
             samples.append(elapsed)
-    return p95_ms(samples)
+    return p95_ms(samples), round(statistics.median(samples) * 1000, 2)
 
 
 def p95_ms(samples: list[float]) -> float:

@@ -43,17 +43,25 @@ def smtp_sink_process(port: int) -> multiprocessing.Process:
     return process
 
 
-def sends_per_second(t: Trialog, smtp_url: str, n: int) -> float:
-    """Sends ``n`` due reminders one after another, as one worker process does."""
+def due_reminders(t: Trialog, n: int) -> list[str]:
+    """``n`` participants whose week6 window opened yesterday, their reminders scanned
+    into the outbox: the ids."""
     today = datetime.now(UTC).date()
-    registered = today - timedelta(days=36)  # the week6 window opened yesterday
+    registered = today - timedelta(days=36)
     for _ in range(n):
         pid = f"CASE-{uuid.uuid4().hex[:12]}"
         for command in (c.ScreenParticipant(pid, screening()), c.RecordConsent(pid, consent()),
                         c.RandomizeParticipant(pid, {"registered_on": registered})):
             t.bus.dispatch(command, command_id=str(uuid.uuid4()), actor="bench")
     TrialProjection(t, batch_size=5000).catch_up()
-    ids = reminders.scan(t, today)
+    return reminders.scan(t, today)
+
+
+def sends_per_second(t: Trialog, smtp_url: str, n: int) -> float:
+    """Sends ``n`` due reminders one after another, a task each, as one worker process
+    does with send_reminder."""
+    ids = due_reminders(t, n)
+    today = datetime.now(UTC).date()
     mailer = reminders.Mailer(smtp_url, t.settings.mail_from)
     start = time.perf_counter()
     outcomes = [reminders.send(t, mailer, reminder_id, today) for reminder_id in ids]
@@ -61,6 +69,55 @@ def sends_per_second(t: Trialog, smtp_url: str, n: int) -> float:
     if set(outcomes) != {"sent"}:
         raise SystemExit(f"reminders not sent: {set(outcomes)}")
     return len(ids) / elapsed
+
+
+def _worker(env: dict[str, str], chunks: list[list[str]], ready: Any, go: Any,
+            done: Any) -> None:
+    """One worker process: started up (imports, bootstrap, an SMTP connection), then, once
+    every worker is, sends its chunks as the send_reminders task does."""
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.settings import Settings
+
+    t = bootstrap(Settings.from_env(env))
+    mailer = reminders.Mailer(t.settings.smtp_url, t.settings.mail_from)
+    today = datetime.now(UTC).date()
+    ready.put(True)
+    go.wait(600)
+    sent = 0
+    for chunk in chunks:
+        sent += list(reminders.send_chunk(t, mailer, chunk, today).values()).count("sent")
+    mailer.close()
+    t.close()
+    done.put(sent)
+
+
+def chunked_sends_per_second(t: Trialog, env: dict[str, str], n: int,
+                             processes: int = 2) -> tuple[float, float]:
+    """Sends ``n`` due reminders in chunks of reminders.CHUNK from ``processes`` worker
+    processes, each chunk over one SMTP connection with its ReminderSent events in one
+    transaction (the send_reminders task): emails/s once the workers are up (as a
+    running Celery worker is), and with their start-up counted."""
+    ids = due_reminders(t, n)
+    chunks = [ids[i:i + reminders.CHUNK] for i in range(0, len(ids), reminders.CHUNK)]
+    context = multiprocessing.get_context("spawn")
+    ready, go, done = context.Queue(), context.Event(), context.Queue()
+    workers = [context.Process(target=_worker, args=(env, chunks[k::processes], ready, go,
+                                                     done))
+               for k in range(processes)]
+    spawned = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready.get(timeout=600)
+    start = time.perf_counter()
+    go.set()
+    sent = sum(done.get(timeout=600) for _ in workers)
+    end = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    if sent != len(ids):
+        raise SystemExit(f"{sent} of {len(ids)} reminders sent")
+    return len(ids) / (end - start), len(ids) / (end - spawned)
 
 
 def scan_ms(t: Trialog, population: int) -> tuple[float, int]:

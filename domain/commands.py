@@ -90,10 +90,69 @@ class RecordVisitMissed(Command):
     """Issued by the deviation monitor when a visit window closes."""
 
 
+class RaiseQuery(Command):
+    pass
+
+
+class RespondToQuery(Command):
+    pass
+
+
+class CloseQuery(Command):
+    pass
+
+
+class ReopenQuery(Command):
+    pass
+
+
+class CancelQuery(Command):
+    pass
+
+
+class VerifySource(Command):
+    pass
+
+
+class SignVisit(Command):
+    """``data`` carries the signer's login and printed name (set by the server from the
+    person's session), never the password."""
+
+
+class SignCasebook(Command):
+    """As SignVisit, for the whole casebook."""
+
+
+class LockVisit(Command):
+    pass
+
+
+class UnlockVisit(Command):
+    pass
+
+
+class LockCasebook(Command):
+    pass
+
+
+class UnlockCasebook(Command):
+    pass
+
+
+# Commands that change a participant's data: refused while the database is locked.
+DATA_COMMANDS = frozenset({
+    ScreenParticipant, RecordConsent, RandomizeParticipant, RecordBloodSample, RecordDose,
+    CompleteVisit, ReportMedication, WithdrawParticipant, CorrectData,
+})
+SIGNING_COMMANDS = frozenset({SignVisit, SignCasebook})
+TRIAL_COMMANDS = ("LockDatabase", "UnlockDatabase")
+
 COMMAND_TYPES: dict[str, type[Command]] = {
     c.__name__: c
     for c in (
         ScreenParticipant, RecordConsent, RandomizeParticipant, RecordBloodSample, RecordDose,
         CompleteVisit, ReportMedication, WithdrawParticipant, CorrectData, ResolveDeviation,
+        RaiseQuery, RespondToQuery, CloseQuery, ReopenQuery, CancelQuery, VerifySource,
+        SignVisit, SignCasebook, LockVisit, UnlockVisit, LockCasebook, UnlockCasebook,
     )
 }

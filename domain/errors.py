@@ -36,6 +36,19 @@ class ParticipantNotFound(DomainError):
     code = "not_found"
 
 
+class SiteNotAllowed(DomainError):
+    """A participant screened at a site outside the caller's scope."""
+
+    code = "site_not_allowed"
+
+
+class ParticipantIdUnavailable(DomainError):
+    """The id is taken by a participant the caller can't see (only possible when the
+    protocol gives the sites no participant id prefixes)."""
+
+    code = "participant_id_unavailable"
+
+
 class ValidationFailed(DomainError):
     """A value broke a field rule; ``fields`` maps dotted paths to messages."""
 
@@ -49,3 +62,15 @@ class ValidationFailed(DomainError):
 
 class ProtocolError(ValueError):
     """The protocol file is malformed; the message names the key."""
+
+
+class Locked(DomainError):
+    """The visit or casebook is locked: its data can't change until it is unlocked."""
+
+    code = "locked"
+
+
+class DatabaseLocked(DomainError):
+    """The trial database is locked: no participant's data can change."""
+
+    code = "database_locked"

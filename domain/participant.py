@@ -14,10 +14,13 @@ from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+from eventsourcing.domain import Snapshot as AggregateSnapshot
+
 from domain import eligibility
 from domain.chain import ChainedAggregate
 from domain.commands import Audit
 from domain.errors import InvalidTransition, NotEligible, ValidationFailed
+from domain.management import QUERY_TRANSITIONS, DataManagement, visit_key
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence
 from domain.scoring import visit_scores
@@ -96,7 +99,7 @@ def place(data: dict[str, Any], path: str, value: Any) -> None:
     node[last] = value
 
 
-class Participant(ChainedAggregate):
+class Participant(DataManagement, ChainedAggregate):
     """One participant's record, from screening to the end of follow-up."""
 
     class Event(ChainedAggregate.Event):
@@ -137,6 +140,11 @@ class Participant(ChainedAggregate):
             aggregate.allocation_index = None
             aggregate.withdrawals = {}
             aggregate.corrected = []  # a list: aggregate state stays plain JSON values
+            aggregate.queries = {}
+            aggregate.verified = {}  # visit -> the version that verified it
+            aggregate.changed = {}  # visit -> the version of its latest correction
+            aggregate.signatures = {}  # "visit:<code>" or "casebook" -> the signature
+            aggregate.locks = []  # "visit:<code>" or "casebook"
             Participant.Capture.apply(self, aggregate)
 
         def absorb(self, aggregate: Any) -> None:
@@ -206,6 +214,9 @@ class Participant(ChainedAggregate):
             aggregate.records[version] = {**record, "data": data}
             if version not in aggregate.corrected:
                 aggregate.corrected.append(version)
+            visit = visit_of(record)
+            if visit is not None:
+                aggregate.changed[visit] = self.originator_version
 
     class DeviationFlagged(Event):
         deviation_id: str
@@ -245,6 +256,100 @@ class Participant(ChainedAggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.missed_visits.append(self.visit)
 
+    class QueryRaised(Event):
+        query_id: str
+        text: str
+        target: dict[str, Any]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.queries[self.query_id] = {
+                "query_id": self.query_id, "status": "open", "target": dict(self.target),
+                "opened_at": self.timestamp.isoformat(), "opened_by": self.actor,
+                "thread": [{"action": "raise", "by": self.actor,
+                            "at": self.timestamp.isoformat(), "text": self.text}],
+            }
+
+    class QueryEvent(Event):
+        """A step of a query after it was raised; ``action`` names it."""
+
+        query_id: str
+        text: str | None
+        action = ""
+
+        def apply(self, aggregate: Any) -> None:
+            query = aggregate.queries[self.query_id]
+            query["status"] = QUERY_TRANSITIONS[self.action][1]
+            query["thread"].append({"action": self.action, "by": self.actor,
+                                    "at": self.timestamp.isoformat(),
+                                    "text": self.text if self.text is not None
+                                    else self.reason})
+
+    class QueryAnswered(QueryEvent):
+        action = "respond"
+
+    class QueryClosed(QueryEvent):
+        action = "close"
+
+    class QueryReopened(QueryEvent):
+        action = "reopen"
+
+    class QueryCancelled(QueryEvent):
+        action = "cancel"
+
+    class SourceVerified(Event):
+        visit: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.verified[self.visit] = self.originator_version
+
+    class RecordSigned(Event):
+        """An electronic signature: who (login and printed name), its meaning, when (the
+        event's time), the version signed and a SHA-256 of the signed data."""
+
+        scope: str
+        meaning: str
+        signed_by: str
+        printed_name: str
+        signed_version: int
+        data_sha256: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.signatures[self.scope] = {
+                "signed_by": self.signed_by, "printed_name": self.printed_name,
+                "meaning": self.meaning, "signed_at": self.timestamp.isoformat(),
+                "valid": True, "signed_version": self.signed_version,
+                "data_sha256": self.data_sha256,
+            }
+
+    class SignatureInvalidated(Event):
+        scope: str
+        cause: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.signatures[self.scope]["valid"] = False
+
+    class ScopeLocked(Event):
+        scope: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.locks.append(self.scope)
+
+    class ScopeUnlocked(Event):
+        scope: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.locks.remove(self.scope)
+
+    class Snapshot(AggregateSnapshot):
+        """The participant's state at a version, so that a long record loads from it and
+        the events after it. Stored as JSON, whose object keys are text: the records,
+        keyed by version, get their integer keys back."""
+
+        def mutate(self, _: None) -> Any:
+            participant: Any = super().mutate(_)
+            participant.records = {int(v): r for v, r in participant.records.items()}
+            return participant
+
     if TYPE_CHECKING:  # set by the events; not annotated at run time (see chain.py)
         participant_id: str
         site_id: str
@@ -263,6 +368,21 @@ class Participant(ChainedAggregate):
         reminders: list[str]
         missed_visits: list[str]
         corrected: list[int]  # versions of the captured events corrected since
+        queries: dict[str, dict[str, Any]]
+        verified: dict[str, int]
+        changed: dict[str, int]
+        signatures: dict[str, dict[str, Any]]
+        locks: list[str]
+
+    def trigger_event(self, event_class: type[Any], **kwargs: Any) -> None:
+        """As every aggregate's; and new data in a signed casebook invalidates its
+        signature in the same command (it no longer holds what was signed)."""
+        super().trigger_event(event_class, **kwargs)
+        casebook = self.signatures.get("casebook") if hasattr(self, "signatures") else None
+        if issubclass(event_class, Participant.Capture) and casebook and casebook["valid"]:
+            audit = {k: kwargs[k] for k in ("command_id", "actor", "reason", "timestamp")}
+            super().trigger_event(self.SignatureInvalidated, scope="casebook",
+                                  cause="new data", **audit)
 
     # --- derived views -------------------------------------------------------------------
 
@@ -349,6 +469,7 @@ class Participant(ChainedAggregate):
         )
 
     def rescreen(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit) -> None:
+        self.require_unlocked()
         if self.status != "screen_failed":
             raise InvalidTransition(
                 f"participant {self.participant_id} is already screened (status {self.status}); "
@@ -362,6 +483,7 @@ class Participant(ChainedAggregate):
                            failed_criteria=failed, **audit.event_fields())
 
     def record_consent(self, data: Mapping[str, Any], audit: Audit) -> None:
+        self.require_unlocked()
         self._refuse_screen_failure("consented")
         self._require_status("record consent", "screened", "consented", *ACTIVE, "completed")
         self.trigger_event(self.ConsentRecorded, data=dict(data), **audit.event_fields())
@@ -370,6 +492,7 @@ class Participant(ChainedAggregate):
         self, data: Mapping[str, Any], sequence: AllocationSequence, seed: bytes,
         protocol: Protocol, audit: Audit,
     ) -> None:
+        self.require_unlocked()
         self._refuse_screen_failure("randomized")
         self._require_status("randomize", "consented")
         registered_on: date = data["registered_on"]
@@ -401,9 +524,12 @@ class Participant(ChainedAggregate):
                             audit: Audit) -> None:
         self._require_status("record a blood sample", "consented", *ACTIVE, "completed")
         _require_visit(protocol, data["timepoint"], "data.timepoint")
+        self.require_unlocked(data["timepoint"])  # the sample belongs to its visit
         self.trigger_event(self.BloodSampleCollected, data=dict(data), **audit.event_fields())
+        self.invalidate_signatures([visit_key(data["timepoint"])], "new data", audit)
 
     def record_dose(self, data: Mapping[str, Any], audit: Audit) -> None:
+        self.require_unlocked()
         self._require_status("record a dose", *ACTIVE, "completed")
         taken_on: date = data["taken_on"]
         _require_not_future(taken_on, audit, "data.taken_on")
@@ -419,6 +545,7 @@ class Participant(ChainedAggregate):
         self._require_status("complete a visit", *ACTIVE)
         code = data["visit"]
         _require_visit(protocol, code, "data.visit")
+        self.require_unlocked(code)
         if code in self.completed_visits():
             raise InvalidTransition(
                 f"visit {code} is already completed; use CorrectData to change it"
@@ -429,11 +556,13 @@ class Participant(ChainedAggregate):
         )
 
     def report_medication(self, data: Mapping[str, Any], audit: Audit) -> None:
+        self.require_unlocked()
         self._require_status("report a medication", "screened", "consented", *ACTIVE,
                              "completed")
         self.trigger_event(self.MedicationReported, data=dict(data), **audit.event_fields())
 
     def withdraw(self, data: Mapping[str, Any], audit: Audit) -> None:
+        self.require_unlocked()
         if data["scope"] == "treatment":
             self._require_status("withdraw from treatment", "randomized")
         else:
@@ -454,7 +583,11 @@ class Participant(ChainedAggregate):
             raise ValidationFailed(
                 {"data.event_id": ["is not a data-capturing event of this participant"]}
             )
+        visit = visit_of(record)
+        self.require_unlocked(visit)
         path: str = data["field"]
+        if record["type"] == "BloodSampleCollected" and path == "timepoint":
+            self.require_unlocked(str(data["value"]))  # the visit it would move to
         if path.split(".")[0] in LOCKED_FIELDS:
             raise ValidationFailed({"data.field": [f"{path!r} can't be corrected"]})
         previous = _lookup(record["data"], path)
@@ -474,6 +607,8 @@ class Participant(ChainedAggregate):
             previous_value=copy.deepcopy(previous), value=copy.deepcopy(value),
             **audit.event_fields(),
         )
+        signed = [visit_key(visit)] if visit is not None else []
+        self.invalidate_signatures([*signed, "casebook"], "corrected", audit)
 
     def flag_deviation(
         self, deviation_id: str, code: str, severity: str, evidence: list[str], detail: str,
@@ -549,6 +684,16 @@ class Participant(ChainedAggregate):
                 f"can't {action} for participant {self.participant_id} "
                 f"in status {self.status}"
             )
+
+
+def visit_of(record: Mapping[str, Any]) -> str | None:
+    """The visit whose data a captured record is: a completed visit's, or a blood sample's
+    timepoint."""
+    if record["type"] == "VisitCompleted":
+        return str(record["data"]["visit"])
+    if record["type"] == "BloodSampleCollected":
+        return str(record["data"]["timepoint"])
+    return None
 
 
 def _like(previous: Any, value: Any) -> Any:

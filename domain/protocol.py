@@ -69,6 +69,8 @@ class Site:
     id: str
     name: str
     coordinator_email: str
+    participant_prefix: str = ""  # every participant id of the site starts with it
+    coordinator_language: str = "en"  # of the emails to the site coordinator
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,18 @@ def _unique(values: list[str], key: str) -> None:
         raise ProtocolError(f"{key}: codes must be unique")
 
 
+def _prefixes(sites: tuple[Site, ...]) -> None:
+    """Either every site has a participant id prefix or none has, and no prefix starts
+    another (an id must name one site)."""
+    prefixes = [s.participant_prefix for s in sites if s.participant_prefix]
+    if prefixes and len(prefixes) != len(sites):
+        raise ProtocolError("sites: give every site a participant_prefix, or none")
+    for i, a in enumerate(prefixes):
+        for j, b in enumerate(prefixes):
+            if i != j and b.startswith(a):
+                raise ProtocolError(f"sites: participant_prefix {a!r} starts {b!r}")
+
+
 def _arms(root: _Reader) -> tuple[Arm, ...]:
     arms = tuple(
         Arm(t.text("code"), t.text("name"), t.flag("receives_dose")) for t in root.tables("arms")
@@ -300,14 +314,22 @@ def protocol_from_mapping(data: Mapping[str, Any]) -> Protocol:
     study = root.table("study")
     arms = _arms(root)
     sites = tuple(
-        Site(t.text("id"), t.text("name"), t.text("coordinator_email")) for t in root.tables("sites")
+        Site(t.text("id"), t.text("name"), t.text("coordinator_email"),
+             t.text("participant_prefix") if "participant_prefix" in t.data else "",
+             t.text("coordinator_language") if "coordinator_language" in t.data else "en")
+        for t in root.tables("sites")
     )
     _unique([s.id for s in sites], "sites")
+    _prefixes(sites)
     deviations = root.table("deviations")
     fraction = deviations.number("max_missed_dose_fraction")
     if not 0 <= fraction <= 1:
         raise ProtocolError("deviations.max_missed_dose_fraction: must be between 0 and 1")
     languages = study.strings("languages")
+    for i, site in enumerate(sites):
+        if site.coordinator_language not in languages:
+            raise ProtocolError(f"sites[{i}].coordinator_language: must be one of "
+                                f"{', '.join(languages)}")
     visits = _visits(root, languages)
     dose = root.table("dose")
     treatment_ends_at = dose.text("treatment_ends_at")

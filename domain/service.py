@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import date
-from typing import Any
+from typing import Any, ClassVar, Self
+from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
 from eventsourcing.persistence import JSONTranscoder, Transcoding
 
 from domain import commands as c
+from domain.access import EVERY_SITE, Scope
 from domain.commands import Audit, Command
-from domain.errors import ParticipantNotFound, VersionConflict
+from domain.errors import (
+    ParticipantIdUnavailable,
+    ParticipantNotFound,
+    SiteNotAllowed,
+    ValidationFailed,
+    VersionConflict,
+)
+from domain.management import CASEBOOK, visit_key
 from domain.participant import CorrectionRule, Participant, participant_uuid
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
+from domain.trial import TrialDatabase, trial_uuid
+from domain.views import visits_view
 
 
 class DateAsISO(Transcoding):
@@ -27,6 +39,10 @@ class DateAsISO(Transcoding):
 
     def decode(self, data: str) -> date:
         return date.fromisoformat(data)
+
+
+# The aggregates of commands decided together (see Together): every load inside sees them.
+_TOGETHER: ContextVar[dict[UUID, Any] | None] = ContextVar("trialog_together", default=None)
 
 
 @dataclass(frozen=True)
@@ -41,13 +57,17 @@ class Outcome:
 
 
 Decision = tuple[Participant, ...] | tuple[Participant, AllocationSequence]
-Handler = Callable[[Command, Audit, "int | None"], Any]
+Handler = Callable[[Any, Command, Audit], Any]
 
 
 class TrialService(Application[Any]):
     """Turns commands into participant events."""
 
     name = "Trialog"
+    # A snapshot every 100 events of a participant: a long record loads from its latest
+    # snapshot and the events after it (snapshots are encrypted like the events; the
+    # events stay the record).
+    snapshotting_intervals: ClassVar[dict[type[Any], int]] = {Participant: 100}
 
     def __init__(self, protocol: Protocol, allocation_seed: bytes,
                  env: dict[str, str] | None = None,
@@ -70,6 +90,19 @@ class TrialService(Application[Any]):
             c.FlagDeviation: self.flag_deviation,
             c.RecordReminderSent: self.record_reminder_sent,
             c.RecordVisitMissed: self.record_visit_missed,
+            c.RaiseQuery: lambda p, cmd, a: p.raise_query(cmd.data, self.protocol, a),
+            c.RespondToQuery: lambda p, cmd, a: p.act_on_query("respond", cmd.data, a),
+            c.CloseQuery: lambda p, cmd, a: p.act_on_query("close", cmd.data, a),
+            c.ReopenQuery: lambda p, cmd, a: p.act_on_query("reopen", cmd.data, a),
+            c.CancelQuery: lambda p, cmd, a: p.act_on_query("cancel", cmd.data, a),
+            c.VerifySource: lambda p, cmd, a: p.verify_source(cmd.data, self.protocol, a),
+            c.SignVisit: lambda p, cmd, a: p.sign_visit(cmd.data, self.protocol, a),
+            c.SignCasebook: self.sign_casebook,
+            c.LockVisit: lambda p, cmd, a: p.lock(visit_key(cmd.data["visit"]), a,
+                                                  self.protocol),
+            c.UnlockVisit: lambda p, cmd, a: p.unlock(visit_key(cmd.data["visit"]), a),
+            c.LockCasebook: lambda p, cmd, a: p.lock(CASEBOOK, a),
+            c.UnlockCasebook: lambda p, cmd, a: p.unlock(CASEBOOK, a),
         }
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
@@ -77,14 +110,54 @@ class TrialService(Application[Any]):
         transcoder.register(DateAsISO())
 
     def execute(self, command: Command, audit: Audit,
-                expected_version: int | None = None) -> Outcome:
-        return self.record(self.decide(command, audit, expected_version))
+                expected_version: int | None = None, scope: Scope = EVERY_SITE) -> Outcome:
+        return self.record(self.decide(command, audit, expected_version, scope))
 
     def decide(self, command: Command, audit: Audit,
-               expected_version: int | None = None) -> Decision:
-        """Runs the command against the participant; nothing is saved yet."""
-        decision: Decision = self._handlers[type(command)](command, audit, expected_version)
+               expected_version: int | None = None, scope: Scope = EVERY_SITE) -> Decision:
+        """Runs the command against the participant; nothing is saved yet. A participant
+        outside ``scope`` does not exist here: the caller gets what an unknown id gets."""
+        participant = self.target(command, scope)
+        version = participant.version if participant is not None else 0
+        _check_version(command.participant_id, version, expected_version)
+        decision: Decision | None = self._handlers[type(command)](participant, command, audit)
+        if decision is None:  # a data-management command: it acts on the participant only
+            assert participant is not None
+            decision = (participant,)
         return decision
+
+    def target(self, command: Command, scope: Scope = EVERY_SITE) -> Participant | None:
+        """The participant the command acts on, as the caller may see it: None when a
+        screening creates it; refused when it is unknown or outside ``scope``."""
+        screening = isinstance(command, c.ScreenParticipant)
+        if screening:
+            self._check_new_id(command, scope)
+        try:
+            participant = self.get_participant(command.participant_id)
+        except ParticipantNotFound:
+            if screening:
+                return None
+            raise
+        if not scope.admits(participant.site_id):
+            if screening:
+                raise ParticipantIdUnavailable(
+                    f"participant_id {command.participant_id} is already in use; "
+                    "choose another")
+            raise ParticipantNotFound(f"participant {command.participant_id} not found")
+        return participant
+
+    def _check_new_id(self, command: Command, scope: Scope) -> None:
+        """A screening names a known site inside the caller's scope, and an id that starts
+        with the site's prefix: none of it depends on what exists."""
+        site = self.protocol.site(command.data["site_id"])
+        if site is None:
+            message = f"must be one of: {', '.join(self.protocol.site_ids)}"
+            raise ValidationFailed({"data.site_id": [message]})
+        if not scope.admits(site.id):
+            raise SiteNotAllowed(f"site {site.id} is outside the caller's sites")
+        if not command.participant_id.startswith(site.participant_prefix):
+            message = f"must start with {site.participant_prefix!r} at site {site.id}"
+            raise ValidationFailed({"participant_id": [message]})
 
     def record(self, decision: Decision) -> Outcome:
         """Saves what a command decided; the participant last, so that the position is
@@ -104,110 +177,140 @@ class TrialService(Application[Any]):
                     for e in participant.pending_events],
         )
 
+    def together(self, loaded: Iterable[Participant] = (),
+                 absent: Iterable[UUID] = ()) -> Together:
+        """Commands decided one after another on the same aggregates in memory and saved
+        at once (see Together); ``loaded``: participants the caller has just read;
+        ``absent``: aggregates the caller knows have no event yet."""
+        return Together(self, loaded, absent)
+
     def get_participant(self, participant_id: str, version: int | None = None) -> Participant:
-        try:
-            participant: Participant = self.repository.get(
-                participant_uuid(participant_id), version=version
-            )
-        except AggregateNotFoundError:
-            raise ParticipantNotFound(f"participant {participant_id} not found") from None
+        participant: Participant | None
+        if version is None:
+            participant = self._load(participant_uuid(participant_id))
+        else:
+            try:
+                participant = self.repository.get(participant_uuid(participant_id),
+                                                  version=version)
+            except AggregateNotFoundError:
+                participant = None
+        if participant is None:
+            raise ParticipantNotFound(f"participant {participant_id} not found")
         return participant
 
-    # --- one method per command ----------------------------------------------------------
-
-    def screen_participant(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
+    def _load(self, aggregate_id: UUID) -> Any:
+        """The newest version, or None; while commands are decided together, as they left
+        it (read from the store once)."""
+        together = _TOGETHER.get()
+        if together is not None and aggregate_id in together:
+            return together[aggregate_id]
         try:
-            participant = self._load(cmd.participant_id, expected)
-        except ParticipantNotFound:
-            _check_version(cmd.participant_id, 0, expected)
+            aggregate: Any = self.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            aggregate = None
+        if together is not None:
+            together[aggregate_id] = aggregate
+        return aggregate
+
+    # --- one method per command: the participant is loaded and checked by decide ------
+
+    def screen_participant(self, participant: Participant | None, cmd: Command,
+                           audit: Audit) -> Decision:
+        if participant is None:
             participant = Participant.screen(cmd.participant_id, cmd.data, self.protocol, audit)
         else:
             participant.rescreen(cmd.data, self.protocol, audit)
         return (participant,)
 
-    def record_consent(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def record_consent(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         participant.record_consent(cmd.data, audit)
         return (participant,)
 
-    def randomize_participant(self, cmd: Command, audit: Audit,
-                              expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def randomize_participant(self, participant: Participant, cmd: Command,
+                              audit: Audit) -> Decision:
         sequence = self._sequence(participant.site_id, audit)
         participant.randomize(cmd.data, sequence, self.allocation_seed, self.protocol, audit)
         return participant, sequence
 
-    def record_blood_sample(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def record_blood_sample(self, participant: Participant, cmd: Command,
+                            audit: Audit) -> Decision:
         participant.record_blood_sample(cmd.data, self.protocol, audit)
         return (participant,)
 
-    def record_dose(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def record_dose(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         participant.record_dose(cmd.data, audit)
         return (participant,)
 
-    def complete_visit(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def complete_visit(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         participant.complete_visit(cmd.data, self.protocol, audit)
         return (participant,)
 
-    def report_medication(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def report_medication(self, participant: Participant, cmd: Command,
+                          audit: Audit) -> Decision:
         participant.report_medication(cmd.data, audit)
         return (participant,)
 
-    def withdraw_participant(self, cmd: Command, audit: Audit,
-                             expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def withdraw_participant(self, participant: Participant, cmd: Command,
+                             audit: Audit) -> Decision:
         participant.withdraw(cmd.data, audit)
         return (participant,)
 
-    def correct_data(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def correct_data(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         participant.correct_data(cmd.data, audit, self.correction_rule)
         return (participant,)
 
-    def resolve_deviation(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def resolve_deviation(self, participant: Participant, cmd: Command,
+                          audit: Audit) -> Decision:
         participant.resolve_deviation(cmd.data, audit)
         return (participant,)
 
-    def flag_deviation(self, cmd: Command, audit: Audit, expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def flag_deviation(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         d = cmd.data
         participant.flag_deviation(d["deviation_id"], d["code"], d["severity"],
                                    list(d["evidence"]), d["detail"], audit)
         return (participant,)
 
-    def record_reminder_sent(self, cmd: Command, audit: Audit,
-                             expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def record_reminder_sent(self, participant: Participant, cmd: Command,
+                             audit: Audit) -> Decision:
         d = cmd.data
         participant.record_reminder_sent(d["visit"], d["kind"], list(d["recipients"]), audit)
         return (participant,)
 
-    def record_visit_missed(self, cmd: Command, audit: Audit,
-                            expected: int | None) -> Decision:
-        participant = self._load(cmd.participant_id, expected)
+    def record_visit_missed(self, participant: Participant, cmd: Command,
+                            audit: Audit) -> Decision:
         participant.record_visit_missed(cmd.data["visit"], audit)
         return (participant,)
 
+    def sign_casebook(self, participant: Participant, cmd: Command,
+                      audit: Audit) -> Decision:
+        visits = visits_view(participant, self.protocol, audit.recorded_at.date())
+        participant.sign_casebook(cmd.data, {v["code"]: v["status"] for v in visits}, audit)
+        return (participant,)
+
+    # --- the trial database lock ---------------------------------------------------------
+
+    def database(self) -> TrialDatabase | None:
+        try:
+            database: TrialDatabase = self.repository.get(trial_uuid(self.protocol.study_id))
+        except AggregateNotFoundError:
+            return None
+        return database
+
+    def decide_trial(self, type_name: str, audit: Audit) -> TrialDatabase:
+        """LockDatabase or UnlockDatabase; nothing is saved yet."""
+        database = self.database() or TrialDatabase.open(self.protocol.study_id, audit)
+        if type_name == "LockDatabase":
+            database.lock(audit)
+        else:
+            database.unlock(audit)
+        return database
+
     # --- helpers -------------------------------------------------------------------------
 
-    def _load(self, participant_id: str, expected: int | None) -> Participant:
-        participant = self.get_participant(participant_id)
-        _check_version(participant_id, participant.version, expected)
-        return participant
-
     def _sequence(self, stratum: str, audit: Audit) -> AllocationSequence:
-        try:
-            sequence: AllocationSequence = self.repository.get(
-                sequence_id(self.protocol.study_id, stratum)
-            )
-        except AggregateNotFoundError:
-            sequence = AllocationSequence.open(self.protocol.study_id, stratum, audit)
-        return sequence
+        sequence: AllocationSequence | None = self._load(
+            sequence_id(self.protocol.study_id, stratum))
+        return sequence or AllocationSequence.open(self.protocol.study_id, stratum, audit)
 
     def _save(self, participant: Participant, *others: Any) -> Outcome:
         answer = self.answer((participant,))
@@ -217,6 +320,77 @@ class TrialService(Application[Any]):
             if r.domain_event.originator_id == participant.id
         ]
         return replace(answer, position=max(positions) if positions else None)
+
+
+class Together:
+    """Commands decided one after another on the same aggregates in memory, then saved in
+    one go: each command sees what those before it decided, as if they had been saved
+    (a bulk import, a group of commands, a chunk of reminders). A refused command leaves
+    no trace: the aggregates it changed are put back as the commands before it left them.
+    Saving conflicts if another writer saved one of the aggregates meanwhile; decide
+    again with a new Together then."""
+
+    def __init__(self, service: TrialService, loaded: Iterable[Participant] = (),
+                 absent: Iterable[UUID] = ()) -> None:
+        self.service = service
+        self.aggregates: dict[UUID, Any] = dict.fromkeys(absent)
+        self.aggregates.update({p.id: p for p in loaded})
+        self.decided: dict[UUID, list[Any]] = {}  # each aggregate's events, in order
+        self.events: list[Any] = []  # every aggregate's, in the order decided
+        self._token: Any = None
+
+    def __enter__(self) -> Self:
+        self._token = _TOGETHER.set(self.aggregates)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        _TOGETHER.reset(self._token)
+
+    def decide(self, command: Command, audit: Audit, expected_version: int | None = None,
+               scope: Scope = EVERY_SITE) -> tuple[Outcome, list[Any]]:
+        """The command's answer but for its position, and the participant's new events
+        (their positions, once saved, give it)."""
+        try:
+            decision = self.service.decide(command, audit, expected_version, scope)
+        except BaseException:
+            self._put_back()
+            raise
+        answer = self.service.answer(decision)
+        participant, *others = decision
+        mine: list[Any] = []
+        for aggregate in (*others, participant):  # the participant's last, as record saves
+            self.aggregates[aggregate.id] = aggregate
+            new = aggregate.collect_events()
+            self.decided.setdefault(aggregate.id, []).extend(new)
+            self.events.extend(new)
+            if aggregate is participant:
+                mine = list(new)
+        return answer, mine
+
+    def _put_back(self) -> None:
+        """Each aggregate a refused command changed, as the store and the commands before
+        it left it."""
+        for key, aggregate in list(self.aggregates.items()):
+            if aggregate is not None and aggregate.pending_events:
+                try:
+                    stored: Any = self.service.repository.get(key)
+                except AggregateNotFoundError:
+                    stored = None
+                self.aggregates[key] = project_aggregate(stored, self.decided.get(key, []))
+
+    def save(self) -> dict[tuple[UUID, int], int]:
+        """Every decided event in one insert, in the order decided, and the snapshots the
+        service takes; the position of each event by its aggregate and version."""
+        if not self.events:
+            return {}
+        recordings = self.service.save(*self.events)
+        for key, events in self.decided.items():
+            interval = self.service.snapshotting_intervals.get(type(self.aggregates[key]))
+            for event in events:
+                if interval and event.originator_version % interval == 0:
+                    self.service.take_snapshot(key, version=event.originator_version)
+        return {(r.domain_event.originator_id, r.domain_event.originator_version):
+                r.notification.id for r in recordings}
 
 
 def _check_version(participant_id: str, actual: int, expected: int | None) -> None:

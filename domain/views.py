@@ -8,6 +8,7 @@ from datetime import date
 from statistics import fmean
 from typing import Any
 
+from domain.management import CASEBOOK, signature_view, visit_key
 from domain.participant import Participant
 from domain.protocol import Protocol
 from domain.schedule import schedule, visit_status
@@ -34,6 +35,34 @@ def visits_view(p: Participant, protocol: Protocol, today: date) -> list[dict[st
     return rows
 
 
+def management_view(p: Participant) -> dict[str, Any]:
+    """Data management on the record: queries not closed, and per completed or missed
+    visit and for the casebook, the source verification, the signature and the lock."""
+    visits = {
+        code: {"sdv": p.sdv_status(code),
+               "signature": signature_view(p.signatures.get(visit_key(code))),
+               "locked": visit_key(code) in p.locks}
+        for code in [*p.completed_visits(), *p.missed_visits]
+    }
+    return {"open_queries": p.open_queries, "visits": visits,
+            "casebook": {"signature": signature_view(p.signatures.get(CASEBOOK)),
+                         "locked": CASEBOOK in p.locks}}
+
+
+NOT_CAPTURED = {"sdv": "not_verified", "signature": None, "locked": False}
+
+
+def with_management(state: dict[str, Any], management: dict[str, Any] | None) -> None:
+    """Adds ``open_queries``, ``casebook`` and each visit's ``sdv``, ``signature`` and
+    ``locked`` to a state."""
+    management = management or {"open_queries": 0, "visits": {},
+                                "casebook": {"signature": None, "locked": False}}
+    for visit in state["visits"]:
+        visit.update(management["visits"].get(visit["code"], NOT_CAPTURED))
+    state["open_queries"] = management["open_queries"]
+    state["casebook"] = management["casebook"]
+
+
 def participant_state(p: Participant, protocol: Protocol, today: date,
                       contact: bool = False) -> dict[str, Any]:
     """The participant's current state; contact details only when ``contact``."""
@@ -52,6 +81,7 @@ def participant_state(p: Participant, protocol: Protocol, today: date,
                             for d in p.deviations.values() if d["status"] == "open"],
         "scores": p.scores(),
     }
+    with_management(state, management_view(p))
     if contact:
         birth_date = p.screening.get("birth_date")
         state["contact"] = {"email": p.screening.get("email"),

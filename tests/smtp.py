@@ -19,6 +19,7 @@ from tests.e2e.conftest import free_port
 @dataclass
 class Sink:
     messages: list[Message] = field(default_factory=list)
+    envelopes: list[tuple[str, list[str]]] = field(default_factory=list)  # (from, to)
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
     defer: set[str] = field(default_factory=set)  # addresses answered 451
     delay: float = 0.0  # seconds to hold each DATA before answering (once)
@@ -41,6 +42,7 @@ class Sink:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         import asyncio
 
+        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.messages.append(email.message_from_bytes(envelope.content))
         self.received.set()
         if self.delay:
@@ -58,9 +60,10 @@ class Sink:
 
 
 @contextmanager
-def smtp_sink() -> Iterator[Sink]:
+def smtp_sink(smtputf8: bool = False) -> Iterator[Sink]:
     sink = Sink(port=free_port())
-    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port,
+                            enable_SMTPUTF8=smtputf8)
     controller.start()
     try:
         yield sink

@@ -23,6 +23,7 @@ MAX_RETRY_COUNTDOWN = 600  # s; retries of a failing SMTP server back off up to 
 REMINDER_SCAN_EVERY = 60.0  # s
 DEVIATION_FOLLOW_EVERY = 2.0  # s
 DEVIATION_SCAN_EVERY = 3600.0  # s
+WEBHOOK_DISPATCH_EVERY = 2.0  # s
 
 
 def beat_schedule_file() -> str:
@@ -55,6 +56,8 @@ def make_app(settings: Settings | None = None) -> Celery:
                                   "schedule": DEVIATION_FOLLOW_EVERY},
             "deviations-scan": {"task": "workers.tasks.scan_deviations",
                                 "schedule": DEVIATION_SCAN_EVERY},
+            "webhooks-dispatch": {"task": "workers.tasks.dispatch_webhooks",
+                                  "schedule": WEBHOOK_DISPATCH_EVERY},
         },
     )
     app.conf.trialog_settings = settings

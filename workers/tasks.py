@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from infrastructure.jobs import monitor, reminders
+from infrastructure.jobs import monitor, reminders, webhooks
 from workers.app import MAX_RETRY_COUNTDOWN, trialog
 
 
@@ -39,8 +39,18 @@ def send_reminder(self: Any, reminder_id: str) -> str:
 def scan_reminders(self: Any) -> int:
     """Turns due reminders into outbox rows and hands them to send_reminder."""
     t = _app(self)
-    new = reminders.scan(t, t.today(), enqueue=send_reminder.delay)
+    new = reminders.scan(t, t.today(), enqueue=send_reminders.delay, chunk=reminders.CHUNK)
     return len(new)
+
+
+@shared_task(bind=True, autoretry_for=(reminders.TransientMailError,),
+             retry_backoff=5, retry_backoff_max=MAX_RETRY_COUNTDOWN, retry_jitter=True,
+             max_retries=8)
+def send_reminders(self: Any, reminder_ids: list[str]) -> dict[str, str]:
+    """Sends a chunk of the outbox over one SMTP connection and records the sent ones in
+    one transaction (rows another sender has are left to it and to the next scan)."""
+    t = _app(self)
+    return reminders.send_chunk(t, _mailer(t), list(reminder_ids), t.today())
 
 
 @shared_task(bind=True)
@@ -54,3 +64,33 @@ def scan_deviations(self: Any) -> dict[str, int]:
     """Runs the clock-driven rules (missed visits, poor adherence)."""
     t = _app(self)
     return monitor.scan_clock(t, t.today())
+
+
+@shared_task(bind=True)
+def dispatch_webhooks(self: Any) -> int:
+    """Hands every subscription behind the log (and not waiting for a retry) to
+    deliver_webhook."""
+    ids = webhooks.due(_app(self))
+    for webhook_id in ids:
+        deliver_webhook.delay(webhook_id)
+    return len(ids)
+
+
+@shared_task(bind=True)
+def deliver_webhook(self: Any, webhook_id: str) -> str:
+    """Delivers one subscription's events in order until it is up to date or a delivery
+    fails (then its retry time is recorded for the next dispatch)."""
+    t = _app(self)
+    return webhooks.deliver(t, webhook_id, feed=_feed(t))
+
+
+_FEEDS: dict[int, Any] = {}
+
+
+def _feed(t: Any) -> Any:
+    """This process's feed reader, whose knowledge of streams' sites is kept."""
+    from infrastructure.audit.feed import Feed
+
+    if id(t) not in _FEEDS:
+        _FEEDS[id(t)] = Feed(t)
+    return _FEEDS[id(t)]

@@ -16,7 +16,8 @@ from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
 
-from infrastructure.api import commands, reads
+from infrastructure import console
+from infrastructure.api import commands, feed, reads, reports, sessions
 from infrastructure.api.errors import ApiError, database_error, error_response, invalid
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import document_commands
@@ -24,7 +25,7 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import DATABASE_ERRORS
 
 log = logging.getLogger("trialog.http")
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/sessions"})
 POSITION_HEADER = "Trialog-Position"
 
 
@@ -64,8 +65,12 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     api.spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer"})
     document_commands(api.spec, trialog.protocol)
     app.extensions["trialog"] = Runtime(trialog, follow=follow)
-    for blueprint in (commands.blp, *reads.BLUEPRINTS):
+    for blueprint in (commands.blp, commands.trial_blp, sessions.blp, feed.blp,
+                      feed.webhooks_blp,
+                      *reads.BLUEPRINTS):
         api.register_blueprint(blueprint)
+    api.register_blueprint(reports.blp)
+    console.register(app)  # /console/: people sign in with a cookie session of its own
     app.before_request(_authenticate)
     app.after_request(_log_request)
     app.register_error_handler(ApiError, lambda e: error_response(e.status, e.body))
@@ -89,7 +94,7 @@ def _authenticate() -> None:
     g.started = time.perf_counter()
     g.request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
     g.principal = None
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or console.serves(request.path):
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -99,6 +104,18 @@ def _authenticate() -> None:
     if principal is None:
         raise ApiError(401, "unauthorized", "the bearer token is not valid")
     g.principal = principal
+    participant_id = (request.view_args or {}).get("participant_id")
+    if participant_id is not None:
+        _gate(participant_id)
+
+
+def _gate(participant_id: str) -> None:
+    """A participant outside the caller's sites does not exist for the caller: every
+    route about one participant answers as for an unknown id, before its view runs."""
+    from infrastructure.readside.queries import visible
+
+    if not visible(runtime().trialog, g.principal.scope, participant_id):
+        raise ApiError(404, "not_found", f"participant {participant_id} not found")
 
 
 def _http_error(e: HTTPException) -> Response:

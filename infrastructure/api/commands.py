@@ -9,11 +9,10 @@ from flask import Response, g, jsonify, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError
 
-from domain.commands import COMMAND_TYPES
+from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
 from domain.protocol import Protocol
 from infrastructure.api.errors import (
-    UNAVAILABLE,
     ApiError,
     error_response,
     forbidden,
@@ -26,8 +25,10 @@ from infrastructure.api.schemas import (
     CommandBatch,
     CommandEnvelope,
     ErrorBody,
+    TrialAnswer,
+    TrialCommand,
 )
-from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
+from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.schemas import data_schemas, flatten
 
 log = logging.getLogger("trialog.commands")
@@ -45,6 +46,7 @@ def _body(schema: str) -> dict[str, Any]:
 
 
 _SCHEMAS: dict[int, dict[str, Schema]] = {}
+_ENVELOPE = CommandEnvelope()  # a schema's load keeps no state: one for every request
 
 
 def _schemas(protocol: Protocol) -> dict[str, Schema]:
@@ -68,10 +70,26 @@ def execute(raw: Any) -> tuple[int, dict[str, Any]]:
     """One command, from its JSON body to the contract's answer (status, body)."""
     from infrastructure.api import runtime
 
+    intent = _intent(raw)
+    try:
+        accepted = runtime().trialog.bus.dispatch(
+            intent.command, command_id=intent.command_id, actor=intent.actor,
+            reason=intent.reason, expected_version=intent.expected_version,
+            scope=intent.scope)
+    except DomainError as e:
+        raise from_domain(e) from None
+    return _answered(intent, accepted)
+
+
+def _intent(raw: Any) -> Intent:
+    """The command a JSON body asks for, checked: its fields, and the caller's right to
+    issue it (a signature: the signer's password again)."""
+    from infrastructure.api import runtime
+
     if not isinstance(raw, dict):
         raise _validation({"body": ["must be a JSON object"]})
     try:
-        envelope = CommandEnvelope().load(raw)
+        envelope = _ENVELOPE.load(raw)
     except ValidationError as e:
         raise _validation(e.messages) from None
     g.command_id, g.participant_id = envelope["command_id"], envelope["participant_id"]
@@ -83,22 +101,48 @@ def execute(raw: Any) -> tuple[int, dict[str, Any]]:
         data = _schemas(trialog.protocol)[envelope["type"]].load(envelope["data"])
     except ValidationError as e:
         raise _validation(e.messages, "data") from None
-    command = COMMAND_TYPES[envelope["type"]](envelope["participant_id"], data)
-    try:
-        accepted = trialog.bus.dispatch(
-            command, command_id=envelope["command_id"], actor=principal.name,
-            reason=envelope.get("reason"), expected_version=envelope.get("expected_version"),
-        )
-    except DomainError as e:
-        raise from_domain(e) from None
+    if COMMAND_TYPES[envelope["type"]] in SIGNING_COMMANDS:
+        data = _signer(trialog, data)
+    return Intent(COMMAND_TYPES[envelope["type"]](envelope["participant_id"], data),
+                  envelope["command_id"], principal.name, envelope.get("reason"),
+                  envelope.get("expected_version"), principal.scope)
+
+
+def _answered(intent: Intent, accepted: Accepted) -> tuple[int, dict[str, Any]]:
+    from infrastructure.api import runtime
+
     if not accepted.replayed:
         runtime().nudge()
     g.position = max(g.get("position") or 0, accepted.body.get("position") or 0) or None
-    log.info("command", extra={"command_id": envelope["command_id"],
-                               "participant_id": envelope["participant_id"],
-                               "type": envelope["type"], "actor": principal.name,
+    log.info("command", extra={"command_id": intent.command_id,
+                               "participant_id": intent.command.participant_id,
+                               "type": intent.command.type_name(), "actor": intent.actor,
                                "replayed": accepted.replayed})
     return (200 if accepted.replayed else 201), accepted.body
+
+
+def _signer(trialog: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """A signature is a person's own act: only from their session, with their password
+    again (checked, then dropped: it is never stored, logged or echoed). The data gains
+    the signer's login and printed name."""
+    from infrastructure.store.people import AccountLocked, LoginFailed, reauthenticate
+
+    principal = g.principal
+    if not principal.person:
+        raise ApiError(403, "forbidden", f"token {principal.name!r} is a machine token: a "
+                                         "signature needs a person's own session")
+    password = data.pop("password")
+    try:
+        printed_name = reauthenticate(trialog.engine, principal.name, password,
+                                      request.remote_addr)
+    except LoginFailed:
+        raise ApiError(401, "reauthentication_failed",
+                       "the password is not the signer's current password") from None
+    except AccountLocked as e:
+        raise ApiError(423, "account_locked", f"too many wrong passwords: locked until "
+                                              f"{e.until.isoformat(timespec='seconds')}"
+                       ) from None
+    return {**data, "signer": principal.name, "printed_name": printed_name}
 
 
 @blp.route("", methods=["POST"])
@@ -125,24 +169,81 @@ def post_command() -> Response:
 @blp.alt_response(401, schema=ErrorBody, description=ERRORS[401])
 @blp.alt_response(422, schema=ErrorBody, description=ERRORS[422])
 def post_batch() -> Response:
-    """Issue commands in order, each in its own transaction."""
+    """Issue commands in order, in one transaction: each is decided on what those before
+    it decided, a refused command is answered alone and the others are written together.
+    If the database fails, nothing of the batch is written (503: send it again)."""
+    from infrastructure.api import runtime
+
     raw = _json_body()
     try:
         batch = CommandBatch().load(raw if isinstance(raw, dict) else {})
     except ValidationError as e:
         raise _validation(e.messages) from None
-    results = []
+    results: list[dict[str, Any] | None] = []
+    intents: list[tuple[int, Intent]] = []
     for command in batch["commands"]:
         try:
-            status, body = execute(command)
+            intents.append((len(results), _intent(command)))
+            results.append(None)
         except ApiError as e:
-            status, body = e.status, e.body
-        except DATABASE_ERRORS as e:
-            if not is_unavailable(e):
-                raise
-            # This command was not stored; those before it were, and are answered.
-            status, body = 503, dict(UNAVAILABLE)
-        results.append({"status": status, "body": body})
+            results.append({"status": e.status, "body": e.body})
+    try:  # a failure that is no command's refusal writes nothing of the batch
+        outcomes = runtime().trialog.bus.dispatch_all([intent for _, intent in intents],
+                                                      alone=False)
+    except DomainError as e:  # the database locked again and again meanwhile
+        raise from_domain(e) from None
+    for (index, intent), outcome in zip(intents, outcomes, strict=True):
+        if isinstance(outcome, Accepted):
+            status, body = _answered(intent, outcome)
+        elif isinstance(outcome, DomainError):
+            error = from_domain(outcome)
+            status, body = error.status, error.body
+        else:
+            raise outcome
+        results[index] = {"status": status, "body": body}
     g.command_id = None
     return jsonify({"results": results})
 
+
+
+trial_blp = Blueprint("trial_commands", __name__, url_prefix="/v1/trial/commands",
+                      description="Commands on the whole trial: the database lock")
+
+
+@trial_blp.route("", methods=["POST"])
+@trial_blp.doc(requestBody=_body("TrialCommand"))
+@trial_blp.response(201, TrialAnswer, description="accepted: the event written")
+@trial_blp.alt_response(200, schema=TrialAnswer, description="the same command again")
+@trial_blp.alt_response(400, schema=ErrorBody, description=ERRORS[400])
+@trial_blp.alt_response(401, schema=ErrorBody, description=ERRORS[401])
+@trial_blp.alt_response(403, schema=ErrorBody, description=ERRORS[403])
+@trial_blp.alt_response(409, schema=ErrorBody, description=ERRORS[409])
+@trial_blp.alt_response(422, schema=ErrorBody, description=ERRORS[422])
+def post_trial_command() -> Response:
+    """LockDatabase or UnlockDatabase (data_manager, admin; every site)."""
+    from infrastructure.api import runtime
+
+    raw = _json_body()
+    try:
+        command = TrialCommand().load(raw if isinstance(raw, dict) else {})
+    except ValidationError as e:
+        raise _validation(e.messages) from None
+    g.command_id = command["command_id"]
+    principal = g.principal
+    if not principal.may_issue(command["type"]):
+        raise forbidden(principal.name, principal.role, f"issue {command['type']}")
+    if not principal.scope.every_site:
+        raise ApiError(403, "forbidden", f"{command['type']} acts on every site: "
+                                         f"{principal.name!r} sees only some")
+    try:
+        accepted = runtime().trialog.bus.dispatch_trial(
+            command["type"], command_id=command["command_id"], actor=principal.name,
+            reason=command.get("reason"))
+    except DomainError as e:
+        raise from_domain(e) from None
+    if not accepted.replayed:
+        runtime().nudge()
+    g.position = accepted.body["position"]
+    log.info("command", extra={"command_id": command["command_id"], "type": command["type"],
+                               "actor": principal.name, "replayed": accepted.replayed})
+    return error_response(200 if accepted.replayed else 201, accepted.body)

@@ -7,6 +7,7 @@ from datetime import UTC
 from typing import Any
 from uuid import UUID
 
+import orjson
 from flask import Response, g, jsonify
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -62,6 +63,16 @@ class DeviationArgs(ReadArgs):
     participant_id = text(1, 64)
 
 
+class QueryArgs(ReadArgs):
+    status = fields.String(validate=validate.OneOf(("open", "answered", "closed",
+                                                    "cancelled")))
+    site_id = text(1, 32)
+    participant_id = text(1, 64)
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=10_000),
+                           metadata={"description": "a page: at most this many"})
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10**9))
+
+
 class DueArgs(ReadArgs):
     within_days = fields.Integer(load_default=14, validate=validate.Range(min=0, max=3660))
 
@@ -110,7 +121,7 @@ def list_participants(**args: Any) -> Response:
     """Participants, filtered by status, arm and site."""
     _read("participants", args)
     rows = queries.list_participants(
-        _trialog(), status=args.get("status"), arm=args.get("arm"),
+        _trialog(), scope=g.principal.scope, status=args.get("status"), arm=args.get("arm"),
         site_id=args.get("site_id"), limit=args["limit"], offset=args["offset"])
     return jsonify({"participants": rows})
 
@@ -162,18 +173,51 @@ def get_history(participant_id: str, **args: Any) -> Response:
     _read("history")
     from infrastructure.api import runtime
 
+    if args.get("as_of") is None and args.get("version") is None:
+        rendered = _rendered_history(participant_id)
+        if rendered is not None:
+            return rendered
     entries = audit.history(_trialog().service, participant_id, args.get("as_of"),
                             args.get("version"), cache=runtime().histories)
     if not entries:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded{_until(args)}")
-    if g.principal.sees_contact:
-        _disclose([participant_id], f"GET /v1/participants/{participant_id}/history")
-    else:
-        entries = [audit.redact_contact(e) for e in entries]
-    # The position of the last event shown (the history may stop at as_of or a version).
-    g.position = queries.event_position(_trialog(), participant_id, entries[-1]["version"])
-    return jsonify({"participant_id": participant_id, "events": entries})
+    t = _trialog()
+    with t.engine.begin() as connection:  # one round of the pool for both
+        if g.principal.sees_contact:
+            access.record(connection, g.principal.name, [participant_id],
+                          f"GET /v1/participants/{participant_id}/history",
+                          g.get("request_id"))
+        else:
+            entries = [audit.redact_contact(e) for e in entries]
+        # The position of the last event shown (the history may stop at as_of or a version).
+        g.position = queries.event_position(t, participant_id, entries[-1]["version"],
+                                            connection)
+    body = {"participant_id": participant_id, "events": entries}
+    try:
+        return Response(orjson.dumps(body), mimetype="application/json")
+    except TypeError:  # what orjson refuses (an integer past 64 bits), the slower way
+        return jsonify(body)
+
+
+def _rendered_history(participant_id: str) -> Response | None:
+    """The whole history as rendered ahead beside the feed (see Feed.history_json), the
+    entries' JSON joined as it is; None when it must be read from the store."""
+    from infrastructure.api import runtime
+
+    t, contact = _trialog(), g.principal.sees_contact
+    found = runtime().feed.history_json(participant_id, contact)
+    if found is None or not found[0]:
+        return None
+    if contact:  # one participant's row: one statement, committed by itself
+        with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
+            access.record(db, g.principal.name, [participant_id],
+                          f"GET /v1/participants/{participant_id}/history",
+                          g.get("request_id"))
+    entries, g.position = found
+    body = b"".join((b'{"participant_id":', orjson.dumps(participant_id), b',"events":[',
+                     b",".join(entries), b"]}"))
+    return Response(body, mimetype="application/json")
 
 
 @query(trial_blp, "/deviations", DeviationArgs, r.DeviationList)
@@ -181,22 +225,33 @@ def get_deviations(**args: Any) -> Response:
     """Protocol deviations, filtered by status, code and participant."""
     _read("deviations", args)
     return jsonify({"deviations": queries.list_deviations(
-        _trialog(), status=args.get("status"), code=args.get("code"),
+        _trialog(), scope=g.principal.scope, status=args.get("status"), code=args.get("code"),
         participant_id=args.get("participant_id"))})
+
+
+@query(trial_blp, "/queries", QueryArgs, r.QueryList)
+def get_queries(**args: Any) -> Response:
+    """Queries to the sites, oldest first, filtered by status, site and participant."""
+    _read("queries", args)
+    return jsonify({"queries": queries.list_queries(
+        _trialog(), scope=g.principal.scope, status=args.get("status"),
+        site_id=args.get("site_id"), participant_id=args.get("participant_id"),
+        limit=args["limit"], offset=args["offset"])})
 
 
 @query(trial_blp, "/visits/due", DueArgs, r.VisitList)
 def get_visits_due(**args: Any) -> Response:
     """Visits whose window is open or opens within ``within_days``."""
     _read("visits", args)
-    return jsonify({"visits": queries.visits_due(_trialog(), args["within_days"])})
+    return jsonify({"visits": queries.visits_due(_trialog(), args["within_days"],
+                                                      scope=g.principal.scope)})
 
 
 @query(trial_blp, "/trial/summary", ReadArgs, r.Summary)
 def get_summary(**args: Any) -> Response:
     """Counts by status, arm and site; deviations by code; mean pain by arm and visit."""
     _read("summary", args)
-    return jsonify(queries.trial_summary(_trialog()))
+    return jsonify(queries.trial_summary(_trialog(), scope=g.principal.scope))
 
 
 class VerifyArgs(Schema):
@@ -219,13 +274,14 @@ def get_verify(deep: bool) -> Response:
     """Checks every stored event: it decrypts, its versions and links follow on; the deep
     check runs in the background."""
     from infrastructure.api import runtime
-    from infrastructure.audit.verification import check_store
+    from infrastructure.audit.verification import as_seen_by, check_store
 
     _read("audit")
+    scope = g.principal.scope
     if not deep:
-        return jsonify(check_store(_trialog()).as_dict())
+        return jsonify(as_seen_by(_trialog(), scope, check_store(_trialog()).as_dict()))
     job = runtime().verify_jobs.start(g.principal.name)
-    answer = jsonify(job)
+    answer = jsonify(as_seen_by(_trialog(), scope, job))
     answer.status_code = 202
     answer.headers["Location"] = job["url"]
     return answer
@@ -235,12 +291,13 @@ def get_verify(deep: bool) -> Response:
 def get_verify_job(job_id: UUID) -> Response:
     """A deep check started by ``/audit/verify?deep=true``: running, done or failed."""
     from infrastructure.api import runtime
+    from infrastructure.audit.verification import as_seen_by
 
     _read("audit")
     job = runtime().verify_jobs.get(str(job_id))
     if job is None:
         raise ApiError(404, "not_found", f"no verification {job_id}")
-    return jsonify(job)
+    return jsonify(as_seen_by(_trialog(), g.principal.scope, job))
 
 
 class AccessArgs(Schema):
@@ -253,7 +310,7 @@ def get_access_log(**args: Any) -> Response:
     """Who was shown a participant's contact details, when, by which endpoint."""
     _read("access_log")
     return jsonify({"disclosures": access.disclosures(
-        _trialog().engine, args.get("participant_id"), args["limit"])})
+        _trialog().engine, args.get("participant_id"), args["limit"], g.principal.scope)})
 
 
 exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",
@@ -301,7 +358,8 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
         _read("exports")
         shown: list[str] = []
         chunks = exports.document(_trialog(), kind, deidentify,
-                                  contact=g.principal.sees_contact, shown=shown)
+                                  contact=g.principal.sees_contact, shown=shown,
+                                  scope=g.principal.scope)
         return Response(_disclosed(chunks, shown, f"GET /v1/exports/{kind}"),
                         mimetype=mimetype)
 

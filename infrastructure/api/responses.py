@@ -28,6 +28,29 @@ class Visit(Schema):
     completed_on = _nullable_string()
 
 
+class Signature(Schema):
+    """A signature as shown (Part 11 §11.50): who, the printed name, when, what it means,
+    and whether the signed data is still as signed."""
+
+    signed_by = fields.String(required=True)
+    printed_name = fields.String(required=True)
+    meaning = fields.String(required=True)
+    signed_at = fields.String(required=True)
+    valid = fields.Boolean(required=True)
+
+
+class StateVisit(Visit):
+    sdv = fields.String(required=True, validate=validate.OneOf(
+        ("not_verified", "verified", "changed_since_verified")))
+    signature = fields.Nested(Signature, required=True, allow_none=True)
+    locked = fields.Boolean(required=True)
+
+
+class Casebook(Schema):
+    signature = fields.Nested(Signature, required=True, allow_none=True)
+    locked = fields.Boolean(required=True)
+
+
 class DueVisit(Visit):
     participant_id = fields.String(required=True)
     site_id = fields.String(required=True)
@@ -69,7 +92,10 @@ class ParticipantSummary(Schema):
 class ParticipantState(ParticipantSummary):
     eligible = fields.Boolean(required=True)
     failed_criteria = fields.List(fields.String(), required=True)
-    visits = fields.List(fields.Nested(Visit), required=True)
+    visits = fields.List(fields.Nested(StateVisit), required=True)
+    open_queries = fields.Integer(required=True, metadata={
+        "description": "queries open or answered, not yet closed"})
+    casebook = fields.Nested(Casebook, required=True)
     open_deviations = fields.List(fields.Nested(Deviation), required=True)
     scores = fields.Dict(keys=fields.String(), values=fields.Nested(Scores), required=True)
     position = fields.Integer(required=True, allow_none=True)
@@ -105,6 +131,12 @@ class History(Schema):
     events = fields.List(fields.Nested(HistoryEvent), required=True)
 
 
+class DatabaseLock(Schema):
+    locked_at = fields.String(required=True)
+    locked_by = fields.String(required=True)
+    position = fields.Integer(required=True)
+
+
 class Summary(Schema):
     participants = fields.Integer(required=True)
     by_status = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
@@ -116,6 +148,32 @@ class Summary(Schema):
                                           required=True)
     mean_pain_by_arm_and_visit = fields.Dict(keys=fields.String(), values=fields.Dict(),
                                              required=True)
+    database_lock = fields.Nested(DatabaseLock, required=True, allow_none=True)
+
+
+class Message(Schema):
+    action = fields.String(required=True, validate=validate.OneOf(
+        ("raise", "respond", "close", "reopen", "cancel")))
+    by = fields.String(required=True)
+    at = fields.String(required=True)
+    text = _nullable_string()
+
+
+class Query(Schema):
+    query_id = fields.String(required=True)
+    participant_id = fields.String(required=True)
+    site_id = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(
+        ("open", "answered", "closed", "cancelled")))
+    target = fields.Dict(required=True)
+    opened_at = fields.String(required=True)
+    opened_by = fields.String(required=True)
+    days_open = fields.Integer(required=True)
+    thread = fields.List(fields.Nested(Message), required=True)
+
+
+class QueryList(Schema):
+    queries = fields.List(fields.Nested(Query), required=True)
 
 
 class Problem(Schema):
@@ -145,7 +203,8 @@ class VerifyJob(VerifyReport):
                                                                    "failed")))
     url = fields.String(required=True, metadata={"description": "where to poll the check"})
     job_id = fields.String(required=True)
-    started_by = fields.String(required=True)
+    started_by = fields.String(required=True, allow_none=True, metadata={
+        "description": "who started it; null for a caller who sees only some sites"})
     started_at = fields.String(required=True)
     finished_at = _nullable_string()
     events_checked = fields.Integer(required=True, metadata={

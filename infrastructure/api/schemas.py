@@ -8,7 +8,7 @@ from typing import Any
 
 from marshmallow import Schema, fields, validate
 
-from domain.commands import COMMAND_TYPES
+from domain.commands import COMMAND_TYPES, TRIAL_COMMANDS
 from domain.protocol import Protocol
 from infrastructure.store.schemas import UUIDString, data_schemas, text
 
@@ -23,6 +23,20 @@ class CommandEnvelope(Schema):
                                       allow_none=True)
     reason = text(1, 2000, allow_none=True)
     data = fields.Dict(keys=fields.String(), required=True)
+
+
+class TrialCommand(Schema):
+    command_id = UUIDString(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(TRIAL_COMMANDS))
+    reason = text(1, 2000, allow_none=True, metadata={"description": "required to unlock"})
+
+
+class TrialAnswer(Schema):
+    command_id = fields.String(required=True)
+    study_id = fields.String(required=True)
+    version = fields.Integer(required=True)
+    position = fields.Integer(required=True)
+    events = fields.List(fields.Dict(), required=True)
 
 
 class CommandBatch(Schema):
@@ -61,6 +75,8 @@ class ErrorBody(Schema):
     failed_criteria = fields.List(fields.String())
     expected_version = fields.Integer()
     actual_version = fields.Integer()
+    status = fields.String(metadata={
+        "description": "the state a refused transition started from (invalid_transition)"})
 
 
 def document_commands(spec: Any, protocol: Protocol) -> None:
@@ -84,3 +100,4 @@ def document_commands(spec: Any, protocol: Protocol) -> None:
         "type": "object", "required": ["commands"], "additionalProperties": False,
         "properties": {"commands": {"type": "array", "minItems": 1, "maxItems": 1000,
                                     "items": {"$ref": "#/components/schemas/Command"}}}})
+    spec.components.schema("TrialCommand", schema=TrialCommand)

@@ -8,27 +8,53 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import insert, select, text
+from sqlalchemy.engine import Connection, Engine
 
+from domain.access import EVERY_SITE, Scope
+from infrastructure.readside.queries import in_scope
 from infrastructure.store.tables import access_log, as_utc
 
 
-def record(engine: Engine, actor: str, participant_ids: Iterable[str], endpoint: str,
-           request_id: str | None) -> None:
-    """One row per participant whose contact details this answer carries."""
+def record(engine: Engine | Connection, actor: str, participant_ids: Iterable[str],
+           endpoint: str, request_id: str | None) -> None:
+    """One row per participant whose contact details this answer carries: committed here,
+    or, given a connection, in its transaction."""
+    ids = list(participant_ids)
+    if not ids:
+        return
+    if isinstance(engine, Connection):
+        _insert(engine, actor, ids, endpoint, request_id)
+        return
+    with engine.begin() as connection:
+        _insert(connection, actor, ids, endpoint, request_id)
+
+
+# On PostgreSQL, a page's rows in one statement whose text never changes (the id list is
+# one array parameter), so it is prepared once rather than compiled for each count of rows.
+_UNNEST = text("INSERT INTO trialog_access_log (at, actor, participant_id, endpoint, "
+               "request_id) SELECT :at, :actor, unnest(CAST(:ids AS text[])), :endpoint, "
+               ":request_id")
+
+
+def _insert(connection: Connection, actor: str, ids: list[str], endpoint: str,
+            request_id: str | None) -> None:
     now = datetime.now(UTC)
-    rows = [{"at": now, "actor": actor, "participant_id": pid, "endpoint": endpoint,
-             "request_id": request_id} for pid in participant_ids]
-    if rows:
-        with engine.begin() as connection:
-            connection.execute(insert(access_log), rows)
+    if connection.dialect.name == "postgresql":
+        connection.execute(_UNNEST, {"at": now, "actor": actor, "ids": ids,
+                                     "endpoint": endpoint, "request_id": request_id})
+        return
+    connection.execute(insert(access_log), [
+        {"at": now, "actor": actor, "participant_id": pid, "endpoint": endpoint,
+         "request_id": request_id} for pid in ids])
 
 
-def disclosures(engine: Engine, participant_id: str | None = None,
-                limit: int = 1000) -> list[dict[str, Any]]:
-    """Who was shown contact details, newest first; for one participant if given."""
-    query = select(access_log).order_by(access_log.c.id.desc()).limit(limit)
+def disclosures(engine: Engine, participant_id: str | None = None, limit: int = 1000,
+                scope: Scope = EVERY_SITE) -> list[dict[str, Any]]:
+    """Who was shown contact details of the scope's participants, newest first; for one
+    participant if given."""
+    query = (select(access_log).where(in_scope(scope, access_log.c.participant_id))
+             .order_by(access_log.c.id.desc()).limit(limit))
     if participant_id is not None:
         query = query.where(access_log.c.participant_id == participant_id)
     with engine.connect() as connection:

@@ -2,7 +2,10 @@
 
 ``deidentify`` replaces each participant id with a keyed pseudonym and shifts every date
 of a participant by the same keyed number of days (1 to 365 back), so intervals within a
-participant are kept and dates can't be matched to the source."""
+participant are kept and dates can't be matched to the source.
+
+The CSV ends with each visit's data management: ``sdv`` (not_verified, verified,
+changed_since_verified) and ``signed`` (true while a valid signature is on the visit)."""
 
 from __future__ import annotations
 
@@ -16,11 +19,15 @@ from typing import Any
 
 from sqlalchemy import and_, select
 
+from domain.access import EVERY_SITE, Scope
 from domain.scoring import SCORE_NAMES
+from domain.views import NOT_CAPTURED
+from infrastructure.readside.queries import in_scope
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.tables import participants, scores, visits
 
-CSV_COLUMNS = ("participant_id", "site_id", "arm", "visit", "completed_on", *SCORE_NAMES)
+CSV_COLUMNS = ("participant_id", "site_id", "arm", "visit", "completed_on", *SCORE_NAMES,
+               "sdv", "signed")
 
 
 class Deidentifier:
@@ -32,6 +39,10 @@ class Deidentifier:
 
     def pseudonym(self, participant_id: str) -> str:
         return "P-" + self._digest(participant_id, b"id:").hex()[:12]
+
+    def query_pseudonym(self, query_id: str) -> str:
+        """Stands for a query id (which the service lists with the participant's id)."""
+        return "Q-" + self._digest(query_id, b"query:").hex()[:12]
 
     def offset(self, participant_id: str) -> timedelta:
         """How far back this participant's dates move: 1 to 365 days, the same for all."""
@@ -49,14 +60,17 @@ class Deidentifier:
         return moment - offset if moment - earliest >= offset else earliest
 
 
-def csv_rows(t: Trialog, deidentify: bool = False) -> Iterator[dict[str, Any]]:
-    """One row per participant and scheduled visit, with the visit's scores."""
+def csv_rows(t: Trialog, deidentify: bool = False,
+             scope: Scope = EVERY_SITE) -> Iterator[dict[str, Any]]:
+    """One row per participant of the scope's sites and scheduled visit, with the visit's
+    scores, source verification and signature."""
     p, v, s = participants, visits, scores
     query = (
         select(p.c.participant_id, p.c.site_id, p.c.arm, v.c.code, v.c.completed_on,
-               *(s.c[name] for name in SCORE_NAMES))
+               *(s.c[name] for name in SCORE_NAMES), p.c.management)
         .join(v, v.c.participant_id == p.c.participant_id)
         .outerjoin(s, and_(s.c.participant_id == v.c.participant_id, s.c.visit == v.c.code))
+        .where(in_scope(scope, p.c.participant_id))
         .order_by(p.c.participant_id, v.c.sequence)
     )
     masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
@@ -68,15 +82,26 @@ def csv_rows(t: Trialog, deidentify: bool = False) -> Iterator[dict[str, Any]]:
                 pid = masker.pseudonym(pid)
             yield {"participant_id": pid, "site_id": row.site_id, "arm": row.arm,
                    "visit": row.code, "completed_on": completed.isoformat() if completed else "",
-                   **{name: row._mapping[name] for name in SCORE_NAMES}}
+                   **{name: row._mapping[name] for name in SCORE_NAMES},
+                   **visit_management(row.management, row.code)}
 
 
-def csv_text(t: Trialog, deidentify: bool = False) -> Iterator[str]:
+def visit_management(management: dict[str, Any] | None, code: str) -> dict[str, str]:
+    """The ``sdv`` and ``signed`` columns of a visit, from the participant's management
+    read model (a visit neither completed nor missed has none)."""
+    visit = ((management or {}).get("visits") or {}).get(code, NOT_CAPTURED)
+    signature = visit["signature"]
+    signed = signature is not None and bool(signature["valid"])
+    return {"sdv": visit["sdv"], "signed": "true" if signed else "false"}
+
+
+def csv_text(t: Trialog, deidentify: bool = False,
+             scope: Scope = EVERY_SITE) -> Iterator[str]:
     """The CSV document in chunks: a header, then one line per row."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for i, row in enumerate(csv_rows(t, deidentify), 1):
+    for i, row in enumerate(csv_rows(t, deidentify, scope), 1):
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
         if i % 500 == 0:
             yield buffer.getvalue()
@@ -89,17 +114,20 @@ FORMATS = ("csv", "odm", "fhir")
 
 
 def document(t: Trialog, kind: str, deidentify: bool = False,
-             contact: bool = True, shown: list[str] | None = None) -> Iterator[str]:
-    """The export of one format, in chunks of text; contact details (only the ODM export
-    has any) are left out unless ``contact``. ``shown`` collects the participants whose
-    contact details the export carries, before its first chunk."""
+             contact: bool = True, shown: list[str] | None = None,
+             scope: Scope = EVERY_SITE) -> Iterator[str]:
+    """The export of one format for the participants of the scope's sites, in chunks of
+    text; contact details (only the ODM export has any) are left out unless ``contact``.
+    ``shown`` collects the participants whose contact details the export carries, before
+    its first chunk."""
     from infrastructure.audit import (
         fhir,  # they build on this module
         odm,
     )
 
     if kind == "odm":
-        return odm.odm_document(t, deidentify=deidentify, contact=contact, shown=shown)
+        return odm.odm_document(t, deidentify=deidentify, contact=contact, shown=shown,
+                                scope=scope)
     writers: dict[str, Callable[..., Iterator[str]]] = {"csv": csv_text,
                                                          "fhir": fhir.fhir_ndjson}
-    return writers[kind](t, deidentify=deidentify)
+    return writers[kind](t, deidentify=deidentify, scope=scope)

@@ -9,8 +9,10 @@ from typing import Any
 
 from sqlalchemy import select
 
+from domain.access import EVERY_SITE, Scope
 from domain.participant import participant_uuid
 from infrastructure.audit.exports import Deidentifier
+from infrastructure.readside.queries import in_scope
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.tables import participants
 
@@ -33,8 +35,10 @@ def subject_status(status: str, arm_receives_dose: bool | None) -> str:
     return STATUS[status]
 
 
-def research_subjects(t: Trialog, deidentify: bool = False) -> Iterator[dict[str, Any]]:
-    """One ResearchSubject resource per participant, ordered by participant id."""
+def research_subjects(t: Trialog, deidentify: bool = False,
+                      scope: Scope = EVERY_SITE) -> Iterator[dict[str, Any]]:
+    """One ResearchSubject resource per participant of the scope's sites, ordered by
+    participant id."""
     protocol = t.protocol
     # A pseudonym is not the participant's identifier: it gets a system of its own.
     kind = "pseudonym" if deidentify else "participant"
@@ -42,8 +46,8 @@ def research_subjects(t: Trialog, deidentify: bool = False) -> Iterator[dict[str
     doses = {arm.code: arm.receives_dose for arm in protocol.arms}
     masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
     p = participants
-    query = select(p.c.participant_id, p.c.status, p.c.arm, p.c.screened_on).order_by(
-        p.c.participant_id)
+    query = (select(p.c.participant_id, p.c.status, p.c.arm, p.c.screened_on)
+             .where(in_scope(scope, p.c.participant_id)).order_by(p.c.participant_id))
     with t.engine.connect() as connection:
         for row in connection.execution_options(yield_per=1000).execute(query):
             pid, start = row.participant_id, row.screened_on
@@ -69,10 +73,11 @@ def research_subjects(t: Trialog, deidentify: bool = False) -> Iterator[dict[str
             yield resource
 
 
-def fhir_ndjson(t: Trialog, deidentify: bool = False) -> Iterator[str]:
+def fhir_ndjson(t: Trialog, deidentify: bool = False,
+                scope: Scope = EVERY_SITE) -> Iterator[str]:
     """The NDJSON text in chunks of up to 500 resources."""
     lines: list[str] = []
-    for resource in research_subjects(t, deidentify):
+    for resource in research_subjects(t, deidentify, scope):
         lines.append(json.dumps(resource, ensure_ascii=False, separators=(",", ":")) + "\n")
         if len(lines) == 500:
             yield "".join(lines)

@@ -7,6 +7,16 @@ time) and the command (``SourceID``). A correction is an ``ItemData`` update of 
 names, in the same form, with its own AuditRecord and ``ReasonForChange``, so the document
 holds both values. Deviations, missed visits and reminders are forms too.
 
+Data management is recorded where it applies, each step in a ``Context`` element with its
+own AuditRecord: a query step as an ``Annotation`` (the thread's text as ``Comment``, flags
+``QUERY_STATUS`` and ``QUERY_ID``) on the visit, form or item it targets; source
+verification, and a later correction of the verified visit, as an ``SDV`` flag on the
+visit; a signature as a ``Signature`` (its meaning a ``SignatureDef`` in ``AdminData``, the
+signer a ``User`` with the printed name as ``FullName``) on the visit, or on the subject for
+the casebook; invalidated signatures and locks as flags. Casebook-level steps follow the
+participant's ``SubjectData`` as ``SubjectData`` elements of their own (a transactional
+file may repeat a subject; a subject holds one ``AuditRecord`` and one ``Signature``).
+
 The items are the fields of each command's ``data`` schema, so what is exported is what
 is accepted. The document is streamed with constant memory: the clinical data goes to a
 spooled temporary file while the users are gathered (``AdminData`` comes before
@@ -15,18 +25,22 @@ spooled temporary file while the users are gathered (``AdminData`` comes before
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from dataclasses import field as default
 from datetime import UTC, date, datetime
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from marshmallow import Schema, fields
 
-from domain.participant import CAPTURED_BY, CONTACT_FIELDS, event_uuid
+from domain.access import EVERY_SITE, Scope
+from domain.management import CASEBOOK, QUERY_TRANSITIONS
+from domain.participant import CAPTURED_BY, CONTACT_FIELDS, Participant, event_uuid
 from domain.protocol import Protocol
 from infrastructure.audit.exports import Deidentifier
 from infrastructure.store.bootstrap import Trialog
@@ -36,8 +50,10 @@ ODM_NAMESPACE = "http://www.cdisc.org/ns/odm/v1.3"
 METADATA_VERSION = "MDV.1"
 # Contact details: the contact fields and the addresses reminders went to.
 CONTACT_ITEMS = CONTACT_FIELDS | {"recipients"}
+# Query texts: free text, like a note (not an item of any form).
+QUERY_TEXT = "query_text"
 # Not exported when de-identifying: contact details and free text that may name a person.
-IDENTIFYING_ITEMS = CONTACT_ITEMS | {"note"}
+IDENTIFYING_ITEMS = CONTACT_ITEMS | {"note", QUERY_TEXT}
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,31 @@ COMMON_STUDY_EVENTS = (("SE.ON_STUDY", "On study: doses, medications, withdrawal
 
 def visit_study_event(code: str) -> str:
     return f"SE.{code.upper()}"
+
+
+# Annotation flags: each type and the values it takes (a code list each in the metadata).
+FLAGS: dict[str, tuple[str, ...]] = {
+    "QUERY_STATUS": tuple(dict.fromkeys(["open", *(to for _, to in QUERY_TRANSITIONS.values())])),
+    "SDV": ("verified", "changed_since_verified"),
+    "SIGNATURE_STATUS": ("invalidated",),
+    "LOCK": ("locked", "unlocked"),
+}
+# The query a step belongs to (the steps of one thread share it): the service's query ids,
+# an external code list.
+QUERY_ID = "QUERY_ID"
+FLAG_TYPES = "CL.FLAG_TYPE"
+LEGAL_REASON = ("21 CFR 11.50 and 11.200: the signer's printed name, the date and time and "
+                "the meaning, signed in a session of the signer's with the password "
+                "entered again")
+
+
+def codelist_oid(flag_type: str) -> str:
+    return f"CL.{flag_type}"
+
+
+def signature_def_oid(meaning: str) -> str:
+    """The same meaning has the same SignatureDef in every export."""
+    return "SD." + hashlib.sha256(meaning.encode()).hexdigest()[:16]
 
 
 # --- metadata -------------------------------------------------------------------------------
@@ -190,21 +231,63 @@ def metadata_xml(protocol: Protocol, items: dict[str, list[tuple[str, str]]]) ->
     for form in DISTINCT_FORMS:
         out += [f"<ItemDef{_attr('OID', form.item_oid(path))}{_attr('Name', path)}"
                 f"{_attr('DataType', datatype)}/>" for path, datatype in items[form.key]]
+    out += codelists_xml()
     out.append("</MetaDataVersion></Study>")
     return "\n".join(out) + "\n"
 
 
-def admin_xml(protocol: Protocol, users: set[str], effective: date) -> str:
-    """Users (every actor of an exported event) and locations (the sites)."""
+def _codelist(oid: str, name: str, values: tuple[str, ...]) -> str:
+    entries = "".join(f"<EnumeratedItem{_attr('CodedValue', v)}/>" for v in values)
+    return f'<CodeList{_attr("OID", oid)}{_attr("Name", name)} DataType="text">{entries}</CodeList>'
+
+
+def codelists_xml() -> list[str]:
+    """The code lists of the annotation flags: their types, and the values of each."""
+    out = [_codelist(FLAG_TYPES, "Annotation flag types", (*FLAGS, QUERY_ID))]
+    out += [_codelist(codelist_oid(kind), kind, values) for kind, values in FLAGS.items()]
+    out.append(f'<CodeList{_attr("OID", codelist_oid(QUERY_ID))} Name="Query ids" '
+               'DataType="text"><ExternalCodeList Dictionary="Trialog queries"/></CodeList>')
+    return out
+
+
+@dataclass
+class Gathered:
+    """What ``AdminData`` lists, gathered while the clinical data is written: every actor
+    and signer, each signer's printed name and each meaning signed with."""
+
+    users: set[str] = default(default_factory=set)
+    full_names: dict[str, str] = default(default_factory=dict)
+    meanings: dict[str, str] = default(default_factory=dict)  # SignatureDef OID -> meaning
+
+    def signature(self, login: str, printed_name: str, meaning: str) -> str:
+        """Notes a signature; answers the OID of its SignatureDef."""
+        self.users.add(login)
+        self.full_names[login] = printed_name  # staff, not participants: kept de-identified
+        oid = signature_def_oid(meaning)
+        self.meanings[oid] = meaning
+        return oid
+
+
+def _user_xml(login: str, full_name: str | None) -> str:
+    name = f"<FullName>{escape(full_name)}</FullName>" if full_name else ""
+    return (f"<User{_attr('OID', user_oid(login))}><LoginName>{escape(login)}</LoginName>"
+            f"{name}</User>")
+
+
+def admin_xml(protocol: Protocol, gathered: Gathered, effective: date) -> str:
+    """Users (every actor of an exported event and every signer), locations (the sites)
+    and a SignatureDef per meaning signed with."""
     out = [f"<AdminData{_attr('StudyOID', protocol.study_id)}>"]
-    out += [f"<User{_attr('OID', user_oid(u))}><LoginName>{escape(u)}</LoginName></User>"
-            for u in sorted(users)]
+    out += [_user_xml(u, gathered.full_names.get(u)) for u in sorted(gathered.users)]
     for site in protocol.sites:
         out.append(f"<Location{_attr('OID', location_oid(site.id))}{_attr('Name', site.name)}"
                    f' LocationType="Site"><MetaDataVersionRef'
                    f"{_attr('StudyOID', protocol.study_id)}"
                    f"{_attr('MetaDataVersionOID', METADATA_VERSION)}"
                    f"{_attr('EffectiveDate', effective.isoformat())}/></Location>")
+    out += [f'<SignatureDef{_attr("OID", oid)} Methodology="Electronic"><Meaning>'
+            f"{escape(meaning)}</Meaning><LegalReason>{escape(LEGAL_REASON)}</LegalReason>"
+            f"</SignatureDef>" for oid, meaning in sorted(gathered.meanings.items())]
     out.append("</AdminData>")
     return "\n".join(out) + "\n"
 
@@ -239,20 +322,79 @@ def _flatten(value: Any, path: str, leaves: set[str]) -> Iterator[tuple[str, Any
         yield path, value
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a data-management step goes: the subject (the casebook), a study event (a
+    visit), a form of one, or an item of that form."""
+
+    study_event: str | None = None
+    form: Form | None = None
+    repeat_key: int | None = None
+    item: str | None = None
+
+    def wrap(self, body: str) -> str:
+        """The step's elements (AuditRecord, Signature, Annotation) in Context elements
+        down to the place; not for the subject."""
+        if self.form is not None and self.item is not None:
+            body = (f"<ItemGroupData{_attr('ItemGroupOID', self.form.group_oid)} "
+                    f'TransactionType="Context"><ItemData'
+                    f"{_attr('ItemOID', self.form.item_oid(self.item))} "
+                    f'TransactionType="Context">{body}</ItemData></ItemGroupData>')
+        if self.form is not None:
+            body = (f"<FormData{_attr('FormOID', self.form.oid)}"
+                    f"{_attr('FormRepeatKey', self.repeat_key)} "
+                    f'TransactionType="Context">{body}</FormData>')
+        return (f"<StudyEventData{_attr('StudyEventOID', self.study_event)} "
+                f'TransactionType="Context">{body}</StudyEventData>')
+
+
+def _annotation(seq: int, flags: list[tuple[str, str]], comment: str | None = None,
+                by: str | None = None) -> str:
+    """An Annotation with a flag per (type, value); ``by`` is Sponsor or Site."""
+    comment_xml = ""
+    if comment:
+        source = _attr("SponsorOrSite", by) if by else ""
+        comment_xml = f"<Comment{source}>{escape(comment)}</Comment>"
+    flags_xml = "".join(
+        f"<Flag><FlagValue{_attr('CodeListOID', codelist_oid(kind))}>{escape(value)}"
+        f"</FlagValue><FlagType{_attr('CodeListOID', FLAG_TYPES)}>{kind}</FlagType></Flag>"
+        for kind, value in flags)
+    return (f'<Annotation{_attr("SeqNum", seq)} TransactionType="Insert">{comment_xml}'
+            f"{flags_xml}</Annotation>")
+
+
+def _scope_place(scope: str) -> Place:
+    """The place of a signature or lock scope: ``casebook`` or ``visit:<code>``."""
+    if scope == CASEBOOK:
+        return Place()
+    return Place(visit_study_event(scope.split(":", 1)[1]))
+
+
+# The _Subject method that writes each data-management event (and every QueryEvent).
+MANAGEMENT_STEPS = {"QueryRaised": "_query", "SourceVerified": "_verified",
+                    "RecordSigned": "_signed", "SignatureInvalidated": "_invalidated",
+                    "ScopeLocked": "_lock", "ScopeUnlocked": "_lock"}
+
+
 class _Subject:
-    """Writes one participant's events as a SubjectData element."""
+    """Writes one participant's events as a SubjectData element (and the casebook's
+    data-management steps as SubjectData elements after it)."""
 
     def __init__(self, first: Any, masker: Deidentifier | None, withheld: frozenset[str],
-                 leaves: dict[str, set[str]]) -> None:
+                 leaves: dict[str, set[str]], gathered: Gathered) -> None:
         self.participant_id: str = first.participant_id
         self.site = location_oid(first.data["site_id"])
         self.masker = masker
         self.withheld = withheld
         self.leaves = leaves
+        self.gathered = gathered
         self.forms: dict[str, tuple[str, Form, int]] = {}  # captured event id -> its place
-        key = masker.pseudonym(self.participant_id) if masker else self.participant_id
-        self.out = [(f"<SubjectData{_attr('SubjectKey', key)} TransactionType=\"Insert\">"
+        self.queries: dict[str, tuple[Place, int]] = {}  # query id -> place, steps so far
+        self.verified: set[str] = set()  # visit study events verified and not changed since
+        self.key = masker.pseudonym(self.participant_id) if masker else self.participant_id
+        self.out = [(f"<SubjectData{_attr('SubjectKey', self.key)} TransactionType=\"Insert\">"
                     f"<SiteRef{_attr('LocationOID', self.site)}/>")]
+        self.after: list[str] = []
 
     def _plain(self, path: str, value: Any) -> str | None:
         """The exported text of a value, or None when it is withheld."""
@@ -265,14 +407,17 @@ class _Subject:
                 value = self.masker.shift(self.participant_id, value)
         return _value(value)
 
-    def _audit(self, event: Any, reason: str | None = None) -> str:
+    def _stamp(self, event: Any) -> str:
         stamp = event.timestamp
         if self.masker is not None:
             stamp = self.masker.shift_datetime(self.participant_id, stamp)
+        return f"<DateTimeStamp>{stamp.isoformat()}</DateTimeStamp>"
+
+    def _audit(self, event: Any, reason: str | None = None) -> str:
         reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
         return (f"<AuditRecord><UserRef{_attr('UserOID', user_oid(event.actor))}/>"
                 f"<LocationRef{_attr('LocationOID', self.site)}/>"
-                f"<DateTimeStamp>{stamp.isoformat()}</DateTimeStamp>{reason_xml}"
+                f"{self._stamp(event)}{reason_xml}"
                 f"<SourceID>{escape(event.command_id)}</SourceID></AuditRecord>")
 
     def _study_event(self, form: Form, event: Any) -> str:
@@ -285,6 +430,9 @@ class _Subject:
         kind = type(event).__name__
         if kind == "DataCorrected":
             self._correction(event)
+            return
+        if kind in MANAGEMENT_STEPS or isinstance(event, Participant.QueryEvent):
+            getattr(self, MANAGEMENT_STEPS.get(kind, "_query"))(event)
             return
         form = FORMS.get(kind)
         if form is None:
@@ -315,6 +463,11 @@ class _Subject:
         if place is None:
             return
         study_event, form, version = place
+        if form.key == "VISIT" and study_event in self.verified:
+            # As the participant's sdv_status: a correction of a verified visit's data.
+            self.verified.discard(study_event)
+            self._note(Place(study_event), event, annotation=_annotation(
+                1, [("SDV", "changed_since_verified")]))
         items = []
         for path, value in _flatten(event.value, event.field, self.leaves[form.key]):
             if value is None:
@@ -336,31 +489,111 @@ class _Subject:
             f" TransactionType=\"Context\">{''.join(items)}</ItemGroupData></FormData>"
             f"</StudyEventData>")
 
+    # --- data management -----------------------------------------------------------------
+
+    def _note(self, place: Place, event: Any, signature: str = "",
+              annotation: str = "") -> None:
+        """One data-management step at its place, with its AuditRecord."""
+        audit = self._audit(event, event.reason)
+        if place.study_event is not None:
+            self.out.append(place.wrap(audit + signature + annotation))
+            return
+        self.after.append(f"<SubjectData{_attr('SubjectKey', self.key)} "
+                          f'TransactionType="Context">{audit}{signature}'
+                          f"<SiteRef{_attr('LocationOID', self.site)}/>{annotation}"
+                          f"</SubjectData>\n")
+
+    def _target(self, target: dict[str, Any]) -> Place:
+        """The place a query targets: a visit, or a captured event's form or its item."""
+        if target.get("visit") is not None:
+            return Place(visit_study_event(target["visit"]))
+        captured = self.forms.get(target["event_id"])
+        if captured is None:
+            return Place()
+        study_event, form, version = captured
+        item = target.get("field")
+        if item not in self.leaves[form.key] or item.rsplit(".", 1)[-1] in self.withheld:
+            item = None  # a group of items, or an item left out of this export
+        return Place(study_event, form, version, item)
+
+    def _query(self, event: Any) -> None:
+        """A step of a query's thread: its status after the step, its text (the reason
+        where a step has no text, as in the thread) from the sponsor or, answering, the
+        site."""
+        if isinstance(event, Participant.QueryRaised):
+            self.queries[event.query_id] = (self._target(event.target), 0)
+            action, status, text = "raise", "open", event.text
+        else:
+            action, status = event.action, QUERY_TRANSITIONS[event.action][1]
+            text = event.text if event.text is not None else event.reason
+        if event.query_id not in self.queries:
+            return
+        place, step = self.queries[event.query_id]
+        self.queries[event.query_id] = (place, step + 1)
+        query = (self.masker.query_pseudonym(event.query_id) if self.masker
+                 else event.query_id)
+        comment = None if QUERY_TEXT in self.withheld else text
+        self._note(place, event, annotation=_annotation(
+            step + 1, [("QUERY_STATUS", status), (QUERY_ID, query)], comment,
+            "Site" if action == "respond" else "Sponsor"))
+
+    def _verified(self, event: Any) -> None:
+        study_event = visit_study_event(event.visit)
+        self.verified.add(study_event)
+        self._note(Place(study_event), event, annotation=_annotation(1, [("SDV", "verified")]))
+
+    def _signed(self, event: Any) -> None:
+        oid = self.gathered.signature(event.signed_by, event.printed_name, event.meaning)
+        signature = (f"<Signature><UserRef{_attr('UserOID', user_oid(event.signed_by))}/>"
+                     f"<LocationRef{_attr('LocationOID', self.site)}/>"
+                     f"<SignatureRef{_attr('SignatureOID', oid)}/>{self._stamp(event)}"
+                     f"</Signature>")
+        self._note(_scope_place(event.scope), event, signature=signature)
+
+    def _invalidated(self, event: Any) -> None:
+        self._note(_scope_place(event.scope), event, annotation=_annotation(
+            1, [("SIGNATURE_STATUS", "invalidated")], event.cause))
+
+    def _lock(self, event: Any) -> None:
+        state = "locked" if type(event).__name__ == "ScopeLocked" else "unlocked"
+        self._note(_scope_place(event.scope), event,
+                   annotation=_annotation(1, [("LOCK", state)]))
+
     def close(self) -> str:
         self.out.append("</SubjectData>\n")
-        return "\n".join(self.out)
+        return "\n".join(self.out + self.after)
 
 
 def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
                       masker: Deidentifier | None, withheld: frozenset[str],
-                      users: set[str], shown: list[str] | None = None) -> Iterator[str]:
-    """One SubjectData per participant, from the events in version order, without the
-    ``withheld`` items; collects the actors into ``users``."""
+                      gathered: Gathered, shown: list[str] | None = None,
+                      scope: Scope = EVERY_SITE) -> Iterator[str]:
+    """One SubjectData per participant of the scope's sites, from the events in version
+    order, without the ``withheld`` items; collects the actors and signatures into
+    ``gathered``."""
     leaves = {key: {path for path, _ in form} for key, form in items.items()}
     yield (f"<ClinicalData{_attr('StudyOID', t.protocol.study_id)}"
            f"{_attr('MetaDataVersionOID', METADATA_VERSION)}>\n")
     subject: _Subject | None = None
     stream = None
+    skipped = None
     for event in participant_events(t.service):
+        if event.originator_id == skipped:
+            continue
         if event.originator_id != stream:
             if subject is not None:
                 yield subject.close()
+                subject = None
             stream = event.originator_id
-            subject = _Subject(event, masker, withheld, leaves)
+            # A stream opens with its screening, which names the site.
+            if scope.sites is not None and not scope.admits(event.data["site_id"]):
+                skipped = stream
+                continue
+            subject = _Subject(event, masker, withheld, leaves, gathered)
             if shown is not None and not CONTACT_ITEMS & withheld:
                 shown.append(subject.participant_id)
         assert subject is not None
-        users.add(event.actor)
+        gathered.users.add(event.actor)
         subject.add(event)
     if subject is not None:
         yield subject.close()
@@ -369,16 +602,18 @@ def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
 
 def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
                  created: datetime | None = None,
-                 shown: list[str] | None = None) -> Iterator[str]:
-    """The ODM document in chunks; without contact details unless ``contact``."""
+                 shown: list[str] | None = None,
+                 scope: Scope = EVERY_SITE) -> Iterator[str]:
+    """The ODM document in chunks, for the participants of the scope's sites; without
+    contact details unless ``contact``."""
     created = created or datetime.now(UTC)
     masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
     withheld = (frozenset(IDENTIFYING_ITEMS) if deidentify
                 else frozenset() if contact else frozenset(CONTACT_ITEMS))
     items = form_items(t.protocol)
-    users: set[str] = set()
+    gathered = Gathered()
     with tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8") as body:
-        for chunk in clinical_data_xml(t, items, masker, withheld, users, shown):
+        for chunk in clinical_data_xml(t, items, masker, withheld, gathered, shown, scope):
             body.write(chunk)
         yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
                f'<ODM xmlns="{ODM_NAMESPACE}" ODMVersion="1.3.2" FileType="Transactional"'
@@ -386,7 +621,7 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
                f"{_attr('CreationDateTime', created.isoformat())}"
                ' Originator="Trialog" SourceSystem="Trialog">\n')
         yield metadata_xml(t.protocol, items)
-        yield admin_xml(t.protocol, users, created.date())
+        yield admin_xml(t.protocol, gathered, created.date())
         body.seek(0)
         while chunk := body.read(1 << 16):
             yield chunk

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import sqlalchemy.exc
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from domain.access import Scope
 from domain.chain import GENESIS, canonical_json, compute_digest
 from domain.participant import participant_uuid
 from domain.service import TrialService
@@ -57,7 +58,7 @@ Progress = Callable[[int], None]
 
 @dataclass
 class Problem:
-    kind: str  # edited | deleted | reordered | inserted
+    kind: str  # edited | deleted | reordered | inserted | snapshot
     stream: str
     version: int
     notification_id: int | None
@@ -370,5 +371,95 @@ def check_store(trialog: Trialog, processes: int | None = None,
         report = verify_parallel(trialog.settings, processes, progress, deep=deep)
     else:
         report = verify(trialog.service, progress=progress, deep=deep)
+    report.problems += check_snapshots(trialog.service, deep)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_snapshots(service: TrialService, deep: bool = False) -> list[Problem]:
+    """Each snapshot (a cache of a participant's state at a version) against the record:
+    its chain head must be the digest of the event at its version; ``deep``, the whole
+    state must be what the events up to that version give (a snapshot rewritten with the
+    cipher key keeps its chain head)."""
+    if service.snapshots is None:
+        return []
+    snapshots = service.snapshots.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
+    events = service.recorder.events_record_cls.__table__  # type: ignore[attr-defined]
+    problems = []
+    with service.recorder.datastore.engine.connect() as connection:  # type: ignore[attr-defined]
+        rows = connection.execute(
+            select(snapshots.c.originator_id, snapshots.c.originator_version,
+                   snapshots.c.state, events.c.id, events.c.state, snapshots.c.topic)
+            .outerjoin(events, (events.c.originator_id == snapshots.c.originator_id)
+                       & (events.c.originator_version == snapshots.c.originator_version))
+            .order_by(snapshots.c.originator_id, snapshots.c.originator_version))
+        for stream, version, snapshot_state, position, event_state, topic in rows:
+            problem = _snapshot_problem(service, snapshot_state, event_state)
+            if problem is None and deep:
+                problem = _snapshot_state_problem(service, stream_key_id(stream), version,
+                                                  topic, bytes(snapshot_state))
+            if problem:
+                first = load_event(service, stream_key_id(stream), 1)
+                problems.append(Problem("snapshot", str(stream_key_id(stream)), version,
+                                        position, problem,
+                                        getattr(first, "participant_id", None)))
+    _name_unknown_streams(service, problems)
+    return problems
+
+
+def _snapshot_state_problem(service: TrialService, stream: UUID, version: int,
+                            topic: str, state: bytes) -> str | None:
+    """The snapshot's state against the participant replayed from its events."""
+    from eventsourcing.persistence import StoredEvent
+
+    try:
+        snapshot = service.mapper.to_domain_event(StoredEvent(stream, version, topic, state))
+        cached = vars(snapshot.mutate(None))
+    except Exception:  # noqa: BLE001 - unreadable: reported
+        return "the snapshot can't be read"
+    replayed = None
+    for event in service.events.get(stream, lte=version):
+        replayed = event.mutate(replayed)
+    if replayed is None or vars(replayed) != cached:
+        return "the snapshot's state is not what the events give"
+    return None
+
+
+def _snapshot_problem(service: TrialService, snapshot: Any, event: Any) -> str | None:
+    if event is None:
+        return "a snapshot of a version that has no event"
+    try:
+        head = plain_state(service.mapper, bytes(snapshot))["state"]["chain_head"]
+        digest = plain_state(service.mapper, bytes(event))["digest"]
+    except Exception:  # noqa: BLE001 - unreadable: reported
+        return "the snapshot can't be read"
+    if head != digest:
+        return "the snapshot does not match the event at its version"
+    return None
+
+
+def as_seen_by(t: Trialog, scope: Scope, answer: dict[str, Any]) -> dict[str, Any]:
+    """A verification answer for a caller who sees only some sites: the problems of their
+    participants only, and the count of their participants' events in place of the whole
+    store's (which would tell of other sites' activity)."""
+    if scope.sites is None:
+        return answer
+    from infrastructure.store.tables import participants
+
+    sites = sorted(scope.sites)
+    named = {p["participant_id"] for p in answer.get("problems", ()) if p["participant_id"]}
+    with t.engine.connect() as connection:
+        visible = set(connection.execute(
+            select(participants.c.participant_id)
+            .where(participants.c.participant_id.in_(sorted(named)),
+                   participants.c.site_id.in_(sites))).scalars()) if named else set()
+        events = connection.execute(select(func.coalesce(func.sum(participants.c.version), 0))
+                                    .where(participants.c.site_id.in_(sites))).scalar_one()
+    problems = [p for p in answer.get("problems", ()) if p["participant_id"] in visible]
+    seen = {**answer, "events_checked": int(events)}
+    if "started_by" in seen:  # a deep check's starter may be another site's
+        seen["started_by"] = None
+    if "problems" in answer:
+        seen.update(problems=problems, ok=not problems)
+    seen.pop("events_per_second", None)
+    return seen

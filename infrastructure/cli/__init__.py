@@ -126,14 +126,36 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
         print(f"v{e['version']:<4} {e['recorded_at']:<33} {e['type']:<22} "
               f"by {e['actor']}  command {e['command_id']}{reason}")
         print(f"      {json.dumps(e['data'], default=_json_default, ensure_ascii=False)}")
+        if e["type"] == "RecordSigned":  # the signature's manifestation (Part 11 §11.50)
+            d = e["data"]
+            print(f"      signed by {d['printed_name']} ({d['signed_by']}) at "
+                  f"{e['recorded_at']}, meaning: {d['meaning']}")
     print(f"\nState at v{state['version']} ({last['recorded_at']}): {state['status']}, "
           f"arm {state['arm'] or '-'}, site {state['site_id']}, "
-          f"{len(state['open_deviations'])} open deviations")
+          f"{len(state['open_deviations'])} open deviations, "
+          f"{state['open_queries']} open queries")
     for visit in state["visits"]:
         scores = state["scores"].get(visit["code"], {})
         shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if v is not None)
         print(f"  {visit['code']:<18} {visit['status']:<12} {shown}")
+        marks = [visit["sdv"].replace("_", " ")] if visit["sdv"] != "not_verified" else []
+        marks += ["locked"] if visit["locked"] else []
+        if visit["signature"]:
+            marks.append(_signature_text(visit["signature"]))
+        if marks:
+            print(f"  {'':<18} {'; '.join(marks)}")
+    casebook = state["casebook"]
+    if casebook["signature"] or casebook["locked"]:
+        marks = ["locked"] if casebook["locked"] else []
+        marks += [_signature_text(casebook["signature"])] if casebook["signature"] else []
+        print(f"  casebook: {'; '.join(marks)}")
     return 0
+
+
+def _signature_text(signature: dict[str, Any]) -> str:
+    valid = "" if signature["valid"] else " (no longer valid: the data changed since)"
+    return (f"signed by {signature['printed_name']} ({signature['signed_by']}) at "
+            f"{signature['signed_at']}, meaning: {signature['meaning']}{valid}")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -154,10 +176,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _role_and_sites(parser: argparse.ArgumentParser) -> None:
+    from infrastructure.store.tokens import ROLES
+
+    parser.add_argument("--role", required=True, choices=ROLES)
+    parser.add_argument("--site", action="append", default=[], metavar="SITE",
+                        help="a site the caller sees (repeat for more); required, or "
+                             "--all-sites, for every role but admin and auditor")
+    parser.add_argument("--all-sites", action="store_true", help="every site")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from infrastructure.cli.ops import (
         cmd_deviations_scan,
         cmd_export,
+        cmd_import,
         cmd_projections_follow,
         cmd_projections_rebuild,
         cmd_projections_status,
@@ -165,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_serve,
         cmd_token_create,
         cmd_token_revoke,
+        cmd_user_create,
+        cmd_user_disable,
+        cmd_webhook_add,
+        cmd_webhook_list,
+        cmd_webhook_redeliver,
+        cmd_webhook_rotate,
     )
 
     parser = argparse.ArgumentParser(prog="trialog", description=__doc__)
@@ -214,23 +253,65 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        required=True)
     create = token.add_parser("create", help="print a new token (only its hash is kept)")
     create.add_argument("--name", required=True, help="who the token is; the events' actor")
-    create.add_argument("--role", required=True,
-                        choices=("service", "coordinator", "monitor", "auditor", "admin"))
+    _role_and_sites(create)
     create.set_defaults(func=cmd_token_create)
     revoke = token.add_parser("revoke", help="refuse a token from the next request on")
     revoke.add_argument("name", help="the token's name")
     revoke.set_defaults(func=cmd_token_revoke)
 
+    user = sub.add_parser("user", help="people who sign in and sign records").add_subparsers(
+        dest="user", required=True)
+    create_user = user.add_parser("create", help="a person with a role, sites and a password")
+    create_user.add_argument("--login", required=True, help="what the person signs in with; "
+                                                            "the events' actor")
+    create_user.add_argument("--name", required=True, help="the person's full name")
+    create_user.add_argument("--password-stdin", action="store_true",
+                             help="read the password from the first line of standard input")
+    _role_and_sites(create_user)
+    create_user.set_defaults(func=cmd_user_create)
+    disable = user.add_parser("disable", help="refuse a person from the next request on")
+    disable.add_argument("login")
+    disable.set_defaults(func=cmd_user_disable)
+
+    importing = sub.add_parser("import", help="apply NDJSON commands, many per transaction")
+    importing.add_argument("file", help="one command body a line, as POST /v1/commands "
+                                        "takes it")
+    importing.add_argument("--actor", default="import",
+                           help="the actor of the events written (default: import)")
+    importing.set_defaults(func=cmd_import)
+
+    webhook = sub.add_parser("webhook", help="event delivery to other systems").add_subparsers(
+        dest="webhook", required=True)
+    add = webhook.add_parser("add", help="a subscription; prints its id and secret once")
+    add.add_argument("--url", required=True, help="where the events are POSTed")
+    add.add_argument("--site", action="append", default=[], metavar="SITE",
+                     help="only this site's events (repeat for more; default every site)")
+    add.add_argument("--type", action="append", default=[], metavar="TYPE",
+                     help="only events of this type, e.g. VisitCompleted (repeat for more)")
+    add.set_defaults(func=cmd_webhook_add)
+    webhook.add_parser("list", help="subscriptions, positions and failures").set_defaults(
+        func=cmd_webhook_list)
+    again = webhook.add_parser("redeliver", help="send a subscription's failed deliveries "
+                                                 "again")
+    again.add_argument("webhook_id")
+    again.set_defaults(func=cmd_webhook_redeliver)
+    rotate = webhook.add_parser("rotate", help="a new secret (the old one also signs for "
+                                               "24 hours); prints it once")
+    rotate.add_argument("webhook_id")
+    rotate.set_defaults(func=cmd_webhook_rotate)
+
     projections = sub.add_parser("projections", help="read models").add_subparsers(
         dest="projections", required=True)
-    rebuild = projections.add_parser("rebuild", help="rebuild the read models from event 1")
-    rebuild.add_argument("name", nargs="?", default="trial", choices=("trial",))
+    rebuild = projections.add_parser("rebuild", help="rebuild the read models and the "
+                                                     "feed's pages from event 1")
+    rebuild.add_argument("name", nargs="?", default="all", choices=("all", "trial", "feed"))
     rebuild.add_argument("--batch-size", type=int, default=5000)
     rebuild.add_argument("--quiet", action="store_true")
     rebuild.set_defaults(func=cmd_projections_rebuild)
     projections.add_parser("status", help="position and lag of each follower").set_defaults(
         func=cmd_projections_status)
-    follow = projections.add_parser("follow", help="keep the read models up to date")
+    follow = projections.add_parser("follow", help="keep the read models and the feed's "
+                                                   "pages up to date")
     follow.add_argument("--batch-size", type=int, default=500)
     follow.set_defaults(func=cmd_projections_follow)
 

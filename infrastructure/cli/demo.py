@@ -16,10 +16,11 @@ from typing import Any
 from tqdm import tqdm
 
 from domain import commands as c
+from domain.access import EVERY_SITE
 from domain.deviations import detect
 from domain.errors import DomainError
 from domain.scoring import FACT_ITEMS
-from infrastructure.readside.projections import TrialProjection
+from infrastructure.readside.projections import FeedProjection, TrialProjection
 from infrastructure.readside.queries import trial_summary
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from infrastructure.store.settings import Settings
@@ -239,7 +240,8 @@ def run_demo(path: Path, participants: int = 40, seed: int = 7,
             last_day = sim.run(bar.update)
         sim.flag_deviations(last_day + timedelta(days=1))
         TrialProjection(trialog, batch_size=2000).catch_up()  # the read models, as the API
-        summary = trial_summary(trialog)
+        FeedProjection(trialog, batch_size=2000).catch_up()  # and the feed's pages
+        summary = trial_summary(trialog, scope=EVERY_SITE)
     finally:
         trialog.close()
     return summary

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from tqdm import tqdm
 
+from domain.protocol import Protocol
 from infrastructure.cli import CliError, _app
 
 
@@ -38,13 +39,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _on_tokens(action: Callable[[Engine], str]) -> int:
-    """Runs ``action`` on the tokens table; its answer goes to standard output."""
+def _on_tokens(action: Callable[[Engine, Protocol], str]) -> int:
+    """Runs ``action`` on the tokens or people tables; its answer goes to standard
+    output."""
     from infrastructure.store.tokens import TokenError
 
     trialog = _app()
     try:
-        answer = action(trialog.engine)
+        answer = action(trialog.engine, trialog.protocol)
     except TokenError as e:
         raise CliError(str(e)) from None
     finally:
@@ -54,37 +56,87 @@ def _on_tokens(action: Callable[[Engine], str]) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from infrastructure.store.tokens import create_token
+    from infrastructure.store.tokens import create_token, scope_for
 
-    return _on_tokens(lambda engine: create_token(engine, args.name, args.role))
+    def create(engine: Engine, protocol: Protocol) -> str:
+        scope = scope_for(protocol, args.role, args.site, args.all_sites)
+        return create_token(engine, args.name, args.role, scope)
+
+    return _on_tokens(create)
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     from infrastructure.store.tokens import revoke_token
 
-    def revoke(engine: Engine) -> str:
+    def revoke(engine: Engine, protocol: Protocol) -> str:
         revoke_token(engine, args.name)
         return f"revoked {args.name}: refused from the next request on"
 
     return _on_tokens(revoke)
 
 
+def _password(from_stdin: bool) -> str:
+    """The new password: the first line of standard input, or typed twice at the
+    terminal (not echoed)."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    if not sys.stdin.isatty():
+        raise CliError("no terminal to read the password from: use --password-stdin")
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Password again: ") != password:
+        raise CliError("the passwords differ")
+    return password
+
+
+def cmd_user_create(args: argparse.Namespace) -> int:
+    from infrastructure.store.people import check_password, create_user
+    from infrastructure.store.tokens import TokenError, scope_for
+
+    def create(engine: Engine, protocol: Protocol) -> str:
+        scope = scope_for(protocol, args.role, args.site, args.all_sites)
+        password = _password(args.password_stdin)
+        check_password(password)
+        create_user(engine, args.login, args.name, args.role, scope, password)
+        sites = ", ".join(scope.as_list() or ["every site"])
+        return f"created {args.login} ({args.role}; {sites})"
+
+    try:
+        return _on_tokens(create)
+    except TokenError as e:  # raised before the tables are touched
+        raise CliError(str(e)) from None
+
+
+def cmd_user_disable(args: argparse.Namespace) -> int:
+    from infrastructure.store.people import disable_user
+
+    def disable(engine: Engine, protocol: Protocol) -> str:
+        disable_user(engine, args.login)
+        return f"disabled {args.login}: refused from the next request on"
+
+    return _on_tokens(disable)
+
+
 def cmd_projections_rebuild(args: argparse.Namespace) -> int:
-    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.readside.projections import FeedProjection, TrialProjection
 
     trialog = _app()
     try:
-        projection = TrialProjection(trialog, batch_size=args.batch_size)
-        total = projection.head()
-        started = time.perf_counter()
-        with tqdm(total=total, unit="ev", desc=f"rebuilding {projection.name}",
-                  disable=args.quiet, file=sys.stderr) as bar:
-            done = projection.rebuild(progress=bar.update)
-        # The whole run's rate (tqdm's own is a moving average of the last batches).
-        rate = done / max(time.perf_counter() - started, 1e-9)
+        chosen = [TrialProjection(trialog, batch_size=args.batch_size),
+                  FeedProjection(trialog, batch_size=args.batch_size)]
+        for projection in [p for p in chosen if args.name in ("all", p.name)]:
+            total = projection.head()
+            started = time.perf_counter()
+            with tqdm(total=total, unit="ev", desc=f"rebuilding {projection.name}",
+                      disable=args.quiet, file=sys.stderr) as bar:
+                done = projection.rebuild(progress=bar.update)
+            # The whole run's rate (tqdm's own is a moving average of the last batches).
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            print(f"{projection.name}: {done} events applied ({rate:,.0f} events/s)",
+                  file=sys.stderr)
     finally:
         trialog.close()
-    print(f"{projection.name}: {done} events applied ({rate:,.0f} events/s)", file=sys.stderr)
     return 0
 
 
@@ -125,16 +177,20 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.readside.projections import follow_all
 
     trialog = _app()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    followers = follow_all(trialog, stop, batch_size=args.batch_size)
     try:
-        TrialProjection(trialog, batch_size=args.batch_size).follow(stop)
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
-        pass
+        stop.set()
     finally:
+        for thread, _ in followers:
+            thread.join(timeout=10)
         trialog.close()
     return 0
 
@@ -142,13 +198,13 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
 def cmd_reminders_scan(args: argparse.Namespace) -> int:
     from infrastructure.jobs import reminders
     from infrastructure.readside.projections import TrialProjection
-    from workers.tasks import send_reminder
+    from workers.tasks import send_reminders
 
     trialog = _app()
     try:
         TrialProjection(trialog).catch_up()  # the schedule is read from the read models
         new = reminders.scan(trialog, trialog.today())
-        handed = reminders.hand_over(trialog, send_reminder.delay)
+        handed = reminders.hand_over(trialog, send_reminders.delay, reminders.CHUNK)
     finally:
         trialog.close()
     print(f"{len(new)} reminders due; {handed} handed to the workers")
@@ -187,3 +243,84 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         trialog.close()
     return 0
+
+
+def _on_webhooks(action: Callable[[Any], str]) -> int:
+    from infrastructure.jobs.webhooks import WebhookError
+
+    trialog = _app()
+    try:
+        answer = action(trialog)
+    except WebhookError as e:
+        raise CliError(str(e)) from None
+    finally:
+        trialog.close()
+    print(answer)
+    return 0
+
+
+def cmd_webhook_add(args: argparse.Namespace) -> int:
+    from infrastructure.jobs import webhooks
+
+    def add(t: Any) -> str:
+        webhook_id, secret = webhooks.add(t, args.url, args.site, args.type)
+        return f"{webhook_id}\n{secret}"
+
+    return _on_webhooks(add)
+
+
+def cmd_webhook_list(args: argparse.Namespace) -> int:
+    from infrastructure.jobs import webhooks
+
+    def listed(t: Any) -> str:
+        lines = []
+        for w in webhooks.listing(t):
+            sites = ",".join(w["sites"] or ["every site"])
+            types = ",".join(w["types"] or ["every type"])
+            lines.append(f"{w['webhook_id']}  {w['status']:8}  position {w['position']}  "
+                         f"failed {w['failed']}  {w['url']}  ({sites}; {types})"
+                         + (f"  last error: {w['last_error']}" if w["last_error"] else ""))
+        return "\n".join(lines) or "no webhooks"
+
+    return _on_webhooks(listed)
+
+
+def cmd_webhook_redeliver(args: argparse.Namespace) -> int:
+    from infrastructure.jobs import webhooks
+
+    def redeliver(t: Any) -> str:
+        done, again = webhooks.redeliver(t, args.webhook_id)
+        if again:
+            raise CliError(f"{done} failed deliveries delivered, {again} failed again")
+        return f"{done} failed deliveries delivered"
+
+    return _on_webhooks(redeliver)
+
+
+def cmd_webhook_rotate(args: argparse.Namespace) -> int:
+    from infrastructure.jobs import webhooks
+
+    return _on_webhooks(lambda t: webhooks.rotate(t, args.webhook_id))
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from infrastructure.cli import imports
+    from infrastructure.store.outages import DATABASE_ERRORS
+
+    trialog = _app()
+    try:
+        with open(args.file, "rb") as lines:
+            report = imports.run(trialog, lines, args.actor)
+    except OSError as e:
+        raise CliError(f"{args.file}: {e.strerror}") from None
+    except DATABASE_ERRORS as e:
+        raise CliError(f"the database failed ({type(e).__name__}); the commands of the "
+                       "transaction it stopped are not written: run the import again "
+                       "(what was written is recognised by its command ids)") from None
+    finally:
+        trialog.close()
+    for number, refusal in report.refused:
+        print(f"line {number}: {refusal}", file=sys.stderr)
+    print(f"{report.accepted} accepted, {report.repeated} repeated, "
+          f"{len(report.refused)} refused")
+    return 1 if report.refused else 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import date
 from typing import Any
-from uuid import NAMESPACE_URL, uuid5
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -37,7 +36,7 @@ def flag(t: Trialog, participant: Participant, today: date,
                 "deviation_id": deviation_id, "code": finding.code,
                 "severity": finding.severity, "evidence": list(finding.evidence),
                 "detail": finding.detail}),
-            command_id=str(uuid5(NAMESPACE_URL, f"trialog:flag:{deviation_id}")), actor=ACTOR,
+            command_id=t.derived_command_id("flag", deviation_id), actor=ACTOR,
         )
         flagged.append(finding.code)
     return flagged
@@ -90,8 +89,8 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
     missed = detect(participant, t.protocol, today, ("visit_missed",))
     for finding in missed:
         t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
-                       command_id=str(uuid5(NAMESPACE_URL, f"trialog:missed:"
-                                            f"{participant.id}:{finding.key}")),
+                       command_id=t.derived_command_id("missed", str(participant.id),
+                                                       finding.key),
                        actor=ACTOR)
     if missed:
         counts["missed"] += len(missed)

@@ -15,33 +15,40 @@ once, ReminderSent exactly once. Addresses appear masked in logs and in ``last_e
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import smtplib
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid, parseaddr
+from email.header import Header
+from email.message import EmailMessage, Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import compat32
+from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from uuid import NAMESPACE_URL, uuid5
+from uuid import UUID
 
 import kombu.exceptions
-import sqlalchemy.exc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, scheduled_visit
+from infrastructure.jobs import query_notices
 from infrastructure.logs import mask_email, mask_emails_in
 from infrastructure.readside.projections import TrialProjection
+from infrastructure.store import locks
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.outages import is_unavailable
+from infrastructure.store.stored import load_participants
 from infrastructure.store.tables import outbox, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
@@ -56,6 +63,7 @@ TEMPLATES = Environment(
 SUBJECTS = {"en": "Reminder: your {visit} visit", "es": "Recordatorio: su visita {visit}"}
 # One mailbox, nothing else: no display name, no second address, no line break (a header
 # injection), no space.
+SMTP_COMPAT32 = compat32.clone(linesep="\r\n")  # the message's own policy, as SMTP sends it
 ADDRESS = re.compile(r"[^\s@<>()\[\],;:\"]+@[^\s@<>()\[\],;:\"]+")
 
 
@@ -80,7 +88,8 @@ def expired(due_on: date, today: date) -> bool:
 
 # --- scanning ----------------------------------------------------------------------------
 
-def scan(t: Trialog, today: date, enqueue: Callable[[str], None] | None = None) -> list[str]:
+def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
+         chunk: int = 1) -> list[str]:
     """Writes an outbox row for each reminder due ``today`` that has none, in one
     transaction with the read models' position; then hands pending rows to ``enqueue``.
     Returns the ids of the new rows to send (one found too late is written expired).
@@ -100,18 +109,20 @@ def scan(t: Trialog, today: date, enqueue: Callable[[str], None] | None = None) 
                    since | (s.c.position > last_position))
         )
         rows = session.execute(due).all()
-        if rows:
-            session.execute(insert(outbox), [
-                {"reminder_id": r.reminder_id, "participant_id": r.participant_id,
-                 "visit": r.visit, "kind": r.kind, "due_on": r.due_on,
-                 "status": "expired" if expired(r.due_on, today) else "pending",
-                 "attempts": 0, "scan_position": position, "created_at": now}
-                for r in rows])
+        new = [{"reminder_id": r.reminder_id, "participant_id": r.participant_id,
+                "visit": r.visit, "kind": r.kind, "due_on": r.due_on,
+                "status": "expired" if expired(r.due_on, today) else "pending",
+                "attempts": 0, "scan_position": position, "created_at": now,
+                "query_id": None} for r in rows]
+        notices = query_notices.outbox_rows(t, session, today, now, position)
+        if new or notices:
+            session.execute(insert(outbox), new + notices)
         _record(session, "reminder_scan", position, now)
         _record(session, "reminder_scan_day", today.toordinal(), now)
     if enqueue is not None:
-        hand_over(t, enqueue)
-    return [r.reminder_id for r in rows if not expired(r.due_on, today)]
+        hand_over(t, enqueue, chunk)
+    return ([r.reminder_id for r in rows if not expired(r.due_on, today)]
+            + [n["reminder_id"] for n in notices])
 
 
 def _last_scan(session: Any) -> tuple[date | None, int]:
@@ -128,25 +139,26 @@ def _record(session: Any, name: str, value: int, now: datetime) -> None:
         session.execute(insert(positions).values(name=name, position=value, updated_at=now))
 
 
-def hand_over(t: Trialog, enqueue: Callable[[str], None]) -> int:
+def hand_over(t: Trialog, enqueue: Callable[[Any], None], chunk: int = 1) -> int:
     """Enqueues pending rows (and mailed ones, whose ReminderSent is still to record) not
-    enqueued yet or long ago (the broker may have lost them); a broker that is down leaves
-    them for the next scan."""
+    enqueued yet or long ago (the broker may have lost them), one id at a time or lists
+    of ``chunk`` ids; a broker that is down leaves them for the next scan."""
     stale = datetime.now(UTC) - REENQUEUE_AFTER
     with t.engine.connect() as connection:
         ids = list(connection.execute(select(outbox.c.reminder_id).where(
             outbox.c.status.in_(("pending", "mailed")),
             (outbox.c.enqueued_at.is_(None)) | (outbox.c.enqueued_at < stale))).scalars())
     handed: list[str] = []
-    for reminder_id in ids:
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
         try:
-            enqueue(reminder_id)
+            enqueue(part if chunk > 1 else part[0])
         except (OSError, kombu.exceptions.OperationalError) as e:
             # The broker is unreachable: commands go on, the rows wait for the next scan.
             log.warning("could not enqueue reminders; they stay pending",
                         extra={"error": str(e), "pending": len(ids) - len(handed)})
             break
-        handed.append(reminder_id)
+        handed += part
     if handed:
         with t.engine.begin() as connection:
             connection.execute(update(outbox).where(outbox.c.reminder_id.in_(handed))
@@ -174,7 +186,10 @@ class Mailer:
             raise ValueError("TRIALOG_SMTP_URL: must be smtp://host:port")
         self.host, self.port = parts.hostname, parts.port or 25
         self.sender, self.timeout = sender, timeout
-        self.domain = parseaddr(sender)[1].rpartition("@")[2] or "trialog.localhost"
+        name, address = parseaddr(sender)
+        self.domain = address.rpartition("@")[2] or "trialog.localhost"
+        self.from_header = formataddr((name, address), charset="utf-8") or sender
+        self.envelope_from = address or sender
         self._smtp: smtplib.SMTP | None = None
 
     def send(self, email: Email) -> list[str]:
@@ -182,7 +197,7 @@ class Mailer:
         message for the others (masked, each with the server's reply)."""
         message = self.message(email)
         try:
-            refused = self._deliver(message)
+            refused = self._deliver(message, email.to)
         except smtplib.SMTPRecipientsRefused as e:
             permanent = all(code >= 500 for code, _ in e.recipients.values())
             error = PermanentMailError if permanent else TransientMailError
@@ -197,28 +212,49 @@ class Mailer:
             raise TransientMailError(mask_emails_in(str(e)) or type(e).__name__) from None
         return _refusals(refused)
 
-    def message(self, email: Email) -> EmailMessage:
+    def message(self, email: Email) -> Message:
         """The message, plain text and HTML, with its Date and Message-ID; an address that
         is not one mailbox (a line break would inject headers) is refused for good."""
         malformed = [mask_email(a) for a in email.to if not ADDRESS.fullmatch(a)]
         if malformed or not email.to:
             raise PermanentMailError(f"not an email address: {', '.join(malformed)}"
                                      if malformed else "no recipient address")
-        message = EmailMessage()
-        message["From"], message["To"] = self.sender, ", ".join(email.to)
-        message["Subject"] = email.subject
+        subject = " ".join(email.subject.split())  # on one line: no header injected
+        if not self._ascii_envelope(email.to):
+            # An address beyond ASCII goes with SMTPUTF8, which the standard library
+            # sends only for an EmailMessage.
+            international = EmailMessage()
+            international["From"], international["To"] = self.sender, ", ".join(email.to)
+            international["Subject"] = subject
+            international["Date"] = formatdate(usegmt=True)
+            international["Message-ID"] = make_msgid(domain=self.domain)
+            international.set_content(email.text)
+            international.add_alternative(email.html, subtype="html")
+            return international
+        # The standard library's compat32 classes: a third of the time of EmailMessage,
+        # whose header registry parses every header it is given.
+        message = MIMEMultipart("alternative")
+        message["From"], message["To"] = self.from_header, ", ".join(email.to)
+        message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")
         message["Date"] = formatdate(usegmt=True)
         message["Message-ID"] = make_msgid(domain=self.domain)
-        message.set_content(email.text)
-        message.add_alternative(email.html, subtype="html")
+        message.attach(MIMEText(email.text, "plain", "utf-8"))
+        message.attach(MIMEText(email.html, "html", "utf-8"))
         return message
 
-    def _deliver(self, message: EmailMessage) -> dict[str, tuple[int, bytes]]:
+    def _ascii_envelope(self, to: tuple[str, ...]) -> bool:
+        return self.envelope_from.isascii() and all(a.isascii() for a in to)
+
+    def _deliver(self, message: Message, to: tuple[str, ...]) -> dict[str, tuple[int, bytes]]:
         for attempt in (1, 2):
             if self._smtp is None:
                 self._smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
             try:
-                return self._smtp.send_message(message)
+                if isinstance(message, EmailMessage):
+                    return self._smtp.send_message(message)  # SMTPUTF8 if the server has it
+                # The envelope as given, not parsed back out of the headers.
+                return self._smtp.sendmail(self.envelope_from, list(to),
+                                           message.as_bytes(policy=SMTP_COMPAT32))
             except smtplib.SMTPServerDisconnected:
                 self._smtp = None  # closed while idle: one new connection, then give up
                 if attempt == 2:
@@ -309,24 +345,67 @@ def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
             select(outbox).where(outbox.c.reminder_id == reminder_id)).first()
         if row is None or row.status not in ("pending", "mailed"):
             return "done"
-        try:
-            participant = t.service.get_participant(row.participant_id)
-        except Exception as e:
-            if is_unavailable(e):
-                raise
-            error = mask_emails_in(f"the participant's record can't be read: {e!r}")
-            _mark(connection, row, "failed", error=error)
-            log.warning("reminder failed", extra={"reminder_id": reminder_id, "error": error})
-            return "failed"
+        outcome, to, _ = _one(t, connection, mailer, row, today)
+        if to is not None:
+            _record_sent(t, connection, row, to)
+        return outcome
+
+
+def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
+         today: date) -> tuple[str, tuple[str, ...] | None, Participant | None]:
+    """What became of one pending or mailed row (sent, recorded_before, cancelled,
+    expired, failed), and the recipients when its ReminderSent is still to record (the
+    caller records it). A visit reminder, a raised query's email (keyed by the query id)
+    and a weekly digest (no participant, its row is its record) all pass here. Also the
+    participant as loaded (for the caller's ReminderSent)."""
+    if row.kind == query_notices.DIGEST:
+        return _send_digest(t, connection, mailer, row), None, None
+    try:
+        participant = t.service.get_participant(row.participant_id)
+    except Exception as e:
+        if is_unavailable(e):
+            raise
+        error = mask_emails_in(f"the participant's record can't be read: {e!r}")
+        _mark(connection, row, "failed", error=error)
+        log.warning("reminder failed", extra={"reminder_id": row.reminder_id, "error": error})
+        return "failed", None, None
+    if row.kind == query_notices.RAISED:
+        email = query_notices.raised_email(t, participant, row.query_id)
         if row.status == "mailed":  # the server took it: only ReminderSent is missing
-            _record_sent(t, connection, row, recipients(t, participant))
-            return "sent"
+            return "sent", email.to if email is not None else (), participant
+        if f"{row.query_id}/{row.kind}" in participant.reminders:
+            _mark(connection, row, "sent")
+            return "recorded_before", None, None
+        if email is None:
+            _mark(connection, row, "cancelled")
+            return "cancelled", None, None
+    else:
+        if row.status == "mailed":
+            return "sent", recipients(t, participant), participant
         outcome = _check(t, row, participant, today)
         if outcome != "due":
             _mark(connection, row, "sent" if outcome == "recorded_before" else outcome)
-            return outcome
-        return _mail(t, connection, mailer, row, compose(
-            t, participant, row.visit, row.kind, today))
+            return outcome, None, None
+        email = compose(t, participant, row.visit, row.kind, today)
+    outcome = _mail(t, connection, mailer, row, email)
+    if outcome != "sent":
+        return outcome, None, None
+    return outcome, email.to, participant
+
+
+def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -> str:
+    """A site's weekly digest; its outbox row is its only record."""
+    if row.status == "mailed":
+        _mark(connection, row, "sent")
+        return "sent"
+    email = query_notices.digest_email(t, row.participant_id)
+    if email is None:
+        _mark(connection, row, "cancelled")
+        return "cancelled"
+    outcome = _mail(t, connection, mailer, row, email)
+    if outcome == "sent":
+        _mark(connection, row, "sent")
+    return outcome
 
 
 def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
@@ -340,6 +419,8 @@ def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
 
 
 def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: Email) -> str:
+    """Sends the email; the row is marked mailed when the server took it (the caller
+    records ReminderSent)."""
     try:
         refused = mailer.send(email)
     except PermanentMailError as e:
@@ -355,34 +436,49 @@ def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: E
     if note:
         log.warning("reminder sent; some recipients refused",
                     extra={"reminder_id": row.reminder_id, "error": note})
-    _record_sent(t, connection, row, email.to)
     return "sent"
 
 
 def _record_sent(t: Trialog, connection: Connection, row: Any, to: tuple[str, ...]) -> None:
     """ReminderSent in a transaction of its own, which the command bus retries (tenacity)
     in a fresh one on a write conflict; then the row is sent. Never emails."""
-    t.bus.dispatch(
-        c.RecordReminderSent(row.participant_id, {"visit": row.visit, "kind": row.kind,
-                                                  "recipients": list(to)}),
-        command_id=str(uuid5(NAMESPACE_URL, f"trialog:reminder-sent:{row.reminder_id}")),
-        actor=ACTOR,
-    )
+    intent = _reminder_sent(t, row, to)
+    t.bus.dispatch(intent.command, command_id=intent.command_id, actor=intent.actor)
     _mark(connection, row, "sent")
+
+
+def _reminder_sent(t: Trialog, row: Any, to: tuple[str, ...]) -> Intent:
+    """The ReminderSent command of an outbox row, with its id derived from the row's."""
+    return Intent(c.RecordReminderSent(row.participant_id, {
+                      "visit": row.query_id or row.visit, "kind": row.kind,
+                      "recipients": list(to)}),
+                  t.derived_command_id("reminder-sent", row.reminder_id), ACTOR)
 
 
 def _mark(connection: Connection, row: Any, status: str, *, attempted: bool = False,
           error: str | None = None, sent_at: datetime | None = None) -> None:
     """The row's new status, committed at once (the connection commits each statement)."""
-    values: dict[str, Any] = {"status": status}
-    if attempted:
-        values["attempts"] = outbox.c.attempts + 1
+    values: dict[str, Any] = {"reminder": row.reminder_id, "status": status}
     if error:
         values["last_error"] = error[:2000]
     if sent_at:
         values["sent_at"] = sent_at
-    connection.execute(update(outbox).where(outbox.c.reminder_id == row.reminder_id)
-                       .values(**values))
+    connection.execute(_marking(attempted, frozenset(values)), values)
+
+
+_MARKINGS: dict[tuple[bool, frozenset[str]], Any] = {}
+
+
+def _marking(attempted: bool, names: frozenset[str]) -> Any:
+    """``_mark``'s statement for these values, built once (the values bound when run)."""
+    key = (attempted, names)
+    if key not in _MARKINGS:
+        columns: dict[str, Any] = {name: bindparam(name) for name in names - {"reminder"}}
+        if attempted:
+            columns["attempts"] = outbox.c.attempts + 1
+        _MARKINGS[key] = (update(outbox).where(outbox.c.reminder_id == bindparam("reminder"))
+                          .values(**columns))
+    return _MARKINGS[key]
 
 
 @contextmanager
@@ -395,15 +491,104 @@ def _alone_with(t: Trialog, reminder_id: str) -> Iterator[Connection | None]:
         if t.engine.dialect.name != "postgresql":
             yield connection
             return
-        digest = hashlib.blake2b(f"trialog:reminder:{reminder_id}".encode(), digest_size=8)
-        key = {"key": int.from_bytes(digest.digest(), "big", signed=True)}
-        if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), key):
+        name = _lock_name(reminder_id)
+        if not locks.try_lock(connection, name):
             yield None
             return
         try:
             yield connection
         finally:
-            try:
-                connection.scalar(text("SELECT pg_advisory_unlock(:key)"), key)
-            except sqlalchemy.exc.DBAPIError:
-                connection.invalidate()  # a closed session holds no lock
+            locks.release(connection, name)
+
+
+# --- many at a time ----------------------------------------------------------------------
+
+CHUNK = 50  # reminders a task sends over one SMTP connection
+FRESH_FOR = 1.0  # seconds a chunk's participants, read together, are used before a new read
+
+
+def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
+               today: date) -> dict[str, str]:
+    """Sends several outbox rows over the mailer's one connection, then records their
+    ReminderSent events in one transaction and marks them sent together; what happened
+    to each (as ``send`` says, ``busy`` for a row another sender has). The rules are
+    ``send``'s: a row is held by one sender at a time, marked mailed as soon as the SMTP
+    server took it, and never emailed again once mailed. A server that can't take a
+    message now ends the chunk: what was mailed is recorded, then TransientMailError."""
+    outcomes: dict[str, str] = {}
+    with _alone_with_many(t, reminder_ids) as (connection, held):
+        outcomes.update({r: "busy" for r in reminder_ids if r not in held})
+        rows = connection.execute(select(outbox).where(outbox.c.reminder_id.in_(held))).all()
+        outcomes.update({r: "done" for r in held})
+        mailed: list[tuple[Any, tuple[str, ...]]] = []
+        loaded: list[Participant] = []
+        todo = [row for row in sorted(rows, key=lambda r: reminder_ids.index(r.reminder_id))
+                if row.status in ("pending", "mailed")]
+        try:
+            while todo:
+                # The participants are read together, and again once FRESH_FOR has passed:
+                # a withdrawal or a new address committed while the chunk is mailed holds
+                # for the rows after it, as it would row by row.
+                with t.service.together(*_participants(t, todo)):
+                    read_at = time.monotonic()
+                    while todo:
+                        row = todo.pop(0)
+                        outcome, to, participant = _one(t, connection, mailer, row, today)
+                        outcomes[row.reminder_id] = outcome
+                        if to is not None:
+                            mailed.append((row, to))
+                            if participant is not None:
+                                loaded.append(participant)
+                        if time.monotonic() - read_at >= FRESH_FOR:
+                            break
+        finally:
+            _record_all(t, connection, mailed, loaded)
+        for row, _ in mailed:
+            outcomes[row.reminder_id] = "sent"
+    return outcomes
+
+
+def _participants(t: Trialog, rows: list[Any]) -> tuple[list[Participant], set[UUID]]:
+    """The rows' participants, read in one go (a digest's row names a site)."""
+    wanted = {row.participant_id for row in rows if row.kind != query_notices.DIGEST}
+    with t.service.recorder.transaction(commit=False) as session:
+        return load_participants(t.service, session, wanted)
+
+
+def _record_all(t: Trialog, connection: Connection, mailed: list[tuple[Any, tuple[str, ...]]],
+                loaded: list[Participant]) -> None:
+    """ReminderSent for every mailed row in one transaction (the participants ``loaded`` to
+    compose them are not read again; on a write conflict the bus decides them all again
+    from the store), then the rows marked sent at once."""
+    if not mailed:
+        return
+    outcomes = t.bus.dispatch_all([_reminder_sent(t, row, to) for row, to in mailed], loaded)
+    sent = [row.reminder_id for (row, _), outcome in zip(mailed, outcomes, strict=True)
+            if isinstance(outcome, Accepted)]
+    if sent:
+        connection.execute(update(outbox).where(outbox.c.reminder_id.in_(sent))
+                           .values(status="sent"))
+    for outcome in outcomes:
+        if not isinstance(outcome, Accepted):
+            raise outcome  # its row stays mailed: recorded on the next pass
+
+
+@contextmanager
+def _alone_with_many(t: Trialog, reminder_ids: list[str]
+                     ) -> Iterator[tuple[Connection, list[str]]]:
+    """A connection as ``_alone_with``'s, holding the rows it could get to itself (on
+    PostgreSQL a session lock each; the others are another sender's)."""
+    with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        if t.engine.dialect.name != "postgresql":
+            yield connection, list(reminder_ids)
+            return
+        taken = set(locks.try_locks(connection, [_lock_name(r) for r in reminder_ids]))
+        held = [r for r in reminder_ids if _lock_name(r) in taken]
+        try:
+            yield connection, held
+        finally:
+            locks.release(connection, *(_lock_name(r) for r in held))
+
+
+def _lock_name(reminder_id: str) -> str:
+    return f"trialog:reminder:{reminder_id}"

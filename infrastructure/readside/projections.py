@@ -11,6 +11,7 @@ visible in order and reading ``id > position`` never skips a slow writer's event
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -25,22 +26,33 @@ from sqlalchemy.orm import Session
 
 from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
+from domain.views import management_view
+from infrastructure.audit.feed import FEED_FOLLOWER, Feed
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import WRITE_CONFLICTS
 from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
-from infrastructure.store.stored import PARTICIPANT_TOPIC, decode, stored_events
+from infrastructure.store.stored import (
+    PARTICIPANT_TOPIC,
+    decode,
+    select_rows,
+    stored_events,
+)
 from infrastructure.store.tables import (
     READ_MODELS,
     deviations,
+    feed_events,
     participants,
     positions,
+    queries,
     reminder_schedule,
     scores,
     visits,
 )
 
 Progress = Callable[[int], None]  # called with the events done in each batch
+log = logging.getLogger("trialog.projections")
+GATHER_SECONDS = 0.1
 
 
 class LogFollower:
@@ -55,6 +67,10 @@ class LogFollower:
         self.recorder: Any = trialog.service.recorder
         self.events_table = self.recorder.events_record_cls.__table__
         self.batch_size = batch_size
+        # After a batch, a busy follower waits this long for the next one to gather more
+        # events: each batch costs the same few statements however many events it holds.
+        # An event after a quiet spell is applied at once.
+        self.gather = GATHER_SECONDS
         self._position_exists = False
 
     # --- positions -----------------------------------------------------------------------
@@ -95,6 +111,28 @@ class LogFollower:
             select(positions.c.position).where(positions.c.name == self.name)
         ).scalar_one())
 
+    def _move_to(self, session: Session, position: int) -> None:
+        """This follower's position, in the transaction of what it applied up to there."""
+        session.execute(update(positions).where(positions.c.name == self.name)
+                        .values(position=position, updated_at=datetime.now(UTC)))
+
+    # What a rebuild empties before applying every event again; forget() is called for all.
+    rebuilt_tables: tuple[Any, ...] = ()
+
+    def rebuild(self, progress: Progress | None = None) -> int:
+        """Empties the follower's tables and applies every event again from the first."""
+        self.ensure_position()
+        with self.recorder.transaction(commit=True) as session:
+            self._claim(session)
+            for table in self.rebuilt_tables:
+                session.execute(delete(table))
+            self._move_to(session, 0)
+        self.forget_all()
+        return self.catch_up(progress)
+
+    def forget_all(self) -> None:
+        """Drops all the follower keeps in memory (before a rebuild)."""
+
     # --- batches -------------------------------------------------------------------------
 
     def step(self) -> int:
@@ -111,9 +149,7 @@ class LogFollower:
     def _select(self, connection: Any, position: int, limit: int) -> list[Any]:
         t = self.events_table
         return list(connection.execute(
-            select(t.c.id, t.c.originator_id, t.c.originator_version, t.c.topic, t.c.state)
-            .where(t.c.id > position).order_by(t.c.id).limit(limit)
-        ).all())
+            select_rows(t).where(t.c.id > position).order_by(t.c.id).limit(limit)).all())
 
     def _apply_rows(self, session: Session, rows: list[Any]) -> None:
         if not rows:
@@ -144,10 +180,7 @@ class LogFollower:
         for originator_id, (position, event, error) in failed.items():
             set_aside(session, self.name, originator_id, self.participant_id_of(originator_id),
                       position, type(event).__name__ if event is not None else None, error)
-        session.execute(
-            update(positions).where(positions.c.name == self.name)
-            .values(position=rows[-1].id, updated_at=datetime.now(UTC))
-        )
+        self._move_to(session, rows[-1].id)
 
     def _apply_one_by_one(self, session: Session, batch: list[tuple[int, Any]],
                           ) -> dict[Any, tuple[int, Any, BaseException]]:
@@ -216,6 +249,8 @@ class LogFollower:
                     time.sleep(max(poll_interval, 0.5))
                 if n < self.batch_size:
                     waiter.wait()
+                    if n and self.gather:  # busy: let the next batch gather more events
+                        stop.wait(self.gather)
         finally:
             waiter.close()
 
@@ -281,6 +316,7 @@ class TrialProjection(LogFollower):
     events, by applying them to aggregates kept in a bounded cache."""
 
     name = "trial"
+    rebuilt_tables = READ_MODELS
 
     def __init__(self, trialog: Trialog, batch_size: int = 500,
                  cache_size: int = 50_000) -> None:
@@ -333,17 +369,8 @@ class TrialProjection(LogFollower):
             if rows[table]:
                 session.execute(insert(table), rows[table])
 
-    def rebuild(self, progress: Progress | None = None) -> int:
-        """Empties the read models and applies every event again from the first."""
-        self.ensure_position()
-        with self.recorder.transaction(commit=True) as session:
-            self._claim(session)
-            for table in READ_MODELS:
-                session.execute(delete(table))
-            session.execute(update(positions).where(positions.c.name == self.name)
-                            .values(position=0, updated_at=datetime.now(UTC)))
+    def forget_all(self) -> None:
         self.cache.clear()
-        return self.catch_up(progress)
 
 
 def read_model_rows(p: Participant, trialog: Trialog,
@@ -356,8 +383,15 @@ def read_model_rows(p: Participant, trialog: Trialog,
         "arm": p.arm, "version": p.version, "language": screening["language"],
         "eligible": eligible, "failed_criteria": failed,
         "screened_on": screening["screened_on"], "registered_on": p.registered_on,
-        "scores": p.scores(), "position": position,
+        "scores": p.scores(), "position": position, "management": management_view(p),
     }
+    for q in p.queries.values():
+        yield queries, {
+            "query_id": q["query_id"], "participant_id": p.participant_id,
+            "site_id": p.site_id, "status": q["status"], "target": q["target"],
+            "opened_at": datetime.fromisoformat(q["opened_at"]),
+            "opened_by": q["opened_by"], "thread": q["thread"],
+        }
     completed = p.completed_visits()
     if p.registered_on is not None:
         for sequence, visit in enumerate(schedule(trialog.protocol, p.registered_on)):
@@ -394,9 +428,57 @@ def read_model_rows(p: Participant, trialog: Trialog,
         }
 
 
+class FeedProjection(LogFollower):
+    """Renders the event feed's pages ahead into rm_feed: every event of the log (the
+    participants', the allocation sequences', the trial's), one row per position. An event
+    that can't be rendered gets a row without a body, and the feed reads it from the store
+    when asked, as it does the positions this follower has not reached."""
+
+    name = FEED_FOLLOWER
+    topic_prefix = ""
+    rebuilt_tables = (feed_events,)
+
+    def __init__(self, trialog: Trialog, batch_size: int = 1000) -> None:
+        super().__init__(trialog, batch_size)
+        self.feed = Feed(trialog)
+
+    def _apply_rows(self, session: Session, rows: list[Any]) -> None:
+        if not rows:
+            return
+        session.execute(insert(feed_events), self.feed.render(session, rows))
+        self._move_to(session, rows[-1].id)
+
+
+def follow_all(trialog: Trialog, stop: threading.Event,
+               batch_size: int | None = None) -> list[tuple[threading.Thread, threading.Event]]:
+    """The read models' and the feed's followers, each in a thread of its own until
+    ``stop``, each with the event that wakes it before its next poll. A failed batch is
+    rolled back, logged and tried again."""
+    started = []
+    for follower in (TrialProjection(trialog), FeedProjection(trialog)):
+        if batch_size:
+            follower.batch_size = batch_size
+        wake = threading.Event()
+        thread = threading.Thread(target=_keep_following, args=(follower, stop, wake),
+                                  name=f"{follower.name}-follower", daemon=True)
+        thread.start()
+        started.append((thread, wake))
+    return started
+
+
+def _keep_following(follower: LogFollower, stop: threading.Event,
+                    wake: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            follower.follow(stop, wake)
+        except Exception:  # keep following: a failed batch is rolled back and retried
+            log.exception("%s batch failed; retrying", follower.name)
+            stop.wait(1.0)
+
+
 def followers(trialog: Trialog) -> list[LogFollower]:
     """Every follower of the notification log, for status reports (the reminder schedule
     is one of the trial projection's read models)."""
     from infrastructure.jobs.monitor import DeviationMonitor
 
-    return [TrialProjection(trialog), DeviationMonitor(trialog)]
+    return [TrialProjection(trialog), FeedProjection(trialog), DeviationMonitor(trialog)]

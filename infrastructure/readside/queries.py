@@ -5,19 +5,31 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import date, timedelta
+from contextlib import nullcontext
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, func, select, true
+from sqlalchemy.engine import Connection
 
+from domain.access import Scope
 from domain.errors import ParticipantNotFound
 from domain.participant import participant_uuid
 from domain.schedule import ScheduledVisit, visit_status
 from domain.views import participant_state as state_of
+from domain.views import with_management
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import is_unavailable
-from infrastructure.store.stored import events_table, position_of
-from infrastructure.store.tables import as_utc, deviations, participants, scores, visits
+from infrastructure.store.stored import events_table, plain_stream, position_of
+from infrastructure.store.tables import (
+    as_utc,
+    database_lock,
+    deviations,
+    participants,
+    queries,
+    scores,
+    visits,
+)
 
 log = logging.getLogger("trialog.queries")
 
@@ -61,9 +73,10 @@ def stream_head(t: Trialog, participant_id: str) -> tuple[int, int] | None:
     return (int(head[0]), int(head[1])) if head is not None else None
 
 
-def event_position(t: Trialog, participant_id: str, version: int) -> int | None:
-    """The log position of one event of a participant."""
-    with t.engine.connect() as c:
+def event_position(t: Trialog, participant_id: str, version: int,
+                   connection: Connection | None = None) -> int | None:
+    """The log position of one event of a participant (read on ``connection`` if given)."""
+    with t.engine.connect() if connection is None else nullcontext(connection) as c:
         position = c.execute(position_of(t.service.recorder, participant_id, version)).scalar()
     return int(position) if position is not None else None
 
@@ -103,6 +116,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
         "scores": row.scores,
         "position": row.position,
     }
+    with_management(state, row.management)
     if contact:
         state["contact"] = _contact(t.service.get_participant(participant_id).screening)
     return state
@@ -122,10 +136,21 @@ def _contact(screening: dict[str, Any]) -> dict[str, Any]:
             "birth_date": birth_date.isoformat() if birth_date else None}
 
 
-def list_participants(t: Trialog, *, status: str | None = None, arm: str | None = None,
-                      site_id: str | None = None, limit: int = 1000, offset: int = 0
-                      ) -> list[dict[str, Any]]:
+def in_scope(scope: Scope, participant_id: Any) -> Any:
+    """A condition on a participant id column: the participant is at one of the scope's
+    sites. Every read model query of a list or a count goes through it."""
+    if scope.sites is None:
+        return true()
+    return participant_id.in_(select(participants.c.participant_id)
+                              .where(participants.c.site_id.in_(sorted(scope.sites))))
+
+
+def list_participants(t: Trialog, *, scope: Scope, status: str | None = None,
+                      arm: str | None = None, site_id: str | None = None, limit: int = 1000,
+                      offset: int = 0) -> list[dict[str, Any]]:
     query = select(participants).order_by(participants.c.participant_id)
+    if scope.sites is not None:
+        query = query.where(participants.c.site_id.in_(sorted(scope.sites)))
     for column, value in (("status", status), ("arm", arm), ("site_id", site_id)):
         if value is not None:
             query = query.where(participants.c[column] == value)
@@ -134,9 +159,11 @@ def list_participants(t: Trialog, *, status: str | None = None, arm: str | None 
     return [_summary_row(r) for r in rows]
 
 
-def list_deviations(t: Trialog, *, status: str | None = None, code: str | None = None,
-                    participant_id: str | None = None) -> list[dict[str, Any]]:
-    query = select(deviations).order_by(deviations.c.detected_at, deviations.c.deviation_id)
+def list_deviations(t: Trialog, *, scope: Scope, status: str | None = None,
+                    code: str | None = None, participant_id: str | None = None
+                    ) -> list[dict[str, Any]]:
+    query = (select(deviations).where(in_scope(scope, deviations.c.participant_id))
+             .order_by(deviations.c.detected_at, deviations.c.deviation_id))
     for column, value in (("status", status), ("code", code),
                           ("participant_id", participant_id)):
         if value is not None:
@@ -145,7 +172,7 @@ def list_deviations(t: Trialog, *, status: str | None = None, code: str | None =
         return [_deviation(r) for r in c.execute(query)]
 
 
-def visits_due(t: Trialog, within_days: int) -> list[dict[str, Any]]:
+def visits_due(t: Trialog, within_days: int, *, scope: Scope) -> list[dict[str, Any]]:
     """Visits not completed or missed whose window opens within ``within_days`` (or is open
     now), for participants still in follow-up."""
     today = t.today()
@@ -155,7 +182,8 @@ def visits_due(t: Trialog, within_days: int) -> list[dict[str, Any]]:
         .where(visits.c.completed_on.is_(None), visits.c.missed.is_(False),
                visits.c.window_start <= today + timedelta(days=within_days),
                visits.c.window_end >= today,
-               participants.c.status.in_(("randomized", "off_treatment")))
+               participants.c.status.in_(("randomized", "off_treatment")),
+               in_scope(scope, participants.c.participant_id))
         .order_by(visits.c.window_start, visits.c.participant_id)
     )
     with t.engine.connect() as c:
@@ -164,19 +192,21 @@ def visits_due(t: Trialog, within_days: int) -> list[dict[str, Any]]:
             for r in rows]
 
 
-def trial_summary(t: Trialog) -> dict[str, Any]:
+def trial_summary(t: Trialog, *, scope: Scope) -> dict[str, Any]:
     """Counts by status, arm and site, deviations by code, and the mean BPI average pain
-    by arm and visit."""
+    by arm and visit, over the participants of the scope's sites."""
     with t.engine.connect() as c:
         def counts(column: Any, *where: Any) -> dict[str, int]:
-            query = select(column, func.count()).where(column.is_not(None), *where)
+            query = select(column, func.count()).where(
+                column.is_not(None), in_scope(scope, column.table.c.participant_id), *where)
             return {k: n for k, n in sorted(c.execute(query.group_by(column)).all())}
 
         by_status = counts(participants.c.status)
         pain_rows = c.execute(
             select(scores.c.arm, scores.c.visit, func.count(scores.c.bpi_average),
                    func.avg(scores.c.bpi_average))
-            .where(scores.c.arm.is_not(None), scores.c.bpi_average.is_not(None))
+            .where(scores.c.arm.is_not(None), scores.c.bpi_average.is_not(None),
+                   in_scope(scope, scores.c.participant_id))
             .group_by(scores.c.arm, scores.c.visit).order_by(scores.c.arm, scores.c.visit)
         ).all()
         summary = {
@@ -192,4 +222,63 @@ def trial_summary(t: Trialog) -> dict[str, Any]:
     for arm, visit, n, mean in sorted(pain_rows, key=lambda r: (r[0], order.get(r[1], 99))):
         pain[arm][visit] = {"n": n, "mean": float(mean)}  # in the protocol's visit order
     summary["mean_pain_by_arm_and_visit"] = dict(pain)
+    summary["database_lock"] = database_lock_state(t)
     return summary
+
+
+def site_of(t: Trialog, participant_id: str) -> str | None:
+    """The participant's site, from its first event (a site is never corrected), so that
+    it holds for a participant screened a moment ago; None if it has no events."""
+    first = plain_stream(t.service, participant_uuid(participant_id), lte=1)
+    if not first:
+        return None
+    site: str = first[0][2]["data"]["site_id"]
+    return site
+
+
+def visible(t: Trialog, scope: Scope, participant_id: str) -> bool:
+    """Whether the participant exists for a caller with ``scope``."""
+    if scope.sites is None:
+        return True
+    site = site_of(t, participant_id)
+    return site is not None and scope.admits(site)
+
+
+def _query(row: Row[Any], now: datetime) -> dict[str, Any]:
+    opened = as_utc(row.opened_at)
+    until = now if row.status in ("open", "answered") else datetime.fromisoformat(
+        row.thread[-1]["at"])
+    return {
+        "query_id": row.query_id, "participant_id": row.participant_id,
+        "site_id": row.site_id, "status": row.status, "target": row.target,
+        "opened_at": opened.isoformat(), "opened_by": row.opened_by,
+        "days_open": max(0, (until - opened).days), "thread": row.thread,
+    }
+
+
+def list_queries(t: Trialog, *, scope: Scope, status: str | None = None,
+                 site_id: str | None = None, participant_id: str | None = None,
+                 limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
+    """Queries of the scope's sites, oldest first, filtered by status, site and
+    participant."""
+    query = select(queries).order_by(queries.c.opened_at, queries.c.query_id)
+    if scope.sites is not None:
+        query = query.where(queries.c.site_id.in_(sorted(scope.sites)))
+    for column, value in (("status", status), ("site_id", site_id),
+                          ("participant_id", participant_id)):
+        if value is not None:
+            query = query.where(queries.c[column] == value)
+    now = datetime.now(UTC)
+    with t.engine.connect() as c:
+        return [_query(r, now) for r in c.execute(query.limit(limit).offset(offset))]
+
+
+def database_lock_state(t: Trialog) -> dict[str, Any] | None:
+    """The database lock: when, by whom, at which log position; None when unlocked."""
+    with t.engine.connect() as c:
+        row = c.execute(select(database_lock).where(
+            database_lock.c.study_id == t.protocol.study_id)).first()
+    if row is None or row.locked_at is None:
+        return None
+    return {"locked_at": as_utc(row.locked_at).isoformat(), "locked_by": row.locked_by,
+            "position": row.position}

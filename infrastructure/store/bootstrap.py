@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
+from uuid import UUID
 
 from sqlalchemy.engine import Engine
 
@@ -57,6 +60,14 @@ class Trialog:
     def engine(self) -> Engine:
         engine: Engine = self.service.recorder.datastore.engine  # type: ignore[attr-defined]
         return engine
+
+    def derived_command_id(self, *parts: str) -> str:
+        """The command id of a command the server issues (a flag, a missed visit, a sent
+        reminder): the same each time it retries, and keyed by a secret, so that no
+        client can compute one and learn from a reuse whether a participant exists."""
+        message = ("trialog:command:" + ":".join(parts)).encode()
+        digest = hmac.new(self.settings.cipher_key.encode(), message, hashlib.sha256)
+        return str(UUID(bytes=digest.digest()[:16], version=4))
 
     def close(self) -> None:
         self.service.close()

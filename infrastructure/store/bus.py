@@ -1,15 +1,23 @@
-"""The command bus: one command, one transaction, idempotent by command_id.
+"""The command bus: idempotent by command_id, each command in a transaction.
 
 A command's events and its idempotency record commit together or not at all. The same
 command_id with the same body answers the first response and writes nothing; with another
 body it is refused. Without an expected version, write conflicts are retried.
+
+Many commands together (a bulk import, a chunk of reminders, and a group: the commands that
+arrive while another thread of the process is committing): decided one after another on
+the same participants in memory, then written in one transaction with one statement per
+table, each answered only after that transaction commits. A refused command is answered
+alone and leaves no trace. A command that arrives alone runs alone, as it would without
+grouping.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -18,16 +26,36 @@ from typing import Any
 import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError
 from eventsourcing_sqlalchemy.datastore import transactions
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, literal, select, update
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
-from domain.commands import Audit, Command
-from domain.errors import IdempotencyKeyReused
+from domain.access import EVERY_SITE, Scope
+from domain.commands import DATA_COMMANDS, Audit, Command
+from domain.errors import DatabaseLocked, DomainError, IdempotencyKeyReused
+from domain.participant import Participant
 from domain.service import TrialService
-from infrastructure.store.stored import position_of
-from infrastructure.store.tables import command_records
+from infrastructure.store.outages import is_unavailable
+from infrastructure.store.stored import load_participants, position_of
+from infrastructure.store.tables import as_utc, command_records, database_lock
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A command to dispatch, with what the bus needs besides (see CommandBus.dispatch)."""
+
+    command: Command
+    command_id: str
+    actor: str
+    reason: str | None = None
+    expected_version: int | None = None
+    scope: Scope = EVERY_SITE
+
+
+class _LockedMeanwhile(DatabaseLocked):
+    """The database was locked while these commands were being written: they are decided
+    again (and refused, if it stays locked)."""
 
 
 @dataclass(frozen=True)
@@ -63,30 +91,128 @@ def fingerprint(command: Command, reason: str | None, expected_version: int | No
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 
+def _locked(row: Any) -> DatabaseLocked | None:
+    """The refusal a database lock row means, if it is locked."""
+    if row is not None and row.locked_at is not None:
+        return DatabaseLocked(
+            f"the database is locked (by {row.locked_by} at "
+            f"{as_utc(row.locked_at).isoformat()}): no participant's data can change")
+    return None
+
+
+class _Waiting:
+    """A command waiting for its group's transaction, and then its outcome."""
+
+    __slots__ = ("accepted", "done", "error", "intent")
+
+    def __init__(self, intent: Intent) -> None:
+        self.intent = intent
+        self.done = False
+        self.accepted: Accepted | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Accepted:
+        if self.error is not None:
+            raise self.error
+        assert self.accepted is not None
+        return self.accepted
+
+
 class CommandBus:
     def __init__(self, service: TrialService, clock: Callable[[], datetime] = utc_now,
-                 max_attempts: int = 50) -> None:
+                 max_attempts: int = 50, max_group: int = 64) -> None:
         self.service = service
+        self.study_id = service.protocol.study_id
         self.clock = clock
         self.max_attempts = max_attempts
+        self.max_group = max_group
+        self._turn = threading.Condition()
+        self._waiting: list[_Waiting] = []
+        self._committing = False
+        self.groups = 0  # transactions of more than one command (for tests and reports)
+        self._sqlite = service.recorder.datastore.engine.dialect.name == "sqlite"
+        # Statements built once (the values bound when run).
+        self._insert_record = insert(command_records)
+        self._lock_row = select(database_lock.c.locked_at, database_lock.c.locked_by).where(
+            database_lock.c.study_id == self.study_id)
+        # One statement for a command's idempotency record (NULLs when there is none) and
+        # the database lock; built once, the command id bound when run.
+        one = select(literal(1).label("one")).subquery()
+        self._record_and_lock = (
+            select(command_records.c.fingerprint, command_records.c.response,
+                   database_lock.c.locked_at, database_lock.c.locked_by)
+            .select_from(one.outerjoin(command_records, command_records.c.command_id
+                                       == bindparam("command_id"))
+                         .outerjoin(database_lock,
+                                    database_lock.c.study_id == self.study_id)))
 
     def dispatch(self, command: Command, *, command_id: str, actor: str,
-                 reason: str | None = None, expected_version: int | None = None) -> Accepted:
-        digest = fingerprint(command, reason, expected_version)
-        retrying = Retrying(
-            retry=retry_if_exception_type(WRITE_CONFLICTS),
-            stop=stop_after_attempt(self.max_attempts),
-            wait=wait_random(0, 0.005),
-            reraise=True,
-        )
-        for attempt in retrying:
+                 reason: str | None = None, expected_version: int | None = None,
+                 scope: Scope = EVERY_SITE) -> Accepted:
+        """Decides and records the command, in a transaction of its own or in its group's
+        (see the module's docstring); inside a caller's transaction, in that one. Outside
+        ``scope`` a participant does not exist: the answer is an unknown id's, also for a
+        retry."""
+        intent = Intent(command, command_id, actor, reason, expected_version, scope)
+        if _inside_a_transaction() or self._sqlite:
+            # SQLite serialises writers anyway: a group there would gain nothing.
+            return self._dispatch_now(intent)
+        return self._in_group(_Waiting(intent))
+
+    def _in_group(self, mine: _Waiting) -> Accepted:
+        """Waits while another thread commits, then commits what has queued meanwhile
+        (this command among it) unless a thread that got there first did."""
+        with self._turn:
+            self._waiting.append(mine)
+        while True:
+            with self._turn:
+                while self._committing and not mine.done:
+                    self._turn.wait()
+                if mine.done:
+                    return mine.outcome()
+                self._committing = True
+                group = self._waiting[:self.max_group]
+                del self._waiting[:self.max_group]
+            try:
+                self._commit(group)
+            finally:
+                with self._turn:
+                    for waiting in group:
+                        waiting.done = True
+                    self._committing = False
+                    self._turn.notify_all()
+
+    def _commit(self, group: list[_Waiting]) -> None:
+        """The group's commands together (see dispatch_all); alone, as is."""
+        try:
+            if len(group) == 1:
+                group[0].accepted = self._dispatch_now(group[0].intent)
+                return
+            outcomes = self.dispatch_all([waiting.intent for waiting in group])
+            self.groups += 1
+        except BaseException as error:  # noqa: BLE001 - handed to each command's thread
+            for waiting in group:
+                waiting.error = error
+            return
+        for waiting, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, Accepted):
+                waiting.accepted = outcome
+            else:
+                waiting.error = outcome
+
+    def _dispatch_now(self, intent: Intent) -> Accepted:
+        digest = fingerprint(intent.command, intent.reason, intent.expected_version)
+        for attempt in self._retrying():
             with attempt:
-                return self._attempt(command, command_id, actor, reason, expected_version,
-                                     digest)
+                return self._attempt(intent, digest)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _attempt(self, command: Command, command_id: str, actor: str, reason: str | None,
-                 expected_version: int | None, digest: str) -> Accepted:
+    def _retrying(self, *also: type[Exception]) -> Retrying:
+        return Retrying(retry=retry_if_exception_type((*WRITE_CONFLICTS, *also)),
+                        stop=stop_after_attempt(self.max_attempts),
+                        wait=wait_random(0, 0.005), reraise=True)
+
+    def _attempt(self, intent: Intent, digest: str) -> Accepted:
         # Inside a caller's transaction (a follower of the log flagging a deviation), an
         # attempt gets a savepoint: a write conflict rolls back to it, and the retry runs in
         # a transaction that is still usable (PostgreSQL refuses every statement after an
@@ -95,36 +221,201 @@ class CommandBus:
         recorder: Any = self.service.recorder
         with recorder.transaction(commit=True) as session:  # noqa: SIM117 - needs session
             with session.begin_nested() if nested else nullcontext():
-                return self._decide(session, command, command_id, actor, reason,
-                                    expected_version, digest)
+                return self._decide(session, intent, digest)
 
-    def _decide(self, session: Any, command: Command, command_id: str, actor: str,
-                reason: str | None, expected_version: int | None, digest: str) -> Accepted:
-        previous = session.execute(
-            select(command_records.c.fingerprint, command_records.c.response)
-            .where(command_records.c.command_id == command_id)
-        ).first()
-        if previous is not None:
-            if previous.fingerprint != digest:
-                raise IdempotencyKeyReused(
-                    f"command_id {command_id} was already used for another command"
-                )
-            return Accepted(self._with_position(session, previous.response), replayed=True)
-        audit = Audit(command_id=command_id, actor=actor, recorded_at=self.clock(),
-                      reason=reason)
-        decision = self.service.decide(command, audit, expected_version)
+    def _decide(self, session: Any, intent: Intent, digest: str) -> Accepted:
+        command, command_id = intent.command, intent.command_id
+        found = session.execute(self._record_and_lock, {"command_id": command_id}).one()
+        if found.fingerprint is not None:
+            return self._replayed(session, intent, digest, found)
+        audit = Audit(command_id=command_id, actor=intent.actor, recorded_at=self.clock(),
+                      reason=intent.reason)
+        changes_data = type(command) in DATA_COMMANDS
+        locked = _locked(found)
+        if changes_data and locked is not None:
+            raise locked
+        loaded, new = load_participants(self.service, session, {command.participant_id})
+        with self.service.together(loaded, new):  # read in one query, not the library's two
+            decision = self.service.decide(command, audit, intent.expected_version,
+                                           intent.scope)
         answer = self.service.answer(decision)
-        body = {"command_id": command_id, "participant_id": answer.participant_id,
-                "version": answer.version, "position": None, "events": answer.events}
+        body = self._body(command_id, answer)
         # Written before the events: the event store's insert locks its table until
         # commit, so the less done after it, the more writers get through.
-        session.execute(insert(command_records).values(
-            command_id=command_id, fingerprint=digest,
-            participant_id=answer.participant_id, response=json.dumps(body),
-            recorded_at=audit.recorded_at,
-        ))
+        session.execute(self._insert_record, [self._record(intent, digest, audit, body)])
         body["position"] = self.service.record(decision).position
+        if changes_data:
+            # Again now that the events are written: on PostgreSQL a LockDatabase that
+            # committed meanwhile is seen here (the event table's lock is held until this
+            # transaction ends), and this command is refused rather than land after it.
+            self._refuse_if_database_locked(session)
         return Accepted(body, replayed=False)
+
+    def _replayed(self, session: Any, intent: Intent, digest: str, previous: Any) -> Accepted:
+        """The same command_id again: the first answer, if it is the same command."""
+        self._same_command(intent, digest, previous.fingerprint)
+        return Accepted(self._with_position(session, previous.response), replayed=True)
+
+    def _same_command(self, intent: Intent, digest: str, recorded: str) -> None:
+        """Refuses a command_id used before for another command."""
+        if intent.scope.sites is not None:
+            # Refused as the command would be with an unused id, before anything is said
+            # about the id: a participant outside the scope stays unknown.
+            self.service.target(intent.command, intent.scope)
+        if recorded != digest:
+            raise IdempotencyKeyReused(
+                f"command_id {intent.command_id} was already used for another command")
+
+    @staticmethod
+    def _body(command_id: str, answer: Any) -> dict[str, Any]:
+        return {"command_id": command_id, "participant_id": answer.participant_id,
+                "version": answer.version, "position": None, "events": answer.events}
+
+    @staticmethod
+    def _record(intent: Intent, digest: str, audit: Audit,
+                body: dict[str, Any]) -> dict[str, Any]:
+        """The idempotency record: the first answer, its position found when replayed."""
+        return {"command_id": intent.command_id, "fingerprint": digest,
+                "participant_id": body["participant_id"], "response": json.dumps(body),
+                "recorded_at": audit.recorded_at}
+
+    def dispatch_all(self, intents: list[Intent], loaded: Iterable[Participant] = (),
+                     alone: bool = True) -> list[Accepted | Exception]:
+        """The commands in order, decided together and written in one transaction (see
+        the module's docstring): for each, its answer or why it was refused (a DomainError,
+        or an unexpected error of its own). ``loaded``: participants the caller has just
+        read, used instead of reading them again (if another writer moved one on, the
+        insert conflicts and everything is decided again from the store). The whole fails
+        when the transaction does (the database is unavailable), and, unless ``alone``,
+        when a command fails otherwise than by a rule (a DomainError): then nothing is
+        written."""
+        if not intents:
+            return []
+        digests = [fingerprint(i.command, i.reason, i.expected_version) for i in intents]
+        given = list(loaded)
+        recorder: Any = self.service.recorder
+        nested = _inside_a_transaction()
+        for attempt in self._retrying(_LockedMeanwhile):
+            with attempt:
+                seeded, given = given, []  # a retry reads the store
+                with recorder.transaction(commit=True) as session:  # noqa: SIM117
+                    with session.begin_nested() if nested else nullcontext():
+                        return self._decide_all(session, intents, digests, seeded, alone)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _decide_all(self, session: Any, intents: list[Intent], digests: list[str],
+                    seeded: list[Participant], alone: bool) -> list[Accepted | Exception]:
+        previous = {row.command_id: row for row in session.execute(
+            select(command_records.c.command_id, command_records.c.fingerprint,
+                   command_records.c.response)
+            .where(command_records.c.command_id.in_({i.command_id for i in intents})))}
+        changes_data = any(type(i.command) in DATA_COMMANDS for i in intents)
+        locked = self._database_locked(session) if changes_data else None
+        outcomes: list[Accepted | Exception | None] = [None] * len(intents)
+        bodies: dict[int, tuple[dict[str, Any], list[Any]]] = {}
+        first: dict[str, int] = {}  # command_id: the index that recorded it in this batch
+        records = []
+        given = {p.participant_id for p in seeded}
+        loaded, new = load_participants(self.service, session, {
+            i.command.participant_id for i in intents
+            if i.command_id not in previous and i.command.participant_id not in given})
+        with self.service.together([*loaded, *seeded], new) as together:
+            for index, (intent, digest) in enumerate(zip(intents, digests, strict=True)):
+                try:
+                    if intent.command_id in previous:
+                        outcomes[index] = self._replayed(session, intent, digest,
+                                                         previous[intent.command_id])
+                        continue
+                    if intent.command_id in first:  # its body is complete once written
+                        self._same_command(intent, digest, digests[first[intent.command_id]])
+                        outcomes[index] = None
+                        continue
+                    if locked is not None and type(intent.command) in DATA_COMMANDS:
+                        raise locked
+                    audit = Audit(command_id=intent.command_id, actor=intent.actor,
+                                  recorded_at=self.clock(), reason=intent.reason)
+                    answer, events = together.decide(intent.command, audit,
+                                                      intent.expected_version, intent.scope)
+                except Exception as error:
+                    if (is_unavailable(error) or isinstance(error, WRITE_CONFLICTS)
+                            or not (alone or isinstance(error, DomainError))):
+                        raise
+                    outcomes[index] = error
+                    continue
+                body = self._body(intent.command_id, answer)
+                bodies[index] = (body, events)
+                records.append(self._record(intent, digest, audit, body))
+                first[intent.command_id] = index
+            if records:
+                session.execute(self._insert_record, records)
+                positions = together.save()
+                meanwhile = (self._database_locked(session) if any(
+                    type(intents[i].command) in DATA_COMMANDS for i in bodies) else None)
+                if meanwhile is not None:
+                    raise _LockedMeanwhile(meanwhile.message)
+        for index, (body, events) in bodies.items():
+            body["position"] = max((positions[(e.originator_id, e.originator_version)]
+                                    for e in events), default=None)
+            outcomes[index] = Accepted(body, replayed=False)
+        for index, intent in enumerate(intents):
+            if outcomes[index] is None:
+                body = bodies[first[intent.command_id]][0]
+                outcomes[index] = Accepted(dict(body), replayed=True)
+        return [outcome for outcome in outcomes if outcome is not None]  # each is, now
+
+    def _refuse_if_database_locked(self, session: Any) -> None:
+        locked = self._database_locked(session)
+        if locked is not None:
+            raise locked
+
+    def _database_locked(self, session: Any) -> DatabaseLocked | None:
+        return _locked(session.execute(self._lock_row).first())
+
+    def dispatch_trial(self, type_name: str, *, command_id: str, actor: str,
+                       reason: str | None = None) -> Accepted:
+        """LockDatabase or UnlockDatabase, idempotent by command_id like every command; the
+        bus's copy of the lock is written in the same transaction as the event."""
+        encoded = json.dumps({"type": type_name, "reason": reason}, sort_keys=True)
+        digest = hashlib.sha256(encoded.encode()).hexdigest()
+        recorder: Any = self.service.recorder
+        for attempt in self._retrying():
+            with attempt, recorder.transaction(commit=True) as session:
+                previous = session.execute(
+                    select(command_records.c.fingerprint, command_records.c.response)
+                    .where(command_records.c.command_id == command_id)).first()
+                if previous is not None:
+                    if previous.fingerprint != digest:
+                        raise IdempotencyKeyReused(
+                            f"command_id {command_id} was already used for another command")
+                    return Accepted(json.loads(previous.response), replayed=True)
+                audit = Audit(command_id=command_id, actor=actor, recorded_at=self.clock(),
+                              reason=reason)
+                database = self.service.decide_trial(type_name, audit)
+                events = [{"type": type(e).__name__, "version": e.originator_version,
+                           "recorded_at": e.timestamp.isoformat()}
+                          for e in database.pending_events]
+                recordings = self.service.save(database)
+                position = max(r.notification.id for r in recordings)
+                body = {"command_id": command_id, "study_id": self.study_id,
+                        "version": database.version, "position": position,
+                        "events": events}
+                session.execute(self._insert_record, [{
+                    "command_id": command_id, "fingerprint": digest,
+                    "participant_id": f"trial:{self.study_id}", "response": json.dumps(body),
+                    "recorded_at": audit.recorded_at}])
+                self._keep_lock(session, database, audit, position)
+                return Accepted(body, replayed=False)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _keep_lock(self, session: Any, database: Any, audit: Audit, position: int) -> None:
+        values = ({"locked_at": audit.recorded_at, "locked_by": audit.actor,
+                   "position": position} if database.locked is not None
+                  else {"locked_at": None, "locked_by": None, "position": position})
+        changed = session.execute(update(database_lock)
+                                  .where(database_lock.c.study_id == self.study_id)
+                                  .values(**values))
+        if changed.rowcount == 0:
+            session.execute(insert(database_lock).values(study_id=self.study_id, **values))
 
     def _with_position(self, session: Any, response: str) -> dict[str, Any]:
         """The first answer again; its position is that of the event it ended with."""

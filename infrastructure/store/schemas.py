@@ -167,6 +167,42 @@ class BloodResults(Schema):
     mma_nmol_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
 
 
+FIELD_PATH = validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
+                             error="must be a dotted field path such as bpi_sf.worst")
+
+
+def _raise_query(protocol: Protocol) -> type[Schema]:
+    class RaiseQueryData(Schema):
+        query_id = UUIDString(required=True, metadata={"description": "a client UUID"})
+        text = text(1, 4000, required=True)
+        visit = fields.String(validate=validate.OneOf(protocol.visit_codes))
+        event_id = UUIDString()
+        field = fields.String(validate=FIELD_PATH, allow_none=True)
+
+        @validates_schema
+        def one_target(self, data: dict[str, Any], **kwargs: Any) -> None:
+            if ("visit" in data) == ("event_id" in data):
+                raise ValidationError("give one target: visit, or event_id", "visit")
+            if "field" in data and "event_id" not in data:
+                raise ValidationError("is only for an event_id target", "field")
+
+    return RaiseQueryData
+
+
+def _signing(visit: Any) -> dict[str, fields.Field]:
+    spec: dict[str, fields.Field] = {
+        "meaning": text(1, 500, required=True, metadata={
+            "description": "what the signature means, e.g. 'I approve the data of this "
+                           "visit'"}),
+        "password": fields.String(required=True, load_only=True,
+                                  validate=validate.Length(1, 1024), metadata={
+            "description": "the signer's password again (never stored, logged or echoed)"}),
+    }
+    if visit is not None:
+        spec["visit"] = fields.String(required=True, validate=visit)
+    return spec
+
+
 def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
     """The ``data`` schema of each command type, with the protocol's choices."""
     sites = validate.OneOf(protocol.site_ids)
@@ -230,9 +266,26 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "deviation_id": UUIDString(required=True),
             "resolution": text(1, 2000, required=True),
         },
+        "RespondToQuery": {"query_id": UUIDString(required=True),
+                           "text": text(1, 4000, required=True)},
+        "CloseQuery": {"query_id": UUIDString(required=True),
+                       "text": text(1, 4000, allow_none=True, load_default=None)},
+        "ReopenQuery": {"query_id": UUIDString(required=True),
+                        "text": text(1, 4000, allow_none=True, load_default=None)},
+        "CancelQuery": {"query_id": UUIDString(required=True),
+                        "text": text(1, 4000, allow_none=True, load_default=None)},
+        "VerifySource": {"visit": fields.String(required=True, validate=visit)},
+        "SignVisit": _signing(visit),
+        "SignCasebook": _signing(None),
+        "LockVisit": {"visit": fields.String(required=True, validate=visit)},
+        "UnlockVisit": {"visit": fields.String(required=True, validate=visit)},
+        "LockCasebook": {},
+        "UnlockCasebook": {},
     }
-    assert set(schemas) == set(COMMAND_TYPES), "every command type has a data schema"
-    return {name: Schema.from_dict(spec, name=f"{name}Data") for name, spec in schemas.items()}
+    built = {name: Schema.from_dict(spec, name=f"{name}Data") for name, spec in schemas.items()}
+    built["RaiseQuery"] = _raise_query(protocol)
+    assert set(built) == set(COMMAND_TYPES), "every command type has a data schema"
+    return built
 
 
 def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:

@@ -12,7 +12,9 @@ from sqlalchemy import (
     Date,
     DateTime,
     Float,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -60,6 +62,23 @@ participants = Table(
     Column("registered_on", Date, nullable=True),
     Column("scores", JSON, nullable=False),
     Column("position", BigInteger, nullable=False),
+    # Queries open, source verification, signatures and locks, per visit and casebook.
+    Column("management", JSON, nullable=True),
+)
+
+queries = Table(
+    "rm_queries",
+    metadata,
+    Column("participant_id", String(64), primary_key=True, index=True),
+    Column("query_id", String(36), primary_key=True),
+    Column("site_id", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("target", JSON, nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("opened_by", String(100), nullable=False),
+    Column("thread", JSON, nullable=False),
+    Index("ix_rm_queries_status_opened", "status", "opened_at"),
+    Index("ix_rm_queries_site_status", "site_id", "status"),
 )
 
 visits = Table(
@@ -149,6 +168,54 @@ tokens = Table(
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    # The sites the token may see, as a JSON list; NULL is every site.
+    Column("sites", Text, nullable=True),
+)
+
+# The database lock as the command bus keeps it, in the transaction of the LockDatabase or
+# UnlockDatabase event (the trial stream is the record): every data command reads it in
+# its own transaction, after its events are written.
+database_lock = Table(
+    "trialog_database_lock",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("locked_at", DateTime(timezone=True), nullable=True),
+    Column("locked_by", String(100), nullable=True),
+    Column("position", BigInteger, nullable=True),
+)
+
+# People: a login, a full name, a role and sites; the password only as an Argon2 hash.
+users = Table(
+    "trialog_users",
+    metadata,
+    Column("login", String(100), primary_key=True),
+    Column("full_name", String(200), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("sites", Text, nullable=True),
+    Column("password_hash", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+)
+
+# A person's bearer tokens from POST /v1/sessions (SHA-256 of each), valid until expires_at.
+user_sessions = Table(
+    "trialog_user_sessions",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("login", String(100), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# Wrong passwords in a row per login tried (known or not, so that a lock says nothing about
+# whether a login exists), and until when the login is locked.
+login_failures = Table(
+    "trialog_login_failures",
+    metadata,
+    Column("login", String(100), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("last_failed_at", DateTime(timezone=True), nullable=False),
+    Column("locked_until", DateTime(timezone=True), nullable=True),
 )
 
 # The reminders still to send: when each is due (built by the projection from the visit
@@ -186,6 +253,61 @@ outbox = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("enqueued_at", DateTime(timezone=True), nullable=True),
     Column("sent_at", DateTime(timezone=True), nullable=True),
+    # The query a ``query_raised`` email is about.
+    Column("query_id", String(36), nullable=True, index=True),
 )
 
-READ_MODELS = (participants, visits, deviations, scores, reminder_schedule)
+READ_MODELS = (participants, visits, deviations, scores, reminder_schedule, queries)
+
+# Webhook subscriptions: where to, which sites and event types (NULL: all), the secret
+# (encrypted with the events' cipher), the last position delivered, and the retry state.
+webhooks = Table(
+    "trialog_webhooks",
+    metadata,
+    Column("webhook_id", String(36), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("sites", Text, nullable=True),
+    Column("types", Text, nullable=True),
+    Column("secret", Text, nullable=False),
+    Column("previous_secret", Text, nullable=True),
+    Column("previous_until", DateTime(timezone=True), nullable=True),
+    Column("position", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("retry_at", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+)
+
+# Events a subscription's receiver did not take after every attempt, kept for redelivery.
+webhook_failures = Table(
+    "trialog_webhook_failures",
+    metadata,
+    Column("webhook_id", String(36), primary_key=True),
+    Column("position", BigInteger, primary_key=True),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("failed_at", DateTime(timezone=True), nullable=False),
+    Column("redelivered_at", DateTime(timezone=True), nullable=True),
+)
+
+# The event feed's pages, rendered ahead by the feed's follower of the log: one row per
+# position, with whose stream it is (subject, site: NULL when every reader may see it), the
+# event type, and the CloudEvent as the feed sends it without contact details (NULL: render
+# it from the store when read). ``contact``: for an event that a reader allowed contact
+# details sees otherwise, that reader's CloudEvent, encrypted as the events are. ``entry``:
+# the event as the participant's history shows it without contact details (the
+# CloudEvent's data with its digest), so that a history is read without decoding events.
+feed_events = Table(
+    "rm_feed",
+    metadata,
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("subject", Text, nullable=False),
+    Column("site", String(64), nullable=True),
+    Column("type", String(64), nullable=False),
+    Column("body", Text, nullable=True),
+    Column("contact", LargeBinary, nullable=True),
+    Column("entry", Text, nullable=True),
+    Index("ix_rm_feed_subject", "subject", "position"),
+)

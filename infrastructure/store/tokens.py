@@ -1,54 +1,79 @@
-"""API tokens and the role table of the contract: who may issue which command, who may
-read what, and who sees contact details."""
+"""Who may call: machine tokens, the role table of the contract (who may issue which
+command, read what, see contact details) and the sites each caller may see."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy.exc
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
+from domain.access import EVERY_SITE, Scope
 from domain.commands import COMMAND_TYPES
-from infrastructure.store.tables import tokens
+from domain.protocol import Protocol
+from infrastructure.store.tables import tokens, user_sessions, users
 
 SERVICE_COMMANDS = frozenset({
     "ScreenParticipant", "RecordConsent", "RandomizeParticipant", "RecordBloodSample",
     "RecordDose", "CompleteVisit", "ReportMedication", "WithdrawParticipant",
 })
-READS = frozenset({"participants", "history", "visits", "deviations", "summary", "audit",
-                   "exports"})
-SERVICE_READS = frozenset({"participants", "history", "visits", "deviations", "summary"})
+COORDINATOR_COMMANDS = SERVICE_COMMANDS | {"CorrectData", "RespondToQuery"}
+SIGNING_COMMANDS = frozenset({"SignVisit", "SignCasebook"})
+MONITOR_COMMANDS = frozenset({"ResolveDeviation", "RaiseQuery", "CloseQuery", "ReopenQuery",
+                              "CancelQuery", "VerifySource"})
+LOCK_COMMANDS = frozenset({"LockVisit", "UnlockVisit", "LockCasebook", "UnlockCasebook",
+                           "LockDatabase", "UnlockDatabase"})
+READS = frozenset({"participants", "history", "visits", "deviations", "queries", "summary",
+                   "audit", "exports", "feed"})
+SERVICE_READS = frozenset({"participants", "history", "visits", "deviations", "queries",
+                           "summary", "feed"})
 
+# Command types this service does not have yet are in the table already, so that each
+# arrives with its roles decided by the contract.
 COMMANDS_BY_ROLE: dict[str, frozenset[str]] = {
     "service": SERVICE_COMMANDS,
-    "coordinator": SERVICE_COMMANDS | {"CorrectData"},
-    "monitor": frozenset({"ResolveDeviation"}),
+    "coordinator": COORDINATOR_COMMANDS,
+    "investigator": COORDINATOR_COMMANDS | SIGNING_COMMANDS,
+    "monitor": MONITOR_COMMANDS,
+    "data_manager": MONITOR_COMMANDS | LOCK_COMMANDS,
     "auditor": frozenset(),
-    "admin": frozenset(COMMAND_TYPES),
+    # An admin may not sign.
+    "admin": (frozenset(COMMAND_TYPES) | {"LockDatabase", "UnlockDatabase"}) - SIGNING_COMMANDS,
 }
 READS_BY_ROLE: dict[str, frozenset[str]] = {
-    "service": SERVICE_READS, "coordinator": READS, "monitor": READS,
+    "service": SERVICE_READS, "coordinator": READS, "investigator": READS, "monitor": READS,
+    "data_manager": READS,
     # The accounting of disclosures of contact details: auditors and admins only.
-    "auditor": READS | {"access_log"}, "admin": READS | {"access_log"},
+    "auditor": READS | {"access_log"}, "admin": READS | {"access_log", "webhooks"},
 }
-CONTACT_ROLES = frozenset({"coordinator", "admin"})
+CONTACT_ROLES = frozenset({"coordinator", "investigator", "admin"})
 ROLES = tuple(COMMANDS_BY_ROLE)
+# Roles that see every site unless given sites; every other role must be given a scope.
+ALL_SITES_BY_DEFAULT = frozenset({"admin", "auditor"})
+
+MACHINE_PREFIX = "tlg_"
+SESSION_PREFIX = "tls_"
 
 
 class TokenError(ValueError):
-    """A token can't be created; the message says why."""
+    """A token or a person can't be created or changed; the message says why."""
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the token's name (the ``actor`` of their events) and role."""
+    """Who is calling: the name that becomes the ``actor`` of their events (a token's name
+    or a person's login), the role, the sites, and whether a person stands behind it."""
 
     name: str
     role: str
+    scope: Scope = EVERY_SITE
+    person: bool = False
 
     def may_issue(self, command_type: str) -> bool:
         return command_type in COMMANDS_BY_ROLE[self.role]
@@ -60,26 +85,82 @@ class Principal:
     def sees_contact(self) -> bool:
         return self.role in CONTACT_ROLES
 
+    @property
+    def kind(self) -> str:
+        return "person" if self.person else "token"
+
+
+def check_role(role: str) -> None:
+    if role not in COMMANDS_BY_ROLE:
+        raise TokenError(f"--role: must be one of {', '.join(ROLES)}")
+
+
+def scope_for(protocol: Protocol, role: str, sites: Sequence[str], all_sites: bool) -> Scope:
+    """The scope given at creation (``--site`` ... or ``--all-sites``), checked: required
+    for every role but admin and auditor, and only the protocol's sites."""
+    check_role(role)
+    if sites and all_sites:
+        raise TokenError("give --site or --all-sites, not both")
+    if all_sites:
+        return EVERY_SITE
+    if not sites:
+        if role in ALL_SITES_BY_DEFAULT:
+            return EVERY_SITE
+        raise TokenError(f"--site or --all-sites is required for role {role} "
+                         f"(the protocol's sites: {', '.join(protocol.site_ids)})")
+    unknown = [s for s in sites if protocol.site(s) is None]
+    if unknown:
+        raise TokenError(f"--site: unknown site {unknown[0]!r}; the protocol's sites are "
+                         f"{', '.join(protocol.site_ids)}")
+    return Scope.of(sites)
+
+
+def sites_column(scope: Scope) -> str | None:
+    sites = scope.as_list()
+    return None if sites is None else json.dumps(sites)
+
+
+def scope_of(column: str | None) -> Scope:
+    return EVERY_SITE if column is None else Scope.of(json.loads(column))
+
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(engine: Engine, name: str, role: str) -> str:
-    """A new token for ``name``; only its hash is stored."""
-    if role not in COMMANDS_BY_ROLE:
-        raise TokenError(f"--role: must be one of {', '.join(ROLES)}")
-    if not name.strip() or len(name) > 100:
-        raise TokenError("--name: must be 1-100 characters")
-    token = "tlg_" + secrets.token_urlsafe(32)
+def name_is_free(connection: Connection, name: str) -> bool:
+    """Token names and logins are both actors of events: one namespace."""
+    return (connection.execute(select(tokens.c.name).where(tokens.c.name == name)).first()
+            is None and
+            connection.execute(select(users.c.login).where(users.c.login == name)).first()
+            is None)
+
+
+def check_name(name: str, option: str) -> None:
+    if not name.strip() or len(name) > 100 or name != name.strip():
+        raise TokenError(f"{option}: must be 1-100 characters, without surrounding spaces")
+
+
+def create_token(engine: Engine, name: str, role: str, scope: Scope | None = None) -> str:
+    """A new machine token for ``name``; only its hash is stored. ``scope`` is required
+    for every role but admin and auditor (fail-closed)."""
+    check_role(role)
+    check_name(name, "--name")
+    if scope is None:
+        if role not in ALL_SITES_BY_DEFAULT:
+            raise TokenError(f"--site or --all-sites is required for role {role}")
+        scope = EVERY_SITE
+    token = MACHINE_PREFIX + secrets.token_urlsafe(32)
     try:
         with engine.begin() as connection:
+            if not name_is_free(connection, name):
+                raise TokenError(f"--name: a token or person named {name!r} already exists")
             connection.execute(insert(tokens).values(
-                name=name, role=role, token_hash=token_hash(token),
+                name=name, role=role, token_hash=token_hash(token), sites=sites_column(scope),
                 created_at=datetime.now(UTC),
             ))
     except sqlalchemy.exc.IntegrityError:
-        raise TokenError(f"--name: a token named {name!r} already exists") from None
+        raise TokenError(f"--name: a token or person named {name!r} already exists") from None
     return token
 
 
@@ -97,16 +178,29 @@ def revoke_token(engine: Engine, name: str) -> None:
 
 
 class Authenticator:
-    """Looks a token up by its hash on every request, so a revocation acts on the next
-    one (no cache outlives a request)."""
+    """Looks a bearer token up by its hash on every request, so a revocation, a disabled
+    person or an expired session acts on the next one (no cache outlives a request)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def __call__(self, token: str) -> Principal | None:
-        with self.engine.connect() as connection:
+        digest = token_hash(token)
+        # One statement, no transaction around it: no BEGIN and no ROLLBACK to wait for.
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            if token.startswith(SESSION_PREFIX):
+                person = connection.execute(
+                    select(users.c.login, users.c.role, users.c.sites)
+                    .join(user_sessions, user_sessions.c.login == users.c.login)
+                    .where(user_sessions.c.token_hash == digest,
+                           user_sessions.c.expires_at > datetime.now(UTC),
+                           users.c.disabled_at.is_(None))
+                ).first()
+                if person is None:
+                    return None
+                return Principal(person.login, person.role, scope_of(person.sites), True)
             row = connection.execute(
-                select(tokens.c.name, tokens.c.role).where(
-                    tokens.c.token_hash == token_hash(token), tokens.c.revoked_at.is_(None))
+                select(tokens.c.name, tokens.c.role, tokens.c.sites).where(
+                    tokens.c.token_hash == digest, tokens.c.revoked_at.is_(None))
             ).first()
-        return Principal(row.name, row.role) if row is not None else None
+        return Principal(row.name, row.role, scope_of(row.sites)) if row is not None else None

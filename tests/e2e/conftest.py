@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 
+from domain.access import EVERY_SITE
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import ROLES, create_token
 from tests.conftest import TEST_SECRETS, settings_for
@@ -90,7 +91,7 @@ def server(request, tmp_path_factory) -> Iterator[Server]:
     running = Server(f"http://127.0.0.1:{port}", folder / "server.log", database=url)
     for role in ROLES:
         name = f"{role}-{uuid.uuid4().hex[:8]}"
-        running.tokens[role] = create_token(trialog.engine, name, role)
+        running.tokens[role] = create_token(trialog.engine, name, role, EVERY_SITE)
         running.names[role] = name
     trialog.close()
     env = {**os.environ, "TRIALOG_DATABASE_URL": url, **TEST_SECRETS}

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from domain.access import EVERY_SITE
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import create_token
 from tests.conftest import TEST_KEY, settings_for
@@ -23,7 +24,7 @@ def behind(tmp_path_factory) -> Iterator[Client]:
     folder = tmp_path_factory.mktemp("behind")
     url = f"sqlite:///{folder / 'trialog.db'}"
     trialog = bootstrap(settings_for(url), migrate=True)
-    token = create_token(trialog.engine, "coordinator-behind", "coordinator")
+    token = create_token(trialog.engine, "coordinator-behind", "coordinator", EVERY_SITE)
     trialog.close()
     port = free_port()
     env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}

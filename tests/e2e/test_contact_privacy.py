@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from domain import commands as c
+from domain.access import EVERY_SITE
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import ROLES, create_token
 from tests.conftest import TEST_KEY, settings_for
@@ -21,7 +22,7 @@ from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up
 
 MARKER = f"marker-{uuid.uuid4().hex[:12]}@example.org"
 BIRTH_DATE = "1958-06-15"  # the payloads' birth date, a contact detail
-WITH_CONTACT = {"coordinator", "admin"}
+WITH_CONTACT = {"coordinator", "investigator", "admin"}
 
 
 class Site:
@@ -34,7 +35,8 @@ def site(tmp_path_factory) -> Iterator[Site]:
     folder = tmp_path_factory.mktemp("privacy")
     url = f"sqlite:///{folder / 'trialog.db'}"
     trialog = bootstrap(settings_for(url), migrate=True)
-    tokens = {role: create_token(trialog.engine, f"{role}-privacy", role) for role in ROLES}
+    tokens = {role: create_token(trialog.engine, f"{role}-privacy", role, EVERY_SITE)
+              for role in ROLES}
     trialog.close()
     port = free_port()
     env = {**os.environ, "TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}

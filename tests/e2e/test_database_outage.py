@@ -22,6 +22,7 @@ import pytest
 import requests
 import sqlalchemy
 
+from domain.access import EVERY_SITE
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import create_token
 from tests.conftest import TEST_KEY, settings_for
@@ -114,7 +115,7 @@ def screen(url: str, token: str, outcomes: Counter, acknowledged: list, stop: th
 def test_a_postgresql_restart_under_load_answers_503_and_loses_nothing(tmp_path):
     with private_postgres() as pg:
         trialog = bootstrap(settings_for(pg.url, **SECRETS), migrate=True)
-        token = create_token(trialog.engine, "service-outage", "service")
+        token = create_token(trialog.engine, "service-outage", "service", EVERY_SITE)
         trialog.close()
         port = free_port()
         url = f"http://127.0.0.1:{port}"

@@ -13,31 +13,40 @@ from tests.e2e.test_lifecycle import enrol
 
 SERVICE = {"ScreenParticipant", "RecordConsent", "RandomizeParticipant", "RecordBloodSample",
            "RecordDose", "CompleteVisit", "ReportMedication", "WithdrawParticipant"}
+COORDINATOR = SERVICE | {"CorrectData", "RespondToQuery"}
+MONITOR = {"ResolveDeviation", "RaiseQuery", "CloseQuery", "ReopenQuery", "CancelQuery",
+           "VerifySource"}
 MAY_ISSUE = {
     "service": SERVICE,
-    "coordinator": SERVICE | {"CorrectData"},
-    "monitor": {"ResolveDeviation"},
+    "coordinator": COORDINATOR,
+    "investigator": COORDINATOR | {"SignVisit", "SignCasebook"},
+    "monitor": MONITOR,
+    "data_manager": MONITOR | {"LockVisit", "UnlockVisit", "LockCasebook", "UnlockCasebook"},
     "auditor": set(),
-    "admin": set(COMMAND_TYPES),
+    "admin": set(COMMAND_TYPES) - {"SignVisit", "SignCasebook"},
 }
+NO_DATA = {"LockCasebook", "UnlockCasebook"}  # empty data is valid: the id is unknown
 READS = {
     "/v1/participants": "participants", "/v1/participants/{pid}": "participants",
     "/v1/participants/{pid}/history": "history", "/v1/visits/due": "visits",
-    "/v1/deviations": "deviations", "/v1/trial/summary": "summary",
+    "/v1/deviations": "deviations", "/v1/queries": "queries",
+    "/v1/trial/summary": "summary",
     "/v1/audit/verify": "audit", "/v1/exports/csv": "exports",
     "/v1/exports/odm": "exports", "/v1/exports/fhir": "exports",
     "/v1/audit/access": "access_log",
 }
-SERVICE_READS = {"participants", "history", "visits", "deviations", "summary"}
+SERVICE_READS = {"participants", "history", "visits", "deviations", "queries", "summary"}
 ACCESS_LOG_ROLES = {"auditor", "admin"}
 
 
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("command_type", sorted(COMMAND_TYPES))
 def test_a_role_issues_only_its_commands(server, role, command_type):
-    # Empty data: an allowed command gets as far as validation (422), a refused one is 403.
+    # Empty data: an allowed command gets as far as validation (422; 404 for an unknown
+    # participant when no data is needed), a refused one is 403.
     answer = server.client(role).command(command_type, p.participant_id(), {})
-    expected = 422 if command_type in MAY_ISSUE[role] else 403
+    allowed = 404 if command_type in NO_DATA else 422
+    expected = allowed if command_type in MAY_ISSUE[role] else 403
     assert answer.status_code == expected, answer.text
     if expected == 403:
         assert answer.json()["error"] == "forbidden"
@@ -62,10 +71,12 @@ def test_a_role_reads_only_what_it_may(server, known_participant, role, path):
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_only_coordinators_and_admins_see_contact_details(server, known_participant, role):
+def test_only_coordinators_investigators_and_admins_see_contact_details(server,
+                                                                         known_participant,
+                                                                         role):
     state = server.client(role).get(f"/v1/participants/{known_participant}").json()
     history = server.client(role).get(f"/v1/participants/{known_participant}/history").json()
-    if role in ("coordinator", "admin"):
+    if role in ("coordinator", "investigator", "admin"):
         assert state["contact"] == {"email": "participant@example.org",
                                     "birth_date": "1958-06-15"}
         assert "participant@example.org" in json.dumps(history)

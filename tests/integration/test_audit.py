@@ -243,3 +243,52 @@ def test_a_whole_stream_moved_to_another_id_is_detected(isolated):
         assert [(p.kind, p.stream, p.version, p.participant_id) for p in problems] == [
             ("inserted", str(elsewhere), version, pid) for version in range(1, 7)]
         assert all(f"participant {pid}'s stream" in p.detail for p in problems)
+
+
+def test_a_snapshot_that_does_not_match_its_event_is_reported(isolated):
+    """Snapshots are a cache of the record: one that would make a read show something
+    else than the events (another participant's, though validly encrypted) is found."""
+    from infrastructure.audit.verification import check_store
+
+    t = isolated
+    first, second = enrol(t), enrol(t)
+    for pid in (first, second):
+        for day in range(97):  # versions 4..100: a snapshot at 100
+            send(t, c.RecordDose(pid, dose(day)))
+    assert check_store(t, processes=1).ok
+    snapshots = t.service.snapshots.recorder.events_record_cls.__table__
+    with t.engine.begin() as conn:
+        other = conn.execute(select(snapshots.c.state).where(
+            snapshots.c.originator_id == participant_uuid(second))).scalar_one()
+        conn.execute(update(snapshots).where(
+            snapshots.c.originator_id == participant_uuid(first)).values(state=other))
+    [problem] = check_store(t, processes=1).problems
+    assert (problem.kind, problem.participant_id, problem.version) == ("snapshot", first, 100)
+    assert problem.detail == "the snapshot does not match the event at its version"
+
+
+def test_the_deep_check_catches_a_snapshot_rewritten_with_the_cipher_key(isolated):
+    """Someone with the key can rewrite a snapshot's state and keep its chain head: the
+    deep check replays the events and compares."""
+    from infrastructure.audit.verification import check_store
+
+    t = isolated
+    pid = enrol(t)
+    for day in range(97):
+        send(t, c.RecordDose(pid, dose(day)))
+    snapshots = t.service.snapshots
+    [snapshot] = list(snapshots.get(participant_uuid(pid)))
+    forged = type(snapshot)(originator_id=snapshot.originator_id,
+                            originator_version=snapshot.originator_version,
+                            timestamp=snapshot.timestamp, topic=snapshot.topic,
+                            state={**snapshot.state, "arm": "control" if
+                                   snapshot.state["arm"] == "b12" else "b12"})
+    table = snapshots.recorder.events_record_cls.__table__
+    stored = t.service.mapper.to_stored_event(forged)
+    with t.engine.begin() as conn:
+        conn.execute(update(table).where(table.c.originator_id == participant_uuid(pid))
+                     .values(state=stored.state))
+    assert check_store(t, processes=1).ok  # the chain head still matches
+    [problem] = check_store(t, processes=1, deep=True).problems
+    assert (problem.kind, problem.participant_id, problem.detail) == (
+        "snapshot", pid, "the snapshot's state is not what the events give")

@@ -90,14 +90,16 @@ def test_failures_are_one_line_on_standard_error(tmp_path):
 
 def test_token_create_prints_the_token_alone_and_keeps_only_its_hash(tmp_path):
     url = f"sqlite:///{tmp_path / 't.db'}"
-    created = run(["token", "create", "--name", "lab-system", "--role", "service"], tmp_path,
-                  TRIALOG_DATABASE_URL=url)
+    created = run(["token", "create", "--name", "lab-system", "--role", "service",
+                   "--site", "METRO"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert created.stdout == token + "\n" and len(token) > 30
     with create_engine(url).connect() as conn:
-        stored = conn.execute(text("SELECT name, role, token_hash FROM trialog_tokens")).all()
-    assert [(name, role) for name, role, _ in stored] == [("lab-system", "service")]
+        stored = conn.execute(text("SELECT name, role, token_hash, sites "
+                                   "FROM trialog_tokens")).all()
+    assert [(name, role, sites) for name, role, _, sites in stored] == [
+        ("lab-system", "service", '["METRO"]')]
     assert token not in stored[0][2]
     again = run(["token", "create", "--name", "lab-system", "--role", "admin"], tmp_path,
                 TRIALOG_DATABASE_URL=url)
@@ -114,12 +116,15 @@ def test_projections_rebuild_and_status_report_positions(tmp_path):
     assert status.returncode == 0, status.stderr
     lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()}
     # Every follower of the log, and the clock-driven scan.
-    assert set(lines) == {"trial", "deviation_monitor", "deviation_scan"}
+    assert set(lines) == {"trial", "feed", "deviation_monitor", "deviation_scan"}
     _, _, position, _, lag, _, quarantined = lines["trial"]
     assert (lag, quarantined) == ("0", "0") and int(position) > 0
+    _, _, rendered, _, lag, _, _ = lines["feed"]  # the feed's pages, rendered by the demo
+    assert lag == "0" and int(rendered) >= int(position)
     rebuilt = run(["projections", "rebuild"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert f"trial: {position} events applied" in rebuilt.stderr
+    assert f"feed: {rendered} events applied" in rebuilt.stderr
     assert "events/s" in rebuilt.stderr
 
 
@@ -180,3 +185,166 @@ def test_importing_the_worker_app_writes_nothing(tmp_path):
                               capture_output=True, text=True, check=False, timeout=60)
     assert imported.returncode == 0, imported.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def run_with_input(args, cwd, stdin, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+    full_env.update(env, PYTHONPATH=str(ROOT))
+    return subprocess.run(TRIALOG + args, cwd=cwd, env=full_env, capture_output=True,
+                          check=False, text=True, timeout=240, input=stdin)
+
+
+def test_token_and_user_creation_need_sites_for_every_role_but_admin_and_auditor(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    no_scope = run(["token", "create", "--name", "lab", "--role", "coordinator"], tmp_path,
+                   TRIALOG_DATABASE_URL=url)
+    assert no_scope.returncode == 1
+    assert no_scope.stderr == ("trialog: --site or --all-sites is required for role "
+                               "coordinator (the protocol's sites: CASE, METRO)\n")
+    unknown = run(["token", "create", "--name", "lab", "--role", "service", "--site", "CASE",
+                   "--site", "MAYO"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert unknown.returncode == 1
+    assert unknown.stderr == ("trialog: --site: unknown site 'MAYO'; the protocol's sites "
+                              "are CASE, METRO\n")
+    both = run(["token", "create", "--name", "lab", "--role", "service", "--site", "CASE",
+                "--all-sites"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert both.returncode == 1 and "not both" in both.stderr
+    for role in ("admin", "auditor"):
+        made = run(["token", "create", "--name", f"{role}-1", "--role", role], tmp_path,
+                   TRIALOG_DATABASE_URL=url)
+        assert made.returncode == 0, made.stderr
+    with create_engine(url).connect() as conn:
+        assert conn.execute(text("SELECT name, sites FROM trialog_tokens ORDER BY name")
+                            ).all() == [("admin-1", None), ("auditor-1", None)]
+
+
+def test_user_create_keeps_only_an_argon2_hash_and_disable_refuses_the_person(tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    password = "a long enough password\n"
+    created = run_with_input(["user", "create", "--login", "ada", "--name", "Ada Lovelace",
+                              "--role", "investigator", "--site", "CASE",
+                              "--password-stdin"], tmp_path, password,
+                             TRIALOG_DATABASE_URL=url)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout == "created ada (investigator; CASE)\n"
+    with create_engine(url).connect() as conn:
+        row = conn.execute(text("SELECT login, full_name, role, sites, password_hash, "
+                                "disabled_at FROM trialog_users")).one()
+    assert row[:4] == ("ada", "Ada Lovelace", "investigator", '["CASE"]')
+    assert row.password_hash.startswith("$argon2id$") and "long enough" not in row[4]
+    assert row.disabled_at is None
+    again = run_with_input(["user", "create", "--login", "ada", "--name", "A", "--role",
+                            "admin", "--password-stdin"], tmp_path, password,
+                           TRIALOG_DATABASE_URL=url)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    # Logins and token names are both actors of events: one namespace.
+    clash = run(["token", "create", "--name", "ada", "--role", "admin"], tmp_path,
+                TRIALOG_DATABASE_URL=url)
+    assert clash.returncode == 1 and "already exists" in clash.stderr
+    short = run_with_input(["user", "create", "--login", "bob", "--name", "Bob", "--role",
+                            "admin", "--password-stdin"], tmp_path, "short\n",
+                           TRIALOG_DATABASE_URL=url)
+    assert short.returncode == 1
+    assert short.stderr == "trialog: the password must be 12-1024 characters\n"
+    no_terminal = run_with_input(["user", "create", "--login", "bob", "--name", "Bob",
+                                  "--role", "admin"], tmp_path, "",
+                                 TRIALOG_DATABASE_URL=url)
+    assert no_terminal.returncode == 1 and "--password-stdin" in no_terminal.stderr
+    disabled = run(["user", "disable", "ada"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert disabled.returncode == 0, disabled.stderr
+    twice = run(["user", "disable", "ada"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert twice.returncode == 1 and "was disabled on" in twice.stderr
+    nobody = run(["user", "disable", "nobody"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert nobody.stderr == "trialog: no person has the login 'nobody'\n"
+
+
+def test_tokens_made_before_sites_existed_keep_every_site(tmp_path):
+    """The migration that adds sites leaves older tokens with NULL: every site."""
+    from infrastructure.store import migrations
+    from infrastructure.store.tokens import Authenticator, token_hash
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    migrations.upgrade(engine, "0009")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO trialog_tokens (name, role, token_hash, created_at) "
+                          "VALUES ('old-coordinator', 'coordinator', :h, '2026-01-01')"),
+                     {"h": token_hash("tlg_old")})
+    migrations.upgrade(engine)
+    principal = Authenticator(engine)("tlg_old")
+    assert principal is not None and principal.name == "old-coordinator"
+    assert principal.scope.every_site and principal.scope.admits("METRO")
+
+
+def test_audit_history_shows_who_signed_when_and_what_it_means(tmp_path):
+    import uuid
+    from datetime import date
+
+    from domain import commands as c
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+    from tests.factories import consent, screening
+
+    url = f"sqlite:///{tmp_path / 'signed.db'}"
+    t = bootstrap(settings_for(url), migrate=True)
+    pid = "CASE-SIGNED1"
+    for command in (c.ScreenParticipant(pid, screening()), c.RecordConsent(pid, consent()),
+                    c.RandomizeParticipant(pid, {"registered_on": date(2026, 3, 4)}),
+                    c.CompleteVisit(pid, {"visit": "baseline",
+                                          "completed_on": date(2026, 3, 4)}),
+                    c.SignVisit(pid, {"visit": "baseline", "meaning": "I approve this visit",
+                                      "signer": "dr.ada", "printed_name": "Ada Lovelace"})):
+        t.bus.dispatch(command, command_id=str(uuid.uuid4()), actor="dr.ada")
+    t.close()
+    shown = run(["audit", "history", pid], tmp_path, TRIALOG_DATABASE_URL=url,
+                TRIALOG_CIPHER_KEY=TEST_KEY)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    signed = next(line for line in lines if "RecordSigned" in line)
+    manifest = lines[lines.index(signed) + 2]
+    assert manifest.startswith("      signed by Ada Lovelace (dr.ada) at 20")
+    assert manifest.endswith("meaning: I approve this visit")
+    baseline = next(i for i, line in enumerate(lines) if line.startswith("  baseline "))
+    assert "signed by Ada Lovelace (dr.ada)" in lines[baseline + 1]
+
+
+def test_import_applies_ndjson_commands_reports_refusals_by_line_and_is_idempotent(
+        tmp_path):
+    import uuid
+
+    from tests.e2e import payloads as p
+
+    url = f"sqlite:///{tmp_path / 'import.db'}"
+    first, second = p.participant_id(), p.participant_id()
+
+    def body(type_, pid, data, **extra):
+        return json.dumps({"command_id": str(uuid.uuid4()), "type": type_,
+                           "participant_id": pid, "data": data, **extra})
+
+    lines = [body("ScreenParticipant", first, p.screening()),
+             body("RecordConsent", first, p.CONSENT),
+             "",
+             body("RandomizeParticipant", second, p.RANDOMIZE),  # never screened: refused
+             "{not json",
+             body("RecordConsent", first, {**p.CONSENT, "signed_by": "someone"}),
+             body("SignCasebook", first, {"meaning": "ok", "password": "x"}),
+             body("ScreenParticipant", second, p.screening()),
+             body("RandomizeParticipant", first, p.RANDOMIZE)]
+    path = tmp_path / "commands.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    env = {"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}
+    imported = run(["import", str(path), "--actor", "legacy-edc"], tmp_path, **env)
+    assert imported.returncode == 1
+    assert imported.stdout == "4 accepted, 0 repeated, 4 refused\n"
+    refusals = imported.stderr.splitlines()
+    assert refusals[0] == f"line 4: not_found: participant {second} not found"
+    assert refusals[1].startswith("line 5: malformed_json")
+    assert refusals[2] == ("line 6: validation_failed: data.signed_by: Must be one of: "
+                           "participant, legal_representative.")
+    assert refusals[3].startswith("line 7: forbidden: SignCasebook needs a person's own")
+    again = run(["import", str(path)], tmp_path, **env)
+    assert again.stdout == "0 accepted, 4 repeated, 4 refused\n"
+    history = run(["audit", "history", first, "--format", "json"], tmp_path, **env)
+    events = json.loads(history.stdout)["events"]
+    assert [e["type"] for e in events] == ["ParticipantScreened", "ConsentRecorded",
+                                           "ParticipantRandomized"]
+    assert {e["actor"] for e in events} == {"legacy-edc"}

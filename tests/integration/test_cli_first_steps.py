@@ -94,8 +94,8 @@ def test_a_revoked_token_is_refused_on_the_next_request(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'revoke.db'}"
     env = {"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}
-    created = run(["token", "create", "--name", "lab-system", "--role", "service"], tmp_path,
-                  **env)
+    created = run(["token", "create", "--name", "lab-system", "--role", "service",
+                   "--all-sites"], tmp_path, **env)
     assert created.returncode == 0, created.stderr
     port = free_port()
     client = Client(f"http://127.0.0.1:{port}", created.stdout.strip())

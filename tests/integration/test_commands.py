@@ -9,10 +9,19 @@ import pytest
 from sqlalchemy import func, select, text
 
 from domain import commands as c
-from domain.errors import IdempotencyKeyReused, NotEligible, ParticipantNotFound, VersionConflict
+from domain.errors import (
+    DatabaseLocked,
+    IdempotencyKeyReused,
+    NotEligible,
+    ParticipantNotFound,
+    VersionConflict,
+)
+from domain.participant import participant_uuid
+from infrastructure.store.bus import Accepted, Intent
+from infrastructure.store.stored import position_of
 from infrastructure.store.tables import command_records
-from tests.factories import new_participant_id, screening
-from tests.integration.helpers import dose, enrol, send
+from tests.factories import consent, new_participant_id, screening
+from tests.integration.helpers import REGISTERED, dose, enrol, send
 
 
 def stored_versions(t, pid) -> int:
@@ -146,3 +155,205 @@ def test_a_write_conflict_inside_a_callers_transaction_is_retried(trialog):
         trialog.service.record = record
     assert injected and answer["version"] == 5
     assert stored_versions(trialog, pid) == 5
+
+
+def _queued_behind_a_commit(t, calls):
+    """Runs ``calls`` in threads while the bus is held as if another thread were
+    committing, releases it once all of them wait, and returns each call's outcome (its
+    answer, or the exception it raised) with what the store held when it returned."""
+    import threading
+    import time
+
+    outcomes: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            body = calls[i]()
+            with t.engine.connect() as connection:  # committed before it was answered?
+                stored = connection.execute(select(func.count()).select_from(
+                    command_records).where(command_records.c.command_id == body["command_id"]
+                                           )).scalar()
+            outcomes[i] = (body, stored)
+        except Exception as error:  # noqa: BLE001 - the test looks at it
+            outcomes[i] = (error, None)
+
+    with t.bus._turn:
+        t.bus._committing = True
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(t.bus._waiting) < len(calls):
+        assert time.monotonic() < deadline, "the calls did not queue"
+        time.sleep(0.01)
+    with t.bus._turn:
+        t.bus._committing = False
+        t.bus._turn.notify_all()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
+def test_commands_queued_behind_a_commit_go_in_one_transaction_each_answered_alone(trialog):
+    """Group commit: seven commands that arrive while another is committing are written in
+    the next transaction together; the refused ones (an unknown participant, a stale
+    expected version, a reused command id) are answered alone and write nothing, and each
+    accepted one is answered only once it is committed."""
+    if trialog.settings.is_sqlite:
+        pytest.skip("SQLite serialises writers: the bus groups nothing there")
+    pid = enrol(trialog)
+    reused = str(uuid.uuid4())
+    send(trialog, c.RecordDose(pid, dose(30)), command_id=reused)
+    before = trialog.bus.groups
+    calls = [
+        lambda: send(trialog, c.RecordDose(pid, dose(1))),
+        lambda: send(trialog, c.RecordDose(pid, dose(2))),
+        lambda: send(trialog, c.RecordConsent(new_participant_id(), {})),
+        lambda: send(trialog, c.RecordDose(pid, dose(3)), expected_version=1),
+        lambda: send(trialog, c.RecordDose(pid, dose(4)), command_id=reused),
+        lambda: send(trialog, c.ScreenParticipant(new_participant_id(), screening())),
+        lambda: send(trialog, c.RecordDose(pid, dose(5))),
+    ]
+    outcomes = _queued_behind_a_commit(trialog, calls)
+    assert trialog.bus.groups == before + 1  # one transaction for all seven
+    refused = [type(outcomes[i][0]) for i in (2, 3, 4)]
+    assert refused == [ParticipantNotFound, VersionConflict, IdempotencyKeyReused]
+    accepted = [outcomes[i] for i in (0, 1, 5, 6)]
+    assert all(isinstance(body, dict) and stored == 1 for body, stored in accepted)
+    assert sorted(outcomes[i][0]["version"] for i in (0, 1, 6)) == [5, 6, 7]
+    assert stored_versions(trialog, pid) == 7
+
+
+def test_a_command_alone_is_not_grouped(trialog):
+    before = trialog.bus.groups
+    pid = enrol(trialog)
+    send(trialog, c.RecordDose(pid, dose(1)))
+    assert trialog.bus.groups == before
+
+
+def test_commands_dispatched_together_are_decided_in_order_and_written_in_one_go(trialog):
+    """A bulk import's path: each command is decided on what those before it decided
+    (two randomizations in one stratum draw two positions of one sequence), refusals are
+    answered alone and write nothing, a command id twice is a retry, and every answer's
+    position is its event's in the log."""
+    first, second = new_participant_id("METRO"), new_participant_id("METRO")
+    registered = {"registered_on": REGISTERED}
+    retried = str(uuid.uuid4())
+
+    def intent(command, command_id=None, **kwargs):
+        return Intent(command, command_id or str(uuid.uuid4()), "test-import", **kwargs)
+
+    intents = [
+        intent(c.ScreenParticipant(first, screening("METRO"))),
+        intent(c.RecordConsent(first, consent()), retried),
+        intent(c.RandomizeParticipant(first, registered)),
+        intent(c.ScreenParticipant(second, screening("METRO"))),
+        intent(c.RandomizeParticipant(second, registered)),  # not consented: refused
+        intent(c.RecordConsent(second, consent()), expected_version=2),  # it is at 1
+        intent(c.RecordConsent(second, consent())),
+        intent(c.RandomizeParticipant(second, registered)),
+        intent(c.RecordConsent(first, consent()), retried),  # the same again: a retry
+        intent(c.RecordDose(first, dose(1)), retried),  # another command, same id
+        intent(c.RecordConsent(new_participant_id("METRO"), consent())),
+    ]
+    outcomes = trialog.bus.dispatch_all(intents)
+    kinds = [type(o).__name__ if not isinstance(o, Accepted) else o.replayed
+             for o in outcomes]
+    assert kinds == [False, False, False, False, "InvalidTransition", "VersionConflict",
+                     False, False, True, "IdempotencyKeyReused", "ParticipantNotFound"]
+    assert outcomes[8].body == outcomes[1].body
+    assert [outcomes[i].body["version"] for i in (0, 1, 2, 3, 6, 7)] == [1, 2, 3, 1, 2, 3]
+    positions = [outcomes[i].body["position"] for i in (0, 1, 2, 3, 6, 7)]
+    assert positions == sorted(positions)
+    with trialog.engine.connect() as connection:
+        for i in (0, 1, 2, 3, 6, 7):
+            body = outcomes[i].body
+            assert body["position"] == connection.execute(position_of(
+                trialog.service.recorder, body["participant_id"], body["version"])).scalar()
+    one, two = (trialog.service.get_participant(pid) for pid in (first, second))
+    assert (one.version, two.version) == (3, 3)
+    assert one.allocation_index != two.allocation_index
+    again = trialog.bus.dispatch(c.RecordConsent(first, consent()), command_id=retried,
+                                 actor="test-import")
+    assert again.replayed and again.body == outcomes[1].body
+
+
+def test_commands_dispatched_together_take_the_snapshots_of_a_long_record(trialog):
+    """A participant whose record passes 100 events in one go gets its snapshot, and
+    loads from it to the same state as from its events."""
+    pid = enrol(trialog)
+    outcomes = trialog.bus.dispatch_all([
+        Intent(c.RecordDose(pid, dose(day)), str(uuid.uuid4()), "test-import")
+        for day in range(1, 101)])
+    assert all(isinstance(o, Accepted) for o in outcomes)
+    snapshots = list(trialog.service.snapshots.get(participant_uuid(pid)))
+    assert [s.originator_version for s in snapshots] == [100]
+    from_events = trialog.service.repository.get(participant_uuid(pid), version=103)
+    assert trialog.service.get_participant(pid).__dict__ == from_events.__dict__
+
+
+def test_a_locked_database_refuses_the_data_commands_dispatched_together(isolated):
+    pid = enrol(isolated)
+    isolated.bus.dispatch_trial("LockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="interim analysis")
+    outcomes = isolated.bus.dispatch_all([
+        Intent(c.RecordDose(pid, dose(1)), str(uuid.uuid4()), "test-import"),
+        Intent(c.RecordReminderSent(pid, {"visit": "week6", "kind": "window_open",
+                                          "recipients": ["coordinator"]}),
+               str(uuid.uuid4()), "reminders")])
+    assert isinstance(outcomes[0], DatabaseLocked)  # not a data command: accepted
+    assert isinstance(outcomes[1], Accepted) and outcomes[1].body["version"] == 4
+    assert stored_versions(isolated, pid) == 4
+
+
+def test_a_lock_committed_while_commands_are_written_together_refuses_them(isolated):
+    """On PostgreSQL a LockDatabase can commit between the first look at the lock and the
+    insert of the events; the second look, under the event table's lock, sees it, and the
+    commands are decided again: refused, nothing of them written."""
+    pid = enrol(isolated)
+    isolated.bus.dispatch_trial("LockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="interim analysis")
+    looks = []
+    real = isolated.bus._database_locked
+
+    def not_yet_then_locked(session):
+        looks.append(real(session))
+        return None if len(looks) == 1 else looks[-1]  # the first look came too early
+
+    isolated.bus._database_locked = not_yet_then_locked
+    outcomes = isolated.bus.dispatch_all(
+        [Intent(c.RecordDose(pid, dose(1)), str(uuid.uuid4()), "test-import")])
+    assert len(looks) == 3  # before, after the insert (rolled back), before again
+    assert isinstance(outcomes[0], DatabaseLocked)
+    assert stored_versions(isolated, pid) == 3
+
+
+def test_a_failure_that_is_no_refusal_writes_nothing_of_a_batch_or_only_itself_of_a_group(
+        trialog):
+    """A batch or an import (alone=False) is written whole or not at all when a command
+    fails otherwise than by a rule; a group's commands (alone=True) are each other's
+    strangers, and only the failing one is answered with its error."""
+    pid = enrol(trialog)
+
+    def broken(participant, command, audit):
+        raise RuntimeError("a defect in a handler")
+
+    def batch():
+        return [Intent(c.ScreenParticipant(new_participant_id(), screening()),
+                       str(uuid.uuid4()), "test-import"),
+                Intent(c.RecordDose(pid, dose(1)), str(uuid.uuid4()), "test-import")]
+
+    trialog.service._handlers[c.RecordDose] = broken
+    try:
+        first = batch()
+        with pytest.raises(RuntimeError):
+            trialog.bus.dispatch_all(first, alone=False)
+        with pytest.raises(ParticipantNotFound):
+            trialog.service.get_participant(first[0].command.participant_id)
+        second = batch()
+        outcomes = trialog.bus.dispatch_all(second)
+    finally:
+        trialog.service._handlers[c.RecordDose] = trialog.service.record_dose
+    assert isinstance(outcomes[0], Accepted) and isinstance(outcomes[1], RuntimeError)
+    assert trialog.service.get_participant(second[0].command.participant_id).version == 1
+    assert stored_versions(trialog, pid) == 3

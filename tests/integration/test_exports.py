@@ -3,6 +3,8 @@ ResearchSubjects parsed by fhir.resources, both with and without de-identificati
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import uuid
 from datetime import date, datetime, timedelta
@@ -238,3 +240,201 @@ def test_shifting_a_date_never_goes_before_year_one():
         tzinfo=UTC)
     days = masker.offset("P").days
     assert masker.shift("P", date(2026, 3, 4)) == date(2026, 3, 4) - timedelta(days=days)
+
+
+# --- data management: queries, source verification, signatures, locks ----------------------
+
+VISIT_MEANING = "I approve the data of this visit"
+CASEBOOK_MEANING = "I approve this casebook"
+SIGNER = {"signer": "dr-okafor", "printed_name": "Adaeze Okafor"}
+
+
+def _sign(t, pid: str, command, **data) -> None:
+    send(t, command(pid, {**data, **SIGNER}), actor=SIGNER["signer"])
+
+
+def _visit_event(t, pid: str) -> str:
+    return t.service.get_participant(pid).completed_visits()["baseline"]["event_id"]
+
+
+def _managed_record(t) -> dict[str, str]:
+    """A participant whose baseline visit had a query raised, answered and closed and one
+    on an item raised, answered, reopened and cancelled, was verified and signed, then
+    withdrawn and the casebook signed."""
+    pid = enrol(t)
+    send(t, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED,
+                                  "bpi_sf": {"worst": 6, "least": 2, "average": 4, "now": 3}}),
+         actor="site-coordinator")
+    on_visit, on_item = str(uuid.uuid4()), str(uuid.uuid4())
+    send(t, c.RaiseQuery(pid, {"query_id": on_visit, "visit": "baseline",
+                               "text": "Worst pain 6: please check the diary"}), actor="cra-1")
+    send(t, c.RespondToQuery(pid, {"query_id": on_visit, "text": "Checked: the diary says 6"}),
+         actor="site-coordinator")
+    send(t, c.CloseQuery(pid, {"query_id": on_visit, "text": None}), actor="cra-1")
+    send(t, c.RaiseQuery(pid, {"query_id": on_item, "event_id": _visit_event(t, pid),
+                               "field": "bpi_sf.least", "text": "Least pain 2?"}),
+         actor="cra-1")
+    send(t, c.RespondToQuery(pid, {"query_id": on_item, "text": "2 is right"}),
+         actor="site-coordinator")
+    send(t, c.ReopenQuery(pid, {"query_id": on_item}), actor="cra-1",
+         reason="the diary says 3")
+    send(t, c.CancelQuery(pid, {"query_id": on_item, "text": "raised by mistake"}),
+         actor="cra-1")
+    send(t, c.VerifySource(pid, {"visit": "baseline"}), actor="cra-1")
+    _sign(t, pid, c.SignVisit, visit="baseline", meaning=VISIT_MEANING)
+    send(t, c.WithdrawParticipant(pid, {"withdrawn_on": REGISTERED + timedelta(days=3),
+                                        "scope": "study", "reason_code": "moved"}))
+    _sign(t, pid, c.SignCasebook, meaning=CASEBOOK_MEANING)
+    TrialProjection(t).catch_up()
+    return {"pid": pid, "on_visit": on_visit, "on_item": on_item}
+
+
+def _query_steps(root, query_ref: str) -> list[etree._Element]:
+    """The annotations of one query, in document order."""
+    return [flag.getparent() for flag in root.iterfind(".//odm:Flag", NS)
+            if flag.findtext("odm:FlagType", namespaces=NS) == "QUERY_ID"
+            and flag.findtext("odm:FlagValue", namespaces=NS) == query_ref]
+
+
+def _flags(annotation) -> dict[str, str]:
+    return {f.findtext("odm:FlagType", namespaces=NS): f.findtext("odm:FlagValue",
+                                                                  namespaces=NS)
+            for f in annotation.iterfind("odm:Flag", NS)}
+
+
+def _signature_def(root, signature) -> etree._Element:
+    oid = signature.find("odm:SignatureRef", NS).get("SignatureOID")
+    return root.find(f"odm:AdminData/odm:SignatureDef[@OID='{oid}']", NS)
+
+
+def test_the_odm_export_carries_queries_verification_and_signatures(isolated, odm_schema):
+    ids = _managed_record(isolated)
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    assert _referenced(root, "UserRef", "UserOID") == _defined(root, "User")
+    assert _referenced(root, "SignatureRef", "SignatureOID") == _defined(root, "SignatureDef")
+    assert (_referenced(root, "FlagValue", "CodeListOID")
+            | _referenced(root, "FlagType", "CodeListOID")) <= _defined(root, "CodeList")
+    subject = root.find(f"odm:ClinicalData/odm:SubjectData[@SubjectKey='{ids['pid']}']", NS)
+    baseline = "odm:StudyEventData[@StudyEventOID='SE.BASELINE'][@TransactionType='Context']"
+
+    # Each step of a query: an Annotation where it points, with its own AuditRecord.
+    steps = _query_steps(root, ids["on_visit"])
+    assert [(a.get("SeqNum"), _flags(a)["QUERY_STATUS"], a.findtext("odm:Comment", None, NS))
+            for a in steps] == [("1", "open", "Worst pain 6: please check the diary"),
+                                ("2", "answered", "Checked: the diary says 6"),
+                                ("3", "closed", None)]
+    assert [a.find("odm:Comment", NS).get("SponsorOrSite") for a in steps[:2]] == [
+        "Sponsor", "Site"]
+    assert all(a.getparent() in subject.findall(baseline, NS) for a in steps)
+    assert [a.getparent().find("odm:AuditRecord/odm:UserRef", NS).get("UserOID")
+            for a in steps] == ["USR.cra-1", "USR.site-coordinator", "USR.cra-1"]
+    on_item = _query_steps(root, ids["on_item"])
+    assert [(_flags(a)["QUERY_STATUS"], a.findtext("odm:Comment", None, NS))
+            for a in on_item] == [("open", "Least pain 2?"), ("answered", "2 is right"),
+                                  ("open", "the diary says 3"),
+                                  ("cancelled", "raised by mistake")]
+    assert on_item[2].getparent().findtext("odm:AuditRecord/odm:ReasonForChange",
+                                           namespaces=NS) == "the diary says 3"
+    item = on_item[0].getparent()
+    assert (item.tag, item.get("ItemOID"), item.get("TransactionType")) == (
+        f"{{{NS['odm']}}}ItemData", "I.VISIT.bpi_sf.least", "Context")
+    assert item.getparent().getparent().get("FormOID") == "F.VISIT"
+
+    # Source verification: an SDV flag on the visit.
+    sdv = [a for a in subject.iterfind(f"{baseline}/odm:Annotation", NS) if "SDV" in _flags(a)]
+    assert [_flags(a)["SDV"] for a in sdv] == ["verified"]
+
+    # The visit's signature on its study event, the casebook's on the subject.
+    visit_signature = subject.find(f"{baseline}/odm:Signature", NS)
+    assert visit_signature.find("odm:UserRef", NS).get("UserOID") == "USR.dr-okafor"
+    assert visit_signature.find("odm:LocationRef", NS).get("LocationOID") == "LOC.CASE"
+    assert datetime.fromisoformat(visit_signature.findtext("odm:DateTimeStamp",
+                                                           namespaces=NS)).tzinfo
+    definition = _signature_def(root, visit_signature)
+    assert definition.get("Methodology") == "Electronic"
+    assert definition.findtext("odm:Meaning", namespaces=NS) == VISIT_MEANING
+    assert definition.findtext("odm:LegalReason", namespaces=NS)
+    casebook = root.findall(f"odm:ClinicalData/odm:SubjectData[@SubjectKey='{ids['pid']}']"
+                            "[@TransactionType='Context']", NS)
+    assert [s.get("TransactionType") for s in casebook] == ["Context"]
+    casebook_signature = casebook[0].find("odm:Signature", NS)
+    assert casebook_signature.find("odm:UserRef", NS).get("UserOID") == "USR.dr-okafor"
+    assert _signature_def(root, casebook_signature).findtext(
+        "odm:Meaning", namespaces=NS) == CASEBOOK_MEANING
+    signer = root.find("odm:AdminData/odm:User[@OID='USR.dr-okafor']", NS)
+    assert signer.findtext("odm:LoginName", namespaces=NS) == "dr-okafor"
+    assert signer.findtext("odm:FullName", namespaces=NS) == "Adaeze Okafor"
+    assert root.find("odm:AdminData/odm:User[@OID='USR.cra-1']/odm:FullName", NS) is None
+
+
+def test_the_deidentified_odm_export_keeps_signatures_but_not_query_texts(isolated,
+                                                                          odm_schema):
+    ids = _managed_record(isolated)
+    plain, masked = _export(isolated), _export(isolated, deidentify=True)
+    assert odm_schema.validate(masked), odm_schema.error_log
+    text = etree.tostring(masked, encoding="unicode")
+    for secret in (ids["pid"], ids["on_visit"], ids["on_item"], "Worst pain", "Least pain",
+                   "is right", "by mistake"):
+        assert secret not in text
+    assert plain.find(".//odm:Annotation/odm:Comment", NS) is not None
+    assert masked.find(".//odm:Annotation/odm:Comment", NS) is None  # free text
+    queries = {_flags(a)["QUERY_ID"] for a in masked.iterfind(".//odm:Annotation", NS)
+               if "QUERY_ID" in _flags(a)}
+    assert len(queries) == 2 and all(q.startswith("Q-") for q in queries)
+    # Staff are not participants: the signer's printed name stays; the times move back.
+    assert masked.findtext(".//odm:User/odm:FullName", namespaces=NS) == "Adaeze Okafor"
+
+    def stamps(root):
+        return [datetime.fromisoformat(e.text)
+                for e in root.iterfind(".//odm:Signature/odm:DateTimeStamp", NS)]
+    shifts = {(a - b).days for a, b in zip(stamps(plain), stamps(masked), strict=True)}
+    assert len(shifts) == 1 and 1 <= shifts.pop() <= 365
+
+
+def test_a_correction_after_verification_and_signing_shows_in_both_exports(isolated,
+                                                                          odm_schema):
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED,
+                                         "bpi_sf": {"worst": 6, "least": 2, "average": 4,
+                                                    "now": 3}}))
+    send(isolated, c.VerifySource(pid, {"visit": "baseline"}), actor="cra-1")
+    _sign(isolated, pid, c.SignVisit, visit="baseline", meaning=VISIT_MEANING)
+    send(isolated, c.CorrectData(pid, {"event_id": _visit_event(isolated, pid),
+                                       "field": "bpi_sf.worst", "value": 7}),
+         actor="data-manager", reason="transcription error")
+    send(isolated, c.LockVisit(pid, {"visit": "baseline"}), actor="data-manager")
+    TrialProjection(isolated).catch_up()
+
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    notes = list(root.iterfind(
+        ".//odm:StudyEventData[@StudyEventOID='SE.BASELINE']/odm:Annotation", NS))
+    assert [_flags(a) for a in notes] == [
+        {"SDV": "verified"}, {"SDV": "changed_since_verified"},
+        {"SIGNATURE_STATUS": "invalidated"}, {"LOCK": "locked"}]
+    invalidated = notes[2]
+    assert invalidated.findtext("odm:Comment", namespaces=NS) == "corrected"
+    reason = invalidated.getparent().findtext("odm:AuditRecord/odm:ReasonForChange",
+                                              namespaces=NS)
+    assert reason == "transcription error"
+
+    rows = {row["visit"]: row for row in _csv(isolated) if row["participant_id"] == pid}
+    assert (rows["baseline"]["sdv"], rows["baseline"]["signed"]) == (
+        "changed_since_verified", "false")
+
+
+def _csv(t, deidentify=False) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO("".join(exports.document(t, "csv", deidentify)))))
+
+
+@pytest.mark.parametrize("deidentify", [False, True])
+def test_the_csv_ends_with_each_visits_verification_and_signature(isolated, deidentify):
+    _managed_record(isolated)
+    header = "".join(exports.document(isolated, "csv")).splitlines()[0].split(",")
+    assert header == list(exports.CSV_COLUMNS) and header[-2:] == ["sdv", "signed"]
+    rows = _csv(isolated, deidentify)
+    assert {(r["visit"], r["sdv"], r["signed"]) for r in rows if r["visit"] == "baseline"} == {
+        ("baseline", "verified", "true")}
+    assert {(r["sdv"], r["signed"]) for r in rows if r["visit"] != "baseline"} == {
+        ("not_verified", "false")}

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = {"store", "readside", "audit", "jobs", "api", "cli"}
+PARTS = {"store", "readside", "audit", "jobs", "api", "console", "cli"}
 
 
 def test_infrastructure_is_split_into_its_parts():

@@ -12,12 +12,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+from sqlalchemy import Column, Integer, MetaData, Table, delete, insert, select, update
 
 from domain import commands as c
-from infrastructure.readside.projections import LogFollower, TrialProjection
-from infrastructure.store.tables import READ_MODELS, participants
+from domain.access import EVERY_SITE, Scope
+from domain.participant import participant_uuid
+from infrastructure.audit.feed import Feed, Reader
+from infrastructure.readside.projections import FeedProjection, LogFollower, TrialProjection
+from infrastructure.store.tables import READ_MODELS, feed_events, participants, positions
 from tests.conftest import TEST_SECRETS
 from tests.factories import consent
 from tests.integration.helpers import dose, enrol, send
@@ -180,3 +184,125 @@ def test_followers_starting_together_create_their_position_row_once(trialog):
     follower = TrialProjection(trialog)
     follower.name = name
     assert follower.position() == 0
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql"], indirect=True)
+def test_the_feeds_follower_renders_every_event_once_under_8_concurrent_writers(isolated):
+    feed = FeedProjection(isolated, batch_size=50)
+    stop = threading.Event()
+    follower = threading.Thread(target=feed.follow, args=(stop,))
+    follower.start()
+    with ThreadPoolExecutor(8) as writers:
+        list(writers.map(lambda _: _write_one(isolated), range(80)))
+    deadline = time.monotonic() + 60
+    while feed.position() < feed.head():
+        assert time.monotonic() < deadline, "the feed's follower did not catch up"
+        time.sleep(0.05)
+    stop.set()
+    follower.join(10)
+    events = isolated.service.recorder.events_record_cls.__table__
+    with isolated.engine.connect() as connection:
+        stored = connection.execute(select(events.c.id).order_by(events.c.id)).scalars().all()
+        rendered = connection.execute(
+            select(feed_events.c.position).order_by(feed_events.c.position)).scalars().all()
+    assert rendered == stored  # none skipped, none twice
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_the_feed_rendered_ahead_is_the_feed_read_from_the_store(isolated):
+    """Pages served from rm_feed, from the store, and half from each are the same, for a
+    reader of every site, a CASE reader and a reader allowed contact details (whose
+    disclosures are the same too)."""
+    workload(isolated)
+    FeedProjection(isolated).catch_up()
+    head = FeedProjection(isolated).head()
+    readers = [Reader(EVERY_SITE), Reader(Scope.of(["CASE"])),
+               Reader(EVERY_SITE, contact=True)]
+
+    def pages(rendered_until: int) -> list[tuple[list[bytes], int, set[str]]]:
+        with isolated.engine.begin() as connection:
+            connection.execute(update(positions).where(positions.c.name == "feed")
+                               .values(position=rendered_until))
+        answers = []
+        for reader in readers:
+            after = 0
+            while after < head:
+                disclosed: set[str] = set()
+                events, after = Feed(isolated).page_json(after, 7, reader, disclosed)
+                answers.append((events, after, disclosed))
+        return answers
+
+    ahead, mixed, store = pages(head), pages(head // 2), pages(0)
+    assert ahead == mixed == store
+    assert any(disclosed for _, _, disclosed in ahead)  # the contact reader's screenings
+    with isolated.engine.connect() as connection:
+        bodies = connection.execute(select(feed_events.c.body)).scalars().all()
+    assert len(bodies) == head and all(bodies)
+    assert not any("@" in body for body in bodies)  # contact details never rendered ahead
+    with isolated.engine.begin() as connection:  # rm_feed without its first rows (restored?)
+        connection.execute(delete(feed_events).where(feed_events.c.position <= head // 3))
+    assert pages(head) == store  # what lacks a prefix is read from the store
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_history_rendered_ahead_is_the_history_read_from_the_store(isolated):
+    """A participant's history from rm_feed's entries (then the store for what the feed's
+    follower has not reached) is the one decoded from the store, with and without contact
+    details; where rm_feed lacks a prefix of the log it says so, and the store is read."""
+    from infrastructure.audit.history import event_entry, redact_contact
+    from infrastructure.store.stored import plain_stream
+
+    workload(isolated, 3)
+    emailed = enrol(isolated)
+    screening_event = isolated.service.get_participant(emailed).screening_event
+    send(isolated, c.CorrectData(emailed, {"event_id": screening_event, "field": "email",
+                                           "value": "new@example.org"}), reason="typo")
+    FeedProjection(isolated).catch_up()
+    head = FeedProjection(isolated).head()
+    feed = Feed(isolated)
+    with isolated.engine.connect() as connection:
+        pids = connection.execute(select(feed_events.c.subject).where(
+            feed_events.c.type == "ParticipantScreened")).scalars().all()
+    assert emailed in pids and len(pids) == 4
+
+    def from_store(pid: str, contact: bool) -> list[bytes]:
+        stream = participant_uuid(pid)
+        entries = [event_entry(stream, v, topic, content)
+                   for v, topic, content in plain_stream(isolated.service, stream)]
+        return [orjson.dumps(e if contact else redact_contact(e)) for e in entries]
+
+    def rendered(pid: str, contact: bool):
+        return feed.history_json(pid, contact)
+
+    for pid in pids:
+        for contact in (False, True):
+            entries, position = rendered(pid, contact)
+            assert entries == from_store(pid, contact)
+            assert position == max(row.id for row in _rows_of(isolated, pid))
+    assert any(b"new@example.org" in e for e in rendered(emailed, True)[0])
+    assert not any(b"@" in e for e in rendered(emailed, False)[0])
+    first = min(row.id for row in _rows_of(isolated, emailed))
+    with isolated.engine.begin() as connection:  # one participant's first row lost
+        connection.execute(delete(feed_events).where(feed_events.c.position == first))
+    assert rendered(emailed, True) is None and rendered(emailed, False) is None
+    FeedProjection(isolated).rebuild()
+    with isolated.engine.begin() as connection:  # the follower half way
+        connection.execute(delete(feed_events).where(feed_events.c.position > head // 2))
+    for pid in pids:
+        assert rendered(pid, True)[0] == from_store(pid, True)
+    with isolated.engine.begin() as connection:  # rm_feed without its first rows (restored?)
+        connection.execute(delete(feed_events).where(feed_events.c.position <= head // 4))
+    answers = [rendered(pid, contact) for pid in pids for contact in (False, True)]
+    assert None in answers  # the participants whose first events are gone: from the store
+    for (pid, contact), answer in zip([(p, k) for p in pids for k in (False, True)], answers,
+                                      strict=True):
+        assert answer is None or answer[0] == from_store(pid, contact)
+
+
+def _rows_of(t, pid):
+    from infrastructure.store.stored import events_table
+
+    table = events_table(t.service.recorder)
+    with t.engine.connect() as connection:
+        return connection.execute(select(table.c.id).where(
+            table.c.originator_id == participant_uuid(pid))).all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import date, timedelta
 from email.message import Message
@@ -301,3 +302,117 @@ def test_a_reminder_of_a_record_that_cannot_be_read_fails_instead_of_coming_back
     assert row.status == "failed" and "can't be read" in row.last_error
     assert stack.sink.messages == []
     assert reminders.hand_over(stack.trialog, stack.task("send_reminder").delay) == 0
+
+
+# --- many at a time ------------------------------------------------------------------------
+
+def test_chunks_send_each_reminder_once_and_record_them_together(stack):
+    pids = [stack.enrol() for _ in range(7)]
+    stack.clock.set(WINDOW_OPENS)
+    TrialProjection(stack.trialog).catch_up()
+    ids = reminders.scan(stack.trialog, WINDOW_OPENS, enqueue=stack.task("send_reminders")
+                         .delay, chunk=3)  # three tasks: 3, 3 and 1 reminders
+    assert len(ids) == 7
+    wait_until(lambda: all(status(stack, r) == "sent" for r in ids))
+    assert len(stack.sink.messages) == 7
+    for pid in pids:
+        assert stack.reminders_sent(pid) == ["week6/window_open"]
+    # Sending the same chunk again emails nobody and records nothing more.
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert set(reminders.send_chunk(stack.trialog, mailer, ids, WINDOW_OPENS).values()) == {
+        "done"}
+    assert len(stack.sink.messages) == 7
+
+
+def test_a_chunk_leaves_a_reminder_another_sender_holds(stack):
+    stack.enrol(), stack.enrol()
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    with reminders._alone_with(stack.trialog, ids[0]) as held:  # another sender has it
+        assert held is not None
+        outcomes = reminders.send_chunk(stack.trialog, mailer, ids, WINDOW_OPENS)
+    assert outcomes == {ids[0]: "busy", ids[1]: "sent"}
+    assert status(stack, ids[0]) == "pending" and status(stack, ids[1]) == "sent"
+    assert len(stack.sink.messages) == 1
+
+
+def test_a_server_that_cant_take_a_message_now_ends_the_chunk_after_recording(stack):
+    first, second = stack.enrol(), stack.enrol()
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    order = {outbox_row(stack, r).participant_id: r for r in ids}
+    stack.sink.defer = set(addresses(stack, second))
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    with pytest.raises(reminders.TransientMailError):
+        reminders.send_chunk(stack.trialog, mailer, [order[first], order[second]],
+                             WINDOW_OPENS)
+    assert status(stack, order[first]) == "sent"  # recorded before the error went up
+    assert stack.reminders_sent(first) == ["week6/window_open"]
+    assert status(stack, order[second]) == "pending"
+    assert stack.reminders_sent(second) == []
+
+
+def test_the_mailer_sends_the_envelope_it_is_given_and_refuses_an_address_the_server_cant_take():
+    """ASCII addresses go as the envelope given; an address beyond ASCII needs the
+    server's SMTPUTF8, and without it the message is refused for good (not retried)."""
+    from infrastructure.jobs.reminders import Email, Mailer, PermanentMailError
+    from tests.smtp import smtp_sink, text_of
+
+    with smtp_sink() as sink:
+        mailer = Mailer(sink.url, "Trialog Reminders <reminders@trialog.example>")
+        try:
+            refused = mailer.send(Email(("ana@example.org", "site@example.org"),
+                                        "Visit tomorrow", "See you.", "<p>See you.</p>"))
+            assert refused == []
+            [message] = sink.wait_for(1)
+            assert sink.envelopes == [("reminders@trialog.example",
+                                       ["ana@example.org", "site@example.org"])]
+            assert message["To"] == "ana@example.org, site@example.org"
+            with pytest.raises(PermanentMailError):
+                mailer.send(Email(("josé@example.org",), "Visit", "t", "<p>t</p>"))
+            assert len(sink.messages) == 1
+        finally:
+            mailer.close()
+    with smtp_sink(smtputf8=True) as sink:
+        mailer = Mailer(sink.url, "Trialog Reminders <reminders@trialog.example>")
+        try:
+            assert mailer.send(Email(("josé@example.org",), "Visita mañana", "Hola José.",
+                                     "<p>Hola José.</p>")) == []
+            [message] = sink.wait_for(1)
+            assert sink.envelopes == [("reminders@trialog.example", ["josé@example.org"])]
+            assert "Hola José." in text_of(message)
+        finally:
+            mailer.close()
+
+
+def test_a_withdrawal_committed_while_a_chunk_is_mailed_holds_for_the_rows_after_it(
+        stack, monkeypatch):
+    """A chunk reads its participants together, and again once they are FRESH_FOR old: a
+    participant who leaves the study while the rows before theirs are mailed is not
+    emailed."""
+    import threading
+
+    first, second = stack.enrol(), stack.enrol()
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    order = {outbox_row(stack, r).participant_id: r for r in ids}
+    monkeypatch.setattr(reminders, "FRESH_FOR", 0.0)  # read again after every row
+    stack.sink.delay = 2.0  # the server holds its answer to the first message
+
+    def withdraw_while_the_first_is_mailed() -> None:
+        assert stack.sink.received.wait(30)
+        stack.trialog.bus.dispatch(
+            c.WithdrawParticipant(second, {"withdrawn_on": WINDOW_OPENS, "scope": "study",
+                                           "reason_code": "moved"}),
+            command_id=str(uuid.uuid4()), actor="coordinator")
+
+    withdrawing = threading.Thread(target=withdraw_while_the_first_is_mailed)
+    withdrawing.start()
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    try:
+        outcomes = reminders.send_chunk(stack.trialog, mailer, [order[first], order[second]],
+                                        WINDOW_OPENS)
+    finally:
+        withdrawing.join(30)
+        mailer.close()
+    assert outcomes == {order[first]: "sent", order[second]: "cancelled"}
+    assert len(stack.sink.messages) == 1
+    assert stack.reminders_sent(second) == []

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 import workers.app
 from domain import commands as c
+from domain.access import EVERY_SITE
 from infrastructure.jobs import reminders
 from infrastructure.readside.projections import TrialProjection
 from infrastructure.readside.queries import list_deviations
@@ -175,7 +176,7 @@ def test_the_deviation_monitor_flags_events_as_they_arrive(stack):
     wait_until(lambda: "washout_incomplete" in {
         d["code"] for d in stack.trialog.service.get_participant(pid).deviations.values()})
     TrialProjection(stack.trialog).catch_up()
-    listed = list_deviations(stack.trialog, participant_id=pid, status="open")
+    listed = list_deviations(stack.trialog, scope=EVERY_SITE, participant_id=pid, status="open")
     assert [d["code"] for d in listed] == ["washout_incomplete"]
     assert listed[0]["severity"] == "major"
 

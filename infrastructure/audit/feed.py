@@ -1,0 +1,353 @@
+"""The event feed: the notification log after a position, as CloudEvents 1.0 for one
+reader, with each event's digest and its predecessor's so that the reader can check the
+chain it received.
+
+The log's positions only grow, and on PostgreSQL the event store inserts under a table
+lock, so a position becomes visible only after every smaller one: a reader that resumes
+with ``after=`` the last position it stored never misses or repeats an event. Each page
+says the position to resume from (``next``), also when the reader may see none of the
+events it covered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import orjson
+from eventsourcing.utils import get_topic
+from sqlalchemy import func, null, select
+from sqlalchemy.engine import Connection
+
+from domain.access import Scope
+from domain.chain import canonical_json
+from domain.participant import participant_uuid
+from domain.randomization import AllocationSequence
+from infrastructure.audit.history import event_entry, redact_contact
+from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.stored import (
+    PARTICIPANT_TOPIC,
+    Upcast,
+    as_uuid,
+    decode,
+    decrypt,
+    encrypt,
+    events_table,
+    plain_state,
+    plain_stream,
+    position_of,
+    select_rows,
+)
+from infrastructure.store.tables import feed_events
+
+TYPE_PREFIX = "org.trialog."
+SEQUENCE_TOPIC = get_topic(AllocationSequence) + "."
+MAX_LIMIT = 1000
+UNKNOWN_SITE = "?"  # no site's: seen only by readers of every site
+FEED_FOLLOWER = "feed"  # the follower of the log that writes rm_feed
+log = logging.getLogger("trialog.feed")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Who a stream is about: its subject (the participant id, or the trial's), and its
+    site (None: every reader may see it)."""
+
+    subject: str
+    site: str | None
+
+
+@dataclass(frozen=True)
+class Reader:
+    """What a reader may see: sites, contact details, event types (None: all)."""
+
+    scope: Scope
+    contact: bool = False
+    types: frozenset[str] | None = None
+
+    def admits(self, stream: Stream) -> bool:
+        return stream.site is None or self.scope.admits(stream.site)
+
+    def sees(self, stream: Stream, event_type: str) -> bool:
+        return self.sees_at(stream.site, event_type)
+
+    def sees_at(self, site: str | None, event_type: str) -> bool:
+        """Whether the reader sees an event of this type in a stream of this site."""
+        return ((site is None or self.scope.admits(site))
+                and (self.types is None or event_type in self.types))
+
+
+class Feed:
+    def __init__(self, trialog: Trialog, max_streams: int = 200_000) -> None:
+        self.trialog = trialog
+        self.source = f"/trials/{trialog.protocol.study_id}"
+        self.max_streams = max_streams
+        self._streams: OrderedDict[UUID, Stream] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def page(self, after: int, limit: int, reader: Reader,
+             disclosed: set[str] | None = None) -> tuple[list[dict[str, Any]], int]:
+        """The events after position ``after`` the reader may see, among the next
+        ``limit`` positions of the log, and the position to resume from. ``disclosed``
+        collects the participants whose contact details the page shows."""
+        events, next_position = self.page_json(after, limit, reader, disclosed)
+        return [orjson.loads(event) for event in events], next_position
+
+    def page_json(self, after: int, limit: int, reader: Reader,
+                  disclosed: set[str] | None = None,
+                  connection: Connection | None = None) -> tuple[list[bytes], int]:
+        """As ``page``, each event as its JSON: from rm_feed as far as the feed's follower
+        has rendered, then from the store. Read on ``connection`` when given."""
+        t = self.trialog
+        mapper = t.service.mapper
+        opened = t.engine.connect() if connection is None else nullcontext(connection)
+        with opened as db:
+            # rm_feed always holds a prefix of the log (its follower writes positions in
+            # order, each batch with its rows): the rows after ``after`` are every position
+            # up to the last of them, and the log after that is read from the store.
+            f = feed_events.c
+            contact_column = f.contact if reader.contact else null().label("contact")
+            pre = db.execute(
+                select(f.position, f.subject, f.site, f.type, f.body, contact_column)
+                .where(f.position > after).order_by(f.position).limit(limit)).all()
+            table = events_table(t.service.recorder)
+            if pre and pre[0].position > after + 1 and db.execute(
+                    select(table.c.id).where(table.c.id > after,
+                                             table.c.id < pre[0].position).limit(1)).first():
+                pre = []  # rm_feed lacks what lies before its rows (restored?): the store
+            slots: list[bytes | int] = []
+            wanted: list[int] = []  # not rendered ahead: read from the store
+            everything = reader.scope.every_site and reader.types is None
+            for position, subject, site, event_type, body, contact in pre:
+                if not (everything or reader.sees_at(site, event_type)):
+                    continue
+                if body is None:
+                    slots.append(position)
+                    wanted.append(position)
+                elif contact is not None:  # only a reader allowed contact details gets it
+                    slots.append(decrypt(mapper, contact))
+                    if disclosed is not None:
+                        disclosed.add(subject)
+                else:
+                    slots.append(body.encode())
+            covered = pre[-1].position if pre else after
+            limit -= len(pre)
+            rows = []
+            if wanted:
+                rows = db.execute(
+                    select_rows(table).where(table.c.id.in_(wanted))
+                    .order_by(table.c.id)).all()
+            tail = []
+            if limit > 0:
+                tail = db.execute(
+                    select_rows(table)
+                    .where(table.c.id > covered).order_by(table.c.id).limit(limit)).all()
+            streams = self._learn(db, table, [*rows, *tail])
+        live = {row.id: orjson.dumps(self.cloud_event(row, streams[as_uuid(row.originator_id)],
+                                                      reader, disclosed))
+                for row in rows}
+        events = ([live[slot] if isinstance(slot, int) else slot for slot in slots] if live
+                  else slots)
+        for row in tail:
+            stream = streams[as_uuid(row.originator_id)]
+            if reader.sees(stream, row.topic.rsplit(".", 1)[-1]):
+                events.append(orjson.dumps(self.cloud_event(row, stream, reader, disclosed)))
+        return events, (tail[-1].id if tail else covered)
+
+    def render(self, connection: Any, rows: list[Any]) -> list[dict[str, Any]]:
+        """rm_feed's rows for events of the store (the feed's follower writes them): each
+        CloudEvent without contact details, and with them (encrypted) when they differ; no
+        body when it can't be rendered now."""
+        streams = self._learn(connection, events_table(self.trialog.service.recorder), rows)
+        mapper = self.trialog.service.mapper
+        rendered = []
+        for row in rows:
+            stream = streams[as_uuid(row.originator_id)]
+            body, contact, entry = None, None, None
+            try:
+                event, has_contact = self._cloud_event(row, stream, contact=False)
+                if has_contact:  # both renderings, or neither (then from the store)
+                    full, _ = self._cloud_event(row, stream, contact=True)
+                    contact = encrypt(mapper, orjson.dumps(full))
+                body = orjson.dumps(event).decode()
+                entry = orjson.dumps(history_entry(event)).decode()
+            except Exception:
+                log.warning("feed: position %s is not rendered ahead; it is read from the "
+                            "store when asked", row.id, exc_info=True)
+            rendered.append({"position": row.id, "subject": stream.subject,
+                             "site": stream.site, "type": row.topic.rsplit(".", 1)[-1],
+                             "body": body, "contact": contact, "entry": entry})
+        return rendered
+
+    def history_json(self, participant_id: str, contact: bool
+                     ) -> tuple[list[bytes], int] | None:
+        """The participant's history as its entries' JSON, oldest first, and the position
+        of its newest event shown: rm_feed's entries as far as the feed's follower has
+        rendered, then the newer events from the store. None when rm_feed can't give them
+        (an event it could not render, or a prefix it lacks, as after a restore): read the
+        store. One connection at a time (the store's events are read after rm_feed's)."""
+        t = self.trialog
+        f = feed_events.c
+        table = events_table(t.service.recorder)
+        stream = participant_uuid(participant_id)
+        contact_column = f.contact if contact else null().label("contact")
+        # Two reads, no transaction around them: the second is checked against the first.
+        with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            pre = connection.execute(select(f.position, f.entry, contact_column)
+                                     .where(f.subject == participant_id)
+                                     .order_by(f.position)).all()
+            if any(row.entry is None for row in pre):
+                return None
+            newer = connection.execute(
+                select(table.c.id).where(table.c.originator_id == stream,
+                                         table.c.originator_version > len(pre))
+                .order_by(table.c.originator_version).limit(1)).first()
+        if pre and newer is not None and newer.id <= pre[-1].position:
+            return None  # rm_feed lacks some of this stream's events: not versions 1..n
+        mapper = t.service.mapper
+        entries = [orjson.dumps(history_entry(orjson.loads(decrypt(mapper, row.contact))))
+                   if row.contact is not None else row.entry.encode() for row in pre]
+        position = pre[-1].position if pre else 0
+        if newer is not None:
+            shown = len(pre)
+            for version, topic, content in plain_stream(t.service, stream, gt=len(pre)):
+                entry = event_entry(stream, version, topic, content)
+                entries.append(orjson.dumps(entry if contact else redact_contact(entry)))
+                shown = version
+            with t.engine.connect() as connection:
+                position = connection.execute(position_of(
+                    t.service.recorder, participant_id, shown)).scalar() or position
+        return entries, position
+
+    def cloud_event(self, row: Any, stream: Stream, reader: Reader,
+                    disclosed: set[str] | None = None) -> dict[str, Any]:
+        event, has_contact = self._cloud_event(row, stream, reader.contact)
+        if has_contact and reader.contact and disclosed is not None:
+            disclosed.add(stream.subject)
+        return event
+
+    def _cloud_event(self, row: Any, stream: Stream,
+                     contact: bool) -> tuple[dict[str, Any], bool]:
+        """The event as a CloudEvent, with its contact details or without, and whether it
+        holds any."""
+        content = self._content(row)
+        entry = event_entry(as_uuid(row.originator_id), row.originator_version, row.topic,
+                            content)
+        has_contact = False
+        if CONTACT_MARKERS & content.keys():
+            redacted = redact_contact(entry)
+            has_contact = redacted != entry
+            if not contact:
+                entry = redacted
+        digest = entry.pop("digest")
+        return {
+            "specversion": "1.0", "id": str(row.id), "source": self.source,
+            "type": TYPE_PREFIX + entry["type"], "subject": stream.subject,
+            "time": entry["recorded_at"], "datacontenttype": "application/json",
+            "data": entry, "position": row.id, "digest": digest,
+            "previousdigest": content.get("previous_digest", ""),
+        }, has_contact
+
+    def checkpoint(self, reader: Reader) -> dict[str, Any]:
+        """The newest position of the log, how many events up to it the reader may see,
+        and the digest of the newest of those."""
+        t = self.trialog
+        table = events_table(t.service.recorder)
+        with t.engine.connect() as connection:
+            newest = int(connection.execute(select(func.max(table.c.id))).scalar() or 0)
+            counts = connection.execute(
+                select(table.c.originator_id, func.count())
+                .where(table.c.id <= newest).group_by(table.c.originator_id)).all()
+            firsts = connection.execute(
+                select_rows(table)
+                .where(table.c.originator_version == 1, table.c.id <= newest)).all()
+            streams = self._learn(connection, table, firsts)
+            visible = {as_uuid(o) for o, _ in counts
+                       if as_uuid(o) in streams and reader.admits(streams[as_uuid(o)])}
+            count = sum(n for o, n in counts if as_uuid(o) in visible)
+            digest = None
+            position = newest
+            while count and digest is None and position > 0:
+                rows = connection.execute(
+                    select_rows(table)
+                    .where(table.c.id <= position).order_by(table.c.id.desc())
+                    .limit(500)).all()
+                for row in rows:
+                    stream = streams.get(as_uuid(row.originator_id))
+                    if stream is not None and reader.sees(stream,
+                                                          row.topic.rsplit(".", 1)[-1]):
+                        digest = self._content(row)["digest"]
+                        break
+                position = rows[-1].id - 1 if rows else 0
+        return {"position": newest, "events": count, "digest": digest}
+
+    # --- which stream is whose ------------------------------------------------------------
+
+    def _learn(self, connection: Any, table: Any, rows: list[Any]) -> dict[UUID, Stream]:
+        """The streams of ``rows``, classified from their first events (a stream's site
+        never changes): those known already, and the others read now. The answer holds
+        every stream of the rows, whatever the bounded memory of them forgets meanwhile."""
+        wanted = {as_uuid(r.originator_id) for r in rows}
+        with self._lock:
+            known = {o: self._streams[o] for o in wanted if o in self._streams}
+        firsts = {as_uuid(r.originator_id): r for r in rows
+                  if r.originator_version == 1 and as_uuid(r.originator_id) not in known}
+        unknown = wanted - set(known) - set(firsts)
+        if unknown:
+            more = connection.execute(
+                select_rows(table)
+                .where(table.c.originator_id.in_(sorted(unknown)),
+                       table.c.originator_version == 1)).all()
+            firsts.update({as_uuid(r.originator_id): r for r in more})
+        learned = {o: self._classify(r) for o, r in firsts.items()}
+        with self._lock:
+            self._streams.update(learned)
+            for originator_id in known:
+                self._streams.move_to_end(originator_id)
+            while len(self._streams) > self.max_streams:
+                self._streams.popitem(last=False)
+        # A stream whose first event is gone or unreadable (audit verify reports it): only
+        # readers of every site may see it.
+        lost = {o: Stream(str(o), UNKNOWN_SITE) for o in wanted - set(known) - set(learned)}
+        return {**known, **learned, **lost}
+
+    def _classify(self, first: Any) -> Stream:
+        try:
+            content = self._content(first)
+        except Exception:  # noqa: BLE001 - an unreadable first event: see _learn
+            return Stream(str(as_uuid(first.originator_id)), UNKNOWN_SITE)
+        if first.topic.startswith(PARTICIPANT_TOPIC):
+            return Stream(content["participant_id"], content["data"]["site_id"])
+        if first.topic.startswith(SEQUENCE_TOPIC):
+            return Stream(f"allocation/{content['stratum']}", content["stratum"])
+        return Stream(self.trialog.protocol.study_id, None)
+
+    def _content(self, row: Any) -> dict[str, Any]:
+        state = row.state if isinstance(row.state, bytes) else bytes(row.state)
+        mapper = self.trialog.service.mapper
+        try:
+            return plain_state(mapper, state)
+        except Upcast:
+            event = decode(mapper, row.originator_id, row.originator_version, row.topic, state)
+            content: dict[str, Any] = json.loads(canonical_json(
+                {k: v for k, v in vars(event).items()
+                 if k not in ("originator_id", "originator_version")}))
+            return content
+
+
+# The keys of the events whose data may hold contact details (screening data, corrections,
+# reminder recipients): only these are looked at for redaction.
+CONTACT_MARKERS = frozenset({"data", "field", "recipients"})
+
+
+def history_entry(cloud_event: dict[str, Any]) -> dict[str, Any]:
+    """The event as the participant's history shows it: the CloudEvent's data, with its
+    digest last."""
+    return {**cloud_event["data"], "digest": cloud_event["digest"]}
+

@@ -1,0 +1,99 @@
+"""The console's forms as the contract's command bodies: each form posts one command, which
+runs exactly as POST /v1/commands runs it (the same validation, roles, scope and rules);
+its refusal is shown next to the field it names."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from werkzeug.datastructures import MultiDict
+
+# The fields of each command's data a form may send; anything else in the form is ignored.
+DATA_FIELDS: dict[str, tuple[str, ...]] = {
+    "RaiseQuery": ("query_id", "text", "field"),
+    "RespondToQuery": ("query_id", "text"),
+    "CloseQuery": ("query_id", "text"),
+    "CancelQuery": ("query_id", "text"),
+    "ReopenQuery": ("query_id",),
+    "VerifySource": ("visit",),
+    "SignVisit": ("visit", "meaning", "password"),
+    "SignCasebook": ("meaning", "password"),
+    "LockVisit": ("visit",),
+    "UnlockVisit": ("visit",),
+    "LockCasebook": (),
+    "UnlockCasebook": (),
+    "ResolveDeviation": ("deviation_id", "resolution"),
+    "CorrectData": ("event_id", "field", "value"),
+}
+WITH_REASON = frozenset({"ReopenQuery", "UnlockVisit", "UnlockCasebook", "CorrectData"})
+SIGNING = frozenset({"SignVisit", "SignCasebook"})
+
+DONE = {
+    "RaiseQuery": "Query raised.", "RespondToQuery": "Response sent.",
+    "CloseQuery": "Query closed.", "CancelQuery": "Query cancelled.",
+    "ReopenQuery": "Query reopened.", "VerifySource": "Visit verified against the source.",
+    "SignVisit": "Visit signed.", "SignCasebook": "Casebook signed.",
+    "LockVisit": "Visit locked.", "UnlockVisit": "Visit unlocked.",
+    "LockCasebook": "Casebook locked.", "UnlockCasebook": "Casebook unlocked.",
+    "ResolveDeviation": "Deviation resolved.", "CorrectData": "Correction recorded.",
+}
+
+
+class UnknownForm(ValueError):
+    """A form naming no command the console posts."""
+
+
+def _value(text: str) -> Any:
+    """A correction's value as typed: JSON when it reads as JSON (7, true, null, "x"),
+    else the text itself (a date, a word)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, Any]:
+    """The command body of a posted form (its ``type``, ``command_id`` and fields)."""
+    kind = form.get("type", "")
+    if kind not in DATA_FIELDS:
+        raise UnknownForm(kind)
+    data: dict[str, Any] = {}
+    for name in DATA_FIELDS[kind]:
+        text = form.get(name, "")
+        if name == "password":
+            data[name] = text  # as typed: never trimmed, never shown again
+        elif text.strip():
+            data[name] = _value(text.strip()) if name == "value" else text.strip()
+    if kind == "RaiseQuery":
+        target_kind, _, target = form.get("target", "").partition(":")
+        if target_kind in ("visit", "event_id") and target:
+            data[target_kind] = target
+    if kind == "CorrectData" and "value" not in data and "value" in form:
+        data["value"] = None
+    body: dict[str, Any] = {"command_id": form.get("command_id") or str(uuid.uuid4()),
+                            "type": kind, "participant_id": participant_id, "data": data}
+    if kind in WITH_REASON and form.get("reason", "").strip():
+        body["reason"] = form["reason"].strip()
+    return body
+
+
+def field_errors(kind: str, body: dict[str, Any]) -> dict[str, list[str]]:
+    """A refusal's fields (dotted paths from the body root) by the form's field names."""
+    found: dict[str, list[str]] = {}
+    for path, messages in (body.get("fields") or {}).items():
+        name = path.split(".", 1)[1] if path.startswith("data.") else path
+        if kind == "RaiseQuery" and name.split(".")[0] in ("visit", "event_id"):
+            name = "target"
+        name = name.split(".")[0]
+        found.setdefault(name, []).extend(messages)
+    return found
+
+
+def message(status: int, body: dict[str, Any]) -> str:
+    """What the page says of a refusal."""
+    if body.get("error") == "validation_failed":
+        return "The form has a problem: see the fields marked below."
+    text = str(body.get("message") or body.get("error") or "refused")
+    return f"Refused ({status}): {text}"

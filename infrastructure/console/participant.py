@@ -1,0 +1,158 @@
+"""A participant's page: the state, visits with scores, queries, signatures, the timeline
+of the record replayable to any earlier event, and the forms of the person's role; the
+signing dialog, which asks for the password again."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import abort, flash, g, make_response, redirect, render_template, request, url_for
+
+from domain.errors import DomainError
+from domain.views import participant_state as state_of
+from infrastructure.api.errors import ApiError
+from infrastructure.audit import access
+from infrastructure.audit import history as audit
+from infrastructure.console import forms, timeline
+from infrastructure.console.pages import moment
+from infrastructure.console.web import blp, require_read, runtime, trialog
+from infrastructure.readside import queries
+
+MEANINGS = {"visit": "I approve the data of this visit",
+            "casebook": "I approve the data of this casebook"}
+
+
+def _visible(participant_id: str) -> None:
+    if not queries.visible(trialog(), g.principal.scope, participant_id):
+        abort(404, f"Participant {participant_id} was not found.")
+
+
+def _disclose(participant_id: str) -> None:
+    """Records that the page showed the participant's contact details."""
+    access.record(trialog().engine, g.principal.name, [participant_id],
+                  f"GET /console/participants/{participant_id}", g.get("request_id"))
+
+
+def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
+    """The participant as recorded at ``?version=`` or ``?as_of=``, and what was asked."""
+    t = trialog()
+    version, as_of = request.args.get("version"), moment(request.args.get("as_of"))
+    if version:
+        if not version.isdigit() or int(version) < 1:
+            abort(422, "version must be a whole number from 1")
+        p = t.service.get_participant(participant_id, version=int(version))
+        if p.version != int(version):
+            abort(404, f"Participant {participant_id} has no version {version}.")
+        return p, {"version": p.version, "moment": p.modified_on}
+    if as_of is not None:
+        p = audit.participant_as_of(t.service, participant_id, as_of)
+        if p is None:
+            abort(404, f"Participant {participant_id} has no event recorded at or before "
+                       f"{as_of.isoformat()}.")
+        return p, {"version": p.version, "moment": as_of}
+    return None
+
+
+def _page_data(participant_id: str) -> dict[str, Any]:
+    t, principal = trialog(), g.principal
+    contact = principal.sees_contact
+    replay = _replayed(participant_id)
+    if replay is None:
+        after = request.args.get("after", "")
+        if after.isdigit():  # read your write: the lists include the command just sent
+            runtime().wait_for(int(after), 2.0)
+        state = queries.participant_state(t, participant_id)
+        history = audit.history(t.service, participant_id, cache=runtime().histories)
+        if contact:
+            state["contact"] = timeline.contact_of(history)
+        query_rows = queries.list_queries(t, scope=principal.scope,
+                                          participant_id=participant_id)
+        asked = None
+    else:
+        p, asked = replay
+        state = state_of(p, t.protocol, asked["moment"].date(), contact=contact)
+        history = audit.history(t.service, participant_id, version=p.version,
+                                cache=runtime().histories)
+        query_rows = [{**q, "participant_id": participant_id} for q in p.queries.values()]
+    if not contact:
+        history = [audit.redact_contact(e) for e in history]
+    else:
+        _disclose(participant_id)
+    page = request.args.get("page", "1")
+    page = min(int(page), timeline.pages(history)) if page.isdigit() and int(page) else 1
+    return {"state": state, "events": timeline.page_of(history, page), "queries": query_rows,
+            "captures": timeline.capture_events(history), "replay": asked,
+            "total": len(history), "page": page, "pages": timeline.pages(history),
+            "visit_codes": t.protocol.visit_codes}
+
+
+def _render(participant_id: str, status: int = 200, failed: dict[str, Any] | None = None
+            ) -> Any:
+    try:
+        data = _page_data(participant_id)
+    except DomainError:
+        abort(404, f"Participant {participant_id} was not found.")
+    response = make_response(render_template(
+        "console/participant.html", pid=participant_id, failed=failed or {},
+        new_id=lambda: str(uuid.uuid4()), may=g.principal.may_issue, **data), status)
+    return response
+
+
+@blp.route("/participants/<participant_id>")
+def participant(participant_id: str) -> Any:
+    """The participant's page, now or as recorded at an earlier event."""
+    require_read("history")
+    _visible(participant_id)
+    return _render(participant_id)
+
+
+@blp.route("/participants/<participant_id>/sign")
+def sign(participant_id: str, status: int = 200,
+         failed: dict[str, Any] | None = None) -> Any:
+    """The signing dialog: what is signed, its meaning, and the password again."""
+    _visible(participant_id)
+    visit = request.values.get("visit") or None
+    kind = "SignVisit" if visit else "SignCasebook"
+    if not g.principal.may_issue(kind):
+        abort(403, f"Your role ({g.principal.role}) may not sign.")
+    if visit is not None and visit not in trialog().protocol.visit_codes:
+        abort(404, f"There is no visit {visit!r}.")
+    state = queries.participant_state(trialog(), participant_id)
+    shown = next((v for v in state["visits"] if v["code"] == visit), None)
+    return make_response(render_template(
+        "console/sign.html", pid=participant_id, kind=kind, visit=shown, state=state,
+        scores=(state["scores"] or {}).get(visit or "", {}),
+        meaning=MEANINGS["visit" if visit else "casebook"],
+        command_id=request.form.get("command_id") or str(uuid.uuid4()),
+        failed=failed or {}), status)
+
+
+@blp.route("/participants/<participant_id>/commands", methods=["POST"])
+def command(participant_id: str) -> Any:
+    """One form, one command: run as POST /v1/commands runs it."""
+    from infrastructure.api.commands import execute
+
+    try:
+        body = forms.command_body(participant_id, request.form)
+    except forms.UnknownForm:
+        abort(422, "The form names no command of the console.")
+    kind = body["type"]
+    try:
+        _, answer = execute(body)
+    except ApiError as e:
+        failed = {"form": request.form.get("form", ""), "status": e.status,
+                  "message": forms.message(e.status, e.body),
+                  "errors": forms.field_errors(kind, e.body),
+                  "values": {k: v for k, v in request.form.items()
+                             if k not in ("password", "csrf_token")}}
+        if e.status == 404:
+            abort(404, f"Participant {participant_id} was not found.")
+        if kind in forms.SIGNING:
+            return sign(participant_id, e.status, failed)
+        return _render(participant_id, e.status, failed)
+    flash(forms.DONE[kind])
+    anchor = request.form.get("anchor", "")
+    target = url_for("console.participant", participant_id=participant_id,
+                     after=answer.get("position"))
+    return redirect(target + (f"#{anchor}" if anchor.isidentifier() else ""), code=303)

@@ -1,0 +1,182 @@
+"""The console's blueprint: who is signed in (every page but the sign-in form needs a
+person), CSRF on every form, the headers every page carries, sign-in and sign-out."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    flash,
+    g,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
+from werkzeug.exceptions import HTTPException
+from wtforms import ValidationError
+
+from infrastructure.api.errors import RETRY_AFTER_S
+from infrastructure.console import auth
+from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
+from infrastructure.store.people import AccountLocked, LoginFailed
+
+log = logging.getLogger("trialog.console")
+blp = Blueprint("console", __name__, url_prefix=auth.PREFIX, template_folder="templates",
+                static_folder="static", static_url_path="/static")
+OPEN_ENDPOINTS = frozenset({"console.sign_in", "console.static"})
+# Every asset is the console's own: nothing is loaded from another host.
+POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+          "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+
+
+def runtime() -> Any:
+    from infrastructure.api import runtime as api_runtime
+
+    return api_runtime()
+
+
+def trialog() -> Any:
+    return runtime().trialog
+
+
+def _key() -> str:
+    from flask import current_app
+
+    key: str = current_app.session_interface.key()  # type: ignore[attr-defined]
+    return key
+
+
+def csrf_token() -> str:
+    return str(generate_csrf(secret_key=_key()))
+
+
+@blp.app_template_global("console_csrf")
+def _template_csrf() -> str:
+    return csrf_token()
+
+
+def _sign_in_redirect() -> Response:
+    target = request.full_path if request.method == "GET" else url_for("console.overview")
+    return redirect(url_for("console.sign_in", next=target.rstrip("?")))
+
+
+@blp.before_request
+def _who() -> Response | None:
+    g.person = None
+    if request.method == "POST":
+        try:
+            validate_csrf(request.form.get("csrf_token"), secret_key=_key())
+        except ValidationError as e:
+            raise CSRFError(str(e)) from None
+    if request.endpoint in OPEN_ENDPOINTS:
+        return None
+    cookie = request.cookies.get(auth.COOKIE)
+    try:
+        person = auth.person(trialog().engine, cookie) if cookie else None
+    except auth.IdleTimeout:
+        flash(f"You were signed out after {auth.IDLE_MINUTES} minutes without activity.")
+        person = None
+    if person is None:
+        return _sign_in_redirect()
+    g.person, g.principal = person, person.principal
+    return None
+
+
+@blp.after_request
+def _headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
+    response.headers["X-Frame-Options"] = "DENY"
+    if request.endpoint != "console.static":
+        response.headers["Cache-Control"] = "no-store"  # pages may show personal data
+    return response
+
+
+@blp.errorhandler(HTTPException)
+def _error(e: HTTPException) -> tuple[str, int]:
+    code = e.code or 500
+    if isinstance(e, CSRFError):
+        description = ("The form had expired or did not come from this console. Go back, "
+                       "reload the page and send it again.")
+    else:
+        description = e.description or ""
+    return render_template("console/error.html", code=code, title=e.name,
+                           description=description), code
+
+
+def _database_error(e: Exception) -> tuple[str, int, dict[str, str]]:
+    """As the API answers it (503 while the database can't be reached, else 500, logged),
+    as a page."""
+    if is_unavailable(e):
+        return render_template(
+            "console/error.html", code=503, title="The database can't be reached",
+            description="Nothing was lost. Try again in a few seconds: a form sent again "
+                        "is recorded once."), 503, {"Retry-After": str(RETRY_AFTER_S)}
+    log.exception("database error")
+    return render_template("console/error.html", code=500, title="The server failed",
+                           description="The error is logged."), 500, {}
+
+
+for _error in DATABASE_ERRORS:
+    blp.register_error_handler(_error, _database_error)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a page of the console: never another host."""
+    if target:
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc and auth.is_console(parts.path):
+            return target
+    return url_for("console.overview")
+
+
+@blp.route("/sign-in", methods=["GET", "POST"])
+def sign_in() -> Any:
+    """The sign-in form; the same sign-in as POST /v1/sessions."""
+    target = _safe_next(request.values.get("next"))
+    if request.method == "GET":
+        return render_template("console/sign_in.html", next=target, login="", error=None)
+    login = request.form.get("login", "").strip()
+    password = request.form.get("password", "")
+    error, status = None, 200
+    if not login or not password:
+        error, status = "Enter your login and your password.", 422
+    else:
+        try:
+            cookie = auth.start(trialog().engine, login, password, request.remote_addr)
+        except LoginFailed:
+            error, status = "The login or password is not valid.", 401
+        except AccountLocked as e:
+            error, status = (f"Too many wrong passwords: sign-in is locked until "
+                             f"{e.until.isoformat(timespec='minutes')} (UTC)."), 423
+        else:
+            response = redirect(target, code=303)
+            response.set_cookie(auth.COOKIE, cookie, **auth.cookie_options(request))
+            return response
+    return make_response(render_template("console/sign_in.html", next=target, login=login,
+                                         error=error), status)
+
+
+@blp.route("/sign-out", methods=["POST"])
+def sign_out() -> Response:
+    """Ends the session."""
+    auth.end(trialog().engine, request.cookies.get(auth.COOKIE, ""))
+    flash("You are signed out.")
+    response = redirect(url_for("console.sign_in"), code=303)
+    response.delete_cookie(auth.COOKIE, path=auth.PREFIX, httponly=True, samesite="Lax",
+                           secure=request.is_secure)
+    return response
+
+
+def require_read(what: str) -> None:
+    if not g.principal.may_read(what):
+        abort(403, f"Your role ({g.principal.role}) may not read {what}.")

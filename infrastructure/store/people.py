@@ -1,0 +1,223 @@
+"""People: accounts with a full name, a role, sites and an Argon2 password hash; sign-in
+for a 12-hour session token, and the lock after five wrong passwords in a row."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import NoReturn
+
+import sqlalchemy.exc
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from domain.access import Scope
+from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
+from infrastructure.store.tokens import (
+    SESSION_PREFIX,
+    TokenError,
+    check_name,
+    check_role,
+    name_is_free,
+    scope_of,
+    sites_column,
+    token_hash,
+)
+
+log = logging.getLogger("trialog.sessions")
+
+# Argon2id with OWASP's recommended minimum cost: 2 passes over 19 MiB, one lane. On a
+# 2-core machine argon2-cffi's defaults (3 passes over 64 MiB, 4 lanes) took 230 ms a
+# verification; this takes a quarter of that. Hashes made with other settings still
+# verify, and are made again with these at the next sign-in.
+HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+SESSION_HOURS = 12
+MAX_FAILURES = 5
+LOCK_MINUTES = 15
+PASSWORD_LENGTH = (12, 1024)
+# Verified against when the login is unknown or disabled, so that every refusal costs the
+# same time and says nothing about whether the login exists.
+_DECOY = HASHER.hash(secrets.token_urlsafe(16))
+
+
+class LoginFailed(Exception):
+    """Wrong login or password, or a disabled person: one answer for all (401)."""
+
+
+class AccountLocked(Exception):
+    """Too many wrong passwords in a row (423)."""
+
+    def __init__(self, until: datetime) -> None:
+        super().__init__(f"locked until {until.isoformat()}")
+        self.until = until
+
+
+@dataclass(frozen=True)
+class Session:
+    token: str
+    expires_at: datetime
+    login: str
+    role: str
+    scope: Scope
+
+
+def check_password(password: str) -> None:
+    low, high = PASSWORD_LENGTH
+    if not low <= len(password) <= high:
+        raise TokenError(f"the password must be {low}-{high} characters")
+
+
+def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Scope,
+                password: str) -> None:
+    check_role(role)
+    check_name(login, "--login")
+    if not full_name.strip() or len(full_name) > 200:
+        raise TokenError("--name: must be 1-200 characters")
+    check_password(password)
+    hashed = HASHER.hash(password)
+    try:
+        with engine.begin() as connection:
+            if not name_is_free(connection, login):
+                raise TokenError(f"--login: a token or person named {login!r} already exists")
+            connection.execute(insert(users).values(
+                login=login, full_name=full_name.strip(), role=role, sites=sites_column(scope),
+                password_hash=hashed, created_at=datetime.now(UTC)))
+    except sqlalchemy.exc.IntegrityError:
+        raise TokenError(f"--login: a token or person named {login!r} already exists") from None
+
+
+def disable_user(engine: Engine, login: str) -> None:
+    """The person can't sign in any more, and their sessions are refused from the next
+    request on."""
+    with engine.begin() as connection:
+        row = connection.execute(select(users.c.disabled_at)
+                                 .where(users.c.login == login)).first()
+        if row is None:
+            raise TokenError(f"no person has the login {login!r}")
+        if row.disabled_at is not None:
+            raise TokenError(f"{login!r} was disabled on {row.disabled_at:%Y-%m-%d}")
+        connection.execute(update(users).where(users.c.login == login)
+                           .values(disabled_at=datetime.now(UTC)))
+        connection.execute(delete(user_sessions).where(user_sessions.c.login == login))
+
+
+def sign_in(engine: Engine, login: str, password: str, client: str | None = None,
+            now: datetime | None = None) -> Session:
+    """A new session for the person, or LoginFailed / AccountLocked; each failure is
+    logged with the reason, which the caller is not told."""
+    now = now or datetime.now(UTC)
+    _reserve(engine, login, now, client)
+    with engine.connect() as connection:
+        person = connection.execute(select(users).where(users.c.login == login)).first()
+    reason = _check(person, password)
+    if reason is not None:
+        _failed(engine, login, reason, client, now)
+    assert person is not None
+    token = SESSION_PREFIX + secrets.token_urlsafe(32)
+    expires_at = now + timedelta(hours=SESSION_HOURS)
+    with engine.begin() as connection:
+        connection.execute(delete(login_failures).where(login_failures.c.login == login))
+        connection.execute(insert(user_sessions).values(
+            token_hash=token_hash(token), login=login, created_at=now, expires_at=expires_at))
+        if HASHER.check_needs_rehash(person.password_hash):
+            connection.execute(update(users).where(users.c.login == login)
+                               .values(password_hash=HASHER.hash(password)))
+    log.info("signed in", extra={"login": login, "client": client})
+    return Session(token, expires_at, login, person.role, scope_of(person.sites))
+
+
+def _check(person: object | None, password: str) -> str | None:
+    """Why the sign-in fails (for the log), or None."""
+    hashed = getattr(person, "password_hash", None) or _DECOY
+    try:
+        matches = HASHER.verify(hashed, password)
+    except (VerificationError, InvalidHashError):
+        matches = False
+    if person is None:
+        return "unknown_login"
+    if not matches:
+        return "wrong_password"
+    return "disabled" if getattr(person, "disabled_at", None) is not None else None
+
+
+def _reserve(engine: Engine, login: str, now: datetime, client: str | None) -> None:
+    """Counts this attempt as a failure before its password is checked (a success clears
+    the count), under the row's lock: however many attempts arrive at once, at most
+    five are checked before the login locks. AccountLocked while it is locked."""
+    with engine.begin() as connection:
+        failures = _increment(connection, login, now)
+        locked = connection.execute(select(login_failures.c.locked_until)
+                                    .where(login_failures.c.login == login)).scalar()
+        if locked is not None and as_utc(locked) > now:
+            # Attempts while locked don't count toward the next lock.
+            connection.execute(update(login_failures).where(login_failures.c.login == login)
+                               .values(failures=login_failures.c.failures - 1))
+            until = as_utc(locked)
+        elif failures > MAX_FAILURES:  # attempts in flight used the allowance up
+            until = now + timedelta(minutes=LOCK_MINUTES)
+            connection.execute(update(login_failures).where(login_failures.c.login == login)
+                               .values(failures=0, locked_until=until))
+        else:
+            return
+    _log_failure(login, "locked", client)
+    raise AccountLocked(until)
+
+
+def _failed(engine: Engine, login: str, reason: str, client: str | None,
+            now: datetime) -> NoReturn:
+    """The attempt failed: its reserved count stays; the fifth in a row locks the login
+    for 15 minutes."""
+    _log_failure(login, reason, client)
+    with engine.begin() as connection:
+        failures = connection.execute(select(login_failures.c.failures)
+                                      .where(login_failures.c.login == login)).scalar()
+        if failures is None or failures < MAX_FAILURES:
+            raise LoginFailed
+        until = now + timedelta(minutes=LOCK_MINUTES)
+        connection.execute(update(login_failures).where(login_failures.c.login == login)
+                           .values(failures=0, locked_until=until))
+    log.warning("login locked", extra={"login": login, "locked_until": until.isoformat()})
+    raise AccountLocked(until)
+
+
+def _increment(connection: Connection, login: str, now: datetime) -> int:
+    changed = connection.execute(
+        update(login_failures).where(login_failures.c.login == login)
+        .values(failures=login_failures.c.failures + 1, last_failed_at=now))
+    if changed.rowcount == 0:
+        try:
+            with connection.begin_nested():
+                connection.execute(insert(login_failures).values(
+                    login=login, failures=1, last_failed_at=now, locked_until=None))
+        except sqlalchemy.exc.IntegrityError:  # a concurrent first failure inserted it
+            return _increment(connection, login, now)
+    failures: int = connection.execute(select(login_failures.c.failures)
+                                       .where(login_failures.c.login == login)).scalar_one()
+    return failures
+
+
+def _log_failure(login: str, reason: str, client: str | None) -> None:
+    log.warning("login failed", extra={"login": login, "reason": reason, "client": client})
+
+
+def reauthenticate(engine: Engine, login: str, password: str,
+                   client: str | None = None) -> str:
+    """The person's printed name when ``password`` is their current one (a signature's
+    re-authentication); LoginFailed otherwise, counted toward the lock like a sign-in,
+    or AccountLocked."""
+    now = datetime.now(UTC)
+    _reserve(engine, login, now, client)
+    with engine.connect() as connection:
+        person = connection.execute(select(users).where(users.c.login == login)).first()
+    reason = _check(person, password)
+    if reason is not None:
+        _failed(engine, login, f"signature: {reason}", client, now)
+    assert person is not None
+    with engine.begin() as connection:
+        connection.execute(delete(login_failures).where(login_failures.c.login == login))
+    name: str = person.full_name
+    return name

@@ -1,0 +1,208 @@
+"""Who may use the console: a person of each role signs in and sees their own sites only;
+the session cookie's attributes, CSRF on every form, sign-out, the idle timeout, the lock
+after wrong passwords, and a disabled person refused on the next request."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import requests
+from sqlalchemy import update
+
+from domain.access import Scope
+from infrastructure.console.tables import console_sessions
+from infrastructure.store.people import create_user, disable_user
+from infrastructure.store.tokens import ROLES, token_hash
+from tests.e2e.console_support import (  # noqa: F401  (fixtures)
+    PASSWORD,
+    browser,
+    console,
+    csrf_of,
+    follow,
+    form_session,
+    sign_in,
+)
+from tests.e2e.test_lifecycle import enrol
+
+
+@pytest.fixture(scope="module")
+def two_sites(console):  # noqa: F811
+    return enrol(console.admin, "CASE")[0], enrol(console.admin, "METRO")[0]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_signs_in_and_sees_only_its_own_sites(console, browser, two_sites,  # noqa: F811
+                                                        role):
+    case_pid, metro_pid = two_sites
+    context = browser.new_context()
+    try:
+        page = sign_in(context, console, console.logins[role])
+        assert page.url == console.page_url("/console/")
+        assert role.replace("_", " ") in page.get_by_test_id("who").inner_text()
+        follow(page.get_by_role("link", name="Participants"))
+        listed = page.get_by_test_id("participants").inner_text()
+        every_site = role in ("data_manager", "auditor", "admin")
+        assert case_pid in listed
+        assert (metro_pid in listed) is every_site
+        answer = page.goto(console.page_url(f"/console/participants/{metro_pid}"))
+        assert answer.status == (200 if every_site else 404)
+        answer = page.goto(console.page_url(f"/console/participants/{case_pid}"))
+        assert answer.status == 200
+        assert page.get_by_test_id("status").inner_text() == "randomized"
+    finally:
+        context.close()
+
+
+def test_a_metro_coordinator_sees_metro_only(console, browser, two_sites):  # noqa: F811
+    case_pid, metro_pid = two_sites
+    context = browser.new_context()
+    try:
+        page = sign_in(context, console, console.metro_coordinator,
+                       path="/console/participants/")
+        listed = page.get_by_test_id("participants").inner_text()
+        assert metro_pid in listed and case_pid not in listed
+        assert page.goto(console.page_url(f"/console/participants/{case_pid}")).status == 404
+    finally:
+        context.close()
+
+
+def test_the_session_cookie_is_httponly_lax_and_every_form_needs_its_csrf_token(console):  # noqa: F811
+    session = form_session(console, console.logins["monitor"])
+    cookie = next(c for c in session.cookies if c.name == "trialog_console")
+    assert cookie.has_nonstandard_attr("HttpOnly")
+    assert cookie.get_nonstandard_attr("SameSite") == "Lax"
+    assert not cookie.secure  # served over plain HTTP here
+    page = session.get(console.page_url("/console/"), timeout=30)
+    assert page.status_code == 200
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assert page.headers["Cache-Control"] == "no-store"
+    forged = session.post(console.page_url("/console/sign-out"), data={}, timeout=30,
+                          allow_redirects=False)
+    assert forged.status_code == 400
+    assert session.get(console.page_url("/console/"), timeout=30,
+                       allow_redirects=False).status_code == 200  # still signed in
+
+
+def test_the_cookies_are_secure_when_served_over_https(console):  # noqa: F811
+    from infrastructure.api import create_app
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    trialog = bootstrap(settings_for(console.database))
+    app = create_app(trialog, follow=False)
+    try:
+        client = app.test_client()
+        form = client.get("/console/sign-in", base_url="https://console.test")
+        answer = client.post("/console/sign-in", base_url="https://console.test", data={
+            "csrf_token": csrf_of(form.text), "login": console.logins["auditor"],
+            "password": PASSWORD})
+        assert answer.status_code == 303
+        cookies = form.headers.getlist("Set-Cookie") + answer.headers.getlist("Set-Cookie")
+        assert len(cookies) == 2
+        for cookie in cookies:
+            assert "; Secure" in cookie and "; HttpOnly" in cookie
+            assert "SameSite=Lax" in cookie and "Path=/console" in cookie
+    finally:
+        app.extensions["trialog"].close()
+        trialog.close()
+
+
+def test_signing_out_ends_the_session_for_good(console, browser):  # noqa: F811
+    context = browser.new_context()
+    try:
+        page = sign_in(context, console, console.logins["coordinator"])
+        cookie = next(c["value"] for c in context.cookies() if c["name"] == "trialog_console")
+        follow(page.get_by_role("button", name="Sign out"))
+        assert "You are signed out." in page.content()
+        assert page.url.startswith(console.page_url("/console/sign-in"))
+        page.goto(console.page_url("/console/work/queries"))
+        assert page.url.startswith(console.page_url("/console/sign-in"))
+    finally:
+        context.close()
+    answer = requests.get(console.page_url("/console/"), cookies={"trialog_console": cookie},
+                          timeout=30, allow_redirects=False)
+    assert answer.status_code == 302 and "/console/sign-in" in answer.headers["Location"]
+
+
+def test_an_idle_session_ends_at_the_next_request(console, browser):  # noqa: F811
+    context = browser.new_context()
+    try:
+        page = sign_in(context, console, console.logins["investigator"])
+        cookie = next(c["value"] for c in context.cookies() if c["name"] == "trialog_console")
+        with console.engine.begin() as connection:  # its last request, 31 minutes ago
+            connection.execute(update(console_sessions).where(
+                console_sessions.c.cookie_hash == token_hash(cookie)).values(
+                last_seen_at=datetime.now(UTC) - timedelta(minutes=31)))
+        page.goto(console.page_url("/console/participants/"))
+        assert page.url.startswith(console.page_url("/console/sign-in"))
+        assert "signed out after 30 minutes without activity" in page.content()
+    finally:
+        context.close()
+
+
+def test_wrong_passwords_are_refused_and_the_fifth_locks_the_login(console, browser):  # noqa: F811
+    login = f"locked.{console.logins['monitor']}"
+    create_user(console.engine, login, "Lock Tester", "monitor", Scope.of(["CASE"]), PASSWORD)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        for attempt in range(5):
+            page.goto(console.page_url("/console/sign-in"))
+            page.get_by_label("Login").fill(login)
+            page.get_by_label("Password").fill("not the password at all")
+            with page.expect_response(lambda r: r.request.method == "POST") as answer:
+                follow(page.get_by_role("button", name="Sign in"))
+            expected = 423 if attempt == 4 else 401
+            assert answer.value.status == expected
+        assert "sign-in is locked until" in page.get_by_role("alert").inner_text()
+        page.get_by_label("Password").fill(PASSWORD)  # the right one, too late
+        follow(page.get_by_role("button", name="Sign in"))
+        assert page.url.startswith(console.page_url("/console/sign-in"))
+        assert "locked" in page.get_by_role("alert").inner_text()
+    finally:
+        context.close()
+
+
+def test_a_disabled_person_is_refused_at_the_next_request(console, browser):  # noqa: F811
+    login = f"leaving.{console.logins['coordinator']}"
+    create_user(console.engine, login, "Leaving Soon", "coordinator", Scope.of(["CASE"]),
+                PASSWORD)
+    context = browser.new_context()
+    try:
+        page = sign_in(context, console, login)
+        assert page.url == console.page_url("/console/")
+        disable_user(console.engine, login)
+        page.goto(console.page_url("/console/participants/"))
+        assert page.url.startswith(console.page_url("/console/sign-in"))
+    finally:
+        context.close()
+
+
+def test_the_api_still_wants_a_bearer_token(console):  # noqa: F811
+    answer = requests.get(console.page_url("/v1/participants"), timeout=30)
+    assert answer.status_code == 401 and answer.json()["error"] == "unauthorized"
+    answer = requests.get(console.page_url("/console/"), timeout=30, allow_redirects=False)
+    assert answer.status_code == 302 and "/console/sign-in" in answer.headers["Location"]
+
+
+def test_signing_in_needs_only_the_keyboard(console, browser):  # noqa: F811
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(console.page_url("/console/sign-in"))
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Skip to the content"
+        for _ in range(5):  # the skip link, the brand, then the form's fields in order
+            if page.evaluate("document.activeElement.id") == "login":
+                break
+            page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "login"
+        page.keyboard.type(console.logins["auditor"])
+        page.keyboard.press("Tab")
+        page.keyboard.type(PASSWORD)
+        page.keyboard.press("Enter")
+        page.wait_for_url(console.page_url("/console/"))
+        assert page.get_by_role("heading", level=1).inner_text() == "Trial overview"
+    finally:
+        context.close()

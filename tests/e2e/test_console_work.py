@@ -1,0 +1,262 @@
+"""The work of each role in the browser: a monitor raises a query and the coordinator
+answers it, the monitor closes it and verifies the visit, the investigator signs with the
+password (a wrong one refused), and anyone replays the participant to an earlier moment;
+the same through the forms with JavaScript off."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e import payloads as p
+from tests.e2e.console_support import (  # noqa: F401  (fixtures)
+    PASSWORD,
+    browser,
+    console,
+    follow,
+    screenshot,
+    sign_in,
+)
+from tests.e2e.test_lifecycle import enrol
+
+
+@pytest.fixture
+def visited(console):  # noqa: F811
+    """A CASE participant with a completed baseline visit."""
+    pid, _ = enrol(console.admin, "CASE")
+    answer = console.admin.command("CompleteVisit", pid, p.visit("baseline", 0))
+    assert answer.status_code == 201, answer.text
+    return pid
+
+
+def _as(browser, console, role, pid, **context_options):  # noqa: F811
+    context = browser.new_context(**context_options)
+    page = sign_in(context, console, console.logins[role],
+                   path=f"/console/participants/{pid}")
+    assert page.url.startswith(console.page_url(f"/console/participants/{pid}")), page.url
+    return context, page
+
+
+def _api_state(console, pid):  # noqa: F811
+    answer = console.admin.get(f"/v1/participants/{pid}")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_query_raised_answered_and_closed_then_the_visit_verified(console, browser,  # noqa: F811
+                                                                    visited):
+    pid = visited
+    monitor, page = _as(browser, console, "monitor", pid)
+    try:
+        page.get_by_label("About").select_option("visit:baseline")
+        page.get_by_label("Question to the site").fill("Worst pain 7 but average 5?")
+        follow(page.get_by_role("button", name="Raise the query"))
+        assert "Query raised." in page.get_by_role("status").first.inner_text()
+        assert page.get_by_test_id("open-queries").inner_text() == "1"
+        assert page.get_by_test_id("query-status").inner_text() == "open"
+    finally:
+        monitor.close()
+
+    coordinator, page = _as(browser, console, "coordinator", pid)
+    try:
+        assert page.get_by_role("button", name="Raise the query").count() == 0  # not theirs
+        follow(page.get_by_role("button", name="Respond"))  # empty: the contract's 422
+        assert page.get_by_text("There is a problem").is_visible()
+        assert page.locator("[aria-invalid=true]").count() == 1
+        page.get_by_label("Respond: your response").fill("The source says average 5.")
+        follow(page.get_by_role("button", name="Respond"))
+        assert "Response sent." in page.get_by_role("status").first.inner_text()
+        assert page.get_by_test_id("query-status").inner_text() == "answered"
+    finally:
+        coordinator.close()
+
+    monitor, page = _as(browser, console, "monitor", pid)
+    try:
+        follow(page.get_by_role("button", name="Close"))
+        assert page.get_by_test_id("query-status").inner_text() == "closed"
+        follow(page.get_by_role("button", name="Verify baseline"))
+        assert "Visit verified" in page.get_by_role("status").first.inner_text()
+        row = page.locator("tr[data-visit=baseline]")
+        assert row.get_by_test_id("sdv").inner_text() == "verified"
+        assert page.get_by_role("button", name="Verify baseline").count() == 0
+    finally:
+        monitor.close()
+    state = _api_state(console, pid)
+    assert state["open_queries"] == 0 and state["visits"][0]["sdv"] == "verified"
+    history = console.admin.get(f"/v1/participants/{pid}/history").json()["events"]
+    steps = [(e["type"], e["actor"]) for e in history[-4:]]
+    assert steps == [("QueryRaised", console.logins["monitor"]),
+                     ("QueryAnswered", console.logins["coordinator"]),
+                     ("QueryClosed", console.logins["monitor"]),
+                     ("SourceVerified", console.logins["monitor"])]
+
+
+def test_the_investigator_signs_with_the_password_and_a_wrong_one_is_refused(
+        console, browser, visited):  # noqa: F811
+    pid = visited
+    context, page = _as(browser, console, "investigator", pid)
+    try:
+        follow(page.get_by_role("link", name="Sign baseline"))
+        assert page.get_by_role("dialog").is_visible()
+        page.get_by_label("Your password").fill("not my password at all")
+        with page.expect_response(lambda r: r.request.method == "POST") as answer:
+            follow(page.get_by_role("button", name="Sign", exact=True))
+        assert answer.value.status == 401
+        assert "not the signer's current password" in page.get_by_role("alert").inner_text()
+        assert "not my password" not in page.content()
+        assert _api_state(console, pid)["visits"][0]["signature"] is None
+        page.get_by_label("Your password").fill(PASSWORD)
+        follow(page.get_by_role("button", name="Sign", exact=True))
+        assert "Visit signed." in page.get_by_role("status").first.inner_text()
+        signature = page.locator("tr[data-visit=baseline]").get_by_test_id("signature")
+        assert "Investigator" in signature.inner_text()
+        assert "I approve the data of this visit" in signature.inner_text()
+    finally:
+        context.close()
+    signed = _api_state(console, pid)["visits"][0]["signature"]
+    assert (signed["signed_by"], signed["valid"]) == (console.logins["investigator"], True)
+
+
+def test_a_coordinator_may_not_sign(console, browser, visited):  # noqa: F811
+    context, page = _as(browser, console, "coordinator", visited)
+    try:
+        assert page.get_by_role("link", name="Sign baseline").count() == 0
+        answer = page.goto(console.page_url(f"/console/participants/{visited}/sign"
+                                            "?visit=baseline"))
+        assert answer.status == 403
+    finally:
+        context.close()
+
+
+def test_the_record_is_replayed_to_an_earlier_event(console, browser, visited):  # noqa: F811
+    pid = visited
+    raised = console.admin.command("RaiseQuery", pid, {"query_id": "9b3f0f64-4a52-4c3e-9d6b-"
+                                                       f"{pid[-10:].rjust(12, '0')}",
+                                                       "text": "Check", "visit": "baseline"})
+    assert raised.status_code == 201, raised.text
+    context, page = _as(browser, console, "auditor", pid)
+    try:
+        assert page.get_by_test_id("version").inner_text() == "5"
+        assert page.get_by_test_id("open-queries").inner_text() == "1"
+        screenshot(page, "participant")
+        follow(page.get_by_role("link", name="Replay to version 4"))
+        assert "as it stood at version 4" in page.get_by_test_id("replay").inner_text()
+        assert page.get_by_test_id("version").inner_text() == "4"
+        assert page.get_by_test_id("open-queries").inner_text() == "0"
+        assert page.locator("tr[data-version]").count() == 4
+        follow(page.get_by_role("link", name="Replay to version 3"))
+        assert page.get_by_test_id("status").inner_text() == "randomized"
+        assert page.locator("tr[data-visit=baseline] td").nth(2).inner_text() == "—"  # completed
+        follow(page.get_by_role("link", name="Back to now"))
+        assert page.get_by_test_id("version").inner_text() == "5"
+    finally:
+        context.close()
+
+
+def test_the_forms_work_without_javascript(console, browser, visited):  # noqa: F811
+    context, page = _as(browser, console, "monitor", visited, java_script_enabled=False)
+    try:
+        page.get_by_label("Question to the site").fill("Asked with scripts off")
+        follow(page.get_by_role("button", name="Raise the query"))
+        assert page.get_by_test_id("query-status").inner_text() == "open"
+        assert page.locator("time[data-moment]").first.inner_text().endswith("UTC")
+        page.goto(console.page_url("/console/"))
+        assert page.locator("svg.chart").count() == 4
+    finally:
+        context.close()
+
+
+def test_contact_details_show_to_the_roles_that_see_them_and_are_logged(
+        console, browser, visited):  # noqa: F811
+    pid = visited
+    screening = console.admin.get(f"/v1/participants/{pid}/history").json()["events"][0]
+    corrected = console.admin.command("CorrectData", pid, {
+        "event_id": screening["event_id"], "field": "email", "value": "new@example.org"},
+        reason="the participant moved")
+    assert corrected.status_code == 201, corrected.text
+    context, page = _as(browser, console, "coordinator", pid)
+    try:
+        facts = page.get_by_test_id("state").inner_text()
+        assert "new@example.org" in facts and "participant@example.org" not in facts
+    finally:
+        context.close()
+    context, page = _as(browser, console, "monitor", pid)
+    try:
+        assert "@example.org" not in page.content()
+    finally:
+        context.close()
+    log = console.admin.get("/v1/audit/access", participant_id=pid).json()["disclosures"]
+    shown = [(d["actor"], d["endpoint"]) for d in log if "/console/" in d["endpoint"]]
+    assert shown == [(console.logins["coordinator"], f"GET /console/participants/{pid}")]
+
+
+def test_dates_are_shown_in_the_readers_locale(console, browser, visited):  # noqa: F811
+    context, page = _as(browser, console, "auditor", visited, locale="de-DE",
+                        timezone_id="Europe/Berlin")
+    try:
+        registered = page.locator("[data-testid=state] time[data-day]").first
+        assert registered.get_attribute("datetime") == "2026-03-04"
+        assert registered.inner_text() == "04.03.2026"
+        recorded = page.locator("[data-testid=timeline] time[data-moment]").first
+        assert not recorded.inner_text().endswith("UTC")  # localized, zone of the reader
+    finally:
+        context.close()
+
+
+def test_a_correction_refused_then_recorded_through_the_form(console, browser, visited):  # noqa: F811
+    pid = visited
+    context, page = _as(browser, console, "coordinator", pid)
+    try:
+        page.get_by_label("Event").select_option(label="v4 VisitCompleted baseline")
+        page.get_by_label("Field (as the command spells it").fill("bpi_sf.worst")
+        page.get_by_label("New value").fill("11")  # out of range: the contract's 422
+        page.get_by_label("Reason").fill("transcription error")
+        with page.expect_response(lambda r: r.request.method == "POST") as answer:
+            follow(page.get_by_role("button", name="Record the correction"))
+        assert answer.value.status == 422
+        value = page.get_by_label("New value")
+        assert value.get_attribute("aria-invalid") == "true"
+        assert page.locator("#correct-value-error").inner_text() != ""
+        value.fill("8")
+        follow(page.get_by_role("button", name="Record the correction"))
+        assert "Correction recorded." in page.get_by_role("status").first.inner_text()
+        newest = page.locator("tr[data-version]").first
+        assert "bpi_sf.worst: 7 → 8" in newest.inner_text()
+        assert "transcription error" in newest.inner_text()
+    finally:
+        context.close()
+
+
+def test_a_data_manager_locks_and_unlocks_with_a_reason(console, browser, visited):  # noqa: F811
+    context, page = _as(browser, console, "data_manager", visited)
+    try:
+        follow(page.get_by_role("button", name="Lock baseline"))
+        assert "Visit locked." in page.get_by_role("status").first.inner_text()
+        follow(page.get_by_role("button", name="Unlock baseline"))  # no reason: refused
+        assert page.locator("#unlock-baseline-reason-error").is_visible()
+        page.get_by_label("Reason to unlock baseline").fill("a late lab result")
+        follow(page.get_by_role("button", name="Unlock baseline"))
+        assert "Visit unlocked." in page.get_by_role("status").first.inner_text()
+        assert page.get_by_role("button", name="Lock baseline").is_visible()
+    finally:
+        context.close()
+
+
+def test_the_investigator_signs_a_completed_casebook(console, browser):  # noqa: F811
+    pid, _ = enrol(console.admin, "CASE")
+    for code, day in (("baseline", 0), ("week6", 42), ("end_of_treatment", 90),
+                      ("follow_up", 180)):
+        answer = console.admin.command("CompleteVisit", pid, p.visit(code, day))
+        assert answer.status_code == 201, answer.text
+    context, page = _as(browser, console, "investigator", pid)
+    try:
+        assert page.get_by_test_id("status").inner_text() == "completed"
+        follow(page.get_by_role("link", name="Sign the casebook"))
+        assert "Sign the casebook" in page.get_by_role("heading", level=1).inner_text()
+        page.get_by_label("Your password").fill(PASSWORD)
+        follow(page.get_by_role("button", name="Sign", exact=True))
+        assert "Casebook signed." in page.get_by_role("status").first.inner_text()
+        assert "I approve the data of this casebook" in \
+            page.get_by_test_id("casebook").inner_text()
+        assert page.get_by_role("link", name="Sign the casebook").count() == 0
+    finally:
+        context.close()

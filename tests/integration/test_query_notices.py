@@ -1,0 +1,117 @@
+"""Query emails with a real Celery worker, Redis, PostgreSQL and SMTP server: one email to
+the site coordinator when a query is raised (in the coordinator's language, once however
+often the scan runs), and a weekly digest of the queries open more than 7 days."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import date, timedelta
+
+from domain import commands as c
+from infrastructure.jobs import query_notices, reminders
+from infrastructure.readside.projections import TrialProjection
+from tests.integration import test_workers
+from tests.integration.test_workers import REGISTERED, wait_until
+from tests.smtp import text_of
+
+stack = test_workers.stack  # the fixture: a Celery worker, Redis, PostgreSQL, an SMTP server
+BASELINE = {"visit": "baseline", "completed_on": REGISTERED}
+
+
+def raise_query(stack, pid: str, text: str) -> str:
+    query_id = str(uuid.uuid4())
+    stack.send(c.RaiseQuery(pid, {"query_id": query_id, "text": text, "visit": "baseline"}))
+    return query_id
+
+
+def test_the_site_coordinator_gets_one_email_per_raised_query(stack):
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    query_id = raise_query(stack, pid, "Is the worst pain 7 or 8?")
+    stack.scan(REGISTERED)
+    [message] = stack.sink.wait_for(1)
+    coordinator = stack.trialog.protocol.site("CASE").coordinator_email
+    assert message["To"] == coordinator
+    assert message["Subject"] == f"New query on participant {pid}"
+    body = text_of(message)
+    assert "Is the worst pain 7 or 8?" in body and "the baseline visit" in body
+    assert "@example.org" not in body  # nothing of the participant's contact details
+    wait_until(lambda: f"{query_id}/query_raised" in stack.reminders_sent(pid))
+    # Scanning again, or sending the row again, emails nobody.
+    stack.scan(REGISTERED)
+    row_id = query_notices.notice_id("query_raised", pid, query_id)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == "done"
+    assert len(stack.sink.messages) == 1
+
+
+def test_a_query_cancelled_before_its_email_goes_is_not_announced(stack):
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    query_id = raise_query(stack, pid, "raised in error")
+    stack.send(c.CancelQuery(pid, {"query_id": query_id, "text": "sorry"}))
+    stack.clock.set(REGISTERED)
+    TrialProjection(stack.trialog).catch_up()
+    [row_id] = reminders.scan(stack.trialog, REGISTERED)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == "cancelled"
+    assert stack.sink.messages == []
+
+
+def test_the_email_speaks_the_coordinators_language(stack):
+    t = stack.trialog
+    spanish = tuple(replace(s, coordinator_language="es") for s in t.protocol.sites)
+    original = t.protocol
+    t.protocol = replace(original, sites=spanish)
+    try:
+        pid = stack.enrol()
+        stack.send(c.CompleteVisit(pid, BASELINE))
+        raise_query(stack, pid, "¿Dolor máximo?")
+        stack.scan(REGISTERED)
+        [message] = stack.sink.wait_for(1)
+        assert message["Subject"] == f"Nueva consulta sobre el participante {pid}"
+        assert "Por favor, respóndala" in text_of(message)
+    finally:
+        t.protocol = original
+
+
+def test_each_week_the_coordinator_gets_a_digest_of_queries_open_more_than_7_days(stack):
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    old = raise_query(stack, pid, "an old question")
+    stack.scan(REGISTERED)
+    stack.sink.wait_for(1)  # the query's own email
+    stack.clock.set(REGISTERED + timedelta(days=3))
+    raise_query(stack, pid, "a newer question")
+    later = REGISTERED + timedelta(days=8)
+    stack.scan(later)
+    messages = stack.sink.wait_for(2)  # the newer one, raised 5 days ago, is not announced
+    digests = [m for m in messages if "open more than 7 days" in m["Subject"]]
+    assert len(digests) == 1, [m["Subject"] for m in messages]
+    body = text_of(digests[0])
+    assert f"{pid}, 8 days, open" in body and "an old question" in body
+    assert "a newer question" not in body
+    # The same week again: no second digest; the next week, one more.
+    stack.scan(later + timedelta(days=1))
+    stack.send(c.RespondToQuery(pid, {"query_id": old, "text": "8, see the source"}))
+    stack.scan(date.fromordinal(later.toordinal() + 7))
+    wait_until(lambda: len([m for m in stack.sink.messages
+                            if "open more than 7 days" in m["Subject"]]) == 2)
+
+
+def test_a_chunk_sends_a_digest_too(stack):
+    """The workers send the outbox in chunks: a digest row (no participant) among them
+    is sent, not marked failed."""
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    raise_query(stack, pid, "an old question")
+    later = REGISTERED + timedelta(days=8)
+    stack.clock.set(later)
+    TrialProjection(stack.trialog).catch_up()
+    ids = reminders.scan(stack.trialog, later)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    outcomes = reminders.send_chunk(stack.trialog, mailer, ids, later)
+    assert list(outcomes.values()) == ["sent"]
+    [message] = stack.sink.messages
+    assert "open more than 7 days" in message["Subject"]

@@ -1,0 +1,59 @@
+"""Stored states read as plain JSON values: the fast path (transcoded strings replaced in
+the text before parsing) gives what walking the parsed state gives, also for text that
+looks like a transcoded value."""
+
+from __future__ import annotations
+
+import orjson
+from sqlalchemy import select
+
+from domain import commands as c
+from domain.participant import participant_uuid
+from infrastructure.store.stored import (
+    decrypt,
+    events_table,
+    load_participants,
+    plain_state,
+    plain_stream,
+    plain_values,
+)
+from tests.factories import new_participant_id
+from tests.integration.helpers import dose, enrol, send
+
+LOOKALIKE = '{"_type_":"date_iso","_data_":"2024-01-01"}'
+
+
+def test_text_that_looks_transcoded_stays_text_and_both_paths_agree(trialog):
+    pid = enrol(trialog)
+    send(trialog, c.RecordDose(pid, dose(1)), reason=LOOKALIKE)
+    stream = plain_stream(trialog.service, participant_uuid(pid))
+    assert stream[-1][2]["reason"] == LOOKALIKE
+    assert stream[-1][2]["data"]["taken_on"] == dose(1)["taken_on"].isoformat()
+    table = events_table(trialog.service.recorder)
+    with trialog.engine.connect() as connection:
+        states = connection.execute(select(table.c.state).where(
+            table.c.originator_id == participant_uuid(pid))).scalars().all()
+    mapper = trialog.service.mapper
+    for state in map(bytes, states):
+        walked = plain_values(orjson.loads(decrypt(mapper, state)))
+        assert plain_state(mapper, state) == walked
+
+
+def test_participants_loaded_together_are_what_the_repository_loads(trialog):
+    """Two queries for many participants: one with snapshots (a record past 200 events:
+    the newest snapshot, then the events after it), one without, and an unknown id."""
+    long, short, unknown = enrol(trialog), enrol(trialog), new_participant_id()
+    for day in range(1, 215):
+        send(trialog, c.RecordDose(long, dose(day)))
+    service = trialog.service
+    assert [s.originator_version for s in service.snapshots.get(participant_uuid(long))
+            ] == [100, 200]
+    with service.recorder.transaction(commit=False) as session:
+        loaded, absent = load_participants(service, session, {long, short, unknown})
+    assert absent == {participant_uuid(unknown)}
+    by_id = {p.participant_id: p for p in loaded}
+    assert set(by_id) == {long, short}
+    for pid in (long, short):
+        from_repository = service.repository.get(participant_uuid(pid))
+        assert by_id[pid].__dict__ == from_repository.__dict__
+    assert by_id[long].version == 217

@@ -1,0 +1,239 @@
+"""Queries, source verification, signatures and locks: every rule in the aggregate, run on
+the service's in-memory event store."""
+
+from datetime import UTC, date, datetime
+
+import pytest
+
+from domain import commands as c
+from domain.errors import InvalidTransition, Locked, ValidationFailed
+from domain.service import TrialService
+from tests.factories import audit, consent, protocol, screening
+
+PID = "CASE-0001"
+QUERY = "9b2f3c4e-0000-4000-8000-000000000001"
+
+
+@pytest.fixture
+def service():
+    service = TrialService(protocol(), b"unit-seed")
+    for command in (c.ScreenParticipant(PID, screening()), c.RecordConsent(PID, consent()),
+                    c.RandomizeParticipant(PID, {"registered_on": date(2026, 3, 4)}),
+                    c.CompleteVisit(PID, {"visit": "baseline",
+                                          "completed_on": date(2026, 3, 4)})):
+        service.execute(command, audit())
+    yield service
+    service.close()
+
+
+def run(service, command_class, reason=None, **data):
+    service.execute(command_class(PID, data), audit(reason))
+    return service.get_participant(PID)
+
+
+def baseline_event(service) -> str:
+    return service.get_participant(PID).completed_visits()["baseline"]["event_id"]
+
+
+def test_a_query_goes_open_answered_closed_reopened_cancelled(service):
+    p = run(service, c.RaiseQuery, query_id=QUERY, text="BPI worst missing?", visit="baseline")
+    assert p.queries[QUERY]["status"] == "open" and p.open_queries == 1
+    p = run(service, c.RespondToQuery, query_id=QUERY, text="Checked: source says 6")
+    assert p.queries[QUERY]["status"] == "answered" and p.open_queries == 1
+    p = run(service, c.CloseQuery, query_id=QUERY, text=None)
+    assert p.queries[QUERY]["status"] == "closed" and p.open_queries == 0
+    with pytest.raises(ValidationFailed, match="reason"):
+        run(service, c.ReopenQuery, query_id=QUERY)
+    p = run(service, c.ReopenQuery, reason="the source was misread", query_id=QUERY)
+    assert p.queries[QUERY]["status"] == "open"
+    p = run(service, c.CancelQuery, query_id=QUERY, text="raised in error")
+    thread = p.queries[QUERY]["thread"]
+    assert [m["action"] for m in thread] == ["raise", "respond", "close", "reopen", "cancel"]
+    assert thread[3]["text"] == "the source was misread"
+    assert all(m["by"] == "test-service" for m in thread)
+
+
+@pytest.mark.parametrize(("steps", "refused", "state"), [
+    ([], c.CloseQuery, "open"),
+    ([], c.ReopenQuery, "open"),
+    ([c.RespondToQuery], c.RespondToQuery, "answered"),
+    ([c.CancelQuery], c.RespondToQuery, "cancelled"),
+    ([c.RespondToQuery, c.CloseQuery], c.CancelQuery, "closed"),
+])
+def test_a_query_refuses_every_transition_outside_the_table(service, steps, refused, state):
+    run(service, c.RaiseQuery, query_id=QUERY, text="?", visit="baseline")
+    for step in steps:
+        run(service, step, query_id=QUERY, text="x")
+    with pytest.raises(InvalidTransition, match=f"in status {state}") as raised:
+        run(service, refused, reason="r", query_id=QUERY, text="x")
+    assert raised.value.details == {"status": state}
+
+
+def test_a_query_targets_a_visit_or_an_event_that_exists(service):
+    with pytest.raises(ValidationFailed, match="data.visit"):
+        run(service, c.RaiseQuery, query_id=QUERY, text="?", visit="week99")
+    with pytest.raises(ValidationFailed, match="data.event_id"):
+        run(service, c.RaiseQuery, query_id=QUERY, text="?",
+            event_id="00000000-0000-5000-8000-000000000000", field=None)
+    p = run(service, c.RaiseQuery, query_id=QUERY, text="?", event_id=baseline_event(service),
+            field="completed_on")
+    assert p.queries[QUERY]["target"] == {"event_id": baseline_event(service),
+                                          "field": "completed_on"}
+    with pytest.raises(InvalidTransition, match="exists already"):
+        run(service, c.RaiseQuery, query_id=QUERY, text="again", visit="baseline")
+    with pytest.raises(ValidationFailed, match="data.query_id"):
+        run(service, c.RespondToQuery, query_id="00000000-0000-4000-8000-000000000009",
+            text="?")
+
+
+def test_a_correction_after_verification_marks_the_visit_changed(service):
+    with pytest.raises(InvalidTransition, match="not completed"):
+        run(service, c.VerifySource, visit="week6")
+    assert service.get_participant(PID).sdv_status("baseline") == "not_verified"
+    p = run(service, c.VerifySource, visit="baseline")
+    assert p.sdv_status("baseline") == "verified"
+    with pytest.raises(InvalidTransition, match="verified already"):
+        run(service, c.VerifySource, visit="baseline")
+    p = run(service, c.CorrectData, reason="transcription", event_id=baseline_event(service),
+            field="completed_on", value=date(2026, 3, 5))
+    assert p.sdv_status("baseline") == "changed_since_verified"
+    assert run(service, c.VerifySource, visit="baseline").sdv_status("baseline") == "verified"
+
+
+SIGN = {"meaning": "I approve the data of this visit", "signer": "dr.ada",
+        "printed_name": "Ada Lovelace"}
+
+
+def test_a_correction_of_signed_data_invalidates_the_signature_in_the_same_command(service):
+    p = run(service, c.SignVisit, visit="baseline", **SIGN)
+    signature = p.signatures["visit:baseline"]
+    assert (signature["signed_by"], signature["printed_name"], signature["valid"]) == (
+        "dr.ada", "Ada Lovelace", True)
+    assert len(signature["data_sha256"]) == 64 and signature["signed_version"] == 4
+    with pytest.raises(InvalidTransition, match="signed already by dr.ada"):
+        run(service, c.SignVisit, visit="baseline", **SIGN)
+    before = p.version
+    service.execute(c.CorrectData(PID, {"event_id": baseline_event(service),
+                                        "field": "completed_on", "value": date(2026, 3, 5)}),
+                    audit("transcription"))
+    p = service.get_participant(PID)
+    assert p.version == before + 2  # DataCorrected and SignatureInvalidated, one command
+    assert p.signatures["visit:baseline"]["valid"] is False
+    assert run(service, c.SignVisit, visit="baseline", **SIGN).signatures[
+        "visit:baseline"]["valid"]
+
+
+def test_a_locked_visit_or_casebook_refuses_changes_but_not_queries_or_signing(service):
+    with pytest.raises(InvalidTransition, match="neither completed nor missed"):
+        run(service, c.LockVisit, visit="week6")
+    run(service, c.SignVisit, visit="baseline", **SIGN)
+    run(service, c.LockVisit, visit="baseline")
+    correction = c.CorrectData(PID, {"event_id": baseline_event(service),
+                                     "field": "completed_on", "value": date(2026, 3, 5)})
+    with pytest.raises(Locked, match="visit baseline"):
+        service.execute(correction, audit("transcription"))
+    run(service, c.RaiseQuery, query_id=QUERY, text="?", visit="baseline")
+    run(service, c.VerifySource, visit="baseline")
+    with pytest.raises(ValidationFailed, match="reason"):
+        run(service, c.UnlockVisit, visit="baseline")
+    p = run(service, c.UnlockVisit, reason="query 1 needs a correction", visit="baseline")
+    assert p.signatures["visit:baseline"]["valid"] is False  # an unlock invalidates it
+    service.execute(correction, audit("transcription"))
+    run(service, c.LockCasebook)
+    for command in (c.RecordDose(PID, {"taken_on": date(2026, 3, 6), "taken": True,
+                                       "dose_mcg": 1000}),
+                    c.WithdrawParticipant(PID, {"withdrawn_on": date(2026, 3, 7),
+                                                "scope": "study", "reason_code": "x"})):
+        with pytest.raises(Locked, match="casebook is locked"):
+            service.execute(command, audit())
+    with pytest.raises(InvalidTransition, match="locked already"):
+        run(service, c.LockCasebook)
+    run(service, c.UnlockCasebook, reason="late diary")
+    service.execute(c.RecordDose(PID, {"taken_on": date(2026, 3, 6), "taken": True,
+                                       "dose_mcg": 1000}), audit())
+
+
+def test_a_casebook_is_signed_at_the_end_with_no_query_open(service):
+    with pytest.raises(InvalidTransition, match="completed or withdrawn, not randomized"):
+        run(service, c.SignCasebook, **SIGN)
+    run(service, c.RaiseQuery, query_id=QUERY, text="?", visit="baseline")
+    run(service, c.WithdrawParticipant, withdrawn_on=date(2026, 3, 10), scope="study",
+        reason_code="moved")
+    with pytest.raises(InvalidTransition, match="1 queries are not closed"):
+        run(service, c.SignCasebook, **SIGN)
+    run(service, c.CancelQuery, query_id=QUERY, text="withdrawn")
+    p = run(service, c.SignCasebook, **SIGN)
+    assert p.signatures["casebook"]["valid"]
+
+
+def test_the_database_lock_opens_its_stream_and_refuses_a_second_lock(service):
+    database = service.decide_trial("LockDatabase", audit())
+    service.save(database)
+    assert service.database().locked["locked_by"] == "test-service"
+    with pytest.raises(InvalidTransition, match="locked already"):
+        service.decide_trial("LockDatabase", audit())
+    with pytest.raises(ValidationFailed, match="reason"):
+        service.decide_trial("UnlockDatabase", audit())
+    service.save(service.decide_trial("UnlockDatabase", audit("a late query")))
+    assert service.database().locked is None
+
+
+def test_a_long_record_loads_from_its_snapshot_exactly_as_replayed(service):
+    from datetime import timedelta
+
+    for day in range(1, 130):
+        service.execute(c.RecordDose(PID, {"taken_on": date(2026, 3, 4) + timedelta(days=day),
+                                           "taken": True, "dose_mcg": 1000}),
+                        audit(at=datetime(2026, 7, 20, tzinfo=UTC)))
+    run(service, c.RaiseQuery, query_id=QUERY, text="?", visit="baseline")
+    snapshots = list(service.snapshots.get(service.get_participant(PID).id))
+    assert [s.originator_version for s in snapshots] == [100]
+    loaded = service.get_participant(PID)  # from the snapshot and 34 events
+    replayed = _replayed(service, loaded.id)  # from the first event
+    assert vars(loaded) == vars(replayed)
+    assert list(loaded.records)[:3] == [1, 2, 3]  # integer keys, as replayed
+
+
+def _replayed(service, originator_id):
+    from eventsourcing.domain import Aggregate
+
+    participant = None
+    for event in service.events.get(originator_id):
+        participant = event.mutate(participant)
+    assert isinstance(participant, Aggregate)
+    return participant
+
+
+def test_new_data_in_a_signed_casebook_invalidates_its_signature(service):
+    run(service, c.WithdrawParticipant, withdrawn_on=date(2026, 3, 10), scope="treatment",
+        reason_code="side effects")
+    run(service, c.CompleteVisit, visit="week6", completed_on=date(2026, 4, 15))
+    run(service, c.CompleteVisit, visit="end_of_treatment", completed_on=date(2026, 6, 3))
+    p = run(service, c.CompleteVisit, visit="follow_up", completed_on=date(2026, 9, 2))
+    assert p.status == "completed"
+    p = run(service, c.SignCasebook, **SIGN)
+    assert p.signatures["casebook"]["valid"]
+    before = p.version
+    p = run(service, c.ReportMedication, drug="ibuprofen", started_on=None, stopped_on=None,
+            contains_b12=False)
+    assert p.version == before + 2  # the medication and the invalidation, one command
+    assert p.signatures["casebook"]["valid"] is False
+
+
+def test_a_blood_sample_belongs_to_its_visit_for_locks_verification_and_signatures(service):
+    sample = {"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8, tzinfo=UTC),
+              "results": {"b12_pg_ml": 400.0}}
+    run(service, c.RecordBloodSample, **sample)
+    run(service, c.VerifySource, visit="baseline")
+    run(service, c.SignVisit, visit="baseline", **SIGN)
+    run(service, c.LockVisit, visit="baseline")
+    with pytest.raises(Locked, match="visit baseline"):
+        run(service, c.RecordBloodSample, **sample)
+    run(service, c.UnlockVisit, reason="a late sample", visit="baseline")
+    run(service, c.SignVisit, visit="baseline", **SIGN)
+    p = run(service, c.RecordBloodSample, **sample)  # a second sample of the visit
+    assert p.signatures["visit:baseline"]["valid"] is False
+    event_id = next(e for e, d in p.records_of("BloodSampleCollected"))
+    p = run(service, c.CorrectData, reason="lab correction", event_id=event_id,
+            field="results.b12_pg_ml", value=410.0)
+    assert p.sdv_status("baseline") == "changed_since_verified"
