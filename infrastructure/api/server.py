@@ -11,7 +11,9 @@ out; the follower ends by itself if the master dies."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +37,20 @@ def _end_with_parent() -> None:
         pass  # not Linux: the master's on_exit still stops it
 
 
+# Held while the follower's process is started. Popen waits for the new process to exec on
+# a pipe that only closes when every copy of its write end is closed; a worker the master
+# forked meanwhile would keep a copy for its whole life, and the follower would never be
+# seen to start (nor, after its end, to be started again). So the master does not fork
+# while the lock is held: a fork of this process takes it first.
+_STARTING = threading.RLock()
+
+
+@functools.cache  # once per process
+def _guard_forks() -> None:
+    os.register_at_fork(before=_STARTING.acquire, after_in_parent=_STARTING.release,
+                        after_in_child=_STARTING.release)
+
+
 class _Follower:
     """The follower process, kept running by a thread of the master until ``stop``."""
 
@@ -47,12 +63,14 @@ class _Follower:
         threading.Thread(target=self._keep, name="follower-keeper", daemon=True).start()
 
     def _keep(self) -> None:
+        _guard_forks()
         while not self.stopping.is_set():
             with self.lock:
                 if self.stopping.is_set():
                     return
-                self.process = subprocess.Popen(FOLLOWER, preexec_fn=_end_with_parent)  # noqa: PLW1509
-            code = self.process.wait()
+                with _STARTING:
+                    self.process = subprocess.Popen(FOLLOWER, preexec_fn=_end_with_parent)  # noqa: PLW1509
+            code = self.process.wait()  # 0 when gunicorn's master collected it first
             if not self.stopping.is_set():
                 log.error("the followers' process ended (exit code %s); starting it again",
                           code)
