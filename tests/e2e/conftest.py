@@ -76,7 +76,7 @@ def wait_until_up(url: str, process: subprocess.Popen[Any], log: Path) -> None:
         try:
             if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening, or booting
             time.sleep(0.1)
     raise RuntimeError("trialog serve did not answer /healthz within 30 s")
 
