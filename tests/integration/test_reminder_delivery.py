@@ -105,6 +105,18 @@ def test_nothing_is_held_in_the_database_while_smtp_talks(stack):
     wait_until(lambda: status(stack, reminder_id) == "sent")
 
 
+def once_free(send: Any, timeout: float = 30) -> str:
+    """What ``send`` answers once no other sender holds the reminder: a worker lets go of
+    the reminder's lock just after it marks the row sent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return send()
+        except reminders.ReminderBusy:
+            assert time.monotonic() < deadline, "the reminder stayed busy"
+            time.sleep(0.05)
+
+
 def test_a_second_sender_of_the_same_reminder_neither_waits_nor_sends(stack):
     stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
@@ -116,7 +128,8 @@ def test_a_second_sender_of_the_same_reminder_neither_waits_nor_sends(stack):
     with pytest.raises(reminders.ReminderBusy):
         reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS)
     wait_until(lambda: status(stack, reminder_id) == "sent")
-    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "done"
+    assert once_free(lambda: reminders.send(stack.trialog, mailer, reminder_id,
+                                            WINDOW_OPENS)) == "done"
     assert len(stack.sink.messages) == 1
 
 
@@ -138,7 +151,7 @@ def test_a_write_conflict_on_reminder_sent_is_retried_and_never_emails_again(sta
     wait_until(lambda: status(stack, reminder_id) == "sent")
     assert event_types(stack, pid)[-2:] == ["MedicationReported", "ReminderSent"]
     mailer = reminders.Mailer(stack.sink.url, t.settings.mail_from)
-    assert reminders.send(t, mailer, reminder_id, WINDOW_OPENS) == "done"  # a retry
+    assert once_free(lambda: reminders.send(t, mailer, reminder_id, WINDOW_OPENS)) == "done"
     time.sleep(0.5)
     assert len(stack.sink.messages) == 1
     assert event_types(stack, pid).count("ReminderSent") == 1
