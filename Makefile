@@ -29,12 +29,8 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# Two test processes share the machine's two cores (the tests use unique ids and fresh
-# databases, so they may run side by side); a test file runs whole in one process.
-TEST_PROCESSES ?= 2
-
 test: install services browser
-	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadfile
+	$(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check domain infrastructure workers tests benchmarks
