@@ -491,14 +491,8 @@ def _alone_with(t: Trialog, reminder_id: str) -> Iterator[Connection | None]:
         if t.engine.dialect.name != "postgresql":
             yield connection
             return
-        name = _lock_name(reminder_id)
-        if not locks.try_lock(connection, name):
-            yield None
-            return
-        try:
-            yield connection
-        finally:
-            locks.release(connection, name)
+        with locks.held(connection, _lock_name(reminder_id)) as alone:
+            yield connection if alone else None
 
 
 # --- many at a time ----------------------------------------------------------------------

@@ -354,11 +354,5 @@ def _alone_with(t: Trialog, webhook_id: str) -> Iterator[Connection | None]:
             finally:
                 lock.release()
             return
-        name = f"trialog:webhook:{webhook_id}"
-        if not locks.try_lock(connection, name):
-            yield None
-            return
-        try:
-            yield connection
-        finally:
-            locks.release(connection, name)
+        with locks.held(connection, f"trialog:webhook:{webhook_id}") as alone:
+            yield connection if alone else None

@@ -5,6 +5,8 @@ and must not hold a transaction open while it talks to another system."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import sqlalchemy.exc
 from sqlalchemy import text
@@ -21,6 +23,18 @@ def try_lock(connection: Connection, name: str) -> bool:
     session holds it."""
     return bool(connection.scalar(text("SELECT pg_try_advisory_lock(:key)"),
                                   {"key": lock_key(name)}))
+
+
+@contextmanager
+def held(connection: Connection, name: str) -> Iterator[bool]:
+    """``try_lock``, and the lock let go on the way out when it was taken."""
+    if not try_lock(connection, name):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        release(connection, name)
 
 
 def try_locks(connection: Connection, names: list[str]) -> list[str]:
