@@ -39,20 +39,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _on_tokens(action: Callable[[Engine, Protocol], str]) -> int:
-    """Runs ``action`` on the tokens or people tables; its answer goes to standard
-    output."""
-    from infrastructure.store.tokens import TokenError
-
+def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:
+    """Runs ``action`` on the application; its answer goes to standard output, a
+    ``refusal`` to standard error as one line."""
     trialog = _app()
     try:
-        answer = action(trialog.engine, trialog.protocol)
-    except TokenError as e:
+        answer = action(trialog)
+    except refusal as e:
         raise CliError(str(e)) from None
     finally:
         trialog.close()
     print(answer)
     return 0
+
+
+def _on_tokens(action: Callable[[Engine, Protocol], str]) -> int:
+    """Runs ``action`` on the tokens or people tables."""
+    from infrastructure.store.tokens import TokenError
+
+    return _answering(lambda t: action(t.engine, t.protocol), TokenError)
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -248,15 +253,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _on_webhooks(action: Callable[[Any], str]) -> int:
     from infrastructure.jobs.webhooks import WebhookError
 
-    trialog = _app()
-    try:
-        answer = action(trialog)
-    except WebhookError as e:
-        raise CliError(str(e)) from None
-    finally:
-        trialog.close()
-    print(answer)
-    return 0
+    return _answering(action, WebhookError)
 
 
 def cmd_webhook_add(args: argparse.Namespace) -> int:

@@ -109,6 +109,26 @@ def test_token_create_prints_the_token_alone_and_keeps_only_its_hash(tmp_path):
     assert bad_role.returncode != 0 and "--role" in bad_role.stderr
 
 
+def test_webhook_add_prints_the_id_and_secret_once_and_list_shows_the_subscription(
+        tmp_path):
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    added = run(["webhook", "add", "--url", "https://example.org/hook", "--site", "CASE"],
+                tmp_path, TRIALOG_DATABASE_URL=url)
+    assert added.returncode == 0, added.stderr
+    webhook_id, secret = added.stdout.split()
+    assert secret.startswith("whsec_")
+    listed = run(["webhook", "list"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert listed.returncode == 0, listed.stderr
+    assert webhook_id in listed.stdout and "https://example.org/hook" in listed.stdout
+    assert "CASE" in listed.stdout and secret not in listed.stdout
+    refused = run(["webhook", "add", "--url", "ftp://example.org/hook"], tmp_path,
+                  TRIALOG_DATABASE_URL=url)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip() == "trialog: --url: must be an http:// or https:// address"
+    unknown = run(["webhook", "rotate", "nope"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert unknown.returncode == 1 and "no webhook nope" in unknown.stderr
+
+
 def test_projections_rebuild_and_status_report_positions(tmp_path):
     assert run(["demo", "--participants", "6", "--seed", "2"], tmp_path).returncode == 0
     url = f"sqlite:///{tmp_path / 'trialog-demo.db'}"
