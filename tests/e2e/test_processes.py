@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
@@ -18,9 +19,37 @@ from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
-    found = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], check=False,
-                           capture_output=True, text=True).stdout.splitlines()
-    return [(int(line.split(None, 1)[0]), line.split(None, 1)[1]) for line in found]
+    """The processes whose parent is `pid`, with their whole command lines, read from /proc
+    (`ps` cuts its lines at $COLUMNS, which the suite may be run with)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            if parent != pid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                args = cmdline.read().rstrip(b"\0").replace(b"\0", b" ").decode()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended while we looked
+        found.append((int(entry), args))
+    return found
+
+
+def test_children_are_seen_with_their_whole_command_lines(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    tail = "x" * 200
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", tail])
+    try:
+        deadline = time.monotonic() + 10
+        while not (args := dict(_children(os.getpid())).get(child.pid, "")).endswith(tail):
+            assert time.monotonic() < deadline, f"not the whole command line: {args!r}"
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def _alive(pid: int) -> bool:
