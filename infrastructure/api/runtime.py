@@ -21,9 +21,9 @@ class Runtime:
         self.trialog = trialog
         self.projection = TrialProjection(trialog)
         self.authenticate = Authenticator(trialog.engine)
-        self.histories = HistoryCache(trialog.service)
-        self.verify_jobs = VerifyJobs(trialog)
         self.feed = Feed(trialog)
+        self.histories = HistoryCache(trialog.service, rendered=self.feed.history_entries)
+        self.verify_jobs = VerifyJobs(trialog)
         self.stop = threading.Event()
         self.followers = follow_all(trialog, self.stop) if follow else []
 

@@ -225,6 +225,12 @@ class Feed:
                     t.service.recorder, participant_id, shown)).scalar() or position
         return entries, position
 
+    def history_entries(self, participant_id: str) -> list[bytes] | None:
+        """The participant's whole history with contact details, as its entries' JSON (see
+        history_json); None when it must be decoded from the store."""
+        found = self.history_json(participant_id, contact=True)
+        return found[0] if found else None
+
     def cloud_event(self, row: Any, stream: Stream, reader: Reader,
                     disclosed: set[str] | None = None) -> dict[str, Any]:
         event, has_contact = self._cloud_event(row, stream, reader.contact)

@@ -299,6 +299,46 @@ def test_a_history_rendered_ahead_is_the_history_read_from_the_store(isolated):
         assert answer is None or answer[0] == from_store(pid, contact)
 
 
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_cache_of_histories_starts_from_the_entries_rendered_ahead(isolated):
+    """The server's cache of histories takes a participant it doesn't hold from rm_feed's
+    entries (with contact details) when it can, decodes only newer events from the store,
+    and decodes everything where rm_feed can't give them: the same history each way."""
+    from infrastructure.audit.history import HistoryCache, event_entry
+    from infrastructure.store.stored import plain_stream
+
+    pids = [enrol(isolated) for _ in range(3)]
+    FeedProjection(isolated).catch_up()
+    feed = Feed(isolated)
+    seeded: list[str] = []
+
+    def rendered(pid: str):
+        found = feed.history_entries(pid)
+        if found is not None:
+            seeded.append(pid)
+        return found
+
+    def from_store(pid: str) -> list[dict]:
+        stream = participant_uuid(pid)
+        return [event_entry(stream, v, topic, content)
+                for v, topic, content in plain_stream(isolated.service, stream)]
+
+    cache = HistoryCache(isolated.service, rendered=rendered)
+    assert cache.entries(pids[0]) == from_store(pids[0])
+    assert seeded == [pids[0]]
+    send(isolated, c.RecordDose(pids[0], dose(1)))
+    assert cache.entries(pids[0]) == from_store(pids[0])  # the new event, from the store
+    assert seeded == [pids[0]]  # held: rm_feed is not read again
+    with isolated.engine.begin() as connection:  # rm_feed lacks the participant's first row
+        connection.execute(delete(feed_events).where(
+            feed_events.c.position == min(row.id for row in _rows_of(isolated, pids[1]))))
+    assert cache.entries(pids[1]) == from_store(pids[1])
+    assert seeded == [pids[0]]
+    assert cache.entries(pids[2]) == from_store(pids[2])
+    assert seeded == [pids[0], pids[2]]
+    assert any("@" in str(e["data"]) for e in cache.entries(pids[2]))  # contact details kept
+
 def _rows_of(t, pid):
     from infrastructure.store.stored import events_table
 
@@ -306,3 +346,10 @@ def _rows_of(t, pid):
     with t.engine.connect() as connection:
         return connection.execute(select(table.c.id).where(
             table.c.originator_id == participant_uuid(pid))).all()
+
+
+def test_the_cache_of_histories_keeps_what_json_bytes_cannot_hold_exactly():
+    from infrastructure.audit.history import _held
+
+    assert _held({"value": 2**70}) == {"value": 2**70}  # orjson refuses it: kept as it is
+    assert orjson.loads(_held({"value": 2**40})) == {"value": 2**40}
