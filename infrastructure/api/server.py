@@ -110,6 +110,9 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
 
 def serve_processes(host: str, port: int, workers: int, threads: int, follow: bool) -> None:
+    # No control socket: it is one path per user (a second server on the machine would take
+    # it over), for a run-time interface that trialog doesn't offer.
     options = {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
-               "worker_class": "gthread", "accesslog": None, "timeout": 60}
+               "worker_class": "gthread", "accesslog": None, "timeout": 60,
+               "control_socket_disable": True}
     _Gunicorn(options, follow).run()

@@ -67,7 +67,10 @@ def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path)
         token = create_token(t.engine, f"procs-{uuid.uuid4().hex[:6]}", "admin")
         t.close()
         port, log = free_port(), tmp_path / "serve.log"
-        env = {**os.environ, "TRIALOG_DATABASE_URL": url, **TEST_SECRETS}
+        runtime_dir = tmp_path / "run"  # where gunicorn would put a control socket
+        runtime_dir.mkdir()
+        env = {**os.environ, "TRIALOG_DATABASE_URL": url, "XDG_RUNTIME_DIR": str(runtime_dir),
+               **TEST_SECRETS}
         with open(log, "w") as out:
             server = subprocess.Popen([TRIALOG, "serve", "--port", str(port), "--workers", "2"],
                                       env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -84,6 +87,9 @@ def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path)
                     break
                 assert time.monotonic() < deadline, f"the processes did not start: {children}"
                 time.sleep(0.1)
+            # no control socket: a path per user, which a second server on the machine
+            # would take over, for an interface trialog doesn't use
+            assert list(runtime_dir.iterdir()) == []
             admin = Client(base, token)
             pid = p.participant_id("CASE")
             answer = admin.command("ScreenParticipant", pid, p.screening("CASE"))
