@@ -193,6 +193,8 @@ class Feed:
         (an event it could not render, or a prefix it lacks, as after a restore): read the
         store. One connection at a time (the store's events are read after rm_feed's)."""
         t = self.trialog
+        if participant_id == t.protocol.study_id:
+            return None  # rm_feed's rows of the trial's own stream have this subject too
         f = feed_events.c
         table = events_table(t.service.recorder)
         stream = participant_uuid(participant_id)

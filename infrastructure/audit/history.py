@@ -4,6 +4,7 @@ straight from the stored events; the state as recorded at a moment."""
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import orjson
 from domain.participant import CONTACT_FIELDS, Participant, event_uuid, participant_uuid
 from domain.service import TrialService
 from infrastructure.store.stored import plain_stream
+
+log = logging.getLogger("trialog.history")
 
 AUDIT_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_topic",
                 "command_id", "actor", "reason", "previous_digest", "digest")
@@ -62,9 +65,7 @@ def history(service: TrialService, participant_id: str, as_of: datetime | None =
     """The participant's events, oldest first, up to the recording time ``as_of`` or up to
     and including ``version``."""
     if cache is not None:
-        entries = cache.entries(participant_id)
-        if version is not None:
-            entries = entries[:version]
+        entries = cache.entries(participant_id, version)
     else:
         stream = participant_uuid(participant_id)
         entries = [event_entry(stream, v, topic, content)
@@ -93,10 +94,13 @@ class HistoryCache:
         self._streams: OrderedDict[UUID, list[bytes | dict[str, Any]]] = OrderedDict()
         self._held = 0
 
-    def entries(self, participant_id: str) -> list[dict[str, Any]]:
-        """Every event of the participant, oldest first, as new values of the caller's."""
+    def entries(self, participant_id: str, version: int | None = None
+                ) -> list[dict[str, Any]]:
+        """The participant's events, oldest first, up to and including ``version`` (all
+        when None), as new values of the caller's."""
+        held = self._held_entries(participant_id)
         return [orjson.loads(e) if isinstance(e, bytes) else copy.deepcopy(e)
-                for e in self._held_entries(participant_id)]
+                for e in (held if version is None else held[:version])]
 
     def _held_entries(self, participant_id: str) -> list[bytes | dict[str, Any]]:
         stream = participant_uuid(participant_id)
@@ -106,7 +110,12 @@ class HistoryCache:
                 self._streams.move_to_end(stream)
         seeded = False
         if not cached and self.rendered is not None:
-            cached = list(self.rendered(participant_id) or [])
+            try:
+                cached = list(self.rendered(participant_id) or [])
+            except Exception:  # the store can still answer: decode it all from there
+                log.warning("history of %s: the entries rendered ahead could not be read; "
+                            "decoded from the store", participant_id, exc_info=True)
+                cached = []
             seeded = bool(cached)
         # Versions run 1, 2, 3...: the list holds versions 1 to len(cached).
         new = plain_stream(self.service, stream, gt=len(cached))

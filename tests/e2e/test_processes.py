@@ -32,8 +32,8 @@ def _children(pid: int) -> list[tuple[int, str]]:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
                 args = cmdline.read().rstrip(b"\0").replace(b"\0", b" ").decode()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # it ended while we looked
+        except OSError:
+            continue  # it ended while we looked, or is not ours to read
         found.append((int(entry), args))
     return found
 

@@ -338,6 +338,37 @@ def test_a_cache_of_histories_starts_from_the_entries_rendered_ahead(isolated):
     assert cache.entries(pids[2]) == from_store(pids[2])
     assert seeded == [pids[0], pids[2]]
     assert any("@" in str(e["data"]) for e in cache.entries(pids[2]))  # contact details kept
+    assert cache.entries(pids[2], 2) == from_store(pids[2])[:2]
+    assert feed.history_json(isolated.protocol.study_id, True) is None  # the trial's stream
+
+    def marked(pid: str):  # what the cache shows is what it was given
+        entries = feed.history_entries(pid)
+        first = orjson.loads(entries[0])
+        return [orjson.dumps({**first, "reason": "from rm_feed"}), *entries[1:]]
+
+    assert HistoryCache(isolated.service, rendered=marked).entries(pids[2])[0]["reason"] == (
+        "from rm_feed")
+
+    def broken(pid: str):
+        raise ValueError("rm_feed can't be read")
+
+    assert HistoryCache(isolated.service, rendered=broken).entries(pids[1]) == from_store(
+        pids[1])  # the store answers
+
+
+def test_what_the_cache_of_histories_answers_is_the_callers_to_change(trialog, monkeypatch):
+    from infrastructure.audit import history as h
+
+    pid = enrol(trialog)
+    for held in (h._held, lambda entry: entry):  # as JSON, and as the entry itself
+        monkeypatch.setattr(h, "_held", held)
+        cache = h.HistoryCache(trialog.service)
+        first = cache.entries(pid)
+        first[0]["data"]["added"] = "by the caller"
+        first[0]["type"] = "changed"
+        again = cache.entries(pid)
+        assert again[0]["type"] == "ParticipantScreened"
+        assert "added" not in again[0]["data"]
 
 def _rows_of(t, pid):
     from infrastructure.store.stored import events_table
