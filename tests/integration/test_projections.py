@@ -299,7 +299,6 @@ def test_a_history_rendered_ahead_is_the_history_read_from_the_store(isolated):
         assert answer is None or answer[0] == from_store(pid, contact)
 
 
-
 @pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
 def test_a_cache_of_histories_starts_from_the_entries_rendered_ahead(isolated):
     """The server's cache of histories takes a participant it doesn't hold from rm_feed's
@@ -370,6 +369,14 @@ def test_what_the_cache_of_histories_answers_is_the_callers_to_change(trialog, m
         assert again[0]["type"] == "ParticipantScreened"
         assert "added" not in again[0]["data"]
 
+
+def test_the_cache_of_histories_keeps_what_json_bytes_cannot_hold_exactly():
+    from infrastructure.audit.history import _held
+
+    assert _held({"value": 2**70}) == {"value": 2**70}  # orjson refuses it: kept as it is
+    assert orjson.loads(_held({"value": 2**40})) == {"value": 2**40}
+
+
 def _rows_of(t, pid):
     from infrastructure.store.stored import events_table
 
@@ -378,9 +385,3 @@ def _rows_of(t, pid):
         return connection.execute(select(table.c.id).where(
             table.c.originator_id == participant_uuid(pid))).all()
 
-
-def test_the_cache_of_histories_keeps_what_json_bytes_cannot_hold_exactly():
-    from infrastructure.audit.history import _held
-
-    assert _held({"value": 2**70}) == {"value": 2**70}  # orjson refuses it: kept as it is
-    assert orjson.loads(_held({"value": 2**40})) == {"value": 2**40}
