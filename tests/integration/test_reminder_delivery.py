@@ -16,6 +16,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import select, text, update
 
 from domain import commands as c
@@ -335,6 +336,38 @@ def test_chunks_send_each_reminder_once_and_record_them_together(stack):
     assert set(reminders.send_chunk(stack.trialog, mailer, ids, WINDOW_OPENS).values()) == {
         "done"}
     assert len(stack.sink.messages) == 7
+
+
+def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(stack):
+    """The outbox's marks commit without waiting for the WAL's flush; ReminderSent's commit
+    waits (for the marks too); the connection goes back to the pool as it came."""
+    stack.enrol(), stack.enrol()
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    engine = stack.trialog.engine
+    seen: list[str] = []
+
+    def setting_at_each_mark(connection, cursor, statement, *_):
+        if statement.startswith(f"UPDATE {outbox.name} "):
+            cursor.execute("SHOW synchronous_commit")
+            seen.append(cursor.fetchone()[0])
+
+    sqlalchemy.event.listen(engine, "after_cursor_execute", setting_at_each_mark)
+    try:
+        mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+        assert set(reminders.send_chunk(stack.trialog, mailer, ids[:1],
+                                        WINDOW_OPENS).values()) == {"sent"}
+        assert reminders.send(stack.trialog, mailer, ids[1], WINDOW_OPENS) == "sent"
+    finally:
+        sqlalchemy.event.remove(engine, "after_cursor_execute", setting_at_each_mark)
+    assert seen == ["off"] * 4  # mailed and sent, in the chunk and alone
+    pooled = [engine.connect() for _ in range(engine.pool.checkedin() + 1)]
+    try:
+        assert {c.exec_driver_sql("SHOW synchronous_commit").scalar() for c in pooled} == {
+            "on"}
+    finally:
+        for connection in pooled:
+            connection.close()
+    assert [status(stack, r) for r in ids] == ["sent", "sent"]
 
 
 def test_a_chunk_leaves_a_reminder_another_sender_holds(stack):
