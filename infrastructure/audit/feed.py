@@ -185,13 +185,15 @@ class Feed:
                              "body": body, "contact": contact, "entry": entry})
         return rendered
 
-    def history_json(self, participant_id: str, contact: bool
+    def history_json(self, participant_id: str, contact: bool, positioned: bool = True
                      ) -> tuple[list[bytes], int] | None:
         """The participant's history as its entries' JSON, oldest first, and the position
         of its newest event shown: rm_feed's entries as far as the feed's follower has
         rendered, then the newer events from the store. None when rm_feed can't give them
         (an event it could not render, or a prefix it lacks, as after a restore): read the
-        store. One connection at a time (the store's events are read after rm_feed's)."""
+        store. One connection at a time (the store's events are read after rm_feed's).
+        Unless ``positioned``, the position is rm_feed's newest (one query less when the
+        store has newer events)."""
         t = self.trialog
         if participant_id == t.protocol.study_id:
             return None  # rm_feed's rows of the trial's own stream have this subject too
@@ -222,6 +224,8 @@ class Feed:
                 entry = event_entry(stream, version, topic, content)
                 entries.append(orjson.dumps(entry if contact else redact_contact(entry)))
                 shown = version
+            if not positioned:
+                return entries, position
             with t.engine.connect() as connection:
                 position = connection.execute(position_of(
                     t.service.recorder, participant_id, shown)).scalar() or position
@@ -230,7 +234,7 @@ class Feed:
     def history_entries(self, participant_id: str) -> list[bytes] | None:
         """The participant's whole history with contact details, as its entries' JSON (see
         history_json); None when it must be decoded from the store."""
-        found = self.history_json(participant_id, contact=True)
+        found = self.history_json(participant_id, contact=True, positioned=False)
         return found[0] if found else None
 
     def cloud_event(self, row: Any, stream: Stream, reader: Reader,
