@@ -159,6 +159,8 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
                                       "library_store_read_decrypt", library_read, kind))
             if kind == "postgresql":
                 results += http_results(t, url, raw_env, workdir)
+            else:
+                results.append(sqlite_http_result(t, url, raw_env, workdir))
         finally:
             t.close()
     if kind == "postgresql":
@@ -354,6 +356,17 @@ def http_results(t: Trialog, url: str, raw_env: dict[str, str],
          "baseline_name": None, "baseline_value": None, "ratio": None,
          "requests": N_SESSIONS, "argon2": argon2_parameters},
     ]
+
+
+def sqlite_http_result(t: Trialog, url: str, raw_env: dict[str, str],
+                       workdir: Path) -> dict[str, Any]:
+    """`commands_http` on SQLite: the same server and 8 clients, beside the library's SQLite
+    recorder saving single-event aggregates from 8 threads."""
+    with http.serving(url, SECRETS, t.engine, workdir) as (base, token):
+        ours = http.http_commands(base, token, N_HTTP)
+    raw = http.raw_concurrent_saves(raw_env, N_HTTP)
+    return result("commands_http", ours, "commands/s", "library_single_event_save_8_threads",
+                  raw, "sqlite")
 
 
 def http_only(workdir: Path) -> list[dict[str, Any]]:

@@ -148,6 +148,19 @@ def http_commands_alternating(base: str, token: str, scoped: list[tuple[str, str
     return done / sum(seconds["plain"]), done / sum(seconds["scoped"]), ratios
 
 
+def http_commands(base: str, token: str, total: int) -> float:
+    """Commands/s from 8 concurrent clients, each keeping its connection, after a warm-up
+    of three commands each (one round of ``http_commands_alternating``'s, unscoped)."""
+    clients = [_session(token) for _ in range(CLIENTS)]
+    for session in clients:
+        _commands(base, session, 3)
+    each = total // CLIENTS
+    start = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(lambda session: _commands(base, session, each), clients))
+    return each * CLIENTS / (time.perf_counter() - start)
+
+
 def sessions_p95_ms(base: str, engine: Any, n: int = 50,
                     warm_up: int = 3) -> tuple[float, dict[str, Any]]:
     """p95 of POST /v1/sessions with the right password, one client, sequential; and the
