@@ -38,7 +38,7 @@ def load_protocol(path: Path) -> Protocol:
 
 def event_store_env(settings: Settings) -> dict[str, str]:
     return {
-        "PERSISTENCE_MODULE": "eventsourcing_sqlalchemy",
+        "PERSISTENCE_MODULE": "infrastructure.store.recording:Factory",
         "SQLALCHEMY_URL": settings.database_url,
         "CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
         "CIPHER_KEY": settings.cipher_key,

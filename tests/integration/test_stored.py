@@ -4,8 +4,12 @@ looks like a transcoded value."""
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import orjson
-from sqlalchemy import select
+import pytest
+from eventsourcing.persistence import IntegrityError, StoredEvent
+from sqlalchemy import event, select
 
 from domain import commands as c
 from domain.participant import participant_uuid
@@ -57,3 +61,39 @@ def test_participants_loaded_together_are_what_the_repository_loads(trialog):
         from_repository = service.repository.get(participant_uuid(pid))
         assert by_id[pid].__dict__ == from_repository.__dict__
     assert by_id[long].version == 217
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_saves_events_are_inserted_together_in_the_order_given(isolated):
+    """The recorder inserts a save's events in one statement on PostgreSQL (SQLite returns
+    the ids in order only row by row): the positions it returns ascend in the order of the
+    events and are theirs in the log; a version taken already fails the whole save with
+    the library's conflict, and nothing of it is written."""
+    recorder = isolated.service.recorder
+    streams = [uuid4() for _ in range(5)]
+    events = [StoredEvent(originator_id=stream, originator_version=version,
+                          topic="tests:Event", state=f"{stream}/{version}".encode())
+              for version in (1, 2) for stream in streams]
+    statements: list[str] = []
+
+    def count(connection, cursor, statement, *_):
+        if statement.startswith("INSERT"):
+            statements.append(statement)
+
+    event.listen(isolated.engine, "before_cursor_execute", count)
+    try:
+        positions = recorder.insert_events(events)
+    finally:
+        event.remove(isolated.engine, "before_cursor_execute", count)
+    one_each = isolated.engine.dialect.name == "sqlite"
+    assert len(statements) == (len(events) if one_each else 1)
+    assert positions == sorted(positions)
+    logged = recorder.select_notifications(positions[0], len(events))
+    assert [n.id for n in logged] == positions
+    assert [(n.originator_id, n.originator_version, n.state) for n in logged] == [
+        (e.originator_id, e.originator_version, e.state) for e in events]
+    again = [StoredEvent(originator_id=uuid4(), originator_version=1, topic="tests:Event",
+                         state=b"new"), events[3]]
+    with pytest.raises(IntegrityError):
+        recorder.insert_events(again)
+    assert recorder.max_notification_id() == positions[-1]
