@@ -15,7 +15,7 @@ from typing import Any
 
 from eventsourcing.application import Application
 
-from benchmarks import audit, baseline, http, management, projection
+from benchmarks import audit, baseline, cpu, http, management, projection
 from benchmarks import console as console_bench
 from benchmarks import feed as feed_bench
 from benchmarks import reminders as reminder_bench
@@ -382,6 +382,18 @@ def http_only(workdir: Path) -> list[dict[str, Any]]:
             t.close()
 
 
+def cpu_results(workdir: Path) -> dict[str, Any]:
+    """`python -m benchmarks cpu`: CPU per command by kind of process (see benchmarks/cpu.py),
+    on a fresh PostgreSQL database."""
+    with database("postgresql", workdir) as (url, raw_env):
+        t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS}),
+                      migrate=True)
+        try:
+            return cpu.results(url, raw_env, SECRETS, t.engine, workdir, 1600)
+        finally:
+            t.close()
+
+
 def rebuild_results(workdir: Path, raw_read: float) -> list[dict[str, Any]]:
     """Over >= 200k events in a fresh database: the rebuild beside the library's runner,
     verification, and the exports' peak memory."""
@@ -471,6 +483,9 @@ def main() -> int:
         return 0
     if sys.argv[1:] == ["reminders"]:
         print(json.dumps(reminder_results(workdir), indent=2))
+        return 0
+    if sys.argv[1:] == ["cpu"]:
+        print(json.dumps(cpu_results(workdir), indent=2))
         return 0
     if sys.argv[1:] == ["management"]:
         print(json.dumps(management_results(workdir), indent=2))

@@ -186,13 +186,13 @@ class Feed:
         return rendered
 
     def history_json(self, participant_id: str, contact: bool, positioned: bool = True
-                     ) -> tuple[list[bytes], int] | None:
+                     ) -> tuple[list[bytes], int | None] | None:
         """The participant's history as its entries' JSON, oldest first, and the position
         of its newest event shown: rm_feed's entries as far as the feed's follower has
         rendered, then the newer events from the store. None when rm_feed can't give them
         (an event it could not render, or a prefix it lacks, as after a restore): read the
         store. One connection at a time (the store's events are read after rm_feed's).
-        Unless ``positioned``, the position is rm_feed's newest (one query less when the
+        Unless ``positioned``, no position is looked up (None: one query less when the
         store has newer events)."""
         t = self.trialog
         if participant_id == t.protocol.study_id:
@@ -224,12 +224,11 @@ class Feed:
                 entry = event_entry(stream, version, topic, content)
                 entries.append(orjson.dumps(entry if contact else redact_contact(entry)))
                 shown = version
-            if not positioned:
-                return entries, position
-            with t.engine.connect() as connection:
-                position = connection.execute(position_of(
-                    t.service.recorder, participant_id, shown)).scalar() or position
-        return entries, position
+            if positioned:
+                with t.engine.connect() as connection:
+                    position = connection.execute(position_of(
+                        t.service.recorder, participant_id, shown)).scalar() or position
+        return entries, (position if positioned else None)
 
     def history_entries(self, participant_id: str) -> list[bytes] | None:
         """The participant's whole history with contact details, as its entries' JSON (see

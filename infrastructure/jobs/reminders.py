@@ -24,10 +24,11 @@ import re
 import smtplib
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from email import policy
+from email.header import Header
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from pathlib import Path
@@ -65,7 +66,7 @@ TEMPLATES = Environment(
 SUBJECTS = {"en": "Reminder: your {visit} visit", "es": "Recordatorio: su visita {visit}"}
 # One mailbox, nothing else: no display name, no second address, no line break (a header
 # injection), no space.
-SUBJECT_POLICY = policy.SMTP.clone(refold_source="all")  # encoded words beyond ASCII
+SUBJECT_POLICY = policy.SMTP.clone(refold_source="all")  # an ASCII subject's folding
 ADDRESS = re.compile(r"[^\s@<>()\[\],;:\"]+@[^\s@<>()\[\],;:\"]+")
 
 
@@ -240,9 +241,11 @@ class Mailer:
     def _ascii_message(self, email: Email, subject: str) -> bytes:
         """The message's bytes as SMTP sends them: multipart/alternative, each part UTF-8
         in base64. Written out here because its shape never changes: the standard library's
-        generator (header folding, a boundary checked against every part) was half of a
+        generator (header folding, a boundary checked against every part) was a third of a
         reminder's cost. The boundary needs no check: a delimiter line starts with two
-        hyphens, which base64 never contains."""
+        hyphens, which base64 never contains. Subject and To are folded at 78 columns; From
+        is the setting's, on one line (a sender's name past some 60 characters makes it
+        longer, as RFC 5322 allows up to 998)."""
         boundary = f"=_{uuid4().hex}"
         to = ", ".join(email.to)
         if len(to) > 70:  # folded between addresses (RFC 5322 lines of 78)
@@ -293,8 +296,12 @@ class Mailer:
 
 @functools.lru_cache(maxsize=256)
 def _subject_header(subject: str) -> str:
-    """A subject on one line as a header's value: folded at 78, in encoded words beyond
-    ASCII. Reminders share a few subjects, so each is folded once."""
+    """A subject on one line as a header's value, folded at 78: in encoded words beyond
+    ASCII (``Header``, whose folds keep every space; the newer policy's folding can put a
+    fold between two encoded words where a space was, and readers drop it). Reminders
+    share a few subjects, so each is folded once."""
+    if not subject.isascii():
+        return Header(subject, "utf-8", header_name="Subject").encode(linesep="\r\n")
     folded = SUBJECT_POLICY.fold("Subject", subject)
     return folded.removeprefix("Subject: ").removesuffix("\r\n")
 
@@ -517,9 +524,12 @@ def _alone_with(t: Trialog, reminder_id: str) -> Iterator[Connection | None]:
         if t.engine.dialect.name != "postgresql":
             yield connection
             return
-        with locks.held(connection, _lock_name(reminder_id)) as alone, \
-                _marks_not_waiting(connection):
-            yield connection if alone else None
+        with locks.held(connection, _lock_name(reminder_id)) as alone:
+            if not alone:
+                yield None
+                return
+            with _marks_not_waiting(connection):
+                yield connection
 
 
 @contextmanager
@@ -537,8 +547,8 @@ def _marks_not_waiting(connection: Connection) -> Iterator[None]:
     finally:
         try:
             connection.exec_driver_sql("RESET synchronous_commit")
-        except sqlalchemy.exc.DBAPIError:
-            connection.invalidate()  # not back to the pool as it is
+        except sqlalchemy.exc.SQLAlchemyError:
+            connection.invalidate()  # not back to the pool as it is (the lock goes with it)
 
 
 # --- many at a time ----------------------------------------------------------------------
@@ -625,7 +635,7 @@ def _alone_with_many(t: Trialog, reminder_ids: list[str]
         taken = set(locks.try_locks(connection, [_lock_name(r) for r in reminder_ids]))
         held = [r for r in reminder_ids if _lock_name(r) in taken]
         try:
-            with _marks_not_waiting(connection):
+            with _marks_not_waiting(connection) if held else nullcontext():
                 yield connection, held
         finally:
             locks.release(connection, *(_lock_name(r) for r in held))

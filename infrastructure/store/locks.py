@@ -51,7 +51,7 @@ def try_locks(connection: Connection, names: list[str]) -> list[str]:
 def release(connection: Connection, *names: str) -> None:
     """Lets the locks go, in one statement; a connection that can't say so is dropped (a
     closed session holds no lock)."""
-    if not names:
+    if not names or connection.invalidated:  # a connection dropped holds no lock
         return
     try:
         connection.execute(text("SELECT pg_advisory_unlock(k) FROM unnest(CAST(:keys AS "

@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 
 
 class ApplicationRecorder(SQLAlchemyApplicationRecorder):
-    """Inserts a save's events with one Core ``INSERT ... RETURNING id`` (several rows in
-    one statement, the ids in the order given) under the library's table lock, where the
-    library adds ORM records to the session and flushes them: the unit of work was a tenth
-    of a command's Python. The rows, the lock, the notification and the conflicts raised
-    are the library's."""
+    """Inserts a save's events with a Core ``INSERT ... RETURNING id`` (on PostgreSQL the
+    rows in one statement, the ids in the order given) under the library's table lock,
+    where the library adds ORM records to the session and flushes them: the unit of work
+    was a tenth of a command's Python. The lock, the notification and the conflicts raised
+    are the library's; a database without RETURNING gets the library's own insert."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -27,12 +27,14 @@ class ApplicationRecorder(SQLAlchemyApplicationRecorder):
 
     def _insert_stored_events(self, session: Session, stored_events: Sequence[StoredEvent],
                               **kwargs: Any) -> Sequence[int]:
-        if not stored_events:
-            return []
+        if not session.get_bind().dialect.insert_returning:
+            return super()._insert_stored_events(session, stored_events, **kwargs)
         self._lock_table(session)
-        ids = session.execute(self._insert, [
-            {"originator_id": e.originator_id, "originator_version": e.originator_version,
-             "topic": e.topic, "state": e.state} for e in stored_events]).scalars().all()
+        ids: Sequence[int] = []
+        if stored_events:
+            ids = session.execute(self._insert, [
+                {"originator_id": e.originator_id, "originator_version": e.originator_version,
+                 "topic": e.topic, "state": e.state} for e in stored_events]).scalars().all()
         self._notify_channel(session)
         return list(ids)
 

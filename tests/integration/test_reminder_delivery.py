@@ -23,6 +23,7 @@ from domain import commands as c
 from infrastructure.jobs import reminders
 from infrastructure.logs import JsonFormatter, mask_email, mask_emails_in
 from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.stored import events_table
 from infrastructure.store.tables import outbox
 from tests.integration import test_workers
 from tests.integration.test_workers import REGISTERED, Stack, wait_until
@@ -346,20 +347,25 @@ def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(s
     engine = stack.trialog.engine
     seen: list[str] = []
 
-    def setting_at_each_mark(connection, cursor, statement, *_):
-        if statement.startswith(f"UPDATE {outbox.name} "):
-            cursor.execute("SHOW synchronous_commit")
-            seen.append(cursor.fetchone()[0])
+    events = events_table(stack.trialog.service.recorder).name
+    recorded: list[str] = []
 
-    sqlalchemy.event.listen(engine, "after_cursor_execute", setting_at_each_mark)
+    def setting_at_each_mark(connection, cursor, statement, *_):
+        if statement.startswith((f"UPDATE {outbox.name} ", f"INSERT INTO {events} ")):
+            with cursor.connection.cursor() as asking:  # the statement's own is left alone
+                setting = asking.execute("SHOW synchronous_commit").fetchone()[0]
+            (seen if statement.startswith("UPDATE") else recorded).append(setting)
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", setting_at_each_mark)
     try:
         mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
         assert set(reminders.send_chunk(stack.trialog, mailer, ids[:1],
                                         WINDOW_OPENS).values()) == {"sent"}
         assert reminders.send(stack.trialog, mailer, ids[1], WINDOW_OPENS) == "sent"
     finally:
-        sqlalchemy.event.remove(engine, "after_cursor_execute", setting_at_each_mark)
+        sqlalchemy.event.remove(engine, "before_cursor_execute", setting_at_each_mark)
     assert seen == ["off"] * 4  # mailed and sent, in the chunk and alone
+    assert recorded == ["on", "on"]  # each ReminderSent waits for the disk
     pooled = [engine.connect() for _ in range(engine.pool.checkedin() + 1)]
     try:
         assert {c.exec_driver_sql("SHOW synchronous_commit").scalar() for c in pooled} == {
@@ -368,6 +374,37 @@ def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(s
         for connection in pooled:
             connection.close()
     assert [status(stack, r) for r in ids] == ["sent", "sent"]
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["one", "chunk"])
+def test_a_connection_lost_as_the_marks_end_costs_nothing_sent(stack, alone):
+    """The sender's connection dies just as it would be put back waiting for the disk
+    again: the reminder was sent and recorded, and is answered so; the connection is
+    dropped rather than pooled."""
+    stack.enrol()
+    [reminder_id] = scan_without_sending(stack, WINDOW_OPENS)
+    engine = stack.trialog.engine
+
+    def kill_at_reset(connection, cursor, statement, *_):
+        if statement == "RESET synchronous_commit":
+            pid = connection.connection.dbapi_connection.info.backend_pid
+            with engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    sqlalchemy.event.listen(engine, "before_cursor_execute", kill_at_reset)
+    try:
+        if alone:
+            outcome = reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS)
+        else:
+            outcome = reminders.send_chunk(stack.trialog, mailer, [reminder_id],
+                                           WINDOW_OPENS)[reminder_id]
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", kill_at_reset)
+    assert outcome == "sent" and status(stack, reminder_id) == "sent"
+    assert len(stack.sink.messages) == 1
+    with engine.connect() as connection:  # the pool hands out live connections only
+        assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
 
 
 def test_a_chunk_leaves_a_reminder_another_sender_holds(stack):

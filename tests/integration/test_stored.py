@@ -4,15 +4,19 @@ looks like a transcoded value."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from uuid import uuid4
 
 import orjson
+import psycopg
 import pytest
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from sqlalchemy import event, select
 
 from domain import commands as c
 from domain.participant import participant_uuid
+from infrastructure.store.recording import ApplicationRecorder
 from infrastructure.store.stored import (
     decrypt,
     events_table,
@@ -65,11 +69,13 @@ def test_participants_loaded_together_are_what_the_repository_loads(trialog):
 
 @pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
 def test_a_saves_events_are_inserted_together_in_the_order_given(isolated):
-    """The recorder inserts a save's events in one statement on PostgreSQL (SQLite returns
-    the ids in order only row by row): the positions it returns ascend in the order of the
-    events and are theirs in the log; a version taken already fails the whole save with
-    the library's conflict, and nothing of it is written."""
+    """The recorder inserts a save's events in one statement under the table lock, and
+    notifies, on PostgreSQL (SQLite returns the ids in order only row by row): the
+    positions it returns ascend in the order of the events and are theirs in the log; a
+    version taken already fails the whole save with the library's conflict, and nothing
+    of it is written."""
     recorder = isolated.service.recorder
+    assert type(recorder) is ApplicationRecorder
     streams = [uuid4() for _ in range(5)]
     events = [StoredEvent(originator_id=stream, originator_version=version,
                           topic="tests:Event", state=f"{stream}/{version}".encode())
@@ -77,16 +83,18 @@ def test_a_saves_events_are_inserted_together_in_the_order_given(isolated):
     statements: list[str] = []
 
     def count(connection, cursor, statement, *_):
-        if statement.startswith("INSERT"):
-            statements.append(statement)
+        if statement.startswith(("INSERT", "LOCK")):
+            statements.append(statement.split(" ")[0])
 
-    event.listen(isolated.engine, "before_cursor_execute", count)
-    try:
-        positions = recorder.insert_events(events)
-    finally:
-        event.remove(isolated.engine, "before_cursor_execute", count)
-    one_each = isolated.engine.dialect.name == "sqlite"
-    assert len(statements) == (len(events) if one_each else 1)
+    postgres = isolated.engine.dialect.name == "postgresql"
+    with _listening(isolated, recorder.channel_name) as heard:
+        event.listen(isolated.engine, "before_cursor_execute", count)
+        try:
+            positions = recorder.insert_events(events)
+        finally:
+            event.remove(isolated.engine, "before_cursor_execute", count)
+        assert heard() == postgres  # followers are woken
+    assert statements == (["LOCK", "INSERT"] if postgres else ["INSERT"] * len(events))
     assert positions == sorted(positions)
     logged = recorder.select_notifications(positions[0], len(events))
     assert [n.id for n in logged] == positions
@@ -97,3 +105,16 @@ def test_a_saves_events_are_inserted_together_in_the_order_given(isolated):
     with pytest.raises(IntegrityError):
         recorder.insert_events(again)
     assert recorder.max_notification_id() == positions[-1]
+
+
+@contextmanager
+def _listening(t, channel: str) -> Iterator[Callable[[], bool]]:
+    """On PostgreSQL, a connection listening on ``channel``: whether a notification came
+    (within a second of asking). Never on SQLite."""
+    if t.engine.dialect.name != "postgresql":
+        yield lambda: False
+        return
+    url = t.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f"LISTEN {channel}")
+        yield lambda: any(True for _ in connection.notifies(timeout=1, stop_after=1))

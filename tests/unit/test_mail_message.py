@@ -83,3 +83,13 @@ def test_an_address_beyond_ascii_goes_as_an_email_message_for_smtputf8():
     email = Email(("josé@ejemplo.es",), "Recordatorio", "Hola", "<p>Hola</p>")
     message = mailer.message(email)
     assert isinstance(message, EmailMessage) and message["To"] == "josé@ejemplo.es"
+
+
+def test_a_long_subject_beyond_ascii_keeps_every_space_when_folded():
+    mailer = Mailer("smtp://127.0.0.1:1025", "noreply@trialog.example")
+    subject = ("Recordatorio: su visita período — extracción analítica de la semana 6, "
+               "síntomas musculoesqueléticos y vitamina B₁₂ — ¡mañana!")
+    email = Email(("ana@example.org",), subject, "Hola", "<p>Hola</p>")
+    written = mailer.message(email)
+    assert _read(written)["Subject"] == subject
+    assert all(len(line) <= 78 for line in written.split(b"\r\n"))
