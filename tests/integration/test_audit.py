@@ -174,7 +174,9 @@ def test_verifying_in_processes_finds_what_one_process_finds(isolated):
         where = and_(table.c.originator_id == participant_uuid(pids[5]),
                      table.c.originator_version == 1)
         state = conn.execute(select(table.c.state).where(where)).scalar_one()
-        conn.execute(update(table).where(where).values(state=bytes(state[:-1]) + b"\0"))
+        # The last byte changed (set to zero, it stayed the same when it was zero already).
+        edited = bytes(state[:-1]) + bytes([state[-1] ^ 1])
+        conn.execute(update(table).where(where).values(state=edited))
     alone = verify(isolated.service)
     key = lambda p: (p.stream, p.version, p.kind, p.participant_id)
     # Forked workers while this process has one thread (as it has here), else spawned.
