@@ -24,10 +24,11 @@ class ApplicationRecorder(SQLAlchemyApplicationRecorder):
         super().__init__(*args, **kwargs)
         table = self.events_record_cls.__table__
         self._insert = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+        self._returning = self.datastore.engine.dialect.insert_returning
 
     def _insert_stored_events(self, session: Session, stored_events: Sequence[StoredEvent],
                               **kwargs: Any) -> Sequence[int]:
-        if not session.get_bind().dialect.insert_returning:
+        if not self._returning:
             return super()._insert_stored_events(session, stored_events, **kwargs)
         self._lock_table(session)
         ids: Sequence[int] = []
