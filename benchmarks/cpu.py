@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +70,11 @@ def per_command(n: int, run: Callable[[], Any]) -> dict[str, Any]:
 def results(url: str, raw_env: dict[str, str], secrets: dict[str, str], engine: Any,
             workdir: Path, total: int) -> dict[str, Any]:
     with http.serving(url, secrets, engine, workdir) as (base, token):
-        clients = [http._session(token) for _ in range(http.CLIENTS)]
-        for session in clients:
-            http._commands(base, session, 3)
+        clients = http.warmed_clients(base, token)
         time.sleep(5)  # the followers' process has started too
         each = total // http.CLIENTS
-
-        def commands() -> None:
-            with ThreadPoolExecutor(http.CLIENTS) as pool:
-                list(pool.map(lambda session: http._commands(base, session, each), clients))
-
-        found = {"commands_http": per_command(each * http.CLIENTS, commands),
+        found = {"commands_http": per_command(
+                     each * http.CLIENTS, lambda: http.from_each(base, clients, each)),
                  "bulk_import": per_command(2000, lambda: http.bulk_import(base, token, 1000))}
     found["library_single_event_save_8_threads"] = per_command(
         total, lambda: http.raw_concurrent_saves(raw_env, total))

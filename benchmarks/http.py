@@ -148,16 +148,27 @@ def http_commands_alternating(base: str, token: str, scoped: list[tuple[str, str
     return done / sum(seconds["plain"]), done / sum(seconds["scoped"]), ratios
 
 
-def http_commands(base: str, token: str, total: int) -> float:
-    """Commands/s from 8 concurrent clients, each keeping its connection, after a warm-up
-    of three commands each (one round of ``http_commands_alternating``'s, unscoped)."""
+def warmed_clients(base: str, token: str) -> list[requests.Session]:
+    """8 clients, each with its connection kept and three commands sent."""
     clients = [_session(token) for _ in range(CLIENTS)]
     for session in clients:
         _commands(base, session, 3)
-    each = total // CLIENTS
-    start = time.perf_counter()
+    return clients
+
+
+def from_each(base: str, clients: list[requests.Session], each: int) -> None:
+    """``each`` screenings from every client at once."""
     with ThreadPoolExecutor(CLIENTS) as pool:
         list(pool.map(lambda session: _commands(base, session, each), clients))
+
+
+def http_commands(base: str, token: str, total: int) -> float:
+    """Commands/s from 8 concurrent clients, each keeping its connection, after a warm-up
+    of three commands each (one round of ``http_commands_alternating``'s, unscoped)."""
+    clients = warmed_clients(base, token)
+    each = total // CLIENTS
+    start = time.perf_counter()
+    from_each(base, clients, each)
     return each * CLIENTS / (time.perf_counter() - start)
 
 
