@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Response, g, jsonify, request
 from flask_smorest import Blueprint
-from marshmallow import Schema, ValidationError
+from marshmallow import ValidationError
 
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
@@ -29,7 +29,8 @@ from infrastructure.api.schemas import (
     TrialCommand,
 )
 from infrastructure.store.bus import Accepted, Intent
-from infrastructure.store.schemas import data_schemas, flatten
+from infrastructure.store.loaders import Load, data_loaders, loader
+from infrastructure.store.schemas import flatten
 
 log = logging.getLogger("trialog.commands")
 blp = Blueprint("commands", __name__, url_prefix="/v1/commands",
@@ -45,14 +46,14 @@ def _body(schema: str) -> dict[str, Any]:
                                                                 f"{schema}"}}}}
 
 
-_SCHEMAS: dict[int, dict[str, Schema]] = {}
-_ENVELOPE = CommandEnvelope()  # a schema's load keeps no state: one for every request
+_LOADERS: dict[int, dict[str, Load]] = {}
+_ENVELOPE = loader(CommandEnvelope())  # a schema's load keeps no state: one for every request
 
 
-def _schemas(protocol: Protocol) -> dict[str, Schema]:
-    if id(protocol) not in _SCHEMAS:
-        _SCHEMAS[id(protocol)] = {n: s() for n, s in data_schemas(protocol).items()}
-    return _SCHEMAS[id(protocol)]
+def _loaders(protocol: Protocol) -> dict[str, Load]:
+    if id(protocol) not in _LOADERS:
+        _LOADERS[id(protocol)] = data_loaders(protocol)
+    return _LOADERS[id(protocol)]
 
 
 def _json_body() -> Any:
@@ -89,7 +90,7 @@ def _intent(raw: Any) -> Intent:
     if not isinstance(raw, dict):
         raise _validation({"body": ["must be a JSON object"]})
     try:
-        envelope = _ENVELOPE.load(raw)
+        envelope = _ENVELOPE(raw)
     except ValidationError as e:
         raise _validation(e.messages) from None
     g.command_id, g.participant_id = envelope["command_id"], envelope["participant_id"]
@@ -98,7 +99,7 @@ def _intent(raw: Any) -> Intent:
         raise forbidden(principal.name, principal.role, f"issue {envelope['type']}")
     trialog = runtime().trialog
     try:
-        data = _schemas(trialog.protocol)[envelope["type"]].load(envelope["data"])
+        data = _loaders(trialog.protocol)[envelope["type"]](envelope["data"])
     except ValidationError as e:
         raise _validation(e.messages, "data") from None
     if COMMAND_TYPES[envelope["type"]] in SIGNING_COMMANDS:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 from marshmallow import ValidationError
@@ -17,7 +16,8 @@ from domain.errors import DomainError
 from infrastructure.api.schemas import CommandEnvelope
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
-from infrastructure.store.schemas import data_schemas, flatten
+from infrastructure.store.loaders import Load, data_loaders, loader
+from infrastructure.store.schemas import flatten
 
 CHUNK = 500  # commands per transaction
 
@@ -47,12 +47,12 @@ def _chunks(lines: Iterable[bytes]) -> Iterator[list[tuple[int, bytes]]]:
 
 def run(t: Trialog, lines: Iterable[bytes], actor: str) -> Report:
     report = Report()
-    envelope_schema = CommandEnvelope()
-    schemas = {name: schema() for name, schema in data_schemas(t.protocol).items()}
+    envelope = loader(CommandEnvelope())
+    schemas = data_loaders(t.protocol)
     for chunk in _chunks(lines):
         intents: list[tuple[int, Intent]] = []
         for number, line in chunk:
-            intent = _intent(line, actor, envelope_schema, schemas)
+            intent = _intent(line, actor, envelope, schemas)
             if isinstance(intent, str):
                 report.refused.append((number, intent))
             else:
@@ -71,8 +71,8 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str) -> Report:
     return report
 
 
-def _intent(line: bytes, actor: str, envelope_schema: CommandEnvelope,
-            schemas: dict[str, Any]) -> Intent | str:
+def _intent(line: bytes, actor: str, envelope_load: Load,
+            schemas: dict[str, Load]) -> Intent | str:
     """The line's command, or why it is refused before it reaches the bus."""
     try:
         raw = orjson.loads(line)
@@ -81,11 +81,11 @@ def _intent(line: bytes, actor: str, envelope_schema: CommandEnvelope,
     if not isinstance(raw, dict):
         return "validation_failed: body: must be a JSON object"
     try:
-        envelope = envelope_schema.load(raw)
+        envelope = envelope_load(raw)
     except ValidationError as e:
         return _refusal(flatten(e.messages))
     try:
-        data = schemas[envelope["type"]].load(envelope["data"])
+        data = schemas[envelope["type"]](envelope["data"])
     except ValidationError as e:
         return _refusal(flatten(e.messages, "data"))
     command_type = COMMAND_TYPES[envelope["type"]]
