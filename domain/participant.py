@@ -11,6 +11,7 @@ import copy
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from datetime import date, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -53,6 +54,7 @@ field holds it, or raises ``ValidationFailed`` on ``data.value`` (an undefined f
 value that breaks the rule the original command's field applies)."""
 
 
+@lru_cache(maxsize=4096)  # a command asks it several times; a batch, for each participant
 def participant_uuid(participant_id: str) -> UUID:
     return uuid5(NAMESPACE_URL, f"trialog:participant:{participant_id}")
 

@@ -383,7 +383,9 @@ class Together:
         service takes; the position of each event by its aggregate and version."""
         if not self.events:
             return {}
-        recordings = self.service.save(*self.events)
+        # The event store's own put: what Application.save does with events given
+        # (rather than aggregates), without its check, for each, of what it was given.
+        recordings = self.service.events.put(self.events)
         for key, events in self.decided.items():
             interval = self.service.snapshotting_intervals.get(type(self.aggregates[key]))
             for event in events:

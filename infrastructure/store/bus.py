@@ -26,7 +26,8 @@ from typing import Any
 import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError
 from eventsourcing_sqlalchemy.datastore import transactions
-from sqlalchemy import bindparam, insert, literal, select, update
+from sqlalchemy import String, any_, bindparam, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from domain.access import EVERY_SITE, Scope
@@ -133,6 +134,18 @@ class CommandBus:
         self._sqlite = service.recorder.datastore.engine.dialect.name == "sqlite"
         # Statements built once (the values bound when run).
         self._insert_record = insert(command_records)
+        # A batch's idempotency records: on PostgreSQL as arrays, in binary (see
+        # recording.py); elsewhere a row's parameters each.
+        self._previous = select(command_records.c.command_id, command_records.c.fingerprint,
+                                command_records.c.response)
+        self._previous = self._previous.where(
+            command_records.c.command_id == any_(bindparam("ids", type_=ARRAY(String())))
+            if not self._sqlite else
+            command_records.c.command_id.in_(bindparam("ids", expanding=True)))
+        self._insert_records = None if self._sqlite else (
+            f"INSERT INTO {command_records.name} (command_id, fingerprint, participant_id, "
+            "response, recorded_at) SELECT * FROM unnest(%b::varchar[], %b::varchar[], "
+            "%b::varchar[], %b::text[], %b::timestamptz[])")
         self._lock_row = select(database_lock.c.locked_at, database_lock.c.locked_by).where(
             database_lock.c.study_id == self.study_id)
         # One statement for a command's idempotency record (NULLs when there is none) and
@@ -306,9 +319,7 @@ class CommandBus:
     def _decide_all(self, session: Any, intents: list[Intent], digests: list[str],
                     seeded: list[Participant], alone: bool) -> list[Accepted | Exception]:
         previous = {row.command_id: row for row in session.execute(
-            select(command_records.c.command_id, command_records.c.fingerprint,
-                   command_records.c.response)
-            .where(command_records.c.command_id.in_({i.command_id for i in intents})))}
+            self._previous, {"ids": list({i.command_id for i in intents})})}
         changes_data = any(type(i.command) in DATA_COMMANDS for i in intents)
         locked = self._database_locked(session) if changes_data else None
         outcomes: list[Accepted | Exception | None] = [None] * len(intents)
@@ -347,7 +358,7 @@ class CommandBus:
                 records.append(self._record(intent, digest, audit, body))
                 first[intent.command_id] = index
             if records:
-                session.execute(self._insert_record, records)
+                self._insert_records_of(session, records)
                 positions = together.save()
                 meanwhile = (self._database_locked(session) if any(
                     type(intents[i].command) in DATA_COMMANDS for i in bodies) else None)
@@ -362,6 +373,14 @@ class CommandBus:
                 body = bodies[first[intent.command_id]][0]
                 outcomes[index] = Accepted(dict(body), replayed=True)
         return [outcome for outcome in outcomes if outcome is not None]  # each is, now
+
+    def _insert_records_of(self, session: Any, records: list[dict[str, Any]]) -> None:
+        if self._insert_records is None:
+            session.execute(self._insert_record, records)
+            return
+        session.connection().exec_driver_sql(self._insert_records, tuple(
+            [record[column] for record in records] for column in (
+                "command_id", "fingerprint", "participant_id", "response", "recorded_at")))
 
     def _refuse_if_database_locked(self, session: Any) -> None:
         locked = self._database_locked(session)

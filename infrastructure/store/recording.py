@@ -14,30 +14,55 @@ from sqlalchemy.orm import Session
 
 
 class ApplicationRecorder(SQLAlchemyApplicationRecorder):
-    """Inserts a save's events with a Core ``INSERT ... RETURNING id`` (on PostgreSQL the
-    rows in one statement, the ids in the order given) under the library's table lock,
-    where the library adds ORM records to the session and flushes them: the unit of work
-    was a tenth of a command's Python. The lock, the notification and the conflicts raised
-    are the library's; a database without RETURNING gets the library's own insert."""
+    """Inserts a save's events with one statement returning their ids, under the library's
+    table lock, where the library adds ORM records to the session and flushes them (the
+    unit of work was a tenth of a command's Python). On PostgreSQL the rows go as four
+    arrays in binary (``unnest``): four parameters whatever the number of rows, a
+    statement the driver converts once, and states sent as their bytes rather than as hex
+    text; for 100 events about a sixth of the client's CPU of a multi-row
+    ``INSERT ... VALUES``. The ids come back in the order given. The lock, the
+    notification and the conflicts raised are the library's (the statement runs through
+    SQLAlchemy's connection, which turns a unique violation into its IntegrityError); a
+    database without RETURNING gets the library's own insert."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         table = self.events_record_cls.__table__
+        dialect = self.datastore.engine.dialect
+        self._returning = dialect.insert_returning
         self._insert = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-        self._returning = self.datastore.engine.dialect.insert_returning
+        self._arrays: str | None = None
+        if dialect.name == "postgresql":
+            name = self.events_table_name if self.schema_name is None else \
+                f"{self.schema_name}.{self.events_table_name}"
+            # Ordered by position in the arrays, the rows are inserted (and numbered by
+            # the id's sequence) in the order given.
+            self._arrays = (
+                f"INSERT INTO {name} (originator_id, originator_version, topic, state) "
+                "SELECT i, v, t, s FROM unnest(%b::uuid[], %b::integer[], %b::text[], "
+                "%b::bytea[]) WITH ORDINALITY AS rows (i, v, t, s, n) ORDER BY n "
+                "RETURNING id")
 
     def _insert_stored_events(self, session: Session, stored_events: Sequence[StoredEvent],
                               **kwargs: Any) -> Sequence[int]:
         if not self._returning:
             return super()._insert_stored_events(session, stored_events, **kwargs)
         self._lock_table(session)
-        ids: Sequence[int] = []
-        if stored_events:
-            ids = session.execute(self._insert, [
+        ids: list[int] = []
+        if stored_events and self._arrays is not None:
+            # The sequence numbers rows as they are inserted: ascending, the ids are in
+            # the arrays' order.
+            ids = sorted(session.connection().exec_driver_sql(self._arrays, (
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events])).scalars())
+        elif stored_events:
+            ids = list(session.execute(self._insert, [
                 {"originator_id": e.originator_id, "originator_version": e.originator_version,
-                 "topic": e.topic, "state": e.state} for e in stored_events]).scalars().all()
+                 "topic": e.topic, "state": e.state} for e in stored_events]).scalars())
         self._notify_channel(session)
-        return list(ids)
+        return ids
 
 
 class Factory(SQLAlchemyFactory):

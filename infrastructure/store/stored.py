@@ -18,7 +18,8 @@ from eventsourcing.application import project_aggregate
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
-from sqlalchemy import bindparam, case, func, literal, select, union_all
+from sqlalchemy import Uuid, any_, bindparam, case, func, literal, select, union_all
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from domain.chain import canonical_json
 from domain.participant import Participant, participant_uuid
@@ -134,7 +135,15 @@ def _newest_query(service: Any) -> Any:
     if query is not None:
         return query
     events = events_table(service.recorder)
-    ids = bindparam("ids", expanding=True)
+    # On PostgreSQL the ids go as one array: a statement the driver converts once, where
+    # an IN list of a batch's hundred ids is a new statement each time.
+    postgres = service.recorder.datastore.engine.dialect.name == "postgresql"
+    ids: Any = (any_(bindparam("ids", type_=ARRAY(Uuid()))) if postgres
+                else bindparam("ids", expanding=True))
+
+    def among(column: Any) -> Any:
+        return column == ids if postgres else column.in_(ids)
+
     columns = ("originator_id", "originator_version", "topic", "state")
     after: Any = 0
     parts = []
@@ -145,13 +154,13 @@ def _newest_query(service: Any) -> Any:
                   .where(other.c.originator_id == snapshots.c.originator_id)
                   .scalar_subquery())
         parts.append(select(literal(0).label("kind"), *(snapshots.c[c] for c in columns))
-                     .where(snapshots.c.originator_id.in_(ids),
+                     .where(among(snapshots.c.originator_id),
                             snapshots.c.originator_version == latest))
         after = func.coalesce(select(func.max(snapshots.c.originator_version))
                               .where(snapshots.c.originator_id == events.c.originator_id)
                               .scalar_subquery(), 0)
     parts.append(select(literal(1).label("kind"), *(events.c[c] for c in columns))
-                 .where(events.c.originator_id.in_(ids), events.c.originator_version > after))
+                 .where(among(events.c.originator_id), events.c.originator_version > after))
     both = union_all(*parts).subquery() if len(parts) > 1 else parts[0].subquery()
     query = _NEWEST[service] = select(both).order_by(both.c.kind, both.c.originator_version)
     return query

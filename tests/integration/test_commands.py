@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 
 from domain import commands as c
 from domain.errors import (
@@ -19,7 +20,7 @@ from domain.errors import (
 from domain.participant import participant_uuid
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.stored import position_of
-from infrastructure.store.tables import command_records
+from infrastructure.store.tables import as_utc, command_records
 from tests.factories import consent, new_participant_id, screening
 from tests.integration.helpers import REGISTERED, dose, enrol, send
 
@@ -357,3 +358,42 @@ def test_a_failure_that_is_no_refusal_writes_nothing_of_a_batch_or_only_itself_o
     assert isinstance(outcomes[0], Accepted) and isinstance(outcomes[1], RuntimeError)
     assert trialog.service.get_participant(second[0].command.participant_id).version == 1
     assert stored_versions(trialog, pid) == 3
+
+
+def test_a_batch_is_written_with_the_same_statements_whatever_its_size(trialog):
+    """On PostgreSQL a batch's look-ups and inserts send its values as arrays: the
+    statements are the same for 3 commands as for 40 (the driver converts each once),
+    and the idempotency records written that way hold each command's first answer."""
+    def batch(n: int) -> tuple[list[Intent], list[str]]:
+        executed: list[str] = []
+
+        def seen(connection, cursor, statement, parameters, context, executemany):
+            executed.append(statement)
+
+        intents = [Intent(c.ScreenParticipant(new_participant_id(), screening()),
+                          str(uuid.uuid4()), "test-import") for _ in range(n)]
+        event.listen(trialog.engine, "before_cursor_execute", seen)
+        try:
+            outcomes = trialog.bus.dispatch_all(intents)
+        finally:
+            event.remove(trialog.engine, "before_cursor_execute", seen)
+        assert all(isinstance(o, Accepted) and not o.replayed for o in outcomes)
+        return intents, executed
+
+    _, few = batch(3)
+    large, many = batch(40)
+    if trialog.engine.dialect.name == "postgresql":
+        assert many == few
+        assert len(many) < 15
+    with trialog.engine.connect() as connection:
+        rows = {row.command_id: row for row in connection.execute(
+            select(command_records).where(command_records.c.command_id.in_(
+                [i.command_id for i in large])))}
+    assert set(rows) == {i.command_id for i in large}
+    for intent in large:
+        again = trialog.bus.dispatch(intent.command, command_id=intent.command_id,
+                                     actor="test-import")
+        row = rows[intent.command_id]
+        assert again.replayed and again.body["participant_id"] == row.participant_id
+        assert as_utc(row.recorded_at) == datetime.fromisoformat(
+            again.body["events"][0]["recorded_at"])
