@@ -40,6 +40,7 @@ from infrastructure.store.stored import (
 )
 from infrastructure.store.tables import (
     READ_MODELS,
+    any_of,
     deviations,
     feed_events,
     participants,
@@ -323,6 +324,9 @@ class TrialProjection(LogFollower):
         super().__init__(trialog, batch_size)
         self.cache: OrderedDict[UUID, Participant] = OrderedDict()
         self.cache_size = cache_size
+        postgres = trialog.engine.dialect.name == "postgresql"
+        self._deletes = {table: delete(table).where(any_of(table.c.participant_id, postgres))
+                         for table in READ_MODELS}
 
     def apply(self, session: Session, batch: list[tuple[int, Any]]) -> None:
         touched: dict[str, tuple[Participant, int]] = {}
@@ -364,7 +368,7 @@ class TrialProjection(LogFollower):
             for table, row in read_model_rows(participant, self.trialog, position):
                 rows[table].append(row)
         for table in READ_MODELS:
-            session.execute(delete(table).where(table.c.participant_id.in_(ids)))
+            session.execute(self._deletes[table], {"ids": ids})
         for table in READ_MODELS:
             if rows[table]:
                 session.execute(insert(table), rows[table])
@@ -378,12 +382,13 @@ def read_model_rows(p: Participant, trialog: Trialog,
     """The read-model rows of one participant, as (table, row) pairs."""
     screening = p.screening
     eligible, failed = p.eligibility_now(trialog.protocol)
+    scored = p.scores()
     yield participants, {
         "participant_id": p.participant_id, "site_id": p.site_id, "status": p.status,
         "arm": p.arm, "version": p.version, "language": screening["language"],
         "eligible": eligible, "failed_criteria": failed,
         "screened_on": screening["screened_on"], "registered_on": p.registered_on,
-        "scores": p.scores(), "position": position, "management": management_view(p),
+        "scores": scored, "position": position, "management": management_view(p),
     }
     for q in p.queries.values():
         yield queries, {
@@ -412,7 +417,7 @@ def read_model_rows(p: Participant, trialog: Trialog,
                     "kind": offset.kind, "due_on": reminder_due(visit, offset),
                     "until": visit.window_end, "position": position,
                 }
-    for code, visit_scores in p.scores().items():
+    for code, visit_scores in scored.items():
         bpi = completed[code].get("bpi_sf") or {}
         average = bpi.get("average")
         yield scores, {"participant_id": p.participant_id, "visit": code, "arm": p.arm,

@@ -26,8 +26,7 @@ from typing import Any
 import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError
 from eventsourcing_sqlalchemy.datastore import transactions
-from sqlalchemy import String, any_, bindparam, insert, literal, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import bindparam, insert, literal, select, update
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from domain.access import EVERY_SITE, Scope
@@ -37,7 +36,7 @@ from domain.participant import Participant
 from domain.service import TrialService
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import load_participants, position_of
-from infrastructure.store.tables import as_utc, command_records, database_lock
+from infrastructure.store.tables import any_of, as_utc, command_records, database_lock
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
 
@@ -138,10 +137,8 @@ class CommandBus:
         # recording.py); elsewhere a row's parameters each.
         self._previous = select(command_records.c.command_id, command_records.c.fingerprint,
                                 command_records.c.response)
-        self._previous = self._previous.where(
-            command_records.c.command_id == any_(bindparam("ids", type_=ARRAY(String())))
-            if not self._sqlite else
-            command_records.c.command_id.in_(bindparam("ids", expanding=True)))
+        self._previous = self._previous.where(any_of(command_records.c.command_id,
+                                                     not self._sqlite))
         self._insert_records = None if self._sqlite else (
             f"INSERT INTO {command_records.name} (command_id, fingerprint, participant_id, "
             "response, recorded_at) SELECT * FROM unnest(%b::varchar[], %b::varchar[], "

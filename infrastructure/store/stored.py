@@ -18,11 +18,11 @@ from eventsourcing.application import project_aggregate
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
-from sqlalchemy import Uuid, any_, bindparam, case, func, literal, select, union_all
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Uuid, case, func, literal, select, union_all
 
 from domain.chain import canonical_json
 from domain.participant import Participant, participant_uuid
+from infrastructure.store.tables import any_of
 
 PARTICIPANT_TOPIC = get_topic(Participant) + "."
 
@@ -135,14 +135,10 @@ def _newest_query(service: Any) -> Any:
     if query is not None:
         return query
     events = events_table(service.recorder)
-    # On PostgreSQL the ids go as one array: a statement the driver converts once, where
-    # an IN list of a batch's hundred ids is a new statement each time.
     postgres = service.recorder.datastore.engine.dialect.name == "postgresql"
-    ids: Any = (any_(bindparam("ids", type_=ARRAY(Uuid()))) if postgres
-                else bindparam("ids", expanding=True))
 
     def among(column: Any) -> Any:
-        return column == ids if postgres else column.in_(ids)
+        return any_of(column, postgres, Uuid())
 
     columns = ("originator_id", "originator_version", "topic", "state")
     after: Any = 0

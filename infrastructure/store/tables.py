@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -19,7 +20,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
+    bindparam,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from domain.scoring import SCORE_NAMES
 
@@ -30,6 +34,16 @@ def as_utc(moment: datetime) -> datetime:
     """A time read from a ``DateTime(timezone=True)`` column, in UTC (SQLite gives it back
     without its zone)."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+def any_of(column: Any, postgres: bool, item_type: Any = None, name: str = "ids") -> Any:
+    """``column IN (:ids)``, the values bound when run. On PostgreSQL ``column = ANY(:ids)``
+    with the values as one array: the same statement whatever their number, which the
+    driver converts once (an IN list of a batch's hundreds of values is a new statement
+    each time, and the slowest part of a batch's Python)."""
+    if postgres:
+        return column == any_(bindparam(name, type_=ARRAY(item_type or column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
 
 # One row per accepted command: the idempotency key, a fingerprint of its body and the
 # answer given, written in the same transaction as the command's events.
