@@ -10,8 +10,9 @@ takes about a third of the time (the error store, closures and per-field options
 marshmallow sets up for every value are most of a valid body's cost).
 
 Only what the schemas here use is walked; a schema with anything else (load hooks,
-``@validates`` methods, ``data_key``, ``unknown`` other than RAISE) is loaded by
-marshmallow alone.
+``@validates`` methods, ``data_key``, ``unknown`` other than RAISE, a field or schema class
+that overrides a step the walk skips, such as a List's ``_deserialize`` or a field's
+``_validate``) is loaded by marshmallow alone.
 """
 
 from __future__ import annotations
@@ -57,8 +58,20 @@ def data_loaders(protocol: Protocol) -> dict[str, Load]:
     return {name: loader(schema()) for name, schema in data_schemas(protocol).items()}
 
 
+def _own(instance: Any, base: type, *methods: str) -> bool:
+    """Whether ``instance`` uses ``base``'s own ``methods`` (a subclass that overrides one
+    may refuse what the walk, which doesn't call it, would accept)."""
+    return all(getattr(type(instance), m) is getattr(base, m) for m in methods)
+
+
+# The methods a walked field or schema must not override: the walk bypasses them.
+_FIELD_STEPS = ("deserialize", "_validate", "_validate_all", "_validate_missing")
+
+
 def _schema_walk(schema: Schema) -> _Walk | None:
-    if (schema.many or schema.partial or schema.unknown != RAISE
+    if (not _own(schema, Schema, "load", "_do_load", "_deserialize",
+                 "_invoke_schema_validators")
+            or schema.many or schema.partial or schema.unknown != RAISE
             or schema.dict_class is not dict
             or any(schema._hooks[hook] for hook in (PRE_LOAD, POST_LOAD, VALIDATES))):
         return None
@@ -98,7 +111,11 @@ def _schema_walk(schema: Schema) -> _Walk | None:
 def _field_walk(field: fields.Field, name: str | None) -> _FieldWalk | None:
     """How one field's value is loaded: by the field itself, but for a nested schema or a
     list, whose items are walked."""
+    if not _own(field, fields.Field, *_FIELD_STEPS):
+        return None
     if isinstance(field, fields.Nested):
+        if not _own(field, fields.Nested, "_deserialize", "_load", "_test_collection"):
+            return None
         if field.many or field.only or field.exclude or field.unknown not in (None, RAISE):
             return None
         inner = _schema_walk(field.schema)
@@ -106,6 +123,8 @@ def _field_walk(field: fields.Field, name: str | None) -> _FieldWalk | None:
             return None
         return _composite(field, name, inner)
     if isinstance(field, fields.List):
+        if not _own(field, fields.List, "_deserialize"):
+            return None
         item = _field_walk(field.inner, None)
         if item is None:
             return None
@@ -116,8 +135,7 @@ def _field_walk(field: fields.Field, name: str | None) -> _FieldWalk | None:
             return [item(each, None) for each in value]
 
         return _composite(field, name, items)
-    if (field.pre_load or field.post_load
-            or type(field).deserialize is not fields.Field.deserialize):
+    if field.pre_load or field.post_load:
         return None
     # Field.deserialize's steps, but for And(*validators) built on every call.
     convert, validators = field._deserialize, tuple(field.validators)
@@ -138,8 +156,7 @@ def _composite(field: fields.Field, name: str | None,
                inner: Callable[[Any], Any]) -> _FieldWalk | None:
     """A field holding other values: present and not null, its values walked, then its own
     validators; missing or null, as the field says."""
-    if (field.pre_load or field.post_load
-            or type(field).deserialize is not fields.Field.deserialize):
+    if field.pre_load or field.post_load:
         return None
     validators = list(field.validators)
 

@@ -39,7 +39,7 @@ class ApplicationRecorder(SQLAlchemyApplicationRecorder):
             # the id's sequence) in the order given.
             self._arrays = (
                 f"INSERT INTO {name} (originator_id, originator_version, topic, state) "
-                "SELECT i, v, t, s FROM unnest(%b::uuid[], %b::integer[], %b::text[], "
+                "SELECT i, v, t, s FROM unnest(%b::uuid[], %b::bigint[], %b::text[], "
                 "%b::bytea[]) WITH ORDINALITY AS rows (i, v, t, s, n) ORDER BY n "
                 "RETURNING id")
 

@@ -40,8 +40,9 @@ def any_of(column: Any, postgres: bool, item_type: Any = None, name: str = "ids"
     with the values as one array: the same statement whatever their number, which the
     driver converts once (an IN list of a batch's hundreds of values is a new statement
     each time, and the slowest part of a batch's Python)."""
-    if postgres:
-        return column == any_(bindparam(name, type_=ARRAY(item_type or column.type)))
+    if postgres:  # an array of text, not of varchar(n): a cast to varchar(n) truncates
+        item_type = item_type or (Text() if isinstance(column.type, String) else column.type)
+        return column == any_(bindparam(name, type_=ARRAY(item_type)))
     return column.in_(bindparam(name, expanding=True))
 
 

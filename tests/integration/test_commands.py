@@ -20,7 +20,7 @@ from domain.errors import (
 from domain.participant import participant_uuid
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.stored import position_of
-from infrastructure.store.tables import as_utc, command_records
+from infrastructure.store.tables import any_of, as_utc, command_records
 from tests.factories import consent, new_participant_id, screening
 from tests.integration.helpers import REGISTERED, dose, enrol, send
 
@@ -397,3 +397,17 @@ def test_a_batch_is_written_with_the_same_statements_whatever_its_size(trialog):
         assert again.replayed and again.body["participant_id"] == row.participant_id
         assert as_utc(row.recorded_at) == datetime.fromisoformat(
             again.body["events"][0]["recorded_at"])
+
+
+def test_a_batch_look_up_matches_whole_ids_only(trialog):
+    """``any_of`` compares the whole value: an id longer than the column (which a cast to
+    the column's varchar(n) would cut) finds nothing, as an IN list finds nothing."""
+    command_id = str(uuid.uuid4())
+    send(trialog, c.ScreenParticipant(new_participant_id(), screening()), command_id=command_id)
+    postgres = trialog.engine.dialect.name == "postgresql"
+    query = select(command_records.c.command_id).where(
+        any_of(command_records.c.command_id, postgres))
+    with trialog.engine.connect() as connection:
+        assert connection.execute(query, {"ids": [command_id]}).scalars().all() == [
+            command_id]
+        assert connection.execute(query, {"ids": [command_id + "-longer"]}).all() == []

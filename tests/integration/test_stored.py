@@ -79,7 +79,7 @@ def test_a_saves_events_are_inserted_together_in_the_order_given(isolated):
     streams = [uuid4() for _ in range(5)]
     events = [StoredEvent(originator_id=stream, originator_version=version,
                           topic="tests:Event", state=f"{stream}/{version}".encode())
-              for version in (1, 2) for stream in streams]
+              for version in (1, 2**31) for stream in streams]  # the column is a bigint
     statements: list[str] = []
 
     def count(connection, cursor, statement, *_):

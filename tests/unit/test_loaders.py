@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from marshmallow import Schema, ValidationError
+from marshmallow import Schema, ValidationError, fields
 
 from domain.commands import COMMAND_TYPES
 from infrastructure.api.schemas import CommandEnvelope
@@ -193,3 +193,31 @@ def test_a_valid_body_is_walked_without_marshmallows_load(type_name, monkeypatch
     assert load(copy.deepcopy(EXAMPLES[type_name]))
     with pytest.raises(_Refusing):
         load({**EXAMPLES[type_name], "unexpected": 1})
+
+
+class _NoRepeats(fields.List):
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        out = super()._deserialize(value, attr, data, **kwargs)
+        if len(set(out)) != len(out):
+            raise ValidationError("no repeats")
+        return out
+
+
+class _NotBad(fields.String):
+    def _validate(self, value: Any) -> None:
+        if value == "bad":
+            raise ValidationError("bad")
+        super()._validate(value)
+
+
+def test_a_field_that_overrides_a_step_the_walk_skips_is_loaded_by_marshmallow():
+    """A List subclass checking its items together, a field validating in ``_validate``:
+    the walk would not call them, so their schemas are not walked."""
+    schema = Schema.from_dict({"xs": _NoRepeats(fields.String()), "s": _NotBad()})()
+    load = loader(schema)
+    assert load == schema.load
+    for body in ({"xs": ["a", "a"], "s": "ok"}, {"xs": ["a"], "s": "bad"}):
+        assert _outcome(load, body)[0] == "refused"
+        assert _outcome(load, body) == _outcome(schema.load, body)
+    nested = Schema.from_dict({"inner": fields.Nested(schema)})()
+    assert _outcome(loader(nested), {"inner": {"xs": ["a", "a"]}})[0] == "refused"
