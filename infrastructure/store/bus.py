@@ -39,6 +39,10 @@ from infrastructure.store.stored import load_participants, position_of
 from infrastructure.store.tables import any_of, as_utc, command_records, database_lock
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
+# An idempotency record's columns, and the PostgreSQL array type each is sent as.
+RECORD_ARRAYS = (("command_id", "varchar"), ("fingerprint", "varchar"),
+                 ("participant_id", "varchar"), ("response", "text"),
+                 ("recorded_at", "timestamptz"))
 
 
 @dataclass(frozen=True)
@@ -135,14 +139,13 @@ class CommandBus:
         self._insert_record = insert(command_records)
         # A batch's idempotency records: on PostgreSQL as arrays, in binary (see
         # recording.py); elsewhere a row's parameters each.
-        self._previous = select(command_records.c.command_id, command_records.c.fingerprint,
-                                command_records.c.response)
-        self._previous = self._previous.where(any_of(command_records.c.command_id,
+        self._previous = select(
+            command_records.c.command_id, command_records.c.fingerprint,
+            command_records.c.response).where(any_of(command_records.c.command_id,
                                                      not self._sqlite))
         self._insert_records = None if self._sqlite else (
-            f"INSERT INTO {command_records.name} (command_id, fingerprint, participant_id, "
-            "response, recorded_at) SELECT * FROM unnest(%b::varchar[], %b::varchar[], "
-            "%b::varchar[], %b::text[], %b::timestamptz[])")
+            f"INSERT INTO {command_records.name} ({', '.join(c for c, _ in RECORD_ARRAYS)}) "
+            f"SELECT * FROM unnest({', '.join(f'%b::{t}[]' for _, t in RECORD_ARRAYS)})")
         self._lock_row = select(database_lock.c.locked_at, database_lock.c.locked_by).where(
             database_lock.c.study_id == self.study_id)
         # One statement for a command's idempotency record (NULLs when there is none) and
@@ -376,8 +379,7 @@ class CommandBus:
             session.execute(self._insert_record, records)
             return
         session.connection().exec_driver_sql(self._insert_records, tuple(
-            [record[column] for record in records] for column in (
-                "command_id", "fingerprint", "participant_id", "response", "recorded_at")))
+            [record[column] for record in records] for column, _ in RECORD_ARRAYS))
 
     def _refuse_if_database_locked(self, session: Any) -> None:
         locked = self._database_locked(session)

@@ -35,6 +35,7 @@ def as_utc(moment: datetime) -> datetime:
     without its zone)."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
+
 def any_of(column: Any, postgres: bool, item_type: Any = None, name: str = "ids") -> Any:
     """``column IN (:ids)``, the values bound when run. On PostgreSQL ``column = ANY(:ids)``
     with the values as one array: the same statement whatever their number, which the
