@@ -171,9 +171,8 @@ class Feed:
             stream = streams[as_uuid(row.originator_id)]
             body, contact, entry = None, None, None
             try:
-                event, has_contact = self._cloud_event(row, stream, contact=False)
-                if has_contact:  # both renderings, or neither (then from the store)
-                    full, _ = self._cloud_event(row, stream, contact=True)
+                event, full = self._renderings(row, stream)
+                if full is not None:  # both renderings, or neither (then from the store)
                     contact = encrypt(mapper, orjson.dumps(full))
                 body = orjson.dumps(event).decode()
                 entry = orjson.dumps(history_entry(event)).decode()
@@ -247,15 +246,26 @@ class Feed:
                      contact: bool) -> tuple[dict[str, Any], bool]:
         """The event as a CloudEvent, with its contact details or without, and whether it
         holds any."""
+        redacted, full = self._renderings(row, stream)
+        return (full if contact and full is not None else redacted), full is not None
+
+    def _renderings(self, row: Any,
+                    stream: Stream) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The event as a CloudEvent without contact details, and with them when it holds
+        any (else None), from one decoding of the stored event."""
         content = self._content(row)
         entry = event_entry(as_uuid(row.originator_id), row.originator_version, row.topic,
                             content)
-        has_contact = False
         if CONTACT_MARKERS & content.keys():
             redacted = redact_contact(entry)
-            has_contact = redacted != entry
-            if not contact:
-                entry = redacted
+            if redacted != entry:
+                return (self._wrapped(row, stream, content, redacted),
+                        self._wrapped(row, stream, content, entry))
+        return self._wrapped(row, stream, content, entry), None
+
+    def _wrapped(self, row: Any, stream: Stream, content: dict[str, Any],
+                 entry: dict[str, Any]) -> dict[str, Any]:
+        entry = dict(entry)
         digest = entry.pop("digest")
         return {
             "specversion": "1.0", "id": str(row.id), "source": self.source,
@@ -263,7 +273,7 @@ class Feed:
             "time": entry["recorded_at"], "datacontenttype": "application/json",
             "data": entry, "position": row.id, "digest": digest,
             "previousdigest": content.get("previous_digest", ""),
-        }, has_contact
+        }
 
     def checkpoint(self, reader: Reader) -> dict[str, Any]:
         """The newest position of the log, how many events up to it the reader may see,

@@ -43,6 +43,7 @@ from infrastructure.store.tables import (
     any_of,
     deviations,
     feed_events,
+    insert_rows,
     participants,
     positions,
     queries,
@@ -370,8 +371,7 @@ class TrialProjection(LogFollower):
         for table in READ_MODELS:
             session.execute(self._deletes[table], {"ids": ids})
         for table in READ_MODELS:
-            if rows[table]:
-                session.execute(insert(table), rows[table])
+            insert_rows(session, table, rows[table])
 
     def forget_all(self) -> None:
         self.cache.clear()
@@ -450,7 +450,7 @@ class FeedProjection(LogFollower):
     def _apply_rows(self, session: Session, rows: list[Any]) -> None:
         if not rows:
             return
-        session.execute(insert(feed_events), self.feed.render(session, rows))
+        insert_rows(session, feed_events, self.feed.render(session, rows))
         self._move_to(session, rows[-1].id)
 
 

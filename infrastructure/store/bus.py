@@ -36,13 +36,15 @@ from domain.participant import Participant
 from domain.service import TrialService
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import load_participants, position_of
-from infrastructure.store.tables import any_of, as_utc, command_records, database_lock
+from infrastructure.store.tables import (
+    any_of,
+    as_utc,
+    command_records,
+    database_lock,
+    insert_rows,
+)
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
-# An idempotency record's columns, and the PostgreSQL array type each is sent as.
-RECORD_ARRAYS = (("command_id", "varchar"), ("fingerprint", "varchar"),
-                 ("participant_id", "varchar"), ("response", "text"),
-                 ("recorded_at", "timestamptz"))
 
 
 @dataclass(frozen=True)
@@ -137,15 +139,10 @@ class CommandBus:
         self._sqlite = service.recorder.datastore.engine.dialect.name == "sqlite"
         # Statements built once (the values bound when run).
         self._insert_record = insert(command_records)
-        # A batch's idempotency records: on PostgreSQL as arrays, in binary (see
-        # recording.py); elsewhere a row's parameters each.
         self._previous = select(
             command_records.c.command_id, command_records.c.fingerprint,
             command_records.c.response).where(any_of(command_records.c.command_id,
                                                      not self._sqlite))
-        self._insert_records = None if self._sqlite else (
-            f"INSERT INTO {command_records.name} ({', '.join(c for c, _ in RECORD_ARRAYS)}) "
-            f"SELECT * FROM unnest({', '.join(f'%b::{t}[]' for _, t in RECORD_ARRAYS)})")
         self._lock_row = select(database_lock.c.locked_at, database_lock.c.locked_by).where(
             database_lock.c.study_id == self.study_id)
         # One statement for a command's idempotency record (NULLs when there is none) and
@@ -358,7 +355,8 @@ class CommandBus:
                 records.append(self._record(intent, digest, audit, body))
                 first[intent.command_id] = index
             if records:
-                self._insert_records_of(session, records)
+                # On PostgreSQL as arrays, in binary (see insert_rows).
+                insert_rows(session, command_records, records)
                 positions = together.save()
                 meanwhile = (self._database_locked(session) if any(
                     type(intents[i].command) in DATA_COMMANDS for i in bodies) else None)
@@ -373,13 +371,6 @@ class CommandBus:
                 body = bodies[first[intent.command_id]][0]
                 outcomes[index] = Accepted(dict(body), replayed=True)
         return [outcome for outcome in outcomes if outcome is not None]  # each is, now
-
-    def _insert_records_of(self, session: Any, records: list[dict[str, Any]]) -> None:
-        if self._insert_records is None:
-            session.execute(self._insert_record, records)
-            return
-        session.connection().exec_driver_sql(self._insert_records, tuple(
-            [record[column] for record in records] for column, _ in RECORD_ARRAYS))
 
     def _refuse_if_database_locked(self, session: Any) -> None:
         locked = self._database_locked(session)

@@ -10,28 +10,45 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import orjson
 import pytest
 from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
     Column,
+    Date,
+    DateTime,
+    Float,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
+    Text,
+    cast,
     delete,
     event,
     insert,
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 
 from domain import commands as c
 from domain.access import EVERY_SITE, Scope
 from domain.participant import participant_uuid
 from infrastructure.audit.feed import Feed, Reader
 from infrastructure.readside.projections import FeedProjection, LogFollower, TrialProjection
-from infrastructure.store.tables import READ_MODELS, feed_events, participants, positions
+from infrastructure.store.tables import (
+    READ_MODELS,
+    feed_events,
+    insert_rows,
+    participants,
+    positions,
+)
 from tests.conftest import TEST_SECRETS
 from tests.factories import consent
 from tests.integration.helpers import dose, enrol, send
@@ -420,3 +437,78 @@ def _rows_of(t, pid):
         return connection.execute(select(table.c.id).where(
             table.c.originator_id == participant_uuid(pid))).all()
 
+
+
+def _sample_rows(table: Table) -> list[dict]:
+    """Two rows of ``table``: a value of each column's type (an int in a float column, text
+    beyond ASCII, a JSON document), then None in every nullable column (JSON's null)."""
+    full, empty = {}, {}
+    for n, column in enumerate(table.columns):
+        kind = column.type
+        if isinstance(kind, Boolean):
+            value = True
+        elif isinstance(kind, BigInteger):
+            value = 2**40 + n
+        elif isinstance(kind, Integer):
+            value = 7 + n
+        elif isinstance(kind, Float):
+            value = 3  # the column's bind processor makes it 3.0
+        elif isinstance(kind, DateTime):
+            value = datetime(2026, 3, 2, 9, 30, n, 250, tzinfo=UTC)
+        elif isinstance(kind, Date):
+            value = date(2026, 3, 2 + n)
+        elif isinstance(kind, JSON):
+            value = {"ñ": [1, 2.5, None, "día"], "n": n}
+        elif isinstance(kind, LargeBinary):
+            value = bytes(range(n, n + 40))
+        else:
+            value = f"{column.name}-é-{n}"[:kind.length or 100]
+        full[column.name] = value
+        unique = column.primary_key or any(column.name in i.columns for i in table.indexes
+                                           if i.unique)
+        empty[column.name] = None if column.nullable else (
+            value + 1 if isinstance(value, int) and not isinstance(value, bool)
+            else (f"{value}"[:-1] + "2" if unique or column.primary_key else value))
+    return [full, empty]
+
+
+@pytest.mark.parametrize("table", [*READ_MODELS, feed_events], ids=lambda t: t.name)
+def test_rows_inserted_in_one_statement_read_back_as_sqlalchemy_wrote_them(isolated, table):
+    """insert_rows writes what SQLAlchemy's executemany writes, value for value read back as
+    text (JSON's null is not SQL's NULL); on PostgreSQL as one statement, whatever the
+    number of rows."""
+    rows = _sample_rows(table)
+    as_text = select(*(cast(column, Text) for column in table.columns))
+    statements: list[str] = []
+
+    def listen(connection, cursor, statement, *_) -> None:
+        statements.append(statement)
+
+    written = {}
+    for how in ("sqlalchemy", "insert_rows"):
+        with isolated.engine.begin() as connection:
+            connection.execute(delete(table))
+            statements.clear()
+            event.listen(connection, "before_cursor_execute", listen)
+            if how == "sqlalchemy":
+                connection.execute(insert(table), rows)
+            else:
+                insert_rows(connection, table, rows)
+            event.remove(connection, "before_cursor_execute", listen)
+            written[how] = sorted(connection.execute(as_text).all(), key=repr)
+    if isolated.engine.dialect.name == "postgresql":  # the last: insert_rows's
+        assert len(statements) == 1 and "unnest(" in statements[0]
+    assert len(written["insert_rows"]) == 2
+    assert written["insert_rows"] == written["sqlalchemy"]
+
+
+def test_a_value_too_long_for_its_column_is_refused_not_cut(isolated):
+    """The arrays are sent as text, not as the columns' varchar(n) (a cast would cut): a
+    value too long is refused as a plain insert refuses it, and nothing is written."""
+    if isolated.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite does not check a varchar's length")
+    row = _sample_rows(participants)[0] | {"site_id": "S" * 33}  # varchar(32)
+    with pytest.raises(DBAPIError, match="too long"), isolated.engine.begin() as connection:
+        insert_rows(connection, participants, [row])
+    with isolated.engine.connect() as connection:
+        assert connection.execute(select(participants)).all() == []
