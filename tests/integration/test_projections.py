@@ -4,6 +4,7 @@ a rebuild, and after a crash mid-batch."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -512,3 +513,37 @@ def test_a_value_too_long_for_its_column_is_refused_not_cut(isolated):
         insert_rows(connection, participants, [row])
     with isolated.engine.connect() as connection:
         assert connection.execute(select(participants)).all() == []
+
+
+def test_each_batch_replaces_its_participants_rows_in_every_read_model(isolated):
+    """A batch deletes its participants' rows from every read model before writing them
+    again (on PostgreSQL in one statement, the other tables' deletes as its WITH clauses):
+    batch by batch, as participants come back with new events, the tables end as a
+    rebuild's."""
+    projection = TrialProjection(isolated, batch_size=3)
+    workload(isolated, participants_=2)
+    statements: list[str] = []
+
+    def listen(connection, cursor, statement, *_) -> None:
+        statements.append(statement)
+
+    engines = {isolated.engine, projection.recorder.datastore.engine}
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", listen)
+    try:
+        steps = 0
+        while projection.step():
+            steps += 1
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", listen)
+    deletes = [s for s in statements if "DELETE FROM" in s]
+    postgres = isolated.engine.dialect.name == "postgresql"
+    assert steps > 4
+    assert len(deletes) == (steps if postgres else steps * len(READ_MODELS))
+    assert {table.name for table in READ_MODELS} == {
+        name for s in deletes for name in re.findall(r"DELETE FROM (\w+)", s)}
+    live = snapshot(isolated)
+    assert len(live["rm_visits"]) == 2 * 4 and len(live["rm_scores"]) == 2
+    projection.rebuild()
+    assert snapshot(isolated) == live
