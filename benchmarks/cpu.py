@@ -74,7 +74,7 @@ def results(url: str, raw_env: dict[str, str], secrets: dict[str, str], engine: 
         time.sleep(5)  # the followers' process has started too
         each = total // http.CLIENTS
         found = {"commands_http": per_command(
-                     each * http.CLIENTS, lambda: http.from_each(base, clients, each)),
+                     each * http.CLIENTS, lambda: http.from_each(clients, each)),
                  "bulk_import": per_command(2000, lambda: http.bulk_import(base, token, 1000))}
     found["library_single_event_save_8_threads"] = per_command(
         total, lambda: http.raw_concurrent_saves(raw_env, total))
