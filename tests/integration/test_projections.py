@@ -503,11 +503,11 @@ def test_rows_inserted_in_one_statement_read_back_as_sqlalchemy_wrote_them(isola
     assert written["insert_rows"] == written["sqlalchemy"]
 
 
+@pytest.mark.parametrize("isolated_url", ["postgresql"], indirect=True)
 def test_a_value_too_long_for_its_column_is_refused_not_cut(isolated):
     """The arrays are sent as text, not as the columns' varchar(n) (a cast would cut): a
-    value too long is refused as a plain insert refuses it, and nothing is written."""
-    if isolated.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite does not check a varchar's length")
+    value too long is refused as a plain insert refuses it, and nothing is written (on
+    PostgreSQL: SQLite does not check a varchar's length)."""
     row = _sample_rows(participants)[0] | {"site_id": "S" * 33}  # varchar(32)
     with pytest.raises(DBAPIError, match="too long"), isolated.engine.begin() as connection:
         insert_rows(connection, participants, [row])
