@@ -74,8 +74,9 @@ class LogFollower:
         # An event after a quiet spell is applied at once.
         self.gather = GATHER_SECONDS
         self._position_exists = False
-        # A step's statements, built once (the values bound when run).
-        mine = positions.c.name == self.name
+        # A step's statements, built once; the values bound when run, the follower's name
+        # too (a follower may be named after it is made).
+        mine = positions.c.name == bindparam("follower")
         self._news = select(
             select(func.max(self.events_table.c.id)).scalar_subquery(),
             select(positions.c.position).where(mine).scalar_subquery())
@@ -115,17 +116,18 @@ class LogFollower:
 
     def _claim(self, session: Session) -> int:
         """Locks this follower's position row for the transaction and reads it."""
-        return int(session.execute(self._claim_row).scalar_one())
+        return int(session.execute(self._claim_row, {"follower": self.name}).scalar_one())
 
     def _move_to(self, session: Session, position: int) -> None:
         """This follower's position, in the transaction of what it applied up to there."""
-        session.execute(self._move, {"position": position, "updated_at": datetime.now(UTC)})
+        session.execute(self._move, {"follower": self.name, "position": position,
+                                     "updated_at": datetime.now(UTC)})
 
     def _behind(self) -> bool:
         """Whether the store holds events past this follower's position: the head and the
         position in one query."""
         with self.trialog.engine.connect() as connection:
-            head, position = connection.execute(self._news).one()
+            head, position = connection.execute(self._news, {"follower": self.name}).one()
         return int(head or 0) > int(position or 0)
 
     # What a rebuild empties before applying every event again; forget() is called for all.

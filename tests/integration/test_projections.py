@@ -23,6 +23,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Enum,
     Float,
     Integer,
     LargeBinary,
@@ -43,6 +44,7 @@ from domain.access import EVERY_SITE, Scope
 from domain.participant import participant_uuid
 from infrastructure.audit.feed import Feed, Reader
 from infrastructure.readside.projections import FeedProjection, LogFollower, TrialProjection
+from infrastructure.readside.quarantine import count as quarantine_count
 from infrastructure.store.tables import (
     READ_MODELS,
     feed_events,
@@ -51,7 +53,7 @@ from infrastructure.store.tables import (
     positions,
 )
 from tests.conftest import TEST_SECRETS
-from tests.factories import consent
+from tests.factories import consent, new_participant_id, screening
 from tests.integration.helpers import dose, enrol, send
 
 TRIALOG = str(Path(sys.executable).with_name("trialog"))
@@ -98,20 +100,7 @@ def stored_versions(t) -> dict[str, int]:
 def test_a_live_follower_applies_every_event_once_under_8_concurrent_writers(isolated):
     applied_table.create(isolated.engine)
     recorder, projection = Recorder(isolated, batch_size=50), TrialProjection(isolated, 50)
-    stop = threading.Event()
-    followers = [threading.Thread(target=f.follow, args=(stop,)) for f in (recorder, projection)]
-    for thread in followers:
-        thread.start()
-    with ThreadPoolExecutor(8) as writers:
-        pids = list(writers.map(lambda _: _write_one(isolated), range(80)))
-    deadline = time.monotonic() + 60
-    while min(recorder.position(), projection.position()) < recorder.head():
-        assert time.monotonic() < deadline, "the followers did not catch up"
-        time.sleep(0.05)
-    stop.set()
-    for thread in followers:
-        thread.join()
-
+    pids = _following(isolated, [recorder, projection], writers=8, participants_=80)
     with isolated.engine.connect() as connection:
         every_id = set(connection.execute(select(recorder.events_table.c.id)).scalars())
         applied = list(connection.execute(select(applied_table.c.id)).scalars())
@@ -120,6 +109,43 @@ def test_a_live_follower_applies_every_event_once_under_8_concurrent_writers(iso
     versions = stored_versions(isolated)
     assert {pid: versions[pid] for pid in pids} == {
         pid: isolated.service.get_participant(pid).version for pid in pids}
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql"], indirect=True)
+def test_two_followers_of_one_name_apply_every_event_once_under_concurrent_writers(isolated):
+    """Two processes' followers of the same name share its position row: the claim locks
+    it, so a batch is applied by one of them only, and none is skipped. (A second
+    application would break the primary key and set its participant aside: the
+    quarantine stays empty.)"""
+    applied_table.create(isolated.engine)
+    twins = [Recorder(isolated, batch_size=7) for _ in range(2)]
+    _following(isolated, twins, writers=6, participants_=40)
+    with isolated.engine.connect() as connection:
+        every_id = set(connection.execute(select(twins[0].events_table.c.id)).scalars())
+        applied = list(connection.execute(select(applied_table.c.id)).scalars())
+        assert quarantine_count(connection) == 0
+    assert len(every_id) > 40 * 8
+    assert sorted(applied) == sorted(every_id)
+
+
+def _following(t, followers: list[LogFollower], writers: int,
+               participants_: int) -> list[str]:
+    """Runs the followers in threads while ``writers`` threads write ``participants_``
+    participants, until every follower has caught up; the participants' ids."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=f.follow, args=(stop,)) for f in followers]
+    for thread in threads:
+        thread.start()
+    with ThreadPoolExecutor(writers) as pool:
+        pids = list(pool.map(lambda _: _write_one(t), range(participants_)))
+    deadline = time.monotonic() + 60
+    while min(f.position() for f in followers) < followers[0].head():
+        assert time.monotonic() < deadline, "the followers did not catch up"
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return pids
 
 
 def _write_one(t) -> str:
@@ -453,7 +479,7 @@ def _sample_rows(table: Table) -> list[dict]:
         elif isinstance(kind, Integer):
             value = 7 + n
         elif isinstance(kind, Float):
-            value = 3  # the column's bind processor makes it 3.0
+            value = 3  # an int in a float column
         elif isinstance(kind, DateTime):
             value = datetime(2026, 3, 2, 9, 30, n, 250, tzinfo=UTC)
         elif isinstance(kind, Date):
@@ -547,3 +573,31 @@ def test_each_batch_replaces_its_participants_rows_in_every_read_model(isolated)
     assert len(live["rm_visits"]) == 2 * 4 and len(live["rm_scores"]) == 2
     projection.rebuild()
     assert snapshot(isolated) == live
+
+
+def test_a_follower_named_after_it_is_made_claims_and_moves_its_own_row(isolated):
+    """A follower's position row is the one of its name when it runs (as position() reads
+    it), not of the name its class had when it was made: two followers never share one."""
+    send(isolated, c.ScreenParticipant(new_participant_id(), screening()))
+    follower = TrialProjection(isolated)
+    follower.name = "renamed_trial"
+    assert follower.step() > 0
+    assert follower.position() == follower.head()
+    assert TrialProjection(isolated).position() == 0
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql"], indirect=True)
+def test_rows_the_arrays_cannot_carry_are_refused_before_anything_is_sent(isolated):
+    """insert_rows refuses rows whose keys differ (each column is one array) and column
+    types it has no array form for, rather than writing something else."""
+    rows = _sample_rows(participants)
+    other_keys = [rows[0], {k: v for k, v in rows[1].items() if k != "management"}]
+    odd = Table("test_odd_types", MetaData(), Column("id", Integer, primary_key=True),
+                Column("kind", Enum("a", "b", name="test_odd_kind")))
+    with isolated.engine.begin() as connection:
+        with pytest.raises(KeyError, match="other keys"):
+            insert_rows(connection, participants, other_keys)
+        with pytest.raises(NotImplementedError, match="no array form"):
+            insert_rows(connection, odd, [{"id": 1, "kind": "a"}])
+    with isolated.engine.connect() as connection:
+        assert connection.execute(select(participants)).all() == []
