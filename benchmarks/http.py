@@ -96,10 +96,15 @@ class Client:
         self.headers = {"Authorization": f"Bearer {token}",
                         "Content-Type": "application/json"}
 
-    def post(self, path: str, body: Any) -> tuple[int, Any]:
+    def post(self, path: str, body: Any, timeout: float = 60.0) -> tuple[int, Any]:
+        """The status and the decoded answer (its first 500 bytes when it is not JSON, as
+        a proxy's or a crashed server's error page)."""
         answer = self.pool.request("POST", path, body=json.dumps(body).encode(),
-                                   headers=self.headers)
-        return answer.status, answer.json()
+                                   headers=self.headers, timeout=timeout)
+        try:
+            return answer.status, answer.json()
+        except ValueError:
+            return answer.status, answer.data[:500]
 
 
 def _commands(client: Client, n: int, site: str = "CASE") -> None:
@@ -223,7 +228,10 @@ def bulk_import(base: str, token: str, participants: int) -> float:
                                   "signed_by": "participant", "language": "en"}})
     start = time.perf_counter()
     for i in range(0, len(commands), 100):
-        _, answer = client.post("/v1/commands/batch", {"commands": commands[i:i + 100]})
+        status, answer = client.post("/v1/commands/batch",
+                                     {"commands": commands[i:i + 100]}, timeout=120.0)
+        if status != 200:
+            raise RuntimeError(f"batch answered {status}: {answer}")
         statuses = {r["status"] for r in answer["results"]}
         if statuses != {201}:
             raise RuntimeError(f"batch answered {statuses}")
