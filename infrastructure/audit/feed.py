@@ -171,9 +171,11 @@ class Feed:
             stream = streams[as_uuid(row.originator_id)]
             body, contact, entry = None, None, None
             try:
-                event, full = self._renderings(row, stream)
+                content, redacted, full = self._entries(row)
+                event = self._wrapped(row, stream, content, redacted)
                 if full is not None:  # both renderings, or neither (then from the store)
-                    contact = encrypt(mapper, orjson.dumps(full))
+                    contact = encrypt(mapper, orjson.dumps(
+                        self._wrapped(row, stream, content, full)))
                 body = orjson.dumps(event).decode()
                 entry = orjson.dumps(history_entry(event)).decode()
             except Exception:
@@ -246,22 +248,22 @@ class Feed:
                      contact: bool) -> tuple[dict[str, Any], bool]:
         """The event as a CloudEvent, with its contact details or without, and whether it
         holds any."""
-        redacted, full = self._renderings(row, stream)
-        return (full if contact and full is not None else redacted), full is not None
+        content, redacted, full = self._entries(row)
+        shown = full if contact and full is not None else redacted
+        return self._wrapped(row, stream, content, shown), full is not None
 
-    def _renderings(self, row: Any,
-                    stream: Stream) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The event as a CloudEvent without contact details, and with them when it holds
-        any (else None), from one decoding of the stored event."""
+    def _entries(self, row: Any) -> tuple[dict[str, Any], dict[str, Any],
+                                          dict[str, Any] | None]:
+        """The stored event decoded once: its content, its history entry without contact
+        details, and with them when it holds any (else None)."""
         content = self._content(row)
         entry = event_entry(as_uuid(row.originator_id), row.originator_version, row.topic,
                             content)
         if CONTACT_MARKERS & content.keys():
             redacted = redact_contact(entry)
             if redacted != entry:
-                return (self._wrapped(row, stream, content, redacted),
-                        self._wrapped(row, stream, content, entry))
-        return self._wrapped(row, stream, content, entry), None
+                return content, redacted, entry
+        return content, entry, None
 
     def _wrapped(self, row: Any, stream: Stream, content: dict[str, Any],
                  entry: dict[str, Any]) -> dict[str, Any]:

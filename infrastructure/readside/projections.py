@@ -77,9 +77,9 @@ class LogFollower:
         # A step's statements, built once; the values bound when run, the follower's name
         # too (a follower may be named after it is made).
         mine = positions.c.name == bindparam("follower")
-        self._news = select(
-            select(func.max(self.events_table.c.id)).scalar_subquery(),
-            select(positions.c.position).where(mine).scalar_subquery())
+        self._position = select(positions.c.position).where(mine)
+        self._news = select(select(func.max(self.events_table.c.id)).scalar_subquery(),
+                            self._position.scalar_subquery())
         # Locks the position row for the transaction, and reads it.
         self._claim_row = (update(positions).where(mine).values(position=positions.c.position)
                            .returning(positions.c.position))
@@ -90,9 +90,7 @@ class LogFollower:
 
     def position(self) -> int:
         with self.trialog.engine.connect() as connection:
-            value = connection.execute(
-                select(positions.c.position).where(positions.c.name == self.name)
-            ).scalar()
+            value = connection.execute(self._position, {"follower": self.name}).scalar()
         return int(value or 0)
 
     def head(self) -> int:

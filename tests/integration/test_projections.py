@@ -493,9 +493,12 @@ def _sample_rows(table: Table) -> list[dict]:
         full[column.name] = value
         unique = column.primary_key or any(column.name in i.columns for i in table.indexes
                                            if i.unique)
-        empty[column.name] = None if column.nullable else (
-            value + 1 if isinstance(value, int) and not isinstance(value, bool)
-            else (f"{value}"[:-1] + "2" if unique or column.primary_key else value))
+        if column.nullable:
+            empty[column.name] = None
+        elif isinstance(value, int) and not isinstance(value, bool):
+            empty[column.name] = value + 1
+        else:  # a key's text differs in its last letter
+            empty[column.name] = value[:-1] + "2" if unique else value
     return [full, empty]
 
 
