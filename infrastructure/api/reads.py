@@ -94,6 +94,15 @@ def _read(what: str, args: dict[str, Any] | None = None) -> None:
                            f"within {args['wait']} s; retry")
 
 
+def _reflecting_read_models() -> None:
+    """The answer is read from the read models: its position is theirs, taken before they
+    are read. A follower may commit between the read and the answer, so a position taken
+    after it could name events the answer does not show."""
+    from infrastructure.api import runtime
+
+    g.position = runtime().projection.position()
+
+
 def _trialog() -> Any:
     from infrastructure.api import runtime
 
@@ -120,6 +129,7 @@ def query(blp: Blueprint, path: str, args: type[Schema] | None, answer: type[Sch
 def list_participants(**args: Any) -> Response:
     """Participants, filtered by status, arm and site."""
     _read("participants", args)
+    _reflecting_read_models()
     rows = queries.list_participants(
         _trialog(), scope=g.principal.scope, status=args.get("status"), arm=args.get("arm"),
         site_id=args.get("site_id"), limit=args["limit"], offset=args["offset"])
@@ -224,6 +234,7 @@ def _rendered_history(participant_id: str) -> Response | None:
 def get_deviations(**args: Any) -> Response:
     """Protocol deviations, filtered by status, code and participant."""
     _read("deviations", args)
+    _reflecting_read_models()
     return jsonify({"deviations": queries.list_deviations(
         _trialog(), scope=g.principal.scope, status=args.get("status"), code=args.get("code"),
         participant_id=args.get("participant_id"))})
@@ -233,6 +244,7 @@ def get_deviations(**args: Any) -> Response:
 def get_queries(**args: Any) -> Response:
     """Queries to the sites, oldest first, filtered by status, site and participant."""
     _read("queries", args)
+    _reflecting_read_models()
     return jsonify({"queries": queries.list_queries(
         _trialog(), scope=g.principal.scope, status=args.get("status"),
         site_id=args.get("site_id"), participant_id=args.get("participant_id"),
@@ -243,6 +255,7 @@ def get_queries(**args: Any) -> Response:
 def get_visits_due(**args: Any) -> Response:
     """Visits whose window is open or opens within ``within_days``."""
     _read("visits", args)
+    _reflecting_read_models()
     return jsonify({"visits": queries.visits_due(_trialog(), args["within_days"],
                                                       scope=g.principal.scope)})
 
@@ -251,6 +264,7 @@ def get_visits_due(**args: Any) -> Response:
 def get_summary(**args: Any) -> Response:
     """Counts by status, arm and site; deviations by code; mean pain by arm and visit."""
     _read("summary", args)
+    _reflecting_read_models()
     return jsonify(queries.trial_summary(_trialog(), scope=g.principal.scope))
 
 

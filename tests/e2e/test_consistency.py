@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -74,3 +75,48 @@ def test_a_401_says_how_to_authenticate(behind):
     answer = Client(behind.url, None).get("/v1/participants")
     assert answer.status_code == 401
     assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("path, read", [("/v1/participants", "list_participants"),
+                                        ("/v1/trial/summary", "trial_summary")])
+def test_a_read_of_the_read_models_names_their_position_before_it_read_them(
+        database_url, monkeypatch, path, read):
+    """A follower commits between a read of the read models and its answer: the
+    answer names the position they had when it read them, not the newer one."""
+    from infrastructure.api import create_app
+    from infrastructure.readside import queries
+    from infrastructure.readside.projections import TrialProjection
+
+    trialog = bootstrap(settings_for(database_url), migrate=True)
+    app = create_app(trialog, follow=False)
+    try:
+        token = create_token(trialog.engine, f"reader-{uuid.uuid4().hex[:8]}", "coordinator",
+                             EVERY_SITE)
+        client = app.test_client()
+        headers = {"Authorization": f"Bearer {token}"}
+        screened = client.post("/v1/commands", headers=headers, json={
+            "command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+            "participant_id": p.participant_id(), "data": p.screening()})
+        assert screened.status_code == 201, screened.text
+        TrialProjection(trialog).catch_up()
+        read_at = TrialProjection(trialog).position()
+        assert read_at >= screened.json["position"]
+        unread = client.post("/v1/commands", headers=headers, json={
+            "command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+            "participant_id": p.participant_id(), "data": p.screening()})
+        assert unread.status_code == 201, unread.text
+        reading = getattr(queries, read)
+
+        def read_then_a_follower_commits(*args, **kwargs):
+            found = reading(*args, **kwargs)
+            TrialProjection(trialog).catch_up()
+            return found
+
+        monkeypatch.setattr(queries, read, read_then_a_follower_commits)
+        answer = client.get(path, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert TrialProjection(trialog).position() >= unread.json["position"]
+        assert answer.headers["Trialog-Position"] == str(read_at)
+    finally:
+        app.extensions["trialog"].close()
+        trialog.close()
