@@ -339,13 +339,16 @@ def http_results(t: Trialog, url: str, raw_env: dict[str, str],
         ours, scoped, round_ratios = http.http_commands_alternating(
             base, token, http.scoped_tokens(t.engine), N_HTTP)
         raw = http.raw_concurrent_saves(raw_env, N_HTTP)
+        floor = http.turned_away(http.warmed_clients(base, token),
+                                  N_HTTP // http.CLIENTS)
         bulk = http.bulk_import(base, token, 1000)
         raw_batched = http.raw_batched_saves(raw_env, 2000)
         sessions, argon2_parameters = http.sessions_p95_ms(base, t.engine, N_SESSIONS)
     print(f"sessions_p95_ms: Argon2 parameters {argon2_parameters}", file=sys.stderr)
     return [
         {**result("commands_http", ours, "commands/s", "library_single_event_save_8_threads",
-                  raw, "postgresql"), "rounds": http.ROUNDS},
+                  raw, "postgresql"), "rounds": http.ROUNDS,
+         "turned_away_per_second": round(floor, 1)},
         {**result("commands_http_scoped", scoped, "commands/s", "commands_http", ours,
                   "postgresql"),
          "rounds": http.ROUNDS, "round_ratios": round_ratios,
@@ -364,9 +367,12 @@ def sqlite_http_result(t: Trialog, url: str, raw_env: dict[str, str],
     recorder saving single-event aggregates from 8 threads."""
     with http.serving(url, SECRETS, t.engine, workdir) as (base, token):
         ours = http.http_commands(base, token, N_HTTP)
+        floor = http.turned_away(http.warmed_clients(base, token),
+                                  N_HTTP // http.CLIENTS)
     raw = http.raw_concurrent_saves(raw_env, N_HTTP)
-    return result("commands_http", ours, "commands/s", "library_single_event_save_8_threads",
-                  raw, "sqlite")
+    return {**result("commands_http", ours, "commands/s",
+                     "library_single_event_save_8_threads", raw, "sqlite"),
+            "turned_away_per_second": round(floor, 1)}
 
 
 def http_only(workdir: Path) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Where the CPU of a command goes (`python -m benchmarks cpu`): the commands of
-`commands_http` and `bulk_import`, and the library's saves they are measured against, with
-the CPU time each kind of process used (Linux's /proc), per command. On a machine whose
+`commands_http` and `bulk_import`, the same clients' requests turned away at the door
+(`http.turned_away`: no token, answered 401), and the library's saves they are measured
+against, with the CPU time each kind of process used (Linux's /proc), per command. On a machine whose
 cores are all busy, a rate is bounded by the cores over this sum, whatever the database's
 lock allows."""
 
@@ -75,7 +76,9 @@ def results(url: str, raw_env: dict[str, str], secrets: dict[str, str], engine: 
         each = total // http.CLIENTS
         found = {"commands_http": per_command(
                      each * http.CLIENTS, lambda: http.from_each(clients, each)),
-                 "bulk_import": per_command(2000, lambda: http.bulk_import(base, token, 1000))}
+                 "bulk_import": per_command(2000, lambda: http.bulk_import(base, token, 1000)),
+                 "turned_away": per_command(
+                     each * http.CLIENTS, lambda: http.turned_away(clients, each))}
     found["library_single_event_save_8_threads"] = per_command(
         total, lambda: http.raw_concurrent_saves(raw_env, total))
     found["library_100_events_per_save"] = per_command(

@@ -177,6 +177,26 @@ def from_each(clients: list[Client], each: int) -> None:
         list(pool.map(lambda client: _commands(client, each), clients))
 
 
+def _turned_away(client: Client, n: int) -> None:
+    for _ in range(n):
+        answer = client.pool.request("POST", "/v1/commands",
+                                     body=json.dumps(_screen_body()).encode(),
+                                     headers={"Content-Type": "application/json"})
+        if answer.status != 401:
+            raise RuntimeError(f"a request without a token answered {answer.status}")
+
+
+def turned_away(clients: list[Client], each: int) -> float:
+    """The floor under `commands_http`: requests/s when the clients send ``each`` screenings
+    at once with no token, each answered 401 at the door (no database, no command). Only
+    HTTP, the WSGI stack and the clients' own work remain, on the same cores. The clients
+    are warmed (their connections open) beforehand."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(lambda client: _turned_away(client, each), clients))
+    return each * len(clients) / (time.perf_counter() - start)
+
+
 def http_commands(base: str, token: str, total: int) -> float:
     """Commands/s from 8 concurrent clients, each keeping its connection, after a warm-up
     of three commands each (one round of ``http_commands_alternating``'s, unscoped)."""
