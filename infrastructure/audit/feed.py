@@ -22,7 +22,7 @@ from uuid import UUID
 
 import orjson
 from eventsourcing.utils import get_topic
-from sqlalchemy import func, null, select
+from sqlalchemy import bindparam, func, null, select
 from sqlalchemy.engine import Connection
 
 from domain.access import Scope
@@ -90,6 +90,21 @@ class Feed:
         self.max_streams = max_streams
         self._streams: OrderedDict[UUID, Stream] = OrderedDict()
         self._lock = threading.Lock()
+        f, table = feed_events.c, events_table(trialog.service.recorder)
+        # The first event of a stream after the entries rm_feed holds for it (its versions
+        # 1..n when its follower rendered them in order), read in the same statement.
+        self._after_rendered = (
+            select(table.c.id).where(table.c.originator_id == bindparam("stream"))
+            .order_by(table.c.originator_version).limit(1))
+        rendered = select(func.count()).where(f.subject == bindparam("subject"))
+        newer = self._after_rendered.where(
+            table.c.originator_version > rendered.scalar_subquery())
+        self._history = {
+            contact: select(f.position, f.entry,
+                            f.contact if contact else null().label("contact"),
+                            newer.scalar_subquery().label("newer"))
+            .where(f.subject == bindparam("subject")).order_by(f.position)
+            for contact in (True, False)}
 
     def page(self, after: int, limit: int, reader: Reader,
              disclosed: set[str] | None = None) -> tuple[list[dict[str, Any]], int]:
@@ -198,27 +213,24 @@ class Feed:
         t = self.trialog
         if participant_id == t.protocol.study_id:
             return None  # rm_feed's rows of the trial's own stream have this subject too
-        f = feed_events.c
-        table = events_table(t.service.recorder)
         stream = participant_uuid(participant_id)
-        contact_column = f.contact if contact else null().label("contact")
-        # Two reads, no transaction around them: the second is checked against the first.
+        # rm_feed's entries and the stream's first event after them: one statement.
         with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            pre = connection.execute(select(f.position, f.entry, contact_column)
-                                     .where(f.subject == participant_id)
-                                     .order_by(f.position)).all()
-            if any(row.entry is None for row in pre):
-                return None
-            newer = connection.execute(
-                select(table.c.id).where(table.c.originator_id == stream,
-                                         table.c.originator_version > len(pre))
-                .order_by(table.c.originator_version).limit(1)).first()
-        if pre and newer is not None and newer.id <= pre[-1].position:
+            pre = connection.execute(self._history[contact],
+                                     {"subject": participant_id, "stream": stream}
+                                     ).tuples().all()
+            newer = pre[0][3] if pre else connection.execute(
+                self._after_rendered, {"stream": stream}).scalar()
+        position = pre[-1][0] if pre else 0
+        if newer is not None and newer <= position:
             return None  # rm_feed lacks some of this stream's events: not versions 1..n
         mapper = t.service.mapper
-        entries = [orjson.dumps(history_entry(orjson.loads(decrypt(mapper, row.contact))))
-                   if row.contact is not None else row.entry.encode() for row in pre]
-        position = pre[-1].position if pre else 0
+        entries = []
+        for _, entry, sealed, _ in pre:  # position, entry, contact, newer
+            if entry is None:
+                return None  # an event its follower could not render
+            entries.append(entry.encode() if sealed is None else orjson.dumps(
+                history_entry(orjson.loads(decrypt(mapper, sealed)))))
         if newer is not None:
             shown = len(pre)
             for version, topic, content in plain_stream(t.service, stream, gt=len(pre)):

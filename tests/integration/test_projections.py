@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -409,6 +411,21 @@ def test_a_cache_of_histories_starts_from_the_entries_rendered_ahead(isolated):
         pids[1])  # the store answers
 
 
+@contextmanager
+def _statements(engine) -> Iterator[list[str]]:
+    """The statements run on ``engine`` inside the block."""
+    statements: list[str] = []
+
+    def count(connection, cursor, statement, *_):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
 @pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
 def test_the_caches_seed_skips_the_position_the_history_read_looks_up(isolated):
     """With events newer than rm_feed's, a history read looks up the position of the newest
@@ -417,21 +434,31 @@ def test_the_caches_seed_skips_the_position_the_history_read_looks_up(isolated):
     FeedProjection(isolated).catch_up()
     send(isolated, c.RecordDose(pid, dose(1)))  # not in rm_feed yet
     feed = Feed(isolated)
-    statements: list[str] = []
-
-    def count(connection, cursor, statement, *_):
-        statements.append(statement)
-
-    event.listen(isolated.engine, "before_cursor_execute", count)
-    try:
+    with _statements(isolated.engine) as statements:
         seed = feed.history_entries(pid)
         seeding = len(statements)
         found = feed.history_json(pid, contact=True)
-    finally:
-        event.remove(isolated.engine, "before_cursor_execute", count)
     assert found is not None and seed == found[0] and len(seed) == len(_rows_of(isolated, pid))
     assert found[1] == max(row.id for row in _rows_of(isolated, pid))
     assert len(statements) == 2 * seeding + 1
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_history_rendered_ahead_is_read_in_one_statement(isolated):
+    """rm_feed's entries and the check that the store has nothing after them: one
+    statement, for readers with contact details and without."""
+    pid = enrol(isolated)
+    FeedProjection(isolated).catch_up()
+    feed = Feed(isolated)
+    with _statements(isolated.engine) as statements:
+        found = [feed.history_json(pid, contact) for contact in (True, False)]
+    assert [len(entries) for entries, _ in found] == [len(_rows_of(isolated, pid))] * 2
+    assert len(statements) == 2
+    last = max(row.id for row in _rows_of(isolated, pid))
+    with isolated.engine.begin() as connection:  # an event its follower could not render
+        connection.execute(update(feed_events).where(feed_events.c.position == last)
+                           .values(entry=None))
+    assert feed.history_json(pid, True) is None and feed.history_json(pid, False) is None
 
 
 def test_what_the_cache_of_histories_answers_is_the_callers_to_change(trialog, monkeypatch):
