@@ -188,9 +188,10 @@ def _turned_away(client: Client, n: int) -> None:
 
 def turned_away(clients: list[Client], each: int) -> float:
     """The floor under `commands_http`: requests/s when the clients send ``each`` screenings
-    at once with no token, each answered 401 at the door (no database, no command). Only
-    HTTP, the WSGI stack and the clients' own work remain, on the same cores. The clients
-    are warmed (their connections open) beforehand."""
+    at once with no token, each answered 401 at the door: no command, one query (the read
+    models' position for the answer's header, which a command's answer takes from the
+    command instead). HTTP, the WSGI stack, that query and the clients' own work remain, on
+    the same cores. The clients are warmed (their connections open) beforehand."""
     start = time.perf_counter()
     with ThreadPoolExecutor(CLIENTS) as pool:
         list(pool.map(lambda client: _turned_away(client, each), clients))

@@ -91,8 +91,9 @@ class Feed:
         self._streams: OrderedDict[UUID, Stream] = OrderedDict()
         self._lock = threading.Lock()
         f, table = feed_events.c, events_table(trialog.service.recorder)
-        # The first event of a stream after the entries rm_feed holds for it (its versions
-        # 1..n when its follower rendered them in order), read in the same statement.
+        # A stream's first event in the store; in the history's statement, its first after
+        # the n entries rm_feed holds for it (versions 1..n when its follower rendered them
+        # in order), read in the same statement as those entries.
         self._after_rendered = (
             select(table.c.id).where(table.c.originator_id == bindparam("stream"))
             .order_by(table.c.originator_version).limit(1))
