@@ -1,9 +1,9 @@
 """Where the CPU of a command goes (`python -m benchmarks cpu`): the commands of
 `commands_http` and `bulk_import`, the same clients' requests turned away at the door
 (`http.turned_away`: no token, answered 401), and the library's saves they are measured
-against, with the CPU time each kind of process used (Linux's /proc), per command. On a machine whose
-cores are all busy, a rate is bounded by the cores over this sum, whatever the database's
-lock allows."""
+against, with the CPU time each kind of process used (Linux's /proc), per command. On a
+machine whose cores are all busy, a rate is bounded by the cores over this sum, whatever
+the database's lock allows."""
 
 from __future__ import annotations
 

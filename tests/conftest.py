@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from infrastructure.store.settings import Settings
-from tests.databases import PG_SERVER
+from tests.databases import PG_SERVER, fresh_postgres_database
 
 TEST_KEY = "dHJpYWxvZy10ZXN0LWtleS0zMi1ieXRlcy1sb25nISE="  # 32 bytes, tests only
 # The seed the tests drew with when it was derived from TEST_KEY, so that the allocation
@@ -27,3 +29,14 @@ def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'trialog.db'}"
     return f"{PG_SERVER}/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def isolated_url(request, tmp_path) -> Iterator[str]:
+    """A database no other test writes to (nor follows: another test's server would move
+    its read models meanwhile)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'isolated.db'}"
+        return
+    with fresh_postgres_database("trialog") as name:
+        yield f"{PG_SERVER}/{name}"

@@ -15,7 +15,6 @@ from domain.access import EVERY_SITE
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import create_token
 from tests.conftest import TEST_KEY, settings_for
-from tests.databases import PG_SERVER, fresh_postgres_database
 from tests.e2e import payloads as p
 from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up
 
@@ -78,45 +77,36 @@ def test_a_401_says_how_to_authenticate(behind):
     assert answer.headers["WWW-Authenticate"].startswith("Bearer")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def own_database(request, tmp_path) -> Iterator[str]:
-    """A database no other test's server follows (their followers would move the read
-    models meanwhile)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'own.db'}"
-        return
-    with fresh_postgres_database("trialog") as name:
-        yield f"{PG_SERVER}/{name}"
-
-
 @pytest.mark.parametrize("path, read", [("/v1/participants", "list_participants"),
                                         ("/v1/trial/summary", "trial_summary")])
 def test_a_read_of_the_read_models_names_their_position_before_it_read_them(
-        own_database, monkeypatch, path, read):
+        isolated_url, monkeypatch, path, read):
     """A follower commits between a read of the read models and its answer: the
     answer names the position they had when it read them, not the newer one."""
     from infrastructure.api import create_app
     from infrastructure.readside import queries
     from infrastructure.readside.projections import TrialProjection
 
-    trialog = bootstrap(settings_for(own_database), migrate=True)
+    trialog = bootstrap(settings_for(isolated_url), migrate=True)
     app = create_app(trialog, follow=False)
     try:
         token = create_token(trialog.engine, f"reader-{uuid.uuid4().hex[:8]}", "coordinator",
                              EVERY_SITE)
         client = app.test_client()
         headers = {"Authorization": f"Bearer {token}"}
-        screened = client.post("/v1/commands", headers=headers, json={
-            "command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
-            "participant_id": p.participant_id(), "data": p.screening()})
-        assert screened.status_code == 201, screened.text
+
+        def screened_at() -> int:
+            answer = client.post("/v1/commands", headers=headers, json={
+                "command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+                "participant_id": p.participant_id(), "data": p.screening()})
+            assert answer.status_code == 201, answer.text
+            return int(answer.json["position"])
+
+        first = screened_at()
         TrialProjection(trialog).catch_up()
         read_at = TrialProjection(trialog).position()
-        assert read_at >= screened.json["position"]
-        unread = client.post("/v1/commands", headers=headers, json={
-            "command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
-            "participant_id": p.participant_id(), "data": p.screening()})
-        assert unread.status_code == 201, unread.text
+        assert read_at >= first
+        unread = screened_at()
         reading = getattr(queries, read)
 
         def read_then_a_follower_commits(*args, **kwargs):
@@ -127,7 +117,7 @@ def test_a_read_of_the_read_models_names_their_position_before_it_read_them(
         monkeypatch.setattr(queries, read, read_then_a_follower_commits)
         answer = client.get(path, headers=headers)
         assert answer.status_code == 200, answer.text
-        assert TrialProjection(trialog).position() >= unread.json["position"]
+        assert TrialProjection(trialog).position() >= unread
         assert answer.headers["Trialog-Position"] == str(read_at)
     finally:
         app.extensions["trialog"].close()

@@ -9,7 +9,6 @@ import pytest
 
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from tests.conftest import settings_for
-from tests.databases import PG_SERVER, fresh_postgres_database
 
 
 @pytest.fixture
@@ -17,16 +16,6 @@ def trialog(database_url) -> Iterator[Trialog]:
     app = bootstrap(settings_for(database_url), migrate=True)
     yield app
     app.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def isolated_url(request, tmp_path) -> Iterator[str]:
-    """A database no other test writes to."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'isolated.db'}"
-        return
-    with fresh_postgres_database("trialog") as name:
-        yield f"{PG_SERVER}/{name}"
 
 
 @pytest.fixture
