@@ -191,9 +191,16 @@ def test_the_clock_scan_records_missed_visits_and_flags_them(stack):
     stack.clock.set(REGISTERED + timedelta(days=50))  # the week6 window closed yesterday
     TrialProjection(stack.trialog).catch_up()
     stack.task("scan_deviations").delay()
-    wait_until(lambda: "week6" in stack.trialog.service.get_participant(pid).missed_visits)
-    codes = {d["code"] for d in stack.trialog.service.get_participant(pid).deviations.values()}
-    assert "visit_missed" in codes
+
+    def recorded() -> tuple[list[str], set[str]]:
+        participant = stack.trialog.service.get_participant(pid)
+        return participant.missed_visits, {d["code"] for d in participant.deviations.values()}
+
+    # The scan records the missed visit, then flags it: two commands, one after the other,
+    # so the first may be seen before the second is written.
+    wait_until(lambda: "visit_missed" in recorded()[1])
+    missed, codes = recorded()
+    assert "week6" in missed and "visit_missed" in codes
 
 
 def _status(stack: Stack, reminder_id: str) -> str:
