@@ -88,10 +88,12 @@ def _read(what: str, args: dict[str, Any] | None = None) -> None:
         head = runtime().projection.head()
         if args["after"] > head:
             raise invalid({"after": [f"is beyond the newest event position, {head}"]})
-        if not runtime().wait_for(args["after"], args["wait"]):
+        reached = runtime().wait_for(args["after"], args["wait"])
+        if reached is None:
             raise ApiError(503, "read_side_behind",
                            f"the read models have not reached position {args['after']} "
                            f"within {args['wait']} s; retry")
+        g.position = reached  # taken before the view reads them
 
 
 def _reflecting_read_models() -> None:
@@ -100,7 +102,8 @@ def _reflecting_read_models() -> None:
     after it could name events the answer does not show."""
     from infrastructure.api import runtime
 
-    g.position = runtime().projection.position()
+    if g.get("position") is None:  # else ``?after=`` has just taken it
+        g.position = runtime().projection.position()
 
 
 def _trialog() -> Any:

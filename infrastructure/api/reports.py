@@ -71,5 +71,10 @@ class Consort(Schema):
 @query(blp, "/consort", ConsortArgs, Consort)
 def get_consort(**args: Any) -> Response:
     """The CONSORT 2025 flow counts of the caller's sites, from the events."""
+    from infrastructure.api import runtime
+
     _read("summary")
+    # Counted from the store itself, which holds at least every event up to its newest
+    # position now: the position the answer reflects (the read models' may be behind).
+    g.position = runtime().projection.head()
     return jsonify(consort(_trialog(), g.principal.scope, args.get("as_of")))

@@ -32,14 +32,15 @@ class Runtime:
         for _, wake in self.followers:
             wake.set()
 
-    def wait_for(self, position: int, timeout: float) -> bool:
-        """Waits until the read models include ``position``; False after ``timeout``."""
+    def wait_for(self, position: int, timeout: float) -> int | None:
+        """Waits until the read models include ``position``: the position they have
+        reached then; None after ``timeout``."""
         deadline = time.monotonic() + timeout
-        while self.projection.position() < position:
+        while (reached := self.projection.position()) < position:
             if time.monotonic() >= deadline:
-                return False
+                return None
             time.sleep(0.01)
-        return True
+        return reached
 
     def close(self) -> None:
         self.stop.set()

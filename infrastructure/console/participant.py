@@ -61,7 +61,9 @@ def _page_data(participant_id: str) -> dict[str, Any]:
     if replay is None:
         after = request.args.get("after", "")
         if after.isdigit():  # read your write: the lists include the command just sent
-            runtime().wait_for(int(after), 2.0)
+            reached = runtime().wait_for(int(after), 2.0)
+            if reached is not None:  # before the lists below are read
+                g.position = reached
         state = queries.participant_state(t, participant_id)
         history = audit.history(t.service, participant_id, cache=runtime().histories)
         if contact:

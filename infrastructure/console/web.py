@@ -87,6 +87,10 @@ def _who() -> Response | None:
     if person is None:
         return _sign_in_redirect()
     g.person, g.principal = person, person.principal
+    if request.method == "GET":
+        # A page is read from the read models (and the store, which is never behind them):
+        # the position it reflects is theirs before it reads, not a newer one taken after.
+        g.position = runtime().projection.position()
     return None
 
 

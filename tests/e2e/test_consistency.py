@@ -8,6 +8,8 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -67,6 +69,10 @@ def test_every_answer_carries_the_position_it_reflects(behind):
         "Trialog-Position"] == str(position)
     # The lists come from the read models, which this server never moves past 0.
     assert behind.get("/v1/participants").headers["Trialog-Position"] == "0"
+    # The CONSORT counts come from the store itself, whatever the read models' position.
+    consort = behind.get("/v1/reports/consort")
+    assert consort.status_code == 200, consort.text
+    assert consort.headers["Trialog-Position"] == str(position)
     unknown = behind.get("/v1/participants/CASE-none")
     assert unknown.status_code == 404 and "Trialog-Position" in unknown.headers
 
@@ -77,48 +83,118 @@ def test_a_401_says_how_to_authenticate(behind):
     assert answer.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+def _screened_at(client: Any, headers: dict[str, str]) -> int:
+    answer = client.post("/v1/commands", headers=headers, json={
+        "command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+        "participant_id": p.participant_id(), "data": p.screening()})
+    assert answer.status_code == 201, answer.text
+    return int(answer.json["position"])
+
+
+@contextmanager
+def _in_process(url: str) -> Iterator[tuple[Any, Any, dict[str, str]]]:
+    """The app in this process, following no log (its read models move only when a test
+    catches them up), and a coordinator's bearer headers."""
+    from infrastructure.api import create_app
+
+    trialog = bootstrap(settings_for(url), migrate=True)
+    app = create_app(trialog, follow=False)
+    try:
+        token = create_token(trialog.engine, f"reader-{uuid.uuid4().hex[:8]}", "coordinator",
+                             EVERY_SITE)
+        yield trialog, app, {"Authorization": f"Bearer {token}"}
+    finally:
+        app.extensions["trialog"].close()
+        trialog.close()
+
+
+def _a_follower_commits_after(monkeypatch: Any, trialog: Any, read: str) -> tuple[int, int]:
+    """Makes ``read`` (a function of the read models' queries) catch them up right after
+    it has read: the position they have until then, and the store's newest."""
+    from infrastructure.readside import queries
+    from infrastructure.readside.projections import TrialProjection
+
+    read_at = TrialProjection(trialog).position()
+    reading = getattr(queries, read)
+
+    def read_then_a_follower_commits(*args: Any, **kwargs: Any) -> Any:
+        found = reading(*args, **kwargs)
+        TrialProjection(trialog).catch_up()
+        return found
+
+    monkeypatch.setattr(queries, read, read_then_a_follower_commits)
+    return read_at, TrialProjection(trialog).head()
+
+
 @pytest.mark.parametrize("path, read", [("/v1/participants", "list_participants"),
                                         ("/v1/trial/summary", "trial_summary")])
 def test_a_read_of_the_read_models_names_their_position_before_it_read_them(
         isolated_url, monkeypatch, path, read):
     """A follower commits between a read of the read models and its answer: the
     answer names the position they had when it read them, not the newer one."""
-    from infrastructure.api import create_app
-    from infrastructure.readside import queries
     from infrastructure.readside.projections import TrialProjection
 
-    trialog = bootstrap(settings_for(isolated_url), migrate=True)
-    app = create_app(trialog, follow=False)
-    try:
-        token = create_token(trialog.engine, f"reader-{uuid.uuid4().hex[:8]}", "coordinator",
-                             EVERY_SITE)
+    with _in_process(isolated_url) as (trialog, app, headers):
         client = app.test_client()
-        headers = {"Authorization": f"Bearer {token}"}
-
-        def screened_at() -> int:
-            answer = client.post("/v1/commands", headers=headers, json={
-                "command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
-                "participant_id": p.participant_id(), "data": p.screening()})
-            assert answer.status_code == 201, answer.text
-            return int(answer.json["position"])
-
-        first = screened_at()
+        first = _screened_at(client, headers)
         TrialProjection(trialog).catch_up()
-        read_at = TrialProjection(trialog).position()
+        unread = _screened_at(client, headers)
+        read_at, _ = _a_follower_commits_after(monkeypatch, trialog, read)
         assert read_at >= first
-        unread = screened_at()
-        reading = getattr(queries, read)
-
-        def read_then_a_follower_commits(*args, **kwargs):
-            found = reading(*args, **kwargs)
-            TrialProjection(trialog).catch_up()
-            return found
-
-        monkeypatch.setattr(queries, read, read_then_a_follower_commits)
         answer = client.get(path, headers=headers)
         assert answer.status_code == 200, answer.text
-        assert TrialProjection(trialog).position() >= unread
+        assert TrialProjection(trialog).position() >= unread > read_at
         assert answer.headers["Trialog-Position"] == str(read_at)
-    finally:
-        app.extensions["trialog"].close()
-        trialog.close()
+
+
+@pytest.mark.parametrize("path, read", [("/console/participants/", "list_participants"),
+                                        ("/console/", "trial_summary")])
+def test_a_console_page_names_the_read_models_position_before_it_read_them(
+        isolated_url, monkeypatch, path, read):
+    """The same for the console's pages, read by a person signed in."""
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.store.people import create_user
+    from tests.e2e.console_support import PASSWORD, csrf_of
+
+    with _in_process(isolated_url) as (trialog, app, headers):
+        login = f"reader-{uuid.uuid4().hex[:8]}"
+        create_user(trialog.engine, login, "A Reader", "coordinator", EVERY_SITE, PASSWORD)
+        client = app.test_client()
+        site = "https://console.test"
+        form = client.get("/console/sign-in", base_url=site)
+        signed_in = client.post("/console/sign-in", base_url=site, data={
+            "csrf_token": csrf_of(form.text), "login": login, "password": PASSWORD})
+        assert signed_in.status_code == 303, signed_in.text
+        _screened_at(client, headers)
+        TrialProjection(trialog).catch_up()
+        _screened_at(client, headers)
+        read_at, unread = _a_follower_commits_after(monkeypatch, trialog, read)
+        assert unread > read_at > 0
+        page = client.get(path, base_url=site)
+        assert page.status_code == 200, page.text
+        assert TrialProjection(trialog).position() >= unread
+        assert page.headers["Trialog-Position"] == str(read_at)
+
+
+def test_a_read_after_a_position_looks_up_the_read_models_position_once(isolated_url):
+    """``?after=``'s wait ends at a position taken before the view reads: the answer
+    names it, with no second look-up."""
+    from infrastructure.readside.projections import TrialProjection
+
+    with _in_process(isolated_url) as (trialog, app, headers):
+        client = app.test_client()
+        position = _screened_at(client, headers)
+        TrialProjection(trialog).catch_up()
+        projection = app.extensions["trialog"].projection
+        looked_up: list[int] = []
+        original = projection.position
+
+        def counted() -> int:
+            looked_up.append(original())
+            return looked_up[-1]
+
+        projection.position = counted
+        answer = client.get(f"/v1/participants?after={position}", headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert looked_up == [int(answer.headers["Trialog-Position"])]
+        assert looked_up[0] >= position
