@@ -345,24 +345,31 @@ def test_import_applies_ndjson_commands_reports_refusals_by_line_and_is_idempote
              "",
              body("RandomizeParticipant", second, p.RANDOMIZE),  # never screened: refused
              "{not json",
+             '{"command_id": "unterminated",',
+             "caf\xe9".encode("latin-1").decode("utf-8", "surrogateescape"),
              body("RecordConsent", first, {**p.CONSENT, "signed_by": "someone"}),
              body("SignCasebook", first, {"meaning": "ok", "password": "x"}),
              body("ScreenParticipant", second, p.screening()),
              body("RandomizeParticipant", first, p.RANDOMIZE)]
     path = tmp_path / "commands.ndjson"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     env = {"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}
     imported = run(["import", str(path), "--actor", "legacy-edc"], tmp_path, **env)
     assert imported.returncode == 1
-    assert imported.stdout == "4 accepted, 0 repeated, 4 refused\n"
+    assert imported.stdout == "4 accepted, 0 repeated, 6 refused\n"
     refusals = imported.stderr.splitlines()
     assert refusals[0] == f"line 4: not_found: participant {second} not found"
-    assert refusals[1].startswith("line 5: malformed_json")
-    assert refusals[2] == ("line 6: validation_failed: data.signed_by: Must be one of: "
+    # Where in the line, not the decoder's own "line 1", which would contradict "line 5".
+    assert refusals[1] == ("line 5: malformed_json: unexpected character, expected a "
+                           "string key at character 2 of the line")
+    assert refusals[2] == ("line 6: malformed_json: the line ends before its JSON value "
+                           "does (each command is one JSON object on one line)")
+    assert refusals[3] == "line 7: malformed_json: the line is not valid UTF-8"
+    assert refusals[4] == ("line 8: validation_failed: data.signed_by: Must be one of: "
                            "participant, legal_representative.")
-    assert refusals[3].startswith("line 7: forbidden: SignCasebook needs a person's own")
+    assert refusals[5].startswith("line 9: forbidden: SignCasebook needs a person's own")
     again = run(["import", str(path)], tmp_path, **env)
-    assert again.stdout == "0 accepted, 4 repeated, 4 refused\n"
+    assert again.stdout == "0 accepted, 4 repeated, 6 refused\n"
     history = run(["audit", "history", first, "--format", "json"], tmp_path, **env)
     events = json.loads(history.stdout)["events"]
     assert [e["type"] for e in events] == ["ParticipantScreened", "ConsentRecorded",
