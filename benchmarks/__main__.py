@@ -44,6 +44,8 @@ HISTORY_PARTICIPANTS = 1 + HISTORY_WARM_UP + int(os.environ.get(
     "TRIALOG_BENCH_HISTORY_PARTICIPANTS", "30"))
 N_SESSIONS = int(os.environ.get("TRIALOG_BENCH_SESSIONS", "50"))
 SCAN_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_SCAN_PARTICIPANTS", "100000"))
+# Participants of `trialog import`'s file (two commands each).
+IMPORT_PARTICIPANTS = int(os.environ.get("TRIALOG_BENCH_IMPORT_PARTICIPANTS", "20000"))
 MANAGEMENT_ROUNDS = int(os.environ.get("TRIALOG_BENCH_MANAGEMENT_ROUNDS", "6"))
 MANAGEMENT_EACH = int(os.environ.get("TRIALOG_BENCH_MANAGEMENT_EACH", "12"))
 MANAGEMENT_RECORD = int(os.environ.get("TRIALOG_BENCH_MANAGEMENT_RECORD", "12"))
@@ -164,6 +166,7 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
         finally:
             t.close()
     if kind == "postgresql":
+        results += import_results(workdir)
         results += rebuild_results(workdir, raw_read)
         results += history_results(workdir, raw_read)
         results += reminder_results(workdir)
@@ -171,6 +174,28 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
         results += feed_results(workdir)
         results += console_results(workdir)
     return results
+
+
+def import_results(workdir: Path) -> list[dict[str, Any]]:
+    """`trialog import --jobs 2` (and, for comparison, one process) into a fresh
+    database with no server running, as a trial migrated before it goes live, beside the
+    library saving 100 events a transaction into the same database just before and just
+    after it (their mean). The read models catch up afterwards (`projection_rebuild`)."""
+    with database("postgresql", workdir) as (url, raw_env):
+        bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS}),
+                  migrate=True).close()
+        http.raw_batched_saves(raw_env, 1000)  # warm up
+        before = http.raw_batched_saves(raw_env, IMPORT_PARTICIPANTS)
+        two = http.cli_import(url, SECRETS, workdir, IMPORT_PARTICIPANTS, 2)
+        one = http.cli_import(url, SECRETS, workdir, IMPORT_PARTICIPANTS, 1)
+        after = http.raw_batched_saves(raw_env, IMPORT_PARTICIPANTS)
+    library = (before + after) / 2
+    return [{**result("bulk_import_cli", two, "ev/s", "library_100_events_per_save",
+                      library, "postgresql"),
+             "jobs": 2, "one_process_per_second": round(one, 1),
+             "one_process_ratio": round(one / library, 3),
+             "library_before_after": [round(before, 1), round(after, 1)],
+             "commands": 2 * IMPORT_PARTICIPANTS}]
 
 
 def console_results(workdir: Path) -> list[dict[str, Any]]:
@@ -495,6 +520,9 @@ def main() -> int:
         return 0
     if sys.argv[1:] == ["management"]:
         print(json.dumps(management_results(workdir), indent=2))
+        return 0
+    if sys.argv[1:] == ["import"]:
+        print(json.dumps(import_results(workdir), indent=2))
         return 0
     kinds = sys.argv[1:] or ["postgresql", "sqlite"]
     results = [r for kind in kinds for r in bench(kind, workdir)]

@@ -237,16 +237,24 @@ def sessions_p95_ms(base: str, engine: Any, n: int = 50,
     return p95_ms(samples), parameters
 
 
-def bulk_import(base: str, token: str, participants: int) -> float:
-    """Events per second through the batch endpoint, 100 commands per request."""
-    client = Client(base, token)
+def screened_and_consented(participants: int, sites: tuple[str, ...] = ("CASE",)
+                           ) -> list[dict[str, Any]]:
+    """Two commands a participant (its screening, then its consent), the participants
+    taken from the sites in turn."""
     commands = []
-    for _ in range(participants):
-        body = _screen_body()
+    for i in range(participants):
+        body = _screen_body(sites[i % len(sites)])
         commands.append(body)
         commands.append({**body, "command_id": str(uuid.uuid4()), "type": "RecordConsent",
                          "data": {"consent_version": "2.1", "signed_on": "2026-03-02",
                                   "signed_by": "participant", "language": "en"}})
+    return commands
+
+
+def bulk_import(base: str, token: str, participants: int) -> float:
+    """Events per second through the batch endpoint, 100 commands per request."""
+    client = Client(base, token)
+    commands = screened_and_consented(participants)
     start = time.perf_counter()
     for i in range(0, len(commands), 100):
         status, answer = client.post("/v1/commands/batch",
@@ -273,6 +281,25 @@ def raw_concurrent_saves(env: dict[str, str], total: int) -> float:
         return each * CLIENTS / (time.perf_counter() - start)
     finally:
         app.close()
+
+
+def cli_import(url: str, secrets: dict[str, str], workdir: Path, participants: int,
+               jobs: int) -> float:
+    """Events per second of `trialog import --jobs N` over a file of screenings and
+    consents of both sites' participants, timed as its user waits for it: from the
+    process's start to its exit."""
+    path = workdir / f"import-{uuid.uuid4().hex[:8]}.ndjson"
+    commands = screened_and_consented(participants, ("CASE", "METRO"))
+    path.write_bytes(b"".join(json.dumps(body).encode() + b"\n" for body in commands))
+    env = {**os.environ, "TRIALOG_DATABASE_URL": url, **secrets}
+    start = time.perf_counter()
+    done = subprocess.run([TRIALOG, "import", str(path), "--jobs", str(jobs)], env=env,
+                          capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.stdout != f"{len(commands)} accepted, 0 repeated, 0 refused\n":
+        raise RuntimeError(f"trialog import: {done.stdout}{done.stderr}")
+    path.unlink()
+    return len(commands) / elapsed
 
 
 def raw_batched_saves(env: dict[str, str], total: int, per_save: int = 100) -> float:

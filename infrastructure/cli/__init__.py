@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "takes it")
     importing.add_argument("--actor", default="import",
                            help="the actor of the events written (default: import)")
+    importing.add_argument("--jobs", type=int, default=1, metavar="N",
+                           help="N processes (PostgreSQL), the file shared by site: each "
+                                "participant's lines in the file's order (default: 1, the "
+                                "whole file in order)")
     importing.set_defaults(func=cmd_import)
 
     webhook = sub.add_parser("webhook", help="event delivery to other systems").add_subparsers(

@@ -1,23 +1,39 @@
 """`trialog import FILE`: NDJSON commands, one command body a line as POST /v1/commands
 takes it, applied in order under the same rules, many per transaction. A refused command
 leaves no trace and is reported with its line number; running the file
-again writes nothing new (command ids)."""
+again writes nothing new (command ids).
+
+With ``--jobs N`` (PostgreSQL), N processes share the file by site: each reads every line
+and applies those of its sites' participants, in the file's order. A site's participants
+draw on one allocation sequence (randomization is stratified by site), so a site's lines
+are never split between processes, which would make them conflict on it; a site is known
+from a participant id by the protocol's prefixes. A line whose participant id names no site
+(or that is not a command) goes to one process by its id, where it is refused as it would
+be alone.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
+from multiprocessing import get_context
 
 import orjson
 from marshmallow import ValidationError
 
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
+from domain.protocol import Protocol
 from infrastructure.api.schemas import CommandEnvelope
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
+from infrastructure.store.outages import DATABASE_ERRORS
 from infrastructure.store.schemas import flatten
+from infrastructure.store.settings import Settings
 
 CHUNK = 500  # commands per transaction
 
@@ -27,16 +43,24 @@ class Report:
     accepted: int = 0
     repeated: int = 0
     refused: list[tuple[int, str]] = field(default_factory=list)
+    failed: str | None = None  # a process's database failure (its error's name)
+
+    def add(self, other: Report) -> None:
+        self.accepted += other.accepted
+        self.repeated += other.repeated
+        self.refused.extend(other.refused)
+        self.failed = self.failed or other.failed
 
 
 def _refusal(fields: dict[str, list[str]]) -> str:
     return "validation_failed: " + "; ".join(f"{k}: {v[0]}" for k, v in fields.items())
 
 
-def _chunks(lines: Iterable[bytes]) -> Iterator[list[tuple[int, bytes]]]:
+def _chunks(lines: Iterable[bytes], mine: Callable[[bytes], bool] = lambda _: True
+            ) -> Iterator[list[tuple[int, bytes]]]:
     chunk: list[tuple[int, bytes]] = []
     for number, line in enumerate(lines, 1):
-        if line.strip():
+        if line.strip() and mine(line):
             chunk.append((number, line))
         if len(chunk) == CHUNK:
             yield chunk
@@ -45,11 +69,35 @@ def _chunks(lines: Iterable[bytes]) -> Iterator[list[tuple[int, bytes]]]:
         yield chunk
 
 
-def run(t: Trialog, lines: Iterable[bytes], actor: str) -> Report:
+def part_of(protocol: Protocol, parts: int) -> Callable[[bytes], int]:
+    """Which of ``parts`` processes applies a line: its participant's site's (the sites
+    taken in turn), else one chosen by its participant id, else the first."""
+    prefixes = [(site.participant_prefix, index) for index, site in enumerate(protocol.sites)]
+
+    def part(line: bytes) -> int:
+        try:
+            participant_id = orjson.loads(line).get("participant_id")
+        except (orjson.JSONDecodeError, AttributeError):  # not JSON, not an object
+            return 0
+        if not isinstance(participant_id, str):
+            return 0
+        for prefix, index in prefixes:
+            if participant_id.startswith(prefix):
+                return index % parts
+        return zlib.crc32(participant_id.encode()) % parts
+
+    return part
+
+
+def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
+        parts: int = 1) -> Report:
+    """Applies the lines (those of process ``part`` of ``parts``: see part_of)."""
     report = Report()
     envelope = loader(CommandEnvelope())
     schemas = data_loaders(t.protocol)
-    for chunk in _chunks(lines):
+    belongs = part_of(t.protocol, parts)
+    mine = (lambda line: belongs(line) == part) if parts > 1 else (lambda _: True)
+    for chunk in _chunks(lines, mine):
         intents: list[tuple[int, Intent]] = []
         for number, line in chunk:
             intent = _intent(line, actor, envelope, schemas)
@@ -69,6 +117,50 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str) -> Report:
                 report.accepted += 1
     report.refused.sort()
     return report
+
+
+def jobs_refusal(settings: Settings, protocol: Protocol, jobs: int) -> str | None:
+    """Why the import can't run in ``jobs`` processes, if it can't."""
+    if jobs < 1:
+        return "--jobs: must be at least 1"
+    if jobs == 1:
+        return None
+    if settings.is_sqlite:
+        return "--jobs: SQLite takes one writer at a time; use --jobs 1"
+    if not all(site.participant_prefix for site in protocol.sites):
+        return ("--jobs: the protocol's sites have no participant_prefix, so a line's site "
+                "is not known from its participant id; use --jobs 1")
+    return None
+
+
+def run_in_processes(settings: Settings, path: str, actor: str, jobs: int) -> Report:
+    """The file applied by ``jobs`` processes (see the module's docstring), each with its
+    own connections; its report is theirs together. A process whose database fails stops
+    there (its transaction is not written); the others go on."""
+    # Forked before this process opens any connection: each child makes its own.
+    with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
+        parts = list(pool.map(_run_part, repeat(settings), repeat(path), repeat(actor),
+                              range(jobs), repeat(jobs)))
+    report = Report()
+    for part in parts:
+        report.add(part)
+    report.refused.sort()
+    return report
+
+
+def _run_part(settings: Settings, path: str, actor: str, part: int, parts: int) -> Report:
+    from infrastructure.store.bootstrap import bootstrap
+
+    t = None
+    try:
+        t = bootstrap(settings, migrate=False)
+        with open(path, "rb") as lines:
+            return run(t, lines, actor, part, parts)
+    except DATABASE_ERRORS as e:  # reported by name: the error itself may not pickle
+        return Report(failed=type(e).__name__)
+    finally:
+        if t is not None:
+            t.close()
 
 
 def _malformed(error: orjson.JSONDecodeError) -> str:

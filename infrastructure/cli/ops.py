@@ -302,22 +302,43 @@ def cmd_webhook_rotate(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from infrastructure.cli import imports
+    from infrastructure.store.bootstrap import load_protocol
     from infrastructure.store.outages import DATABASE_ERRORS
+    from infrastructure.store.settings import Settings
 
-    trialog = _app()
+    settings = Settings.from_env()
+    refusal = imports.jobs_refusal(settings, load_protocol(settings.protocol_path), args.jobs)
+    if refusal is not None:
+        raise CliError(refusal)
     try:
-        with open(args.file, "rb") as lines:
-            report = imports.run(trialog, lines, args.actor)
+        with open(args.file, "rb"):  # readable, before any process starts
+            pass
+        if args.jobs > 1:
+            report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)
+        else:
+            report = _import_here(settings, args.file, args.actor)
     except OSError as e:
         raise CliError(f"{args.file}: {e.strerror}") from None
     except DATABASE_ERRORS as e:
-        raise CliError(f"the database failed ({type(e).__name__}); the commands of the "
+        report = imports.Report(failed=type(e).__name__)
+    if report.failed is not None:
+        raise CliError(f"the database failed ({report.failed}); the commands of the "
                        "transaction it stopped are not written: run the import again "
-                       "(what was written is recognised by its command ids)") from None
-    finally:
-        trialog.close()
+                       "(what was written is recognised by its command ids)")
     for number, refusal in report.refused:
         print(f"line {number}: {refusal}", file=sys.stderr)
     print(f"{report.accepted} accepted, {report.repeated} repeated, "
           f"{len(report.refused)} refused")
     return 1 if report.refused else 0
+
+
+def _import_here(settings: Any, path: str, actor: str) -> Any:
+    from infrastructure.cli import imports
+    from infrastructure.store.bootstrap import bootstrap
+
+    trialog = bootstrap(settings)
+    try:
+        with open(path, "rb") as lines:
+            return imports.run(trialog, lines, actor)
+    finally:
+        trialog.close()

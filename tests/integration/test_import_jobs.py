@@ -1,0 +1,130 @@
+"""`trialog import --jobs N`: the file shared by site between processes, with the outcome
+of applying it in one process."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import replace
+
+import orjson
+import pytest
+
+from infrastructure.cli.imports import jobs_refusal, part_of
+from infrastructure.store.bootstrap import bootstrap, load_protocol
+from tests.conftest import TEST_SECRETS, settings_for
+from tests.databases import PG_SERVER, fresh_postgres_database
+from tests.e2e import payloads as p
+from tests.integration.test_cli import run
+
+SITES = ("CASE", "METRO")
+
+
+def _line(type_: str, participant_id: str, data: dict, command_id: str | None = None) -> str:
+    return json.dumps({"command_id": command_id or str(uuid.uuid4()), "type": type_,
+                       "participant_id": participant_id, "data": data})
+
+
+def _file(tmp_path, participants: int) -> tuple[str, list[str]]:
+    """Each participant screened, consented and randomized, the sites' lines interleaved;
+    among them lines each process must refuse as one process would."""
+    ids = [p.participant_id(SITES[i % 2]) for i in range(participants)]
+    early = p.participant_id("METRO")
+    lines = [_line("RecordConsent", early, p.CONSENT)]  # before its screening: not found
+    for pid in ids:
+        lines.append(_line("ScreenParticipant", pid, p.screening(pid.split("-")[0])))
+    lines += ["{not json", _line("RecordConsent", "NOSITE-1", p.CONSENT), "[1, 2]"]
+    for pid in ids:
+        lines.append(_line("RecordConsent", pid, p.CONSENT))
+    lines.append(_line("ScreenParticipant", early, p.screening("METRO")))
+    for pid in reversed(ids):  # the sites' sequences are drawn in this order
+        lines.append(_line("RandomizeParticipant", pid, p.RANDOMIZE))
+    lines.append(_line("RandomizeParticipant", p.participant_id("CASE"), p.RANDOMIZE))
+    path = tmp_path / "commands.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), [*ids, early]
+
+
+def _records(url: str, ids: list[str]) -> dict[str, tuple]:
+    trialog = bootstrap(settings_for(url))
+    try:
+        found = {}
+        for pid in ids:
+            participant = trialog.service.get_participant(pid)
+            found[pid] = (participant.version, participant.status, participant.arm)
+        return found
+    finally:
+        trialog.close()
+
+
+def test_jobs_apply_the_file_as_one_process_does(tmp_path):
+    """Two processes on PostgreSQL write what one writes: the same answers, the same
+    refusals by line, and every participant's events in the same order, down to the arm
+    each site's allocation sequence gave (drawn in the file's order within a site)."""
+    path, ids = _file(tmp_path, 16)
+    alone = f"sqlite:///{tmp_path / 'alone.db'}"
+    one = run(["import", path], tmp_path, TRIALOG_DATABASE_URL=alone, **TEST_SECRETS)
+    with fresh_postgres_database("trialog_jobs") as name:
+        url = f"{PG_SERVER}/{name}"
+        bootstrap(settings_for(url), migrate=True).close()
+        two = run(["import", path, "--jobs", "2"], tmp_path, TRIALOG_DATABASE_URL=url,
+                  **TEST_SECRETS)
+        assert two.returncode == 1, two.stderr  # 1: some lines were refused
+        assert two.stdout == one.stdout == "49 accepted, 0 repeated, 5 refused\n"
+        assert two.stderr == one.stderr
+        refused = [line.split(":")[0] for line in two.stderr.splitlines()]
+        assert refused == ["line 1", "line 18", "line 19", "line 20", "line 54"]
+        assert _records(url, ids) == _records(alone, ids)
+        randomized = _records(url, ids[:-1])  # all but the one screened late
+        assert {status for _, status, _ in randomized.values()} == {"randomized"}
+        assert {arm for _, _, arm in randomized.values()} == {"b12", "control"}
+        again = run(["import", path, "--jobs", "2"], tmp_path, TRIALOG_DATABASE_URL=url,
+                    **TEST_SECRETS)
+        # Line 1's participant exists now (screened further down the first time).
+        assert again.stdout == "1 accepted, 49 repeated, 4 refused\n"
+
+
+def test_each_site_goes_to_one_process_and_the_rest_by_participant_id():
+    protocol = load_protocol(settings_for("sqlite:///x.db").protocol_path)
+    part = part_of(protocol, 2)
+    by_site = {site: {part(orjson.dumps({"participant_id": p.participant_id(site)}))
+                      for _ in range(20)} for site in SITES}
+    assert by_site == {"CASE": {0}, "METRO": {1}}
+    assert {part(b"{not json"), part(b"[1]"), part(b'{"participant_id": 7}')} == {0}
+    others = {part(orjson.dumps({"participant_id": f"X-{i}"})) for i in range(40)}
+    assert others == {0, 1}
+    alone = part_of(protocol, 1)
+    assert {alone(orjson.dumps({"participant_id": p.participant_id(site)}))
+            for site in SITES} == {0}
+
+
+@pytest.mark.parametrize("url, jobs, refusal", [
+    ("postgresql+psycopg://h/db", 0, "--jobs: must be at least 1"),
+    ("postgresql+psycopg://h/db", 1, None),
+    ("postgresql+psycopg://h/db", 4, None),
+    ("sqlite:///x.db", 2, "--jobs: SQLite takes one writer at a time; use --jobs 1"),
+])
+def test_jobs_are_refused_where_they_cannot_work(url, jobs, refusal):
+    settings = settings_for(url)
+    assert jobs_refusal(settings, load_protocol(settings.protocol_path), jobs) == refusal
+
+
+def test_jobs_need_sites_known_from_participant_ids():
+    settings = settings_for("postgresql+psycopg://h/db")
+    protocol = load_protocol(settings.protocol_path)
+    unprefixed = replace(protocol, sites=tuple(replace(s, participant_prefix="")
+                                               for s in protocol.sites))
+    assert jobs_refusal(settings, unprefixed, 1) is None
+    assert jobs_refusal(settings, unprefixed, 2).startswith(
+        "--jobs: the protocol's sites have no participant_prefix")
+
+
+def test_a_database_that_fails_stops_the_import_with_its_message(tmp_path):
+    path, _ = _file(tmp_path, 2)
+    failed = run(["import", path, "--jobs", "2"], tmp_path,
+                 TRIALOG_DATABASE_URL=f"{PG_SERVER}/no_such_database_{uuid.uuid4().hex[:8]}",
+                 **TEST_SECRETS)
+    assert failed.returncode != 0
+    assert failed.stdout == ""
+    assert failed.stderr.startswith("trialog: the database failed (")
+    assert "run the import again" in failed.stderr
