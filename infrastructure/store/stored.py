@@ -18,7 +18,7 @@ from eventsourcing.application import project_aggregate
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
-from sqlalchemy import Uuid, case, func, literal, select, union_all
+from sqlalchemy import Uuid, case, func, literal, select, tuple_, union_all
 
 from domain.chain import canonical_json
 from domain.participant import Participant, participant_uuid
@@ -176,6 +176,15 @@ def position_of(recorder: Any, participant_id: str, version: int) -> Any:
     t = events_table(recorder)
     return select(t.c.id).where(t.c.originator_id == participant_uuid(participant_id),
                                 t.c.originator_version == version)
+
+
+def positions_of(recorder: Any, events: list[tuple[str, int]]) -> Any:
+    """The query for the log positions of several events (participant id, version): rows
+    of the position, the participant's UUID and the version."""
+    t = events_table(recorder)
+    return select(t.c.id, t.c.originator_id, t.c.originator_version).where(
+        tuple_(t.c.originator_id, t.c.originator_version).in_(
+            [(participant_uuid(pid), version) for pid, version in events]))
 
 
 StreamRange = tuple[UUID | None, UUID | None]  # originator ids from (inclusive), to

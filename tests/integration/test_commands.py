@@ -399,6 +399,37 @@ def test_a_batch_is_written_with_the_same_statements_whatever_its_size(trialog):
             again.body["events"][0]["recorded_at"])
 
 
+def test_a_batch_sent_again_answers_each_first_answer_finding_positions_in_one_query(
+        trialog):
+    """A batch sent again (an import run again, a client's retry) answers each command's
+    first answer with the position of the event it ended with, the positions found in
+    one query whatever the batch's size; a command id reused for another command among
+    them is refused alone."""
+    pid = enrol(trialog)
+    intents = [Intent(c.ScreenParticipant(new_participant_id(), screening()),
+                      str(uuid.uuid4()), "test-import") for _ in range(6)]
+    intents.append(Intent(c.RecordDose(pid, dose(1)), str(uuid.uuid4()), "test-import"))
+    first = trialog.bus.dispatch_all(intents)
+    assert all(isinstance(o, Accepted) and not o.replayed for o in first)
+    reused = Intent(c.RecordDose(pid, dose(2)), intents[-1].command_id, "test-import")
+    executed: list[str] = []
+
+    def seen(connection, cursor, statement, parameters, context, executemany):
+        executed.append(statement)
+
+    event.listen(trialog.engine, "before_cursor_execute", seen)
+    try:
+        again = trialog.bus.dispatch_all([*intents, reused])
+    finally:
+        event.remove(trialog.engine, "before_cursor_execute", seen)
+    assert [o.body for o in again[:-1]] == [o.body for o in first]
+    assert all(o.replayed for o in again[:-1])
+    assert all(o.body["position"] for o in again[:-1])
+    assert isinstance(again[-1], IdempotencyKeyReused)
+    events = trialog.service.recorder.events_table_name
+    assert len([s for s in executed if f"FROM {events}" in s]) == 1
+
+
 def test_a_batch_look_up_matches_whole_ids_only(trialog):
     """``any_of`` compares the whole value: an id longer than the column (which a cast to
     the column's varchar(n) would cut) finds nothing, as an IN list finds nothing."""
