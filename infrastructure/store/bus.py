@@ -27,14 +27,20 @@ import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError
 from eventsourcing_sqlalchemy.datastore import transactions
 from sqlalchemy import bindparam, insert, literal, select, update
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random,
+)
 
 from domain.access import EVERY_SITE, Scope
 from domain.commands import DATA_COMMANDS, Audit, Command
 from domain.errors import DatabaseLocked, DomainError, IdempotencyKeyReused
 from domain.participant import Participant, participant_uuid
 from domain.service import TrialService
-from infrastructure.store.outages import is_unavailable
+from infrastructure.store.outages import is_unavailable, rolled_back_for_another
 from infrastructure.store.stored import load_participants, position_of, positions_of
 from infrastructure.store.tables import (
     any_of,
@@ -218,7 +224,10 @@ class CommandBus:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retrying(self, *also: type[Exception]) -> Retrying:
-        return Retrying(retry=retry_if_exception_type((*WRITE_CONFLICTS, *also)),
+        # A deadlock: two batches wrote the same command ids in opposite orders (an
+        # import's processes, given a file that reuses an id on two sites' lines).
+        return Retrying(retry=retry_if_exception_type((*WRITE_CONFLICTS, *also))
+                        | retry_if_exception(rolled_back_for_another),
                         stop=stop_after_attempt(self.max_attempts),
                         wait=wait_random(0, 0.005), reraise=True)
 
@@ -356,6 +365,8 @@ class CommandBus:
                 bodies[index] = (body, events)
                 records.append(self._record(intent, digest, audit, body))
                 first[intent.command_id] = index
+            # Before the inserts: the event table's lock is held from the save to commit.
+            self._find_positions(session, replayed)
             if records:
                 # On PostgreSQL as arrays, in binary (see insert_rows).
                 insert_rows(session, command_records, records)
@@ -368,7 +379,6 @@ class CommandBus:
             body["position"] = max((positions[(e.originator_id, e.originator_version)]
                                     for e in events), default=None)
             outcomes[index] = Accepted(body, replayed=False)
-        self._find_positions(session, replayed)
         for index, body in replayed.items():
             outcomes[index] = Accepted(body, replayed=True)
         for index, intent in enumerate(intents):

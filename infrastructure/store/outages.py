@@ -16,6 +16,13 @@ DATABASE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, es_persistence.PersistenceErr
                    psycopg.Error, sqlite3.Error)
 
 
+def rolled_back_for_another(error: BaseException) -> bool:
+    """Whether PostgreSQL rolled the transaction back for another one's sake (a deadlock
+    between them, a serialization failure): decided again, it may well go through."""
+    return any(isinstance(e, psycopg.Error) and (e.sqlstate or "").startswith("40")
+               for e in _chain(error))  # class 40: transaction rollback
+
+
 def _chain(error: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -428,6 +429,48 @@ def test_a_batch_sent_again_answers_each_first_answer_finding_positions_in_one_q
     assert isinstance(again[-1], IdempotencyKeyReused)
     events = trialog.service.recorder.events_table_name
     assert len([s for s in executed if f"FROM {events}" in s]) == 1
+
+
+def test_two_batches_that_deadlock_on_command_ids_are_decided_again_not_failed(
+        trialog, monkeypatch):
+    """Two batches reusing each other's command ids in opposite orders (two processes of
+    an import given such a file) deadlock in PostgreSQL on the records' unique key; the
+    one rolled back is decided again: its commands are then refused as reused ids, and
+    nothing fails."""
+    if trialog.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: nothing to deadlock")
+    from infrastructure.store import bus as bus_module
+
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    batches = [[Intent(c.ScreenParticipant(new_participant_id(), screening()), command_id,
+                       "test-import") for command_id in ids]
+               for ids in ((first, second), (second, first))]
+    together = threading.Barrier(2, timeout=30)
+    real_insert = bus_module.insert_rows
+    inserts: list[str] = []
+
+    def both_at_once(session, table, rows):
+        if table is command_records:
+            inserts.append(rows[0]["command_id"])
+            if len(inserts) <= 2:  # the first two; a retry goes alone
+                together.wait()  # each inserts its first record, then waits on the other
+        return real_insert(session, table, rows)
+
+    monkeypatch.setattr(bus_module, "insert_rows", both_at_once)
+    decided: list[int] = []
+    real_decide = trialog.bus._decide_all
+
+    def counted(*args, **kwargs):
+        decided.append(1)
+        return real_decide(*args, **kwargs)
+
+    monkeypatch.setattr(trialog.bus, "_decide_all", counted)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(trialog.bus.dispatch_all, batches))
+    kinds = sorted([type(o).__name__ for o in found] for found in outcomes)
+    assert kinds == [["Accepted", "Accepted"],
+                     ["IdempotencyKeyReused", "IdempotencyKeyReused"]]
+    assert len(decided) >= 3  # the batch rolled back was decided again
 
 
 def test_a_batch_look_up_matches_whole_ids_only(trialog):
