@@ -177,25 +177,31 @@ def bench(kind: str, workdir: Path) -> list[dict[str, Any]]:
 
 
 def import_results(workdir: Path) -> list[dict[str, Any]]:
-    """`trialog import --jobs 2` (and, for comparison, one process) into a fresh
-    database with no server running, as a trial migrated before it goes live, beside the
+    """`trialog import --jobs 2` (and, for comparison, one process), each into a fresh
+    database with no server running (a trial migrated before it goes live), beside the
     library saving 100 events a transaction into the same database just before and just
     after it (their mean). The read models catch up afterwards (`projection_rebuild`)."""
+    found = {jobs: _import_run(workdir, jobs) for jobs in (2, 1)}
+    (two, library), (one, library_one) = found[2], found[1]
+    return [{**result("bulk_import_cli", two, "ev/s", "library_100_events_per_save",
+                      library, "postgresql"),
+             "jobs": 2, "one_process_per_second": round(one, 1),
+             "one_process_ratio": round(one / library_one, 3),
+             "commands": 2 * IMPORT_PARTICIPANTS}]
+
+
+def _import_run(workdir: Path, jobs: int) -> tuple[float, float]:
+    """The import's rate and its baseline's (see import_results)."""
     with database("postgresql", workdir) as (url, raw_env):
         bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **SECRETS}),
                   migrate=True).close()
         http.raw_batched_saves(raw_env, 1000)  # warm up
         before = http.raw_batched_saves(raw_env, IMPORT_PARTICIPANTS)
-        two = http.cli_import(url, SECRETS, workdir, IMPORT_PARTICIPANTS, 2)
-        one = http.cli_import(url, SECRETS, workdir, IMPORT_PARTICIPANTS, 1)
+        imported = http.cli_import(url, SECRETS, workdir, IMPORT_PARTICIPANTS, jobs)
         after = http.raw_batched_saves(raw_env, IMPORT_PARTICIPANTS)
-    library = (before + after) / 2
-    return [{**result("bulk_import_cli", two, "ev/s", "library_100_events_per_save",
-                      library, "postgresql"),
-             "jobs": 2, "one_process_per_second": round(one, 1),
-             "one_process_ratio": round(one / library, 3),
-             "library_before_after": [round(before, 1), round(after, 1)],
-             "commands": 2 * IMPORT_PARTICIPANTS}]
+    print(f"bulk_import_cli --jobs {jobs}: {imported:.0f} ev/s; library {before:.0f} before, "
+          f"{after:.0f} after", file=sys.stderr)
+    return imported, (before + after) / 2
 
 
 def console_results(workdir: Path) -> list[dict[str, Any]]:

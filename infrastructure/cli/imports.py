@@ -17,6 +17,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import repeat
 from multiprocessing import get_context
@@ -43,7 +44,7 @@ class Report:
     accepted: int = 0
     repeated: int = 0
     refused: list[tuple[int, str]] = field(default_factory=list)
-    failed: str | None = None  # a process's database failure (its error's name)
+    failed: str | None = None  # why a process stopped before the end of its lines
 
     def add(self, other: Report) -> None:
         self.accepted += other.accepted
@@ -130,7 +131,17 @@ def jobs_refusal(settings: Settings, protocol: Protocol, jobs: int) -> str | Non
     if not all(site.participant_prefix for site in protocol.sites):
         return ("--jobs: the protocol's sites have no participant_prefix, so a line's site "
                 "is not known from its participant id; use --jobs 1")
+    if jobs > len(protocol.sites):
+        return (f"--jobs: at most {len(protocol.sites)}, one process a site (the "
+                f"protocol has {len(protocol.sites)} sites)")
     return None
+
+
+def database_failure(error: BaseException) -> str:
+    """The failure an import reports: the error's kind and the first line of its text
+    (the error itself may not pickle from a process to another)."""
+    text = str(error).strip().splitlines()
+    return f"the database failed ({type(error).__name__}: {text[0] if text else ''})"
 
 
 def run_in_processes(settings: Settings, path: str, actor: str, jobs: int) -> Report:
@@ -138,9 +149,12 @@ def run_in_processes(settings: Settings, path: str, actor: str, jobs: int) -> Re
     own connections; its report is theirs together. A process whose database fails stops
     there (its transaction is not written); the others go on."""
     # Forked before this process opens any connection: each child makes its own.
-    with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
-        parts = list(pool.map(_run_part, repeat(settings), repeat(path), repeat(actor),
-                              range(jobs), repeat(jobs)))
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
+            parts = list(pool.map(_run_part, repeat(settings), repeat(path), repeat(actor),
+                                  range(jobs), repeat(jobs)))
+    except BrokenProcessPool as e:  # one was killed (out of memory, a signal)
+        return Report(failed=f"a process of the import was stopped ({e})")
     report = Report()
     for part in parts:
         report.add(part)
@@ -156,8 +170,8 @@ def _run_part(settings: Settings, path: str, actor: str, part: int, parts: int) 
         t = bootstrap(settings, migrate=False)
         with open(path, "rb") as lines:
             return run(t, lines, actor, part, parts)
-    except DATABASE_ERRORS as e:  # reported by name: the error itself may not pickle
-        return Report(failed=type(e).__name__)
+    except DATABASE_ERRORS as e:
+        return Report(failed=database_failure(e))
     finally:
         if t is not None:
             t.close()

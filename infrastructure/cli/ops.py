@@ -320,11 +320,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"{args.file}: {e.strerror}") from None
     except DATABASE_ERRORS as e:
-        report = imports.Report(failed=type(e).__name__)
+        report = imports.Report(failed=imports.database_failure(e))
     if report.failed is not None:
-        raise CliError(f"the database failed ({report.failed}); the commands of the "
-                       "transaction it stopped are not written: run the import again "
-                       "(what was written is recognised by its command ids)")
+        raise CliError(f"{report.failed}; the commands of the transaction it stopped are "
+                       "not written: run the import again (what was written is "
+                       "recognised by its command ids)")
     for number, refusal in report.refused:
         print(f"line {number}: {refusal}", file=sys.stderr)
     print(f"{report.accepted} accepted, {report.repeated} repeated, "

@@ -25,9 +25,10 @@ def _line(type_: str, participant_id: str, data: dict, command_id: str | None = 
                        "participant_id": participant_id, "data": data})
 
 
-def _file(tmp_path, participants: int) -> tuple[str, list[str]]:
-    """Each participant screened, consented and randomized, the sites' lines interleaved;
-    among them lines each process must refuse as one process would."""
+def _file(tmp_path, participants: int, doses: int = 0) -> tuple[str, list[str]]:
+    """Each participant screened, consented and randomized (then given ``doses``), the
+    sites' lines interleaved; among them lines each process must refuse as one process
+    would."""
     ids = [p.participant_id(SITES[i % 2]) for i in range(participants)]
     early = p.participant_id("METRO")
     lines = [_line("RecordConsent", early, p.CONSENT)]  # before its screening: not found
@@ -40,6 +41,7 @@ def _file(tmp_path, participants: int) -> tuple[str, list[str]]:
     for pid in reversed(ids):  # the sites' sequences are drawn in this order
         lines.append(_line("RandomizeParticipant", pid, p.RANDOMIZE))
     lines.append(_line("RandomizeParticipant", p.participant_id("CASE"), p.RANDOMIZE))
+    lines += [_line("RecordDose", pid, p.dose(day)) for day in range(doses) for pid in ids]
     path = tmp_path / "commands.ndjson"
     path.write_text("\n".join(lines) + "\n")
     return str(path), [*ids, early]
@@ -60,8 +62,9 @@ def _records(url: str, ids: list[str]) -> dict[str, tuple]:
 def test_jobs_apply_the_file_as_one_process_does(tmp_path):
     """Two processes on PostgreSQL write what one writes: the same answers, the same
     refusals by line, and every participant's events in the same order, down to the arm
-    each site's allocation sequence gave (drawn in the file's order within a site)."""
-    path, ids = _file(tmp_path, 16)
+    each site's allocation sequence gave (drawn in the file's order within a site).
+    Each process has more than one transaction's lines (500)."""
+    path, ids = _file(tmp_path, 200, doses=2)
     alone = f"sqlite:///{tmp_path / 'alone.db'}"
     one = run(["import", path], tmp_path, TRIALOG_DATABASE_URL=alone, **TEST_SECRETS)
     with fresh_postgres_database("trialog_jobs") as name:
@@ -70,10 +73,10 @@ def test_jobs_apply_the_file_as_one_process_does(tmp_path):
         two = run(["import", path, "--jobs", "2"], tmp_path, TRIALOG_DATABASE_URL=url,
                   **TEST_SECRETS)
         assert two.returncode == 1, two.stderr  # 1: some lines were refused
-        assert two.stdout == one.stdout == "49 accepted, 0 repeated, 5 refused\n"
+        assert two.stdout == one.stdout == "1001 accepted, 0 repeated, 5 refused\n"
         assert two.stderr == one.stderr
         refused = [line.split(":")[0] for line in two.stderr.splitlines()]
-        assert refused == ["line 1", "line 18", "line 19", "line 20", "line 54"]
+        assert refused == ["line 1", "line 202", "line 203", "line 204", "line 606"]
         assert _records(url, ids) == _records(alone, ids)
         randomized = _records(url, ids[:-1])  # all but the one screened late
         assert {status for _, status, _ in randomized.values()} == {"randomized"}
@@ -81,7 +84,7 @@ def test_jobs_apply_the_file_as_one_process_does(tmp_path):
         again = run(["import", path, "--jobs", "2"], tmp_path, TRIALOG_DATABASE_URL=url,
                     **TEST_SECRETS)
         # Line 1's participant exists now (screened further down the first time).
-        assert again.stdout == "1 accepted, 49 repeated, 4 refused\n"
+        assert again.stdout == "1 accepted, 1001 repeated, 4 refused\n"
 
 
 def test_each_site_goes_to_one_process_and_the_rest_by_participant_id():
@@ -101,7 +104,9 @@ def test_each_site_goes_to_one_process_and_the_rest_by_participant_id():
 @pytest.mark.parametrize("url, jobs, refusal", [
     ("postgresql+psycopg://h/db", 0, "--jobs: must be at least 1"),
     ("postgresql+psycopg://h/db", 1, None),
-    ("postgresql+psycopg://h/db", 4, None),
+    ("postgresql+psycopg://h/db", 2, None),
+    ("postgresql+psycopg://h/db", 3,
+     "--jobs: at most 2, one process a site (the protocol has 2 sites)"),
     ("sqlite:///x.db", 2, "--jobs: SQLite takes one writer at a time; use --jobs 1"),
 ])
 def test_jobs_are_refused_where_they_cannot_work(url, jobs, refusal):
@@ -119,12 +124,15 @@ def test_jobs_need_sites_known_from_participant_ids():
         "--jobs: the protocol's sites have no participant_prefix")
 
 
-def test_a_database_that_fails_stops_the_import_with_its_message(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_database_that_fails_stops_the_import_saying_why(tmp_path, jobs):
     path, _ = _file(tmp_path, 2)
-    failed = run(["import", path, "--jobs", "2"], tmp_path,
-                 TRIALOG_DATABASE_URL=f"{PG_SERVER}/no_such_database_{uuid.uuid4().hex[:8]}",
-                 **TEST_SECRETS)
+    name = f"no_such_database_{uuid.uuid4().hex[:8]}"
+    failed = run(["import", path, "--jobs", jobs], tmp_path,
+                 TRIALOG_DATABASE_URL=f"{PG_SERVER}/{name}", **TEST_SECRETS)
     assert failed.returncode != 0
     assert failed.stdout == ""
-    assert failed.stderr.startswith("trialog: the database failed (")
+    assert failed.stderr.startswith("trialog: the database failed (OperationalError: ")
+    assert f'database "{name}" does not exist' in failed.stderr  # the driver's reason
     assert "run the import again" in failed.stderr
+    assert len(failed.stderr.splitlines()) == 1
