@@ -57,11 +57,13 @@ def _refusal(fields: dict[str, list[str]]) -> str:
     return "validation_failed: " + "; ".join(f"{k}: {v[0]}" for k, v in fields.items())
 
 
-def _chunks(lines: Iterable[bytes], mine: Callable[[bytes], bool] = lambda _: True
+def _chunks(lines: Iterable[bytes], part: int, belongs: Callable[[bytes], int] | None
             ) -> Iterator[list[tuple[int, bytes]]]:
+    """The lines of process ``part`` (every line when there is one process: no
+    ``belongs``), CHUNK at a time, with their numbers in the file."""
     chunk: list[tuple[int, bytes]] = []
     for number, line in enumerate(lines, 1):
-        if line.strip() and mine(line):
+        if line.strip() and (belongs is None or belongs(line) == part):
             chunk.append((number, line))
         if len(chunk) == CHUNK:
             yield chunk
@@ -96,9 +98,8 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
     report = Report()
     envelope = loader(CommandEnvelope())
     schemas = data_loaders(t.protocol)
-    belongs = part_of(t.protocol, parts)
-    mine = (lambda line: belongs(line) == part) if parts > 1 else (lambda _: True)
-    for chunk in _chunks(lines, mine):
+    belongs = part_of(t.protocol, parts) if parts > 1 else None
+    for chunk in _chunks(lines, part, belongs):
         intents: list[tuple[int, Intent]] = []
         for number, line in chunk:
             intent = _intent(line, actor, envelope, schemas)
@@ -151,7 +152,7 @@ def run_in_processes(settings: Settings, path: str, actor: str, jobs: int) -> Re
     # Forked before this process opens any connection: each child makes its own.
     try:
         with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
-            parts = list(pool.map(_run_part, repeat(settings), repeat(path), repeat(actor),
+            parts = list(pool.map(run_file, repeat(settings), repeat(path), repeat(actor),
                                   range(jobs), repeat(jobs)))
     except BrokenProcessPool as e:  # one was killed (out of memory, a signal)
         return Report(failed=f"a process of the import was stopped ({e})")
@@ -162,12 +163,15 @@ def run_in_processes(settings: Settings, path: str, actor: str, jobs: int) -> Re
     return report
 
 
-def _run_part(settings: Settings, path: str, actor: str, part: int, parts: int) -> Report:
+def run_file(settings: Settings, path: str, actor: str, part: int = 0,
+             parts: int = 1) -> Report:
+    """The file's lines (those of process ``part`` of ``parts``), applied with this
+    process's own connections; a database failure is the report's, not raised."""
     from infrastructure.store.bootstrap import bootstrap
 
     t = None
     try:
-        t = bootstrap(settings, migrate=False)
+        t = bootstrap(settings)  # migrated first on SQLite only, as every command does
         with open(path, "rb") as lines:
             return run(t, lines, actor, part, parts)
     except DATABASE_ERRORS as e:

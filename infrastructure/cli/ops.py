@@ -303,7 +303,6 @@ def cmd_webhook_rotate(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from infrastructure.cli import imports
     from infrastructure.store.bootstrap import load_protocol
-    from infrastructure.store.outages import DATABASE_ERRORS
     from infrastructure.store.settings import Settings
 
     settings = Settings.from_env()
@@ -313,14 +312,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         with open(args.file, "rb"):  # readable, before any process starts
             pass
-        if args.jobs > 1:
-            report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)
-        else:
-            report = _import_here(settings, args.file, args.actor)
     except OSError as e:
         raise CliError(f"{args.file}: {e.strerror}") from None
-    except DATABASE_ERRORS as e:
-        report = imports.Report(failed=imports.database_failure(e))
+    if args.jobs > 1:
+        report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)
+    else:
+        report = imports.run_file(settings, args.file, args.actor)
     if report.failed is not None:
         raise CliError(f"{report.failed}; the commands of the transaction it stopped are "
                        "not written: run the import again (what was written is "
@@ -331,14 +328,3 @@ def cmd_import(args: argparse.Namespace) -> int:
           f"{len(report.refused)} refused")
     return 1 if report.refused else 0
 
-
-def _import_here(settings: Any, path: str, actor: str) -> Any:
-    from infrastructure.cli import imports
-    from infrastructure.store.bootstrap import bootstrap
-
-    trialog = bootstrap(settings)
-    try:
-        with open(path, "rb") as lines:
-            return imports.run(trialog, lines, actor)
-    finally:
-        trialog.close()

@@ -41,7 +41,7 @@ from domain.errors import DatabaseLocked, DomainError, IdempotencyKeyReused
 from domain.participant import Participant, participant_uuid
 from domain.service import TrialService
 from infrastructure.store.outages import is_unavailable, rolled_back_for_another
-from infrastructure.store.stored import load_participants, position_of, positions_of
+from infrastructure.store.stored import load_participants, positions_of
 from infrastructure.store.tables import (
     any_of,
     as_utc,
@@ -366,7 +366,7 @@ class CommandBus:
                 records.append(self._record(intent, digest, audit, body))
                 first[intent.command_id] = index
             # Before the inserts: the event table's lock is held from the save to commit.
-            self._find_positions(session, replayed)
+            self._find_positions(session, list(replayed.values()))
             if records:
                 # On PostgreSQL as arrays, in binary (see insert_rows).
                 insert_rows(session, command_records, records)
@@ -441,21 +441,21 @@ class CommandBus:
         if changed.rowcount == 0:
             session.execute(insert(database_lock).values(study_id=self.study_id, **values))
 
-    def _find_positions(self, session: Any, answers: dict[int, dict[str, Any]]) -> None:
-        """Each first answer's position (as _with_position), found in one query."""
+    def _find_positions(self, session: Any, answers: list[dict[str, Any]]) -> None:
+        """Each first answer's position, that of the event it ended with: one query for
+        them all."""
         if not answers:
             return
-        wanted = {(body["participant_id"], body["version"]) for body in answers.values()}
+        wanted = {(body["participant_id"], body["version"]) for body in answers}
         found = {(row.originator_id, row.originator_version): row.id
                  for row in session.execute(positions_of(self.service.recorder,
                                                          list(wanted)))}
-        for body in answers.values():
+        for body in answers:
             body["position"] = found.get((participant_uuid(body["participant_id"]),
                                           body["version"]))
 
     def _with_position(self, session: Any, response: str) -> dict[str, Any]:
         """The first answer again; its position is that of the event it ended with."""
         body: dict[str, Any] = json.loads(response)
-        body["position"] = session.execute(position_of(
-            self.service.recorder, body["participant_id"], body["version"])).scalar()
+        self._find_positions(session, [body])
         return body
