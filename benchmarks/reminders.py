@@ -73,12 +73,15 @@ def sends_per_second(t: Trialog, smtp_url: str, n: int) -> float:
 
 def _worker(env: dict[str, str], chunks: list[list[str]], ready: Any, go: Any,
             done: Any) -> None:
-    """One worker process: started up (imports, bootstrap, an SMTP connection), then, once
-    every worker is, sends its chunks as the send_reminders task does."""
+    """One worker process: started up (imports, bootstrap, an SMTP connection) as a Celery
+    pool process is, then, once every worker is, sends its chunks as the send_reminders
+    task does."""
+    from infrastructure.heap import freeze_startup
     from infrastructure.store.bootstrap import bootstrap
     from infrastructure.store.settings import Settings
 
     t = bootstrap(Settings.from_env(env))
+    freeze_startup()
     mailer = reminders.Mailer(t.settings.smtp_url, t.settings.mail_from)
     today = datetime.now(UTC).date()
     ready.put(True)

@@ -69,13 +69,16 @@ _trialog: dict[int, Any] = {}
 
 
 def trialog(celery_app: Celery | None = None) -> Any:
-    """This process's application, built on first use (never at import)."""
+    """This process's application, built on first use (never at import), then kept out of
+    the garbage collector's scans (see infrastructure.heap)."""
+    from infrastructure.heap import freeze_startup
     from infrastructure.store.bootstrap import bootstrap
 
     key = id(celery_app or app)
     if key not in _trialog:
         settings = (celery_app or app).conf.trialog_settings or Settings.from_env()
         _trialog[key] = bootstrap(settings)
+        freeze_startup()
     return _trialog[key]
 
 

@@ -3,7 +3,6 @@ JSON bodies, and one structured log line per request."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 import uuid
@@ -21,6 +20,7 @@ from infrastructure.api import commands, feed, reads, reports, sessions
 from infrastructure.api.errors import ApiError, database_error, error_response, invalid
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import document_commands
+from infrastructure.heap import freeze_startup
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import DATABASE_ERRORS
 
@@ -79,7 +79,7 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
         app.register_error_handler(error, database_error)
     # What exists now lives as long as the process: out of the collector's way, so a full
     # collection scans only what requests create (a 500-event history is ~5k objects).
-    gc.freeze()
+    freeze_startup()
     return app
 
 

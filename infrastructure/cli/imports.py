@@ -167,11 +167,13 @@ def run_file(settings: Settings, path: str, actor: str, part: int = 0,
              parts: int = 1) -> Report:
     """The file's lines (those of process ``part`` of ``parts``), applied with this
     process's own connections; a database failure is the report's, not raised."""
+    from infrastructure.heap import freeze_startup
     from infrastructure.store.bootstrap import bootstrap
 
     t = None
     try:
         t = bootstrap(settings)  # migrated first on SQLite only, as every command does
+        freeze_startup()  # the process's own application, kept until it ends
         with open(path, "rb") as lines:
             return run(t, lines, actor, part, parts)
     except DATABASE_ERRORS as e:

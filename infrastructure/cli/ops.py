@@ -182,9 +182,11 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from infrastructure.heap import freeze_startup
     from infrastructure.readside.projections import follow_all
 
     trialog = _app()
+    freeze_startup()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     followers = follow_all(trialog, stop, batch_size=args.batch_size)
