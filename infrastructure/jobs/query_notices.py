@@ -81,20 +81,27 @@ def _language(t: Trialog, site_id: str) -> str:
     return language if language in SUBJECTS[RAISED] else "en"
 
 
+def _visit_names(t: Trialog, language: str) -> dict[str, str]:
+    """Each visit's name in ``language``, as the reminders name it, by its code."""
+    return {visit.code: visit.name_in(language) for visit in t.protocol.visits}
+
+
 def raised_email(t: Trialog, participant: Participant, query_id: str) -> Any:
     """The email to the participant's site coordinator about a raised query, or None when
-    the query was cancelled before it could be sent."""
+    the query is no longer open when it would be sent (answered, closed or cancelled
+    meanwhile: the email asks for an answer)."""
     from infrastructure.jobs.reminders import TEMPLATES, Email
 
     query = participant.queries.get(query_id)
     site = t.protocol.site(participant.site_id)
-    if query is None or query["status"] == "cancelled" or site is None:
+    if query is None or query["status"] != "open" or site is None:
         return None
     language = _language(t, participant.site_id)
     context = {"study": t.protocol.title, "participant_id": participant.participant_id,
                "site_name": site.name, "target": query["target"],
                "text": query["thread"][0]["text"], "raised_by": query["opened_by"],
-               "raised_at": query["opened_at"][:16].replace("T", " ")}
+               "raised_at": query["opened_at"][:16].replace("T", " "),
+               "visit_names": _visit_names(t, language)}
     return Email(
         to=(site.coordinator_email,),
         subject=SUBJECTS[RAISED][language].format(pid=participant.participant_id),
@@ -124,7 +131,8 @@ def digest_email(t: Trialog, key: str) -> Any:
     listed = [{"participant_id": r.participant_id, "status": r.status,
                "days_open": (now - as_utc(r.opened_at)).days, "target": r.target,
                "text": r.thread[0]["text"]} for r in rows]
-    context = {"study": t.protocol.title, "site_name": site.name, "queries": listed}
+    context = {"study": t.protocol.title, "site_name": site.name, "queries": listed,
+               "visit_names": _visit_names(t, language)}
     return Email(
         to=(site.coordinator_email,),
         subject=SUBJECTS[DIGEST][language].format(n=len(listed), site=site.name),

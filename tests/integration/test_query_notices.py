@@ -8,6 +8,8 @@ import uuid
 from dataclasses import replace
 from datetime import date, timedelta
 
+import pytest
+
 from domain import commands as c
 from infrastructure.jobs import query_notices, reminders
 from infrastructure.readside.projections import TrialProjection
@@ -59,6 +61,42 @@ def test_a_query_cancelled_before_its_email_goes_is_not_announced(stack):
     assert stack.sink.messages == []
 
 
+ANSWERED = [("RespondToQuery", "8")]
+CLOSED = [*ANSWERED, ("CloseQuery", None)]
+
+
+@pytest.mark.parametrize("after, outcome", [
+    (ANSWERED, "cancelled"), (CLOSED, "cancelled"),
+    ([*CLOSED, ("ReopenQuery", "which form?")], "sent")],
+    ids=["answered", "closed", "reopened"])
+def test_only_a_query_still_open_when_its_email_goes_is_announced(stack, after, outcome):
+    """The email asks the coordinator to answer: a query answered or closed before the
+    scan's email goes is not announced; one reopened since is."""
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    query_id = raise_query(stack, pid, "Is the worst pain 7 or 8?")
+    for name, text in after:
+        stack.trialog.bus.dispatch(
+            c.COMMAND_TYPES[name](pid, {"query_id": query_id, "text": text}),
+            command_id=str(uuid.uuid4()), actor="cra-1", reason="the source disagrees")
+    stack.clock.set(REGISTERED)
+    TrialProjection(stack.trialog).catch_up()
+    [row_id] = reminders.scan(stack.trialog, REGISTERED)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == outcome
+    assert len(stack.sink.messages) == (outcome == "sent")
+
+
+def test_the_email_names_the_visit_as_the_reminders_do(stack):
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    stack.send(c.RaiseQuery(pid, {"query_id": str(uuid.uuid4()), "text": "which scale?",
+                                  "visit": "week6"}))
+    stack.scan(REGISTERED)
+    [message] = stack.sink.wait_for(1)
+    assert "About: the week 6 visit" in text_of(message)
+
+
 def test_the_email_speaks_the_coordinators_language(stack):
     t = stack.trialog
     spanish = tuple(replace(s, coordinator_language="es") for s in t.protocol.sites)
@@ -72,6 +110,7 @@ def test_the_email_speaks_the_coordinators_language(stack):
         [message] = stack.sink.wait_for(1)
         assert message["Subject"] == f"Nueva consulta sobre el participante {pid}"
         assert "Por favor, respóndala" in text_of(message)
+        assert "la visita inicial" in text_of(message)
     finally:
         t.protocol = original
 
