@@ -158,10 +158,15 @@ def test_the_overview_shows_the_apis_numbers(console, browser, trial, role):  # 
 
 def test_pages_pass_axe_ask_nothing_of_another_host_and_are_screenshot(
         console, browser, trial):  # noqa: F811
+    """Also: nothing a page asks for is refused (a browser asks for /favicon.ico unless
+    the page names an icon, and the API would answer 401)."""
     # bypass_csp: the page allows no inline script, and axe is injected as one.
     context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     asked: list[str] = []
+    refused: list[tuple[str, int]] = []
     context.on("request", lambda request: asked.append(request.url))
+    context.on("response", lambda answer: answer.status >= 400 and refused.append(
+        (answer.url, answer.status)))
     try:
         page = sign_in(context, console, console.logins["monitor"])
         screenshot(page, "overview")
@@ -170,6 +175,7 @@ def test_pages_pass_axe_ask_nothing_of_another_host_and_are_screenshot(
         for name, path in pages.items():
             page.goto(console.page_url(path))
             assert serious_violations(page) == [], name
+            assert page.locator("link[rel=icon]").count() == 1, name  # no /favicon.ico
         page.set_viewport_size({"width": 820, "height": 1180})  # a tablet
         page.goto(console.page_url(f"/console/participants/{trial['dosed']}"))
         assert serious_violations(page) == [], "participant on a tablet"
@@ -178,3 +184,4 @@ def test_pages_pass_axe_ask_nothing_of_another_host_and_are_screenshot(
         context.close()
     others = [url for url in asked if not url.startswith(console.url + "/")]
     assert asked and others == []
+    assert refused == []
