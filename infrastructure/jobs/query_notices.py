@@ -86,6 +86,12 @@ def _visit_names(t: Trialog, language: str) -> dict[str, str]:
     return {visit.code: visit.name_in(language) for visit in t.protocol.visits}
 
 
+def raised_recipients(t: Trialog, participant: Participant) -> tuple[str, ...]:
+    """Whom a raised query's email goes to: the participant's site coordinator."""
+    site = t.protocol.site(participant.site_id)
+    return (site.coordinator_email,) if site is not None and site.coordinator_email else ()
+
+
 def raised_email(t: Trialog, participant: Participant, query_id: str) -> Any:
     """The email to the participant's site coordinator about a raised query, or None when
     the query is no longer open when it would be sent (answered, closed or cancelled
@@ -103,7 +109,7 @@ def raised_email(t: Trialog, participant: Participant, query_id: str) -> Any:
                "raised_at": query["opened_at"][:16].replace("T", " "),
                "visit_names": _visit_names(t, language)}
     return Email(
-        to=(site.coordinator_email,),
+        to=raised_recipients(t, participant),
         subject=SUBJECTS[RAISED][language].format(pid=participant.participant_id),
         text=TEMPLATES.get_template(f"query_raised_{language}.txt").render(context),
         html=TEMPLATES.get_template(f"query_raised_{language}.html").render(context),

@@ -403,9 +403,10 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
         log.warning("reminder failed", extra={"reminder_id": row.reminder_id, "error": error})
         return "failed", None, None
     if row.kind == query_notices.RAISED:
-        email = query_notices.raised_email(t, participant, row.query_id)
         if row.status == "mailed":  # the server took it: only ReminderSent is missing
-            return "sent", email.to if email is not None else (), participant
+            # Whom it went to, whatever has become of the query since.
+            return "sent", query_notices.raised_recipients(t, participant), participant
+        email = query_notices.raised_email(t, participant, row.query_id)
         if f"{row.query_id}/{row.kind}" in participant.reminders:
             _mark(connection, row, "sent")
             return "recorded_before", None, None

@@ -9,10 +9,12 @@ from dataclasses import replace
 from datetime import date, timedelta
 
 import pytest
+from sqlalchemy import update
 
 from domain import commands as c
 from infrastructure.jobs import query_notices, reminders
 from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.tables import outbox
 from tests.integration import test_workers
 from tests.integration.test_workers import REGISTERED, wait_until
 from tests.smtp import text_of
@@ -95,6 +97,49 @@ def test_the_email_names_the_visit_as_the_reminders_do(stack):
     stack.scan(REGISTERED)
     [message] = stack.sink.wait_for(1)
     assert "About: the week 6 visit" in text_of(message)
+
+
+def test_a_query_on_an_event_and_field_is_announced_and_digested(stack):
+    """A query raised on an event (not a visit) names the event and field; a week later
+    the digest lists it. Both emails failed to render before (its target has no visit)."""
+    pid = stack.enrol()
+    version = stack.send(c.CompleteVisit(pid, BASELINE))["version"]
+    event_id = stack.trialog.service.get_participant(pid).event_id_of(version)
+    stack.send(c.RaiseQuery(pid, {"query_id": str(uuid.uuid4()), "text": "7 or 8?",
+                                  "event_id": event_id, "field": "bpi_sf.worst"}))
+    stack.scan(REGISTERED)
+    [message] = stack.sink.wait_for(1)
+    assert f"About: event {event_id}, field bpi_sf.worst" in text_of(message)
+    stack.scan(REGISTERED + timedelta(days=8))
+    [_, digest] = stack.sink.wait_for(2)
+    assert f"{pid}, 8 days, open: 7 or 8?" in text_of(digest)
+
+
+def test_a_query_email_mailed_before_the_query_closed_is_recorded_as_sent_to_the_coordinator(
+        stack):
+    """The server took the email, then recording ReminderSent failed (the row is left
+    mailed); the query is closed before the next attempt records it: the record names
+    the coordinator it went to, not nobody."""
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    query_id = raise_query(stack, pid, "Is the worst pain 7 or 8?")
+    stack.clock.set(REGISTERED)
+    TrialProjection(stack.trialog).catch_up()
+    [row_id] = reminders.scan(stack.trialog, REGISTERED)
+    with stack.trialog.engine.begin() as connection:
+        connection.execute(update(outbox).where(outbox.c.reminder_id == row_id)
+                           .values(status="mailed"))
+    for name, text in CLOSED:
+        stack.trialog.bus.dispatch(
+            c.COMMAND_TYPES[name](pid, {"query_id": query_id, "text": text}),
+            command_id=str(uuid.uuid4()), actor="cra-1")
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == "sent"
+    assert stack.sink.messages == []  # not emailed again
+    participant = stack.trialog.service.get_participant(pid)
+    [sent] = [e for e in stack.trialog.service.events.get(participant.id)
+              if type(e).__name__ == "ReminderSent"]
+    assert sent.recipients == [stack.trialog.protocol.site("CASE").coordinator_email]
 
 
 def test_the_email_speaks_the_coordinators_language(stack):
