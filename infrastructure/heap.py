@@ -9,8 +9,11 @@ thousand commands. Frozen (``gc.freeze``), they are in a generation the collecto
 scans; reference counting frees them as before. Measured on `trialog import`, alternating
 in one process: about a tenth less CPU a command (167 → 151 µs; 128 → 109 in another run).
 
-The price: an object frozen here that later ends up in a reference cycle nobody holds is
-never freed (at most what was frozen, once).
+Nothing is collected first: a collection then scans all of them (60-80 ms) to find a few
+dozen unreachable objects (23 measured after the command line's imports), which are
+frozen with the rest. The price: a frozen object that later ends up in a reference cycle
+nobody holds is never freed, nor what only that cycle holds (say, a closed application's
+cache). What is frozen here lives as long as the process, so that is the exception.
 """
 
 from __future__ import annotations
@@ -19,6 +22,5 @@ import gc
 
 
 def freeze_startup() -> None:
-    """Collects what start-up left for the collector, then freezes the rest (see above)."""
-    gc.collect()
+    """Freezes every object the collector tracks now (see above)."""
     gc.freeze()

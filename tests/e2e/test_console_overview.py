@@ -158,8 +158,9 @@ def test_the_overview_shows_the_apis_numbers(console, browser, trial, role):  # 
 
 def test_pages_pass_axe_ask_nothing_of_another_host_and_are_screenshot(
         console, browser, trial):  # noqa: F811
-    """Also: nothing a page asks for is refused (a browser asks for /favicon.ico unless
-    the page names an icon, and the API would answer 401)."""
+    """Also: each page names an icon (else a browser asks the API for /favicon.ico and
+    is answered 401; Playwright leaves that request out of its events), and nothing a
+    page asks for is refused."""
     # bypass_csp: the page allows no inline script, and axe is injected as one.
     context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     asked: list[str] = []
