@@ -1,6 +1,7 @@
-"""marshmallow schemas of the HTTP API: the command envelope, the answers and the error
-body, and the OpenAPI document of every command type (their ``data`` schemas are the
-store's, in ``infrastructure.store.schemas``)."""
+"""marshmallow schemas of the HTTP API: the answers and the error body, and the OpenAPI
+document of every command type (the command envelope and their ``data`` schemas are the
+store's, in ``infrastructure.store.schemas``, which `trialog import` loads without the
+web stack)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,9 @@ from typing import Any
 
 from marshmallow import Schema, fields, validate
 
-from domain.commands import COMMAND_TYPES, TRIAL_COMMANDS
+from domain.commands import TRIAL_COMMANDS
 from domain.protocol import Protocol
-from infrastructure.store.schemas import UUIDString, data_schemas, text
-
-
-class CommandEnvelope(Schema):
-    command_id = UUIDString(required=True)
-    type = fields.String(required=True, validate=validate.OneOf(sorted(COMMAND_TYPES)))
-    participant_id = fields.String(required=True, validate=validate.Regexp(
-        r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-        error="must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"))
-    expected_version = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**31),
-                                      allow_none=True)
-    reason = text(1, 2000, allow_none=True)
-    data = fields.Dict(required=True)  # JSON keys are strings: nothing to check
+from infrastructure.store.schemas import CommandEnvelope, UUIDString, data_schemas, text
 
 
 class TrialCommand(Schema):

@@ -28,12 +28,11 @@ from marshmallow import ValidationError
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
 from domain.protocol import Protocol
-from infrastructure.api.schemas import CommandEnvelope
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
 from infrastructure.store.outages import DATABASE_ERRORS
-from infrastructure.store.schemas import flatten
+from infrastructure.store.schemas import CommandEnvelope, flatten
 from infrastructure.store.settings import Settings
 
 CHUNK = 500  # commands per transaction

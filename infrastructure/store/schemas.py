@@ -288,6 +288,20 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
     return built
 
 
+class CommandEnvelope(Schema):
+    """A command body as POST /v1/commands and `trialog import` take it."""
+
+    command_id = UUIDString(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(sorted(COMMAND_TYPES)))
+    participant_id = fields.String(required=True, validate=validate.Regexp(
+        r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        error="must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"))
+    expected_version = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**31),
+                                      allow_none=True)
+    reason = text(1, 2000, allow_none=True)
+    data = fields.Dict(required=True)  # JSON keys are strings: nothing to check
+
+
 def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
     """marshmallow's nested error messages as dotted paths from the body root."""
     if isinstance(messages, dict):

@@ -1,12 +1,11 @@
-"""Alembic migrations of Trialog's own tables."""
+"""Alembic migrations of Trialog's own tables. Alembic is imported when a migration or a
+revision is asked for, not by every process that imports this (an API or import process on
+PostgreSQL never migrates; alembic is a tenth of a second of its start-up)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
 
@@ -16,6 +15,9 @@ VERSION_TABLE = "trialog_alembic_version"
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Creates or migrates the tables to ``revision``."""
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(HERE))
     with engine.begin() as connection:
@@ -25,6 +27,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def tables_and_revision(url: str) -> tuple[set[str], str | None]:
     """The tables a database has and the revision its own tables are at."""
+    from alembic.runtime.migration import MigrationContext
+
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
