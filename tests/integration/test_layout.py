@@ -1,5 +1,6 @@
 """The tree shows the parts, and the parts depend inward: the command data schemas, the
-read side, the audit and the jobs never need the HTTP API."""
+read side, the audit, the jobs and `trialog import` never need the HTTP API; a process
+that does not migrate never loads alembic."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def test_infrastructure_is_split_into_its_parts():
     packages = {p.parent.name for p in (ROOT / "infrastructure").glob("*/__init__.py")}
     assert packages == PARTS
     loose = {p.name for p in (ROOT / "infrastructure").glob("*.py")}
-    assert loose == {"__init__.py", "logs.py"}
+    assert loose == {"__init__.py", "logs.py", "heap.py"}  # what every process sets up
 
 
 def test_the_schemas_the_exports_and_the_jobs_import_without_the_api():
@@ -23,9 +24,19 @@ def test_the_schemas_the_exports_and_the_jobs_import_without_the_api():
              "import infrastructure.store.schemas, infrastructure.store.corrections\n"
              "import infrastructure.audit.exports, infrastructure.audit.odm\n"
              "import infrastructure.readside.projections, infrastructure.jobs.reminders\n"
-             "import infrastructure.jobs.monitor, workers.tasks\n"
+             "import infrastructure.jobs.monitor, workers.tasks, infrastructure.cli.imports\n"
              "print(sorted(m for m in sys.modules if m.startswith(('infrastructure.api', "
              "'flask'))))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, check=True, timeout=60)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_process_that_does_not_migrate_never_loads_alembic():
+    probe = ("import sys\n"
+             "import infrastructure.store.bootstrap, infrastructure.cli.imports\n"
+             "import infrastructure.api, workers.tasks\n"
+             "print(sorted(m for m in sys.modules if m.startswith('alembic')))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                           text=True, check=True, timeout=60)
     assert done.stdout.strip() == "[]"
