@@ -175,6 +175,7 @@ def test_each_week_the_coordinator_gets_a_digest_of_queries_open_more_than_7_day
     assert len(digests) == 1, [m["Subject"] for m in messages]
     body = text_of(digests[0])
     assert f"{pid}, 8 days, open" in body and "an old question" in body
+    assert "answer the open ones" in body  # an answered one waits for a monitor
     assert "a newer question" not in body
     # The same week again: no second digest; the next week, one more.
     stack.scan(later + timedelta(days=1))
