@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any, ClassVar, Self
 from uuid import UUID
@@ -54,6 +54,7 @@ class Outcome:
     version: int
     position: int | None
     events: list[dict[str, Any]]
+    decided: dict[str, Any] = field(default_factory=dict)  # see TrialService.answer
 
 
 Decision = tuple[Participant, ...] | tuple[Participant, AllocationSequence]
@@ -167,14 +168,25 @@ class TrialService(Application[Any]):
 
     @staticmethod
     def answer(decision: Decision) -> Outcome:
-        """What saving ``decision`` will answer, but for the position."""
+        """What saving ``decision`` will answer, but for the position; with what the
+        command decided that its caller can't know beforehand: a screening's outcome
+        (``eligible``, ``failed_criteria``), a randomization's ``arm`` (the trial is open
+        label)."""
         participant = decision[0]
+        decided: dict[str, Any] = {}
+        for e in participant.pending_events:
+            if isinstance(e, (Participant.ParticipantScreened,
+                              Participant.ParticipantRescreened)):
+                decided.update(eligible=e.eligible, failed_criteria=list(e.failed_criteria))
+            elif isinstance(e, Participant.ParticipantRandomized):
+                decided["arm"] = e.arm
         return Outcome(
             participant_id=participant.participant_id, version=participant.version,
             position=None,
             events=[{"type": type(e).__name__, "version": e.originator_version,
                      "recorded_at": e.timestamp.isoformat()}
                     for e in participant.pending_events],
+            decided=decided,
         )
 
     def together(self, loaded: Iterable[Participant] = (),

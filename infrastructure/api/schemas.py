@@ -45,6 +45,11 @@ class CommandAnswer(Schema):
     version = fields.Integer(required=True)
     position = fields.Integer(required=True, allow_none=True)
     events = fields.List(fields.Nested(EventSummary), required=True)
+    eligible = fields.Boolean(metadata={
+        "description": "ScreenParticipant: whether the person met every criterion"})
+    failed_criteria = fields.List(fields.String(), metadata={
+        "description": "ScreenParticipant: the criteria not met (empty when eligible)"})
+    arm = fields.String(metadata={"description": "RandomizeParticipant: the arm drawn"})
 
 
 class BatchResult(Schema):

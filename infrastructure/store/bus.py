@@ -288,7 +288,8 @@ class CommandBus:
     @staticmethod
     def _body(command_id: str, answer: Any) -> dict[str, Any]:
         return {"command_id": command_id, "participant_id": answer.participant_id,
-                "version": answer.version, "position": None, "events": answer.events}
+                "version": answer.version, "position": None, "events": answer.events,
+                **answer.decided}
 
     @staticmethod
     def _record(intent: Intent, digest: str, audit: Audit,

@@ -3,6 +3,8 @@ added to the evaluation, and what is refused before anything is stored."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.e2e import payloads as p
@@ -100,3 +102,40 @@ def test_a_failed_new_criterion_is_a_screen_failure(server, answer, criterion):
     screened = service.command("ScreenParticipant", pid, p.screening(**answer))
     assert screened.status_code == 201, screened.text
     assert outcome(service, pid, screened) == ("screen_failed", [criterion])
+
+
+def test_the_answers_say_what_was_decided_the_screening_outcome_and_the_arm(server):
+    """An upstream system learns from the answer itself whether the person was eligible
+    (and why not) and which arm was drawn; sent again, the same answer."""
+    service = server.client("service")
+    failed = p.participant_id()
+    answer = service.command("ScreenParticipant", failed, p.screening(able_to_consent=False))
+    assert answer.status_code == 201, answer.text
+    assert (answer.json()["eligible"], answer.json()["failed_criteria"]) == (
+        False, ["able_to_consent"])
+    assert "arm" not in answer.json()
+
+    pid = p.participant_id()
+    screened = service.command("ScreenParticipant", pid, p.screening())
+    assert (screened.json()["eligible"], screened.json()["failed_criteria"]) == (True, [])
+    consented = service.command("RecordConsent", pid, p.CONSENT)
+    assert consented.status_code == 201, consented.text
+    assert not {"eligible", "failed_criteria", "arm"} & set(consented.json())
+    body = {"command_id": str(uuid.uuid4()), "type": "RandomizeParticipant",
+            "participant_id": pid, "data": p.RANDOMIZE}
+    randomized = service.post("/v1/commands", body)
+    assert randomized.status_code == 201, randomized.text
+    state = service.get(f"/v1/participants/{pid}", after=randomized.json()["position"])
+    assert randomized.json()["arm"] == state.json()["arm"] in ("b12", "control")
+    again = service.post("/v1/commands", body)
+    assert (again.status_code, again.json()) == (200, randomized.json())
+
+    batch_pid = p.participant_id()
+    batch = service.post("/v1/commands/batch", {"commands": [
+        {"command_id": str(uuid.uuid4()), "type": type_, "participant_id": batch_pid,
+         "data": data}
+        for type_, data in (("ScreenParticipant", p.screening()),
+                            ("RecordConsent", p.CONSENT),
+                            ("RandomizeParticipant", p.RANDOMIZE))]})
+    screened_b, _, randomized_b = (r["body"] for r in batch.json()["results"])
+    assert screened_b["eligible"] is True and randomized_b["arm"] in ("b12", "control")
