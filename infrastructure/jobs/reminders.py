@@ -404,7 +404,8 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
         return "failed", None, None
     if row.kind == query_notices.RAISED:
         if row.status == "mailed":  # the server took it: only ReminderSent is missing
-            # Whom it went to, whatever has become of the query since.
+            # The coordinator (as the protocol names them now), whatever has become
+            # of the query since.
             return "sent", query_notices.raised_recipients(t, participant), participant
         email = query_notices.raised_email(t, participant, row.query_id)
         if f"{row.query_id}/{row.kind}" in participant.reminders:
