@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import date, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from domain import commands as c
 from infrastructure.jobs import query_notices, reminders
@@ -140,6 +140,9 @@ def test_a_query_email_mailed_before_the_query_closed_is_recorded_as_sent_to_the
     [sent] = [e for e in stack.trialog.service.events.get(participant.id)
               if type(e).__name__ == "ReminderSent"]
     assert sent.recipients == [stack.trialog.protocol.site("CASE").coordinator_email]
+    with stack.trialog.engine.connect() as connection:
+        assert connection.execute(select(outbox.c.status).where(
+            outbox.c.reminder_id == row_id)).scalar() == "sent"
 
 
 def test_the_email_speaks_the_coordinators_language(stack):
