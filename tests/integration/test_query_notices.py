@@ -29,6 +29,22 @@ def raise_query(stack, pid: str, text: str) -> str:
     return query_id
 
 
+def act_on(stack, pid: str, query_id: str, steps: list[tuple[str, str | None]]) -> None:
+    """Steps on the query by the monitor (or the coordinator): (command type, text)."""
+    for name, text in steps:
+        stack.trialog.bus.dispatch(
+            c.COMMAND_TYPES[name](pid, {"query_id": query_id, "text": text}),
+            command_id=str(uuid.uuid4()), actor="cra-1", reason="the source disagrees")
+
+
+def scanned_row(stack) -> str:
+    """The one outbox row the scan on REGISTERED writes (not handed to the workers)."""
+    stack.clock.set(REGISTERED)
+    TrialProjection(stack.trialog).catch_up()
+    [row_id] = reminders.scan(stack.trialog, REGISTERED)
+    return row_id
+
+
 def test_the_site_coordinator_gets_one_email_per_raised_query(stack):
     pid = stack.enrol()
     stack.send(c.CompleteVisit(pid, BASELINE))
@@ -55,9 +71,7 @@ def test_a_query_cancelled_before_its_email_goes_is_not_announced(stack):
     stack.send(c.CompleteVisit(pid, BASELINE))
     query_id = raise_query(stack, pid, "raised in error")
     stack.send(c.CancelQuery(pid, {"query_id": query_id, "text": "sorry"}))
-    stack.clock.set(REGISTERED)
-    TrialProjection(stack.trialog).catch_up()
-    [row_id] = reminders.scan(stack.trialog, REGISTERED)
+    row_id = scanned_row(stack)
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == "cancelled"
     assert stack.sink.messages == []
@@ -77,13 +91,8 @@ def test_only_a_query_still_open_when_its_email_goes_is_announced(stack, after, 
     pid = stack.enrol()
     stack.send(c.CompleteVisit(pid, BASELINE))
     query_id = raise_query(stack, pid, "Is the worst pain 7 or 8?")
-    for name, text in after:
-        stack.trialog.bus.dispatch(
-            c.COMMAND_TYPES[name](pid, {"query_id": query_id, "text": text}),
-            command_id=str(uuid.uuid4()), actor="cra-1", reason="the source disagrees")
-    stack.clock.set(REGISTERED)
-    TrialProjection(stack.trialog).catch_up()
-    [row_id] = reminders.scan(stack.trialog, REGISTERED)
+    act_on(stack, pid, query_id, after)
+    row_id = scanned_row(stack)
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == outcome
     assert len(stack.sink.messages) == (outcome == "sent")
@@ -123,16 +132,11 @@ def test_a_query_email_mailed_before_the_query_closed_is_recorded_as_sent_to_the
     pid = stack.enrol()
     stack.send(c.CompleteVisit(pid, BASELINE))
     query_id = raise_query(stack, pid, "Is the worst pain 7 or 8?")
-    stack.clock.set(REGISTERED)
-    TrialProjection(stack.trialog).catch_up()
-    [row_id] = reminders.scan(stack.trialog, REGISTERED)
+    row_id = scanned_row(stack)
     with stack.trialog.engine.begin() as connection:
         connection.execute(update(outbox).where(outbox.c.reminder_id == row_id)
                            .values(status="mailed"))
-    for name, text in CLOSED:
-        stack.trialog.bus.dispatch(
-            c.COMMAND_TYPES[name](pid, {"query_id": query_id, "text": text}),
-            command_id=str(uuid.uuid4()), actor="cra-1")
+    act_on(stack, pid, query_id, CLOSED)
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == "sent"
     assert stack.sink.messages == []  # not emailed again
