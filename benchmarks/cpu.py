@@ -25,7 +25,7 @@ def _group(pid: int, command: str, name: str) -> str:
         return "postgresql"
     if "projections follow" in command:
         return "follower"
-    if "trialog" in command or "gunicorn" in command:
+    if "trialog" in command:
         return "server"
     return "other"
 

@@ -1,12 +1,13 @@
-"""Several API processes behind gunicorn: a Python process runs one command at a time
-(the GIL), so throughput grows with processes, not threads. Each process builds its own
-application after the fork.
+"""Several API processes behind granian (its HTTP handling is compiled, so a request costs
+the API process less Python than through gunicorn): a Python process runs one command at a
+time (the GIL), so throughput grows with processes, not threads. Each process builds its
+own application after the fork.
 
 The followers of the log (the read models', the feed's) run in one process of their own
 beside the workers: in a worker they would take the GIL from its requests for every event,
 and every worker's followers would queue on the same position rows to do the work once.
-The master starts it once it listens, starts it again if it ends, and stops it on the way
-out; the follower ends by itself if the master dies."""
+The master starts it, starts it again if it ends, and stops it on the way out; the
+follower and the workers end by themselves if the master dies."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import subprocess
 import sys
 import threading
 from typing import Any
-
-from gunicorn.app.base import BaseApplication
 
 from infrastructure.store.settings import Settings
 
@@ -70,7 +69,7 @@ class _Follower:
                     return
                 with _STARTING:
                     self.process = subprocess.Popen(FOLLOWER, preexec_fn=_end_with_parent)  # noqa: PLW1509
-            code = self.process.wait()  # 0 when gunicorn's master collected it first
+            code = self.process.wait()  # 0 when the master's server collected it first
             if not self.stopping.is_set():
                 log.error("the followers' process ended (exit code %s); starting it again",
                           code)
@@ -88,31 +87,37 @@ class _Follower:
                 process.kill()
 
 
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    def __init__(self, options: dict[str, Any], follow: bool) -> None:
-        self.options = options
-        self.follow = follow
-        self.follower = _Follower()
-        super().__init__()
+def application() -> Any:
+    """One worker's WSGI application, built in the worker once it has started."""
+    _end_with_parent()
+    from infrastructure.api import create_app
+    from infrastructure.store.bootstrap import bootstrap
 
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            self.cfg.set(key, value)
-        if self.follow:
-            self.cfg.set("when_ready", lambda server: self.follower.start())
-            self.cfg.set("on_exit", lambda server: self.follower.stop())
+    return create_app(bootstrap(Settings.from_env()), follow=False)
 
-    def load(self) -> Any:
-        from infrastructure.api import create_app
-        from infrastructure.store.bootstrap import bootstrap
 
-        return create_app(bootstrap(Settings.from_env()), follow=False)
+# granian's own lines (a worker's start or end, a failure) go to trialog's JSON log.
+_LOGGING = {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"json": {"()": "infrastructure.logs.JsonFormatter"}},
+            "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json",
+                                  "stream": "ext://sys.stderr"}},
+            "loggers": {"_granian": {"handlers": ["json"], "propagate": False},
+                        "granian.access": {"handlers": [], "propagate": False}}}
 
 
 def serve_processes(host: str, port: int, workers: int, threads: int, follow: bool) -> None:
-    # No control socket: it is one path per user (a second server on the machine would take
-    # it over), for a run-time interface that trialog doesn't offer.
-    options = {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
-               "worker_class": "gthread", "accesslog": None, "timeout": 60,
-               "control_socket_disable": True}
-    _Gunicorn(options, follow).run()
+    from granian.constants import Interfaces
+    from granian.server import Server
+
+    server = Server(f"{__name__}:application", address=host, port=port,
+                    interface=Interfaces.WSGI, workers=workers, blocking_threads=threads,
+                    websockets=False, factory=True, respawn_failed_workers=True,
+                    log_dictconfig=_LOGGING,
+                    workers_kill_timeout=30)
+    follower = _Follower()
+    if follow:
+        follower.start()
+    try:
+        server.serve()
+    finally:
+        follower.stop()

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=16, help="threads per process")
     serve.add_argument("--workers", type=int, default=1,
-                       help="processes (more than 1: gunicorn, one projection follower)")
+                       help="processes (more than 1: granian, one projection follower)")
     serve.add_argument("--dev", action="store_true", help="Flask's development server")
     serve.add_argument("--no-projection", action="store_true",
                        help="don't follow the event log here (run `trialog projections "

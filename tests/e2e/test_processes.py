@@ -1,14 +1,18 @@
-"""`trialog serve --workers N`: gunicorn's workers answer, and the followers of the log run
+"""`trialog serve --workers N`: granian's workers answer, and the followers of the log run
 in one process of their own beside them, started and stopped with them."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import create_token
@@ -60,14 +64,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path):
+@contextmanager
+def _serving(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Client, Path]]:
+    """`trialog serve --workers 2` on a fresh database, once a worker answers: the server,
+    its address, an admin's client and the user's runtime directory it was given."""
     with fresh_postgres_database("trialog") as name:
         url = f"{PG_SERVER}/{name}"
         t = bootstrap(settings_for(url), migrate=True)
         token = create_token(t.engine, f"procs-{uuid.uuid4().hex[:6]}", "admin")
         t.close()
         port, log = free_port(), tmp_path / "serve.log"
-        runtime_dir = tmp_path / "run"  # where gunicorn would put a control socket
+        runtime_dir = tmp_path / "run"
         runtime_dir.mkdir()
         env = {**os.environ, "TRIALOG_DATABASE_URL": url, "XDG_RUNTIME_DIR": str(runtime_dir),
                **TEST_SECRETS}
@@ -77,38 +84,83 @@ def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_until_up(base, server, log)
-            # the master answers once it listens; its workers and the follower's process
-            # (forked, then exec'd as `projections follow`) may still be starting
-            deadline = time.monotonic() + 20
-            while True:
-                children = _children(server.pid)
-                followers = [pid for pid, args in children if "projections follow" in args]
-                if len(followers) == 1 and len(children) == 3:  # two workers, one follower
-                    break
-                assert time.monotonic() < deadline, f"the processes did not start: {children}"
-                time.sleep(0.1)
-            # no control socket: a path per user, which a second server on the machine
-            # would take over, for an interface trialog doesn't use
-            assert list(runtime_dir.iterdir()) == []
-            admin = Client(base, token)
-            pid = p.participant_id("CASE")
-            answer = admin.command("ScreenParticipant", pid, p.screening("CASE"))
-            assert answer.status_code == 201, answer.text
-            deadline = time.monotonic() + 20
-            while pid not in {row["participant_id"] for row in
-                              admin.get("/v1/participants").json()["participants"]}:
-                assert time.monotonic() < deadline, "the read models did not catch up"
-                time.sleep(0.1)
-            feed = admin.get("/v1/feed", params={"after": 0, "limit": 1000}).json()
-            assert pid in {event["subject"] for event in feed["events"]}
-            os.kill(followers[0], signal.SIGKILL)  # the followers' process dies: started again
-            deadline = time.monotonic() + 20
-            while not (again := [pid for pid, args in _children(server.pid)
-                                 if "projections follow" in args and pid != followers[0]]):
-                assert time.monotonic() < deadline, "the followers were not started again"
-                time.sleep(0.2)
-            followers = again
+            yield server, base, Client(base, token), runtime_dir
         finally:
-            server.terminate()
+            if server.poll() is None:
+                server.terminate()
             server.wait(30)
-        assert not _alive(followers[0])  # stopped with the workers
+
+
+def _started(server: subprocess.Popen[bytes]) -> tuple[list[int], list[int]]:
+    """The workers' and the follower's process ids, once all three have started (the
+    server answers once one worker listens; the others may still be starting)."""
+    deadline = time.monotonic() + 20
+    while True:
+        children = _children(server.pid)
+        followers = [pid for pid, args in children if "projections follow" in args]
+        if len(followers) == 1 and len(children) == 3:  # two workers, one follower
+            return [pid for pid, _ in children if pid not in followers], followers
+        assert time.monotonic() < deadline, f"the processes did not start: {children}"
+        time.sleep(0.1)
+
+
+def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path):
+    with _serving(tmp_path) as (server, _, admin, runtime_dir):
+        _, followers = _started(server)
+        # nothing under the user's runtime directory (no control socket: a path per user,
+        # which a second server on the machine would take over)
+        assert list(runtime_dir.iterdir()) == []
+        pid = p.participant_id("CASE")
+        answer = admin.command("ScreenParticipant", pid, p.screening("CASE"))
+        assert answer.status_code == 201, answer.text
+        deadline = time.monotonic() + 20
+        while pid not in {row["participant_id"] for row in
+                          admin.get("/v1/participants").json()["participants"]}:
+            assert time.monotonic() < deadline, "the read models did not catch up"
+            time.sleep(0.1)
+        feed = admin.get("/v1/feed", params={"after": 0, "limit": 1000}).json()
+        assert pid in {event["subject"] for event in feed["events"]}
+        os.kill(followers[0], signal.SIGKILL)  # the followers' process dies: started again
+        deadline = time.monotonic() + 20
+        while not (again := [pid for pid, args in _children(server.pid)
+                             if "projections follow" in args and pid != followers[0]]):
+            assert time.monotonic() < deadline, "the followers were not started again"
+            time.sleep(0.2)
+        followers = again
+    assert not _alive(followers[0])  # stopped with the workers
+
+
+def test_workers_take_a_large_batch_stream_an_export_are_replaced_and_end_with_their_master(
+        tmp_path):
+    with _serving(tmp_path) as (server, base, admin, _):
+        workers, followers = _started(server)
+        commands = [{"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+                     "participant_id": p.participant_id("CASE"), "data": p.screening("CASE")}
+                    for _ in range(1000)]
+        body = json.dumps({"commands": commands}).encode()
+        assert len(body) > 512 * 1024  # more than the server reads in one buffer
+        answer = admin.session.post(f"{base}/v1/commands/batch", data=body, timeout=120,
+                                    headers={"Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text[:500]
+        assert [r["status"] for r in answer.json()["results"]] == [201] * 1000
+        with admin.session.get(f"{base}/v1/exports/odm", stream=True, timeout=60) as export:
+            assert export.status_code == 200
+            assert export.headers.get("Transfer-Encoding") == "chunked"  # streamed
+            text = b"".join(export.iter_content(65536)).decode()
+        assert all(f'SubjectKey="{c["participant_id"]}"' in text for c in commands)
+        os.kill(workers[0], signal.SIGKILL)  # a worker dies: another takes its place
+        deadline = time.monotonic() + 30
+        while True:
+            now = [pid for pid, args in _children(server.pid) if "projections follow" not in args]
+            if len(now) == 2 and workers[0] not in now:
+                break
+            assert time.monotonic() < deadline, f"the worker was not replaced: {now}"
+            time.sleep(0.2)
+        workers = now
+        assert admin.get("/v1/participants").status_code == 200
+        os.kill(server.pid, signal.SIGKILL)  # the master dies: its processes end with it
+        server.wait(10)
+        deadline = time.monotonic() + 20
+        while alive := [pid for pid in workers + followers if _alive(pid)]:
+            assert time.monotonic() < deadline, f"still running without their master: {alive}"
+            time.sleep(0.2)

@@ -14,7 +14,7 @@ from infrastructure.api import server
 def test_a_fork_of_the_master_while_the_follower_starts_does_not_hold_up_its_start(
         monkeypatch):
     # Popen learns that its process has exec'd when the pipe it made for that closes; the
-    # master forks (as gunicorn does when it starts or replaces a worker) just after the
+    # master forks (as granian does when it starts or replaces a worker) just after the
     # keeper made that pipe
     about_to_fork = threading.Event()
     make_pipe = os.pipe

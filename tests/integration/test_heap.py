@@ -69,9 +69,9 @@ def test_an_import_process_freezes_its_application(tmp_path):
 def test_an_api_process_freezes_after_building_its_application(tmp_path):
     said = _in_a_process("""
         import gc
-        from infrastructure.api.server import _Gunicorn
+        from infrastructure.api.server import application
 
-        app = _Gunicorn({"workers": 2}, follow=False).load()
+        app = application()  # as each of `trialog serve --workers N`'s processes
         t = app.extensions["trialog"].trialog
         tracked = {id(o) for o in gc.get_objects()}
         print(app.name, id(app) in tracked, id(t) in tracked)
