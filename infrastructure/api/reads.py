@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 from uuid import UUID
 
 import orjson
-from flask import Response, g, jsonify
+from flask import Response, g, jsonify, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from werkzeug.wsgi import wrap_file
 
 from domain.errors import DomainError
 from domain.views import participant_state as state_of
@@ -330,6 +332,7 @@ def get_access_log(**args: Any) -> Response:
         _trialog().engine, args.get("participant_id"), args["limit"], g.principal.scope)})
 
 
+SPOOLED = 8 * 1024 * 1024  # an export's bytes kept in memory before its file goes to disk
 exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",
                         description="Exports for statisticians and auditors")
 
@@ -353,19 +356,26 @@ def _disclose(participant_ids: list[str], endpoint: str) -> None:
                   g.get("request_id"))
 
 
-def _disclosed(chunks: Iterator[str], shown: list[str], endpoint: str) -> Iterator[str]:
-    """The export's chunks; the participants whose contact details it carries are recorded
-    before the first one leaves (the export has gathered them all by then). Who asks is
-    read now: the chunks are sent after the view has returned."""
-    engine, actor, request_id = _trialog().engine, g.principal.name, g.get("request_id")
-
-    def sent() -> Iterator[str]:
-        for n, chunk in enumerate(chunks):
-            if n == 0:
-                access.record(engine, actor, shown, endpoint, request_id)
-            yield chunk
-
-    return sent()
+def _whole(chunks: Iterator[str], shown: list[str], endpoint: str, mimetype: str) -> Response:
+    """The export written whole to a temporary file (memory stays constant: in memory up to
+    SPOOLED bytes), then sent with its length; the response closes the file. A failure
+    while it is made is an error answer, never a document cut short that looks complete
+    (a server ends a response whose chunks stop with an error as if it were whole). The
+    participants whose contact details it carries are recorded before it leaves."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)  # noqa: SIM115 - the response closes it
+    try:
+        for chunk in chunks:
+            spool.write(chunk.encode())
+        size = spool.tell()
+        spool.seek(0)
+        _disclose(shown, endpoint)
+    except BaseException:
+        spool.close()
+        raise
+    response = Response(wrap_file(request.environ, spool), mimetype=mimetype,
+                        direct_passthrough=True)
+    response.content_length = size
+    return response
 
 
 def _export_view(kind: str, mimetype: str, description: str) -> None:
@@ -377,8 +387,7 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
         chunks = exports.document(_trialog(), kind, deidentify,
                                   contact=g.principal.sees_contact, shown=shown,
                                   scope=g.principal.scope)
-        return Response(_disclosed(chunks, shown, f"GET /v1/exports/{kind}"),
-                        mimetype=mimetype)
+        return _whole(chunks, shown, f"GET /v1/exports/{kind}", mimetype)
 
     view.__name__ = f"get_{kind}"
     view.__doc__ = f"Export: {description}."

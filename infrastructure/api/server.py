@@ -29,11 +29,12 @@ log = logging.getLogger("trialog.server")
 
 
 def _end_with_parent() -> None:
-    """In the follower's process before it runs: SIGTERM when the master dies (Linux)."""
+    """In a worker's or the follower's process before it runs: SIGTERM when the master
+    dies (Linux)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
-        pass  # not Linux: the master's on_exit still stops it
+        pass  # not Linux: the master still stops them on its way out
 
 
 # Held while the follower's process is started. Popen waits for the new process to exec on
@@ -69,7 +70,7 @@ class _Follower:
                     return
                 with _STARTING:
                     self.process = subprocess.Popen(FOLLOWER, preexec_fn=_end_with_parent)  # noqa: PLW1509
-            code = self.process.wait()  # 0 when the master's server collected it first
+            code = self.process.wait()
             if not self.stopping.is_set():
                 log.error("the followers' process ended (exit code %s); starting it again",
                           code)
@@ -87,13 +88,49 @@ class _Follower:
                 process.kill()
 
 
+_MASTER: int | None = None  # the serving master's pid, inherited by its forked workers
+
+
 def application() -> Any:
     """One worker's WSGI application, built in the worker once it has started."""
-    _end_with_parent()
     from infrastructure.api import create_app
+    from infrastructure.logs import configure_logging
     from infrastructure.store.bootstrap import bootstrap
 
-    return create_app(bootstrap(Settings.from_env()), follow=False)
+    # Until the application is built, granian's worker keeps the handlers it inherited from
+    # the master, which only note a stop: a SIGTERM now (the master stopping, or dying)
+    # ends the worker at once instead.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _end_with_parent()
+    if _MASTER is not None and os.getppid() != _MASTER:
+        os._exit(0)  # the master died before the line above: nothing would stop this worker
+    configure_logging()  # the master's, again: a worker not forked would have none
+    app = create_app(bootstrap(Settings.from_env()), follow=False)
+    app.wsgi_app = _without_process_environment(app.wsgi_app)  # type: ignore[method-assign]
+    return app
+
+
+# The request's own variables, which granian sets whatever the process's environment holds.
+_REQUEST_KEYS = frozenset({
+    "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE",
+    "CONTENT_LENGTH", "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "SERVER_SOFTWARE",
+    "REMOTE_ADDR", "HTTP_HOST"})
+
+
+def _without_process_environment(app: Any) -> Any:
+    """``app``, given each request's WSGI environment without the variables granian copies
+    into it from the process's environment (the database's address, the keys): they are
+    not the request's, and an ``HTTP_...`` one would pass for a header the client sent."""
+    inherited = {key: value for key, value in os.environ.items() if key not in _REQUEST_KEYS}
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        for key, value in inherited.items():
+            if environ.get(key) == value:
+                del environ[key]
+        return app(environ, start_response)
+
+    return wsgi
 
 
 # granian's own lines (a worker's start or end, a failure) go to trialog's JSON log.
@@ -114,6 +151,8 @@ def serve_processes(host: str, port: int, workers: int, threads: int, follow: bo
                     websockets=False, factory=True, respawn_failed_workers=True,
                     log_dictconfig=_LOGGING,
                     workers_kill_timeout=30)
+    global _MASTER  # read by the workers this process forks
+    _MASTER = os.getpid()
     follower = _Follower()
     if follow:
         follower.start()

@@ -198,3 +198,33 @@ def test_a_read_after_a_position_looks_up_the_read_models_position_once(isolated
         assert answer.status_code == 200, answer.text
         assert looked_up == [int(answer.headers["Trialog-Position"])]
         assert looked_up[0] >= position
+
+
+@pytest.mark.parametrize("kind", ["csv", "odm", "fhir"])
+def test_an_export_that_fails_midway_is_an_error_not_a_shorter_document(
+        isolated_url, monkeypatch, kind):
+    """The database fails after an export's first lines: the answer is an error, with no
+    line of the export, rather than a 200 whose body stops there (a server ends a streamed
+    body that fails as if it were whole). A whole export is sent with its length."""
+    import sqlalchemy.exc
+
+    from infrastructure.audit import exports
+    from infrastructure.readside.projections import TrialProjection
+
+    with _in_process(isolated_url) as (trialog, app, headers):
+        client = app.test_client()
+        _screened_at(client, headers)  # a participant in each export
+        TrialProjection(trialog).catch_up()
+        whole = client.get(f"/v1/exports/{kind}", headers=headers)
+        assert whole.status_code == 200
+        assert whole.headers["Content-Length"] == str(len(whole.data)) != "0"
+
+        def fails_midway(*args: Any, **kwargs: Any) -> Iterator[str]:
+            yield "the first lines\n"
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("no connection"))
+
+        monkeypatch.setattr(exports, "document", fails_midway)
+        answer = client.get(f"/v1/exports/{kind}", headers=headers)
+        assert answer.status_code == 500, answer.data[:200]
+        assert answer.json["error"] == "internal_error"
+        assert b"the first lines" not in answer.data

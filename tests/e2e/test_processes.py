@@ -57,34 +57,34 @@ def test_children_are_seen_with_their_whole_command_lines(monkeypatch):
 
 
 def _alive(pid: int) -> bool:
+    """Running: neither gone nor ended and not yet collected (a zombie)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    return True
 
 
 @contextmanager
-def _serving(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Client, Path]]:
+def _serving(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Client]]:
     """`trialog serve --workers 2` on a fresh database, once a worker answers: the server,
-    its address, an admin's client and the user's runtime directory it was given."""
+    its address and an admin's client. Its environment holds a variable named as a
+    request's header would be in a request's WSGI environment."""
     with fresh_postgres_database("trialog") as name:
         url = f"{PG_SERVER}/{name}"
         t = bootstrap(settings_for(url), migrate=True)
         token = create_token(t.engine, f"procs-{uuid.uuid4().hex[:6]}", "admin")
         t.close()
         port, log = free_port(), tmp_path / "serve.log"
-        runtime_dir = tmp_path / "run"
-        runtime_dir.mkdir()
-        env = {**os.environ, "TRIALOG_DATABASE_URL": url, "XDG_RUNTIME_DIR": str(runtime_dir),
-               **TEST_SECRETS}
+        env = {**os.environ, "TRIALOG_DATABASE_URL": url, **TEST_SECRETS,
+               "HTTP_X_REQUEST_ID": "from-the-environment"}
         with open(log, "w") as out:
             server = subprocess.Popen([TRIALOG, "serve", "--port", str(port), "--workers", "2"],
                                       env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_until_up(base, server, log)
-            yield server, base, Client(base, token), runtime_dir
+            yield server, base, Client(base, token)
         finally:
             if server.poll() is None:
                 server.terminate()
@@ -105,11 +105,8 @@ def _started(server: subprocess.Popen[bytes]) -> tuple[list[int], list[int]]:
 
 
 def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path):
-    with _serving(tmp_path) as (server, _, admin, runtime_dir):
+    with _serving(tmp_path) as (server, _, admin):
         _, followers = _started(server)
-        # nothing under the user's runtime directory (no control socket: a path per user,
-        # which a second server on the machine would take over)
-        assert list(runtime_dir.iterdir()) == []
         pid = p.participant_id("CASE")
         answer = admin.command("ScreenParticipant", pid, p.screening("CASE"))
         assert answer.status_code == 201, answer.text
@@ -130,24 +127,27 @@ def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path)
     assert not _alive(followers[0])  # stopped with the workers
 
 
-def test_workers_take_a_large_batch_stream_an_export_are_replaced_and_end_with_their_master(
+def test_workers_take_a_large_batch_send_an_export_are_replaced_and_end_with_their_master(
         tmp_path):
-    with _serving(tmp_path) as (server, base, admin, _):
+    with _serving(tmp_path) as (server, base, admin):
         workers, followers = _started(server)
         commands = [{"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
                      "participant_id": p.participant_id("CASE"), "data": p.screening("CASE")}
                     for _ in range(1000)]
         body = json.dumps({"commands": commands}).encode()
-        assert len(body) > 512 * 1024  # more than the server reads in one buffer
+        assert len(body) > 512 * 1024  # more than granian's buffer for a request's head
         answer = admin.session.post(f"{base}/v1/commands/batch", data=body, timeout=120,
                                     headers={"Content-Type": "application/json"})
         assert answer.status_code == 200, answer.text[:500]
         assert [r["status"] for r in answer.json()["results"]] == [201] * 1000
         with admin.session.get(f"{base}/v1/exports/odm", stream=True, timeout=60) as export:
             assert export.status_code == 200
-            assert export.headers.get("Transfer-Encoding") == "chunked"  # streamed
-            text = b"".join(export.iter_content(65536)).decode()
+            whole = b"".join(export.iter_content(65536))
+            assert export.headers["Content-Length"] == str(len(whole))
+            text = whole.decode()
         assert all(f'SubjectKey="{c["participant_id"]}"' in text for c in commands)
+        # the server's environment is not the request's: no header comes from it
+        assert uuid.UUID(admin.get("/healthz").headers["X-Request-Id"])
         os.kill(workers[0], signal.SIGKILL)  # a worker dies: another takes its place
         deadline = time.monotonic() + 30
         while True:

@@ -49,3 +49,18 @@ def test_a_fork_of_the_master_while_the_follower_starts_does_not_hold_up_its_sta
             os.kill(other, signal.SIGKILL)
             os.waitpid(other, 0)
         keeper.stop()
+
+
+def test_a_worker_whose_master_died_before_it_started_ends_at_once():
+    # forked by a master that then died: its parent is no longer that master, and the
+    # death signal asked for now would never come
+    import subprocess
+
+    started = subprocess.run([sys.executable, "-c", (
+        "import os\n"
+        "from infrastructure.api import server\n"
+        "server._MASTER = os.getppid() + 1_000_000  # not this process's parent\n"
+        "server.application()\n"
+        "print('built')\n")], capture_output=True, text=True, timeout=60, check=False)
+    assert started.returncode == 0, started.stderr
+    assert "built" not in started.stdout
