@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC
 from typing import Any
 from uuid import UUID
@@ -333,6 +334,7 @@ def get_access_log(**args: Any) -> Response:
 
 
 SPOOLED = 8 * 1024 * 1024  # an export's bytes kept in memory before its file goes to disk
+SENT_AT_ONCE = 256 * 1024  # bytes of an export read from its file for each write
 exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",
                         description="Exports for statisticians and auditors")
 
@@ -358,22 +360,24 @@ def _disclose(participant_ids: list[str], endpoint: str) -> None:
 
 def _whole(chunks: Iterator[str], shown: list[str], endpoint: str, mimetype: str) -> Response:
     """The export written whole to a temporary file (memory stays constant: in memory up to
-    SPOOLED bytes), then sent with its length; the response closes the file. A failure
-    while it is made is an error answer, never a document cut short that looks complete
-    (a server ends a response whose chunks stop with an error as if it were whole). The
-    participants whose contact details it carries are recorded before it leaves."""
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)  # noqa: SIM115 - the response closes it
+    SPOOLED bytes, then on disk), then sent with its length; the response closes the file.
+    A failure while it is made is an error answer, never a document cut short that looks
+    complete (a server ends a response whose chunks stop with an error as if it were
+    whole). The participants whose contact details it carries are recorded before it
+    leaves."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOLED)  # noqa: SIM115 - see above
     try:
-        for chunk in chunks:
-            spool.write(chunk.encode())
+        with closing(chunks):  # its cursor, if writing fails (a full disk)
+            for chunk in chunks:
+                spool.write(chunk.encode())
         size = spool.tell()
         spool.seek(0)
         _disclose(shown, endpoint)
     except BaseException:
         spool.close()
         raise
-    response = Response(wrap_file(request.environ, spool), mimetype=mimetype,
-                        direct_passthrough=True)
+    response = Response(wrap_file(request.environ, spool, buffer_size=SENT_AT_ONCE),
+                        mimetype=mimetype, direct_passthrough=True)
     response.content_length = size
     return response
 
@@ -383,6 +387,8 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
         from infrastructure.audit import exports
 
         _read("exports")
+        if request.method == "HEAD":  # its headers alone: no export made, nothing shown
+            return Response(mimetype=mimetype)
         shown: list[str] = []
         chunks = exports.document(_trialog(), kind, deidentify,
                                   contact=g.principal.sees_contact, shown=shown,

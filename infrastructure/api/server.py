@@ -88,7 +88,7 @@ class _Follower:
                 process.kill()
 
 
-_MASTER: int | None = None  # the serving master's pid, inherited by its forked workers
+MASTER_VARIABLE = "TRIALOG_SERVE_MASTER"  # the serving master's pid, for its workers
 
 
 def application() -> Any:
@@ -103,7 +103,8 @@ def application() -> Any:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _end_with_parent()
-    if _MASTER is not None and os.getppid() != _MASTER:
+    master = os.environ.get(MASTER_VARIABLE)
+    if master is not None and os.getppid() != int(master):
         os._exit(0)  # the master died before the line above: nothing would stop this worker
     configure_logging()  # the master's, again: a worker not forked would have none
     app = create_app(bootstrap(Settings.from_env()), follow=False)
@@ -111,23 +112,27 @@ def application() -> Any:
     return app
 
 
-# The request's own variables, which granian sets whatever the process's environment holds.
-_REQUEST_KEYS = frozenset({
-    "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE",
-    "CONTENT_LENGTH", "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "SERVER_SOFTWARE",
-    "REMOTE_ADDR", "HTTP_HOST"})
+# Names a request's WSGI environment gives its own meaning (CGI's, and the headers').
+_CGI = frozenset({
+    "AUTH_TYPE", "CONTENT_LENGTH", "CONTENT_TYPE", "GATEWAY_INTERFACE", "HTTPS",
+    "PATH_INFO", "PATH_TRANSLATED", "QUERY_STRING", "RAW_URI", "REMOTE_ADDR", "REMOTE_HOST",
+    "REMOTE_IDENT", "REMOTE_USER", "REQUEST_METHOD", "REQUEST_URI", "SCRIPT_NAME",
+    "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL", "SERVER_SOFTWARE"})
 
 
 def _without_process_environment(app: Any) -> Any:
     """``app``, given each request's WSGI environment without the variables granian copies
-    into it from the process's environment (the database's address, the keys): they are
-    not the request's, and an ``HTTP_...`` one would pass for a header the client sent."""
-    inherited = {key: value for key, value in os.environ.items() if key not in _REQUEST_KEYS}
+    into it from the process's environment once the application is built (the database's
+    address, the keys): they are not the request's. Variables named as a request's would
+    be (``HTTP_...``, CGI's) leave this process's environment first, so that what remains
+    to remove can never be one the request set."""
+    for key in [key for key in os.environ if key in _CGI or key.startswith("HTTP_")]:
+        del os.environ[key]
+    inherited = tuple(os.environ)
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
-        for key, value in inherited.items():
-            if environ.get(key) == value:
-                del environ[key]
+        for key in inherited:
+            environ.pop(key, None)
         return app(environ, start_response)
 
     return wsgi
@@ -151,8 +156,7 @@ def serve_processes(host: str, port: int, workers: int, threads: int, follow: bo
                     websockets=False, factory=True, respawn_failed_workers=True,
                     log_dictconfig=_LOGGING,
                     workers_kill_timeout=30)
-    global _MASTER  # read by the workers this process forks
-    _MASTER = os.getpid()
+    os.environ[MASTER_VARIABLE] = str(os.getpid())  # read by the workers it forks
     follower = _Follower()
     if follow:
         follower.start()

@@ -228,3 +228,24 @@ def test_an_export_that_fails_midway_is_an_error_not_a_shorter_document(
         assert answer.status_code == 500, answer.data[:200]
         assert answer.json["error"] == "internal_error"
         assert b"the first lines" not in answer.data
+
+
+def test_an_exports_head_makes_no_export_and_records_no_disclosure(isolated_url, monkeypatch):
+    """HEAD answers the headers of the ODM export (which carries contact details) without
+    making it, so nobody is recorded as shown anyone's."""
+    from infrastructure.audit import access, exports
+
+    with _in_process(isolated_url) as (trialog, app, headers):
+        client = app.test_client()
+        _screened_at(client, headers)
+        made = []
+        document = exports.document
+        monkeypatch.setattr(exports, "document", lambda *a, **k: made.append(1) or document(*a, **k))
+        answer = client.head("/v1/exports/odm", headers=headers)
+        assert answer.status_code == 200
+        assert answer.headers["Content-Type"].startswith("application/xml")
+        assert made == []
+        assert access.disclosures(trialog.engine) == []
+        assert client.get("/v1/exports/odm", headers=headers).status_code == 200
+        assert made == [1]
+        assert len(access.disclosures(trialog.engine)) == 1  # the GET's

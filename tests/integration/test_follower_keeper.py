@@ -56,11 +56,30 @@ def test_a_worker_whose_master_died_before_it_started_ends_at_once():
     # death signal asked for now would never come
     import subprocess
 
-    started = subprocess.run([sys.executable, "-c", (
-        "import os\n"
-        "from infrastructure.api import server\n"
-        "server._MASTER = os.getppid() + 1_000_000  # not this process's parent\n"
-        "server.application()\n"
-        "print('built')\n")], capture_output=True, text=True, timeout=60, check=False)
+    not_the_parent = str(os.getpid() + 1_000_000)
+    started = subprocess.run(
+        [sys.executable, "-c", ("from infrastructure.api import server\n"
+                                "server.application()\n"
+                                "print('built')\n")],
+        env={**os.environ, server.MASTER_VARIABLE: not_the_parent},
+        capture_output=True, text=True, timeout=60, check=False)
     assert started.returncode == 0, started.stderr
     assert "built" not in started.stdout
+
+
+def test_a_request_environment_keeps_only_the_request_variables(monkeypatch):
+    monkeypatch.setattr(os, "environ", {"TRIALOG_SOME_KEY": "secret",  # this test's own
+                                         "HTTP_X_REQUEST_ID": "same", "CONTENT_TYPE": "text/plain"})
+    seen = []
+    wsgi = server._without_process_environment(lambda environ, start: seen.append(environ))
+    assert "HTTP_X_REQUEST_ID" not in os.environ and "CONTENT_TYPE" not in os.environ
+    # as granian builds each request's environment: the process's, then the request's
+    copied = dict(os.environ)
+    wsgi(copied | {"REQUEST_METHOD": "GET", "PATH_INFO": "/healthz", "HTTP_HOST": "h"}, None)
+    wsgi(copied | {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/commands", "HTTP_HOST": "h",
+                   "HTTP_X_REQUEST_ID": "same", "CONTENT_TYPE": "application/json"}, None)
+    bare, sent = seen
+    assert bare == {"REQUEST_METHOD": "GET", "PATH_INFO": "/healthz", "HTTP_HOST": "h"}
+    assert sent["HTTP_X_REQUEST_ID"] == "same"  # the client's header, equal or not
+    assert sent["CONTENT_TYPE"] == "application/json"
+    assert "TRIALOG_SOME_KEY" not in sent
