@@ -387,8 +387,8 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
         from infrastructure.audit import exports
 
         _read("exports")
-        if request.method == "HEAD":  # its headers alone: no export made, nothing shown
-            return Response(mimetype=mimetype)
+        if request.method == "HEAD":  # its type alone: no export made, nothing shown, and
+            return Response(iter(()), mimetype=mimetype)  # no length until it is made
         shown: list[str] = []
         chunks = exports.document(_trialog(), kind, deidentify,
                                   contact=g.principal.sees_contact, shown=shown,

@@ -44,6 +44,11 @@ class Deidentifier:
         """Stands for a query id (which the service lists with the participant's id)."""
         return "Q-" + self._digest(query_id, b"query:").hex()[:12]
 
+    def command_pseudonym(self, command_id: str) -> str:
+        """Stands for a command id (which the history and the feed list with the
+        participant's id)."""
+        return "C-" + self._digest(command_id, b"command:").hex()[:16]
+
     def offset(self, participant_id: str) -> timedelta:
         """How far back this participant's dates move: 1 to 365 days, the same for all."""
         days = 1 + int.from_bytes(self._digest(participant_id, b"date:")[:4], "big") % 365

@@ -401,11 +401,21 @@ class _Subject:
         if path.rsplit(".", 1)[-1] in self.withheld:
             return None
         if self.masker is not None:
-            if isinstance(value, datetime):
-                value = self.masker.shift_datetime(self.participant_id, value)
-            elif isinstance(value, date):
-                value = self.masker.shift(self.participant_id, value)
+            value = self._shifted(value)
         return _value(value)
+
+    def _shifted(self, value: Any) -> Any:
+        """The value with every date in it moved back, in lists and objects too."""
+        assert self.masker is not None
+        if isinstance(value, datetime):
+            return self.masker.shift_datetime(self.participant_id, value)
+        if isinstance(value, date):
+            return self.masker.shift(self.participant_id, value)
+        if isinstance(value, list):
+            return [self._shifted(inner) for inner in value]
+        if isinstance(value, dict):
+            return {key: self._shifted(inner) for key, inner in value.items()}
+        return value
 
     def _stamp(self, event: Any) -> str:
         stamp = event.timestamp
@@ -415,10 +425,14 @@ class _Subject:
 
     def _audit(self, event: Any, reason: str | None = None) -> str:
         reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
+        # A command id is listed with the participant's id (history, feed): de-identified,
+        # it would lead back from the pseudonym.
+        source = (self.masker.command_pseudonym(event.command_id) if self.masker
+                  else event.command_id)
         return (f"<AuditRecord><UserRef{_attr('UserOID', user_oid(event.actor))}/>"
                 f"<LocationRef{_attr('LocationOID', self.site)}/>"
                 f"{self._stamp(event)}{reason_xml}"
-                f"<SourceID>{escape(event.command_id)}</SourceID></AuditRecord>")
+                f"<SourceID>{escape(source)}</SourceID></AuditRecord>")
 
     def _study_event(self, form: Form, event: Any) -> str:
         if form.study_event:

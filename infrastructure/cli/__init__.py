@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--threads", type=int, default=16, help="threads per process")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="threads per process (default 16; with --workers, twice the "
+                            "cores plus one, at most 16)")
     serve.add_argument("--workers", type=int, default=1,
                        help="processes (more than 1: granian, one projection follower)")
     serve.add_argument("--dev", action="store_true", help="Flask's development server")

@@ -4,6 +4,7 @@ read models and the workers' scans."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from infrastructure.api.server import serve_processes
 
-        serve_processes(args.host, args.port, args.workers, args.threads,
+        # More than granian advises for the cores, it warns at every start.
+        threads = args.threads or min(16, 2 * (os.cpu_count() or 1) + 1)
+        serve_processes(args.host, args.port, args.workers, threads,
                         follow=not args.no_projection)
         return 0
     from infrastructure.api import create_app
@@ -34,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         import waitress
 
-        waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
+        waitress.serve(app, host=args.host, port=args.port, threads=args.threads or 16,
                        ident="trialog")
     return 0
 

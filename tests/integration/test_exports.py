@@ -151,7 +151,20 @@ def test_the_deidentified_odm_export_has_no_identifiers_and_shifted_dates(isolat
         return [datetime.fromisoformat(e.text)
                 for e in root.iterfind(".//odm:FormData/odm:AuditRecord/odm:DateTimeStamp", NS)]
     shifts |= {(a - b).days for a, b in zip(stamps(plain), stamps(masked), strict=True)}
-    assert len(shifts) == 1 and 1 <= shifts.pop() <= 365
+    # dates inside a list of objects move too (a medication's start)
+    listed = [json.loads(root.find(
+        ".//odm:ItemData[@ItemOID='I.SCREENING.eligibility.analgesics']", NS).get("Value"))
+        for root in (plain, masked)]
+    shifts |= {(date.fromisoformat(a["stable_since"]) - date.fromisoformat(b["stable_since"])).days
+               for a, b in zip(*listed, strict=True)}
+    assert listed[0] and len(shifts) == 1 and 1 <= shifts.pop() <= 365
+    # a command id, which the history lists with the participant's id, is a pseudonym too
+    sources = [[e.text for e in root.iterfind(".//odm:AuditRecord/odm:SourceID", NS)]
+               for root in (plain, masked)]
+    assert sources[0] and all(uuid.UUID(s) for s in sources[0])
+    assert sources[1]  # one fewer: the withheld email correction
+    assert all(s.startswith("C-") for s in sources[1]) and not set(sources[0]) & set(sources[1])
+    assert not any(s in text for s in sources[0])
     # The scores are kept as they are.
     assert [e.get("Value") for e in masked.iterfind(".//odm:ItemData", NS)
             if e.get("ItemOID") == "I.VISIT.bpi_sf.worst"] == ["6", "7"]
