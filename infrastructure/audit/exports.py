@@ -49,6 +49,11 @@ class Deidentifier:
         participant's id)."""
         return "C-" + self._digest(command_id, b"command:").hex()[:16]
 
+    def reference_pseudonym(self, reference: str) -> str:
+        """Stands for an id derived from the participant's without a key (a deviation's,
+        an event's)."""
+        return "R-" + self._digest(reference, b"reference:").hex()[:16]
+
     def offset(self, participant_id: str) -> timedelta:
         """How far back this participant's dates move: 1 to 365 days, the same for all."""
         days = 1 + int.from_bytes(self._digest(participant_id, b"date:")[:4], "big") % 365

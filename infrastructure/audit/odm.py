@@ -52,8 +52,13 @@ METADATA_VERSION = "MDV.1"
 CONTACT_ITEMS = CONTACT_FIELDS | {"recipients"}
 # Query texts: free text, like a note (not an item of any form).
 QUERY_TEXT = "query_text"
-# Not exported when de-identifying: contact details and free text that may name a person.
-IDENTIFYING_ITEMS = CONTACT_ITEMS | {"note", QUERY_TEXT}
+# Not exported when de-identifying: contact details and free text that may name a person
+# or hold real dates (a deviation's detail, a resolution, a withdrawal's reason).
+IDENTIFYING_ITEMS = CONTACT_ITEMS | {"note", QUERY_TEXT, "detail", "resolution",
+                                     "reason_code"}
+# Ids derived from the participant's id without a key (a deviation's, the events it cites):
+# keyed pseudonyms when de-identifying.
+DERIVED_IDS = frozenset({"deviation_id", "evidence"})
 
 
 @dataclass(frozen=True)
@@ -401,8 +406,17 @@ class _Subject:
         if path.rsplit(".", 1)[-1] in self.withheld:
             return None
         if self.masker is not None:
+            if path.rsplit(".", 1)[-1] in DERIVED_IDS:
+                return _value(self._referenced(value))
             value = self._shifted(value)
         return _value(value)
+
+    def _referenced(self, value: Any) -> Any:
+        """An id, or a list of them, as keyed pseudonyms."""
+        assert self.masker is not None
+        if isinstance(value, list):
+            return [self._referenced(inner) for inner in value]
+        return self.masker.reference_pseudonym(str(value))
 
     def _shifted(self, value: Any) -> Any:
         """The value with every date in it moved back, in lists and objects too."""
@@ -424,6 +438,8 @@ class _Subject:
         return f"<DateTimeStamp>{stamp.isoformat()}</DateTimeStamp>"
 
     def _audit(self, event: Any, reason: str | None = None) -> str:
+        if self.masker is not None:
+            reason = None  # free text, like a note
         reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
         # A command id is listed with the participant's id (history, feed): de-identified,
         # it would lead back from the pseudonym.

@@ -60,10 +60,13 @@ def _record_with_a_correction(t) -> dict[str, str]:
     send(t, c.CorrectData(pid, {"event_id": participant.screening_event, "field": "email",
                                 "value": "new-address@participants.example"}),
          actor="data-manager", reason="participant moved")
-    send(t, c.FlagDeviation(pid, {"deviation_id": str(uuid.uuid4()), "code": "wrong_dose",
-                                  "severity": "minor", "evidence": [], "detail": "test"}),
+    deviation = str(uuid.uuid4())  # as the monitor's: derived from the participant's id
+    send(t, c.FlagDeviation(pid, {"deviation_id": deviation, "code": "wrong_dose",
+                                  "severity": "minor", "evidence": [visit_event],
+                                  "detail": "dose on 2026-03-02 was 2000 mcg"}),
          actor="deviation-monitor")
-    return {"pid": pid, "visit_command": visit_command, "correction": correction}
+    return {"pid": pid, "visit_command": visit_command, "correction": correction,
+            "deviation": deviation, "visit_event": visit_event}
 
 
 def _export(t, deidentify=False) -> etree._Element:
@@ -162,9 +165,22 @@ def test_the_deidentified_odm_export_has_no_identifiers_and_shifted_dates(isolat
     sources = [[e.text for e in root.iterfind(".//odm:AuditRecord/odm:SourceID", NS)]
                for root in (plain, masked)]
     assert sources[0] and all(uuid.UUID(s) for s in sources[0])
-    assert sources[1]  # one fewer: the withheld email correction
+    assert len(sources[1]) == len(sources[0]) - 1  # not the withheld email correction's
     assert all(s.startswith("C-") for s in sources[1]) and not set(sources[0]) & set(sources[1])
     assert not any(s in text for s in sources[0])
+    # ids derived from the participant's without a key, free text with real dates, and the
+    # reasons given for changes: pseudonyms, or left out
+    for secret in (ids["deviation"], ids["visit_event"], "2026-03-02 was",
+                   "transcription error"):
+        assert secret in etree.tostring(plain, encoding="unicode")
+        assert secret not in text
+    deviation_items = {e.get("ItemOID"): e.get("Value")
+                       for e in masked.iterfind(".//odm:ItemData", NS)
+                       if e.get("ItemOID", "").startswith("I.DEVIATION.")}
+    assert deviation_items["I.DEVIATION.deviation_id"].startswith("R-")
+    assert json.loads(deviation_items["I.DEVIATION.evidence"])[0].startswith("R-")
+    assert "I.DEVIATION.detail" not in deviation_items
+    assert masked.find(".//odm:ReasonForChange", NS) is None
     # The scores are kept as they are.
     assert [e.get("Value") for e in masked.iterfind(".//odm:ItemData", NS)
             if e.get("ItemOID") == "I.VISIT.bpi_sf.worst"] == ["6", "7"]
@@ -388,7 +404,7 @@ def test_the_deidentified_odm_export_keeps_signatures_but_not_query_texts(isolat
     assert odm_schema.validate(masked), odm_schema.error_log
     text = etree.tostring(masked, encoding="unicode")
     for secret in (ids["pid"], ids["on_visit"], ids["on_item"], "Worst pain", "Least pain",
-                   "is right", "by mistake"):
+                   "is right", "by mistake", "the diary says"):
         assert secret not in text
     assert plain.find(".//odm:Annotation/odm:Comment", NS) is not None
     assert masked.find(".//odm:Annotation/odm:Comment", NS) is None  # free text
