@@ -194,7 +194,8 @@ def get_history(participant_id: str, **args: Any) -> Response:
         if rendered is not None:
             return rendered
     entries = audit.history(_trialog().service, participant_id, args.get("as_of"),
-                            args.get("version"), cache=runtime().histories)
+                            args.get("version"), cache=runtime().histories,
+                            veil=_trialog().veil_digest)
     if not entries:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded{_until(args)}")

@@ -22,7 +22,8 @@ class Runtime:
         self.projection = TrialProjection(trialog)
         self.authenticate = Authenticator(trialog.engine)
         self.feed = Feed(trialog)
-        self.histories = HistoryCache(trialog.service, rendered=self.feed.history_entries)
+        self.histories = HistoryCache(trialog.service, trialog.veil_digest,
+                                      rendered=self.feed.history_entries)
         self.verify_jobs = VerifyJobs(trialog)
         self.stop = threading.Event()
         self.followers = follow_all(trialog, self.stop) if follow else []

@@ -1,6 +1,6 @@
 """The event feed: the notification log after a position, as CloudEvents 1.0 for one
-reader, with each event's digest and its predecessor's so that the reader can check the
-chain it received.
+reader, with each event's digest and its predecessor's (keyed: see Trialog.veil_digest) so
+that the reader can check the chain it received.
 
 The log's positions only grow, and on PostgreSQL the event store inserts under a table
 lock, so a position becomes visible only after every smaller one: a reader that resumes
@@ -235,7 +235,7 @@ class Feed:
         if newer is not None:
             shown = len(pre)
             for version, topic, content in plain_stream(t.service, stream, gt=len(pre)):
-                entry = event_entry(stream, version, topic, content)
+                entry = event_entry(stream, version, topic, content, t.veil_digest)
                 entries.append(orjson.dumps(entry if contact else redact_contact(entry)))
                 shown = version
             if positioned:
@@ -271,7 +271,7 @@ class Feed:
         details, and with them when it holds any (else None)."""
         content = self._content(row)
         entry = event_entry(as_uuid(row.originator_id), row.originator_version, row.topic,
-                            content)
+                            content, self.trialog.veil_digest)
         if CONTACT_MARKERS & content.keys():
             redacted = redact_contact(entry)
             if redacted != entry:
@@ -287,7 +287,7 @@ class Feed:
             "type": TYPE_PREFIX + entry["type"], "subject": stream.subject,
             "time": entry["recorded_at"], "datacontenttype": "application/json",
             "data": entry, "position": row.id, "digest": digest,
-            "previousdigest": content.get("previous_digest", ""),
+            "previousdigest": self.trialog.veil_digest(content.get("previous_digest", "")),
         }
 
     def checkpoint(self, reader: Reader) -> dict[str, Any]:
@@ -318,7 +318,7 @@ class Feed:
                     stream = streams.get(as_uuid(row.originator_id))
                     if stream is not None and reader.sees(stream,
                                                           row.topic.rsplit(".", 1)[-1]):
-                        digest = self._content(row)["digest"]
+                        digest = self.trialog.veil_digest(self._content(row)["digest"])
                         break
                 position = rows[-1].id - 1 if rows else 0
         return {"position": newest, "events": count, "digest": digest}

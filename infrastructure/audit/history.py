@@ -24,10 +24,20 @@ AUDIT_FIELDS = ("originator_id", "originator_version", "timestamp", "originator_
                 "command_id", "actor", "reason", "previous_digest", "digest")
 
 
+Veil = Callable[[str], str]  # a chain digest as shown outside the store (Trialog.veil_digest)
+# Hashes in an event's data that cover other events' data (a signature's: a casebook's
+# covers the screening, contact details included): keyed like the digests.
+HASHES = ("data_sha256",)
+
+
 def event_entry(originator_id: UUID, version: int, topic: str,
-                content: dict[str, Any]) -> dict[str, Any]:
+                content: dict[str, Any], veil: Veil) -> dict[str, Any]:
     """One event as the history shows it, as JSON values: audit fields, then the event's
-    own data."""
+    own data; its digest, and any hash in its data, keyed by ``veil``."""
+    data = {k: v for k, v in content.items() if k not in AUDIT_FIELDS}
+    for name in HASHES:
+        if name in data:
+            data[name] = veil(data[name])
     return {
         "event_id": event_uuid(originator_id, version),
         "type": topic.rsplit(".", 1)[-1],
@@ -36,8 +46,8 @@ def event_entry(originator_id: UUID, version: int, topic: str,
         "actor": content["actor"],
         "command_id": content["command_id"],
         "reason": content["reason"],
-        "data": {k: v for k, v in content.items() if k not in AUDIT_FIELDS},
-        "digest": content["digest"],
+        "data": data,
+        "digest": veil(content["digest"]),
     }
 
 
@@ -60,15 +70,16 @@ def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def history(service: TrialService, participant_id: str, as_of: datetime | None = None,
-            version: int | None = None,
-            cache: HistoryCache | None = None) -> list[dict[str, Any]]:
+            version: int | None = None, cache: HistoryCache | None = None, *,
+            veil: Veil) -> list[dict[str, Any]]:
     """The participant's events, oldest first, up to the recording time ``as_of`` or up to
-    and including ``version``."""
+    and including ``version``; the digests keyed by ``veil`` (the cache's own when
+    given)."""
     if cache is not None:
         entries = cache.entries(participant_id, version)
     else:
         stream = participant_uuid(participant_id)
-        entries = [event_entry(stream, v, topic, content)
+        entries = [event_entry(stream, v, topic, content, veil)
                    for v, topic, content in plain_stream(service, stream, lte=version)]
     if as_of is None:
         return entries
@@ -85,9 +96,10 @@ class HistoryCache:
     of milliseconds of a request). Bounded by the number of events held; the least
     recently read participant goes first."""
 
-    def __init__(self, service: TrialService, max_events: int = 25_000,
+    def __init__(self, service: TrialService, veil: Veil, max_events: int = 25_000,
                  rendered: Callable[[str], list[bytes] | None] | None = None) -> None:
         self.service = service
+        self.veil = veil
         self.rendered = rendered
         self.max_events = max_events
         self._lock = threading.Lock()
@@ -121,7 +133,7 @@ class HistoryCache:
         new = plain_stream(self.service, stream, gt=len(cached))
         if not new and not seeded:
             return cached
-        entries = cached + [_held(event_entry(stream, v, topic, content))
+        entries = cached + [_held(event_entry(stream, v, topic, content, self.veil))
                             for v, topic, content in new]
         with self._lock:
             held = self._streams.get(stream, [])
@@ -146,7 +158,7 @@ def _held(entry: dict[str, Any]) -> bytes | dict[str, Any]:
 def participant_as_of(service: TrialService, participant_id: str,
                       as_of: datetime) -> Participant | None:
     """The participant as recorded at ``as_of``; None before its first event."""
-    entries = history(service, participant_id, as_of)
+    entries = history(service, participant_id, as_of, veil=str)  # only their versions
     if not entries:
         return None
     return service.get_participant(participant_id, version=entries[-1]["version"])

@@ -104,7 +104,8 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
     trialog = _app()
     try:
         as_of = parse_moment(args.as_of) if args.as_of else None
-        entries = history(trialog.service, args.participant_id, as_of, args.version)
+        entries = history(trialog.service, args.participant_id, as_of, args.version,
+                          veil=trialog.veil_digest)
         if not entries:
             trialog.service.get_participant(args.participant_id)  # 'not found' when unknown
             raise CliError(f"participant {args.participant_id} has no events recorded by "

@@ -65,7 +65,8 @@ def _page_data(participant_id: str) -> dict[str, Any]:
             if reached is not None:  # before the lists below are read
                 g.position = reached
         state = queries.participant_state(t, participant_id)
-        history = audit.history(t.service, participant_id, cache=runtime().histories)
+        history = audit.history(t.service, participant_id, cache=runtime().histories,
+                                veil=t.veil_digest)
         if contact:
             state["contact"] = timeline.contact_of(history)
         query_rows = queries.list_queries(t, scope=principal.scope,
@@ -75,7 +76,7 @@ def _page_data(participant_id: str) -> dict[str, Any]:
         p, asked = replay
         state = state_of(p, t.protocol, asked["moment"].date(), contact=contact)
         history = audit.history(t.service, participant_id, version=p.version,
-                                cache=runtime().histories)
+                                cache=runtime().histories, veil=t.veil_digest)
         query_rows = [{**q, "participant_id": participant_id} for q in p.queries.values()]
     if not contact:
         history = [audit.redact_contact(e) for e in history]

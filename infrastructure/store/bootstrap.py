@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import tomllib
@@ -68,6 +69,21 @@ class Trialog:
         message = ("trialog:command:" + ":".join(parts)).encode()
         digest = hmac.new(self.settings.cipher_key.encode(), message, hashlib.sha256)
         return str(UUID(bytes=digest.digest()[:16], version=4))
+
+    def veil_digest(self, digest: str) -> str:
+        """A chain digest as trialog shows it outside the store: keyed (HMAC-SHA256 under a
+        key of its own derived from the pseudonym key). A plain digest covers the contact
+        details of the event and, through the chain, of those before it: a reader without
+        contact rights could confirm a guess of them. Keyed, the digests still chain (each
+        event names its predecessor's) but only the server can recompute them (verify).
+        The chain's start (no predecessor: empty) stays empty."""
+        if not digest:
+            return digest
+        return hmac.new(self._veil_key, digest.encode(), hashlib.sha256).hexdigest()
+
+    @functools.cached_property
+    def _veil_key(self) -> bytes:
+        return hmac.new(self.settings.pseudonym_key, b"trialog:digest", hashlib.sha256).digest()
 
     def close(self) -> None:
         self.service.close()

@@ -137,13 +137,13 @@ def test_history_and_state_as_recorded_at_a_moment(trialog):
     trialog.bus = CommandBus(trialog.service, clock)
     pid = enrol(trialog)  # recorded at 09:01, 09:02, 09:03
     send(trialog, c.RecordDose(pid, dose(0)))  # 09:04 (plus the allocation sequence's events)
-    full = history(trialog.service, pid)
+    full = history(trialog.service, pid, veil=trialog.veil_digest)
     assert [e["type"] for e in full] == ["ParticipantScreened", "ConsentRecorded",
                                          "ParticipantRandomized", "DoseRecorded"]
     assert all(e["actor"] == "test-service" and e["command_id"] for e in full)
     assert full[0]["recorded_at"] == "2026-03-04T09:01:00+00:00"
     moment = datetime.fromisoformat(full[1]["recorded_at"])
-    assert [e["version"] for e in history(trialog.service, pid, moment)] == [1, 2]
+    assert [e["version"] for e in history(trialog.service, pid, moment, veil=str)] == [1, 2]
     assert participant_as_of(trialog.service, pid, moment).status == "consented"
     before = datetime.fromisoformat(full[0]["recorded_at"]) - timedelta(seconds=1)
     assert participant_as_of(trialog.service, pid, before) is None
@@ -202,10 +202,10 @@ def test_reading_histories_gives_every_connection_back_to_the_pool(trialog):
     pid = enrol(trialog)
     pool = trialog.engine.pool
     checked_out = pool.checkedout()
-    cache = HistoryCache(trialog.service)
+    cache = HistoryCache(trialog.service, trialog.veil_digest)
     for _ in range(25):
-        assert len(history(trialog.service, pid)) == 3
-        assert len(history(trialog.service, pid, cache=cache)) == 3
+        assert len(history(trialog.service, pid, veil=str)) == 3
+        assert len(history(trialog.service, pid, cache=cache, veil=str)) == 3
         assert stored_events(trialog.service.recorder) > 0
     assert pool.checkedout() == checked_out
 
@@ -294,3 +294,30 @@ def test_the_deep_check_catches_a_snapshot_rewritten_with_the_cipher_key(isolate
     [problem] = check_store(t, processes=1, deep=True).problems
     assert (problem.kind, problem.participant_id, problem.detail) == (
         "snapshot", pid, "the snapshot's state is not what the events give")
+
+
+def test_a_digest_shown_outside_the_store_cannot_confirm_a_guess_of_contact_details(
+        isolated):
+    """The stored digests are plain SHA-256 over each event, contact details included (and,
+    through the chain, over every event before): anyone holding one could confirm a guess
+    of an email or a birth date. The history and the feed show keyed ones, still chained,
+    to every reader."""
+    from domain.access import EVERY_SITE
+    from infrastructure.audit.feed import Feed, Reader
+    from infrastructure.store.stored import plain_stream
+
+    pid = enrol(isolated)
+    contents = [content for _, _, content in
+                plain_stream(isolated.service, participant_uuid(pid))]
+    stored = [content["digest"] for content in contents]
+    assert len(stored) == 3 and contents[0]["previous_digest"] == ""
+    assert all(len(d) == 64 for d in stored)
+    shown = [e["digest"] for e in history(isolated.service, pid, veil=isolated.veil_digest)]
+    assert shown == [isolated.veil_digest(d) for d in stored]
+    assert not set(shown) & set(stored)
+    for contact in (False, True):
+        events, _ = Feed(isolated).page(0, 1000, Reader(EVERY_SITE, contact=contact))
+        mine = [e for e in events if e["subject"] == pid]
+        assert [e["digest"] for e in mine] == shown
+        assert mine[0]["previousdigest"] == ""
+        assert [e["previousdigest"] for e in mine[1:]] == shown[:-1]  # still chained

@@ -323,7 +323,7 @@ def test_a_history_rendered_ahead_is_the_history_read_from_the_store(isolated):
 
     def from_store(pid: str, contact: bool) -> list[bytes]:
         stream = participant_uuid(pid)
-        entries = [event_entry(stream, v, topic, content)
+        entries = [event_entry(stream, v, topic, content, isolated.veil_digest)
                    for v, topic, content in plain_stream(isolated.service, stream)]
         return [orjson.dumps(e if contact else redact_contact(e)) for e in entries]
 
@@ -376,10 +376,10 @@ def test_a_cache_of_histories_starts_from_the_entries_rendered_ahead(isolated):
 
     def from_store(pid: str) -> list[dict]:
         stream = participant_uuid(pid)
-        return [event_entry(stream, v, topic, content)
+        return [event_entry(stream, v, topic, content, isolated.veil_digest)
                 for v, topic, content in plain_stream(isolated.service, stream)]
 
-    cache = HistoryCache(isolated.service, rendered=rendered)
+    cache = HistoryCache(isolated.service, isolated.veil_digest, rendered=rendered)
     assert cache.entries(pids[0]) == from_store(pids[0])
     assert seeded == [pids[0]]
     send(isolated, c.RecordDose(pids[0], dose(1)))
@@ -401,13 +401,13 @@ def test_a_cache_of_histories_starts_from_the_entries_rendered_ahead(isolated):
         first = orjson.loads(entries[0])
         return [orjson.dumps({**first, "reason": "from rm_feed"}), *entries[1:]]
 
-    assert HistoryCache(isolated.service, rendered=marked).entries(pids[2])[0]["reason"] == (
+    assert HistoryCache(isolated.service, isolated.veil_digest, rendered=marked).entries(pids[2])[0]["reason"] == (
         "from rm_feed")
 
     def broken(pid: str):
         raise ValueError("rm_feed can't be read")
 
-    assert HistoryCache(isolated.service, rendered=broken).entries(pids[1]) == from_store(
+    assert HistoryCache(isolated.service, isolated.veil_digest, rendered=broken).entries(pids[1]) == from_store(
         pids[1])  # the store answers
 
 
@@ -467,7 +467,7 @@ def test_what_the_cache_of_histories_answers_is_the_callers_to_change(trialog, m
     pid = enrol(trialog)
     for held in (h._held, lambda entry: entry):  # as JSON, and as the entry itself
         monkeypatch.setattr(h, "_held", held)
-        cache = h.HistoryCache(trialog.service)
+        cache = h.HistoryCache(trialog.service, trialog.veil_digest)
         first = cache.entries(pid)
         first[0]["data"]["added"] = "by the caller"
         first[0]["type"] = "changed"
