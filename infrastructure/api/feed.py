@@ -35,8 +35,10 @@ class CloudEvent(Schema):
     datacontenttype = fields.String(required=True)
     data = fields.Dict(required=True)
     position = fields.Integer(required=True)
-    digest = fields.String(required=True)
-    previousdigest = fields.String(required=True)
+    digest = fields.String(required=True, metadata={
+        "description": "the event's chain digest, keyed (HMAC-SHA256 under the server's key)"})
+    previousdigest = fields.String(required=True, metadata={
+        "description": "the previous event's digest, keyed the same way; empty for the first"})
 
 
 class FeedPage(Schema):

@@ -123,7 +123,8 @@ class HistoryEvent(Schema):
     command_id = fields.String(required=True)
     reason = _nullable_string()
     data = fields.Dict(required=True)
-    digest = fields.String(required=True)
+    digest = fields.String(required=True, metadata={
+        "description": "the event's chain digest, keyed (HMAC-SHA256 under the server's key)"})
 
 
 class History(Schema):

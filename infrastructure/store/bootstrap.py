@@ -72,7 +72,8 @@ class Trialog:
 
     def veil_digest(self, digest: str) -> str:
         """A chain digest as trialog shows it outside the store: keyed (HMAC-SHA256 under a
-        key of its own derived from the pseudonym key). A plain digest covers the contact
+        key of its own derived from the cipher key, which every process must share anyway:
+        with another, it could not read the store). A plain digest covers the contact
         details of the event and, through the chain, of those before it: a reader without
         contact rights could confirm a guess of them. Keyed, the digests still chain (each
         event names its predecessor's) but only the server can recompute them (verify).
@@ -83,7 +84,8 @@ class Trialog:
 
     @functools.cached_property
     def _veil_key(self) -> bytes:
-        return hmac.new(self.settings.pseudonym_key, b"trialog:digest", hashlib.sha256).digest()
+        return hmac.new(self.settings.cipher_key.encode(), b"trialog:digest",
+                        hashlib.sha256).digest()
 
     def close(self) -> None:
         self.service.close()

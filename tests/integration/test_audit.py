@@ -205,7 +205,7 @@ def test_reading_histories_gives_every_connection_back_to_the_pool(trialog):
     cache = HistoryCache(trialog.service, trialog.veil_digest)
     for _ in range(25):
         assert len(history(trialog.service, pid, veil=str)) == 3
-        assert len(history(trialog.service, pid, cache=cache, veil=str)) == 3
+        assert len(history(trialog.service, pid, cache=cache, veil=trialog.veil_digest)) == 3
         assert stored_events(trialog.service.recorder) > 0
     assert pool.checkedout() == checked_out
 
