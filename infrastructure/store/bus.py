@@ -96,16 +96,9 @@ def _inside_a_transaction() -> bool:
     return True
 
 
-def fingerprint(command: Command, reason: str | None, expected_version: int | None,
-                actor: str) -> str:
-    """What makes a command the same command again. Its actor is part of it: a command id
-    is its client's, and another client reusing it is refused whatever the body. Were the
-    body alone compared, a caller without contact rights who read a screening's command id
-    in a history could send it again with a guessed email and birth date, and learn from a
-    replay (200) or a refusal (409) whether the guess was right."""
+def fingerprint(command: Command, reason: str | None, expected_version: int | None) -> str:
     body = {"type": command.type_name(), "participant_id": command.participant_id,
-            "reason": reason, "expected_version": expected_version, "data": command.data,
-            "actor": actor}
+            "reason": reason, "expected_version": expected_version, "data": command.data}
     encoded = json.dumps(body, sort_keys=True, separators=(",", ":"), default=_plain)
     return hashlib.sha256(encoded.encode()).hexdigest()
 
@@ -224,8 +217,7 @@ class CommandBus:
                 waiting.error = outcome
 
     def _dispatch_now(self, intent: Intent) -> Accepted:
-        digest = fingerprint(intent.command, intent.reason, intent.expected_version,
-                             intent.actor)
+        digest = fingerprint(intent.command, intent.reason, intent.expected_version)
         for attempt in self._retrying():
             with attempt:
                 return self._attempt(intent, digest)
@@ -319,8 +311,7 @@ class CommandBus:
         written."""
         if not intents:
             return []
-        digests = [fingerprint(i.command, i.reason, i.expected_version, i.actor)
-                   for i in intents]
+        digests = [fingerprint(i.command, i.reason, i.expected_version) for i in intents]
         given = list(loaded)
         recorder: Any = self.service.recorder
         nested = _inside_a_transaction()
