@@ -403,12 +403,11 @@ class _Subject:
 
     def _plain(self, path: str, value: Any) -> str | None:
         """The exported text of a value, or None when it is withheld."""
-        if path.rsplit(".", 1)[-1] in self.withheld:
+        name = path.rsplit(".", 1)[-1]
+        if name in self.withheld:
             return None
         if self.masker is not None:
-            if path.rsplit(".", 1)[-1] in DERIVED_IDS:
-                return _value(self._referenced(value))
-            value = self._shifted(value)
+            value = self._referenced(value) if name in DERIVED_IDS else self._shifted(value)
         return _value(value)
 
     def _referenced(self, value: Any) -> Any:
