@@ -22,6 +22,15 @@ from tests.e2e import payloads as p
 from tests.e2e.conftest import TRIALOG, Client, free_port, wait_until_up
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command's name (state, parent, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode()
+
+
 def _children(pid: int) -> list[tuple[int, str]]:
     """The processes whose parent is `pid`, with their whole command lines, read from /proc
     (`ps` cuts its lines at $COLUMNS, which the suite may be run with)."""
@@ -30,15 +39,11 @@ def _children(pid: int) -> list[tuple[int, str]]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            if parent != pid:
+            if int(_stat(int(entry))[1]) != pid:
                 continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                args = cmdline.read().rstrip(b"\0").replace(b"\0", b" ").decode()
+            found.append((int(entry), _cmdline(int(entry))))
         except OSError:
             continue  # it ended while we looked, or is not ours to read
-        found.append((int(entry), args))
     return found
 
 
@@ -59,8 +64,7 @@ def test_children_are_seen_with_their_whole_command_lines(monkeypatch):
 def _described(pid: int) -> tuple[int, str, str]:
     """A process's command line and state, for a failure's message."""
     try:
-        return (pid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(),
-                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:40])
+        return (pid, _cmdline(pid), " ".join(_stat(pid)[:6]))
     except OSError as e:
         return (pid, "", str(e))
 
@@ -68,8 +72,7 @@ def _described(pid: int) -> tuple[int, str, str]:
 def _alive(pid: int) -> bool:
     """Running: neither gone nor ended and not yet collected (a zombie)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except OSError:
         return False
 
