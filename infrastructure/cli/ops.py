@@ -190,15 +190,18 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
 
     trialog = _app()
     freeze_startup()
+    # SIGTERM (a stop, or the master's death) and SIGINT are blocked in every thread and
+    # taken by this one with sigwait. A Python handler setting `stop` would run between two
+    # of this thread's bytecodes, possibly while it holds the event's lock, and wait for
+    # that lock for ever.
+    ends = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, ends)  # before the followers' threads start
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     followers = follow_all(trialog, stop, batch_size=args.batch_size)
     try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        stop.set()
+        signal.sigwait(ends)
     finally:
+        stop.set()
         for thread, _ in followers:
             thread.join(timeout=10)
         trialog.close()

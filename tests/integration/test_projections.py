@@ -211,6 +211,46 @@ def test_a_follower_killed_mid_batch_resumes_to_the_same_tables(isolated, isolat
     assert snapshot(isolated) == resumed
 
 
+# `trialog projections follow` in which a thread that waits on an event holds its lock for
+# a while, as the main thread may when the followers keep the GIL from it: a SIGTERM
+# arriving then must still end the process.
+_HELD_WAITS = """
+import sys, threading, time
+
+class Held(threading.Event):
+    def wait(self, timeout=None):
+        if timeout is None or threading.current_thread() is not threading.main_thread():
+            return super().wait(timeout)
+        with self._cond:  # the whole wait, in Python's bytecodes, at which handlers run
+            until = time.monotonic() + timeout
+            while not self._flag and time.monotonic() < until:
+                pass
+            return self._flag
+
+threading.Event = Held
+from infrastructure.cli import main
+sys.exit(main(["projections", "follow"]))
+"""
+
+
+@pytest.mark.parametrize("isolated_url", ["sqlite"], indirect=True)
+def test_a_follower_ends_on_sigterm_whatever_its_main_thread_holds(isolated, isolated_url):
+    workload(isolated, participants_=5)
+    projection = TrialProjection(isolated)
+    env = {**os.environ, "TRIALOG_DATABASE_URL": isolated_url, **TEST_SECRETS}
+    follower = subprocess.Popen([sys.executable, "-c", _HELD_WAITS], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while projection.position() < projection.head():
+            assert time.monotonic() < deadline, "the follower did not catch up"
+            time.sleep(0.05)
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(timeout=30) == 0
+    finally:
+        follower.kill()
+        follower.wait()
+
+
 def test_followers_starting_together_create_their_position_row_once(trialog):
     """Several API processes start their followers at once on a fresh database: the one
     that loses the race to create the position row carries on (no error)."""
