@@ -56,8 +56,10 @@ REDACTED = "[redacted]"
 
 def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
     """The entry without contact details (screening data, corrections of them, reminder
-    recipients)."""
-    data = entry["data"]
+    recipients), nor, when it held any, its command id: a caller that may issue the command
+    could send it again under that id with guessed details, and the answer (the first one,
+    or 409 for another body) would tell whether the guess was right."""
+    data = held = entry["data"]
     if isinstance(data.get("data"), dict) and CONTACT_FIELDS & data["data"].keys():
         captured = {k: REDACTED if k in CONTACT_FIELDS and v is not None else v
                     for k, v in data["data"].items()}
@@ -66,7 +68,9 @@ def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
         data = {**data, "previous_value": REDACTED, "value": REDACTED}
     if data.get("recipients"):  # the addresses a reminder went to
         data = {**data, "recipients": [REDACTED for _ in data["recipients"]]}
-    return {**entry, "data": data}
+    if data is held:
+        return {**entry}
+    return {**entry, "data": data, "command_id": REDACTED}
 
 
 def history(service: TrialService, participant_id: str, as_of: datetime | None = None,

@@ -436,18 +436,24 @@ class _Subject:
             stamp = self.masker.shift_datetime(self.participant_id, stamp)
         return f"<DateTimeStamp>{stamp.isoformat()}</DateTimeStamp>"
 
-    def _audit(self, event: Any, reason: str | None = None) -> str:
+    def _audit(self, event: Any, reason: str | None = None, contact: bool = False) -> str:
+        """The event's AuditRecord; ``contact``: the event holds contact details."""
         if self.masker is not None:
             reason = None  # free text, like a note
         reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
         # A command id is listed with the participant's id (history, feed): de-identified,
-        # it would lead back from the pseudonym.
-        source = (self.masker.command_pseudonym(event.command_id) if self.masker
-                  else event.command_id)
+        # it would lead back from the pseudonym. Where contact details are left out, so is
+        # the id of a command that carried them (see audit.history.redact_contact).
+        if self.masker is not None:
+            source: str | None = self.masker.command_pseudonym(event.command_id)
+        elif contact and CONTACT_ITEMS <= self.withheld:
+            source = None
+        else:
+            source = event.command_id
+        source_xml = f"<SourceID>{escape(source)}</SourceID>" if source else ""
         return (f"<AuditRecord><UserRef{_attr('UserOID', user_oid(event.actor))}/>"
                 f"<LocationRef{_attr('LocationOID', self.site)}/>"
-                f"{self._stamp(event)}{reason_xml}"
-                f"<SourceID>{escape(source)}</SourceID></AuditRecord>")
+                f"{self._stamp(event)}{reason_xml}{source_xml}</AuditRecord>")
 
     def _study_event(self, form: Form, event: Any) -> str:
         if form.study_event:
@@ -473,6 +479,8 @@ class _Subject:
                 study_event, form, event.originator_version)
             values += _flatten(event.data, "", self.leaves[form.key])
         values += [(name, getattr(event, name)) for name, _ in form.attributes]
+        contact = any(value and path.rsplit(".", 1)[-1] in CONTACT_ITEMS
+                      for path, value in values)
         items = []
         for path, value in values:
             text = None if value is None else self._plain(path, value)
@@ -483,7 +491,8 @@ class _Subject:
             f"<StudyEventData{_attr('StudyEventOID', study_event)} TransactionType=\"Upsert\">"
             f"<FormData{_attr('FormOID', form.oid)}"
             f"{_attr('FormRepeatKey', event.originator_version)} TransactionType=\"Insert\">"
-            f"{self._audit(event)}<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
+            f"{self._audit(event, contact=contact)}"
+            f"<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
             f"TransactionType=\"Insert\">{''.join(items)}</ItemGroupData></FormData>"
             f"</StudyEventData>")
 

@@ -52,14 +52,21 @@ def site(tmp_path_factory) -> Iterator[Site]:
         process.wait(timeout=10)
 
 
+# The ids of the commands that carried the marker (the screening, the reminder's), which
+# only roles with contact rights may see; and the consent's, which every role sees.
+COMMAND_IDS: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def participant(site) -> str:
     """A participant whose address is the marker, sent one reminder."""
     coordinator = site.clients["coordinator"]
     pid = p.participant_id()
     screening = p.screening() | {"email": MARKER}
-    assert coordinator.command("ScreenParticipant", pid, screening).status_code == 201
-    assert coordinator.command("RecordConsent", pid, p.CONSENT).status_code == 201
+    screened = coordinator.command("ScreenParticipant", pid, screening)
+    assert screened.status_code == 201
+    consented = coordinator.command("RecordConsent", pid, p.CONSENT)
+    assert consented.status_code == 201
     assert coordinator.command("RandomizeParticipant", pid, p.RANDOMIZE).status_code == 201
     last = coordinator.command("CompleteVisit", pid, p.visit("baseline", 0))
     assert last.status_code == 201
@@ -72,6 +79,8 @@ def participant(site) -> str:
     finally:
         trialog.close()
     coordinator.get(f"/v1/participants/{pid}", after=sent.body["position"])
+    COMMAND_IDS.update(screening=screened.json()["command_id"], reminder=sent.body["command_id"],
+                       consent=consented.json()["command_id"])
     return pid
 
 
@@ -80,7 +89,7 @@ def reads(pid: str) -> list[str]:
             f"/v1/participants/{pid}?version=1", "/v1/participants", "/v1/deviations",
             "/v1/visits/due?within_days=365", "/v1/trial/summary", "/v1/exports/odm",
             "/v1/exports/csv", "/v1/exports/fhir", "/v1/exports/odm?deidentify=true",
-            "/v1/audit/verify"]
+            "/v1/audit/verify", "/v1/feed?after=0&limit=1000"]
 
 
 @pytest.mark.parametrize("role", sorted(set(ROLES) - WITH_CONTACT))
@@ -97,6 +106,23 @@ def test_no_read_of_a_role_without_contact_rights_holds_the_address(site, partic
     assert reminder["data"]["recipients"] == ["[redacted]", "[redacted]"]
 
 
+@pytest.mark.parametrize("role", sorted(set(ROLES) - WITH_CONTACT))
+def test_without_contact_rights_no_read_holds_the_id_of_a_command_that_carried_them(
+        site, participant, role):
+    """With a screening's command id, a caller that may screen (`service`) could send it
+    again with guessed contact details and learn from the answer whether they were right
+    (the first answer, or 409 for another body)."""
+    client = site.clients[role]
+    hidden = (COMMAND_IDS["screening"], COMMAND_IDS["reminder"])
+    for path in reads(participant):
+        answer = client.get(path)
+        assert not [i for i in hidden if i in answer.text], (role, path)
+    history = client.get(f"/v1/participants/{participant}/history").json()["events"]
+    shown = {e["type"]: e["command_id"] for e in history}
+    assert shown["ParticipantScreened"] == shown["ReminderSent"] == "[redacted]"
+    assert shown["ConsentRecorded"] == COMMAND_IDS["consent"]
+
+
 @pytest.mark.parametrize("role", sorted(WITH_CONTACT))
 def test_roles_with_contact_rights_see_the_address_and_the_recipients(site, participant, role):
     client = site.clients[role]
@@ -104,6 +130,7 @@ def test_roles_with_contact_rights_see_the_address_and_the_recipients(site, part
     history = client.get(f"/v1/participants/{participant}/history").json()["events"]
     reminder = next(e for e in history if e["type"] == "ReminderSent")
     assert MARKER in reminder["data"]["recipients"]
+    assert reminder["command_id"] == COMMAND_IDS["reminder"]
 
 
 def test_the_log_and_the_database_file_never_hold_the_address(site, participant):

@@ -18,6 +18,7 @@ from lxml import etree
 from domain import commands as c
 from infrastructure.audit import exports
 from infrastructure.audit.fhir import research_subjects
+from infrastructure.audit.history import history
 from infrastructure.audit.odm import odm_document
 from infrastructure.readside.projections import TrialProjection
 from tests.factories import consent, new_participant_id, screening
@@ -194,8 +195,17 @@ def test_without_contact_rights_the_odm_export_leaves_out_contact_details(isolat
     assert root.find(f".//odm:SubjectData[@SubjectKey='{ids['pid']}']", NS) is not None
     oids = _referenced(root, "ItemData", "ItemOID")
     assert "I.SCREENING.email" not in oids and "I.SCREENING.birth_date" not in oids
-    assert "participants.example" not in etree.tostring(root, encoding="unicode")
+    text = etree.tostring(root, encoding="unicode")
+    assert "participants.example" not in text
     assert "I.VISIT.bpi_sf.worst" in oids
+    # nor the id of the command that carried them (sent again with guessed details, its
+    # answer would tell whether they were right); other commands' ids are there
+    screening_command = history(isolated.service, ids["pid"], veil=isolated.veil_digest)[0]
+    assert screening_command["type"] == "ParticipantScreened"
+    assert screening_command["command_id"] not in text
+    assert ids["visit_command"] in text
+    with_contact = "".join(odm_document(isolated))
+    assert screening_command["command_id"] in with_contact
 
 
 def _participant_in_each_status(t) -> dict[str, str]:

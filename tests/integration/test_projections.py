@@ -396,6 +396,41 @@ def test_a_history_rendered_ahead_is_the_history_read_from_the_store(isolated):
 
 
 @pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_after_migration_0019_the_feed_is_rendered_again_without_contact_command_ids(
+        isolated_url):
+    """Before 0019, rm_feed's events and entries without contact details held the id of
+    the screening's command: the migration empties rm_feed and the follower renders the
+    log again."""
+    from infrastructure.audit.history import history
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    t = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(t.engine, "0018")
+        pid = enrol(t)
+        FeedProjection(t).catch_up()
+        screening_command = history(t.service, pid, veil=t.veil_digest)[0]["command_id"]
+        with t.engine.begin() as connection:  # as rendered before: the id in plain text
+            connection.execute(update(feed_events).values(
+                body=feed_events.c.body + screening_command))
+        migrations.upgrade(t.engine)
+        with t.engine.connect() as connection:
+            assert connection.execute(select(feed_events.c.position)).first() is None
+            assert connection.execute(select(positions.c.position).where(
+                positions.c.name == "feed")).first() is None
+        FeedProjection(t).catch_up()
+        with t.engine.connect() as connection:
+            rendered = connection.execute(select(feed_events.c.body, feed_events.c.entry)
+                                          ).all()
+        assert len(rendered) == FeedProjection(t).head()
+        assert not [row for row in rendered if screening_command in f"{row.body}{row.entry}"]
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
 def test_a_cache_of_histories_starts_from_the_entries_rendered_ahead(isolated):
     """The server's cache of histories takes a participant it doesn't hold from rm_feed's
     entries (with contact details) when it can, decodes only newer events from the store,
