@@ -1,4 +1,5 @@
-"""Exports for statisticians and auditors, streamed row by row (constant memory).
+"""Exports for statisticians and auditors, streamed row by row (constant memory; when
+de-identified, the participants' ids are held to be ordered by their pseudonyms).
 
 ``deidentify`` replaces each participant id with a keyed pseudonym and shifts every date
 of a participant by the same keyed number of days (1 to 365 back), so intervals within a
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import Connection, Row, Select, and_, select
 
 from domain.access import EVERY_SITE, Scope
 from domain.scoring import SCORE_NAMES
@@ -70,6 +71,24 @@ class Deidentifier:
         return moment - offset if moment - earliest >= offset else earliest
 
 
+def by_participant(connection: Connection, query: Select[Any],
+                   masker: Deidentifier | None, chunk: int = 500) -> Iterator[Row[Any]]:
+    """The rows of ``query`` (of ``participants``, ordered by participant id, then as
+    within a participant), streamed. De-identified, the participants come in the order of
+    their pseudonyms, ``chunk`` of them a query: the real ids' order would show each
+    site's order of enrolment."""
+    if masker is None:
+        yield from connection.execution_options(yield_per=1000).execute(query)
+        return
+    ids = connection.execute(select(query.subquery().c.participant_id).distinct()).scalars()
+    ordered = sorted(ids, key=masker.pseudonym)
+    for start in range(0, len(ordered), chunk):
+        some = ordered[start:start + chunk]
+        rank = {pid: n for n, pid in enumerate(some)}
+        found = connection.execute(query.where(participants.c.participant_id.in_(some)))
+        yield from sorted(found, key=lambda row: rank[row.participant_id])  # stable
+
+
 def csv_rows(t: Trialog, deidentify: bool = False,
              scope: Scope = EVERY_SITE) -> Iterator[dict[str, Any]]:
     """One row per participant of the scope's sites and scheduled visit, with the visit's
@@ -85,7 +104,7 @@ def csv_rows(t: Trialog, deidentify: bool = False,
     )
     masker = Deidentifier(t.settings.pseudonym_key) if deidentify else None
     with t.engine.connect() as connection:
-        for row in connection.execution_options(yield_per=1000).execute(query):
+        for row in by_participant(connection, query, masker):
             pid, completed = row.participant_id, row.completed_on
             if masker is not None:
                 completed = masker.shift(pid, completed) if completed else None

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from domain.access import EVERY_SITE, Scope
 from domain.participant import participant_uuid
-from infrastructure.audit.exports import Deidentifier
+from infrastructure.audit.exports import Deidentifier, by_participant
 from infrastructure.readside.queries import in_scope
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.tables import participants
@@ -38,7 +38,7 @@ def subject_status(status: str, arm_receives_dose: bool | None) -> str:
 def research_subjects(t: Trialog, deidentify: bool = False,
                       scope: Scope = EVERY_SITE) -> Iterator[dict[str, Any]]:
     """One ResearchSubject resource per participant of the scope's sites, ordered by
-    participant id."""
+    participant id (de-identified: by pseudonym)."""
     protocol = t.protocol
     # A pseudonym is not the participant's identifier: it gets a system of its own.
     kind = "pseudonym" if deidentify else "participant"
@@ -49,7 +49,7 @@ def research_subjects(t: Trialog, deidentify: bool = False,
     query = (select(p.c.participant_id, p.c.status, p.c.arm, p.c.screened_on)
              .where(in_scope(scope, p.c.participant_id)).order_by(p.c.participant_id))
     with t.engine.connect() as connection:
-        for row in connection.execution_options(yield_per=1000).execute(query):
+        for row in by_participant(connection, query, masker):
             pid, start = row.participant_id, row.screened_on
             if masker is not None:
                 start, pid = masker.shift(pid, start), masker.pseudonym(pid)

@@ -52,10 +52,11 @@ METADATA_VERSION = "MDV.1"
 CONTACT_ITEMS = CONTACT_FIELDS | {"recipients"}
 # Query texts: free text, like a note (not an item of any form).
 QUERY_TEXT = "query_text"
-# Not exported when de-identifying: contact details and free text that may name a person
-# or hold real dates (a deviation's detail, a resolution, a withdrawal's reason).
+# Not exported when de-identifying: contact details, free text that may name a person or
+# hold real dates (a deviation's detail, a resolution, a withdrawal's reason), and the
+# allocation index (the order of randomization, which dates moved back hide).
 IDENTIFYING_ITEMS = CONTACT_ITEMS | {"note", QUERY_TEXT, "detail", "resolution",
-                                     "reason_code"}
+                                     "reason_code", "allocation_index"}
 # Ids derived from the participant's id without a key (a deviation's, the events it cites):
 # keyed pseudonyms when de-identifying.
 DERIVED_IDS = frozenset({"deviation_id", "evidence"})
@@ -606,12 +607,24 @@ def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
                       masker: Deidentifier | None, withheld: frozenset[str],
                       gathered: Gathered, shown: list[str] | None = None,
                       scope: Scope = EVERY_SITE) -> Iterator[str]:
-    """One SubjectData per participant of the scope's sites, from the events in version
-    order, without the ``withheld`` items; collects the actors and signatures into
-    ``gathered``."""
-    leaves = {key: {path for path, _ in form} for key, form in items.items()}
+    """One SubjectData per participant of the scope's sites (de-identified, in the order
+    of their pseudonyms), from the events in version order, without the ``withheld``
+    items; collects the actors and signatures into ``gathered``."""
     yield (f"<ClinicalData{_attr('StudyOID', t.protocol.study_id)}"
            f"{_attr('MetaDataVersionOID', METADATA_VERSION)}>\n")
+    subjects = _subjects(t, items, masker, withheld, gathered, shown, scope)
+    if masker is None:
+        yield from (text for _, text in subjects)
+    else:  # by pseudonym: the streams' order follows the real ids
+        yield from _in_key_order(subjects)
+    yield "</ClinicalData>\n"
+
+
+def _subjects(t: Trialog, items: dict[str, list[tuple[str, str]]],
+              masker: Deidentifier | None, withheld: frozenset[str], gathered: Gathered,
+              shown: list[str] | None, scope: Scope) -> Iterator[tuple[str, str]]:
+    """Each participant's key (id or pseudonym) and SubjectData, in the streams' order."""
+    leaves = {key: {path for path, _ in form} for key, form in items.items()}
     subject: _Subject | None = None
     stream = None
     skipped = None
@@ -620,7 +633,7 @@ def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
             continue
         if event.originator_id != stream:
             if subject is not None:
-                yield subject.close()
+                yield subject.key, subject.close()
                 subject = None
             stream = event.originator_id
             # A stream opens with its screening, which names the site.
@@ -634,8 +647,21 @@ def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
         gathered.users.add(event.actor)
         subject.add(event)
     if subject is not None:
-        yield subject.close()
-    yield "</ClinicalData>\n"
+        yield subject.key, subject.close()
+
+
+def _in_key_order(subjects: Iterator[tuple[str, str]]) -> Iterator[str]:
+    """The texts in the order of their keys: each written to a temporary file as it
+    comes, then read back in that order."""
+    index = []
+    with tempfile.TemporaryFile() as spool:
+        for key, text in subjects:
+            data = text.encode()
+            index.append((key, spool.tell(), len(data)))
+            spool.write(data)
+        for _, offset, size in sorted(index):
+            spool.seek(offset)
+            yield spool.read(size).decode()
 
 
 def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,

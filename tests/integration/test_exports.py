@@ -14,6 +14,7 @@ import odmlib
 import pytest
 from fhir.resources.R4B.researchsubject import ResearchSubject
 from lxml import etree
+from sqlalchemy import select
 
 from domain import commands as c
 from infrastructure.audit import exports
@@ -21,6 +22,7 @@ from infrastructure.audit.fhir import research_subjects
 from infrastructure.audit.history import history
 from infrastructure.audit.odm import odm_document
 from infrastructure.readside.projections import TrialProjection
+from infrastructure.store.tables import participants
 from tests.factories import consent, new_participant_id, screening
 from tests.integration.helpers import REGISTERED, dose, enrol, send
 
@@ -246,6 +248,42 @@ def test_every_fhir_resource_parses_as_r4_research_subject(isolated, deidentify)
     values = {s.identifier[0].value for s in subjects}
     assert (values == set(made)) != deidentify
     assert all(v.startswith("P-") for v in values) == deidentify
+
+
+def test_deidentified_exports_list_participants_by_pseudonym_without_allocation_order(
+        isolated, odm_schema):
+    """In the real ids' order (or the streams', derived from them) a de-identified export
+    would show each site's order of enrolment, and the allocation index the order of
+    randomization."""
+    made = _participant_in_each_status(isolated)
+    masker = exports.Deidentifier(isolated.settings.pseudonym_key)
+    pseudonyms = sorted(masker.pseudonym(pid) for pid in made)
+    assert pseudonyms != [masker.pseudonym(pid) for pid in sorted(made)]  # or no test
+
+    fhir = [json.loads(line)["identifier"][0]["value"]
+            for line in "".join(exports.document(isolated, "fhir", True)).splitlines()]
+    assert fhir == pseudonyms
+    plain, masked = _csv(isolated), _csv(isolated, deidentify=True)
+    listed = list(dict.fromkeys(row["participant_id"] for row in masked))
+    assert listed == sorted({masker.pseudonym(row["participant_id"]) for row in plain})
+    assert len(listed) > 2  # those with visits
+    by_pseudonym = sorted(plain, key=lambda row: masker.pseudonym(row["participant_id"]))
+    assert [row["visit"] for row in masked] == [row["visit"] for row in by_pseudonym]
+    with isolated.engine.connect() as connection:
+        query = select(participants.c.participant_id).order_by(participants.c.participant_id)
+        chunked = [row.participant_id for row in exports.by_participant(
+            connection, query, masker, chunk=2)]
+    assert [masker.pseudonym(pid) for pid in chunked] == pseudonyms
+
+    root = _export(isolated, deidentify=True)
+    assert odm_schema.validate(root), odm_schema.error_log
+    keys = [e.get("SubjectKey") for e in root.iterfind(
+        ".//odm:ClinicalData/odm:SubjectData[@TransactionType='Insert']", NS)]
+    assert keys == pseudonyms
+    assert root.find(".//odm:ItemData[@ItemOID='I.RANDOMIZATION.allocation_index']",
+                     NS) is None
+    assert _export(isolated).find(
+        ".//odm:ItemData[@ItemOID='I.RANDOMIZATION.allocation_index']", NS) is not None
 
 
 def test_fhir_statuses_and_arms_follow_the_participants_state(isolated):
