@@ -11,7 +11,7 @@ from domain.participant import participant_uuid
 from infrastructure.audit.history import history, participant_as_of
 from infrastructure.audit.verification import verify
 from infrastructure.store.bus import CommandBus
-from tests.integration.helpers import dose, enrol, send
+from tests.integration.helpers import REGISTERED, dose, enrol, send
 
 
 def events_table(t):
@@ -321,3 +321,34 @@ def test_a_digest_shown_outside_the_store_cannot_confirm_a_guess_of_contact_deta
         assert [e["digest"] for e in mine] == shown
         assert mine[0]["previousdigest"] == ""
         assert [e["previousdigest"] for e in mine[1:]] == shown[:-1]  # still chained
+
+
+def test_a_signatures_hash_of_the_signed_data_is_shown_keyed(isolated):
+    """A casebook's signature hashes the participant's data, the screening's contact
+    details included: shown plain, it would confirm a guess of them as a digest would."""
+    from domain.access import EVERY_SITE
+    from infrastructure.audit.feed import Feed, Reader
+    from infrastructure.store.stored import plain_stream
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED,
+                                         "bpi_sf": {"worst": 6, "least": 2, "average": 4,
+                                                    "now": 3}}))
+    send(isolated, c.WithdrawParticipant(pid, {"withdrawn_on": REGISTERED + timedelta(days=3),
+                                               "scope": "study", "reason_code": "moved"}))
+    send(isolated, c.SignCasebook(pid, {"meaning": "I approve this casebook",
+                                        "signer": "dr-okafor", "printed_name": "A. Okafor"}),
+         actor="dr-okafor")
+    stored = [content["data_sha256"] for _, topic, content in
+              plain_stream(isolated.service, participant_uuid(pid))
+              if topic.endswith("RecordSigned")]
+    assert len(stored) == 1 and len(stored[0]) == 64
+    signed = [e for e in history(isolated.service, pid, veil=isolated.veil_digest)
+              if e["type"] == "RecordSigned"]
+    assert [e["data"]["data_sha256"] for e in signed] == [isolated.veil_digest(stored[0])]
+    assert signed[0]["data"]["data_sha256"] != stored[0]
+    for contact in (False, True):
+        events, _ = Feed(isolated).page(0, 1000, Reader(EVERY_SITE, contact=contact))
+        hashes = [e["data"]["data"].get("data_sha256") for e in events
+                  if e["subject"] == pid and e["type"].endswith("RecordSigned")]
+        assert hashes == [isolated.veil_digest(stored[0])]
