@@ -28,13 +28,15 @@ RESTART_AFTER = 2.0  # seconds between a follower's end and its next start
 log = logging.getLogger("trialog.server")
 
 
-def _end_with_parent() -> None:
+def _end_with_parent(parent: int | None = None) -> None:
     """In a worker's or the follower's process before it runs: SIGTERM when the master
-    dies (Linux)."""
+    dies (Linux); given the master's pid, an end at once if it died before this call."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the master still stops them on its way out
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)  # nothing would stop this process
 
 
 # Held while the follower's process is started. Popen waits for the new process to exec on
@@ -69,7 +71,8 @@ class _Follower:
                 if self.stopping.is_set():
                     return
                 with _STARTING:
-                    self.process = subprocess.Popen(FOLLOWER, preexec_fn=_end_with_parent)  # noqa: PLW1509
+                    ends = functools.partial(_end_with_parent, os.getpid())
+                    self.process = subprocess.Popen(FOLLOWER, preexec_fn=ends)  # noqa: PLW1509
             code = self.process.wait()
             if not self.stopping.is_set():
                 log.error("the followers' process ended (exit code %s); starting it again",
@@ -102,10 +105,8 @@ def application() -> Any:
     # ends the worker at once instead.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    _end_with_parent()
     master = os.environ.get(MASTER_VARIABLE)
-    if master is not None and os.getppid() != int(master):
-        os._exit(0)  # the master died before the line above: nothing would stop this worker
+    _end_with_parent(int(master) if master is not None else None)
     configure_logging()  # the master's, again: a worker not forked would have none
     app = create_app(bootstrap(Settings.from_env()), follow=False)
     app.wsgi_app = _without_process_environment(app.wsgi_app)  # type: ignore[method-assign]

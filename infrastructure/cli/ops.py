@@ -194,6 +194,7 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
     # taken by this one with sigwait. A Python handler setting `stop` would run between two
     # of this thread's bytecodes, possibly while it holds the event's lock, and wait for
     # that lock for ever.
+    # The mask outlives exec: unblock these before starting any process from here.
     ends = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, ends)  # before the followers' threads start
     stop = threading.Event()
@@ -202,6 +203,7 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
         signal.sigwait(ends)
     finally:
         stop.set()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ends)  # a second one ends it at once
         for thread, _ in followers:
             thread.join(timeout=10)
         trialog.close()

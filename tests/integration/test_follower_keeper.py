@@ -67,6 +67,22 @@ def test_a_worker_whose_master_died_before_it_started_ends_at_once():
     assert "built" not in started.stdout
 
 
+def test_a_follower_whose_master_died_before_it_asked_for_the_signal_ends_at_once():
+    # the keeper starts the follower asking to end with the master whose pid it gives: a
+    # parent that is no longer that master died before the signal was asked for
+    import functools
+    import subprocess
+
+    not_the_parent = os.getpid() + 1_000_000
+    ends = functools.partial(server._end_with_parent, not_the_parent)
+    follower = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                preexec_fn=ends)  # noqa: PLW1509
+    try:
+        assert follower.wait(timeout=20) == 0
+    finally:
+        follower.kill()
+
+
 def test_a_request_environment_keeps_only_the_request_variables(monkeypatch):
     monkeypatch.setattr(os, "environ", {"TRIALOG_SOME_KEY": "secret",  # this test's own
                                          "HTTP_X_REQUEST_ID": "same", "CONTENT_TYPE": "text/plain"})

@@ -212,8 +212,8 @@ def test_a_follower_killed_mid_batch_resumes_to_the_same_tables(isolated, isolat
 
 
 # `trialog projections follow` in which a thread that waits on an event holds its lock for
-# a while, as the main thread may when the followers keep the GIL from it: a SIGTERM
-# arriving then must still end the process.
+# a while, as the main thread may when the followers keep the GIL from it: a SIGTERM or a
+# SIGINT arriving then must still end the process.
 _HELD_WAITS = """
 import sys, threading, time
 
@@ -234,7 +234,9 @@ sys.exit(main(["projections", "follow"]))
 
 
 @pytest.mark.parametrize("isolated_url", ["sqlite"], indirect=True)
-def test_a_follower_ends_on_sigterm_whatever_its_main_thread_holds(isolated, isolated_url):
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGINT])
+def test_a_follower_ends_on_a_signal_whatever_its_main_thread_holds(isolated, isolated_url,
+                                                                    ending):
     workload(isolated, participants_=5)
     projection = TrialProjection(isolated)
     env = {**os.environ, "TRIALOG_DATABASE_URL": isolated_url, **TEST_SECRETS}
@@ -244,7 +246,7 @@ def test_a_follower_ends_on_sigterm_whatever_its_main_thread_holds(isolated, iso
         while projection.position() < projection.head():
             assert time.monotonic() < deadline, "the follower did not catch up"
             time.sleep(0.05)
-        follower.send_signal(signal.SIGTERM)
+        follower.send_signal(ending)
         assert follower.wait(timeout=30) == 0
     finally:
         follower.kill()

@@ -13,15 +13,6 @@ HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "trialog_alembic_version"
 
 
-def render_feed_again() -> None:
-    """In a migration: the feed's follower renders the log again from its first event
-    (rm_feed must hold a prefix of the log, so it starts empty)."""
-    from alembic import op
-
-    op.execute("DELETE FROM rm_feed")
-    op.execute("DELETE FROM trialog_positions WHERE name = 'feed'")
-
-
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Creates or migrates the tables to ``revision``."""
     from alembic import command

@@ -7,8 +7,6 @@ Revises: 0016
 import sqlalchemy as sa
 from alembic import op
 
-from infrastructure.store.migrations import render_feed_again
-
 revision = "0017"
 down_revision = "0016"
 branch_labels = None
@@ -18,10 +16,17 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("rm_feed", sa.Column("entry", sa.Text, nullable=True))
     op.create_index("ix_rm_feed_subject", "rm_feed", ["subject", "position"])
-    render_feed_again()
+    _render_again()
+
+
+def _render_again() -> None:
+    """Every row gets its entry: the feed's follower renders the log again from its first
+    event (rm_feed must hold a prefix of the log, so it starts empty)."""
+    op.execute("DELETE FROM rm_feed")
+    op.execute("DELETE FROM trialog_positions WHERE name = 'feed'")
 
 
 def downgrade() -> None:
     op.drop_index("ix_rm_feed_subject", table_name="rm_feed")
     op.drop_column("rm_feed", "entry")
-    render_feed_again()
+    _render_again()
