@@ -71,19 +71,25 @@ class Deidentifier:
         return moment - offset if moment - earliest >= offset else earliest
 
 
+ID_CHUNK = 500  # participants a query, de-identified
+
+
 def by_participant(connection: Connection, query: Select[Any],
-                   masker: Deidentifier | None, chunk: int = 500) -> Iterator[Row[Any]]:
+                   masker: Deidentifier | None) -> Iterator[Row[Any]]:
     """The rows of ``query`` (of ``participants``, ordered by participant id, then as
     within a participant), streamed. De-identified, the participants come in the order of
-    their pseudonyms, ``chunk`` of them a query: the real ids' order would show each
-    site's order of enrolment."""
+    their pseudonyms, ID_CHUNK of them a query, all in one snapshot on PostgreSQL: the
+    real ids' order would show each site's order of enrolment."""
     if masker is None:
         yield from connection.execution_options(yield_per=1000).execute(query)
         return
-    ids = connection.execute(select(query.subquery().c.participant_id).distinct()).scalars()
+    if connection.dialect.name == "postgresql":  # before the first statement begins
+        connection.execution_options(isolation_level="REPEATABLE READ")
+    ids = connection.execute(query.with_only_columns(participants.c.participant_id)
+                             .order_by(None).distinct()).scalars()
     ordered = sorted(ids, key=masker.pseudonym)
-    for start in range(0, len(ordered), chunk):
-        some = ordered[start:start + chunk]
+    for start in range(0, len(ordered), ID_CHUNK):
+        some = ordered[start:start + ID_CHUNK]
         rank = {pid: n for n, pid in enumerate(some)}
         found = connection.execute(query.where(participants.c.participant_id.in_(some)))
         yield from sorted(found, key=lambda row: rank[row.participant_id])  # stable

@@ -603,27 +603,13 @@ class _Subject:
         return "\n".join(self.out + self.after)
 
 
-def clinical_data_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
-                      masker: Deidentifier | None, withheld: frozenset[str],
-                      gathered: Gathered, shown: list[str] | None = None,
-                      scope: Scope = EVERY_SITE) -> Iterator[str]:
-    """One SubjectData per participant of the scope's sites (de-identified, in the order
-    of their pseudonyms), from the events in version order, without the ``withheld``
-    items; collects the actors and signatures into ``gathered``."""
-    yield (f"<ClinicalData{_attr('StudyOID', t.protocol.study_id)}"
-           f"{_attr('MetaDataVersionOID', METADATA_VERSION)}>\n")
-    subjects = _subjects(t, items, masker, withheld, gathered, shown, scope)
-    if masker is None:
-        yield from (text for _, text in subjects)
-    else:  # by pseudonym: the streams' order follows the real ids
-        yield from _in_key_order(subjects)
-    yield "</ClinicalData>\n"
-
-
-def _subjects(t: Trialog, items: dict[str, list[tuple[str, str]]],
-              masker: Deidentifier | None, withheld: frozenset[str], gathered: Gathered,
-              shown: list[str] | None, scope: Scope) -> Iterator[tuple[str, str]]:
-    """Each participant's key (id or pseudonym) and SubjectData, in the streams' order."""
+def subjects_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
+                 masker: Deidentifier | None, withheld: frozenset[str], gathered: Gathered,
+                 shown: list[str] | None = None, scope: Scope = EVERY_SITE
+                 ) -> Iterator[tuple[str, str]]:
+    """Each participant of the scope's sites, in the streams' order: its key (id or
+    pseudonym) and its SubjectData, from the events in version order, without the
+    ``withheld`` items; collects the actors and signatures into ``gathered``."""
     leaves = {key: {path for path, _ in form} for key, form in items.items()}
     subject: _Subject | None = None
     stream = None
@@ -650,20 +636,6 @@ def _subjects(t: Trialog, items: dict[str, list[tuple[str, str]]],
         yield subject.key, subject.close()
 
 
-def _in_key_order(subjects: Iterator[tuple[str, str]]) -> Iterator[str]:
-    """The texts in the order of their keys: each written to a temporary file as it
-    comes, then read back in that order."""
-    index = []
-    with tempfile.TemporaryFile() as spool:
-        for key, text in subjects:
-            data = text.encode()
-            index.append((key, spool.tell(), len(data)))
-            spool.write(data)
-        for _, offset, size in sorted(index):
-            spool.seek(offset)
-            yield spool.read(size).decode()
-
-
 def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
                  created: datetime | None = None,
                  shown: list[str] | None = None,
@@ -676,9 +648,15 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
                 else frozenset() if contact else frozenset(CONTACT_ITEMS))
     items = form_items(t.protocol)
     gathered = Gathered()
-    with tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8") as body:
-        for chunk in clinical_data_xml(t, items, masker, withheld, gathered, shown, scope):
-            body.write(chunk)
+    # The subjects are written first (the AdminData before them lists the users and
+    # signatures they gather), each at its place in the file, then read back in the
+    # streams' order or, de-identified, the pseudonyms' (the streams' follows the real ids).
+    with tempfile.SpooledTemporaryFile(max_size=4 << 20) as body:
+        places = []
+        for key, text in subjects_xml(t, items, masker, withheld, gathered, shown, scope):
+            data = text.encode()
+            places.append((key, body.tell(), len(data)))
+            body.write(data)
         yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
                f'<ODM xmlns="{ODM_NAMESPACE}" ODMVersion="1.3.2" FileType="Transactional"'
                f"{_attr('FileOID', f'Trialog.{uuid.uuid4()}')}"
@@ -686,7 +664,9 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
                ' Originator="Trialog" SourceSystem="Trialog">\n')
         yield metadata_xml(t.protocol, items)
         yield admin_xml(t.protocol, gathered, created.date())
-        body.seek(0)
-        while chunk := body.read(1 << 16):
-            yield chunk
-    yield "</ODM>\n"
+        yield (f"<ClinicalData{_attr('StudyOID', t.protocol.study_id)}"
+               f"{_attr('MetaDataVersionOID', METADATA_VERSION)}>\n")
+        for _, offset, size in sorted(places) if masker else places:
+            body.seek(offset)
+            yield body.read(size).decode()
+    yield "</ClinicalData>\n</ODM>\n"
