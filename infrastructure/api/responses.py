@@ -120,7 +120,9 @@ class HistoryEvent(Schema):
     version = fields.Integer(required=True)
     recorded_at = fields.String(required=True)
     actor = fields.String(required=True)
-    command_id = fields.String(required=True)
+    command_id = fields.String(required=True, metadata={
+        "description": "the command's id; \"[redacted]\" for a reader without contact rights "
+                       "when the event holds contact details"})
     reason = _nullable_string()
     data = fields.Dict(required=True)
     digest = fields.String(required=True, metadata={

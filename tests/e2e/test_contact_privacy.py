@@ -28,6 +28,10 @@ WITH_CONTACT = {"coordinator", "investigator", "admin"}
 class Site:
     def __init__(self, folder: Path, url: str, clients: dict[str, Client]) -> None:
         self.folder, self.database, self.clients = folder, url, clients
+        # The ids of the participant's commands: those that carried the marker (the
+        # screening, the reminder's), which only roles with contact rights may see, and
+        # the consent's, which every role sees.
+        self.command_ids: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +56,6 @@ def site(tmp_path_factory) -> Iterator[Site]:
         process.wait(timeout=10)
 
 
-# The ids of the commands that carried the marker (the screening, the reminder's), which
-# only roles with contact rights may see; and the consent's, which every role sees.
-COMMAND_IDS: dict[str, str] = {}
-
-
 @pytest.fixture(scope="module")
 def participant(site) -> str:
     """A participant whose address is the marker, sent one reminder."""
@@ -79,14 +78,18 @@ def participant(site) -> str:
     finally:
         trialog.close()
     coordinator.get(f"/v1/participants/{pid}", after=sent.body["position"])
-    COMMAND_IDS.update(screening=screened.json()["command_id"], reminder=sent.body["command_id"],
-                       consent=consented.json()["command_id"])
+    site.command_ids.update(screening=screened.json()["command_id"],
+                            reminder=sent.body["command_id"],
+                            consent=consented.json()["command_id"])
     return pid
 
 
 def reads(pid: str) -> list[str]:
     return [f"/v1/participants/{pid}", f"/v1/participants/{pid}/history",
+            f"/v1/participants/{pid}/history?version=4",
+            f"/v1/participants/{pid}/history?as_of=2999-01-01T00:00:00Z",
             f"/v1/participants/{pid}?version=1", "/v1/participants", "/v1/deviations",
+            "/v1/queries",
             "/v1/visits/due?within_days=365", "/v1/trial/summary", "/v1/exports/odm",
             "/v1/exports/csv", "/v1/exports/fhir", "/v1/exports/odm?deidentify=true",
             "/v1/audit/verify", "/v1/feed?after=0&limit=1000"]
@@ -113,14 +116,14 @@ def test_without_contact_rights_no_read_holds_the_id_of_a_command_that_carried_t
     again with guessed contact details and learn from the answer whether they were right
     (the first answer, or 409 for another body)."""
     client = site.clients[role]
-    hidden = (COMMAND_IDS["screening"], COMMAND_IDS["reminder"])
+    hidden = (site.command_ids["screening"], site.command_ids["reminder"])
     for path in reads(participant):
         answer = client.get(path)
         assert not [i for i in hidden if i in answer.text], (role, path)
     history = client.get(f"/v1/participants/{participant}/history").json()["events"]
     shown = {e["type"]: e["command_id"] for e in history}
     assert shown["ParticipantScreened"] == shown["ReminderSent"] == "[redacted]"
-    assert shown["ConsentRecorded"] == COMMAND_IDS["consent"]
+    assert shown["ConsentRecorded"] == site.command_ids["consent"]
 
 
 @pytest.mark.parametrize("role", sorted(WITH_CONTACT))
@@ -130,7 +133,7 @@ def test_roles_with_contact_rights_see_the_address_and_the_recipients(site, part
     history = client.get(f"/v1/participants/{participant}/history").json()["events"]
     reminder = next(e for e in history if e["type"] == "ReminderSent")
     assert MARKER in reminder["data"]["recipients"]
-    assert reminder["command_id"] == COMMAND_IDS["reminder"]
+    assert reminder["command_id"] == site.command_ids["reminder"]
 
 
 def test_the_log_and_the_database_file_never_hold_the_address(site, participant):

@@ -5,7 +5,7 @@ ids, so the feed's follower renders the log again.
 Revision ID: 0019
 Revises: 0018
 """
-from infrastructure.store.migrations import render_feed_again
+from alembic import op
 
 revision = "0019"
 down_revision = "0018"
@@ -14,8 +14,14 @@ depends_on = None
 
 
 def upgrade() -> None:
-    render_feed_again()
+    _render_again()
+
+
+def _render_again() -> None:
+    """rm_feed must hold a prefix of the log, so it starts empty, from the first event."""
+    op.execute("DELETE FROM rm_feed")
+    op.execute("DELETE FROM trialog_positions WHERE name = 'feed'")
 
 
 def downgrade() -> None:
-    render_feed_again()
+    _render_again()
