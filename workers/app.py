@@ -8,6 +8,7 @@ after ``visibility_timeout``, which is longer than any task or retry countdown h
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -24,6 +25,24 @@ REMINDER_SCAN_EVERY = 60.0  # s
 DEVIATION_FOLLOW_EVERY = 2.0  # s
 DEVIATION_SCAN_EVERY = 3600.0  # s
 WEBHOOK_DISPATCH_EVERY = 2.0  # s
+# The tasks beat sends every two seconds: Celery's INFO lines about them (sent, received,
+# succeeded) are left out, but for a success that did something (not 0).
+FREQUENT = frozenset({"workers.tasks.follow_deviations", "workers.tasks.dispatch_webhooks"})
+
+
+class _QuietTicks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        data = getattr(record, "data", None)  # a worker's received and succeeded lines
+        if isinstance(data, dict):
+            return data.get("name") not in FREQUENT or data.get("return_value", "0") != "0"
+        args = record.args  # beat's "Sending due task %s (%s)"
+        return not (isinstance(args, tuple) and len(args) == 2 and args[1] in FREQUENT)
+
+
+for _name in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):
+    logging.getLogger(_name).addFilter(_QuietTicks())
 
 
 def beat_schedule_file() -> str:

@@ -185,6 +185,40 @@ def test_the_deviation_monitor_flags_events_as_they_arrive(stack):
     assert len(stack.trialog.service.get_participant(pid).deviations) == 1
 
 
+def test_the_two_second_tasks_are_logged_only_when_they_did_something(caplog):
+    """Beat sends follow_deviations and dispatch_webhooks every two seconds: Celery's INFO
+    lines about them (beat's sending; a worker's receipt and success, four lines every two
+    seconds) would bury the others. Logged as Celery logs them (the suite's workers log
+    errors only)."""
+    import logging
+
+    from celery.app.trace import LOG_RECEIVED, LOG_SUCCESS
+
+    caplog.set_level(logging.INFO)
+    for task in ("follow_deviations", "dispatch_webhooks", "scan_deviations"):
+        name, entry = f"workers.tasks.{task}", task.replace("_", "-")
+        logging.getLogger("celery.beat").info("Scheduler: Sending due task %s (%s)",
+                                              entry, name)
+        for found in ("0", "3"):
+            received = {"id": str(uuid.uuid4()), "name": name, "args": "()", "kwargs": "{}",
+                        "eta": None}
+            succeeded = {**received, "return_value": found, "runtime": 0.01}
+            for logger, line, context in (("celery.worker.strategy", LOG_RECEIVED, received),
+                                          ("celery.app.trace", LOG_SUCCESS, succeeded)):
+                logging.getLogger(logger).info(line, context, extra={"data": context})
+    logged = [(r.name, r.getMessage().split(":")[0].split("[")[0], r.getMessage()[-1])
+              for r in caplog.records if r.name.startswith("celery")]
+    assert logged == [
+        ("celery.app.trace", "Task workers.tasks.follow_deviations", "3"),  # did something
+        ("celery.app.trace", "Task workers.tasks.dispatch_webhooks", "3"),
+        ("celery.beat", "Scheduler", ")"),  # every other task as before
+        ("celery.worker.strategy", "Task workers.tasks.scan_deviations", "d"),
+        ("celery.app.trace", "Task workers.tasks.scan_deviations", "0"),
+        ("celery.worker.strategy", "Task workers.tasks.scan_deviations", "d"),
+        ("celery.app.trace", "Task workers.tasks.scan_deviations", "3")]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name.startswith("celery"))
+
+
 def test_the_clock_scan_records_missed_visits_and_flags_them(stack):
     pid = stack.enrol()
     stack.send(c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED}))
