@@ -22,7 +22,8 @@ class Sink:
     envelopes: list[tuple[str, list[str]]] = field(default_factory=list)  # (from, to)
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
     defer: set[str] = field(default_factory=set)  # addresses answered 451
-    delay: float = 0.0  # seconds to hold each DATA before answering (once)
+    hold: bool = False  # the next DATA is left unanswered until release() (or a minute)
+    released: threading.Event = field(default_factory=threading.Event)
     received: threading.Event = field(default_factory=threading.Event)
     port: int = 0
 
@@ -45,10 +46,16 @@ class Sink:
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.messages.append(email.message_from_bytes(envelope.content))
         self.received.set()
-        if self.delay:
-            delay, self.delay = self.delay, 0.0
-            await asyncio.sleep(delay)
+        if self.hold:
+            self.hold = False
+            deadline = time.monotonic() + 60
+            while not self.released.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         return "250 Message accepted"
+
+    def release(self) -> None:
+        """Answers the held DATA."""
+        self.released.set()
 
     def wait_for(self, count: int, timeout: float = 30) -> list[Message]:
         deadline = time.monotonic() + timeout

@@ -92,7 +92,7 @@ def log_lines() -> Iterator[list[str]]:
 def test_nothing_is_held_in_the_database_while_smtp_talks(stack):
     stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    stack.sink.delay = 5.0  # the server holds its answer to DATA
+    stack.sink.hold = True  # the server holds its answer to DATA
     stack.task("send_reminder").delay(reminder_id)
     assert stack.sink.received.wait(30)
 
@@ -104,6 +104,7 @@ def test_nothing_is_held_in_the_database_while_smtp_talks(stack):
         locked = connection.execute(select(outbox.c.reminder_id).where(
             outbox.c.reminder_id == reminder_id).with_for_update(nowait=True)).scalar_one()
     assert in_transaction == 0 and locked == reminder_id
+    stack.sink.release()
     wait_until(lambda: status(stack, reminder_id) == "sent")
 
 
@@ -122,13 +123,14 @@ def once_free(send: Any, timeout: float = 30) -> str:
 def test_a_second_sender_of_the_same_reminder_neither_waits_nor_sends(stack):
     stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    stack.sink.delay = 3.0
+    stack.sink.hold = True
     stack.task("send_reminder").delay(reminder_id)
     assert stack.sink.received.wait(30)  # the worker is mid-send
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
 
     with pytest.raises(reminders.ReminderBusy):
         reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS)
+    stack.sink.release()
     wait_until(lambda: status(stack, reminder_id) == "sent")
     assert once_free(lambda: reminders.send(stack.trialog, mailer, reminder_id,
                                             WINDOW_OPENS)) == "done"
@@ -478,14 +480,17 @@ def test_a_withdrawal_committed_while_a_chunk_is_mailed_holds_for_the_rows_after
     ids = scan_without_sending(stack, WINDOW_OPENS)
     order = {outbox_row(stack, r).participant_id: r for r in ids}
     monkeypatch.setattr(reminders, "FRESH_FOR", 0.0)  # read again after every row
-    stack.sink.delay = 2.0  # the server holds its answer to the first message
+    stack.sink.hold = True  # the server holds its answer to the first message
 
     def withdraw_while_the_first_is_mailed() -> None:
-        assert stack.sink.received.wait(30)
-        stack.trialog.bus.dispatch(
-            c.WithdrawParticipant(second, {"withdrawn_on": WINDOW_OPENS, "scope": "study",
-                                           "reason_code": "moved"}),
-            command_id=str(uuid.uuid4()), actor="coordinator")
+        try:
+            assert stack.sink.received.wait(30)
+            stack.trialog.bus.dispatch(
+                c.WithdrawParticipant(second, {"withdrawn_on": WINDOW_OPENS,
+                                               "scope": "study", "reason_code": "moved"}),
+                command_id=str(uuid.uuid4()), actor="coordinator")
+        finally:
+            stack.sink.release()
 
     withdrawing = threading.Thread(target=withdraw_while_the_first_is_mailed)
     withdrawing.start()

@@ -63,13 +63,14 @@ def test_a_worker_killed_mid_send_still_records_exactly_one_reminder(tmp_path):
         app.conf.task_default_queue = queue
         try:
             pid = enrol_due_today(t)
-            sink.delay = 10.0  # hold the first delivery open
+            sink.hold = True  # the first delivery is held open
             (_reminder_id,) = reminders.scan(
                 t, datetime.now(UTC).date(),
                 enqueue=app.tasks["workers.tasks.send_reminder"].delay)
             assert sink.received.wait(60), "the worker did not start sending"
             (child,) = children(worker.pid)
             os.kill(child, signal.SIGKILL)  # mid-send: the SMTP DATA is not answered yet
+            sink.release()
 
             wait_until(lambda: t.service.get_participant(pid).reminders != [], timeout=60)
             time.sleep(1.5)
@@ -107,7 +108,7 @@ def test_with_redis_down_commands_succeed_and_reminders_go_out_after_it_returns(
                                 TRIALOG_REDIS_URL=f"redis://127.0.0.1:{port}/0")
         t = bootstrap(settings, migrate=True)
         app = make_app(settings)
-        app.conf.broker_transport_options = {"max_retries": 1}
+        app.conf.broker_transport_options = {"max_retries": 1, "polling_interval": 0.1}
         app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0}
         workers.app._trialog[id(app)] = t
         try:

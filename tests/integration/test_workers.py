@@ -76,6 +76,12 @@ class Stack:
         return list(self.trialog.service.get_participant(pid).reminders)
 
 
+def quick_to_stop(app: Celery) -> dict[str, Any]:
+    """The app's broker options with Redis asked for a task every 0.1 s rather than every
+    second: a stopping worker waits for its pending ask to end, 0.7 s a test otherwise."""
+    return {**app.conf.broker_transport_options, "polling_interval": 0.1}
+
+
 @pytest.fixture
 def stack() -> Iterator[Stack]:
     with fresh_postgres_database("trialog_workers") as name, smtp_sink() as sink:
@@ -84,6 +90,7 @@ def stack() -> Iterator[Stack]:
         trialog = bootstrap(settings, migrate=True, clock=clock)
         app = make_app(settings)
         app.conf.task_default_queue = f"trialog-test-{uuid.uuid4().hex[:8]}"
+        app.conf.broker_transport_options = quick_to_stop(app)
         app.set_current()
         workers.app._trialog[id(app)] = trialog
         try:
