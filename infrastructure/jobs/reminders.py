@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import logging
 import re
 import smtplib
@@ -51,7 +52,7 @@ from infrastructure.store import locks
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.outages import is_unavailable
-from infrastructure.store.stored import load_participants
+from infrastructure.store.stored import decrypt, encrypt, load_participants
 from infrastructure.store.tables import outbox, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
@@ -402,11 +403,9 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
         _mark(connection, row, "failed", error=error)
         log.warning("reminder failed", extra={"reminder_id": row.reminder_id, "error": error})
         return "failed", None, None
+    if row.status == "mailed":  # the server took it: at most ReminderSent is missing
+        return _mailed(t, connection, row, participant)
     if row.kind == query_notices.RAISED:
-        if row.status == "mailed":  # the server took it: only ReminderSent is missing
-            # The coordinator (as the protocol names them now), whatever has become
-            # of the query since.
-            return "sent", query_notices.raised_recipients(t, participant), participant
         email = query_notices.raised_email(t, participant, row.query_id)
         if f"{row.query_id}/{row.kind}" in participant.reminders:
             _mark(connection, row, "sent")
@@ -415,8 +414,6 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
             _mark(connection, row, "cancelled")
             return "cancelled", None, None
     else:
-        if row.status == "mailed":
-            return "sent", recipients(t, participant), participant
         outcome = _check(t, row, participant, today)
         if outcome != "due":
             _mark(connection, row, "sent" if outcome == "recorded_before" else outcome)
@@ -426,6 +423,32 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
     if outcome != "sent":
         return outcome, None, None
     return outcome, email.to, participant
+
+
+def _mailed(t: Trialog, connection: Connection, row: Any, participant: Participant
+            ) -> tuple[str, tuple[str, ...] | None, Participant | None]:
+    """A row the SMTP server took: its ReminderSent, to the addresses the email went to,
+    is still to record, unless an attempt recorded it and its row's mark was lost (then
+    recording it again, to addresses changed since, would be refused as another command
+    under the same id, on every attempt)."""
+    if f"{row.query_id or row.visit}/{row.kind}" in participant.reminders:
+        _mark(connection, row, "sent")
+        return "recorded_before", None, None
+    if row.mailed_to is not None:
+        return "sent", _opened(t, row.mailed_to), participant
+    # Mailed before the rows kept their addresses: the addresses as they are now.
+    if row.kind == query_notices.RAISED:
+        return "sent", query_notices.raised_recipients(t, participant), participant
+    return "sent", recipients(t, participant), participant
+
+
+def _sealed(t: Trialog, to: tuple[str, ...]) -> bytes:
+    """The addresses as the outbox keeps them: sealed as the events' states are."""
+    return encrypt(t.service.mapper, json.dumps(list(to)).encode())
+
+
+def _opened(t: Trialog, sealed: bytes) -> tuple[str, ...]:
+    return tuple(json.loads(decrypt(t.service.mapper, sealed)))
 
 
 def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -> str:
@@ -467,7 +490,8 @@ def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: E
         _mark(connection, row, "pending", attempted=True, error=str(e))
         raise
     note = "recipients refused: " + "; ".join(refused) if refused else None
-    _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC))
+    _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC),
+          mailed_to=_sealed(t, email.to) if row.kind != query_notices.DIGEST else None)
     if note:
         log.warning("reminder sent; some recipients refused",
                     extra={"reminder_id": row.reminder_id, "error": note})
@@ -491,13 +515,16 @@ def _reminder_sent(t: Trialog, row: Any, to: tuple[str, ...]) -> Intent:
 
 
 def _mark(connection: Connection, row: Any, status: str, *, attempted: bool = False,
-          error: str | None = None, sent_at: datetime | None = None) -> None:
+          error: str | None = None, sent_at: datetime | None = None,
+          mailed_to: bytes | None = None) -> None:
     """The row's new status, committed at once (the connection commits each statement)."""
     values: dict[str, Any] = {"reminder": row.reminder_id, "status": status}
     if error:
         values["last_error"] = error[:2000]
     if sent_at:
         values["sent_at"] = sent_at
+    if mailed_to is not None:
+        values["mailed_to"] = mailed_to
     connection.execute(_marking(attempted, frozenset(values)), values)
 
 

@@ -181,6 +181,73 @@ def test_a_reminder_mailed_but_not_recorded_is_recorded_without_emailing_again(s
     assert stack.sink.messages == []
 
 
+def correct_email(stack: Stack, pid: str, address: str) -> None:
+    participant = stack.trialog.service.get_participant(pid)
+    stack.trialog.bus.dispatch(
+        c.CorrectData(pid, {"event_id": participant.screening_event, "field": "email",
+                            "value": address}),
+        command_id=str(uuid.uuid4()), actor="coordinator", reason="the participant moved")
+
+
+def recorded_recipients(stack: Stack, pid: str) -> list[list[str]]:
+    participant = stack.trialog.service.get_participant(pid)
+    return [list(e.recipients) for e in stack.trialog.service.events.get(participant.id)
+            if type(e).__name__ == "ReminderSent"]
+
+
+def send_one(stack: Stack, reminder_id: str, how: str) -> str:
+    """``reminders.send``, or a chunk of that one row."""
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    try:
+        if how == "alone":
+            return reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS)
+        return reminders.send_chunk(stack.trialog, mailer, [reminder_id],
+                                    WINDOW_OPENS)[reminder_id]
+    finally:
+        mailer.close()
+
+
+@pytest.mark.parametrize("how", ["alone", "chunk"])
+def test_a_recorded_reminder_whose_sent_mark_was_lost_is_marked_sent_after_an_address_changed(
+        stack, how):
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    assert send_one(stack, reminder_id, how) == "sent"
+    with stack.trialog.engine.begin() as connection:  # the sent mark lost in a crash (it
+        connection.execute(update(outbox).where(  # commits without waiting for the disk)
+            outbox.c.reminder_id == reminder_id).values(status="mailed"))
+    correct_email(stack, pid, "moved@example.org")
+
+    assert send_one(stack, reminder_id, how) == "recorded_before"
+    assert status(stack, reminder_id) == "sent"
+    assert recorded_recipients(stack, pid) == [list(addresses(stack, pid))]
+    assert len(stack.sink.messages) == 1
+
+
+@pytest.mark.parametrize("how", ["alone", "chunk"])
+def test_a_reminder_mailed_then_readdressed_is_recorded_to_the_addresses_it_went_to(
+        stack, how, monkeypatch):
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+
+    def database_gone(*args: Any, **kwargs: Any) -> Any:
+        raise sqlalchemy.exc.OperationalError("INSERT", {}, Exception("the server went away"))
+
+    with monkeypatch.context() as patched:  # mailed, then the database lost before the event
+        patched.setattr(stack.trialog.bus, "dispatch", database_gone)
+        patched.setattr(stack.trialog.bus, "dispatch_all", database_gone)
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            send_one(stack, reminder_id, how)
+    assert status(stack, reminder_id) == "mailed"
+    correct_email(stack, pid, "moved@example.org")
+
+    assert send_one(stack, reminder_id, how) == "sent"
+    assert recorded_recipients(stack, pid) == [list(addresses(stack, pid))]
+    assert len(stack.sink.messages) == 1
+    kept = outbox_row(stack, reminder_id).mailed_to
+    assert kept is not None and b"example.org" not in kept  # sealed as the events are
+
+
 # --- addresses that cannot be sent to ------------------------------------------------------
 
 def test_an_address_with_a_line_break_is_marked_failed_and_nothing_is_sent(stack):
