@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from flask import Response, g, jsonify, request
@@ -13,6 +14,7 @@ from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
 from domain.protocol import Protocol
 from infrastructure.api.errors import (
+    INTERNAL_ERROR,
     ApiError,
     error_response,
     forbidden,
@@ -28,6 +30,7 @@ from infrastructure.api.schemas import (
     TrialAnswer,
     TrialCommand,
 )
+from infrastructure.logs import mask_emails_in
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
 from infrastructure.store.schemas import flatten
@@ -171,8 +174,9 @@ def post_command() -> Response:
 @blp.alt_response(422, schema=ErrorBody, description=ERRORS[422])
 def post_batch() -> Response:
     """Issue commands in order, in one transaction: each is decided on what those before
-    it decided, a refused command is answered alone and the others are written together.
-    If the database fails, nothing of the batch is written (503: send it again)."""
+    it decided, a refused or failed command is answered alone and the others are written
+    together. If the database fails, nothing of the batch is written (503: send it
+    again)."""
     from infrastructure.api import runtime
 
     raw = _json_body()
@@ -189,8 +193,7 @@ def post_batch() -> Response:
         except ApiError as e:
             results.append({"status": e.status, "body": e.body})
     try:  # a failure that is no command's refusal writes nothing of the batch
-        outcomes = runtime().trialog.bus.dispatch_all([intent for _, intent in intents],
-                                                      alone=False)
+        outcomes = runtime().trialog.bus.dispatch_all([intent for _, intent in intents])
     except DomainError as e:  # the database locked again and again meanwhile
         raise from_domain(e) from None
     for (index, intent), outcome in zip(intents, outcomes, strict=True):
@@ -199,8 +202,13 @@ def post_batch() -> Response:
         elif isinstance(outcome, DomainError):
             error = from_domain(outcome)
             status, body = error.status, error.body
-        else:
-            raise outcome
+        else:  # the server's fault, this command's alone: nothing of it was written
+            log.error("command failed", extra={
+                "command_id": intent.command_id,
+                "participant_id": intent.command.participant_id,
+                "type": intent.command.type_name(), "actor": intent.actor,
+                "error": mask_emails_in("".join(traceback.format_exception(outcome)))})
+            status, body = 500, dict(INTERNAL_ERROR)
         results[index] = {"status": status, "body": body}
     g.command_id = None
     return jsonify({"results": results})

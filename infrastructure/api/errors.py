@@ -60,11 +60,13 @@ UNAVAILABLE = {"error": "database_unavailable",
                           "(a command may be sent again with the same command_id)"}
 
 
+INTERNAL_ERROR = {"error": "internal_error", "message": "the server failed; the error is logged"}
+
+
 def database_error(e: Exception) -> Response:
     """A database that can't be reached (restarting, failing over) is a 503 the client
     retries, never a 500; any other database error is the server's fault (500, logged)."""
     if is_unavailable(e):
         return error_response(503, dict(UNAVAILABLE))
     log.exception("database error")
-    return error_response(500, {"error": "internal_error",
-                                "message": "the server failed; the error is logged"})
+    return error_response(500, dict(INTERNAL_ERROR))

@@ -28,6 +28,7 @@ from marshmallow import ValidationError
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
 from domain.protocol import Protocol
+from infrastructure.logs import mask_emails_in
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
@@ -106,18 +107,26 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
                 report.refused.append((number, intent))
             else:
                 intents.append((number, intent))
-        outcomes = t.bus.dispatch_all([intent for _, intent in intents], alone=False)
+        outcomes = t.bus.dispatch_all([intent for _, intent in intents])
         for (number, _), outcome in zip(intents, outcomes, strict=True):
             if isinstance(outcome, DomainError):
                 report.refused.append((number, f"{outcome.code}: {outcome.message}"))
-            elif not isinstance(outcome, Accepted):
-                raise outcome
+            elif not isinstance(outcome, Accepted):  # a fault of this line's alone
+                report.refused.append((number, _failure(outcome)))
             elif outcome.replayed:
                 report.repeated += 1
             else:
                 report.accepted += 1
     report.refused.sort()
     return report
+
+
+def _failure(error: Exception) -> str:
+    """A command that failed otherwise than by a rule (a fault of the program), in one
+    line, its addresses masked; nothing of it was written."""
+    text = str(error).strip().splitlines()
+    return mask_emails_in(f"internal_error: {type(error).__name__}: "
+                          f"{text[0] if text else ''}").rstrip()
 
 
 def jobs_refusal(settings: Settings, protocol: Protocol, jobs: int) -> str | None:

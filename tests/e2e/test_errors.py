@@ -141,3 +141,39 @@ def test_control_characters_are_refused_in_queries_and_commands(server):
     answer = service.command("ReportMedication", pid, medication)
     assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.drug"])
     assert history_length(service, pid) == 3
+
+
+def test_a_batch_command_that_fails_by_a_fault_is_answered_500_alone(isolated_url, monkeypatch):
+    """A command of a batch that fails otherwise than by a rule (a fault of the server) is
+    answered 500 in its place, nothing of it written; the commands around it are written
+    (the contract: a failed command does not stop the ones after it)."""
+    from domain.service import TrialService
+    from tests.e2e.test_consistency import _in_process
+
+    faulty, sound = p.participant_id(), p.participant_id()
+    consent = TrialService.record_consent
+
+    def fails_for_one(self, participant, cmd, audit):
+        decided = consent(self, participant, cmd, audit)  # its event made, then the fault
+        if participant.participant_id == faulty:
+            raise RuntimeError("a fault in the program")
+        return decided
+
+    monkeypatch.setattr(TrialService, "record_consent", fails_for_one)
+    with _in_process(isolated_url) as (trialog, app, headers):
+        def command(kind, pid, data):
+            return {"command_id": str(uuid.uuid4()), "type": kind, "participant_id": pid,
+                    "data": data}
+
+        batch = [command("ScreenParticipant", faulty, p.screening()),
+                 command("ScreenParticipant", sound, p.screening()),
+                 command("RecordConsent", faulty, p.CONSENT),
+                 command("RecordConsent", sound, p.CONSENT)]
+        answer = app.test_client().post("/v1/commands/batch", json={"commands": batch},
+                                        headers=headers)
+        assert answer.status_code == 200, answer.text
+        results = answer.json["results"]
+        assert [r["status"] for r in results] == [201, 201, 500, 201]
+        assert results[2]["body"]["error"] == "internal_error"
+        assert trialog.service.get_participant(faulty).version == 1  # screened only
+        assert trialog.service.get_participant(sound).version == 2

@@ -136,3 +136,35 @@ def test_a_database_that_fails_stops_the_import_saying_why(tmp_path, jobs):
     assert f'database "{name}" does not exist' in failed.stderr  # the driver's reason
     assert "run the import again" in failed.stderr
     assert len(failed.stderr.splitlines()) == 1
+
+
+def test_a_line_that_fails_by_a_fault_is_reported_alone_and_the_rest_written(
+        isolated, monkeypatch):
+    """A command that fails otherwise than by a rule (a fault of the program) is reported
+    on its line, in one line with its addresses masked, nothing of it written; the lines
+    around it in the same transaction are written."""
+    from domain import commands as c
+    from infrastructure.cli.imports import run
+
+    faulty, sound = p.participant_id(), p.participant_id()
+    consent = isolated.service.record_consent
+
+    def fails_for_one(participant, cmd, audit):
+        decided = consent(participant, cmd, audit)  # its event made, then the fault
+        if participant.participant_id == faulty:
+            raise RuntimeError(f"a fault while writing to {faulty.lower()}@example.org\n"
+                               "and the rest of its text")
+        return decided
+
+    monkeypatch.setitem(isolated.service._handlers, c.RecordConsent, fails_for_one)
+    lines = [_line("ScreenParticipant", faulty, p.screening()),
+             _line("ScreenParticipant", sound, p.screening()),
+             _line("RecordConsent", faulty, p.CONSENT),
+             _line("RecordConsent", sound, p.CONSENT)]
+    report = run(isolated, [line.encode() for line in lines], "import")
+
+    assert (report.accepted, report.failed) == (3, None)
+    masked = "internal_error: RuntimeError: a fault while writing to c***@example.org"
+    assert report.refused == [(3, masked)]
+    assert isolated.service.get_participant(faulty).version == 1  # screened only
+    assert isolated.service.get_participant(sound).version == 2
