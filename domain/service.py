@@ -16,6 +16,7 @@ from domain import commands as c
 from domain.access import EVERY_SITE, Scope
 from domain.commands import Audit, Command
 from domain.errors import (
+    DomainError,
     ParticipantIdUnavailable,
     ParticipantNotFound,
     SiteNotAllowed,
@@ -334,6 +335,24 @@ class TrialService(Application[Any]):
         return replace(answer, position=max(positions) if positions else None)
 
 
+class _Handed(dict[UUID, Any]):
+    """The aggregates decided together, noting each one handed to the command being
+    decided: a fault in an event's apply leaves an aggregate changed with no event
+    pending, so only what was handed out says which to put back."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.handed: set[UUID] = set()
+
+    def __getitem__(self, key: UUID) -> Any:
+        self.handed.add(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: UUID, value: Any) -> None:
+        self.handed.add(key)
+        super().__setitem__(key, value)
+
+
 class Together:
     """Commands decided one after another on the same aggregates in memory, then saved in
     one go: each command sees what those before it decided, as if they had been saved
@@ -345,7 +364,7 @@ class Together:
     def __init__(self, service: TrialService, loaded: Iterable[Participant] = (),
                  absent: Iterable[UUID] = ()) -> None:
         self.service = service
-        self.aggregates: dict[UUID, Any] = dict.fromkeys(absent)
+        self.aggregates = _Handed(dict.fromkeys(absent))
         self.aggregates.update({p.id: p for p in loaded})
         self.decided: dict[UUID, list[Any]] = {}  # each aggregate's events, in order
         self.events: list[Any] = []  # every aggregate's, in the order decided
@@ -362,12 +381,16 @@ class Together:
                scope: Scope = EVERY_SITE) -> tuple[Outcome, list[Any]]:
         """The command's answer but for its position, and the participant's new events
         (their positions, once saved, give it)."""
+        self.aggregates.handed.clear()
         try:
             decision = self.service.decide(command, audit, expected_version, scope)
-        except BaseException:
+            answer = self.service.answer(decision)
+        except DomainError:  # a rule refuses before an event is applied
             self._put_back()
             raise
-        answer = self.service.answer(decision)
+        except BaseException:  # a fault, maybe half way through an event's apply
+            self._put_back(also=self.aggregates.handed)
+            raise
         participant, *others = decision
         mine: list[Any] = []
         for aggregate in (*others, participant):  # the participant's last, as record saves
@@ -379,11 +402,12 @@ class Together:
                 mine = list(new)
         return answer, mine
 
-    def _put_back(self) -> None:
-        """Each aggregate a refused command changed, as the store and the commands before
-        it left it."""
+    def _put_back(self, also: Iterable[UUID] = ()) -> None:
+        """Each aggregate a refused command changed (and those ``also`` named), as the
+        store and the commands before it left it."""
+        also = set(also)
         for key, aggregate in list(self.aggregates.items()):
-            if aggregate is not None and aggregate.pending_events:
+            if aggregate is not None and (aggregate.pending_events or key in also):
                 try:
                     stored: Any = self.service.repository.get(key)
                 except AggregateNotFoundError:

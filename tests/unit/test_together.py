@@ -71,3 +71,35 @@ def test_a_stale_loaded_participant_conflicts_and_a_new_together_reads_the_store
         answer, _ = together.decide(c.RecordConsent(pid, consent()), audit())
         together.save()
     assert answer.version == 3 and service.get_participant(pid).version == 3
+
+
+def test_a_fault_inside_an_events_apply_leaves_the_next_commands_the_state_before_it(
+        service, monkeypatch):
+    """An event's apply that fails half way has changed the participant before the event
+    is pending: the participant is still put back, so a randomization after the failed
+    consent is refused as it would be without it, and nothing of the consent is saved."""
+    from datetime import date
+
+    from domain.participant import Participant
+
+    pid = new_participant_id()
+    with service.together() as together:
+        together.decide(c.ScreenParticipant(pid, screening("CASE")), audit())
+        together.save()
+    absorbed = Participant.ConsentRecorded.absorb
+
+    def absorb_then_fail(self, aggregate):
+        absorbed(self, aggregate)  # the status changed, the event not yet pending
+        raise RuntimeError("a fault in the program")
+
+    with service.together() as together:
+        monkeypatch.setattr(Participant.ConsentRecorded, "absorb", absorb_then_fail)
+        with pytest.raises(RuntimeError):
+            together.decide(c.RecordConsent(pid, consent()), audit())
+        monkeypatch.undo()
+        with pytest.raises(DomainError):
+            together.decide(c.RandomizeParticipant(pid, {"registered_on": date(2026, 3, 4)}),
+                            audit())
+        together.save()
+    stored = service.get_participant(pid)
+    assert (stored.version, stored.status) == (1, "screened")
