@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+import traceback
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,3 +56,30 @@ def mask_email(address: str) -> str:
 def mask_emails_in(text: str) -> str:
     """``text`` with every address in it masked (see ``mask_email``)."""
     return _ADDRESS_IN_TEXT.sub(lambda m: mask_email(m.group()), text)
+
+
+# A fault of the program (an exception no rule raised) is described by its kind and where it
+# happened, never by its text: that may quote the data it failed on (a birth date, an email).
+def fault_at(error: BaseException) -> str:
+    """``RuntimeError at domain/participant.py:170 (absorb)``: the kind and innermost frame."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return type(error).__name__
+    last = frames[-1]
+    return f"{type(error).__name__} at {_short(last.filename)}:{last.lineno} ({last.name})"
+
+
+def fault_trace(error: BaseException) -> str:
+    """The frames that led to the fault, and its kind (for a log; without its text)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return "".join(f"{_short(f.filename)}:{f.lineno} in {f.name}\n" for f in frames) + \
+        type(error).__name__
+
+
+_LIBRARY = re.compile(r".*/(?:site-packages|lib/python3\.\d+)/")
+_PROJECT = re.compile(r".*/(?=(?:domain|infrastructure|workers)/)")
+
+
+def _short(path: str) -> str:
+    """A source file's path from the project's root, or from its library's."""
+    return _LIBRARY.sub("", _PROJECT.sub("", path, count=1), count=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import traceback
 from typing import Any
 
 from flask import Response, g, jsonify, request
@@ -30,7 +29,7 @@ from infrastructure.api.schemas import (
     TrialAnswer,
     TrialCommand,
 )
-from infrastructure.logs import mask_emails_in
+from infrastructure.logs import fault_trace
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
 from infrastructure.store.schemas import flatten
@@ -192,7 +191,7 @@ def post_batch() -> Response:
             results.append(None)
         except ApiError as e:
             results.append({"status": e.status, "body": e.body})
-    try:  # a failure that is no command's refusal writes nothing of the batch
+    try:  # a database that fails writes nothing of the batch
         outcomes = runtime().trialog.bus.dispatch_all([intent for _, intent in intents])
     except DomainError as e:  # the database locked again and again meanwhile
         raise from_domain(e) from None
@@ -207,7 +206,7 @@ def post_batch() -> Response:
                 "command_id": intent.command_id,
                 "participant_id": intent.command.participant_id,
                 "type": intent.command.type_name(), "actor": intent.actor,
-                "error": mask_emails_in("".join(traceback.format_exception(outcome)))})
+                "error": fault_trace(outcome)})
             status, body = 500, dict(INTERNAL_ERROR)
         results[index] = {"status": status, "body": body}
     g.command_id = None

@@ -28,7 +28,7 @@ from marshmallow import ValidationError
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
 from domain.protocol import Protocol
-from infrastructure.logs import mask_emails_in
+from infrastructure.logs import fault_at
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
@@ -122,11 +122,9 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
 
 
 def _failure(error: Exception) -> str:
-    """A command that failed otherwise than by a rule (a fault of the program), in one
-    line, its addresses masked; nothing of it was written."""
-    text = str(error).strip().splitlines()
-    return mask_emails_in(f"internal_error: {type(error).__name__}: "
-                          f"{text[0] if text else ''}").rstrip()
+    """A command that failed otherwise than by a rule (a fault of the program): its kind
+    and where (see fault_at); nothing of it was written."""
+    return f"internal_error: {fault_at(error)}"
 
 
 def jobs_refusal(settings: Settings, protocol: Protocol, jobs: int) -> str | None:

@@ -40,7 +40,11 @@ from domain.commands import DATA_COMMANDS, Audit, Command
 from domain.errors import DatabaseLocked, DomainError, IdempotencyKeyReused
 from domain.participant import Participant, participant_uuid
 from domain.service import TrialService
-from infrastructure.store.outages import is_unavailable, rolled_back_for_another
+from infrastructure.store.outages import (
+    DATABASE_ERRORS,
+    is_unavailable,
+    rolled_back_for_another,
+)
 from infrastructure.store.stored import load_participants, positions_of
 from infrastructure.store.tables import (
     any_of,
@@ -357,7 +361,9 @@ class CommandBus:
                     answer, events = together.decide(intent.command, audit,
                                                       intent.expected_version, intent.scope)
                 except Exception as error:
-                    if (is_unavailable(error) or isinstance(error, WRITE_CONFLICTS)
+                    # The database's errors are the whole transaction's (on PostgreSQL it
+                    # refuses every statement after one), never one command's.
+                    if (isinstance(error, DATABASE_ERRORS) or is_unavailable(error)
                             or not (alone or isinstance(error, DomainError))):
                         raise
                     outcomes[index] = error

@@ -7,6 +7,7 @@ import uuid
 import pytest
 import requests
 
+from domain.participant import participant_uuid
 from tests.e2e import payloads as p
 from tests.e2e.test_lifecycle import enrol
 
@@ -177,3 +178,35 @@ def test_a_batch_command_that_fails_by_a_fault_is_answered_500_alone(isolated_ur
         assert results[2]["body"]["error"] == "internal_error"
         assert trialog.service.get_participant(faulty).version == 1  # screened only
         assert trialog.service.get_participant(sound).version == 2
+
+
+def test_a_database_error_in_one_command_of_a_batch_writes_nothing_of_it(isolated_url,
+                                                                         monkeypatch):
+    """A database error is the whole transaction's (PostgreSQL refuses every statement
+    after one), not one command's: the request fails and nothing of the batch is
+    written."""
+    import sqlalchemy
+
+    from domain.service import TrialService
+    from tests.e2e.test_consistency import _in_process
+
+    faulty, sound = p.participant_id(), p.participant_id()
+    consent = TrialService.record_consent
+
+    def database_fails_for_one(self, participant, cmd, audit):
+        if participant.participant_id == faulty:
+            raise sqlalchemy.exc.ProgrammingError("SELECT", {}, Exception("no such table"))
+        return consent(self, participant, cmd, audit)
+
+    monkeypatch.setattr(TrialService, "record_consent", database_fails_for_one)
+    with _in_process(isolated_url) as (trialog, app, headers):
+        batch = [{"command_id": str(uuid.uuid4()), "type": kind, "participant_id": pid,
+                  "data": data}
+                 for kind, pid, data in (("ScreenParticipant", sound, p.screening()),
+                                         ("ScreenParticipant", faulty, p.screening()),
+                                         ("RecordConsent", faulty, p.CONSENT))]
+        answer = app.test_client().post("/v1/commands/batch", json={"commands": batch},
+                                        headers=headers)
+        assert answer.status_code == 500, answer.text
+        assert answer.json["error"] == "internal_error"
+        assert not list(trialog.service.events.get(participant_uuid(sound)))
