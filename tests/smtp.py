@@ -22,7 +22,7 @@ class Sink:
     envelopes: list[tuple[str, list[str]]] = field(default_factory=list)  # (from, to)
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
     defer: set[str] = field(default_factory=set)  # addresses answered 451
-    hold: bool = False  # the next DATA is left unanswered until release() (or a minute)
+    holding: bool = False  # the next DATA is left unanswered until release() (or a minute)
     released: threading.Event = field(default_factory=threading.Event)
     received: threading.Event = field(default_factory=threading.Event)
     port: int = 0
@@ -46,12 +46,17 @@ class Sink:
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.messages.append(email.message_from_bytes(envelope.content))
         self.received.set()
-        if self.hold:
-            self.hold = False
+        if self.holding:
+            self.holding = False
             deadline = time.monotonic() + 60
             while not self.released.is_set() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         return "250 Message accepted"
+
+    def hold(self) -> None:
+        """Leaves the next DATA unanswered until release()."""
+        self.released.clear()
+        self.holding = True
 
     def release(self) -> None:
         """Answers the held DATA."""
@@ -75,6 +80,7 @@ def smtp_sink(smtputf8: bool = False) -> Iterator[Sink]:
     try:
         yield sink
     finally:
+        sink.release()  # a test that failed while a DATA was held
         controller.stop()
 
 

@@ -427,8 +427,8 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
 
 def _mailed(t: Trialog, connection: Connection, row: Any, participant: Participant
             ) -> tuple[str, tuple[str, ...] | None, Participant | None]:
-    """A row the SMTP server took: its ReminderSent, to the addresses the email went to,
-    is still to record, unless an attempt recorded it and its row's mark was lost (then
+    """A row the SMTP server took: its ReminderSent, to the addresses the email was sent
+    to, is still to record, unless an attempt recorded it and its row's mark was lost (then
     recording it again, to addresses changed since, would be refused as another command
     under the same id, on every attempt)."""
     if f"{row.query_id or row.visit}/{row.kind}" in participant.reminders:

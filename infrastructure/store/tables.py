@@ -332,8 +332,9 @@ outbox = Table(
     Column("sent_at", DateTime(timezone=True), nullable=True),
     # The query a ``query_raised`` email is about.
     Column("query_id", String(36), nullable=True, index=True),
-    # The addresses the SMTP server took the email for (a JSON list, sealed as the events'
-    # states are): what its ReminderSent names, whatever the addresses are by then.
+    # The addresses the email was sent to (a JSON list, sealed as the events' states are;
+    # any the server refused are noted in last_error): what its ReminderSent names,
+    # whatever the addresses are by then.
     Column("mailed_to", LargeBinary, nullable=True),
 )
 

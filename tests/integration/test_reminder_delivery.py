@@ -92,7 +92,7 @@ def log_lines() -> Iterator[list[str]]:
 def test_nothing_is_held_in_the_database_while_smtp_talks(stack):
     stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    stack.sink.hold = True  # the server holds its answer to DATA
+    stack.sink.hold()  # the server holds its answer to DATA
     stack.task("send_reminder").delay(reminder_id)
     assert stack.sink.received.wait(30)
 
@@ -123,7 +123,7 @@ def once_free(send: Any, timeout: float = 30) -> str:
 def test_a_second_sender_of_the_same_reminder_neither_waits_nor_sends(stack):
     stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    stack.sink.hold = True
+    stack.sink.hold()
     stack.task("send_reminder").delay(reminder_id)
     assert stack.sink.received.wait(30)  # the worker is mid-send
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
@@ -547,7 +547,7 @@ def test_a_withdrawal_committed_while_a_chunk_is_mailed_holds_for_the_rows_after
     ids = scan_without_sending(stack, WINDOW_OPENS)
     order = {outbox_row(stack, r).participant_id: r for r in ids}
     monkeypatch.setattr(reminders, "FRESH_FOR", 0.0)  # read again after every row
-    stack.sink.hold = True  # the server holds its answer to the first message
+    stack.sink.hold()  # the server holds its answer to the first message
 
     def withdraw_while_the_first_is_mailed() -> None:
         try:

@@ -63,7 +63,7 @@ def test_a_worker_killed_mid_send_still_records_exactly_one_reminder(tmp_path):
         app.conf.task_default_queue = queue
         try:
             pid = enrol_due_today(t)
-            sink.hold = True  # the first delivery is held open
+            sink.hold()  # the first delivery is held open
             (_reminder_id,) = reminders.scan(
                 t, datetime.now(UTC).date(),
                 enqueue=app.tasks["workers.tasks.send_reminder"].delay)

@@ -1,5 +1,5 @@
-"""An outbox row keeps the addresses its email went to, sealed as the events are: the
-ReminderSent recorded after it names them, even when an address changed in between.
+"""An outbox row keeps the addresses its email was sent to, sealed as the events are:
+the ReminderSent recorded after it names them, even when an address changed in between.
 
 Revision ID: 0020
 Revises: 0019
@@ -14,7 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("trialog_outbox") as table:  # SQLite rebuilds the table
+    with op.batch_alter_table("trialog_outbox") as table:  # SQLite: a plain ADD COLUMN
         table.add_column(sa.Column("mailed_to", sa.LargeBinary, nullable=True))
 
 
