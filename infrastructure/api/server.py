@@ -28,11 +28,11 @@ RESTART_AFTER = 2.0  # seconds between a follower's end and its next start
 log = logging.getLogger("trialog.server")
 
 
-def _end_with_parent(parent: int | None = None) -> None:
-    """In a worker's or the follower's process before it runs: SIGTERM when the master
+def _end_with_parent(parent: int | None = None, signum: int = signal.SIGTERM) -> None:
+    """In a worker's or the follower's process before it runs: ``signum`` when the master
     dies (Linux); given the master's pid, an end at once if it died before this call."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the master still stops them on its way out
     if parent is not None and os.getppid() != parent:
@@ -106,7 +106,12 @@ def application() -> Any:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     master = os.environ.get(MASTER_VARIABLE)
-    _end_with_parent(int(master) if master is not None else None)
+    # A master that dies ends its workers with SIGKILL, not SIGTERM: granian's graceful
+    # stop of a worker is the master's to bound (it kills a worker still stopping after
+    # workers_kill_timeout), and without it a stop could wait for ever (seen once, under
+    # load). Nothing is lost that a stop would keep: a command cut short is rolled back
+    # with its connection, and its client sends it again.
+    _end_with_parent(int(master) if master is not None else None, signal.SIGKILL)
     configure_logging()  # the master's, again: a worker not forked would have none
     app = create_app(bootstrap(Settings.from_env()), follow=False)
     app.wsgi_app = _without_process_environment(app.wsgi_app)  # type: ignore[method-assign]

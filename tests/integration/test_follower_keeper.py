@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -54,8 +55,6 @@ def test_a_fork_of_the_master_while_the_follower_starts_does_not_hold_up_its_sta
 def test_a_worker_whose_master_died_before_it_started_ends_at_once():
     # forked by a master that then died: its parent is no longer that master, and the
     # death signal asked for now would never come
-    import subprocess
-
     not_the_parent = str(os.getpid() + 1_000_000)
     started = subprocess.run(
         [sys.executable, "-c", ("from infrastructure.api import server\n"
@@ -71,7 +70,6 @@ def test_a_follower_whose_master_died_before_it_asked_for_the_signal_ends_at_onc
     # the keeper starts the follower asking to end with the master whose pid it gives: a
     # parent that is no longer that master died before the signal was asked for
     import functools
-    import subprocess
 
     not_the_parent = os.getpid() + 1_000_000
     ends = functools.partial(server._end_with_parent, not_the_parent)
@@ -99,3 +97,52 @@ def test_a_request_environment_keeps_only_the_request_variables(monkeypatch):
     assert sent["HTTP_X_REQUEST_ID"] == "same"  # the client's header, equal or not
     assert sent["CONTENT_TYPE"] == "application/json"
     assert "TRIALOG_SOME_KEY" not in sent
+
+
+WORKER_OF_A_DYING_MASTER = """
+import os, signal, time
+ready, told = os.pipe()
+os.environ["TRIALOG_SERVE_MASTER"] = str(os.getpid())
+worker = os.fork()
+if worker == 0:
+    quiet = os.open(os.devnull, os.O_WRONLY)  # the master's output ends with the master
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    from infrastructure.api import server
+    server.application()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a graceful stop that never ends
+    os.write(told, b"built")
+    time.sleep(120)
+    os._exit(0)
+os.read(ready, 5)
+print(worker, flush=True)
+os._exit(0)  # the master dies
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_worker_ends_with_its_master_even_if_its_graceful_stop_would_hang(tmp_path):
+    """A master that dies ends its workers whatever granian's stop would do: no master is
+    left to bound it (seen once: a worker still running a minute after its master)."""
+    from tests.conftest import TEST_SECRETS
+
+    env = {**os.environ, **TEST_SECRETS,
+           "TRIALOG_DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}"}
+    master = subprocess.run([sys.executable, "-c", WORKER_OF_A_DYING_MASTER], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    worker = int(master.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    try:
+        while _running(worker):
+            assert time.monotonic() < deadline, "the worker outlived its master"
+            time.sleep(0.05)
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
