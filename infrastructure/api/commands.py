@@ -39,7 +39,8 @@ blp = Blueprint("commands", __name__, url_prefix="/v1/commands",
                 description="Commands: every fact about a participant, as events")
 ERRORS = {400: "malformed JSON", 401: "no or bad token", 403: "role may not issue this",
           404: "unknown participant", 409: "refused by a rule of the protocol",
-          422: "a field breaks its rule"}
+          422: "a field breaks its rule",
+          503: "the database can't be reached: send it again (the same command_id)"}
 
 
 def _body(schema: str) -> dict[str, Any]:
@@ -159,6 +160,7 @@ def _signer(trialog: Any, data: dict[str, Any]) -> dict[str, Any]:
 @blp.alt_response(404, schema=ErrorBody, description=ERRORS[404])
 @blp.alt_response(409, schema=ErrorBody, description=ERRORS[409])
 @blp.alt_response(422, schema=ErrorBody, description=ERRORS[422])
+@blp.alt_response(503, schema=ErrorBody, description=ERRORS[503])
 def post_command() -> Response:
     """Issue one command."""
     status, body = execute(_json_body())
@@ -170,7 +172,10 @@ def post_command() -> Response:
 @blp.response(200, BatchAnswer, description="one result per command, in order")
 @blp.alt_response(400, schema=ErrorBody, description=ERRORS[400])
 @blp.alt_response(401, schema=ErrorBody, description=ERRORS[401])
+@blp.alt_response(409, schema=ErrorBody, description="database_locked: the database was "
+                                                     "locked again and again meanwhile")
 @blp.alt_response(422, schema=ErrorBody, description=ERRORS[422])
+@blp.alt_response(503, schema=ErrorBody, description=ERRORS[503])
 def post_batch() -> Response:
     """Issue commands in order, in one transaction: each is decided on what those before
     it decided, a refused or failed command is answered alone and the others are written

@@ -53,8 +53,12 @@ class CommandAnswer(Schema):
 
 
 class BatchResult(Schema):
-    status = fields.Integer(required=True)
-    body = fields.Dict(required=True)
+    status = fields.Integer(required=True, metadata={
+        "description": "as POST /v1/commands would answer this command: 201 written, 200 "
+                       "the same command again, 4xx refused (nothing of it written), 500 a "
+                       "fault of the server on this command alone (nothing of it written)"})
+    body = fields.Dict(required=True, metadata={
+        "description": "a Command answer for 200 and 201, an error body otherwise"})
 
 
 class BatchAnswer(Schema):
