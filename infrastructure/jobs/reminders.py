@@ -407,7 +407,7 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
         return _mailed(t, connection, row, participant)
     if row.kind == query_notices.RAISED:
         email = query_notices.raised_email(t, participant, row.query_id)
-        if f"{row.query_id}/{row.kind}" in participant.reminders:
+        if _recorded(row, participant):
             _mark(connection, row, "sent")
             return "recorded_before", None, None
         if email is None:
@@ -431,7 +431,7 @@ def _mailed(t: Trialog, connection: Connection, row: Any, participant: Participa
     to, is still to record, unless an attempt recorded it and its row's mark was lost (then
     recording it again, to addresses changed since, would be refused as another command
     under the same id, on every attempt)."""
-    if f"{row.query_id or row.visit}/{row.kind}" in participant.reminders:
+    if _recorded(row, participant):
         _mark(connection, row, "sent")
         return "recorded_before", None, None
     if row.mailed_to is not None:
@@ -467,7 +467,7 @@ def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -
 
 
 def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
-    if f"{row.visit}/{row.kind}" in participant.reminders:
+    if _recorded(row, participant):
         return "recorded_before"  # sent and recorded by an attempt whose row update was lost
     if not still_due(t, participant, row.visit, row.kind, today):
         return "cancelled"
@@ -509,9 +509,18 @@ def _record_sent(t: Trialog, connection: Connection, row: Any, to: tuple[str, ..
 def _reminder_sent(t: Trialog, row: Any, to: tuple[str, ...]) -> Intent:
     """The ReminderSent command of an outbox row, with its id derived from the row's."""
     return Intent(c.RecordReminderSent(row.participant_id, {
-                      "visit": row.query_id or row.visit, "kind": row.kind,
-                      "recipients": list(to)}),
+                      "visit": _about(row), "kind": row.kind, "recipients": list(to)}),
                   t.derived_command_id("reminder-sent", row.reminder_id), ACTOR)
+
+
+def _about(row: Any) -> str:
+    """What a row's ReminderSent names as its visit: the query a query's email is about."""
+    return str(row.query_id or row.visit)
+
+
+def _recorded(row: Any, participant: Participant) -> bool:
+    """Whether the row's ReminderSent is in the participant's record already."""
+    return f"{_about(row)}/{row.kind}" in participant.reminders
 
 
 def _mark(connection: Connection, row: Any, status: str, *, attempted: bool = False,

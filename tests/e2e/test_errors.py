@@ -144,6 +144,14 @@ def test_control_characters_are_refused_in_queries_and_commands(server):
     assert history_length(service, pid) == 3
 
 
+def _batch(app, headers, *commands):
+    """POST /v1/commands/batch to the in-process app: (type, participant id, data) each."""
+    body = [{"command_id": str(uuid.uuid4()), "type": kind, "participant_id": pid,
+             "data": data} for kind, pid, data in commands]
+    return app.test_client().post("/v1/commands/batch", json={"commands": body},
+                                  headers=headers)
+
+
 def test_a_batch_command_that_fails_by_a_fault_is_answered_500_alone(isolated_url, monkeypatch):
     """A command of a batch that fails otherwise than by a rule (a fault of the server) is
     answered 500 in its place, nothing of it written; the commands around it are written
@@ -162,16 +170,10 @@ def test_a_batch_command_that_fails_by_a_fault_is_answered_500_alone(isolated_ur
 
     monkeypatch.setattr(TrialService, "record_consent", fails_for_one)
     with _in_process(isolated_url) as (trialog, app, headers):
-        def command(kind, pid, data):
-            return {"command_id": str(uuid.uuid4()), "type": kind, "participant_id": pid,
-                    "data": data}
-
-        batch = [command("ScreenParticipant", faulty, p.screening()),
-                 command("ScreenParticipant", sound, p.screening()),
-                 command("RecordConsent", faulty, p.CONSENT),
-                 command("RecordConsent", sound, p.CONSENT)]
-        answer = app.test_client().post("/v1/commands/batch", json={"commands": batch},
-                                        headers=headers)
+        answer = _batch(app, headers, ("ScreenParticipant", faulty, p.screening()),
+                        ("ScreenParticipant", sound, p.screening()),
+                        ("RecordConsent", faulty, p.CONSENT),
+                        ("RecordConsent", sound, p.CONSENT))
         assert answer.status_code == 200, answer.text
         results = answer.json["results"]
         assert [r["status"] for r in results] == [201, 201, 500, 201]
@@ -200,13 +202,9 @@ def test_a_database_error_in_one_command_of_a_batch_writes_nothing_of_it(isolate
 
     monkeypatch.setattr(TrialService, "record_consent", database_fails_for_one)
     with _in_process(isolated_url) as (trialog, app, headers):
-        batch = [{"command_id": str(uuid.uuid4()), "type": kind, "participant_id": pid,
-                  "data": data}
-                 for kind, pid, data in (("ScreenParticipant", sound, p.screening()),
-                                         ("ScreenParticipant", faulty, p.screening()),
-                                         ("RecordConsent", faulty, p.CONSENT))]
-        answer = app.test_client().post("/v1/commands/batch", json={"commands": batch},
-                                        headers=headers)
+        answer = _batch(app, headers, ("ScreenParticipant", sound, p.screening()),
+                        ("ScreenParticipant", faulty, p.screening()),
+                        ("RecordConsent", faulty, p.CONSENT))
         assert answer.status_code == 500, answer.text
         assert answer.json["error"] == "internal_error"
         assert not list(trialog.service.events.get(participant_uuid(sound)))
