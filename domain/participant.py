@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 from collections.abc import Callable, Iterator, Mapping
 from datetime import date, datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -345,10 +347,13 @@ class Participant(DataManagement, ChainedAggregate):
     class Snapshot(AggregateSnapshot):
         """The participant's state at a version, so that a long record loads from it and
         the events after it. Stored as JSON, whose object keys are text: the records,
-        keyed by version, get their integer keys back."""
+        keyed by version, get their integer keys back. Its state names the code that
+        derived it (``DERIVED_BY``, see ``derivation``); that name is not the
+        participant's."""
 
         def mutate(self, _: None) -> Any:
             participant: Any = super().mutate(_)
+            participant.__dict__.pop(DERIVED_BY, None)
             participant.records = {int(v): r for v, r in participant.records.items()}
             return participant
 
@@ -728,6 +733,29 @@ def _require_not_future(day: date, audit: Audit, path: str) -> None:
     today = audit.recorded_at.date()
     if day > today:
         raise ValidationFailed({path: [f"must not be after today ({today.isoformat()})"]})
+
+
+# The key, in a snapshot's state, of the digest of the code that derived it.
+DERIVED_BY = "derived_by"
+
+
+@lru_cache(maxsize=1)
+def derivation() -> str:
+    """A digest of the code that derives a participant's state from its events: this
+    package's source and the event library's version. A snapshot taken by other code (a
+    release since, whose ``apply`` may derive otherwise) is not used: the participant
+    loads from its events, as if there were no snapshot."""
+    library = importlib.metadata.version("eventsourcing")
+    digest = hashlib.sha256(f"eventsourcing {library}".encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(f"\0{path.name}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def derived_here(snapshot: Any) -> bool:
+    """Whether this code derived the snapshot (see ``derivation``)."""
+    return bool(snapshot.state.get(DERIVED_BY) == derivation())
 
 
 def _require_visit(protocol: Protocol, code: str, path: str) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import date
+from itertools import islice
 from typing import Any, ClassVar, Self
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
-from eventsourcing.persistence import JSONTranscoder, Transcoding
+from eventsourcing.persistence import EventStore, JSONTranscoder, Transcoding
 
 from domain import commands as c
 from domain.access import EVERY_SITE, Scope
@@ -24,7 +25,14 @@ from domain.errors import (
     VersionConflict,
 )
 from domain.management import CASEBOOK, visit_key
-from domain.participant import CorrectionRule, Participant, participant_uuid
+from domain.participant import (
+    DERIVED_BY,
+    CorrectionRule,
+    Participant,
+    derivation,
+    derived_here,
+    participant_uuid,
+)
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
 from domain.trial import TrialDatabase, trial_uuid
@@ -40,6 +48,26 @@ class DateAsISO(Transcoding):
 
     def decode(self, data: str) -> date:
         return date.fromisoformat(data)
+
+
+class Snapshots(EventStore[UUID]):
+    """The snapshot store: each snapshot put names the code that derived it (see
+    ``derivation``), and only those this code derived are got; another's is as if it were
+    not there (the participant loads from an earlier one, or from its events)."""
+
+    def put(self, domain_events: Any, **kwargs: Any) -> Any:
+        for snapshot in domain_events:
+            snapshot.state[DERIVED_BY] = derivation()
+        return super().put(domain_events, **kwargs)
+
+    def get(self, originator_id: UUID, *, gt: int | None = None, lte: int | None = None,
+            desc: bool = False, limit: int | None = None) -> Iterator[Any]:
+        found = list(super().get(originator_id, gt=gt, lte=lte, desc=desc, limit=limit))
+        if all(map(derived_here, found)):
+            return iter(found)
+        # Another code's among them (a release since): those past it, ours only.
+        every = super().get(originator_id, gt=gt, lte=lte, desc=desc)
+        return islice(filter(derived_here, every), limit)
 
 
 # The aggregates of commands decided together (see Together): every load inside sees them.
@@ -106,6 +134,10 @@ class TrialService(Application[Any]):
             c.LockCasebook: lambda p, cmd, a: p.lock(CASEBOOK, a),
             c.UnlockCasebook: lambda p, cmd, a: p.unlock(CASEBOOK, a),
         }
+
+    def construct_snapshot_store(self) -> EventStore[UUID]:
+        store = super().construct_snapshot_store()
+        return Snapshots(store.mapper, store.recorder)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

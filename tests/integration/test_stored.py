@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from uuid import uuid4
 
 import orjson
@@ -65,6 +66,39 @@ def test_participants_loaded_together_are_what_the_repository_loads(trialog):
         from_repository = service.repository.get(participant_uuid(pid))
         assert by_id[pid].__dict__ == from_repository.__dict__
     assert by_id[long].version == 217
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_participants_loaded_together_pass_over_another_releases_snapshot(isolated):
+    """As the repository (see the unit test of Snapshots): a snapshot another release's
+    code took, here one saying the other arm, is passed over for the events before it."""
+    from domain.participant import DERIVED_BY, derivation
+
+    service = isolated.service
+    pid = enrol(isolated)
+    for day in range(1, 99):  # versions 4..101: a snapshot at 100
+        send(isolated, c.RecordDose(pid, dose(day)))
+    key = participant_uuid(pid)
+    [taken] = list(service.snapshots.get(key))
+    true_arm = service.get_participant(pid).arm
+    other_arm = "control" if true_arm == "b12" else "b12"
+
+    def loaded() -> Any:
+        with service.recorder.transaction(commit=False) as session:
+            [participant], _ = load_participants(service, session, {pid})
+        return participant
+
+    for version, derived_by, arm in ((101, "another release", true_arm),
+                                     (102, derivation(), other_arm)):
+        if version > 101:
+            send(isolated, c.RecordDose(pid, dose(version)))
+        forged = type(taken).take(service.repository.get(key, version=version))
+        forged.state.update({"arm": other_arm, DERIVED_BY: derived_by})
+        service.snapshots.recorder.insert_events(
+            [service.snapshots.mapper.to_stored_event(forged)])
+        assert (loaded().arm, service.get_participant(pid).arm) == (arm, arm)
+    assert loaded().version == 102
+    assert vars(loaded()) == vars(service.get_participant(pid))
 
 
 @pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)

@@ -194,6 +194,56 @@ def test_a_long_record_loads_from_its_snapshot_exactly_as_replayed(service):
     assert list(loaded.records)[:3] == [1, 2, 3]  # integer keys, as replayed
 
 
+def _doses(service, days):
+    from datetime import timedelta
+
+    for day in days:
+        service.execute(c.RecordDose(PID, {"taken_on": date(2026, 3, 4) + timedelta(days=day),
+                                           "taken": True, "dose_mcg": 1000}),
+                        audit(at=datetime(2026, 7, 20, tzinfo=UTC)))
+
+
+def _snapshot_put_as_is(service, snapshot):
+    """A snapshot stored without the store's own put (which names this code as its
+    deriver): as another release's code would have stored it."""
+    stored = service.snapshots.mapper.to_stored_event(snapshot)
+    service.snapshots.recorder.insert_events([stored])
+
+
+def test_a_snapshot_is_used_only_by_the_code_that_derived_it(service):
+    """A snapshot holds state as its code's ``apply`` derived it: after a release that
+    derives otherwise, it would show what the events no longer give. Each names the code
+    that took it; other code's (or one naming none) is passed over for the events."""
+    from domain.participant import DERIVED_BY, derivation
+
+    _doses(service, range(1, 98))  # versions 5..101: a snapshot at 100
+    uuid = service.get_participant(PID).id
+    [taken] = list(service.snapshots.get(uuid))
+    assert taken.state[DERIVED_BY] == derivation()
+    assert DERIVED_BY not in vars(service.get_participant(PID))
+    true_arm = service.get_participant(PID).arm
+    other_arm = "control" if true_arm == "b12" else "b12"
+
+    def at(version, **state):
+        """The participant's snapshot at ``version``, as the library takes it, with
+        ``state`` in place of what its events give."""
+        snapshot = type(taken).take(service.repository.get(uuid, version=version))
+        snapshot.state.update(state)
+        return snapshot
+
+    # Another release's snapshot says arm is the other one: not used, nor one naming none.
+    _snapshot_put_as_is(service, at(101, arm=other_arm, derived_by="another release"))
+    assert service.get_participant(PID).arm == true_arm
+    assert [s.originator_version for s in service.snapshots.get(uuid)] == [100]
+    _doses(service, [98])
+    _snapshot_put_as_is(service, at(102, arm=other_arm))
+    assert service.get_participant(PID).arm == true_arm
+    # The same snapshot naming this code is used (what makes the two above pass over).
+    _doses(service, [99])
+    _snapshot_put_as_is(service, at(103, arm=other_arm, derived_by=derivation()))
+    assert service.get_participant(PID).arm == other_arm
+
+
 def _replayed(service, originator_id):
     from eventsourcing.domain import Aggregate
 
