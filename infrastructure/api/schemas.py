@@ -43,7 +43,9 @@ class CommandAnswer(Schema):
     command_id = fields.String(required=True)
     participant_id = fields.String(required=True)
     version = fields.Integer(required=True)
-    position = fields.Integer(required=True, allow_none=True)
+    position = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "the log position of the last event written; null when the command "
+                       "wrote none (a deviation already flagged), also when sent again"})
     events = fields.List(fields.Nested(EventSummary), required=True)
     eligible = fields.Boolean(metadata={
         "description": "ScreenParticipant: whether the person met every criterion"})

@@ -450,7 +450,9 @@ class CommandBus:
 
     def _find_positions(self, session: Any, answers: list[dict[str, Any]]) -> None:
         """Each first answer's position, that of the event it ended with: one query for
-        them all."""
+        them all. An answer that wrote no event keeps none (its version is an earlier
+        command's event)."""
+        answers = [body for body in answers if body.get("events")]
         if not answers:
             return
         wanted = {(body["participant_id"], body["version"]) for body in answers}

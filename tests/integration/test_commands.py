@@ -280,6 +280,27 @@ def test_commands_dispatched_together_are_decided_in_order_and_written_in_one_go
     assert again.replayed and again.body == outcomes[1].body
 
 
+def test_a_command_that_wrote_nothing_answers_no_position_when_sent_again(trialog):
+    """A deviation flagged a second time writes no event: its answer has no position, and
+    sent again (alone or in a batch) it answers the same, not the position of the event
+    its version names (the first flag's)."""
+    pid = enrol(trialog)
+    flag = c.FlagDeviation(pid, {
+        "deviation_id": str(uuid.uuid4()), "code": "wrong_dose", "severity": "minor",
+        "evidence": [trialog.service.get_participant(pid).screening_event],
+        "detail": "dose on 2026-03-02 was 2000 mcg"})
+    first = send(trialog, flag, actor="deviation-monitor")
+    again = str(uuid.uuid4())
+    nothing = send(trialog, flag, command_id=again, actor="deviation-monitor")
+    assert first["position"] is not None and first["version"] == nothing["version"]
+    assert (nothing["events"], nothing["position"]) == ([], None)
+    alone = trialog.bus.dispatch(flag, command_id=again, actor="deviation-monitor")
+    [together] = trialog.bus.dispatch_all([Intent(flag, again, "deviation-monitor")])
+    assert isinstance(together, Accepted)
+    assert alone.replayed and together.replayed
+    assert alone.body == together.body == nothing
+
+
 def test_commands_dispatched_together_take_the_snapshots_of_a_long_record(trialog):
     """A participant whose record passes 100 events in one go gets its snapshot, and
     loads from it to the same state as from its events."""
