@@ -23,6 +23,7 @@ class Sink:
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
     defer: set[str] = field(default_factory=set)  # addresses answered 451
     holding: bool = False  # the next DATA is left unanswered until release() (or a minute)
+    dropping: bool = False  # the next DATA is kept, and its connection closed unanswered
     released: threading.Event = field(default_factory=threading.Event)
     received: threading.Event = field(default_factory=threading.Event)
     port: int = 0
@@ -46,6 +47,10 @@ class Sink:
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.messages.append(email.message_from_bytes(envelope.content))
         self.received.set()
+        if self.dropping:  # as a connection lost before the server's reply
+            self.dropping = False
+            server.transport.abort()
+            return "421 gone"
         if self.holding:
             self.holding = False
             deadline = time.monotonic() + 60

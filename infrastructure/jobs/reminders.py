@@ -1,20 +1,23 @@
 """Visit reminders: a scan turns due reminders into outbox rows; sending one emails the
 participant (in their language) and the site coordinator, then records ReminderSent.
 
-An outbox row goes from pending to mailed (the SMTP server took the message) to sent
-(ReminderSent recorded), or to cancelled (no longer due), expired (more than a day late) or
-failed (an address no server will take, with the reason). No database transaction or row
-lock is held while SMTP talks: a sender has a row to itself by a PostgreSQL session lock,
-which ends with the sender or with its connection if it dies. The row is marked mailed in
-a transaction of its own before ReminderSent is written, so an attempt that fails to
-record the event (a write conflict the command bus could not get past, a lost database)
-leaves a row the next attempt records without emailing again. A sender killed while SMTP
-talks leaves the row pending and the next attempt sends it again: the email is at least
-once, ReminderSent exactly once. The marks are committed without waiting for the disk (see
-``_marks_not_waiting``): a database crash, too, can make a reminder go twice, never be
-recorded twice. Addresses appear masked in logs and in ``last_error``.
+An outbox row goes from pending to sending (committed, waiting for the disk, just before
+SMTP talks) to mailed (the SMTP server took the message) to sent (ReminderSent recorded),
+or to cancelled (no longer due), expired (more than a day late) or failed (an address no
+server will take, with the reason). No database transaction or row lock is held while
+SMTP talks: a sender has a row to itself by a PostgreSQL session lock, which ends with the
+sender or with its connection if it dies. At most one email a reminder: a row found
+sending (its sender was killed, or lost its database, while SMTP talked) and one whose
+connection failed after the message's content went out, before the server's reply, may
+have been emailed; each is marked uncertain, with why, and never emailed again, and
+nothing is recorded for it. The row is marked mailed in a transaction of its own before
+ReminderSent is written, so an attempt that fails to record the event (a write conflict
+the command bus could not get past, a lost database) leaves a row the next attempt records
+without emailing again: ReminderSent exactly once. The marks but sending are committed
+without waiting for the disk (see ``_marks_not_waiting``); sending's commit waits, and
+makes those before it durable too. Addresses appear masked in logs and in
+``last_error``.
 """
-
 from __future__ import annotations
 
 import base64
@@ -40,7 +43,7 @@ from uuid import UUID, uuid4
 import kombu.exceptions
 import sqlalchemy.exc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, true, update
 
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
@@ -56,6 +59,9 @@ from infrastructure.store.stored import decrypt, encrypt, load_participants
 from infrastructure.store.tables import outbox, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
+# The statuses of rows a sender still has something to do for: email (pending), record
+# ReminderSent (mailed), or find what became of (sending: its sender stopped).
+TO_DO = ("pending", "mailed", "sending")
 ACTOR = "reminder-worker"
 REENQUEUE_AFTER = timedelta(minutes=5)
 LATE_BY_AT_MOST = timedelta(days=1)
@@ -78,6 +84,11 @@ class PermanentMailError(Exception):
 
 class TransientMailError(Exception):
     """The server could not take the message now: retried with backoff."""
+
+
+class UncertainMailError(Exception):
+    """The connection failed once the message had gone out and before the server said
+    whether it took it: it may have. Never sent again (at most one email)."""
 
 
 class ReminderBusy(Exception):
@@ -150,7 +161,7 @@ def hand_over(t: Trialog, enqueue: Callable[[Any], None], chunk: int = 1) -> int
     stale = datetime.now(UTC) - REENQUEUE_AFTER
     with t.engine.connect() as connection:
         ids = list(connection.execute(select(outbox.c.reminder_id).where(
-            outbox.c.status.in_(("pending", "mailed")),
+            outbox.c.status.in_(TO_DO),
             (outbox.c.enqueued_at.is_(None)) | (outbox.c.enqueued_at < stale))).scalars())
     handed: list[str] = []
     for start in range(0, len(ids), chunk):
@@ -271,19 +282,26 @@ class Mailer:
                  to: tuple[str, ...]) -> dict[str, tuple[int, bytes]]:
         for attempt in (1, 2):
             if self._smtp is None:
-                self._smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+                self._smtp = _SMTP(self.host, self.port, timeout=self.timeout)
+            smtp, smtp.content_sent = self._smtp, False
             try:
                 if isinstance(message, EmailMessage):
-                    return self._smtp.send_message(message)  # SMTPUTF8 if the server has it
+                    return smtp.send_message(message)  # SMTPUTF8 if the server has it
                 # The envelope as given, not parsed back out of the headers.
-                return self._smtp.sendmail(self.envelope_from, list(to), message)
-            except smtplib.SMTPServerDisconnected:
-                self._smtp = None  # closed while idle: one new connection, then give up
-                if attempt == 2:
-                    raise
+                return smtp.sendmail(self.envelope_from, list(to), message)
+            except smtplib.SMTPResponseException:
+                raise  # the server's own answer: it did not take the message
             except smtplib.SMTPRecipientsRefused:
-                self._smtp.rset()
+                smtp.rset()
                 raise
+            except (smtplib.SMTPException, OSError) as e:
+                if smtp.content_sent:  # the server may have taken it: not sent again
+                    self.close()
+                    raise UncertainMailError(
+                        mask_emails_in(str(e)) or type(e).__name__) from None
+                if not isinstance(e, smtplib.SMTPServerDisconnected) or attempt == 2:
+                    raise
+                self._smtp = None  # closed while idle: one new connection, then give up
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -293,6 +311,20 @@ class Mailer:
             except (smtplib.SMTPException, OSError):
                 pass
             self._smtp = None
+
+
+class _SMTP(smtplib.SMTP):
+    """The standard library's client, telling whether the message's content has gone out
+    (the server answered DATA with 354): a failure after that, before the server's reply,
+    leaves it unknown whether the server took the message."""
+
+    content_sent = False
+
+    def getreply(self) -> tuple[int, bytes]:
+        code, reply = super().getreply()
+        if code == 354:
+            self.content_sent = True
+        return code, reply
 
 
 @functools.lru_cache(maxsize=256)
@@ -370,14 +402,15 @@ def still_due(t: Trialog, participant: Participant, visit: str, kind: str,
 
 def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
     """Sends one outbox row; what happened: sent, recorded_before, cancelled, expired,
-    failed, or done (nothing left to do). Raises ReminderBusy while another sender has the
+    failed, uncertain (it may have gone, see the module's docstring), or done (nothing
+    left to do). Raises ReminderBusy while another sender has the
     row, TransientMailError when the server cannot take the message now."""
     with _alone_with(t, reminder_id) as connection:
         if connection is None:
             raise ReminderBusy(f"reminder {reminder_id} is being sent by another worker")
         row = connection.execute(
             select(outbox).where(outbox.c.reminder_id == reminder_id)).first()
-        if row is None or row.status not in ("pending", "mailed"):
+        if row is None or row.status not in TO_DO:
             return "done"
         outcome, to, _ = _one(t, connection, mailer, row, today)
         if to is not None:
@@ -387,11 +420,14 @@ def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
 
 def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
          today: date) -> tuple[str, tuple[str, ...] | None, Participant | None]:
-    """What became of one pending or mailed row (sent, recorded_before, cancelled,
-    expired, failed), and the recipients when its ReminderSent is still to record (the
+    """What became of one pending, sending or mailed row (sent, recorded_before,
+    cancelled, expired, failed, uncertain), and the recipients when its ReminderSent is still to record (the
     caller records it). A visit reminder, a raised query's email (keyed by the query id)
     and a weekly digest (no participant, its row is its record) all pass here. Also the
     participant as loaded (for the caller's ReminderSent)."""
+    if row.status == "sending":  # its sender stopped while SMTP talked
+        return _uncertain(connection, row, "the sender stopped while the message was being "
+                                           "sent; not sent again"), None, None
     if row.kind == query_notices.DIGEST:
         return _send_digest(t, connection, mailer, row), None, None
     try:
@@ -451,6 +487,15 @@ def _opened(t: Trialog, sealed: bytes) -> tuple[str, ...]:
     return tuple(json.loads(decrypt(t.service.mapper, sealed)))
 
 
+def _uncertain(connection: Connection, row: Any, why: str) -> str:
+    """A row whose email may or may not have gone: marked uncertain, for a person to look
+    at, and never emailed again (at most one email); nothing is recorded."""
+    _mark(connection, row, "uncertain", attempted=True, error=why)
+    log.warning("reminder may not have been sent; marked uncertain, not sent again",
+                extra={"reminder_id": row.reminder_id, "error": why})
+    return "uncertain"
+
+
 def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -> str:
     """A site's weekly digest; its outbox row is its only record."""
     if row.status == "mailed":
@@ -477,10 +522,15 @@ def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
 
 
 def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: Email) -> str:
-    """Sends the email; the row is marked mailed when the server took it (the caller
-    records ReminderSent)."""
+    """Sends the email; the row is marked sending before (waiting for the disk: a row
+    found sending later is never emailed again), and mailed when the server took it (the
+    caller records ReminderSent)."""
+    _mark_durably(connection, row, "sending")
     try:
         refused = mailer.send(email)
+    except UncertainMailError as e:
+        return _uncertain(connection, row, f"the connection failed as the server was "
+                                           f"taking the message ({e}); not sent again")
     except PermanentMailError as e:
         _mark(connection, row, "failed", attempted=True, error=str(e))
         log.warning("reminder cannot be sent; marked failed",
@@ -537,6 +587,25 @@ def _mark(connection: Connection, row: Any, status: str, *, attempted: bool = Fa
     connection.execute(_marking(attempted, frozenset(values)), values)
 
 
+def _mark_durably(connection: Connection, row: Any, status: str) -> None:
+    """``_mark`` (of the status alone), its commit waiting for the disk (on PostgreSQL the
+    sender's marks otherwise don't, see ``_marks_not_waiting``): it outlives a database
+    crash, and so do the marks before it."""
+    if connection.dialect.name != "postgresql":
+        _mark(connection, row, status)
+        return
+    connection.execute(_DURABLE_MARKING, {"reminder": row.reminder_id, "status": status})
+
+
+# synchronous_commit set for the statement's own transaction (which PostgreSQL reads as it
+# commits), in the statement itself: no round trip to set it, none to set it back.
+_FOR_THIS_COMMIT = select(func.set_config("synchronous_commit", "on", true())).scalar_subquery()
+_DURABLE_MARKING = (update(outbox)
+                    .where(outbox.c.reminder_id == bindparam("reminder"),
+                           _FOR_THIS_COMMIT == "on")
+                    .values(status=bindparam("status")))
+
+
 _MARKINGS: dict[tuple[bool, frozenset[str]], Any] = {}
 
 
@@ -574,11 +643,11 @@ def _alone_with(t: Trialog, reminder_id: str) -> Iterator[Connection | None]:
 def _marks_not_waiting(connection: Connection) -> Iterator[None]:
     """The outbox's marks on this connection are committed without waiting for the disk
     (PostgreSQL's synchronous_commit off, for this connection only and until it goes back
-    to the pool): a wait on every reminder, a fifth of two workers' time. What a database
-    crash can lose is the last few hundred milliseconds of marks, never ReminderSent: the
-    next attempt finds a mailed row pending again and emails again (at least once, as
-    after a sender killed while SMTP talks), or a sent row mailed and records nothing
-    more; ReminderSent's own commit waits for the disk, and for every mark before it."""
+    to the pool), but for sending (``_mark_durably``). What a database crash can lose is
+    the marks since the last commit that waited: a mailed row found sending again (then
+    marked uncertain, never emailed again), or a sent row found mailed (its ReminderSent is
+    found recorded, and nothing more is); ReminderSent's own commit waits for the disk,
+    and for every mark before it."""
     connection.exec_driver_sql("SET synchronous_commit = off")
     try:
         yield
@@ -600,8 +669,9 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
     """Sends several outbox rows over the mailer's one connection, then records their
     ReminderSent events in one transaction and marks them sent together; what happened
     to each (as ``send`` says, ``busy`` for a row another sender has). The rules are
-    ``send``'s: a row is held by one sender at a time, marked mailed as soon as the SMTP
-    server took it, and never emailed again once mailed. A server that can't take a
+    ``send``'s: a row is held by one sender at a time, marked sending before SMTP talks
+    and mailed as soon as the server took it, and never emailed again once sending. A
+    server that can't take a
     message now ends the chunk: what was mailed is recorded, then TransientMailError."""
     outcomes: dict[str, str] = {}
     with _alone_with_many(t, reminder_ids) as (connection, held):
@@ -611,7 +681,7 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
         mailed: list[tuple[Any, tuple[str, ...]]] = []
         loaded: list[Participant] = []
         todo = [row for row in sorted(rows, key=lambda r: reminder_ids.index(r.reminder_id))
-                if row.status in ("pending", "mailed")]
+                if row.status in TO_DO]
         try:
             while todo:
                 # The participants are read together, and again once FRESH_FOR has passed:

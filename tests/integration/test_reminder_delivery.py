@@ -409,8 +409,10 @@ def test_chunks_send_each_reminder_once_and_record_them_together(stack):
 
 
 def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(stack):
-    """The outbox's marks commit without waiting for the WAL's flush; ReminderSent's commit
-    waits (for the marks too); the connection goes back to the pool as it came."""
+    """The outbox's marks commit without waiting for the WAL's flush, but for sending
+    (before SMTP talks: a crash must not forget that an email may have gone);
+    ReminderSent's commit waits (for the marks too); the connection goes back to the pool
+    as it came."""
     stack.enrol(), stack.enrol()
     ids = scan_without_sending(stack, WINDOW_OPENS)
     engine = stack.trialog.engine
@@ -418,14 +420,26 @@ def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(s
 
     events = events_table(stack.trialog.service.recorder).name
     recorded: list[str] = []
+    flushed: list[bool] = []  # sending's: the WAL flushed past where it was before it
+    wal_before: list[str] = []
+    sending = reminders._DURABLE_MARKING.compile(dialect=engine.dialect).string
 
     def setting_at_each_mark(connection, cursor, statement, *_):
-        if statement.startswith((f"UPDATE {outbox.name} ", f"INSERT INTO {events} ")):
-            with cursor.connection.cursor() as asking:  # the statement's own is left alone
+        with cursor.connection.cursor() as asking:  # the statement's own is left alone
+            if statement == sending:
+                wal_before[:] = asking.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
+            elif statement.startswith((f"UPDATE {outbox.name} ", f"INSERT INTO {events} ")):
                 setting = asking.execute("SHOW synchronous_commit").fetchone()[0]
-            (seen if statement.startswith("UPDATE") else recorded).append(setting)
+                (seen if statement.startswith("UPDATE") else recorded).append(setting)
+
+    def flushed_after_sending(connection, cursor, statement, *_):
+        if statement == sending:
+            with cursor.connection.cursor() as asking:
+                flushed.append(asking.execute("SELECT pg_current_wal_flush_lsn() > %s",
+                                              wal_before).fetchone()[0])
 
     sqlalchemy.event.listen(engine, "before_cursor_execute", setting_at_each_mark)
+    sqlalchemy.event.listen(engine, "after_cursor_execute", flushed_after_sending)
     try:
         mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
         assert set(reminders.send_chunk(stack.trialog, mailer, ids[:1],
@@ -433,7 +447,9 @@ def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(s
         assert reminders.send(stack.trialog, mailer, ids[1], WINDOW_OPENS) == "sent"
     finally:
         sqlalchemy.event.remove(engine, "before_cursor_execute", setting_at_each_mark)
-    assert seen == ["off"] * 4  # mailed and sent, in the chunk and alone
+        sqlalchemy.event.remove(engine, "after_cursor_execute", flushed_after_sending)
+    assert flushed == [True, True]  # sending, in a chunk and alone, waited for the disk
+    assert seen == ["off"] * 4  # mailed and sent, in a chunk and alone
     assert recorded == ["on", "on"]  # each ReminderSent waits for the disk
     pooled = [engine.connect() for _ in range(engine.pool.checkedin() + 1)]
     try:
@@ -474,6 +490,72 @@ def test_a_connection_lost_as_the_marks_end_costs_nothing_sent(stack, alone):
     assert len(stack.sink.messages) == 1
     with engine.connect() as connection:  # the pool hands out live connections only
         assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+
+
+# --- at most one email ---------------------------------------------------------------------
+
+def test_a_connection_lost_once_the_message_went_out_is_never_sent_again(stack):
+    """The server had the message's content when the connection died, before its reply:
+    it may have taken it. The row is marked uncertain, with why; nothing is recorded, and
+    no attempt emails it again (a reconnection would send a second email)."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    stack.sink.dropping = True
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "uncertain"
+    row = outbox_row(stack, reminder_id)
+    assert (row.status, row.attempts) == ("uncertain", 1)
+    assert "not sent again" in row.last_error and "@" not in row.last_error
+    assert stack.reminders_sent(pid) == []
+    reminders.hand_over(stack.trialog, lambda _: pytest.fail("handed over again"))
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "done"
+    assert len(stack.sink.messages) == 1
+
+
+SENDER = """
+import os, sys
+from datetime import date
+from infrastructure.jobs import reminders
+from infrastructure.store.bootstrap import bootstrap
+from infrastructure.store.settings import Settings
+t = bootstrap(Settings.from_env(os.environ))
+mailer = reminders.Mailer(t.settings.smtp_url, t.settings.mail_from)
+reminders.send(t, mailer, sys.argv[1], date.fromisoformat(sys.argv[2]))
+"""
+
+
+def test_a_sender_killed_while_smtp_talks_leaves_a_reminder_no_one_sends_again(stack):
+    """A worker process killed (SIGKILL) while the server holds its answer to DATA: the
+    email may have gone. The row says sending; the next sender marks it uncertain and
+    emails nobody, so a participant never gets the same reminder twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_SECRETS
+
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    env = {**os.environ, **TEST_SECRETS, "TRIALOG_SMTP_URL": stack.sink.url,
+           "TRIALOG_DATABASE_URL": stack.trialog.settings.database_url}
+    stack.sink.hold()
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, reminder_id,
+                               WINDOW_OPENS.isoformat()], env=env)
+    try:
+        assert stack.sink.received.wait(30)
+        assert status(stack, reminder_id) == "sending"
+    finally:
+        sender.send_signal(signal.SIGKILL)
+        sender.wait(10)
+        stack.sink.release()
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert once_free(lambda: reminders.send(stack.trialog, mailer, reminder_id,
+                                            WINDOW_OPENS)) == "uncertain"
+    assert status(stack, reminder_id) == "uncertain"
+    assert "sender stopped" in outbox_row(stack, reminder_id).last_error
+    assert stack.reminders_sent(pid) == []
+    assert len(stack.sink.messages) == 1
 
 
 def test_a_chunk_leaves_a_reminder_another_sender_holds(stack):
