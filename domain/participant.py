@@ -739,18 +739,27 @@ def _require_not_future(day: date, audit: Audit, path: str) -> None:
 DERIVED_BY = "derived_by"
 
 
-@lru_cache(maxsize=1)
-def derivation() -> str:
+def _code_digest() -> str:
     """A digest of the code that derives a participant's state from its events: this
-    package's source and the event library's version. A snapshot taken by other code (a
-    release since, whose ``apply`` may derive otherwise) is not used: the participant
-    loads from its events, as if there were no snapshot."""
+    package's source and the event library's version."""
     library = importlib.metadata.version("eventsourcing")
     digest = hashlib.sha256(f"eventsourcing {library}".encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(f"\0{path.name}\0".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+# Taken as the code is imported: the files read are those of the code that runs (a
+# release put in place later, under a process still running, is not this code).
+_DERIVATION = _code_digest()
+
+
+def derivation() -> str:
+    """The digest of this code (see ``_code_digest``). A snapshot taken by other code (a
+    release since, whose ``apply`` may derive otherwise) is not used: the participant
+    loads from its events, as if there were no snapshot."""
+    return _DERIVATION
 
 
 def derived_here(snapshot: Any) -> bool:

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import date
-from itertools import islice
 from typing import Any, ClassVar, Self
 from uuid import UUID
 
@@ -52,8 +51,9 @@ class DateAsISO(Transcoding):
 
 class Snapshots(EventStore[UUID]):
     """The snapshot store: each snapshot put names the code that derived it (see
-    ``derivation``), and only those this code derived are got; another's is as if it were
-    not there (the participant loads from an earlier one, or from its events)."""
+    ``derivation``), and only those this code derived are got: from the first that is
+    not (another release's, or one this code can't even read, a class moved since), none.
+    A participant whose newest snapshot is another code's loads from its events."""
 
     def put(self, domain_events: Any, **kwargs: Any) -> Any:
         for snapshot in domain_events:
@@ -62,12 +62,22 @@ class Snapshots(EventStore[UUID]):
 
     def get(self, originator_id: UUID, *, gt: int | None = None, lte: int | None = None,
             desc: bool = False, limit: int | None = None) -> Iterator[Any]:
-        found = list(super().get(originator_id, gt=gt, lte=lte, desc=desc, limit=limit))
-        if all(map(derived_here, found)):
-            return iter(found)
-        # Another code's among them (a release since): those past it, ours only.
-        every = super().get(originator_id, gt=gt, lte=lte, desc=desc)
-        return islice(filter(derived_here, every), limit)
+        found = []
+        for stored in self.recorder.select_events(originator_id, gt=gt, lte=lte, desc=desc,
+                                                  limit=limit):
+            snapshot = self.derived_here(stored)
+            if snapshot is None:
+                break
+            found.append(snapshot)
+        return iter(found)
+
+    def derived_here(self, stored: Any) -> Any:
+        """The stored snapshot, if this code derived it; otherwise None."""
+        try:
+            snapshot = self.mapper.to_domain_event(stored)
+        except Exception:  # noqa: BLE001 - unreadable by this code: not this code's
+            return None
+        return snapshot if derived_here(snapshot) else None
 
 
 # The aggregates of commands decided together (see Together): every load inside sees them.

@@ -45,7 +45,8 @@ class CommandAnswer(Schema):
     version = fields.Integer(required=True)
     position = fields.Integer(required=True, allow_none=True, metadata={
         "description": "the log position of the last event written; null when the command "
-                       "wrote none (a deviation already flagged), also when sent again"})
+                       "wrote none (a deviation already flagged), and then null again when "
+                       "the command is sent again"})
     events = fields.List(fields.Nested(EventSummary), required=True)
     eligible = fields.Boolean(metadata={
         "description": "ScreenParticipant: whether the person met every criterion"})

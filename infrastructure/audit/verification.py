@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from domain.access import Scope
 from domain.chain import GENESIS, canonical_json, compute_digest
-from domain.participant import derived_here, participant_uuid
+from domain.participant import participant_uuid
 from domain.service import TrialService
 from infrastructure.store.settings import Settings
 from infrastructure.store.stored import (
@@ -413,10 +413,11 @@ def _snapshot_state_problem(service: TrialService, stream: UUID, version: int,
     """The snapshot's state against the participant replayed from its events."""
     from eventsourcing.persistence import StoredEvent
 
+    assert service.snapshots is not None
+    snapshot = service.snapshots.derived_here(StoredEvent(stream, version, topic, state))
+    if snapshot is None:  # never loaded by this code: what it says is moot
+        return None
     try:
-        snapshot = service.mapper.to_domain_event(StoredEvent(stream, version, topic, state))
-        if not derived_here(snapshot):  # never loaded by this code: what it says is moot
-            return None
         cached = vars(snapshot.mutate(None))
     except Exception:  # noqa: BLE001 - unreadable: reported
         return "the snapshot can't be read"

@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_projections_follow,
         cmd_projections_rebuild,
         cmd_projections_status,
+        cmd_reminders_resolve,
         cmd_reminders_scan,
+        cmd_reminders_uncertain,
         cmd_serve,
         cmd_token_create,
         cmd_token_revoke,
@@ -322,10 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument("--batch-size", type=int, default=500)
     follow.set_defaults(func=cmd_projections_follow)
 
+    groups = {}
     for name, func, text in (("reminders", cmd_reminders_scan, "reminders due now"),
                              ("deviations", cmd_deviations_scan, "deviation rules now")):
         group = sub.add_parser(name, help=text).add_subparsers(dest=name, required=True)
         group.add_parser("scan", help=f"one scan of the {text}").set_defaults(func=func)
+        groups[name] = group
+    groups["reminders"].add_parser(
+        "uncertain", help="the reminders that may have been emailed (a sender stopped while "
+                          "SMTP talked), never emailed again until resolved; one JSON "
+                          "object a line").set_defaults(func=cmd_reminders_uncertain)
+    resolving = groups["reminders"].add_parser(
+        "resolve", help="an uncertain reminder, from the SMTP server's log: --sent records "
+                        "its ReminderSent; --not-sent hands it to the next scan")
+    resolving.add_argument("reminder_id")
+    answer = resolving.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--sent", action="store_true", help="the server took it")
+    answer.add_argument("--not-sent", action="store_true", help="the server never had it")
+    resolving.add_argument("--actor", required=True, help="who resolves it; the event's actor")
+    resolving.add_argument("--reason", help="what showed it (recorded with the event)")
+    resolving.set_defaults(func=cmd_reminders_resolve)
 
     export = sub.add_parser("export", help="the trial's data, to standard output or a file")
     export.add_argument("format", choices=FORMATS)

@@ -4,6 +4,7 @@ read models and the workers' scans."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -223,6 +224,33 @@ def cmd_reminders_scan(args: argparse.Namespace) -> int:
     finally:
         trialog.close()
     print(f"{len(new)} reminders due; {handed} handed to the workers")
+    return 0
+
+
+def cmd_reminders_uncertain(args: argparse.Namespace) -> int:
+    from infrastructure.jobs import reminders
+
+    trialog = _app()
+    try:
+        for row in reminders.uncertain_rows(trialog):
+            print(json.dumps(reminders.shown(trialog, row)))
+    finally:
+        trialog.close()
+    return 0
+
+
+def cmd_reminders_resolve(args: argparse.Namespace) -> int:
+    from infrastructure.jobs import reminders
+
+    trialog = _app()
+    try:
+        status = reminders.resolve(trialog, args.reminder_id, sent=args.sent,
+                                   actor=args.actor, reason=args.reason)
+    except reminders.NotUncertain as e:
+        raise CliError(str(e)) from None
+    finally:
+        trialog.close()
+    print(f"reminder {args.reminder_id}: {status}")
     return 0
 
 

@@ -1,23 +1,28 @@
 """Visit reminders: a scan turns due reminders into outbox rows; sending one emails the
 participant (in their language) and the site coordinator, then records ReminderSent.
 
-An outbox row goes from pending to sending (committed, waiting for the disk, just before
-SMTP talks) to mailed (the SMTP server took the message) to sent (ReminderSent recorded),
-or to cancelled (no longer due), expired (more than a day late) or failed (an address no
+An outbox row goes from pending to sending (just before SMTP talks, with the time and the
+message's Message-ID, committed waiting for the disk, and only if the row is still as it
+was read) to mailed (the SMTP server took the message) to sent (ReminderSent recorded), or
+to cancelled (no longer due), expired (more than a day late) or failed (an address no
 server will take, with the reason). No database transaction or row lock is held while
 SMTP talks: a sender has a row to itself by a PostgreSQL session lock, which ends with the
-sender or with its connection if it dies. At most one email a reminder: a row found
-sending (its sender was killed, or lost its database, while SMTP talked) and one whose
-connection failed after the message's content went out, before the server's reply, may
-have been emailed; each is marked uncertain, with why, and never emailed again, and
-nothing is recorded for it. The row is marked mailed in a transaction of its own before
+sender or with its connection if it dies.
+
+At most one email a reminder: a row found sending (its sender was killed, or lost its
+database, while SMTP talked) and one whose connection failed after the message's content
+went out, before the server's reply, may have been emailed; each is marked uncertain, with
+why, never emailed again, and nothing is recorded for it until a person resolves it from
+the SMTP server's log (``resolve``: sent, and its ReminderSent is recorded; or not, and
+it is pending again). The row is marked mailed in a transaction of its own before
 ReminderSent is written, so an attempt that fails to record the event (a write conflict
 the command bus could not get past, a lost database) leaves a row the next attempt records
-without emailing again: ReminderSent exactly once. The marks but sending are committed
-without waiting for the disk (see ``_marks_not_waiting``); sending's commit waits, and
-makes those before it durable too. Addresses appear masked in logs and in
-``last_error``.
+without emailing again: ReminderSent at most once, and exactly once for every email known
+to have gone. The marks but sending are committed without waiting for the disk (see
+``_marks_not_waiting``); sending's commit waits, and makes those before it durable too.
+Addresses appear masked in logs, in ``last_error`` and in what ``shown`` gives.
 """
+
 from __future__ import annotations
 
 import base64
@@ -155,8 +160,8 @@ def _record(session: Any, name: str, value: int, now: datetime) -> None:
 
 
 def hand_over(t: Trialog, enqueue: Callable[[Any], None], chunk: int = 1) -> int:
-    """Enqueues pending rows (and mailed ones, whose ReminderSent is still to record) not
-    enqueued yet or long ago (the broker may have lost them), one id at a time or lists
+    """Enqueues pending rows (and mailed ones, whose ReminderSent is still to record, and
+    sending ones, whose sender may have stopped) not enqueued yet or long ago (the broker may have lost them), one id at a time or lists
     of ``chunk`` ids; a broker that is down leaves them for the next scan."""
     stale = datetime.now(UTC) - REENQUEUE_AFTER
     with t.engine.connect() as connection:
@@ -209,10 +214,12 @@ class Mailer:
         self.envelope_from = address or sender
         self._smtp: smtplib.SMTP | None = None
 
-    def send(self, email: Email) -> list[str]:
-        """Sends ``email``; returns the recipients the server refused while it took the
-        message for the others (masked, each with the server's reply)."""
-        message = self.message(email)
+    def send(self, email: Email, message: bytes | EmailMessage | None = None) -> list[str]:
+        """Sends ``email`` (as ``message``, when it is written already); returns the
+        recipients the server refused while it took the message for the others (masked,
+        each with the server's reply)."""
+        if message is None:
+            message = self.message(email)
         try:
             refused = self._deliver(message, email.to)
         except smtplib.SMTPRecipientsRefused as e:
@@ -229,9 +236,11 @@ class Mailer:
             raise TransientMailError(mask_emails_in(str(e)) or type(e).__name__) from None
         return _refusals(refused)
 
-    def message(self, email: Email) -> bytes | EmailMessage:
-        """The message, plain text and HTML, with its Date and Message-ID; an address that
-        is not one mailbox (a line break would inject headers) is refused for good."""
+    def message(self, email: Email, message_id: str | None = None) -> bytes | EmailMessage:
+        """The message, plain text and HTML, with its Date and Message-ID (``message_id``,
+        or a new one); an address that is not one mailbox (a line break would inject
+        headers) is refused for good."""
+        message_id = message_id or self.new_message_id()
         malformed = [mask_email(a) for a in email.to if not ADDRESS.fullmatch(a)]
         if malformed or not email.to:
             raise PermanentMailError(f"not an email address: {', '.join(malformed)}"
@@ -244,13 +253,16 @@ class Mailer:
             international["From"], international["To"] = self.sender, ", ".join(email.to)
             international["Subject"] = subject
             international["Date"] = formatdate(usegmt=True)
-            international["Message-ID"] = make_msgid(domain=self.domain)
+            international["Message-ID"] = message_id
             international.set_content(email.text)
             international.add_alternative(email.html, subtype="html")
             return international
-        return self._ascii_message(email, subject)
+        return self._ascii_message(email, subject, message_id)
 
-    def _ascii_message(self, email: Email, subject: str) -> bytes:
+    def new_message_id(self) -> str:
+        return make_msgid(domain=self.domain)
+
+    def _ascii_message(self, email: Email, subject: str, message_id: str) -> bytes:
         """The message's bytes as SMTP sends them: multipart/alternative, each part UTF-8
         in base64. Written out here because its shape never changes: the standard library's
         generator (header folding, a boundary checked against every part) was a third of a
@@ -265,7 +277,7 @@ class Mailer:
         head = (f"From: {self.from_header}\r\nTo: {to}\r\n"
                 f"Subject: {_subject_header(subject)}\r\n"
                 f"Date: {formatdate(usegmt=True)}\r\n"
-                f"Message-ID: {make_msgid(domain=self.domain)}\r\nMIME-Version: 1.0\r\n"
+                f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n"
                 f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n\r\n')
         parts = [head.encode("ascii")]
         for subtype, body in (("plain", email.text), ("html", email.html)):
@@ -283,7 +295,8 @@ class Mailer:
         for attempt in (1, 2):
             if self._smtp is None:
                 self._smtp = _SMTP(self.host, self.port, timeout=self.timeout)
-            smtp, smtp.content_sent = self._smtp, False
+            smtp = self._smtp
+            smtp.content_sent = False
             try:
                 if isinstance(message, EmailMessage):
                     return smtp.send_message(message)  # SMTPUTF8 if the server has it
@@ -522,12 +535,16 @@ def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
 
 
 def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: Email) -> str:
-    """Sends the email; the row is marked sending before (waiting for the disk: a row
-    found sending later is never emailed again), and mailed when the server took it (the
-    caller records ReminderSent)."""
-    _mark_durably(connection, row, "sending")
+    """Sends the email; the row is marked sending before (if it is still as read, and
+    waiting for the disk: a row found sending later is never emailed again), and mailed
+    when the server took it (the caller records ReminderSent)."""
+    to = _sealed(t, email.to) if row.kind != query_notices.DIGEST else None
     try:
-        refused = mailer.send(email)
+        message_id = mailer.new_message_id()
+        message = mailer.message(email, message_id)
+        if not _claim(connection, row, message_id, to):
+            return "busy"  # another sender changed the row meanwhile
+        refused = mailer.send(email, message)
     except UncertainMailError as e:
         return _uncertain(connection, row, f"the connection failed as the server was "
                                            f"taking the message ({e}); not sent again")
@@ -540,8 +557,7 @@ def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: E
         _mark(connection, row, "pending", attempted=True, error=str(e))
         raise
     note = "recipients refused: " + "; ".join(refused) if refused else None
-    _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC),
-          mailed_to=_sealed(t, email.to) if row.kind != query_notices.DIGEST else None)
+    _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC))
     if note:
         log.warning("reminder sent; some recipients refused",
                     extra={"reminder_id": row.reminder_id, "error": note})
@@ -587,23 +603,28 @@ def _mark(connection: Connection, row: Any, status: str, *, attempted: bool = Fa
     connection.execute(_marking(attempted, frozenset(values)), values)
 
 
-def _mark_durably(connection: Connection, row: Any, status: str) -> None:
-    """``_mark`` (of the status alone), its commit waiting for the disk (on PostgreSQL the
-    sender's marks otherwise don't, see ``_marks_not_waiting``): it outlives a database
-    crash, and so do the marks before it."""
-    if connection.dialect.name != "postgresql":
-        _mark(connection, row, status)
-        return
-    connection.execute(_DURABLE_MARKING, {"reminder": row.reminder_id, "status": status})
+def _claim(connection: Connection, row: Any, message_id: str, to: bytes | None) -> bool:
+    """The row marked sending, with the time, the message's Message-ID and the sealed
+    addresses, if it is still as it was read (False otherwise: another sender has changed
+    it); on PostgreSQL its commit waits for the disk (the sender's marks otherwise don't,
+    see ``_marks_not_waiting``): it outlives a database crash, and so do the marks before
+    it."""
+    statement = _CLAIMS[connection.dialect.name == "postgresql"]
+    changed = connection.execute(statement, {
+        "reminder": row.reminder_id, "was": row.status, "status": "sending",
+        "sending_at": datetime.now(UTC), "message_id": message_id, "mailed_to": to})
+    return bool(changed.rowcount == 1)
 
 
 # synchronous_commit set for the statement's own transaction (which PostgreSQL reads as it
 # commits), in the statement itself: no round trip to set it, none to set it back.
 _FOR_THIS_COMMIT = select(func.set_config("synchronous_commit", "on", true())).scalar_subquery()
-_DURABLE_MARKING = (update(outbox)
-                    .where(outbox.c.reminder_id == bindparam("reminder"),
-                           _FOR_THIS_COMMIT == "on")
-                    .values(status=bindparam("status")))
+_CLAIM = (update(outbox)
+          .where(outbox.c.reminder_id == bindparam("reminder"),
+                 outbox.c.status == bindparam("was"))
+          .values(status=bindparam("status"), sending_at=bindparam("sending_at"),
+                  message_id=bindparam("message_id"), mailed_to=bindparam("mailed_to")))
+_CLAIMS = {False: _CLAIM, True: _CLAIM.where(_FOR_THIS_COMMIT == "on")}
 
 
 _MARKINGS: dict[tuple[bool, frozenset[str]], Any] = {}
@@ -643,7 +664,7 @@ def _alone_with(t: Trialog, reminder_id: str) -> Iterator[Connection | None]:
 def _marks_not_waiting(connection: Connection) -> Iterator[None]:
     """The outbox's marks on this connection are committed without waiting for the disk
     (PostgreSQL's synchronous_commit off, for this connection only and until it goes back
-    to the pool), but for sending (``_mark_durably``). What a database crash can lose is
+    to the pool), but for sending (``_claim``). What a database crash can lose is
     the marks since the last commit that waited: a mailed row found sending again (then
     marked uncertain, never emailed again), or a sent row found mailed (its ReminderSent is
     found recorded, and nothing more is); ReminderSent's own commit waits for the disk,
@@ -656,6 +677,58 @@ def _marks_not_waiting(connection: Connection) -> Iterator[None]:
             connection.exec_driver_sql("RESET synchronous_commit")
         except sqlalchemy.exc.SQLAlchemyError:
             connection.invalidate()  # not back to the pool as it is (the lock goes with it)
+
+
+# --- uncertain rows, resolved by a person ------------------------------------------------
+
+class NotUncertain(Exception):
+    """The row is not (or no longer) uncertain: nothing is changed."""
+
+
+def uncertain_rows(t: Trialog) -> list[Any]:
+    """The rows marked uncertain, oldest first."""
+    with t.engine.connect() as connection:
+        return list(connection.execute(select(outbox).where(outbox.c.status == "uncertain")
+                                       .order_by(outbox.c.sending_at, outbox.c.reminder_id)))
+
+
+def shown(t: Trialog, row: Any) -> dict[str, Any]:
+    """An uncertain row as a person resolving it needs it: what, when, its Message-ID, and
+    the addresses masked (as in the logs)."""
+    to = _opened(t, row.mailed_to) if row.mailed_to is not None else ()
+    return {"reminder_id": row.reminder_id, "participant_id": row.participant_id,
+            "about": _about(row), "kind": row.kind, "due_on": row.due_on.isoformat(),
+            "sending_at": row.sending_at.isoformat() if row.sending_at else None,
+            "message_id": row.message_id, "to": [mask_email(a) for a in to],
+            "why": row.last_error}
+
+
+def resolve(t: Trialog, reminder_id: str, *, sent: bool, actor: str,
+            reason: str | None = None) -> str:
+    """A person's answer for an uncertain row, from the SMTP server's log: ``sent``, its
+    ReminderSent is recorded by ``actor`` (to the addresses it went to, under the command
+    id a worker would have used) and the row marked sent; otherwise the row is pending
+    again, and the next scan hands it to the workers, which send it if it is still due
+    (not more than a day late). Returns the row's new status."""
+    with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        row = connection.execute(
+            select(outbox).where(outbox.c.reminder_id == reminder_id)).first()
+        if row is None or row.status != "uncertain":
+            status = "unknown" if row is None else row.status
+            raise NotUncertain(f"reminder {reminder_id} is {status}, not uncertain")
+        if sent and row.kind != query_notices.DIGEST:
+            to = _opened(t, row.mailed_to) if row.mailed_to is not None else ()
+            intent = _reminder_sent(t, row, to)
+            t.bus.dispatch(intent.command, command_id=intent.command_id, actor=actor,
+                           reason=reason)
+        status = "sent" if sent else "pending"
+        connection.execute(update(outbox).where(outbox.c.reminder_id == reminder_id,
+                                                outbox.c.status == "uncertain")
+                           .values(status=status, enqueued_at=None,
+                                   sent_at=row.sending_at if sent else None))
+    log.info("uncertain reminder resolved", extra={"reminder_id": reminder_id,
+                                                   "status": status, "actor": actor})
+    return status
 
 
 # --- many at a time ----------------------------------------------------------------------

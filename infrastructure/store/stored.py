@@ -18,10 +18,10 @@ from eventsourcing.application import project_aggregate
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
-from sqlalchemy import Uuid, case, func, literal, select, tuple_, union_all
+from sqlalchemy import Uuid, case, func, literal, or_, select, tuple_, union_all
 
 from domain.chain import canonical_json
-from domain.participant import Participant, derived_here, participant_uuid
+from domain.participant import Participant, participant_uuid
 from infrastructure.store.tables import any_of
 
 PARTICIPANT_TOPIC = get_topic(Participant) + "."
@@ -110,35 +110,50 @@ def select_rows(table: Any) -> Any:
 def load_participants(service: Any, session: Any, participant_ids: set[str]
                       ) -> tuple[list[Participant], set[UUID]]:
     """The newest state of each of these participants, as the repository would load it
-    (the latest snapshot, then the events after it), in one query for all of them; and
-    the ids of those that have no event yet. ``session``: the caller's transaction."""
+    (the latest snapshot this code derived, then the events after it; all the events when
+    the latest is another code's, see Snapshots), in one query for all of them; and the
+    ids of those that have no event yet. ``session``: the caller's transaction."""
     wanted = {participant_uuid(pid) for pid in participant_ids}
     if not wanted:
         return [], set()
     streams: dict[UUID, list[Any]] = {}
+    passed_over: dict[UUID, int] = {}  # another code's snapshot: its version
     for row in session.execute(_newest_query(service), {"ids": list(wanted)}):
         key = as_uuid(row.originator_id)
-        mapper = service.mapper if row.kind else service.snapshots.mapper
-        event = mapper.to_domain_event(
-            StoredEvent(key, row.originator_version, row.topic, _bytes(row.state)))
-        if row.kind == 0 and not derived_here(event):  # another code's (see Snapshots)
-            streams[key] = _events_up_to(service, session, key, row.originator_version)
-            continue
-        streams.setdefault(key, []).append(event)
+        stored = StoredEvent(key, row.originator_version, row.topic, _bytes(row.state))
+        if row.kind == 0:
+            snapshot = service.snapshots.derived_here(stored)
+            if snapshot is None:
+                passed_over[key] = row.originator_version
+                continue
+            streams.setdefault(key, []).append(snapshot)
+        else:
+            streams.setdefault(key, []).append(service.mapper.to_domain_event(stored))
+    for key, before in _events_up_to(service, session, passed_over).items():
+        streams[key] = before + streams.get(key, [])
     loaded = [project_aggregate(None, stream) for stream in streams.values()]
     return loaded, wanted - set(streams)
 
 
-def _events_up_to(service: Any, session: Any, key: UUID, version: int) -> list[Any]:
-    """The participant's events up to ``version``, read in the caller's transaction (in
-    place of a snapshot this code did not take)."""
+def _events_up_to(service: Any, session: Any, versions: dict[UUID, int]
+                  ) -> dict[UUID, list[Any]]:
+    """Each participant's events up to its version in ``versions`` (those of a snapshot
+    passed over), in one query in the caller's transaction."""
+    if not versions:
+        return {}
     events = events_table(service.recorder)
     rows = session.execute(
-        select(events.c.originator_version, events.c.topic, events.c.state)
-        .where(events.c.originator_id == key, events.c.originator_version <= version)
+        select(events.c.originator_id, events.c.originator_version, events.c.topic,
+               events.c.state)
+        .where(or_(*((events.c.originator_id == key) & (events.c.originator_version <= v)
+                     for key, v in versions.items())))
         .order_by(events.c.originator_version))
-    return [service.mapper.to_domain_event(StoredEvent(key, r.originator_version, r.topic,
-                                                       _bytes(r.state))) for r in rows]
+    found: dict[UUID, list[Any]] = {key: [] for key in versions}
+    for r in rows:
+        key = as_uuid(r.originator_id)
+        found[key].append(service.mapper.to_domain_event(
+            StoredEvent(key, r.originator_version, r.topic, _bytes(r.state))))
+    return found
 
 
 _NEWEST: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()

@@ -312,9 +312,10 @@ reminder_schedule = Table(
 )
 
 # The outbox: one row per reminder a scan found due, written with the scan's position;
-# a task sends it and records ReminderSent. Status: pending, mailed (the SMTP server took
-# it, ReminderSent still to record), sent, cancelled, expired (more than a day late),
-# failed (the reason in last_error, addresses masked).
+# a task sends it and records ReminderSent. Status: pending, sending (SMTP talking, or its
+# sender stopped), mailed (the SMTP server took it, ReminderSent still to record), sent,
+# cancelled, expired (more than a day late), failed (the reason in last_error, addresses
+# masked), uncertain (it may have gone: never sent again; a person resolves it).
 outbox = Table(
     "trialog_outbox",
     metadata,
@@ -336,6 +337,10 @@ outbox = Table(
     # any the server refused are noted in last_error): what its ReminderSent names,
     # whatever the addresses are by then.
     Column("mailed_to", LargeBinary, nullable=True),
+    # When the row was marked sending, and its message's Message-ID: an uncertain row is
+    # matched with the SMTP server's log by them.
+    Column("sending_at", DateTime(timezone=True), nullable=True),
+    Column("message_id", String(255), nullable=True),
 )
 
 READ_MODELS = (participants, visits, deviations, scores, reminder_schedule, queries)

@@ -410,36 +410,42 @@ def test_chunks_send_each_reminder_once_and_record_them_together(stack):
 
 def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(stack):
     """The outbox's marks commit without waiting for the WAL's flush, but for sending
-    (before SMTP talks: a crash must not forget that an email may have gone);
-    ReminderSent's commit waits (for the marks too); the connection goes back to the pool
-    as it came."""
+    (before SMTP talks: a crash must not forget that an email may have gone), whose
+    statement sets synchronous_commit for its own commit and leaves the connection's as it
+    was; ReminderSent's commit waits (for the marks too); the connection goes back to the
+    pool as it came."""
     stack.enrol(), stack.enrol()
     ids = scan_without_sending(stack, WINDOW_OPENS)
     engine = stack.trialog.engine
     seen: list[str] = []
-
     events = events_table(stack.trialog.service.recorder).name
     recorded: list[str] = []
-    flushed: list[bool] = []  # sending's: the WAL flushed past where it was before it
-    wal_before: list[str] = []
-    sending = reminders._DURABLE_MARKING.compile(dialect=engine.dialect).string
+    claim = reminders._CLAIMS[True].compile(dialect=engine.dialect).string
+    claims: list[str] = []
 
     def setting_at_each_mark(connection, cursor, statement, *_):
-        with cursor.connection.cursor() as asking:  # the statement's own is left alone
-            if statement == sending:
-                wal_before[:] = asking.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
-            elif statement.startswith((f"UPDATE {outbox.name} ", f"INSERT INTO {events} ")):
+        if statement == claim:
+            claims.append(statement)
+        elif statement.startswith((f"UPDATE {outbox.name} ", f"INSERT INTO {events} ")):
+            with cursor.connection.cursor() as asking:  # the statement's own is left alone
                 setting = asking.execute("SHOW synchronous_commit").fetchone()[0]
-                (seen if statement.startswith("UPDATE") else recorded).append(setting)
+            (seen if statement.startswith("UPDATE") else recorded).append(setting)
 
-    def flushed_after_sending(connection, cursor, statement, *_):
-        if statement == sending:
-            with cursor.connection.cursor() as asking:
-                flushed.append(asking.execute("SELECT pg_current_wal_flush_lsn() > %s",
-                                              wal_before).fetchone()[0])
+    # What the claim's statement does to the setting: its own transaction's only.
+    with engine.connect() as connection:
+        connection.exec_driver_sql("SET synchronous_commit = off")
+        connection.commit()
+        claimed = connection.execute(reminders._CLAIMS[True], {
+            "reminder": ids[0], "was": "pending", "status": "sending",
+            "sending_at": None, "message_id": None, "mailed_to": None}).rowcount
+        inside = connection.exec_driver_sql("SHOW synchronous_commit").scalar()
+        connection.rollback()  # the row stays pending
+        after = connection.exec_driver_sql("SHOW synchronous_commit").scalar()
+        connection.exec_driver_sql("RESET synchronous_commit")
+        connection.commit()
+    assert (claimed, inside, after) == (1, "on", "off")
 
     sqlalchemy.event.listen(engine, "before_cursor_execute", setting_at_each_mark)
-    sqlalchemy.event.listen(engine, "after_cursor_execute", flushed_after_sending)
     try:
         mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
         assert set(reminders.send_chunk(stack.trialog, mailer, ids[:1],
@@ -447,8 +453,7 @@ def test_the_marks_dont_wait_for_the_disk_and_the_connection_goes_back_waiting(s
         assert reminders.send(stack.trialog, mailer, ids[1], WINDOW_OPENS) == "sent"
     finally:
         sqlalchemy.event.remove(engine, "before_cursor_execute", setting_at_each_mark)
-        sqlalchemy.event.remove(engine, "after_cursor_execute", flushed_after_sending)
-    assert flushed == [True, True]  # sending, in a chunk and alone, waited for the disk
+    assert len(claims) == 2  # sending, in a chunk and alone, by that statement
     assert seen == ["off"] * 4  # mailed and sent, in a chunk and alone
     assert recorded == ["on", "on"]  # each ReminderSent waits for the disk
     pooled = [engine.connect() for _ in range(engine.pool.checkedin() + 1)]
@@ -556,6 +561,96 @@ def test_a_sender_killed_while_smtp_talks_leaves_a_reminder_no_one_sends_again(s
     assert "sender stopped" in outbox_row(stack, reminder_id).last_error
     assert stack.reminders_sent(pid) == []
     assert len(stack.sink.messages) == 1
+
+
+def test_a_row_changed_since_it_was_read_is_not_emailed(stack):
+    """The sending mark takes the row only as it was read (on SQLite, with no lock, two
+    senders could both read it pending): the second finds it taken and emails no one."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    row = outbox_row(stack, reminder_id)
+    with stack.trialog.engine.begin() as connection:  # another sender took it meanwhile
+        connection.execute(update(outbox).where(outbox.c.reminder_id == reminder_id)
+                           .values(status="sending"))
+    t = stack.trialog
+    mailer = reminders.Mailer(stack.sink.url, t.settings.mail_from)
+    email = reminders.compose(t, t.service.get_participant(pid), row.visit, row.kind,
+                              WINDOW_OPENS)
+    with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        assert reminders._mail(t, connection, mailer, row, email) == "busy"
+    assert stack.sink.messages == [] and status(stack, reminder_id) == "sending"
+
+
+def uncertain_one(stack: Stack) -> tuple[str, str]:
+    """A participant and their reminder left uncertain: the connection dropped after the
+    message went out."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    stack.sink.dropping = True
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "uncertain"
+    return pid, reminder_id
+
+
+def test_an_uncertain_reminder_is_shown_with_what_matches_it_in_the_smtp_log(stack):
+    pid, reminder_id = uncertain_one(stack)
+    [row] = [r for r in reminders.uncertain_rows(stack.trialog) if r.reminder_id == reminder_id]
+    shown = reminders.shown(stack.trialog, row)
+    [message] = stack.sink.messages
+    assert shown["message_id"] == message["Message-ID"]
+    assert shown["sending_at"] is not None and shown["participant_id"] == pid
+    assert shown["to"] == [mask_email(a) for a in addresses(stack, pid)]
+    assert (shown["about"], shown["kind"]) == ("week6", "window_open")
+    assert "not sent again" in shown["why"]
+
+
+def test_an_uncertain_reminder_found_sent_is_recorded_by_who_resolved_it(stack):
+    pid, reminder_id = uncertain_one(stack)
+    assert reminders.resolve(stack.trialog, reminder_id, sent=True, actor="dm-ana",
+                             reason="the SMTP log shows 250 for it") == "sent"
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
+    participant = stack.trialog.service.get_participant(pid)
+    [event] = [e for e in stack.trialog.service.events.get(participant.id)
+               if type(e).__name__ == "ReminderSent"]
+    assert (event.actor, event.reason) == ("dm-ana", "the SMTP log shows 250 for it")
+    assert event.recipients == list(addresses(stack, pid))
+    assert status(stack, reminder_id) == "sent"
+    with pytest.raises(reminders.NotUncertain, match="is sent, not uncertain"):
+        reminders.resolve(stack.trialog, reminder_id, sent=False, actor="dm-ana")
+    assert len(stack.sink.messages) == 1
+
+
+def test_an_uncertain_reminder_found_not_sent_goes_out_with_the_next_scan(stack):
+    pid, reminder_id = uncertain_one(stack)
+    assert reminders.resolve(stack.trialog, reminder_id, sent=False, actor="dm-ana") == (
+        "pending")
+    stack.scan(WINDOW_OPENS)  # hands the pending row to the workers
+    wait_until(lambda: status(stack, reminder_id) == "sent")
+    assert len(stack.sink.messages) == 2
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
+
+
+def test_the_command_line_lists_and_resolves_uncertain_reminders(stack, monkeypatch, capsys):
+    import json
+
+    from infrastructure.cli import main
+    from tests.conftest import TEST_SECRETS
+
+    pid, reminder_id = uncertain_one(stack)
+    for name, value in {**TEST_SECRETS,
+                        "TRIALOG_DATABASE_URL": stack.trialog.settings.database_url}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["reminders", "uncertain"]) == 0
+    out = capsys.readouterr().out
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert [r["reminder_id"] for r in listed] == [reminder_id]
+    assert listed[0]["to"] == [mask_email(a) for a in addresses(stack, pid)]
+    assert not any(a in out for a in addresses(stack, pid))
+    assert main(["reminders", "resolve", reminder_id, "--sent", "--actor", "dm-ana"]) == 0
+    assert capsys.readouterr().out == f"reminder {reminder_id}: sent\n"
+    assert main(["reminders", "resolve", reminder_id, "--not-sent", "--actor", "dm-ana"]) == 1
+    assert "is sent, not uncertain" in capsys.readouterr().err
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
 
 
 def test_a_chunk_leaves_a_reminder_another_sender_holds(stack):

@@ -242,6 +242,14 @@ def test_a_snapshot_is_used_only_by_the_code_that_derived_it(service):
     _doses(service, [99])
     _snapshot_put_as_is(service, at(103, arm=other_arm, derived_by=derivation()))
     assert service.get_participant(PID).arm == other_arm
+    # One this code can't even read (its class moved since) is passed over too.
+    from eventsourcing.persistence import StoredEvent
+
+    _doses(service, [100])
+    readable = service.snapshots.mapper.to_stored_event(at(104, derived_by=derivation()))
+    service.snapshots.recorder.insert_events([StoredEvent(
+        uuid, 104, "domain.gone:Snapshot", readable.state)])
+    assert service.get_participant(PID).arm == true_arm
 
 
 def _replayed(service, originator_id):
