@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -56,8 +57,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(path, participants=args.participants, seed=args.seed)
     print(format_summary(summary))
     print(f"\nSQLite file: {path.resolve()}")
-    print(f"Try: TRIALOG_DATABASE_URL=sqlite:///{path.resolve()} "
-          f"{Path(sys.executable).with_name('trialog')} audit verify")
+    # Quoted as a shell reads it: a path may hold a space.
+    url = shlex.quote(f"sqlite:///{path.resolve()}")
+    program = shlex.quote(str(Path(sys.executable).with_name("trialog")))
+    print(f"Try: TRIALOG_DATABASE_URL={url} {program} audit verify")
     return 0
 
 

@@ -74,15 +74,20 @@ def test_beat_keeps_its_schedule_outside_the_working_folder(tmp_path):
 
 
 def test_the_demo_keeps_its_seed_in_the_seed_file_and_its_hint_runs_as_printed(tmp_path):
-    demo = run(["demo", "--participants", "4", "--seed", "5"], tmp_path)
+    """The hint runs as a shell reads it, in a folder whose name has a space."""
+    import shlex
+
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    demo = run(["demo", "--participants", "4", "--seed", "5"], folder)
     assert demo.returncode == 0, demo.stderr
-    seed_file = tmp_path / "trialog-demo.db.seed"
+    seed_file = folder / "trialog-demo.db.seed"
     assert seed_file.read_text().strip() == "demo-5"
     assert oct(seed_file.stat().st_mode & 0o777) == "0o600"
     hint = next(line for line in demo.stdout.splitlines() if line.startswith("Try: "))
-    assignment, command, *args = hint.removeprefix("Try: ").split()
+    assignment, command, *args = shlex.split(hint.removeprefix("Try: "))
     name, _, value = assignment.partition("=")
-    done = subprocess.run([command, *args], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([command, *args], cwd=folder, capture_output=True, text=True,
                           timeout=120, env={**os.environ, name: value}, check=False)
     assert done.returncode == 0, done.stderr
     assert seed_file.read_text().strip() == "demo-5"  # read, not replaced
