@@ -680,6 +680,29 @@ def test_a_server_that_cant_take_a_message_now_ends_the_chunk_after_recording(st
     assert stack.reminders_sent(second) == []
 
 
+def test_a_connection_the_server_closed_while_idle_is_opened_again_and_sends_once():
+    """The kept connection found closed before the message went out (the server reads
+    nothing of it): a new connection sends it, once; only a failure after the content
+    went out leaves a reminder uncertain."""
+    import socket
+
+    from infrastructure.jobs.reminders import Email, Mailer
+    from tests.smtp import smtp_sink
+
+    with smtp_sink() as sink:
+        mailer = Mailer(sink.url, "Trialog Reminders <reminders@trialog.example>")
+        try:
+            assert mailer.send(Email(("ana@example.org",), "One", "1", "<p>1</p>")) == []
+            assert mailer._smtp is not None
+            mailer._smtp.sock.shutdown(socket.SHUT_RD)  # as if closed by the server
+            assert mailer.send(Email(("ana@example.org",), "Two", "2", "<p>2</p>")) == []
+        finally:
+            mailer.close()
+        assert [m["Subject"] for m in sink.wait_for(2)] == ["One", "Two"]
+        time.sleep(0.2)
+        assert len(sink.messages) == 2
+
+
 def test_the_mailer_sends_the_envelope_it_is_given_and_refuses_an_address_the_server_cant_take():
     """ASCII addresses go as the envelope given; an address beyond ASCII needs the
     server's SMTPUTF8, and without it the message is refused for good (not retried)."""
