@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     resolving = groups["reminders"].add_parser(
         "resolve", help="an uncertain reminder, from the SMTP server's log: --sent records "
                         "its ReminderSent; --not-sent hands it to the next scan")
-    resolving.add_argument("reminder_id")
+    resolving.add_argument("reminder_id", help="as trialog reminders uncertain lists it")
     answer = resolving.add_mutually_exclusive_group(required=True)
     answer.add_argument("--sent", action="store_true", help="the server took it")
     answer.add_argument("--not-sent", action="store_true", help="the server never had it")

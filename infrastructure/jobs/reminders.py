@@ -713,9 +713,10 @@ def resolve(t: Trialog, reminder_id: str, *, sent: bool, actor: str,
     with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         row = connection.execute(
             select(outbox).where(outbox.c.reminder_id == reminder_id)).first()
-        if row is None or row.status != "uncertain":
-            status = "unknown" if row is None else row.status
-            raise NotUncertain(f"reminder {reminder_id} is {status}, not uncertain")
+        if row is None:
+            raise NotUncertain(f"no reminder {reminder_id} in the outbox")
+        if row.status != "uncertain":
+            raise NotUncertain(f"reminder {reminder_id} is {row.status}, not uncertain")
         if sent and row.kind != query_notices.DIGEST:
             to = _opened(t, row.mailed_to) if row.mailed_to is not None else ()
             intent = _reminder_sent(t, row, to)

@@ -650,6 +650,8 @@ def test_the_command_line_lists_and_resolves_uncertain_reminders(stack, monkeypa
     assert capsys.readouterr().out == f"reminder {reminder_id}: sent\n"
     assert main(["reminders", "resolve", reminder_id, "--not-sent", "--actor", "dm-ana"]) == 1
     assert "is sent, not uncertain" in capsys.readouterr().err
+    assert main(["reminders", "resolve", "no-such-id", "--sent", "--actor", "dm-ana"]) == 1
+    assert capsys.readouterr().err == "trialog: no reminder no-such-id in the outbox\n"
     assert stack.reminders_sent(pid) == ["week6/window_open"]
 
 
