@@ -334,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_parser("scan", help=f"one scan of the {text}").set_defaults(func=func)
         groups[name] = group
     groups["reminders"].add_parser(
-        "uncertain", help="the reminders that may have been emailed (a sender stopped while "
-                          "SMTP talked), never emailed again until resolved; one JSON "
-                          "object a line").set_defaults(func=cmd_reminders_uncertain)
+        "uncertain", help="the reminders that may have been emailed (a sender stopped, or "
+                          "the connection failed, while SMTP talked), never emailed again "
+                          "until resolved; one JSON object a line"
+    ).set_defaults(func=cmd_reminders_uncertain)
     resolving = groups["reminders"].add_parser(
         "resolve", help="an uncertain reminder, from the SMTP server's log: --sent records "
                         "its ReminderSent; --not-sent hands it to the next scan")
@@ -345,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--sent", action="store_true", help="the server took it")
     answer.add_argument("--not-sent", action="store_true", help="the server never had it")
     resolving.add_argument("--actor", required=True, help="who resolves it; the event's actor")
-    resolving.add_argument("--reason", help="what showed it (recorded with the event)")
+    resolving.add_argument("--reason", required=True,
+                           help="what showed it (kept on the row, and with the event)")
     resolving.set_defaults(func=cmd_reminders_resolve)
 
     export = sub.add_parser("export", help="the trial's data, to standard output or a file")

@@ -242,6 +242,8 @@ def cmd_reminders_uncertain(args: argparse.Namespace) -> int:
 def cmd_reminders_resolve(args: argparse.Namespace) -> int:
     from infrastructure.jobs import reminders
 
+    if not args.actor.strip() or not args.reason.strip():
+        raise CliError("--actor and --reason: must not be blank")
     trialog = _app()
     try:
         status = reminders.resolve(trialog, args.reminder_id, sent=args.sent,

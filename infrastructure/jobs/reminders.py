@@ -161,13 +161,17 @@ def _record(session: Any, name: str, value: int, now: datetime) -> None:
 
 def hand_over(t: Trialog, enqueue: Callable[[Any], None], chunk: int = 1) -> int:
     """Enqueues pending rows (and mailed ones, whose ReminderSent is still to record, and
-    sending ones, whose sender may have stopped) not enqueued yet or long ago (the broker may have lost them), one id at a time or lists
+    sending ones long after sending began: their sender stopped) not enqueued yet or long
+    ago (the broker may have lost them), one id at a time or lists
     of ``chunk`` ids; a broker that is down leaves them for the next scan."""
     stale = datetime.now(UTC) - REENQUEUE_AFTER
     with t.engine.connect() as connection:
         ids = list(connection.execute(select(outbox.c.reminder_id).where(
             outbox.c.status.in_(TO_DO),
-            (outbox.c.enqueued_at.is_(None)) | (outbox.c.enqueued_at < stale))).scalars())
+            (outbox.c.enqueued_at.is_(None)) | (outbox.c.enqueued_at < stale),
+            # A row sending is looked at once its sender has had long enough.
+            (outbox.c.status != "sending") | outbox.c.sending_at.is_(None)
+            | (outbox.c.sending_at < stale))).scalars())
     handed: list[str] = []
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
@@ -415,8 +419,8 @@ def still_due(t: Trialog, participant: Participant, visit: str, kind: str,
 
 def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
     """Sends one outbox row; what happened: sent, recorded_before, cancelled, expired,
-    failed, uncertain (it may have gone, see the module's docstring), or done (nothing
-    left to do). Raises ReminderBusy while another sender has the
+    failed, uncertain (it may have gone, see the module's docstring), busy (another sender
+    changed the row meanwhile), or done (nothing left to do). Raises ReminderBusy while another sender has the
     row, TransientMailError when the server cannot take the message now."""
     with _alone_with(t, reminder_id) as connection:
         if connection is None:
@@ -434,13 +438,13 @@ def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
 def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
          today: date) -> tuple[str, tuple[str, ...] | None, Participant | None]:
     """What became of one pending, sending or mailed row (sent, recorded_before,
-    cancelled, expired, failed, uncertain), and the recipients when its ReminderSent is still to record (the
-    caller records it). A visit reminder, a raised query's email (keyed by the query id)
+    cancelled, expired, failed, uncertain, busy), and the recipients when its ReminderSent
+    is still to record (the caller records it). A visit reminder, a raised query's email (keyed by the query id)
     and a weekly digest (no participant, its row is its record) all pass here. Also the
     participant as loaded (for the caller's ReminderSent)."""
     if row.status == "sending":  # its sender stopped while SMTP talked
-        return _uncertain(connection, row, "the sender stopped while the message was being "
-                                           "sent; not sent again"), None, None
+        return _uncertain(connection, row, row.message_id, "the sender stopped while the "
+                          "message was being sent; not sent again"), None, None
     if row.kind == query_notices.DIGEST:
         return _send_digest(t, connection, mailer, row), None, None
     try:
@@ -483,12 +487,17 @@ def _mailed(t: Trialog, connection: Connection, row: Any, participant: Participa
     if _recorded(row, participant):
         _mark(connection, row, "sent")
         return "recorded_before", None, None
+    return "sent", _mailed_to(t, row, participant), participant
+
+
+def _mailed_to(t: Trialog, row: Any, participant: Participant) -> tuple[str, ...]:
+    """The addresses a row's email went to: as the row keeps them, or, for a row from
+    before it kept them, as they are now."""
     if row.mailed_to is not None:
-        return "sent", _opened(t, row.mailed_to), participant
-    # Mailed before the rows kept their addresses: the addresses as they are now.
+        return _opened(t, row.mailed_to)
     if row.kind == query_notices.RAISED:
-        return "sent", query_notices.raised_recipients(t, participant), participant
-    return "sent", recipients(t, participant), participant
+        return query_notices.raised_recipients(t, participant)
+    return recipients(t, participant)
 
 
 def _sealed(t: Trialog, to: tuple[str, ...]) -> bytes:
@@ -500,13 +509,26 @@ def _opened(t: Trialog, sealed: bytes) -> tuple[str, ...]:
     return tuple(json.loads(decrypt(t.service.mapper, sealed)))
 
 
-def _uncertain(connection: Connection, row: Any, why: str) -> str:
-    """A row whose email may or may not have gone: marked uncertain, for a person to look
-    at, and never emailed again (at most one email); nothing is recorded."""
-    _mark(connection, row, "uncertain", attempted=True, error=why)
+def _uncertain(connection: Connection, row: Any, message_id: str | None, why: str) -> str:
+    """A row sending ``message_id`` whose email may or may not have gone: marked uncertain,
+    for a person to look at, and never emailed again (at most one email); nothing is
+    recorded. Busy when the row is no longer that sending (another sender has it)."""
+    changed = connection.execute(_UNCERTAIN, {
+        "reminder": row.reminder_id, "sending": message_id, "error": why[:2000]})
+    if changed.rowcount != 1:
+        return "busy"
     log.warning("reminder may not have been sent; marked uncertain, not sent again",
-                extra={"reminder_id": row.reminder_id, "error": why})
+                extra={"reminder_id": row.reminder_id, "message_id": message_id,
+                       "error": why})
     return "uncertain"
+
+
+_UNCERTAIN = (update(outbox)
+              .where(outbox.c.reminder_id == bindparam("reminder"),
+                     outbox.c.status == "sending",
+                     outbox.c.message_id.is_not_distinct_from(bindparam("sending")))
+              .values(status="uncertain", attempts=outbox.c.attempts + 1,
+                      last_error=bindparam("error")))
 
 
 def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -> str:
@@ -546,8 +568,8 @@ def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: E
             return "busy"  # another sender changed the row meanwhile
         refused = mailer.send(email, message)
     except UncertainMailError as e:
-        return _uncertain(connection, row, f"the connection failed as the server was "
-                                           f"taking the message ({e}); not sent again")
+        return _uncertain(connection, row, message_id, f"the connection failed as the "
+                          f"server was taking the message ({e}); not sent again")
     except PermanentMailError as e:
         _mark(connection, row, "failed", attempted=True, error=str(e))
         log.warning("reminder cannot be sent; marked failed",
@@ -703,14 +725,17 @@ def shown(t: Trialog, row: Any) -> dict[str, Any]:
             "why": row.last_error}
 
 
-def resolve(t: Trialog, reminder_id: str, *, sent: bool, actor: str,
-            reason: str | None = None) -> str:
+def resolve(t: Trialog, reminder_id: str, *, sent: bool, actor: str, reason: str) -> str:
     """A person's answer for an uncertain row, from the SMTP server's log: ``sent``, its
-    ReminderSent is recorded by ``actor`` (to the addresses it went to, under the command
-    id a worker would have used) and the row marked sent; otherwise the row is pending
-    again, and the next scan hands it to the workers, which send it if it is still due
-    (not more than a day late). Returns the row's new status."""
-    with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+    ReminderSent is recorded by ``actor`` with ``reason`` (to the addresses it went to,
+    under the command id a worker would have used; unless it is recorded already) and the
+    row marked sent; otherwise the row is pending again, and the next scan hands it to the
+    workers, which send it if it is still due (not more than a day late). Either way the
+    row keeps who decided, when, why, and the Message-ID they decided on, before what it
+    said. Returns the row's new status."""
+    with _alone_with(t, reminder_id) as connection:
+        if connection is None:
+            raise NotUncertain(f"reminder {reminder_id} is being sent or resolved now")
         row = connection.execute(
             select(outbox).where(outbox.c.reminder_id == reminder_id)).first()
         if row is None:
@@ -718,17 +743,26 @@ def resolve(t: Trialog, reminder_id: str, *, sent: bool, actor: str,
         if row.status != "uncertain":
             raise NotUncertain(f"reminder {reminder_id} is {row.status}, not uncertain")
         if sent and row.kind != query_notices.DIGEST:
-            to = _opened(t, row.mailed_to) if row.mailed_to is not None else ()
-            intent = _reminder_sent(t, row, to)
-            t.bus.dispatch(intent.command, command_id=intent.command_id, actor=actor,
-                           reason=reason)
+            participant = t.service.get_participant(row.participant_id)
+            if not _recorded(row, participant):
+                intent = _reminder_sent(t, row, _mailed_to(t, row, participant))
+                t.bus.dispatch(intent.command, command_id=intent.command_id, actor=actor,
+                               reason=reason)
+        now = datetime.now(UTC)
         status = "sent" if sent else "pending"
-        connection.execute(update(outbox).where(outbox.c.reminder_id == reminder_id,
-                                                outbox.c.status == "uncertain")
-                           .values(status=status, enqueued_at=None,
-                                   sent_at=row.sending_at if sent else None))
-    log.info("uncertain reminder resolved", extra={"reminder_id": reminder_id,
-                                                   "status": status, "actor": actor})
+        note = (f"resolved as {'sent' if sent else 'not sent'} by {actor} on "
+                f"{now.isoformat(timespec='seconds')} (Message-ID {row.message_id}): "
+                f"{mask_emails_in(reason)}; before: {row.last_error}")
+        changed = connection.execute(
+            update(outbox).where(outbox.c.reminder_id == reminder_id,
+                                 outbox.c.status == "uncertain")
+            .values(status=status, enqueued_at=None, last_error=note[:2000],
+                    sent_at=row.sending_at if sent else None))
+        if changed.rowcount != 1:  # SQLite, which has no lock: another got there first
+            raise NotUncertain(f"reminder {reminder_id} changed meanwhile")
+    log.info("uncertain reminder resolved", extra={
+        "reminder_id": reminder_id, "status": status, "actor": actor,
+        "message_id": row.message_id, "reason": mask_emails_in(reason)})
     return status
 
 

@@ -333,9 +333,9 @@ outbox = Table(
     Column("sent_at", DateTime(timezone=True), nullable=True),
     # The query a ``query_raised`` email is about.
     Column("query_id", String(36), nullable=True, index=True),
-    # The addresses the email was sent to (a JSON list, sealed as the events' states are;
-    # any the server refused are noted in last_error): what its ReminderSent names,
-    # whatever the addresses are by then.
+    # The addresses the email goes to, kept as the row is marked sending (a JSON list,
+    # sealed as the events' states are; any the server refused are noted in last_error):
+    # what its ReminderSent names, whatever the addresses are by then.
     Column("mailed_to", LargeBinary, nullable=True),
     # When the row was marked sending, and its message's Message-ID: an uncertain row is
     # matched with the SMTP server's log by them.

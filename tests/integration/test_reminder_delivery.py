@@ -616,18 +616,82 @@ def test_an_uncertain_reminder_found_sent_is_recorded_by_who_resolved_it(stack):
     assert event.recipients == list(addresses(stack, pid))
     assert status(stack, reminder_id) == "sent"
     with pytest.raises(reminders.NotUncertain, match="is sent, not uncertain"):
-        reminders.resolve(stack.trialog, reminder_id, sent=False, actor="dm-ana")
+        reminders.resolve(stack.trialog, reminder_id, sent=False, actor="dm-ana",
+                          reason="a second look")
     assert len(stack.sink.messages) == 1
 
 
 def test_an_uncertain_reminder_found_not_sent_goes_out_with_the_next_scan(stack):
     pid, reminder_id = uncertain_one(stack)
-    assert reminders.resolve(stack.trialog, reminder_id, sent=False, actor="dm-ana") == (
-        "pending")
+    assert reminders.resolve(stack.trialog, reminder_id, sent=False, actor="dm-ana",
+                             reason="no 250 for its Message-ID in the SMTP log") == "pending"
     stack.scan(WINDOW_OPENS)  # hands the pending row to the workers
     wait_until(lambda: status(stack, reminder_id) == "sent")
     assert len(stack.sink.messages) == 2
     assert stack.reminders_sent(pid) == ["week6/window_open"]
+
+
+def test_resolving_keeps_who_why_and_the_message_id_on_the_row(stack):
+    pid, reminder_id = uncertain_one(stack)
+    message_id = outbox_row(stack, reminder_id).message_id
+    reminders.resolve(stack.trialog, reminder_id, sent=False, actor="dm-ana",
+                      reason=f"nothing in the log for {addresses(stack, pid)[0]}")
+    note = outbox_row(stack, reminder_id).last_error
+    assert note.startswith("resolved as not sent by dm-ana on ")
+    assert f"(Message-ID {message_id})" in note and "before: the connection failed" in note
+    assert addresses(stack, pid)[0] not in note  # masked, as every address on the row
+
+
+def test_an_uncertain_reminder_recorded_already_is_resolved_sent_without_a_second_event(
+        stack):
+    """An earlier resolution recorded ReminderSent, then stopped before marking the row:
+    resolving it again (with a reason, which makes another command under the same id)
+    only marks the row."""
+    pid, reminder_id = uncertain_one(stack)
+    row = outbox_row(stack, reminder_id)
+    intent = reminders._reminder_sent(stack.trialog, row, addresses(stack, pid))
+    stack.trialog.bus.dispatch(intent.command, command_id=intent.command_id, actor="dm-ana")
+    assert reminders.resolve(stack.trialog, reminder_id, sent=True, actor="dm-ana",
+                             reason="250 in the SMTP log") == "sent"
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
+
+
+def test_an_uncertain_reminder_without_its_addresses_is_recorded_to_the_current_ones(stack):
+    """A row that kept no addresses (from before the rows kept them): ReminderSent names
+    the addresses as they are now, never none."""
+    pid, reminder_id = uncertain_one(stack)
+    with stack.trialog.engine.begin() as connection:
+        connection.execute(update(outbox).where(outbox.c.reminder_id == reminder_id)
+                           .values(mailed_to=None))
+    reminders.resolve(stack.trialog, reminder_id, sent=True, actor="dm-ana",
+                      reason="250 in the SMTP log")
+    participant = stack.trialog.service.get_participant(pid)
+    [event] = [e for e in stack.trialog.service.events.get(participant.id)
+               if type(e).__name__ == "ReminderSent"]
+    assert event.recipients == list(addresses(stack, pid))
+
+
+def test_a_reminder_being_resolved_or_sent_is_not_resolved_at_the_same_time(stack):
+    _, reminder_id = uncertain_one(stack)
+    with reminders._alone_with(stack.trialog, reminder_id) as held:  # another has it
+        assert held is not None
+        with pytest.raises(reminders.NotUncertain, match="being sent or resolved now"):
+            reminders.resolve(stack.trialog, reminder_id, sent=True, actor="dm-ana",
+                              reason="250 in the SMTP log")
+    assert status(stack, reminder_id) == "uncertain"
+
+
+def test_a_row_sending_is_handed_over_again_only_once_its_sender_had_long_enough(stack):
+    stack.enrol(), stack.enrol()
+    fresh, old = scan_without_sending(stack, WINDOW_OPENS)
+    now = reminders.datetime.now(reminders.UTC)
+    with stack.trialog.engine.begin() as connection:
+        for reminder_id, began in ((fresh, now), (old, now - timedelta(minutes=10))):
+            connection.execute(update(outbox).where(outbox.c.reminder_id == reminder_id)
+                               .values(status="sending", sending_at=began, enqueued_at=None))
+    handed: list[str] = []
+    reminders.hand_over(stack.trialog, handed.append)
+    assert handed == [old]
 
 
 def test_the_command_line_lists_and_resolves_uncertain_reminders(stack, monkeypatch, capsys):
@@ -646,11 +710,14 @@ def test_the_command_line_lists_and_resolves_uncertain_reminders(stack, monkeypa
     assert [r["reminder_id"] for r in listed] == [reminder_id]
     assert listed[0]["to"] == [mask_email(a) for a in addresses(stack, pid)]
     assert not any(a in out for a in addresses(stack, pid))
-    assert main(["reminders", "resolve", reminder_id, "--sent", "--actor", "dm-ana"]) == 0
+    assert main(["reminders", "resolve", reminder_id, "--sent", "--actor", "dm-ana",
+                 "--reason", "250 in the SMTP log"]) == 0
     assert capsys.readouterr().out == f"reminder {reminder_id}: sent\n"
-    assert main(["reminders", "resolve", reminder_id, "--not-sent", "--actor", "dm-ana"]) == 1
+    assert main(["reminders", "resolve", reminder_id, "--not-sent", "--actor", "dm-ana",
+                 "--reason", "x"]) == 1
     assert "is sent, not uncertain" in capsys.readouterr().err
-    assert main(["reminders", "resolve", "no-such-id", "--sent", "--actor", "dm-ana"]) == 1
+    assert main(["reminders", "resolve", "no-such-id", "--sent", "--actor", "dm-ana",
+                 "--reason", "x"]) == 1
     assert capsys.readouterr().err == "trialog: no reminder no-such-id in the outbox\n"
     assert stack.reminders_sent(pid) == ["week6/window_open"]
 
