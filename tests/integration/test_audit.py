@@ -296,10 +296,24 @@ def test_the_deep_check_passes_over_a_snapshot_another_release_took(isolated):
     pid = enrol(t)
     for day in range(97):
         send(t, c.RecordDose(pid, dose(day)))
-    for derived_by, problems in (("another release", 0), (derivation(), 1)):
+    for derived_by, problems, passed_over in (("another release", 0, 1),
+                                              (derivation(), 1, 0)):
         _rewrite_snapshot(t, pid, lambda _: {"reminders": ["derived otherwise"],
                                              DERIVED_BY: derived_by})  # noqa: B023
-        assert len(check_store(t, processes=1, deep=True).problems) == problems
+        report = check_store(t, processes=1, deep=True).as_dict()
+        assert (len(report["problems"]), report["snapshots_passed_over"]) == (
+            problems, passed_over)
+    assert "snapshots_passed_over" not in check_store(t, processes=1).as_dict()
+
+
+def test_a_caller_of_some_sites_is_not_told_the_whole_stores_snapshots(isolated):
+    from domain.access import EVERY_SITE, Scope
+    from infrastructure.audit.verification import as_seen_by
+
+    answer = {"ok": True, "events_checked": 9, "problems": [], "deep": True,
+              "events_per_second": 90, "snapshots_passed_over": 3}
+    assert as_seen_by(isolated, EVERY_SITE, answer)["snapshots_passed_over"] == 3
+    assert "snapshots_passed_over" not in as_seen_by(isolated, Scope.of(["CASE"]), answer)
 
 
 def _rewrite_snapshot(t, pid: str, change) -> None:
