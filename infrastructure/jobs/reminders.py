@@ -162,8 +162,8 @@ def _record(session: Any, name: str, value: int, now: datetime) -> None:
 def hand_over(t: Trialog, enqueue: Callable[[Any], None], chunk: int = 1) -> int:
     """Enqueues pending rows (and mailed ones, whose ReminderSent is still to record, and
     sending ones long after sending began: their sender stopped) not enqueued yet or long
-    ago (the broker may have lost them), one id at a time or lists
-    of ``chunk`` ids; a broker that is down leaves them for the next scan."""
+    ago (the broker may have lost them), one id at a time or lists of ``chunk`` ids; a
+    broker that is down leaves them for the next scan."""
     stale = datetime.now(UTC) - REENQUEUE_AFTER
     with t.engine.connect() as connection:
         ids = list(connection.execute(select(outbox.c.reminder_id).where(
@@ -420,8 +420,9 @@ def still_due(t: Trialog, participant: Participant, visit: str, kind: str,
 def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
     """Sends one outbox row; what happened: sent, recorded_before, cancelled, expired,
     failed, uncertain (it may have gone, see the module's docstring), busy (another sender
-    changed the row meanwhile), or done (nothing left to do). Raises ReminderBusy while another sender has the
-    row, TransientMailError when the server cannot take the message now."""
+    changed the row meanwhile), or done (nothing left to do). Raises ReminderBusy while
+    another sender has the row, TransientMailError when the server cannot take the
+    message now."""
     with _alone_with(t, reminder_id) as connection:
         if connection is None:
             raise ReminderBusy(f"reminder {reminder_id} is being sent by another worker")
@@ -439,9 +440,9 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
          today: date) -> tuple[str, tuple[str, ...] | None, Participant | None]:
     """What became of one pending, sending or mailed row (sent, recorded_before,
     cancelled, expired, failed, uncertain, busy), and the recipients when its ReminderSent
-    is still to record (the caller records it). A visit reminder, a raised query's email (keyed by the query id)
-    and a weekly digest (no participant, its row is its record) all pass here. Also the
-    participant as loaded (for the caller's ReminderSent)."""
+    is still to record (the caller records it). A visit reminder, a raised query's email
+    (keyed by the query id) and a weekly digest (no participant, its row is its record)
+    all pass here. Also the participant as loaded (for the caller's ReminderSent)."""
     if row.status == "sending":  # its sender stopped while SMTP talked
         return _uncertain(connection, row, row.message_id, "the sender stopped while the "
                           "message was being sent; not sent again"), None, None
@@ -779,8 +780,8 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
     to each (as ``send`` says, ``busy`` for a row another sender has). The rules are
     ``send``'s: a row is held by one sender at a time, marked sending before SMTP talks
     and mailed as soon as the server took it, and never emailed again once sending. A
-    server that can't take a
-    message now ends the chunk: what was mailed is recorded, then TransientMailError."""
+    server that can't take a message now ends the chunk: what was mailed is recorded,
+    then TransientMailError."""
     outcomes: dict[str, str] = {}
     with _alone_with_many(t, reminder_ids) as (connection, held):
         outcomes.update({r: "busy" for r in reminder_ids if r not in held})
