@@ -85,9 +85,7 @@ def aromatase_inhibitor_generic_name(name: str, rules: EligibilityRules) -> str 
     """The generic name of the protocol's aromatase inhibitor that ``name`` names, by its
     generic or a brand name in any case (Anastrozole (Arimidex), Letrozole (Femara),
     Exemestane (Aromasin)); None for any other drug."""
-    wanted = name.casefold()
-    return next((ai.drug for ai in rules.aromatase_inhibitors
-                 if wanted in (n.casefold() for n in ai.names)), None)
+    return rules.generic_names.get(name.casefold())
 
 
 def aromatase_inhibitor_choices(rules: EligibilityRules) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from domain.errors import ProtocolError
@@ -55,6 +56,16 @@ class EligibilityRules:
     menopause_min_months_since_last_period: int
     menopause_age_without_fsh: int
     aromatase_inhibitors: tuple[AromataseInhibitor, ...]
+
+    @cached_property
+    def generic_names(self) -> dict[str, str]:
+        """Each name of the aromatase inhibitors, case-folded, to its generic name (that of
+        the first inhibitor that bears it)."""
+        names: dict[str, str] = {}
+        for ai in self.aromatase_inhibitors:
+            for name in ai.names:
+                names.setdefault(name.casefold(), ai.drug)
+        return names
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 # Attributes every LogRecord has; anything else was passed in ``extra`` and is logged.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -25,7 +27,10 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        try:
+            return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except orjson.JSONEncodeError:  # an integer past 64 bits
+            return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -22,7 +22,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
+from uuid import UUID
 
+import orjson
 import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError
 from eventsourcing_sqlalchemy.datastore import transactions
@@ -36,6 +38,7 @@ from tenacity import (
 )
 
 from domain.access import EVERY_SITE, Scope
+from domain.chain import LEAVES, canonical_bytes
 from domain.commands import DATA_COMMANDS, Audit, Command
 from domain.errors import DatabaseLocked, DomainError, IdempotencyKeyReused
 from domain.participant import Participant, participant_uuid
@@ -92,6 +95,11 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not serialisable: {value!r}")
 
 
+# A fingerprint is json's text of the command (recorded fingerprints can't change): dates
+# as ISO text, and nothing else JSON has no type for.
+_FINGERPRINTED = LEAVES - {UUID}
+
+
 def _inside_a_transaction() -> bool:
     try:
         transactions.get()
@@ -103,8 +111,7 @@ def _inside_a_transaction() -> bool:
 def fingerprint(command: Command, reason: str | None, expected_version: int | None) -> str:
     body = {"type": command.type_name(), "participant_id": command.participant_id,
             "reason": reason, "expected_version": expected_version, "data": command.data}
-    encoded = json.dumps(body, sort_keys=True, separators=(",", ":"), default=_plain)
-    return hashlib.sha256(encoded.encode()).hexdigest()
+    return hashlib.sha256(canonical_bytes(body, _plain, _FINGERPRINTED)).hexdigest()
 
 
 def _locked(row: Any) -> DatabaseLocked | None:
@@ -300,7 +307,8 @@ class CommandBus:
                 body: dict[str, Any]) -> dict[str, Any]:
         """The idempotency record: the first answer, its position found when replayed."""
         return {"command_id": intent.command_id, "fingerprint": digest,
-                "participant_id": body["participant_id"], "response": json.dumps(body),
+                "participant_id": body["participant_id"],
+                "response": orjson.dumps(body).decode(),
                 "recorded_at": audit.recorded_at}
 
     def dispatch_all(self, intents: list[Intent], loaded: Iterable[Participant] = (),
