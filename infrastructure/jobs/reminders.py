@@ -61,7 +61,7 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import decrypt, encrypt, load_participants
-from infrastructure.store.tables import outbox, positions, reminder_schedule
+from infrastructure.store.tables import as_utc, outbox, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
 # The statuses of rows a sender still has something to do for: email (pending), record
@@ -443,7 +443,9 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
     is still to record (the caller records it). A visit reminder, a raised query's email
     (keyed by the query id) and a weekly digest (no participant, its row is its record)
     all pass here. Also the participant as loaded (for the caller's ReminderSent)."""
-    if row.status == "sending":  # its sender stopped while SMTP talked
+    if row.status == "sending":
+        if not _sender_stopped(connection, row):
+            return "busy", None, None
         return _uncertain(connection, row, row.message_id, "the sender stopped while the "
                           "message was being sent; not sent again"), None, None
     if row.kind == query_notices.DIGEST:
@@ -477,6 +479,16 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
     if outcome != "sent":
         return outcome, None, None
     return outcome, email.to, participant
+
+
+def _sender_stopped(connection: Connection, row: Any) -> bool:
+    """Whether the sender that marked ``row`` sending has stopped (the email may have gone
+    or not). On PostgreSQL, yes: the caller holds the reminder's lock, which that sender held
+    while it lived. SQLite has no such lock: only once the sender has had long enough
+    (REENQUEUE_AFTER, as ``hand_over`` waits); until then it may still be talking to SMTP."""
+    if connection.dialect.name == "postgresql" or row.sending_at is None:
+        return True
+    return as_utc(row.sending_at) < datetime.now(UTC) - REENQUEUE_AFTER
 
 
 def _mailed(t: Trialog, connection: Connection, row: Any, participant: Participant

@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -579,6 +579,47 @@ def test_a_row_changed_since_it_was_read_is_not_emailed(stack):
     with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         assert reminders._mail(t, connection, mailer, row, email) == "busy"
     assert stack.sink.messages == [] and status(stack, reminder_id) == "sending"
+
+
+def test_on_sqlite_a_row_sending_is_left_to_its_sender_until_it_has_had_long_enough(
+        tmp_path):
+    """SQLite has no lock to tell a sender still talking to SMTP from one that stopped: a
+    second sender finding the row sending leaves it (busy) for REENQUEUE_AFTER, emailing no
+    one and marking nothing; after that it counts the sender as stopped (uncertain)."""
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+    from tests.integration.test_workers import Clock
+    from tests.smtp import smtp_sink
+
+    with smtp_sink() as sink:
+        clock = Clock(REGISTERED)
+        t = bootstrap(settings_for(f"sqlite:///{tmp_path / 'trialog.db'}",
+                                   TRIALOG_SMTP_URL=sink.url), migrate=True, clock=clock)
+        try:
+            lite = Stack(t, None, sink, clock)  # type: ignore[arg-type]
+            pid = lite.enrol()
+            (reminder_id,) = scan_without_sending(lite, WINDOW_OPENS)
+            mailer = reminders.Mailer(sink.url, t.settings.mail_from)
+
+            def sending_since(moment: datetime) -> None:
+                with t.engine.begin() as connection:
+                    connection.execute(update(outbox).where(
+                        outbox.c.reminder_id == reminder_id).values(
+                        status="sending", sending_at=moment, message_id="<m@example.org>"))
+
+            sending_since(datetime.now(UTC) - timedelta(seconds=20))  # a sender talking now
+            assert reminders.send(t, mailer, reminder_id, WINDOW_OPENS) == "busy"
+            assert reminders.send_chunk(t, mailer, [reminder_id], WINDOW_OPENS) == {
+                reminder_id: "busy"}
+            row = outbox_row(lite, reminder_id)
+            assert (row.status, row.last_error) == ("sending", None)
+            sending_since(datetime.now(UTC) - reminders.REENQUEUE_AFTER
+                          - timedelta(seconds=1))
+            assert reminders.send(t, mailer, reminder_id, WINDOW_OPENS) == "uncertain"
+            assert "sender stopped" in outbox_row(lite, reminder_id).last_error
+            assert sink.messages == [] and lite.reminders_sent(pid) == []
+        finally:
+            t.close()
 
 
 def uncertain_one(stack: Stack) -> tuple[str, str]:
