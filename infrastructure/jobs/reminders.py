@@ -338,7 +338,14 @@ class _SMTP(smtplib.SMTP):
     content_sent = False
 
     def getreply(self) -> tuple[int, bytes]:
-        code, reply = super().getreply()
+        try:
+            code, reply = super().getreply()
+        except smtplib.SMTPResponseException as e:
+            # smtplib's own "500 Line too long" (a reply past the length it reads, the
+            # connection closed): not the server's answer, which it could not read.
+            raise smtplib.SMTPServerDisconnected(
+                f"{e.smtp_code} {_reply(e.smtp_error)} (the client's, not the server's "
+                f"reply)") from None
         if code == 354:
             self.content_sent = True
         return code, reply

@@ -517,6 +517,20 @@ def test_a_connection_lost_once_the_message_went_out_is_never_sent_again(stack):
     assert len(stack.sink.messages) == 1
 
 
+def test_a_reply_to_the_message_the_client_can_t_read_leaves_it_uncertain(stack):
+    """The server answered the message's content with a line longer than smtplib reads:
+    smtplib closes the connection and calls it "500 Line too long", its own words, not the
+    server's refusal. The server may have taken the message: uncertain, not failed."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    stack.sink.overlong = True
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "uncertain"
+    row = outbox_row(stack, reminder_id)
+    assert row.status == "uncertain" and "Line too long" in row.last_error
+    assert stack.reminders_sent(pid) == [] and len(stack.sink.messages) == 1
+
+
 SENDER = """
 import os, sys
 from datetime import date
