@@ -63,8 +63,13 @@ def canonical_bytes(content: dict[str, Any], default: Any = _scalar,
                     leaves: frozenset[type] = LEAVES) -> bytes:
     """``content`` as json writes it with sorted keys, no spaces, ASCII and ``default`` for
     what JSON has no type for, byte for byte: by orjson where that is the same text, when
-    ``content`` is made of ``leaves`` (a subset of LEAVES) in dicts, lists and tuples."""
-    if _plain(content, leaves):
+    ``content`` is made of ``leaves`` in dicts, lists and tuples. ``leaves`` is a subset of
+    LEAVES: JSON's own types and those of them ``default`` writes as ``_scalar`` does."""
+    try:
+        plain = _plain(content, leaves)
+    except RecursionError:  # nested past the walk's depth: json's own limit decides
+        plain = False
+    if plain:
         try:
             fast = orjson.dumps(content, default=default, option=_ORJSON)
         except orjson.JSONEncodeError:  # an integer past 64 bits, a value default refuses

@@ -29,8 +29,8 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         try:
             return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-        except orjson.JSONEncodeError:  # an integer past 64 bits
-            return json.dumps(entry, default=str, ensure_ascii=False)
+        except orjson.JSONEncodeError:  # an integer past 64 bits, a lone surrogate
+            return json.dumps(entry, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 def configure_logging(level: int = logging.INFO) -> None:

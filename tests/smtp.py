@@ -15,6 +15,8 @@ from aiosmtpd.controller import Controller
 
 from tests.e2e.conftest import free_port
 
+OVERLONG = "250 " + "x" * 9000  # a reply line longer than smtplib reads (8192 bytes)
+
 
 @dataclass
 class Sink:
@@ -24,7 +26,9 @@ class Sink:
     defer: set[str] = field(default_factory=set)  # addresses answered 451
     holding: bool = False  # the next DATA is left unanswered until release() (or a minute)
     dropping: bool = False  # the next DATA is kept, and its connection closed unanswered
-    overlong: bool = False  # the next DATA is kept, and answered past a client's line limit
+    # Commands (DATA, RCPT, RSET) whose next reply is longer than a client reads (a DATA's
+    # message is kept).
+    overlong: set[str] = field(default_factory=set)
     released: threading.Event = field(default_factory=threading.Event)
     received: threading.Event = field(default_factory=threading.Event)
     port: int = 0
@@ -35,6 +39,9 @@ class Sink:
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: Any) -> str:
+        if "RCPT" in self.overlong:
+            self.overlong.discard("RCPT")
+            return OVERLONG
         if address in self.refuse:
             return f"550 5.1.1 <{address}>: mailbox unavailable"
         if address in self.defer:
@@ -52,15 +59,21 @@ class Sink:
             self.dropping = False
             server.transport.abort()
             return "421 gone"
-        if self.overlong:  # a reply line longer than smtplib reads (8192 bytes)
-            self.overlong = False
-            return "250 " + "x" * 9000
+        if "DATA" in self.overlong:
+            self.overlong.discard("DATA")
+            return OVERLONG
         if self.holding:
             self.holding = False
             deadline = time.monotonic() + 60
             while not self.released.is_set() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         return "250 Message accepted"
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        if "RSET" in self.overlong:
+            self.overlong.discard("RSET")
+            return OVERLONG
+        return "250 OK"
 
     def hold(self) -> None:
         """Leaves the next DATA unanswered until release()."""

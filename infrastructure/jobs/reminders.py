@@ -232,6 +232,9 @@ class Mailer:
             raise error("recipients refused: " + "; ".join(_refusals(e.recipients))) from None
         except smtplib.SMTPNotSupportedError as e:  # e.g. a non-ASCII address, no SMTPUTF8
             raise PermanentMailError(mask_emails_in(str(e))) from None
+        except _Unreadable as e:  # before the message's content (after: uncertain)
+            self.close()
+            raise PermanentMailError(mask_emails_in(str(e))) from None
         except smtplib.SMTPResponseException as e:
             error = PermanentMailError if e.smtp_code >= 500 else TransientMailError
             raise error(f"{e.smtp_code} {_reply(e.smtp_error)}") from None
@@ -309,16 +312,22 @@ class Mailer:
             except smtplib.SMTPResponseException:
                 raise  # the server's own answer: it did not take the message
             except smtplib.SMTPRecipientsRefused:
-                smtp.rset()
+                try:
+                    smtp.rset()
+                except (smtplib.SMTPException, OSError):
+                    self.close()  # the refusal stands; a new connection next time
                 raise
             except (smtplib.SMTPException, OSError) as e:
                 if smtp.content_sent:  # the server may have taken it: not sent again
                     self.close()
                     raise UncertainMailError(
                         mask_emails_in(str(e)) or type(e).__name__) from None
+                if isinstance(e, _Unreadable):
+                    self.close()
+                    raise
                 if not isinstance(e, smtplib.SMTPServerDisconnected) or attempt == 2:
                     raise
-                self._smtp = None  # closed while idle: one new connection, then give up
+                self._smtp = None  # closed (while idle): one new connection, then give up
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -328,6 +337,18 @@ class Mailer:
             except (smtplib.SMTPException, OSError):
                 pass
             self._smtp = None
+
+
+class _Unreadable(smtplib.SMTPServerDisconnected):
+    """smtplib's "500 Line too long.": a reply longer than it reads, the connection closed
+    by smtplib itself. The server's answer went unread: after the message's content, it
+    may have taken it; before, nothing went and the server can't be talked to (a
+    permanent failure, as smtplib's 500 was); and smtplib's RSET after every recipient
+    was refused passes over it, so the refusals stand."""
+
+    def __init__(self, said: str) -> None:
+        super().__init__(f"smtplib: {said} (a reply longer than it reads; the connection "
+                         "closed)")
 
 
 class _SMTP(smtplib.SMTP):
@@ -340,12 +361,8 @@ class _SMTP(smtplib.SMTP):
     def getreply(self) -> tuple[int, bytes]:
         try:
             code, reply = super().getreply()
-        except smtplib.SMTPResponseException as e:
-            # smtplib's own "500 Line too long" (a reply past the length it reads, the
-            # connection closed): not the server's answer, which it could not read.
-            raise smtplib.SMTPServerDisconnected(
-                f"{e.smtp_code} {_reply(e.smtp_error)} (the client's, not the server's "
-                f"reply)") from None
+        except smtplib.SMTPResponseException as e:  # smtplib's own, not the server's
+            raise _Unreadable(_reply(e.smtp_error)) from None
         if code == 354:
             self.content_sent = True
         return code, reply
@@ -427,9 +444,9 @@ def still_due(t: Trialog, participant: Participant, visit: str, kind: str,
 def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
     """Sends one outbox row; what happened: sent, recorded_before, cancelled, expired,
     failed, uncertain (it may have gone, see the module's docstring), busy (another sender
-    changed the row meanwhile), or done (nothing left to do). Raises ReminderBusy while
-    another sender has the row, TransientMailError when the server cannot take the
-    message now."""
+    changed the row meanwhile, or, on SQLite, still has it sending), or done (nothing left
+    to do). Raises ReminderBusy while another sender holds the row's lock (PostgreSQL),
+    TransientMailError when the server cannot take the message now."""
     with _alone_with(t, reminder_id) as connection:
         if connection is None:
             raise ReminderBusy(f"reminder {reminder_id} is being sent by another worker")

@@ -523,12 +523,45 @@ def test_a_reply_to_the_message_the_client_can_t_read_leaves_it_uncertain(stack)
     server's refusal. The server may have taken the message: uncertain, not failed."""
     pid = stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    stack.sink.overlong = True
+    stack.sink.overlong = {"DATA"}
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "uncertain"
     row = outbox_row(stack, reminder_id)
     assert row.status == "uncertain" and "Line too long" in row.last_error
     assert stack.reminders_sent(pid) == [] and len(stack.sink.messages) == 1
+
+
+def test_a_reply_the_client_can_t_read_before_the_message_went_is_a_failure(stack):
+    """The same unreadable reply to a recipient: nothing went, the server can't be talked
+    to. The row fails (as smtplib's "500" did), not retried for ever."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    stack.sink.overlong = {"RCPT"}
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "failed"
+    row = outbox_row(stack, reminder_id)
+    assert row.status == "failed" and "Line too long" in row.last_error
+    assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
+
+
+def test_every_recipient_refused_stays_the_reason_when_the_reset_goes_unread(stack):
+    """Every recipient refused, then smtplib's RSET answered past what it reads (it closes
+    the connection): the refusals are what the row says, a permanent failure; the next
+    message goes over a new connection."""
+    pid = stack.enrol()
+    other = stack.enrol()
+    first, second = scan_without_sending(stack, WINDOW_OPENS)
+    refused = first if outbox_row(stack, first).participant_id == pid else second
+    stack.sink.refuse = set(addresses(stack, pid))
+    stack.sink.overlong = {"RSET"}
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, refused, WINDOW_OPENS) == "failed"
+    row = outbox_row(stack, refused)
+    assert row.status == "failed" and "recipients refused" in row.last_error
+    stack.sink.refuse = set()
+    other_row = second if refused == first else first
+    assert reminders.send(stack.trialog, mailer, other_row, WINDOW_OPENS) == "sent"
+    assert stack.reminders_sent(other) and not stack.reminders_sent(pid)
 
 
 SENDER = """

@@ -85,3 +85,21 @@ def test_the_contents_whose_json_text_differs_from_orjson_s(content: dict[str, A
 def test_the_leaves_are_the_types_the_canonical_text_knows() -> None:
     assert {str, int, bool, type(None), date, datetime, UUID} == LEAVES
     assert UUID not in _FINGERPRINTED
+
+
+def test_content_past_the_walk_s_depth_is_json_s_to_write_or_refuse() -> None:
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular reference"):
+        canonical_bytes(circular)
+    deep = inner = {}
+    for _ in range(950):  # deeper than the walk goes on Python 3.11's default limit
+        inner["a"] = {}
+        inner = inner["a"]
+    try:
+        expected = reference(deep)
+    except RecursionError:
+        with pytest.raises(RecursionError):
+            canonical_bytes(deep)
+    else:
+        assert canonical_bytes(deep) == expected
