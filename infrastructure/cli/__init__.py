@@ -1,4 +1,4 @@
-"""The ``trialog`` command line."""
+"""The trialog command line."""
 
 from __future__ import annotations
 
@@ -328,10 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     follow.set_defaults(func=cmd_projections_follow)
 
     groups = {}
-    for name, func, text in (("reminders", cmd_reminders_scan, "reminders due now"),
-                             ("deviations", cmd_deviations_scan, "deviation rules now")):
+    for name, func, text, scan in (
+            ("reminders", cmd_reminders_scan,
+             "visit reminders: a scan now; those that may have been emailed",
+             "the reminders due now"),
+            ("deviations", cmd_deviations_scan, "deviation rules now",
+             "the deviation rules now")):
         group = sub.add_parser(name, help=text).add_subparsers(dest=name, required=True)
-        group.add_parser("scan", help=f"one scan of the {text}").set_defaults(func=func)
+        group.add_parser("scan", help=f"one scan of {scan}").set_defaults(func=func)
         groups[name] = group
     groups["reminders"].add_parser(
         "uncertain", help="the reminders that may have been emailed (a sender stopped, or "
