@@ -9,7 +9,7 @@ from datetime import date
 from typing import Any, ClassVar, Self
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
+from eventsourcing.application import AggregateNotFoundError, Application, Repository
 from eventsourcing.persistence import EventStore, JSONTranscoder, Transcoding
 
 from domain import commands as c
@@ -47,6 +47,28 @@ class DateAsISO(Transcoding):
 
     def decode(self, data: str) -> date:
         return date.fromisoformat(data)
+
+
+def project(aggregate: Any, events: Iterable[Any]) -> Any:
+    """The aggregate ``events`` make of ``aggregate`` (None: from nothing; a snapshot may
+    come first): the library's ``project_aggregate`` without its check, for each event,
+    that it can mutate an aggregate, an isinstance against a runtime Protocol that costs
+    ~12 µs an event here (a millisecond of loading a participant 100 events past its
+    snapshot)."""
+    for event in events:
+        aggregate = event.mutate(aggregate)
+    return aggregate
+
+
+class Replaying(Repository[UUID]):
+    """The library's repository, replaying events with ``project``."""
+
+    def get(self, aggregate_id: UUID, *, version: int | None = None,
+            projector_func: Any = project, fastforward_skipping: bool = False,
+            deepcopy_from_cache: bool = True) -> Any:
+        return super().get(aggregate_id, version=version, projector_func=projector_func,
+                           fastforward_skipping=fastforward_skipping,
+                           deepcopy_from_cache=deepcopy_from_cache)
 
 
 class Snapshots(EventStore[UUID]):
@@ -148,6 +170,10 @@ class TrialService(Application[Any]):
     def construct_snapshot_store(self) -> EventStore[UUID]:
         store = super().construct_snapshot_store()
         return Snapshots(store.mapper, store.recorder)
+
+    def construct_repository(self) -> Repository[UUID]:
+        # No aggregate cache, as the library's default: another process may have written.
+        return Replaying(self.events, snapshot_store=self.snapshots)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
@@ -454,7 +480,7 @@ class Together:
                     stored: Any = self.service.repository.get(key)
                 except AggregateNotFoundError:
                     stored = None
-                self.aggregates[key] = project_aggregate(stored, self.decided.get(key, []))
+                self.aggregates[key] = project(stored, self.decided.get(key, []))
 
     def save(self) -> dict[tuple[UUID, int], int]:
         """Every decided event in one insert, in the order decided, and the snapshots the

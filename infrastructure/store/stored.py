@@ -14,7 +14,6 @@ from uuid import UUID
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from eventsourcing.application import project_aggregate
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
@@ -22,6 +21,7 @@ from sqlalchemy import Uuid, case, func, literal, select, tuple_, union_all
 
 from domain.chain import canonical_json
 from domain.participant import Participant, participant_uuid
+from domain.service import project
 from infrastructure.store.tables import any_of
 
 PARTICIPANT_TOPIC = get_topic(Participant) + "."
@@ -131,7 +131,7 @@ def load_participants(service: Any, session: Any, participant_ids: set[str]
             streams.setdefault(key, []).append(service.mapper.to_domain_event(stored))
     for key, before in _events_up_to(service, session, passed_over).items():
         streams[key] = before + streams.get(key, [])
-    loaded = [project_aggregate(None, stream) for stream in streams.values()]
+    loaded = [project(None, stream) for stream in streams.values()]
     return loaded, wanted - set(streams)
 
 

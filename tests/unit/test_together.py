@@ -103,3 +103,22 @@ def test_a_fault_inside_an_events_apply_leaves_the_next_commands_the_state_befor
         together.save()
     stored = service.get_participant(pid)
     assert (stored.version, stored.status) == (1, "screened")
+
+
+def test_the_repository_replays_what_the_library_s_projector_would(service):
+    """The repository folds events with ``project`` (no per-event Protocol check): the
+    same participant as the library's ``project_aggregate``, at every version asked."""
+    from eventsourcing.application import project_aggregate
+
+    from domain.service import Replaying
+
+    pid = new_participant_id()
+    for command in (c.ScreenParticipant(pid, screening("CASE")), c.RecordConsent(pid, consent())):
+        service.execute(command, audit())
+    assert isinstance(service.repository, Replaying)
+    events = list(service.events.get(participant_uuid(pid)))
+    for version in (1, 2):
+        ours = service.get_participant(pid, version=version)
+        theirs = project_aggregate(None, events[:version])
+        assert vars(ours) == vars(theirs) and ours.version == version
+    assert vars(service.get_participant(pid)) == vars(project_aggregate(None, events))
