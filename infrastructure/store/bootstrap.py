@@ -101,4 +101,9 @@ def bootstrap(settings: Settings, *, migrate: bool | None = None,
     trialog = Trialog(settings, protocol, service, CommandBus(service, clock))
     if migrate if migrate is not None else settings.is_sqlite:
         migrations.upgrade(trialog.engine)
+        if settings.is_sqlite:
+            # WAL now, before this process's threads begin transactions: the library
+            # switches on its first one, and a thread beginning meanwhile found the
+            # database locked by the switch.
+            service.recorder.datastore.init_sqlite_wal_mode()
     return trialog

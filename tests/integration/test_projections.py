@@ -284,6 +284,18 @@ def test_followers_starting_together_create_their_position_row_once(trialog):
     assert follower.position() == 0
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_sqlite_database_is_in_wal_mode_before_its_first_transaction(trialog):
+    """The library switches SQLite to WAL on its first transaction, which takes the whole
+    file: threads beginning at that moment (followers starting together) found the
+    database locked. bootstrap switches it first."""
+    import sqlite3
+
+    path = trialog.settings.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 @pytest.mark.parametrize("isolated_url", ["postgresql"], indirect=True)
 def test_the_feeds_follower_renders_every_event_once_under_8_concurrent_writers(isolated):
     feed = FeedProjection(isolated, batch_size=50)
