@@ -130,6 +130,7 @@ class TrialService(Application[Any]):
     # snapshot and the events after it (snapshots are encrypted like the events; the
     # events stay the record).
     snapshotting_intervals: ClassVar[dict[type[Any], int]] = {Participant: 100}
+    snapshotting_projectors: ClassVar[dict[type[Any], Any]] = {Participant: project}
 
     def __init__(self, protocol: Protocol, allocation_seed: bytes,
                  env: dict[str, str] | None = None,
@@ -172,8 +173,11 @@ class TrialService(Application[Any]):
         return Snapshots(store.mapper, store.recorder)
 
     def construct_repository(self) -> Repository[UUID]:
-        # No aggregate cache, as the library's default: another process may have written.
-        return Replaying(self.events, snapshot_store=self.snapshots)
+        # The library's repository, with the settings it read (an aggregate cache, off by
+        # default), replaying with ``project``.
+        repository = super().construct_repository()
+        repository.__class__ = Replaying
+        return repository
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
@@ -494,7 +498,8 @@ class Together:
             interval = self.service.snapshotting_intervals.get(type(self.aggregates[key]))
             for event in events:
                 if interval and event.originator_version % interval == 0:
-                    self.service.take_snapshot(key, version=event.originator_version)
+                    self.service.take_snapshot(key, version=event.originator_version,
+                                               projector_func=project)
         return {(r.domain_event.originator_id, r.domain_event.originator_version):
                 r.notification.id for r in recordings}
 

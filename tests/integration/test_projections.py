@@ -290,9 +290,10 @@ def test_a_sqlite_database_is_in_wal_mode_before_its_first_transaction(trialog):
     file: threads beginning at that moment (followers starting together) found the
     database locked. bootstrap switches it first."""
     import sqlite3
+    from contextlib import closing
 
     path = trialog.settings.database_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as connection:
+    with closing(sqlite3.connect(path)) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 

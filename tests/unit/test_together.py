@@ -122,3 +122,6 @@ def test_the_repository_replays_what_the_library_s_projector_would(service):
         theirs = project_aggregate(None, events[:version])
         assert vars(ours) == vars(theirs) and ours.version == version
     assert vars(service.get_participant(pid)) == vars(project_aggregate(None, events))
+    service.take_snapshot(participant_uuid(pid), version=1)  # then loaded from it
+    assert next(iter(service.snapshots.get(participant_uuid(pid)))).originator_version == 1
+    assert vars(service.get_participant(pid)) == vars(project_aggregate(None, events))
