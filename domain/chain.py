@@ -36,8 +36,9 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_sc
 # and of floats it writes as json does, and its text is kept only if it is ASCII without
 # DEL; anything else is json's.
 LEAVES: frozenset[type] = frozenset({str, int, bool, type(None), date, datetime, UUID})
-_ORJSON = (orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
-           | orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS)
+# Dates and datetimes go to ``default`` (json's text of them is its call); nothing else
+# but plain types reaches orjson (``_plain``).
+_ORJSON = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def _plain(value: Any, leaves: frozenset[type]) -> bool:

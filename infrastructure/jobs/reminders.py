@@ -322,11 +322,9 @@ class Mailer:
                     self.close()
                     raise UncertainMailError(
                         mask_emails_in(str(e)) or type(e).__name__) from None
-                if isinstance(e, _Unreadable):
-                    self.close()
-                    raise
-                if not isinstance(e, smtplib.SMTPServerDisconnected) or attempt == 2:
-                    raise
+                if (not isinstance(e, smtplib.SMTPServerDisconnected)
+                        or isinstance(e, _Unreadable) or attempt == 2):
+                    raise  # (an unreadable reply: send closes the connection)
                 self._smtp = None  # closed (while idle): one new connection, then give up
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -517,31 +517,23 @@ def test_a_connection_lost_once_the_message_went_out_is_never_sent_again(stack):
     assert len(stack.sink.messages) == 1
 
 
-def test_a_reply_to_the_message_the_client_can_t_read_leaves_it_uncertain(stack):
-    """The server answered the message's content with a line longer than smtplib reads:
-    smtplib closes the connection and calls it "500 Line too long", its own words, not the
-    server's refusal. The server may have taken the message: uncertain, not failed."""
+@pytest.mark.parametrize(("unread", "status", "emails"), [("DATA", "uncertain", 1),
+                                                          ("RCPT", "failed", 0)])
+def test_a_reply_the_client_can_t_read_is_uncertain_after_the_message_failed_before(
+        stack, unread, status, emails):
+    """The server answered with a line longer than smtplib reads: smtplib closes the
+    connection and calls it "500 Line too long", its own words, not the server's refusal.
+    To the message's content, the server may have taken it: uncertain, not failed. To a
+    recipient, nothing went and the server can't be talked to: failed (as smtplib's "500"
+    was), not retried for ever."""
     pid = stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    stack.sink.overlong = {"DATA"}
+    stack.sink.overlong = {unread}
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
-    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "uncertain"
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == status
     row = outbox_row(stack, reminder_id)
-    assert row.status == "uncertain" and "Line too long" in row.last_error
-    assert stack.reminders_sent(pid) == [] and len(stack.sink.messages) == 1
-
-
-def test_a_reply_the_client_can_t_read_before_the_message_went_is_a_failure(stack):
-    """The same unreadable reply to a recipient: nothing went, the server can't be talked
-    to. The row fails (as smtplib's "500" did), not retried for ever."""
-    pid = stack.enrol()
-    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    stack.sink.overlong = {"RCPT"}
-    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
-    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "failed"
-    row = outbox_row(stack, reminder_id)
-    assert row.status == "failed" and "Line too long" in row.last_error
-    assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
+    assert row.status == status and "Line too long" in row.last_error
+    assert stack.reminders_sent(pid) == [] and len(stack.sink.messages) == emails
 
 
 def test_every_recipient_refused_stays_the_reason_when_the_reset_goes_unread(stack):
