@@ -333,8 +333,8 @@ def reminder_results(workdir: Path) -> list[dict[str, Any]]:
     """Emails/s to a local SMTP sink; the daily scan over 100k participants."""
     port, other_port = http.free_port(), http.free_port()
     sink = reminder_bench.smtp_sink_process(port)
-    # The same senders to the test suite's SMTP server, for comparison (see
-    # smtp_sink_process: on this machine the sink's CPU is the senders' cores').
+    # The same number of reminders again, just after, to the test suite's SMTP server, for
+    # comparison (see smtp_sink_process: on this machine the sink's CPU is the senders').
     other_sink = reminder_bench.smtp_sink_process(other_port, "aiosmtpd")
     try:
         with database("postgresql", workdir) as (url, raw_env):
@@ -348,15 +348,16 @@ def reminder_results(workdir: Path) -> list[dict[str, Any]]:
                     t, env, N_REMINDERS * 4)
                 to_aiosmtpd, _ = reminder_bench.chunked_sends_per_second(
                     t, env | {"TRIALOG_SMTP_URL": f"smtp://127.0.0.1:{other_port}"},
-                    N_REMINDERS * 2)
+                    N_REMINDERS * 4)
                 sent = reminder_bench.sends_per_second(t, settings.smtp_url, N_REMINDERS)
                 raw = raw_single_event_saves(raw_env, N_REMINDERS)
                 scan, found = reminder_bench.scan_ms(t, SCAN_PARTICIPANTS)
             finally:
                 t.close()
     finally:
-        sink.terminate()
-        other_sink.terminate()
+        for process in (sink, other_sink):
+            process.terminate()
+            process.join(10)
     scan_row = result("reminder_scan_ms", scan, "ms", "library_single_event_save", raw,
                       "postgresql")
     scan_row["ratio"] = None

@@ -22,9 +22,9 @@ from tests.factories import consent, screening
 
 class _PlainSink(asyncio.Protocol):
     """An SMTP server that takes every message and keeps none: each command answered in
-    order (EHLO with its extensions, 354 to DATA, 221 to QUIT, 250 to the rest), and a
-    message's content read up to its terminating line (``CRLF.CRLF``) before it is
-    answered."""
+    order (EHLO with its extensions, 354 to DATA, 221 to QUIT, 250 to the rest, blank
+    lines, unknown verbs and a DATA with no recipient included), and a message's content
+    read up to its terminating line (``CRLF.CRLF``) before it is answered."""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -94,7 +94,9 @@ def smtp_sink_process(port: int, kind: str = "plain") -> multiprocessing.Process
     ready = multiprocessing.Event()
     process = multiprocessing.Process(target=_sink, args=(port, ready, kind), daemon=True)
     process.start()
-    ready.wait(30)
+    if not ready.wait(30):  # e.g. the port taken meanwhile
+        process.terminate()
+        raise RuntimeError(f"the {kind} SMTP sink did not start on port {port}")
     return process
 
 
