@@ -102,11 +102,13 @@ def stack() -> Iterator[Stack]:
             trialog.close()
 
 
-def wait_until(condition, timeout: float = 30) -> None:
+def wait_until(condition, timeout: float = 30) -> Any:
+    """Polls ``condition`` until it gives something true: that."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (found := condition()):
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+    return found
 
 
 def test_reminders_arrive_once_in_the_participants_language_at_their_offsets(stack):
