@@ -495,11 +495,13 @@ class Together:
         # (rather than aggregates), without its check, for each, of what it was given.
         recordings = self.service.events.put(self.events)
         for key, events in self.decided.items():
-            interval = self.service.snapshotting_intervals.get(type(self.aggregates[key]))
+            kind = type(self.aggregates[key])
+            interval = self.service.snapshotting_intervals.get(kind)
             for event in events:
                 if interval and event.originator_version % interval == 0:
-                    self.service.take_snapshot(key, version=event.originator_version,
-                                               projector_func=project)
+                    self.service.take_snapshot(
+                        key, version=event.originator_version,
+                        projector_func=self.service.snapshotting_projectors.get(kind, project))
         return {(r.domain_event.originator_id, r.domain_event.originator_version):
                 r.notification.id for r in recordings}
 
