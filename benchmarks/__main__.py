@@ -331,10 +331,12 @@ def management_results(workdir: Path) -> list[dict[str, Any]]:
 
 def reminder_results(workdir: Path) -> list[dict[str, Any]]:
     """Emails/s to a local SMTP sink; the daily scan over 100k participants."""
-    port, other_port = http.free_port(), http.free_port()
+    port = http.free_port()
     sink = reminder_bench.smtp_sink_process(port)
     # The same number of reminders again, just after, to the test suite's SMTP server, for
     # comparison (see smtp_sink_process: on this machine the sink's CPU is the senders').
+    # Its port is asked for once the first sink holds its own: never the same.
+    other_port = http.free_port()
     other_sink = reminder_bench.smtp_sink_process(other_port, "aiosmtpd")
     try:
         with database("postgresql", workdir) as (url, raw_env):
