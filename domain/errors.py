@@ -31,6 +31,10 @@ class VersionConflict(DomainError):
 class IdempotencyKeyReused(DomainError):
     code = "idempotency_key_reused"
 
+    @classmethod
+    def of(cls, command_id: str) -> IdempotencyKeyReused:
+        return cls(f"command_id {command_id} was already used for another command")
+
 
 class ParticipantNotFound(DomainError):
     code = "not_found"

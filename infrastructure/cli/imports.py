@@ -9,7 +9,9 @@ draw on one allocation sequence (randomization is stratified by site), so a site
 are never split between processes, which would make them conflict on it; a site is known
 from a participant id by the protocol's prefixes. A line whose participant id names no site
 (or that is not a command) goes to one process by its id, where it is refused as it would
-be alone.
+be alone. A command id on lines of two processes is the earlier line's: the process of the
+later line refuses it, as one process would once the earlier line is written, whichever
+process writes first.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import orjson
 from marshmallow import ValidationError
 
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
-from domain.errors import DomainError
+from domain.errors import DomainError, IdempotencyKeyReused
 from domain.protocol import Protocol
 from infrastructure.logs import fault_at
 from infrastructure.store.bootstrap import Trialog
@@ -57,14 +59,24 @@ def _refusal(fields: dict[str, list[str]]) -> str:
     return "validation_failed: " + "; ".join(f"{k}: {v[0]}" for k, v in fields.items())
 
 
-def _chunks(lines: Iterable[bytes], part: int, belongs: Callable[[bytes], int] | None
-            ) -> Iterator[list[tuple[int, bytes]]]:
-    """The lines of process ``part`` (every line when there is one process: no
-    ``belongs``), CHUNK at a time, with their numbers in the file."""
-    chunk: list[tuple[int, bytes]] = []
+def _chunks(lines: Iterable[bytes], part: int, route: Route | None
+            ) -> Iterator[list[tuple[int, bytes, bool]]]:
+    """The lines of process ``part`` (every line when there is one process: no ``route``),
+    CHUNK at a time, with their numbers in the file and whether an earlier line of
+    another process's carries the same command id."""
+    chunk: list[tuple[int, bytes, bool]] = []
+    elsewhere: dict[str, int] = {}  # command ids of other processes' lines so far
     for number, line in enumerate(lines, 1):
-        if line.strip() and (belongs is None or belongs(line) == part):
-            chunk.append((number, line))
+        if not line.strip():
+            continue
+        if route is None:
+            chunk.append((number, line, False))
+        else:
+            owner, command_id = route(line)
+            if owner == part:
+                chunk.append((number, line, command_id in elsewhere))
+            elif command_id is not None:
+                elsewhere.setdefault(command_id, number)
         if len(chunk) == CHUNK:
             yield chunk
             chunk = []
@@ -72,24 +84,39 @@ def _chunks(lines: Iterable[bytes], part: int, belongs: Callable[[bytes], int] |
         yield chunk
 
 
+# Which process applies a line, and the line's command id (None: it has none, as text).
+Route = Callable[[bytes], tuple[int, str | None]]
+
+
 def part_of(protocol: Protocol, parts: int) -> Callable[[bytes], int]:
     """Which of ``parts`` processes applies a line: its participant's site's (the sites
     taken in turn), else one chosen by its participant id, else the first."""
+    route = router(protocol, parts)
+    return lambda line: route(line)[0]
+
+
+def router(protocol: Protocol, parts: int) -> Route:
+    """``part_of``'s process for a line, with the line's command id."""
     prefixes = [(site.participant_prefix, index) for index, site in enumerate(protocol.sites)]
 
-    def part(line: bytes) -> int:
+    def route(line: bytes) -> tuple[int, str | None]:
         try:
-            participant_id = orjson.loads(line).get("participant_id")
-        except (orjson.JSONDecodeError, AttributeError):  # not JSON, not an object
-            return 0
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return 0, None
+        if not isinstance(raw, dict):
+            return 0, None
+        command_id = raw.get("command_id")
+        command_id = command_id if isinstance(command_id, str) else None
+        participant_id = raw.get("participant_id")
         if not isinstance(participant_id, str):
-            return 0
+            return 0, command_id
         for prefix, index in prefixes:
             if participant_id.startswith(prefix):
-                return index % parts
-        return zlib.crc32(participant_id.encode()) % parts
+                return index % parts, command_id
+        return zlib.crc32(participant_id.encode()) % parts, command_id
 
-    return part
+    return route
 
 
 def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
@@ -98,11 +125,13 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
     report = Report()
     envelope = loader(CommandEnvelope())
     schemas = data_loaders(t.protocol)
-    belongs = part_of(t.protocol, parts) if parts > 1 else None
-    for chunk in _chunks(lines, part, belongs):
+    route = router(t.protocol, parts) if parts > 1 else None
+    for chunk in _chunks(lines, part, route):
         intents: list[tuple[int, Intent]] = []
-        for number, line in chunk:
+        for number, line, taken in chunk:
             intent = _intent(line, actor, envelope, schemas)
+            if taken and not isinstance(intent, str):
+                intent = _reused(intent.command_id)
             if isinstance(intent, str):
                 report.refused.append((number, intent))
             else:
@@ -119,6 +148,14 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
                 report.accepted += 1
     report.refused.sort()
     return report
+
+
+def _reused(command_id: str) -> str:
+    """The refusal of a line whose command id an earlier line, another process's, carries:
+    the bus's own, as one process gives it once the earlier line is written (lines of two
+    processes are two participants', so never the same command)."""
+    error = IdempotencyKeyReused.of(command_id)
+    return f"{error.code}: {error.message}"
 
 
 def _failure(error: Exception) -> str:

@@ -293,8 +293,7 @@ class CommandBus:
             # about the id: a participant outside the scope stays unknown.
             self.service.target(intent.command, intent.scope)
         if recorded != digest:
-            raise IdempotencyKeyReused(
-                f"command_id {intent.command_id} was already used for another command")
+            raise IdempotencyKeyReused.of(intent.command_id)
 
     @staticmethod
     def _body(command_id: str, answer: Any) -> dict[str, Any]:
@@ -424,8 +423,7 @@ class CommandBus:
                     .where(command_records.c.command_id == command_id)).first()
                 if previous is not None:
                     if previous.fingerprint != digest:
-                        raise IdempotencyKeyReused(
-                            f"command_id {command_id} was already used for another command")
+                        raise IdempotencyKeyReused.of(command_id)
                     return Accepted(json.loads(previous.response), replayed=True)
                 audit = Audit(command_id=command_id, actor=actor, recorded_at=self.clock(),
                               reason=reason)
