@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
+import threading
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
@@ -92,14 +94,33 @@ def test_content_past_the_walk_s_depth_is_json_s_to_write_or_refuse() -> None:
     circular["self"] = circular
     with pytest.raises(ValueError, match="Circular reference"):
         canonical_bytes(circular)
-    deep = inner = {}
-    for _ in range(950):  # deeper than the walk goes on Python 3.11's default limit
-        inner["a"] = {}
-        inner = inner["a"]
+    # Nested near the recursion limit, and past it: json writes the one and refuses the
+    # other, and so does canonical_bytes. In a thread of its own, whose stack beneath is
+    # the same however the tests are run (a runner's frames would move the limit's edge).
+    limit = sys.getrecursionlimit()
+    outcomes: dict[int, tuple[Any, Any]] = {}
+
+    def both(levels: int) -> None:
+        deep = inner = {}
+        for _ in range(levels):
+            inner["a"] = {}
+            inner = inner["a"]
+        outcomes[levels] = (_text_or_refusal(reference, deep),
+                            _text_or_refusal(canonical_bytes, deep))
+
+    for levels in (limit - 100, limit + 100):
+        thread = threading.Thread(target=both, args=(levels,))
+        thread.start()
+        thread.join()
+    near, past = outcomes[limit - 100], outcomes[limit + 100]
+    assert near[0] == near[1] and near[0].startswith(b'{"a":{"a":')
+    assert past == ("refused", "refused")
+
+
+def _text_or_refusal(write: Any, content: Any) -> Any:
     try:
-        expected = reference(deep)
+        return write(content)
     except RecursionError:
-        with pytest.raises(RecursionError):
-            canonical_bytes(deep)
-    else:
-        assert canonical_bytes(deep) == expected
+        return "refused"
+
+
