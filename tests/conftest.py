@@ -20,6 +20,18 @@ TEST_SECRETS = {"TRIALOG_CIPHER_KEY": TEST_KEY, "TRIALOG_ALLOCATION_SEED": TEST_
                 "TRIALOG_PSEUDONYM_KEY": TEST_PSEUDONYM_KEY}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``-n N`` (pytest-xdist, as ``make test`` runs), the processes share the
+    PostgreSQL `test` database: it is migrated here, once, before they start, so that
+    their first tests do not create its tables at the same time. A run without ``-n``
+    leaves it to the first test that needs it (the unit tests need no database)."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+    from infrastructure.store.bootstrap import bootstrap
+
+    bootstrap(settings_for(f"{PG_SERVER}/test"), migrate=True).close()
+
+
 def settings_for(url: str, **env: str) -> Settings:
     return Settings.from_env({"TRIALOG_DATABASE_URL": url, **TEST_SECRETS, **env})
 
