@@ -33,8 +33,6 @@ from typing import Any
 
 import orjson
 import requests
-from eventsourcing.cryptography import AESCipher
-from eventsourcing.utils import Environment
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
@@ -42,7 +40,7 @@ from domain.access import EVERY_SITE, Scope
 from infrastructure.audit.feed import TYPE_PREFIX, Feed, Reader
 from infrastructure.store import locks
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.stored import events_table
+from infrastructure.store.stored import decrypt, encrypt, events_table
 from infrastructure.store.tables import as_utc, webhook_failures, webhooks
 
 log = logging.getLogger("trialog.webhooks")
@@ -64,16 +62,13 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def _cipher(t: Trialog) -> AESCipher:
-    return AESCipher(Environment(env={"CIPHER_KEY": t.settings.cipher_key}))
-
-
 def _seal(t: Trialog, secret: str) -> str:
-    return base64.b64encode(_cipher(t).encrypt(secret.encode())).decode()
+    """The secret as the table keeps it: sealed as the events' states are, in base64."""
+    return base64.b64encode(encrypt(t.service.mapper, secret.encode())).decode()
 
 
 def _open(t: Trialog, sealed: str) -> str:
-    return _cipher(t).decrypt(base64.b64decode(sealed)).decode()
+    return decrypt(t.service.mapper, base64.b64decode(sealed)).decode()
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
