@@ -9,13 +9,14 @@ draw on one allocation sequence (randomization is stratified by site), so a site
 are never split between processes, which would make them conflict on it; a site is known
 from a participant id by the protocol's prefixes. A line whose participant id names no site
 (or that is not a command) goes to one process by its id, where it is refused as it would
-be alone. A command id on lines of two processes is the earlier line's: the process of the
-later line refuses it, as one process would once the earlier line is written, whichever
-process writes first.
+be alone. A command id on lines of two processes is its first line's: the other process
+refuses its own lines with that id, as one process would once the first line is written,
+whichever process writes first.
 """
 
 from __future__ import annotations
 
+import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import repeat
 from multiprocessing import get_context
+from typing import Any
 
 import orjson
 from marshmallow import ValidationError
@@ -62,10 +64,11 @@ def _refusal(fields: dict[str, list[str]]) -> str:
 def _chunks(lines: Iterable[bytes], part: int, route: Route | None
             ) -> Iterator[list[tuple[int, bytes, bool]]]:
     """The lines of process ``part`` (every line when there is one process: no ``route``),
-    CHUNK at a time, with their numbers in the file and whether an earlier line of
-    another process's carries the same command id."""
+    CHUNK at a time, with their numbers in the file and whether the first line with their
+    command id is another process's. To know it, each process keeps every command id of
+    the file it has read, with the process of its first line (some 50 bytes a line)."""
     chunk: list[tuple[int, bytes, bool]] = []
-    elsewhere: dict[str, int] = {}  # command ids of other processes' lines so far
+    first: dict[int, int] = {}  # command id (as an integer) -> the process of its first line
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -73,10 +76,10 @@ def _chunks(lines: Iterable[bytes], part: int, route: Route | None
             chunk.append((number, line, False))
         else:
             owner, command_id = route(line)
+            if command_id is not None:
+                owner_of_id = first.setdefault(command_id, owner)
             if owner == part:
-                chunk.append((number, line, command_id in elsewhere))
-            elif command_id is not None:
-                elsewhere.setdefault(command_id, number)
+                chunk.append((number, line, command_id is not None and owner_of_id != part))
         if len(chunk) == CHUNK:
             yield chunk
             chunk = []
@@ -84,8 +87,9 @@ def _chunks(lines: Iterable[bytes], part: int, route: Route | None
         yield chunk
 
 
-# Which process applies a line, and the line's command id (None: it has none, as text).
-Route = Callable[[bytes], tuple[int, str | None]]
+# Which process applies a line, and the line's command id as the integer of its UUID (None:
+# it has none, or not a UUID: the line is refused for it before its id counts).
+Route = Callable[[bytes], tuple[int, int | None]]
 
 
 def part_of(protocol: Protocol, parts: int) -> Callable[[bytes], int]:
@@ -96,18 +100,17 @@ def part_of(protocol: Protocol, parts: int) -> Callable[[bytes], int]:
 
 
 def router(protocol: Protocol, parts: int) -> Route:
-    """``part_of``'s process for a line, with the line's command id."""
+    """``part_of``'s process for a line, with the line's command id (see Route)."""
     prefixes = [(site.participant_prefix, index) for index, site in enumerate(protocol.sites)]
 
-    def route(line: bytes) -> tuple[int, str | None]:
+    def route(line: bytes) -> tuple[int, int | None]:
         try:
             raw = orjson.loads(line)
         except orjson.JSONDecodeError:
             return 0, None
         if not isinstance(raw, dict):
             return 0, None
-        command_id = raw.get("command_id")
-        command_id = command_id if isinstance(command_id, str) else None
+        command_id = _uuid_int(raw.get("command_id"))
         participant_id = raw.get("participant_id")
         if not isinstance(participant_id, str):
             return 0, command_id
@@ -117,6 +120,17 @@ def router(protocol: Protocol, parts: int) -> Route:
         return zlib.crc32(participant_id.encode()) % parts, command_id
 
     return route
+
+
+def _uuid_int(value: Any) -> int | None:
+    """A command id as the command bus keys it (any spelling of the same UUID is the same
+    id), as an integer; None if it is not a UUID's text."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return uuid.UUID(value).int
+    except ValueError:
+        return None
 
 
 def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,

@@ -235,8 +235,8 @@ class CommandBus:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retrying(self, *also: type[Exception]) -> Retrying:
-        # A deadlock: two batches wrote the same command ids in opposite orders (an
-        # import's processes, given a file that reuses an id on two sites' lines).
+        # A deadlock: two batches wrote the same command ids in opposite orders (two
+        # imports, or two clients' batches, of the same commands at once).
         return Retrying(retry=retry_if_exception_type((*WRITE_CONFLICTS, *also))
                         | retry_if_exception(rolled_back_for_another),
                         stop=stop_after_attempt(self.max_attempts),

@@ -91,40 +91,42 @@ def _screen(site: str, command_id: str | None = None) -> str:
     return _line("ScreenParticipant", p.participant_id(site), p.screening(site), command_id)
 
 
-def test_a_command_id_on_two_sites_lines_is_the_earlier_line_s_whichever_process_is_first(
+def test_a_command_id_on_two_sites_lines_is_its_first_line_s_whichever_process_is_first(
         tmp_path):
-    """A command id on a CASE line and a later METRO line (and the other way round): the
-    later line is refused, as one process refuses it, although the later line's process
-    reaches it first (the earlier line's process has a thousand lines to write before
-    it). A later line refused for its own fields keeps its own refusal."""
+    """A command id on a CASE line and later METRO lines: the METRO lines are refused, as
+    one process refuses them, although their process reaches them first (the CASE
+    process has a thousand lines to write before). The same line again is repeated, not
+    refused; the id in capitals is the same id; a later line refused for its own fields
+    keeps its own refusal."""
     first, second, third = (str(uuid.uuid4()) for _ in range(3))
     lines = [_screen("CASE") for _ in range(1000)]
     lines += [_screen("CASE", first), _screen("METRO", first),  # lines 1001 and 1002
               _screen("METRO", second), _screen("METRO") + " ",
               _line("ScreenParticipant", p.participant_id("CASE"),  # line 1005
                     p.screening("CASE", language="xx"), second),
-              _screen("CASE", third)]  # line 1006: the id of line 1012, later METRO's
+              _screen("CASE", third)]  # line 1006
+    lines.append(lines[1000])  # line 1007: line 1001 again
     lines += [_screen("METRO") for _ in range(5)]
-    lines += [_screen("METRO", third)]  # line 1012
+    lines += [_screen("METRO", third.upper())]  # line 1013
     lines += [_screen("METRO") for _ in range(500)]  # METRO's first chunk fills here
     path = tmp_path / "reused.ndjson"
     path.write_text("\n".join(lines) + "\n")
     alone = f"sqlite:///{tmp_path / 'alone.db'}"
     one = run(["import", str(path)], tmp_path, TRIALOG_DATABASE_URL=alone, **TEST_SECRETS)
     refused = [line.split(":")[0] for line in one.stderr.splitlines()]
-    assert refused == ["line 1002", "line 1005", "line 1012"], one.stderr
+    assert refused == ["line 1002", "line 1005", "line 1013"], one.stderr
     assert f"line 1002: idempotency_key_reused: command_id {first} was already used " \
            "for another command" in one.stderr
+    assert one.stdout == "1509 accepted, 1 repeated, 3 refused\n"
     with fresh_postgres_database("trialog_jobs") as name:
         url = f"{PG_SERVER}/{name}"
         bootstrap(settings_for(url), migrate=True).close()
         two = run(["import", str(path), "--jobs", "2"], tmp_path, TRIALOG_DATABASE_URL=url,
                   **TEST_SECRETS)
         assert (two.stdout, two.stderr) == (one.stdout, one.stderr)
-        assert two.stdout == "1509 accepted, 0 repeated, 3 refused\n"
         again = run(["import", str(path), "--jobs", "2"], tmp_path,
                     TRIALOG_DATABASE_URL=url, **TEST_SECRETS)
-        assert (again.stdout, again.stderr) == ("0 accepted, 1509 repeated, 3 refused\n",
+        assert (again.stdout, again.stderr) == ("0 accepted, 1510 repeated, 3 refused\n",
                                                 one.stderr)
 
 
