@@ -40,7 +40,7 @@ from domain.access import EVERY_SITE, Scope
 from infrastructure.audit.feed import TYPE_PREFIX, Feed, Reader
 from infrastructure.store import locks
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.stored import decrypt, encrypt, events_table
+from infrastructure.store.stored import decrypter, events_table
 from infrastructure.store.tables import as_utc, webhook_failures, webhooks
 
 log = logging.getLogger("trialog.webhooks")
@@ -63,12 +63,15 @@ def new_secret() -> str:
 
 
 def _seal(t: Trialog, secret: str) -> str:
-    """The secret as the table keeps it: sealed as the events' states are, in base64."""
-    return base64.b64encode(encrypt(t.service.mapper, secret.encode())).decode()
+    """The secret as the table keeps it: encrypted by the store's cipher (never compressed,
+    whatever the store does), in base64."""
+    cipher = t.service.mapper.cipher
+    assert cipher is not None  # the store always encrypts (bootstrap's CIPHER_TOPIC)
+    return base64.b64encode(cipher.encrypt(secret.encode())).decode()
 
 
 def _open(t: Trialog, sealed: str) -> str:
-    return decrypt(t.service.mapper, base64.b64decode(sealed)).decode()
+    return decrypter(t.service.mapper.cipher)(base64.b64decode(sealed)).decode()
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:

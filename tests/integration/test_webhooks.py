@@ -239,19 +239,31 @@ def test_after_a_retried_event_goes_through_the_next_one_gets_every_attempt(
     assert (listed["attempts"], listed["failed"]) == (1, 0)
 
 
-def test_a_secret_sealed_by_an_earlier_release_still_signs(trialog):
-    """Secrets are sealed as the events' states are (the store's cipher, in base64); one
-    sealed before, by an AES cipher of the same key built apart from the store's, opens
-    to the same secret, and a new one round-trips."""
+@pytest.mark.parametrize("compressor", [None, "eventsourcing.compressor:ZlibCompressor"])
+def test_a_secret_sealed_by_an_earlier_release_still_signs(database_url, monkeypatch,
+                                                          compressor):
+    """Secrets are sealed by the store's cipher alone, in base64, even when the store
+    compresses its events: one sealed before, by an AES cipher of the same key built apart
+    from the store's, opens to the same secret, and a new one opens by that cipher too."""
     import base64
 
     from eventsourcing.cryptography import AESCipher
     from eventsourcing.utils import Environment
 
-    secret = webhooks.new_secret()
-    earlier = AESCipher(Environment(env={"CIPHER_KEY": trialog.settings.cipher_key}))
-    sealed_before = base64.b64encode(earlier.encrypt(secret.encode())).decode()
-    assert webhooks._open(trialog, sealed_before) == secret
-    sealed = webhooks._seal(trialog, secret)
-    assert secret not in sealed and webhooks._open(trialog, sealed) == secret
-    assert earlier.decrypt(base64.b64decode(sealed)).decode() == secret
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    if compressor:
+        monkeypatch.setenv("COMPRESSOR_TOPIC", compressor)
+    trialog = bootstrap(settings_for(database_url), migrate=True)
+    try:
+        assert (trialog.service.mapper.compressor is not None) == bool(compressor)
+        secret = webhooks.new_secret()
+        earlier = AESCipher(Environment(env={"CIPHER_KEY": trialog.settings.cipher_key}))
+        sealed_before = base64.b64encode(earlier.encrypt(secret.encode())).decode()
+        assert webhooks._open(trialog, sealed_before) == secret
+        sealed = webhooks._seal(trialog, secret)
+        assert secret not in sealed and webhooks._open(trialog, sealed) == secret
+        assert earlier.decrypt(base64.b64decode(sealed)).decode() == secret
+    finally:
+        trialog.close()
