@@ -1,14 +1,20 @@
-"""Real databases: a SQLite file per test, and the shared PostgreSQL `test` database
-(unique participant ids per test)."""
+"""Real databases: a SQLite file per test, and the shared PostgreSQL `test` database, one per
+process under pytest-xdist (unique participant ids per test)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy.exc
 
 from infrastructure.store.settings import Settings
-from tests.databases import PG_SERVER, fresh_postgres_database
+from tests.databases import (
+    PG_SERVER,
+    SHARED_URL,
+    ensure_shared_database,
+    fresh_postgres_database,
+)
 
 TEST_KEY = "dHJpYWxvZy10ZXN0LWtleS0zMi1ieXRlcy1sb25nISE="  # 32 bytes, tests only
 # The seed the tests drew with when it was derived from TEST_KEY, so that the allocation
@@ -21,15 +27,15 @@ TEST_SECRETS = {"TRIALOG_CIPHER_KEY": TEST_KEY, "TRIALOG_ALLOCATION_SEED": TEST_
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """With ``-n N`` (pytest-xdist, as ``make test`` runs), the processes share the
-    PostgreSQL `test` database: it is migrated here, once, before they start, so that
-    their first tests do not create its tables at the same time. A run without ``-n``
-    leaves it to the first test that needs it (the unit tests need no database)."""
-    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+    """A process of pytest-xdist creates its own shared database (see SHARED_DATABASE) if
+    PostgreSQL is up; without PostgreSQL, the tests that need it fail on their own (the
+    unit tests need no database)."""
+    if not hasattr(config, "workerinput"):
         return
-    from infrastructure.store.bootstrap import bootstrap
-
-    bootstrap(settings_for(f"{PG_SERVER}/test"), migrate=True).close()
+    try:
+        ensure_shared_database()
+    except sqlalchemy.exc.OperationalError:
+        pass
 
 
 def settings_for(url: str, **env: str) -> Settings:
@@ -40,7 +46,7 @@ def settings_for(url: str, **env: str) -> Settings:
 def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'trialog.db'}"
-    return f"{PG_SERVER}/test"
+    return SHARED_URL
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +10,26 @@ from contextlib import contextmanager
 import sqlalchemy
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+# The database the tests share: `test`; under pytest-xdist (`make test`) one per process
+# (`test_gw0`, `test_gw1`), so that what a test does to the whole database (locking it,
+# fuzzing it with an admin token) meets only the tests of its own process, one at a time.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+SHARED_DATABASE = f"test_{_WORKER}" if _WORKER else "test"
+SHARED_URL = f"{PG_SERVER}/{SHARED_DATABASE}"
+
+
+def ensure_shared_database() -> None:
+    """Creates this process's shared database when it is missing (`make test` creates
+    `test`; a process of pytest-xdist creates its own)."""
+    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            found = c.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                              {"n": SHARED_DATABASE}).scalar()
+            if not found:
+                c.execute(sqlalchemy.text(f'CREATE DATABASE "{SHARED_DATABASE}"'))
+    finally:
+        admin.dispose()
 
 
 @contextmanager

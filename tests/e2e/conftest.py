@@ -21,7 +21,7 @@ from domain.access import EVERY_SITE
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import ROLES, create_token
 from tests.conftest import TEST_SECRETS, settings_for
-from tests.databases import PG_SERVER
+from tests.databases import SHARED_URL
 
 TRIALOG = str(Path(sys.executable).with_name("trialog"))
 
@@ -85,7 +85,7 @@ def wait_until_up(url: str, process: subprocess.Popen[Any], log: Path) -> None:
 def server(request, tmp_path_factory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp(f"server-{request.param}")
     url = (f"sqlite:///{folder / 'trialog.db'}" if request.param == "sqlite"
-           else f"{PG_SERVER}/test")
+           else SHARED_URL)
     trialog = bootstrap(settings_for(url), migrate=True)
     port = free_port()
     running = Server(f"http://127.0.0.1:{port}", folder / "server.log", database=url)

@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 from tests.conftest import TEST_KEY
+from tests.databases import SHARED_URL
 
 TRIALOG = [sys.executable, "-m", "infrastructure.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +85,7 @@ def test_failures_are_one_line_on_standard_error(tmp_path):
     assert bad_url.returncode == 1
     assert bad_url.stderr.startswith("trialog: TRIALOG_DATABASE_URL")
     no_key = run(["audit", "verify"], tmp_path,
-                 TRIALOG_DATABASE_URL="postgresql://postgres@127.0.0.1/test")
+                 TRIALOG_DATABASE_URL=SHARED_URL)
     assert no_key.returncode == 1 and "TRIALOG_CIPHER_KEY" in no_key.stderr
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 
-from tests.databases import PG_SERVER
+from tests.databases import SHARED_URL
 from tests.integration.test_cli import ROOT, TEST_KEY, run
 from workers.app import beat_schedule_file
 
@@ -58,7 +58,7 @@ def celery(args, cwd, timeout, **env):
 
 def test_a_worker_without_its_secrets_stops_at_start_naming_them(tmp_path):
     done = celery(["worker", "--pool", "solo"], tmp_path, 60,
-                  TRIALOG_DATABASE_URL=f"{PG_SERVER}/test")
+                  TRIALOG_DATABASE_URL=SHARED_URL)
     assert isinstance(done, subprocess.CompletedProcess) and done.returncode == 1
     assert "TRIALOG_ALLOCATION_SEED" in done.stderr and "Traceback" not in done.stderr
 

@@ -6,11 +6,11 @@ import uuid
 from sqlalchemy import create_engine
 
 from infrastructure.store import locks
-from tests.databases import PG_SERVER
+from tests.databases import SHARED_URL
 
 
 def test_many_locks_are_taken_together_except_those_another_session_holds():
-    engine = create_engine(f"{PG_SERVER}/test")
+    engine = create_engine(SHARED_URL)
     names = [f"test:lock:{uuid.uuid4()}" for _ in range(4)]
     try:
         with engine.connect() as mine, engine.connect() as other:

@@ -19,7 +19,7 @@ from infrastructure.audit import exports
 from infrastructure.readside.projections import TrialProjection
 from infrastructure.store.settings import Settings, SettingsError, check_secrets
 from tests.conftest import TEST_KEY, TEST_PSEUDONYM_KEY, TEST_SECRETS
-from tests.databases import PG_SERVER
+from tests.databases import SHARED_URL
 from tests.integration.helpers import enrol
 
 TRIALOG = str(Path(sys.executable).with_name("trialog"))
@@ -76,7 +76,7 @@ def test_a_database_made_with_the_derived_seed_keeps_it_in_its_new_seed_file(tmp
 @pytest.mark.parametrize("command", [["db", "upgrade"], ["serve", "--port", "0"],
                                      ["audit", "verify", "--quiet"]])
 def test_postgresql_start_fails_naming_each_missing_secret(tmp_path, command):
-    answer = trialog(command, tmp_path, TRIALOG_DATABASE_URL=f"{PG_SERVER}/test",
+    answer = trialog(command, tmp_path, TRIALOG_DATABASE_URL=SHARED_URL,
                      TRIALOG_CIPHER_KEY=TEST_KEY)
     assert answer.returncode == 1
     assert answer.stderr.count("\n") == 1, answer.stderr
@@ -90,12 +90,12 @@ def test_a_process_may_check_the_secrets_as_it_starts_without_writing_any(tmp_pa
     check_secrets({"TRIALOG_DATABASE_URL": f"sqlite:///{database}"})
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(SettingsError, match="^TRIALOG_PSEUDONYM_KEY: required with PostgreSQL"):
-        check_secrets({"TRIALOG_DATABASE_URL": f"{PG_SERVER}/test",
+        check_secrets({"TRIALOG_DATABASE_URL": SHARED_URL,
                        "TRIALOG_CIPHER_KEY": TEST_KEY, "TRIALOG_ALLOCATION_SEED": "a seed"})
 
 
 def test_postgresql_starts_with_the_three_secrets(tmp_path):
-    answer = trialog(["db", "upgrade"], tmp_path, TRIALOG_DATABASE_URL=f"{PG_SERVER}/test",
+    answer = trialog(["db", "upgrade"], tmp_path, TRIALOG_DATABASE_URL=SHARED_URL,
                      **TEST_SECRETS)
     assert answer.returncode == 0, answer.stderr
 
@@ -103,17 +103,17 @@ def test_postgresql_starts_with_the_three_secrets(tmp_path):
 def test_one_value_given_for_two_secrets_is_refused():
     with pytest.raises(SettingsError, match="TRIALOG_PSEUDONYM_KEY: must differ from "
                                             "TRIALOG_ALLOCATION_SEED"):
-        Settings.from_env({"TRIALOG_DATABASE_URL": f"{PG_SERVER}/test", **TEST_SECRETS,
+        Settings.from_env({"TRIALOG_DATABASE_URL": SHARED_URL, **TEST_SECRETS,
                            "TRIALOG_PSEUDONYM_KEY": TEST_SECRETS["TRIALOG_ALLOCATION_SEED"]})
 
 
 def test_a_base64_secret_is_its_decoded_bytes_and_anything_else_its_text():
-    settings = Settings.from_env({"TRIALOG_DATABASE_URL": f"{PG_SERVER}/test", **TEST_SECRETS,
+    settings = Settings.from_env({"TRIALOG_DATABASE_URL": SHARED_URL, **TEST_SECRETS,
                                   "TRIALOG_ALLOCATION_SEED": "base64:AAEC/w=="})
     assert settings.allocation_seed == b"\x00\x01\x02\xff"
     assert settings.pseudonym_key == TEST_PSEUDONYM_KEY.encode()
     with pytest.raises(SettingsError, match="TRIALOG_ALLOCATION_SEED: not valid base64"):
-        Settings.from_env({"TRIALOG_DATABASE_URL": f"{PG_SERVER}/test", **TEST_SECRETS,
+        Settings.from_env({"TRIALOG_DATABASE_URL": SHARED_URL, **TEST_SECRETS,
                            "TRIALOG_ALLOCATION_SEED": "base64:not base64!"})
 
 
