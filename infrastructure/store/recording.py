@@ -8,12 +8,39 @@ from typing import Any
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing_sqlalchemy.factory import SQLAlchemyFactory
-from eventsourcing_sqlalchemy.recorders import SQLAlchemyApplicationRecorder
+from eventsourcing_sqlalchemy.recorders import (
+    SQLAlchemyAggregateRecorder,
+    SQLAlchemyApplicationRecorder,
+)
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 
-class ApplicationRecorder(SQLAlchemyApplicationRecorder):
+class _TablesCreatedAlone:
+    """On SQLite, a recorder's tables are created under the database's write lock, taken
+    before they are looked for: processes starting together on a new file wait for each
+    other, where the library's look-then-create had two of them find no table and the
+    second fail creating it."""
+
+    datastore: Any
+    tables: list[Any]
+
+    def create_table(self) -> None:
+        engine = self.datastore.engine
+        if engine.dialect.name != "sqlite":
+            super().create_table()  # type: ignore[misc]
+            return
+        with engine.begin() as connection:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            for table in self.tables:
+                table.create(connection, checkfirst=True)
+
+
+class AggregateRecorder(_TablesCreatedAlone, SQLAlchemyAggregateRecorder):
+    """The library's, for the snapshots, with its tables created as above."""
+
+
+class ApplicationRecorder(_TablesCreatedAlone, SQLAlchemyApplicationRecorder):
     """Inserts a save's events with one statement returning their ids, under the library's
     table lock, where the library adds ORM records to the session and flushes them (the
     unit of work was a tenth of a command's Python). On PostgreSQL the rows go as four
@@ -66,4 +93,5 @@ class ApplicationRecorder(SQLAlchemyApplicationRecorder):
 
 
 class Factory(SQLAlchemyFactory):
+    aggregate_recorder_class = AggregateRecorder
     application_recorder_class = ApplicationRecorder

@@ -21,6 +21,12 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     config = Config()
     config.set_main_option("script_location", str(HERE))
     with engine.begin() as connection:
+        if connection.dialect.name == "sqlite":
+            # One process migrates at a time: the write lock is taken before the revision
+            # is read (waiting for another's migration as for any writer), not at the first
+            # write, when two processes starting together on a new file had both read that
+            # it had no tables and the second failed creating them.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
