@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session
 
 
 class _TablesCreatedAlone:
-    """On SQLite, a recorder's tables are created under the database's write lock, taken
-    before they are looked for: processes starting together on a new file wait for each
-    other, where the library's look-then-create had two of them find no table and the
-    second fail creating it."""
+    """On SQLite, a recorder's missing tables are created under the database's write lock,
+    taken before they are looked for again: processes starting together on a new file
+    wait for each other, where the library's look-then-create had two of them find no
+    table and the second fail creating it. Where every table is there, no lock is taken."""
 
     datastore: Any
     tables: list[Any]
@@ -30,6 +30,9 @@ class _TablesCreatedAlone:
         if engine.dialect.name != "sqlite":
             super().create_table()  # type: ignore[misc]
             return
+        with engine.connect() as connection:
+            if all(engine.dialect.has_table(connection, t.name) for t in self.tables):
+                return
         with engine.begin() as connection:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
             for table in self.tables:

@@ -36,3 +36,26 @@ def test_processes_starting_together_on_a_new_file_all_start(tmp_path):
             out, err = process.communicate(timeout=60)
             assert process.returncode == 0, err[-2000:]
             assert out.strip() in ("None", "0"), out  # no event yet
+
+
+def test_a_process_starting_on_a_file_with_every_table_takes_no_write_lock(tmp_path):
+    """A file whose tables are all there and migrated: a process starts while another
+    holds the write lock (a long import, say), without waiting for it."""
+    import sqlite3
+
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    path = tmp_path / "ready.db"
+    bootstrap(settings_for(f"sqlite:///{path}")).close()
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # held: a lock asked for fails after 5 s
+        trialog = bootstrap(settings_for(f"sqlite:///{path}"))
+        try:
+            assert trialog.service.recorder.max_notification_id() in (None, 0)
+        finally:
+            trialog.close()
+    finally:
+        writer.rollback()
+        writer.close()

@@ -5,6 +5,7 @@ PostgreSQL never migrates; alembic is a tenth of a second of its start-up)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
@@ -20,6 +21,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     config = Config()
     config.set_main_option("script_location", str(HERE))
+    if engine.dialect.name == "sqlite" and revision == "head" and _at_head(engine, config):
+        return  # no write lock taken (below) where there is nothing to do
     with engine.begin() as connection:
         if connection.dialect.name == "sqlite":
             # One process migrates at a time: the write lock is taken before the revision
@@ -29,6 +32,16 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def _at_head(engine: Engine, config: Any) -> bool:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    with engine.connect() as connection:
+        current = MigrationContext.configure(
+            connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    return current is not None and current == ScriptDirectory.from_config(config).get_current_head()
 
 
 def tables_and_revision(url: str) -> tuple[set[str], str | None]:
