@@ -15,6 +15,8 @@ from eventsourcing_sqlalchemy.recorders import (
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from infrastructure.store.migrations import sqlite_turn
+
 
 class _TablesCreatedAlone:
     """On SQLite, a recorder's missing tables are created under the database's write lock,
@@ -31,10 +33,10 @@ class _TablesCreatedAlone:
             super().create_table()  # type: ignore[misc]
             return
         with engine.connect() as connection:
-            if all(engine.dialect.has_table(connection, t.name) for t in self.tables):
+            if all(engine.dialect.has_table(connection, t.name, schema=t.schema)
+                   for t in self.tables):
                 return
-        with engine.begin() as connection:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        with sqlite_turn(engine) as connection:
             for table in self.tables:
                 table.create(connection, checkfirst=True)
 

@@ -5,35 +5,39 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
-# Builds the application on the file at the instant given (after its imports), then reads.
+# Once imported, says so (a file of its own) and waits for the others to have said so too,
+# then builds the application on the file and reads.
 STARTS = r"""
 import sys, time
+from pathlib import Path
 from infrastructure.store.bootstrap import bootstrap
 from tests.conftest import settings_for
-start_at = float(sys.argv[2])
-time.sleep(max(0.0, start_at - time.time() - 0.05))
-while time.time() < start_at:
-    pass
-trialog = bootstrap(settings_for(sys.argv[1]))
+url, ready, processes = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+(ready / sys.argv[4]).touch()
+while len(list(ready.iterdir())) < processes:
+    time.sleep(0.001)
+trialog = bootstrap(settings_for(url))
 try:
     print(trialog.service.recorder.max_notification_id())
 finally:
     trialog.close()
 """
+PROCESSES = 3
 
 
 def test_processes_starting_together_on_a_new_file_all_start(tmp_path):
-    for attempt in range(3):  # each a new file; the race was lost about half the time
+    for attempt in range(5):  # each a new file; the race was lost about half the time
         url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
-        start_at = time.time() + 3.0  # every process imported by then
-        processes = [subprocess.Popen([sys.executable, "-c", STARTS, url, str(start_at)],
+        ready = tmp_path / f"ready-{attempt}"
+        ready.mkdir()
+        processes = [subprocess.Popen([sys.executable, "-c", STARTS, url, str(ready),
+                                       str(PROCESSES), str(n)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True)
-                     for _ in range(3)]
+                     for n in range(PROCESSES)]
         for process in processes:
-            out, err = process.communicate(timeout=60)
+            out, err = process.communicate(timeout=120)
             assert process.returncode == 0, err[-2000:]
             assert out.strip() in ("None", "0"), out  # no event yet
 

@@ -4,14 +4,20 @@ PostgreSQL never migrates; alembic is a tenth of a second of its start-up)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "trialog_alembic_version"
+# How long a process starting on SQLite waits for another's migration (or table creation)
+# before it fails: a migration holds the file's write lock while it runs, longer than
+# SQLite's default wait of 5 s on a loaded machine.
+SQLITE_TURN_MS = 60_000
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -23,25 +29,41 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     config.set_main_option("script_location", str(HERE))
     if engine.dialect.name == "sqlite" and revision == "head" and _at_head(engine, config):
         return  # no write lock taken (below) where there is nothing to do
-    with engine.begin() as connection:
-        if connection.dialect.name == "sqlite":
-            # One process migrates at a time: the write lock is taken before the revision
-            # is read (waiting for another's migration as for any writer), not at the first
-            # write, when two processes starting together on a new file had both read that
-            # it had no tables and the second failed creating them.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # On SQLite one process migrates at a time: the write lock is taken before the
+    # revision is read, not at the first write, when two processes starting together on a
+    # new file had both read that it had no tables and the second failed creating them.
+    with (sqlite_turn(engine) if engine.dialect.name == "sqlite" else engine.begin()
+          ) as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
 
+@contextmanager
+def sqlite_turn(engine: Engine) -> Iterator[Connection]:
+    """A transaction on a SQLite file that holds the file's write lock from its start,
+    waiting up to SQLITE_TURN_MS for it (the connection's own wait is put back after)."""
+    with engine.connect() as connection:
+        before = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        connection.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_TURN_MS}")
+        connection.commit()
+        try:
+            with connection.begin():
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+                yield connection
+        finally:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout = {int(before)}")
+            connection.commit()
+
+
 def _at_head(engine: Engine, config: Any) -> bool:
+    """Whether the database is at every head of the migrations already."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
     with engine.connect() as connection:
         current = MigrationContext.configure(
-            connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
-    return current is not None and current == ScriptDirectory.from_config(config).get_current_head()
+            connection, opts={"version_table": VERSION_TABLE}).get_current_heads()
+    return bool(current) and set(current) == set(ScriptDirectory.from_config(config).get_heads())
 
 
 def tables_and_revision(url: str) -> tuple[set[str], str | None]:
