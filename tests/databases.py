@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy
+import sqlalchemy.exc
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 # The database the tests share: `test`; under pytest-xdist (`make test`) one per process
@@ -27,7 +28,10 @@ def ensure_shared_database() -> None:
             found = c.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"),
                               {"n": SHARED_DATABASE}).scalar()
             if not found:
-                c.execute(sqlalchemy.text(f'CREATE DATABASE "{SHARED_DATABASE}"'))
+                try:
+                    c.execute(sqlalchemy.text(f'CREATE DATABASE "{SHARED_DATABASE}"'))
+                except sqlalchemy.exc.ProgrammingError:  # created meanwhile by another run
+                    pass
     finally:
         admin.dispose()
 

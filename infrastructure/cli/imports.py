@@ -66,7 +66,7 @@ def _chunks(lines: Iterable[bytes], part: int, route: Route | None
     """The lines of process ``part`` (every line when there is one process: no ``route``),
     CHUNK at a time, with their numbers in the file and whether the first line with their
     command id is another process's. To know it, each process keeps every command id of
-    the file it has read, with the process of its first line (some 50 bytes a line)."""
+    the file it has read, with the process of its first line (about 100 bytes a line)."""
     chunk: list[tuple[int, bytes, bool]] = []
     first: dict[int, int] = {}  # command id (as an integer) -> the process of its first line
     for number, line in enumerate(lines, 1):
