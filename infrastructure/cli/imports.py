@@ -165,8 +165,8 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
 
 
 def _reused(command_id: str) -> str:
-    """The refusal of a line whose command id an earlier line, another process's, carries:
-    the bus's own, as one process gives it once the earlier line is written (lines of two
+    """The refusal of a line whose command id is first carried by another process's line:
+    the bus's own, as one process gives it once that first line is written (lines of two
     processes are two participants', so never the same command)."""
     error = IdempotencyKeyReused.of(command_id)
     return f"{error.code}: {error.message}"
