@@ -92,15 +92,10 @@ def _chunks(lines: Iterable[bytes], part: int, route: Route | None
 Route = Callable[[bytes], tuple[int, int | None]]
 
 
-def part_of(protocol: Protocol, parts: int) -> Callable[[bytes], int]:
-    """Which of ``parts`` processes applies a line: its participant's site's (the sites
-    taken in turn), else one chosen by its participant id, else the first."""
-    route = router(protocol, parts)
-    return lambda line: route(line)[0]
-
-
 def router(protocol: Protocol, parts: int) -> Route:
-    """``part_of``'s process for a line, with the line's command id (see Route)."""
+    """Which of ``parts`` processes applies a line: its participant's site's (the sites
+    taken in turn), else one chosen by its participant id, else the first; with the
+    line's command id (see Route)."""
     prefixes = [(site.participant_prefix, index) for index, site in enumerate(protocol.sites)]
 
     def route(line: bytes) -> tuple[int, int | None]:
@@ -135,7 +130,7 @@ def _uuid_int(value: Any) -> int | None:
 
 def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
         parts: int = 1) -> Report:
-    """Applies the lines (those of process ``part`` of ``parts``: see part_of)."""
+    """Applies the lines (those of process ``part`` of ``parts``: see router)."""
     report = Report()
     envelope = loader(CommandEnvelope())
     schemas = data_loaders(t.protocol)

@@ -10,7 +10,7 @@ from dataclasses import replace
 import orjson
 import pytest
 
-from infrastructure.cli.imports import jobs_refusal, part_of
+from infrastructure.cli.imports import jobs_refusal, router
 from infrastructure.store.bootstrap import bootstrap, load_protocol
 from tests.conftest import TEST_SECRETS, settings_for
 from tests.databases import PG_SERVER, fresh_postgres_database
@@ -132,15 +132,19 @@ def test_a_command_id_on_two_sites_lines_is_its_first_line_s_whichever_process_i
 
 def test_each_site_goes_to_one_process_and_the_rest_by_participant_id():
     protocol = load_protocol(settings_for("sqlite:///x.db").protocol_path)
-    part = part_of(protocol, 2)
+    route = router(protocol, 2)
+
+    def part(line: bytes) -> int:
+        return route(line)[0]
+
     by_site = {site: {part(orjson.dumps({"participant_id": p.participant_id(site)}))
                       for _ in range(20)} for site in SITES}
     assert by_site == {"CASE": {0}, "METRO": {1}}
     assert {part(b"{not json"), part(b"[1]"), part(b'{"participant_id": 7}')} == {0}
     others = {part(orjson.dumps({"participant_id": f"X-{i}"})) for i in range(40)}
     assert others == {0, 1}
-    alone = part_of(protocol, 1)
-    assert {alone(orjson.dumps({"participant_id": p.participant_id(site)}))
+    alone = router(protocol, 1)
+    assert {alone(orjson.dumps({"participant_id": p.participant_id(site)}))[0]
             for site in SITES} == {0}
 
 
