@@ -27,13 +27,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     config = Config()
     config.set_main_option("script_location", str(HERE))
-    if engine.dialect.name == "sqlite" and revision == "head" and _at_head(engine, config):
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite and revision == "head" and _at_head(engine, config):
         return  # no write lock taken (below) where there is nothing to do
     # On SQLite one process migrates at a time: the write lock is taken before the
     # revision is read, not at the first write, when two processes starting together on a
     # new file had both read that it had no tables and the second failed creating them.
-    with (sqlite_turn(engine) if engine.dialect.name == "sqlite" else engine.begin()
-          ) as connection:
+    with sqlite_turn(engine) if sqlite else engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
