@@ -41,10 +41,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 @contextmanager
 def sqlite_turn(engine: Engine) -> Iterator[Connection]:
     """A transaction on a SQLite file that holds the file's write lock from its start,
-    waiting up to SQLITE_TURN_MS for it (the connection's own wait is put back after)."""
+    waiting up to SQLITE_TURN_MS for it (the connection's own wait is put back after).
+    The file is switched to WAL first, with the same wait: on a new file that is the
+    turn's first process, and every process's switch after it finds it done (a switch
+    needs the file to itself, and waiting 5 s behind the others' turns it could fail)."""
     with engine.connect() as connection:
         before = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
         connection.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_TURN_MS}")
+        connection.exec_driver_sql("PRAGMA journal_mode = WAL")
         connection.commit()
         try:
             with connection.begin():
