@@ -197,7 +197,8 @@ class LogFollower:
     def _apply_one_by_one(self, session: Session, batch: list[tuple[int, Any]],
                           ) -> dict[Any, tuple[int, Any, BaseException]]:
         """A batch that failed, again one event at a time, each in its own savepoint: the
-        participants whose last event still fails, with that event and the error."""
+        participants whose last event this follower evaluates still fails, with that event
+        and the error (an event it does nothing with applies, and proves nothing)."""
         failed: dict[Any, tuple[int, Any, BaseException]] = {}
         for position, event in batch:
             self.forget(event.originator_id)
@@ -210,7 +211,8 @@ class LogFollower:
                 self.forget(event.originator_id)
                 failed[event.originator_id] = (position, event, error)
             else:
-                failed.pop(event.originator_id, None)
+                if self.evaluates(event):
+                    failed.pop(event.originator_id, None)
         return failed
 
     def forget(self, originator_id: Any) -> None:

@@ -172,6 +172,28 @@ def test_the_monitor_lifts_a_quarantine_only_when_it_ran_the_rules_again(isolate
     assert quarantined(t, "deviation_monitor") == {}
 
 
+def test_an_event_the_monitor_does_not_evaluate_after_a_bad_one_in_its_batch_lifts_nothing(
+        isolated):
+    """The batch failed and is applied again event by event: the reminder after the bad
+    event 'applies' (the monitor does nothing with it), and must not release the
+    participant the bad event set aside."""
+    t = isolated
+    bad, good = enrol(t), enrol(t)
+    monitor = DeviationMonitor(t)
+    monitor.catch_up()
+    visit_version = send(t, c.CompleteVisit(bad, visit()))["version"]
+    write_straight_into_the_store(t, bad, visit_version, "completed_on", None)
+    send(t, c.RecordReminderSent(bad, {"visit": "week6", "kind": "window_open",
+                                       "recipients": ["coordinator@case.example"]}))
+    send(t, c.RecordDose(good, {"taken_on": REGISTERED, "taken": True, "dose_mcg": 5}))
+
+    monitor.catch_up()  # the four events in one batch
+
+    assert monitor.position() == monitor.head()
+    held = quarantined(t, "deviation_monitor")
+    assert list(held) == [bad] and held[bad]["event_type"] == "DataCorrected"
+
+
 def test_a_store_no_row_of_which_can_be_read_stops_the_follower_loudly(isolated_url):
     import pytest
 
