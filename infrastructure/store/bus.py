@@ -100,6 +100,14 @@ def _plain(value: Any) -> Any:
 _FINGERPRINTED = LEAVES - {UUID}
 
 
+def _a_command_s_fault(error: BaseException) -> bool:
+    """Whether a group's failure may be one of its commands' own: not the database's (the
+    whole transaction's), nor a rule's (the database locked again and again meanwhile)."""
+    return (isinstance(error, Exception) and not isinstance(error, (DomainError,
+                                                                    *DATABASE_ERRORS))
+            and not is_unavailable(error))
+
+
 def _inside_a_transaction() -> bool:
     try:
         transactions.get()
@@ -210,7 +218,10 @@ class CommandBus:
                     self._turn.notify_all()
 
     def _commit(self, group: list[_Waiting]) -> None:
-        """The group's commands together (see dispatch_all); alone, as is."""
+        """The group's commands together (see dispatch_all); alone, as is. A group whose
+        transaction fails otherwise than by the database (a command whose events can't be
+        written: a fault of the program) is tried again one command at a time, so that
+        the fault is that command's alone, not every client's in its group."""
         try:
             if len(group) == 1:
                 group[0].accepted = self._dispatch_now(group[0].intent)
@@ -218,6 +229,13 @@ class CommandBus:
             outcomes = self.dispatch_all([waiting.intent for waiting in group])
             self.groups += 1
         except BaseException as error:  # noqa: BLE001 - handed to each command's thread
+            if len(group) > 1 and _a_command_s_fault(error):
+                for waiting in group:
+                    try:
+                        waiting.accepted = self._dispatch_now(waiting.intent)
+                    except Exception as own:  # noqa: BLE001 - handed to its thread
+                        waiting.error = own
+                return
             for waiting in group:
                 waiting.error = error
             return
