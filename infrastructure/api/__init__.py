@@ -4,6 +4,7 @@ JSON bodies, and one structured log line per request."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from datetime import date, datetime
@@ -17,16 +18,28 @@ from werkzeug.exceptions import HTTPException
 
 from infrastructure import console
 from infrastructure.api import commands, feed, reads, reports, sessions
-from infrastructure.api.errors import ApiError, database_error, error_response, invalid
+from infrastructure.api.errors import (
+    INTERNAL_ERROR,
+    ApiError,
+    database_error,
+    error_response,
+    invalid,
+)
 from infrastructure.api.runtime import Runtime
-from infrastructure.api.schemas import document_commands
+from infrastructure.api.schemas import MAX_BATCH, document_commands
 from infrastructure.heap import freeze_startup
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import DATABASE_ERRORS
+from infrastructure.store.schemas import PARTICIPANT_ID
 
 log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/sessions"})
 POSITION_HEADER = "Trialog-Position"
+# A correlation id a client or proxy sends: kept in the logs and the access log's rows.
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,100}")
+# The largest body taken: a batch of the most commands, each of a few kilobytes at most,
+# fits well; a larger one is refused before it is read (413).
+MAX_BODY = 8 * 2**20
 
 
 class TrialogJSON(DefaultJSONProvider):
@@ -53,6 +66,7 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     app = Flask("trialog")
     app.json = TrialogJSON(app)
     app.config.update(
+        MAX_CONTENT_LENGTH=MAX_BODY,
         API_TITLE="Trialog", API_VERSION="1", OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/", OPENAPI_JSON_PATH="openapi.json",
         API_SPEC_OPTIONS={
@@ -92,8 +106,14 @@ def runtime() -> Runtime:
 
 def _authenticate() -> None:
     g.started = time.perf_counter()
-    g.request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+    g.request_id = str(uuid.uuid4())
     g.principal = None
+    given = request.headers.get("X-Request-Id")
+    if given:
+        if not REQUEST_ID.fullmatch(given):
+            raise ApiError(400, "invalid_header", "X-Request-Id: must be 1-100 visible "
+                                                  "ASCII characters (no spaces)")
+        g.request_id = given
     if request.path in PUBLIC_PATHS or console.serves(request.path):
         return
     header = request.headers.get("Authorization", "")
@@ -111,15 +131,23 @@ def _authenticate() -> None:
 
 def _gate(participant_id: str) -> None:
     """A participant outside the caller's sites does not exist for the caller: every
-    route about one participant answers as for an unknown id, before its view runs."""
+    route about one participant answers as for an unknown id, before its view runs; so
+    does an id no participant can have (a NUL in it would fail the database's query)."""
     from infrastructure.readside.queries import visible
 
-    if not visible(runtime().trialog, g.principal.scope, participant_id):
+    if (not re.fullmatch(PARTICIPANT_ID, participant_id)
+            or not visible(runtime().trialog, g.principal.scope, participant_id)):
         raise ApiError(404, "not_found", f"participant {participant_id} not found")
 
 
 def _http_error(e: HTTPException) -> Response:
     code = e.code or 500
+    if code == 500:  # an unhandled error, logged by Flask: the contract's body
+        return error_response(500, dict(INTERNAL_ERROR))
+    if code == 413:
+        return error_response(413, {"error": "body_too_large", "message": (
+            f"the body is larger than {MAX_BODY // 2**20} MiB (a batch takes at most "
+            f"{MAX_BATCH:,} commands)")})
     data = getattr(e, "data", None)
     if code == 422 and data and "messages" in data:
         from infrastructure.store.schemas import flatten

@@ -12,6 +12,7 @@ from marshmallow import ValidationError
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
 from domain.protocol import Protocol
+from infrastructure.api.bodies import json_body
 from infrastructure.api.errors import (
     INTERNAL_ERROR,
     ApiError,
@@ -57,13 +58,6 @@ def _loaders(protocol: Protocol) -> dict[str, Load]:
     if id(protocol) not in _LOADERS:
         _LOADERS[id(protocol)] = data_loaders(protocol)
     return _LOADERS[id(protocol)]
-
-
-def _json_body() -> Any:
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError(400, "malformed_json", "the body must be a JSON object")
-    return body
 
 
 def _validation(messages: Any, prefix: str = "") -> ApiError:
@@ -163,7 +157,7 @@ def _signer(trialog: Any, data: dict[str, Any]) -> dict[str, Any]:
 @blp.alt_response(503, schema=ErrorBody, description=ERRORS[503])
 def post_command() -> Response:
     """Issue one command."""
-    status, body = execute(_json_body())
+    status, body = execute(json_body())
     return error_response(status, body)
 
 
@@ -183,7 +177,7 @@ def post_batch() -> Response:
     again)."""
     from infrastructure.api import runtime
 
-    raw = _json_body()
+    raw = json_body()
     try:
         batch = CommandBatch().load(raw if isinstance(raw, dict) else {})
     except ValidationError as e:
@@ -236,7 +230,7 @@ def post_trial_command() -> Response:
     """LockDatabase or UnlockDatabase (data_manager, admin; every site)."""
     from infrastructure.api import runtime
 
-    raw = _json_body()
+    raw = json_body()
     try:
         command = TrialCommand().load(raw if isinstance(raw, dict) else {})
     except ValidationError as e:

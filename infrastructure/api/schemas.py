@@ -28,9 +28,12 @@ class TrialAnswer(Schema):
     events = fields.List(fields.Dict(), required=True)
 
 
+MAX_BATCH = 1000  # commands in one batch
+
+
 class CommandBatch(Schema):
     commands = fields.List(fields.Dict(), required=True,
-                           validate=validate.Length(min=1, max=1000))
+                           validate=validate.Length(min=1, max=MAX_BATCH))
 
 
 class EventSummary(Schema):

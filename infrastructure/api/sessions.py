@@ -8,12 +8,14 @@ from flask import Response, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
+from infrastructure.api.bodies import BodyParser
 from infrastructure.api.errors import ApiError, error_response
 from infrastructure.api.schemas import ErrorBody
 from infrastructure.store.schemas import text
 
 blp = Blueprint("sessions", __name__, url_prefix="/v1/sessions",
                 description="Sign-in: a person's bearer token")
+blp.ARGUMENTS_PARSER = BodyParser()
 
 REFUSED = "the login or password is not valid"
 

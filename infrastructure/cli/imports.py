@@ -38,7 +38,7 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
 from infrastructure.store.outages import DATABASE_ERRORS
-from infrastructure.store.schemas import CommandEnvelope, flatten
+from infrastructure.store.schemas import CommandEnvelope, flatten, json_fault
 from infrastructure.store.settings import Settings
 
 CHUNK = 500  # commands per transaction
@@ -239,24 +239,15 @@ def run_file(settings: Settings, path: str, actor: str, part: int = 0,
             t.close()
 
 
-def _malformed(error: orjson.JSONDecodeError) -> str:
-    """Why a line is not JSON, and where in the line (the decoder's own line and column
-    count from the start of the line it was given, not from the file's)."""
-    if error.msg.startswith("str is not valid UTF-8"):
-        return "malformed_json: the line is not valid UTF-8"
-    if error.msg == "unexpected end of data":
-        return ("malformed_json: the line ends before its JSON value does (each command "
-                "is one JSON object on one line)")
-    return f"malformed_json: {error.msg} at character {error.pos + 1} of the line"
-
-
 def _intent(line: bytes, actor: str, envelope_load: Load,
             schemas: dict[str, Load]) -> Intent | str:
     """The line's command, or why it is refused before it reaches the bus."""
     try:
         raw = orjson.loads(line)
     except orjson.JSONDecodeError as e:
-        return _malformed(e)
+        hint = (" (each command is one JSON object on one line)"
+                if e.msg == "unexpected end of data" else "")
+        return f"malformed_json: {json_fault(e, 'line')}{hint}"
     if not isinstance(raw, dict):
         return "validation_failed: body: must be a JSON object"
     try:

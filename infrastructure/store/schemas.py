@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
+import orjson
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from domain.commands import COMMAND_TYPES
@@ -45,9 +46,22 @@ class StrictFloat(fields.Float):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
-# PostgreSQL text can't hold NUL, and no field of a trial record needs control characters.
-PRINTABLE = validate.Regexp(r"^[^\x00-\x08\x0b\x0c\x0e-\x1f]*$",
+# PostgreSQL text can't hold NUL, no field of a trial record needs control characters
+# (C0 but tab and line breaks, DEL, C1), and a lone surrogate is no character: no encoder
+# writes it (JSON bodies refuse it first, see infrastructure.api.bodies; this is for
+# every other way in).
+PRINTABLE = validate.Regexp(r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]*$",
                             error="must not contain control characters")
+
+
+def json_fault(error: orjson.JSONDecodeError, what: str) -> str:
+    """Why ``what`` (the body, a line) is not JSON, and where in it (the decoder's own
+    line and column count from the start of what it was given)."""
+    if error.msg.startswith("str is not valid UTF-8"):
+        return f"the {what} is not valid UTF-8"
+    if error.msg == "unexpected end of data":
+        return f"the {what} ends before its JSON value does"
+    return f"{error.msg} at character {error.pos + 1} of the {what}"
 
 
 def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
@@ -288,13 +302,17 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
     return built
 
 
+# What a participant id may be: no participant has an id that breaks it.
+PARTICIPANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 class CommandEnvelope(Schema):
     """A command body as POST /v1/commands and `trialog import` take it."""
 
     command_id = UUIDString(required=True)
     type = fields.String(required=True, validate=validate.OneOf(sorted(COMMAND_TYPES)))
     participant_id = fields.String(required=True, validate=validate.Regexp(
-        r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        PARTICIPANT_ID,
         error="must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"))
     expected_version = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**31),
                                       allow_none=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -142,6 +143,97 @@ def test_control_characters_are_refused_in_queries_and_commands(server):
     answer = service.command("ReportMedication", pid, medication)
     assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.drug"])
     assert history_length(service, pid) == 3
+
+
+def _raw_post(server, path: str, data: bytes, **headers: str) -> requests.Response:
+    return requests.post(f"{server.url}{path}", data=data, timeout=30, headers={
+        "Authorization": f"Bearer {server.tokens['service']}",
+        "Content-Type": "application/json", **headers})
+
+
+def test_text_no_encoder_can_write_is_malformed_json_and_stores_nothing(server):
+    """A lone surrogate escape decodes to no character: refused as the body is read, it
+    never reaches a transaction (where it failed every command grouped with it)."""
+    service = server.client("service")
+    pid, _ = enrol(service)
+    body = {"command_id": str(uuid.uuid4()), "type": "ReportMedication",
+            "participant_id": pid, "data": {"drug": "SURROGATE", "contains_b12": False}}
+    raw = json.dumps(body).replace("SURROGATE", "a\\ud800b")  # JSON's escape of one
+    answer = _raw_post(server, "/v1/commands", raw.encode())
+    assert (answer.status_code, answer.json()["error"]) == (400, "malformed_json")
+    assert "surrogate" in answer.json()["message"]
+    batch = _raw_post(server, "/v1/commands/batch",
+                      b'{"commands": [' + raw.encode() + b"]}")
+    assert (batch.status_code, batch.json()["error"]) == (400, "malformed_json")
+    assert history_length(service, pid) == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/commands", "/v1/commands/batch",
+                                  "/v1/trial/commands", "/v1/sessions"])
+def test_every_json_body_is_read_by_one_rule(server, path):
+    """Nested past any command's depth, not UTF-8, cut short, or NaN: a 400 saying why,
+    the same on every endpoint that takes a body (not a 500, not a bare 'bad request')."""
+    for data, why in ((b"[" * 5000 + b"]" * 5000, "depth limit exceeded"),
+                      (b'{"login": "\xff"}', "not valid UTF-8"),
+                      (b'{"login": "a"', "ends before its JSON value does"),
+                      (b'{"login": NaN}', "at character 11 of the body")):
+        answer = _raw_post(server, path, data)
+        assert answer.status_code == 400, (data[:20], answer.text)
+        assert answer.json()["error"] == "malformed_json"
+        assert why in answer.json()["message"], answer.json()
+
+
+def test_a_body_larger_than_the_server_takes_is_a_413_before_it_is_read(server):
+    answer = _raw_post(server, "/v1/commands/batch", b" " * (8 * 2**20 + 1))
+    assert (answer.status_code, answer.json()["error"]) == (413, "body_too_large")
+    assert "8 MiB" in answer.json()["message"]
+
+
+def test_delete_and_c1_controls_are_control_characters_too(server):
+    service = server.client("service")
+    pid, _ = enrol(service)
+    for drug in ("multi\x7fvitamin", "multi\x85vitamin", "multi\x9bvitamin"):
+        answer = service.command("ReportMedication", pid, {"drug": drug,
+                                                           "contains_b12": True})
+        assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.drug"])
+    assert history_length(service, pid) == 3
+
+
+def test_a_request_id_is_kept_only_as_a_log_can_hold_it(server):
+    """X-Request-Id is echoed and logged (and kept in the access log of contact details,
+    100 characters at most): a longer or unprintable one is a 400 naming the header, not
+    a 500 when a read of contact details records it."""
+    admin = server.client("admin")
+    pid, _ = enrol(admin)
+    kept = admin.session.get(f"{server.url}/v1/participants/{pid}",
+                             headers={"X-Request-Id": "r" * 100}, timeout=30)
+    assert kept.status_code == 200 and kept.headers["X-Request-Id"] == "r" * 100
+    for given in ("r" * 101, "two words"):
+        answer = admin.session.get(f"{server.url}/v1/participants/{pid}",
+                                   headers={"X-Request-Id": given}, timeout=30)
+        assert (answer.status_code, answer.json()["error"]) == (400, "invalid_header")
+        assert "X-Request-Id" in answer.json()["message"]
+
+
+@pytest.mark.parametrize("path", ["", "/history"])
+def test_an_id_no_participant_can_have_is_not_found_on_every_participant_route(server, path):
+    answer = server.client("admin").get(f"/v1/participants/a%00b{path}")
+    assert (answer.status_code, answer.json()["error"]) == (404, "not_found")
+
+
+def test_an_unexpected_failure_answers_the_contract_s_500(isolated_url, monkeypatch):
+    from infrastructure.readside import queries
+    from tests.e2e.test_consistency import _in_process
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a fault in the program")
+
+    monkeypatch.setattr(queries, "list_participants", fails)
+    with _in_process(isolated_url) as (_, app, headers):
+        answer = app.test_client().get("/v1/participants", headers=headers)
+    assert answer.status_code == 500
+    assert answer.json == {"error": "internal_error",
+                           "message": "the server failed; the error is logged"}
 
 
 def _batch(app, headers, *commands):
