@@ -181,8 +181,12 @@ class BloodResults(Schema):
     mma_nmol_l = StrictFloat(validate=validate.Range(min=0), allow_none=True)
 
 
-FIELD_PATH = validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
-                             error="must be a dotted field path such as bpi_sf.worst")
+def field_path(**kwargs: Any) -> fields.String:
+    """A field of an event's data, as a dotted path (a query's target, a correction's)."""
+    return fields.String(validate=[
+        validate.Length(max=200),
+        validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
+                        error="must be a dotted field path such as bpi_sf.worst")], **kwargs)
 
 
 def _raise_query(protocol: Protocol) -> type[Schema]:
@@ -191,7 +195,7 @@ def _raise_query(protocol: Protocol) -> type[Schema]:
         text = text(1, 4000, required=True)
         visit = fields.String(validate=validate.OneOf(protocol.visit_codes))
         event_id = UUIDString()
-        field = fields.String(validate=FIELD_PATH, allow_none=True)
+        field = field_path(allow_none=True)
 
         @validates_schema
         def one_target(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -271,9 +275,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
         },
         "CorrectData": {
             "event_id": UUIDString(required=True),
-            "field": fields.String(required=True, validate=validate.Regexp(
-                r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
-                error="must be a dotted field path such as bpi_sf.worst")),
+            "field": field_path(required=True),
             "value": fields.Raw(required=True, allow_none=True),
         },
         "ResolveDeviation": {

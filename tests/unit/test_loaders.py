@@ -221,3 +221,17 @@ def test_a_field_that_overrides_a_step_the_walk_skips_is_loaded_by_marshmallow()
         assert _outcome(load, body) == _outcome(schema.load, body)
     nested = Schema.from_dict({"inner": fields.Nested(schema)})()
     assert _outcome(loader(nested), {"inner": {"xs": ["a", "a"]}})[0] == "refused"
+
+
+@pytest.mark.parametrize(("type_name", "target"), [
+    ("RaiseQuery", {"query_id": QUERY_ID, "text": "?", "event_id": str(uuid.UUID(int=7))}),
+    ("CorrectData", {"event_id": str(uuid.UUID(int=7)), "value": 4}),
+])
+def test_a_field_path_is_at_most_200_characters(type_name, target):
+    """A query's or a correction's field is kept in its event and shown in every list: a
+    path no event has, 200,000 characters long, was stored as given."""
+    load = loader(SCHEMAS[type_name]())
+    assert load({**target, "field": "a" * 200})["field"] == "a" * 200
+    with pytest.raises(ValidationError) as refused:
+        load({**target, "field": "a" * 201})
+    assert refused.value.messages == {"field": ["Longer than maximum length 200."]}
