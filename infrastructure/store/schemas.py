@@ -9,8 +9,9 @@ code change.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
@@ -44,6 +45,37 @@ class StrictFloat(fields.Float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.make_error("invalid")
         return super()._deserialize(value, attr, data, **kwargs)
+
+
+class IsoDate(fields.Date):
+    """A date written YYYY-MM-DD, as the contract says (marshmallow's own also takes
+    20260307 and 2026-W10-6)."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {
+        "invalid": "Not a valid date (YYYY-MM-DD)."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str) or not _ISO_DATE.fullmatch(value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class IsoDateTime(fields.AwareDateTime):
+    """A date and time written YYYY-MM-DDTHH:MM, seconds and a zone optional (none is
+    UTC); a date alone is no time of day."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {
+        "invalid": "Not a valid datetime (YYYY-MM-DDTHH:MM[:SS], then a zone such as Z "
+                   "or +01:00; none is UTC)."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str) or not _ISO_DATE_TIME.match(value):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_ISO_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}")
 
 
 # PostgreSQL text can't hold NUL, no field of a trial record needs control characters
@@ -95,7 +127,7 @@ class AromataseInhibitor(Schema):
 
     drug = text(required=True)
     daily_dose_mg = StrictFloat(required=True, validate=validate.Range(min=0))
-    started_on = fields.Date(required=True)
+    started_on = IsoDate(required=True)
     planned_days_after_registration = _int(0, 36_500, required=True)
 
 
@@ -108,7 +140,7 @@ class Menopause(Schema):
 
 class Analgesic(Schema):
     drug = text(required=True)
-    stable_since = fields.Date(required=True)
+    stable_since = IsoDate(required=True)
 
 
 class Eligibility(Schema):
@@ -124,11 +156,11 @@ class Eligibility(Schema):
     menopause = fields.Nested(Menopause, required=True)
     zubrod = _int(0, 4, required=True)
     b12_allergy = StrictBoolean(required=True)
-    substance_abuse_last_on = fields.Date(required=True, allow_none=True)
+    substance_abuse_last_on = IsoDate(required=True, allow_none=True)
     chronic_liver_disease = StrictBoolean(required=True)
     end_stage_renal_disease = StrictBoolean(required=True)
     analgesics = fields.List(fields.Nested(Analgesic), required=True)
-    b12_supplement_stopped_on = fields.Date(required=True, allow_none=True)
+    b12_supplement_stopped_on = IsoDate(required=True, allow_none=True)
     willing_blood_samples = StrictBoolean(required=True)
     other_investigational_agents = StrictBoolean(required=True)
     uncontrolled_intercurrent_illness = StrictBoolean(required=True)
@@ -228,46 +260,46 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
     schemas: dict[str, dict[str, Any]] = {
         "ScreenParticipant": {
             "site_id": fields.String(required=True, validate=sites),
-            "screened_on": fields.Date(required=True),
-            "birth_date": fields.Date(required=True),
+            "screened_on": IsoDate(required=True),
+            "birth_date": IsoDate(required=True),
             "email": fields.Email(allow_none=True),
             "language": fields.String(required=True, validate=validate.OneOf(protocol.languages)),
             "eligibility": fields.Nested(eligibility_schema(protocol), required=True),
         },
         "RecordConsent": {
             "consent_version": text(required=True),
-            "signed_on": fields.Date(required=True),
+            "signed_on": IsoDate(required=True),
             "signed_by": fields.String(required=True, validate=validate.OneOf(
                 ("participant", "legal_representative"))),
             "language": fields.String(required=True, validate=validate.OneOf(protocol.languages)),
         },
-        "RandomizeParticipant": {"registered_on": fields.Date(required=True)},
+        "RandomizeParticipant": {"registered_on": IsoDate(required=True)},
         "RecordBloodSample": {
             "timepoint": fields.String(required=True, validate=visit),
-            "collected_at": fields.AwareDateTime(required=True, default_timezone=UTC),
+            "collected_at": IsoDateTime(required=True, default_timezone=UTC),
             "results": fields.Nested(BloodResults),
         },
         "RecordDose": {
-            "taken_on": fields.Date(required=True),
+            "taken_on": IsoDate(required=True),
             "taken": StrictBoolean(required=True),
             "dose_mcg": StrictFloat(validate=validate.Range(min=0, max=100_000),
                                      allow_none=True),
         },
         "CompleteVisit": {
             "visit": fields.String(required=True, validate=visit),
-            "completed_on": fields.Date(required=True),
+            "completed_on": IsoDate(required=True),
             "bpi_sf": fields.Nested(BpiSf),
             "fact_es": fields.Nested(FactEs),
             "adherence": fields.Nested(Adherence),
         },
         "ReportMedication": {
             "drug": text(required=True),
-            "started_on": fields.Date(allow_none=True),
-            "stopped_on": fields.Date(allow_none=True),
+            "started_on": IsoDate(allow_none=True),
+            "stopped_on": IsoDate(allow_none=True),
             "contains_b12": StrictBoolean(required=True),
         },
         "WithdrawParticipant": {
-            "withdrawn_on": fields.Date(required=True),
+            "withdrawn_on": IsoDate(required=True),
             "scope": fields.String(required=True,
                                    validate=validate.OneOf(("treatment", "study"))),
             "reason_code": text(required=True),

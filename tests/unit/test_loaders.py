@@ -235,3 +235,29 @@ def test_a_field_path_is_at_most_200_characters(type_name, target):
     with pytest.raises(ValidationError) as refused:
         load({**target, "field": "a" * 201})
     assert refused.value.messages == {"field": ["Longer than maximum length 200."]}
+
+
+@pytest.mark.parametrize("written", ["20260307", "2026-W10-6", "2026-3-7", "2026-03-07 "])
+def test_a_date_is_written_as_the_contract_says(written):
+    load = loader(SCHEMAS["RecordDose"]())
+    with pytest.raises(ValidationError) as refused:
+        load({**dose(3), "taken_on": written})
+    assert refused.value.messages == {"taken_on": ["Not a valid date (YYYY-MM-DD)."]}
+    assert load({**dose(3), "taken_on": "2026-03-07"})["taken_on"].isoformat() == "2026-03-07"
+
+
+@pytest.mark.parametrize(("written", "taken"), [
+    ("2026-03-05T09:30", "2026-03-05T09:30:00+00:00"),
+    ("2026-03-05T09:30:15+01:00", "2026-03-05T09:30:15+01:00"),
+    ("2026-03-05", None), ("20260305T0930Z", None), ("2026-03-05 09:30", None),
+])
+def test_a_blood_sample_s_time_is_a_date_and_a_time_of_day(written, taken):
+    load = loader(SCHEMAS["RecordBloodSample"]())
+    body = {**EXAMPLES["RecordBloodSample"], "collected_at": written}
+    if taken is None:
+        with pytest.raises(ValidationError) as refused:
+            load(body)
+        assert list(refused.value.messages) == ["collected_at"]
+        assert "YYYY-MM-DDTHH:MM" in refused.value.messages["collected_at"][0]
+    else:
+        assert load(body)["collected_at"].isoformat() == taken
