@@ -9,10 +9,12 @@ import orjson
 from flask import Response, g
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
+from sqlalchemy import func, select
 
-from infrastructure.api.errors import forbidden
+from infrastructure.api.errors import forbidden, invalid
 from infrastructure.api.schemas import ErrorBody
 from infrastructure.audit.feed import MAX_LIMIT, Reader
+from infrastructure.store.stored import events_table
 
 blp = Blueprint("feed", __name__, url_prefix="/v1/feed",
                 description="The event feed: every change, in order, resumable")
@@ -83,6 +85,8 @@ def get_feed(after: int, limit: int) -> Response:
     with runtime().trialog.engine.begin() as connection:
         events, next_position = runtime().feed.page_json(after, limit, reader, disclosed,
                                                          connection)
+        if not events:
+            _require_in_the_log(connection, after)
         if disclosed:  # the page shows these participants' contact details
             access.record(connection, g.principal.name, sorted(disclosed), "GET /v1/feed",
                           g.get("request_id"))
@@ -90,6 +94,19 @@ def get_feed(after: int, limit: int) -> Response:
     # The events come as JSON already (rendered ahead by the feed's follower).
     body = b'{"events":[' + b",".join(events) + b'],"next":%d}' % next_position
     return Response(body, mimetype="application/json")
+
+
+def _require_in_the_log(connection: Any, after: int) -> None:
+    """A cursor past the newest position is no cursor an answer gave (a database restored
+    from an older backup, a typing slip): answered as such, not as an empty page after
+    which the reader would skip every event up to it."""
+    from infrastructure.api import runtime
+
+    table = events_table(runtime().trialog.service.recorder)
+    newest = connection.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar_one()
+    if after > newest:
+        why = f"is past the newest position of the log ({newest}); an answer's next never is"
+        raise invalid({"after": [why]})
 
 
 @blp.route("/checkpoint")

@@ -207,3 +207,15 @@ def test_admins_list_the_webhook_subscriptions_without_their_secrets(server, tok
     assert (listed["sites"], listed["status"], listed["failed"]) == (["METRO"], "active", 0)
     assert secret not in answer.text and "whsec_" not in answer.text
     assert tokens["coordinator"].get("/v1/webhooks").status_code == 403
+
+
+def test_a_cursor_past_the_newest_position_is_refused_not_an_empty_page(server, tokens):
+    """Such a cursor no answer gave (a database restored from an older backup): an empty
+    page would have the reader skip every event written up to it."""
+    reader = tokens["service"]
+    newest = head(reader)
+    at_the_head = reader.get("/v1/feed", after=newest)
+    assert (at_the_head.status_code, at_the_head.json()["events"]) == (200, [])
+    past = reader.get("/v1/feed", after=newest + 1000)
+    assert (past.status_code, list(past.json()["fields"])) == (422, ["after"])
+    assert "newest position" in past.json()["fields"]["after"][0]
