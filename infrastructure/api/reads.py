@@ -199,6 +199,11 @@ def get_history(participant_id: str, **args: Any) -> Response:
     if not entries:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded{_until(args)}")
+    if args.get("version") is not None and entries[-1]["version"] != args["version"]:
+        # As the state at that version answers: a version not recorded is not shown as
+        # the whole record.
+        raise ApiError(404, "not_found", f"participant {participant_id} has no "
+                                         f"version {args['version']}")
     t = _trialog()
     with t.engine.begin() as connection:  # one round of the pool for both
         if g.principal.sees_contact:

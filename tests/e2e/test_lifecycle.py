@@ -72,6 +72,9 @@ def test_the_state_as_of_a_moment_is_what_was_recorded_then(server):
 
     history = f"/v1/participants/{pid}/history"
     assert [e["version"] for e in service.get(history, version=2).json()["events"]] == [1, 2]
+    beyond = service.get(history, version=9)  # as the state answers: not the whole record
+    assert (beyond.status_code, beyond.json()["message"]) == (
+        404, f"participant {pid} has no version 9")
     assert [e["version"] for e in service.get(history, as_of=moment).json()["events"]] == [1, 2]
     assert len(service.get(history).json()["events"]) == 3
     service.command("RecordDose", pid, {"taken_on": "2026-03-05", "taken": True,
