@@ -267,7 +267,9 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
         counts = monitor.scan_clock(trialog, trialog.today())
     finally:
         trialog.close()
-    print(f"{events} new events checked; {counts['participants']} participants scanned, "
+    scanned = ("the database is locked: no participant scanned" if counts.get(
+        "database_locked") else f"{counts['participants']} participants scanned")
+    print(f"{events} new events checked; {scanned}, "
           f"{counts['missed']} visits missed, {counts['flagged']} deviations flagged")
     return 0
 

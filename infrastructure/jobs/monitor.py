@@ -60,11 +60,17 @@ class DeviationMonitor(LogFollower):
 
 def scan_clock(t: Trialog, today: date) -> dict[str, int]:
     """The clock-driven rules over every participant still in the study: a closed window
-    with no visit is recorded as missed and flagged; poor adherence is flagged."""
+    with no visit is recorded as missed and flagged; poor adherence is flagged. None while
+    the database is locked: the record is frozen for analysis, and what the clock finds
+    then is found once it is unlocked."""
+    counts = {"participants": 0, "missed": 0, "flagged": 0, "quarantined": 0}
+    database = t.service.database()
+    if database is not None and database.locked:
+        return {**counts, "database_locked": True}
     with t.engine.connect() as connection:
         ids = list(connection.execute(select(participants.c.participant_id).where(
             participants.c.status.in_(("randomized", "off_treatment")))).scalars())
-    counts = {"participants": len(ids), "missed": 0, "flagged": 0, "quarantined": 0}
+    counts["participants"] = len(ids)
     with t.engine.connect() as connection:
         held = quarantined_ids(connection, SCAN)
     for participant_id in ids:

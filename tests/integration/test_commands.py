@@ -354,6 +354,30 @@ def test_a_locked_database_refuses_the_data_commands_dispatched_together(isolate
     assert stored_versions(isolated, pid) == 4
 
 
+def test_the_clock_scan_writes_nothing_while_the_database_is_locked(isolated):
+    """A visit's window that closes during a database lock is not marked missed (nor any
+    deviation flagged) into the frozen record; the scan after the unlock finds it."""
+    from datetime import timedelta
+
+    from infrastructure.jobs.monitor import scan_clock
+    from infrastructure.readside.projections import TrialProjection
+
+    pid = enrol(isolated)
+    TrialProjection(isolated).catch_up()
+    isolated.bus.dispatch_trial("LockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="interim analysis")
+    later = REGISTERED + timedelta(days=400)
+
+    assert scan_clock(isolated, later)["database_locked"] is True
+    assert stored_versions(isolated, pid) == 3
+
+    isolated.bus.dispatch_trial("UnlockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="analysis done")
+    counts = scan_clock(isolated, later)
+    assert "database_locked" not in counts and counts["missed"] >= 4
+    assert isolated.service.get_participant(pid).missed_visits
+
+
 def test_a_lock_committed_while_commands_are_written_together_refuses_them(isolated):
     """On PostgreSQL a LockDatabase can commit between the first look at the lock and the
     insert of the events; the second look, under the event table's lock, sees it, and the
