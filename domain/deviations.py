@@ -12,7 +12,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from uuid import uuid5
 
-from domain import eligibility
 from domain.eligibility import days_between
 from domain.participant import Participant
 from domain.protocol import Protocol
@@ -27,6 +26,9 @@ SEVERITY = {
     "b12_use_in_control": "major", "ineligible_randomized": "major",
 }
 CLOCK_DRIVEN = ("visit_missed", "poor_adherence")
+# The criteria whose failure at registration is flagged by a code of its own.
+OWN_CODES = {"ai_duration": "ai_duration_short", "analgesics_stable": "analgesic_unstable",
+             "b12_washout": "washout_incomplete"}
 
 
 @dataclass(frozen=True)
@@ -224,12 +226,15 @@ def b12_use_in_control(p: Participant, protocol: Protocol, today: date) -> Itera
 
 def ineligible_randomized(p: Participant, protocol: Protocol,
                           today: date) -> Iterator[Finding]:
-    """A randomized participant whose screening record, as corrected, fails a criterion
-    that does not depend on the registration date (those have their own codes). Only a
-    correction can show it: a record never corrected passed screening."""
-    if p.registration_event is None or p.screening_record not in p.corrected:
+    """A randomized participant whose record, as corrected, fails a criterion as
+    randomization checks them (the time-relative ones on the registration date), other than
+    those flagged by a code of their own (OWN_CODES). Only a correction can show it: a record
+    never corrected passed randomization."""
+    registered = p.registered_on
+    corrected = {p.screening_record, p.registration_record} & set(p.corrected)
+    if p.registration_event is None or registered is None or not corrected:
         return
-    failed = [c for c in p.eligibility_now(protocol)[1] if c not in eligibility.TIME_RELATIVE]
+    failed = [c for c in p.failed_on(registered, protocol) if c not in OWN_CODES]
     if failed:
         yield Finding("ineligible_randomized", "screening",
                       (p.screening_event, p.registration_event),

@@ -19,6 +19,9 @@ from domain.commands import Audit
 from domain.errors import InvalidTransition, Locked, ValidationFailed
 from domain.protocol import Protocol
 
+if TYPE_CHECKING:
+    from domain.participant import FieldDefined
+
 # Where each query action may start from, and where it leads.
 QUERY_TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "respond": (("open",), "answered"),
@@ -55,8 +58,10 @@ class DataManagement:
 
     # --- queries -------------------------------------------------------------------------
 
-    def raise_query(self, data: Mapping[str, Any], protocol: Protocol,
-                    audit: Audit) -> None:
+    def raise_query(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit,
+                    defined: FieldDefined | None = None) -> None:
+        """Opens a query on a visit, or on a captured event and one of its fields (see
+        ``require_field``)."""
         query_id = data["query_id"]
         if query_id in self.queries:
             raise InvalidTransition(f"query {query_id} exists already "
@@ -68,9 +73,12 @@ class DataManagement:
                 raise ValidationFailed({"data.visit": [message]})
             target = {"visit": data["visit"]}
         else:
-            if self.version_of(data["event_id"]) is None:
+            version = self.version_of(data["event_id"])
+            if version is None:
                 message = "is not a data-capturing event of this participant"
                 raise ValidationFailed({"data.event_id": [message]})
+            if data.get("field") is not None:
+                self.require_field(version, data["field"], defined)
             target = {"event_id": data["event_id"], "field": data.get("field")}
         self.trigger_event(self.QueryRaised, query_id=query_id, text=data["text"],
                            target=target, **audit.event_fields())

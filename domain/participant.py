@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.metadata
-from collections.abc import Callable, Iterator, Mapping
-from datetime import date, datetime
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, date, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,19 @@ CAPTURED_BY = {
     "ParticipantWithdrawn": "WithdrawParticipant",
 }
 
+# No date a record holds is earlier (a birth date included): dates stay far inside the
+# calendar, so the schedule's arithmetic on them can't overflow.
+EARLIEST = date(1900, 1, 1)
+# The dates of a record in the order of the trial's steps: (earlier, later, whether both
+# may fall on the same day). The consent's is the first consent's (a re-consent after a
+# protocol amendment comes after the registration).
+DATE_ORDER = (("birth_date", "screened_on", False), ("screened_on", "registered_on", True),
+              ("signed_on", "registered_on", True))
+
+FieldDefined = Callable[[str, str], bool]
+"""Whether a dotted path names a field of an event type's data, as the command that
+captures it defines them (held or left out by a record)."""
+
 CorrectionRule = Callable[[str, str, Any, Mapping[str, Any]], Any]
 """The rule of the field a correction names: called with the type of the corrected event,
 the dotted path, the new value and the data recorded so far, it answers the value as the
@@ -80,6 +93,19 @@ def _walk(data: Mapping[str, Any], path: str) -> tuple[dict[str, Any], str]:
         if not isinstance(node, dict):
             raise ValidationFailed({"data.field": [f"{path!r} is not a field of that event"]})
     return node, last
+
+
+def _holds(data: Mapping[str, Any], path: str) -> bool:
+    """Whether the data has a value (null included) at a dotted path."""
+    node: Any = data
+    for key in path.split("."):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return False
+    return True
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:
@@ -213,13 +239,11 @@ class Participant(DataManagement, ChainedAggregate):
         def apply(self, aggregate: Any) -> None:
             version = aggregate.version_of(self.target_event_id)
             record = aggregate.records[version]
-            data = copy.deepcopy(record["data"])  # copy on write: the captured event stays
-            place(data, self.field, copy.deepcopy(self.value))
-            aggregate.records[version] = {**record, "data": data}
+            after = _corrected_record(record, self.field, self.value)
+            aggregate.records[version] = after
             if version not in aggregate.corrected:
                 aggregate.corrected.append(version)
-            visit = visit_of(record)
-            if visit is not None:
+            for visit in _changed_visits(record, after):
                 aggregate.changed[visit] = self.originator_version
 
     class DeviationFlagged(Event):
@@ -432,6 +456,17 @@ class Participant(DataManagement, ChainedAggregate):
             return self.eligible, list(self.failed_criteria)
         return _screening_outcome(self.screening, protocol)
 
+    def failed_on(self, registered_on: date, protocol: Protocol) -> list[str]:
+        """The criteria the record as it stands fails for a registration on
+        ``registered_on``: the time-relative ones on that day, the others as screened (a
+        corrected screening evaluated again on ``screened_on``)."""
+        failed = eligibility.failed_criteria(
+            self.screening["eligibility"], self.screening["birth_date"], registered_on,
+            protocol.eligibility, only=eligibility.TIME_RELATIVE,
+        )
+        return failed + [c for c in self.eligibility_now(protocol)[1]
+                         if c not in eligibility.TIME_RELATIVE]
+
     @property
     def registered_on(self) -> date | None:
         registered: date | None = self.data_of(self.registration_record).get("registered_on")
@@ -468,6 +503,8 @@ class Participant(DataManagement, ChainedAggregate):
     def screen(
         cls, participant_id: str, data: Mapping[str, Any], protocol: Protocol, audit: Audit
     ) -> Participant:
+        _require_dated(data, audit)
+        _require_in_order(data, "birth_date", "data.birth_date")
         eligible, failed = _screening_outcome(data, protocol)
         return cls._create(
             cls.ParticipantScreened, id=participant_uuid(participant_id),
@@ -485,14 +522,23 @@ class Participant(DataManagement, ChainedAggregate):
         if data["site_id"] != self.site_id:
             message = f"must be the participant's site, {self.site_id}"
             raise ValidationFailed({"data.site_id": [message]})
+        _require_dated(data, audit)
+        _require_in_order(data, "birth_date", "data.birth_date")
         eligible, failed = _screening_outcome(data, protocol)
         self.trigger_event(self.ParticipantRescreened, data=dict(data), eligible=eligible,
                            failed_criteria=failed, **audit.event_fields())
 
-    def record_consent(self, data: Mapping[str, Any], audit: Audit) -> None:
+    def record_consent(self, data: Mapping[str, Any], audit: Audit,
+                       protocol: Protocol | None = None) -> None:
+        """Records a consent. A first consent enrols: the screening must be eligible as it
+        stands, a corrected one evaluated again by ``protocol`` (the service gives it; a
+        re-consent after an amendment is recorded whatever the screening shows)."""
         self.require_unlocked()
         self._refuse_screen_failure("consented")
         self._require_status("record consent", "screened", "consented", *ACTIVE, "completed")
+        if self.status == "screened" and protocol is not None:
+            self._require_eligible_now(protocol)
+        _require_dated(data, audit)
         self.trigger_event(self.ConsentRecorded, data=dict(data), **audit.event_fields())
 
     def randomize(
@@ -503,15 +549,9 @@ class Participant(DataManagement, ChainedAggregate):
         self._refuse_screen_failure("randomized")
         self._require_status("randomize", "consented")
         registered_on: date = data["registered_on"]
-        if registered_on < self.screening["screened_on"]:
-            raise ValidationFailed({"data.registered_on": ["must not be before screened_on"]})
-        failed = eligibility.failed_criteria(
-            self.screening["eligibility"], self.screening["birth_date"], registered_on,
-            protocol.eligibility, only=eligibility.TIME_RELATIVE,
-        )
-        # A corrected screening is evaluated again in full (the rest on screened_on).
-        failed += [c for c in self.eligibility_now(protocol)[1]
-                   if c not in eligibility.TIME_RELATIVE and c not in failed]
+        _require_dated(data, audit)
+        self._require_step_order("registered_on", registered_on, "data.registered_on")
+        failed = self.failed_on(registered_on, protocol)
         medications = [d for _, d in self.records_of("MedicationReported")]
         washout_failed = eligibility.washout_failures(
             medications, registered_on, protocol.eligibility
@@ -532,6 +572,7 @@ class Participant(DataManagement, ChainedAggregate):
         self._require_status("record a blood sample", "consented", *ACTIVE, "completed")
         _require_visit(protocol, data["timepoint"], "data.timepoint")
         self.require_unlocked(data["timepoint"])  # the sample belongs to its visit
+        _require_dated(data, audit)
         self.trigger_event(self.BloodSampleCollected, data=dict(data), **audit.event_fields())
         self.invalidate_signatures([visit_key(data["timepoint"])], "new data", audit)
 
@@ -539,12 +580,8 @@ class Participant(DataManagement, ChainedAggregate):
         self.require_unlocked()
         self._require_status("record a dose", *ACTIVE, "completed")
         taken_on: date = data["taken_on"]
-        _require_not_future(taken_on, audit, "data.taken_on")
-        stopped = self.withdrawn_on("treatment")
-        if stopped is not None and taken_on > stopped:
-            raise InvalidTransition(
-                f"a dose on {taken_on} is after the treatment withdrawal on {stopped}"
-            )
+        _require_dated(data, audit)
+        self._require_no_dose_after_withdrawal(doses=[taken_on])
         self._require_no_dose_on(taken_on)
         self.trigger_event(self.DoseRecorded, data=dict(data), **audit.event_fields())
 
@@ -557,6 +594,7 @@ class Participant(DataManagement, ChainedAggregate):
             raise InvalidTransition(
                 f"visit {code} is already completed; use CorrectData to change it"
             )
+        _require_dated(data, audit)
         self.trigger_event(
             self.VisitCompleted, data=dict(data), completes_study=code == protocol.visits[-1].code,
             **audit.event_fields(),
@@ -566,6 +604,7 @@ class Participant(DataManagement, ChainedAggregate):
         self.require_unlocked()
         self._require_status("report a medication", "screened", "consented", *ACTIVE,
                              "completed")
+        _require_dated(data, audit)
         self.trigger_event(self.MedicationReported, data=dict(data), **audit.event_fields())
 
     def withdraw(self, data: Mapping[str, Any], audit: Audit) -> None:
@@ -574,6 +613,8 @@ class Participant(DataManagement, ChainedAggregate):
             self._require_status("withdraw from treatment", "randomized")
         else:
             self._require_status("withdraw from the study", "screened", "consented", *ACTIVE)
+        _require_dated(data, audit)
+        self._require_no_dose_after_withdrawal(withdrawals={data["scope"]: data["withdrawn_on"]})
         self.trigger_event(self.ParticipantWithdrawn, data=dict(data), **audit.event_fields())
 
     def correct_data(self, data: Mapping[str, Any], audit: Audit,
@@ -590,11 +631,8 @@ class Participant(DataManagement, ChainedAggregate):
             raise ValidationFailed(
                 {"data.event_id": ["is not a data-capturing event of this participant"]}
             )
-        visit = visit_of(record)
-        self.require_unlocked(visit)
+        self.require_unlocked(visit_of(record))
         path: str = data["field"]
-        if record["type"] == "BloodSampleCollected" and path == "timepoint":
-            self.require_unlocked(str(data["value"]))  # the visit it would move to
         if path.split(".")[0] in LOCKED_FIELDS:
             raise ValidationFailed({"data.field": [f"{path!r} can't be corrected"]})
         previous = _lookup(record["data"], path)
@@ -605,17 +643,16 @@ class Participant(DataManagement, ChainedAggregate):
             value = rule(record["type"], path, data["value"], record["data"])
         if previous == value:
             raise ValidationFailed({"data.value": ["is the value already recorded"]})
-        if record["type"] == "DoseRecorded" and path == "taken_on":
-            _require_not_future(value, audit, "data.value")
-            self._require_no_dose_on(value)
-        self._require_registration_after_screening(version, path, value)
+        self._require_correctable(version, record, path, value, audit)
+        visits = _changed_visits(record, _corrected_record(record, path, value))
+        for visit in visits:  # a blood sample moved to another visit changes that one too
+            self.require_unlocked(visit)
         self.trigger_event(
             self.DataCorrected, target_event_id=target, field=path,
             previous_value=copy.deepcopy(previous), value=copy.deepcopy(value),
             **audit.event_fields(),
         )
-        signed = [visit_key(visit)] if visit is not None else []
-        self.invalidate_signatures([*signed, "casebook"], "corrected", audit)
+        self.invalidate_signatures([*map(visit_key, visits), "casebook"], "corrected", audit)
 
     def flag_deviation(
         self, deviation_id: str, code: str, severity: str, evidence: list[str], detail: str,
@@ -656,26 +693,76 @@ class Participant(DataManagement, ChainedAggregate):
 
     # --- guards --------------------------------------------------------------------------
 
-    def _require_registration_after_screening(self, version: int, path: str,
-                                              value: Any) -> None:
-        """A correction keeps registered_on on or after screened_on, as randomization
-        required."""
-        screened, registered = self.screening.get("screened_on"), self.registered_on
-        if version == self.screening_record and path == "screened_on":
-            screened = value
-        elif version == self.registration_record and path == "registered_on":
-            registered = value
-        else:
+    def require_field(self, version: int, path: str,
+                      defined: FieldDefined | None = None) -> None:
+        """Refuses a dotted path that names no field of a captured record: none the record
+        holds, nor (``defined``) any its command may carry: a query may well ask about a
+        field the record left out."""
+        record = self.records[version]
+        if _holds(record["data"], path) or (defined is not None
+                                            and defined(record["type"], path)):
             return
-        if screened is not None and registered is not None and registered < screened:
-            raise ValidationFailed({"data.value": [
-                f"registered_on ({registered}) must not be before screened_on ({screened})"]})
+        raise ValidationFailed({"data.field": [f"{path!r} is not a field of {record['type']}"]})
+
+    def _require_correctable(self, version: int, record: Mapping[str, Any], path: str,
+                             value: Any, audit: Audit) -> None:
+        """A corrected value keeps the rules the command that recorded it applies against
+        the rest of the record: no date after today, the steps' dates in order, one dose a
+        day, no dose after a withdrawal."""
+        misdated = _misdated(value, audit)
+        if misdated:
+            raise ValidationFailed({"data.value": [f"{where}: {message}" if where else message
+                                                   for where, message in misdated.items()]})
+        if self._step_records().get(path) == version:
+            self._require_step_order(path, value, "data.value")
+        if record["type"] == "DoseRecorded" and path == "taken_on":
+            self._require_no_dose_on(value)
+            self._require_no_dose_after_withdrawal(doses=[value])
+        elif record["type"] == "ParticipantWithdrawn" and path == "withdrawn_on":
+            self._require_no_dose_after_withdrawal(withdrawals={record["data"]["scope"]: value})
+
+    def _step_records(self) -> dict[str, int | None]:
+        """The record that holds each date DATE_ORDER names (a field of the same name)."""
+        return {"birth_date": self.screening_record, "screened_on": self.screening_record,
+                "signed_on": self.first_consent_record,
+                "registered_on": self.registration_record}
+
+    def _require_step_order(self, name: str, value: Any, key: str) -> None:
+        """The dates of the record stay in DATE_ORDER with ``value`` as ``name``."""
+        dates = {n: self.data_of(v).get(n) for n, v in self._step_records().items()}
+        _require_in_order({**dates, name: value}, name, key)
+
+    def _require_no_dose_after_withdrawal(
+        self, doses: Iterable[date] | None = None, withdrawals: Mapping[str, date] | None = None,
+    ) -> None:
+        """No dose is dated after a withdrawal from treatment or from the study (one dated on
+        or before it is a late diary entry): ``doses`` (by default those recorded) against
+        ``withdrawals`` (by default those recorded), by scope."""
+        if doses is None:
+            doses = [d["taken_on"] for _, d in self.records_of("DoseRecorded")]
+        if withdrawals is None:
+            withdrawals = {scope: day for scope in self.withdrawals
+                           if (day := self.withdrawn_on(scope)) is not None}
+        for scope, stopped in withdrawals.items():
+            late = [day for day in doses if day > stopped]
+            if late:
+                raise InvalidTransition(
+                    f"a dose on {max(late)} is after the {scope} withdrawal on {stopped}")
 
     def _require_no_dose_on(self, day: date) -> None:
         """One dose record per day."""
         if any(d["taken_on"] == day for _, d in self.records_of("DoseRecorded")):
             raise InvalidTransition(
                 f"a dose is already recorded for {day}; use CorrectData to change it"
+            )
+
+    def _require_eligible_now(self, protocol: Protocol) -> None:
+        """A screening a correction made ineligible is not consented."""
+        eligible, failed = self.eligibility_now(protocol)
+        if not eligible:
+            raise NotEligible(
+                f"participant {self.participant_id}'s screening, as corrected, fails "
+                f"{', '.join(failed)}: can't be consented", failed_criteria=failed,
             )
 
     def _refuse_screen_failure(self, what: str) -> None:
@@ -701,6 +788,20 @@ def visit_of(record: Mapping[str, Any]) -> str | None:
     if record["type"] == "BloodSampleCollected":
         return str(record["data"]["timepoint"])
     return None
+
+
+def _changed_visits(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """The visits whose data a correction changes: the record's, and the one a blood sample
+    moves to when its timepoint is corrected."""
+    return [v for v in dict.fromkeys((visit_of(before), visit_of(after))) if v is not None]
+
+
+def _corrected_record(record: Mapping[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """The record with ``value`` at ``path``, in a copy of its data (copy on write: the
+    captured event stays as it was)."""
+    data = copy.deepcopy(record["data"])
+    place(data, path, copy.deepcopy(value))
+    return {**record, "data": data}
 
 
 def _like(previous: Any, value: Any) -> Any:
@@ -729,10 +830,54 @@ def _not_like(previous: Any) -> Any:
     raise ValidationFailed({"data.value": [f"must be {kind}, like the recorded value"]})
 
 
-def _require_not_future(day: date, audit: Audit, path: str) -> None:
+def _dates_in(value: Any, path: str = "") -> Iterator[tuple[str, date]]:
+    """Every date in a value, with its dotted path inside it; a datetime's is its UTC date
+    (today is the UTC date a command is recorded)."""
+    if isinstance(value, datetime):
+        yield path, (value.astimezone(UTC) if value.tzinfo else value).date()
+    elif isinstance(value, date):
+        yield path, value
+    elif isinstance(value, (Mapping, list)):
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for key, item in items:
+            yield from _dates_in(item, f"{path}.{key}" if path else str(key))
+
+
+def _misdated(value: Any, audit: Audit) -> dict[str, str]:
+    """The dates in a value that a record can't hold, by path: a record captures what has
+    happened, so no date is after today (the day the command is recorded), nor before
+    EARLIEST."""
     today = audit.recorded_at.date()
-    if day > today:
-        raise ValidationFailed({path: [f"must not be after today ({today.isoformat()})"]})
+    misdated = {}
+    for path, day in _dates_in(value):
+        if day > today:
+            misdated[path] = f"must not be after today ({today.isoformat()})"
+        elif day < EARLIEST:
+            misdated[path] = f"must not be before {EARLIEST.isoformat()}"
+    return misdated
+
+
+def _require_dated(data: Mapping[str, Any], audit: Audit) -> None:
+    """Every date of a command's data passes ``_misdated``; a refusal names each field."""
+    misdated = _misdated(data, audit)
+    if misdated:
+        raise ValidationFailed({f"data.{path}": [message] for path, message in misdated.items()})
+
+
+def _require_in_order(dates: Mapping[str, Any], name: str, key: str) -> None:
+    """The dates DATE_ORDER pairs ``name`` with are in order (one not given is not
+    compared); a refusal names ``key`` and says what ``name`` must be."""
+    for earlier, later, same_day in DATE_ORDER:
+        first, then = dates.get(earlier), dates.get(later)
+        if name not in (earlier, later) or first is None or then is None:
+            continue
+        if then > first or (same_day and then == first):
+            continue
+        if name == later:
+            rule = f"must {'not be before' if same_day else 'be after'} {earlier} ({first})"
+        else:
+            rule = f"must {'not be after' if same_day else 'be before'} {later} ({then})"
+        raise ValidationFailed({key: [f"{name} {rule}"]})
 
 
 # The key, in a snapshot's state, of the digest of the code that derived it.

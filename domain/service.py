@@ -27,6 +27,7 @@ from domain.management import CASEBOOK, visit_key
 from domain.participant import (
     DERIVED_BY,
     CorrectionRule,
+    FieldDefined,
     Participant,
     derivation,
     derived_here,
@@ -138,6 +139,8 @@ class TrialService(Application[Any]):
         self.protocol = protocol
         self.allocation_seed = allocation_seed
         self.correction_rule = correction_rule
+        # The fields each command defines, where the correction rule knows them.
+        self.field_defined: FieldDefined | None = getattr(correction_rule, "defines", None)
         super().__init__(env)
         self._handlers: dict[type[Command], Handler] = {
             c.ScreenParticipant: self.screen_participant,
@@ -153,7 +156,8 @@ class TrialService(Application[Any]):
             c.FlagDeviation: self.flag_deviation,
             c.RecordReminderSent: self.record_reminder_sent,
             c.RecordVisitMissed: self.record_visit_missed,
-            c.RaiseQuery: lambda p, cmd, a: p.raise_query(cmd.data, self.protocol, a),
+            c.RaiseQuery: lambda p, cmd, a: p.raise_query(cmd.data, self.protocol, a,
+                                                          self.field_defined),
             c.RespondToQuery: lambda p, cmd, a: p.act_on_query("respond", cmd.data, a),
             c.CloseQuery: lambda p, cmd, a: p.act_on_query("close", cmd.data, a),
             c.ReopenQuery: lambda p, cmd, a: p.act_on_query("reopen", cmd.data, a),
@@ -308,7 +312,7 @@ class TrialService(Application[Any]):
         return (participant,)
 
     def record_consent(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
-        participant.record_consent(cmd.data, audit)
+        participant.record_consent(cmd.data, audit, self.protocol)
         return (participant,)
 
     def randomize_participant(self, participant: Participant, cmd: Command,

@@ -52,6 +52,13 @@ class CorrectionRules:
     def __init__(self, protocol: Protocol) -> None:
         self.schemas = {name: schema() for name, schema in data_schemas(protocol).items()}
 
+    def defines(self, event_type: str, path: str) -> bool:
+        """Whether ``path`` names a field of the data of ``event_type``'s command (a
+        query may ask about one a record left out)."""
+        command = CAPTURED_BY.get(event_type)
+        schema = self.schemas.get(command) if command else None
+        return schema is not None and field_at(schema, path) is not None
+
     def __call__(self, event_type: str, path: str, value: Any, recorded: Any) -> Any:
         command = CAPTURED_BY.get(event_type)
         schema = self.schemas[command] if command else None

@@ -114,6 +114,16 @@ def test_a_correction_that_makes_a_randomized_participant_ineligible_is_flagged_
     assert "zubrod" in findings[0].detail
 
 
+def test_recent_substance_abuse_found_by_a_correction_is_flagged_ineligible_randomized():
+    p = randomized()
+    correct(p, "eligibility.substance_abuse_last_on", date(2026, 1, 1))
+    findings = [f for f in detect(p, PROTOCOL, LATER) if f.code == "ineligible_randomized"]
+    assert len(findings) == 1 and "no_recent_substance_abuse" in findings[0].detail
+    q = randomized()  # a criterion with a code of its own is flagged by that code only
+    correct(q, "eligibility.aromatase_inhibitor.started_on", REGISTERED - timedelta(days=5))
+    assert "ai_duration_short" in codes(q) and "ineligible_randomized" not in codes(q)
+
+
 def test_a_screen_failure_or_a_participant_not_randomized_is_not_ineligible_randomized():
     p = Participant.screen("CASE-0002", screening(), PROTOCOL, audit())
     correct(p, "eligibility.zubrod", 3)

@@ -1,6 +1,7 @@
 """Queries, source verification, signatures and locks: every rule in the aggregate, run on
 the service's in-memory event store."""
 
+import uuid
 from datetime import UTC, date, datetime
 
 import pytest
@@ -295,3 +296,54 @@ def test_a_blood_sample_belongs_to_its_visit_for_locks_verification_and_signatur
     p = run(service, c.CorrectData, reason="lab correction", event_id=event_id,
             field="results.b12_pg_ml", value=410.0)
     assert p.sdv_status("baseline") == "changed_since_verified"
+
+
+def test_a_sample_moved_into_a_verified_signed_visit_changes_both_visits(service):
+    sample = {"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8, tzinfo=UTC)}
+    p = run(service, c.RecordBloodSample, **sample)
+    run(service, c.CompleteVisit, visit="week6", completed_on=date(2026, 4, 15))
+    for visit in ("baseline", "week6"):
+        run(service, c.VerifySource, visit=visit)
+        p = run(service, c.SignVisit, visit=visit, **SIGN)
+    before = p.version
+    event_id = next(e for e, _ in p.records_of("BloodSampleCollected"))
+    p = run(service, c.CorrectData, reason="wrong timepoint", event_id=event_id,
+            field="timepoint", value="week6")
+    assert p.version == before + 3  # the correction and both invalidations, one command
+    for visit in ("baseline", "week6"):
+        assert p.sdv_status(visit) == "changed_since_verified"
+        assert p.signatures[f"visit:{visit}"]["valid"] is False
+    assert p.sdv_status("week6") == _replayed(service, p.id).sdv_status("week6")
+
+
+def test_a_query_names_a_field_of_its_event(service):
+    for unknown in ("no.such.field", "nosuchfield", "completed_on.day"):
+        with pytest.raises(ValidationFailed) as refused:
+            run(service, c.RaiseQuery, query_id=QUERY, text="?",
+                event_id=baseline_event(service), field=unknown)
+        assert refused.value.fields == {
+            "data.field": [f"{unknown!r} is not a field of VisitCompleted"]}
+    assert service.get_participant(PID).queries == {}
+    p = run(service, c.RaiseQuery, query_id=QUERY, text="Date?",
+            event_id=baseline_event(service), field="completed_on")
+    assert p.queries[QUERY]["target"]["field"] == "completed_on"
+
+
+def test_a_query_may_ask_about_a_field_its_command_defines_but_the_record_left_out():
+    """Where the service knows the commands' fields (the correction rule's), a field the
+    record does not hold is one a query may well ask about ("why is BPI worst missing?")."""
+    defined = {("VisitCompleted", "bpi_sf.worst")}
+    service = TrialService(protocol(), b"unit-seed")
+    service.field_defined = lambda event_type, path: (event_type, path) in defined
+    for command in (c.ScreenParticipant(PID, screening()), c.RecordConsent(PID, consent()),
+                    c.RandomizeParticipant(PID, {"registered_on": date(2026, 3, 4)}),
+                    c.CompleteVisit(PID, {"visit": "baseline",
+                                          "completed_on": date(2026, 3, 4)})):
+        service.execute(command, audit())
+    p = run(service, c.RaiseQuery, query_id=QUERY, text="BPI worst missing?",
+            event_id=baseline_event(service), field="bpi_sf.worst")
+    assert p.queries[QUERY]["target"]["field"] == "bpi_sf.worst"
+    with pytest.raises(ValidationFailed):
+        run(service, c.RaiseQuery, query_id=str(uuid.uuid4()), text="?",
+            event_id=baseline_event(service), field="bpi_sf.best")
+    service.close()

@@ -329,9 +329,13 @@ def test_the_digest_of_a_known_event_is_pinned():
         del record["eligibility"][question]
     participant = Participant.screen("CASE-PINNED", record, PROTOCOL, pinned)
     participant.record_consent(consent(), pinned)
-    participant.randomize({"registered_on": REGISTERED},
-                          AllocationSequence.open(PROTOCOL.study_id, "CASE", pinned), SEED,
-                          PROTOCOL, pinned)
+    # Its registration is dated after the day it was recorded, which RandomizeParticipant
+    # refuses since: the event is built as it was stored.
+    sequence = AllocationSequence.open(PROTOCOL.study_id, "CASE", pinned)
+    index, arm = sequence.draw("CASE-PINNED", SEED, PROTOCOL.randomization, pinned)
+    participant.trigger_event(Participant.ParticipantRandomized,
+                              data={"registered_on": REGISTERED}, arm=arm,
+                              allocation_index=index, **pinned.event_fields())
     participant.record_blood_sample({"timepoint": "baseline", "collected_at": at,
                                      "results": {"b12_pg_ml": 410.5}}, PROTOCOL, pinned)
     digests = [compute_digest(e) for e in participant.collect_events()]
@@ -390,3 +394,199 @@ def test_a_correction_keeps_registration_on_or_after_screening(field, value):
     assert list(refused.value.fields) == ["data.value"]
     p.correct_data({"event_id": target, "field": field, "value": "2026-03-03"},
                    audit(reason="typo"))  # still in order
+
+
+TODAY = datetime(2026, 6, 1, 12, tzinfo=UTC)  # the day the refused commands are recorded
+TOMORROW = date(2026, 6, 2)
+
+
+def on_day(n: int) -> date:
+    return REGISTERED + timedelta(days=n)
+
+
+@pytest.mark.parametrize("path", [
+    "screened_on", "birth_date", "eligibility.aromatase_inhibitor.started_on",
+    "eligibility.substance_abuse_last_on", "eligibility.b12_supplement_stopped_on",
+    "eligibility.analgesics.0.stable_since",
+])
+def test_a_screening_dated_after_today_is_refused(path):
+    data = screening()
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = TOMORROW
+    with pytest.raises(ValidationFailed) as refused:
+        Participant.screen("CASE-0001", data, PROTOCOL, audit(at=TODAY))
+    assert list(refused.value.fields) == [f"data.{path}"]
+    assert "after today (2026-06-01)" in refused.value.fields[f"data.{path}"][0]
+
+
+def consented() -> Participant:
+    p = screened()
+    p.record_consent(consent(), audit())
+    return p
+
+
+def sequence() -> AllocationSequence:
+    return AllocationSequence.open(PROTOCOL.study_id, "CASE", audit())
+
+
+@pytest.mark.parametrize(("field", "state", "command"), [
+    ("signed_on", screened, lambda p, a: p.record_consent(consent(TOMORROW), a)),
+    ("registered_on", consented, lambda p, a: p.randomize(
+        {"registered_on": date(9999, 12, 20)}, sequence(), SEED, PROTOCOL, a)),
+    ("collected_at", consented, lambda p, a: p.record_blood_sample(
+        {"timepoint": "baseline", "collected_at": datetime(2026, 6, 2, 1, tzinfo=UTC)},
+        PROTOCOL, a)),
+    ("taken_on", randomized, lambda p, a: p.record_dose(dose(TOMORROW), a)),
+    ("completed_on", randomized, lambda p, a: p.complete_visit(
+        visit("follow_up", TOMORROW), PROTOCOL, a)),
+    ("started_on", screened, lambda p, a: p.report_medication(
+        {"drug": "x", "started_on": TOMORROW, "stopped_on": None, "contains_b12": False}, a)),
+    ("stopped_on", screened, lambda p, a: p.report_medication(
+        {"drug": "x", "started_on": None, "stopped_on": TOMORROW, "contains_b12": True}, a)),
+    ("withdrawn_on", randomized, lambda p, a: p.withdraw(
+        {"withdrawn_on": TOMORROW, "scope": "treatment", "reason_code": "ae"}, a)),
+])
+def test_every_date_a_command_records_must_not_be_after_today(field, state, command):
+    p = state()
+    before = p.version
+    with pytest.raises(ValidationFailed) as refused:
+        command(p, audit(at=TODAY))
+    assert list(refused.value.fields) == [f"data.{field}"]
+    assert p.version == before
+
+
+def everything_recorded() -> Participant:
+    """A participant with a record of every kind, each dated well before TODAY."""
+    p = randomized()
+    p.record_dose(dose(on_day(1)), audit())
+    p.complete_visit(visit("baseline", REGISTERED), PROTOCOL, audit())
+    p.record_blood_sample({"timepoint": "baseline",
+                           "collected_at": datetime(2026, 3, 4, 8, tzinfo=UTC)},
+                          PROTOCOL, audit())
+    p.report_medication({"drug": "x", "started_on": date(2026, 1, 1),
+                         "stopped_on": date(2026, 2, 1), "contains_b12": False}, audit())
+    p.withdraw({"withdrawn_on": on_day(60), "scope": "treatment", "reason_code": "ae"},
+               audit())
+    return p
+
+
+def record_of(p: Participant, kind: str) -> str:
+    return next(e for e, _ in p.records_of(kind))
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), [
+    ("ParticipantScreened", "screened_on", "2026-06-02"),
+    ("ParticipantScreened", "birth_date", "2026-06-02"),
+    ("ParticipantScreened", "eligibility.substance_abuse_last_on", TOMORROW),
+    ("ParticipantScreened", "eligibility.aromatase_inhibitor.started_on", "2026-06-02"),
+    ("ParticipantScreened", "eligibility.analgesics",
+     [{"drug": "gabapentin", "stable_since": TOMORROW}]),
+    ("ConsentRecorded", "signed_on", "2026-06-02"),
+    ("ParticipantRandomized", "registered_on", "9999-12-20"),
+    ("DoseRecorded", "taken_on", "2026-06-02"),
+    ("VisitCompleted", "completed_on", "2026-06-02"),
+    ("BloodSampleCollected", "collected_at", "2026-06-02T01:00:00+00:00"),
+    ("MedicationReported", "started_on", "2026-06-02"),
+    ("MedicationReported", "stopped_on", "2026-06-02"),
+    ("ParticipantWithdrawn", "withdrawn_on", "2026-06-02"),
+])
+def test_a_correction_may_not_date_anything_after_today(kind, field, value):
+    p = everything_recorded()
+    before = p.version
+    with pytest.raises(ValidationFailed) as refused:
+        p.correct_data({"event_id": record_of(p, kind), "field": field, "value": value},
+                       audit(reason="typo", at=TODAY))
+    assert list(refused.value.fields) == ["data.value"]
+    assert "after today (2026-06-01)" in refused.value.fields["data.value"][0]
+    assert p.version == before
+
+
+def test_no_date_before_1900_is_recorded():
+    with pytest.raises(ValidationFailed) as refused:
+        Participant.screen("CASE-0001", {**screening(), "birth_date": date(1, 1, 1)},
+                           PROTOCOL, audit())
+    assert list(refused.value.fields) == ["data.birth_date"]
+    p = randomized()
+    with pytest.raises(ValidationFailed):
+        p.correct_data({"event_id": p.registration_event, "field": "registered_on",
+                        "value": "0001-01-02"}, audit(reason="typo"))
+
+
+def test_the_birth_date_is_before_the_screening():
+    with pytest.raises(ValidationFailed) as refused:
+        Participant.screen("CASE-0001", {**screening(), "birth_date": SCREENED_ON}, PROTOCOL,
+                           audit())
+    assert list(refused.value.fields) == ["data.birth_date"]
+    p = screened()
+    for field, value in (("birth_date", "2026-03-01"), ("screened_on", "1958-06-15")):
+        with pytest.raises(ValidationFailed) as refused:
+            p.correct_data({"event_id": p.screening_event, "field": field, "value": value},
+                           audit(reason="typo"))
+        assert list(refused.value.fields) == ["data.value"]
+
+
+def test_a_randomization_is_not_dated_before_the_consent():
+    p = screened()
+    p.record_consent(consent(date(2026, 3, 3)), audit())
+    with pytest.raises(ValidationFailed) as refused:
+        randomize(p, date(2026, 3, 2))
+    assert list(refused.value.fields) == ["data.registered_on"]
+    assert "2026-03-03" in refused.value.fields["data.registered_on"][0]
+    randomize(p, date(2026, 3, 3))  # the same day
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), [
+    ("ConsentRecorded", "signed_on", "2026-03-05"),
+    ("ParticipantRandomized", "registered_on", "2026-03-01"),
+])
+def test_a_correction_keeps_the_randomization_on_or_after_the_consent(kind, field, value):
+    p = randomized()  # consent signed on 2026-03-02, registered on 2026-03-04
+    with pytest.raises(ValidationFailed) as refused:
+        p.correct_data({"event_id": record_of(p, kind), "field": field, "value": value},
+                       audit(reason="typo"))
+    assert list(refused.value.fields) == ["data.value"]
+
+
+@pytest.mark.parametrize("scope", ["treatment", "study"])
+def test_a_dose_correction_may_not_move_it_after_a_withdrawal(scope):
+    p = randomized()
+    p.record_dose(dose(on_day(1)), audit())
+    p.withdraw({"withdrawn_on": on_day(6), "scope": scope, "reason_code": "ae"}, audit())
+    correction = {"event_id": record_of(p, "DoseRecorded"), "field": "taken_on"}
+    with pytest.raises(InvalidTransition, match=f"after the {scope} withdrawal on 2026-03-10"):
+        p.correct_data({**correction, "value": on_day(8).isoformat()}, audit(reason="typo"))
+    p.correct_data({**correction, "value": on_day(6).isoformat()}, audit(reason="typo"))
+
+
+def test_a_withdrawal_may_not_be_dated_before_a_recorded_dose():
+    p = randomized()
+    p.record_dose(dose(on_day(5)), audit())
+    for scope in ("treatment", "study"):
+        with pytest.raises(InvalidTransition, match="a dose on 2026-03-09"):
+            p.withdraw({"withdrawn_on": on_day(3), "scope": scope, "reason_code": "ae"},
+                       audit())
+    p.withdraw({"withdrawn_on": on_day(5), "scope": "treatment", "reason_code": "ae"},
+               audit())
+    with pytest.raises(InvalidTransition, match="a dose on 2026-03-09"):
+        p.correct_data({"event_id": record_of(p, "ParticipantWithdrawn"),
+                        "field": "withdrawn_on", "value": on_day(4).isoformat()},
+                       audit(reason="typo"))
+
+
+def test_a_screening_corrected_to_ineligible_refuses_consent():
+    from domain import commands as c
+    from domain.service import TrialService
+
+    service = TrialService(PROTOCOL, SEED)
+    service.execute(c.ScreenParticipant("CASE-0001", screening()), audit())
+    event_id = service.get_participant("CASE-0001").screening_event
+    service.execute(c.CorrectData("CASE-0001", {"event_id": event_id,
+                                                "field": "eligibility.stage", "value": "IV"}),
+                    audit(reason="staging report"))
+    with pytest.raises(NotEligible) as refused:
+        service.execute(c.RecordConsent("CASE-0001", consent()), audit())
+    assert refused.value.details["failed_criteria"] == ["stage"]
+    assert service.get_participant("CASE-0001").status == "screened"
