@@ -586,7 +586,9 @@ class Participant(DataManagement, ChainedAggregate):
         self.trigger_event(self.DoseRecorded, data=dict(data), **audit.event_fields())
 
     def complete_visit(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit) -> None:
-        self._require_status("complete a visit", *ACTIVE)
+        """Records a visit's data; once the last visit has completed the study, an earlier
+        one is still recorded (a form entered late), as doses and samples are."""
+        self._require_status("complete a visit", *ACTIVE, "completed")
         code = data["visit"]
         _require_visit(protocol, code, "data.visit")
         self.require_unlocked(code)

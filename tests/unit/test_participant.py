@@ -190,6 +190,18 @@ def test_a_visit_is_completed_once_and_the_last_completes_the_study():
     assert p.status == "completed"
 
 
+def test_an_earlier_visit_entered_after_the_last_one_is_still_recorded():
+    """Data entry of a late visit (a paper form typed in after the follow-up visit) goes
+    on once the study is completed, as doses and samples do; the last visit stays once."""
+    p = randomized()
+    p.complete_visit(visit("follow_up", REGISTERED + timedelta(days=180)), PROTOCOL, audit())
+    p.complete_visit(visit("week6", REGISTERED + timedelta(days=42)), PROTOCOL, audit())
+    assert p.status == "completed" and "week6" in p.completed_visits()
+    with pytest.raises(InvalidTransition):
+        p.complete_visit(visit("follow_up", REGISTERED + timedelta(days=181)), PROTOCOL,
+                         audit())
+
+
 def test_a_blood_sample_needs_consent_and_a_known_timepoint():
     p = screened()
     sample = {"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8)}
