@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from infrastructure import console
 from infrastructure.api import commands, feed, reads, reports, sessions
+from infrastructure.api.bodies import MAX_BODY
 from infrastructure.api.errors import (
     INTERNAL_ERROR,
     ApiError,
@@ -37,9 +38,6 @@ PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/sessions"})
 POSITION_HEADER = "Trialog-Position"
 # A correlation id a client or proxy sends: kept in the logs and the access log's rows.
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,100}")
-# The largest body taken: a batch of the most commands, each of a few kilobytes at most,
-# fits well; a larger one is refused before it is read (413).
-MAX_BODY = 8 * 2**20
 
 
 class TrialogJSON(DefaultJSONProvider):

@@ -15,6 +15,10 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from infrastructure.api.errors import ApiError
 from infrastructure.store.schemas import json_fault
 
+# The largest body taken: a batch of the most commands, each of a few kilobytes at most,
+# fits well; a larger one is refused before it is read (413).
+MAX_BODY = 8 * 2**20
+TOO_LARGE = f"the body is larger than the server takes ({MAX_BODY // 2**20} MiB)"
 NOT_JSON = "the body must be a JSON object, sent as Content-Type: application/json"
 
 

@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 from domain.commands import COMMAND_TYPES, SIGNING_COMMANDS
 from domain.errors import DomainError
 from domain.protocol import Protocol
-from infrastructure.api.bodies import json_body
+from infrastructure.api.bodies import TOO_LARGE, json_body
 from infrastructure.api.errors import (
     INTERNAL_ERROR,
     ApiError,
@@ -39,6 +39,7 @@ log = logging.getLogger("trialog.commands")
 blp = Blueprint("commands", __name__, url_prefix="/v1/commands",
                 description="Commands: every fact about a participant, as events")
 ERRORS = {400: "malformed JSON", 401: "no or bad token", 403: "role may not issue this",
+          413: TOO_LARGE,
           404: "unknown participant", 409: "refused by a rule of the protocol",
           422: "a field breaks its rule",
           503: "the database can't be reached: send it again (the same command_id)"}
@@ -149,6 +150,7 @@ def _signer(trialog: Any, data: dict[str, Any]) -> dict[str, Any]:
 @blp.alt_response(200, schema=CommandAnswer, description="the same command again: "
                                                          "nothing written")
 @blp.alt_response(400, schema=ErrorBody, description=ERRORS[400])
+@blp.alt_response(413, schema=ErrorBody, description=ERRORS[413])
 @blp.alt_response(401, schema=ErrorBody, description=ERRORS[401])
 @blp.alt_response(403, schema=ErrorBody, description=ERRORS[403])
 @blp.alt_response(404, schema=ErrorBody, description=ERRORS[404])
@@ -165,6 +167,7 @@ def post_command() -> Response:
 @blp.doc(requestBody=_body("CommandBatch"))
 @blp.response(200, BatchAnswer, description="one result per command, in order")
 @blp.alt_response(400, schema=ErrorBody, description=ERRORS[400])
+@blp.alt_response(413, schema=ErrorBody, description=ERRORS[413])
 @blp.alt_response(401, schema=ErrorBody, description=ERRORS[401])
 @blp.alt_response(409, schema=ErrorBody, description="database_locked: the database was "
                                                      "locked again and again meanwhile")
@@ -222,6 +225,7 @@ trial_blp = Blueprint("trial_commands", __name__, url_prefix="/v1/trial/commands
 @trial_blp.response(201, TrialAnswer, description="accepted: the event written")
 @trial_blp.alt_response(200, schema=TrialAnswer, description="the same command again")
 @trial_blp.alt_response(400, schema=ErrorBody, description=ERRORS[400])
+@trial_blp.alt_response(413, schema=ErrorBody, description=ERRORS[413])
 @trial_blp.alt_response(401, schema=ErrorBody, description=ERRORS[401])
 @trial_blp.alt_response(403, schema=ErrorBody, description=ERRORS[403])
 @trial_blp.alt_response(409, schema=ErrorBody, description=ERRORS[409])

@@ -8,7 +8,7 @@ from flask import Response, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
-from infrastructure.api.bodies import BodyParser
+from infrastructure.api.bodies import TOO_LARGE, BodyParser
 from infrastructure.api.errors import ApiError, error_response
 from infrastructure.api.schemas import ErrorBody
 from infrastructure.store.schemas import text
@@ -42,6 +42,7 @@ class SessionAnswer(Schema):
 @blp.arguments(SignIn)
 @blp.response(201, SessionAnswer)
 @blp.alt_response(400, schema=ErrorBody, description="malformed JSON")
+@blp.alt_response(413, schema=ErrorBody, description=TOO_LARGE)
 @blp.alt_response(401, schema=ErrorBody, description="wrong login or password, or a "
                                                       "disabled person")
 @blp.alt_response(422, schema=ErrorBody, description="a field breaks its rule")
