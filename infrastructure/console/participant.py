@@ -133,9 +133,11 @@ def sign(participant_id: str, status: int = 200,
 
 @blp.route("/participants/<participant_id>/commands", methods=["POST"])
 def command(participant_id: str) -> Any:
-    """One form, one command: run as POST /v1/commands runs it."""
+    """One form, one command: run as POST /v1/commands runs it. A participant of another
+    site is not found before anything else (a refused command shows its page again)."""
     from infrastructure.api.commands import execute
 
+    _visible(participant_id)
     try:
         body = forms.command_body(participant_id, request.form)
     except forms.UnknownForm:

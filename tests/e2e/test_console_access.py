@@ -67,6 +67,28 @@ def test_a_metro_coordinator_sees_metro_only(console, browser, two_sites):  # no
         context.close()
 
 
+@pytest.mark.parametrize(("role", "form"), [
+    ("coordinator", {"type": "LockVisit", "visit": "baseline"}),  # a role's refusal: 403
+    ("coordinator", {"type": "CorrectData", "field": "bogus", "value": "x",
+                     "event_id": "nope"}),  # a form's refusal: 422
+    ("monitor", {"type": "CorrectData", "field": "bogus", "value": "x"}),
+])
+def test_a_form_posted_for_another_site_s_participant_shows_nothing_of_them(
+        console, two_sites, role, form):  # noqa: F811
+    """A refused command re-renders its participant's page with the errors: for a
+    participant of another site it is the 404 page, whatever refused the command first
+    (the page showed the participant, contact details included)."""
+    _, metro_pid = two_sites
+    session = form_session(console, console.logins[role])  # a CASE person
+    csrf = csrf_of(session.get(console.page_url("/console/participants/"), timeout=30).text)
+    answer = session.post(console.page_url(f"/console/participants/{metro_pid}/commands"),
+                          data={"csrf_token": csrf, **form}, timeout=30,
+                          allow_redirects=False)
+    assert answer.status_code == 404
+    assert metro_pid not in answer.text.replace(f"Participant {metro_pid} was not found", "")
+    assert "@" not in answer.text and "1958" not in answer.text
+
+
 def test_the_session_cookie_is_httponly_lax_and_every_form_needs_its_csrf_token(console):  # noqa: F811
     session = form_session(console, console.logins["monitor"])
     cookie = next(c for c in session.cookies if c.name == "trialog_console")
