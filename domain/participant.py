@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.metadata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, date, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -581,7 +581,7 @@ class Participant(DataManagement, ChainedAggregate):
         self._require_status("record a dose", *ACTIVE, "completed")
         taken_on: date = data["taken_on"]
         _require_dated(data, audit)
-        self._require_no_dose_after_withdrawal(doses=[taken_on])
+        self._require_no_dose_after_withdrawal(taken_on)
         self._require_no_dose_on(taken_on)
         self.trigger_event(self.DoseRecorded, data=dict(data), **audit.event_fields())
 
@@ -616,7 +616,6 @@ class Participant(DataManagement, ChainedAggregate):
         else:
             self._require_status("withdraw from the study", "screened", "consented", *ACTIVE)
         _require_dated(data, audit)
-        self._require_no_dose_after_withdrawal(withdrawals={data["scope"]: data["withdrawn_on"]})
         self.trigger_event(self.ParticipantWithdrawn, data=dict(data), **audit.event_fields())
 
     def correct_data(self, data: Mapping[str, Any], audit: Audit,
@@ -710,7 +709,9 @@ class Participant(DataManagement, ChainedAggregate):
                              value: Any, audit: Audit) -> None:
         """A corrected value keeps the rules the command that recorded it applies against
         the rest of the record: no date after today, the steps' dates in order, one dose a
-        day, no dose after a withdrawal."""
+        day, no dose after a withdrawal. A withdrawal's own date is what happened, whatever
+        doses were recorded after it (late news that the protocol wasn't followed is
+        recorded, as a withdrawal dated before them is)."""
         misdated = _misdated(value, audit)
         if misdated:
             raise ValidationFailed({"data.value": [f"{where}: {message}" if where else message
@@ -719,9 +720,7 @@ class Participant(DataManagement, ChainedAggregate):
             self._require_step_order(path, value, "data.value")
         if record["type"] == "DoseRecorded" and path == "taken_on":
             self._require_no_dose_on(value)
-            self._require_no_dose_after_withdrawal(doses=[value])
-        elif record["type"] == "ParticipantWithdrawn" and path == "withdrawn_on":
-            self._require_no_dose_after_withdrawal(withdrawals={record["data"]["scope"]: value})
+            self._require_no_dose_after_withdrawal(value)
 
     def _step_records(self) -> dict[str, int | None]:
         """The record that holds each date DATE_ORDER names (a field of the same name)."""
@@ -734,22 +733,14 @@ class Participant(DataManagement, ChainedAggregate):
         dates = {n: self.data_of(v).get(n) for n, v in self._step_records().items()}
         _require_in_order({**dates, name: value}, name, key)
 
-    def _require_no_dose_after_withdrawal(
-        self, doses: Iterable[date] | None = None, withdrawals: Mapping[str, date] | None = None,
-    ) -> None:
-        """No dose is dated after a withdrawal from treatment or from the study (one dated on
-        or before it is a late diary entry): ``doses`` (by default those recorded) against
-        ``withdrawals`` (by default those recorded), by scope."""
-        if doses is None:
-            doses = [d["taken_on"] for _, d in self.records_of("DoseRecorded")]
-        if withdrawals is None:
-            withdrawals = {scope: day for scope in self.withdrawals
-                           if (day := self.withdrawn_on(scope)) is not None}
-        for scope, stopped in withdrawals.items():
-            late = [day for day in doses if day > stopped]
-            if late:
+    def _require_no_dose_after_withdrawal(self, day: date) -> None:
+        """No dose is recorded, or corrected, to a day after a withdrawal from treatment or
+        from the study (one dated on or before it is a late diary entry)."""
+        for scope in self.withdrawals:
+            stopped = self.withdrawn_on(scope)
+            if stopped is not None and day > stopped:
                 raise InvalidTransition(
-                    f"a dose on {max(late)} is after the {scope} withdrawal on {stopped}")
+                    f"a dose on {day} is after the {scope} withdrawal on {stopped}")
 
     def _require_no_dose_on(self, day: date) -> None:
         """One dose record per day."""
