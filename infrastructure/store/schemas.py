@@ -217,7 +217,7 @@ def field_path(**kwargs: Any) -> fields.String:
     """A field of an event's data, as a dotted path (a query's target, a correction's)."""
     return fields.String(validate=[
         validate.Length(max=200),
-        validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
+        validate.Regexp(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$(?!\n)",
                         error="must be a dotted field path such as bpi_sf.worst")], **kwargs)
 
 
@@ -336,8 +336,10 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
     return built
 
 
-# What a participant id may be: no participant has an id that breaks it.
-PARTICIPANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# What a participant id may be: no participant has an id that breaks it. Patterns end
+# "$(?!\n)": Python's "$" also matches before a last line break; JSON Schema's (ECMA) does
+# not, and both read the lookahead alike.
+PARTICIPANT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$(?!\n)"
 
 
 class CommandEnvelope(Schema):

@@ -261,3 +261,19 @@ def test_a_blood_sample_s_time_is_a_date_and_a_time_of_day(written, taken):
         assert "YYYY-MM-DDTHH:MM" in refused.value.messages["collected_at"][0]
     else:
         assert load(body)["collected_at"].isoformat() == taken
+
+
+def test_an_id_or_a_path_ending_in_a_line_break_is_refused():
+    """Python's "$" also matches before a last line break: such an id was stored, then
+    no participant route could find it (they match the whole id)."""
+    load = loader(CommandEnvelope())
+    body = {"command_id": str(uuid.UUID(int=5)), "type": "RecordConsent", "data": CONSENT}
+    with pytest.raises(ValidationError) as refused:
+        load({**body, "participant_id": "CASE-1\n"})
+    assert list(refused.value.messages) == ["participant_id"]
+    assert load({**body, "participant_id": "CASE-1"})["participant_id"] == "CASE-1"
+    correction = loader(SCHEMAS["CorrectData"]())
+    with pytest.raises(ValidationError) as refused:
+        correction({"event_id": str(uuid.UUID(int=7)), "field": "bpi_sf.worst\n",
+                    "value": 4})
+    assert list(refused.value.messages) == ["field"]
