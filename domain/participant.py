@@ -11,7 +11,7 @@ import copy
 import hashlib
 import importlib.metadata
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,10 @@ CAPTURED_BY = {
 # No date a record holds is earlier (a birth date included): dates stay far inside the
 # calendar, so the schedule's arithmetic on them can't overflow.
 EARLIEST = date(1900, 1, 1)
+# The date furthest ahead of UTC anywhere (Kiribati's, UTC+14), and how far a client's clock
+# may run ahead of the server's: see _misdated.
+LATEST_ZONE = timedelta(hours=14)
+CLOCK_SKEW = timedelta(minutes=5)
 # The dates of a record in the order of the trial's steps: (earlier, later, whether both
 # may fall on the same day). The consent's is the first consent's (a re-consent after a
 # protocol amendment comes after the registration).
@@ -824,11 +828,8 @@ def _not_like(previous: Any) -> Any:
 
 
 def _dates_in(value: Any, path: str = "") -> Iterator[tuple[str, date]]:
-    """Every date in a value, with its dotted path inside it; a datetime's is its UTC date
-    (today is the UTC date a command is recorded)."""
-    if isinstance(value, datetime):
-        yield path, (value.astimezone(UTC) if value.tzinfo else value).date()
-    elif isinstance(value, date):
+    """Every date and date-time in a value, with its dotted path inside it."""
+    if isinstance(value, date):  # a datetime too
         yield path, value
     elif isinstance(value, (Mapping, list)):
         items = value.items() if isinstance(value, Mapping) else enumerate(value)
@@ -838,13 +839,23 @@ def _dates_in(value: Any, path: str = "") -> Iterator[tuple[str, date]]:
 
 def _misdated(value: Any, audit: Audit) -> dict[str, str]:
     """The dates in a value that a record can't hold, by path: a record captures what has
-    happened, so no date is after today (the day the command is recorded), nor before
-    EARLIEST."""
-    today = audit.recorded_at.date()
+    happened, so no date is after today, nor before EARLIEST. A date is a site's calendar
+    day, and the site may be anywhere: today is the latest date anywhere when the command
+    is recorded (UTC+14). A date-time is an instant: none after the command's own (but
+    for CLOCK_SKEW, a client's clock ahead of the server's)."""
+    now = audit.recorded_at
+    latest = (now.astimezone(UTC) + LATEST_ZONE).date()
     misdated = {}
     for path, day in _dates_in(value):
-        if day > today:
-            misdated[path] = f"must not be after today ({today.isoformat()})"
+        if isinstance(day, datetime):
+            moment = day if day.tzinfo else day.replace(tzinfo=UTC)
+            if moment > now + CLOCK_SKEW:
+                misdated[path] = f"must not be after the time it is recorded ({now.isoformat()})"
+            elif moment.date() < EARLIEST:
+                misdated[path] = f"must not be before {EARLIEST.isoformat()}"
+        elif day > latest:
+            misdated[path] = (f"must not be after today ({latest.isoformat()}, the latest "
+                              "date anywhere now)")
         elif day < EARLIEST:
             misdated[path] = f"must not be before {EARLIEST.isoformat()}"
     return misdated

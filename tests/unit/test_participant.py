@@ -409,7 +409,9 @@ def test_a_correction_keeps_registration_on_or_after_screening(field, value):
 
 
 TODAY = datetime(2026, 6, 1, 12, tzinfo=UTC)  # the day the refused commands are recorded
-TOMORROW = date(2026, 6, 2)
+# The latest date anywhere then (UTC+14) is 2026-06-02: the day after that is in no
+# site's past.
+TOMORROW = date(2026, 6, 3)
 
 
 def on_day(n: int) -> date:
@@ -431,7 +433,7 @@ def test_a_screening_dated_after_today_is_refused(path):
     with pytest.raises(ValidationFailed) as refused:
         Participant.screen("CASE-0001", data, PROTOCOL, audit(at=TODAY))
     assert list(refused.value.fields) == [f"data.{path}"]
-    assert "after today (2026-06-01)" in refused.value.fields[f"data.{path}"][0]
+    assert "after today (2026-06-02" in refused.value.fields[f"data.{path}"][0]
 
 
 def consented() -> Participant:
@@ -449,7 +451,7 @@ def sequence() -> AllocationSequence:
     ("registered_on", consented, lambda p, a: p.randomize(
         {"registered_on": date(9999, 12, 20)}, sequence(), SEED, PROTOCOL, a)),
     ("collected_at", consented, lambda p, a: p.record_blood_sample(
-        {"timepoint": "baseline", "collected_at": datetime(2026, 6, 2, 1, tzinfo=UTC)},
+        {"timepoint": "baseline", "collected_at": datetime(2026, 6, 1, 13, tzinfo=UTC)},
         PROTOCOL, a)),
     ("taken_on", randomized, lambda p, a: p.record_dose(dose(TOMORROW), a)),
     ("completed_on", randomized, lambda p, a: p.complete_visit(
@@ -490,20 +492,20 @@ def record_of(p: Participant, kind: str) -> str:
 
 
 @pytest.mark.parametrize(("kind", "field", "value"), [
-    ("ParticipantScreened", "screened_on", "2026-06-02"),
-    ("ParticipantScreened", "birth_date", "2026-06-02"),
+    ("ParticipantScreened", "screened_on", "2026-06-03"),
+    ("ParticipantScreened", "birth_date", "2026-06-03"),
     ("ParticipantScreened", "eligibility.substance_abuse_last_on", TOMORROW),
-    ("ParticipantScreened", "eligibility.aromatase_inhibitor.started_on", "2026-06-02"),
+    ("ParticipantScreened", "eligibility.aromatase_inhibitor.started_on", "2026-06-03"),
     ("ParticipantScreened", "eligibility.analgesics",
      [{"drug": "gabapentin", "stable_since": TOMORROW}]),
-    ("ConsentRecorded", "signed_on", "2026-06-02"),
+    ("ConsentRecorded", "signed_on", "2026-06-03"),
     ("ParticipantRandomized", "registered_on", "9999-12-20"),
-    ("DoseRecorded", "taken_on", "2026-06-02"),
-    ("VisitCompleted", "completed_on", "2026-06-02"),
-    ("BloodSampleCollected", "collected_at", "2026-06-02T01:00:00+00:00"),
-    ("MedicationReported", "started_on", "2026-06-02"),
-    ("MedicationReported", "stopped_on", "2026-06-02"),
-    ("ParticipantWithdrawn", "withdrawn_on", "2026-06-02"),
+    ("DoseRecorded", "taken_on", "2026-06-03"),
+    ("VisitCompleted", "completed_on", "2026-06-03"),
+    ("BloodSampleCollected", "collected_at", "2026-06-01T13:00:00+00:00"),
+    ("MedicationReported", "started_on", "2026-06-03"),
+    ("MedicationReported", "stopped_on", "2026-06-03"),
+    ("ParticipantWithdrawn", "withdrawn_on", "2026-06-03"),
 ])
 def test_a_correction_may_not_date_anything_after_today(kind, field, value):
     p = everything_recorded()
@@ -512,8 +514,28 @@ def test_a_correction_may_not_date_anything_after_today(kind, field, value):
         p.correct_data({"event_id": record_of(p, kind), "field": field, "value": value},
                        audit(reason="typo", at=TODAY))
     assert list(refused.value.fields) == ["data.value"]
-    assert "after today (2026-06-01)" in refused.value.fields["data.value"][0]
+    assert "after " in refused.value.fields["data.value"][0]
     assert p.version == before
+
+
+def test_today_is_the_latest_date_anywhere_and_a_time_is_an_instant():
+    """A site east of UTC records its own today while UTC's is still yesterday; an instant
+    is compared as one (a few minutes of a client's clock ahead allowed)."""
+    late_evening = audit(at=datetime(2026, 6, 1, 23, 30, tzinfo=UTC))  # 09:30 in Sydney
+    p = randomized()
+    p.complete_visit(visit("baseline", date(2026, 6, 2)), PROTOCOL, late_evening)
+    with pytest.raises(ValidationFailed) as refused:
+        p.complete_visit(visit("week6", date(2026, 6, 3)), PROTOCOL, late_evening)
+    assert refused.value.fields == {"data.completed_on": [
+        "must not be after today (2026-06-02, the latest date anywhere now)"]}
+    sample = {"timepoint": "baseline", "collected_at": datetime(2026, 6, 1, 23, 33,
+                                                                 tzinfo=UTC)}
+    p.record_blood_sample(sample, PROTOCOL, late_evening)  # a clock 3 minutes ahead
+    with pytest.raises(ValidationFailed) as refused:
+        p.record_blood_sample({**sample, "collected_at": datetime(2026, 6, 1, 23, 36,
+                                                                   tzinfo=UTC)},
+                              PROTOCOL, late_evening)
+    assert list(refused.value.fields) == ["data.collected_at"]
 
 
 def test_no_date_before_1900_is_recorded():
