@@ -37,7 +37,7 @@ log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/sessions"})
 POSITION_HEADER = "Trialog-Position"
 # A correlation id a client or proxy sends: kept in the logs and the access log's rows.
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,100}")
+REQUEST_ID_CHARACTERS = re.compile(r"[\x21-\x7e]+")
 
 
 class TrialogJSON(DefaultJSONProvider):
@@ -104,14 +104,8 @@ def runtime() -> Runtime:
 
 def _authenticate() -> None:
     g.started = time.perf_counter()
-    g.request_id = str(uuid.uuid4())
+    g.request_id = _request_id(request.headers.get("X-Request-Id", ""))
     g.principal = None
-    given = request.headers.get("X-Request-Id")
-    if given:
-        if not REQUEST_ID.fullmatch(given):
-            raise ApiError(400, "invalid_header", "X-Request-Id: must be 1-100 visible "
-                                                  "ASCII characters (no spaces)")
-        g.request_id = given
     if request.path in PUBLIC_PATHS or console.serves(request.path):
         return
     header = request.headers.get("Authorization", "")
@@ -125,6 +119,14 @@ def _authenticate() -> None:
     participant_id = (request.view_args or {}).get("participant_id")
     if participant_id is not None:
         _gate(participant_id)
+
+
+def _request_id(given: str) -> str:
+    """A correlation id a client or proxy sent, as the logs and the access log keep it: its
+    visible ASCII characters, the first 100 (some proxies send 200); a new one when none
+    is left. Echoed in the answer's X-Request-Id, so the client sees what was kept."""
+    kept = "".join(REQUEST_ID_CHARACTERS.findall(given))[:100]
+    return kept or str(uuid.uuid4())
 
 
 def _gate(participant_id: str) -> None:

@@ -9,8 +9,7 @@ from typing import Any
 
 import orjson
 from flask import Request, request
-from webargs import core
-from webargs.flaskparser import FlaskParser, is_json_request
+from webargs.flaskparser import FlaskParser
 
 from infrastructure.api.errors import ApiError
 from infrastructure.store.schemas import json_fault
@@ -19,6 +18,7 @@ from infrastructure.store.schemas import json_fault
 # fits well; a larger one is refused before it is read (413).
 MAX_BODY = 8 * 2**20
 TOO_LARGE = f"the body is larger than the server takes ({MAX_BODY // 2**20} MiB)"
+BOM = b"\xef\xbb\xbf"
 NOT_JSON = "the body must be a JSON object, sent as Content-Type: application/json"
 
 
@@ -28,9 +28,13 @@ def malformed(error: orjson.JSONDecodeError) -> ApiError:
 
 def json_body() -> Any:
     """The request's body, parsed (see the module's docstring)."""
-    if not request.is_json:
+    return _parsed(request)
+
+
+def _parsed(req: Request) -> Any:
+    if not req.is_json:
         raise ApiError(400, "malformed_json", NOT_JSON)
-    data = request.get_data(cache=True)
+    data = req.get_data(cache=True).removeprefix(BOM)  # RFC 8259 lets a parser skip it
     if not data:
         raise ApiError(400, "malformed_json", NOT_JSON)
     try:
@@ -41,15 +45,7 @@ def json_body() -> Any:
 
 class BodyParser(FlaskParser):
     """flask-smorest's arguments of a blueprint, their JSON body parsed as ``json_body``
-    parses it (webargs' own parser takes what orjson refuses, and answers a bare 400).
-    An empty or non-JSON body is no body: the schema's required fields say what is
-    missing."""
+    parses it (webargs' own parser takes what orjson refuses, and answers a bare 400)."""
 
     def load_json(self, req: Request, schema: Any) -> Any:
-        data = req.get_data(cache=True) if is_json_request(req) else b""
-        if not data:
-            return core.missing
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError as e:
-            raise malformed(e) from None
+        return _parsed(req)

@@ -61,8 +61,8 @@ class IsoDate(fields.Date):
 
 
 class IsoDateTime(fields.AwareDateTime):
-    """A date and time written YYYY-MM-DDTHH:MM, seconds and a zone optional (none is
-    UTC); a date alone is no time of day."""
+    """A date and time written YYYY-MM-DDTHH:MM (or with a space for the T), seconds and a
+    zone optional (none is UTC); a date alone is no time of day."""
 
     default_error_messages: ClassVar[dict[str, str]] = {
         "invalid": "Not a valid datetime (YYYY-MM-DDTHH:MM[:SS], then a zone such as Z "
@@ -75,7 +75,7 @@ class IsoDateTime(fields.AwareDateTime):
 
 
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_ISO_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}")
+_ISO_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")  # RFC 3339 allows a space
 
 
 # PostgreSQL text can't hold NUL, no field of a trial record needs control characters
