@@ -397,6 +397,7 @@ class _Subject:
         self.forms: dict[str, tuple[str, Form, int]] = {}  # captured event id -> its place
         self.queries: dict[str, tuple[Place, int]] = {}  # query id -> place, steps so far
         self.verified: set[str] = set()  # visit study events verified and not changed since
+        self.moved: dict[str, str] = {}  # a blood sample's event id -> the visit it moved to
         self.key = masker.pseudonym(self.participant_id) if masker else self.participant_id
         self.out = [(f"<SubjectData{_attr('SubjectKey', self.key)} TransactionType=\"Insert\">"
                     f"<SiteRef{_attr('LocationOID', self.site)}/>")]
@@ -502,13 +503,14 @@ class _Subject:
         if place is None:
             return
         study_event, form, version = place
-        if form.key == "VISIT" and study_event in self.verified:
-            # As the participant's sdv_status: a correction of a verified visit's data.
-            self.verified.discard(study_event)
-            self._note(Place(study_event), event, annotation=_annotation(
-                1, [("SDV", "changed_since_verified")]))
+        for visit in self._visits_changed(event, study_event, form):
+            if visit in self.verified:
+                # As the participant's sdv_status: a correction of a verified visit's data.
+                self.verified.discard(visit)
+                self._note(Place(visit), event, annotation=_annotation(
+                    1, [("SDV", "changed_since_verified")]))
         items = []
-        for path, value in _flatten(event.value, event.field, self.leaves[form.key]):
+        for path, value in self._corrected_items(event, form):
             if value is None:
                 value_xml = ' IsNull="Yes"'
             else:
@@ -527,6 +529,31 @@ class _Subject:
             f"TransactionType=\"Context\"><ItemGroupData{_attr('ItemGroupOID', form.group_oid)}"
             f" TransactionType=\"Context\">{''.join(items)}</ItemGroupData></FormData>"
             f"</StudyEventData>")
+
+    def _visits_changed(self, event: Any, study_event: str, form: Form) -> list[str]:
+        """The visits (study events) whose data a correction changes, as the participant's
+        state has them: the one its record is in now, and the one a blood sample moves to
+        when its timepoint is corrected."""
+        if form.visit_field is None:
+            return []
+        now = self.moved.get(event.target_event_id, study_event)
+        if event.field != form.visit_field or event.value is None:
+            return [now]
+        moved = visit_study_event(event.value)
+        self.moved[event.target_event_id] = moved
+        return list(dict.fromkeys((now, moved)))
+
+    def _corrected_items(self, event: Any, form: Form) -> list[tuple[str, Any]]:
+        """The items a correction sets: those its value gives; for a whole group (bpi_sf,
+        fact_es: never an item itself), every item under it, null where the value leaves it
+        out (as the record now has it)."""
+        defined = self.leaves[form.key]
+        given = list(_flatten(event.value, event.field, defined))
+        under = sorted(p for p in defined if p.startswith(event.field + "."))
+        if event.field in defined or not under:
+            return given
+        values = dict(given)
+        return [(path, values.get(path)) for path in under]
 
     # --- data management -----------------------------------------------------------------
 

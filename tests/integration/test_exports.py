@@ -497,6 +497,63 @@ def test_a_correction_after_verification_and_signing_shows_in_both_exports(isola
         "changed_since_verified", "false")
 
 
+def _updates(root, pid: str) -> dict[str, str | None]:
+    """The last Update of each item in one subject's data: its value, or None for null."""
+    subject = next(s for s in root.iterfind(".//odm:SubjectData", NS)
+                   if s.get("SubjectKey") == pid)
+    return {item.get("ItemOID"): None if item.get("IsNull") == "Yes" else item.get("Value")
+            for item in subject.iterfind(".//odm:ItemData[@TransactionType='Update']", NS)}
+
+
+def test_a_whole_group_corrected_updates_every_item_under_it(isolated, odm_schema):
+    """null for a group (the whole bpi_sf), or a group given again with fewer answers,
+    reads in the ODM as in the record: each item under it updated, null where the new
+    value leaves it out, and no item for the group itself (it has no ItemDef)."""
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {
+        "visit": "baseline", "completed_on": REGISTERED,
+        "bpi_sf": {"worst": 6, "least": 2, "average": 4, "now": 3},
+        "fact_es": {f"GP{i}": 1 for i in range(1, 8)}}))
+    visit = _visit_event(isolated, pid)
+    for field, value in (("bpi_sf", None), ("fact_es", {"GP1": 3})):
+        send(isolated, c.CorrectData(pid, {"event_id": visit, "field": field, "value": value}),
+             actor="data-manager", reason="taken back")
+
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    assert _referenced(root, "ItemData", "ItemOID") <= _defined(root, "ItemDef")
+    updates = _updates(root, pid)
+    assert all(updates[f"I.VISIT.bpi_sf.{item}"] is None
+               for item in ("worst", "least", "average", "now"))
+    assert updates["I.VISIT.fact_es.GP1"] == "3"
+    assert all(updates[f"I.VISIT.fact_es.GP{i}"] is None for i in range(2, 8))
+
+
+def test_a_blood_sample_moved_to_another_visit_changes_both_in_the_odm(isolated, odm_schema):
+    """As the participant's state: both visits changed since verification."""
+    pid = enrol(isolated)
+    send(isolated, c.RecordBloodSample(pid, {"timepoint": "baseline",
+                                             "collected_at": datetime(2026, 3, 4, 8, 30)}))
+    for code, day in (("baseline", 0), ("week6", 42)):
+        send(isolated, c.CompleteVisit(pid, {"visit": code,
+                                             "completed_on": REGISTERED + timedelta(day)}))
+        send(isolated, c.VerifySource(pid, {"visit": code}), actor="cra-1")
+    sample = next(e for e, _ in isolated.service.get_participant(pid)
+                  .records_of("BloodSampleCollected"))
+    send(isolated, c.CorrectData(pid, {"event_id": sample, "field": "timepoint",
+                                       "value": "week6"}), actor="dm", reason="wrong visit")
+
+    participant = isolated.service.get_participant(pid)
+    assert {code: participant.sdv_status(code) for code in ("baseline", "week6")} == {
+        "baseline": "changed_since_verified", "week6": "changed_since_verified"}
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    for oid in ("SE.BASELINE", "SE.WEEK6"):
+        notes = [_flags(a) for a in root.iterfind(
+            f".//odm:StudyEventData[@StudyEventOID='{oid}']/odm:Annotation", NS)]
+        assert notes[-1] == {"SDV": "changed_since_verified"}, (oid, notes)
+
+
 def _csv(t, deidentify=False) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO("".join(exports.document(t, "csv", deidentify)))))
 
