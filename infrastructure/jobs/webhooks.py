@@ -178,10 +178,13 @@ class Sender:
                 as_utc(row.previous_until) > datetime.now(UTC):
             signatures.append(sign(self.secret(t, row.previous_secret), message_id,
                                    timestamp, body))
-        return self.session.post(row.url, data=body, timeout=TIMEOUT, headers={
-            "content-type": "application/cloudevents+json",
-            "webhook-id": message_id, "webhook-timestamp": str(timestamp),
-            "webhook-signature": " ".join(signatures)})
+        # A redirect is not followed: the signed event would go to an address nobody
+        # subscribed (or, after a 301, as a GET whose 2xx would count as delivered).
+        headers = {"content-type": "application/cloudevents+json",
+                   "webhook-id": message_id, "webhook-timestamp": str(timestamp),
+                   "webhook-signature": " ".join(signatures)}
+        return self.session.post(row.url, data=body, timeout=TIMEOUT, headers=headers,
+                                 allow_redirects=False)
 
 
 SENDER = Sender()
@@ -224,6 +227,9 @@ def _attempt(t: Trialog, connection: Connection, sender: Sender, row: Any,
         answer = sender.post(t, row, event)
         status, error, retry_after = answer.status_code, f"HTTP {answer.status_code}", \
             answer.headers.get("Retry-After")
+        if answer.is_redirect:
+            error += (f" to {answer.headers.get('Location', '?')[:300]}: redirects are not "
+                      "followed; subscribe the address it names")
     except requests.RequestException as e:
         status, error, retry_after = None, f"{type(e).__name__}: {e}"[:500], None
     if status is not None and 200 <= status < 300:

@@ -176,6 +176,34 @@ def test_retry_after_is_honoured_and_410_disables(stack, receiver):
     assert webhooks.due(stack.trialog) == []
 
 
+def test_a_redirect_is_not_followed(stack, receiver):
+    """A 307 would have the signed event POSTed to an address nobody subscribed: the
+    delivery fails, saying so, and the other address gets nothing."""
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", receiver.url)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=redirecting.serve_forever, daemon=True).start()
+    try:
+        webhook_id, _ = webhooks.add(
+            stack.trialog, f"http://127.0.0.1:{redirecting.server_address[1]}/hook", [], [])
+        stack.enrol()
+        assert webhooks.deliver(stack.trialog, webhook_id) == "waiting"  # to retry
+    finally:
+        redirecting.shutdown()
+        redirecting.server_close()
+    [listed] = [w for w in webhooks.listing(stack.trialog) if w["webhook_id"] == webhook_id]
+    assert listed["last_error"].startswith(f"HTTP 307 to {receiver.url}: redirects are not")
+    assert receiver.received == []
+
+
 def test_what_fails_every_attempt_is_kept_and_redelivered(stack, receiver, fast_retries,
                                                           monkeypatch):
     monkeypatch.setattr(webhooks, "MAX_ATTEMPTS", 2)
