@@ -101,11 +101,14 @@ _FINGERPRINTED = LEAVES - {UUID}
 
 
 def _a_command_s_fault(error: BaseException) -> bool:
-    """Whether a group's failure may be one of its commands' own: not the database's (the
-    whole transaction's), nor a rule's (the database locked again and again meanwhile)."""
-    return (isinstance(error, Exception) and not isinstance(error, (DomainError,
-                                                                    *DATABASE_ERRORS))
-            and not is_unavailable(error))
+    """Whether a group's failure may be one of its commands' own: a value the database
+    refuses (a DataError), or a fault of the program; not the database's own (the whole
+    transaction's), nor a rule's (the database locked again and again meanwhile)."""
+    if not isinstance(error, Exception) or is_unavailable(error):
+        return False
+    if isinstance(error, sqlalchemy.exc.DataError):
+        return True
+    return not isinstance(error, (DomainError, *DATABASE_ERRORS))
 
 
 def _inside_a_transaction() -> bool:

@@ -251,6 +251,20 @@ def test_a_command_whose_events_cannot_be_written_fails_alone_not_its_group(tria
     assert stored_versions(trialog, pid) == 5 and stored_versions(trialog, other) == 4
 
 
+def test_a_value_the_database_refuses_is_a_command_s_own_fault_not_its_group_s():
+    import psycopg
+    import sqlalchemy
+
+    from infrastructure.store.bus import _a_command_s_fault
+
+    refused = sqlalchemy.exc.DataError("INSERT", {}, psycopg.errors.NumericValueOutOfRange())
+    assert _a_command_s_fault(refused)
+    assert _a_command_s_fault(RuntimeError("a fault in the program"))
+    for whole in (sqlalchemy.exc.OperationalError("SELECT", {}, Exception("gone")),
+                  DatabaseLocked("locked meanwhile")):
+        assert not _a_command_s_fault(whole)
+
+
 def test_a_command_alone_is_not_grouped(trialog):
     before = trialog.bus.groups
     pid = enrol(trialog)

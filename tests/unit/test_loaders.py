@@ -278,3 +278,18 @@ def test_an_id_or_a_path_ending_in_a_line_break_is_refused():
         correction({"event_id": str(uuid.UUID(int=7)), "field": "bpi_sf.worst\n",
                     "value": 4})
     assert list(refused.value.messages) == ["field"]
+
+
+def test_the_correction_rules_know_each_command_s_fields():
+    """What a query may name: any field the event's command defines, nested ones too."""
+    from infrastructure.store.corrections import CorrectionRules
+
+    defines = CorrectionRules(PROTOCOL).defines
+    for event_type, path in (("VisitCompleted", "bpi_sf.worst"),
+                             ("VisitCompleted", "completed_on"),
+                             ("ParticipantScreened", "eligibility.aromatase_inhibitor.drug"),
+                             ("BloodSampleCollected", "results.b12_pg_ml")):
+        assert defines(event_type, path), path
+    for event_type, path in (("VisitCompleted", "bpi_sf.best"), ("VisitCompleted", "nope"),
+                             ("DeviationFlagged", "code"), ("NoSuchEvent", "x")):
+        assert not defines(event_type, path), path
