@@ -48,7 +48,7 @@ from uuid import UUID, uuid4
 import kombu.exceptions
 import sqlalchemy.exc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Connection, bindparam, func, insert, select, true, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, true, update
 
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
@@ -426,17 +426,34 @@ def compose(t: Trialog, participant: Participant, visit: str, kind: str,
 def still_due(t: Trialog, participant: Participant, visit: str, kind: str,
               today: date) -> bool:
     """False when the schedule changed since the scan: withdrawn, visit done or missed,
-    window closed."""
+    window closed, or not due yet (see ``_due_later``)."""
+    owed = _owed(t, participant, visit, kind)
+    return owed is not None and owed[0] <= today <= owed[1]
+
+
+def _due_later(t: Trialog, participant: Participant, visit: str, kind: str,
+               today: date) -> bool:
+    """Whether the reminder falls due after ``today`` now (its participant's registration
+    corrected to a later day since the scan): its row is dropped, and the scan writes it
+    again on the day it falls due."""
+    owed = _owed(t, participant, visit, kind)
+    return owed is not None and owed[0] > today
+
+
+def _owed(t: Trialog, participant: Participant, visit: str,
+          kind: str) -> tuple[date, date] | None:
+    """The reminder's due day and its visit window's last day as the record stands; None
+    when none is owed (withdrawn, not randomized, the visit done or missed)."""
     if participant.status not in ACTIVE or participant.registered_on is None:
-        return False
+        return None
     if visit in participant.completed_visits() or visit in participant.missed_visits:
-        return False
+        return None
     protocol_visit = t.protocol.visit(visit)
     offset = next((o for o in t.protocol.reminders if o.kind == kind), None)
     if protocol_visit is None or offset is None:
-        return False
+        return None
     scheduled = scheduled_visit(protocol_visit, participant.registered_on)
-    return reminder_due(scheduled, offset) <= today <= scheduled.window_end
+    return reminder_due(scheduled, offset), scheduled.window_end
 
 
 def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
@@ -493,6 +510,10 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
             return "cancelled", None, None
     else:
         outcome = _check(t, row, participant, today)
+        if outcome == "rescheduled":
+            connection.execute(delete(outbox).where(outbox.c.reminder_id == row.reminder_id,
+                                                    outbox.c.status == row.status))
+            return outcome, None, None
         if outcome != "due":
             _mark(connection, row, "sent" if outcome == "recorded_before" else outcome)
             return outcome, None, None
@@ -585,7 +606,8 @@ def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
     if _recorded(row, participant):
         return "recorded_before"  # sent and recorded by an attempt whose row update was lost
     if not still_due(t, participant, row.visit, row.kind, today):
-        return "cancelled"
+        return "rescheduled" if _due_later(t, participant, row.visit, row.kind,
+                                           today) else "cancelled"
     if expired(row.due_on, today):
         return "expired"
     return "due"

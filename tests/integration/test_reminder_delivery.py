@@ -327,6 +327,32 @@ def test_a_reminder_found_more_than_a_day_late_is_expired_not_sent(stack):
     assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
 
 
+def test_a_reminder_whose_registration_was_corrected_later_goes_out_on_its_new_day(stack):
+    """Between the scan and the send, the registration is corrected 5 days later: the
+    reminder is not due yet; its row is dropped (not cancelled for good: its id is the
+    visit's and kind's) and the scan of its new day writes it again, and it goes out."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    registration = next(e for e, _ in stack.trialog.service.get_participant(pid)
+                        .records_of("ParticipantRandomized"))
+    stack.trialog.bus.dispatch(c.CorrectData(pid, {
+        "event_id": registration, "field": "registered_on",
+        "value": (REGISTERED + timedelta(days=5)).isoformat()}),
+        command_id=str(uuid.uuid4()), actor="dm", reason="registration date misread")
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "rescheduled"
+    with stack.trialog.engine.connect() as connection:
+        assert connection.execute(select(outbox).where(
+            outbox.c.reminder_id == reminder_id)).first() is None
+    assert stack.sink.messages == []
+
+    assert scan_without_sending(stack, WINDOW_OPENS + timedelta(days=5)) == [reminder_id]
+    assert reminders.send(stack.trialog, mailer, reminder_id,
+                          WINDOW_OPENS + timedelta(days=5)) == "sent"
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
+
+
 def test_a_reminder_that_waited_more_than_a_day_to_go_out_is_expired(stack):
     pid = stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
