@@ -18,7 +18,7 @@ from tqdm import tqdm
 from domain import commands as c
 from domain.access import EVERY_SITE
 from domain.deviations import detect
-from domain.errors import DomainError
+from domain.errors import DomainError, ValidationFailed
 from domain.scoring import FACT_ITEMS
 from infrastructure.readside.projections import FeedProjection, TrialProjection
 from infrastructure.readside.queries import trial_summary
@@ -95,9 +95,13 @@ class Simulation:
         heapq.heappush(self.queue, (when, next(self.seq), action))
 
     def send(self, command: c.Command, reason: str | None = None) -> bool:
+        """Whether the command went through: a rule of the protocol may refuse it (a real
+        trial meets those), but never a field's own rule (that is the demo's mistake)."""
         try:
             self.t.bus.dispatch(command, command_id=str(uuid.UUID(int=self.rng.getrandbits(128))),
                                 actor=SERVICE, reason=reason)
+        except ValidationFailed:
+            raise
         except DomainError:
             return False
         return True
@@ -152,7 +156,7 @@ class Simulation:
         self.at(blood_day, lambda: self.send(c.RecordBloodSample(pid, {
             "timepoint": self.t.protocol.visits[0].code, "collected_at": datetime.combine(blood_day, time(8, 30)),
             "results": {"b12_pg_ml": self.rng.randint(250, 700),
-                        "crp_mg_l": round(self.rng.uniform(0.5, 8), 1)}})), hour=8)
+                        "crp_mg_l": round(self.rng.uniform(0.5, 8), 1)}})), hour=9)
         withdrawn = None
         if scenario in ("withdraws_treatment", "withdraws_study"):
             withdrawn = registered + timedelta(days=self.rng.randint(30, 70))

@@ -396,3 +396,28 @@ def test_import_applies_ndjson_commands_reports_refusals_by_line_and_is_idempote
     assert [e["type"] for e in events] == ["ParticipantScreened", "ConsentRecorded",
                                            "ParticipantRandomized"]
     assert {e["actor"] for e in events} == {"legacy-edc"}
+
+
+def test_make_demo_s_run_records_a_baseline_sample_for_every_randomized_participant(
+        tmp_path):
+    """What `make demo` runs (40 participants, seed 7): no command of it breaks a field's
+    rule (the demo raises on one), and every randomized participant has its baseline
+    blood sample (one was dated after the moment it was recorded, and silently refused)."""
+    from infrastructure.cli.demo import run_demo
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.settings import Settings
+
+    path = tmp_path / "trialog-demo.db"
+    run_demo(path, 40, 7, show_progress=False)
+    t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": f"sqlite:///{path}"}))
+    try:
+        with t.engine.connect() as connection:
+            randomized = list(connection.execute(text(
+                "select participant_id from rm_participants where arm is not null"))
+                .scalars())
+        assert len(randomized) > 20
+        for pid in randomized:
+            samples = t.service.get_participant(pid).records_of("BloodSampleCollected")
+            assert any(d["timepoint"] == "baseline" for _, d in samples), pid
+    finally:
+        t.close()
