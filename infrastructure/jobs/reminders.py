@@ -48,7 +48,7 @@ from uuid import UUID, uuid4
 import kombu.exceptions
 import sqlalchemy.exc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, true, update
+from sqlalchemy import Connection, bindparam, func, insert, select, true, update
 
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
@@ -67,6 +67,9 @@ log = logging.getLogger("trialog.reminders")
 # The statuses of rows a sender still has something to do for: email (pending), record
 # ReminderSent (mailed), or find what became of (sending: its sender stopped).
 TO_DO = ("pending", "mailed", "sending")
+# A row whose reminder falls due later than it says (the registration corrected to a later
+# day since the scan): kept as it is, and pending again when the scan reaches its new day.
+RESCHEDULED = "rescheduled"
 ACTOR = "reminder-worker"
 REENQUEUE_AFTER = timedelta(minutes=5)
 LATE_BY_AT_MOST = timedelta(days=1)
@@ -129,6 +132,7 @@ def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
                    since | (s.c.position > last_position))
         )
         rows = session.execute(due).all()
+        again = _due_again(session, today)
         new = [{"reminder_id": r.reminder_id, "participant_id": r.participant_id,
                 "visit": r.visit, "kind": r.kind, "due_on": r.due_on,
                 "status": "expired" if expired(r.due_on, today) else "pending",
@@ -141,8 +145,23 @@ def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
         _record(session, "reminder_scan_day", today.toordinal(), now)
     if enqueue is not None:
         hand_over(t, enqueue, chunk)
-    return ([r.reminder_id for r in rows if not expired(r.due_on, today)]
+    return ([r.reminder_id for r in rows if not expired(r.due_on, today)] + again
             + [n["reminder_id"] for n in notices])
+
+
+def _due_again(session: Any, today: date) -> list[str]:
+    """The rows set aside as rescheduled whose new due day has come (whichever scan last
+    looked at the schedule), pending again with that day; their ids."""
+    s = reminder_schedule
+    rows = session.execute(
+        select(outbox.c.reminder_id, s.c.due_on)
+        .join(s, s.c.reminder_id == outbox.c.reminder_id)
+        .where(outbox.c.status == RESCHEDULED, s.c.due_on <= today, s.c.until >= today)).all()
+    for row in rows:
+        session.execute(update(outbox).where(outbox.c.reminder_id == row.reminder_id,
+                                             outbox.c.status == RESCHEDULED)
+                        .values(status="pending", due_on=row.due_on))
+    return [row.reminder_id for row in rows]
 
 
 def _last_scan(session: Any) -> tuple[date | None, int]:
@@ -423,23 +442,6 @@ def compose(t: Trialog, participant: Participant, visit: str, kind: str,
     )
 
 
-def still_due(t: Trialog, participant: Participant, visit: str, kind: str,
-              today: date) -> bool:
-    """False when the schedule changed since the scan: withdrawn, visit done or missed,
-    window closed, or not due yet (see ``_due_later``)."""
-    owed = _owed(t, participant, visit, kind)
-    return owed is not None and owed[0] <= today <= owed[1]
-
-
-def _due_later(t: Trialog, participant: Participant, visit: str, kind: str,
-               today: date) -> bool:
-    """Whether the reminder falls due after ``today`` now (its participant's registration
-    corrected to a later day since the scan): its row is dropped, and the scan writes it
-    again on the day it falls due."""
-    owed = _owed(t, participant, visit, kind)
-    return owed is not None and owed[0] > today
-
-
 def _owed(t: Trialog, participant: Participant, visit: str,
           kind: str) -> tuple[date, date] | None:
     """The reminder's due day and its visit window's last day as the record stands; None
@@ -457,10 +459,10 @@ def _owed(t: Trialog, participant: Participant, visit: str,
 
 
 def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
-    """Sends one outbox row; what happened: sent, recorded_before, cancelled, expired,
-    failed, uncertain (it may have gone, see the module's docstring), busy (another sender
-    changed the row meanwhile, or, on SQLite, still has it sending), or done (nothing left
-    to do). Raises ReminderBusy while another sender holds the row's lock (PostgreSQL),
+    """Sends one outbox row; what happened: sent, recorded_before, cancelled, rescheduled
+    (not due yet: see RESCHEDULED), expired, failed, uncertain (it may have gone, see the
+    module's docstring), busy (another sender changed the row meanwhile, or, on SQLite,
+    still has it sending), or done (nothing left to do). Raises ReminderBusy while another sender holds the row's lock (PostgreSQL),
     TransientMailError when the server cannot take the message now."""
     with _alone_with(t, reminder_id) as connection:
         if connection is None:
@@ -477,7 +479,7 @@ def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
 
 def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
          today: date) -> tuple[str, tuple[str, ...] | None, Participant | None]:
-    """What became of one pending, sending or mailed row (sent, recorded_before,
+    """What became of one pending, sending or mailed row (sent, recorded_before, rescheduled,
     cancelled, expired, failed, uncertain, busy), and the recipients when its ReminderSent
     is still to record (the caller records it). A visit reminder, a raised query's email
     (keyed by the query id) and a weekly digest (no participant, its row is its record)
@@ -510,10 +512,6 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
             return "cancelled", None, None
     else:
         outcome = _check(t, row, participant, today)
-        if outcome == "rescheduled":
-            connection.execute(delete(outbox).where(outbox.c.reminder_id == row.reminder_id,
-                                                    outbox.c.status == row.status))
-            return outcome, None, None
         if outcome != "due":
             _mark(connection, row, "sent" if outcome == "recorded_before" else outcome)
             return outcome, None, None
@@ -605,10 +603,12 @@ def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -
 def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
     if _recorded(row, participant):
         return "recorded_before"  # sent and recorded by an attempt whose row update was lost
-    if not still_due(t, participant, row.visit, row.kind, today):
-        return "rescheduled" if _due_later(t, participant, row.visit, row.kind,
-                                           today) else "cancelled"
-    if expired(row.due_on, today):
+    owed = _owed(t, participant, row.visit, row.kind)
+    if owed is None or today > owed[1]:
+        return "cancelled"
+    if today < owed[0]:
+        return RESCHEDULED  # the scan of its new day hands it over again
+    if expired(owed[0], today):  # its due day as the record has it now, not as scanned
         return "expired"
     return "due"
 

@@ -327,27 +327,48 @@ def test_a_reminder_found_more_than_a_day_late_is_expired_not_sent(stack):
     assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
 
 
-def test_a_reminder_whose_registration_was_corrected_later_goes_out_on_its_new_day(stack):
-    """Between the scan and the send, the registration is corrected 5 days later: the
-    reminder is not due yet; its row is dropped (not cancelled for good: its id is the
-    visit's and kind's) and the scan of its new day writes it again, and it goes out."""
-    pid = stack.enrol()
-    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+def _registration_corrected_later(stack, pid: str, days: int) -> None:
     registration = next(e for e, _ in stack.trialog.service.get_participant(pid)
                         .records_of("ParticipantRandomized"))
     stack.trialog.bus.dispatch(c.CorrectData(pid, {
         "event_id": registration, "field": "registered_on",
-        "value": (REGISTERED + timedelta(days=5)).isoformat()}),
+        "value": (REGISTERED + timedelta(days=days)).isoformat()}),
         command_id=str(uuid.uuid4()), actor="dm", reason="registration date misread")
+
+
+def test_a_reminder_whose_registration_was_corrected_later_goes_out_on_its_new_day(stack):
+    """Between the scan and the send, the registration is corrected 5 days later: the
+    reminder is not due yet. Its row is set aside as it is (not cancelled for good: its id
+    is the visit's and kind's, and a person's resolution may be on it) and is pending
+    again from the first scan on or after its new day, whichever scans came between."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    _registration_corrected_later(stack, pid, 5)
+    new_day = WINDOW_OPENS + timedelta(days=5)
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
 
-    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "rescheduled"
-    with stack.trialog.engine.connect() as connection:
-        assert connection.execute(select(outbox).where(
-            outbox.c.reminder_id == reminder_id)).first() is None
+    assert scan_without_sending(stack, new_day) == []  # its row is there, pending
+    # A sender that took the row before midnight finds it not due yet.
+    assert reminders.send(stack.trialog, mailer, reminder_id,
+                          new_day - timedelta(days=1)) == "rescheduled"
+    row = outbox_row(stack, reminder_id)
+    assert (row.status, row.due_on) == ("rescheduled", WINDOW_OPENS)
     assert stack.sink.messages == []
+    # The day's first scan ran before: the next one still finds it.
+    assert scan_without_sending(stack, new_day) == [reminder_id]
+    row = outbox_row(stack, reminder_id)
+    assert (row.status, row.due_on) == ("pending", new_day)
+    assert reminders.send(stack.trialog, mailer, reminder_id, new_day) == "sent"
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
 
-    assert scan_without_sending(stack, WINDOW_OPENS + timedelta(days=5)) == [reminder_id]
+
+def test_a_reminder_left_pending_past_its_moved_due_day_goes_out_on_the_new_one(stack):
+    """The workers were down while the registration was corrected: the row, still pending
+    with its old due day, is sent on its new one (not expired by the old day)."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    _registration_corrected_later(stack, pid, 5)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     assert reminders.send(stack.trialog, mailer, reminder_id,
                           WINDOW_OPENS + timedelta(days=5)) == "sent"
     assert stack.reminders_sent(pid) == ["week6/window_open"]
