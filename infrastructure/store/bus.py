@@ -222,9 +222,10 @@ class CommandBus:
 
     def _commit(self, group: list[_Waiting]) -> None:
         """The group's commands together (see dispatch_all); alone, as is. A group whose
-        transaction fails otherwise than by the database (a command whose events can't be
-        written: a fault of the program) is tried again one command at a time, so that
-        the fault is that command's alone, not every client's in its group."""
+        transaction fails by one command's own fault (a value the database refuses, events
+        that can't be written: see ``_a_command_s_fault``) is tried again one command at a
+        time, so that the fault is that command's alone, not every client's in its
+        group."""
         try:
             if len(group) == 1:
                 group[0].accepted = self._dispatch_now(group[0].intent)

@@ -216,6 +216,7 @@ def test_a_cursor_past_the_newest_position_is_refused_not_an_empty_page(server, 
     newest = head(reader)
     at_the_head = reader.get("/v1/feed", after=newest)  # others may write meanwhile
     assert at_the_head.status_code == 200
+    assert all(e["position"] > newest for e in at_the_head.json()["events"])
     past = reader.get("/v1/feed", after=newest + 1000)
     assert (past.status_code, list(past.json()["fields"])) == (422, ["after"])
     assert "newest position" in past.json()["fields"]["after"][0]
