@@ -5,7 +5,9 @@ An outbox row goes from pending to sending (just before SMTP talks, with the tim
 message's Message-ID, committed waiting for the disk, and only if the row is still as it
 was read) to mailed (the SMTP server took the message) to sent (ReminderSent recorded), or
 to cancelled (no longer due), expired (more than a day late) or failed (an address no
-server will take, with the reason). No database transaction or row lock is held while
+server will take, with the reason); or, when it falls due later than the row says (the
+registration corrected to a later day since the scan), to rescheduled, then pending again
+from the first scan on or after its new day (cancelled if none is owed any more). No database transaction or row lock is held while
 SMTP talks: a sender has a row to itself by a PostgreSQL session lock, which ends with the
 sender or with its connection if it dies.
 
@@ -114,11 +116,13 @@ def expired(due_on: date, today: date) -> bool:
 def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
          chunk: int = 1) -> list[str]:
     """Writes an outbox row for each reminder due ``today`` that has none, in one
-    transaction with the read models' position; then hands pending rows to ``enqueue``.
-    Returns the ids of the new rows to send (one found too late is written expired).
+    transaction with the read models' position, and makes rescheduled rows pending again
+    once due (``_due_again``); then hands pending rows to ``enqueue``. Returns the ids of
+    the rows to send (one found too late is written expired).
 
-    Only what can have become due since the last scan is looked at: reminders due after
-    the last scan's day, and schedule rows written since its position."""
+    Only what can have become due since the last scan is looked at for new rows:
+    reminders due after the last scan's day, and schedule rows written since its
+    position."""
     s = reminder_schedule
     now = datetime.now(UTC)
     with t.service.recorder.transaction(commit=True) as session:  # type: ignore[attr-defined]
@@ -150,18 +154,29 @@ def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
 
 
 def _due_again(session: Any, today: date) -> list[str]:
-    """The rows set aside as rescheduled whose new due day has come (whichever scan last
-    looked at the schedule), pending again with that day; their ids."""
+    """The rows set aside as rescheduled, looked at by every scan: pending again with their
+    new due day once it has come (expired when that was more than a day ago), cancelled
+    once no reminder is owed (the schedule's row gone: withdrawn, the visit done or
+    missed) or its window has closed unsent. The ids of those to send."""
     s = reminder_schedule
     rows = session.execute(
-        select(outbox.c.reminder_id, s.c.due_on)
-        .join(s, s.c.reminder_id == outbox.c.reminder_id)
-        .where(outbox.c.status == RESCHEDULED, s.c.due_on <= today, s.c.until >= today)).all()
+        select(outbox.c.reminder_id, s.c.due_on, s.c.until)
+        .outerjoin(s, s.c.reminder_id == outbox.c.reminder_id)
+        .where(outbox.c.status == RESCHEDULED)).all()
+    again = []
     for row in rows:
+        if row.due_on is not None and row.due_on > today:
+            continue  # not yet
+        if row.due_on is None or row.until < today:
+            values: dict[str, Any] = {"status": "cancelled"}
+        elif expired(row.due_on, today):
+            values = {"status": "expired", "due_on": row.due_on}
+        else:
+            values = {"status": "pending", "due_on": row.due_on, "enqueued_at": None}
+            again.append(row.reminder_id)
         session.execute(update(outbox).where(outbox.c.reminder_id == row.reminder_id,
-                                             outbox.c.status == RESCHEDULED)
-                        .values(status="pending", due_on=row.due_on))
-    return [row.reminder_id for row in rows]
+                                             outbox.c.status == RESCHEDULED).values(**values))
+    return again
 
 
 def _last_scan(session: Any) -> tuple[date | None, int]:
@@ -512,6 +527,11 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
             return "cancelled", None, None
     else:
         outcome = _check(t, row, participant, today)
+        if outcome == RESCHEDULED:  # only as read: on SQLite another sender may have it
+            changed = connection.execute(update(outbox).where(
+                outbox.c.reminder_id == row.reminder_id, outbox.c.status == row.status)
+                .values(status=RESCHEDULED))
+            return (outcome if changed.rowcount == 1 else "busy"), None, None
         if outcome != "due":
             _mark(connection, row, "sent" if outcome == "recorded_before" else outcome)
             return outcome, None, None

@@ -315,7 +315,8 @@ reminder_schedule = Table(
 # a task sends it and records ReminderSent. Status: pending, sending (SMTP talking, or its
 # sender stopped), mailed (the SMTP server took it, ReminderSent still to record), sent,
 # cancelled, expired (more than a day late), failed (the reason in last_error, addresses
-# masked), uncertain (it may have gone: never sent again; a person resolves it).
+# masked), uncertain (it may have gone: never sent again; a person resolves it),
+# rescheduled (due later than it says: pending again from the scan of its new day).
 outbox = Table(
     "trialog_outbox",
     metadata,

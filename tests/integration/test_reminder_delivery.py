@@ -374,6 +374,38 @@ def test_a_reminder_left_pending_past_its_moved_due_day_goes_out_on_the_new_one(
     assert stack.reminders_sent(pid) == ["week6/window_open"]
 
 
+def test_a_rescheduled_reminder_no_longer_owed_is_cancelled_by_the_next_scan(stack):
+    """Set aside as rescheduled, then the participant withdraws: the schedule has no row
+    for it any more, and the next scan cancels it rather than keep it waiting forever."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    _registration_corrected_later(stack, pid, 5)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "rescheduled"
+    stack.send(c.WithdrawParticipant(pid, {"withdrawn_on": WINDOW_OPENS, "scope": "study",
+                                           "reason_code": "moved"}))
+    assert scan_without_sending(stack, WINDOW_OPENS + timedelta(days=1)) == []
+    assert status(stack, reminder_id) == "cancelled"
+
+
+def test_a_row_another_sender_took_meanwhile_is_not_set_aside_over_it(stack):
+    """The rescheduled mark takes the row only as it was read (on SQLite, with no lock,
+    another sender may have marked it sending meanwhile)."""
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    _registration_corrected_later(stack, pid, 5)
+    t = stack.trialog
+    row = outbox_row(stack, reminder_id)
+    with t.engine.begin() as connection:  # another sender took it meanwhile
+        connection.execute(update(outbox).where(outbox.c.reminder_id == reminder_id)
+                           .values(status="sending", message_id="<other@example.org>"))
+    mailer = reminders.Mailer(stack.sink.url, t.settings.mail_from)
+    with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        outcome, to, _ = reminders._one(t, connection, mailer, row, WINDOW_OPENS)
+    assert (outcome, to) == ("busy", None)
+    assert status(stack, reminder_id) == "sending"
+
+
 def test_a_reminder_that_waited_more_than_a_day_to_go_out_is_expired(stack):
     pid = stack.enrol()
     (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
