@@ -13,6 +13,7 @@ from tests.e2e.console_support import (  # noqa: F401  (fixtures)
     browser,
     console,
     follow,
+    form_session,
     screenshot,
     sign_in,
 )
@@ -184,6 +185,9 @@ def test_contact_details_show_to_the_roles_that_see_them_and_are_logged(
         assert "@example.org" not in page.content()
     finally:
         context.close()
+    session = form_session(console, console.logins["coordinator"])  # HEAD: no page shown
+    assert session.head(console.page_url(f"/console/participants/{pid}"),
+                        timeout=30).status_code == 200
     log = console.admin.get("/v1/audit/access", participant_id=pid).json()["disclosures"]
     shown = [(d["actor"], d["endpoint"]) for d in log if "/console/" in d["endpoint"]]
     assert shown == [(console.logins["coordinator"], f"GET /console/participants/{pid}")]

@@ -98,6 +98,9 @@ def test_every_answer_that_shows_contact_details_is_accounted_for(server):
     coordinator.get("/v1/exports/odm")
     coordinator.get("/v1/exports/odm", deidentify="true")  # none shown
     coordinator.get("/v1/exports/csv")  # the CSV has none
+    for path in (f"/v1/participants/{pid}", f"/v1/participants/{pid}/history", "/v1/feed"):
+        assert coordinator.session.head(server.url + path, timeout=30).status_code == 200
+    # HEAD answers carry no body: nothing was shown (they were recorded as GETs)
 
     listed = auditor.get("/v1/audit/access", participant_id=pid)
     assert listed.status_code == 200
