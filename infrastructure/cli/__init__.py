@@ -21,6 +21,7 @@ from infrastructure.store import migrations
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from infrastructure.store.settings import Settings, SettingsError
 from infrastructure.store.stored import stored_events
+from infrastructure.store.tokens import check_name
 
 
 class CliError(Exception):
@@ -54,6 +55,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from infrastructure.cli.demo import run_demo
 
     path = Path(args.database)
+    if path.exists() and not _a_demo_s(path):
+        raise CliError(f"--database: {path} exists and is not a demo's database (the demo "
+                       "replaces its file and keys): give another path")
     summary = run_demo(path, participants=args.participants, seed=args.seed)
     print(format_summary(summary))
     print(f"\nSQLite file: {path.resolve()}")
@@ -62,6 +66,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     program = shlex.quote(str(Path(sys.executable).with_name("trialog")))
     print(f"Try: TRIALOG_DATABASE_URL={url} {program} audit verify")
     return 0
+
+
+def _a_demo_s(path: Path) -> bool:
+    """Whether a file is a database the demo made (its seed file says so)."""
+    try:
+        return Path(f"{path}.seed").read_text().startswith("demo-")
+    except OSError:
+        return False
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -115,6 +127,9 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
                            f"{args.as_of or f'version {args.version}'}")
         # The state the record gave at the last event shown, on that event's day.
         last = entries[-1]
+        if args.version is not None and last["version"] != args.version:
+            raise CliError(f"participant {args.participant_id} has no version "
+                           f"{args.version} (its newest is {last['version']})")
         participant = trialog.service.get_participant(args.participant_id,
                                                       version=last["version"])
         moment = datetime.fromisoformat(last["recorded_at"])
@@ -216,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="simulate a cohort on SQLite and print the summary")
-    demo.add_argument("--participants", type=int, default=40)
+    demo.add_argument("--participants", type=_at_least_one, default=40)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--database", default="trialog-demo.db")
     demo.set_defaults(func=cmd_demo)
@@ -238,18 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--quiet", action="store_true")
     ver.add_argument("--deep", action="store_true",
                      help="also recompute every event's digest from its content")
-    ver.add_argument("--processes", type=int, default=None,
+    ver.add_argument("--processes", type=_at_least_one, default=None,
                      help="worker processes for a deep check of a big store "
                           "(default: one per CPU)")
     ver.set_defaults(func=cmd_audit_verify)
 
     serve = sub.add_parser("serve", help="the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--threads", type=int, default=None,
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--threads", type=_at_least_one, default=None,
                        help="threads per process (default 16; with --workers, twice the "
                             "cores plus one, at most 16)")
-    serve.add_argument("--workers", type=int, default=1,
+    serve.add_argument("--workers", type=_at_least_one, default=1,
                        help="processes (more than 1: granian, one projection follower)")
     serve.add_argument("--dev", action="store_true", help="Flask's development server")
     serve.add_argument("--no-projection", action="store_true",
@@ -284,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     importing = sub.add_parser("import", help="apply NDJSON commands, many per transaction")
     importing.add_argument("file", help="one command body a line, as POST /v1/commands "
                                         "takes it")
-    importing.add_argument("--actor", default="import",
+    importing.add_argument("--actor", default="import", type=_actor,
                            help="the actor of the events written (default: import)")
     importing.add_argument("--jobs", type=int, default=1, metavar="N",
                            help="N processes (PostgreSQL), the file shared by site: each "
@@ -317,14 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = projections.add_parser("rebuild", help="rebuild the read models and the "
                                                      "feed's pages from event 1")
     rebuild.add_argument("name", nargs="?", default="all", choices=("all", "trial", "feed"))
-    rebuild.add_argument("--batch-size", type=int, default=5000)
+    rebuild.add_argument("--batch-size", type=_at_least_one, default=5000)
     rebuild.add_argument("--quiet", action="store_true")
     rebuild.set_defaults(func=cmd_projections_rebuild)
     projections.add_parser("status", help="position and lag of each follower").set_defaults(
         func=cmd_projections_status)
     follow = projections.add_parser("follow", help="keep the read models and the feed's "
                                                    "pages up to date")
-    follow.add_argument("--batch-size", type=int, default=500)
+    follow.add_argument("--batch-size", type=_at_least_one, default=500)
     follow.set_defaults(func=cmd_projections_follow)
 
     groups = {}
@@ -349,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     answer = resolving.add_mutually_exclusive_group(required=True)
     answer.add_argument("--sent", action="store_true", help="the server took it")
     answer.add_argument("--not-sent", action="store_true", help="the server never had it")
-    resolving.add_argument("--actor", required=True, help="who resolves it; the event's actor")
+    resolving.add_argument("--actor", required=True, type=_actor,
+                           help="who resolves it; the event's actor")
     resolving.add_argument("--reason", required=True,
                            help="what showed it (kept on the row, and with the event)")
     resolving.set_defaults(func=cmd_reminders_resolve)
@@ -363,19 +379,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _at_least_one(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, not {value}")
+    return value
+
+
+def _actor(text: str) -> str:
+    """Who the events written are by: a name as a token's is (1-100 printable characters,
+    no surrounding spaces)."""
+    try:
+        check_name(text, "--actor")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--actor: ")) from None
+    return text
+
+
+def _one_line(error: Exception) -> str:
+    """A failure as one line: the database's own say a migration is missing as such."""
+    if _no_tables(error):
+        return "the database has no Trialog tables (or older ones): run `trialog db upgrade`"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _no_tables(error: Exception) -> bool:
+    import psycopg
+
+    origin = getattr(error, "orig", None)
+    return isinstance(origin, psycopg.errors.UndefinedTable) or "no such table" in str(origin)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe or a full disk shows here, not at exit
     except (CliError, DomainError, SettingsError, ProtocolError) as e:
         print(f"trialog: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (``| head``): nothing more to say
+        _stdout_to_nowhere()
         return 0
+    except OSError as e:
+        _stdout_to_nowhere()
+        print(f"trialog: can't write the output: {e.strerror or e}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - every failure is one line, not a traceback
-        print(f"trialog: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"trialog: {_one_line(e)}", file=sys.stderr)
         return 1
     return code
+
+
+def _stdout_to_nowhere() -> None:
+    """Standard output pointed at the null device, so that the interpreter's last flush
+    of what could not be written fails no more."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

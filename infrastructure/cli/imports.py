@@ -42,6 +42,7 @@ from infrastructure.store.schemas import CommandEnvelope, flatten, json_fault
 from infrastructure.store.settings import Settings
 
 CHUNK = 500  # commands per transaction
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -71,6 +72,8 @@ def _chunks(lines: Iterable[bytes], part: int, route: Route | None
     chunk: list[tuple[int, bytes, bool]] = []
     first: dict[int, int] = {}  # command id (as an integer) -> the process of its first line
     for number, line in enumerate(lines, 1):
+        if number == 1:
+            line = line.removeprefix(BOM)  # RFC 8259 lets a reader skip it, as the API does
         if not line.strip():
             continue
         if route is None:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import requests
@@ -87,15 +88,49 @@ def type_name(value: str) -> str:
 
 # --- subscriptions -----------------------------------------------------------------------
 
+def _check_url(url: str) -> None:
+    """An http(s) address with a host and a valid port, on one line."""
+    why = "--url: must be an http:// or https:// address with a host (at most 2,000 characters)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not one
+    except ValueError:
+        raise WebhookError(why) from None
+    if (parts.scheme.lower() not in ("http", "https") or not parts.hostname
+            or len(url) > 2000 or any(c.isspace() or not c.isprintable() for c in url)):
+        raise WebhookError(why)
+
+
+def event_types() -> set[str]:
+    """The names of every event the log can hold (a subscription's --type is one)."""
+    from eventsourcing.domain import CanMutateAggregate
+
+    from domain.participant import Participant
+    from domain.randomization import AllocationSequence
+    from domain.trial import TrialDatabase
+
+    classes = {value for aggregate in (Participant, AllocationSequence, TrialDatabase)
+               for value in vars(aggregate).values()
+               if isinstance(value, type) and issubclass(value, CanMutateAggregate)}
+    # The classes others derive from are never stored as themselves.
+    return {c.__name__ for c in classes
+            if not any(o is not c and issubclass(o, c) for o in classes)}
+
+
+
 def add(t: Trialog, url: str, sites: list[str], types: list[str]) -> tuple[str, str]:
     """A new subscription from the log's current head; its id and its secret (shown
     once)."""
-    if not url.startswith(("http://", "https://")) or len(url) > 2000:
-        raise WebhookError("--url: must be an http:// or https:// address")
+    _check_url(url)
     unknown = [s for s in sites if t.protocol.site(s) is None]
     if unknown:
         raise WebhookError(f"--site: unknown site {unknown[0]!r}; the protocol's sites are "
                            f"{', '.join(t.protocol.site_ids)}")
+    known = event_types()
+    unknown = [x for x in types if type_name(x) not in known]
+    if unknown:
+        raise WebhookError(f"--type: no event is of type {unknown[0]!r}; they are "
+                           f"{', '.join(sorted(known))}")
     webhook_id, secret = str(uuid.uuid4()), new_secret()
     table = events_table(t.service.recorder)
     with t.engine.begin() as connection:

@@ -17,8 +17,11 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from eventsourcing.cryptography import AESCipher
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_PROTOCOL = Path(__file__).resolve().parents[2] / "protocols" / "nct04205786.toml"
 DEFAULT_DATABASE_FILE = "trialog.db"
@@ -65,7 +68,7 @@ class Settings:
         return cls(
             database_url=url,
             redis_url=redis_url(env),
-            smtp_url=env.get("TRIALOG_SMTP_URL") or "smtp://127.0.0.1:1025",
+            smtp_url=smtp_url(env),
             cipher_key=texts[CIPHER_KEY],
             protocol_path=Path(env.get("TRIALOG_PROTOCOL") or DEFAULT_PROTOCOL),
             allocation_seed=_secret_bytes(ALLOCATION_SEED, texts[ALLOCATION_SEED]),
@@ -90,11 +93,33 @@ def database_url(env: Mapping[str, str]) -> str:
 def normalise_database_url(url: str) -> str:
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            url = "postgresql+psycopg://" + url[len(prefix):]
     if not url.startswith(("sqlite:///", "postgresql+psycopg://")):
         raise SettingsError(
             "TRIALOG_DATABASE_URL: must be sqlite:///PATH or postgresql+psycopg://..."
         )
+    if url == "sqlite:///":
+        raise SettingsError("TRIALOG_DATABASE_URL: sqlite:/// needs the file's path after it")
+    try:
+        make_url(url)
+    except (ValueError, ArgumentError) as e:
+        raise SettingsError(f"TRIALOG_DATABASE_URL: not a database URL ({e})") from None
+    return url
+
+
+def smtp_url(env: Mapping[str, str]) -> str:
+    """TRIALOG_SMTP_URL, checked as the mailer reads it: smtp://HOST[:PORT], the port from
+    1 to 65535 (25 when left out)."""
+    url = env.get("TRIALOG_SMTP_URL") or "smtp://127.0.0.1:1025"
+    why = "must be smtp://HOST[:PORT], the port from 1 to 65535"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise SettingsError(f"TRIALOG_SMTP_URL: {why}") from None
+    if parts.scheme != "smtp" or not parts.hostname or port == 0 \
+            or any(c.isspace() or not c.isprintable() for c in url):
+        raise SettingsError(f"TRIALOG_SMTP_URL: {why}")
     return url
 
 

@@ -137,8 +137,12 @@ def name_is_free(connection: Connection, name: str) -> bool:
 
 
 def check_name(name: str, option: str) -> None:
-    if not name.strip() or len(name) > 100 or name != name.strip():
-        raise TokenError(f"{option}: must be 1-100 characters, without surrounding spaces")
+    """A name events carry as their actor: 1-100 printable characters (no line break or
+    control character to forge a line of the audit trail), no surrounding spaces."""
+    if (not name.strip() or len(name) > 100 or name != name.strip()
+            or not name.isprintable()):
+        raise TokenError(f"{option}: must be 1-100 printable characters, without "
+                         "surrounding spaces")
 
 
 def create_token(engine: Engine, name: str, role: str, scope: Scope | None = None) -> str:

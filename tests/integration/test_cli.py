@@ -46,6 +46,9 @@ def test_demo_prints_the_summary_then_history_and_verify_work_on_its_file(tmp_pa
     early = run(["audit", "history", "CASE-0002", "--as-of", events[0]["recorded_at"],
                  "--format", "json"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert [e["version"] for e in json.loads(early.stdout)["events"]] == [1]
+    beyond = run(["audit", "history", "CASE-0002", "--version", "999"], tmp_path,
+                 TRIALOG_DATABASE_URL=url)  # as the API: not the whole record
+    assert beyond.returncode == 1 and "has no version 999" in beyond.stderr, beyond.stderr
     upto = run(["audit", "history", "CASE-0002", "--version", "2"], tmp_path,
                TRIALOG_DATABASE_URL=url)
     assert upto.returncode == 0, upto.stderr
@@ -122,10 +125,18 @@ def test_webhook_add_prints_the_id_and_secret_once_and_list_shows_the_subscripti
     assert listed.returncode == 0, listed.stderr
     assert webhook_id in listed.stdout and "https://example.org/hook" in listed.stdout
     assert "CASE" in listed.stdout and secret not in listed.stdout
-    refused = run(["webhook", "add", "--url", "ftp://example.org/hook"], tmp_path,
-                  TRIALOG_DATABASE_URL=url)
-    assert refused.returncode == 1 and refused.stdout == ""
-    assert refused.stderr.strip() == "trialog: --url: must be an http:// or https:// address"
+    for bad in ("ftp://example.org/hook", "http://", "http://exa mple.org/x",
+                "http://host:99999/x", "http://[::1", "https://example.org/a\nb"):
+        refused = run(["webhook", "add", "--url", bad], tmp_path, TRIALOG_DATABASE_URL=url)
+        assert refused.returncode == 1 and refused.stdout == "", bad
+        assert refused.stderr.startswith("trialog: --url: must be an http:// or https://")
+    no_type = run(["webhook", "add", "--url", "https://example.org/h", "--type", "Nope"],
+                  tmp_path, TRIALOG_DATABASE_URL=url)
+    assert no_type.returncode == 1 and "--type: no event is of type 'Nope'" in no_type.stderr
+    assert "VisitCompleted" in no_type.stderr
+    typed = run(["webhook", "add", "--url", "HTTPS://example.org/h", "--type",
+                 "org.trialog.VisitCompleted"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert typed.returncode == 0, typed.stderr
     unknown = run(["webhook", "rotate", "nope"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert unknown.returncode == 1 and "no webhook nope" in unknown.stderr
 
@@ -421,3 +432,83 @@ def test_make_demo_s_run_records_a_baseline_sample_for_every_randomized_particip
             assert any(d["timepoint"] == "baseline" for _, d in samples), pid
     finally:
         t.close()
+
+
+def test_settings_and_arguments_that_cant_work_are_one_line_naming_them(tmp_path):
+    """Each refused before anything is done, with one line naming the setting or the
+    argument (a batch size of 0 emptied the read models and reported success)."""
+    sqlite = {"TRIALOG_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    for args, env, named in (
+            (["audit", "verify"], {"TRIALOG_DATABASE_URL": "sqlite:///"},
+             "TRIALOG_DATABASE_URL"),
+            (["audit", "verify"], {"TRIALOG_DATABASE_URL":
+                                   "postgresql://postgres@127.0.0.1:notaport/x"},
+             "TRIALOG_DATABASE_URL"),
+            (["reminders", "scan"], {**sqlite, "TRIALOG_SMTP_URL": "smtp://host:notaport"},
+             "TRIALOG_SMTP_URL"),
+            (["reminders", "scan"], {**sqlite, "TRIALOG_SMTP_URL": "http://x"},
+             "TRIALOG_SMTP_URL"),
+            (["projections", "rebuild", "--batch-size", "0"], sqlite, "--batch-size"),
+            (["serve", "--port", "99999"], sqlite, "--port"),
+            (["serve", "--workers", "-2"], sqlite, "--workers"),
+            (["import", "x.ndjson", "--actor", ""], sqlite, "--actor"),
+            (["import", "x.ndjson", "--actor", "evil\nactor"], sqlite, "--actor")):
+        done = run(args, tmp_path, **env)
+        assert done.returncode != 0, (args, done.stdout)
+        assert named in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr and done.stderr.count("trialog") <= 2, \
+            done.stderr
+
+
+def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
+    url = SHARED_URL.rsplit("/", 1)[0] + "/trialog_no_tables"
+    engine = create_engine(SHARED_URL.rsplit("/", 1)[0] + "/postgres",
+                           isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text("DROP DATABASE IF EXISTS trialog_no_tables"))
+        connection.execute(text("CREATE DATABASE trialog_no_tables"))
+    engine.dispose()
+    done = run(["projections", "status"], tmp_path, TRIALOG_DATABASE_URL=url,
+               TRIALOG_CIPHER_KEY=TEST_KEY, TRIALOG_ALLOCATION_SEED="s",
+               TRIALOG_PSEUDONYM_KEY="p")
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "run `trialog db upgrade`" in done.stderr
+
+
+def test_the_demo_never_replaces_a_file_that_is_not_its_own(tmp_path):
+    notes = tmp_path / "trialog.db"
+    notes.write_text("a real trial's file")
+    refused = run(["demo", "--participants", "2", "--database", str(notes)], tmp_path)
+    assert refused.returncode == 1 and "is not a demo's database" in refused.stderr
+    assert notes.read_text() == "a real trial's file"
+    own = tmp_path / "trialog-demo.db"
+    for _ in range(2):  # its own file it makes again
+        assert run(["demo", "--participants", "2", "--database", str(own)],
+                   tmp_path).returncode == 0
+
+
+def test_an_import_file_may_start_with_a_byte_order_mark(tmp_path):
+    from tests.e2e import payloads as p
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    body = {"command_id": "6f1c1d8e-4b7a-4d52-9a3e-0f6a3c2b9d11", "type": "ScreenParticipant",
+            "participant_id": p.participant_id(), "data": p.screening()}
+    path = tmp_path / "with-bom.ndjson"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(body).encode() + b"\n")
+    done = run(["import", str(path)], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert done.stdout == "1 accepted, 0 repeated, 0 refused\n", done.stderr
+
+
+def test_output_to_a_closed_pipe_or_a_full_disk_ends_cleanly(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+    env.update(PYTHONPATH=str(ROOT), TRIALOG_DATABASE_URL=url)
+    assert run(["db", "upgrade"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(TRIALOG + ["export", "odm"], cwd=tmp_path, env=env,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                              check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "can't write" in done.stderr, done.stderr
+
