@@ -390,9 +390,13 @@ def _at_least_one(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    value = _at_least_one(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, not {value}")
+    """A port from 1 to 65535, or 0: one the system picks."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {value}")
     return value
 
 
@@ -425,30 +429,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-        sys.stdout.flush()  # a closed pipe or a full disk shows here, not at exit
     except (CliError, DomainError, SettingsError, ProtocolError) as e:
         print(f"trialog: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except BrokenPipeError:  # the reader went away (``| head``): nothing more to say
         _stdout_to_nowhere()
         return 0
+    except Exception as e:  # noqa: BLE001 - every failure is one line, not a traceback
+        if isinstance(e, OSError) and _flushed(0) != 0:  # the output itself (said there)
+            return 1
+        print(f"trialog: {_one_line(e)}", file=sys.stderr)
+        code = 1
+    return _flushed(code)
+
+
+def _flushed(code: int) -> int:
+    """The exit code once what is left of standard output is written: a closed pipe or a
+    full disk shows here, as one line (at the interpreter's exit it would be a warning
+    and exit code 120)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_nowhere()
     except OSError as e:
         _stdout_to_nowhere()
         print(f"trialog: can't write the output: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - every failure is one line, not a traceback
-        print(f"trialog: {_one_line(e)}", file=sys.stderr)
         return 1
     return code
 
 
 def _stdout_to_nowhere() -> None:
     """Standard output pointed at the null device, so that the interpreter's last flush
-    of what could not be written fails no more."""
+    of what could not be written fails no more (when it is a file descriptor at all)."""
     import os
 
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):
+        return
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(nowhere, fd)
+    finally:
+        os.close(nowhere)
 
 if __name__ == "__main__":
     sys.exit(main())
