@@ -85,7 +85,7 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     console.register(app)  # /console/: people sign in with a cookie session of its own
     app.before_request(_authenticate)
     app.after_request(_log_request)
-    app.register_error_handler(ApiError, lambda e: error_response(e.status, e.body))
+    app.register_error_handler(ApiError, ApiError.response)
     app.register_error_handler(HTTPException, _http_error)
     for error in DATABASE_ERRORS:
         app.register_error_handler(error, database_error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Response, g, jsonify, request
@@ -137,10 +138,11 @@ def _signer(trialog: Any, data: dict[str, Any]) -> dict[str, Any]:
     except LoginFailed:
         raise ApiError(401, "reauthentication_failed",
                        "the password is not the signer's current password") from None
-    except AccountLocked as e:
+    except AccountLocked as e:  # as sign-in answers it, with when to try again
+        seconds = max(1, int((e.until - datetime.now(UTC)).total_seconds()))
         raise ApiError(423, "account_locked", f"too many wrong passwords: locked until "
-                                              f"{e.until.isoformat(timespec='seconds')}"
-                       ) from None
+                                              f"{e.until.isoformat(timespec='seconds')}",
+                       headers={"Retry-After": str(seconds)}) from None
     return {**data, "signer": principal.name, "printed_name": printed_name}
 
 

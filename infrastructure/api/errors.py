@@ -21,10 +21,17 @@ STATUS_OF = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str | dict[str, Any], message: str = "") -> None:
+    def __init__(self, status: int, error: str | dict[str, Any], message: str = "",
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.body = error if isinstance(error, dict) else {"error": error, "message": message}
+        self.headers = headers or {}  # beside the body (Retry-After of a lock)
+
+    def response(self) -> Response:
+        answer = error_response(self.status, self.body)
+        answer.headers.update(self.headers)
+        return answer
 
 
 def invalid(fields: dict[str, list[str]]) -> ApiError:

@@ -103,6 +103,19 @@ def test_five_wrong_passwords_lock_a_login_known_or_not(server, trialog):
                    for line in server.log_lines())
 
 
+def test_a_signature_locked_out_says_when_to_try_again_as_sign_in_does(server, trialog):
+    login = person(trialog, "investigator")
+    investigator = signed_in(server, login)
+    pid, _ = enrol(server.client("admin"))
+    sign = {"visit": "baseline", "meaning": "I approve this visit's data",
+            "password": "not the password"}
+    statuses = [investigator.command("SignVisit", pid, sign).status_code for _ in range(5)]
+    assert statuses == [401, 401, 401, 401, 423]
+    locked = investigator.command("SignVisit", pid, {**sign, "password": PASSWORD})
+    assert (locked.status_code, locked.json()["error"]) == (423, "account_locked")
+    assert 0 < int(locked.headers["Retry-After"]) <= 15 * 60
+
+
 def test_a_lock_ends_after_15_minutes_and_a_success_clears_the_count(server, trialog):
     login = person(trialog)
     past = datetime.now(UTC) - timedelta(minutes=16)
