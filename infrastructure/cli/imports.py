@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import repeat
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from marshmallow import ValidationError
@@ -42,6 +42,23 @@ from infrastructure.store.schemas import CommandEnvelope, flatten, json_fault
 from infrastructure.store.settings import Settings
 
 CHUNK = 500  # commands per transaction
+MAX_LINE = 8 * 2**20  # a line's bytes at most, as the API's largest body
+
+
+class _TooLong(bytes):
+    """In place of a line longer than MAX_LINE, which is never held whole."""
+
+
+def capped_lines(file: BinaryIO) -> Iterator[bytes]:
+    """The file's lines, each read at most MAX_LINE bytes at a time: a longer one is
+    passed over to its end and given as a _TooLong (refused, its number kept)."""
+    while line := file.readline(MAX_LINE + 1):
+        if len(line) <= MAX_LINE or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := file.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+            pass
+        yield _TooLong(b"-")
 BOM = b"\xef\xbb\xbf"
 
 
@@ -72,7 +89,7 @@ def _chunks(lines: Iterable[bytes], part: int, route: Route | None
     chunk: list[tuple[int, bytes, bool]] = []
     first: dict[int, int] = {}  # command id (as an integer) -> the process of its first line
     for number, line in enumerate(lines, 1):
-        if number == 1:
+        if number == 1 and not isinstance(line, _TooLong):
             line = line.removeprefix(BOM)  # RFC 8259 lets a reader skip it, as the API does
         if not line.strip():
             continue
@@ -233,8 +250,8 @@ def run_file(settings: Settings, path: str, actor: str, part: int = 0,
     try:
         t = bootstrap(settings)  # migrated first on SQLite only, as every command does
         freeze_startup()  # the process's own application, kept until it ends
-        with open(path, "rb") as lines:
-            return run(t, lines, actor, part, parts)
+        with open(path, "rb") as file:
+            return run(t, capped_lines(file), actor, part, parts)
     except DATABASE_ERRORS as e:
         return Report(failed=database_failure(e))
     finally:
@@ -245,6 +262,9 @@ def run_file(settings: Settings, path: str, actor: str, part: int = 0,
 def _intent(line: bytes, actor: str, envelope_load: Load,
             schemas: dict[str, Load]) -> Intent | str:
     """The line's command, or why it is refused before it reaches the bus."""
+    if isinstance(line, _TooLong):
+        return (f"body_too_large: the line is longer than {MAX_LINE // 2**20} MiB (the "
+                "API takes no larger body)")
     try:
         raw = orjson.loads(line)
     except orjson.JSONDecodeError as e:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -513,3 +514,23 @@ def test_output_to_a_closed_pipe_or_a_full_disk_ends_cleanly(tmp_path):
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "No space left on device" in done.stderr or "can't write" in done.stderr
 
+
+
+def test_an_import_line_longer_than_the_api_takes_is_refused_without_being_held(tmp_path):
+    """A line over 8 MiB (the API's largest body) is refused with its number, read a
+    piece at a time; the lines around it are applied."""
+    from tests.e2e import payloads as p
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    bodies = [{"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+               "participant_id": p.participant_id(), "data": p.screening()}
+              for _ in range(2)]
+    huge = b'{"pad": "' + b"x" * (8 * 2**20) + b'"}'
+    path = tmp_path / "huge.ndjson"
+    path.write_bytes(b"\n".join([huge, json.dumps(bodies[0]).encode(), huge + huge,
+                                 json.dumps(bodies[1]).encode()]) + b"\n")
+    done = run(["import", str(path)], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert done.stdout == "2 accepted, 0 repeated, 2 refused\n", done.stderr
+    assert done.stderr.splitlines() == [
+        f"line {n}: body_too_large: the line is longer than 8 MiB (the API takes no larger "
+        "body)" for n in (1, 3)]
