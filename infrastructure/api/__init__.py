@@ -18,7 +18,6 @@ from werkzeug.exceptions import HTTPException
 
 from infrastructure import console
 from infrastructure.api import commands, feed, reads, reports, sessions
-from infrastructure.api.bodies import MAX_BODY
 from infrastructure.api.errors import (
     INTERNAL_ERROR,
     ApiError,
@@ -31,7 +30,7 @@ from infrastructure.api.schemas import MAX_BATCH, document_commands
 from infrastructure.heap import freeze_startup
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import DATABASE_ERRORS
-from infrastructure.store.schemas import PARTICIPANT_ID
+from infrastructure.store.schemas import MAX_BODY, PARTICIPANT_ID
 
 log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/sessions"})

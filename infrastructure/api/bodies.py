@@ -5,6 +5,7 @@ them is a 400 ``malformed_json`` saying why and where, on every endpoint that ta
 
 from __future__ import annotations
 
+from codecs import BOM_UTF8
 from typing import Any
 
 import orjson
@@ -12,13 +13,9 @@ from flask import Request, request
 from webargs.flaskparser import FlaskParser
 
 from infrastructure.api.errors import ApiError
-from infrastructure.store.schemas import json_fault
+from infrastructure.store.schemas import MAX_BODY, json_fault
 
-# The largest body taken: a batch of the most commands, each of a few kilobytes at most,
-# fits well; a larger one is refused before it is read (413).
-MAX_BODY = 8 * 2**20
 TOO_LARGE = f"the body is larger than the server takes ({MAX_BODY // 2**20} MiB)"
-BOM = b"\xef\xbb\xbf"
 NOT_JSON = "the body must be a JSON object, sent as Content-Type: application/json"
 
 
@@ -34,7 +31,7 @@ def json_body() -> Any:
 def _parsed(req: Request) -> Any:
     if not req.is_json:
         raise ApiError(400, "malformed_json", NOT_JSON)
-    data = req.get_data(cache=True).removeprefix(BOM)  # RFC 8259 lets a parser skip it
+    data = req.get_data(cache=True).removeprefix(BOM_UTF8)  # RFC 8259 lets a parser skip it
     if not data:
         raise ApiError(400, "malformed_json", NOT_JSON)
     try:

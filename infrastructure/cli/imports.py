@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import uuid
 import zlib
+from codecs import BOM_UTF8
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,11 +39,11 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
 from infrastructure.store.outages import DATABASE_ERRORS
-from infrastructure.store.schemas import CommandEnvelope, flatten, json_fault
+from infrastructure.store.schemas import MAX_BODY, CommandEnvelope, flatten, json_fault
 from infrastructure.store.settings import Settings
 
 CHUNK = 500  # commands per transaction
-MAX_LINE = 8 * 2**20  # a line's bytes at most, as the API's largest body
+MAX_LINE = MAX_BODY  # a line's bytes at most: the API's largest body
 
 
 class _TooLong(bytes):
@@ -51,15 +52,19 @@ class _TooLong(bytes):
 
 def capped_lines(file: BinaryIO) -> Iterator[bytes]:
     """The file's lines, each read at most MAX_LINE bytes at a time: a longer one is
-    passed over to its end and given as a _TooLong (refused, its number kept)."""
+    passed over to its end and given as a _TooLong (refused, its number kept). A byte
+    order mark before the first is skipped (RFC 8259 lets a reader skip it, as the API
+    does)."""
+    first = True
     while line := file.readline(MAX_LINE + 1):
+        if first:
+            line, first = line.removeprefix(BOM_UTF8), False
         if len(line) <= MAX_LINE or line.endswith(b"\n"):
             yield line
             continue
         while (rest := file.readline(MAX_LINE)) and not rest.endswith(b"\n"):
             pass
         yield _TooLong(b"-")
-BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -89,8 +94,6 @@ def _chunks(lines: Iterable[bytes], part: int, route: Route | None
     chunk: list[tuple[int, bytes, bool]] = []
     first: dict[int, int] = {}  # command id (as an integer) -> the process of its first line
     for number, line in enumerate(lines, 1):
-        if number == 1 and not isinstance(line, _TooLong):
-            line = line.removeprefix(BOM)  # RFC 8259 lets a reader skip it, as the API does
         if not line.strip():
             continue
         if route is None:

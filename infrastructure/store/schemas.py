@@ -96,6 +96,11 @@ PRINTABLE = validate.Regexp(r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udff
                             error="must not contain control characters")
 
 
+# The largest JSON text taken, a body or an import's line: a batch of the most commands,
+# each of a few kilobytes at most, fits well; a larger one is refused before it is read.
+MAX_BODY = 8 * 2**20
+
+
 def json_fault(error: orjson.JSONDecodeError, what: str) -> str:
     """Why ``what`` (the body, a line) is not JSON, and where in it (the decoder's own
     line and column count from the start of what it was given)."""
