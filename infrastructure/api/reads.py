@@ -206,12 +206,12 @@ def get_history(participant_id: str, **args: Any) -> Response:
                                          f"version {args['version']}")
     t = _trialog()
     with t.engine.begin() as connection:  # one round of the pool for both
-        if not g.principal.sees_contact:
-            entries = [audit.redact_contact(e) for e in entries]
-        elif request.method != "HEAD":  # a HEAD answer carries no body: it discloses nothing
+        if g.principal.sees_contact:
             access.record(connection, g.principal.name, [participant_id],
                           f"GET /v1/participants/{participant_id}/history",
                           g.get("request_id"))
+        else:
+            entries = [audit.redact_contact(e) for e in entries]
         # The position of the last event shown (the history may stop at as_of or a version).
         g.position = queries.event_position(t, participant_id, entries[-1]["version"],
                                             connection)
@@ -231,7 +231,7 @@ def _rendered_history(participant_id: str) -> Response | None:
     found = runtime().feed.history_json(participant_id, contact)
     if found is None or not found[0]:
         return None
-    if contact and request.method != "HEAD":  # one row: one statement, committed by itself
+    if contact:  # one participant's row: one statement, committed by itself
         with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as db:
             access.record(db, g.principal.name, [participant_id],
                           f"GET /v1/participants/{participant_id}/history",
@@ -359,10 +359,7 @@ EXPORTS = (
 
 
 def _disclose(participant_ids: list[str], endpoint: str) -> None:
-    """Records that this answer shows these participants' contact details (a HEAD answer
-    carries no body: nothing)."""
-    if request.method == "HEAD":
-        return
+    """Records that this answer shows these participants' contact details."""
     access.record(_trialog().engine, g.principal.name, participant_ids, endpoint,
                   g.get("request_id"))
 

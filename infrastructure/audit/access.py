@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from flask import has_request_context, request
 from sqlalchemy import insert, select, text
 from sqlalchemy.engine import Connection, Engine
 
@@ -19,9 +20,10 @@ from infrastructure.store.tables import access_log, as_utc
 def record(engine: Engine | Connection, actor: str, participant_ids: Iterable[str],
            endpoint: str, request_id: str | None) -> None:
     """One row per participant whose contact details this answer carries: committed here,
-    or, given a connection, in its transaction."""
+    or, given a connection, in its transaction. An answer to HEAD carries no body: it
+    shows nothing, and nothing is recorded."""
     ids = list(participant_ids)
-    if not ids:
+    if not ids or (has_request_context() and request.method == "HEAD"):
         return
     if isinstance(engine, Connection):
         _insert(engine, actor, ids, endpoint, request_id)

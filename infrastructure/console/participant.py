@@ -29,10 +29,7 @@ def _visible(participant_id: str) -> None:
 
 
 def _disclose(participant_id: str) -> None:
-    """Records that the page showed the participant's contact details (a HEAD answer
-    carries no page: nothing)."""
-    if request.method == "HEAD":
-        return
+    """Records that the page showed the participant's contact details."""
     access.record(trialog().engine, g.principal.name, [participant_id],
                   f"GET /console/participants/{participant_id}", g.get("request_id"))
 
