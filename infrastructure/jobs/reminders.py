@@ -7,9 +7,9 @@ was read) to mailed (the SMTP server took the message) to sent (ReminderSent rec
 to cancelled (no longer due), expired (more than a day late) or failed (an address no
 server will take, with the reason); or, when it falls due later than the row says (the
 registration corrected to a later day since the scan), to rescheduled, then pending again
-from the first scan on or after its new day (cancelled if none is owed any more). No database transaction or row lock is held while
-SMTP talks: a sender has a row to itself by a PostgreSQL session lock, which ends with the
-sender or with its connection if it dies.
+from the first scan on or after its new day (cancelled if none is owed any more). No
+database transaction or row lock is held while SMTP talks: a sender has a row to itself by
+a PostgreSQL session lock, which ends with the sender or with its connection if it dies.
 
 At most one email a reminder: a row found sending (its sender was killed, or lost its
 database, while SMTP talked) and one whose connection failed after the message's content
@@ -477,8 +477,9 @@ def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
     """Sends one outbox row; what happened: sent, recorded_before, cancelled, rescheduled
     (not due yet: see RESCHEDULED), expired, failed, uncertain (it may have gone, see the
     module's docstring), busy (another sender changed the row meanwhile, or, on SQLite,
-    still has it sending), or done (nothing left to do). Raises ReminderBusy while another sender holds the row's lock (PostgreSQL),
-    TransientMailError when the server cannot take the message now."""
+    still has it sending), or done (nothing left to do). Raises ReminderBusy while another
+    sender holds the row's lock (PostgreSQL), TransientMailError when the server cannot
+    take the message now."""
     with _alone_with(t, reminder_id) as connection:
         if connection is None:
             raise ReminderBusy(f"reminder {reminder_id} is being sent by another worker")

@@ -233,7 +233,7 @@ def field_path(**kwargs: Any) -> fields.String:
     return fields.String(validate=[
         validate.Length(max=200),
         Whole(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$",
-                        error="must be a dotted field path such as bpi_sf.worst")], **kwargs)
+              error="must be a dotted field path such as bpi_sf.worst")], **kwargs)
 
 
 def _raise_query(protocol: Protocol) -> type[Schema]:
