@@ -52,31 +52,40 @@ class StateArgs(ReadArgs):
             raise ValidationError("give as_of or version, not both", "version")
 
 
-class ListArgs(ReadArgs):
+def _limit(default: int) -> fields.Integer:
+    return fields.Integer(load_default=default, validate=validate.Range(min=1, max=10_000),
+                          metadata={"description": "a page: at most this many"})
+
+
+class PageArgs(ReadArgs):
+    """A list's page: at most ``limit`` rows after the first ``offset``, in the list's
+    own order."""
+    limit = _limit(1000)
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10**9),
+                            metadata={"description": "the rows before the page"})
+
+
+class ListArgs(PageArgs):
     status = fields.String(validate=validate.OneOf(r.STATUSES))
     arm = text(1, 32)
     site_id = text(1, 32)
-    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10**9))
 
 
-class DeviationArgs(ReadArgs):
+class DeviationArgs(PageArgs):
     status = fields.String(validate=validate.OneOf(("open", "resolved")))
     code = text(1, 64)
     participant_id = text(1, 64)
 
 
-class QueryArgs(ReadArgs):
+class QueryArgs(PageArgs):
     status = fields.String(validate=validate.OneOf(("open", "answered", "closed",
                                                     "cancelled")))
     site_id = text(1, 32)
     participant_id = text(1, 64)
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=10_000),
-                           metadata={"description": "a page: at most this many"})
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=10**9))
+    limit = _limit(100)
 
 
-class DueArgs(ReadArgs):
+class DueArgs(PageArgs):
     within_days = fields.Integer(load_default=14, validate=validate.Range(min=0, max=3660))
 
 
@@ -249,7 +258,8 @@ def get_deviations(**args: Any) -> Response:
     _reflecting_read_models()
     return jsonify({"deviations": queries.list_deviations(
         _trialog(), scope=g.principal.scope, status=args.get("status"), code=args.get("code"),
-        participant_id=args.get("participant_id"))})
+        participant_id=args.get("participant_id"), limit=args["limit"],
+        offset=args["offset"])})
 
 
 @query(trial_blp, "/queries", QueryArgs, r.QueryList)
@@ -268,8 +278,9 @@ def get_visits_due(**args: Any) -> Response:
     """Visits whose window is open or opens within ``within_days``."""
     _read("visits", args)
     _reflecting_read_models()
-    return jsonify({"visits": queries.visits_due(_trialog(), args["within_days"],
-                                                      scope=g.principal.scope)})
+    return jsonify({"visits": queries.visits_due(
+        _trialog(), args["within_days"], scope=g.principal.scope, limit=args["limit"],
+        offset=args["offset"])})
 
 
 @query(trial_blp, "/trial/summary", ReadArgs, r.Summary)

@@ -160,8 +160,8 @@ def list_participants(t: Trialog, *, scope: Scope, status: str | None = None,
 
 
 def list_deviations(t: Trialog, *, scope: Scope, status: str | None = None,
-                    code: str | None = None, participant_id: str | None = None
-                    ) -> list[dict[str, Any]]:
+                    code: str | None = None, participant_id: str | None = None,
+                    limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
     query = (select(deviations).where(in_scope(scope, deviations.c.participant_id))
              .order_by(deviations.c.detected_at, deviations.c.deviation_id))
     for column, value in (("status", status), ("code", code),
@@ -169,10 +169,11 @@ def list_deviations(t: Trialog, *, scope: Scope, status: str | None = None,
         if value is not None:
             query = query.where(deviations.c[column] == value)
     with t.engine.connect() as c:
-        return [_deviation(r) for r in c.execute(query)]
+        return [_deviation(r) for r in c.execute(query.limit(limit).offset(offset))]
 
 
-def visits_due(t: Trialog, within_days: int, *, scope: Scope) -> list[dict[str, Any]]:
+def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None = None,
+               offset: int = 0) -> list[dict[str, Any]]:
     """Visits not completed or missed whose window opens within ``within_days`` (or is open
     now), for participants still in follow-up."""
     today = t.today()
@@ -184,10 +185,10 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope) -> list[dict[str, 
                visits.c.window_end >= today,
                participants.c.status.in_(("randomized", "off_treatment")),
                in_scope(scope, participants.c.participant_id))
-        .order_by(visits.c.window_start, visits.c.participant_id)
+        .order_by(visits.c.window_start, visits.c.participant_id, visits.c.code)
     )
     with t.engine.connect() as c:
-        rows = c.execute(query).all()
+        rows = c.execute(query.limit(limit).offset(offset)).all()
     return [{"participant_id": r.participant_id, "site_id": r.site_id, **_visit(r, today)}
             for r in rows]
 

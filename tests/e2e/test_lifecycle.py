@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.e2e import payloads as p
 
 
@@ -151,6 +153,22 @@ def test_deviations_and_visits_due_are_listed(server):
     assert due.status_code == 200
     deviations = coordinator.get("/v1/deviations", status="open", participant_id=pid)
     assert deviations.json() == {"deviations": []}
+
+
+@pytest.mark.parametrize("path", ["/v1/deviations", "/v1/visits/due", "/v1/queries",
+                                  "/v1/participants"])
+def test_a_list_reads_a_page_and_refuses_a_page_it_cannot_read(server, path):
+    coordinator = server.client("coordinator")
+    _, position = enrol(coordinator)
+    whole = coordinator.get(path, limit=10000, within_days=3660, after=position)
+    assert whole.status_code == 200
+    (key,) = whole.json()
+    page = coordinator.get(path, limit=1, offset=1, within_days=3660)
+    assert page.json()[key] == whole.json()[key][1:2]
+    for params, field in (({"limit": 0}, "limit"), ({"limit": 10001}, "limit"),
+                          ({"offset": -1}, "offset"), ({"limit": "x"}, "limit")):
+        refused = coordinator.get(path, **params)
+        assert (refused.status_code, list(refused.json()["fields"])) == (422, [field])
 
 
 def test_an_auditor_downloads_the_csv_export(server):

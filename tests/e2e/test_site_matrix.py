@@ -429,12 +429,12 @@ READS = (
     read("/v1/participants/{pid}/history", "history", "one", version="1"),
     read("/v1/participants", "participants", "list", limit="10000"),
     read("/v1/participants", "participants", "filtered", site_id="CASE", limit="10000"),
-    read("/v1/deviations", "deviations", "list"),
+    read("/v1/deviations", "deviations", "list", limit="10000"),
     read("/v1/deviations", "deviations", "filtered", participant_id="{pid}"),
     read("/v1/queries", "queries", "list", limit="10000"),
     read("/v1/queries", "queries", "filtered", participant_id="{pid}"),
     read("/v1/queries", "queries", "filtered", site_id="CASE", limit="10000"),
-    read("/v1/visits/due", "visits", "list", within_days="3660"),
+    read("/v1/visits/due", "visits", "list", within_days="3660", limit="10000"),
     read("/v1/trial/summary", "summary", "summary"),
     read("/v1/audit/verify", "audit", "verify"),
     read("/v1/exports/csv", "exports", "list"),
@@ -509,9 +509,10 @@ def metro_view(world: World) -> dict[str, Any]:
             view[role, "summary"] = client.get("/v1/trial/summary").json()
     # A role without contact details: its exports record no disclosure of their own.
     reader, auditor = world.client("monitor", "METRO"), world.client("auditor", "METRO")
-    for path, params in (("/v1/participants", {"limit": 10000}), ("/v1/deviations", {}),
+    for path, params in (("/v1/participants", {"limit": 10000}),
+                         ("/v1/deviations", {"limit": 10000}),
                          ("/v1/queries", {"limit": 10000}),
-                         ("/v1/visits/due", {"within_days": 3660}),
+                         ("/v1/visits/due", {"within_days": 3660, "limit": 10000}),
                          ("/v1/exports/csv", {}), ("/v1/exports/fhir", {}),
                          ("/v1/exports/csv", {"deidentify": "true"}),
                          ("/v1/exports/fhir", {"deidentify": "true"})):
@@ -827,9 +828,9 @@ def test_an_all_sites_token_sees_and_acts_on_both_sites(server, world, role):
             assert answer.json()["actual_version"] == participant.version
     both = (world.case.pid, world.metro.pid)
     lists = [("/v1/participants", "participants", {"limit": 10000}),
-             ("/v1/deviations", "deviations", {}),
+             ("/v1/deviations", "deviations", {"limit": 10000}),
              ("/v1/queries", "queries", {"limit": 10000}),
-             ("/v1/visits/due", "visits", {"within_days": 3660}),
+             ("/v1/visits/due", "visits", {"within_days": 3660, "limit": 10000}),
              ("/v1/exports/csv", "exports", {}), ("/v1/exports/odm", "exports", {}),
              ("/v1/exports/fhir", "exports", {}),
              ("/v1/audit/access", "access_log", {"limit": 10000})]

@@ -1,0 +1,53 @@
+"""The lists read in pages: each page is the slice of the whole list in its own order."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import insert
+
+from domain import commands as c
+from domain.access import EVERY_SITE
+from infrastructure.readside.projections import TrialProjection
+from infrastructure.readside.queries import list_deviations, visits_due
+from infrastructure.store.tables import deviations
+from tests.factories import consent, new_participant_id, screening
+from tests.integration.helpers import send
+
+
+def test_deviations_are_read_in_pages_in_the_order_they_were_detected(trialog):
+    pid = new_participant_id()
+    at = datetime(2026, 3, 10, 9, 0, tzinfo=UTC)
+    # Two detected at the same instant: their ids order them.
+    moments = (at, at + timedelta(hours=1), at + timedelta(hours=1), at + timedelta(hours=2))
+    with trialog.engine.begin() as connection:
+        for moment in moments:
+            connection.execute(insert(deviations).values(
+                deviation_id=str(uuid.uuid4()), participant_id=pid, code="dose_missed",
+                severity="minor", status="open", detail="", evidence={},
+                detected_at=moment))
+
+    whole = list_deviations(trialog, scope=EVERY_SITE, participant_id=pid)
+    assert len(whole) == 4
+    assert [d["detected_at"] for d in whole] == sorted(d["detected_at"] for d in whole)
+    pages = [list_deviations(trialog, scope=EVERY_SITE, participant_id=pid, limit=3,
+                             offset=offset) for offset in (0, 3)]
+    assert pages == [whole[:3], whole[3:]]
+    assert list_deviations(trialog, scope=EVERY_SITE, participant_id=pid, offset=4) == []
+
+
+def test_visits_due_are_read_in_pages_that_neither_repeat_nor_skip_a_visit(trialog):
+    today = datetime.now(UTC).date()
+    for _ in range(2):  # registered a week ago: their visits are all still ahead
+        pid = new_participant_id()
+        send(trialog, c.ScreenParticipant(pid, screening("CASE")))
+        send(trialog, c.RecordConsent(pid, consent(today - timedelta(days=7))))
+        send(trialog, c.RandomizeParticipant(pid, {"registered_on": today - timedelta(days=7)}))
+    TrialProjection(trialog).catch_up()
+    whole = visits_due(trialog, 3660, scope=EVERY_SITE)
+    assert sum(v["participant_id"] == pid for v in whole) >= 3  # the last one's, at least
+    pages = [visits_due(trialog, 3660, scope=EVERY_SITE, limit=3, offset=offset)
+             for offset in range(0, len(whole), 3)]
+    assert [visit for page in pages for visit in page] == whole
+    assert all(len(page) == 3 for page in pages[:-1])
