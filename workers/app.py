@@ -15,7 +15,7 @@ import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_shutdown
+from celery.signals import celeryd_init, import_modules, worker_process_shutdown
 
 from infrastructure.store.settings import Settings, SettingsError, check_secrets, redis_url
 
@@ -55,7 +55,7 @@ def beat_schedule_file() -> str:
 def make_app(settings: Settings | None = None) -> Celery:
     """The app; without ``settings`` they are read from the environment when a task first
     needs them, so that importing this module (as `celery -A` does) writes nothing."""
-    broker = settings.redis_url if settings else redis_url()
+    broker = settings.redis_url if settings else redis_url(checked=False)
     app = Celery("trialog", broker=broker, include=["workers.tasks"])
     app.conf.update(
         task_acks_late=True,
@@ -101,14 +101,16 @@ def trialog(celery_app: Celery | None = None) -> Any:
     return _trialog[key]
 
 
-@worker_init.connect
-@beat_init.connect
+@celeryd_init.connect
+@import_modules.connect  # beat: before it prints its banner, which reads the URL
 def _check_settings(**_: Any) -> None:
-    """A worker or beat without the secrets its database needs stops at once, in one line
-    (not at its first task)."""
+    """A worker or beat without the secrets its database needs, or with a broker's URL
+    its transport can't read, stops at once, in one line (not at its first task, or
+    retrying for ever)."""
     if app.conf.trialog_settings is not None:
         return
     try:
+        redis_url()
         check_secrets()
     except SettingsError as e:
         print(f"trialog: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Callable, Mapping
@@ -77,11 +78,38 @@ class Settings:
         )
 
 
-def redis_url(env: Mapping[str, str] | None = None) -> str:
+def redis_url(env: Mapping[str, str] | None = None, *, checked: bool = True) -> str:
     """The broker's URL alone: reading it writes nothing (unlike a full ``from_env`` on the
-    SQLite default, which creates the secret files)."""
+    SQLite default, which creates the secret files). Checked as the broker's transport
+    reads it, unless ``checked`` is false (the worker's module, at import: a worker checks
+    it as it starts, in one line)."""
     env = os.environ if env is None else env
-    return env.get("TRIALOG_REDIS_URL") or DEFAULT_REDIS_URL
+    url = env.get("TRIALOG_REDIS_URL") or DEFAULT_REDIS_URL
+    if checked:
+        _check_redis_url(url)
+    return url
+
+
+def _check_redis_url(url: str) -> None:
+    """redis://, rediss:// or sentinel:// with a host, a port from 1 to 65535 and a
+    database number; redis+socket:// or unix:// with a path. Anything else made a worker
+    retry for ever (``localhost:6379``) or stop with a traceback."""
+    why = ("must be redis://HOST[:PORT][/DB] (or rediss://, sentinel://), or "
+           "redis+socket:///PATH")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise SettingsError(f"TRIALOG_REDIS_URL: {why}") from None
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise SettingsError(f"TRIALOG_REDIS_URL: {why}")
+    if parts.scheme in ("redis+socket", "unix"):
+        if not parts.path.strip("/"):
+            raise SettingsError(f"TRIALOG_REDIS_URL: {why}")
+        return
+    if parts.scheme not in ("redis", "rediss", "sentinel") or not parts.hostname \
+            or port == 0 or not re.fullmatch(r"(/[0-9]{0,5})?", parts.path):
+        raise SettingsError(f"TRIALOG_REDIS_URL: {why}")
 
 
 def database_url(env: Mapping[str, str]) -> str:

@@ -449,6 +449,8 @@ def test_settings_and_arguments_that_cant_work_are_one_line_naming_them(tmp_path
              "TRIALOG_SMTP_URL"),
             (["reminders", "scan"], {**sqlite, "TRIALOG_SMTP_URL": "http://x"},
              "TRIALOG_SMTP_URL"),
+            (["reminders", "scan"], {**sqlite, "TRIALOG_REDIS_URL": "localhost:6379"},
+             "TRIALOG_REDIS_URL"),
             (["projections", "rebuild", "--batch-size", "0"], sqlite, "--batch-size"),
             (["serve", "--port", "99999"], sqlite, "--port"),
             (["serve", "--workers", "-2"], sqlite, "--workers"),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from tests.databases import SHARED_URL
 from tests.integration.test_cli import ROOT, TEST_KEY, run
 from workers.app import beat_schedule_file
@@ -61,6 +63,20 @@ def test_a_worker_without_its_secrets_stops_at_start_naming_them(tmp_path):
                   TRIALOG_DATABASE_URL=SHARED_URL)
     assert isinstance(done, subprocess.CompletedProcess) and done.returncode == 1
     assert "TRIALOG_ALLOCATION_SEED" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("program", ["worker", "beat"])
+@pytest.mark.parametrize("url", ["localhost:6379", "redis://127.0.0.1:99999/0",
+                                 "redis://127.0.0.1:6379/zero", "http://127.0.0.1:6379/0"])
+def test_a_worker_or_beat_with_a_broker_url_it_cant_read_stops_at_start_naming_it(
+        tmp_path, program, url):
+    """``localhost:6379`` made a worker retry for ever; the others stopped with a
+    traceback."""
+    done = celery([program], tmp_path, 60, TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}",
+                  TRIALOG_REDIS_URL=url, TRIALOG_BEAT_SCHEDULE=str(tmp_path / "schedule"))
+    assert isinstance(done, subprocess.CompletedProcess) and done.returncode == 1
+    assert "TRIALOG_REDIS_URL: must be redis://" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_beat_keeps_its_schedule_outside_the_working_folder(tmp_path):
