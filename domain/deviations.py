@@ -200,7 +200,7 @@ def poor_adherence(p: Participant, protocol: Protocol, today: date) -> Iterator[
     treatment = protocol.visit(protocol.treatment_ends_at) or protocol.visits[-1]
     end = min(today - timedelta(days=1),
               p.registered_on + timedelta(days=treatment.target_day),
-              p.withdrawn_on("treatment") or date.max)
+              p.withdrawn_on("treatment") or date.max, p.withdrawn_on("study") or date.max)
     expected = (end - p.registered_on).days + 1
     if expected < protocol.deviations.adherence_min_expected_doses:
         return

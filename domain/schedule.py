@@ -4,10 +4,21 @@ the days its reminders are due."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from uuid import UUID, uuid5
 
 from domain.protocol import Protocol, ReminderOffset, Visit
+
+# The date furthest behind UTC anywhere (Baker Island's, UTC-12).
+EARLIEST_ZONE = timedelta(hours=12)
+
+
+def ended_everywhere(now: datetime) -> date:
+    """The earliest date anywhere at ``now`` (UTC-12): every day before it has ended at
+    every site, wherever it is. A window that closed before it closed for every site; the
+    clock's rules (a visit missed, doses missed) judge by it, never by the UTC date, which
+    would close a window while a site west of UTC is still in its last day."""
+    return (now.astimezone(UTC) - EARLIEST_ZONE).date()
 
 
 @dataclass(frozen=True)

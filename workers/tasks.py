@@ -63,7 +63,7 @@ def follow_deviations(self: Any) -> int:
 def scan_deviations(self: Any) -> dict[str, int]:
     """Runs the clock-driven rules (missed visits, poor adherence)."""
     t = _app(self)
-    return monitor.scan_clock(t, t.today())
+    return monitor.scan_clock(t, t.ended_everywhere())
 
 
 @shared_task(bind=True)

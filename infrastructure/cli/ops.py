@@ -264,7 +264,7 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
     try:
         TrialProjection(trialog).catch_up()
         events = monitor.DeviationMonitor(trialog).catch_up()
-        counts = monitor.scan_clock(trialog, trialog.today())
+        counts = monitor.scan_clock(trialog, trialog.ended_everywhere())
     finally:
         trialog.close()
     scanned = ("the database is locked: no participant scanned" if counts.get(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
 from domain import commands as c
@@ -16,7 +16,7 @@ from infrastructure.readside.projections import LogFollower
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import is_unavailable
-from infrastructure.store.tables import participants
+from infrastructure.store.tables import participants, visits
 
 ACTOR = "deviation-monitor"
 SCAN = "deviation_scan"  # the clock-driven rules' quarantine, apart from the follower's
@@ -59,17 +59,24 @@ class DeviationMonitor(LogFollower):
 
 
 def scan_clock(t: Trialog, today: date) -> dict[str, int]:
-    """The clock-driven rules over every participant still in the study: a closed window
-    with no visit is recorded as missed and flagged; poor adherence is flagged. None while
-    the database is locked: the record is frozen for analysis, and what the clock finds
-    then is found once it is unlocked."""
+    """The clock-driven rules over every participant still in the study, and every one who
+    left it or completed it with a window closed and neither done nor marked missed (one
+    that closed before a withdrawal, or skipped before the last visit): a closed window
+    with no visit is recorded as missed and flagged; poor adherence is flagged. ``today``
+    is the earliest date anywhere (``Trialog.ended_everywhere``). None while the database
+    is locked: the record is frozen for analysis, and what the clock finds then is found
+    once it is unlocked."""
     counts = {"participants": 0, "missed": 0, "flagged": 0, "quarantined": 0}
     database = t.service.database()
     if database is not None and database.locked:
         return {**counts, "database_locked": True}
+    unmarked = exists().where(visits.c.participant_id == participants.c.participant_id,
+                              visits.c.window_end < today, visits.c.completed_on.is_(None),
+                              visits.c.missed.is_(False))
     with t.engine.connect() as connection:
-        ids = list(connection.execute(select(participants.c.participant_id).where(
-            participants.c.status.in_(("randomized", "off_treatment")))).scalars())
+        ids = list(connection.execute(select(participants.c.participant_id).where(or_(
+            participants.c.status.in_(("randomized", "off_treatment")),
+            participants.c.status.in_(("withdrawn", "completed")) & unmarked))).scalars())
     counts["participants"] = len(ids)
     with t.engine.connect() as connection:
         held = quarantined_ids(connection, SCAN)

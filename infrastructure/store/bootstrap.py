@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from domain.errors import ProtocolError
 from domain.protocol import Protocol, protocol_from_mapping
+from domain.schedule import ended_everywhere
 from domain.service import TrialService
 from infrastructure.store import migrations
 from infrastructure.store.bus import CommandBus, utc_now
@@ -56,6 +57,11 @@ class Trialog:
 
     def today(self) -> date:
         return self.bus.clock().date()
+
+    def ended_everywhere(self) -> date:
+        """The earliest date anywhere: the day the clock's rules judge by (see
+        ``domain.schedule.ended_everywhere``)."""
+        return ended_everywhere(self.bus.clock())
 
     @property
     def engine(self) -> Engine:

@@ -195,6 +195,28 @@ def test_poor_adherence_fires_past_the_missed_dose_threshold():
     assert "poor_adherence" not in codes(q, today=day(30))
 
 
+def test_poor_adherence_counts_no_dose_after_a_withdrawal_from_the_study():
+    """Thirty days of doses, then the study withdrawal: the days after it are not missed
+    doses (the scan now looks at participants who left the study)."""
+    p = randomized()
+    for n in range(30):
+        dose(p, n)
+    p.withdraw({"withdrawn_on": day(29), "scope": "study", "reason_code": "moved"}, audit())
+    assert "poor_adherence" not in codes(p, today=day(80))
+
+
+def test_the_clock_judges_by_the_day_that_has_ended_everywhere():
+    """At 01:30 UTC on the 23rd it is still the 22nd in Cleveland (and until 12:00 UTC on
+    Baker Island): a window ending on the 22nd has not closed everywhere yet."""
+    from datetime import UTC
+
+    from domain.schedule import ended_everywhere
+
+    assert ended_everywhere(datetime(2026, 4, 23, 1, 30, tzinfo=UTC)) == date(2026, 4, 22)
+    assert ended_everywhere(datetime(2026, 4, 23, 11, 59, tzinfo=UTC)) == date(2026, 4, 22)
+    assert ended_everywhere(datetime(2026, 4, 23, 12, 0, tzinfo=UTC)) == date(2026, 4, 23)
+
+
 def test_poor_adherence_waits_for_enough_expected_doses():
     p = randomized()
     assert "poor_adherence" not in codes(p, today=day(10))
