@@ -199,7 +199,7 @@ class Participant(DataManagement, ChainedAggregate):
             aggregate.consent_record = self.originator_version
             if aggregate.first_consent_record is None:
                 aggregate.first_consent_record = self.originator_version
-            if aggregate.status == "screened":
+            if aggregate.status in ("screened", "screen_failed"):  # see record_consent
                 aggregate.status = "consented"
 
     class ParticipantRandomized(Capture):
@@ -536,10 +536,17 @@ class Participant(DataManagement, ChainedAggregate):
                        protocol: Protocol | None = None) -> None:
         """Records a consent. A first consent enrols: the screening must be eligible as it
         stands, a corrected one evaluated again by ``protocol`` (the service gives it; a
-        re-consent after an amendment is recorded whatever the screening shows)."""
+        re-consent after an amendment is recorded whatever the screening shows). A screen
+        failure whose screening a correction made eligible is consented as a screening
+        found eligible is (the correction says the failure was an error of entry)."""
         self.require_unlocked()
-        self._refuse_screen_failure("consented")
-        self._require_status("record consent", "screened", "consented", *ACTIVE, "completed")
+        corrected_eligible = (self.status == "screen_failed" and protocol is not None
+                              and self.screening_record in self.corrected
+                              and self.eligibility_now(protocol)[0])
+        if not corrected_eligible:
+            self._refuse_screen_failure("consented", protocol)
+        self._require_status("record consent", "screened", "consented", *ACTIVE, "completed",
+                             *(("screen_failed",) if corrected_eligible else ()))
         if self.status == "screened" and protocol is not None:
             self._require_eligible_now(protocol)
         _require_dated(data, audit)
@@ -783,11 +790,15 @@ class Participant(DataManagement, ChainedAggregate):
                 f"{', '.join(failed)}: can't be consented", failed_criteria=failed,
             )
 
-    def _refuse_screen_failure(self, what: str) -> None:
+    def _refuse_screen_failure(self, what: str, protocol: Protocol | None = None) -> None:
+        """A screen failure is refused, naming the criteria the screening fails as it
+        stands (as corrected, when ``protocol`` is given), or else as screened."""
         if self.status == "screen_failed":
+            failed = (self.eligibility_now(protocol)[1] if protocol is not None
+                      else list(self.failed_criteria))
             raise NotEligible(
-                f"participant {self.participant_id} failed screening and can't be {what}",
-                failed_criteria=list(self.failed_criteria),
+                f"participant {self.participant_id} failed screening ({', '.join(failed)}) "
+                f"and can't be {what}", failed_criteria=failed,
             )
 
     def _require_status(self, action: str, *allowed: str) -> None:

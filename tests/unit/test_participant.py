@@ -421,6 +421,32 @@ def test_a_correction_that_makes_a_consented_participant_ineligible_refuses_rand
     assert "non_metastatic" in refused.value.details["failed_criteria"]
 
 
+def test_a_screen_failure_a_correction_makes_eligible_is_consented_and_randomized():
+    """Stage typed IV, corrected to II: the record is eligible, and the consent that the
+    stale screen failure refused (quoting `stage`) enrols the participant."""
+    from domain.views import participant_state
+
+    p = screened(stage="IV")
+    assert p.status == "screen_failed"
+    p.correct_data({"event_id": p.screening_event, "field": "eligibility.stage",
+                    "value": "II"}, audit(reason="transcription error"))
+    assert participant_state(p, PROTOCOL, REGISTERED)["eligible"] is True
+    p.record_consent(consent(), audit(), PROTOCOL)
+    assert p.status == "consented"
+    randomize(p)
+    assert p.status == "randomized"
+
+
+def test_a_screen_failure_still_failing_as_corrected_is_refused_naming_what_it_fails():
+    p = screened(stage="IV", zubrod=3)
+    p.correct_data({"event_id": p.screening_event, "field": "eligibility.stage",
+                    "value": "II"}, audit(reason="transcription error"))
+    with pytest.raises(NotEligible) as refused:
+        p.record_consent(consent(), audit(), PROTOCOL)
+    assert refused.value.details["failed_criteria"] == ["zubrod"]
+    assert "(zubrod)" in str(refused.value) and p.status == "screen_failed"
+
+
 def test_an_uncorrected_record_keeps_the_outcome_recorded_at_screening():
     p = screened()
     assert p.eligibility_now(PROTOCOL) == (True, [])
