@@ -580,10 +580,7 @@ class Participant(DataManagement, ChainedAggregate):
 
     def record_blood_sample(self, data: Mapping[str, Any], protocol: Protocol,
                             audit: Audit) -> None:
-        action = "record a blood sample"
-        self._require_status(action, "consented", *ACTIVE, "completed",
-                             *self._left_after(self.first_consent_record))
-        self._require_before_leaving(action, data["collected_at"].date())
+        self._require_status("record a blood sample", "consented", *ACTIVE, "completed")
         _require_visit(protocol, data["timepoint"], "data.timepoint")
         self.require_unlocked(data["timepoint"])  # the sample belongs to its visit
         _require_dated(data, audit)
@@ -592,8 +589,7 @@ class Participant(DataManagement, ChainedAggregate):
 
     def record_dose(self, data: Mapping[str, Any], audit: Audit) -> None:
         self.require_unlocked()
-        self._require_status("record a dose", *ACTIVE, "completed",
-                             *self._left_after(self.registration_record))
+        self._require_status("record a dose", *ACTIVE, "completed")
         taken_on: date = data["taken_on"]
         _require_dated(data, audit)
         self._require_no_dose_after_withdrawal(taken_on)
@@ -602,11 +598,8 @@ class Participant(DataManagement, ChainedAggregate):
 
     def complete_visit(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit) -> None:
         """Records a visit's data; once the last visit has completed the study, an earlier
-        one is still recorded (a form entered late), as doses and samples are, and so is
-        one held on or before a withdrawal from the study."""
-        self._require_status("complete a visit", *ACTIVE, "completed",
-                             *self._left_after(self.registration_record))
-        self._require_before_leaving("complete a visit", data["completed_on"])
+        one is still recorded (a form entered late), as doses and samples are."""
+        self._require_status("complete a visit", *ACTIVE, "completed")
         code = data["visit"]
         _require_visit(protocol, code, "data.visit")
         self.require_unlocked(code)
@@ -759,20 +752,6 @@ class Participant(DataManagement, ChainedAggregate):
             if stopped is not None and day > stopped:
                 raise InvalidTransition(
                     f"a dose on {day} is after the {scope} withdrawal on {stopped}")
-
-    def _left_after(self, step: int | None) -> tuple[str, ...]:
-        """``withdrawn`` when the participant left the study after the step's record (a
-        consent, a registration), so that data dated before it can still be entered."""
-        return ("withdrawn",) if step is not None and self.status == "withdrawn" else ()
-
-    def _require_before_leaving(self, action: str, day: date) -> None:
-        """After a withdrawal from the study, data dated on or before it is recorded (a
-        form entered late); none dated after it."""
-        left = self.withdrawn_on("study") if self.status == "withdrawn" else None
-        if left is not None and day > left:
-            raise InvalidTransition(
-                f"can't {action} for participant {self.participant_id} dated {day}: "
-                f"after its withdrawal from the study on {left}")
 
     def _require_no_dose_on(self, day: date) -> None:
         """One dose record per day."""
