@@ -26,6 +26,7 @@ from domain.errors import InvalidTransition, NotEligible, ValidationFailed
 from domain.management import QUERY_TRANSITIONS, DataManagement, visit_key
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence
+from domain.schedule import schedule
 from domain.scoring import visit_scores
 
 # Fields that key other state (the randomization stratum, the withdrawal scope, the visit)
@@ -287,6 +288,16 @@ class Participant(DataManagement, ChainedAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.missed_visits.append(self.visit)
+
+    class VisitMissedRetracted(Event):
+        """A visit marked missed is missed no longer: a correction of the registration
+        date moved its window, which has not closed yet (``cause`` says so)."""
+
+        visit: str
+        cause: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.missed_visits.remove(self.visit)
 
     class QueryRaised(Event):
         query_id: str
@@ -696,6 +707,20 @@ class Participant(DataManagement, ChainedAggregate):
         self.trigger_event(self.ReminderSent, visit=visit, kind=kind,
                            recipients=list(recipients), **audit.event_fields())
         return True
+
+    def retract_open_misses(self, protocol: Protocol, today: date, audit: Audit) -> None:
+        """After a correction of the registration date: each visit marked missed whose
+        window, as the record now schedules it, has not closed by ``today`` (the day ended
+        everywhere) is missed no longer; the clock marks it again if it closes unvisited."""
+        if self.registered_on is None:
+            return
+        ends = {v.code: v.window_end for v in schedule(protocol, self.registered_on)}
+        for visit in list(self.missed_visits):
+            if visit in ends and ends[visit] >= today:
+                self.trigger_event(
+                    self.VisitMissedRetracted, visit=visit,
+                    cause=f"registration date corrected to {self.registered_on}: the "
+                          f"window now ends on {ends[visit]}", **audit.event_fields())
 
     def record_visit_missed(self, visit: str, audit: Audit) -> bool:
         if visit in self.missed_visits or visit in self.completed_visits():

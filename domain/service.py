@@ -35,6 +35,7 @@ from domain.participant import (
 )
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
+from domain.schedule import ended_everywhere
 from domain.trial import TrialDatabase, trial_uuid
 from domain.views import visits_view
 
@@ -346,6 +347,9 @@ class TrialService(Application[Any]):
 
     def correct_data(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         participant.correct_data(cmd.data, audit, self.correction_rule)
+        if cmd.data["field"] == "registered_on":  # the schedule moved with it
+            participant.retract_open_misses(self.protocol,
+                                            ended_everywhere(audit.recorded_at), audit)
         return (participant,)
 
     def resolve_deviation(self, participant: Participant, cmd: Command,

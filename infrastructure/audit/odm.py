@@ -398,6 +398,7 @@ class _Subject:
         self.queries: dict[str, tuple[Place, int]] = {}  # query id -> place, steps so far
         self.verified: set[str] = set()  # visit study events verified and not changed since
         self.moved: dict[str, str] = {}  # a blood sample's event id -> the visit it moved to
+        self.missed: dict[str, int] = {}  # a visit -> the version of its VISIT_MISSED form
         self.key = masker.pseudonym(self.participant_id) if masker else self.participant_id
         self.out = [(f"<SubjectData{_attr('SubjectKey', self.key)} TransactionType=\"Insert\">"
                     f"<SiteRef{_attr('LocationOID', self.site)}/>")]
@@ -471,10 +472,15 @@ class _Subject:
         if kind in MANAGEMENT_STEPS or isinstance(event, Participant.QueryEvent):
             getattr(self, MANAGEMENT_STEPS.get(kind, "_query"))(event)
             return
+        if kind == "VisitMissedRetracted":
+            self._retracted(event)
+            return
         form = FORMS.get(kind)
         if form is None:
             return
         study_event = self._study_event(form, event)
+        if kind == "VisitMissed":
+            self.missed[event.visit] = event.originator_version
         values: list[tuple[str, Any]] = []
         if form.command:
             self.forms[event_uuid(event.originator_id, event.originator_version)] = (
@@ -497,6 +503,17 @@ class _Subject:
             f"<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
             f"TransactionType=\"Insert\">{''.join(items)}</ItemGroupData></FormData>"
             f"</StudyEventData>")
+
+    def _retracted(self, event: Any) -> None:
+        """A missed mark retracted: its VISIT_MISSED form removed, with why."""
+        version = self.missed.pop(event.visit, None)
+        if version is None:
+            return
+        self.out.append(
+            f"<StudyEventData{_attr('StudyEventOID', visit_study_event(event.visit))} "
+            f"TransactionType=\"Context\"><FormData{_attr('FormOID', FORMS['VisitMissed'].oid)}"
+            f"{_attr('FormRepeatKey', version)} TransactionType=\"Remove\">"
+            f"{self._audit(event, event.cause)}</FormData></StudyEventData>")
 
     def _correction(self, event: Any) -> None:
         place = self.forms.get(event.target_event_id)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
 from domain.participant import Participant, participant_uuid
+from domain.schedule import schedule
 from infrastructure.readside.projections import LogFollower
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
@@ -22,7 +23,8 @@ ACTOR = "deviation-monitor"
 SCAN = "deviation_scan"  # the clock-driven rules' quarantine, apart from the follower's
 EVENT_DRIVEN = tuple(code for code in RULES if code not in CLOCK_DRIVEN)
 # Events the monitor writes or that can't change what a rule decides.
-QUIET = frozenset({"DeviationFlagged", "DeviationResolved", "ReminderSent", "VisitMissed"})
+QUIET = frozenset({"DeviationFlagged", "DeviationResolved", "ReminderSent", "VisitMissed",
+                   "VisitMissedRetracted"})
 
 
 def flag(t: Trialog, participant: Participant, today: date,
@@ -99,11 +101,21 @@ def scan_clock(t: Trialog, today: date) -> dict[str, int]:
 
 def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, int]) -> None:
     participant = t.service.get_participant(participant_id)
-    missed = detect(participant, t.protocol, today, ("visit_missed",))
+    # The visits to mark missed: not those marked (a deviation is flagged once, but a mark
+    # retracted when the registration date moved is made again if the new window closes).
+    missed = [finding for finding in RULES["visit_missed"](participant, t.protocol, today)
+              if finding.key not in participant.missed_visits]
+    # A mark is one window's: once retracted (the registration date corrected), the visit's
+    # new window that closes unvisited is marked again, by a command of its own. (A visit
+    # is found missed only once the participant is registered.)
+    registered_on = participant.registered_on
+    ends = ({v.code: v.window_end for v in schedule(t.protocol, registered_on)}
+            if missed and registered_on is not None else {})
     for finding in missed:
         t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
                        command_id=t.derived_command_id("missed", str(participant.id),
-                                                       finding.key),
+                                                       finding.key,
+                                                       ends[finding.key].isoformat()),
                        actor=ACTOR)
     if missed:
         counts["missed"] += len(missed)

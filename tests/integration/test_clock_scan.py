@@ -68,3 +68,76 @@ def test_the_scans_day_is_the_one_ended_everywhere_not_the_utc_date(isolated):
     isolated.bus.clock = lambda: at + timedelta(hours=11)  # 12:30 UTC: the 49th has ended
     scan_clock(isolated, isolated.ended_everywhere())
     assert isolated.service.get_participant(pid).missed_visits == ["week6"]
+
+
+def test_a_miss_the_corrected_registration_date_voids_is_retracted_and_marked_again(isolated):
+    """Registration typed 03-04 for 03-14: the scan on day 50 marks week 6 missed (its
+    window then ended on day 49); the correction moves the window to days 45-59, open that
+    day. The mark stayed, the visit showed missed and its reminders stopped. Now the mark is
+    retracted by an event saying why; the scan marks the visit again once its new window
+    closes unvisited, and the ODM export removes the retracted mark's form."""
+    from datetime import UTC, datetime
+
+    from lxml import etree
+
+    from domain.views import participant_state
+    from infrastructure.audit.history import history
+    from infrastructure.audit.odm import odm_document
+    from tests.integration.test_exports import ODM_XSD
+
+    def at(n: int):
+        moment = datetime.combine(day(n), datetime.min.time(), UTC) + timedelta(hours=12)
+        isolated.bus.clock = lambda: moment
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    at(50)
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    participant = isolated.service.get_participant(pid)
+    assert participant.missed_visits == ["week6"]
+
+    send(isolated, c.CorrectData(pid, {"event_id": participant.registration_event,
+                                       "field": "registered_on", "value": day(10).isoformat()}),
+         reason="registration date mistyped")
+    participant = isolated.service.get_participant(pid)
+    assert participant.missed_visits == []
+    state = participant_state(participant, isolated.protocol, day(50))
+    assert {v["code"]: v["status"] for v in state["visits"]}["week6"] == "open"
+    entries = history(isolated.service, pid, veil=str)
+    assert [e["type"] for e in entries[-2:]] == ["DataCorrected", "VisitMissedRetracted"]
+    assert entries[-1]["data"] == {
+        "visit": "week6",
+        "cause": f"registration date corrected to {day(10)}: the window now ends on {day(59)}"}
+
+    at(60)  # the new window ended on day 59, unvisited
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    assert isolated.service.get_participant(pid).missed_visits == ["week6"]
+
+    root = etree.fromstring("".join(odm_document(isolated)).encode())
+    assert etree.XMLSchema(etree.parse(str(ODM_XSD))).validate(root)
+    ns = {"odm": "http://www.cdisc.org/ns/odm/v1.3"}
+    subject = root.find(f".//odm:SubjectData[@SubjectKey='{pid}']", ns)
+    marks = [(f.get("TransactionType"), f.get("FormRepeatKey"))
+             for f in subject.iterfind(".//odm:FormData[@FormOID='F.VISIT_MISSED']", ns)]
+    assert [kind for kind, _ in marks] == ["Insert", "Remove", "Insert"]
+    assert marks[0][1] == marks[1][1] != marks[2][1]  # the first mark's form removed
+
+
+def test_a_miss_the_corrected_registration_date_keeps_closed_stays(isolated):
+    """Registration corrected to an earlier day: week 6 closed even sooner; the mark
+    holds."""
+    from datetime import UTC, datetime
+
+    pid = enrol(isolated)
+    moment = datetime.combine(day(50), datetime.min.time(), UTC) + timedelta(hours=12)
+    isolated.bus.clock = lambda: moment
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    participant = isolated.service.get_participant(pid)
+    assert "week6" in participant.missed_visits
+    send(isolated, c.CorrectData(pid, {"event_id": participant.registration_event,
+                                       "field": "registered_on", "value": day(-1).isoformat()}),
+         reason="registration date mistyped")
+    assert "week6" in isolated.service.get_participant(pid).missed_visits
