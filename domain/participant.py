@@ -195,6 +195,19 @@ class Participant(DataManagement, ChainedAggregate):
         def absorb(self, aggregate: Any) -> None:
             Participant.ParticipantScreened.absorb(self, aggregate)  # type: ignore[arg-type]
 
+    class ScreeningReassessed(Event):
+        """The screening's outcome as a correction of its data left it: eligible or not,
+        and the criteria it fails. Before a consent the status follows it (a screen failure
+        corrected to eligible is screened, and the other way round)."""
+
+        eligible: bool
+        failed_criteria: list[str]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.eligible = self.eligible
+            aggregate.failed_criteria = list(self.failed_criteria)
+            aggregate.status = "screened" if self.eligible else "screen_failed"
+
     class ConsentRecorded(Capture):
         def absorb(self, aggregate: Any) -> None:
             aggregate.consent_record = self.originator_version
@@ -529,7 +542,11 @@ class Participant(DataManagement, ChainedAggregate):
 
     def rescreen(self, data: Mapping[str, Any], protocol: Protocol, audit: Audit) -> None:
         self.require_unlocked()
-        if self.status != "screen_failed":
+        # A screening a correction made ineligible before this code recorded its outcome
+        # again (ScreeningReassessed) is a screen failure too.
+        failed_as_corrected = (self.status == "screened"
+                               and not self.eligibility_now(protocol)[0])
+        if self.status != "screen_failed" and not failed_as_corrected:
             raise InvalidTransition(
                 f"participant {self.participant_id} is already screened (status {self.status}); "
                 "a rescreen is accepted only after a screen failure"
@@ -549,7 +566,8 @@ class Participant(DataManagement, ChainedAggregate):
         stands, a corrected one evaluated again by ``protocol`` (the service gives it; a
         re-consent after an amendment is recorded whatever the screening shows). A screen
         failure whose screening a correction made eligible is consented as a screening
-        found eligible is (the correction says the failure was an error of entry)."""
+        found eligible is (the correction says the failure was an error of entry): its
+        status says so since ScreeningReassessed, not on a record corrected before."""
         self.require_unlocked()
         corrected_eligible = (self.status == "screen_failed" and protocol is not None
                               and self.screening_record in self.corrected
@@ -707,6 +725,16 @@ class Participant(DataManagement, ChainedAggregate):
         self.trigger_event(self.ReminderSent, visit=visit, kind=kind,
                            recipients=list(recipients), **audit.event_fields())
         return True
+
+    def reassess_screening(self, protocol: Protocol, audit: Audit) -> None:
+        """After a correction of the screening's data, before a consent: its outcome
+        evaluated again, recorded when it changed (the status follows it)."""
+        if self.status not in ("screened", "screen_failed"):
+            return
+        eligible, failed = self.eligibility_now(protocol)
+        if eligible != self.eligible or failed != self.failed_criteria:
+            self.trigger_event(self.ScreeningReassessed, eligible=eligible,
+                               failed_criteria=failed, **audit.event_fields())
 
     def retract_open_misses(self, protocol: Protocol, today: date, audit: Audit) -> None:
         """After a correction of the registration date: each visit marked missed whose

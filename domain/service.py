@@ -347,6 +347,8 @@ class TrialService(Application[Any]):
 
     def correct_data(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         participant.correct_data(cmd.data, audit, self.correction_rule)
+        if participant.version_of(cmd.data["event_id"]) == participant.screening_record:
+            participant.reassess_screening(self.protocol, audit)
         if cmd.data["field"] == "registered_on":  # the schedule moved with it
             participant.retract_open_misses(self.protocol,
                                             ended_everywhere(audit.recorded_at), audit)

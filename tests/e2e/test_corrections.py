@@ -114,3 +114,40 @@ def test_null_takes_back_an_optional_answer_and_the_scores_follow(server):
     assert whole.status_code == 201, whole.text
     scores = coordinator.get(f"/v1/participants/{pid}").json()["scores"]["baseline"]
     assert scores["bpi_severity"] is None and scores["bpi_interference"] is None
+
+
+def test_a_screen_failure_corrected_to_eligible_is_screened_and_consented(server):
+    """Stage typed IV, corrected to II: it stayed `screen_failed` while its state said
+    eligible, and its consent was refused naming `stage`, the criterion corrected."""
+    coordinator = server.client("coordinator")
+    pid = p.participant_id()
+    screening = capture(coordinator, pid, "ScreenParticipant", p.screening(stage="IV"))
+    fixed = correct(coordinator, pid, screening, "eligibility.stage", "II")
+    assert fixed.status_code == 201, fixed.text
+    assert [e["type"] for e in fixed.json()["events"]] == ["DataCorrected",
+                                                           "ScreeningReassessed"]
+    state = coordinator.get(f"/v1/participants/{pid}", after=fixed.json()["position"]).json()
+    assert (state["status"], state["eligible"], state["failed_criteria"]) == (
+        "screened", True, [])
+    listed = coordinator.get("/v1/participants", status="screen_failed", limit=10000)
+    assert pid not in listed.text
+    assert coordinator.command("RecordConsent", pid, p.CONSENT).status_code == 201
+
+
+def test_a_screening_corrected_to_ineligible_is_a_screen_failure_that_can_be_rescreened(
+        server):
+    """Metastatic found on a staging report before consent: the participant was left
+    `screened`, its consent refused and its rescreen refused too (`already screened`)."""
+    coordinator = server.client("coordinator")
+    pid = p.participant_id()
+    screening = capture(coordinator, pid, "ScreenParticipant", p.screening())
+    fixed = correct(coordinator, pid, screening, "eligibility.metastatic", True)
+    assert fixed.status_code == 201, fixed.text
+    state = coordinator.get(f"/v1/participants/{pid}", after=fixed.json()["position"]).json()
+    assert (state["status"], state["failed_criteria"]) == ("screen_failed", ["non_metastatic"])
+    refused = coordinator.command("RecordConsent", pid, p.CONSENT)
+    assert (refused.status_code, refused.json()["error"]) == (409, "not_eligible")
+    assert refused.json()["failed_criteria"] == ["non_metastatic"]
+    again = coordinator.command("ScreenParticipant", pid, p.screening())
+    assert again.status_code == 201, again.text
+    assert coordinator.command("RecordConsent", pid, p.CONSENT).status_code == 201

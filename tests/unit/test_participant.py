@@ -651,4 +651,5 @@ def test_a_screening_corrected_to_ineligible_refuses_consent():
     with pytest.raises(NotEligible) as refused:
         service.execute(c.RecordConsent("CASE-0001", consent()), audit())
     assert refused.value.details["failed_criteria"] == ["stage"]
-    assert service.get_participant("CASE-0001").status == "screened"
+    participant = service.get_participant("CASE-0001")
+    assert (participant.status, participant.failed_criteria) == ("screen_failed", ["stage"])
