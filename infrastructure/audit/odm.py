@@ -399,6 +399,7 @@ class _Subject:
         self.verified: set[str] = set()  # visit study events verified and not changed since
         self.moved: dict[str, str] = {}  # a blood sample's event id -> the visit it moved to
         self.missed: dict[str, int] = {}  # a visit -> the version of its VISIT_MISSED form
+        self.screening: int | None = None  # the version of the latest SCREENING form
         self.key = masker.pseudonym(self.participant_id) if masker else self.participant_id
         self.out = [(f"<SubjectData{_attr('SubjectKey', self.key)} TransactionType=\"Insert\">"
                     f"<SiteRef{_attr('LocationOID', self.site)}/>")]
@@ -475,12 +476,17 @@ class _Subject:
         if kind == "VisitMissedRetracted":
             self._retracted(event)
             return
+        if kind == "ScreeningReassessed":
+            self._reassessed(event)
+            return
         form = FORMS.get(kind)
         if form is None:
             return
         study_event = self._study_event(form, event)
         if kind == "VisitMissed":
             self.missed[event.visit] = event.originator_version
+        if form.key == SCREENING.key:
+            self.screening = event.originator_version
         values: list[tuple[str, Any]] = []
         if form.command:
             self.forms[event_uuid(event.originator_id, event.originator_version)] = (
@@ -503,6 +509,24 @@ class _Subject:
             f"<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
             f"TransactionType=\"Insert\">{''.join(items)}</ItemGroupData></FormData>"
             f"</StudyEventData>")
+
+    def _reassessed(self, event: Any) -> None:
+        """The screening's outcome recorded again after a correction: its SCREENING form's
+        two items updated."""
+        if self.screening is None:
+            return
+        items = "".join(
+            f"<ItemData{_attr('ItemOID', SCREENING.item_oid(name))}"
+            f"{_attr('Value', self._plain(name, getattr(event, name)))} "
+            f"TransactionType=\"Update\">"
+            f"{self._audit(event, event.reason)}</ItemData>"
+            for name, _ in SCREENING.attributes)
+        self.out.append(
+            f"<StudyEventData{_attr('StudyEventOID', SCREENING.study_event)} "
+            f"TransactionType=\"Context\"><FormData{_attr('FormOID', SCREENING.oid)}"
+            f"{_attr('FormRepeatKey', self.screening)} TransactionType=\"Context\">"
+            f"<ItemGroupData{_attr('ItemGroupOID', SCREENING.group_oid)} "
+            f"TransactionType=\"Context\">{items}</ItemGroupData></FormData></StudyEventData>")
 
     def _retracted(self, event: Any) -> None:
         """A missed mark retracted: its VISIT_MISSED form removed, with why."""

@@ -568,3 +568,22 @@ def test_the_csv_ends_with_each_visits_verification_and_signature(isolated, deid
         ("baseline", "verified", "true")}
     assert {(r["sdv"], r["signed"]) for r in rows if r["visit"] != "baseline"} == {
         ("not_verified", "false")}
+
+
+def test_the_odm_updates_the_screening_outcome_a_correction_changed(isolated, odm_schema):
+    """Stage typed IV, corrected to II: the SCREENING form said `eligible` false and
+    named `stage` for good."""
+    pid = new_participant_id()
+    send(isolated, c.ScreenParticipant(pid, screening(stage="IV")))
+    screened = isolated.service.get_participant(pid).screening_event
+    send(isolated, c.CorrectData(pid, {"event_id": screened, "field": "eligibility.stage",
+                                       "value": "II"}),
+         actor="data-manager", reason="transcription error")
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    subject = root.find(f".//odm:SubjectData[@SubjectKey='{pid}']", NS)
+    updates = {item.get("ItemOID"): item.get("Value") for item in subject.iterfind(
+        ".//odm:FormData[@FormOID='F.SCREENING']//odm:ItemData[@TransactionType='Update']",
+        NS)}
+    assert updates["I.SCREENING.eligible"] == "true"
+    assert updates["I.SCREENING.failed_criteria"] == "[]"
