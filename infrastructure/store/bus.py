@@ -288,8 +288,14 @@ class CommandBus:
             raise locked
         loaded, new = load_participants(self.service, session, {command.participant_id})
         with self.service.together(loaded, new):  # read in one query, not the library's two
-            decision = self.service.decide(command, audit, intent.expected_version,
-                                           intent.scope)
+            try:
+                decision = self.service.decide(command, audit, intent.expected_version,
+                                               intent.scope)
+            except DomainError:
+                again = self._recorded_meanwhile(session, command_id)
+                if again is None:
+                    raise
+                return self._replayed(session, intent, digest, again)
         answer = self.service.answer(decision)
         body = self._body(command_id, answer)
         # Written before the events: the event store's insert locks its table until
@@ -302,6 +308,15 @@ class CommandBus:
             # transaction ends), and this command is refused rather than land after it.
             self._refuse_if_database_locked(session)
         return Accepted(body, replayed=False)
+
+    def _recorded_meanwhile(self, session: Any, command_id: str) -> Any | None:
+        """The record of a command refused here that another process committed since its
+        record was looked for (a retry racing its first copy: on PostgreSQL each statement
+        sees what committed before it, so the participant read after the look-up can hold
+        that copy's events, which this one's rule then refuses). Its first answer is owed,
+        not the refusal."""
+        found = session.execute(self._record_and_lock, {"command_id": command_id}).one()
+        return found if found.fingerprint is not None else None
 
     def _replayed(self, session: Any, intent: Intent, digest: str, previous: Any) -> Accepted:
         """The same command_id again: the first answer, if it is the same command."""
@@ -401,6 +416,8 @@ class CommandBus:
                 bodies[index] = (body, events)
                 records.append(self._record(intent, digest, audit, body))
                 first[intent.command_id] = index
+            self._replay_recorded_meanwhile(session, intents, digests, outcomes, replayed,
+                                            set(previous))
             # Before the inserts: the event table's lock is held from the save to commit.
             self._find_positions(session, list(replayed.values()))
             if records:
@@ -422,6 +439,31 @@ class CommandBus:
                 body = bodies[first[intent.command_id]][0]
                 outcomes[index] = Accepted(dict(body), replayed=True)
         return [outcome for outcome in outcomes if outcome is not None]  # each is, now
+
+    def _replay_recorded_meanwhile(self, session: Any, intents: list[Intent],
+                                   digests: list[str], outcomes: list[Any],
+                                   replayed: dict[int, dict[str, Any]],
+                                   looked_up: set[str]) -> None:
+        """The commands of a group refused here whose record another process committed
+        since the group's records were looked up (see ``_recorded_meanwhile``): their first
+        answers instead."""
+        refused = {intents[i].command_id for i, outcome in enumerate(outcomes)
+                   if isinstance(outcome, DomainError)} - looked_up
+        if not refused:
+            return
+        found = {row.command_id: row
+                 for row in session.execute(self._previous, {"ids": list(refused)})}
+        for index, intent in enumerate(intents):
+            row = found.get(intent.command_id)
+            if row is None or not isinstance(outcomes[index], DomainError):
+                continue
+            try:
+                self._same_command(intent, digests[index], row.fingerprint)
+            except DomainError as error:
+                outcomes[index] = error
+                continue
+            outcomes[index] = None
+            replayed[index] = json.loads(row.response)
 
     def _refuse_if_database_locked(self, session: Any) -> None:
         locked = self._database_locked(session)

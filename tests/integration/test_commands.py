@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select, text
@@ -569,3 +571,70 @@ def test_a_batch_look_up_matches_whole_ids_only(trialog):
         assert connection.execute(query, {"ids": [command_id]}).scalars().all() == [
             command_id]
         assert connection.execute(query, {"ids": [command_id + "-longer"]}).all() == []
+
+
+@pytest.fixture
+def two_processes() -> Iterator[tuple[Any, Any]]:
+    """Two applications on the shared PostgreSQL database, as two API processes."""
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+    from tests.databases import SHARED_URL
+
+    first = bootstrap(settings_for(SHARED_URL), migrate=True)
+    second = bootstrap(settings_for(SHARED_URL))
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_retry_racing_its_first_copy_answers_the_first_answer_not_a_refusal(
+        two_processes, monkeypatch, grouped):
+    """A retry looks for its command's record, finds none, and reads the participant after
+    the first copy committed (in another process): the rule then refuses it (a stale
+    expected version, a dose already recorded). It answered that refusal (409), where the
+    first answer is owed. Alone and in a group (a batch, an import)."""
+    import infrastructure.store.bus as bus_module
+
+    first, retry = two_processes
+    pid = enrol(first)
+    command = c.RecordDose(pid, dose(1))
+    command_id = str(uuid.uuid4())
+    looked_up, committed = threading.Event(), threading.Event()
+    real_load = bus_module.load_participants
+
+    def load_once_the_first_copy_committed(*args, **kwargs):
+        if threading.current_thread().name == "retry":
+            looked_up.set()
+            assert committed.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(bus_module, "load_participants", load_once_the_first_copy_committed)
+    answers: dict[str, Any] = {}
+
+    def send_retry() -> None:
+        try:
+            if grouped:
+                intent = Intent(command, command_id, "test-service", expected_version=3)
+                answers["retry"] = retry.bus.dispatch_all([intent])[0]
+            else:
+                answers["retry"] = retry.bus.dispatch(command, command_id=command_id,
+                                                      actor="test-service",
+                                                      expected_version=3)
+        except Exception as error:  # noqa: BLE001 - the answer under test
+            answers["retry"] = error
+
+    racing = threading.Thread(target=send_retry, name="retry")
+    racing.start()
+    assert looked_up.wait(30)
+    answers["first"] = first.bus.dispatch(command, command_id=command_id,
+                                          actor="test-service", expected_version=3)
+    committed.set()
+    racing.join(30)
+
+    assert isinstance(answers["retry"], Accepted), answers["retry"]
+    assert answers["retry"].replayed and not answers["first"].replayed
+    assert answers["retry"].body == answers["first"].body
+    assert stored_versions(first, pid) == 4
