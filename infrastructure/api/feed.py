@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from flask import Response, g
 from flask_smorest import Blueprint
-from marshmallow import Schema, fields, validate
+from marshmallow import RAISE, Schema, fields, validate
 from sqlalchemy import func, select
 
 from infrastructure.api.errors import forbidden, invalid
@@ -69,7 +69,7 @@ def _json(body: Any) -> Response:
 
 
 @blp.route("")
-@blp.arguments(FeedArgs, location="query", as_kwargs=True)
+@blp.arguments(FeedArgs, location="query", as_kwargs=True, unknown=RAISE)
 @blp.response(200, FeedPage)
 @blp.alt_response(401, schema=ErrorBody)
 @blp.alt_response(403, schema=ErrorBody)

@@ -12,7 +12,7 @@ from uuid import UUID
 import orjson
 from flask import Response, g, jsonify, request
 from flask_smorest import Blueprint
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.wsgi import wrap_file
 
 from domain.errors import DomainError
@@ -135,7 +135,7 @@ def query(blp: Blueprint, path: str, args: type[Schema] | None, answer: type[Sch
             view = blp.alt_response(code, schema=ErrorBody)(view)
         view = blp.response(200, answer)(view)
         if args is not None:
-            view = blp.arguments(args, location="query", as_kwargs=True)(view)
+            view = blp.arguments(args, location="query", as_kwargs=True, unknown=RAISE)(view)
         return blp.route(path)(view)
     return decorate
 
@@ -414,7 +414,7 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
 
     view.__name__ = f"get_{kind}"
     view.__doc__ = f"Export: {description}."
-    routed = exports_blp.arguments(ExportArgs, location="query", as_kwargs=True)(view)
+    routed = exports_blp.arguments(ExportArgs, location="query", as_kwargs=True, unknown=RAISE)(view)
     routed = exports_blp.response(200, description=description, content_type=mimetype)(routed)
     for code in (401, 403, 422):
         routed = exports_blp.alt_response(code, schema=ErrorBody)(routed)

@@ -314,3 +314,20 @@ def test_a_database_error_in_one_command_of_a_batch_writes_nothing_of_it(isolate
         assert answer.status_code == 500, answer.text
         assert answer.json["error"] == "internal_error"
         assert not list(trialog.service.events.get(participant_uuid(sound)))
+
+
+@pytest.mark.parametrize("path, params, named", [
+    ("/v1/participants/{pid}", {"asof": "2020-01-01T00:00:00"}, "asof"),
+    ("/v1/participants/{pid}/history", {"version ": "1"}, "version "),
+    ("/v1/participants", {"stauts": "withdrawn"}, "stauts"),
+    ("/v1/feed", {"afterr": "5"}, "afterr"),
+    ("/v1/exports/csv", {"deidentfy": "true"}, "deidentfy"),
+])
+def test_a_query_parameter_no_route_takes_is_a_422_naming_it(server, path, params, named):
+    """A misspelt `as_of` answered today's record as if it were the historical one; a
+    misspelt filter, the whole list."""
+    auditor = server.client("auditor")
+    pid, _ = enrol(server.client("service"))
+    answer = auditor.get(path.format(pid=pid), **params)
+    assert answer.status_code == 422, answer.text
+    assert list(answer.json()["fields"]) == [named]

@@ -127,7 +127,7 @@ def test_workers_answer_and_one_follower_process_keeps_the_read_models(tmp_path)
                           admin.get("/v1/participants").json()["participants"]}:
             assert time.monotonic() < deadline, "the read models did not catch up"
             time.sleep(0.1)
-        feed = admin.get("/v1/feed", params={"after": 0, "limit": 1000}).json()
+        feed = admin.get("/v1/feed", after=0, limit=1000).json()
         assert pid in {event["subject"] for event in feed["events"]}
         os.kill(followers[0], signal.SIGKILL)  # the followers' process dies: started again
         deadline = time.monotonic() + 20
