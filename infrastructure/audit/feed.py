@@ -34,6 +34,7 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.stored import (
     PARTICIPANT_TOPIC,
     Upcast,
+    as_bytes,
     as_uuid,
     decode,
     decrypt,
@@ -365,7 +366,7 @@ class Feed:
         return Stream(self.trialog.protocol.study_id, None)
 
     def _content(self, row: Any) -> dict[str, Any]:
-        state = row.state if isinstance(row.state, bytes) else bytes(row.state)
+        state = as_bytes(row.state)
         mapper = self.trialog.service.mapper
         try:
             return plain_state(mapper, state)

@@ -39,6 +39,7 @@ from infrastructure.store.stored import (
     LinkRow,
     StreamRange,
     Upcast,
+    as_bytes,
     decode,
     decrypt,
     decrypter,
@@ -272,7 +273,7 @@ def _rows(service: TrialService, batch: int, streams: StreamRange,
     if not deep:
         return link_rows(service.recorder, batch, streams)
     return ((row.id, row.originator_id, row.originator_version, row.topic,
-             row.state if isinstance(row.state, bytes) else bytes(row.state))
+             as_bytes(row.state))
             for row in stream_rows(service.recorder, batch, streams=streams))
 
 

@@ -26,7 +26,7 @@ from domain.chain import canonical_json
 from domain.participant import Participant
 from infrastructure.audit.history import participant_as_of
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.stored import PARTICIPANT_TOPIC, Upcast, decode, events_table
+from infrastructure.store.stored import PARTICIPANT_TOPIC, Upcast, as_bytes, decode, events_table
 from infrastructure.store.stored import plain_state as _plain_state
 
 SCREENINGS = ("ParticipantScreened", "ParticipantRescreened")
@@ -54,7 +54,7 @@ class Course:
 
 
 def _plain(t: Trialog, row: Any) -> dict[str, Any]:
-    state = row.state if isinstance(row.state, bytes) else bytes(row.state)
+    state = as_bytes(row.state)
     try:
         return _plain_state(t.service.mapper, state)
     except Upcast:

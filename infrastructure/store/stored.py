@@ -31,7 +31,7 @@ def decode(mapper: Mapper[UUID], originator_id: Any, version: int, topic: str,
            state: bytes | memoryview) -> Any:
     """The domain event of a stored row: the library mapper's steps for events without
     upcasting, minus its per-event generic lookups (this runs for every event read)."""
-    state = _bytes(state)
+    state = as_bytes(state)
     originator_id = as_uuid(originator_id)
     cls = resolve_topic(topic)
     if getattr(cls, "class_version", 1) != 1:
@@ -120,7 +120,7 @@ def load_participants(service: Any, session: Any, participant_ids: set[str]
     passed_over: dict[UUID, int] = {}  # another code's snapshot: its version
     for row in session.execute(_newest_query(service), {"ids": list(wanted)}):
         key = as_uuid(row.originator_id)
-        stored = StoredEvent(key, row.originator_version, row.topic, _bytes(row.state))
+        stored = StoredEvent(key, row.originator_version, row.topic, as_bytes(row.state))
         if row.kind == 0:
             snapshot = service.snapshots.derived_here(stored)
             if snapshot is None:
@@ -156,7 +156,7 @@ def _events_up_to(service: Any, session: Any, versions: dict[UUID, int]
         key = as_uuid(r.originator_id)
         if r.originator_version <= versions[key]:
             found[key].append(service.mapper.to_domain_event(
-                StoredEvent(key, r.originator_version, r.topic, _bytes(r.state))))
+                StoredEvent(key, r.originator_version, r.topic, as_bytes(r.state))))
     return found
 
 
@@ -202,8 +202,15 @@ def as_uuid(value: Any) -> UUID:
     return value if isinstance(value, UUID) else UUID(str(value))
 
 
-def _bytes(value: Any) -> bytes:
-    return bytes(value) if isinstance(value, memoryview) else value
+def as_bytes(value: Any) -> bytes:
+    """A stored state as bytes. The store writes bytes; SQLite keeps whatever is put in a
+    column, so a row edited to hold text is read as its UTF-8, which fails to decrypt and
+    is reported as edited, never crashed on."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return bytes(value)
 
 
 def position_of(recorder: Any, participant_id: str, version: int) -> Any:
@@ -280,7 +287,7 @@ def link_rows(recorder: Any, batch: int = 5000,
     engine = recorder.datastore.engine
     if engine.dialect.name != "postgresql":
         for row in stream_rows(recorder, batch, streams=streams):
-            state = row.state if isinstance(row.state, bytes) else bytes(row.state)
+            state = as_bytes(row.state)
             topic = row.topic if row.originator_version == 1 else None
             yield row.id, row.originator_id, row.originator_version, topic, state
         return
@@ -404,7 +411,7 @@ def plain_stream(service: Any, originator_id: UUID, lte: int | None = None,
                       query.order_by(table.c.originator_version))
     events = []
     for version, topic, state in rows:
-        state = state if isinstance(state, bytes) else bytes(state)
+        state = as_bytes(state)
         try:
             content = plain_state(service.mapper, state)
         except Upcast:

@@ -158,6 +158,28 @@ def test_verify_never_crashes_on_garbage_rows(isolated):
     assert [(p.kind, p.version) for p in report.problems] == [("edited", 2)]
 
 
+def test_verify_reports_a_row_edited_to_hold_text_in_sqlite(tmp_path):
+    """SQLite keeps whatever is put in a column: a state set to text crashed both checks
+    (TypeError: string argument without an encoding; the API answered 500)."""
+    from sqlalchemy import text
+
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    t = bootstrap(settings_for(f"sqlite:///{tmp_path / 'text.db'}"), migrate=True)
+    try:
+        pid = setup_participant(t)
+        table, where = row(t, pid, 2)
+        with t.engine.begin() as conn:
+            conn.execute(update(table).where(where).values(state=text("'hello'")))
+        for deep in (False, True):
+            report = verify(t.service, deep=deep)
+            assert [(p.kind, p.version, p.participant_id) for p in report.problems] == [
+                ("edited", 2, pid)]
+    finally:
+        t.close()
+
+
 def test_verifying_in_processes_finds_what_one_process_finds(isolated):
     from infrastructure.audit.verification import check_store, fork_is_safe, verify_parallel
     from infrastructure.readside.projections import TrialProjection
