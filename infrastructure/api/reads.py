@@ -15,6 +15,7 @@ from flask_smorest import Blueprint
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.wsgi import wrap_file
 
+from domain.deviations import SEVERITY
 from domain.errors import DomainError
 from domain.views import participant_state as state_of
 from infrastructure.api import responses as r
@@ -108,6 +109,13 @@ def _read(what: str, args: dict[str, Any] | None = None) -> None:
         g.position = reached  # taken before the view reads them
 
 
+def _one_of(args: dict[str, Any], name: str, values: list[str]) -> None:
+    """A filter on a value no row can hold is a mistake (a wrong case, a misspelling), not
+    an empty list: a 422 naming the filter and the values it takes."""
+    if args.get(name) is not None and args[name] not in values:
+        raise invalid({name: [f"must be one of: {', '.join(values)}"]})
+
+
 def _reflecting_read_models() -> None:
     """The answer is read from the read models: its position is theirs, taken before they
     are read. A follower may commit between the read and the answer, so a position taken
@@ -144,6 +152,7 @@ def query(blp: Blueprint, path: str, args: type[Schema] | None, answer: type[Sch
 def list_participants(**args: Any) -> Response:
     """Participants, filtered by status, arm and site."""
     _read("participants", args)
+    _one_of(args, "arm", [arm.code for arm in _trialog().protocol.arms])
     _reflecting_read_models()
     rows = queries.list_participants(
         _trialog(), scope=g.principal.scope, status=args.get("status"), arm=args.get("arm"),
@@ -195,7 +204,7 @@ def _until(args: dict[str, Any]) -> str:
 @query(participants_blp, "/<participant_id>/history", StateArgs, r.History, 404)
 def get_history(participant_id: str, **args: Any) -> Response:
     """Every event of one participant, oldest first, with who, when and why."""
-    _read("history")
+    _read("history", args)
     from infrastructure.api import runtime
 
     if args.get("as_of") is None and args.get("version") is None:
@@ -255,6 +264,7 @@ def _rendered_history(participant_id: str) -> Response | None:
 def get_deviations(**args: Any) -> Response:
     """Protocol deviations, filtered by status, code and participant."""
     _read("deviations", args)
+    _one_of(args, "code", list(SEVERITY))
     _reflecting_read_models()
     return jsonify({"deviations": queries.list_deviations(
         _trialog(), scope=g.principal.scope, status=args.get("status"), code=args.get("code"),

@@ -331,3 +331,25 @@ def test_a_query_parameter_no_route_takes_is_a_422_naming_it(server, path, param
     answer = auditor.get(path.format(pid=pid), **params)
     assert answer.status_code == 422, answer.text
     assert list(answer.json()["fields"]) == [named]
+
+
+@pytest.mark.parametrize("path, name, wrong, right", [
+    ("/v1/participants", "arm", "B12", "b12"),
+    ("/v1/deviations", "code", "missed_visit", "visit_missed"),
+])
+def test_a_filter_on_a_value_no_row_can_hold_is_a_422_naming_it(server, path, name, wrong,
+                                                                  right):
+    """`?arm=B12` answered an empty list, as if no participant were in the arm."""
+    monitor = server.client("monitor")
+    answer = monitor.get(path, **{name: wrong})
+    assert (answer.status_code, list(answer.json()["fields"])) == (422, [name])
+    assert "b12, control" in answer.text or "visit_missed" in answer.text
+    assert monitor.get(path, **{name: right}).status_code == 200
+
+
+def test_history_checks_its_after_as_the_state_does(server):
+    service = server.client("service")
+    pid, position = enrol(service)
+    answer = service.get(f"/v1/participants/{pid}/history", after=2**40)
+    assert (answer.status_code, list(answer.json()["fields"])) == (422, ["after"])
+    assert service.get(f"/v1/participants/{pid}/history", after=position).status_code == 200
