@@ -216,14 +216,31 @@ def cmd_reminders_scan(args: argparse.Namespace) -> int:
     from infrastructure.readside.projections import TrialProjection
     from workers.tasks import send_reminders
 
+    unreachable: list[Exception] = []
+
+    def enqueue(ids: Any) -> None:
+        try:
+            send_reminders.delay(ids)
+        except Exception as error:
+            unreachable.append(error)
+            raise
+
     trialog = _app()
     try:
         TrialProjection(trialog).catch_up()  # the schedule is read from the read models
         new = reminders.scan(trialog, trialog.today())
-        handed = reminders.hand_over(trialog, send_reminders.delay, reminders.CHUNK)
+        # Its warning is the workers' (they retry); here the failure is said below, once.
+        reminders.log.disabled = True
+        handed = reminders.hand_over(trialog, enqueue, reminders.CHUNK)
     finally:
+        reminders.log.disabled = False
         trialog.close()
     print(f"{len(new)} reminders due; {handed} handed to the workers")
+    if unreachable:  # the scan was asked to hand them over now: it failed at that
+        print(f"trialog: the workers' broker (TRIALOG_REDIS_URL) could not be reached "
+              f"({unreachable[0]}); the reminders stay pending for the next scan",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -536,3 +536,36 @@ def test_an_import_line_longer_than_the_api_takes_is_refused_without_being_held(
     assert done.stderr.splitlines() == [
         f"line {n}: body_too_large: the line is longer than 8 MiB (the API takes no larger "
         "body)" for n in (1, 3)]
+
+
+def test_a_reminders_scan_that_cannot_hand_its_reminders_over_fails_saying_so(tmp_path):
+    """The scan is asked to hand the reminders due to the workers now; with the broker
+    unreachable it printed `0 handed to the workers` and exited 0."""
+    import socket
+    from datetime import UTC, datetime, timedelta
+
+    from domain import commands as c
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import TEST_SECRETS, settings_for
+    from tests.factories import consent, new_participant_id, screening
+    from tests.integration.helpers import send
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    t = bootstrap(settings_for(url), migrate=True)
+    try:
+        registered = datetime.now(UTC).date() - timedelta(days=35)  # week 6 opens today
+        pid = new_participant_id()
+        send(t, c.ScreenParticipant(pid, screening()))
+        send(t, c.RecordConsent(pid, consent()))
+        send(t, c.RandomizeParticipant(pid, {"registered_on": registered}))
+    finally:
+        t.close()
+    with socket.socket() as closed:  # a port no broker listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    done = run(["reminders", "scan"], tmp_path, TRIALOG_DATABASE_URL=url, **TEST_SECRETS,
+               TRIALOG_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    assert done.returncode == 1, done.stdout
+    assert "handed to the workers" in done.stdout and " 0 handed" in done.stdout
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(
+        "trialog: the workers' broker (TRIALOG_REDIS_URL) could not be reached")
