@@ -61,7 +61,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 # may fall on the same day). The consent's is the first consent's (a re-consent after a
 # protocol amendment comes after the registration).
 DATE_ORDER = (("birth_date", "screened_on", False), ("screened_on", "registered_on", True),
-              ("signed_on", "registered_on", True))
+              ("signed_on", "registered_on", True), ("birth_date", "signed_on", False))
 
 FieldDefined = Callable[[str, str], bool]
 """Whether a dotted path names a field of an event type's data, as the command that
@@ -556,6 +556,10 @@ class Participant(DataManagement, ChainedAggregate):
             raise ValidationFailed({"data.site_id": [message]})
         _require_dated(data, audit)
         _require_in_order(data, "birth_date", "data.birth_date")
+        before = self.screening["screened_on"]
+        if data["screened_on"] < before:
+            raise ValidationFailed({"data.screened_on": [
+                f"screened_on must not be before the screening it follows ({before})"]})
         eligible, failed = _screening_outcome(data, protocol)
         self.trigger_event(self.ParticipantRescreened, data=dict(data), eligible=eligible,
                            failed_criteria=failed, **audit.event_fields())
@@ -579,6 +583,8 @@ class Participant(DataManagement, ChainedAggregate):
         if self.status == "screened" and protocol is not None:
             self._require_eligible_now(protocol)
         _require_dated(data, audit)
+        _require_in_order({"birth_date": self.screening["birth_date"], **data}, "signed_on",
+                          "data.signed_on")
         self.trigger_event(self.ConsentRecorded, data=dict(data), **audit.event_fields())
 
     def randomize(
@@ -647,6 +653,7 @@ class Participant(DataManagement, ChainedAggregate):
         self._require_status("report a medication", "screened", "consented", *ACTIVE,
                              "completed")
         _require_dated(data, audit)
+        _require_taken_in_order(data, "data.stopped_on")
         self.trigger_event(self.MedicationReported, data=dict(data), **audit.event_fields())
 
     def withdraw(self, data: Mapping[str, Any], audit: Audit) -> None:
@@ -656,6 +663,7 @@ class Participant(DataManagement, ChainedAggregate):
         else:
             self._require_status("withdraw from the study", "screened", "consented", *ACTIVE)
         _require_dated(data, audit)
+        self._require_withdrawn_after_entry(data, "data.withdrawn_on")
         self.trigger_event(self.ParticipantWithdrawn, data=dict(data), **audit.event_fields())
 
     def correct_data(self, data: Mapping[str, Any], audit: Audit,
@@ -785,6 +793,14 @@ class Participant(DataManagement, ChainedAggregate):
         if record["type"] == "DoseRecorded" and path == "taken_on":
             self._require_no_dose_on(value)
             self._require_no_dose_after_withdrawal(value)
+        corrected = _corrected_record(record, path, value)["data"]
+        if record["type"] == "MedicationReported" and path in ("started_on", "stopped_on"):
+            _require_taken_in_order(corrected, "data.value")
+        if record["type"] == "ParticipantWithdrawn" and path == "withdrawn_on":
+            self._require_withdrawn_after_entry(corrected, "data.value")
+        if record["type"] == "ConsentRecorded" and path == "signed_on":
+            _require_in_order({"birth_date": self.screening["birth_date"], **corrected},
+                              "signed_on", "data.value")
 
     def _step_records(self) -> dict[str, int | None]:
         """The record that holds each date DATE_ORDER names (a field of the same name)."""
@@ -805,6 +821,16 @@ class Participant(DataManagement, ChainedAggregate):
             if stopped is not None and day > stopped:
                 raise InvalidTransition(
                     f"a dose on {day} is after the {scope} withdrawal on {stopped}")
+
+    def _require_withdrawn_after_entry(self, data: Mapping[str, Any], key: str) -> None:
+        """A withdrawal from treatment is not dated before the registration, one from the
+        study not before the screening."""
+        step = "registered_on" if data["scope"] == "treatment" else "screened_on"
+        entered = (self.registered_on if step == "registered_on"
+                   else self.screening["screened_on"])
+        if entered is not None and data["withdrawn_on"] < entered:
+            raise ValidationFailed({key: [
+                f"withdrawn_on must not be before {step} ({entered})"]})
 
     def _require_no_dose_on(self, day: date) -> None:
         """One dose record per day."""
@@ -930,6 +956,13 @@ def _require_dated(data: Mapping[str, Any], audit: Audit) -> None:
     misdated = _misdated(data, audit)
     if misdated:
         raise ValidationFailed({f"data.{path}": [message] for path, message in misdated.items()})
+
+
+def _require_taken_in_order(data: Mapping[str, Any], key: str) -> None:
+    """A medication is not stopped before it was started."""
+    started, stopped = data.get("started_on"), data.get("stopped_on")
+    if started is not None and stopped is not None and stopped < started:
+        raise ValidationFailed({key: [f"stopped_on must not be before started_on ({started})"]})
 
 
 def _require_in_order(dates: Mapping[str, Any], name: str, key: str) -> None:

@@ -653,3 +653,55 @@ def test_a_screening_corrected_to_ineligible_refuses_consent():
     assert refused.value.details["failed_criteria"] == ["stage"]
     participant = service.get_participant("CASE-0001")
     assert (participant.status, participant.failed_criteria) == ("screen_failed", ["stage"])
+
+
+def test_a_medication_is_not_stopped_before_it_was_started_nor_corrected_to_be():
+    p = randomized()
+    with pytest.raises(ValidationFailed) as refused:
+        p.report_medication({"drug": "x", "contains_b12": False,
+                             "started_on": date(2026, 5, 1), "stopped_on": date(2026, 4, 1)},
+                            audit())
+    assert list(refused.value.fields) == ["data.stopped_on"]
+    p.report_medication({"drug": "x", "contains_b12": False, "started_on": date(2026, 3, 1),
+                         "stopped_on": date(2026, 4, 1)}, audit())
+    reported = next(e for e, _ in p.records_of("MedicationReported"))
+    with pytest.raises(ValidationFailed) as refused:
+        p.correct_data({"event_id": reported, "field": "stopped_on",
+                        "value": date(2025, 4, 1)}, audit(reason="typo"))
+    assert list(refused.value.fields) == ["data.value"]
+
+
+def test_a_consent_is_not_signed_before_the_participant_was_born():
+    p = screened()
+    with pytest.raises(ValidationFailed) as refused:
+        p.record_consent(consent(date(1950, 2, 1)), audit())
+    assert list(refused.value.fields) == ["data.signed_on"]
+    p.record_consent(consent(), audit())
+    with pytest.raises(ValidationFailed):
+        p.correct_data({"event_id": p.consent_event, "field": "signed_on",
+                        "value": date(1950, 2, 1)}, audit(reason="typo"))
+
+
+@pytest.mark.parametrize("scope, before", [("treatment", REGISTERED - timedelta(days=1)),
+                                           ("study", SCREENED_ON - timedelta(days=1))])
+def test_a_withdrawal_is_not_dated_before_what_it_ends_began(scope, before):
+    """A treatment withdrawal typed 2019 refused every real dose after it."""
+    p = randomized()
+    data = {"withdrawn_on": before, "scope": scope, "reason_code": "moved"}
+    with pytest.raises(ValidationFailed) as refused:
+        p.withdraw(data, audit())
+    assert list(refused.value.fields) == ["data.withdrawn_on"]
+    p.withdraw({**data, "withdrawn_on": REGISTERED}, audit())
+    withdrawal = p.event_id_of(p.withdrawals[scope])
+    with pytest.raises(ValidationFailed):
+        p.correct_data({"event_id": withdrawal, "field": "withdrawn_on", "value": before},
+                       audit(reason="typo"))
+
+
+def test_a_rescreen_is_not_dated_before_the_screening_it_follows():
+    failed = screened(zubrod=3)
+    with pytest.raises(ValidationFailed) as refused:
+        failed.rescreen({**screening(), "screened_on": SCREENED_ON - timedelta(days=1)},
+                        PROTOCOL, audit())
+    assert list(refused.value.fields) == ["data.screened_on"]
+    failed.rescreen(screening(), PROTOCOL, audit())
