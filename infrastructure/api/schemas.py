@@ -32,7 +32,9 @@ MAX_BATCH = 1000  # commands in one batch
 
 
 class CommandBatch(Schema):
-    commands = fields.List(fields.Dict(), required=True,
+    # Each entry is checked as its command (a result of its own: one that is no object
+    # does not stop the others); the list as a whole only for its length.
+    commands = fields.List(fields.Raw(allow_none=True), required=True,
                            validate=validate.Length(min=1, max=MAX_BATCH))
 
 

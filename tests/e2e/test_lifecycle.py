@@ -146,6 +146,21 @@ def test_a_batch_answers_one_result_per_command_and_goes_on_after_a_failure(serv
     assert results[3]["body"]["version"] == 3
 
 
+def test_a_batch_entry_that_is_no_command_object_is_answered_alone(server):
+    """An entry that is not an object refused the whole batch (422 on `commands.1`), the
+    valid commands around it unwritten."""
+    service = server.client("service")
+    pid = p.participant_id()
+    screen = {"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+              "participant_id": pid, "data": p.screening()}
+    answer = service.post("/v1/commands/batch", {"commands": [screen, "oops", 7, None]})
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["status"] for r in results] == [201, 422, 422, 422]
+    assert results[1]["body"]["fields"] == {"body": ["must be a JSON object"]}
+    assert service.get(f"/v1/participants/{pid}").status_code == 200
+
+
 def test_deviations_and_visits_due_are_listed(server):
     coordinator = server.client("coordinator")
     pid, position = enrol(coordinator)
