@@ -974,10 +974,14 @@ def _require_in_order(dates: Mapping[str, Any], name: str, key: str) -> None:
             continue
         if then > first or (same_day and then == first):
             continue
+        # The other date is quoted, but never the birth date: a contact detail, which a
+        # role that may not see it (a service's consent) would otherwise read back here.
         if name == later:
-            rule = f"must {'not be before' if same_day else 'be after'} {earlier} ({first})"
+            shown = "" if earlier == "birth_date" else f" ({first})"
+            rule = f"must {'not be before' if same_day else 'be after'} {earlier}{shown}"
         else:
-            rule = f"must {'not be after' if same_day else 'be before'} {later} ({then})"
+            shown = "" if later == "birth_date" else f" ({then})"
+            rule = f"must {'not be after' if same_day else 'be before'} {later}{shown}"
         raise ValidationFailed({key: [f"{name} {rule}"]})
 
 
