@@ -10,10 +10,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
-from uuid import uuid5
 
 from domain.eligibility import days_between
-from domain.participant import Participant
+from domain.participant import Participant, deviation_uuid
 from domain.protocol import Protocol
 from domain.schedule import schedule
 
@@ -37,13 +36,16 @@ class Finding:
     key: str
     evidence: tuple[str, ...]
     detail: str
+    # How many times what this finding is about was found before and retracted (a visit's
+    # missed mark, when the registration date moved): each time is a deviation of its own.
+    generation: int = 0
 
     @property
     def severity(self) -> str:
         return SEVERITY[self.code]
 
     def deviation_id(self, participant: Participant) -> str:
-        return str(uuid5(participant.id, f"deviation:{self.code}:{self.key}"))
+        return deviation_uuid(participant.id, self.code, self.key, self.generation)
 
 
 Rule = Callable[[Participant, Protocol, date], Iterator[Finding]]
@@ -190,7 +192,8 @@ def visit_missed(p: Participant, protocol: Protocol, today: date) -> Iterator[Fi
         if closed and visit.code not in completed and (left_on is None
                                                        or left_on > visit.window_end):
             yield Finding("visit_missed", visit.code, (p.registration_event,),
-                          f"{visit.code} window closed on {visit.window_end}")
+                          f"{visit.code} window closed on {visit.window_end}",
+                          p.missed_retractions.get(visit.code, 0))
 
 
 def poor_adherence(p: Participant, protocol: Protocol, today: date) -> Iterator[Finding]:

@@ -79,6 +79,13 @@ def participant_uuid(participant_id: str) -> UUID:
     return uuid5(NAMESPACE_URL, f"trialog:participant:{participant_id}")
 
 
+def deviation_uuid(originator_id: UUID, code: str, key: str, generation: int = 0) -> str:
+    """A deviation's id: one per participant, rule and what it is about (and, after a
+    retraction, per generation: see Finding)."""
+    again = f":{generation}" if generation else ""
+    return str(uuid5(originator_id, f"deviation:{code}:{key}{again}"))
+
+
 def event_uuid(originator_id: UUID, version: int) -> str:
     """``str(uuid5(originator_id, str(version)))``, without building UUID objects (this runs
     for every event applied)."""
@@ -168,6 +175,7 @@ class Participant(DataManagement, ChainedAggregate):
             aggregate.deviations = {}
             aggregate.reminders = []
             aggregate.missed_visits = []
+            aggregate.missed_retractions = {}  # visit -> its missed marks retracted
             aggregate.consent_record = None
             aggregate.first_consent_record = None
             aggregate.registration_record = None
@@ -311,6 +319,8 @@ class Participant(DataManagement, ChainedAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.missed_visits.remove(self.visit)
+            retracted = aggregate.missed_retractions
+            retracted[self.visit] = retracted.get(self.visit, 0) + 1
 
     class QueryRaised(Event):
         query_id: str
@@ -426,6 +436,7 @@ class Participant(DataManagement, ChainedAggregate):
         deviations: dict[str, dict[str, Any]]
         reminders: list[str]
         missed_visits: list[str]
+        missed_retractions: dict[str, int]
         corrected: list[int]  # versions of the captured events corrected since
         queries: dict[str, dict[str, Any]]
         verified: dict[str, int]
@@ -753,10 +764,16 @@ class Participant(DataManagement, ChainedAggregate):
         ends = {v.code: v.window_end for v in schedule(protocol, self.registered_on)}
         for visit in list(self.missed_visits):
             if visit in ends and ends[visit] >= today:
-                self.trigger_event(
-                    self.VisitMissedRetracted, visit=visit,
-                    cause=f"registration date corrected to {self.registered_on}: the "
-                          f"window now ends on {ends[visit]}", **audit.event_fields())
+                cause = (f"registration date corrected to {self.registered_on}: the window "
+                         f"now ends on {ends[visit]}")
+                flagged = deviation_uuid(self.id, "visit_missed", visit,
+                                         self.missed_retractions.get(visit, 0))
+                self.trigger_event(self.VisitMissedRetracted, visit=visit, cause=cause,
+                                   **audit.event_fields())
+                if self.deviations.get(flagged, {}).get("status") == "open":
+                    self.trigger_event(self.DeviationResolved, deviation_id=flagged,
+                                       resolution=f"missed mark retracted: {cause}",
+                                       **audit.event_fields())
 
     def record_visit_missed(self, visit: str, audit: Audit) -> bool:
         if visit in self.missed_visits or visit in self.completed_visits():

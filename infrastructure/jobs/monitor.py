@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
 from domain.participant import Participant, participant_uuid
-from domain.schedule import schedule
 from infrastructure.readside.projections import LogFollower
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
@@ -105,17 +104,13 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
     # retracted when the registration date moved is made again if the new window closes).
     missed = [finding for finding in RULES["visit_missed"](participant, t.protocol, today)
               if finding.key not in participant.missed_visits]
-    # A mark is one window's: once retracted (the registration date corrected), the visit's
-    # new window that closes unvisited is marked again, by a command of its own. (A visit
-    # is found missed only once the participant is registered.)
-    registered_on = participant.registered_on
-    ends = ({v.code: v.window_end for v in schedule(t.protocol, registered_on)}
-            if missed and registered_on is not None else {})
     for finding in missed:
+        # A mark retracted (the registration date corrected) is made again, if the visit's
+        # new window closes unvisited, by a command of its own: one per generation.
+        again = (str(finding.generation),) if finding.generation else ()
         t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
                        command_id=t.derived_command_id("missed", str(participant.id),
-                                                       finding.key,
-                                                       ends[finding.key].isoformat()),
+                                                       finding.key, *again),
                        actor=ACTOR)
     if missed:
         counts["missed"] += len(missed)

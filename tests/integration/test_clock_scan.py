@@ -105,15 +105,21 @@ def test_a_miss_the_corrected_registration_date_voids_is_retracted_and_marked_ag
     state = participant_state(participant, isolated.protocol, day(50))
     assert {v["code"]: v["status"] for v in state["visits"]}["week6"] == "open"
     entries = history(isolated.service, pid, veil=str)
-    assert [e["type"] for e in entries[-2:]] == ["DataCorrected", "VisitMissedRetracted"]
-    assert entries[-1]["data"] == {
-        "visit": "week6",
-        "cause": f"registration date corrected to {day(10)}: the window now ends on {day(59)}"}
+    cause = f"registration date corrected to {day(10)}: the window now ends on {day(59)}"
+    assert [e["type"] for e in entries[-3:]] == ["DataCorrected", "VisitMissedRetracted",
+                                                 "DeviationResolved"]
+    assert entries[-2]["data"] == {"visit": "week6", "cause": cause}
+    assert entries[-1]["data"]["resolution"] == f"missed mark retracted: {cause}"
 
     at(60)  # the new window ended on day 59, unvisited
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
-    assert isolated.service.get_participant(pid).missed_visits == ["week6"]
+    participant = isolated.service.get_participant(pid)
+    assert participant.missed_visits == ["week6"]
+    flags = [(d["status"], d["detail"]) for d in participant.deviations.values()
+             if d["code"] == "visit_missed"]
+    assert flags == [("resolved", f"week6 window closed on {day(49)}"),
+                     ("open", f"week6 window closed on {day(59)}")]
 
     root = etree.fromstring("".join(odm_document(isolated)).encode())
     assert etree.XMLSchema(etree.parse(str(ODM_XSD))).validate(root)
@@ -141,3 +147,32 @@ def test_a_miss_the_corrected_registration_date_keeps_closed_stays(isolated):
                                        "field": "registered_on", "value": day(-1).isoformat()}),
          reason="registration date mistyped")
     assert "week6" in isolated.service.get_participant(pid).missed_visits
+
+
+def test_a_correction_corrected_back_marks_and_flags_the_visit_again(isolated):
+    """Registration moved 10 days later (the mark retracted), then back: the window closed
+    after all. The scan's command for the mark was the first one's again, answered as a
+    replay: nothing written, the visit left overdue for ever (and the casebook unsignable)."""
+    from datetime import UTC, datetime
+
+    def at(n: int):
+        moment = datetime.combine(day(n), datetime.min.time(), UTC) + timedelta(hours=12)
+        isolated.bus.clock = lambda: moment
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    at(50)
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    registration = isolated.service.get_participant(pid).registration_event
+    for registered in (day(10), day(0)):
+        send(isolated, c.CorrectData(pid, {"event_id": registration, "field": "registered_on",
+                                           "value": registered.isoformat()}), reason="typo")
+    assert isolated.service.get_participant(pid).missed_visits == []
+    at(51)
+    TrialProjection(isolated).catch_up()
+    assert scan_clock(isolated, isolated.ended_everywhere())["missed"] == 1
+    participant = isolated.service.get_participant(pid)
+    assert participant.missed_visits == ["week6"]
+    assert [d["status"] for d in participant.deviations.values()
+            if d["code"] == "visit_missed"] == ["resolved", "open"]
