@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
+from domain.management import CASEBOOK
 from domain.participant import Participant, participant_uuid
 from infrastructure.readside.projections import LogFollower
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
@@ -71,13 +72,19 @@ def scan_clock(t: Trialog, today: date) -> dict[str, int]:
     database = t.service.database()
     if database is not None and database.locked:
         return {**counts, "database_locked": True}
-    unmarked = exists().where(visits.c.participant_id == participants.c.participant_id,
-                              visits.c.window_end < today, visits.c.completed_on.is_(None),
-                              visits.c.missed.is_(False))
+    def unmarked(*closed: Any) -> Any:
+        return exists().where(visits.c.participant_id == participants.c.participant_id,
+                              visits.c.window_end < today, *closed,
+                              visits.c.completed_on.is_(None), visits.c.missed.is_(False))
+
     with t.engine.connect() as connection:
         ids = list(connection.execute(select(participants.c.participant_id).where(or_(
             participants.c.status.in_(("randomized", "off_treatment")),
-            participants.c.status.in_(("withdrawn", "completed")) & unmarked))).scalars())
+            (participants.c.status == "completed") & unmarked(),
+            # A window closing after the withdrawal is cancelled, never missed (and a row
+            # written before the day was kept, with none, is not looked at).
+            (participants.c.status == "withdrawn")
+            & unmarked(visits.c.window_end < participants.c.left_on)))).scalars())
     counts["participants"] = len(ids)
     with t.engine.connect() as connection:
         held = quarantined_ids(connection, SCAN)
@@ -100,8 +107,10 @@ def scan_clock(t: Trialog, today: date) -> dict[str, int]:
 
 def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, int]) -> None:
     participant = t.service.get_participant(participant_id)
-    # The visits to mark missed: not those marked (a deviation is flagged once, but a mark
-    # retracted when the registration date moved is made again if the new window closes).
+    if CASEBOOK in participant.locks:  # frozen, as a locked database is: found once unlocked
+        return
+    # The visits to mark missed: not those marked (a mark retracted when the registration
+    # date moved is made again if the new window closes unvisited).
     missed = [finding for finding in RULES["visit_missed"](participant, t.protocol, today)
               if finding.key not in participant.missed_visits]
     for finding in missed:

@@ -405,6 +405,7 @@ def read_model_rows(p: Participant, trialog: Trialog,
         "arm": p.arm, "version": p.version, "language": screening["language"],
         "eligible": eligible, "failed_criteria": failed,
         "screened_on": screening["screened_on"], "registered_on": p.registered_on,
+        "left_on": p.withdrawn_on("study"),
         "scores": scored, "position": position, "management": management_view(p),
     }
     for q in p.queries.values():

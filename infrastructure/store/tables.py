@@ -137,6 +137,7 @@ participants = Table(
     Column("failed_criteria", JSON, nullable=False),
     Column("screened_on", Date, nullable=False),
     Column("registered_on", Date, nullable=True),
+    Column("left_on", Date, nullable=True),  # the withdrawal from the study's day
     Column("scores", JSON, nullable=False),
     Column("position", BigInteger, nullable=False),
     # Queries open, source verification, signatures and locks, per visit and casebook.

@@ -33,6 +33,27 @@ def test_a_window_that_closed_before_a_withdrawal_is_marked_missed_after_it(isol
     assert counts["missed"] == 1
     flagged = [d for d in participant.deviations.values() if d["code"] == "visit_missed"]
     assert [d["detail"] for d in flagged] == [f"week6 window closed on {day(49)}"]
+    TrialProjection(isolated).catch_up()
+    # Its other windows closed after it left: cancelled, never looked at again.
+    assert scan_clock(isolated, day(400))["participants"] == 0
+
+
+def test_a_locked_casebook_gets_nothing_from_the_clock_until_it_is_unlocked(isolated):
+    """A casebook locked after the participant left, with a window that closed before:
+    the record is frozen, and the scan writes nothing into it (no mark, no flag); once
+    unlocked, the scan finds what it holds."""
+    pid = enrol(isolated)
+    send(isolated, c.WithdrawParticipant(pid, {"withdrawn_on": day(60), "scope": "study",
+                                               "reason_code": "moved"}))
+    send(isolated, c.LockCasebook(pid, {}), actor="dm")
+    TrialProjection(isolated).catch_up()
+    version = isolated.service.get_participant(pid).version
+    scan_clock(isolated, day(61))
+    assert isolated.service.get_participant(pid).version == version
+    send(isolated, c.UnlockCasebook(pid, {}), actor="dm", reason="week 6 form found")
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, day(62))  # no baseline visit was recorded either
+    assert isolated.service.get_participant(pid).missed_visits == ["baseline", "week6"]
 
 
 def test_a_visit_skipped_before_the_last_one_is_marked_missed_after_completion(isolated):
