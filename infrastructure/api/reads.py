@@ -53,9 +53,10 @@ class StateArgs(ReadArgs):
             raise ValidationError("give as_of or version, not both", "version")
 
 
-def _limit(default: int) -> fields.Integer:
+def _limit(default: int | None) -> fields.Integer:
     return fields.Integer(load_default=default, validate=validate.Range(min=1, max=10_000),
-                          metadata={"description": "a page: at most this many"})
+                          metadata={"description": "a page: at most this many" + (
+                              "" if default else " (without it, the whole list)")})
 
 
 class PageArgs(ReadArgs):
@@ -73,6 +74,7 @@ class ListArgs(PageArgs):
 
 
 class DeviationArgs(PageArgs):
+    limit = _limit(None)  # the whole list unless a page is asked for, as before pages
     status = fields.String(validate=validate.OneOf(("open", "resolved")))
     code = text(1, 64)
     participant_id = text(1, 64)
@@ -87,6 +89,7 @@ class QueryArgs(PageArgs):
 
 
 class DueArgs(PageArgs):
+    limit = _limit(None)
     within_days = fields.Integer(load_default=14, validate=validate.Range(min=0, max=3660))
 
 

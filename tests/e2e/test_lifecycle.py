@@ -251,3 +251,4 @@ def test_a_study_withdrawal_cancels_the_open_visits_in_the_read_models(server):
     assert {v["code"]: v["status"] for v in state["visits"]} == {
         "baseline": "completed", "week6": "cancelled", "end_of_treatment": "cancelled",
         "follow_up": "cancelled"}
+

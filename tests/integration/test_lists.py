@@ -51,3 +51,22 @@ def test_visits_due_are_read_in_pages_that_neither_repeat_nor_skip_a_visit(trial
              for offset in range(0, len(whole), 3)]
     assert [visit for page in pages for visit in page] == whole
     assert all(len(page) == 3 for page in pages[:-1])
+
+
+def test_deviations_and_visits_due_are_whole_unless_a_page_is_asked_for(trialog):
+    """They answered every row before they took pages: a default page of 1,000 cut a
+    longer list silently. The API's arguments ask for no page unless given one."""
+    from infrastructure.api.reads import DeviationArgs, DueArgs
+
+    assert DeviationArgs().load({})["limit"] is None
+    assert DueArgs().load({})["limit"] is None
+    pid = new_participant_id()
+    at = datetime(2026, 3, 10, 9, 0, tzinfo=UTC)
+    with trialog.engine.begin() as connection:
+        connection.execute(insert(deviations), [
+            {"deviation_id": str(uuid.uuid4()), "participant_id": pid, "code": "dose_missed",
+             "severity": "minor", "status": "open", "detail": "", "evidence": [],
+             "detected_at": at + timedelta(seconds=n)} for n in range(1005)])
+    listed = list_deviations(trialog, scope=EVERY_SITE, participant_id=pid,
+                             limit=DeviationArgs().load({})["limit"])
+    assert len(listed) == 1005
