@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -170,17 +171,45 @@ def test_deviations_and_visits_due_are_listed(server):
     assert deviations.json() == {"deviations": []}
 
 
-@pytest.mark.parametrize("path", ["/v1/deviations", "/v1/visits/due", "/v1/queries",
-                                  "/v1/participants"])
-def test_a_list_reads_a_page_and_refuses_a_page_it_cannot_read(server, path):
+def _two_rows(server, path: str) -> int:
+    """Makes at least two rows of the list; the position of the last command."""
     coordinator = server.client("coordinator")
-    _, position = enrol(coordinator)
+    position = 0
+    for _ in range(2):
+        pid = p.participant_id()
+        assert coordinator.command("ScreenParticipant", pid, p.screening()).status_code == 201
+        assert coordinator.command("RecordConsent", pid, p.CONSENT).status_code == 201
+        week_ago = (datetime.now(UTC).date() - timedelta(days=7)).isoformat()
+        answer = coordinator.command("RandomizeParticipant", pid, {"registered_on": week_ago})
+        assert answer.status_code == 201, answer.text
+        if path == "/v1/queries":
+            history = coordinator.get(f"/v1/participants/{pid}/history").json()["events"]
+            answer = server.client("monitor").command("RaiseQuery", pid, {
+                "query_id": str(uuid.uuid4()), "text": "date?",
+                "event_id": history[-1]["event_id"], "field": "registered_on"})
+            assert answer.status_code == 201, answer.text
+        position = answer.json()["position"]
+    return position
+
+
+@pytest.mark.parametrize("path", ["/v1/visits/due", "/v1/queries", "/v1/participants"])
+def test_a_list_reads_a_page_of_itself(server, path):
+    """(Deviations' pages: tests/integration/test_lists.py, where the rows are made.)"""
+    coordinator = server.client("coordinator")
+    position = _two_rows(server, path)
     ahead = {"within_days": 3660} if path == "/v1/visits/due" else {}
     whole = coordinator.get(path, limit=10000, after=position, **ahead)
     assert whole.status_code == 200
     (key,) = whole.json()
+    assert len(whole.json()[key]) >= 2
     page = coordinator.get(path, limit=1, offset=1, **ahead)
     assert page.json()[key] == whole.json()[key][1:2]
+
+
+@pytest.mark.parametrize("path", ["/v1/deviations", "/v1/visits/due", "/v1/queries",
+                                  "/v1/participants"])
+def test_a_list_refuses_a_page_it_cannot_read(server, path):
+    coordinator = server.client("coordinator")
     for params, field in (({"limit": 0}, "limit"), ({"limit": 10001}, "limit"),
                           ({"offset": -1}, "offset"), ({"limit": "x"}, "limit")):
         refused = coordinator.get(path, **params)
