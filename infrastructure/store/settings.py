@@ -94,8 +94,14 @@ def _check_redis_url(url: str) -> None:
     """redis://, rediss:// or sentinel:// with a host, a port from 1 to 65535 and a
     database number; redis+socket:// or unix:// with a path. Anything else made a worker
     retry for ever (``localhost:6379``) or stop with a traceback."""
-    why = ("must be redis://HOST[:PORT][/DB] (or rediss://, sentinel://), or "
-           "redis+socket:///PATH")
+    why = ("must be redis://HOST[:PORT][/DB] (or rediss://, sentinel://, several sentinels "
+           "joined by ;), or redis+socket:///PATH")
+    if url.startswith("sentinel://") and ";" in url:  # kombu's list of sentinels
+        for one in url.split(";"):
+            if not one.startswith("sentinel://"):
+                raise SettingsError(f"TRIALOG_REDIS_URL: {why}")
+            _check_redis_url(one)
+        return
     try:
         parts = urlsplit(url)
         port = parts.port

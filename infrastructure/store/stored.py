@@ -204,13 +204,13 @@ def as_uuid(value: Any) -> UUID:
 
 def as_bytes(value: Any) -> bytes:
     """A stored state as bytes. The store writes bytes; SQLite keeps whatever is put in a
-    column, so a row edited to hold text is read as its UTF-8, which fails to decrypt and
-    is reported as edited, never crashed on."""
+    column, so a row edited to hold text or a number is read as its text's UTF-8, which
+    fails to decrypt and is reported as edited, never crashed on."""
     if isinstance(value, bytes):
         return value
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    return bytes(value)
+    if isinstance(value, (memoryview, bytearray)):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogateescape")  # text, a number, ...
 
 
 def position_of(recorder: Any, participant_id: str, version: int) -> Any:

@@ -158,9 +158,9 @@ def test_verify_never_crashes_on_garbage_rows(isolated):
     assert [(p.kind, p.version) for p in report.problems] == [("edited", 2)]
 
 
-def test_verify_reports_a_row_edited_to_hold_text_in_sqlite(tmp_path):
-    """SQLite keeps whatever is put in a column: a state set to text crashed both checks
-    (TypeError: string argument without an encoding; the API answered 500)."""
+def test_verify_reports_a_row_edited_to_hold_text_or_a_number_in_sqlite(tmp_path):
+    """SQLite keeps whatever is put in a column: a state set to text or a number crashed
+    both checks (TypeError: string argument without an encoding; the API answered 500)."""
     from sqlalchemy import text
 
     from infrastructure.store.bootstrap import bootstrap
@@ -169,13 +169,14 @@ def test_verify_reports_a_row_edited_to_hold_text_in_sqlite(tmp_path):
     t = bootstrap(settings_for(f"sqlite:///{tmp_path / 'text.db'}"), migrate=True)
     try:
         pid = setup_participant(t)
-        table, where = row(t, pid, 2)
-        with t.engine.begin() as conn:
-            conn.execute(update(table).where(where).values(state=text("'hello'")))
+        for version, edit in ((2, "'hello'"), (3, "-1"), (4, "1.5")):
+            table, where = row(t, pid, version)
+            with t.engine.begin() as conn:
+                conn.execute(update(table).where(where).values(state=text(edit)))
         for deep in (False, True):
             report = verify(t.service, deep=deep)
             assert [(p.kind, p.version, p.participant_id) for p in report.problems] == [
-                ("edited", 2, pid)]
+                ("edited", 2, pid), ("edited", 3, pid), ("edited", 4, pid)]
     finally:
         t.close()
 

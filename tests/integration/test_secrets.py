@@ -124,3 +124,23 @@ def test_deidentified_exports_are_keyed_by_the_pseudonym_key_not_the_seed(isolat
     rows = list(exports.csv_rows(isolated, deidentify=True))
     expected = exports.Deidentifier(TEST_PSEUDONYM_KEY.encode()).pseudonym(pid)
     assert rows and {row["participant_id"] for row in rows} == {expected}
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0", "redis://:secret@cache:6380", "rediss://cache:6380/2",
+    "redis+socket:///run/redis.sock", "sentinel://s1:26379",
+    "sentinel://s1:26379;sentinel://s2:26379;sentinel://s3:26379"])
+def test_a_broker_url_the_transport_reads_is_taken(url):
+    from infrastructure.store.settings import redis_url
+
+    assert redis_url({"TRIALOG_REDIS_URL": url}) == url
+
+
+@pytest.mark.parametrize("url", [
+    "localhost:6379", "redis://127.0.0.1:99999/0", "redis://h:6379/zero", "http://h/0",
+    "sentinel://s1:26379;redis://h:6379", "sentinel://s1:26379;sentinel://:1", "redis:// h"])
+def test_a_broker_url_the_transport_cant_read_is_refused_naming_it(url):
+    from infrastructure.store.settings import redis_url
+
+    with pytest.raises(SettingsError, match="TRIALOG_REDIS_URL"):
+        redis_url({"TRIALOG_REDIS_URL": url})
