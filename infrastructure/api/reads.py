@@ -93,8 +93,10 @@ class DueArgs(PageArgs):
     within_days = fields.Integer(load_default=14, validate=validate.Range(min=0, max=3660))
 
 
-def _read(what: str, args: dict[str, Any] | None = None) -> None:
-    """Checks the caller's role may read ``what``, then honours ``?after=``."""
+def _read(what: str, args: dict[str, Any] | None = None, *, waits: bool = True) -> None:
+    """Checks the caller's role may read ``what``, then honours ``?after=``: refused
+    beyond the newest event and, unless what is read is the store itself (``waits`` false:
+    the history), waited for until the read models include it."""
     from infrastructure.api import runtime
 
     principal = g.principal
@@ -104,6 +106,8 @@ def _read(what: str, args: dict[str, Any] | None = None) -> None:
         head = runtime().projection.head()
         if args["after"] > head:
             raise invalid({"after": [f"is beyond the newest event position, {head}"]})
+        if not waits:
+            return
         reached = runtime().wait_for(args["after"], args["wait"])
         if reached is None:
             raise ApiError(503, "read_side_behind",
@@ -207,7 +211,7 @@ def _until(args: dict[str, Any]) -> str:
 @query(participants_blp, "/<participant_id>/history", StateArgs, r.History, 404)
 def get_history(participant_id: str, **args: Any) -> Response:
     """Every event of one participant, oldest first, with who, when and why."""
-    _read("history", args)
+    _read("history", args, waits=False)  # read from the store: every command is in it
     from infrastructure.api import runtime
 
     if args.get("as_of") is None and args.get("version") is None:

@@ -250,3 +250,18 @@ def test_an_exports_head_makes_no_export_and_records_no_disclosure(isolated_url,
         assert client.get("/v1/exports/odm", headers=headers).status_code == 200
         assert made == [1]
         assert len(access.disclosures(trialog.engine)) == 1  # the GET's
+
+
+def test_the_history_never_waits_for_the_read_models(isolated_url):
+    """The history is read from the store, which holds every command answered: `?after=`
+    is checked (not beyond the newest event) but not waited for; it answered 503
+    read_side_behind while a follower lagged."""
+    with _in_process(isolated_url) as (trialog, app, headers):
+        client = app.test_client()
+        position = _screened_at(client, headers)
+        pid = trialog.service.recorder.select_notifications(position, 1)[0].originator_id
+        participant = trialog.service.repository.get(pid)
+        answer = client.get(f"/v1/participants/{participant.participant_id}/history",
+                            headers=headers, query_string={"after": position, "wait": 0})
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json["events"]) == 1
