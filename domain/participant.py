@@ -33,6 +33,7 @@ from domain.scoring import visit_scores
 # can't be corrected: they are recorded again by a new command instead.
 LOCKED_FIELDS = frozenset({"site_id", "scope", "visit"})
 ACTIVE = ("randomized", "off_treatment")
+SCREENINGS = ("ParticipantScreened", "ParticipantRescreened")
 # Direct identifiers captured at screening, shown only to roles allowed to contact.
 CONTACT_FIELDS = frozenset({"email", "birth_date"})
 
@@ -810,6 +811,10 @@ class Participant(DataManagement, ChainedAggregate):
         if record["type"] == "DoseRecorded" and path == "taken_on":
             self._require_no_dose_on(value)
             self._require_no_dose_after_withdrawal(value)
+        if path == "registered_on" and version == self.registration_record:
+            self._require_entered_before_leaving(value)
+        if path == "screened_on" and record["type"] in SCREENINGS:
+            self._require_screenings_in_order(version, value)
         corrected = _corrected_record(record, path, value)["data"]
         if record["type"] == "MedicationReported" and path in ("started_on", "stopped_on"):
             _require_taken_in_order(corrected, "data.value")
@@ -838,6 +843,35 @@ class Participant(DataManagement, ChainedAggregate):
             if stopped is not None and day > stopped:
                 raise InvalidTransition(
                     f"a dose on {day} is after the {scope} withdrawal on {stopped}")
+
+    def _require_entered_before_leaving(self, registered_on: date) -> None:
+        """A registration corrected to a day after a withdrawal (from treatment or from the
+        study): the order a withdrawal's own date is held to, from the other side."""
+        for scope in ("treatment", "study"):
+            left = self.withdrawn_on(scope)
+            if left is not None and registered_on > left:
+                raise ValidationFailed({"data.value": [
+                    f"registered_on must not be after the {scope} withdrawal ({left})"]})
+
+    def _require_screenings_in_order(self, version: int, screened_on: date) -> None:
+        """A screening's date corrected keeps it between the screening it follows and the
+        rescreen that follows it, and the current one not after a study withdrawal."""
+        dates = {v: r["data"]["screened_on"] for v, r in sorted(self.records.items())
+                 if r["type"] in SCREENINGS}
+        versions = list(dates)
+        at = versions.index(version)
+        before = dates[versions[at - 1]] if at > 0 else None
+        after = dates[versions[at + 1]] if at + 1 < len(versions) else None
+        left = self.withdrawn_on("study") if version == self.screening_record else None
+        if before is not None and screened_on < before:
+            rule = f"must not be before the screening it follows ({before})"
+        elif after is not None and screened_on > after:
+            rule = f"must not be after the rescreen that follows it ({after})"
+        elif left is not None and screened_on > left:
+            rule = f"must not be after the study withdrawal ({left})"
+        else:
+            return
+        raise ValidationFailed({"data.value": [f"screened_on {rule}"]})
 
     def _require_withdrawn_after_entry(self, data: Mapping[str, Any], key: str) -> None:
         """A withdrawal from treatment is not dated before the registration, one from the

@@ -705,3 +705,31 @@ def test_a_rescreen_is_not_dated_before_the_screening_it_follows():
                         PROTOCOL, audit())
     assert list(refused.value.fields) == ["data.screened_on"]
     failed.rescreen(screening(), PROTOCOL, audit())
+
+
+def test_a_registration_is_not_corrected_to_after_a_withdrawal():
+    p = randomized()
+    p.withdraw({"withdrawn_on": REGISTERED + timedelta(days=5), "scope": "treatment",
+                "reason_code": "moved"}, audit())
+    with pytest.raises(ValidationFailed) as refused:
+        p.correct_data({"event_id": p.registration_event, "field": "registered_on",
+                        "value": REGISTERED + timedelta(days=10)}, audit(reason="typo"))
+    assert "treatment withdrawal" in refused.value.fields["data.value"][0]
+    p.correct_data({"event_id": p.registration_event, "field": "registered_on",
+                    "value": REGISTERED + timedelta(days=5)}, audit(reason="typo"))
+
+
+def test_a_screening_date_is_not_corrected_out_of_the_order_of_screenings():
+    p = screened(zubrod=3)
+    first = p.screening_event
+    p.rescreen({**screening(), "screened_on": SCREENED_ON + timedelta(days=10)}, PROTOCOL,
+               audit())
+    rescreen = p.screening_event
+    for target, day in ((rescreen, SCREENED_ON - timedelta(days=1)),
+                        (first, SCREENED_ON + timedelta(days=11))):
+        with pytest.raises(ValidationFailed) as refused:
+            p.correct_data({"event_id": target, "field": "screened_on", "value": day},
+                           audit(reason="typo"))
+        assert list(refused.value.fields) == ["data.value"]
+    p.correct_data({"event_id": rescreen, "field": "screened_on",
+                    "value": SCREENED_ON + timedelta(days=9)}, audit(reason="typo"))
