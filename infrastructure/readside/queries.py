@@ -182,7 +182,9 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
         .join(participants, participants.c.participant_id == visits.c.participant_id)
         .where(visits.c.completed_on.is_(None), visits.c.missed.is_(False),
                visits.c.window_start <= today + timedelta(days=within_days),
-               visits.c.window_end >= today,
+               # Still due until its last day has ended everywhere, as the clock scan
+               # judges a window closed (a site west of UTC is still in that day).
+               visits.c.window_end >= t.ended_everywhere(),
                participants.c.status.in_(("randomized", "off_treatment")),
                in_scope(scope, participants.c.participant_id))
         .order_by(visits.c.window_start, visits.c.participant_id, visits.c.code)

@@ -70,3 +70,23 @@ def test_deviations_and_visits_due_are_whole_unless_a_page_is_asked_for(trialog)
     listed = list_deviations(trialog, scope=EVERY_SITE, participant_id=pid,
                              limit=DeviationArgs().load({})["limit"])
     assert len(listed) == 1005
+
+
+def test_a_visit_stays_due_until_its_last_day_has_ended_everywhere(isolated):
+    """At 01:30 UTC it is still the window's last day in Cleveland: the visit left the due
+    list at midnight UTC, hours before the site's day ended."""
+    from datetime import date
+
+    pid = new_participant_id()
+    registered = date(2026, 3, 4)
+    send(isolated, c.ScreenParticipant(pid, screening("CASE")))
+    send(isolated, c.RecordConsent(pid, consent()))
+    send(isolated, c.RandomizeParticipant(pid, {"registered_on": registered}))
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": registered}))
+    TrialProjection(isolated).catch_up()
+    last_day = registered + timedelta(days=49)  # week 6: days 35 to 49
+    isolated.bus.clock = lambda: datetime.combine(last_day + timedelta(days=1),
+                                                  datetime.min.time(), UTC) + timedelta(
+                                                      hours=1, minutes=30)
+    due = visits_due(isolated, 14, scope=EVERY_SITE)
+    assert [(v["participant_id"], v["code"]) for v in due] == [(pid, "week6")]
