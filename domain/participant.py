@@ -31,7 +31,7 @@ from domain.scoring import visit_scores
 
 # Fields that key other state (the randomization stratum, the withdrawal scope, the visit)
 # can't be corrected: they are recorded again by a new command instead.
-LOCKED_FIELDS = frozenset({"site_id", "scope", "visit"})
+LOCKED_FIELDS = frozenset({"site_id", "scope"})
 ACTIVE = ("randomized", "off_treatment")
 SCREENINGS = ("ParticipantScreened", "ParticipantRescreened")
 # Direct identifiers captured at screening, shown only to roles allowed to contact.
@@ -216,6 +216,20 @@ class Participant(DataManagement, ChainedAggregate):
             aggregate.eligible = self.eligible
             aggregate.failed_criteria = list(self.failed_criteria)
             aggregate.status = "screened" if self.eligible else "screen_failed"
+
+    class StudyCompletionReassessed(Event):
+        """Whether the study is completed, after a correction moved a visit's data to
+        another visit (the last visit's data keyed under another code, or the other way
+        round): completed, or back in follow-up as before."""
+
+        completed: bool
+
+        def apply(self, aggregate: Any) -> None:
+            if self.completed:
+                aggregate.status = "completed"
+            else:
+                aggregate.status = ("off_treatment" if "treatment" in aggregate.withdrawals
+                                    else "randomized")
 
     class ConsentRecorded(Capture):
         def absorb(self, aggregate: Any) -> None:
@@ -746,6 +760,15 @@ class Participant(DataManagement, ChainedAggregate):
                            recipients=list(recipients), **audit.event_fields())
         return True
 
+    def reassess_completion(self, protocol: Protocol, audit: Audit) -> None:
+        """After a correction of a visit's code: the study is completed when, and only
+        when, the last visit's data is recorded (for a participant not withdrawn)."""
+        completes = protocol.visits[-1].code in self.completed_visits()
+        if (self.status == "completed") != completes and self.status in (*ACTIVE,
+                                                                        "completed"):
+            self.trigger_event(self.StudyCompletionReassessed, completed=completes,
+                               **audit.event_fields())
+
     def reassess_screening(self, protocol: Protocol, audit: Audit) -> None:
         """After a correction of the screening's data, before a consent: its outcome
         evaluated again, recorded when it changed (the status follows it)."""
@@ -808,6 +831,10 @@ class Participant(DataManagement, ChainedAggregate):
                                                    for where, message in misdated.items()]})
         if self._step_records().get(path) == version:
             self._require_step_order(path, value, "data.value")
+        if record["type"] == "VisitCompleted" and path == "visit" \
+                and value in self.completed_visits():
+            raise InvalidTransition(f"visit {value} is already completed; correct that "
+                                    "visit's code first, or its data")
         if record["type"] == "DoseRecorded" and path == "taken_on":
             self._require_no_dose_on(value)
             self._require_no_dose_after_withdrawal(value)

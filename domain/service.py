@@ -347,8 +347,12 @@ class TrialService(Application[Any]):
 
     def correct_data(self, participant: Participant, cmd: Command, audit: Audit) -> Decision:
         participant.correct_data(cmd.data, audit, self.correction_rule)
-        if participant.version_of(cmd.data["event_id"]) == participant.screening_record:
+        corrected = participant.version_of(cmd.data["event_id"])
+        if corrected == participant.screening_record:
             participant.reassess_screening(self.protocol, audit)
+        if cmd.data["field"] == "visit" and corrected is not None \
+                and participant.records[corrected]["type"] == "VisitCompleted":
+            participant.reassess_completion(self.protocol, audit)
         if cmd.data["field"] == "registered_on":  # the schedule moved with it
             participant.retract_open_misses(self.protocol,
                                             ended_everywhere(audit.recorded_at), audit)

@@ -587,3 +587,23 @@ def test_the_odm_updates_the_screening_outcome_a_correction_changed(isolated, od
         NS)}
     assert updates["I.SCREENING.eligible"] == "true"
     assert updates["I.SCREENING.failed_criteria"] == "[]"
+
+
+def test_the_odm_carries_a_visit_moved_to_its_right_code(isolated, odm_schema):
+    """Week 6's data keyed as follow_up, then corrected: the document stays valid and the
+    correction is an update of the visit form's `visit` item with its reason."""
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "follow_up",
+                                         "completed_on": REGISTERED + timedelta(days=42)}))
+    keyed = isolated.service.get_participant(pid).completed_visits()["follow_up"]["event_id"]
+    send(isolated, c.CorrectData(pid, {"event_id": keyed, "field": "visit", "value": "week6"}),
+         actor="data-manager", reason="keyed under the wrong visit")
+    participant = isolated.service.get_participant(pid)
+    assert (participant.status, list(participant.completed_visits())) == ("randomized",
+                                                                         ["week6"])
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    subject = root.find(f".//odm:SubjectData[@SubjectKey='{pid}']", NS)
+    moved = subject.find(".//odm:ItemData[@ItemOID='I.VISIT.visit'][@TransactionType='Update']",
+                         NS)
+    assert moved is not None and moved.get("Value") == "week6"

@@ -733,3 +733,71 @@ def test_a_screening_date_is_not_corrected_out_of_the_order_of_screenings():
         assert list(refused.value.fields) == ["data.value"]
     p.correct_data({"event_id": rescreen, "field": "screened_on",
                     "value": SCREENED_ON + timedelta(days=9)}, audit(reason="typo"))
+
+
+def _service_with_a_randomized_participant():
+    from domain import commands as c
+    from domain.service import TrialService
+
+    service = TrialService(PROTOCOL, SEED)
+    service.execute(c.ScreenParticipant("CASE-0001", screening()), audit())
+    service.execute(c.RecordConsent("CASE-0001", consent()), audit())
+    service.execute(c.RandomizeParticipant("CASE-0001", {"registered_on": REGISTERED}),
+                    audit())
+    return service
+
+
+def _correct_visit(service, event_id: str, code: str) -> None:
+    from domain import commands as c
+
+    service.execute(c.CorrectData("CASE-0001", {"event_id": event_id, "field": "visit",
+                                                "value": code}), audit(reason="keyed wrong"))
+
+
+def test_a_visit_keyed_under_the_last_visit_s_code_is_corrected_and_the_study_reopens():
+    """Week 6's data keyed as follow_up on day 42 completed the study for good: no
+    reminders, no missed visits, no withdrawal, no casebook signature. The code can now be
+    corrected, and the status follows."""
+    from domain import commands as c
+
+    service = _service_with_a_randomized_participant()
+    service.execute(c.CompleteVisit("CASE-0001", visit("follow_up", REGISTERED + timedelta(
+        days=42))), audit())
+    participant = service.get_participant("CASE-0001")
+    assert participant.status == "completed"
+    keyed = next(iter(participant.completed_visits().values()))["event_id"]
+
+    _correct_visit(service, keyed, "week6")
+    participant = service.get_participant("CASE-0001")
+    assert participant.status == "randomized"
+    assert list(participant.completed_visits()) == ["week6"]
+    assert {"week6", "follow_up"} <= participant.changed.keys()  # both visits' data changed
+
+    _correct_visit(service, keyed, "follow_up")  # and back: the study completes again
+    assert service.get_participant("CASE-0001").status == "completed"
+
+
+def test_a_visit_is_not_corrected_onto_a_visit_already_completed():
+    from domain import commands as c
+
+    service = _service_with_a_randomized_participant()
+    for code, day in (("baseline", 0), ("week6", 42)):
+        service.execute(c.CompleteVisit("CASE-0001", visit(code, REGISTERED + timedelta(
+            days=day))), audit())
+    week6 = service.get_participant("CASE-0001").completed_visits()["week6"]["event_id"]
+    with pytest.raises(InvalidTransition, match="visit baseline is already completed"):
+        _correct_visit(service, week6, "baseline")
+
+
+def test_a_participant_off_treatment_goes_back_to_off_treatment_when_the_study_reopens():
+    from domain import commands as c
+
+    service = _service_with_a_randomized_participant()
+    service.execute(c.WithdrawParticipant("CASE-0001", {
+        "withdrawn_on": REGISTERED + timedelta(days=20), "scope": "treatment",
+        "reason_code": "toxicity"}), audit())
+    service.execute(c.CompleteVisit("CASE-0001", visit("follow_up", REGISTERED + timedelta(
+        days=90))), audit())
+    keyed = service.get_participant("CASE-0001").completed_visits()["follow_up"]["event_id"]
+    _correct_visit(service, keyed, "end_of_treatment")
+    assert service.get_participant("CASE-0001").status == "off_treatment"
