@@ -62,7 +62,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 # may fall on the same day). The consent's is the first consent's (a re-consent after a
 # protocol amendment comes after the registration).
 DATE_ORDER = (("birth_date", "screened_on", False), ("screened_on", "registered_on", True),
-              ("signed_on", "registered_on", True), ("birth_date", "signed_on", False))
+              ("signed_on", "registered_on", True))
 
 FieldDefined = Callable[[str, str], bool]
 """Whether a dotted path names a field of an event type's data, as the command that
@@ -609,8 +609,6 @@ class Participant(DataManagement, ChainedAggregate):
         if self.status == "screened" and protocol is not None:
             self._require_eligible_now(protocol)
         _require_dated(data, audit)
-        _require_in_order({"birth_date": self.screening["birth_date"], **data}, "signed_on",
-                          "data.signed_on")
         self.trigger_event(self.ConsentRecorded, data=dict(data), **audit.event_fields())
 
     def randomize(
@@ -788,6 +786,7 @@ class Participant(DataManagement, ChainedAggregate):
         ends = {v.code: v.window_end for v in schedule(protocol, self.registered_on)}
         for visit in list(self.missed_visits):
             if visit in ends and ends[visit] >= today:
+                self.require_unlocked(visit)  # the mark is the locked visit's record
                 cause = (f"registration date corrected to {self.registered_on}: the window "
                          f"now ends on {ends[visit]}")
                 flagged = deviation_uuid(self.id, "visit_missed", visit,
@@ -847,9 +846,6 @@ class Participant(DataManagement, ChainedAggregate):
             _require_taken_in_order(corrected, "data.value")
         if record["type"] == "ParticipantWithdrawn" and path == "withdrawn_on":
             self._require_withdrawn_after_entry(corrected, "data.value")
-        if record["type"] == "ConsentRecorded" and path == "signed_on":
-            _require_in_order({"birth_date": self.screening["birth_date"], **corrected},
-                              "signed_on", "data.value")
 
     def _step_records(self) -> dict[str, int | None]:
         """The record that holds each date DATE_ORDER names (a field of the same name)."""
@@ -901,9 +897,10 @@ class Participant(DataManagement, ChainedAggregate):
         raise ValidationFailed({"data.value": [f"screened_on {rule}"]})
 
     def _require_withdrawn_after_entry(self, data: Mapping[str, Any], key: str) -> None:
-        """A withdrawal from treatment is not dated before the registration, one from the
-        study not before the screening."""
-        step = "registered_on" if data["scope"] == "treatment" else "screened_on"
+        """A withdrawal is not dated before the registration (from treatment, or from the
+        study once registered), nor before the screening."""
+        registered = data["scope"] == "treatment" or self.registered_on is not None
+        step = "registered_on" if registered else "screened_on"
         entered = (self.registered_on if step == "registered_on"
                    else self.screening["screened_on"])
         if entered is not None and data["withdrawn_on"] < entered:

@@ -35,7 +35,7 @@ from domain.participant import (
 )
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
-from domain.schedule import ended_everywhere
+from domain.schedule import ended_everywhere, schedule
 from domain.trial import TrialDatabase, trial_uuid
 from domain.views import visits_view
 
@@ -377,7 +377,14 @@ class TrialService(Application[Any]):
 
     def record_visit_missed(self, participant: Participant, cmd: Command,
                             audit: Audit) -> Decision:
-        participant.record_visit_missed(cmd.data["visit"], audit)
+        """Marks a visit missed if its window, as the record schedules it now, has closed
+        everywhere: the scan found it on a record read before, which a correction of the
+        registration date may have moved since (then nothing is written)."""
+        visit, registered_on = cmd.data["visit"], participant.registered_on
+        ends = ({v.code: v.window_end for v in schedule(self.protocol, registered_on)}
+                if registered_on is not None else {})
+        if visit in ends and ends[visit] < ended_everywhere(audit.recorded_at):
+            participant.record_visit_missed(visit, audit)
         return (participant,)
 
     def sign_casebook(self, participant: Participant, cmd: Command,

@@ -408,7 +408,7 @@ def check_snapshots(service: TrialService, deep: bool = False) -> tuple[list[Pro
             problem = _snapshot_problem(service, snapshot_state, event_state)
             if problem is None and deep:
                 snapshot = service.snapshots.derived_here(StoredEvent(  # type: ignore[attr-defined]
-                    stream_key_id(stream), version, topic, bytes(snapshot_state)))
+                    stream_key_id(stream), version, topic, as_bytes(snapshot_state)))
                 if snapshot is None:  # never loaded by this code: what it says is moot
                     passed_over += 1
                     continue
@@ -442,8 +442,8 @@ def _snapshot_problem(service: TrialService, snapshot: Any, event: Any) -> str |
     if event is None:
         return "a snapshot of a version that has no event"
     try:
-        head = plain_state(service.mapper, bytes(snapshot))["state"]["chain_head"]
-        digest = plain_state(service.mapper, bytes(event))["digest"]
+        head = plain_state(service.mapper, as_bytes(snapshot))["state"]["chain_head"]
+        digest = plain_state(service.mapper, as_bytes(event))["digest"]
     except Exception:  # noqa: BLE001 - unreadable: reported
         return "the snapshot can't be read"
     if head != digest:

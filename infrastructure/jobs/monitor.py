@@ -81,10 +81,11 @@ def scan_clock(t: Trialog, today: date) -> dict[str, int]:
         ids = list(connection.execute(select(participants.c.participant_id).where(or_(
             participants.c.status.in_(("randomized", "off_treatment")),
             (participants.c.status == "completed") & unmarked(),
-            # A window closing after the withdrawal is cancelled, never missed (and a row
-            # written before the day was kept, with none, is not looked at).
-            (participants.c.status == "withdrawn")
-            & unmarked(visits.c.window_end < participants.c.left_on)))).scalars())
+            # A window closing after the withdrawal is cancelled, never missed (a row
+            # written before the day was kept, with none, is looked at until rewritten).
+            (participants.c.status == "withdrawn") & unmarked(
+                participants.c.left_on.is_(None)
+                | (visits.c.window_end < participants.c.left_on))))).scalars())
     counts["participants"] = len(ids)
     with t.engine.connect() as connection:
         held = quarantined_ids(connection, SCAN)

@@ -354,14 +354,3 @@ def test_history_checks_its_after_as_the_state_does(server):
     assert (answer.status_code, list(answer.json()["fields"])) == (422, ["after"])
     assert service.get(f"/v1/participants/{pid}/history", after=position).status_code == 200
 
-
-def test_a_date_rule_refusal_never_quotes_the_birth_date_to_a_role_that_may_not_see_it(
-        server):
-    """A consent dated before the birth was refused quoting the birth date to a service
-    token, which may not see contact details anywhere, error messages included."""
-    service = server.client("service")
-    pid = p.participant_id()
-    assert service.command("ScreenParticipant", pid, p.screening()).status_code == 201
-    refused = service.command("RecordConsent", pid, {**p.CONSENT, "signed_on": "1900-01-01"})
-    assert (refused.status_code, list(refused.json()["fields"])) == (422, ["data.signed_on"])
-    assert "1958" not in refused.text and "birth_date" in refused.text

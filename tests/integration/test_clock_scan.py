@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from domain import commands as c
 from infrastructure.jobs.monitor import scan_clock
 from infrastructure.readside.projections import TrialProjection
@@ -197,3 +199,59 @@ def test_a_correction_corrected_back_marks_and_flags_the_visit_again(isolated):
     assert participant.missed_visits == ["week6"]
     assert [d["status"] for d in participant.deviations.values()
             if d["code"] == "visit_missed"] == ["resolved", "open"]
+
+
+def test_a_correction_that_would_retract_a_locked_visit_s_mark_is_refused(isolated):
+    """The mark is the locked visit's record: the correction retracted it (and resolved
+    its deviation) inside the lock."""
+    from datetime import UTC, datetime
+
+    from domain.errors import Locked
+
+    pid = enrol(isolated)
+    moment = datetime.combine(day(50), datetime.min.time(), UTC) + timedelta(hours=12)
+    isolated.bus.clock = lambda: moment
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    send(isolated, c.LockVisit(pid, {"visit": "week6"}), actor="dm")
+    registration = isolated.service.get_participant(pid).registration_event
+    version = isolated.service.get_participant(pid).version
+    with pytest.raises(Locked, match="visit week6"):
+        send(isolated, c.CorrectData(pid, {"event_id": registration, "field": "registered_on",
+                                           "value": day(10).isoformat()}), reason="typo")
+    participant = isolated.service.get_participant(pid)
+    assert participant.version == version and "week6" in participant.missed_visits
+
+
+def test_a_mark_for_a_window_open_again_by_the_time_it_is_written_writes_nothing(isolated):
+    """The scan read the record, then a correction moved the window: its command found the
+    visit missed on a record that no longer says so."""
+    from datetime import UTC, datetime
+
+    pid = enrol(isolated)
+    moment = datetime.combine(day(50), datetime.min.time(), UTC) + timedelta(hours=12)
+    isolated.bus.clock = lambda: moment
+    registration = isolated.service.get_participant(pid).registration_event
+    send(isolated, c.CorrectData(pid, {"event_id": registration, "field": "registered_on",
+                                       "value": day(10).isoformat()}), reason="typo")
+    version = isolated.service.get_participant(pid).version
+    send(isolated, c.RecordVisitMissed(pid, {"visit": "week6"}), actor="deviation-monitor")
+    assert isolated.service.get_participant(pid).version == version
+
+
+def test_a_withdrawn_participant_s_row_from_before_its_day_was_kept_is_looked_at(isolated):
+    """Rows written before migration 0022 hold no withdrawal day: they were never looked
+    at, and a window closed before the withdrawal stayed unmarked for ever."""
+    from sqlalchemy import update
+
+    from infrastructure.store.tables import participants
+
+    pid = enrol(isolated)
+    send(isolated, c.WithdrawParticipant(pid, {"withdrawn_on": day(60), "scope": "study",
+                                               "reason_code": "moved"}))
+    TrialProjection(isolated).catch_up()
+    with isolated.engine.begin() as connection:  # as the migration leaves an older row
+        connection.execute(update(participants).where(participants.c.participant_id == pid)
+                           .values(left_on=None))
+    scan_clock(isolated, day(61))
+    assert "week6" in isolated.service.get_participant(pid).missed_visits

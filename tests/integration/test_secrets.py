@@ -128,8 +128,7 @@ def test_deidentified_exports_are_keyed_by_the_pseudonym_key_not_the_seed(isolat
 
 @pytest.mark.parametrize("url", [
     "redis://127.0.0.1:6379/0", "redis://:secret@cache:6380", "rediss://cache:6380/2",
-    "redis+socket:///run/redis.sock", "sentinel://s1:26379",
-    "sentinel://s1:26379;sentinel://s2:26379;sentinel://s3:26379"])
+    "redis+socket:///run/redis.sock"])
 def test_a_broker_url_the_transport_reads_is_taken(url):
     from infrastructure.store.settings import redis_url
 
@@ -138,8 +137,10 @@ def test_a_broker_url_the_transport_reads_is_taken(url):
 
 @pytest.mark.parametrize("url", [
     "localhost:6379", "redis://127.0.0.1:99999/0", "redis://h:6379/zero", "http://h/0",
-    "sentinel://s1:26379;redis://h:6379", "sentinel://s1:26379;sentinel://:1", "redis:// h"])
+    "redis:// h", "sentinel://s1:26379", "sentinel://s1:26379;sentinel://s2:26379"])
 def test_a_broker_url_the_transport_cant_read_is_refused_naming_it(url):
+    """Sentinels among them: their transport needs a master's name the workers don't pass
+    (a worker given one passed the check, then stopped with a traceback)."""
     from infrastructure.store.settings import redis_url
 
     with pytest.raises(SettingsError, match="TRIALOG_REDIS_URL"):

@@ -671,15 +671,15 @@ def test_a_medication_is_not_stopped_before_it_was_started_nor_corrected_to_be()
     assert list(refused.value.fields) == ["data.value"]
 
 
-def test_a_consent_is_not_signed_before_the_participant_was_born():
+def test_a_date_rule_refusal_never_quotes_the_birth_date():
+    """A contact detail: a refusal naming it must not read it back (a role that may not
+    see contact details gets the same message)."""
     p = screened()
     with pytest.raises(ValidationFailed) as refused:
-        p.record_consent(consent(date(1950, 2, 1)), audit())
-    assert list(refused.value.fields) == ["data.signed_on"]
-    p.record_consent(consent(), audit())
-    with pytest.raises(ValidationFailed):
-        p.correct_data({"event_id": p.consent_event, "field": "signed_on",
-                        "value": date(1950, 2, 1)}, audit(reason="typo"))
+        p.correct_data({"event_id": p.screening_event, "field": "screened_on",
+                        "value": date(1950, 1, 1)}, audit(reason="typo"))
+    message = refused.value.fields["data.value"][0]
+    assert "birth_date" in message and "1958" not in message
 
 
 @pytest.mark.parametrize("scope, before", [("treatment", REGISTERED - timedelta(days=1)),
@@ -801,3 +801,13 @@ def test_a_participant_off_treatment_goes_back_to_off_treatment_when_the_study_r
     keyed = service.get_participant("CASE-0001").completed_visits()["follow_up"]["event_id"]
     _correct_visit(service, keyed, "end_of_treatment")
     assert service.get_participant("CASE-0001").status == "off_treatment"
+
+
+def test_a_randomized_participant_s_study_withdrawal_is_not_dated_before_the_registration():
+    """It was held only to the screening, while a registration corrected to after it was
+    refused: the record could be made that no correction could make right."""
+    p = randomized()
+    with pytest.raises(ValidationFailed) as refused:
+        p.withdraw({"withdrawn_on": REGISTERED - timedelta(days=1), "scope": "study",
+                    "reason_code": "moved"}, audit())
+    assert "registered_on" in refused.value.fields["data.withdrawn_on"][0]
