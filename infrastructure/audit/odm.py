@@ -25,6 +25,7 @@ spooled temporary file while the users are gathered (``AdminData`` comes before
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tempfile
@@ -41,6 +42,7 @@ from marshmallow import Schema, fields
 from domain.access import EVERY_SITE, Scope
 from domain.management import CASEBOOK, QUERY_TRANSITIONS
 from domain.participant import CAPTURED_BY, CONTACT_FIELDS, Participant, event_uuid
+from domain.participant import place as participant_place
 from domain.protocol import Protocol
 from infrastructure.audit.exports import Deidentifier
 from infrastructure.store.bootstrap import Trialog
@@ -400,6 +402,10 @@ class _Subject:
         self.moved: dict[str, str] = {}  # a blood sample's event id -> the visit it moved to
         self.missed: dict[str, int] = {}  # a visit -> the version of its VISIT_MISSED form
         self.screening: int | None = None  # the version of the latest SCREENING form
+        # A captured event's data as corrected so far, and its own fields' items: what a
+        # form moved to another visit is inserted there with.
+        self.current: dict[str, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
+        self.last_moved: str | None = None  # the event id of the form moved last
         self.key = masker.pseudonym(self.participant_id) if masker else self.participant_id
         self.out = [(f"<SubjectData{_attr('SubjectKey', self.key)} TransactionType=\"Insert\">"
                     f"<SiteRef{_attr('LocationOID', self.site)}/>")]
@@ -479,6 +485,9 @@ class _Subject:
         if kind == "ScreeningReassessed":
             self._reassessed(event)
             return
+        if kind == "StudyCompletionReassessed":
+            self._completion_reassessed(event)
+            return
         form = FORMS.get(kind)
         if form is None:
             return
@@ -488,11 +497,13 @@ class _Subject:
         if form.key == SCREENING.key:
             self.screening = event.originator_version
         values: list[tuple[str, Any]] = []
+        attributes = [(name, getattr(event, name)) for name, _ in form.attributes]
         if form.command:
-            self.forms[event_uuid(event.originator_id, event.originator_version)] = (
-                study_event, form, event.originator_version)
+            event_id = event_uuid(event.originator_id, event.originator_version)
+            self.forms[event_id] = (study_event, form, event.originator_version)
+            self.current[event_id] = (copy.deepcopy(event.data), attributes)
             values += _flatten(event.data, "", self.leaves[form.key])
-        values += [(name, getattr(event, name)) for name, _ in form.attributes]
+        values += attributes
         contact = any(value and path.rsplit(".", 1)[-1] in CONTACT_ITEMS
                       for path, value in values)
         items = []
@@ -550,6 +561,12 @@ class _Subject:
                 self.verified.discard(visit)
                 self._note(Place(visit), event, annotation=_annotation(
                     1, [("SDV", "changed_since_verified")]))
+        participant_place(self.current[event.target_event_id][0], event.field,
+                          copy.deepcopy(event.value))
+        if event.field == form.visit_field and event.value is not None \
+                and visit_study_event(event.value) != study_event:
+            self._moved(event, study_event, form, version)
+            return
         items = []
         for path, value in self._corrected_items(event, form):
             if value is None:
@@ -569,6 +586,54 @@ class _Subject:
             f"<FormData{_attr('FormOID', form.oid)}{_attr('FormRepeatKey', version)} "
             f"TransactionType=\"Context\"><ItemGroupData{_attr('ItemGroupOID', form.group_oid)}"
             f" TransactionType=\"Context\">{''.join(items)}</ItemGroupData></FormData>"
+            f"</StudyEventData>")
+
+    def _moved(self, event: Any, study_event: str, form: Form, version: int) -> None:
+        """A form whose visit was corrected (data keyed under the wrong visit, a blood
+        sample drawn for another): removed from the visit it was in, inserted in its own
+        with its data as corrected, each with the correction's AuditRecord."""
+        moved_to = visit_study_event(event.value)
+        self.forms[event.target_event_id] = (moved_to, form, version)
+        self.last_moved = event.target_event_id
+        audit = self._audit(event, event.reason)
+        data, attributes = self.current[event.target_event_id]
+        items = []
+        for path, value in [*_flatten(data, "", self.leaves[form.key]), *attributes]:
+            text = None if value is None else self._plain(path, value)
+            if text is not None:
+                items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}"
+                             f"{_attr('Value', text)} TransactionType=\"Insert\"/>")
+        self.out.append(
+            f"<StudyEventData{_attr('StudyEventOID', study_event)} "
+            f"TransactionType=\"Context\"><FormData{_attr('FormOID', form.oid)}"
+            f"{_attr('FormRepeatKey', version)} TransactionType=\"Remove\">{audit}"
+            f"</FormData></StudyEventData>"
+            f"<StudyEventData{_attr('StudyEventOID', moved_to)} TransactionType=\"Upsert\">"
+            f"<FormData{_attr('FormOID', form.oid)}{_attr('FormRepeatKey', version)} "
+            f"TransactionType=\"Insert\">{audit}<ItemGroupData"
+            f"{_attr('ItemGroupOID', form.group_oid)} TransactionType=\"Insert\">"
+            f"{''.join(items)}</ItemGroupData></FormData></StudyEventData>")
+
+    def _completion_reassessed(self, event: Any) -> None:
+        """The study completed, or not, by the visit form moved in the same command: its
+        ``completes_study`` item updated."""
+        place = self.forms.get(self.last_moved) if self.last_moved else None
+        if place is None or "completes_study" not in dict(place[1].attributes):
+            return
+        study_event, form, version = place
+        data, attributes = self.current[self.last_moved]  # type: ignore[index]
+        self.current[self.last_moved] = (data, [  # type: ignore[index]
+            (name, event.completed if name == "completes_study" else value)
+            for name, value in attributes])
+        self.out.append(
+            f"<StudyEventData{_attr('StudyEventOID', study_event)} "
+            f"TransactionType=\"Context\"><FormData{_attr('FormOID', form.oid)}"
+            f"{_attr('FormRepeatKey', version)} TransactionType=\"Context\">"
+            f"<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
+            f"TransactionType=\"Context\"><ItemData"
+            f"{_attr('ItemOID', form.item_oid('completes_study'))}"
+            f"{_attr('Value', _value(event.completed))} TransactionType=\"Update\">"
+            f"{self._audit(event, event.reason)}</ItemData></ItemGroupData></FormData>"
             f"</StudyEventData>")
 
     def _visits_changed(self, event: Any, study_event: str, form: Form) -> list[str]:

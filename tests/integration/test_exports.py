@@ -552,6 +552,11 @@ def test_a_blood_sample_moved_to_another_visit_changes_both_in_the_odm(isolated,
         notes = [_flags(a) for a in root.iterfind(
             f".//odm:StudyEventData[@StudyEventOID='{oid}']/odm:Annotation", NS)]
         assert notes[-1] == {"SDV": "changed_since_verified"}, (oid, notes)
+    subject = root.find(f".//odm:SubjectData[@SubjectKey='{pid}']", NS)
+    assert [(event.get("StudyEventOID"), form.get("TransactionType"))
+            for event in subject.iterfind("odm:StudyEventData", NS)
+            for form in event.iterfind("odm:FormData[@FormOID='F.BLOOD']", NS)] == [
+        ("SE.BASELINE", "Insert"), ("SE.BASELINE", "Remove"), ("SE.WEEK6", "Insert")]
 
 
 def _csv(t, deidentify=False) -> list[dict[str, str]]:
@@ -590,8 +595,9 @@ def test_the_odm_updates_the_screening_outcome_a_correction_changed(isolated, od
 
 
 def test_the_odm_carries_a_visit_moved_to_its_right_code(isolated, odm_schema):
-    """Week 6's data keyed as follow_up, then corrected: the document stays valid and the
-    correction is an update of the visit form's `visit` item with its reason."""
+    """Week 6's data keyed as follow_up, then corrected: the form is removed from the
+    follow-up and inserted in week 6 with its data (it stayed in the follow-up, its
+    `visit` item updated, completing the study), and it no longer completes the study."""
     pid = enrol(isolated)
     send(isolated, c.CompleteVisit(pid, {"visit": "follow_up",
                                          "completed_on": REGISTERED + timedelta(days=42)}))
@@ -604,6 +610,16 @@ def test_the_odm_carries_a_visit_moved_to_its_right_code(isolated, odm_schema):
     root = _export(isolated)
     assert odm_schema.validate(root), odm_schema.error_log
     subject = root.find(f".//odm:SubjectData[@SubjectKey='{pid}']", NS)
-    moved = subject.find(".//odm:ItemData[@ItemOID='I.VISIT.visit'][@TransactionType='Update']",
-                         NS)
-    assert moved is not None and moved.get("Value") == "week6"
+    steps = [(event.get("StudyEventOID"), form.get("TransactionType"))
+             for event in subject.iterfind("odm:StudyEventData", NS)
+             for form in event.iterfind("odm:FormData[@FormOID='F.VISIT']", NS)]
+    assert steps == [("SE.FOLLOW_UP", "Insert"), ("SE.FOLLOW_UP", "Remove"),
+                     ("SE.WEEK6", "Insert"), ("SE.WEEK6", "Context")]
+    inserted = subject.findall(".//odm:StudyEventData[@StudyEventOID='SE.WEEK6']/odm:FormData"
+                               "[@TransactionType='Insert']//odm:ItemData", NS)
+    values = {item.get("ItemOID"): item.get("Value") for item in inserted}
+    assert values["I.VISIT.visit"] == "week6"
+    assert values["I.VISIT.completed_on"] == (REGISTERED + timedelta(days=42)).isoformat()
+    completion = subject.find(".//odm:ItemData[@ItemOID='I.VISIT.completes_study']"
+                              "[@TransactionType='Update']", NS)
+    assert completion.get("Value") == "false"  # the study is not completed by week 6
