@@ -29,8 +29,9 @@ from domain.randomization import AllocationSequence
 from domain.schedule import schedule
 from domain.scoring import visit_scores
 
-# Fields that key other state (the randomization stratum, the withdrawal scope, the visit)
-# can't be corrected: they are recorded again by a new command instead.
+# Fields that key other state (the randomization stratum, the withdrawal scope) can't be
+# corrected: they are recorded again by a new command instead. (A visit's code can: its
+# data moves to the visit it belongs to, and the study's completion follows.)
 LOCKED_FIELDS = frozenset({"site_id", "scope"})
 ACTIVE = ("randomized", "off_treatment")
 SCREENINGS = ("ParticipantScreened", "ParticipantRescreened")
@@ -841,11 +842,10 @@ class Participant(DataManagement, ChainedAggregate):
             self._require_entered_before_leaving(value)
         if path == "screened_on" and record["type"] in SCREENINGS:
             self._require_screenings_in_order(version, value)
-        corrected = _corrected_record(record, path, value)["data"]
         if record["type"] == "MedicationReported" and path in ("started_on", "stopped_on"):
-            _require_taken_in_order(corrected, "data.value")
+            _require_taken_in_order({**record["data"], path: value}, "data.value")
         if record["type"] == "ParticipantWithdrawn" and path == "withdrawn_on":
-            self._require_withdrawn_after_entry(corrected, "data.value")
+            self._require_withdrawn_after_entry({**record["data"], path: value}, "data.value")
 
     def _step_records(self) -> dict[str, int | None]:
         """The record that holds each date DATE_ORDER names (a field of the same name)."""
@@ -1050,7 +1050,7 @@ def _require_in_order(dates: Mapping[str, Any], name: str, key: str) -> None:
         if then > first or (same_day and then == first):
             continue
         # The other date is quoted, but never the birth date: a contact detail, which a
-        # role that may not see it (a service's consent) would otherwise read back here.
+        # role that may not see it would otherwise read back here.
         if name == later:
             shown = "" if earlier == "birth_date" else f" ({first})"
             rule = f"must {'not be before' if same_day else 'be after'} {earlier}{shown}"

@@ -72,6 +72,7 @@ def scan_clock(t: Trialog, today: date) -> dict[str, int]:
     database = t.service.database()
     if database is not None and database.locked:
         return {**counts, "database_locked": True}
+
     def unmarked(*closed: Any) -> Any:
         return exists().where(visits.c.participant_id == participants.c.participant_id,
                               visits.c.window_end < today, *closed,
