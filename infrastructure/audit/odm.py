@@ -397,7 +397,7 @@ class _Subject:
         self.leaves = leaves
         self.gathered = gathered
         self.forms: dict[str, tuple[str, Form, int]] = {}  # captured event id -> its place
-        self.queries: dict[str, tuple[Place, int]] = {}  # query id -> place, steps so far
+        self.queries: dict[str, tuple[dict[str, Any], int]] = {}  # query id -> target, steps
         self.verified: set[str] = set()  # visit study events verified and not changed since
         self.moved: dict[str, str] = {}  # a blood sample's event id -> the visit it moved to
         self.missed: dict[str, int] = {}  # a visit -> the version of its VISIT_MISSED form
@@ -405,7 +405,8 @@ class _Subject:
         # A captured event's data as corrected so far, and its own fields' items: what a
         # form moved to another visit is inserted there with.
         self.current: dict[str, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
-        self.last_moved: str | None = None  # the event id of the form moved last
+        # The command that moved a form last, and the form's event id.
+        self.last_moved: tuple[str, str] | None = None
         self.key = masker.pseudonym(self.participant_id) if masker else self.participant_id
         self.out = [(f"<SubjectData{_attr('SubjectKey', self.key)} TransactionType=\"Insert\">"
                     f"<SiteRef{_attr('LocationOID', self.site)}/>")]
@@ -594,7 +595,7 @@ class _Subject:
         with its data as corrected, each with the correction's AuditRecord."""
         moved_to = visit_study_event(event.value)
         self.forms[event.target_event_id] = (moved_to, form, version)
-        self.last_moved = event.target_event_id
+        self.last_moved = (event.command_id, event.target_event_id)
         audit = self._audit(event, event.reason)
         data, attributes = self.current[event.target_event_id]
         items = []
@@ -617,12 +618,15 @@ class _Subject:
     def _completion_reassessed(self, event: Any) -> None:
         """The study completed, or not, by the visit form moved in the same command: its
         ``completes_study`` item updated."""
-        place = self.forms.get(self.last_moved) if self.last_moved else None
+        if self.last_moved is None or self.last_moved[0] != event.command_id:
+            return  # recorded by the command that moved the form, or by none
+        moved = self.last_moved[1]
+        place = self.forms.get(moved)
         if place is None or "completes_study" not in dict(place[1].attributes):
             return
         study_event, form, version = place
-        data, attributes = self.current[self.last_moved]  # type: ignore[index]
-        self.current[self.last_moved] = (data, [  # type: ignore[index]
+        data, attributes = self.current[moved]
+        self.current[moved] = (data, [
             (name, event.completed if name == "completes_study" else value)
             for name, value in attributes])
         self.out.append(
@@ -693,15 +697,16 @@ class _Subject:
         where a step has no text, as in the thread) from the sponsor or, answering, the
         site."""
         if isinstance(event, Participant.QueryRaised):
-            self.queries[event.query_id] = (self._target(event.target), 0)
+            self.queries[event.query_id] = (event.target, 0)
             action, status, text = "raise", "open", event.text
         else:
             action, status = event.action, QUERY_TRANSITIONS[event.action][1]
             text = event.text if event.text is not None else event.reason
         if event.query_id not in self.queries:
             return
-        place, step = self.queries[event.query_id]
-        self.queries[event.query_id] = (place, step + 1)
+        target, step = self.queries[event.query_id]
+        self.queries[event.query_id] = (target, step + 1)
+        place = self._target(target)  # where the form is now (a correction may move it)
         query = (self.masker.query_pseudonym(event.query_id) if self.masker
                  else event.query_id)
         comment = None if QUERY_TEXT in self.withheld else text

@@ -255,3 +255,40 @@ def test_a_withdrawn_participant_s_row_from_before_its_day_was_kept_is_looked_at
                            .values(left_on=None))
     scan_clock(isolated, day(61))
     assert "week6" in isolated.service.get_participant(pid).missed_visits
+
+
+def test_a_mark_that_wrote_nothing_does_not_keep_the_visit_from_being_marked_later(
+        isolated, monkeypatch):
+    """The scan read the record (week 6 closed), then a correction moved the window before
+    its command was written: the command wrote nothing, but its record kept its id, and
+    the scan sent that id again when the new window closed: a replay, nothing written,
+    the visit never marked."""
+    from datetime import UTC, datetime
+
+    def at(n: int):
+        moment = datetime.combine(day(n), datetime.min.time(), UTC) + timedelta(hours=12)
+        isolated.bus.clock = lambda: moment
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    registration = isolated.service.get_participant(pid).registration_event
+    at(50)
+    TrialProjection(isolated).catch_up()
+    dispatch = isolated.bus.dispatch
+
+    def corrected_first(command, **kwargs):
+        if isinstance(command, c.RecordVisitMissed):
+            monkeypatch.setattr(isolated.bus, "dispatch", dispatch)
+            send(isolated, c.CorrectData(pid, {"event_id": registration,
+                                               "field": "registered_on",
+                                               "value": day(10).isoformat()}), reason="typo")
+        return dispatch(command, **kwargs)
+
+    monkeypatch.setattr(isolated.bus, "dispatch", corrected_first)
+    scan_clock(isolated, isolated.ended_everywhere())
+    assert isolated.service.get_participant(pid).missed_visits == []  # open again
+
+    at(60)  # the new window ended on day 59, unvisited
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    assert isolated.service.get_participant(pid).missed_visits == ["week6"]

@@ -623,3 +623,30 @@ def test_the_odm_carries_a_visit_moved_to_its_right_code(isolated, odm_schema):
     completion = subject.find(".//odm:ItemData[@ItemOID='I.VISIT.completes_study']"
                               "[@TransactionType='Update']", NS)
     assert completion.get("Value") == "false"  # the study is not completed by week 6
+
+
+def test_a_query_s_later_steps_follow_its_form_to_the_visit_it_was_moved_to(isolated,
+                                                                            odm_schema):
+    """A query on an item of week 6's form, the form then moved to the end of treatment:
+    the reply was written on the form removed from week 6, where a system applying the
+    file finds nothing."""
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "week6", "bpi_sf": {"worst": 5},
+                                         "completed_on": REGISTERED + timedelta(days=42)}))
+    keyed = isolated.service.get_participant(pid).completed_visits()["week6"]["event_id"]
+    query = str(uuid.uuid4())
+    send(isolated, c.RaiseQuery(pid, {"query_id": query, "event_id": keyed,
+                                      "field": "bpi_sf.worst", "text": "5?"}), actor="cra-1")
+    send(isolated, c.CorrectData(pid, {"event_id": keyed, "field": "visit",
+                                       "value": "end_of_treatment"}),
+         actor="dm", reason="keyed under the wrong visit")
+    send(isolated, c.RespondToQuery(pid, {"query_id": query, "text": "5 is right"}),
+         actor="site-1")
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    subject = root.find(f".//odm:SubjectData[@SubjectKey='{pid}']", NS)
+    places = [event.get("StudyEventOID") for event in subject.iterfind("odm:StudyEventData", NS)
+              if event.find(".//odm:Annotation", NS) is not None
+              and any(_flags(a).get("QUERY_STATUS") for a in event.iterfind(
+                  ".//odm:Annotation", NS))]
+    assert places == ["SE.WEEK6", "SE.END_OF_TREATMENT"]  # raised there, answered here

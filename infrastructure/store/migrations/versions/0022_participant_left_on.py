@@ -1,7 +1,7 @@
 """A participant's row keeps the day it left the study: the clock scan looks at one who
 left only for a window that closed before that day and was neither done nor marked missed
 (the others are cancelled, never missed). Rows written before it hold none until the
-participant's next event or a rebuild, and are not looked at meanwhile.
+participant's next event or a rebuild, and are looked at by every scan meanwhile.
 
 Revision ID: 0022
 Revises: 0021
