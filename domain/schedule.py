@@ -49,7 +49,7 @@ def schedule(protocol: Protocol, registered_on: date) -> list[ScheduledVisit]:
 
 def visit_status(
     visit: ScheduledVisit, completed_on: date | None, missed: bool, today: date,
-    left_study_on: date | None = None,
+    left_study_on: date | None = None, closed_by: date | None = None,
 ) -> str:
     """completed | missed | cancelled (the participant left the study before the window
     closed) | open (window open today) | upcoming | overdue (window closed, not yet marked
@@ -62,8 +62,8 @@ def visit_status(
         return "cancelled"
     if today < visit.window_start:
         return "upcoming"
-    if today <= visit.window_end:
-        return "open"
+    if today <= visit.window_end or (closed_by is not None and closed_by <= visit.window_end):
+        return "open"  # (``closed_by``: the day ended everywhere; till then a site is in it)
     return "overdue"
 
 

@@ -34,12 +34,13 @@ from infrastructure.store.tables import (
 log = logging.getLogger("trialog.queries")
 
 
-def _visit(row: Row[Any], today: date) -> dict[str, Any]:
+def _visit(row: Row[Any], today: date, closed_by: date | None = None) -> dict[str, Any]:
     scheduled = ScheduledVisit(row.code, row.target, row.window_start, row.window_end)
     return {
         "code": row.code, "target": row.target.isoformat(),
         "window": {"start": row.window_start.isoformat(), "end": row.window_end.isoformat()},
-        "status": visit_status(scheduled, row.completed_on, row.missed, today),
+        "status": visit_status(scheduled, row.completed_on, row.missed, today,
+                               closed_by=closed_by),
         "completed_on": row.completed_on.isoformat() if row.completed_on else None,
     }
 
@@ -97,7 +98,8 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
         # on the day it left, which the read models don't keep.
         if row is None or row.version < head[0] or row.status == "withdrawn":
             try:
-                return _replayed_state(t, participant_id, today, contact, head[1])
+                return _replayed_state(t, participant_id, today, contact, head[1],
+                                       t.ended_everywhere())
             except Exception as error:
                 if row is None or is_unavailable(error):
                     raise
@@ -111,7 +113,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     state = {
         **_summary_row(row),
         "eligible": row.eligible, "failed_criteria": list(row.failed_criteria),
-        "visits": [_visit(v, today) for v in visit_rows],
+        "visits": [_visit(v, today, t.ended_everywhere()) for v in visit_rows],
         "open_deviations": [_deviation(d) for d in open_rows],
         "scores": row.scores,
         "position": row.position,
@@ -123,9 +125,9 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
 
 
 def _replayed_state(t: Trialog, participant_id: str, today: date, contact: bool,
-                    position: int) -> dict[str, Any]:
+                    position: int, closed_by: date | None = None) -> dict[str, Any]:
     participant = t.service.get_participant(participant_id)
-    state = state_of(participant, t.protocol, today, contact=contact)
+    state = state_of(participant, t.protocol, today, contact=contact, closed_by=closed_by)
     state.update(language=participant.screening["language"], position=position)
     return state
 
@@ -191,7 +193,9 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
     )
     with t.engine.connect() as c:
         rows = c.execute(query.limit(limit).offset(offset)).all()
-    return [{"participant_id": r.participant_id, "site_id": r.site_id, **_visit(r, today)}
+    closed_by = t.ended_everywhere()
+    return [{"participant_id": r.participant_id, "site_id": r.site_id,
+             **_visit(r, today, closed_by)}
             for r in rows]
 
 

@@ -74,7 +74,7 @@ def test_deviations_and_visits_due_are_whole_unless_a_page_is_asked_for(trialog)
 
 def test_a_visit_stays_due_until_its_last_day_has_ended_everywhere(isolated):
     """At 01:30 UTC it is still the window's last day in Cleveland: the visit left the due
-    list at midnight UTC, hours before the site's day ended."""
+    list at midnight UTC, and was shown overdue, hours before the site's day ended."""
     from datetime import date
 
     pid = new_participant_id()
@@ -89,4 +89,14 @@ def test_a_visit_stays_due_until_its_last_day_has_ended_everywhere(isolated):
                                                   datetime.min.time(), UTC) + timedelta(
                                                       hours=1, minutes=30)
     due = visits_due(isolated, 14, scope=EVERY_SITE)
-    assert [(v["participant_id"], v["code"]) for v in due] == [(pid, "week6")]
+    assert [(v["participant_id"], v["code"], v["status"]) for v in due] == [
+        (pid, "week6", "open")]  # not overdue while the site is still in that day
+    from infrastructure.readside.queries import participant_state
+
+    state = participant_state(isolated, pid)
+    assert {v["code"]: v["status"] for v in state["visits"]}["week6"] == "open"
+    isolated.bus.clock = lambda: datetime.combine(last_day + timedelta(days=1),
+                                                  datetime.min.time(), UTC) + timedelta(
+                                                      hours=12, minutes=30)
+    state = participant_state(isolated, pid)
+    assert {v["code"]: v["status"] for v in state["visits"]}["week6"] == "overdue"
