@@ -4,7 +4,7 @@ the study."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,6 +16,12 @@ from tests.integration.helpers import REGISTERED, enrol, send
 
 def day(n: int):
     return REGISTERED + timedelta(days=n)
+
+
+def at_noon(t, n: int) -> None:
+    """The application's clock at 12:00 UTC on day ``n`` (the day has ended everywhere)."""
+    moment = datetime.combine(day(n), datetime.min.time(), UTC) + timedelta(hours=12)
+    t.bus.clock = lambda: moment
 
 
 def test_a_window_that_closed_before_a_withdrawal_is_marked_missed_after_it(isolated):
@@ -76,8 +82,6 @@ def test_the_scans_day_is_the_one_ended_everywhere_not_the_utc_date(isolated):
     """At 01:30 UTC it is still yesterday west of UTC: a window ending yesterday (UTC) is
     still open at a site in Cleveland, and the scan (the worker's and the CLI's) must not
     mark its visit missed yet."""
-    from datetime import UTC, datetime
-
     pid = enrol(isolated)
     send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
     TrialProjection(isolated).catch_up()
@@ -99,8 +103,6 @@ def test_a_miss_the_corrected_registration_date_voids_is_retracted_and_marked_ag
     day. The mark stayed, the visit showed missed and its reminders stopped. Now the mark is
     retracted by an event saying why; the scan marks the visit again once its new window
     closes unvisited, and the ODM export removes the retracted mark's form."""
-    from datetime import UTC, datetime
-
     from lxml import etree
 
     from domain.views import participant_state
@@ -108,13 +110,9 @@ def test_a_miss_the_corrected_registration_date_voids_is_retracted_and_marked_ag
     from infrastructure.audit.odm import odm_document
     from tests.integration.test_exports import ODM_XSD
 
-    def at(n: int):
-        moment = datetime.combine(day(n), datetime.min.time(), UTC) + timedelta(hours=12)
-        isolated.bus.clock = lambda: moment
-
     pid = enrol(isolated)
     send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
-    at(50)
+    at_noon(isolated, 50)
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
     participant = isolated.service.get_participant(pid)
@@ -134,7 +132,7 @@ def test_a_miss_the_corrected_registration_date_voids_is_retracted_and_marked_ag
     assert entries[-2]["data"] == {"visit": "week6", "cause": cause}
     assert entries[-1]["data"]["resolution"] == f"missed mark retracted: {cause}"
 
-    at(60)  # the new window ended on day 59, unvisited
+    at_noon(isolated, 60)  # the new window ended on day 59, unvisited
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
     participant = isolated.service.get_participant(pid)
@@ -157,11 +155,8 @@ def test_a_miss_the_corrected_registration_date_voids_is_retracted_and_marked_ag
 def test_a_miss_the_corrected_registration_date_keeps_closed_stays(isolated):
     """Registration corrected to an earlier day: week 6 closed even sooner; the mark
     holds."""
-    from datetime import UTC, datetime
-
     pid = enrol(isolated)
-    moment = datetime.combine(day(50), datetime.min.time(), UTC) + timedelta(hours=12)
-    isolated.bus.clock = lambda: moment
+    at_noon(isolated, 50)
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
     participant = isolated.service.get_participant(pid)
@@ -176,15 +171,9 @@ def test_a_correction_corrected_back_marks_and_flags_the_visit_again(isolated):
     """Registration moved 10 days later (the mark retracted), then back: the window closed
     after all. The scan's command for the mark was the first one's again, answered as a
     replay: nothing written, the visit left overdue for ever (and the casebook unsignable)."""
-    from datetime import UTC, datetime
-
-    def at(n: int):
-        moment = datetime.combine(day(n), datetime.min.time(), UTC) + timedelta(hours=12)
-        isolated.bus.clock = lambda: moment
-
     pid = enrol(isolated)
     send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
-    at(50)
+    at_noon(isolated, 50)
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
     registration = isolated.service.get_participant(pid).registration_event
@@ -192,7 +181,7 @@ def test_a_correction_corrected_back_marks_and_flags_the_visit_again(isolated):
         send(isolated, c.CorrectData(pid, {"event_id": registration, "field": "registered_on",
                                            "value": registered.isoformat()}), reason="typo")
     assert isolated.service.get_participant(pid).missed_visits == []
-    at(51)
+    at_noon(isolated, 51)
     TrialProjection(isolated).catch_up()
     assert scan_clock(isolated, isolated.ended_everywhere())["missed"] == 1
     participant = isolated.service.get_participant(pid)
@@ -204,13 +193,10 @@ def test_a_correction_corrected_back_marks_and_flags_the_visit_again(isolated):
 def test_a_correction_that_would_retract_a_locked_visit_s_mark_is_refused(isolated):
     """The mark is the locked visit's record: the correction retracted it (and resolved
     its deviation) inside the lock."""
-    from datetime import UTC, datetime
-
     from domain.errors import Locked
 
     pid = enrol(isolated)
-    moment = datetime.combine(day(50), datetime.min.time(), UTC) + timedelta(hours=12)
-    isolated.bus.clock = lambda: moment
+    at_noon(isolated, 50)
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
     send(isolated, c.LockVisit(pid, {"visit": "week6"}), actor="dm")
@@ -226,11 +212,8 @@ def test_a_correction_that_would_retract_a_locked_visit_s_mark_is_refused(isolat
 def test_a_mark_for_a_window_open_again_by_the_time_it_is_written_writes_nothing(isolated):
     """The scan read the record, then a correction moved the window: its command found the
     visit missed on a record that no longer says so."""
-    from datetime import UTC, datetime
-
     pid = enrol(isolated)
-    moment = datetime.combine(day(50), datetime.min.time(), UTC) + timedelta(hours=12)
-    isolated.bus.clock = lambda: moment
+    at_noon(isolated, 50)
     registration = isolated.service.get_participant(pid).registration_event
     send(isolated, c.CorrectData(pid, {"event_id": registration, "field": "registered_on",
                                        "value": day(10).isoformat()}), reason="typo")
@@ -263,16 +246,10 @@ def test_a_mark_that_wrote_nothing_does_not_keep_the_visit_from_being_marked_lat
     its command was written: the command wrote nothing, but its record kept its id, and
     the scan sent that id again when the new window closed: a replay, nothing written,
     the visit never marked."""
-    from datetime import UTC, datetime
-
-    def at(n: int):
-        moment = datetime.combine(day(n), datetime.min.time(), UTC) + timedelta(hours=12)
-        isolated.bus.clock = lambda: moment
-
     pid = enrol(isolated)
     send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
     registration = isolated.service.get_participant(pid).registration_event
-    at(50)
+    at_noon(isolated, 50)
     TrialProjection(isolated).catch_up()
     dispatch = isolated.bus.dispatch
 
@@ -288,7 +265,7 @@ def test_a_mark_that_wrote_nothing_does_not_keep_the_visit_from_being_marked_lat
     scan_clock(isolated, isolated.ended_everywhere())
     assert isolated.service.get_participant(pid).missed_visits == []  # open again
 
-    at(60)  # the new window ended on day 59, unvisited
+    at_noon(isolated, 60)  # the new window ended on day 59, unvisited
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
     assert isolated.service.get_participant(pid).missed_visits == ["week6"]
