@@ -507,6 +507,13 @@ class _Subject:
         values += attributes
         contact = any(value and path.rsplit(".", 1)[-1] in CONTACT_ITEMS
                       for path, value in values)
+        self._insert(study_event, form, event.originator_version,
+                     self._audit(event, contact=contact), values)
+
+    def _insert(self, study_event: str, form: Form, version: int, audit: str,
+                values: list[tuple[str, Any]]) -> None:
+        """A form inserted in a study event, with its AuditRecord and the items of
+        ``values`` that are exported (not null, not withheld)."""
         items = []
         for path, value in values:
             text = None if value is None else self._plain(path, value)
@@ -516,8 +523,7 @@ class _Subject:
         self.out.append(
             f"<StudyEventData{_attr('StudyEventOID', study_event)} TransactionType=\"Upsert\">"
             f"<FormData{_attr('FormOID', form.oid)}"
-            f"{_attr('FormRepeatKey', event.originator_version)} TransactionType=\"Insert\">"
-            f"{self._audit(event, contact=contact)}"
+            f"{_attr('FormRepeatKey', version)} TransactionType=\"Insert\">{audit}"
             f"<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
             f"TransactionType=\"Insert\">{''.join(items)}</ItemGroupData></FormData>"
             f"</StudyEventData>")
@@ -598,22 +604,13 @@ class _Subject:
         self.last_moved = (event.command_id, event.target_event_id)
         audit = self._audit(event, event.reason)
         data, attributes = self.current[event.target_event_id]
-        items = []
-        for path, value in [*_flatten(data, "", self.leaves[form.key]), *attributes]:
-            text = None if value is None else self._plain(path, value)
-            if text is not None:
-                items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}"
-                             f"{_attr('Value', text)} TransactionType=\"Insert\"/>")
         self.out.append(
             f"<StudyEventData{_attr('StudyEventOID', study_event)} "
             f"TransactionType=\"Context\"><FormData{_attr('FormOID', form.oid)}"
             f"{_attr('FormRepeatKey', version)} TransactionType=\"Remove\">{audit}"
-            f"</FormData></StudyEventData>"
-            f"<StudyEventData{_attr('StudyEventOID', moved_to)} TransactionType=\"Upsert\">"
-            f"<FormData{_attr('FormOID', form.oid)}{_attr('FormRepeatKey', version)} "
-            f"TransactionType=\"Insert\">{audit}<ItemGroupData"
-            f"{_attr('ItemGroupOID', form.group_oid)} TransactionType=\"Insert\">"
-            f"{''.join(items)}</ItemGroupData></FormData></StudyEventData>")
+            f"</FormData></StudyEventData>")
+        self._insert(moved_to, form, version, audit,
+                     [*_flatten(data, "", self.leaves[form.key]), *attributes])
 
     def _completion_reassessed(self, event: Any) -> None:
         """The study completed, or not, by the visit form moved in the same command: its
