@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from eventsourcing.cryptography import AESCipher
 from sqlalchemy.engine import make_url
@@ -95,13 +95,7 @@ def _check_redis_url(url: str) -> None:
     redis+socket:// or unix:// with a path. Anything else made a worker
     retry for ever (``localhost:6379``) or stop with a traceback."""
     why = "must be redis://HOST[:PORT][/DB] (or rediss://), or redis+socket:///PATH"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise SettingsError(f"TRIALOG_REDIS_URL: {why}") from None
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise SettingsError(f"TRIALOG_REDIS_URL: {why}")
+    parts, port = _url_parts("TRIALOG_REDIS_URL", url, why)
     if parts.scheme in ("redis+socket", "unix"):
         if not parts.path.strip("/"):
             raise SettingsError(f"TRIALOG_REDIS_URL: {why}")
@@ -111,6 +105,20 @@ def _check_redis_url(url: str) -> None:
     if parts.scheme not in ("redis", "rediss") or not parts.hostname \
             or port == 0 or not re.fullmatch(r"(/[0-9]{0,5})?", parts.path):
         raise SettingsError(f"TRIALOG_REDIS_URL: {why}")
+
+
+def _url_parts(name: str, url: str, why: str) -> tuple[SplitResult, int | None]:
+    """A setting's URL split, and its port: refused, naming the setting and ``why``, when
+    the port is no number up to 65535 or the URL holds whitespace or control
+    characters."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise SettingsError(f"{name}: {why}") from None
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise SettingsError(f"{name}: {why}")
+    return parts, port
 
 
 def database_url(env: Mapping[str, str]) -> str:
@@ -141,13 +149,8 @@ def smtp_url(env: Mapping[str, str]) -> str:
     1 to 65535 (25 when left out)."""
     url = env.get("TRIALOG_SMTP_URL") or "smtp://127.0.0.1:1025"
     why = "must be smtp://HOST[:PORT], the port from 1 to 65535"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise SettingsError(f"TRIALOG_SMTP_URL: {why}") from None
-    if parts.scheme != "smtp" or not parts.hostname or port == 0 \
-            or any(c.isspace() or not c.isprintable() for c in url):
+    parts, port = _url_parts("TRIALOG_SMTP_URL", url, why)
+    if parts.scheme != "smtp" or not parts.hostname or port == 0:
         raise SettingsError(f"TRIALOG_SMTP_URL: {why}")
     return url
 
