@@ -90,7 +90,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     head = stream_head(t, participant_id)
     if head is None:
         raise ParticipantNotFound(f"participant {participant_id} not found")
-    today = t.today()
+    today, closed_by = t.today(), t.ended_everywhere()
     with t.engine.connect() as c:
         row = c.execute(select(participants)
                         .where(participants.c.participant_id == participant_id)).first()
@@ -99,7 +99,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
         if row is None or row.version < head[0] or row.status == "withdrawn":
             try:
                 return _replayed_state(t, participant_id, today, contact, head[1],
-                                       t.ended_everywhere())
+                                       closed_by)
             except Exception as error:
                 if row is None or is_unavailable(error):
                     raise
@@ -113,7 +113,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     state = {
         **_summary_row(row),
         "eligible": row.eligible, "failed_criteria": list(row.failed_criteria),
-        "visits": [_visit(v, today, t.ended_everywhere()) for v in visit_rows],
+        "visits": [_visit(v, today, closed_by) for v in visit_rows],
         "open_deviations": [_deviation(d) for d in open_rows],
         "scores": row.scores,
         "position": row.position,
