@@ -178,7 +178,7 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
                offset: int = 0) -> list[dict[str, Any]]:
     """Visits not completed or missed whose window opens within ``within_days`` (or is open
     now), for participants still in follow-up."""
-    today = t.today()
+    today, closed_by = t.today(), t.ended_everywhere()
     query = (
         select(visits, participants.c.site_id, participants.c.status)
         .join(participants, participants.c.participant_id == visits.c.participant_id)
@@ -186,14 +186,13 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
                visits.c.window_start <= today + timedelta(days=within_days),
                # Still due until its last day has ended everywhere, as the clock scan
                # judges a window closed (a site west of UTC is still in that day).
-               visits.c.window_end >= t.ended_everywhere(),
+               visits.c.window_end >= closed_by,
                participants.c.status.in_(("randomized", "off_treatment")),
                in_scope(scope, participants.c.participant_id))
         .order_by(visits.c.window_start, visits.c.participant_id, visits.c.code)
     )
     with t.engine.connect() as c:
         rows = c.execute(query.limit(limit).offset(offset)).all()
-    closed_by = t.ended_everywhere()
     return [{"participant_id": r.participant_id, "site_id": r.site_id,
              **_visit(r, today, closed_by)}
             for r in rows]
