@@ -26,7 +26,7 @@ from domain.errors import InvalidTransition, NotEligible, ValidationFailed
 from domain.management import QUERY_TRANSITIONS, DataManagement, visit_key
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence
-from domain.schedule import schedule
+from domain.schedule import window_ends
 from domain.scoring import visit_scores
 
 # Fields that key other state (the randomization stratum, the withdrawal scope) can't be
@@ -782,9 +782,7 @@ class Participant(DataManagement, ChainedAggregate):
         """After a correction of the registration date: each visit marked missed whose
         window, as the record now schedules it, has not closed by ``today`` (the day ended
         everywhere) is missed no longer; the clock marks it again if it closes unvisited."""
-        if self.registered_on is None:
-            return
-        ends = {v.code: v.window_end for v in schedule(protocol, self.registered_on)}
+        ends = window_ends(protocol, self.registered_on)
         for visit in list(self.missed_visits):
             if visit in ends and ends[visit] >= today:
                 self.require_unlocked(visit)  # the mark is the locked visit's record

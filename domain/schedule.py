@@ -47,6 +47,14 @@ def schedule(protocol: Protocol, registered_on: date) -> list[ScheduledVisit]:
     return [scheduled_visit(v, registered_on) for v in protocol.visits]
 
 
+def window_ends(protocol: Protocol, registered_on: date | None) -> dict[str, date]:
+    """Each visit's last day, by code, as a registration on ``registered_on`` schedules it
+    (none before a registration)."""
+    if registered_on is None:
+        return {}
+    return {v.code: v.window_end for v in schedule(protocol, registered_on)}
+
+
 def visit_status(
     visit: ScheduledVisit, completed_on: date | None, missed: bool, today: date,
     left_study_on: date | None = None, closed_by: date | None = None,

@@ -35,7 +35,7 @@ from domain.participant import (
 )
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
-from domain.schedule import ended_everywhere, schedule
+from domain.schedule import ended_everywhere, window_ends
 from domain.trial import TrialDatabase, trial_uuid
 from domain.views import visits_view
 
@@ -380,9 +380,8 @@ class TrialService(Application[Any]):
         """Marks a visit missed if its window, as the record schedules it now, has closed
         everywhere: the scan found it on a record read before, which a correction of the
         registration date may have moved since (then nothing is written)."""
-        visit, registered_on = cmd.data["visit"], participant.registered_on
-        ends = ({v.code: v.window_end for v in schedule(self.protocol, registered_on)}
-                if registered_on is not None else {})
+        visit = cmd.data["visit"]
+        ends = window_ends(self.protocol, participant.registered_on)
         if visit in ends and ends[visit] < ended_everywhere(audit.recorded_at):
             participant.record_visit_missed(visit, audit)
         return (participant,)

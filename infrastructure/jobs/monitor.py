@@ -13,7 +13,7 @@ from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
 from domain.management import CASEBOOK
 from domain.participant import Participant, participant_uuid
-from domain.schedule import schedule
+from domain.schedule import window_ends
 from infrastructure.readside.projections import LogFollower
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
@@ -116,9 +116,7 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
     # date moved is made again if the new window closes unvisited).
     missed = [finding for finding in RULES["visit_missed"](participant, t.protocol, today)
               if finding.key not in participant.missed_visits]
-    ends = ({v.code: v.window_end.isoformat()
-             for v in schedule(t.protocol, participant.registered_on)}
-            if missed and participant.registered_on is not None else {})
+    ends = window_ends(t.protocol, participant.registered_on) if missed else {}
     for finding in missed:
         # One command per mark: a mark retracted (the registration date corrected) is made
         # again by a command of its own (its generation), and so is one whose command
@@ -126,7 +124,7 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
         t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
                        command_id=t.derived_command_id(
                            "missed", str(participant.id), finding.key,
-                           str(finding.generation), ends[finding.key]),
+                           str(finding.generation), ends[finding.key].isoformat()),
                        actor=ACTOR)
     if missed:
         counts["missed"] += len(missed)
