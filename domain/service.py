@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Self
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, Repository
-from eventsourcing.persistence import EventStore, JSONTranscoder, Transcoding
+from eventsourcing.persistence import EventStore, JSONTranscoder, Mapper, Transcoding
 
 from domain import commands as c
 from domain.access import EVERY_SITE, Scope
@@ -36,6 +36,7 @@ from domain.participant import (
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
 from domain.schedule import ended_everywhere, window_ends
+from domain.sealing import SealingMapper
 from domain.trial import TrialDatabase, trial_uuid
 from domain.views import visits_view
 
@@ -172,6 +173,10 @@ class TrialService(Application[Any]):
             c.LockCasebook: lambda p, cmd, a: p.lock(CASEBOOK, a),
             c.UnlockCasebook: lambda p, cmd, a: p.unlock(CASEBOOK, a),
         }
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        return self.factory.mapper(transcoder=self.construct_transcoder(),
+                                   mapper_class=SealingMapper)
 
     def construct_snapshot_store(self) -> EventStore[UUID]:
         store = super().construct_snapshot_store()

@@ -369,7 +369,7 @@ class Feed:
         state = as_bytes(row.state)
         mapper = self.trialog.service.mapper
         try:
-            return plain_state(mapper, state)
+            return plain_state(mapper, state, row.topic)
         except Upcast:
             event = decode(mapper, row.originator_id, row.originator_version, row.topic, state)
             content: dict[str, Any] = json.loads(canonical_json(

@@ -33,6 +33,7 @@ from sqlalchemy import func, select
 from domain.access import Scope
 from domain.chain import GENESIS, canonical_json, compute_digest
 from domain.participant import participant_uuid
+from domain.sealing import TopicAltered, unseal
 from domain.service import TrialService
 from infrastructure.store.settings import Settings
 from infrastructure.store.stored import (
@@ -254,8 +255,9 @@ def _name_unknown_streams(service: TrialService, problems: list[Problem]) -> Non
 
 def _row_link(service: TrialService, stream: str, key: Any, version: int,
               topic: str | None, state: bytes) -> Link | None:
-    """The link of one row: recomputed when its topic is given (every row of a deep check,
-    a stream's first event otherwise), else as its decrypted text declares it."""
+    """The link of one row: recomputed over ``topic`` when it is given (every row of a
+    deep check, a stream's first event otherwise), else as its decrypted text declares
+    it."""
     try:
         if topic is not None:
             return _deep_link(service, stream, version, topic, state)
@@ -275,6 +277,15 @@ def _rows(service: TrialService, batch: int, streams: StreamRange,
     return ((row.id, row.originator_id, row.originator_version, row.topic,
              as_bytes(row.state))
             for row in stream_rows(service.recorder, batch, streams=streams))
+
+
+def _sealed_topic(decrypt_state: Any, state: bytes) -> tuple[str | None, bytes | None]:
+    """The topic sealed in a row's state (see ``domain.sealing``) and the state decrypted
+    without it; (None, None) when it does not decrypt."""
+    try:
+        return unseal(decrypt_state(state) if decrypt_state else state)
+    except Exception:  # noqa: BLE001 - reported by the link's check
+        return None, None
 
 
 def verify(service: TrialService, batch: int = 5000, progress: Progress | None = None,
@@ -300,15 +311,23 @@ def verify(service: TrialService, batch: int = 5000, progress: Progress | None =
                 check.finish()
             key = row_key
             check = _StreamCheck(service, stream_key_id(key), report)
+        sealed, plain = _sealed_topic(decrypt_state, state)
+        if sealed is not None and sealed != topic:
+            check.problem("edited", version, notification_id,
+                          f"the topic column was altered: it says {_kind(topic)}, the "
+                          f"event was recorded as {_kind(sealed)}")
+            topic = sealed  # what the digest covers
         link = None
-        if topic is None:  # most rows: the digests as the decrypted text declares them
+        recompute = deep or version == 1
+        if not recompute and plain is not None:
+            # Most rows: the digests as the decrypted text declares them.
             try:
-                plain = decrypt_state(state) if decrypt_state else state
                 link = declared_link(compressor.decompress(plain) if compressor else plain)
             except Exception:  # noqa: BLE001 - the slower path below decides
                 link = None
         if link is None:
-            link = _row_link(service, check.stream, row_key, version, topic, state)
+            link = _row_link(service, check.stream, row_key, version,
+                             topic if recompute else None, state)
         check.check(notification_id, version, link)
     if check is not None:
         check.finish()
@@ -405,7 +424,7 @@ def check_snapshots(service: TrialService, deep: bool = False) -> tuple[list[Pro
                        & (events.c.originator_version == snapshots.c.originator_version))
             .order_by(snapshots.c.originator_id, snapshots.c.originator_version))
         for stream, version, snapshot_state, position, event_state, topic in rows:
-            problem = _snapshot_problem(service, snapshot_state, event_state)
+            problem = _snapshot_problem(service, snapshot_state, event_state, topic)
             if problem is None and deep:
                 snapshot = service.snapshots.derived_here(StoredEvent(  # type: ignore[attr-defined]
                     stream_key_id(stream), version, topic, as_bytes(snapshot_state)))
@@ -438,11 +457,22 @@ def _snapshot_state_problem(service: TrialService, stream: UUID, version: int,
     return None
 
 
-def _snapshot_problem(service: TrialService, snapshot: Any, event: Any) -> str | None:
+def _kind(topic: str) -> str:
+    """An event's kind as its topic names it (``module:Class.Kind``)."""
+    return topic.rsplit(".", 1)[-1].rsplit(":", 1)[-1]
+
+
+def _snapshot_problem(service: TrialService, snapshot: Any, event: Any,
+                      topic: str) -> str | None:
     if event is None:
         return "a snapshot of a version that has no event"
     try:
-        head = plain_state(service.mapper, as_bytes(snapshot))["state"]["chain_head"]
+        head = plain_state(service.mapper, as_bytes(snapshot), topic)["state"]["chain_head"]
+    except TopicAltered as altered:
+        return f"the snapshot's topic column was altered: it was recorded as {altered.sealed}"
+    except Exception:  # noqa: BLE001 - unreadable: reported
+        return "the snapshot can't be read"
+    try:
         digest = plain_state(service.mapper, as_bytes(event))["digest"]
     except Exception:  # noqa: BLE001 - unreadable: reported
         return "the snapshot can't be read"

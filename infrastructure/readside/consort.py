@@ -56,7 +56,7 @@ class Course:
 def _plain(t: Trialog, row: Any) -> dict[str, Any]:
     state = as_bytes(row.state)
     try:
-        return _plain_state(t.service.mapper, state)
+        return _plain_state(t.service.mapper, state, row.topic)
     except Upcast:
         event = decode(t.service.mapper, row.originator_id, row.originator_version,
                        row.topic, state)

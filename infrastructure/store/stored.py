@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
-from sqlalchemy import Uuid, case, func, literal, select, tuple_, union_all
+from sqlalchemy import Uuid, func, literal, select, tuple_, union_all
 
 from domain.chain import canonical_json
 from domain.participant import Participant, participant_uuid
+from domain.sealing import check_topic, unseal
 from domain.service import project
 from infrastructure.store.tables import any_of
 
@@ -36,7 +37,7 @@ def decode(mapper: Mapper[UUID], originator_id: Any, version: int, topic: str,
     cls = resolve_topic(topic)
     if getattr(cls, "class_version", 1) != 1:
         return mapper.to_domain_event(StoredEvent(originator_id, version, topic, state))
-    event_state = mapper.transcoder.decode(decrypt(mapper, state))
+    event_state = mapper.transcoder.decode(decrypt(mapper, state, topic))
     event_state["originator_id"] = originator_id
     event_state["originator_version"] = version
     event = object.__new__(cls)
@@ -76,11 +77,14 @@ def decrypter(cipher: Any) -> Decrypter:
     return found
 
 
-def decrypt(mapper: Mapper[UUID], state: bytes) -> bytes:
+def decrypt(mapper: Mapper[UUID], state: bytes, topic: str | None = None) -> bytes:
     """A stored state decrypted (when the store encrypts) and decompressed (when it
-    compresses), as the mapper would."""
+    compresses), as the mapper would: an event's sealed topic taken off, and refused
+    (``TopicAltered``) when it is not ``topic``, its row's."""
     if mapper.cipher:
-        state = decrypter(mapper.cipher)(state)
+        sealed, state = unseal(decrypter(mapper.cipher)(state))
+        if topic is not None:
+            check_topic(topic, sealed)
     if mapper.compressor:
         state = mapper.compressor.decompress(state)
     return state
@@ -274,27 +278,24 @@ def stream_rows(recorder: Any, batch: int = 2000, topic_prefix: str | None = Non
         yield from connection.execution_options(yield_per=batch).execute(query)
 
 
-LinkRow = tuple[int, Any, int, "str | None", bytes]
+LinkRow = tuple[int, Any, int, str, bytes]
 
 
 def link_rows(recorder: Any, batch: int = 5000,
               streams: StreamRange = (None, None)) -> Iterator[LinkRow]:
-    """(notification id, stream key, version, topic of a first event, state) of every
-    stored event, stream by stream in version order: the least a chain check needs. On
-    PostgreSQL a binary server-side cursor, the key being the id's 16 bytes and the topic
-    only given for version 1 (decoding a UUID and a topic for every row costs more than
-    the rest of the read); elsewhere through SQLAlchemy."""
+    """(notification id, stream key, version, topic, state) of every stored event, stream
+    by stream in version order: the least a chain check needs. On PostgreSQL a binary
+    server-side cursor, the key being the id's 16 bytes (decoding a UUID for every row
+    costs more than the rest of the read); elsewhere through SQLAlchemy."""
     engine = recorder.datastore.engine
     if engine.dialect.name != "postgresql":
         for row in stream_rows(recorder, batch, streams=streams):
-            state = as_bytes(row.state)
-            topic = row.topic if row.originator_version == 1 else None
-            yield row.id, row.originator_id, row.originator_version, topic, state
+            yield (row.id, row.originator_id, row.originator_version, row.topic,
+                   as_bytes(row.state))
         return
     table = events_table(recorder)
-    first_topic = case((table.c.originator_version == 1, table.c.topic), else_=None)
     query = select(table.c.id, func.uuid_send(table.c.originator_id),
-                   table.c.originator_version, first_topic, table.c.state)
+                   table.c.originator_version, table.c.topic, table.c.state)
     query = _in_range(query, table, streams).order_by(table.c.originator_id,
                                                       table.c.originator_version)
     with _binary_cursor(engine, query, name="trialog_link_rows") as cursor:
@@ -377,9 +378,11 @@ def plain_values(value: Any) -> Any:
 _FLAT_TRANSCODED = re.compile(rb'\{"_type_":"[a-z_]+","_data_":("[^"\\]*")\}')
 
 
-def plain_state(mapper: Mapper[UUID], state: bytes) -> dict[str, Any]:
-    """A stored state as plain JSON values, without building the domain event."""
-    text = decrypt(mapper, state)
+def plain_state(mapper: Mapper[UUID], state: bytes, topic: str | None = None
+                ) -> dict[str, Any]:
+    """A stored state as plain JSON values, without building the domain event (its sealed
+    topic checked against ``topic`` when given)."""
+    text = decrypt(mapper, state, topic)
     content: dict[str, Any]
     try:
         # split() keeps each match's group between the pieces: joined, the replacement,
@@ -413,7 +416,7 @@ def plain_stream(service: Any, originator_id: UUID, lte: int | None = None,
     for version, topic, state in rows:
         state = as_bytes(state)
         try:
-            content = plain_state(service.mapper, state)
+            content = plain_state(service.mapper, state, topic)
         except Upcast:
             event = decode(service.mapper, originator_id, version, topic, state)
             content = json.loads(canonical_json({k: v for k, v in vars(event).items()

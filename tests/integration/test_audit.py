@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import and_, delete, insert, select, update
 
 from domain import commands as c
 from domain.participant import participant_uuid
+from domain.sealing import TopicAltered, seal, unseal
 from infrastructure.audit.history import history, participant_as_of
 from infrastructure.audit.verification import verify
 from infrastructure.store.bus import CommandBus
@@ -233,6 +235,57 @@ def test_reading_histories_gives_every_connection_back_to_the_pool(trialog):
     assert pool.checkedout() == checked_out
 
 
+def test_an_altered_topic_column_is_detected_and_located(isolated):
+    # The cipher authenticates a row's state, not its topic column: the topic is sealed
+    # in the state too, so a row relabelled as another kind of event is found by the
+    # plain check, not only by the deep one.
+    pid = setup_participant(isolated)
+
+    def relabel(table, oid, conn):
+        consent = conn.execute(select(table.c.topic).where(and_(
+            table.c.originator_id == oid, table.c.originator_version == 2))).scalar_one()
+        yield update(table).where(and_(table.c.originator_id == oid,
+                                       table.c.originator_version == 4)).values(topic=consent)
+
+    problems = tampered(isolated, pid, relabel)
+    assert [(p["kind"], p["version"], p["participant_id"]) for p in problems] == [
+        ("edited", 4, pid)]
+    assert problems[0]["detail"] == ("the topic column was altered: it says ConsentRecorded, "
+                                     "the event was recorded as DoseRecorded")
+
+
+def test_an_event_whose_topic_column_was_altered_is_never_read_as_another_kind(isolated):
+    pid = setup_participant(isolated)
+    table, where = row(isolated, pid, 4)
+    with isolated.engine.begin() as conn:
+        conn.execute(update(table).where(where).values(
+            topic="domain.participant:Participant.ConsentRecorded"))
+    with pytest.raises(TopicAltered, match="ConsentRecorded"):
+        isolated.service.repository.get(participant_uuid(pid))
+    with pytest.raises(TopicAltered):
+        history(isolated.service, pid, veil=str)
+
+
+def test_events_stored_before_topics_were_sealed_still_read_and_verify(isolated):
+    # Rows written before the seal hold the library's plaintext alone: they read as they
+    # did, and the plain check passes them (their topic is covered by the deep check).
+    pid = setup_participant(isolated)
+    table = events_table(isolated)
+    cipher = isolated.service.mapper.cipher
+    with isolated.engine.begin() as conn:
+        for version, state in conn.execute(select(table.c.originator_version, table.c.state)
+                                           .where(table.c.originator_id == participant_uuid(pid))).all():
+            sealed, plain = unseal(cipher.decrypt(bytes(state)))
+            assert sealed is not None
+            conn.execute(update(table).where(and_(
+                table.c.originator_id == participant_uuid(pid),
+                table.c.originator_version == version)).values(state=cipher.encrypt(plain)))
+    assert verify(isolated.service).ok
+    assert verify(isolated.service, deep=True).ok
+    assert isolated.service.repository.get(participant_uuid(pid)).version == 6
+    assert len(history(isolated.service, pid, veil=str)) == 6
+
+
 def test_the_deep_check_catches_an_edit_made_with_the_cipher_key(isolated):
     # Someone holding the key decrypts a row, changes a value and encrypts it again
     # without rewriting the digests: it decrypts and its links hold, but its content no
@@ -244,9 +297,10 @@ def test_the_deep_check_catches_an_edit_made_with_the_cipher_key(isolated):
     cipher = isolated.service.mapper.cipher
     with isolated.engine.begin() as conn:
         state = conn.execute(select(table.c.state).where(where)).scalar_one()
-        content = json.loads(cipher.decrypt(bytes(state)))
+        topic, plain = unseal(cipher.decrypt(bytes(state)))
+        content = json.loads(plain)
         content["data"]["dose_mcg"] = 5000
-        forged = cipher.encrypt(json.dumps(content, separators=(",", ":")).encode())
+        forged = cipher.encrypt(seal(topic, json.dumps(content, separators=(",", ":")).encode()))
         conn.execute(update(table).where(where).values(state=forged))
     assert verify(isolated.service).ok  # links and encryption hold
     deep = verify(isolated.service, deep=True)
@@ -290,6 +344,24 @@ def test_a_snapshot_that_does_not_match_its_event_is_reported(isolated):
     [problem] = check_store(t, processes=1).problems
     assert (problem.kind, problem.participant_id, problem.version) == ("snapshot", first, 100)
     assert problem.detail == "the snapshot does not match the event at its version"
+
+
+def test_a_snapshot_whose_topic_column_was_altered_is_reported_and_never_loaded(isolated):
+    from infrastructure.audit.verification import check_store
+
+    t = isolated
+    pid = enrol(t)
+    for day in range(97):  # a snapshot at 100
+        send(t, c.RecordDose(pid, dose(day)))
+    snapshots = t.service.snapshots.recorder.events_record_cls.__table__
+    with t.engine.begin() as conn:
+        conn.execute(update(snapshots).where(snapshots.c.originator_id == participant_uuid(pid))
+                     .values(topic="domain.participant:Participant.DoseRecorded"))
+    [problem] = check_store(t, processes=1).problems
+    assert (problem.kind, problem.participant_id, problem.version) == ("snapshot", pid, 100)
+    assert problem.detail.startswith("the snapshot's topic column was altered")
+    assert list(t.service.snapshots.get(participant_uuid(pid))) == []
+    assert t.service.repository.get(participant_uuid(pid)).version == 100  # from the events
 
 
 def test_the_deep_check_catches_a_snapshot_rewritten_with_the_cipher_key(isolated):
