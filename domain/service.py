@@ -15,6 +15,7 @@ from eventsourcing.persistence import EventStore, JSONTranscoder, Mapper, Transc
 from domain import commands as c
 from domain.access import EVERY_SITE, Scope
 from domain.commands import Audit, Command
+from domain.deviations import visit_missed
 from domain.errors import (
     DomainError,
     ParticipantIdUnavailable,
@@ -35,7 +36,7 @@ from domain.participant import (
 )
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
-from domain.schedule import ended_everywhere, window_ends
+from domain.schedule import ended_everywhere
 from domain.sealing import SealingMapper
 from domain.trial import TrialDatabase, trial_uuid
 from domain.views import visits_view
@@ -382,12 +383,13 @@ class TrialService(Application[Any]):
 
     def record_visit_missed(self, participant: Participant, cmd: Command,
                             audit: Audit) -> Decision:
-        """Marks a visit missed if its window, as the record schedules it now, has closed
-        everywhere: the scan found it on a record read before, which a correction of the
-        registration date may have moved since (then nothing is written)."""
+        """Marks a visit missed if the rule still finds it so on the record as it is now:
+        the scan found it on a record read before, which may have changed since (a
+        correction of the registration date moved its window, a withdrawal dated before
+        its end was recorded: then nothing is written)."""
         visit = cmd.data["visit"]
-        ends = window_ends(self.protocol, participant.registered_on)
-        if visit in ends and ends[visit] < ended_everywhere(audit.recorded_at):
+        found = visit_missed(participant, self.protocol, ended_everywhere(audit.recorded_at))
+        if any(finding.key == visit for finding in found):
             participant.record_visit_missed(visit, audit)
         return (participant,)
 

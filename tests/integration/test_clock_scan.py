@@ -222,6 +222,20 @@ def test_a_mark_for_a_window_open_again_by_the_time_it_is_written_writes_nothing
     assert isolated.service.get_participant(pid).version == version
 
 
+def test_a_mark_for_a_window_that_closed_after_a_withdrawal_recorded_meanwhile_writes_nothing(
+        isolated):
+    """The scan read the record, then a withdrawal dated before the window's end was
+    recorded: a visit after the participant left is cancelled, never missed."""
+    pid = enrol(isolated)
+    at_noon(isolated, 50)
+    send(isolated, c.WithdrawParticipant(pid, {"withdrawn_on": day(20), "scope": "study",
+                                               "reason_code": "moved"}))
+    version = isolated.service.get_participant(pid).version
+    send(isolated, c.RecordVisitMissed(pid, {"visit": "week6"}), actor="deviation-monitor")
+    participant = isolated.service.get_participant(pid)
+    assert (participant.version, participant.missed_visits) == (version, [])
+
+
 def test_a_withdrawn_participant_s_row_from_before_its_day_was_kept_is_looked_at(isolated):
     """Rows written before migration 0022 hold no withdrawal day: they were never looked
     at, and a window closed before the withdrawal stayed unmarked for ever."""
