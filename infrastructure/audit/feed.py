@@ -11,6 +11,8 @@ events it covered.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -51,6 +53,59 @@ TYPE_PREFIX = "org.trialog."
 SEQUENCE_TOPIC = get_topic(AllocationSequence) + "."
 MAX_LIMIT = 1000
 UNKNOWN_SITE = "?"  # no site's: seen only by readers of every site
+SEAL = 16  # bytes of each of a row's three seals
+
+
+class FeedSeals:
+    """Keyed BLAKE2b MACs (under a key derived from the cipher key) binding each rm_feed
+    row's rendered texts to its position and stream: the body with the site and type that
+    decide who sees it, the encrypted CloudEvent with contact details, and the history
+    entry. rm_feed is a copy of the store kept beside it, readable and writable by anyone
+    with access to the database but not the key: a row edited, moved or swapped with
+    another (a value changed under its genuine digest, one participant's contact details
+    shown under another's) fails its seal, and is read from the store instead."""
+
+    def __init__(self, key: bytes) -> None:
+        self._base = {part: hashlib.blake2b(key=key, digest_size=SEAL,
+                                            person=b"trialog:feed:" + part)
+                      for part in (b"b", b"c", b"e")}
+
+    def _mac(self, part: bytes, head: bytes, value: bytes | None) -> bytes:
+        mac = self._base[part].copy()
+        mac.update(head)
+        if value is not None:  # None (not rendered) and empty differ
+            mac.update(b"\1")
+            mac.update(value)
+        return mac.digest()
+
+    @staticmethod
+    def _head(position: int, subject: str, site: str | None = None,
+              event_type: str = "") -> bytes:
+        return b"\0".join((position.to_bytes(8, "big"), subject.encode(),
+                           (site or "").encode(), event_type.encode(), b""))
+
+    def seal(self, row: dict[str, Any]) -> bytes:
+        """The three seals of a row as the feed's follower writes it."""
+        head = self._head(row["position"], row["subject"])
+        body, entry = row["body"], row["entry"]
+        return (self._mac(b"b", self._head(row["position"], row["subject"], row["site"],
+                                           row["type"]),
+                          None if body is None else body.encode())
+                + self._mac(b"c", head, row["contact"])
+                + self._mac(b"e", head, None if entry is None else entry.encode()))
+
+    def body_holds(self, seals: bytes | None, position: int, subject: str,
+                   site: str | None, event_type: str, body: str | None) -> bool:
+        return seals is not None and hmac.compare_digest(
+            seals[:SEAL], self._mac(b"b", self._head(position, subject, site, event_type),
+                                    None if body is None else body.encode()))
+
+    def part_holds(self, part: bytes, seals: bytes | None, position: int, subject: str,
+                   value: bytes | None) -> bool:
+        """The contact (``b"c"``) or entry (``b"e"``) seal."""
+        at = SEAL if part == b"c" else 2 * SEAL
+        return seals is not None and hmac.compare_digest(
+            seals[at:at + SEAL], self._mac(part, self._head(position, subject), value))
 FEED_FOLLOWER = "feed"  # the follower of the log that writes rm_feed
 log = logging.getLogger("trialog.feed")
 
@@ -91,6 +146,7 @@ class Feed:
         self.max_streams = max_streams
         self._streams: OrderedDict[UUID, Stream] = OrderedDict()
         self._lock = threading.Lock()
+        self.seals = FeedSeals(trialog.feed_seal_key)
         f, table = feed_events.c, events_table(trialog.service.recorder)
         # A stream's first event in the store; in the history's statement, its first after
         # the n entries rm_feed holds for it (versions 1..n when its follower rendered them
@@ -104,7 +160,7 @@ class Feed:
         self._history = {
             contact: select(f.position, f.entry,
                             f.contact if contact else null().label("contact"),
-                            newer.scalar_subquery().label("newer"))
+                            newer.scalar_subquery().label("newer"), f.seals)
             .where(f.subject == bindparam("subject")).order_by(f.position)
             for contact in (True, False)}
 
@@ -131,23 +187,42 @@ class Feed:
             f = feed_events.c
             contact_column = f.contact if reader.contact else null().label("contact")
             pre = db.execute(
-                select(f.position, f.subject, f.site, f.type, f.body, contact_column)
+                select(f.position, f.subject, f.site, f.type, f.body, contact_column, f.seals)
                 .where(f.position > after).order_by(f.position).limit(limit)).all()
             table = events_table(t.service.recorder)
-            if pre and pre[0].position > after + 1 and db.execute(
-                    select(table.c.id).where(table.c.id > after,
-                                             table.c.id < pre[0].position).limit(1)).first():
-                pre = []  # rm_feed lacks what lies before its rows (restored?): the store
+            if pre and list(db.execute(select(table.c.id).where(
+                    table.c.id > after, table.c.id <= pre[-1].position)
+                    .order_by(table.c.id)).scalars()) != [row.position for row in pre]:
+                # rm_feed lacks some of the log's events there (restored? or deleted), or
+                # holds rows the log doesn't: the store.
+                log.warning("feed: rm_feed does not hold the log's positions %s..%s; they "
+                            "are read from the store", after + 1, pre[-1].position)
+                pre = []
             slots: list[bytes | int] = []
             wanted: list[int] = []  # not rendered ahead: read from the store
+            unsealed: set[int] = set()  # a row whose seal fails: its visibility unknown
             everything = reader.scope.every_site and reader.types is None
-            for position, subject, site, event_type, body, contact in pre:
+            seals = self.seals
+            for position, subject, site, event_type, body, contact, sealed in pre:
+                if not seals.body_holds(sealed, position, subject, site, event_type, body):
+                    log.warning("feed: rm_feed's row %s fails its seal; read from the store",
+                                position)
+                    unsealed.add(position)
+                    slots.append(position)
+                    wanted.append(position)
+                    continue
                 if not (everything or reader.sees_at(site, event_type)):
                     continue
                 if body is None:
                     slots.append(position)
                     wanted.append(position)
                 elif contact is not None:  # only a reader allowed contact details gets it
+                    if not seals.part_holds(b"c", sealed, position, subject, contact):
+                        log.warning("feed: rm_feed's row %s fails its seal; read from the "
+                                    "store", position)
+                        slots.append(position)
+                        wanted.append(position)
+                        continue
                     slots.append(decrypt(mapper, contact))
                     if disclosed is not None:
                         disclosed.add(subject)
@@ -166,11 +241,14 @@ class Feed:
                     select_rows(table)
                     .where(table.c.id > covered).order_by(table.c.id).limit(limit)).all()
             streams = self._learn(db, table, [*rows, *tail])
-        live = {row.id: orjson.dumps(self.cloud_event(row, streams[as_uuid(row.originator_id)],
-                                                      reader, disclosed))
-                for row in rows}
-        events = ([live[slot] if isinstance(slot, int) else slot for slot in slots] if live
-                  else slots)
+        live = {}
+        for row in rows:
+            stream = streams[as_uuid(row.originator_id)]
+            if row.id not in unsealed or reader.sees(stream, row.topic.rsplit(".", 1)[-1]):
+                live[row.id] = orjson.dumps(self.cloud_event(row, stream, reader, disclosed))
+        events = ([slot for slot in slots if not isinstance(slot, int)] if not wanted else
+                  [live[slot] if isinstance(slot, int) else slot for slot in slots
+                   if not isinstance(slot, int) or slot in live])
         for row in tail:
             stream = streams[as_uuid(row.originator_id)]
             if reader.sees(stream, row.topic.rsplit(".", 1)[-1]):
@@ -201,6 +279,7 @@ class Feed:
             rendered.append({"position": row.id, "subject": stream.subject,
                              "site": stream.site, "type": row.topic.rsplit(".", 1)[-1],
                              "body": body, "contact": contact, "entry": entry})
+            rendered[-1]["seals"] = self.seals.seal(rendered[-1])
         return rendered
 
     def history_json(self, participant_id: str, contact: bool, positioned: bool = True
@@ -228,10 +307,18 @@ class Feed:
             return None  # rm_feed lacks some of this stream's events: not versions 1..n
         mapper = t.service.mapper
         entries = []
-        for _, entry, sealed, _ in pre:  # position, entry, contact, newer
+        seals = self.seals
+        for at, entry, sealed, _, held in pre:  # position, entry, contact, newer, seals
             if entry is None:
                 return None  # an event its follower could not render
-            entries.append(entry.encode() if sealed is None else orjson.dumps(
+            text = entry.encode()
+            if not (seals.part_holds(b"e", held, at, participant_id, text) and (
+                    sealed is None
+                    or seals.part_holds(b"c", held, at, participant_id, sealed))):
+                log.warning("feed: rm_feed's row %s fails its seal; %s's history is read "
+                            "from the store", at, participant_id)
+                return None
+            entries.append(text if sealed is None else orjson.dumps(
                 history_entry(orjson.loads(decrypt(mapper, sealed)))))
         if newer is not None:
             shown = len(pre)

@@ -93,6 +93,12 @@ class Trialog:
         return hmac.new(self.settings.cipher_key.encode(), b"trialog:digest",
                         hashlib.sha256).digest()
 
+    @functools.cached_property
+    def feed_seal_key(self) -> bytes:
+        """The key of rm_feed's seals (see ``infrastructure.audit.feed.FeedSeals``)."""
+        return hmac.new(self.settings.cipher_key.encode(), b"trialog:feed-seal",
+                        hashlib.sha256).digest()
+
     def close(self) -> None:
         self.service.close()
 

@@ -387,6 +387,7 @@ webhook_failures = Table(
 # details sees otherwise, that reader's CloudEvent, encrypted as the events are. ``entry``:
 # the event as the participant's history shows it without contact details (the
 # CloudEvent's data with its digest), so that a history is read without decoding events.
+# ``seals``: keyed MACs binding the row's texts to it (see audit.feed.FeedSeals).
 feed_events = Table(
     "rm_feed",
     metadata,
@@ -397,5 +398,6 @@ feed_events = Table(
     Column("body", Text, nullable=True),
     Column("contact", LargeBinary, nullable=True),
     Column("entry", Text, nullable=True),
+    Column("seals", LargeBinary, nullable=True),
     Index("ix_rm_feed_subject", "subject", "position"),
 )

@@ -425,7 +425,7 @@ def test_after_migration_0019_the_feed_is_rendered_again_without_contact_command
     try:
         migrations.upgrade(t.engine, "0018")
         pid = enrol(t)
-        FeedProjection(t).catch_up()
+        _render_without_seals(t)
         screening_command = history(t.service, pid, veil=t.veil_digest)[0]["command_id"]
         with t.engine.begin() as connection:  # as rendered before: the id in plain text
             connection.execute(update(feed_events).values(
@@ -443,6 +443,21 @@ def test_after_migration_0019_the_feed_is_rendered_again_without_contact_command
         assert not [row for row in rendered if screening_command in f"{row.body}{row.entry}"]
     finally:
         t.close()
+
+
+def _render_without_seals(t) -> None:
+    """The feed's follower's work on a schema from before migration 0023 (no seals)."""
+    from infrastructure.audit.feed import Feed
+    from infrastructure.store.stored import events_table, select_rows
+
+    table = events_table(t.service.recorder)
+    with t.engine.begin() as connection:
+        rows = connection.execute(select_rows(table).order_by(table.c.id)).all()
+        rendered = Feed(t).render(connection, rows)
+        for row in rendered:
+            del row["seals"]
+        connection.execute(insert(feed_events), rendered)
+        connection.execute(insert(positions).values(name="feed", position=rows[-1].id))
 
 
 @pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
@@ -721,3 +736,84 @@ def test_rows_the_arrays_cannot_carry_are_refused_before_anything_is_sent(isolat
             insert_rows(connection, odd, [{"id": 1, "kind": "a"}])
     with isolated.engine.connect() as connection:
         assert connection.execute(select(participants)).all() == []
+
+
+def _feed_row(t, pid: str, event_type: str):
+    with t.engine.connect() as connection:
+        return connection.execute(select(feed_events).where(
+            feed_events.c.subject == pid, feed_events.c.type == event_type)).one()
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_history_entry_edited_in_rm_feed_is_not_shown_the_store_is(isolated):
+    """rm_feed is writable by anyone with access to the database: a value changed under
+    its genuine digest, or another participant's contact details put in a row, was shown
+    as the record. Each row is sealed under a key derived from the cipher key."""
+    from infrastructure.audit.history import HistoryCache, event_entry
+    from infrastructure.store.stored import plain_stream
+
+    first, second = enrol(isolated), enrol(isolated, "METRO")
+    FeedProjection(isolated).catch_up()
+    feed = Feed(isolated)
+    assert feed.history_json(first, contact=True) is not None  # sealed rows are read
+    randomized = _feed_row(isolated, first, "ParticipantRandomized")
+    with isolated.engine.begin() as connection:
+        connection.execute(update(feed_events).where(
+            feed_events.c.position == randomized.position).values(
+                entry=randomized.entry.replace('"actor":"test-service"',
+                                               '"actor":"someone-else"')))
+    assert feed.history_json(first, contact=False) is None
+    stream = participant_uuid(first)
+    genuine = [event_entry(stream, v, topic, content, isolated.veil_digest)
+               for v, topic, content in plain_stream(isolated.service, stream)]
+    shown = HistoryCache(isolated.service, isolated.veil_digest,
+                         rendered=feed.history_entries).entries(first)
+    assert shown == genuine and all(e["actor"] == "test-service" for e in shown)
+
+    # METRO's screening's contact details in CASE's row: never shown as CASE's.
+    screened = _feed_row(isolated, second, "ParticipantScreened")
+    with isolated.engine.begin() as connection:
+        connection.execute(update(feed_events).where(
+            feed_events.c.subject == first, feed_events.c.type == "ParticipantScreened")
+            .values(contact=screened.contact))
+    assert feed.history_json(first, contact=True) is None
+    assert feed.history_json(second, contact=True) is not None
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_a_feed_page_never_serves_an_rm_feed_row_edited_moved_or_made_up(isolated):
+    from sqlalchemy import insert as insert_row
+
+    from domain.access import EVERY_SITE, Scope
+    from infrastructure.audit.feed import Reader
+
+    case, metro = enrol(isolated), enrol(isolated, "METRO")
+    FeedProjection(isolated).catch_up()
+    feed = Feed(isolated)
+    every, case_only = Reader(EVERY_SITE, contact=True), Reader(Scope.of(["CASE"]))
+    genuine = feed.page(0, 1000, every)[0]
+    genuine_case = feed.page(0, 1000, case_only)[0]
+    assert {e["subject"] for e in genuine_case} == {case, "allocation/CASE"}
+    randomized = _feed_row(isolated, case, "ParticipantRandomized")
+    metro_screened = _feed_row(isolated, metro, "ParticipantScreened")
+    consented = _feed_row(isolated, case, "ConsentRecorded")
+    head = max(e["position"] for e in genuine)
+    with isolated.engine.begin() as connection:
+        # A value changed under the genuine digest.
+        connection.execute(update(feed_events).where(
+            feed_events.c.position == randomized.position).values(
+                body=randomized.body.replace('"arm":"', '"arm":"x')))
+        # METRO's screening made CASE's, for a CASE reader to get it.
+        connection.execute(update(feed_events).where(
+            feed_events.c.position == metro_screened.position).values(site="CASE"))
+        # One participant's contact details under another's position.
+        connection.execute(update(feed_events).where(
+            feed_events.c.subject == case, feed_events.c.type == "ParticipantScreened")
+            .values(contact=metro_screened.contact))
+        # A row gone, and a row made up for a position the log doesn't hold.
+        connection.execute(delete(feed_events).where(
+            feed_events.c.position == consented.position))
+        connection.execute(insert_row(feed_events).values(
+            {**consented._asdict(), "position": head + 1000}))
+    assert feed.page(0, 1000, every)[0] == genuine
+    assert feed.page(0, 1000, case_only)[0] == genuine_case
