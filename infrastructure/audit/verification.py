@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import orjson
 import sqlalchemy.exc
 from eventsourcing.persistence import StoredEvent
 from sqlalchemy import func, select
@@ -35,15 +36,18 @@ from domain.chain import GENESIS, canonical_json, compute_digest
 from domain.participant import participant_uuid
 from domain.sealing import TopicAltered, unseal
 from domain.service import TrialService
+from domain.trial import trial_uuid
 from infrastructure.store.settings import Settings
 from infrastructure.store.stored import (
     LinkRow,
     StreamRange,
     Upcast,
     as_bytes,
+    as_uuid,
     decode,
     decrypt,
     decrypter,
+    events_table,
     link_rows,
     load_event,
     plain_state,
@@ -61,7 +65,7 @@ Progress = Callable[[int], None]
 
 @dataclass
 class Problem:
-    kind: str  # edited | deleted | reordered | inserted | snapshot
+    kind: str  # edited | deleted | reordered | inserted | snapshot | lock
     stream: str
     version: int
     notification_id: int | None
@@ -397,10 +401,73 @@ def check_store(trialog: Trialog, processes: int | None = None,
     else:
         report = verify(trialog.service, progress=progress, deep=deep)
     problems, passed_over = check_snapshots(trialog.service, deep)
-    report.problems += problems
+    report.problems += problems + check_records(trialog)
     report.snapshots_passed_over = passed_over if deep else None
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_records(trialog: Trialog) -> list[Problem]:
+    """The store against what was written beside its events: the bus's record of each
+    command's answer (in the same transaction), the read models' version of each
+    participant (after it), and the bus's copy of the database lock, which the commands
+    obey. Without the key no event can be forged, but a stream's last events can be
+    deleted, which leaves a valid shorter chain: the versions recorded beside it show
+    what is missing. A lock's copy that disagrees with the trial's record is reported
+    too (unlocked by an edit of the table, the commands would go on)."""
+    from infrastructure.store.tables import command_records, database_lock, participants
+
+    service = trialog.service
+    table = events_table(service.recorder)
+    study = trialog.protocol.study_id
+    trial_stream = trial_uuid(study)
+    with trialog.engine.connect() as connection:
+        ends = {as_uuid(stream): version for stream, version in connection.execute(
+            select(table.c.originator_id, func.max(table.c.originator_version))
+            .group_by(table.c.originator_id))}
+        # Per stream: the highest version recorded beside it, and by what (a command's
+        # answer, written in the same transaction, before the read models').
+        shown: dict[UUID, tuple[int, str, str | None]] = {}
+
+        def beside(stream: UUID, version: Any, evidence: str, pid: str | None) -> None:
+            if isinstance(version, int) and version > shown.get(stream, (0,))[0]:
+                shown[stream] = (version, evidence, pid)
+
+        for command_id, pid, response in connection.execute(
+                select(command_records.c.command_id, command_records.c.participant_id,
+                       command_records.c.response)):
+            try:
+                version = orjson.loads(response).get("version")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            trial = pid.startswith("trial:")
+            beside(trial_stream if trial else participant_uuid(pid), version,
+                   f"command {command_id} was answered with version {version}",
+                   None if trial else pid)
+        for pid, version in connection.execute(select(participants.c.participant_id,
+                                                      participants.c.version)):
+            beside(participant_uuid(pid), version,
+                   f"the read models hold the participant at version {version}", pid)
+        lock = connection.execute(select(database_lock.c.locked_at, database_lock.c.locked_by)
+                                  .where(database_lock.c.study_id == study)).first()
+    problems = []
+    for stream, (version, evidence, pid) in shown.items():
+        end = ends.get(stream, 0)
+        if version > end:
+            problems.append(Problem("deleted", str(stream), end + 1, None,
+                                    f"versions {end + 1}..{version} are missing: {evidence}",
+                                    pid))
+    database = service.database()
+    recorded = database is not None and database.locked is not None
+    copied = lock is not None and lock.locked_at is not None
+    if recorded != copied:
+        says = (f"locked by {database.locked['locked_by']} at "
+                f"{database.locked['locked_at']}" if recorded and database else "unlocked")
+        problems.append(Problem(
+            "lock", str(trial_stream), database.version if database else 0, None,
+            f"the database lock's copy says {'locked' if copied else 'unlocked'}; the "
+            f"trial's record says {says}"))
+    return problems
 
 
 def check_snapshots(service: TrialService, deep: bool = False) -> tuple[list[Problem], int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from uuid import uuid4
 
 import pytest
 from sqlalchemy import and_, delete, insert, select, update
@@ -483,3 +484,64 @@ def test_a_signatures_hash_of_the_signed_data_is_shown_keyed(isolated):
         hashes = [e["data"]["data"].get("data_sha256") for e in events
                   if e["subject"] == pid and e["type"].endswith("RecordSigned")]
         assert hashes == [isolated.veil_digest(stored[0])]
+
+
+def test_the_last_events_of_a_stream_deleted_are_found_from_what_was_recorded_beside_them(
+        isolated):
+    """A stream's last events deleted leave a valid shorter chain: the answers recorded
+    for its commands, and the read models' version, show what is missing."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import TrialProjection
+
+    t = isolated
+    first, second = setup_participant(t), setup_participant(t)
+    TrialProjection(t).catch_up()  # the read models hold both at version 6
+    send(t, c.RecordDose(first, dose(3)))  # version 7: answered, not followed yet
+    assert check_store(t, processes=1).ok
+    table = events_table(t)
+    with t.engine.begin() as conn:
+        for pid, last in ((first, 5), (second, 4)):
+            conn.execute(delete(table).where(table.c.originator_id == participant_uuid(pid),
+                                             table.c.originator_version >= last))
+    for deep in (False, True):
+        problems = sorted(check_store(t, processes=1, deep=deep).problems,
+                          key=lambda p: p.version)
+        assert [(p.kind, p.version, p.participant_id) for p in problems] == [
+            ("deleted", 4, second), ("deleted", 5, first)]
+        assert problems[0].detail.startswith("versions 4..6 are missing: command ")
+        assert problems[1].detail.startswith("versions 5..7 are missing: command ")
+
+
+def test_a_whole_stream_deleted_is_found_from_the_read_models(isolated):
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.store.tables import command_records
+
+    t = isolated
+    pid = setup_participant(t)
+    TrialProjection(t).catch_up()
+    with t.engine.begin() as conn:
+        conn.execute(delete(events_table(t)).where(
+            events_table(t).c.originator_id == participant_uuid(pid)))
+        conn.execute(delete(command_records).where(command_records.c.participant_id == pid))
+    [problem] = check_store(t, processes=1).problems
+    assert (problem.kind, problem.version, problem.participant_id) == ("deleted", 1, pid)
+    assert problem.detail == ("versions 1..6 are missing: the read models hold the "
+                              "participant at version 6")
+
+
+def test_a_database_lock_lifted_by_an_edit_of_its_table_is_reported(isolated):
+    from infrastructure.audit.verification import check_store
+    from infrastructure.store.tables import database_lock
+
+    t = isolated
+    setup_participant(t)
+    t.bus.dispatch_trial("LockDatabase", command_id=str(uuid4()), actor="dm",
+                         reason="final analysis")
+    assert check_store(t, processes=1).ok
+    with t.engine.begin() as conn:
+        conn.execute(update(database_lock).values(locked_at=None, locked_by=None))
+    [problem] = check_store(t, processes=1).problems
+    assert problem.kind == "lock"
+    assert problem.detail.startswith("the database lock's copy says unlocked; the trial's "
+                                     "record says locked by dm at ")
