@@ -154,6 +154,7 @@ class _StreamCheck:
         self.stream = str(stream)
         self.report = report
         self.last_version = 0
+        self.last_position = 0  # the notification id of the stream's event before
         self.last_digest: str | None = GENESIS
         self.participant_id: str | None = None
         self.found: list[Problem] = []
@@ -171,12 +172,26 @@ class _StreamCheck:
     def check(self, notification_id: int, version: int, link: Link | None) -> None:
         """``link`` is None when the row can't be read."""
         if (link is not None and version == self.last_version + 1 and link[2] is not False
-                and self.last_digest is not None and link[0] == self.last_digest):
-            # The next version, linked to the one before: all is well (most rows).
+                and self.last_digest is not None and link[0] == self.last_digest
+                and notification_id > self.last_position):
+            # The next version, linked to the one before, later in the log: all is well
+            # (most rows).
             self.participant_id = self.participant_id or link[3]
             self.seen[link[1]] = self.last_version = version
             self.last_digest = link[1]
+            self.last_position = notification_id
             return
+        found, before = len(self.found), self.last_position
+        self.last_position = max(self.last_position, notification_id)
+        self._check_link(notification_id, version, link)
+        if notification_id < before and len(self.found) == found:
+            # A stream's events enter the log in version order (each after the one before
+            # it committed): notification ids swapped between them reorder its history.
+            self.problem("reordered", version, notification_id,
+                         f"its position in the log ({notification_id}) comes before that "
+                         f"of the version before it ({before})")
+
+    def _check_link(self, notification_id: int, version: int, link: Link | None) -> None:
         if version > self.last_version + 1:
             missing = f"{self.last_version + 1}..{version - 1}"
             self.problem("deleted", version, notification_id, f"versions {missing} are missing")

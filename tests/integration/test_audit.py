@@ -96,6 +96,24 @@ def test_reordered_events_are_detected_and_located(isolated):
     assert all(p["participant_id"] == pid for p in problems)
 
 
+def test_positions_swapped_between_two_events_of_a_stream_are_detected(isolated):
+    # Each version links to the one before, but the log (and so the history, and the
+    # feed) would show version 6 before version 5.
+    pid = setup_participant(isolated)
+
+    def swap_positions(table, oid, conn):
+        at = lambda v: and_(table.c.originator_id == oid, table.c.originator_version == v)
+        five, six = (conn.execute(select(table.c.id).where(at(v))).scalar_one() for v in (5, 6))
+        yield update(table).where(at(5)).values(id=-five)
+        yield update(table).where(at(6)).values(id=five)
+        yield update(table).where(at(5)).values(id=six)
+
+    problems = tampered(isolated, pid, swap_positions)
+    assert [(p["kind"], p["version"], p["participant_id"]) for p in problems] == [
+        ("reordered", 6, pid)]
+    assert "comes before that of the version before it" in problems[0]["detail"]
+
+
 def test_an_inserted_event_is_detected_and_located(isolated):
     pid = setup_participant(isolated)
     other = setup_participant(isolated)
