@@ -27,6 +27,7 @@ from uuid import UUID
 import orjson
 import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError
+from eventsourcing.utils import get_topic
 from eventsourcing_sqlalchemy.datastore import transactions
 from sqlalchemy import bindparam, insert, literal, select, update
 from tenacity import (
@@ -43,12 +44,13 @@ from domain.commands import DATA_COMMANDS, Audit, Command
 from domain.errors import DatabaseLocked, DomainError, IdempotencyKeyReused
 from domain.participant import Participant, participant_uuid
 from domain.service import TrialService
+from domain.trial import TrialDatabase, trial_uuid
 from infrastructure.store.outages import (
     DATABASE_ERRORS,
     is_unavailable,
     rolled_back_for_another,
 )
-from infrastructure.store.stored import load_participants, positions_of
+from infrastructure.store.stored import events_table, load_participants, positions_of
 from infrastructure.store.tables import (
     any_of,
     as_utc,
@@ -125,12 +127,19 @@ def fingerprint(command: Command, reason: str | None, expected_version: int | No
     return hashlib.sha256(canonical_bytes(body, _plain, _FINGERPRINTED)).hexdigest()
 
 
+LOCKED_TOPIC = get_topic(TrialDatabase.DatabaseLocked)
+
+
 def _locked(row: Any) -> DatabaseLocked | None:
-    """The refusal a database lock row means, if it is locked."""
+    """The refusal the database lock means, if it is locked: by the bus's copy of it, or
+    by the trial's record, whose newest event is a lock (the copy, written in the same
+    transaction, says who and when; the record holds when the copy was edited)."""
     if row is not None and row.locked_at is not None:
         return DatabaseLocked(
             f"the database is locked (by {row.locked_by} at "
             f"{as_utc(row.locked_at).isoformat()}): no participant's data can change")
+    if row is not None and row.trial_topic == LOCKED_TOPIC:
+        return DatabaseLocked("the database is locked: no participant's data can change")
     return None
 
 
@@ -171,14 +180,21 @@ class CommandBus:
             command_records.c.command_id, command_records.c.fingerprint,
             command_records.c.response).where(any_of(command_records.c.command_id,
                                                      not self._sqlite))
-        self._lock_row = select(database_lock.c.locked_at, database_lock.c.locked_by).where(
-            database_lock.c.study_id == self.study_id)
+        events = events_table(service.recorder)
+        trial_topic = (select(events.c.topic)
+                       .where(events.c.originator_id == trial_uuid(self.study_id))
+                       .order_by(events.c.originator_version.desc()).limit(1)
+                       .scalar_subquery().label("trial_topic"))
+        one = select(literal(1).label("one")).subquery()
+        self._lock_row = (
+            select(database_lock.c.locked_at, database_lock.c.locked_by, trial_topic)
+            .select_from(one.outerjoin(database_lock,
+                                       database_lock.c.study_id == self.study_id)))
         # One statement for a command's idempotency record (NULLs when there is none) and
         # the database lock; built once, the command id bound when run.
-        one = select(literal(1).label("one")).subquery()
         self._record_and_lock = (
             select(command_records.c.fingerprint, command_records.c.response,
-                   database_lock.c.locked_at, database_lock.c.locked_by)
+                   database_lock.c.locked_at, database_lock.c.locked_by, trial_topic)
             .select_from(one.outerjoin(command_records, command_records.c.command_id
                                        == bindparam("command_id"))
                          .outerjoin(database_lock,

@@ -370,6 +370,32 @@ def test_a_locked_database_refuses_the_data_commands_dispatched_together(isolate
     assert stored_versions(isolated, pid) == 4
 
 
+def test_a_database_lock_lifted_by_an_edit_of_its_table_still_holds(isolated):
+    """The commands read the bus's copy of the lock; the trial's record, which no one can
+    write without the key, holds too: the copy set to unlocked lifts nothing."""
+    from sqlalchemy import update
+
+    from infrastructure.store.tables import database_lock
+
+    pid = enrol(isolated)
+    isolated.bus.dispatch_trial("LockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="final analysis")
+    with isolated.engine.begin() as connection:
+        connection.execute(update(database_lock).values(locked_at=None, locked_by=None))
+    for dispatch in (lambda: send(isolated, c.RecordDose(pid, dose(1))),
+                     lambda: isolated.bus.dispatch_all([
+                         Intent(c.RecordDose(pid, dose(2)), str(uuid.uuid4()), "import")])):
+        with pytest.raises(DatabaseLocked, match="the database is locked"):
+            outcome = dispatch()
+            if isinstance(outcome, list):
+                raise outcome[0]
+    assert stored_versions(isolated, pid) == 3
+    isolated.bus.dispatch_trial("UnlockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="query found")
+    send(isolated, c.RecordDose(pid, dose(1)))
+    assert stored_versions(isolated, pid) == 4
+
+
 def test_the_clock_scan_writes_nothing_while_the_database_is_locked(isolated):
     """A visit's window that closes during a database lock is not marked missed (nor any
     deviation flagged) into the frozen record; the scan after the unlock finds it."""
@@ -514,7 +540,9 @@ def test_a_batch_sent_again_answers_each_first_answer_finding_positions_in_one_q
     assert all(o.body["position"] for o in again[:-1])
     assert isinstance(again[-1], IdempotencyKeyReused)
     events = trialog.service.recorder.events_table_name
-    assert len([s for s in executed if f"FROM {events}" in s]) == 1
+    # (The lock's statement reads the trial's newest event, not positions.)
+    assert len([s for s in executed
+                if f"FROM {events}" in s and "trialog_database_lock" not in s]) == 1
 
 
 def test_two_batches_that_deadlock_on_command_ids_are_decided_again_not_failed(
