@@ -9,7 +9,8 @@ is, since our events table (made by `eventsourcing_sqlalchemy`) calls the notifi
 (`SELECT id AS notification_id, ...`, nothing copied, the same rows and indexes), and an
 `Application` named after the view reads it as `raw_log_read` in __main__.py does: pages
 of 1,000 notifications, each turned into a domain event (decrypt and decode, with our
-`date` transcoding registered so that our events decode at all).
+`date` transcoding registered and our mapper named by the library's `MAPPER_TOPIC`, which
+takes off each state's sealed topic, so that our events decode at all).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import orjson
 import requests
 from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder
+from eventsourcing.utils import get_topic
 from sqlalchemy import text, update
 
 from benchmarks import projection
@@ -35,6 +37,7 @@ from benchmarks.baseline import read_whole_log
 from domain.access import Scope
 from domain.participant import Participant
 from domain.randomization import AllocationSequence
+from domain.sealing import SealingMapper
 from domain.service import DateAsISO
 from infrastructure.audit.feed import MAX_LIMIT, Feed
 from infrastructure.jobs import webhooks
@@ -110,7 +113,10 @@ def library_log_read(t: Trialog, raw_env: dict[str, str]) -> tuple[int, float]:
     start-up."""
     app = LibraryLog(env={**raw_env, "CREATE_TABLE": "n",
                           "CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
-                          "CIPHER_KEY": t.settings.cipher_key})
+                          "CIPHER_KEY": t.settings.cipher_key,
+                          # The store's states begin with their sealed topics: the
+                          # library's mapper setting names the mapper that reads them.
+                          "MAPPER_TOPIC": get_topic(SealingMapper)})
     try:
         return read_whole_log(app)
     finally:
