@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import multiprocessing
 import os
 import threading
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -65,7 +67,7 @@ Progress = Callable[[int], None]
 
 @dataclass
 class Problem:
-    kind: str  # edited | deleted | reordered | inserted | snapshot | lock
+    kind: str  # edited | deleted | reordered | inserted | snapshot | lock | read_model
     stream: str
     version: int
     notification_id: int | None
@@ -417,6 +419,8 @@ def check_store(trialog: Trialog, processes: int | None = None,
         report = verify(trialog.service, progress=progress, deep=deep)
     problems, passed_over = check_snapshots(trialog.service, deep)
     report.problems += problems + check_records(trialog)
+    if deep:
+        report.problems += check_read_models(trialog)
     report.snapshots_passed_over = passed_over if deep else None
     report.seconds = time.perf_counter() - start
     return report
@@ -483,6 +487,78 @@ def check_records(trialog: Trialog) -> list[Problem]:
             f"the database lock's copy says {'locked' if copied else 'unlocked'}; the "
             f"trial's record says {says}"))
     return problems
+
+
+def check_read_models(trialog: Trialog) -> list[Problem]:
+    """Deep: each participant the read models hold at its newest version, replayed from
+    its events, against what they serve (the lists, the summary, the CSV and FHIR exports
+    read them): a value edited in a read model's table (an arm, a score, a deviation's
+    status) is a `read_model` problem. A participant they hold at an older version (its
+    follower behind) is passed over; `trialog projections rebuild` writes them again
+    from the events."""
+    from infrastructure.readside.projections import read_model_rows
+    from infrastructure.store.tables import deviations, participants, queries, scores, visits
+
+    keys = {participants: ("participant_id",), visits: ("participant_id", "code"),
+            deviations: ("deviation_id",), scores: ("participant_id", "visit"),
+            queries: ("participant_id", "query_id")}
+    held: dict[Any, dict[str, dict[tuple[Any, ...], Any]]] = {t: {} for t in keys}
+    with trialog.engine.connect() as connection:
+        for table, key in keys.items():
+            for row in connection.execute(select(table)):
+                found = row._mapping
+                held[table].setdefault(found["participant_id"], {})[
+                    tuple(found[k] for k in key)] = found
+    problems = []
+    for pid, row in held[participants].items():
+        version = row[(pid,)]["version"]
+        try:
+            participant = trialog.service.repository.get(participant_uuid(pid))
+        except Exception:  # noqa: BLE001, S112 - no stream, or an unreadable one: reported above
+            continue
+        if participant.version != version:
+            continue
+        expected: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {t: {} for t in keys}
+        for table, values in read_model_rows(participant, trialog, 0):
+            if table in keys:
+                expected[table][tuple(values[k] for k in keys[table])] = values
+        for table in keys:
+            have, want = held[table].get(pid, {}), expected[table]
+            for key in sorted(have.keys() | want.keys(), key=str):
+                detail = _row_difference(table.name, key, have.get(key), want.get(key))
+                if detail:
+                    problems.append(Problem("read_model", str(participant.id), version,
+                                            None, detail, pid))
+    return problems
+
+
+def _row_difference(table: str, key: tuple[Any, ...], have: Any,
+                    want: dict[str, Any] | None) -> str | None:
+    named = "/".join(str(k) for k in key)
+    if want is None:
+        return f"{table} holds a row {named} that the record does not give"
+    if have is None:
+        return f"{table} lacks the row {named} that the record gives"
+    for column, value in want.items():
+        if column != "position" and _plain(have[column]) != _plain(value):
+            return (f"{table}.{column} of {named} says {_plain(have[column])!r}; the record "
+                    f"says {_plain(value)!r}")
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """A read model's value as it compares whichever database stored it."""
+    from infrastructure.store.tables import as_utc
+
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, dict | list | tuple):
+        return json.loads(json.dumps(value, default=str))
+    return value
 
 
 def check_snapshots(service: TrialService, deep: bool = False) -> tuple[list[Problem], int]:

@@ -563,3 +563,34 @@ def test_a_database_lock_lifted_by_an_edit_of_its_table_is_reported(isolated):
     assert problem.kind == "lock"
     assert problem.detail.startswith("the database lock's copy says unlocked; the trial's "
                                      "record says locked by dm at ")
+
+
+def test_the_deep_check_finds_a_read_model_edited_to_say_what_the_record_does_not(isolated):
+    """The lists, the summary and the CSV and FHIR exports read the read models: an arm,
+    a score or a deviation's status changed there was served as the record."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.store.tables import participants, visits
+
+    t = isolated
+    pid, other = setup_participant(t), setup_participant(t)
+    send(t, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED}))
+    TrialProjection(t).catch_up()
+    assert check_store(t, processes=1, deep=True).ok
+    arm = t.service.get_participant(pid).arm
+    forged = "control" if arm == "b12" else "b12"
+    with t.engine.begin() as conn:
+        conn.execute(update(participants).where(participants.c.participant_id == pid)
+                     .values(arm=forged))
+        conn.execute(delete(visits).where(visits.c.participant_id == other,
+                                          visits.c.code == "week6"))
+    assert check_store(t, processes=1).ok  # the plain check reads the store alone
+    problems = sorted(check_store(t, processes=1, deep=True).problems,
+                      key=lambda p: p.participant_id == other)
+    assert [(p.kind, p.participant_id, p.detail) for p in problems] == [
+        ("read_model", pid, f"rm_participants.arm of {pid} says '{forged}'; the record "
+                            f"says '{arm}'"),
+        ("read_model", other, f"rm_visits lacks the row {other}/week6 that the record "
+                              "gives")]
+    TrialProjection(t).rebuild()
+    assert check_store(t, processes=1, deep=True).ok
