@@ -173,6 +173,10 @@ class _StreamCheck:
 
     def check(self, notification_id: int, version: int, link: Link | None) -> None:
         """``link`` is None when the row can't be read."""
+        if version < 1:  # the library stores none there: the row was put in
+            self.problem("inserted", version, notification_id,
+                         "no event is stored below version 1")
+            return
         if (link is not None and version == self.last_version + 1 and link[2] is not False
                 and self.last_digest is not None and link[0] == self.last_digest
                 and notification_id > self.last_position):

@@ -594,3 +594,20 @@ def test_the_deep_check_finds_a_read_model_edited_to_say_what_the_record_does_no
                               "gives")]
     TrialProjection(t).rebuild()
     assert check_store(t, processes=1, deep=True).ok
+
+
+def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(isolated):
+    # A copy of another participant's first event put before this stream's first event
+    # (version 0): the genuine version 1 was blamed, as not following it.
+    pid, other = setup_participant(isolated), setup_participant(isolated)
+
+    def copy_below(table, oid, conn):
+        foreign = conn.execute(select(table.c.topic, table.c.state).where(and_(
+            table.c.originator_id == participant_uuid(other),
+            table.c.originator_version == 1))).one()
+        yield insert(table).values(originator_id=oid, originator_version=0,
+                                   topic=foreign.topic, state=foreign.state)
+
+    problems = tampered(isolated, pid, copy_below)
+    assert [(p["kind"], p["version"], p["participant_id"]) for p in problems] == [
+        ("inserted", 0, pid)]
