@@ -588,10 +588,10 @@ def test_the_deep_check_finds_a_read_model_edited_to_say_what_the_record_does_no
     problems = sorted(check_store(t, processes=1, deep=True).problems,
                       key=lambda p: p.participant_id == other)
     assert [(p.kind, p.participant_id, p.detail) for p in problems] == [
-        ("read_model", pid, f"rm_participants.arm of {pid} says '{forged}'; the record "
-                            f"says '{arm}'"),
-        ("read_model", other, f"rm_visits lacks the row {other}/week6 that the record "
-                              "gives")]
+        ("read_model", pid, (f"rm_participants.arm of {pid} says '{forged}'; the record "
+                             f"says '{arm}'")),
+        ("read_model", other, (f"rm_visits lacks the row {other}/week6 that the record "
+                               "gives"))]
     TrialProjection(t).rebuild()
     assert check_store(t, processes=1, deep=True).ok
 
