@@ -611,3 +611,66 @@ def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(is
     problems = tampered(isolated, pid, copy_below)
     assert [(p["kind"], p["version"], p["participant_id"]) for p in problems] == [
         ("inserted", 0, pid)]
+
+
+def test_a_command_answered_while_verify_reads_is_not_reported_missing(isolated):
+    """verify reads what was recorded beside the streams, then their ends: a command
+    answered between the two reads had been reported as deleted events."""
+    from sqlalchemy import event
+
+    from infrastructure.audit.verification import check_store
+
+    t = isolated
+    pid = setup_participant(t)
+    sent = []
+
+    def meanwhile(conn, cursor, statement, parameters, context, executemany):
+        if "trialog_commands" in statement and "trialog_events" not in statement and not sent:
+            sent.append(True)  # between the ends' read and the records' (as it was)
+            send(t, c.RecordDose(pid, dose(3)))
+
+    event.listen(t.engine, "before_cursor_execute", meanwhile)
+    try:
+        report = check_store(t, processes=1)
+    finally:
+        event.remove(t.engine, "before_cursor_execute", meanwhile)
+    assert sent and report.ok, report.problems
+
+
+def test_verify_reports_a_trial_record_it_can_not_read_instead_of_failing(isolated):
+    from infrastructure.audit.verification import check_store
+    from infrastructure.store.tables import database_lock
+
+    t = isolated
+    t.bus.dispatch_trial("LockDatabase", command_id=str(uuid4()), actor="dm", reason="final")
+    table = events_table(t)
+    with t.engine.begin() as conn:
+        conn.execute(update(table).where(table.c.topic.endswith(".DatabaseLocked"))
+                     .values(topic="domain.trial:TrialDatabase.DatabaseUnlocked"))
+        conn.execute(update(database_lock).values(locked_at=None, locked_by=None))
+    problems = check_store(t, processes=1).problems
+    unreadable = ("the trial's record can't be read (TopicAltered): whether the database "
+                  "is locked is not known")
+    assert ("lock", unreadable) in [(p.kind, p.detail) for p in problems]
+    assert "edited" in [p.kind for p in problems]  # the topic column, by the chain's check
+
+
+def test_the_deep_check_finds_a_participant_s_row_deleted_and_passes_over_rows_from_before_0022(
+        isolated):
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.store.tables import participants
+
+    t = isolated
+    gone, left = setup_participant(t), setup_participant(t)
+    send(t, c.WithdrawParticipant(left, {"withdrawn_on": REGISTERED + timedelta(days=5),
+                                         "scope": "study", "reason_code": "moved"}))
+    TrialProjection(t).catch_up()
+    with t.engine.begin() as conn:
+        conn.execute(delete(participants).where(participants.c.participant_id == gone))
+        # As written before migration 0022: no withdrawal day kept.
+        conn.execute(update(participants).where(participants.c.participant_id == left)
+                     .values(left_on=None))
+    problems = check_store(t, processes=1, deep=True).problems
+    assert [(p.kind, p.participant_id, p.detail) for p in problems] == [
+        ("read_model", gone, f"rm_participants lacks the row {gone} that the record gives")]
