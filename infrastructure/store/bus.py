@@ -50,7 +50,13 @@ from infrastructure.store.outages import (
     is_unavailable,
     rolled_back_for_another,
 )
-from infrastructure.store.stored import events_table, load_participants, positions_of
+from infrastructure.store.stored import (
+    as_bytes,
+    events_table,
+    load_participants,
+    positions_of,
+    sealed_topic,
+)
 from infrastructure.store.tables import (
     any_of,
     as_utc,
@@ -130,15 +136,23 @@ def fingerprint(command: Command, reason: str | None, expected_version: int | No
 LOCKED_TOPIC = get_topic(TrialDatabase.DatabaseLocked)
 
 
-def _locked(row: Any) -> DatabaseLocked | None:
+def _locked(row: Any, mapper: Any) -> DatabaseLocked | None:
     """The refusal the database lock means, if it is locked: by the bus's copy of it, or
     by the trial's record, whose newest event is a lock (the copy, written in the same
-    transaction, says who and when; the record holds when the copy was edited)."""
+    transaction, says who and when; the record holds when the copy was edited). The
+    record's event is taken for what its sealed state says it is, not its topic column
+    (which anyone with access to the database could change); one it can't read locks."""
     if row is not None and row.locked_at is not None:
         return DatabaseLocked(
             f"the database is locked (by {row.locked_by} at "
             f"{as_utc(row.locked_at).isoformat()}): no participant's data can change")
-    if row is not None and row.trial_topic == LOCKED_TOPIC:
+    if row is None or row.trial_state is None:
+        return None
+    try:
+        sealed = sealed_topic(mapper, as_bytes(row.trial_state)) or row.trial_topic
+    except Exception:  # noqa: BLE001 - an unreadable record: the lock can't be known
+        sealed = LOCKED_TOPIC
+    if sealed == LOCKED_TOPIC:
         return DatabaseLocked("the database is locked: no participant's data can change")
     return None
 
@@ -181,20 +195,23 @@ class CommandBus:
             command_records.c.response).where(any_of(command_records.c.command_id,
                                                      not self._sqlite))
         events = events_table(service.recorder)
-        trial_topic = (select(events.c.topic)
-                       .where(events.c.originator_id == trial_uuid(self.study_id))
-                       .order_by(events.c.originator_version.desc()).limit(1)
-                       .scalar_subquery().label("trial_topic"))
+        newest = (select(events.c.topic, events.c.state)
+                  .where(events.c.originator_id == trial_uuid(self.study_id))
+                  .order_by(events.c.originator_version.desc()).limit(1).subquery())
+        trial_topic = select(newest.c.topic).scalar_subquery().label("trial_topic")
+        trial_state = select(newest.c.state).scalar_subquery().label("trial_state")
         one = select(literal(1).label("one")).subquery()
         self._lock_row = (
-            select(database_lock.c.locked_at, database_lock.c.locked_by, trial_topic)
+            select(database_lock.c.locked_at, database_lock.c.locked_by, trial_topic,
+                   trial_state)
             .select_from(one.outerjoin(database_lock,
                                        database_lock.c.study_id == self.study_id)))
         # One statement for a command's idempotency record (NULLs when there is none) and
         # the database lock; built once, the command id bound when run.
         self._record_and_lock = (
             select(command_records.c.fingerprint, command_records.c.response,
-                   database_lock.c.locked_at, database_lock.c.locked_by, trial_topic)
+                   database_lock.c.locked_at, database_lock.c.locked_by, trial_topic,
+                   trial_state)
             .select_from(one.outerjoin(command_records, command_records.c.command_id
                                        == bindparam("command_id"))
                          .outerjoin(database_lock,
@@ -299,7 +316,7 @@ class CommandBus:
         audit = Audit(command_id=command_id, actor=intent.actor, recorded_at=self.clock(),
                       reason=intent.reason)
         changes_data = type(command) in DATA_COMMANDS
-        locked = _locked(found)
+        locked = _locked(found, self.service.mapper)
         if changes_data and locked is not None:
             raise locked
         loaded, new = load_participants(self.service, session, {command.participant_id})
@@ -487,7 +504,7 @@ class CommandBus:
             raise locked
 
     def _database_locked(self, session: Any) -> DatabaseLocked | None:
-        return _locked(session.execute(self._lock_row).first())
+        return _locked(session.execute(self._lock_row).first(), self.service.mapper)
 
     def dispatch_trial(self, type_name: str, *, command_id: str, actor: str,
                        reason: str | None = None) -> Accepted:

@@ -90,6 +90,14 @@ def decrypt(mapper: Mapper[UUID], state: bytes, topic: str | None = None) -> byt
     return state
 
 
+def sealed_topic(mapper: Mapper[UUID], state: bytes) -> str | None:
+    """The topic sealed in a stored event's state (None when it holds none, written before
+    topics were sealed); raises when the state does not decrypt."""
+    if not mapper.cipher:
+        return None
+    return unseal(decrypter(mapper.cipher)(state))[0]
+
+
 def encrypt(mapper: Mapper[UUID], plain: bytes) -> bytes:
     """Bytes kept beside the store as the store keeps its events' states (compressed when
     it compresses, encrypted when it encrypts): what ``decrypt`` reads back."""

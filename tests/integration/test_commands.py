@@ -380,8 +380,12 @@ def test_a_database_lock_lifted_by_an_edit_of_its_table_still_holds(isolated):
     pid = enrol(isolated)
     isolated.bus.dispatch_trial("LockDatabase", command_id=str(uuid.uuid4()), actor="dm",
                                 reason="final analysis")
+    events = isolated.service.recorder.events_record_cls.__table__
     with isolated.engine.begin() as connection:
         connection.execute(update(database_lock).values(locked_at=None, locked_by=None))
+        # The record's lock relabelled an unlock in its topic column: its sealed state says.
+        connection.execute(update(events).where(events.c.topic.endswith(".DatabaseLocked"))
+                           .values(topic="domain.trial:TrialDatabase.DatabaseUnlocked"))
     for dispatch in (lambda: send(isolated, c.RecordDose(pid, dose(1))),
                      lambda: isolated.bus.dispatch_all([
                          Intent(c.RecordDose(pid, dose(2)), str(uuid.uuid4()), "import")])):
@@ -390,6 +394,9 @@ def test_a_database_lock_lifted_by_an_edit_of_its_table_still_holds(isolated):
             if isinstance(outcome, list):
                 raise outcome[0]
     assert stored_versions(isolated, pid) == 3
+    with isolated.engine.begin() as connection:  # the column put back: the unlock can load it
+        connection.execute(update(events).where(events.c.topic.endswith(".DatabaseUnlocked"))
+                           .values(topic="domain.trial:TrialDatabase.DatabaseLocked"))
     isolated.bus.dispatch_trial("UnlockDatabase", command_id=str(uuid.uuid4()), actor="dm",
                                 reason="query found")
     send(isolated, c.RecordDose(pid, dose(1)))
