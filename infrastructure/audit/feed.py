@@ -74,37 +74,47 @@ class FeedSeals:
                        for part in (b"b", b"c", b"e")}
 
     def _mac(self, part: bytes, position: int, subject: str, value: str | bytes | None,
-             site: str | None = None, event_type: str = "") -> bytes:
-        # Positions are digits and the names hold no NUL: the fields can't run together.
+             site: str | None = None, event_type: str = "", contact: bool = False) -> bytes:
+        # Positions are digits and the names hold no NUL: the fields can't run together. A
+        # row's stream of no site ("-") is not one of a site ("=CASE"), and a row with a
+        # copy with contact details ("c") not one without: removing the copy breaks the
+        # seals of the row's body and entry.
         mac = self._keyed[part].copy()
+        head = (f"{position}\0{subject}\0{'-' if site is None else '=' + site}\0"
+                f"{event_type}\0{'c' if contact else '-'}\0")
         if value is None:  # not rendered: differs from any text
-            mac.update(f"{position}\0{subject}\0{site or ''}\0{event_type}\0".encode())
+            mac.update(head.encode())
         elif isinstance(value, str):
-            mac.update(f"{position}\0{subject}\0{site or ''}\0{event_type}\0\1{value}"
-                       .encode())
+            mac.update(f"{head}\1{value}".encode())
         else:
-            mac.update(f"{position}\0{subject}\0{site or ''}\0{event_type}\0\1".encode()
-                       + value)
+            mac.update(f"{head}\1".encode() + value)
         return mac.digest()
 
     def seal(self, row: dict[str, Any]) -> bytes:
         """The three seals of a row as the feed's follower writes it."""
         position, subject = row["position"], row["subject"]
-        return (self._mac(b"b", position, subject, row["body"], row["site"], row["type"])
+        held = row["contact"] is not None
+        return (self._mac(b"b", position, subject, row["body"], row["site"], row["type"], held)
                 + self._mac(b"c", position, subject, row["contact"])
-                + self._mac(b"e", position, subject, row["entry"]))
+                + self._mac(b"e", position, subject, row["entry"], contact=held))
 
     def body_holds(self, seals: bytes | None, position: int, subject: str,
-                   site: str | None, event_type: str, body: str | None) -> bool:
+                   site: str | None, event_type: str, body: str | None,
+                   contact: bool) -> bool:
+        """The body's seal, over the site and type too, and whether the row holds a copy
+        with contact details."""
         return seals is not None and hmac.compare_digest(
-            seals[:SEAL], self._mac(b"b", position, subject, body, site, event_type))
+            seals[:SEAL], self._mac(b"b", position, subject, body, site, event_type, contact))
 
-    def part_holds(self, part: bytes, seals: bytes | None, position: int, subject: str,
-                   value: str | bytes | None) -> bool:
-        """The contact (``b"c"``) or entry (``b"e"``) seal."""
-        at = SEAL if part == b"c" else 2 * SEAL
+    def contact_holds(self, seals: bytes | None, position: int, subject: str,
+                      value: bytes) -> bool:
         return seals is not None and hmac.compare_digest(
-            seals[at:at + SEAL], self._mac(part, position, subject, value))
+            seals[SEAL:2 * SEAL], self._mac(b"c", position, subject, value))
+
+    def entry_holds(self, seals: bytes | None, position: int, subject: str, value: str,
+                    contact: bool) -> bool:
+        return seals is not None and hmac.compare_digest(
+            seals[2 * SEAL:], self._mac(b"e", position, subject, value, contact=contact))
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,8 @@ class Feed:
         self._history = {
             contact: select(f.position, f.entry,
                             f.contact if contact else null().label("contact"),
-                            newer.scalar_subquery().label("newer"), f.seals)
+                            newer.scalar_subquery().label("newer"), f.seals,
+                            f.contact.is_not(None).label("held"))
             .where(f.subject == bindparam("subject")).order_by(f.position)
             for contact in (True, False)}
 
@@ -184,7 +195,8 @@ class Feed:
             f = feed_events.c
             contact_column = f.contact if reader.contact else null().label("contact")
             pre = db.execute(
-                select(f.position, f.subject, f.site, f.type, f.body, contact_column, f.seals)
+                select(f.position, f.subject, f.site, f.type, f.body, contact_column, f.seals,
+                       f.contact.is_not(None).label("held"))
                 .where(f.position > after).order_by(f.position).limit(limit)).all()
             table = events_table(t.service.recorder)
             logged = db.execute(select(func.count()).select_from(table).where(
@@ -195,8 +207,10 @@ class Feed:
             everything = reader.scope.every_site and reader.types is None
             seals = self.seals
             shown: set[str] = set()  # whose contact details the rows read give
-            for position, subject, site, event_type, body, contact, sealed in pre:
-                if not seals.body_holds(sealed, position, subject, site, event_type, body):
+            proven = after  # the newest position of pre's rows known to be in the log
+            for position, subject, site, event_type, body, contact, sealed, held in pre:
+                if not seals.body_holds(sealed, position, subject, site, event_type, body,
+                                        bool(held)):
                     log.warning("feed: rm_feed's row %s fails its seal; read from the store",
                                 position)
                     unsealed.add(position)
@@ -204,13 +218,14 @@ class Feed:
                     wanted.append(position)
                     continue
                 logged -= 1  # a sealed row: a position of the log
+                proven = position
                 if not (everything or reader.sees_at(site, event_type)):
                     continue
                 if body is None:
                     slots.append(position)
                     wanted.append(position)
                 elif contact is not None:  # only a reader allowed contact details gets it
-                    if not seals.part_holds(b"c", sealed, position, subject, contact):
+                    if not seals.contact_holds(sealed, position, subject, contact):
                         log.warning("feed: rm_feed's row %s fails its seal; read from the "
                                     "store", position)
                         slots.append(position)
@@ -231,10 +246,13 @@ class Feed:
                 log.warning("feed: rm_feed does not hold the log's positions %s..%s; they "
                             "are read from the store", after + 1, pre[-1].position)
                 pre, slots, wanted, unsealed, rows, shown = [], [], [], set(), [], set()
+                proven = after
             if disclosed is not None:
                 disclosed |= shown
-            covered = pre[-1].position if pre else after
-            limit -= len(pre)
+            # Resumed from a position of the log only (a row made up beyond its head would
+            # have a reader skip every event up to it).
+            covered = max([proven, *(row.id for row in rows)])
+            limit -= sum(1 for row in pre if row.position <= covered)
             tail = []
             if limit > 0:
                 tail = db.execute(
@@ -308,17 +326,16 @@ class Feed:
         mapper = t.service.mapper
         entries = []
         seals = self.seals
-        for at, entry, sealed, _, held in pre:  # position, entry, contact, newer, seals
+        for at, entry, sealed, _, seal, held in pre:  # (contact: sealed; newer: _)
             if entry is None:
                 return None  # an event its follower could not render
-            text = entry.encode()
-            if not (seals.part_holds(b"e", held, at, participant_id, text) and (
+            if not (seals.entry_holds(seal, at, participant_id, entry, bool(held)) and (
                     sealed is None
-                    or seals.part_holds(b"c", held, at, participant_id, sealed))):
+                    or seals.contact_holds(seal, at, participant_id, sealed))):
                 log.warning("feed: rm_feed's row %s fails its seal; %s's history is read "
                             "from the store", at, participant_id)
                 return None
-            entries.append(text if sealed is None else orjson.dumps(
+            entries.append(entry.encode() if sealed is None else orjson.dumps(
                 history_entry(orjson.loads(decrypt(mapper, sealed)))))
         if newer is not None:
             shown = len(pre)

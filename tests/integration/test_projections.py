@@ -778,12 +778,59 @@ def test_a_history_entry_edited_in_rm_feed_is_not_shown_the_store_is(isolated):
             .values(contact=screened.contact))
     assert feed.history_json(first, contact=True) is None
     assert feed.history_json(second, contact=True) is not None
+    # Its copy with contact details removed: a coordinator would get the redacted entry.
+    with isolated.engine.begin() as connection:
+        connection.execute(update(feed_events).where(
+            feed_events.c.subject == second, feed_events.c.type == "ParticipantScreened")
+            .values(contact=None))
+    assert feed.history_json(second, contact=True) is None
+    assert feed.history_json(second, contact=False) is None
+
+
+def _edit_value(t, rows, head):
+    return [update(feed_events).where(feed_events.c.position == rows["randomized"].position)
+            .values(body=rows["randomized"].body.replace('"arm":"', '"arm":"x'))]
+
+
+def _give_metro_to_case(t, rows, head):
+    return [update(feed_events).where(feed_events.c.position == rows["metro"].position)
+            .values(site="CASE")]
+
+
+def _swap_contact(t, rows, head):
+    return [update(feed_events).where(feed_events.c.position == rows["screened"].position)
+            .values(contact=rows["metro"].contact)]
+
+
+def _drop_contact(t, rows, head):
+    return [update(feed_events).where(feed_events.c.position == rows["screened"].position)
+            .values(contact=None)]
+
+
+def _make_up_beyond_the_head(t, rows, head):
+    from sqlalchemy import insert as insert_row
+
+    return [insert_row(feed_events).values({**rows["consented"]._asdict(),
+                                            "position": head + 1000})]
+
+
+def _delete_and_make_up(t, rows, head):
+    from sqlalchemy import insert as insert_row
+
+    return [delete(feed_events).where(feed_events.c.position == rows["consented"].position),
+            insert_row(feed_events).values({**rows["consented"]._asdict(),
+                                            "position": head + 1000})]
 
 
 @pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
-def test_a_feed_page_never_serves_an_rm_feed_row_edited_moved_or_made_up(isolated):
-    from sqlalchemy import insert as insert_row
-
+@pytest.mark.parametrize("tamper, whole_page", [
+    (_edit_value, False), (_give_metro_to_case, False), (_swap_contact, False),
+    (_drop_contact, False), (_make_up_beyond_the_head, False), (_delete_and_make_up, True)])
+def test_a_feed_page_never_serves_an_rm_feed_row_edited_moved_or_made_up(
+        isolated, tamper, whole_page, caplog):
+    """Each row that fails its seal is read from the store alone; a page whose rows are
+    not the log's positions is read from the store whole; a row made up beyond the log's
+    head never becomes the position a reader resumes from."""
     from domain.access import EVERY_SITE, Scope
     from infrastructure.audit.feed import Reader
 
@@ -791,29 +838,34 @@ def test_a_feed_page_never_serves_an_rm_feed_row_edited_moved_or_made_up(isolate
     FeedProjection(isolated).catch_up()
     feed = Feed(isolated)
     every, case_only = Reader(EVERY_SITE, contact=True), Reader(Scope.of(["CASE"]))
-    genuine = feed.page(0, 1000, every)[0]
-    genuine_case = feed.page(0, 1000, case_only)[0]
-    assert {e["subject"] for e in genuine_case} == {case, "allocation/CASE"}
-    randomized = _feed_row(isolated, case, "ParticipantRandomized")
-    metro_screened = _feed_row(isolated, metro, "ParticipantScreened")
-    consented = _feed_row(isolated, case, "ConsentRecorded")
-    head = max(e["position"] for e in genuine)
+    genuine, head = feed.page(0, 1000, every)
+    genuine_case = feed.page(0, 1000, case_only)
+    assert {e["subject"] for e in genuine_case[0]} == {case, "allocation/CASE"}
+    rows = {"randomized": _feed_row(isolated, case, "ParticipantRandomized"),
+            "metro": _feed_row(isolated, metro, "ParticipantScreened"),
+            "screened": _feed_row(isolated, case, "ParticipantScreened"),
+            "consented": _feed_row(isolated, case, "ConsentRecorded")}
     with isolated.engine.begin() as connection:
-        # A value changed under the genuine digest.
-        connection.execute(update(feed_events).where(
-            feed_events.c.position == randomized.position).values(
-                body=randomized.body.replace('"arm":"', '"arm":"x')))
-        # METRO's screening made CASE's, for a CASE reader to get it.
-        connection.execute(update(feed_events).where(
-            feed_events.c.position == metro_screened.position).values(site="CASE"))
-        # One participant's contact details under another's position.
-        connection.execute(update(feed_events).where(
-            feed_events.c.subject == case, feed_events.c.type == "ParticipantScreened")
-            .values(contact=metro_screened.contact))
-        # A row gone, and a row made up for a position the log doesn't hold.
-        connection.execute(delete(feed_events).where(
-            feed_events.c.position == consented.position))
-        connection.execute(insert_row(feed_events).values(
-            {**consented._asdict(), "position": head + 1000}))
-    assert feed.page(0, 1000, every)[0] == genuine
-    assert feed.page(0, 1000, case_only)[0] == genuine_case
+        for statement in tamper(isolated, rows, head):
+            connection.execute(statement)
+    caplog.clear()
+    assert feed.page(0, 1000, every) == (genuine, head)
+    assert feed.page(0, 1000, case_only) == genuine_case
+    whole = [r for r in caplog.messages if "does not hold the log's positions" in r]
+    assert bool(whole) == whole_page
+    if not whole_page:
+        assert any("fails its seal" in r for r in caplog.messages)
+
+
+def test_a_seal_tells_a_stream_of_no_site_from_one_of_an_empty_site():
+    import os
+
+    from infrastructure.audit.feed import FeedSeals
+
+    seals = FeedSeals(os.urandom(32))
+    row = {"position": 7, "subject": "NCT04205786", "site": None, "type": "DatabaseLocked",
+           "body": "{}", "contact": None, "entry": "{}"}
+    sealed = seals.seal(row)
+    assert seals.body_holds(sealed, 7, "NCT04205786", None, "DatabaseLocked", "{}", False)
+    assert not seals.body_holds(sealed, 7, "NCT04205786", "", "DatabaseLocked", "{}", False)
+    assert not seals.body_holds(sealed, 7, "NCT04205786", None, "DatabaseLocked", "{}", True)
