@@ -120,11 +120,15 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
     for finding in missed:
         # One command per mark: a mark retracted (the registration date corrected) is made
         # again by a command of its own (its generation), and so is one whose command
-        # wrote nothing, its window open again by then (its window's end).
+        # wrote nothing, its window open again by then (its window's end) or the
+        # participant withdrawn before it closed by then (the withdrawal's day, which a
+        # correction may move after it).
+        left_on = participant.withdrawn_on("study")
         t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
                        command_id=t.derived_command_id(
                            "missed", str(participant.id), finding.key,
-                           str(finding.generation), ends[finding.key].isoformat()),
+                           str(finding.generation), ends[finding.key].isoformat(),
+                           left_on.isoformat() if left_on else ""),
                        actor=ACTOR)
     if missed:
         counts["missed"] += len(missed)

@@ -236,6 +236,42 @@ def test_a_mark_for_a_window_that_closed_after_a_withdrawal_recorded_meanwhile_w
     assert (participant.version, participant.missed_visits) == (version, [])
 
 
+def test_a_mark_that_wrote_nothing_for_a_withdrawal_since_corrected_is_made_later(isolated):
+    """The scan read the record; a withdrawal dated before the window's end was recorded
+    meanwhile, so its command wrote nothing; the withdrawal was then corrected to after
+    the window's end. The scan's next command had the same id as the first, and was
+    answered as its replay: the visit never marked, the casebook never signable."""
+    from infrastructure.audit.history import history
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    at_noon(isolated, 50)
+    TrialProjection(isolated).catch_up()
+    dispatch = isolated.bus.dispatch
+    withdrawals = []
+
+    def withdrawn_meanwhile(command, **kwargs):
+        if isinstance(command, c.RecordVisitMissed) and not withdrawals:
+            withdrawals.append(send(isolated, c.WithdrawParticipant(
+                pid, {"withdrawn_on": day(20), "scope": "study", "reason_code": "moved"})))
+        return dispatch(command, **kwargs)
+
+    isolated.bus.dispatch = withdrawn_meanwhile
+    try:
+        scan_clock(isolated, isolated.ended_everywhere())
+    finally:
+        isolated.bus.dispatch = dispatch
+    assert withdrawals and isolated.service.get_participant(pid).missed_visits == []
+    withdrawal = [e for e in history(isolated.service, pid, veil=str)
+                  if e["type"] == "ParticipantWithdrawn"][0]
+    send(isolated, c.CorrectData(pid, {"event_id": withdrawal["event_id"],
+                                       "field": "withdrawn_on",
+                                       "value": day(50).isoformat()}), reason="typo")
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    assert isolated.service.get_participant(pid).missed_visits == ["week6"]
+
+
 def test_a_withdrawn_participant_s_row_from_before_its_day_was_kept_is_looked_at(isolated):
     """Rows written before migration 0022 hold no withdrawal day: they were never looked
     at, and a window closed before the withdrawal stayed unmarked for ever."""
