@@ -262,8 +262,8 @@ def test_a_mark_that_wrote_nothing_for_a_withdrawal_since_corrected_is_made_late
     finally:
         isolated.bus.dispatch = dispatch
     assert withdrawals and isolated.service.get_participant(pid).missed_visits == []
-    withdrawal = [e for e in history(isolated.service, pid, veil=str)
-                  if e["type"] == "ParticipantWithdrawn"][0]
+    withdrawal = next(e for e in history(isolated.service, pid, veil=str)
+                      if e["type"] == "ParticipantWithdrawn")
     send(isolated, c.CorrectData(pid, {"event_id": withdrawal["event_id"],
                                        "field": "withdrawn_on",
                                        "value": day(50).isoformat()}), reason="typo")
