@@ -199,8 +199,11 @@ class Feed:
                        f.contact.is_not(None).label("held"))
                 .where(f.position > after).order_by(f.position).limit(limit)).all()
             table = events_table(t.service.recorder)
-            logged = db.execute(select(func.count()).select_from(table).where(
-                table.c.id > after, table.c.id <= pre[-1].position)).scalar() if pre else 0
+            # How many of the log's positions pre's rows stand for. Where they are every
+            # position after ``after`` (most pages), the log can hold no other: no query.
+            logged = (len(pre) if not pre or pre[-1].position - after == len(pre) else
+                      db.execute(select(func.count()).select_from(table).where(
+                          table.c.id > after, table.c.id <= pre[-1].position)).scalar())
             slots: list[bytes | int] = []
             wanted: list[int] = []  # not rendered ahead: read from the store
             unsealed: set[int] = set()  # a row whose seal fails: its visibility unknown
