@@ -9,6 +9,7 @@ forms (Flask-WTF) and the one-time messages shown after a form."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 
 from infrastructure.console.tables import console_keys, console_sessions
+from infrastructure.store.access_seals import same_seal, seals_for
 from infrastructure.store.people import sign_in
 from infrastructure.store.tables import as_utc, user_sessions, users
 from infrastructure.store.tokens import Principal, scope_of, token_hash
@@ -31,6 +33,7 @@ FORM_COOKIE = "trialog_console_form"
 IDLE_MINUTES = 30
 # A session's last use is written at most this often (a page view need not write).
 TOUCH_SECONDS = 60
+log = logging.getLogger("trialog.console")
 
 
 def is_console(path: str) -> bool:
@@ -53,10 +56,12 @@ def start(engine: Engine, login: str, password: str, client: str | None) -> str:
     session = sign_in(engine, login, password, client=client)
     cookie = secrets.token_urlsafe(32)
     now = datetime.now(UTC)
+    cookie_hash, session_hash = token_hash(cookie), token_hash(session.token)
     with engine.begin() as connection:
         connection.execute(insert(console_sessions).values(
-            cookie_hash=token_hash(cookie), session_hash=token_hash(session.token),
-            login=session.login, created_at=now, last_seen_at=now))
+            cookie_hash=cookie_hash, session_hash=session_hash, login=session.login,
+            created_at=now, last_seen_at=now,
+            seal=seals_for(engine).console(cookie_hash, session_hash, session.login)))
     return cookie
 
 
@@ -68,13 +73,26 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
     with engine.connect() as connection:
         row = connection.execute(
             select(users.c.login, users.c.role, users.c.sites, users.c.full_name,
-                   console_sessions.c.last_seen_at, console_sessions.c.session_hash)
+                   users.c.password_hash, users.c.disabled_at,
+                   users.c.seal.label("user_seal"), user_sessions.c.token_hash,
+                   user_sessions.c.expires_at, user_sessions.c.seal.label("session_seal"),
+                   console_sessions.c.cookie_hash, console_sessions.c.session_hash,
+                   console_sessions.c.login.label("console_login"),
+                   console_sessions.c.seal.label("console_seal"),
+                   console_sessions.c.last_seen_at)
             .join(user_sessions, user_sessions.c.token_hash == console_sessions.c.session_hash)
             .join(users, users.c.login == user_sessions.c.login)
             .where(console_sessions.c.cookie_hash == digest,
                    user_sessions.c.expires_at > now, users.c.disabled_at.is_(None))
         ).first()
     if row is None:
+        return None
+    seals = seals_for(engine)
+    if not (seals.user_holds(row) and seals.session_holds(row)
+            and same_seal(row.console_seal, seals.console(
+                row.cookie_hash, row.session_hash, row.console_login))
+            and row.console_login == row.login):
+        log.warning("a console session's row fails its seal: refused")
         return None
     idle = now - as_utc(row.last_seen_at)
     if idle > timedelta(minutes=IDLE_MINUTES):

@@ -3,7 +3,7 @@ form cookies."""
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, String, Table
+from sqlalchemy import Column, DateTime, LargeBinary, String, Table
 
 from infrastructure.store.tables import metadata
 
@@ -19,6 +19,7 @@ console_sessions = Table(
     Column("login", String(100), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("last_seen_at", DateTime(timezone=True), nullable=False),
+    Column("seal", LargeBinary, nullable=True),  # see store.access_seals
 )
 
 # The secret that signs the console's form cookie and its CSRF tokens, made once by the

@@ -18,7 +18,7 @@ from domain.errors import ProtocolError
 from domain.protocol import Protocol, protocol_from_mapping
 from domain.schedule import ended_everywhere
 from domain.service import TrialService
-from infrastructure.store import migrations
+from infrastructure.store import access_seals, migrations
 from infrastructure.store.bus import CommandBus, utc_now
 from infrastructure.store.corrections import CorrectionRules
 from infrastructure.store.settings import Settings
@@ -94,6 +94,12 @@ class Trialog:
                         hashlib.sha256).digest()
 
     @functools.cached_property
+    def access_seal_key(self) -> bytes:
+        """The key of the access tables' seals (see ``access_seals``)."""
+        return hmac.new(self.settings.cipher_key.encode(), b"trialog:access-seal",
+                        hashlib.sha256).digest()
+
+    @functools.cached_property
     def feed_seal_key(self) -> bytes:
         """The key of rm_feed's seals (see ``infrastructure.audit.feed.FeedSeals``)."""
         return hmac.new(self.settings.cipher_key.encode(), b"trialog:feed-seal",
@@ -111,6 +117,7 @@ def bootstrap(settings: Settings, *, migrate: bool | None = None,
     service = TrialService(protocol, settings.allocation_seed, env=event_store_env(settings),
                            correction_rule=CorrectionRules(protocol))
     trialog = Trialog(settings, protocol, service, CommandBus(service, clock))
+    access_seals.register(trialog.engine, trialog.access_seal_key)
     if migrate if migrate is not None else settings.is_sqlite:
         migrations.upgrade(trialog.engine)
         if settings.is_sqlite:

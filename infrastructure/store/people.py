@@ -7,7 +7,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import sqlalchemy.exc
 from argon2 import PasswordHasher
@@ -16,6 +16,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from domain.access import Scope
+from infrastructure.store.access_seals import seals_for
 from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
 from infrastructure.store.tokens import (
     SESSION_PREFIX,
@@ -83,9 +84,12 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
         with engine.begin() as connection:
             if not name_is_free(connection, login):
                 raise TokenError(f"--login: a token or person named {login!r} already exists")
+            sites = sites_column(scope)
             connection.execute(insert(users).values(
-                login=login, full_name=full_name.strip(), role=role, sites=sites_column(scope),
-                password_hash=hashed, created_at=datetime.now(UTC)))
+                login=login, full_name=full_name.strip(), role=role, sites=sites,
+                password_hash=hashed, created_at=datetime.now(UTC),
+                seal=seals_for(engine).user(login, full_name.strip(), role, sites, hashed,
+                                            disabled=False)))
     except sqlalchemy.exc.IntegrityError:
         raise TokenError(f"--login: a token or person named {login!r} already exists") from None
 
@@ -94,14 +98,15 @@ def disable_user(engine: Engine, login: str) -> None:
     """The person can't sign in any more, and their sessions are refused from the next
     request on."""
     with engine.begin() as connection:
-        row = connection.execute(select(users.c.disabled_at)
-                                 .where(users.c.login == login)).first()
+        row = connection.execute(select(users).where(users.c.login == login)).first()
         if row is None:
             raise TokenError(f"no person has the login {login!r}")
         if row.disabled_at is not None:
             raise TokenError(f"{login!r} was disabled on {row.disabled_at:%Y-%m-%d}")
-        connection.execute(update(users).where(users.c.login == login)
-                           .values(disabled_at=datetime.now(UTC)))
+        connection.execute(update(users).where(users.c.login == login).values(
+            disabled_at=datetime.now(UTC),
+            seal=seals_for(engine).user(login, row.full_name, row.role, row.sites,
+                                        row.password_hash, disabled=True)))
         connection.execute(delete(user_sessions).where(user_sessions.c.login == login))
 
 
@@ -111,23 +116,40 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
     logged with the reason, which the caller is not told."""
     now = now or datetime.now(UTC)
     _reserve(engine, login, now, client)
-    with engine.connect() as connection:
-        person = connection.execute(select(users).where(users.c.login == login)).first()
+    seals = seals_for(engine)
+    person = _person(engine, login)
     reason = _check(person, password)
     if reason is not None:
         _failed(engine, login, reason, client, now)
     assert person is not None
     token = SESSION_PREFIX + secrets.token_urlsafe(32)
     expires_at = now + timedelta(hours=SESSION_HOURS)
+    digest = token_hash(token)
     with engine.begin() as connection:
         connection.execute(delete(login_failures).where(login_failures.c.login == login))
         connection.execute(insert(user_sessions).values(
-            token_hash=token_hash(token), login=login, created_at=now, expires_at=expires_at))
+            token_hash=digest, login=login, created_at=now, expires_at=expires_at,
+            seal=seals.session(digest, login, expires_at)))
         if HASHER.check_needs_rehash(person.password_hash):
-            connection.execute(update(users).where(users.c.login == login)
-                               .values(password_hash=HASHER.hash(password)))
+            hashed = HASHER.hash(password)
+            connection.execute(update(users).where(users.c.login == login).values(
+                password_hash=hashed,
+                seal=seals.user(login, person.full_name, person.role, person.sites, hashed,
+                                disabled=False)))
     log.info("signed in", extra={"login": login, "client": client})
     return Session(token, expires_at, login, person.role, scope_of(person.sites))
+
+
+def _person(engine: Engine, login: str) -> Any | None:
+    """The person's row; None when there is none, or when its seal fails (someone changed
+    it without the key: a password hash put there signs no one in)."""
+    with engine.connect() as connection:
+        person = connection.execute(select(users, users.c.seal.label("user_seal"))
+                                    .where(users.c.login == login)).first()
+    if person is not None and not seals_for(engine).user_holds(person):
+        log.warning("a person's row fails its seal: refused", extra={"login": login})
+        return None
+    return person
 
 
 def _check(person: object | None, password: str) -> str | None:
@@ -211,8 +233,7 @@ def reauthenticate(engine: Engine, login: str, password: str,
     or AccountLocked."""
     now = datetime.now(UTC)
     _reserve(engine, login, now, client)
-    with engine.connect() as connection:
-        person = connection.execute(select(users).where(users.c.login == login)).first()
+    person = _person(engine, login)
     reason = _check(person, password)
     if reason is not None:
         _failed(engine, login, f"signature: {reason}", client, now)

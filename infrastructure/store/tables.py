@@ -248,6 +248,7 @@ tokens = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     # The sites the token may see, as a JSON list; NULL is every site.
     Column("sites", Text, nullable=True),
+    Column("seal", LargeBinary, nullable=True),  # see access_seals
 )
 
 # The database lock as the command bus keeps it, in the transaction of the LockDatabase or
@@ -273,6 +274,7 @@ users = Table(
     Column("password_hash", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("disabled_at", DateTime(timezone=True), nullable=True),
+    Column("seal", LargeBinary, nullable=True),  # see access_seals
 )
 
 # A person's bearer tokens from POST /v1/sessions (SHA-256 of each), valid until expires_at.
@@ -283,6 +285,7 @@ user_sessions = Table(
     Column("login", String(100), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("seal", LargeBinary, nullable=True),  # see access_seals
 )
 
 # Wrong passwords in a row per login tried (known or not, so that a lock says nothing about

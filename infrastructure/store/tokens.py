@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import bindparam, insert, select, update
@@ -17,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from domain.access import EVERY_SITE, Scope
 from domain.commands import COMMAND_TYPES
 from domain.protocol import Protocol
+from infrastructure.store.access_seals import seals_for
 from infrastructure.store.tables import tokens, user_sessions, users
 
 SERVICE_COMMANDS = frozenset({
@@ -58,6 +61,7 @@ ROLES = tuple(COMMANDS_BY_ROLE)
 ALL_SITES_BY_DEFAULT = frozenset({"admin", "auditor"})
 
 MACHINE_PREFIX = "tlg_"
+log = logging.getLogger("trialog.access")
 SESSION_PREFIX = "tls_"
 
 
@@ -155,13 +159,15 @@ def create_token(engine: Engine, name: str, role: str, scope: Scope | None = Non
             raise TokenError(f"--site or --all-sites is required for role {role}")
         scope = EVERY_SITE
     token = MACHINE_PREFIX + secrets.token_urlsafe(32)
+    digest, sites = token_hash(token), sites_column(scope)
+    seal = seals_for(engine).token(name, role, digest, sites, revoked=False)
     try:
         with engine.begin() as connection:
             if not name_is_free(connection, name):
                 raise TokenError(f"--name: a token or person named {name!r} already exists")
             connection.execute(insert(tokens).values(
-                name=name, role=role, token_hash=token_hash(token), sites=sites_column(scope),
-                created_at=datetime.now(UTC),
+                name=name, role=role, token_hash=digest, sites=sites,
+                created_at=datetime.now(UTC), seal=seal,
             ))
     except sqlalchemy.exc.IntegrityError:
         raise TokenError(f"--name: a token or person named {name!r} already exists") from None
@@ -171,14 +177,15 @@ def create_token(engine: Engine, name: str, role: str, scope: Scope | None = Non
 def revoke_token(engine: Engine, name: str) -> None:
     """Revokes the token named ``name``; it is refused from the next request on."""
     with engine.begin() as connection:
-        row = connection.execute(select(tokens.c.revoked_at)
-                                 .where(tokens.c.name == name)).first()
+        row = connection.execute(select(tokens).where(tokens.c.name == name)).first()
         if row is None:
             raise TokenError(f"no token is named {name!r}")
         if row.revoked_at is not None:
             raise TokenError(f"the token {name!r} was revoked on {row.revoked_at:%Y-%m-%d}")
-        connection.execute(update(tokens).where(tokens.c.name == name)
-                           .values(revoked_at=datetime.now(UTC)))
+        connection.execute(update(tokens).where(tokens.c.name == name).values(
+            revoked_at=datetime.now(UTC),
+            seal=seals_for(engine).token(name, row.role, row.token_hash, row.sites,
+                                         revoked=True)))
 
 
 class Authenticator:
@@ -187,16 +194,22 @@ class Authenticator:
 
     # Built once: building a statement and its cache key on every request cost a third of
     # the look-up's Python.
-    _PERSON = (select(users.c.login, users.c.role, users.c.sites)
+    _PERSON = (select(users.c.login, users.c.role, users.c.sites, users.c.full_name,
+                      users.c.password_hash, users.c.disabled_at,
+                      users.c.seal.label("user_seal"), user_sessions.c.token_hash,
+                      user_sessions.c.expires_at,
+                      user_sessions.c.seal.label("session_seal"))
                .join(user_sessions, user_sessions.c.login == users.c.login)
                .where(user_sessions.c.token_hash == bindparam("digest"),
                       user_sessions.c.expires_at > bindparam("now"),
                       users.c.disabled_at.is_(None)))
-    _MACHINE = select(tokens.c.name, tokens.c.role, tokens.c.sites).where(
+    _MACHINE = select(tokens.c.name, tokens.c.role, tokens.c.sites, tokens.c.token_hash,
+                      tokens.c.revoked_at, tokens.c.seal).where(
         tokens.c.token_hash == bindparam("digest"), tokens.c.revoked_at.is_(None))
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.seals = seals_for(engine)
 
     def __call__(self, token: str) -> Principal | None:
         digest = token_hash(token)
@@ -205,8 +218,18 @@ class Authenticator:
             if token.startswith(SESSION_PREFIX):
                 person = connection.execute(self._PERSON, {
                     "digest": digest, "now": datetime.now(UTC)}).first()
-                if person is None:
-                    return None
+                if person is None or not (self.seals.session_holds(person)
+                                          and self.seals.user_holds(person)):
+                    return _refused(person)
                 return Principal(person.login, person.role, scope_of(person.sites), True)
             row = connection.execute(self._MACHINE, {"digest": digest}).first()
-        return Principal(row.name, row.role, scope_of(row.sites)) if row is not None else None
+        if row is None or not self.seals.token_holds(row):
+            return _refused(row)
+        return Principal(row.name, row.role, scope_of(row.sites))
+
+
+def _refused(row: Any) -> None:
+    """No one: a row whose seal fails is logged (someone changed it without the key)."""
+    if row is not None:
+        log.warning("a token's or session's row fails its seal: refused",
+                    extra={"holder": getattr(row, "name", None) or getattr(row, "login", None)})

@@ -314,6 +314,7 @@ def test_user_create_keeps_only_an_argon2_hash_and_disable_refuses_the_person(tm
 def test_tokens_made_before_sites_existed_keep_every_site(tmp_path):
     """The migration that adds sites leaves older tokens with NULL: every site."""
     from infrastructure.store import migrations
+    from infrastructure.store.access_seals import register
     from infrastructure.store.tokens import Authenticator, token_hash
 
     engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
@@ -322,6 +323,7 @@ def test_tokens_made_before_sites_existed_keep_every_site(tmp_path):
         conn.execute(text("INSERT INTO trialog_tokens (name, role, token_hash, created_at) "
                           "VALUES ('old-coordinator', 'coordinator', :h, '2026-01-01')"),
                      {"h": token_hash("tlg_old")})
+    register(engine, b"the deployment's key")  # as bootstrap does: 0024 seals the tokens
     migrations.upgrade(engine)
     principal = Authenticator(engine)("tlg_old")
     assert principal is not None and principal.name == "old-coordinator"

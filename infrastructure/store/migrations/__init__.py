@@ -35,6 +35,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     # new file had both read that it had no tables and the second failed creating them.
     with sqlite_turn(engine) if sqlite else engine.begin() as connection:
         config.attributes["connection"] = connection
+        config.attributes["engine"] = engine  # its access seals (migration 0024)
         command.upgrade(config, revision)
 
 

@@ -1,0 +1,96 @@
+"""Seals on the rows that say who may call: machine tokens, people, their sign-in sessions
+and console sessions. Keyed BLAKE2b MACs under a key derived from the cipher key bind each
+row's fields that grant access (a token's name, role, hash, sites and whether it is
+revoked; a person's login, name, role, sites, password hash and whether they are
+disabled; a session's token hash, person and expiry; a console session's cookie, the
+session it stands on and the person). Someone with write access to the database but not
+the key could otherwise add a token of any role, give a person another's password hash,
+or tie their own cookie to another's session: a row whose seal fails is no one's.
+
+The key is the deployment's (every process derives it from ``TRIALOG_CIPHER_KEY``); the
+functions that write or read these rows are given an engine, so each engine's seals are
+registered as it is built (``register``)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import weakref
+from datetime import UTC, datetime
+from typing import Any
+
+SEAL = 16
+
+
+class AccessSeals:
+    def __init__(self, key: bytes) -> None:
+        self._keyed = {kind: hashlib.blake2b(key=key, digest_size=SEAL,
+                                             person=b"trialog:" + kind)
+                       for kind in (b"token", b"user", b"session", b"console")}
+
+    def _mac(self, kind: bytes, *fields: Any) -> bytes:
+        mac = self._keyed[kind].copy()
+        mac.update("\0".join(_text(f) for f in fields).encode())
+        return mac.digest()
+
+    def token(self, name: str, role: str, token_hash: str, sites: str | None,
+              revoked: bool) -> bytes:
+        return self._mac(b"token", name, role, token_hash, sites, revoked)
+
+    def user(self, login: str, full_name: str, role: str, sites: str | None,
+             password_hash: str, disabled: bool) -> bytes:
+        return self._mac(b"user", login, full_name, role, sites, password_hash, disabled)
+
+    def session(self, token_hash: str, login: str, expires_at: datetime) -> bytes:
+        return self._mac(b"session", token_hash, login, expires_at)
+
+    def console(self, cookie_hash: str, session_hash: str, login: str) -> bytes:
+        return self._mac(b"console", cookie_hash, session_hash, login)
+
+    # The rows as read: each with the columns its seal covers, and ``seal``.
+    def token_holds(self, row: Any) -> bool:
+        return same_seal(row.seal, self.token(row.name, row.role, row.token_hash, row.sites,
+                                          row.revoked_at is not None))
+
+    def user_holds(self, row: Any) -> bool:
+        return same_seal(row.user_seal, self.user(
+            row.login, row.full_name, row.role, row.sites, row.password_hash,
+            row.disabled_at is not None))
+
+    def session_holds(self, row: Any) -> bool:
+        return same_seal(row.session_seal, self.session(row.token_hash, row.login,
+                                                    row.expires_at))
+
+
+def _text(value: Any) -> str:
+    """A field as the seal reads it: no value is not an empty one, a moment is its UTC
+    time whichever database kept it (SQLite gives it back without its zone)."""
+    if value is None:
+        return "\1"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).isoformat()
+    return f"={value}"
+
+
+def same_seal(seal: bytes | memoryview | None, expected: bytes) -> bool:
+    return seal is not None and hmac.compare_digest(bytes(seal), expected)
+
+
+_REGISTERED: weakref.WeakKeyDictionary[Any, AccessSeals] = weakref.WeakKeyDictionary()
+
+
+def register(engine: Any, key: bytes) -> AccessSeals:
+    seals = _REGISTERED[engine] = AccessSeals(key)
+    return seals
+
+
+def seals_for(engine: Any) -> AccessSeals:
+    """The seals of the deployment this engine's database belongs to."""
+    try:
+        return _REGISTERED[engine]
+    except KeyError:
+        raise RuntimeError("no access seals are registered for this engine: build it "
+                           "with bootstrap") from None
