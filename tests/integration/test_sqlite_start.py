@@ -63,3 +63,30 @@ def test_a_process_starting_on_a_file_with_every_table_takes_no_write_lock(tmp_p
     finally:
         writer.rollback()
         writer.close()
+
+
+def test_the_switch_to_wal_waits_for_a_turn_another_process_holds(tmp_path):
+    """SQLite refuses the switch at once ("database is locked", its busy wait not used)
+    while another connection holds the file's write lock: a process whose switch came as
+    another's turn began failed to start (seen in a suite run)."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from infrastructure.store.migrations import sqlite_turn
+
+    path = tmp_path / "held.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")  # another process's turn, the file not in WAL yet
+    releases = threading.Timer(0.5, lambda: holder.execute("COMMIT"))
+    releases.start()
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with sqlite_turn(engine) as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        releases.join()
+        holder.close()
+        engine.dispose()

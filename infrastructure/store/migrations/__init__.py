@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "trialog_alembic_version"
@@ -49,7 +50,7 @@ def sqlite_turn(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as connection:
         before = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
         connection.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_TURN_MS}")
-        connection.exec_driver_sql("PRAGMA journal_mode = WAL")
+        _switch_to_wal(connection)
         connection.commit()
         try:
             with connection.begin():
@@ -58,6 +59,25 @@ def sqlite_turn(engine: Engine) -> Iterator[Connection]:
         finally:
             connection.exec_driver_sql(f"PRAGMA busy_timeout = {int(before)}")
             connection.commit()
+
+
+def _switch_to_wal(connection: Connection) -> None:
+    """The file in WAL mode. The switch needs the file to itself, and SQLite answers
+    "database is locked" at once, without its busy wait, when another process holds the
+    file as this one asks: asked again until the turn's wait is up (a file in WAL mode
+    already is not switched again)."""
+    from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
+
+    def _busy(error: BaseException) -> bool:
+        return isinstance(error, OperationalError) and "database is locked" in str(error)
+
+    for attempt in Retrying(retry=retry_if_exception(_busy),
+                            stop=stop_after_delay(SQLITE_TURN_MS / 1000),
+                            wait=wait_random(0.01, 0.1), reraise=True,
+                            before_sleep=lambda _: connection.rollback()):
+        with attempt:
+            if connection.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal":
+                connection.exec_driver_sql("PRAGMA journal_mode = WAL")
 
 
 def _at_head(engine: Engine, config: Any) -> bool:
