@@ -201,9 +201,16 @@ class Feed:
             table = events_table(t.service.recorder)
             # How many of the log's positions pre's rows stand for. Where they are every
             # position after ``after`` (most pages), the log can hold no other: no query.
-            logged = (len(pre) if not pre or pre[-1].position - after == len(pre) else
-                      db.execute(select(func.count()).select_from(table).where(
-                          table.c.id > after, table.c.id <= pre[-1].position)).scalar())
+            # (The last of them must be one: rows sealed under this key in another copy
+            # of the database, beyond this log's head, would have a reader skip on.)
+            if not pre:
+                logged = 0
+            elif pre[-1].position - after == len(pre) and db.execute(
+                    select(table.c.id).where(table.c.id == pre[-1].position)).first():
+                logged = len(pre)
+            else:
+                logged = db.execute(select(func.count()).select_from(table).where(
+                    table.c.id > after, table.c.id <= pre[-1].position)).scalar()
             slots: list[bytes | int] = []
             wanted: list[int] = []  # not rendered ahead: read from the store
             unsealed: set[int] = set()  # a row whose seal fails: its visibility unknown

@@ -61,7 +61,7 @@ def start(engine: Engine, login: str, password: str, client: str | None) -> str:
         connection.execute(insert(console_sessions).values(
             cookie_hash=cookie_hash, session_hash=session_hash, login=session.login,
             created_at=now, last_seen_at=now,
-            seal=seals_for(engine).console(cookie_hash, session_hash, session.login)))
+            seal=seals_for(engine).console(cookie_hash, session_hash, session.login, now)))
     return cookie
 
 
@@ -90,7 +90,7 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
     seals = seals_for(engine)
     if not (seals.user_holds(row) and seals.session_holds(row)
             and same_seal(row.console_seal, seals.console(
-                row.cookie_hash, row.session_hash, row.console_login))
+                row.cookie_hash, row.session_hash, row.console_login, row.last_seen_at))
             and row.console_login == row.login):
         log.warning("a console session's row fails its seal: refused")
         return None
@@ -100,9 +100,11 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
         raise IdleTimeout
     if idle > timedelta(seconds=TOUCH_SECONDS):
         with engine.begin() as connection:
-            connection.execute(update(console_sessions)
-                               .where(console_sessions.c.cookie_hash == digest)
-                               .values(last_seen_at=now))
+            connection.execute(update(console_sessions).where(
+                console_sessions.c.cookie_hash == digest,
+                console_sessions.c.seal == row.console_seal,  # not a row changed meanwhile
+            ).values(last_seen_at=now, seal=seals.console(
+                row.cookie_hash, row.session_hash, row.console_login, now)))
     return Person(Principal(row.login, row.role, scope_of(row.sites), True), row.full_name)
 
 

@@ -44,8 +44,9 @@ class AccessSeals:
     def session(self, token_hash: str, login: str, expires_at: datetime) -> bytes:
         return self._mac(b"session", token_hash, login, expires_at)
 
-    def console(self, cookie_hash: str, session_hash: str, login: str) -> bytes:
-        return self._mac(b"console", cookie_hash, session_hash, login)
+    def console(self, cookie_hash: str, session_hash: str, login: str,
+                last_seen_at: datetime) -> bytes:
+        return self._mac(b"console", cookie_hash, session_hash, login, last_seen_at)
 
     # The rows as read: each with the columns its seal covers, and ``seal``.
     def token_holds(self, row: Any) -> bool:

@@ -98,9 +98,13 @@ def disable_user(engine: Engine, login: str) -> None:
     """The person can't sign in any more, and their sessions are refused from the next
     request on."""
     with engine.begin() as connection:
-        row = connection.execute(select(users).where(users.c.login == login)).first()
+        row = connection.execute(select(users, users.c.seal.label("user_seal"))
+                                 .where(users.c.login == login)).first()
         if row is None:
             raise TokenError(f"no person has the login {login!r}")
+        if not seals_for(engine).user_holds(row):  # sealed again, it would hold as changed
+            raise TokenError(f"{login!r}: the person's row fails its seal (changed in the "
+                             "database); it is not sealed again")
         if row.disabled_at is not None:
             raise TokenError(f"{login!r} was disabled on {row.disabled_at:%Y-%m-%d}")
         connection.execute(update(users).where(users.c.login == login).values(
@@ -132,7 +136,8 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
             seal=seals.session(digest, login, expires_at)))
         if HASHER.check_needs_rehash(person.password_hash):
             hashed = HASHER.hash(password)
-            connection.execute(update(users).where(users.c.login == login).values(
+            connection.execute(update(users).where(  # not a row changed meanwhile
+                users.c.login == login, users.c.seal == person.user_seal).values(
                 password_hash=hashed,
                 seal=seals.user(login, person.full_name, person.role, person.sites, hashed,
                                 disabled=False)))

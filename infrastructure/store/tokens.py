@@ -180,6 +180,9 @@ def revoke_token(engine: Engine, name: str) -> None:
         row = connection.execute(select(tokens).where(tokens.c.name == name)).first()
         if row is None:
             raise TokenError(f"no token is named {name!r}")
+        if not seals_for(engine).token_holds(row):  # sealed again, it would hold as changed
+            raise TokenError(f"the token {name!r}'s row fails its seal (changed in the "
+                             "database); it is not sealed again")
         if row.revoked_at is not None:
             raise TokenError(f"the token {name!r} was revoked on {row.revoked_at:%Y-%m-%d}")
         connection.execute(update(tokens).where(tokens.c.name == name).values(

@@ -101,3 +101,34 @@ def test_a_console_cookie_tied_to_another_s_session_is_no_one_s(isolated):
                            .values(session_hash=victims, login=victim))
     assert console.person(engine, intruders_cookie) is None
     assert console.person(engine, victims_cookie).principal.name == victim
+
+
+def test_a_console_session_s_last_use_pushed_forward_does_not_escape_the_idle_timeout(
+        isolated):
+    engine = isolated.engine
+    login = name("erin")
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    cookie = console.start(engine, login, PASSWORD, None)
+    later = datetime.now(UTC) + timedelta(hours=2)  # idle far past the timeout by then
+    with engine.begin() as connection:
+        connection.execute(update(console_sessions)
+                           .where(console_sessions.c.cookie_hash == token_hash(cookie))
+                           .values(last_seen_at=later))
+    assert console.person(engine, cookie, now=later + timedelta(minutes=1)) is None
+
+
+def test_a_changed_row_is_not_sealed_again_by_a_revocation_or_a_disable(isolated):
+    from infrastructure.store.people import disable_user
+    from infrastructure.store.tokens import TokenError
+
+    engine = isolated.engine
+    service, login = name("lab"), name("fay")
+    create_token(engine, service, "service", Scope.of(["CASE"]))
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    with engine.begin() as connection:
+        connection.execute(update(tokens).where(tokens.c.name == service).values(role="admin"))
+        connection.execute(update(users).where(users.c.login == login).values(role="admin"))
+    with pytest.raises(TokenError, match="fails its seal"):
+        revoke_token(engine, service)
+    with pytest.raises(TokenError, match="fails its seal"):
+        disable_user(engine, login)
