@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from domain.access import Scope
 from infrastructure.console.tables import console_sessions
+from infrastructure.store.access_seals import seals_for
 from infrastructure.store.people import create_user, disable_user
 from infrastructure.store.tokens import ROLES, token_hash
 from tests.e2e.console_support import (  # noqa: F401  (fixtures)
@@ -152,10 +153,16 @@ def test_an_idle_session_ends_at_the_next_request(console, browser):  # noqa: F8
     try:
         page = sign_in(context, console, console.logins["investigator"])
         cookie = next(c["value"] for c in context.cookies() if c["name"] == "trialog_console")
-        with console.engine.begin() as connection:  # its last request, 31 minutes ago
+        # Its last request, 31 minutes ago, written as the server writes it (sealed: an
+        # edit of the row alone would make it no one's, and the page would not say why).
+        digest, before = token_hash(cookie), datetime.now(UTC) - timedelta(minutes=31)
+        with console.engine.begin() as connection:
+            row = connection.execute(select(console_sessions).where(
+                console_sessions.c.cookie_hash == digest)).one()
             connection.execute(update(console_sessions).where(
-                console_sessions.c.cookie_hash == token_hash(cookie)).values(
-                last_seen_at=datetime.now(UTC) - timedelta(minutes=31)))
+                console_sessions.c.cookie_hash == digest).values(
+                last_seen_at=before, seal=seals_for(console.engine).console(
+                    digest, row.session_hash, row.login, before)))
         page.goto(console.page_url("/console/participants/"))
         assert page.url.startswith(console.page_url("/console/sign-in"))
         assert "signed out after 30 minutes without activity" in page.content()
