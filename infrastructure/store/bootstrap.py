@@ -88,22 +88,23 @@ class Trialog:
             return digest
         return hmac.new(self._veil_key, digest.encode(), hashlib.sha256).hexdigest()
 
+    def _derived_key(self, purpose: bytes) -> bytes:
+        """A key of its own for one use, derived from the cipher key."""
+        return hmac.new(self.settings.cipher_key.encode(), purpose, hashlib.sha256).digest()
+
     @functools.cached_property
     def _veil_key(self) -> bytes:
-        return hmac.new(self.settings.cipher_key.encode(), b"trialog:digest",
-                        hashlib.sha256).digest()
+        return self._derived_key(b"trialog:digest")
 
     @functools.cached_property
     def access_seal_key(self) -> bytes:
         """The key of the access tables' seals (see ``access_seals``)."""
-        return hmac.new(self.settings.cipher_key.encode(), b"trialog:access-seal",
-                        hashlib.sha256).digest()
+        return self._derived_key(b"trialog:access-seal")
 
     @functools.cached_property
     def feed_seal_key(self) -> bytes:
         """The key of rm_feed's seals (see ``infrastructure.audit.feed.FeedSeals``)."""
-        return hmac.new(self.settings.cipher_key.encode(), b"trialog:feed-seal",
-                        hashlib.sha256).digest()
+        return self._derived_key(b"trialog:feed-seal")
 
     def close(self) -> None:
         self.service.close()
