@@ -11,8 +11,6 @@ events it covered.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import threading
@@ -33,6 +31,7 @@ from domain.participant import participant_uuid
 from domain.randomization import AllocationSequence
 from infrastructure.audit.history import event_entry, redact_contact
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.macs import SEAL, KeyedMacs, same_seal
 from infrastructure.store.stored import (
     PARTICIPANT_TOPIC,
     Upcast,
@@ -53,7 +52,6 @@ TYPE_PREFIX = "org.trialog."
 SEQUENCE_TOPIC = get_topic(AllocationSequence) + "."
 MAX_LIMIT = 1000
 UNKNOWN_SITE = "?"  # no site's: seen only by readers of every site
-SEAL = 16  # bytes of each of a row's three seals
 FEED_FOLLOWER = "feed"  # the follower of the log that writes rm_feed
 log = logging.getLogger("trialog.feed")
 
@@ -68,10 +66,7 @@ class FeedSeals:
     shown under another's) fails its seal, and is read from the store instead."""
 
     def __init__(self, key: bytes) -> None:
-        # Keyed once; each MAC is a copy of its part's (a third of the time of keying).
-        self._keyed = {part: hashlib.blake2b(key=key, digest_size=SEAL,
-                                             person=b"trialog:feed:" + part)
-                       for part in (b"b", b"c", b"e")}
+        self._macs = KeyedMacs(key, b"trialog:feed:", (b"b", b"c", b"e"))
 
     def _mac(self, part: bytes, position: int, subject: str, value: str | bytes | None,
              site: str | None = None, event_type: str = "", contact: bool = False) -> bytes:
@@ -79,16 +74,13 @@ class FeedSeals:
         # row's stream of no site ("-") is not one of a site ("=CASE"), and a row with a
         # copy with contact details ("c") not one without: removing the copy breaks the
         # seals of the row's body and entry.
-        mac = self._keyed[part].copy()
         head = (f"{position}\0{subject}\0{'-' if site is None else '=' + site}\0"
                 f"{event_type}\0{'c' if contact else '-'}\0")
         if value is None:  # not rendered: differs from any text
-            mac.update(head.encode())
-        elif isinstance(value, str):
-            mac.update(f"{head}\1{value}".encode())
-        else:
-            mac.update(f"{head}\1".encode() + value)
-        return mac.digest()
+            return self._macs.mac(part, head.encode())
+        if isinstance(value, str):
+            return self._macs.mac(part, f"{head}\1{value}".encode())
+        return self._macs.mac(part, f"{head}\1".encode() + value)
 
     def seal(self, row: dict[str, Any]) -> bytes:
         """The three seals of a row as the feed's follower writes it."""
@@ -103,18 +95,18 @@ class FeedSeals:
                    contact: bool) -> bool:
         """The body's seal, over the site and type too, and whether the row holds a copy
         with contact details."""
-        return seals is not None and hmac.compare_digest(
-            seals[:SEAL], self._mac(b"b", position, subject, body, site, event_type, contact))
+        return same_seal(seals and seals[:SEAL],
+                         self._mac(b"b", position, subject, body, site, event_type, contact))
 
     def contact_holds(self, seals: bytes | None, position: int, subject: str,
                       value: bytes) -> bool:
-        return seals is not None and hmac.compare_digest(
-            seals[SEAL:2 * SEAL], self._mac(b"c", position, subject, value))
+        return same_seal(seals and seals[SEAL:2 * SEAL],
+                         self._mac(b"c", position, subject, value))
 
     def entry_holds(self, seals: bytes | None, position: int, subject: str, value: str,
                     contact: bool) -> bool:
-        return seals is not None and hmac.compare_digest(
-            seals[2 * SEAL:], self._mac(b"e", position, subject, value, contact=contact))
+        return same_seal(seals and seals[2 * SEAL:],
+                         self._mac(b"e", position, subject, value, contact=contact))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 
 from infrastructure.console.tables import console_keys, console_sessions
-from infrastructure.store.access_seals import same_seal, seals_for
+from infrastructure.store.access_seals import seals_for
+from infrastructure.store.macs import same_seal
 from infrastructure.store.people import sign_in
 from infrastructure.store.tables import as_utc, user_sessions, users
 from infrastructure.store.tokens import Principal, scope_of, token_hash

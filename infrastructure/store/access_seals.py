@@ -13,25 +13,20 @@ registered as it is built (``register``)."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import weakref
 from datetime import UTC, datetime
 from typing import Any
 
-SEAL = 16
+from infrastructure.store.macs import KeyedMacs, same_seal
+from infrastructure.store.tables import as_utc
 
 
 class AccessSeals:
     def __init__(self, key: bytes) -> None:
-        self._keyed = {kind: hashlib.blake2b(key=key, digest_size=SEAL,
-                                             person=b"trialog:" + kind)
-                       for kind in (b"token", b"user", b"session", b"console")}
+        self._macs = KeyedMacs(key, b"trialog:", (b"token", b"user", b"session", b"console"))
 
     def _mac(self, kind: bytes, *fields: Any) -> bytes:
-        mac = self._keyed[kind].copy()
-        mac.update("\0".join(_text(f) for f in fields).encode())
-        return mac.digest()
+        return self._macs.mac(kind, "\0".join(_text(f) for f in fields).encode())
 
     def token(self, name: str, role: str, token_hash: str, sites: str | None,
               revoked: bool) -> bytes:
@@ -71,13 +66,8 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return moment.astimezone(UTC).isoformat()
+        return as_utc(value).astimezone(UTC).isoformat()
     return f"={value}"
-
-
-def same_seal(seal: bytes | memoryview | None, expected: bytes) -> bool:
-    return seal is not None and hmac.compare_digest(bytes(seal), expected)
 
 
 _REGISTERED: weakref.WeakKeyDictionary[Any, AccessSeals] = weakref.WeakKeyDictionary()
