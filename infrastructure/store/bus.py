@@ -29,7 +29,7 @@ import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 from eventsourcing_sqlalchemy.datastore import transactions
-from sqlalchemy import bindparam, insert, literal, select, update
+from sqlalchemy import bindparam, insert, literal, select, true, update
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -194,28 +194,30 @@ class CommandBus:
             command_records.c.command_id, command_records.c.fingerprint,
             command_records.c.response).where(any_of(command_records.c.command_id,
                                                      not self._sqlite))
+        # The lock's copy and the trial's newest event (NULLs when there are none), read
+        # once, joined to one row.
         events = events_table(service.recorder)
-        newest = (select(events.c.topic, events.c.state)
+        newest = (select(events.c.topic.label("trial_topic"),
+                         events.c.state.label("trial_state"))
                   .where(events.c.originator_id == trial_uuid(self.study_id))
                   .order_by(events.c.originator_version.desc()).limit(1).subquery())
-        trial_topic = select(newest.c.topic).scalar_subquery().label("trial_topic")
-        trial_state = select(newest.c.state).scalar_subquery().label("trial_state")
         one = select(literal(1).label("one")).subquery()
+        lock = (database_lock.c.locked_at, database_lock.c.locked_by, newest.c.trial_topic,
+                newest.c.trial_state)
         self._lock_row = (
-            select(database_lock.c.locked_at, database_lock.c.locked_by, trial_topic,
-                   trial_state)
+            select(*lock)
             .select_from(one.outerjoin(database_lock,
-                                       database_lock.c.study_id == self.study_id)))
+                                       database_lock.c.study_id == self.study_id)
+                         .outerjoin(newest, true())))
         # One statement for a command's idempotency record (NULLs when there is none) and
         # the database lock; built once, the command id bound when run.
         self._record_and_lock = (
-            select(command_records.c.fingerprint, command_records.c.response,
-                   database_lock.c.locked_at, database_lock.c.locked_by, trial_topic,
-                   trial_state)
+            select(command_records.c.fingerprint, command_records.c.response, *lock)
             .select_from(one.outerjoin(command_records, command_records.c.command_id
                                        == bindparam("command_id"))
                          .outerjoin(database_lock,
-                                    database_lock.c.study_id == self.study_id)))
+                                    database_lock.c.study_id == self.study_id)
+                         .outerjoin(newest, true())))
 
     def dispatch(self, command: Command, *, command_id: str, actor: str,
                  reason: str | None = None, expected_version: int | None = None,
