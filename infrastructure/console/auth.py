@@ -26,7 +26,7 @@ from infrastructure.store.access_seals import seals_for
 from infrastructure.store.macs import same_seal
 from infrastructure.store.people import sign_in
 from infrastructure.store.tables import as_utc, user_sessions, users
-from infrastructure.store.tokens import Principal, scope_of, token_hash
+from infrastructure.store.tokens import SEALED_SESSION, Principal, scope_of, token_hash
 
 PREFIX = "/console"
 COOKIE = "trialog_console"
@@ -73,11 +73,7 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
     digest = token_hash(cookie)
     with engine.connect() as connection:
         row = connection.execute(
-            select(users.c.login, users.c.role, users.c.sites, users.c.full_name,
-                   users.c.password_hash, users.c.disabled_at,
-                   users.c.seal.label("user_seal"), user_sessions.c.token_hash,
-                   user_sessions.c.expires_at, user_sessions.c.seal.label("session_seal"),
-                   console_sessions.c.cookie_hash, console_sessions.c.session_hash,
+            select(*SEALED_SESSION, console_sessions.c.cookie_hash, console_sessions.c.session_hash,
                    console_sessions.c.login.label("console_login"),
                    console_sessions.c.seal.label("console_seal"),
                    console_sessions.c.last_seen_at)
@@ -89,7 +85,7 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
     if row is None:
         return None
     seals = seals_for(engine)
-    if not (seals.user_holds(row) and seals.session_holds(row)
+    if not (seals.session_and_person_hold(row)
             and same_seal(row.console_seal, seals.console(
                 row.cookie_hash, row.session_hash, row.console_login, row.last_seen_at))
             and row.console_login == row.login):

@@ -53,9 +53,10 @@ class AccessSeals:
             row.login, row.full_name, row.role, row.sites, row.password_hash,
             row.disabled_at is not None))
 
-    def session_holds(self, row: Any) -> bool:
-        return same_seal(row.session_seal, self.session(row.token_hash, row.login,
-                                                    row.expires_at))
+    def session_and_person_hold(self, row: Any) -> bool:
+        """A sign-in session's row and its person's, read together (tokens.SEALED_SESSION)."""
+        return same_seal(row.session_seal, self.session(
+            row.token_hash, row.login, row.expires_at)) and self.user_holds(row)
 
 
 def _text(value: Any) -> str:

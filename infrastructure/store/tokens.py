@@ -191,17 +191,21 @@ def revoke_token(engine: Engine, name: str) -> None:
                                          revoked=True)))
 
 
+# A person's sign-in session and the person, with what their seals cover and the seals
+# (see AccessSeals.session_and_person_hold).
+SEALED_SESSION = (users.c.login, users.c.role, users.c.sites, users.c.full_name,
+                  users.c.password_hash, users.c.disabled_at, users.c.seal.label("user_seal"),
+                  user_sessions.c.token_hash, user_sessions.c.expires_at,
+                  user_sessions.c.seal.label("session_seal"))
+
+
 class Authenticator:
     """Looks a bearer token up by its hash on every request, so a revocation, a disabled
     person or an expired session acts on the next one (no cache outlives a request)."""
 
     # Built once: building a statement and its cache key on every request cost a third of
     # the look-up's Python.
-    _PERSON = (select(users.c.login, users.c.role, users.c.sites, users.c.full_name,
-                      users.c.password_hash, users.c.disabled_at,
-                      users.c.seal.label("user_seal"), user_sessions.c.token_hash,
-                      user_sessions.c.expires_at,
-                      user_sessions.c.seal.label("session_seal"))
+    _PERSON = (select(*SEALED_SESSION)
                .join(user_sessions, user_sessions.c.login == users.c.login)
                .where(user_sessions.c.token_hash == bindparam("digest"),
                       user_sessions.c.expires_at > bindparam("now"),
@@ -221,8 +225,7 @@ class Authenticator:
             if token.startswith(SESSION_PREFIX):
                 person = connection.execute(self._PERSON, {
                     "digest": digest, "now": datetime.now(UTC)}).first()
-                if person is None or not (self.seals.session_holds(person)
-                                          and self.seals.user_holds(person)):
+                if person is None or not self.seals.session_and_person_hold(person):
                     return _refused(person)
                 return Principal(person.login, person.role, scope_of(person.sites), True)
             row = connection.execute(self._MACHINE, {"digest": digest}).first()
