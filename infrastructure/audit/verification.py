@@ -53,6 +53,7 @@ from infrastructure.store.stored import (
     events_table,
     link_rows,
     load_event,
+    plain_content,
     plain_state,
     stored_events,
     stream_key_id,
@@ -130,11 +131,13 @@ def declared_link(plain: bytes) -> Link | None:
 
 
 def _deep_link(service: TrialService, stream: str, version: int, topic: str,
-               state: bytes) -> Link:
+               state: bytes, text: bytes | None = None) -> Link:
     """Decodes to plain JSON values and recomputes the digest over the canonical text:
-    equal, by construction, to ``compute_digest`` of the event (a unit test pins it)."""
+    equal, by construction, to ``compute_digest`` of the event (a unit test pins it).
+    ``text``: the state already decrypted, if it was."""
     try:
-        content = plain_state(service.mapper, state)
+        content = (plain_state(service.mapper, state) if text is None
+                   else plain_content(text))
     except Upcast:  # the mapper's upcast event is what was digested
         return _link_of(decode(service.mapper, UUID(stream), version, topic, state))
     digest = content.pop("digest")
@@ -280,13 +283,13 @@ def _name_unknown_streams(service: TrialService, problems: list[Problem]) -> Non
 
 
 def _row_link(service: TrialService, stream: str, key: Any, version: int,
-              topic: str | None, state: bytes) -> Link | None:
+              topic: str | None, state: bytes, text: bytes | None = None) -> Link | None:
     """The link of one row: recomputed over ``topic`` when it is given (every row of a
     deep check, a stream's first event otherwise), else as its decrypted text declares
-    it."""
+    it. ``text``: the state already decrypted, if it was."""
     try:
         if topic is not None:
-            return _deep_link(service, stream, version, topic, state)
+            return _deep_link(service, stream, version, topic, state, text)
         link = declared_link(decrypt(service.mapper, state))
         if link is None:
             event = load_event(service, stream_key_id(key), version)
@@ -343,17 +346,18 @@ def verify(service: TrialService, batch: int = 5000, progress: Progress | None =
                           f"the topic column was altered: it says {_kind(topic)}, the "
                           f"event was recorded as {_kind(sealed)}")
             topic = sealed  # what the digest covers
-        link = None
+        link = text = None
         recompute = deep or version == 1
-        if not recompute and plain is not None:
-            # Most rows: the digests as the decrypted text declares them.
+        if plain is not None:
             try:
-                link = declared_link(compressor.decompress(plain) if compressor else plain)
+                text = compressor.decompress(plain) if compressor else plain
+                if not recompute:  # most rows: the digests as the decrypted text declares
+                    link = declared_link(text)
             except Exception:  # noqa: BLE001 - the slower path below decides
-                link = None
+                link = text = None
         if link is None:
             link = _row_link(service, check.stream, row_key, version,
-                             topic if recompute else None, state)
+                             topic if recompute else None, state, text)
         check.check(notification_id, version, link)
     if check is not None:
         check.finish()

@@ -390,7 +390,11 @@ def plain_state(mapper: Mapper[UUID], state: bytes, topic: str | None = None
                 ) -> dict[str, Any]:
     """A stored state as plain JSON values, without building the domain event (its sealed
     topic checked against ``topic`` when given)."""
-    text = decrypt(mapper, state, topic)
+    return plain_content(decrypt(mapper, state, topic))
+
+
+def plain_content(text: bytes) -> dict[str, Any]:
+    """A decrypted (and decompressed) state's JSON as plain JSON values."""
     content: dict[str, Any]
     try:
         # split() keeps each match's group between the pieces: joined, the replacement,
