@@ -36,6 +36,19 @@ class IdempotencyKeyReused(DomainError):
         return cls(f"command_id {command_id} was already used for another command")
 
 
+class CommandRecordAltered(DomainError):
+    """A retry whose command's record (its fingerprint and first answer) fails its seal:
+    changed outside trialog, it can't be answered, nor the command decided again."""
+
+    code = "command_record_altered"
+
+    @classmethod
+    def of(cls, command_id: str) -> CommandRecordAltered:
+        return cls(f"the record of command_id {command_id} fails its seal (it was changed "
+                   "outside trialog): its first answer can't be given; trialog audit verify "
+                   "reports it")
+
+
 class ParticipantNotFound(DomainError):
     code = "not_found"
 

@@ -16,7 +16,7 @@ STATUS_OF = {
     "invalid_transition": 409, "not_eligible": 409, "version_conflict": 409,
     "idempotency_key_reused": 409, "not_found": 404, "validation_failed": 422,
     "site_not_allowed": 403, "participant_id_unavailable": 409, "locked": 409,
-    "database_locked": 409,
+    "database_locked": 409, "command_record_altered": 409,
 }
 
 

@@ -69,7 +69,7 @@ Progress = Callable[[int], None]
 
 @dataclass
 class Problem:
-    kind: str  # edited | deleted | reordered | inserted | snapshot | lock | read_model
+    kind: str  # edited | deleted | reordered | inserted | snapshot | lock | read_model | record
     stream: str
     version: int
     notification_id: int | None
@@ -442,9 +442,12 @@ def check_records(trialog: Trialog) -> list[Problem]:
     obey. Without the key no event can be forged, but a stream's last events can be
     deleted, which leaves a valid shorter chain: the versions recorded beside it show
     what is missing. A lock's copy that disagrees with the trial's record is reported
-    too. On a live store: what was recorded beside the streams is read before their ends
-    (a command answered meanwhile has its events read too), and the lock's copy between
-    two reads of the trial's record that agree."""
+    too, and so is a command's record that fails its seal (changed or made up outside
+    trialog: it is no evidence, and the bus answers no retry of it). On a live store: what
+    was recorded beside the streams is read before their ends (a command answered
+    meanwhile has its events read too), and the lock's copy between two reads of the
+    trial's record that agree."""
+    from infrastructure.store.access_seals import seals_for
     from infrastructure.store.tables import command_records, participants
 
     table = events_table(trialog.service.recorder)
@@ -457,17 +460,29 @@ def check_records(trialog: Trialog) -> list[Problem]:
         if isinstance(version, int) and version > shown.get(stream, (0,))[0]:
             shown[stream] = (version, evidence, pid)
 
+    seals = seals_for(trialog.engine)
+    problems = []
     with trialog.engine.connect() as connection:
-        for command_id, pid, response in connection.execute(
-                select(command_records.c.command_id, command_records.c.participant_id,
-                       command_records.c.response)):
-            try:
-                version = orjson.loads(response).get("version")
-            except (orjson.JSONDecodeError, AttributeError):
-                continue
+        for record in connection.execute(select(
+                command_records.c.command_id, command_records.c.fingerprint,
+                command_records.c.participant_id, command_records.c.response,
+                command_records.c.recorded_at, command_records.c.seal)):
+            pid = record.participant_id
             trial = pid.startswith("trial:")
-            beside(trial_stream if trial else participant_uuid(pid), version,
-                   f"command {command_id} was answered with version {version}",
+            stream = trial_stream if trial else participant_uuid(pid)
+            try:
+                version = orjson.loads(record.response).get("version")
+            except (orjson.JSONDecodeError, AttributeError):
+                version = None
+            if not seals.command_holds(record):
+                problems.append(Problem(
+                    "record", str(stream), version if isinstance(version, int) else 0, None,
+                    f"the record of command {record.command_id} fails its seal: its answer, "
+                    "fingerprint or participant was changed, or the row made up, outside "
+                    "trialog (a retry of it is refused)", None if trial else pid))
+                continue
+            beside(stream, version,
+                   f"command {record.command_id} was answered with version {version}",
                    None if trial else pid)
         for pid, version in connection.execute(select(participants.c.participant_id,
                                                       participants.c.version)):
@@ -477,7 +492,6 @@ def check_records(trialog: Trialog) -> list[Problem]:
         ends = {as_uuid(stream): version for stream, version in connection.execute(
             select(table.c.originator_id, func.max(table.c.originator_version))
             .group_by(table.c.originator_id))}
-    problems = []
     for stream, (version, evidence, pid) in shown.items():
         end = ends.get(stream, 0)
         if version > end:

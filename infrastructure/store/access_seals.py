@@ -1,11 +1,13 @@
 """Seals on the rows that say who may call: machine tokens, people, their sign-in sessions
-and console sessions. Keyed BLAKE2b MACs under a key derived from the cipher key bind each
+and console sessions; and on the bus's record of each command (the idempotency key, the
+body's fingerprint and the first answer, which a retry gets back). Keyed BLAKE2b MACs under a key derived from the cipher key bind each
 row's fields that grant access (a token's name, role, hash, sites and whether it is
 revoked; a person's login, name, role, sites, password hash and whether they are
 disabled; a session's token hash, person and expiry; a console session's cookie, the
 session it stands on and the person). Someone with write access to the database but not
 the key could otherwise add a token of any role, give a person another's password hash,
-or tie their own cookie to another's session: a row whose seal fails is no one's.
+or tie their own cookie to another's session: a row whose seal fails is no one's. A
+command's record whose seal fails is answered to no retry.
 
 The key is the deployment's (every process derives it from ``TRIALOG_CIPHER_KEY``); the
 functions that write or read these rows are given an engine, so each engine's seals are
@@ -23,7 +25,8 @@ from infrastructure.store.tables import as_utc
 
 class AccessSeals:
     def __init__(self, key: bytes) -> None:
-        self._macs = KeyedMacs(key, b"trialog:", (b"token", b"user", b"session", b"console"))
+        self._macs = KeyedMacs(key, b"trialog:", (b"token", b"user", b"session", b"console",
+                                                   b"command"))
 
     def _mac(self, kind: bytes, *fields: Any) -> bytes:
         return self._macs.mac(kind, "\0".join(_text(f) for f in fields).encode())
@@ -43,10 +46,20 @@ class AccessSeals:
                 last_seen_at: datetime) -> bytes:
         return self._mac(b"console", cookie_hash, session_hash, login, last_seen_at)
 
+    def command(self, command_id: str, fingerprint: str, participant_id: str, response: str,
+                recorded_at: datetime) -> bytes:
+        return self._mac(b"command", command_id, fingerprint, participant_id, response,
+                         recorded_at)
+
     # The rows as read: each with the columns its seal covers, and ``seal``.
     def token_holds(self, row: Any) -> bool:
         return same_seal(row.seal, self.token(row.name, row.role, row.token_hash, row.sites,
                                           row.revoked_at is not None))
+
+    def command_holds(self, row: Any) -> bool:
+        return same_seal(row.seal, self.command(row.command_id, row.fingerprint,
+                                                row.participant_id, row.response,
+                                                row.recorded_at))
 
     def user_holds(self, row: Any) -> bool:
         return same_seal(row.user_seal, self.user(

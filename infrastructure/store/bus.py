@@ -14,8 +14,10 @@ grouping.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -41,10 +43,16 @@ from tenacity import (
 from domain.access import EVERY_SITE, Scope
 from domain.chain import LEAVES, canonical_bytes
 from domain.commands import DATA_COMMANDS, Audit, Command
-from domain.errors import DatabaseLocked, DomainError, IdempotencyKeyReused
+from domain.errors import (
+    CommandRecordAltered,
+    DatabaseLocked,
+    DomainError,
+    IdempotencyKeyReused,
+)
 from domain.participant import Participant, participant_uuid
 from domain.service import TrialService
 from domain.trial import TrialDatabase, trial_uuid
+from infrastructure.store.access_seals import AccessSeals, seals_for
 from infrastructure.store.outages import (
     DATABASE_ERRORS,
     is_unavailable,
@@ -66,6 +74,13 @@ from infrastructure.store.tables import (
 )
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
+
+log = logging.getLogger("trialog.bus")
+
+# A command's record as a retry reads it: the columns its seal covers, and the seal.
+_SEALED_RECORD = (command_records.c.command_id, command_records.c.fingerprint,
+                  command_records.c.participant_id, command_records.c.response,
+                  command_records.c.recorded_at, command_records.c.seal)
 
 
 @dataclass(frozen=True)
@@ -190,10 +205,8 @@ class CommandBus:
         self._sqlite = service.recorder.datastore.engine.dialect.name == "sqlite"
         # Statements built once (the values bound when run).
         self._insert_record = insert(command_records)
-        self._previous = select(
-            command_records.c.command_id, command_records.c.fingerprint,
-            command_records.c.response).where(any_of(command_records.c.command_id,
-                                                     not self._sqlite))
+        self._previous = select(*_SEALED_RECORD).where(any_of(command_records.c.command_id,
+                                                              not self._sqlite))
         # The lock's copy and the trial's newest event (NULLs when there are none), read
         # once, joined to one row.
         events = events_table(service.recorder)
@@ -212,12 +225,17 @@ class CommandBus:
         # One statement for a command's idempotency record (NULLs when there is none) and
         # the database lock; built once, the command id bound when run.
         self._record_and_lock = (
-            select(command_records.c.fingerprint, command_records.c.response, *lock)
+            select(*_SEALED_RECORD, *lock)
             .select_from(one.outerjoin(command_records, command_records.c.command_id
                                        == bindparam("command_id"))
                          .outerjoin(database_lock,
                                     database_lock.c.study_id == self.study_id)
                          .outerjoin(newest, true())))
+
+    @functools.cached_property
+    def seals(self) -> AccessSeals:
+        """The seals of the commands' records (registered for the engine by bootstrap)."""
+        return seals_for(self.service.recorder.datastore.engine)  # type: ignore[attr-defined]
 
     def dispatch(self, command: Command, *, command_id: str, actor: str,
                  reason: str | None = None, expected_version: int | None = None,
@@ -313,7 +331,7 @@ class CommandBus:
     def _decide(self, session: Any, intent: Intent, digest: str) -> Accepted:
         command, command_id = intent.command, intent.command_id
         found = session.execute(self._record_and_lock, {"command_id": command_id}).one()
-        if found.fingerprint is not None:
+        if found.command_id is not None:
             return self._replayed(session, intent, digest, found)
         audit = Audit(command_id=command_id, actor=intent.actor, recorded_at=self.clock(),
                       reason=intent.reason)
@@ -335,7 +353,7 @@ class CommandBus:
         body = self._body(command_id, answer)
         # Written before the events: the event store's insert locks its table until
         # commit, so the less done after it, the more writers get through.
-        session.execute(self._insert_record, [self._record(intent, digest, audit, body)])
+        session.execute(self._insert_record, [self._record(command_id, digest, audit, body)])
         body["position"] = self.service.record(decision).position
         if changes_data:
             # Again now that the events are written: on PostgreSQL a LockDatabase that
@@ -351,21 +369,33 @@ class CommandBus:
         that copy's events, which this one's rule then refuses). Its first answer is owed,
         not the refusal."""
         found = session.execute(self._record_and_lock, {"command_id": command_id}).one()
-        return found if found.fingerprint is not None else None
+        return found if found.command_id is not None else None
 
     def _replayed(self, session: Any, intent: Intent, digest: str, previous: Any) -> Accepted:
         """The same command_id again: the first answer, if it is the same command."""
-        self._same_command(intent, digest, previous.fingerprint)
+        self._same_command(intent, digest, previous.fingerprint, previous)
         return Accepted(self._with_position(session, previous.response), replayed=True)
 
-    def _same_command(self, intent: Intent, digest: str, recorded: str) -> None:
-        """Refuses a command_id used before for another command."""
+    def _same_command(self, intent: Intent, digest: str, recorded: str,
+                      record: Any = None) -> None:
+        """Refuses a command_id used before for another command, and a retry whose
+        ``record`` (as read from the table) fails its seal."""
         if intent.scope.sites is not None:
             # Refused as the command would be with an unused id, before anything is said
             # about the id: a participant outside the scope stays unknown.
             self.service.target(intent.command, intent.scope)
+        if record is not None:
+            self._check_seal(record)
         if recorded != digest:
             raise IdempotencyKeyReused.of(intent.command_id)
+
+    def _check_seal(self, record: Any) -> None:
+        """A record changed outside trialog (its answer, its fingerprint, whose it is) or
+        made up there is answered to no retry: neither its answer nor a new decision."""
+        if not self.seals.command_holds(record):
+            log.warning("the record of command %s fails its seal: its retry is refused",
+                        record.command_id)
+            raise CommandRecordAltered.of(record.command_id)
 
     @staticmethod
     def _body(command_id: str, answer: Any) -> dict[str, Any]:
@@ -373,14 +403,18 @@ class CommandBus:
                 "version": answer.version, "position": None, "events": answer.events,
                 **answer.decided}
 
-    @staticmethod
-    def _record(intent: Intent, digest: str, audit: Audit,
-                body: dict[str, Any]) -> dict[str, Any]:
-        """The idempotency record: the first answer, its position found when replayed."""
-        return {"command_id": intent.command_id, "fingerprint": digest,
-                "participant_id": body["participant_id"],
-                "response": orjson.dumps(body).decode(),
-                "recorded_at": audit.recorded_at}
+    def _record(self, command_id: str, digest: str, audit: Audit, body: dict[str, Any],
+                response: str | None = None) -> dict[str, Any]:
+        """The idempotency record, sealed: the first answer, its position found when
+        replayed."""
+        participant_id = (body["participant_id"] if "participant_id" in body
+                          else f"trial:{body['study_id']}")
+        response = response if response is not None else orjson.dumps(body).decode()
+        return {"command_id": command_id, "fingerprint": digest,
+                "participant_id": participant_id, "response": response,
+                "recorded_at": audit.recorded_at,
+                "seal": self.seals.command(command_id, digest, participant_id, response,
+                                           audit.recorded_at)}
 
     def dispatch_all(self, intents: list[Intent], loaded: Iterable[Participant] = (),
                      alone: bool = True) -> list[Accepted | Exception]:
@@ -426,7 +460,7 @@ class CommandBus:
                 try:
                     if intent.command_id in previous:
                         recorded = previous[intent.command_id]
-                        self._same_command(intent, digest, recorded.fingerprint)
+                        self._same_command(intent, digest, recorded.fingerprint, recorded)
                         replayed[index] = json.loads(recorded.response)
                         continue
                     if intent.command_id in first:  # its body is complete once written
@@ -449,7 +483,7 @@ class CommandBus:
                     continue
                 body = self._body(intent.command_id, answer)
                 bodies[index] = (body, events)
-                records.append(self._record(intent, digest, audit, body))
+                records.append(self._record(intent.command_id, digest, audit, body))
                 first[intent.command_id] = index
             self._replay_recorded_meanwhile(session, intents, digests, outcomes, replayed,
                                             set(previous))
@@ -493,7 +527,7 @@ class CommandBus:
             if row is None or not isinstance(outcomes[index], DomainError):
                 continue
             try:
-                self._same_command(intent, digests[index], row.fingerprint)
+                self._same_command(intent, digests[index], row.fingerprint, row)
             except DomainError as error:
                 outcomes[index] = error
                 continue
@@ -518,9 +552,10 @@ class CommandBus:
         for attempt in self._retrying():
             with attempt, recorder.transaction(commit=True) as session:
                 previous = session.execute(
-                    select(command_records.c.fingerprint, command_records.c.response)
+                    select(*_SEALED_RECORD)
                     .where(command_records.c.command_id == command_id)).first()
                 if previous is not None:
+                    self._check_seal(previous)
                     if previous.fingerprint != digest:
                         raise IdempotencyKeyReused.of(command_id)
                     return Accepted(json.loads(previous.response), replayed=True)
@@ -535,10 +570,8 @@ class CommandBus:
                 body = {"command_id": command_id, "study_id": self.study_id,
                         "version": database.version, "position": position,
                         "events": events}
-                session.execute(self._insert_record, [{
-                    "command_id": command_id, "fingerprint": digest,
-                    "participant_id": f"trial:{self.study_id}", "response": json.dumps(body),
-                    "recorded_at": audit.recorded_at}])
+                session.execute(self._insert_record, [self._record(
+                    command_id, digest, audit, body, json.dumps(body))])
                 self._keep_lock(session, database, audit, position)
                 return Accepted(body, replayed=False)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -109,7 +109,7 @@ def _array_type(column_type: Any, dialect: Dialect) -> str:
 
 
 # One row per accepted command: the idempotency key, a fingerprint of its body and the
-# answer given, written in the same transaction as the command's events.
+# answer given, written in the same transaction as the command's events, sealed.
 command_records = Table(
     "trialog_commands",
     metadata,
@@ -118,6 +118,9 @@ command_records = Table(
     Column("participant_id", String(64), nullable=False, index=True),
     Column("response", Text, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    # A keyed MAC of the row (store.access_seals): one changed or made up outside trialog
+    # is answered to no retry.
+    Column("seal", LargeBinary, nullable=True),
 )
 
 

@@ -104,6 +104,41 @@ def test_a_retried_command_answers_the_first_answer_and_writes_nothing(server):
     assert len(service.get(f"/v1/participants/{pid}/history").json()["events"]) == 1
 
 
+def test_a_retry_whose_record_was_changed_in_the_database_is_refused(server):
+    """The first answer kept for retries is sealed: edited outside trialog, it is given
+    to no one, and the command is not decided again."""
+    from sqlalchemy import create_engine, text
+
+    service = server.client("service")
+    pid = p.participant_id()
+    body = {"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+            "participant_id": pid, "data": p.screening()}
+    assert service.post("/v1/commands", body).status_code == 201
+    engine = create_engine(server.database)
+    edit = text("UPDATE trialog_commands SET response = replace(response, :was, :now) "
+                "WHERE command_id = :id")
+    try:
+        with engine.begin() as connection:
+            connection.execute(edit, {"was": '"version":1', "now": '"version":7',
+                                      "id": body["command_id"]})
+        again = service.post("/v1/commands", body)
+        assert again.status_code == 409
+        assert again.json() == {
+            "error": "command_record_altered",
+            "message": f"the record of command_id {body['command_id']} fails its seal (it "
+                       "was changed outside trialog): its first answer can't be given; "
+                       "trialog audit verify reports it"}
+        assert len(service.get(f"/v1/participants/{pid}/history").json()["events"]) == 1
+    finally:  # put back as it was: the server's store is shared by the other tests
+        with engine.begin() as connection:
+            connection.execute(edit, {"was": '"version":7', "now": '"version":1',
+                                      "id": body["command_id"]})
+        engine.dispose()
+    assert service.post("/v1/commands", body).json()["version"] == 1
+    assert any("fails its seal" in line and body["command_id"] in line
+               for line in server.log_lines())
+
+
 def test_concurrent_commands_without_expected_version_all_succeed(server):
     service = server.client("service")
     pid, _ = enrol(service)
