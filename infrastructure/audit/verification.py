@@ -69,7 +69,8 @@ Progress = Callable[[int], None]
 
 @dataclass
 class Problem:
-    kind: str  # edited | deleted | reordered | inserted | snapshot | lock | read_model | record
+    kind: str  # edited | deleted | reordered | inserted | repeated | snapshot | lock |
+    #            read_model | record
     stream: str
     version: int
     notification_id: int | None
@@ -108,12 +109,14 @@ class VerifyReport:
 
 
 # What the chain check needs of one stored event: (previous digest, digest, whether the
-# digest matches the content (None: not recomputed), the participant id if known).
-Link = tuple[str, str, bool | None, str | None]
+# digest matches the content (None: not recomputed), the participant id if known, the
+# command id if read).
+Link = tuple[str, str, bool | None, str | None, str | None]
 
 
 _DIGEST = b'"digest":"'
 _PREVIOUS = b'"previous_digest":"'
+_COMMAND = b'"command_id":"'
 
 
 def declared_link(plain: bytes) -> Link | None:
@@ -121,13 +124,14 @@ def declared_link(plain: bytes) -> Link | None:
     come before the captured data, and quotes inside strings are escaped); None when they
     are not there. A misread can only break a link, and a broken link is re-checked by
     decoding the row."""
-    d, p = plain.find(_DIGEST), plain.find(_PREVIOUS)
+    d, p, c = plain.find(_DIGEST), plain.find(_PREVIOUS), plain.find(_COMMAND)
     if d < 0 or p < 0:
         return None
     d += len(_DIGEST)
     p += len(_PREVIOUS)
+    c += len(_COMMAND)
     return (plain[p:plain.index(b'"', p)].decode(), plain[d:plain.index(b'"', d)].decode(),
-            None, None)
+            None, None, plain[c:plain.index(b'"', c)].decode() if c >= len(_COMMAND) else None)
 
 
 def _deep_link(service: TrialService, stream: str, version: int, topic: str,
@@ -143,16 +147,19 @@ def _deep_link(service: TrialService, stream: str, version: int, topic: str,
     digest = content.pop("digest")
     content.update(originator_id=stream, originator_version=version, topic=topic)
     intact = hashlib.sha256(canonical_json(content).encode()).hexdigest() == digest
-    return content["previous_digest"], digest, intact, content.get("participant_id")
+    return (content["previous_digest"], digest, intact, content.get("participant_id"),
+            content.get("command_id"))
 
 
 def _link_of(event: Any) -> Link:
     return (event.previous_digest, event.digest, compute_digest(event) == event.digest,
-            getattr(event, "participant_id", None))
+            getattr(event, "participant_id", None), getattr(event, "command_id", None))
 
 
 class _StreamCheck:
-    """Walks one stream in version order, checking versions, digests and links."""
+    """Walks one stream in version order, checking versions, digests and links, and that
+    each command's events are together: a command's record deleted, a retry of it is
+    decided again, and its events are then recorded a second time, later (``repeated``)."""
 
     def __init__(self, service: TrialService, stream: UUID, report: VerifyReport) -> None:
         self.service = service
@@ -165,6 +172,8 @@ class _StreamCheck:
         self.participant_id: str | None = None
         self.found: list[Problem] = []
         self.seen: dict[str, int] = {}
+        self.commands: dict[str, int] = {}  # each command id: the version it began at
+        self.last_command: str | None = None
 
     def load(self, version: int) -> Any | None:
         try:
@@ -190,10 +199,16 @@ class _StreamCheck:
             self.seen[link[1]] = self.last_version = version
             self.last_digest = link[1]
             self.last_position = notification_id
+            if link[4] != self.last_command:
+                self._command_began(version, notification_id, link[4])
             return
         found, before = len(self.found), self.last_position
         self.last_position = max(self.last_position, notification_id)
         self._check_link(notification_id, version, link)
+        if link is not None and link[4] != self.last_command:
+            # A row already found wrong (a copy of another event, say) is not repeated too.
+            self._command_began(version, notification_id, link[4],
+                                check=len(self.found) == found)
         if notification_id < before and len(self.found) == found:
             # A stream's events enter the log in version order (each after the one before
             # it committed): notification ids swapped between them reorder its history.
@@ -218,7 +233,7 @@ class _StreamCheck:
             # A broken link, or one that can't be checked: the digest decides.
             event = self.load(version)
             link = _link_of(event) if event is not None else link
-        _, digest, intact, participant_id = link
+        _, digest, intact, participant_id, _ = link
         self.participant_id = self.participant_id or participant_id
         if intact is False:
             kind, detail = self._classify_broken(self.load(version), linked)
@@ -230,6 +245,18 @@ class _StreamCheck:
                          "the event does not follow the previous event of its stream")
         self.seen[digest] = version
         self.last_digest = digest
+
+    def _command_began(self, version: int, notification_id: int, command_id: str | None,
+                       check: bool = True) -> None:
+        self.last_command = command_id
+        if command_id is None:
+            return
+        first = self.commands.setdefault(command_id, version)
+        if first != version and check:
+            self.problem("repeated", version, notification_id,
+                         f"command {command_id} was decided again: its events begin at "
+                         f"version {first} too (a retry decided anew, as when the "
+                         "command's record is deleted)")
 
     def _classify_broken(self, event: Any, linked: bool) -> tuple[str, str]:
         """Why an event's digest fails: a copy of another event, an event moved from

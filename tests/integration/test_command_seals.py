@@ -145,3 +145,28 @@ def test_migration_0025_seals_the_records_already_there(isolated_url):
     assert len(rows) == len(ids) and unsealed == 0
     assert all(seals.command_holds(row) for row in rows)
     engine.dispose()
+
+
+def test_a_command_decided_again_after_its_record_was_deleted_is_reported(isolated):
+    """Deleting a record can't be told from a record never written, so a retry is
+    decided again; its events, recorded a second time, are what verify finds."""
+    from sqlalchemy import delete
+
+    t = isolated
+    pid = enrol(t)
+    command_id = str(uuid.uuid4())
+    medication = c.ReportMedication(pid, {"drug": "ibuprofen", "contains_b12": False})
+    send(t, medication, command_id=command_id)
+    send(t, c.RecordDose(pid, dose(1)))
+    with t.engine.begin() as connection:
+        connection.execute(delete(command_records)
+                           .where(command_records.c.command_id == command_id))
+    assert check_store(t, processes=1).ok
+    assert send(t, medication, command_id=command_id)["version"] == 6
+    for deep in (False, True):
+        [problem] = check_store(t, processes=1, deep=deep).problems
+        assert (problem.kind, problem.version, problem.participant_id) == (
+            "repeated", 6, pid)
+        assert problem.detail == (
+            f"command {command_id} was decided again: its events begin at version 4 too "
+            "(a retry decided anew, as when the command's record is deleted)")
