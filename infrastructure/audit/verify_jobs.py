@@ -2,7 +2,9 @@
 request may wait. One runs at a time for the whole deployment (a second request is pointed
 to the running one). Its state is a row, so whichever API process a poll reaches answers
 it; a check whose process stopped is marked failed once it has given no sign of life for
-a while."""
+a while. A finished check's row is sealed (store.access_seals): one changed or made up
+in the database by someone without the key (a report that says ok, say) is answered as
+a failed check that fails its seal, never with its report."""
 
 from __future__ import annotations
 
@@ -12,13 +14,26 @@ import threading
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, String, Table, Text, select, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    select,
+    update,
+)
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from infrastructure.audit.verification import check_store
+from infrastructure.store.access_seals import seals_for
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.tables import metadata
 
@@ -27,6 +42,8 @@ log = logging.getLogger("trialog.verify")
 HEARTBEAT = 5.0  # seconds between a running check's signs of life
 STALE = timedelta(seconds=60)  # no sign of life for this long: its process stopped
 ABANDONED = {"message": "the process running the check stopped before it finished"}
+UNSEALED = {"message": "the record of this check fails its seal: it was changed outside "
+                       "trialog, and its report can't be trusted; start the check again"}
 
 verify_jobs = Table(
     "trialog_verify_jobs",
@@ -41,6 +58,7 @@ verify_jobs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("events_checked", BigInteger, nullable=False),
     Column("report", Text, nullable=True),  # JSON: the finished report, or why it failed
+    Column("seal", LargeBinary, nullable=True),  # once finished: a keyed MAC of the row
 )
 
 
@@ -62,6 +80,7 @@ class VerifyJobs:
     def __init__(self, trialog: Trialog) -> None:
         self.trialog = trialog
         self.engine = trialog.engine
+        self.seals = seals_for(trialog.engine)
 
     def start(self, actor: str) -> dict[str, Any]:
         """The running check, as ``get`` answers: one started now unless one runs already."""
@@ -69,7 +88,7 @@ class VerifyJobs:
         while True:
             running = self._first(verify_jobs.c.running.is_(True))
             if running is not None:
-                return _answer(running)
+                return self._answer(running)
             job = self._claim(actor)
             if job is not None:
                 threading.Thread(target=self._run, args=(job["job_id"],), daemon=True,
@@ -79,7 +98,14 @@ class VerifyJobs:
     def get(self, job_id: str) -> dict[str, Any] | None:
         self._fail_abandoned()
         job = self._first(verify_jobs.c.job_id == job_id)
-        return None if job is None else _answer(job)
+        return None if job is None else self._answer(job)
+
+    def _answer(self, job: Mapping[Any, Any]) -> dict[str, Any]:
+        """The check as polled; a finished one only if its row holds its seal."""
+        if job["status"] == "running" or self.seals.verify_job_holds(SimpleNamespace(**job)):
+            return _answer(job)
+        log.warning("the record of deep verification %s fails its seal", job["job_id"])
+        return {**_answer(job, report=False), "status": "failed", **UNSEALED}
 
     def _first(self, where: Any) -> RowMapping | None:
         with self.engine.connect() as connection:
@@ -112,9 +138,21 @@ class VerifyJobs:
                                                  "(the server's log has the details)"}
         finally:
             finished.set()
-        self._update(job_id, running=None, status=status, finished_at=datetime.now(UTC),
-                     events_checked=body.get("events_checked", progress.events),
-                     report=json.dumps(body))
+        job = self._first(verify_jobs.c.job_id == job_id)
+        if job is None:  # deleted meanwhile: nothing to record it in
+            log.error("deep verification %s: its row is gone", job_id)
+            return
+        self._update(job_id, **self._finished(job, status, datetime.now(UTC),
+                                              body.get("events_checked", progress.events),
+                                              json.dumps(body)))
+
+    def _finished(self, job: Mapping[Any, Any], status: str, at: datetime, events: int,
+                  report: str) -> dict[str, Any]:
+        """The values that end a check, sealed."""
+        return {"running": None, "status": status, "finished_at": at, "events_checked": events,
+                "report": report, "seal": self.seals.verify_job(
+                    job["job_id"], status, job["started_by"], job["started_at"], at, events,
+                    report)}
 
     def _beat(self, job_id: str, progress: _Progress, finished: threading.Event) -> None:
         while not finished.wait(HEARTBEAT):
@@ -132,12 +170,13 @@ class VerifyJobs:
 
     def _fail_abandoned(self) -> None:
         now = datetime.now(UTC)
+        stale = (verify_jobs.c.running.is_(True), verify_jobs.c.heartbeat_at < now - STALE)
         with self.engine.begin() as connection:
-            connection.execute(
-                update(verify_jobs)
-                .where(verify_jobs.c.running.is_(True), verify_jobs.c.heartbeat_at < now - STALE)
-                .values(running=None, status="failed", finished_at=now,
-                        report=json.dumps(ABANDONED)))
+            for job in connection.execute(select(verify_jobs).where(*stale)).mappings().all():
+                connection.execute(
+                    update(verify_jobs).where(verify_jobs.c.job_id == job["job_id"], *stale)
+                    .values(**self._finished(job, "failed", now, job["events_checked"],
+                                             json.dumps(ABANDONED))))
 
 
 def _moment(value: datetime | None) -> str | None:
@@ -146,11 +185,11 @@ def _moment(value: datetime | None) -> str | None:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
-def _answer(job: Mapping[Any, Any]) -> dict[str, Any]:
+def _answer(job: Mapping[Any, Any], report: bool = True) -> dict[str, Any]:
     answer: dict[str, Any] = {
         "status": job["status"], "url": job_url(job["job_id"]), "job_id": job["job_id"],
         "started_by": job["started_by"], "started_at": _moment(job["started_at"]),
         "finished_at": _moment(job["finished_at"]), "events_checked": job["events_checked"]}
-    if job["report"]:
+    if job["report"] and report:
         answer.update(json.loads(job["report"]))
     return answer

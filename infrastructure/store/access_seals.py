@@ -1,13 +1,15 @@
 """Seals on the rows that say who may call: machine tokens, people, their sign-in sessions
-and console sessions; and on the bus's record of each command (the idempotency key, the
-body's fingerprint and the first answer, which a retry gets back). Keyed BLAKE2b MACs under a key derived from the cipher key bind each
+and console sessions; on the bus's record of each command (the idempotency key, the
+body's fingerprint and the first answer, which a retry gets back); and on a finished
+deep check's report. Keyed BLAKE2b MACs under a key derived from the cipher key bind each
 row's fields that grant access (a token's name, role, hash, sites and whether it is
 revoked; a person's login, name, role, sites, password hash and whether they are
 disabled; a session's token hash, person and expiry; a console session's cookie, the
 session it stands on and the person). Someone with write access to the database but not
 the key could otherwise add a token of any role, give a person another's password hash,
 or tie their own cookie to another's session: a row whose seal fails is no one's. A
-command's record whose seal fails is answered to no retry.
+command's record whose seal fails is answered to no retry, a check's report that fails
+is not shown.
 
 The key is the deployment's (every process derives it from ``TRIALOG_CIPHER_KEY``); the
 functions that write or read these rows are given an engine, so each engine's seals are
@@ -26,7 +28,7 @@ from infrastructure.store.tables import as_utc
 class AccessSeals:
     def __init__(self, key: bytes) -> None:
         self._macs = KeyedMacs(key, b"trialog:", (b"token", b"user", b"session", b"console",
-                                                   b"command"))
+                                                   b"command", b"verify"))
 
     def _mac(self, kind: bytes, *fields: Any) -> bytes:
         return self._macs.mac(kind, "\0".join(_text(f) for f in fields).encode())
@@ -51,6 +53,12 @@ class AccessSeals:
         return self._mac(b"command", command_id, fingerprint, participant_id, response,
                          recorded_at)
 
+    def verify_job(self, job_id: str, status: str, started_by: str, started_at: datetime,
+                   finished_at: datetime | None, events_checked: int,
+                   report: str | None) -> bytes:
+        return self._mac(b"verify", job_id, status, started_by, started_at, finished_at,
+                         events_checked, report)
+
     # The rows as read: each with the columns its seal covers, and ``seal``.
     def token_holds(self, row: Any) -> bool:
         return same_seal(row.seal, self.token(row.name, row.role, row.token_hash, row.sites,
@@ -60,6 +68,11 @@ class AccessSeals:
         return same_seal(row.seal, self.command(row.command_id, row.fingerprint,
                                                 row.participant_id, row.response,
                                                 row.recorded_at))
+
+    def verify_job_holds(self, row: Any) -> bool:
+        return same_seal(row.seal, self.verify_job(
+            row.job_id, row.status, row.started_by, row.started_at, row.finished_at,
+            row.events_checked, row.report))
 
     def user_holds(self, row: Any) -> bool:
         return same_seal(row.user_seal, self.user(

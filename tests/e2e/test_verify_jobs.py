@@ -103,6 +103,38 @@ def test_a_check_whose_process_stopped_is_failed_and_a_new_one_starts(server):
     assert finished(auditor, started)["status"] == "done"
 
 
+def test_a_check_s_record_changed_or_made_up_in_the_database_shows_no_report(server):
+    """A finished check is sealed: a report edited to say ok, or a check made up whole,
+    is answered as failed, with why, never with its report."""
+    auditor = server.client("auditor")
+    done = finished(auditor, auditor.get("/v1/audit/verify", deep="true"))
+    assert done["status"] == "done" and "ok" in done
+    made_up = str(uuid.uuid4())
+    engine = sqlalchemy.create_engine(server.database)
+    now = datetime.now(UTC)
+    with engine.begin() as connection:
+        connection.execute(verify_jobs.update()
+                           .where(verify_jobs.c.job_id == done["job_id"])
+                           .values(report=verify_jobs.c.report + " "))
+        connection.execute(verify_jobs.insert().values(
+            job_id=made_up, running=None, status="done", started_by="auditor",
+            started_at=now, heartbeat_at=now, finished_at=now, events_checked=10**6,
+            report='{"ok": true, "problems": [], "deep": true}'))
+    engine.dispose()
+    for job_id in (done["job_id"], made_up):
+        answer = auditor.get(f"/v1/audit/verify/jobs/{job_id}")
+        assert answer.status_code == 200
+        body = answer.json()
+        assert (body["status"], body["job_id"], body["url"]) == (
+            "failed", job_id, f"/v1/audit/verify/jobs/{job_id}")
+        assert body["message"] == (
+            "the record of this check fails its seal: it was changed outside trialog, and "
+            "its report can't be trusted; start the check again")
+        assert not {"ok", "problems", "deep"} & set(body)  # nothing of the report
+        assert any(f"deep verification {job_id} fails its seal" in line
+                   for line in server.log_lines())
+
+
 def test_an_unknown_check_is_a_404_and_the_service_role_may_not_verify(server):
     auditor, service = server.client("auditor"), server.client("service")
     assert auditor.get(f"/v1/audit/verify/jobs/{uuid.uuid4()}").status_code == 404

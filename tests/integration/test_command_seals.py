@@ -1,6 +1,7 @@
 """A command's record (its idempotency key, fingerprint and first answer) can't be changed
 or made up in the database without the key: a retry of it is refused, nothing is written,
-and verify reports the record."""
+and verify reports the record. Nor can a finished check's report (the checks themselves
+are over HTTP: tests/e2e/test_verify_jobs.py)."""
 
 from __future__ import annotations
 
@@ -170,3 +171,29 @@ def test_a_command_decided_again_after_its_record_was_deleted_is_reported(isolat
         assert problem.detail == (
             f"command {command_id} was decided again: its events begin at version 4 too "
             "(a retry decided anew, as when the command's record is deleted)")
+
+
+def test_migration_0026_seals_the_finished_checks_already_there(isolated_url):
+    from infrastructure.audit.verify_jobs import verify_jobs
+    from infrastructure.store import migrations
+    from infrastructure.store.access_seals import register
+
+    engine = create_engine(isolated_url)
+    register(engine, b"the deployment's key")
+    migrations.upgrade(engine, "0025")
+    at = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO trialog_verify_jobs (job_id, running, status, started_by, "
+            "started_at, heartbeat_at, finished_at, events_checked, report) VALUES "
+            "(:id, :running, :status, 'auditor', :at, :at, :done, 42, :report)"),
+            [{"id": "done", "running": None, "status": "done", "at": at, "done": at,
+              "report": '{"ok": true}'},
+             {"id": "running", "running": True, "status": "running", "at": at,
+              "done": None, "report": None}])
+    migrations.upgrade(engine)
+    with engine.connect() as connection:
+        rows = {row.job_id: row for row in connection.execute(select(verify_jobs))}
+    assert seals_for(engine).verify_job_holds(rows["done"])
+    assert rows["running"].seal is None  # sealed when it ends
+    engine.dispose()
