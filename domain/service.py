@@ -36,6 +36,7 @@ from domain.participant import (
 )
 from domain.protocol import Protocol
 from domain.randomization import AllocationSequence, sequence_id
+from domain.revocations import AccessRegister, register_uuid
 from domain.schedule import ended_everywhere
 from domain.sealing import SealingMapper
 from domain.trial import TrialDatabase, trial_uuid
@@ -416,6 +417,24 @@ class TrialService(Application[Any]):
         else:
             database.unlock(audit)
         return database
+
+    # --- who may no longer call -----------------------------------------------------------
+
+    def access_register(self, version: int | None = None) -> AccessRegister | None:
+        """The register of tokens revoked and people disabled (at ``version``)."""
+        try:
+            register: AccessRegister = self.repository.get(
+                register_uuid(self.protocol.study_id), version=version)
+        except AggregateNotFoundError:
+            return None
+        return register
+
+    def decide_revocation(self, type_name: str, name: str, audit: Audit) -> AccessRegister:
+        """RevokeToken or DisablePerson; nothing is saved yet."""
+        register = (self.access_register()
+                    or AccessRegister.open(self.protocol.study_id, audit))
+        register.revoke(type_name, name, audit)
+        return register
 
     # --- helpers -------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from sqlalchemy import func, select
 from domain.access import Scope
 from domain.chain import GENESIS, canonical_json, compute_digest
 from domain.participant import participant_uuid
+from domain.revocations import register_uuid
 from domain.sealing import TopicAltered, unseal
 from domain.service import TrialService
 from domain.trial import trial_uuid
@@ -479,6 +480,7 @@ def check_records(trialog: Trialog) -> list[Problem]:
 
     table = events_table(trialog.service.recorder)
     trial_stream = trial_uuid(trialog.protocol.study_id)
+    register_stream = register_uuid(trialog.protocol.study_id)
     # Per stream: the highest version recorded beside it, and by what (a command's
     # answer, written in the same transaction, before the read models').
     shown: dict[UUID, tuple[int, str, str | None]] = {}
@@ -495,8 +497,9 @@ def check_records(trialog: Trialog) -> list[Problem]:
                 command_records.c.participant_id, command_records.c.response,
                 command_records.c.recorded_at, command_records.c.seal)):
             pid = record.participant_id
-            trial = pid.startswith("trial:")
-            stream = trial_stream if trial else participant_uuid(pid)
+            trial = pid.startswith(("trial:", "access:"))  # a trial-wide stream's
+            stream = (trial_stream if pid.startswith("trial:") else register_stream
+                      if trial else participant_uuid(pid))
             try:
                 version = orjson.loads(record.response).get("version")
             except (orjson.JSONDecodeError, AttributeError):

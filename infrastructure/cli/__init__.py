@@ -17,7 +17,7 @@ from domain.errors import DomainError, ProtocolError
 from infrastructure.audit.exports import FORMATS
 from infrastructure.audit.history import history
 from infrastructure.audit.verification import check_store
-from infrastructure.store import migrations
+from infrastructure.store import migrations, revocations
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from infrastructure.store.settings import Settings, SettingsError
 from infrastructure.store.stored import stored_events
@@ -96,8 +96,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     trialog = bootstrap(settings, migrate=False)
     try:
         migrations.upgrade(trialog.engine)
+        recorded = revocations.record_earlier(trialog)
     finally:
         trialog.close()
+    if recorded:
+        print(f"recorded {recorded} earlier revocations in the access register")
     after = migrations.tables_and_revision(settings.database_url)
     created = sorted(after[0] - before[0])
     if created:

@@ -25,6 +25,7 @@ from infrastructure.console.tables import console_keys, console_sessions
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.macs import same_seal
 from infrastructure.store.people import sign_in
+from infrastructure.store.revocations import revocations_for
 from infrastructure.store.tables import as_utc, user_sessions, users
 from infrastructure.store.tokens import SEALED_SESSION, Principal, scope_of, token_hash
 
@@ -71,12 +72,13 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
     disabled); IdleTimeout when it went unused too long (the session is then ended)."""
     now = now or datetime.now(UTC)
     digest = token_hash(cookie)
+    revocations = revocations_for(engine)
     with engine.connect() as connection:
         row = connection.execute(
             select(*SEALED_SESSION, console_sessions.c.cookie_hash, console_sessions.c.session_hash,
                    console_sessions.c.login.label("console_login"),
                    console_sessions.c.seal.label("console_seal"),
-                   console_sessions.c.last_seen_at)
+                   console_sessions.c.last_seen_at, revocations.version_column)
             .join(user_sessions, user_sessions.c.token_hash == console_sessions.c.session_hash)
             .join(users, users.c.login == user_sessions.c.login)
             .where(console_sessions.c.cookie_hash == digest,
@@ -90,6 +92,10 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
                 row.cookie_hash, row.session_hash, row.console_login, row.last_seen_at))
             and row.console_login == row.login):
         log.warning("a console session's row fails its seal: refused")
+        return None
+    if revocations.refuses(row.login, row.register_version):
+        log.warning("a revoked token's or a disabled person's row was put back: refused",
+                    extra={"holder": row.login})
         return None
     idle = now - as_utc(row.last_seen_at)
     if idle > timedelta(minutes=IDLE_MINUTES):

@@ -107,9 +107,11 @@ def event_types() -> set[str]:
 
     from domain.participant import Participant
     from domain.randomization import AllocationSequence
+    from domain.revocations import AccessRegister
     from domain.trial import TrialDatabase
 
-    classes = {value for aggregate in (Participant, AllocationSequence, TrialDatabase)
+    classes = {value for aggregate in (Participant, AllocationSequence, TrialDatabase,
+                                       AccessRegister)
                for value in vars(aggregate).values()
                if isinstance(value, type) and issubclass(value, CanMutateAggregate)}
     # The classes others derive from are never stored as themselves.

@@ -18,7 +18,7 @@ from domain.errors import ProtocolError
 from domain.protocol import Protocol, protocol_from_mapping
 from domain.schedule import ended_everywhere
 from domain.service import TrialService
-from infrastructure.store import access_seals, migrations
+from infrastructure.store import access_seals, migrations, revocations
 from infrastructure.store.bus import CommandBus, utc_now
 from infrastructure.store.corrections import CorrectionRules
 from infrastructure.store.settings import Settings
@@ -119,8 +119,10 @@ def bootstrap(settings: Settings, *, migrate: bool | None = None,
                            correction_rule=CorrectionRules(protocol))
     trialog = Trialog(settings, protocol, service, CommandBus(service, clock))
     access_seals.register(trialog.engine, trialog.access_seal_key)
+    revocations.register(trialog)
     if migrate if migrate is not None else settings.is_sqlite:
         migrations.upgrade(trialog.engine)
+        revocations.record_earlier(trialog)
         if settings.is_sqlite:
             # WAL now, before this process's threads begin transactions: the library
             # switches on its first one, and a thread beginning meanwhile found the

@@ -404,11 +404,10 @@ class CommandBus:
                 **answer.decided}
 
     def _record(self, command_id: str, digest: str, audit: Audit, body: dict[str, Any],
-                response: str | None = None) -> dict[str, Any]:
+                response: str | None = None, key: str | None = None) -> dict[str, Any]:
         """The idempotency record, sealed: the first answer, its position found when
-        replayed."""
-        participant_id = (body["participant_id"] if "participant_id" in body
-                          else f"trial:{body['study_id']}")
+        replayed. ``key``: whose it is, if not the participant's of the answer."""
+        participant_id = key or body["participant_id"]
         response = response if response is not None else orjson.dumps(body).decode()
         return {"command_id": command_id, "fingerprint": digest,
                 "participant_id": participant_id, "response": response,
@@ -546,7 +545,30 @@ class CommandBus:
                        reason: str | None = None) -> Accepted:
         """LockDatabase or UnlockDatabase, idempotent by command_id like every command; the
         bus's copy of the lock is written in the same transaction as the event."""
-        encoded = json.dumps({"type": type_name, "reason": reason}, sort_keys=True)
+        return self._dispatch_whole(
+            {"type": type_name, "reason": reason}, f"trial:{self.study_id}", command_id,
+            actor, reason, lambda audit: self.service.decide_trial(type_name, audit),
+            self._keep_lock)
+
+    def dispatch_revocation(self, type_name: str, name: str, *, command_id: str, actor: str,
+                            keep: Callable[[Any], None], reason: str | None = None
+                            ) -> Accepted:
+        """RevokeToken or DisablePerson of ``name`` in the access register (see
+        ``domain.revocations``), idempotent by command_id; ``keep`` writes the access
+        tables' copy in the same transaction, on the session it is given."""
+        return self._dispatch_whole(
+            {"type": type_name, "name": name, "reason": reason}, f"access:{self.study_id}",
+            command_id, actor, reason,
+            lambda audit: self.service.decide_revocation(type_name, name, audit),
+            lambda session, *_: keep(session))
+
+    def _dispatch_whole(self, fingerprinted: dict[str, Any], key: str, command_id: str,
+                        actor: str, reason: str | None, decide: Callable[[Audit], Any],
+                        keep: Callable[[Any, Any, Audit, int], None]) -> Accepted:
+        """A command on a trial-wide stream (the database lock, the access register):
+        decided on the aggregate ``decide`` gives, saved with its record (``key``: whose
+        it is) and what ``keep`` writes beside it, in one transaction."""
+        encoded = json.dumps(fingerprinted, sort_keys=True)
         digest = hashlib.sha256(encoded.encode()).hexdigest()
         recorder: Any = self.service.recorder
         for attempt in self._retrying():
@@ -561,18 +583,18 @@ class CommandBus:
                     return Accepted(json.loads(previous.response), replayed=True)
                 audit = Audit(command_id=command_id, actor=actor, recorded_at=self.clock(),
                               reason=reason)
-                database = self.service.decide_trial(type_name, audit)
+                aggregate = decide(audit)
                 events = [{"type": type(e).__name__, "version": e.originator_version,
                            "recorded_at": e.timestamp.isoformat()}
-                          for e in database.pending_events]
-                recordings = self.service.save(database)
+                          for e in aggregate.pending_events]
+                recordings = self.service.save(aggregate)
                 position = max(r.notification.id for r in recordings)
                 body = {"command_id": command_id, "study_id": self.study_id,
-                        "version": database.version, "position": position,
+                        "version": aggregate.version, "position": position,
                         "events": events}
                 session.execute(self._insert_record, [self._record(
-                    command_id, digest, audit, body, json.dumps(body))])
-                self._keep_lock(session, database, audit, position)
+                    command_id, digest, audit, body, json.dumps(body), key)])
+                keep(session, aggregate, audit, position)
                 return Accepted(body, replayed=False)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -16,7 +16,9 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from domain.access import Scope
+from domain.errors import InvalidTransition
 from infrastructure.store.access_seals import seals_for
+from infrastructure.store.revocations import revocations_for
 from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
 from infrastructure.store.tokens import (
     SESSION_PREFIX,
@@ -94,24 +96,35 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
         raise TokenError(f"--login: a token or person named {login!r} already exists") from None
 
 
-def disable_user(engine: Engine, login: str) -> None:
+def disable_user(engine: Engine, login: str, actor: str = "trialog user disable") -> None:
     """The person can't sign in any more, and their sessions are refused from the next
-    request on."""
-    with engine.begin() as connection:
+    request on: for good, recorded in the access register (see ``store.revocations``),
+    their row changed and their sessions ended in the same transaction."""
+    with engine.connect() as connection:
         row = connection.execute(select(users, users.c.seal.label("user_seal"))
                                  .where(users.c.login == login)).first()
-        if row is None:
-            raise TokenError(f"no person has the login {login!r}")
-        if not seals_for(engine).user_holds(row):  # sealed again, it would hold as changed
-            raise TokenError(f"{login!r}: the person's row fails its seal (changed in the "
-                             "database); it is not sealed again")
-        if row.disabled_at is not None:
-            raise TokenError(f"{login!r} was disabled on {row.disabled_at:%Y-%m-%d}")
-        connection.execute(update(users).where(users.c.login == login).values(
+    if row is None:
+        raise TokenError(f"no person has the login {login!r}")
+    if not seals_for(engine).user_holds(row):  # sealed again, it would hold as changed
+        raise TokenError(f"{login!r}: the person's row fails its seal (changed in the "
+                         "database); it is not sealed again")
+    if row.disabled_at is not None:
+        raise TokenError(f"{login!r} was disabled on {row.disabled_at:%Y-%m-%d}")
+
+    def keep(session: Any) -> None:
+        changed = session.execute(update(users).where(  # not a row changed meanwhile
+            users.c.login == login, users.c.seal == row.user_seal).values(
             disabled_at=datetime.now(UTC),
             seal=seals_for(engine).user(login, row.full_name, row.role, row.sites,
                                         row.password_hash, disabled=True)))
-        connection.execute(delete(user_sessions).where(user_sessions.c.login == login))
+        if changed.rowcount != 1:
+            raise TokenError(f"{login!r}: the person's row changed meanwhile: try again")
+        session.execute(delete(user_sessions).where(user_sessions.c.login == login))
+
+    try:
+        revocations_for(engine).revoke("DisablePerson", login, actor, keep)
+    except InvalidTransition:
+        raise TokenError(f"{login!r} is disabled already") from None
 
 
 def sign_in(engine: Engine, login: str, password: str, client: str | None = None,
@@ -146,13 +159,20 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
 
 
 def _person(engine: Engine, login: str) -> Any | None:
-    """The person's row; None when there is none, or when its seal fails (someone changed
-    it without the key: a password hash put there signs no one in)."""
+    """The person's row; None when there is none, when its seal fails (someone changed it
+    without the key: a password hash put there signs no one in), or when the access
+    register refuses them (a disabled person's row put back)."""
+    revocations = revocations_for(engine)
     with engine.connect() as connection:
-        person = connection.execute(select(users, users.c.seal.label("user_seal"))
+        person = connection.execute(select(users, users.c.seal.label("user_seal"),
+                                           revocations.version_column)
                                     .where(users.c.login == login)).first()
     if person is not None and not seals_for(engine).user_holds(person):
         log.warning("a person's row fails its seal: refused", extra={"login": login})
+        return None
+    if person is not None and revocations.refuses(login, person.register_version):
+        log.warning("a revoked token's or a disabled person's row was put back: refused",
+                    extra={"holder": login})
         return None
     return person
 

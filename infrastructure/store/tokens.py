@@ -18,8 +18,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from domain.access import EVERY_SITE, Scope
 from domain.commands import COMMAND_TYPES
+from domain.errors import InvalidTransition
 from domain.protocol import Protocol
 from infrastructure.store.access_seals import seals_for
+from infrastructure.store.revocations import revocations_for
 from infrastructure.store.tables import tokens, user_sessions, users
 
 SERVICE_COMMANDS = frozenset({
@@ -174,21 +176,33 @@ def create_token(engine: Engine, name: str, role: str, scope: Scope | None = Non
     return token
 
 
-def revoke_token(engine: Engine, name: str) -> None:
-    """Revokes the token named ``name``; it is refused from the next request on."""
-    with engine.begin() as connection:
+def revoke_token(engine: Engine, name: str, actor: str = "trialog token revoke") -> None:
+    """Revokes the token named ``name`` for good: recorded in the access register (see
+    ``store.revocations``), its row changed in the same transaction. It is refused from
+    the next request on."""
+    with engine.connect() as connection:
         row = connection.execute(select(tokens).where(tokens.c.name == name)).first()
-        if row is None:
-            raise TokenError(f"no token is named {name!r}")
-        if not seals_for(engine).token_holds(row):  # sealed again, it would hold as changed
-            raise TokenError(f"the token {name!r}'s row fails its seal (changed in the "
-                             "database); it is not sealed again")
-        if row.revoked_at is not None:
-            raise TokenError(f"the token {name!r} was revoked on {row.revoked_at:%Y-%m-%d}")
-        connection.execute(update(tokens).where(tokens.c.name == name).values(
+    if row is None:
+        raise TokenError(f"no token is named {name!r}")
+    if not seals_for(engine).token_holds(row):  # sealed again, it would hold as changed
+        raise TokenError(f"the token {name!r}'s row fails its seal (changed in the "
+                         "database); it is not sealed again")
+    if row.revoked_at is not None:
+        raise TokenError(f"the token {name!r} was revoked on {row.revoked_at:%Y-%m-%d}")
+
+    def keep(session: Any) -> None:
+        changed = session.execute(update(tokens).where(  # not a row changed meanwhile
+            tokens.c.name == name, tokens.c.seal == row.seal).values(
             revoked_at=datetime.now(UTC),
             seal=seals_for(engine).token(name, row.role, row.token_hash, row.sites,
                                          revoked=True)))
+        if changed.rowcount != 1:
+            raise TokenError(f"the token {name!r} changed meanwhile: try again")
+
+    try:
+        revocations_for(engine).revoke("RevokeToken", name, actor, keep)
+    except InvalidTransition:
+        raise TokenError(f"the token {name!r} is revoked already") from None
 
 
 # A person's sign-in session and the person, with what their seals cover and the seals
@@ -201,37 +215,50 @@ SEALED_SESSION = (users.c.login, users.c.role, users.c.sites, users.c.full_name,
 
 class Authenticator:
     """Looks a bearer token up by its hash on every request, so a revocation, a disabled
-    person or an expired session acts on the next one (no cache outlives a request)."""
-
-    # Built once: building a statement and its cache key on every request cost a third of
-    # the look-up's Python.
-    _PERSON = (select(*SEALED_SESSION)
-               .join(user_sessions, user_sessions.c.login == users.c.login)
-               .where(user_sessions.c.token_hash == bindparam("digest"),
-                      user_sessions.c.expires_at > bindparam("now"),
-                      users.c.disabled_at.is_(None)))
-    _MACHINE = select(tokens.c.name, tokens.c.role, tokens.c.sites, tokens.c.token_hash,
-                      tokens.c.revoked_at, tokens.c.seal).where(
-        tokens.c.token_hash == bindparam("digest"), tokens.c.revoked_at.is_(None))
+    person or an expired session acts on the next one (no cache outlives a request but
+    the access register's names, kept per version: each look-up reads its version)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.seals = seals_for(engine)
+        self.revocations = revocations_for(engine)
+        version = self.revocations.version_column
+        # Built once: building a statement and its cache key on every request cost a
+        # third of the look-up's Python.
+        self._person = (select(*SEALED_SESSION, version)
+                        .join(user_sessions, user_sessions.c.login == users.c.login)
+                        .where(user_sessions.c.token_hash == bindparam("digest"),
+                               user_sessions.c.expires_at > bindparam("now"),
+                               users.c.disabled_at.is_(None)))
+        self._machine = select(tokens.c.name, tokens.c.role, tokens.c.sites,
+                               tokens.c.token_hash, tokens.c.revoked_at, tokens.c.seal,
+                               version).where(tokens.c.token_hash == bindparam("digest"),
+                                              tokens.c.revoked_at.is_(None))
 
     def __call__(self, token: str) -> Principal | None:
         digest = token_hash(token)
         # One statement, no transaction around it: no BEGIN and no ROLLBACK to wait for.
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             if token.startswith(SESSION_PREFIX):
-                person = connection.execute(self._PERSON, {
+                person = connection.execute(self._person, {
                     "digest": digest, "now": datetime.now(UTC)}).first()
                 if person is None or not self.seals.session_and_person_hold(person):
                     return _refused(person)
+                if self.revocations.refuses(person.login, person.register_version):
+                    return _put_back(person.login)
                 return Principal(person.login, person.role, scope_of(person.sites), True)
-            row = connection.execute(self._MACHINE, {"digest": digest}).first()
+            row = connection.execute(self._machine, {"digest": digest}).first()
         if row is None or not self.seals.token_holds(row):
             return _refused(row)
+        if self.revocations.refuses(row.name, row.register_version):
+            return _put_back(row.name)
         return Principal(row.name, row.role, scope_of(row.sites))
+
+
+def _put_back(name: str) -> None:
+    """No one: the register refuses whom the row says may call (the row put back)."""
+    log.warning("a revoked token's or a disabled person's row was put back: refused",
+                extra={"holder": name})
 
 
 def _refused(row: Any) -> None:

@@ -132,3 +132,129 @@ def test_a_changed_row_is_not_sealed_again_by_a_revocation_or_a_disable(isolated
         revoke_token(engine, service)
     with pytest.raises(TokenError, match="fails its seal"):
         disable_user(engine, login)
+
+
+def rows_of(engine, table, where):
+    with engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(select(table).where(where))]
+
+
+def put_back(engine, table, key, rows):
+    """Rows as they were saved, seals and all (a backup's, say), put back."""
+    from sqlalchemy import delete
+
+    with engine.begin() as connection:
+        for row in rows:
+            connection.execute(delete(table).where(table.c[key] == row[key]))
+            connection.execute(insert(table).values(**row))
+
+
+def test_a_revoked_token_s_row_put_back_as_it_was_is_still_refused(isolated, caplog):
+    engine = isolated.engine
+    service = name("lab")
+    token = create_token(engine, service, "service", Scope.of(["CASE"]))
+    authenticate = Authenticator(engine)
+    assert authenticate(token).name == service
+    saved = rows_of(engine, tokens, tokens.c.name == service)
+    revoke_token(engine, service)
+    assert authenticate(token) is None
+    put_back(engine, tokens, "name", saved)
+    with caplog.at_level("WARNING", "trialog.access"):
+        assert authenticate(token) is None
+        assert Authenticator(engine)(token) is None  # nothing kept from before
+    assert "a revoked token's or a disabled person's row was put back" in caplog.text
+    other = name("lab")  # the register refuses no one else
+    assert authenticate(create_token(engine, other, "service", Scope.of(["CASE"]))).name == other
+
+
+def test_a_disabled_person_s_rows_put_back_sign_no_one_in(isolated):
+    from infrastructure.store.people import disable_user
+
+    engine = isolated.engine
+    login = name("gus")
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    session = sign_in(engine, login, PASSWORD)
+    cookie = console.start(engine, login, PASSWORD, None)
+    saved = {table: rows_of(engine, table, table.c.login == login)
+             for table in (users, user_sessions, console_sessions)}
+    disable_user(engine, login)
+    for table, key in ((users, "login"), (user_sessions, "token_hash"),
+                       (console_sessions, "cookie_hash")):
+        put_back(engine, table, key, saved[table])
+    assert Authenticator(engine)(session.token) is None
+    assert console.person(engine, cookie) is None
+    with pytest.raises(LoginFailed):
+        sign_in(engine, login, PASSWORD)
+
+
+def test_revocations_made_before_the_register_are_recorded_on_upgrade(isolated):
+    """A release before the register revoked by the row alone: the upgrade records them,
+    once, after which their rows put back are refused."""
+    from infrastructure.store.access_seals import seals_for
+    from infrastructure.store.revocations import record_earlier
+
+    engine = isolated.engine
+    service = name("lab")
+    token = create_token(engine, service, "service", Scope.of(["CASE"]))
+    saved = rows_of(engine, tokens, tokens.c.name == service)
+    [row] = saved
+    with engine.begin() as connection:  # as the earlier release revoked it
+        connection.execute(update(tokens).where(tokens.c.name == service).values(
+            revoked_at=datetime.now(UTC), seal=seals_for(engine).token(
+                service, row["role"], row["token_hash"], row["sites"], revoked=True)))
+    assert record_earlier(isolated) == 1
+    assert record_earlier(isolated) == 0
+    put_back(engine, tokens, "name", saved)
+    assert Authenticator(engine)(token) is None
+    register = isolated.service.access_register()
+    assert register.refused == [service] and register.version == 2  # opened, revoked
+
+
+def test_the_register_verifies_and_its_last_event_deleted_is_found(isolated):
+    from sqlalchemy import delete, func
+
+    from domain.revocations import register_uuid
+    from infrastructure.audit.verification import check_store
+    from infrastructure.store.people import disable_user
+    from infrastructure.store.stored import events_table
+
+    t = isolated
+    engine = t.engine
+    create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    first, second = name("lab"), name("hal")
+    create_token(engine, first, "service", Scope.of(["CASE"]))
+    create_user(engine, second, second, "monitor", Scope.of(["CASE"]), PASSWORD)
+    revoke_token(engine, first)
+    disable_user(engine, second)
+    assert check_store(t, processes=1).ok
+    table = events_table(t.service.recorder)
+    stream = register_uuid(t.protocol.study_id)
+    with engine.begin() as connection:
+        last = connection.execute(select(func.max(table.c.originator_version))
+                                  .where(table.c.originator_id == stream)).scalar()
+        connection.execute(delete(table).where(table.c.originator_id == stream,
+                                               table.c.originator_version == last))
+    [problem] = check_store(t, processes=1).problems
+    assert (problem.kind, problem.stream, problem.version) == ("deleted", str(stream), last)
+
+
+def test_a_register_that_can_t_be_read_refuses_every_caller(isolated, caplog):
+    from domain.revocations import register_uuid
+    from infrastructure.store.stored import events_table
+
+    t = isolated
+    engine = t.engine
+    kept = create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    assert Authenticator(engine)(kept).role == "service"
+    revoked = name("old")
+    create_token(engine, revoked, "service", Scope.of(["CASE"]))
+    revoke_token(engine, revoked)  # the register moves on: read again at the next call
+    table = events_table(t.service.recorder)
+    with engine.begin() as connection:  # its state garbled: it no longer decrypts
+        connection.execute(update(table).where(
+            table.c.originator_id == register_uuid(t.protocol.study_id))
+            .values(state=b"garbled"))
+    with caplog.at_level("ERROR", "trialog.access"):
+        assert Authenticator(engine)(kept) is None
+    assert "the access register can't be read: every caller is refused" in caplog.text
+

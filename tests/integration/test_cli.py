@@ -314,17 +314,18 @@ def test_user_create_keeps_only_an_argon2_hash_and_disable_refuses_the_person(tm
 def test_tokens_made_before_sites_existed_keep_every_site(tmp_path):
     """The migration that adds sites leaves older tokens with NULL: every site."""
     from infrastructure.store import migrations
-    from infrastructure.store.access_seals import register
+    from infrastructure.store.bootstrap import bootstrap
     from infrastructure.store.tokens import Authenticator, token_hash
+    from tests.conftest import settings_for
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    t = bootstrap(settings_for(f"sqlite:///{tmp_path / 'old.db'}"), migrate=False)
+    engine = t.engine
     migrations.upgrade(engine, "0009")
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO trialog_tokens (name, role, token_hash, created_at) "
                           "VALUES ('old-coordinator', 'coordinator', :h, '2026-01-01')"),
                      {"h": token_hash("tlg_old")})
-    register(engine, b"the deployment's key")  # as bootstrap does: 0024 seals the tokens
-    migrations.upgrade(engine)
+    migrations.upgrade(engine)  # 0024 seals the tokens, with the key bootstrap gave it
     principal = Authenticator(engine)("tlg_old")
     assert principal is not None and principal.name == "old-coordinator"
     assert principal.scope.every_site and principal.scope.admits("METRO")

@@ -1,0 +1,126 @@
+"""Who may no longer call, as the access register in the event store says (see
+``domain.revocations``): a token's or a person's row put back as it was before its
+revocation or disable, seal and all, is still refused. A caller's look-up reads the
+register's newest version in the same statement (one probe of the events table's key);
+the names the register refuses are kept per version, read again when it moves on.
+
+Revoking a token or disabling a person records the event and writes the row's copy in
+one transaction (``revoke``). Revocations made before the register existed are recorded
+in it when the database is upgraded (``record_earlier``)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from domain.errors import InvalidTransition
+from domain.revocations import register_uuid
+from infrastructure.store.access_seals import seals_for
+from infrastructure.store.stored import events_table
+from infrastructure.store.tables import tokens, users
+
+if TYPE_CHECKING:
+    from infrastructure.store.bootstrap import Trialog
+
+log = logging.getLogger("trialog.access")
+
+
+class Revocations:
+    def __init__(self, trialog: Trialog) -> None:
+        # Weakly: the registry's key is the trialog's engine, which it must not keep alive.
+        self._trialog = weakref.ref(trialog)
+        table = events_table(trialog.service.recorder)
+        # The register's newest version (NULL: nothing recorded yet), as a column of a
+        # caller's look-up.
+        self.version_column = (
+            select(func.max(table.c.originator_version))
+            .where(table.c.originator_id == register_uuid(trialog.protocol.study_id))
+            .scalar_subquery().label("register_version"))
+        self._known: tuple[int | None, frozenset[str]] = (None, frozenset())
+
+    @property
+    def trialog(self) -> Trialog:
+        trialog = self._trialog()
+        if trialog is None:
+            raise RuntimeError("the application this access register belongs to is gone")
+        return trialog
+
+    def refuses(self, name: str, version: int | None) -> bool:
+        """Whether the register at ``version`` refuses ``name`` (a register that can't be
+        read refuses everyone: who is revoked is not known)."""
+        if version is None:
+            return False
+        known = self._known
+        if known[0] != version:
+            try:
+                register = self.trialog.service.access_register(version)
+            except Exception:  # fail closed, and say why
+                log.exception("the access register can't be read: every caller is refused")
+                return True
+            known = self._known = (version, frozenset(register.refused if register else ()))
+        return name in known[1]
+
+    def revoke(self, type_name: str, name: str, actor: str, keep: Callable[[Any], None],
+               reason: str | None = None) -> None:
+        """Records RevokeToken or DisablePerson of ``name``; ``keep`` writes the access
+        table's copy in the same transaction."""
+        self.trialog.bus.dispatch_revocation(type_name, name, command_id=str(uuid.uuid4()),
+                                             actor=actor, keep=keep, reason=reason)
+
+
+def record_earlier(trialog: Trialog) -> int:
+    """Records in the register the tokens revoked and the people disabled before it
+    existed (their rows say so, and hold their seals); how many. Run after each upgrade:
+    once they are recorded, it records nothing. A register that can't be read is left
+    as it is (audit verify reports it; meanwhile it refuses every caller)."""
+    seals = seals_for(trialog.engine)
+    with trialog.engine.connect() as connection:
+        revoked = [row.name for row in connection.execute(
+            select(tokens).where(tokens.c.revoked_at.is_not(None))) if seals.token_holds(row)]
+        disabled = [row.login for row in connection.execute(
+            select(users, users.c.seal.label("user_seal"))
+            .where(users.c.disabled_at.is_not(None))) if seals.user_holds(row)]
+    if not revoked and not disabled:
+        return 0
+    try:
+        register = trialog.service.access_register()
+    except Exception:  # said, and left to audit verify
+        log.exception("the access register can't be read: earlier revocations are not "
+                      "recorded in it")
+        return 0
+    refused = set(register.refused) if register is not None else set()
+    revoked = [name for name in revoked if name not in refused]
+    disabled = [login for login in disabled if login not in refused]
+    revocations = revocations_for(trialog.engine)
+    recorded = 0
+    for type_name, names in (("RevokeToken", revoked), ("DisablePerson", disabled)):
+        for name in names:
+            try:
+                revocations.revoke(type_name, name, "trialog db upgrade", lambda _: None,
+                                   reason="recorded on upgrade: done before the register")
+            except InvalidTransition:  # another process starting recorded it meanwhile
+                continue
+            recorded += 1
+    return recorded
+
+
+_REGISTERED: weakref.WeakKeyDictionary[Any, Revocations] = weakref.WeakKeyDictionary()
+
+
+def register(trialog: Trialog) -> Revocations:
+    revocations = _REGISTERED[trialog.engine] = Revocations(trialog)
+    return revocations
+
+
+def revocations_for(engine: Any) -> Revocations:
+    """The access register of the deployment this engine's database belongs to."""
+    try:
+        return _REGISTERED[engine]
+    except KeyError:
+        raise RuntimeError("no access register is known for this engine: build it with "
+                           "bootstrap") from None

@@ -1,0 +1,39 @@
+"""The access register: each name refused once and for good, its events chained."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from itertools import pairwise
+
+import pytest
+
+from domain.chain import compute_digest
+from domain.commands import Audit
+from domain.errors import InvalidTransition
+from domain.revocations import AccessRegister, register_uuid
+
+
+def audit(n: int) -> Audit:
+    return Audit(command_id=f"c-{n}", actor="admin", recorded_at=datetime.now(UTC))
+
+
+def test_a_revoked_token_and_a_disabled_person_are_refused_in_order():
+    register = AccessRegister.open("NCT04205786", audit(1))
+    register.revoke("RevokeToken", "lab-1", audit(2))
+    register.revoke("DisablePerson", "ada", audit(3))
+    assert register.id == register_uuid("NCT04205786")
+    assert register.refused == ["lab-1", "ada"]
+    events = register.collect_events()
+    assert [type(e).__name__ for e in events] == ["Opened", "TokenRevoked", "PersonDisabled"]
+    assert (events[1].name, events[2].login) == ("lab-1", "ada")
+    for before, after in pairwise(events):
+        assert after.previous_digest == before.digest == compute_digest(before)
+
+
+def test_a_name_is_refused_once():
+    register = AccessRegister.open("NCT04205786", audit(1))
+    register.revoke("RevokeToken", "lab-1", audit(2))
+    for type_name in ("RevokeToken", "DisablePerson"):
+        with pytest.raises(InvalidTransition, match="'lab-1' is refused already"):
+            register.revoke(type_name, "lab-1", audit(3))
+    assert register.version == 2
