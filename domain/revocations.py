@@ -23,7 +23,7 @@ def register_uuid(study_id: str) -> UUID:
 class AccessRegister(ChainedAggregate):
     """The names (token names and logins: one namespace) refused from now on."""
 
-    class Opened(ChainedAggregate.Created):
+    class RegisterOpened(ChainedAggregate.Created):
         study_id: str
 
         def apply(self, aggregate: Any) -> None:
@@ -48,7 +48,7 @@ class AccessRegister(ChainedAggregate):
 
     @classmethod
     def open(cls, study_id: str, audit: Audit) -> AccessRegister:
-        return cls._create(cls.Opened, id=register_uuid(study_id), study_id=study_id,
+        return cls._create(cls.RegisterOpened, id=register_uuid(study_id), study_id=study_id,
                            **audit.event_fields())
 
     def revoke(self, type_name: str, name: str, audit: Audit) -> None:

@@ -29,6 +29,7 @@ from domain.access import Scope
 from domain.chain import canonical_json
 from domain.participant import participant_uuid
 from domain.randomization import AllocationSequence
+from domain.revocations import AccessRegister
 from infrastructure.audit.history import event_entry, redact_contact
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.macs import SEAL, KeyedMacs, same_seal
@@ -50,6 +51,7 @@ from infrastructure.store.tables import feed_events
 
 TYPE_PREFIX = "org.trialog."
 SEQUENCE_TOPIC = get_topic(AllocationSequence) + "."
+REGISTER_TOPIC = get_topic(AccessRegister) + "."
 MAX_LIMIT = 1000
 UNKNOWN_SITE = "?"  # no site's: seen only by readers of every site
 FEED_FOLLOWER = "feed"  # the follower of the log that writes rm_feed
@@ -469,6 +471,8 @@ class Feed:
             return Stream(content["participant_id"], content["data"]["site_id"])
         if first.topic.startswith(SEQUENCE_TOPIC):
             return Stream(f"allocation/{content['stratum']}", content["stratum"])
+        if first.topic.startswith(REGISTER_TOPIC):  # who may call: readers of every site
+            return Stream(self.trialog.protocol.study_id, UNKNOWN_SITE)
         return Stream(self.trialog.protocol.study_id, None)
 
     def _content(self, row: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    or_,
     select,
     update,
 )
@@ -102,7 +103,9 @@ class VerifyJobs:
 
     def _answer(self, job: Mapping[Any, Any]) -> dict[str, Any]:
         """The check as polled; a finished one only if its row holds its seal."""
-        if job["status"] == "running" or self.seals.verify_job_holds(SimpleNamespace(**job)):
+        if job["status"] == "running":  # no report yet (one there is not shown)
+            return _answer(job, report=False)
+        if self.seals.verify_job_holds(SimpleNamespace(**job)):
             return _answer(job)
         log.warning("the record of deep verification %s fails its seal", job["job_id"])
         return {**_answer(job, report=False), "status": "failed", **UNSEALED}
@@ -169,8 +172,12 @@ class VerifyJobs:
             log.exception("can't record the state of deep verification %s", job_id)
 
     def _fail_abandoned(self) -> None:
+        """Marks failed a check that gave no sign of life for a while, or whose sign of
+        life is in the future (a row made up to keep every check from starting)."""
         now = datetime.now(UTC)
-        stale = (verify_jobs.c.running.is_(True), verify_jobs.c.heartbeat_at < now - STALE)
+        stale = (verify_jobs.c.running.is_(True),
+                 or_(verify_jobs.c.heartbeat_at < now - STALE,
+                     verify_jobs.c.heartbeat_at > now + STALE))
         with self.engine.begin() as connection:
             for job in connection.execute(select(verify_jobs).where(*stale)).mappings().all():
                 connection.execute(
@@ -186,10 +193,10 @@ def _moment(value: datetime | None) -> str | None:
 
 
 def _answer(job: Mapping[Any, Any], report: bool = True) -> dict[str, Any]:
-    answer: dict[str, Any] = {
+    answer: dict[str, Any] = (json.loads(job["report"]) if job["report"] and report
+                              else {})
+    answer.update({  # the row's own, after the report's: a report says none of them
         "status": job["status"], "url": job_url(job["job_id"]), "job_id": job["job_id"],
         "started_by": job["started_by"], "started_at": _moment(job["started_at"]),
-        "finished_at": _moment(job["finished_at"]), "events_checked": job["events_checked"]}
-    if job["report"] and report:
-        answer.update(json.loads(job["report"]))
+        "finished_at": _moment(job["finished_at"]), "events_checked": job["events_checked"]})
     return answer

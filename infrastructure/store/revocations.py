@@ -2,7 +2,11 @@
 ``domain.revocations``): a token's or a person's row put back as it was before its
 revocation or disable, seal and all, is still refused. A caller's look-up reads the
 register's newest version in the same statement (one probe of the events table's key);
-the names the register refuses are kept per version, read again when it moves on.
+the names the register refuses are kept per version, read again when it moves on. A
+register found at a lower version than a process saw (its last events deleted) refuses
+everyone in that process; one cut back while no process ran, its commands' records
+deleted with it, is seen neither here nor by audit verify: the feed's and webhooks'
+consumers hold its events.
 
 Revoking a token or disabling a person records the event and writes the row's copy in
 one transaction (``revoke``). Revocations made before the register existed are recorded
@@ -21,6 +25,7 @@ from sqlalchemy import func, select
 from domain.errors import InvalidTransition
 from domain.revocations import register_uuid
 from infrastructure.store.access_seals import seals_for
+from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import events_table
 from infrastructure.store.tables import tokens, users
 
@@ -42,6 +47,7 @@ class Revocations:
             .where(table.c.originator_id == register_uuid(trialog.protocol.study_id))
             .scalar_subquery().label("register_version"))
         self._known: tuple[int | None, frozenset[str]] = (None, frozenset())
+        self._highest = 0  # the newest version this process has seen the register at
 
     @property
     def trialog(self) -> Trialog:
@@ -51,18 +57,28 @@ class Revocations:
         return trialog
 
     def refuses(self, name: str, version: int | None) -> bool:
-        """Whether the register at ``version`` refuses ``name`` (a register that can't be
-        read refuses everyone: who is revoked is not known)."""
+        """Whether the register at ``version`` refuses ``name``. It refuses everyone when
+        it can't be read (who is revoked is not known), and when it is found at a version
+        below one this process has seen (its last events deleted, which a revocation's
+        row put back would otherwise get past). The database unavailable is raised, as
+        for any look-up."""
+        if (version or 0) < self._highest:
+            log.error("the access register went back from version %s to %s: its last "
+                      "events were deleted; every caller is refused", self._highest, version)
+            return True
         if version is None:
             return False
         known = self._known
         if known[0] != version:
             try:
                 register = self.trialog.service.access_register(version)
-            except Exception:  # fail closed, and say why
+            except Exception as error:  # fail closed, and say why
+                if is_unavailable(error):
+                    raise
                 log.exception("the access register can't be read: every caller is refused")
                 return True
             known = self._known = (version, frozenset(register.refused if register else ()))
+            self._highest = max(self._highest, version)
         return name in known[1]
 
     def revoke(self, type_name: str, name: str, actor: str, keep: Callable[[Any], None],

@@ -31,8 +31,10 @@ def finished(client: Client, started: requests.Response, timeout: float = 120) -
 
 
 @contextmanager
-def job_of_another_process(database: str, heartbeat_at: datetime) -> Iterator[str]:
-    """A deep check recorded as running, as another API process would record it."""
+def job_of_another_process(database: str, heartbeat_at: datetime,
+                           report: str | None = None) -> Iterator[str]:
+    """A deep check recorded as running, as another API process would record it (or as
+    someone could make one up in the database, with a ``report``)."""
     engine = sqlalchemy.create_engine(database)
     job_id = str(uuid.uuid4())
     deadline = time.monotonic() + 60
@@ -42,7 +44,7 @@ def job_of_another_process(database: str, heartbeat_at: datetime) -> Iterator[st
                 connection.execute(verify_jobs.insert().values(
                     job_id=job_id, running=True, status="running",
                     started_by="another-process", started_at=heartbeat_at,
-                    heartbeat_at=heartbeat_at, events_checked=0))
+                    heartbeat_at=heartbeat_at, events_checked=0, report=report))
             break
         except sqlalchemy.exc.IntegrityError:
             assert time.monotonic() < deadline, "a deep check has been running for a minute"
@@ -133,6 +135,22 @@ def test_a_check_s_record_changed_or_made_up_in_the_database_shows_no_report(ser
         assert not {"ok", "problems", "deep"} & set(body)  # nothing of the report
         assert any(f"deep verification {job_id} fails its seal" in line
                    for line in server.log_lines())
+
+
+def test_a_running_check_made_up_with_a_report_shows_none_and_blocks_no_check(server):
+    """A made-up running row: its report is not shown (nor can it say the row's status),
+    and a sign of life in the future does not keep it running."""
+    forged = '{"status": "done", "ok": true, "problems": [], "deep": true}'
+    auditor = server.client("auditor")
+    with job_of_another_process(server.database, datetime.now(UTC), forged) as made_up:
+        polled = auditor.get(f"/v1/audit/verify/jobs/{made_up}").json()
+        assert polled["status"] == "running" and not {"ok", "problems"} & set(polled)
+    future = datetime.now(UTC) + timedelta(days=3650)
+    with job_of_another_process(server.database, future, forged) as made_up:
+        started = auditor.get("/v1/audit/verify", deep="true")
+        assert started.status_code == 202 and started.json()["job_id"] != made_up
+        assert auditor.get(f"/v1/audit/verify/jobs/{made_up}").json()["status"] == "failed"
+    assert finished(auditor, started)["status"] == "done"
 
 
 def test_an_unknown_check_is_a_404_and_the_service_role_may_not_verify(server):

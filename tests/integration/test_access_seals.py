@@ -211,12 +211,10 @@ def test_revocations_made_before_the_register_are_recorded_on_upgrade(isolated):
 
 
 def test_the_register_verifies_and_its_last_event_deleted_is_found(isolated):
-    from sqlalchemy import delete, func
 
     from domain.revocations import register_uuid
     from infrastructure.audit.verification import check_store
     from infrastructure.store.people import disable_user
-    from infrastructure.store.stored import events_table
 
     t = isolated
     engine = t.engine
@@ -227,15 +225,29 @@ def test_the_register_verifies_and_its_last_event_deleted_is_found(isolated):
     revoke_token(engine, first)
     disable_user(engine, second)
     assert check_store(t, processes=1).ok
+    last = delete_the_register_s_last_event(t)
+    [problem] = check_store(t, processes=1).problems
+    assert (problem.kind, problem.stream, problem.version) == (
+        "deleted", str(register_uuid(t.protocol.study_id)), last)
+
+
+def delete_the_register_s_last_event(t, *also) -> int:
+    """Its version; ``also``: statements run in the same transaction."""
+    from sqlalchemy import delete, func
+
+    from domain.revocations import register_uuid
+    from infrastructure.store.stored import events_table
+
     table = events_table(t.service.recorder)
     stream = register_uuid(t.protocol.study_id)
-    with engine.begin() as connection:
+    with t.engine.begin() as connection:
         last = connection.execute(select(func.max(table.c.originator_version))
                                   .where(table.c.originator_id == stream)).scalar()
         connection.execute(delete(table).where(table.c.originator_id == stream,
                                                table.c.originator_version == last))
-    [problem] = check_store(t, processes=1).problems
-    assert (problem.kind, problem.stream, problem.version) == ("deleted", str(stream), last)
+        for statement in also:
+            connection.execute(statement)
+    return int(last)
 
 
 def test_a_register_that_can_t_be_read_refuses_every_caller(isolated, caplog):
@@ -258,3 +270,88 @@ def test_a_register_that_can_t_be_read_refuses_every_caller(isolated, caplog):
         assert Authenticator(engine)(kept) is None
     assert "the access register can't be read: every caller is refused" in caplog.text
 
+
+
+def test_a_register_cut_back_below_what_a_process_saw_refuses_every_caller(isolated, caplog):
+    """The register's last event deleted with its command's record (which verify would
+    otherwise compare): the process that saw the newer version refuses everyone."""
+    from sqlalchemy import delete
+
+    from infrastructure.store.tables import command_records
+
+    t = isolated
+    engine = t.engine
+    service = name("lab")
+    token = create_token(engine, service, "service", Scope.of(["CASE"]))
+    saved = rows_of(engine, tokens, tokens.c.name == service)
+    kept = create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    revoke_token(engine, service)
+    authenticate = Authenticator(engine)
+    assert authenticate(kept).role == "service"  # the register read at its newest version
+    last = delete_the_register_s_last_event(t, delete(command_records).where(
+        command_records.c.participant_id.like("access:%")))
+    put_back(engine, tokens, "name", saved)
+    with caplog.at_level("ERROR", "trialog.access"):
+        assert authenticate(token) is None
+        assert authenticate(kept) is None
+    assert f"the access register went back from version {last} to {last - 1}" in caplog.text
+
+
+def test_the_database_unavailable_while_reading_the_register_is_not_a_refusal(
+        isolated, monkeypatch):
+    """Raised as any look-up's outage is (503 over HTTP), not taken for a caller refused
+    or a wrong password."""
+    import psycopg
+    import sqlalchemy
+
+    engine = isolated.engine
+    revoked, login = name("old"), name("ida")
+    kept = create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    create_token(engine, revoked, "service", Scope.of(["CASE"]))
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    revoke_token(engine, revoked)  # the register moves on: read again at the next call
+
+    def unavailable(*_: object) -> None:
+        try:
+            raise psycopg.OperationalError("connection refused")
+        except psycopg.OperationalError as error:  # as SQLAlchemy raises it
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, error) from error
+
+    monkeypatch.setattr(isolated.service, "access_register", unavailable)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        Authenticator(engine)(kept)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        sign_in(engine, login, PASSWORD)
+    monkeypatch.undo()
+    assert Authenticator(engine)(kept).role == "service"
+    assert sign_in(engine, login, PASSWORD).login == login
+
+
+@pytest.mark.parametrize("rendered", [False, True])
+def test_the_register_s_events_are_in_the_feed_of_readers_of_every_site_only(isolated,
+                                                                             rendered):
+    """Who was revoked or disabled is the deployment's, not a site's: a reader of some
+    sites sees none of it, read from the store or from rm_feed."""
+    from domain.access import EVERY_SITE
+    from infrastructure.audit.feed import Feed, Reader
+    from infrastructure.readside.projections import FeedProjection
+    from infrastructure.store.people import disable_user
+
+    engine = isolated.engine
+    revoked, login = name("lab"), name("jan")
+    create_token(engine, revoked, "service", Scope.of(["CASE"]))
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    revoke_token(engine, revoked)
+    disable_user(engine, login)
+    if rendered:
+        FeedProjection(isolated).catch_up()
+    feed = Feed(isolated)
+    every, _ = feed.page(0, 1000, Reader(EVERY_SITE))
+    case_only, _ = feed.page(0, 1000, Reader(Scope.of(["CASE"])))
+    assert [e["type"] for e in every][-3:] == [
+        "org.trialog.RegisterOpened", "org.trialog.TokenRevoked",
+        "org.trialog.PersonDisabled"]
+    assert every[-2]["data"]["data"] == {"name": revoked}
+    assert every[-1]["data"]["data"] == {"login": login}
+    assert not [e for e in case_only if e["type"].endswith(("RegisterOpened", "TokenRevoked",
+                                                             "PersonDisabled"))]

@@ -24,7 +24,8 @@ def test_a_revoked_token_and_a_disabled_person_are_refused_in_order():
     assert register.id == register_uuid("NCT04205786")
     assert register.refused == ["lab-1", "ada"]
     events = register.collect_events()
-    assert [type(e).__name__ for e in events] == ["Opened", "TokenRevoked", "PersonDisabled"]
+    assert [type(e).__name__ for e in events] == ["RegisterOpened", "TokenRevoked",
+                                                   "PersonDisabled"]
     assert (events[1].name, events[2].login) == ("lab-1", "ada")
     for before, after in pairwise(events):
         assert after.previous_digest == before.digest == compute_digest(before)
