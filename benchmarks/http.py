@@ -27,7 +27,7 @@ from urllib3.util.retry import Retry
 
 from benchmarks.baseline import Ping
 from domain.access import Scope
-from infrastructure.store.people import create_user
+from infrastructure.store.people import PEPPERED, create_user
 from infrastructure.store.tables import users
 from infrastructure.store.tokens import create_token
 from tests.e2e.conftest import free_port
@@ -229,7 +229,7 @@ def sessions_p95_ms(base: str, engine: Any, n: int = 50,
     with engine.connect() as connection:
         stored = connection.execute(select(users.c.password_hash)
                                     .where(users.c.login == login)).scalar_one()
-    p = argon2.extract_parameters(stored)
+    p = argon2.extract_parameters(stored.removeprefix(PEPPERED))
     parameters = {"type": f"argon2{p.type.name.lower()}", "version": p.version,
                   "time_cost": p.time_cost, "memory_cost_kib": p.memory_cost,
                   "parallelism": p.parallelism, "hash_len": p.hash_len,

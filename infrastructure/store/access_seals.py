@@ -28,7 +28,7 @@ from infrastructure.store.tables import as_utc
 class AccessSeals:
     def __init__(self, key: bytes) -> None:
         self._macs = KeyedMacs(key, b"trialog:", (b"token", b"user", b"session", b"console",
-                                                   b"command", b"verify"))
+                                                   b"command", b"verify", b"pepper"))
 
     def _mac(self, kind: bytes, *fields: Any) -> bytes:
         return self._macs.mac(kind, "\0".join(_text(f) for f in fields).encode())
@@ -58,6 +58,11 @@ class AccessSeals:
                    report: str | None) -> bytes:
         return self._mac(b"verify", job_id, status, started_by, started_at, finished_at,
                          events_checked, report)
+
+    def pepper(self, password: str) -> str:
+        """What a password's Argon2 hash is made of (people.py): a keyed MAC of it, so
+        that a hash read from the database can't be cracked without the key too."""
+        return self._macs.mac(b"pepper", password.encode()).hex()
 
     # The rows as read: each with the columns its seal covers, and ``seal``.
     def token_holds(self, row: Any) -> bool:

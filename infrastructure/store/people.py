@@ -42,9 +42,14 @@ SESSION_HOURS = 12
 MAX_FAILURES = 5
 LOCK_MINUTES = 15
 PASSWORD_LENGTH = (12, 1024)
+# A password is kept as the Argon2 hash of its pepper (AccessSeals.pepper: a keyed MAC
+# under a key derived from the cipher key), marked so: hashes read from the database
+# can't be cracked without the key. A hash from before (unmarked) is checked as it was
+# made, and replaced at the person's next sign-in.
+PEPPERED = "peppered"
 # Verified against when the login is unknown or disabled, so that every refusal costs the
 # same time and says nothing about whether the login exists.
-_DECOY = HASHER.hash(secrets.token_urlsafe(16))
+_DECOY = PEPPERED + HASHER.hash(secrets.token_urlsafe(16))
 
 
 class LoginFailed(Exception):
@@ -81,7 +86,7 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
     if not full_name.strip() or len(full_name) > 200:
         raise TokenError("--name: must be 1-200 characters")
     check_password(password)
-    hashed = HASHER.hash(password)
+    hashed = _hashed(engine, password)
     try:
         with engine.begin() as connection:
             if not name_is_free(connection, login):
@@ -135,7 +140,7 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
     _reserve(engine, login, now, client)
     seals = seals_for(engine)
     person = _person(engine, login)
-    reason = _check(person, password)
+    reason = _check(engine, person, password)
     if reason is not None:
         _failed(engine, login, reason, client, now)
     assert person is not None
@@ -147,8 +152,8 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
         connection.execute(insert(user_sessions).values(
             token_hash=digest, login=login, created_at=now, expires_at=expires_at,
             seal=seals.session(digest, login, expires_at)))
-        if HASHER.check_needs_rehash(person.password_hash):
-            hashed = HASHER.hash(password)
+        if _needs_rehash(person.password_hash):
+            hashed = _hashed(engine, password)
             connection.execute(update(users).where(  # not a row changed meanwhile
                 users.c.login == login, users.c.seal == person.user_seal).values(
                 password_hash=hashed,
@@ -177,13 +182,28 @@ def _person(engine: Engine, login: str) -> Any | None:
     return person
 
 
-def _check(person: object | None, password: str) -> str | None:
-    """Why the sign-in fails (for the log), or None."""
-    hashed = getattr(person, "password_hash", None) or _DECOY
+def _hashed(engine: Engine, password: str) -> str:
+    return PEPPERED + HASHER.hash(seals_for(engine).pepper(password))
+
+
+def _matches(engine: Engine, stored: str, password: str) -> bool:
     try:
-        matches = HASHER.verify(hashed, password)
+        if stored.startswith(PEPPERED):
+            return HASHER.verify(stored[len(PEPPERED):], seals_for(engine).pepper(password))
+        return HASHER.verify(stored, password)  # made before the pepper
     except (VerificationError, InvalidHashError):
-        matches = False
+        return False
+
+
+def _needs_rehash(stored: str) -> bool:
+    """Made before the pepper, or with other Argon2 settings."""
+    return (not stored.startswith(PEPPERED)
+            or HASHER.check_needs_rehash(stored[len(PEPPERED):]))
+
+
+def _check(engine: Engine, person: object | None, password: str) -> str | None:
+    """Why the sign-in fails (for the log), or None."""
+    matches = _matches(engine, getattr(person, "password_hash", None) or _DECOY, password)
     if person is None:
         return "unknown_login"
     if not matches:
@@ -259,7 +279,7 @@ def reauthenticate(engine: Engine, login: str, password: str,
     now = datetime.now(UTC)
     _reserve(engine, login, now, client)
     person = _person(engine, login)
-    reason = _check(person, password)
+    reason = _check(engine, person, password)
     if reason is not None:
         _failed(engine, login, f"signature: {reason}", client, now)
     assert person is not None

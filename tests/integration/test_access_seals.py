@@ -355,3 +355,36 @@ def test_the_register_s_events_are_in_the_feed_of_readers_of_every_site_only(iso
     assert every[-1]["data"]["data"] == {"login": login}
     assert not [e for e in case_only if e["type"].endswith(("RegisterOpened", "TokenRevoked",
                                                              "PersonDisabled"))]
+
+
+def test_a_password_is_kept_peppered_and_an_older_hash_is_replaced_at_sign_in(isolated):
+    """The Argon2 hash is of the password's keyed MAC: a guess can't be checked against
+    it without the key. A hash made before the pepper still signs its person in, once,
+    and is then replaced."""
+    from argon2.exceptions import VerificationError
+
+    from infrastructure.store.access_seals import seals_for
+    from infrastructure.store.people import PEPPERED
+
+    engine = isolated.engine
+    fresh, older = name("kim"), name("lee")
+    for login in (fresh, older):
+        create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    [stored] = [row["password_hash"] for row in rows_of(engine, users, users.c.login == fresh)]
+    assert stored.startswith(PEPPERED + "$argon2id$")
+    with pytest.raises(VerificationError):  # the password alone is not what was hashed
+        HASHER.verify(stored.removeprefix(PEPPERED), PASSWORD)
+    assert HASHER.verify(stored.removeprefix(PEPPERED), seals_for(engine).pepper(PASSWORD))
+    [row] = rows_of(engine, users, users.c.login == older)
+    unpeppered = HASHER.hash(PASSWORD)
+    with engine.begin() as connection:  # as a release before the pepper kept it
+        connection.execute(update(users).where(users.c.login == older).values(
+            password_hash=unpeppered, seal=seals_for(engine).user(
+                older, row["full_name"], row["role"], row["sites"], unpeppered,
+                disabled=False)))
+    assert sign_in(engine, older, PASSWORD).login == older
+    [row] = rows_of(engine, users, users.c.login == older)
+    assert row["password_hash"].startswith(PEPPERED)
+    assert sign_in(engine, older, PASSWORD).login == older  # the new hash signs in too
+    with pytest.raises(LoginFailed):
+        sign_in(engine, older, "not the password at all")
