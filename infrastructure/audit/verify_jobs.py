@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from infrastructure.audit.verification import check_store
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.tables import metadata
+from infrastructure.store.tables import as_utc, metadata
 
 log = logging.getLogger("trialog.verify")
 
@@ -150,12 +150,12 @@ class VerifyJobs:
                                               json.dumps(body)))
 
     def _finished(self, job: Mapping[Any, Any], status: str, at: datetime, events: int,
-                  report: str) -> dict[str, Any]:
-        """The values that end a check, sealed."""
+                  report: str, seal: bool = True) -> dict[str, Any]:
+        """The values that end a check, sealed unless ``seal`` is false."""
         return {"running": None, "status": status, "finished_at": at, "events_checked": events,
                 "report": report, "seal": self.seals.verify_job(
                     job["job_id"], status, job["started_by"], job["started_at"], at, events,
-                    report)}
+                    report) if seal else None}
 
     def _beat(self, job_id: str, progress: _Progress, finished: threading.Event) -> None:
         while not finished.wait(HEARTBEAT):
@@ -180,10 +180,13 @@ class VerifyJobs:
                      verify_jobs.c.heartbeat_at > now + STALE))
         with self.engine.begin() as connection:
             for job in connection.execute(select(verify_jobs).where(*stale)).mappings().all():
+                # One whose sign of life is in the future was never this server's: not
+                # sealed, it is answered as a check that fails its seal.
+                ours = as_utc(job["heartbeat_at"]) <= now + STALE
                 connection.execute(
                     update(verify_jobs).where(verify_jobs.c.job_id == job["job_id"], *stale)
                     .values(**self._finished(job, "failed", now, job["events_checked"],
-                                             json.dumps(ABANDONED))))
+                                             json.dumps(ABANDONED), seal=ours)))
 
 
 def _moment(value: datetime | None) -> str | None:

@@ -152,13 +152,7 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
         connection.execute(insert(user_sessions).values(
             token_hash=digest, login=login, created_at=now, expires_at=expires_at,
             seal=seals.session(digest, login, expires_at)))
-        if _needs_rehash(person.password_hash):
-            hashed = _hashed(engine, password)
-            connection.execute(update(users).where(  # not a row changed meanwhile
-                users.c.login == login, users.c.seal == person.user_seal).values(
-                password_hash=hashed,
-                seal=seals.user(login, person.full_name, person.role, person.sites, hashed,
-                                disabled=False)))
+        _rehash_if_due(engine, connection, person, password)
     log.info("signed in", extra={"login": login, "client": client})
     return Session(token, expires_at, login, person.role, scope_of(person.sites))
 
@@ -180,6 +174,20 @@ def _person(engine: Engine, login: str) -> Any | None:
                     extra={"holder": login})
         return None
     return person
+
+
+def _rehash_if_due(engine: Engine, connection: Connection, person: Any,
+                   password: str) -> None:
+    """A hash made before the pepper, or with other settings, made again from the
+    password just checked (unless the row changed meanwhile, a disable say)."""
+    if not _needs_rehash(person.password_hash):
+        return
+    hashed = _hashed(engine, password)
+    connection.execute(update(users).where(
+        users.c.login == person.login, users.c.seal == person.user_seal).values(
+        password_hash=hashed, seal=seals_for(engine).user(
+            person.login, person.full_name, person.role, person.sites, hashed,
+            disabled=False)))
 
 
 def _hashed(engine: Engine, password: str) -> str:
@@ -285,5 +293,6 @@ def reauthenticate(engine: Engine, login: str, password: str,
     assert person is not None
     with engine.begin() as connection:
         connection.execute(delete(login_failures).where(login_failures.c.login == login))
+        _rehash_if_due(engine, connection, person, password)
     name: str = person.full_name
     return name

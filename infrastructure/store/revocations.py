@@ -63,9 +63,15 @@ class Revocations:
         row put back would otherwise get past). The database unavailable is raised, as
         for any look-up."""
         if (version or 0) < self._highest:
-            log.error("the access register went back from version %s to %s: its last "
-                      "events were deleted; every caller is refused", self._highest, version)
-            return True
+            # Read before a revocation that another thread has seen committed, or the
+            # register cut back: its version now tells which.
+            with self.trialog.engine.connect() as connection:
+                version = connection.execute(select(self.version_column)).scalar()
+            if (version or 0) < self._highest:
+                log.error("the access register went back from version %s to %s: its last "
+                          "events were deleted; every caller is refused", self._highest,
+                          version)
+                return True
         if version is None:
             return False
         known = self._known

@@ -149,7 +149,9 @@ def test_a_running_check_made_up_with_a_report_shows_none_and_blocks_no_check(se
     with job_of_another_process(server.database, future, forged) as made_up:
         started = auditor.get("/v1/audit/verify", deep="true")
         assert started.status_code == 202 and started.json()["job_id"] != made_up
-        assert auditor.get(f"/v1/audit/verify/jobs/{made_up}").json()["status"] == "failed"
+        failed = auditor.get(f"/v1/audit/verify/jobs/{made_up}").json()
+        assert failed["status"] == "failed"  # and not vouched for as abandoned
+        assert failed["message"].startswith("the record of this check fails its seal")
     assert finished(auditor, started)["status"] == "done"
 
 

@@ -375,16 +375,56 @@ def test_a_password_is_kept_peppered_and_an_older_hash_is_replaced_at_sign_in(is
     with pytest.raises(VerificationError):  # the password alone is not what was hashed
         HASHER.verify(stored.removeprefix(PEPPERED), PASSWORD)
     assert HASHER.verify(stored.removeprefix(PEPPERED), seals_for(engine).pepper(PASSWORD))
-    [row] = rows_of(engine, users, users.c.login == older)
-    unpeppered = HASHER.hash(PASSWORD)
-    with engine.begin() as connection:  # as a release before the pepper kept it
-        connection.execute(update(users).where(users.c.login == older).values(
-            password_hash=unpeppered, seal=seals_for(engine).user(
-                older, row["full_name"], row["role"], row["sites"], unpeppered,
-                disabled=False)))
+    hashed_as_before_the_pepper(engine, older)
     assert sign_in(engine, older, PASSWORD).login == older
     [row] = rows_of(engine, users, users.c.login == older)
     assert row["password_hash"].startswith(PEPPERED)
     assert sign_in(engine, older, PASSWORD).login == older  # the new hash signs in too
     with pytest.raises(LoginFailed):
         sign_in(engine, older, "not the password at all")
+
+
+def hashed_as_before_the_pepper(engine, login: str) -> None:
+    """The person's password hashed and sealed as a release before the pepper kept it."""
+    from infrastructure.store.access_seals import seals_for
+
+    [row] = rows_of(engine, users, users.c.login == login)
+    unpeppered = HASHER.hash(PASSWORD)
+    with engine.begin() as connection:
+        connection.execute(update(users).where(users.c.login == login).values(
+            password_hash=unpeppered, seal=seals_for(engine).user(
+                login, row["full_name"], row["role"], row["sites"], unpeppered,
+                disabled=False)))
+
+
+def test_a_look_up_that_read_the_register_before_a_revocation_is_judged_at_its_newest(
+        isolated, caplog):
+    """A request's statement read version v; another thread has since seen v + 1: the
+    register is read again, not taken for cut back."""
+    from infrastructure.store.revocations import revocations_for
+
+    engine = isolated.engine
+    kept = name("lab")
+    token = create_token(engine, kept, "service", Scope.of(["CASE"]))
+    for _ in range(2):
+        revoked = name("old")
+        create_token(engine, revoked, "service", Scope.of(["CASE"]))
+        revoke_token(engine, revoked)
+    assert Authenticator(engine)(token).name == kept  # the register seen at version 3
+    with caplog.at_level("ERROR", "trialog.access"):
+        assert not revocations_for(engine).refuses(kept, 2)
+        assert revocations_for(engine).refuses(revoked, 2)  # judged at version 3
+    assert "went back" not in caplog.text
+
+
+def test_a_signature_s_re_authentication_replaces_an_older_hash_too(isolated):
+    from infrastructure.store.people import PEPPERED, reauthenticate
+
+    engine = isolated.engine
+    login = name("max")
+    create_user(engine, login, "Max Planck", "investigator", Scope.of(["CASE"]), PASSWORD)
+    hashed_as_before_the_pepper(engine, login)
+    assert reauthenticate(engine, login, PASSWORD) == "Max Planck"
+    [row] = rows_of(engine, users, users.c.login == login)
+    assert row["password_hash"].startswith(PEPPERED)
+    assert reauthenticate(engine, login, PASSWORD) == "Max Planck"
