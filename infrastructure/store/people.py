@@ -45,7 +45,7 @@ PASSWORD_LENGTH = (12, 1024)
 # A password is kept as the Argon2 hash of its pepper (AccessSeals.pepper: a keyed MAC
 # under a key derived from the cipher key), marked so: hashes read from the database
 # can't be cracked without the key. A hash from before (unmarked) is checked as it was
-# made, and replaced at the person's next sign-in.
+# made, and replaced at the person's next sign-in or signature.
 PEPPERED = "peppered"
 # Verified against when the login is unknown or disabled, so that every refusal costs the
 # same time and says nothing about whether the login exists.
