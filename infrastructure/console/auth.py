@@ -94,8 +94,6 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
         log.warning("a console session's row fails its seal: refused")
         return None
     if revocations.refuses(row.login, row.register_version):
-        log.warning("a revoked token's or a disabled person's row was put back: refused",
-                    extra={"holder": row.login})
         return None
     idle = now - as_utc(row.last_seen_at)
     if idle > timedelta(minutes=IDLE_MINUTES):

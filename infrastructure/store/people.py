@@ -16,7 +16,6 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from domain.access import Scope
-from domain.errors import InvalidTransition
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.revocations import revocations_for
 from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
@@ -26,6 +25,7 @@ from infrastructure.store.tokens import (
     check_name,
     check_role,
     name_is_free,
+    refuse_for_good,
     scope_of,
     sites_column,
     token_hash,
@@ -115,21 +115,15 @@ def disable_user(engine: Engine, login: str, actor: str = "trialog user disable"
                          "database); it is not sealed again")
     if row.disabled_at is not None:
         raise TokenError(f"{login!r} was disabled on {row.disabled_at:%Y-%m-%d}")
-
-    def keep(session: Any) -> None:
-        changed = session.execute(update(users).where(  # not a row changed meanwhile
-            users.c.login == login, users.c.seal == row.user_seal).values(
+    refuse_for_good(
+        engine, "DisablePerson", login, actor,
+        update(users).where(users.c.login == login, users.c.seal == row.user_seal).values(
             disabled_at=datetime.now(UTC),
             seal=seals_for(engine).user(login, row.full_name, row.role, row.sites,
-                                        row.password_hash, disabled=True)))
-        if changed.rowcount != 1:
-            raise TokenError(f"{login!r}: the person's row changed meanwhile: try again")
-        session.execute(delete(user_sessions).where(user_sessions.c.login == login))
-
-    try:
-        revocations_for(engine).revoke("DisablePerson", login, actor, keep)
-    except InvalidTransition:
-        raise TokenError(f"{login!r} is disabled already") from None
+                                        row.password_hash, disabled=True)),
+        delete(user_sessions).where(user_sessions.c.login == login),
+        meanwhile=f"{login!r}: the person's row changed meanwhile: try again",
+        already=f"{login!r} is disabled already")
 
 
 def sign_in(engine: Engine, login: str, password: str, client: str | None = None,
@@ -170,8 +164,6 @@ def _person(engine: Engine, login: str) -> Any | None:
         log.warning("a person's row fails its seal: refused", extra={"login": login})
         return None
     if person is not None and revocations.refuses(login, person.register_version):
-        log.warning("a revoked token's or a disabled person's row was put back: refused",
-                    extra={"holder": login})
         return None
     return person
 

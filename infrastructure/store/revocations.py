@@ -57,11 +57,11 @@ class Revocations:
         return trialog
 
     def refuses(self, name: str, version: int | None) -> bool:
-        """Whether the register at ``version`` refuses ``name``. It refuses everyone when
-        it can't be read (who is revoked is not known), and when it is found at a version
-        below one this process has seen (its last events deleted, which a revocation's
-        row put back would otherwise get past). The database unavailable is raised, as
-        for any look-up."""
+        """Whether the register at ``version`` refuses ``name`` (whose row, then, was put
+        back: that is logged). It refuses everyone when it can't be read (who is revoked
+        is not known), and when it is found at a version below one this process has seen
+        (its last events deleted, which a revocation's row put back would otherwise get
+        past). The database unavailable is raised, as for any look-up."""
         if (version or 0) < self._highest:
             # Read before a revocation that another thread has seen committed, or the
             # register cut back: its version now tells which.
@@ -85,7 +85,11 @@ class Revocations:
                 return True
             known = self._known = (version, frozenset(register.refused if register else ()))
             self._highest = max(self._highest, version)
-        return name in known[1]
+        if name not in known[1]:
+            return False
+        log.warning("a revoked token's or a disabled person's row was put back: refused",
+                    extra={"holder": name})
+        return True
 
     def revoke(self, type_name: str, name: str, actor: str, keep: Callable[[Any], None],
                reason: str | None = None) -> None:

@@ -189,20 +189,33 @@ def revoke_token(engine: Engine, name: str, actor: str = "trialog token revoke")
                          "database); it is not sealed again")
     if row.revoked_at is not None:
         raise TokenError(f"the token {name!r} was revoked on {row.revoked_at:%Y-%m-%d}")
-
-    def keep(session: Any) -> None:
-        changed = session.execute(update(tokens).where(  # not a row changed meanwhile
-            tokens.c.name == name, tokens.c.seal == row.seal).values(
+    refuse_for_good(
+        engine, "RevokeToken", name, actor,
+        update(tokens).where(tokens.c.name == name, tokens.c.seal == row.seal).values(
             revoked_at=datetime.now(UTC),
             seal=seals_for(engine).token(name, row.role, row.token_hash, row.sites,
-                                         revoked=True)))
-        if changed.rowcount != 1:
-            raise TokenError(f"the token {name!r} changed meanwhile: try again")
+                                         revoked=True)),
+        meanwhile=f"the token {name!r} changed meanwhile: try again",
+        already=f"the token {name!r} is revoked already")
+
+
+def refuse_for_good(engine: Engine, type_name: str, name: str, actor: str, change: Any,
+                    *after: Any, meanwhile: str, already: str) -> None:
+    """Records RevokeToken or DisablePerson of ``name`` in the access register, with the
+    access table's copy in the same transaction: ``change``, the row's update, made on
+    the row as it was read (its seal), else TokenError ``meanwhile``; then ``after``.
+    TokenError ``already`` when the register refuses ``name`` already."""
+
+    def keep(session: Any) -> None:
+        if session.execute(change).rowcount != 1:
+            raise TokenError(meanwhile)
+        for statement in after:
+            session.execute(statement)
 
     try:
-        revocations_for(engine).revoke("RevokeToken", name, actor, keep)
+        revocations_for(engine).revoke(type_name, name, actor, keep)
     except InvalidTransition:
-        raise TokenError(f"the token {name!r} is revoked already") from None
+        raise TokenError(already) from None
 
 
 # A person's sign-in session and the person, with what their seals cover and the seals
@@ -245,20 +258,14 @@ class Authenticator:
                 if person is None or not self.seals.session_and_person_hold(person):
                     return _refused(person)
                 if self.revocations.refuses(person.login, person.register_version):
-                    return _put_back(person.login)
+                    return None
                 return Principal(person.login, person.role, scope_of(person.sites), True)
             row = connection.execute(self._machine, {"digest": digest}).first()
         if row is None or not self.seals.token_holds(row):
             return _refused(row)
         if self.revocations.refuses(row.name, row.register_version):
-            return _put_back(row.name)
+            return None
         return Principal(row.name, row.role, scope_of(row.sites))
-
-
-def _put_back(name: str) -> None:
-    """No one: the register refuses whom the row says may call (the row put back)."""
-    log.warning("a revoked token's or a disabled person's row was put back: refused",
-                extra={"holder": name})
 
 
 def _refused(row: Any) -> None:
