@@ -476,11 +476,14 @@ def check_records(trialog: Trialog) -> list[Problem]:
     meanwhile has its events read too), and the lock's copy between two reads of the
     trial's record that agree."""
     from infrastructure.store.access_seals import seals_for
-    from infrastructure.store.tables import command_records, participants
+    from infrastructure.store.bus import SEALED_RECORD
+    from infrastructure.store.tables import participants
 
     table = events_table(trialog.service.recorder)
-    trial_stream = trial_uuid(trialog.protocol.study_id)
-    register_stream = register_uuid(trialog.protocol.study_id)
+    study = trialog.protocol.study_id
+    trial_stream = trial_uuid(study)
+    # The keys the bus records a trial-wide stream's commands under, and their streams.
+    trial_wide = {f"trial:{study}": trial_stream, f"access:{study}": register_uuid(study)}
     # Per stream: the highest version recorded beside it, and by what (a command's
     # answer, written in the same transaction, before the read models').
     shown: dict[UUID, tuple[int, str, str | None]] = {}
@@ -492,14 +495,10 @@ def check_records(trialog: Trialog) -> list[Problem]:
     seals = seals_for(trialog.engine)
     problems = []
     with trialog.engine.connect() as connection:
-        for record in connection.execute(select(
-                command_records.c.command_id, command_records.c.fingerprint,
-                command_records.c.participant_id, command_records.c.response,
-                command_records.c.recorded_at, command_records.c.seal)):
+        for record in connection.execute(select(*SEALED_RECORD)):
             pid = record.participant_id
-            trial = pid.startswith(("trial:", "access:"))  # a trial-wide stream's
-            stream = (trial_stream if pid.startswith("trial:") else register_stream
-                      if trial else participant_uuid(pid))
+            trial = pid in trial_wide
+            stream = trial_wide[pid] if trial else participant_uuid(pid)
             try:
                 version = orjson.loads(record.response).get("version")
             except (orjson.JSONDecodeError, AttributeError):

@@ -78,7 +78,7 @@ WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
 log = logging.getLogger("trialog.bus")
 
 # A command's record as a retry reads it: the columns its seal covers, and the seal.
-_SEALED_RECORD = (command_records.c.command_id, command_records.c.fingerprint,
+SEALED_RECORD = (command_records.c.command_id, command_records.c.fingerprint,
                   command_records.c.participant_id, command_records.c.response,
                   command_records.c.recorded_at, command_records.c.seal)
 
@@ -205,7 +205,7 @@ class CommandBus:
         self._sqlite = service.recorder.datastore.engine.dialect.name == "sqlite"
         # Statements built once (the values bound when run).
         self._insert_record = insert(command_records)
-        self._previous = select(*_SEALED_RECORD).where(any_of(command_records.c.command_id,
+        self._previous = select(*SEALED_RECORD).where(any_of(command_records.c.command_id,
                                                               not self._sqlite))
         # The lock's copy and the trial's newest event (NULLs when there are none), read
         # once, joined to one row.
@@ -225,7 +225,7 @@ class CommandBus:
         # One statement for a command's idempotency record (NULLs when there is none) and
         # the database lock; built once, the command id bound when run.
         self._record_and_lock = (
-            select(*_SEALED_RECORD, *lock)
+            select(*SEALED_RECORD, *lock)
             .select_from(one.outerjoin(command_records, command_records.c.command_id
                                        == bindparam("command_id"))
                          .outerjoin(database_lock,
@@ -574,7 +574,7 @@ class CommandBus:
         for attempt in self._retrying():
             with attempt, recorder.transaction(commit=True) as session:
                 previous = session.execute(
-                    select(*_SEALED_RECORD)
+                    select(*SEALED_RECORD)
                     .where(command_records.c.command_id == command_id)).first()
                 if previous is not None:
                     self._check_seal(previous)
