@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, timedelta
 from typing import Any
 
 from domain.eligibility import days_between
 from domain.participant import Participant, deviation_uuid
-from domain.protocol import Protocol
+from domain.protocol import Protocol, calendar_day
 from domain.schedule import schedule
 
 SEVERITY = {
@@ -51,8 +51,11 @@ class Finding:
 Rule = Callable[[Participant, Protocol, date], Iterator[Finding]]
 
 
-def _day(value: date | datetime) -> date:
-    return value.date() if isinstance(value, datetime) else value
+def _day(p: Participant, protocol: Protocol, value: date) -> date:
+    """The participant's site's calendar day of a date or a time (a site no longer in the
+    protocol counts in UTC)."""
+    site = protocol.site(p.site_id)
+    return calendar_day(value, site.zone if site is not None else UTC)
 
 
 def _b12_products(p: Participant) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -114,7 +117,8 @@ def procedure_before_consent(p: Participant, protocol: Protocol,
     """A blood sample or a visit dated before the consent was first signed (a re-consent
     after a protocol amendment does not make the earlier procedures late)."""
     consented = p.first_consented_on
-    procedures = [(e, _day(d["collected_at"])) for e, d in p.records_of("BloodSampleCollected")]
+    procedures = [(e, _day(p, protocol, d["collected_at"]))
+                  for e, d in p.records_of("BloodSampleCollected")]
     procedures += [(e, d["completed_on"]) for e, d in p.records_of("VisitCompleted")]
     for event_id, day in procedures:
         if consented is None or day < consented:
@@ -131,9 +135,10 @@ def baseline_blood_after_dose(p: Participant, protocol: Protocol,
     first_day, first_event = doses[0]
     baseline = protocol.visits[0].code
     for event_id, sample in p.records_of("BloodSampleCollected"):
-        if sample["timepoint"] == baseline and _day(sample["collected_at"]) > first_day:
+        collected = _day(p, protocol, sample["collected_at"])
+        if sample["timepoint"] == baseline and collected > first_day:
             yield Finding("baseline_blood_after_dose", event_id, (event_id, first_event),
-                          f"baseline blood on {_day(sample['collected_at'])}, "
+                          f"baseline blood on {collected}, "
                           f"first dose on {first_day}")
 
 

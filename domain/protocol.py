@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, tzinfo
 from functools import cached_property
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from domain.errors import ProtocolError
 
@@ -82,6 +84,19 @@ class Site:
     coordinator_email: str
     participant_prefix: str = ""  # every participant id of the site starts with it
     coordinator_language: str = "en"  # of the emails to the site coordinator
+    time_zone: str = "UTC"  # an IANA name: the site's calendar, whose day a time falls on
+
+    @property
+    def zone(self) -> tzinfo:
+        return ZoneInfo(self.time_zone)
+
+
+def calendar_day(value: date, zone: tzinfo) -> date:
+    """A date as it is, or the day in ``zone`` of a time (an instant: UTC when written
+    without a zone)."""
+    if not isinstance(value, datetime):
+        return value
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(zone).date()
 
 
 @dataclass(frozen=True)
@@ -308,6 +323,16 @@ def _randomization(root: _Reader, arms: tuple[Arm, ...]) -> Randomization:
     return Randomization(ratio, block_sizes, strata)
 
 
+def _time_zone(site: _Reader) -> str:
+    name = site.text("time_zone")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ProtocolError(f"{site.path}.time_zone: {name!r} is not an IANA time zone "
+                            "(such as America/New_York)") from None
+    return name
+
+
 def _reminders(root: _Reader) -> tuple[ReminderOffset, ...]:
     offsets = []
     for t in root.table("reminders").tables("offsets"):
@@ -327,7 +352,8 @@ def protocol_from_mapping(data: Mapping[str, Any]) -> Protocol:
     sites = tuple(
         Site(t.text("id"), t.text("name"), t.text("coordinator_email"),
              t.text("participant_prefix") if "participant_prefix" in t.data else "",
-             t.text("coordinator_language") if "coordinator_language" in t.data else "en")
+             t.text("coordinator_language") if "coordinator_language" in t.data else "en",
+             _time_zone(t) if "time_zone" in t.data else "UTC")
         for t in root.tables("sites")
     )
     _unique([s.id for s in sites], "sites")

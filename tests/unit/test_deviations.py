@@ -3,7 +3,7 @@ negative case (no I/O: aggregates in memory)."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -141,6 +141,33 @@ def test_baseline_blood_after_the_first_dose_fires():
                           PROTOCOL, audit())
     dose(q, 0)
     assert "baseline_blood_after_dose" not in codes(q)
+
+
+def test_a_sample_is_dated_on_its_site_s_calendar_whatever_the_zone_it_was_written_in():
+    """CASE keeps New York's time: 02:00 UTC on 5 March, or 11:00 in Tokyo that day, is
+    still 4 March there, the day of the first dose; 06:00 UTC on 5 March is 5 March."""
+    for collected_at, late in [(datetime(2026, 3, 5, 2, tzinfo=UTC), False),
+                               (datetime.fromisoformat("2026-03-05T11:00+09:00"), False),
+                               (datetime.fromisoformat("2026-03-04T21:00-05:00"), False),
+                               (datetime(2026, 3, 5, 2), False),  # no zone: UTC
+                               (datetime(2026, 3, 5, 6, tzinfo=UTC), True)]:
+        p = randomized()
+        p.record_blood_sample({"timepoint": "baseline", "collected_at": collected_at},
+                              PROTOCOL, audit())
+        dose(p, 0)
+        assert ("baseline_blood_after_dose" in codes(p)) is late, collected_at
+
+
+def test_a_sample_before_consent_on_the_site_s_calendar_is_flagged():
+    """Consent signed 2 March (the factories' date); a sample at 03:00 UTC on 2 March was
+    drawn in New York the evening before."""
+    p = randomized()
+    assert p.first_consented_on == date(2026, 3, 2)
+    p.record_blood_sample({"timepoint": "baseline",
+                           "collected_at": datetime(2026, 3, 2, 3, tzinfo=UTC)}, PROTOCOL,
+                          audit())
+    findings = [f for f in detect(p, PROTOCOL, LATER) if f.code == "procedure_before_consent"]
+    assert [f.detail for f in findings] == ["procedure on 2026-03-01, consent signed 2026-03-02"]
 
 
 def test_a_dose_in_the_control_arm_fires_and_not_in_the_b12_arm():

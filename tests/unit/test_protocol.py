@@ -17,6 +17,13 @@ def test_the_default_protocol_loads():
     assert p.eligibility.stage_choices == ("0", "I", "II", "III", "IV")
     assert p.visits[1].name_in("es") == "de la semana 6" and p.visits[1].name_in("fr") == "week6"
     assert p.treatment_ends_at == "end_of_treatment"
+    assert [s.time_zone for s in p.sites] == ["America/New_York"] * 2  # Cleveland, Ohio
+
+
+def test_a_site_without_a_time_zone_keeps_utc():
+    data = protocol_data()
+    del data["sites"][0]["time_zone"]
+    assert protocol_from_mapping(data).sites[0].time_zone == "UTC"
 
 
 @pytest.mark.parametrize(("mutate", "key"), [
@@ -38,6 +45,9 @@ def test_the_default_protocol_loads():
      "eligibility.aromatase_inhibitors[0].brand_names: expected"),
     (lambda d: d["eligibility"]["aromatase_inhibitors"][1].update(brand_names=["ARIMIDEX"]),
      "eligibility.aromatase_inhibitors: 'ARIMIDEX' names both anastrozole and letrozole"),
+    (lambda d: d["sites"][1].update(time_zone="Ohio/Cleveland"),
+     "sites[1].time_zone: 'Ohio/Cleveland' is not an IANA time zone"),
+    (lambda d: d["sites"][0].update(time_zone="../../etc/passwd"), "sites[0].time_zone"),
 ])
 def test_a_bad_protocol_names_the_key(mutate, key):
     data = protocol_data()
