@@ -568,6 +568,7 @@ class _Subject:
                 self.verified.discard(visit)
                 self._note(Place(visit), event, annotation=_annotation(
                     1, [("SDV", "changed_since_verified")]))
+        held = self._held(event.target_event_id, form)
         participant_place(self.current[event.target_event_id][0], event.field,
                           copy.deepcopy(event.value))
         if event.field == form.visit_field and event.value is not None \
@@ -577,14 +578,19 @@ class _Subject:
         items = []
         for path, value in self._corrected_items(event, form):
             if value is None:
+                if path not in held:  # null where the form never held the item: no change
+                    continue
                 value_xml = ' IsNull="Yes"'
             else:
                 text = self._plain(path, value)
                 if text is None:
                     continue
                 value_xml = _attr("Value", text)
+            # An item the form held is updated; one it never held (an answer left out at
+            # first, or set to null since) is inserted.
+            step = "Update" if path in held else "Insert"
             items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}{value_xml} "
-                         f"TransactionType=\"Update\">{self._audit(event, event.reason)}"
+                         f"TransactionType=\"{step}\">{self._audit(event, event.reason)}"
                          f"</ItemData>")
         if not items:
             return
@@ -649,6 +655,13 @@ class _Subject:
         moved = visit_study_event(event.value)
         self.moved[event.target_event_id] = moved
         return list(dict.fromkeys((now, moved)))
+
+    def _held(self, event_id: str, form: Form) -> set[str]:
+        """The items a captured form holds in the file so far: those of its data as the
+        record has it now that are not null and not withheld."""
+        data = self.current[event_id][0]
+        return {path for path, value in _flatten(data, "", self.leaves[form.key])
+                if value is not None and self._plain(path, value) is not None}
 
     def _corrected_items(self, event: Any, form: Form) -> list[tuple[str, Any]]:
         """The items a correction sets: those its value gives; for a whole group (bpi_sf,
