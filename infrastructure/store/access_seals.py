@@ -17,9 +17,16 @@ registered as it is built (``register``)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import weakref
 from datetime import UTC, datetime
 from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from eventsourcing.cryptography import AESCipher
+from eventsourcing.utils import Environment
 
 from infrastructure.store.macs import KeyedMacs, same_seal
 from infrastructure.store.tables import as_utc
@@ -29,6 +36,9 @@ class AccessSeals:
     def __init__(self, key: bytes) -> None:
         self._macs = KeyedMacs(key, b"trialog:", (b"token", b"user", b"session", b"console",
                                                    b"command", b"verify", b"pepper"))
+        wrapping = hashlib.blake2b(key=key, digest_size=32, person=b"trialog:wrap").digest()
+        self._wrapping = AESCipher(Environment(env={
+            AESCipher.CIPHER_KEY: base64.b64encode(wrapping).decode()}))
 
     def _mac(self, kind: bytes, *fields: Any) -> bytes:
         return self._macs.mac(kind, "\0".join(_text(f) for f in fields).encode())
@@ -63,6 +73,22 @@ class AccessSeals:
         """What a password's Argon2 hash is made of (people.py): a keyed MAC of it, so
         that a hash read from the database can't be cracked without the key too."""
         return self._macs.mac(b"pepper", password.encode()).hex()
+
+    def wrap(self, login: str, password_hash: str) -> str:
+        """A password hash made before the pepper, encrypted under a key of its own derived
+        from the cipher key (people.py, migration 0027), so that it can't be cracked
+        without the key either; it names its person inside."""
+        text = f"{login}\0{password_hash}".encode()
+        return base64.urlsafe_b64encode(self._wrapping.encrypt(text)).decode()
+
+    def unwrap(self, login: str, wrapped: str) -> str | None:
+        """The hash ``wrap`` encrypted for this person; None for any other text."""
+        try:
+            text = self._wrapping.decrypt(base64.urlsafe_b64decode(wrapped)).decode()
+        except (ValueError, binascii.Error, InvalidTag):  # UnicodeDecodeError is a ValueError
+            return None
+        named, _, password_hash = text.partition("\0")
+        return password_hash if named == login else None
 
     # The rows as read: each with the columns its seal covers, and ``seal``.
     def token_holds(self, row: Any) -> bool:

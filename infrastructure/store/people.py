@@ -44,9 +44,11 @@ LOCK_MINUTES = 15
 PASSWORD_LENGTH = (12, 1024)
 # A password is kept as the Argon2 hash of its pepper (AccessSeals.pepper: a keyed MAC
 # under a key derived from the cipher key), marked so: hashes read from the database
-# can't be cracked without the key. A hash from before (unmarked) is checked as it was
-# made, and replaced at the person's next sign-in or signature.
+# can't be cracked without the key. A hash from before is kept encrypted (WRAPPED: by
+# migration 0027, AccessSeals.wrap), checked as it was made, and replaced by a peppered
+# one at the person's next sign-in or signature.
 PEPPERED = "peppered"
+WRAPPED = "wrapped$"
 # Verified against when the login is unknown or disabled, so that every refusal costs the
 # same time and says nothing about whether the login exists.
 _DECOY = PEPPERED + HASHER.hash(secrets.token_urlsafe(16))
@@ -186,11 +188,15 @@ def _hashed(engine: Engine, password: str) -> str:
     return PEPPERED + HASHER.hash(seals_for(engine).pepper(password))
 
 
-def _matches(engine: Engine, stored: str, password: str) -> bool:
+def _matches(engine: Engine, login: str, stored: str, password: str) -> bool:
+    seals = seals_for(engine)
     try:
         if stored.startswith(PEPPERED):
-            return HASHER.verify(stored[len(PEPPERED):], seals_for(engine).pepper(password))
-        return HASHER.verify(stored, password)  # made before the pepper
+            return HASHER.verify(stored[len(PEPPERED):], seals.pepper(password))
+        if stored.startswith(WRAPPED):  # made before the pepper, encrypted since
+            older = seals.unwrap(login, stored[len(WRAPPED):])
+            return older is not None and HASHER.verify(older, password)
+        return HASHER.verify(stored, password)  # made before the pepper, as it was
     except (VerificationError, InvalidHashError):
         return False
 
@@ -203,7 +209,8 @@ def _needs_rehash(stored: str) -> bool:
 
 def _check(engine: Engine, person: object | None, password: str) -> str | None:
     """Why the sign-in fails (for the log), or None."""
-    matches = _matches(engine, getattr(person, "password_hash", None) or _DECOY, password)
+    matches = _matches(engine, getattr(person, "login", ""),
+                       getattr(person, "password_hash", None) or _DECOY, password)
     if person is None:
         return "unknown_login"
     if not matches:

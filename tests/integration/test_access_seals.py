@@ -428,3 +428,67 @@ def test_a_signature_s_re_authentication_replaces_an_older_hash_too(isolated):
     [row] = rows_of(engine, users, users.c.login == login)
     assert row["password_hash"].startswith(PEPPERED)
     assert reauthenticate(engine, login, PASSWORD) == "Max Planck"
+
+
+def test_migration_0027_encrypts_the_hashes_made_before_the_pepper(isolated_url):
+    """Read from the database, an older hash can't be checked against guesses without
+    the key any more; it still signs its person in once, and is replaced then. A row
+    whose seal failed still fails; a peppered hash is left as it is; a downgrade gives the
+    older hash back."""
+    from argon2.exceptions import InvalidHashError
+
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.people import PEPPERED, WRAPPED
+    from tests.conftest import settings_for
+
+    app = bootstrap(settings_for(isolated_url), migrate=False)
+    engine = app.engine
+    try:
+        migrations.upgrade(engine, "0026")
+        older, forged, kept, restored = (name(n) for n in ("old", "forged", "kept", "back"))
+        for login in (older, forged, kept, restored):
+            create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+        for login in (older, forged, restored):
+            hashed_as_before_the_pepper(engine, login)
+        with engine.begin() as connection:  # a hash put there without the key
+            connection.execute(update(users).where(users.c.login == forged).values(
+                password_hash=HASHER.hash(PASSWORD)))
+        everyone = users.c.login.in_([older, forged, kept, restored])
+        before = {row["login"]: row["password_hash"] for row in rows_of(engine, users, everyone)}
+
+        migrations.upgrade(engine)
+        after = {row["login"]: row["password_hash"] for row in rows_of(engine, users, everyone)}
+        assert after[kept] == before[kept] and after[kept].startswith(PEPPERED)
+        for login in (older, forged, restored):
+            assert after[login].startswith(WRAPPED) and "argon2" not in after[login]
+            with pytest.raises(InvalidHashError):
+                HASHER.verify(after[login], PASSWORD)
+        assert sign_in(engine, older, PASSWORD).login == older
+        [row] = rows_of(engine, users, users.c.login == older)
+        assert row["password_hash"].startswith(PEPPERED)
+        with pytest.raises(LoginFailed):
+            sign_in(engine, forged, PASSWORD)
+        with pytest.raises(LoginFailed):
+            sign_in(engine, restored, "not the password at all")
+
+        downgrade_to(engine, "0026")
+        [row] = rows_of(engine, users, users.c.login == restored)
+        assert row["password_hash"] == before[restored]
+        assert sign_in(engine, restored, PASSWORD).login == restored
+    finally:
+        app.close()
+
+
+def downgrade_to(engine, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from infrastructure.store import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations.HERE))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        config.attributes["engine"] = engine
+        command.downgrade(config, revision)
