@@ -235,6 +235,9 @@ class Disclosure(Schema):
     participant_id = fields.String(required=True)
     endpoint = fields.String(required=True)
     request_id = _nullable_string()
+    intact = fields.Boolean(required=True, metadata={
+        "description": "false when the row fails its seal: changed or made up in the "
+                       "database, outside trialog"})
 
 
 class AccessLog(Schema):

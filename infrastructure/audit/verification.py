@@ -71,7 +71,7 @@ Progress = Callable[[int], None]
 @dataclass
 class Problem:
     kind: str  # edited | deleted | reordered | inserted | repeated | snapshot | lock |
-    #            read_model | record
+    #            read_model | record | disclosure
     stream: str
     version: int
     notification_id: int | None
@@ -455,7 +455,7 @@ def check_store(trialog: Trialog, processes: int | None = None,
     else:
         report = verify(trialog.service, progress=progress, deep=deep)
     problems, passed_over = check_snapshots(trialog.service, deep)
-    report.problems += problems + check_records(trialog)
+    report.problems += problems + check_records(trialog) + check_disclosures(trialog)
     if deep:
         report.problems += check_read_models(trialog)
     report.snapshots_passed_over = passed_over if deep else None
@@ -529,6 +529,28 @@ def check_records(trialog: Trialog) -> list[Problem]:
                                     pid))
     lock = _lock_problem(trialog, trial_stream)
     return problems + ([lock] if lock else [])
+
+
+def check_disclosures(trialog: Trialog) -> list[Problem]:
+    """The access log's rows whose seal fails: who was shown a participant's contact
+    details, changed or made up in the database outside trialog (a row deleted leaves no
+    trace here)."""
+    from infrastructure.store.access_seals import seals_for
+    from infrastructure.store.tables import access_log
+
+    seals = seals_for(trialog.engine)
+    problems = []
+    with trialog.engine.connect() as connection:
+        rows = connection.execution_options(yield_per=1000).execute(
+            select(access_log).order_by(access_log.c.id))
+        for row in rows:
+            if not seals.disclosure_holds(row):
+                problems.append(Problem(
+                    "disclosure", str(participant_uuid(row.participant_id)), 0, None,
+                    f"row {row.id} of the access log ({row.actor} shown the contact details "
+                    f"at {row.at:%Y-%m-%d %H:%M:%S} by {row.endpoint}) fails its seal: "
+                    "changed or made up outside trialog", row.participant_id))
+    return problems
 
 
 def _lock_problem(trialog: Trialog, trial_stream: UUID) -> Problem | None:

@@ -35,7 +35,8 @@ from infrastructure.store.tables import as_utc
 class AccessSeals:
     def __init__(self, key: bytes) -> None:
         self._macs = KeyedMacs(key, b"trialog:", (b"token", b"user", b"session", b"console",
-                                                   b"command", b"verify", b"pepper"))
+                                                   b"command", b"verify", b"pepper",
+                                                   b"access"))
         wrapping = hashlib.blake2b(key=key, digest_size=32, person=b"trialog:wrap").digest()
         self._wrapping = AESCipher(Environment(env={
             AESCipher.CIPHER_KEY: base64.b64encode(wrapping).decode()}))
@@ -69,6 +70,12 @@ class AccessSeals:
         return self._mac(b"verify", job_id, status, started_by, started_at, finished_at,
                          events_checked, report)
 
+    def disclosure(self, at: datetime, actor: str, participant_id: str, endpoint: str,
+                   request_id: str | None) -> bytes:
+        """A row of the access log (audit/access.py): who was shown whose contact details,
+        when, by which endpoint."""
+        return self._mac(b"access", at, actor, participant_id, endpoint, request_id)
+
     def pepper(self, password: str) -> str:
         """What a password's Argon2 hash is made of (people.py): a keyed MAC of it, so
         that a hash read from the database can't be cracked without the key too."""
@@ -99,6 +106,10 @@ class AccessSeals:
         return same_seal(row.seal, self.command(row.command_id, row.fingerprint,
                                                 row.participant_id, row.response,
                                                 row.recorded_at))
+
+    def disclosure_holds(self, row: Any) -> bool:
+        return same_seal(row.seal, self.disclosure(row.at, row.actor, row.participant_id,
+                                                   row.endpoint, row.request_id))
 
     def verify_job_holds(self, row: Any) -> bool:
         return same_seal(row.seal, self.verify_job(

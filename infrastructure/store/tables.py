@@ -237,6 +237,7 @@ access_log = Table(
     Column("participant_id", String(64), nullable=False, index=True),
     Column("endpoint", String(200), nullable=False),
     Column("request_id", String(100), nullable=True),
+    Column("seal", LargeBinary, nullable=True),  # store.access_seals: AccessSeals.disclosure
 )
 
 

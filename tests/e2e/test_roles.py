@@ -110,4 +110,5 @@ def test_every_answer_that_shows_contact_details_is_accounted_for(server):
                     (name, f"GET /v1/participants/{pid}/history"),
                     (name, f"GET /v1/participants/{pid}"),
                     (name, "GET /v1/exports/odm")]
-    assert all(d["participant_id"] == pid and d["at"] for d in listed.json()["disclosures"])
+    assert all(d["participant_id"] == pid and d["at"] and d["intact"] is True
+               for d in listed.json()["disclosures"])

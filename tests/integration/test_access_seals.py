@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from domain.access import Scope
 from infrastructure.console import auth as console
@@ -492,3 +492,64 @@ def downgrade_to(engine, revision: str) -> None:
         config.attributes["connection"] = connection
         config.attributes["engine"] = engine
         command.downgrade(config, revision)
+
+
+def test_an_access_log_row_changed_or_made_up_in_the_database_is_shown_and_reported(
+        isolated):
+    """Who was shown whose contact details: a row whose actor was changed, one made up
+    (unsealed, or with another row's seal) reads as not intact, and verify reports each;
+    the rows the server wrote stay intact."""
+    from infrastructure.audit import access
+    from infrastructure.audit.verification import check_store
+    from infrastructure.store.tables import access_log
+
+    engine = isolated.engine
+    pid, other = f"CASE-{uuid.uuid4().hex[:8]}", f"CASE-{uuid.uuid4().hex[:8]}"
+    access.record(engine, "coordinator-ada", [pid, other], "GET /v1/feed", "req-1")
+    access.record(engine, "coordinator-ada", [pid], f"GET /v1/participants/{pid}", None)
+    assert [d["intact"] for d in access.disclosures(engine, pid)] == [True, True]
+    assert check_store(isolated, processes=1).ok
+    with engine.begin() as connection:
+        ids = dict(connection.execute(select(access_log.c.participant_id, access_log.c.id)
+                                      .where(access_log.c.endpoint == "GET /v1/feed")).all())
+        connection.execute(update(access_log).where(access_log.c.id == ids[other])
+                           .values(actor="someone-else"))
+        [row] = connection.execute(select(access_log).where(access_log.c.id == ids[pid]))
+        connection.execute(insert(access_log), [
+            {"at": row.at, "actor": "monitor-max", "participant_id": pid,
+             "endpoint": "GET /v1/feed", "request_id": "req-1", "seal": row.seal},
+            {"at": row.at, "actor": "monitor-max", "participant_id": pid,
+             "endpoint": "GET /v1/feed", "request_id": None, "seal": None}])
+
+    shown = [(d["actor"], d["intact"]) for d in access.disclosures(engine, pid)]
+    assert shown == [("monitor-max", False), ("monitor-max", False),
+                     ("coordinator-ada", True), ("coordinator-ada", True)]
+    assert access.disclosures(engine, other)[0]["intact"] is False
+    problems = check_store(isolated, processes=1).problems
+    assert sorted((p.kind, p.participant_id) for p in problems) == sorted([
+        ("disclosure", other), ("disclosure", pid), ("disclosure", pid)])
+    assert "(someone-else shown the contact details" in " ".join(
+        p.detail for p in problems)
+
+
+def test_migration_0028_seals_the_access_log_rows_already_there(isolated_url):
+    from infrastructure.audit import access
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    app = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(app.engine, "0027")
+        pids = [f"CASE-{n:04d}" for n in range(2501)]  # three chunks
+        with app.engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO trialog_access_log (at, actor, participant_id, endpoint, "
+                "request_id) VALUES (:at, 'coordinator-ada', :pid, 'GET /v1/feed', NULL)"),
+                [{"at": datetime(2026, 3, 1, 12, 30, 0, 250_000, tzinfo=UTC), "pid": pid}
+                 for pid in pids])
+        migrations.upgrade(app.engine)
+        shown = access.disclosures(app.engine, limit=10_000)
+        assert len(shown) == len(pids) and all(d["intact"] for d in shown)
+    finally:
+        app.close()

@@ -36,7 +36,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     # new file had both read that it had no tables and the second failed creating them.
     with sqlite_turn(engine) if sqlite else engine.begin() as connection:
         config.attributes["connection"] = connection
-        config.attributes["engine"] = engine  # its seals (migrations 0024-0027)
+        config.attributes["engine"] = engine  # its seals (migrations 0024-0028)
         command.upgrade(config, revision)
 
 
