@@ -405,6 +405,9 @@ class _Subject:
         # A captured event's data as corrected so far, and its own fields' items: what a
         # form moved to another visit is inserted there with.
         self.current: dict[str, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
+        # The items of a captured event's form that the file holds so far (given a value or
+        # set to null): a correction updates those and inserts the others.
+        self.held: dict[str, set[str]] = {}
         # The command that moved a form last, and the form's event id.
         self.last_moved: tuple[str, str] | None = None
         self.key = masker.pseudonym(self.participant_id) if masker else self.participant_id
@@ -507,17 +510,20 @@ class _Subject:
         values += attributes
         contact = any(value and path.rsplit(".", 1)[-1] in CONTACT_ITEMS
                       for path, value in values)
-        self._insert(study_event, form, event.originator_version,
-                     self._audit(event, contact=contact), values)
+        inserted = self._insert(study_event, form, event.originator_version,
+                                self._audit(event, contact=contact), values)
+        if form.command:
+            self.held[event_uuid(event.originator_id, event.originator_version)] = inserted
 
     def _insert(self, study_event: str, form: Form, version: int, audit: str,
-                values: list[tuple[str, Any]]) -> None:
+                values: list[tuple[str, Any]]) -> set[str]:
         """A form inserted in a study event, with its AuditRecord and the items of
-        ``values`` that are exported (not null, not withheld)."""
-        items = []
+        ``values`` that are exported (not null, not withheld); the paths of those items."""
+        items, inserted = [], set()
         for path, value in values:
             text = None if value is None else self._plain(path, value)
             if text is not None:
+                inserted.add(path)
                 items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}"
                              f"{_attr('Value', text)} TransactionType=\"Insert\"/>")
         self.out.append(
@@ -527,6 +533,7 @@ class _Subject:
             f"<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
             f"TransactionType=\"Insert\">{''.join(items)}</ItemGroupData></FormData>"
             f"</StudyEventData>")
+        return inserted
 
     def _reassessed(self, event: Any) -> None:
         """The screening's outcome recorded again after a correction: its SCREENING form's
@@ -568,7 +575,6 @@ class _Subject:
                 self.verified.discard(visit)
                 self._note(Place(visit), event, annotation=_annotation(
                     1, [("SDV", "changed_since_verified")]))
-        held = self._held(event.target_event_id, form)
         participant_place(self.current[event.target_event_id][0], event.field,
                           copy.deepcopy(event.value))
         if event.field == form.visit_field and event.value is not None \
@@ -576,6 +582,7 @@ class _Subject:
             self._moved(event, study_event, form, version)
             return
         items = []
+        held = self.held.setdefault(event.target_event_id, set())
         for path, value in self._corrected_items(event, form):
             if value is None:
                 if path not in held:  # null where the form never held the item: no change
@@ -586,9 +593,10 @@ class _Subject:
                 if text is None:
                     continue
                 value_xml = _attr("Value", text)
-            # An item the form held is updated; one it never held (an answer left out at
-            # first, or set to null since) is inserted.
+            # An item the form holds (given a value or set to null since) is updated; one it
+            # never held (an answer left out at first) is inserted.
             step = "Update" if path in held else "Insert"
+            held.add(path)
             items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}{value_xml} "
                          f"TransactionType=\"{step}\">{self._audit(event, event.reason)}"
                          f"</ItemData>")
@@ -615,8 +623,9 @@ class _Subject:
             f"TransactionType=\"Context\"><FormData{_attr('FormOID', form.oid)}"
             f"{_attr('FormRepeatKey', version)} TransactionType=\"Remove\">{audit}"
             f"</FormData></StudyEventData>")
-        self._insert(moved_to, form, version, audit,
-                     [*_flatten(data, "", self.leaves[form.key]), *attributes])
+        self.held[event.target_event_id] = self._insert(
+            moved_to, form, version, audit,
+            [*_flatten(data, "", self.leaves[form.key]), *attributes])
 
     def _completion_reassessed(self, event: Any) -> None:
         """The study completed, or not, by the visit form moved in the same command: its
@@ -655,13 +664,6 @@ class _Subject:
         moved = visit_study_event(event.value)
         self.moved[event.target_event_id] = moved
         return list(dict.fromkeys((now, moved)))
-
-    def _held(self, event_id: str, form: Form) -> set[str]:
-        """The items a captured form holds in the file so far: those of its data as the
-        record has it now that are not null and not withheld."""
-        data = self.current[event_id][0]
-        return {path for path, value in _flatten(data, "", self.leaves[form.key])
-                if value is not None and self._plain(path, value) is not None}
 
     def _corrected_items(self, event: Any, form: Form) -> list[tuple[str, Any]]:
         """The items a correction sets: those its value gives; for a whole group (bpi_sf,

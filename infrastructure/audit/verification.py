@@ -536,7 +536,7 @@ def check_disclosures(trialog: Trialog) -> list[Problem]:
     details, changed or made up in the database outside trialog (a row deleted leaves no
     trace here)."""
     from infrastructure.store.access_seals import seals_for
-    from infrastructure.store.tables import access_log
+    from infrastructure.store.tables import access_log, as_utc
 
     seals = seals_for(trialog.engine)
     problems = []
@@ -548,7 +548,8 @@ def check_disclosures(trialog: Trialog) -> list[Problem]:
                 problems.append(Problem(
                     "disclosure", str(participant_uuid(row.participant_id)), 0, None,
                     f"row {row.id} of the access log ({row.actor} shown the contact details "
-                    f"at {row.at:%Y-%m-%d %H:%M:%S} by {row.endpoint}) fails its seal: "
+                    f"at {as_utc(row.at).isoformat(timespec='seconds')} by {row.endpoint}) "
+                    "fails its seal: "
                     "changed or made up outside trialog", row.participant_id))
     return problems
 

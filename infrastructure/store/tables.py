@@ -275,7 +275,7 @@ users = Table(
     Column("full_name", String(200), nullable=False),
     Column("role", String(16), nullable=False),
     Column("sites", Text, nullable=True),
-    Column("password_hash", String(200), nullable=False),
+    Column("password_hash", Text, nullable=False),  # migration 0027: a wrapped hash is longer
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("disabled_at", DateTime(timezone=True), nullable=True),
     Column("seal", LargeBinary, nullable=True),  # see access_seals

@@ -447,6 +447,7 @@ def test_migration_0027_encrypts_the_hashes_made_before_the_pepper(isolated_url)
     try:
         migrations.upgrade(engine, "0026")
         older, forged, kept, restored = (name(n) for n in ("old", "forged", "kept", "back"))
+        older = "maría.gonzález-" + "x" * 70 + older  # 100 characters, some of two bytes
         for login in (older, forged, kept, restored):
             create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
         for login in (older, forged, restored):

@@ -531,13 +531,14 @@ def test_a_whole_group_corrected_updates_every_item_under_it(isolated, odm_schem
 
 def test_a_correction_inserts_an_item_the_form_never_held_and_updates_one_it_held(
         isolated, odm_schema):
-    """ODM's Update is for an item the file already holds: an answer left out at first and
-    given by a correction is an Insert, and a null for an item never held says nothing."""
+    """ODM's Update is for an item the file already holds (a null is a value it holds): an
+    answer left out at first and given by a correction is an Insert, and a null for an
+    item never held says nothing."""
     pid = enrol(isolated)
     send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED,
                                          "bpi_sf": {"worst": 6}}))
     visit = _visit_event(isolated, pid)
-    for field, value in (("bpi_sf.least", 2), ("bpi_sf", {"worst": 5})):
+    for field, value in (("bpi_sf.least", 2), ("bpi_sf", {"worst": 5}), ("bpi_sf.least", 3)):
         send(isolated, c.CorrectData(pid, {"event_id": visit, "field": field, "value": value}),
              actor="data-manager", reason="from the source document")
 
@@ -552,7 +553,8 @@ def test_a_correction_inserts_an_item_the_form_never_held_and_updates_one_it_hel
     assert steps == [("I.VISIT.bpi_sf.worst", "Insert", "6"),
                      ("I.VISIT.bpi_sf.least", "Insert", "2"),
                      ("I.VISIT.bpi_sf.least", "Update", "null"),
-                     ("I.VISIT.bpi_sf.worst", "Update", "5")]
+                     ("I.VISIT.bpi_sf.worst", "Update", "5"),
+                     ("I.VISIT.bpi_sf.least", "Update", "3")]  # set to null, still held
 
 
 def test_a_blood_sample_moved_to_another_visit_changes_both_in_the_odm(isolated, odm_schema):

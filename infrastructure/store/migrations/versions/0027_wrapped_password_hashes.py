@@ -26,6 +26,11 @@ def upgrade() -> None:
         return sa.and_(~users.c.password_hash.startswith(PEPPERED),
                        ~users.c.password_hash.startswith(WRAPPED))
 
+    # An encrypted hash names its person (a login of up to 100 characters) and takes a
+    # third more room in base64: wider than the 200 characters of a hash.
+    with op.batch_alter_table("trialog_users") as table:
+        table.alter_column("password_hash", type_=sa.Text(), existing_type=sa.String(200),
+                           existing_nullable=False)
     _rewrite(older, lambda seals, login, stored: WRAPPED + seals.wrap(login, stored))
 
 
@@ -37,6 +42,9 @@ def downgrade() -> None:
         return seals.unwrap(login, stored.removeprefix(WRAPPED)) or stored
 
     _rewrite(lambda users: users.c.password_hash.startswith(WRAPPED), unwrapped)
+    with op.batch_alter_table("trialog_users") as table:
+        table.alter_column("password_hash", type_=sa.String(200), existing_type=sa.Text(),
+                           existing_nullable=False)
 
 
 def _rewrite(which: Callable[[sa.TableClause], Any],
