@@ -165,7 +165,8 @@ def _person(engine: Engine, login: str) -> Any | None:
     if person is not None and not seals_for(engine).user_holds(person):
         log.warning("a person's row fails its seal: refused", extra={"login": login})
         return None
-    if person is not None and revocations.refuses(login, person.register_version):
+    if (person is not None and person.disabled_at is None  # a disabled row is refused as it is
+            and revocations.refuses(login, person.register_version)):
         return None
     return person
 

@@ -554,3 +554,20 @@ def test_migration_0028_seals_the_access_log_rows_already_there(isolated_url):
         assert len(shown) == len(pids) and all(d["intact"] for d in shown)
     finally:
         app.close()
+
+
+def test_a_disabled_person_signing_in_is_refused_as_disabled_with_no_false_alarm(
+        isolated, caplog):
+    """Their row says disabled: refused for that (the log's reason), not taken for a row
+    put back after the register's PersonDisabled."""
+    from infrastructure.store.people import disable_user
+
+    engine = isolated.engine
+    login = name("gone")
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    disable_user(engine, login)
+    with caplog.at_level("INFO"), pytest.raises(LoginFailed):
+        sign_in(engine, login, PASSWORD)
+    assert "put back" not in caplog.text
+    assert [r.reason for r in caplog.records if r.getMessage() == "login failed"] == [
+        "disabled"]
