@@ -1,16 +1,18 @@
-"""POST /v1/sessions: a person signs in with a login and password for a 12-hour token."""
+"""POST /v1/sessions: a person signs in with a login and password for a 12-hour token;
+POST /v1/sessions/password: a person changes their own password."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, request
+from flask import Response, g, request
 from flask_smorest import Blueprint
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from infrastructure.api.bodies import TOO_LARGE, BodyParser
 from infrastructure.api.errors import ApiError, error_response
 from infrastructure.api.schemas import ErrorBody
+from infrastructure.store.people import PASSWORD_LENGTH
 from infrastructure.store.schemas import text
 
 blp = Blueprint("sessions", __name__, url_prefix="/v1/sessions",
@@ -73,6 +75,63 @@ def post_session(body: dict[str, Any]) -> Response:
         "login": session.login, "role": session.role,
         "sites": list(trialog.protocol.site_ids) if sites is None else sites,
         "all_sites": sites is None})
+
+
+class PasswordChange(Schema):
+    password = fields.String(required=True, validate=validate.Length(1, 1024), load_only=True,
+                             metadata={"description": "the current password"})
+    new_password = fields.String(
+        required=True, load_only=True, validate=validate.Length(
+            *PASSWORD_LENGTH, error="must be {min}-{max} characters"))
+
+    @validates_schema
+    def _a_new_one(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("new_password") is not None and data["new_password"] == data.get("password"):
+            raise ValidationError("must differ from the current password", "new_password")
+
+
+@blp.route("/password", methods=["POST"])
+@blp.arguments(PasswordChange)
+@blp.response(204, description="changed: every other session of the person's has ended")
+@blp.alt_response(400, schema=ErrorBody, description="malformed JSON")
+@blp.alt_response(401, schema=ErrorBody, description="no valid bearer token, or "
+                                                      "`reauthentication_failed`: the "
+                                                      "current password is wrong")
+@blp.alt_response(403, schema=ErrorBody, description="a machine token: it has no password")
+@blp.alt_response(409, schema=ErrorBody, description="the person's record changed "
+                                                      "meanwhile: try again")
+@blp.alt_response(413, schema=ErrorBody, description=TOO_LARGE)
+@blp.alt_response(422, schema=ErrorBody, description="a field breaks its rule")
+@blp.alt_response(423, schema=ErrorBody, description="five wrong passwords in a row: "
+                                                      "locked for 15 minutes")
+def post_password(body: dict[str, Any]) -> Response:
+    """Change your own password, with a person's session token: the current password is
+    checked again (a wrong one counts toward the lock, as at sign-in), and every other
+    session of yours ends (this one goes on)."""
+    from infrastructure.api import runtime
+    from infrastructure.store.people import AccountLocked, LoginFailed, change_password
+    from infrastructure.store.tokens import TokenError, token_hash
+
+    principal = g.principal
+    if not principal.person:
+        raise ApiError(403, "forbidden", f"token {principal.name!r} is a machine token: only "
+                                         "a person's session has a password to change")
+    token = request.headers["Authorization"].partition(" ")[2].strip()
+    try:
+        change_password(runtime().trialog.engine, principal.name, body["password"],
+                        body["new_password"], client=request.remote_addr,
+                        keep_session=token_hash(token))
+    except LoginFailed:
+        raise ApiError(401, "reauthentication_failed",
+                       "the password is not your current password") from None
+    except AccountLocked as e:
+        seconds = max(1, int((e.until - _now()).total_seconds()))
+        raise ApiError(423, "account_locked", f"too many wrong passwords: locked until "
+                                              f"{e.until.isoformat(timespec='seconds')}",
+                       headers={"Retry-After": str(seconds)}) from None
+    except TokenError as e:  # the rules were checked above: the row changed meanwhile
+        raise ApiError(409, "version_conflict", str(e)) from None
+    return Response(status=204)
 
 
 def _now() -> Any:

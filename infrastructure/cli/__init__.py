@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_token_revoke,
         cmd_user_create,
         cmd_user_disable,
+        cmd_user_password,
         cmd_webhook_add,
         cmd_webhook_list,
         cmd_webhook_redeliver,
@@ -298,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     disable = user.add_parser("disable", help="refuse a person from the next request on")
     disable.add_argument("login")
     disable.set_defaults(func=cmd_user_disable)
+    password = user.add_parser("password", help="give a person a new password (a reset: "
+                                                "their sessions end)")
+    password.add_argument("login")
+    password.add_argument("--password-stdin", action="store_true",
+                          help="read the password from the first line of standard input")
+    password.set_defaults(func=cmd_user_password)
 
     importing = sub.add_parser("import", help="apply NDJSON commands, many per transaction")
     importing.add_argument("file", help="one command body a line, as POST /v1/commands "

@@ -127,6 +127,19 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     return _on_tokens(disable)
 
 
+def cmd_user_password(args: argparse.Namespace) -> int:
+    from infrastructure.store.people import check_password, reset_password
+
+    def reset(engine: Engine, protocol: Protocol) -> str:
+        password = _password(args.password_stdin)
+        check_password(password)
+        reset_password(engine, args.login, password)
+        return (f"reset the password of {args.login}: their sessions are ended and a "
+                "lock on their sign-in lifted")
+
+    return _on_tokens(reset)
+
+
 def cmd_projections_rebuild(args: argparse.Namespace) -> int:
     from infrastructure.readside.projections import FeedProjection, TrialProjection
 

@@ -109,6 +109,15 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
     return Person(Principal(row.login, row.role, scope_of(row.sites), True), row.full_name)
 
 
+def session_of(engine: Engine, cookie: str) -> str | None:
+    """The token hash of the sign-in session a console cookie stands on."""
+    with engine.connect() as connection:
+        found: str | None = connection.execute(
+            select(console_sessions.c.session_hash)
+            .where(console_sessions.c.cookie_hash == token_hash(cookie))).scalar()
+    return found
+
+
 def end(engine: Engine, cookie: str) -> None:
     """Signs out: the console session and the sign-in session it stands on."""
     digest = token_hash(cookie)

@@ -26,7 +26,8 @@ from wtforms import ValidationError
 from infrastructure.api.errors import RETRY_AFTER_S
 from infrastructure.console import auth
 from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
-from infrastructure.store.people import AccountLocked, LoginFailed
+from infrastructure.store.people import AccountLocked, LoginFailed, change_password
+from infrastructure.store.tokens import TokenError
 
 log = logging.getLogger("trialog.console")
 blp = Blueprint("console", __name__, url_prefix=auth.PREFIX, template_folder="templates",
@@ -179,6 +180,37 @@ def sign_out() -> Response:
     response.delete_cookie(auth.COOKIE, path=auth.PREFIX, httponly=True, samesite="Lax",
                            secure=request.is_secure)
     return response
+
+
+@blp.route("/password", methods=["GET", "POST"])
+def password() -> Any:
+    """A person changes their own password, with the current one again (a wrong one counts
+    toward the lock, as at sign-in); every other session of theirs ends."""
+    if request.method == "GET":
+        return render_template("console/password.html", error=None)
+    current = request.form.get("password", "")
+    new, again = request.form.get("new_password", ""), request.form.get("new_password_again", "")
+    error, status = None, 200
+    if not current or not new:
+        error, status = "Enter your current password and a new one.", 422
+    elif new != again:
+        error, status = "The new password and its repetition differ.", 422
+    else:
+        engine = trialog().engine
+        try:
+            change_password(engine, g.principal.name, current, new, request.remote_addr,
+                            keep_session=auth.session_of(engine, request.cookies[auth.COOKIE]))
+        except LoginFailed:
+            error, status = "Your current password is not that one.", 401
+        except AccountLocked as e:
+            error, status = (f"Too many wrong passwords: your sign-in is locked until "
+                             f"{e.until.isoformat(timespec='minutes')} (UTC)."), 423
+        except TokenError as e:  # a rule of the new password, or the row changed meanwhile
+            error, status = f"{str(e)[0].upper()}{str(e)[1:]}.", 422
+        else:
+            flash("Your password is changed. Your other sessions have ended.")
+            return redirect(url_for("console.overview"), code=303)
+    return make_response(render_template("console/password.html", error=error), status)
 
 
 def require_read(what: str) -> None:

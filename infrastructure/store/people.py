@@ -1,5 +1,6 @@
 """People: accounts with a full name, a role, sites and an Argon2 password hash; sign-in
-for a 12-hour session token, and the lock after five wrong passwords in a row."""
+for a 12-hour session token, the lock after five wrong passwords in a row, and a change of
+password (the person's own, or an administrator's reset)."""
 
 from __future__ import annotations
 
@@ -133,13 +134,8 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
     """A new session for the person, or LoginFailed / AccountLocked; each failure is
     logged with the reason, which the caller is not told."""
     now = now or datetime.now(UTC)
-    _reserve(engine, login, now, client)
     seals = seals_for(engine)
-    person = _person(engine, login)
-    reason = _check(engine, person, password)
-    if reason is not None:
-        _failed(engine, login, reason, client, now)
-    assert person is not None
+    person = _password_checked(engine, login, password, client, now)
     token = SESSION_PREFIX + secrets.token_urlsafe(32)
     expires_at = now + timedelta(hours=SESSION_HOURS)
     digest = token_hash(token)
@@ -151,6 +147,73 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
         _rehash_if_due(engine, connection, person, password)
     log.info("signed in", extra={"login": login, "client": client})
     return Session(token, expires_at, login, person.role, scope_of(person.sites))
+
+
+def change_password(engine: Engine, login: str, current: str, new: str,
+                    client: str | None = None, keep_session: str | None = None) -> None:
+    """A person's own password changed: the current one checked again (a wrong one counted
+    toward the lock, as at sign-in: LoginFailed or AccountLocked), the new one kept
+    peppered, and every session of theirs ended but ``keep_session`` (the token hash of
+    the one asking)."""
+    check_new_password(new, current)
+    person = _password_checked(engine, login, current, client, datetime.now(UTC),
+                               "password change")
+    _replace_password(engine, person, new, keep_session)
+    log.info("password changed", extra={"login": login, "client": client})
+
+
+def reset_password(engine: Engine, login: str, new: str) -> None:
+    """An administrator's reset (``trialog user password``): the new password kept
+    peppered, the lock lifted, and every session of the person's ended."""
+    check_password(new)
+    person = _person(engine, login)
+    if person is None:
+        raise TokenError(f"no person has the login {login!r} (or the row fails its seal)")
+    if person.disabled_at is not None:
+        raise TokenError(f"{login!r} was disabled on {person.disabled_at:%Y-%m-%d}")
+    _replace_password(engine, person, new, keep_session=None)
+    log.info("password reset", extra={"login": login})
+
+
+def check_new_password(new: str, current: str) -> None:
+    """The rules of a new password: the length of any, and not the current one."""
+    check_password(new)
+    if new == current:
+        raise TokenError("the new password must differ from the current one")
+
+
+def _replace_password(engine: Engine, person: Any, new: str,
+                      keep_session: str | None) -> None:
+    """The person's row given the new password's hash and sealed again (unless it changed
+    meanwhile), the failures counted forgotten, the other sessions ended (a console
+    cookie stands on one): one transaction."""
+    hashed = _hashed(engine, new)
+    login = person.login
+    with engine.begin() as connection:
+        replaced = connection.execute(update(users).where(
+            users.c.login == login, users.c.seal == person.user_seal).values(
+            password_hash=hashed, seal=seals_for(engine).user(
+                login, person.full_name, person.role, person.sites, hashed,
+                disabled=False))).rowcount
+        if replaced != 1:
+            raise TokenError(f"{login!r}: the person's row changed meanwhile: try again")
+        connection.execute(delete(login_failures).where(login_failures.c.login == login))
+        ended = user_sessions.c.login == login
+        if keep_session is not None:
+            ended &= user_sessions.c.token_hash != keep_session
+        connection.execute(delete(user_sessions).where(ended))
+
+
+def _password_checked(engine: Engine, login: str, password: str, client: str | None,
+                      now: datetime, doing: str | None = None) -> Any:
+    """The person's row when ``password`` is theirs, the attempt counted first; else
+    LoginFailed (the reason logged, ``doing`` before it) or AccountLocked."""
+    _reserve(engine, login, now, client)
+    person = _person(engine, login)
+    reason = _check(engine, person, password)
+    if reason is not None:
+        _failed(engine, login, f"{doing}: {reason}" if doing else reason, client, now)
+    return person
 
 
 def _person(engine: Engine, login: str) -> Any | None:
@@ -284,13 +347,8 @@ def reauthenticate(engine: Engine, login: str, password: str,
     """The person's printed name when ``password`` is their current one (a signature's
     re-authentication); LoginFailed otherwise, counted toward the lock like a sign-in,
     or AccountLocked."""
-    now = datetime.now(UTC)
-    _reserve(engine, login, now, client)
-    person = _person(engine, login)
-    reason = _check(engine, person, password)
-    if reason is not None:
-        _failed(engine, login, f"signature: {reason}", client, now)
-    assert person is not None
+    person = _password_checked(engine, login, password, client, datetime.now(UTC),
+                               "signature")
     with engine.begin() as connection:
         connection.execute(delete(login_failures).where(login_failures.c.login == login))
         _rehash_if_due(engine, connection, person, password)

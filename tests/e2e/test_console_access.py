@@ -235,3 +235,41 @@ def test_signing_in_needs_only_the_keyboard(console, browser):  # noqa: F811
         assert page.get_by_role("heading", level=1).inner_text() == "Trial overview"
     finally:
         context.close()
+
+
+def test_a_person_changes_their_password_in_the_console(console, browser):  # noqa: F811
+    """A wrong current password is refused; the right one changes it: this session goes
+    on, the person's other sessions end, the old password signs no one in."""
+    import uuid
+
+    login, new = f"grace.{uuid.uuid4().hex[:6]}", "a new password of my own"
+    create_user(console.engine, login, "Grace Hopper", "coordinator", Scope.of(["CASE"]),
+                PASSWORD)
+
+    def signed_in_over_the_api(password: str) -> requests.Response:
+        return requests.post(console.page_url("/v1/sessions"), timeout=30,
+                             json={"login": login, "password": password})
+
+    elsewhere = signed_in_over_the_api(PASSWORD).json()["token"]
+    context = browser.new_context()
+    try:
+        page = sign_in(context, console, login)
+        follow(page.get_by_role("link", name="Password"))
+        refused = "Your current password is not that one."
+        changed = "Your password is changed. Your other sessions have ended."
+        for current, said in (("not my password at all", refused), (PASSWORD, changed)):
+            page.get_by_label("Current password").fill(current)
+            page.get_by_label("New password", exact=True).fill(new)
+            page.get_by_label("New password again").fill(new)
+            follow(page.get_by_role("button", name="Change the password"))
+            assert said in page.content()
+        assert page.url == console.page_url("/console/")
+        follow(page.get_by_role("link", name="Participants"))
+        assert page.url == console.page_url("/console/participants/")
+    finally:
+        context.close()
+    refused = requests.get(console.page_url("/v1/participants"), timeout=30,
+                           headers={"Authorization": f"Bearer {elsewhere}"})
+    assert refused.status_code == 401
+    assert signed_in_over_the_api(PASSWORD).status_code == 401
+    assert signed_in_over_the_api(new).status_code == 201

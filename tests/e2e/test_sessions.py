@@ -182,3 +182,54 @@ def test_attempts_sent_at_once_check_at_most_five_passwords(server, trialog):
                if '"login failed"' in line and login in line and "wrong_password" in line]
     assert len(checked) <= 5
     assert attempt(server, login, PASSWORD).status_code == 423  # the right one, too late
+
+
+NEW_PASSWORD = "a new password, twelve or more"
+
+
+def test_a_person_changes_their_password_and_their_other_sessions_end(server, trialog):
+    """With the current password again: the session asking goes on, every other one of
+    the person's ends, the old password signs no one in and the new one does."""
+    login = person(trialog)
+    asking, elsewhere = signed_in(server, login), signed_in(server, login)
+    bystander = signed_in(server, person(trialog))
+    changed = asking.post("/v1/sessions/password", {"password": PASSWORD,
+                                                    "new_password": NEW_PASSWORD})
+    assert (changed.status_code, changed.text) == (204, "")
+    assert asking.get("/v1/participants", limit=1).status_code == 200
+    assert elsewhere.get("/v1/participants", limit=1).status_code == 401
+    assert bystander.get("/v1/participants", limit=1).status_code == 200
+    assert attempt(server, login, PASSWORD).status_code == 401
+    signed_in(server, login, NEW_PASSWORD)
+    assert not any(NEW_PASSWORD in line or PASSWORD in line for line in server.log_lines())
+    assert any('"password changed"' in line and login in line for line in server.log_lines())
+
+
+def test_a_password_change_names_the_rule_a_new_password_breaks(server, trialog):
+    login = person(trialog)
+    client = signed_in(server, login)
+    for new, rule in (("short", "must be 12-1024 characters"),
+                      (PASSWORD, "must differ from the current password")):
+        refused = client.post("/v1/sessions/password", {"password": PASSWORD,
+                                                        "new_password": new})
+        assert refused.status_code == 422
+        assert refused.json()["fields"] == {"new_password": [rule]}
+    missing = client.post("/v1/sessions/password", {"new_password": NEW_PASSWORD})
+    assert missing.json()["fields"] == {"password": ["Missing data for required field."]}
+    signed_in(server, login)  # nothing changed
+
+
+def test_a_wrong_current_password_is_counted_and_a_machine_token_has_none(server, trialog):
+    login = person(trialog)
+    client = signed_in(server, login)
+    wrong = {"password": "not the password", "new_password": NEW_PASSWORD}
+    statuses = [client.post("/v1/sessions/password", wrong) for _ in range(5)]
+    assert [s.status_code for s in statuses] == [401, 401, 401, 401, 423]
+    assert statuses[0].json()["error"] == "reauthentication_failed"
+    assert 0 < int(statuses[-1].headers["Retry-After"]) <= 15 * 60
+    assert attempt(server, login, PASSWORD).status_code == 423  # the login is locked
+    machine = server.client("coordinator").post("/v1/sessions/password", {
+        "password": PASSWORD, "new_password": NEW_PASSWORD})
+    assert (machine.status_code, machine.json()["error"]) == (403, "forbidden")
+    assert Client(server.url, None).post("/v1/sessions/password", {
+        "password": PASSWORD, "new_password": NEW_PASSWORD}).status_code == 401

@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import TEST_KEY
@@ -309,6 +310,50 @@ def test_user_create_keeps_only_an_argon2_hash_and_disable_refuses_the_person(tm
     assert twice.returncode == 1 and "was disabled on" in twice.stderr
     nobody = run(["user", "disable", "nobody"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert nobody.stderr == "trialog: no person has the login 'nobody'\n"
+
+
+def test_user_password_resets_a_forgotten_password_ends_sessions_and_lifts_the_lock(tmp_path):
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.people import AccountLocked, LoginFailed, sign_in
+    from infrastructure.store.settings import Settings
+    from infrastructure.store.tokens import Authenticator
+
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    first, new = "the first long password", "a brand new password"
+    created = run_with_input(["user", "create", "--login", "ada", "--name", "Ada Lovelace",
+                              "--role", "investigator", "--site", "CASE",
+                              "--password-stdin"], tmp_path, first + "\n",
+                             TRIALOG_DATABASE_URL=url)
+    assert created.returncode == 0, created.stderr
+    t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url}))
+    try:
+        session = sign_in(t.engine, "ada", first)
+        for n in range(5):  # forgotten: the fifth wrong password locks the login
+            with pytest.raises(AccountLocked if n == 4 else LoginFailed):
+                sign_in(t.engine, "ada", "what was it again")
+        reset = run_with_input(["user", "password", "ada", "--password-stdin"], tmp_path,
+                               new + "\n", TRIALOG_DATABASE_URL=url)
+        assert reset.returncode == 0, reset.stderr
+        assert reset.stdout == ("reset the password of ada: their sessions are ended and a "
+                                "lock on their sign-in lifted\n")
+        assert Authenticator(t.engine)(session.token) is None
+        assert sign_in(t.engine, "ada", new).login == "ada"
+        with pytest.raises(LoginFailed):
+            sign_in(t.engine, "ada", first)
+    finally:
+        t.close()
+    for args, stdin, said in (
+            (["nobody"], new, ("trialog: no person has the login 'nobody' (or the row fails "
+                              "its seal)\n")),
+            (["ada"], "short", "trialog: the password must be 12-1024 characters\n")):
+        refused = run_with_input(["user", "password", *args, "--password-stdin"], tmp_path,
+                                 stdin + "\n", TRIALOG_DATABASE_URL=url)
+        assert (refused.returncode, refused.stderr) == (1, said)
+    disabled = run(["user", "disable", "ada"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert disabled.returncode == 0, disabled.stderr
+    again = run_with_input(["user", "password", "ada", "--password-stdin"], tmp_path,
+                           new + "!\n", TRIALOG_DATABASE_URL=url)
+    assert again.returncode == 1 and "was disabled on" in again.stderr
 
 
 def test_tokens_made_before_sites_existed_keep_every_site(tmp_path):
