@@ -1,5 +1,7 @@
 """The trial's register of who may no longer call, for good: machine tokens revoked and
-people disabled. The access tables hold a copy (a row's ``revoked_at``, ``disabled_at``),
+people disabled, and each change of a person's password (after which no earlier password
+of theirs is taken). The access tables hold a copy (a row's ``revoked_at``,
+``disabled_at``, ``password_set``),
 and a copy in a database can be put back as it was, seal and all, by someone with write
 access to it; the register's events can't be taken back unseen (the hash chain, and the
 commands' records beside it, which audit verify compares)."""
@@ -42,13 +44,40 @@ class AccessRegister(ChainedAggregate):
         def apply(self, aggregate: Any) -> None:
             aggregate.refused.append(self.login)
 
+    class PasswordChanged(ChainedAggregate.Event):
+        """The person's password changed, by them or reset: the ``generation``-th change;
+        a row of theirs from before (a lower generation) is refused."""
+
+        login: str
+        generation: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.passwords = {**aggregate.password_generations, self.login: self.generation}
+
     if TYPE_CHECKING:
         study_id: str
         refused: list[str]
+        passwords: dict[str, int]
+
+    @property
+    def password_generations(self) -> dict[str, int]:
+        """Each person whose password was ever changed, and how many times."""
+        return getattr(self, "passwords", {})  # none in a register stored before them
 
     @classmethod
     def open(cls, study_id: str, audit: Audit) -> AccessRegister:
         return cls._create(cls.RegisterOpened, id=register_uuid(study_id), study_id=study_id,
+                           **audit.event_fields())
+
+    def password_changed(self, login: str, generation: int, audit: Audit) -> None:
+        """The ``generation``-th change of ``login``'s password (one more than the last)."""
+        if login in self.refused:
+            raise InvalidTransition(f"{login!r} is refused")
+        last = self.password_generations.get(login, 0)
+        if generation != last + 1:
+            raise InvalidTransition(f"{login!r}'s password has been changed {last} times: "
+                                    f"this change is number {last + 1}, not {generation}")
+        self.trigger_event(self.PasswordChanged, login=login, generation=generation,
                            **audit.event_fields())
 
     def revoke(self, type_name: str, name: str, audit: Audit) -> None:

@@ -436,6 +436,14 @@ class TrialService(Application[Any]):
         register.revoke(type_name, name, audit)
         return register
 
+    def decide_password_change(self, login: str, generation: int,
+                               audit: Audit) -> AccessRegister:
+        """The ``generation``-th change of ``login``'s password; nothing is saved yet."""
+        register = (self.access_register()
+                    or AccessRegister.open(self.protocol.study_id, audit))
+        register.password_changed(login, generation, audit)
+        return register
+
     # --- helpers -------------------------------------------------------------------------
 
     def _sequence(self, stratum: str, audit: Audit) -> AllocationSequence:

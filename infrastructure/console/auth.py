@@ -93,7 +93,7 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
             and row.console_login == row.login):
         log.warning("a console session's row fails its seal: refused")
         return None
-    if revocations.refuses(row.login, row.register_version):
+    if revocations.refuses(row.login, row.register_version, row.password_set):
         return None
     idle = now - as_utc(row.last_seen_at)
     if idle > timedelta(minutes=IDLE_MINUTES):

@@ -49,8 +49,12 @@ class AccessSeals:
         return self._mac(b"token", name, role, token_hash, sites, revoked)
 
     def user(self, login: str, full_name: str, role: str, sites: str | None,
-             password_hash: str, disabled: bool) -> bytes:
-        return self._mac(b"user", login, full_name, role, sites, password_hash, disabled)
+             password_hash: str, disabled: bool, password_set: int = 0) -> bytes:
+        """``password_set``: how many times the password was changed; covered once it was
+        (a row sealed before it existed holds as it was sealed)."""
+        changed = (password_set,) if password_set else ()
+        return self._mac(b"user", login, full_name, role, sites, password_hash, disabled,
+                         *changed)
 
     def session(self, token_hash: str, login: str, expires_at: datetime) -> bytes:
         return self._mac(b"session", token_hash, login, expires_at)
@@ -119,7 +123,7 @@ class AccessSeals:
     def user_holds(self, row: Any) -> bool:
         return same_seal(row.user_seal, self.user(
             row.login, row.full_name, row.role, row.sites, row.password_hash,
-            row.disabled_at is not None))
+            row.disabled_at is not None, row.password_set))
 
     def session_and_person_hold(self, row: Any) -> bool:
         """A sign-in session's row and its person's, read together (tokens.SEALED_SESSION)."""

@@ -562,6 +562,16 @@ class CommandBus:
             lambda audit: self.service.decide_revocation(type_name, name, audit),
             lambda session, *_: keep(session))
 
+    def dispatch_password_change(self, login: str, generation: int, *, command_id: str,
+                                 actor: str, keep: Callable[[Any], None]) -> Accepted:
+        """The ``generation``-th change of ``login``'s password in the access register;
+        ``keep`` writes the person's row in the same transaction."""
+        return self._dispatch_whole(
+            {"type": "ChangePassword", "name": login, "generation": generation},
+            f"access:{self.study_id}", command_id, actor, None,
+            lambda audit: self.service.decide_password_change(login, generation, audit),
+            lambda session, *_: keep(session))
+
     def _dispatch_whole(self, fingerprinted: dict[str, Any], key: str, command_id: str,
                         actor: str, reason: str | None, decide: Callable[[Audit], Any],
                         keep: Callable[[Any, Any, Audit, int], None]) -> Accepted:

@@ -17,6 +17,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from domain.access import Scope
+from domain.errors import InvalidTransition
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.revocations import revocations_for
 from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
@@ -123,7 +124,8 @@ def disable_user(engine: Engine, login: str, actor: str = "trialog user disable"
         update(users).where(users.c.login == login, users.c.seal == row.user_seal).values(
             disabled_at=datetime.now(UTC),
             seal=seals_for(engine).user(login, row.full_name, row.role, row.sites,
-                                        row.password_hash, disabled=True)),
+                                        row.password_hash, disabled=True,
+                                        password_set=row.password_set)),
         delete(user_sessions).where(user_sessions.c.login == login),
         meanwhile=f"{login!r}: the person's row changed meanwhile: try again",
         already=f"{login!r} is disabled already")
@@ -158,7 +160,7 @@ def change_password(engine: Engine, login: str, current: str, new: str,
     check_new_password(new, current)
     person = _password_checked(engine, login, current, client, datetime.now(UTC),
                                "password change")
-    _replace_password(engine, person, new, keep_session)
+    _replace_password(engine, person, new, login, keep_session)
     log.info("password changed", extra={"login": login, "client": client})
 
 
@@ -171,7 +173,7 @@ def reset_password(engine: Engine, login: str, new: str) -> None:
         raise TokenError(f"no person has the login {login!r} (or the row fails its seal)")
     if person.disabled_at is not None:
         raise TokenError(f"{login!r} was disabled on {person.disabled_at:%Y-%m-%d}")
-    _replace_password(engine, person, new, keep_session=None)
+    _replace_password(engine, person, new, "trialog user password", keep_session=None)
     log.info("password reset", extra={"login": login})
 
 
@@ -182,26 +184,35 @@ def check_new_password(new: str, current: str) -> None:
         raise TokenError("the new password must differ from the current one")
 
 
-def _replace_password(engine: Engine, person: Any, new: str,
+def _replace_password(engine: Engine, person: Any, new: str, actor: str,
                       keep_session: str | None) -> None:
-    """The person's row given the new password's hash and sealed again (unless it changed
+    """The change recorded in the access register (the person's ``password_set``-th, so a
+    row of theirs from before it is refused) and, in the same transaction, the person's
+    row given the new password's hash, counted and sealed again (unless it changed
     meanwhile), the failures counted forgotten, the other sessions ended (a console
-    cookie stands on one): one transaction."""
+    cookie stands on one)."""
     hashed = _hashed(engine, new)
-    login = person.login
-    with engine.begin() as connection:
-        replaced = connection.execute(update(users).where(
+    login, generation = person.login, person.password_set + 1
+    meanwhile = f"{login!r}: the person's row changed meanwhile: try again"
+
+    def keep(session: Any) -> None:
+        replaced = session.execute(update(users).where(
             users.c.login == login, users.c.seal == person.user_seal).values(
-            password_hash=hashed, seal=seals_for(engine).user(
+            password_hash=hashed, password_set=generation, seal=seals_for(engine).user(
                 login, person.full_name, person.role, person.sites, hashed,
-                disabled=False))).rowcount
+                disabled=False, password_set=generation))).rowcount
         if replaced != 1:
-            raise TokenError(f"{login!r}: the person's row changed meanwhile: try again")
-        connection.execute(delete(login_failures).where(login_failures.c.login == login))
+            raise TokenError(meanwhile)
+        session.execute(delete(login_failures).where(login_failures.c.login == login))
         ended = user_sessions.c.login == login
         if keep_session is not None:
             ended &= user_sessions.c.token_hash != keep_session
-        connection.execute(delete(user_sessions).where(ended))
+        session.execute(delete(user_sessions).where(ended))
+
+    try:
+        revocations_for(engine).change_password(login, generation, actor, keep)
+    except InvalidTransition:  # the register counts otherwise: another change meanwhile
+        raise TokenError(meanwhile) from None
 
 
 def _password_checked(engine: Engine, login: str, password: str, client: str | None,
@@ -229,7 +240,7 @@ def _person(engine: Engine, login: str) -> Any | None:
         log.warning("a person's row fails its seal: refused", extra={"login": login})
         return None
     if (person is not None and person.disabled_at is None  # a disabled row is refused as it is
-            and revocations.refuses(login, person.register_version)):
+            and revocations.refuses(login, person.register_version, person.password_set)):
         return None
     return person
 
@@ -245,7 +256,7 @@ def _rehash_if_due(engine: Engine, connection: Connection, person: Any,
         users.c.login == person.login, users.c.seal == person.user_seal).values(
         password_hash=hashed, seal=seals_for(engine).user(
             person.login, person.full_name, person.role, person.sites, hashed,
-            disabled=False)))
+            disabled=False, password_set=person.password_set)))
 
 
 def _hashed(engine: Engine, password: str) -> str:

@@ -46,7 +46,9 @@ class Revocations:
             select(func.max(table.c.originator_version))
             .where(table.c.originator_id == register_uuid(trialog.protocol.study_id))
             .scalar_subquery().label("register_version"))
-        self._known: tuple[int | None, frozenset[str]] = (None, frozenset())
+        # At a version: the names refused, and how many times each person's password
+        # was changed.
+        self._known: tuple[int | None, frozenset[str], dict[str, int]] = (None, frozenset(), {})
         self._highest = 0  # the newest version this process has seen the register at
 
     @property
@@ -56,12 +58,14 @@ class Revocations:
             raise RuntimeError("the application this access register belongs to is gone")
         return trialog
 
-    def refuses(self, name: str, version: int | None) -> bool:
+    def refuses(self, name: str, version: int | None, password_set: int | None = None) -> bool:
         """Whether the register at ``version`` refuses ``name`` (whose row, then, was put
-        back: that is logged). It refuses everyone when it can't be read (who is revoked
-        is not known), and when it is found at a version below one this process has seen
-        (its last events deleted, which a revocation's row put back would otherwise get
-        past). The database unavailable is raised, as for any look-up."""
+        back: that is logged), or, given a person's row's ``password_set``, a row from
+        before a change of their password (put back, with the older password). It
+        refuses everyone when it can't be read (who is revoked is not known), and when it
+        is found at a version below one this process has seen (its last events deleted,
+        which a row put back would otherwise get past). The database unavailable is
+        raised, as for any look-up."""
         if (version or 0) < self._highest:
             # Read before a revocation that another thread has seen committed, or the
             # register cut back: its version now tells which.
@@ -83,13 +87,27 @@ class Revocations:
                     raise
                 log.exception("the access register can't be read: every caller is refused")
                 return True
-            known = self._known = (version, frozenset(register.refused if register else ()))
+            known = self._known = (
+                version, frozenset(register.refused if register else ()),
+                register.password_generations if register else {})
             self._highest = max(self._highest, version)
-        if name not in known[1]:
-            return False
-        log.warning("a revoked token's or a disabled person's row was put back: refused",
-                    extra={"holder": name})
-        return True
+        if name in known[1]:
+            log.warning("a revoked token's or a disabled person's row was put back: refused",
+                        extra={"holder": name})
+            return True
+        if password_set is not None and password_set < known[2].get(name, 0):
+            log.warning("a person's row from before a change of their password was put "
+                        "back: refused", extra={"holder": name})
+            return True
+        return False
+
+    def change_password(self, login: str, generation: int, actor: str,
+                        keep: Callable[[Any], None]) -> None:
+        """Records the ``generation``-th change of ``login``'s password; ``keep`` writes
+        the row's new hash in the same transaction."""
+        self.trialog.bus.dispatch_password_change(login, generation,
+                                                  command_id=str(uuid.uuid4()), actor=actor,
+                                                  keep=keep)
 
     def revoke(self, type_name: str, name: str, actor: str, keep: Callable[[Any], None],
                reason: str | None = None) -> None:

@@ -278,6 +278,8 @@ users = Table(
     Column("password_hash", Text, nullable=False),  # migration 0027: a wrapped hash is longer
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("disabled_at", DateTime(timezone=True), nullable=True),
+    # How many times the password was changed (the access register records each change).
+    Column("password_set", Integer, nullable=False, server_default="0"),
     Column("seal", LargeBinary, nullable=True),  # see access_seals
 )
 

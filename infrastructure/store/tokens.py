@@ -221,7 +221,8 @@ def refuse_for_good(engine: Engine, type_name: str, name: str, actor: str, chang
 # A person's sign-in session and the person, with what their seals cover and the seals
 # (see AccessSeals.session_and_person_hold).
 SEALED_SESSION = (users.c.login, users.c.role, users.c.sites, users.c.full_name,
-                  users.c.password_hash, users.c.disabled_at, users.c.seal.label("user_seal"),
+                  users.c.password_hash, users.c.disabled_at, users.c.password_set,
+                  users.c.seal.label("user_seal"),
                   user_sessions.c.token_hash, user_sessions.c.expires_at,
                   user_sessions.c.seal.label("session_seal"))
 
@@ -257,7 +258,8 @@ class Authenticator:
                     "digest": digest, "now": datetime.now(UTC)}).first()
                 if person is None or not self.seals.session_and_person_hold(person):
                     return _refused(person)
-                if self.revocations.refuses(person.login, person.register_version):
+                if self.revocations.refuses(person.login, person.register_version,
+                                            person.password_set):
                     return None
                 return Principal(person.login, person.role, scope_of(person.sites), True)
             row = connection.execute(self._machine, {"digest": digest}).first()

@@ -149,6 +149,24 @@ def put_back(engine, table, key, rows):
             connection.execute(insert(table).values(**row))
 
 
+def signed_in_twice_and_saved(engine, prefix: str):
+    """A person signed in over the API and in the console: their login, session token,
+    console cookie, and their rows in the three tables as saved then."""
+    login = name(prefix)
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    session = sign_in(engine, login, PASSWORD)
+    cookie = console.start(engine, login, PASSWORD, None)
+    saved = {table: rows_of(engine, table, table.c.login == login)
+             for table in (users, user_sessions, console_sessions)}
+    return login, session, cookie, saved
+
+
+def put_all_back(engine, saved) -> None:
+    for table, key in ((users, "login"), (user_sessions, "token_hash"),
+                       (console_sessions, "cookie_hash")):
+        put_back(engine, table, key, saved[table])
+
+
 def test_a_revoked_token_s_row_put_back_as_it_was_is_still_refused(isolated, caplog):
     engine = isolated.engine
     service = name("lab")
@@ -171,20 +189,42 @@ def test_a_disabled_person_s_rows_put_back_sign_no_one_in(isolated):
     from infrastructure.store.people import disable_user
 
     engine = isolated.engine
-    login = name("gus")
-    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
-    session = sign_in(engine, login, PASSWORD)
-    cookie = console.start(engine, login, PASSWORD, None)
-    saved = {table: rows_of(engine, table, table.c.login == login)
-             for table in (users, user_sessions, console_sessions)}
+    login, session, cookie, saved = signed_in_twice_and_saved(engine, "gus")
     disable_user(engine, login)
-    for table, key in ((users, "login"), (user_sessions, "token_hash"),
-                       (console_sessions, "cookie_hash")):
-        put_back(engine, table, key, saved[table])
+    put_all_back(engine, saved)
     assert Authenticator(engine)(session.token) is None
     assert console.person(engine, cookie) is None
     with pytest.raises(LoginFailed):
         sign_in(engine, login, PASSWORD)
+
+
+def test_rows_put_back_from_before_a_password_change_take_the_old_password_no_more(
+        isolated, caplog):
+    """A leaked password changed, then the person's rows put back as saved before (seals
+    and all): the access register counts the change, so neither the old password nor
+    the sessions of then are taken; the new password is. Each change is in the
+    register, with who made it."""
+    from infrastructure.store.people import change_password, reset_password
+
+    engine = isolated.engine
+    login, session, cookie, saved = signed_in_twice_and_saved(engine, "ivy")
+    change_password(engine, login, PASSWORD, "changed once, after a leak")
+    reset_password(engine, login, "reset by an administrator")
+    [row] = rows_of(engine, users, users.c.login == login)
+    assert row["password_set"] == 2
+    put_all_back(engine, saved)
+    with caplog.at_level("WARNING", "trialog.access"):
+        assert Authenticator(engine)(session.token) is None
+        assert console.person(engine, cookie) is None
+        with pytest.raises(LoginFailed):
+            sign_in(engine, login, PASSWORD)
+    assert "from before a change of their password was put back" in caplog.text
+    register = isolated.service.access_register()
+    changes = [(e.login, e.generation, e.actor) for e in isolated.service.repository
+               .event_store.get(register.id) if type(e).__name__ == "PasswordChanged"]
+    assert changes == [(login, 1, login), (login, 2, "trialog user password")]
+    put_back(engine, users, "login", [row])  # the row as the reset left it
+    assert sign_in(engine, login, "reset by an administrator").login == login
 
 
 def test_revocations_made_before_the_register_are_recorded_on_upgrade(isolated):
@@ -438,6 +478,7 @@ def test_migration_0027_encrypts_the_hashes_made_before_the_pepper(isolated_url)
     from argon2.exceptions import InvalidHashError
 
     from infrastructure.store import migrations
+    from infrastructure.store.access_seals import seals_for
     from infrastructure.store.bootstrap import bootstrap
     from infrastructure.store.people import PEPPERED, WRAPPED
     from tests.conftest import settings_for
@@ -448,15 +489,20 @@ def test_migration_0027_encrypts_the_hashes_made_before_the_pepper(isolated_url)
         migrations.upgrade(engine, "0026")
         older, forged, kept, restored = (name(n) for n in ("old", "forged", "kept", "back"))
         older = "maría.gonzález-" + "x" * 70 + older  # 100 characters, some of two bytes
-        for login in (older, forged, kept, restored):
-            create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
-        for login in (older, forged, restored):
-            hashed_as_before_the_pepper(engine, login)
-        with engine.begin() as connection:  # a hash put there without the key
-            connection.execute(update(users).where(users.c.login == forged).values(
-                password_hash=HASHER.hash(PASSWORD)))
+        seals = seals_for(engine)
+        peppered = PEPPERED + HASHER.hash(seals.pepper(PASSWORD))
+        before = {login: HASHER.hash(PASSWORD) for login in (older, forged, restored)}
+        before[kept] = peppered
+        with engine.begin() as connection:  # the rows as a release at 0026 kept them
+            connection.execute(text(
+                "INSERT INTO trialog_users (login, full_name, role, sites, password_hash, "
+                "created_at, seal) VALUES (:login, :login, 'coordinator', '[\"CASE\"]', "
+                ":hash, :at, :seal)"),
+                [{"login": login, "hash": stored, "at": datetime.now(UTC),
+                  "seal": b"put there without the key" if login == forged else seals.user(
+                      login, login, "coordinator", '["CASE"]', stored, disabled=False)}
+                 for login, stored in before.items()])
         everyone = users.c.login.in_([older, forged, kept, restored])
-        before = {row["login"]: row["password_hash"] for row in rows_of(engine, users, everyone)}
 
         migrations.upgrade(engine)
         after = {row["login"]: row["password_hash"] for row in rows_of(engine, users, everyone)}
@@ -474,9 +520,14 @@ def test_migration_0027_encrypts_the_hashes_made_before_the_pepper(isolated_url)
             sign_in(engine, restored, "not the password at all")
 
         downgrade_to(engine, "0026")
-        [row] = rows_of(engine, users, users.c.login == restored)
-        assert row["password_hash"] == before[restored]
-        assert sign_in(engine, restored, PASSWORD).login == restored
+        with engine.connect() as connection:
+            [back] = connection.execute(text(
+                "SELECT password_hash, seal FROM trialog_users WHERE login = :login"),
+                {"login": restored})
+        assert back.password_hash == before[restored]
+        assert HASHER.verify(back.password_hash, PASSWORD)
+        assert bytes(back.seal) == seals.user(restored, restored, "coordinator", '["CASE"]',
+                                              before[restored], disabled=False)
     finally:
         app.close()
 

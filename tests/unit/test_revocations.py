@@ -38,3 +38,30 @@ def test_a_name_is_refused_once():
         with pytest.raises(InvalidTransition, match="'lab-1' is refused already"):
             register.revoke(type_name, "lab-1", audit(3))
     assert register.version == 2
+
+
+def test_each_change_of_a_password_is_counted_in_order():
+    register = AccessRegister.open("NCT04205786", audit(1))
+    register.password_changed("ada", 1, audit(2))
+    register.password_changed("bob", 1, audit(3))
+    register.password_changed("ada", 2, audit(4))
+    assert register.password_generations == {"ada": 2, "bob": 1}
+    assert register.refused == []
+    events = register.collect_events()
+    assert [(type(e).__name__, getattr(e, "generation", None)) for e in events[1:]] == [
+        ("PasswordChanged", 1), ("PasswordChanged", 1), ("PasswordChanged", 2)]
+    for before, after in pairwise(events):
+        assert after.previous_digest == before.digest == compute_digest(before)
+
+
+def test_a_change_out_of_its_turn_or_of_a_refused_person_is_refused():
+    register = AccessRegister.open("NCT04205786", audit(1))
+    register.password_changed("ada", 1, audit(2))
+    for generation in (1, 3):  # a row behind the register, or ahead of it
+        with pytest.raises(InvalidTransition, match="changed 1 times: this change is "
+                                                    f"number 2, not {generation}"):
+            register.password_changed("ada", generation, audit(3))
+    register.revoke("DisablePerson", "ada", audit(4))
+    with pytest.raises(InvalidTransition, match="'ada' is refused"):
+        register.password_changed("ada", 2, audit(5))
+    assert register.version == 3
