@@ -26,7 +26,12 @@ from wtforms import ValidationError
 from infrastructure.api.errors import RETRY_AFTER_S
 from infrastructure.console import auth
 from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
-from infrastructure.store.people import AccountLocked, LoginFailed, change_password
+from infrastructure.store.people import (
+    AccountLocked,
+    LoginFailed,
+    change_password,
+    check_new_password,
+)
 from infrastructure.store.tokens import TokenError
 
 log = logging.getLogger("trialog.console")
@@ -191,10 +196,14 @@ def password() -> Any:
     current = request.form.get("password", "")
     new, again = request.form.get("new_password", ""), request.form.get("new_password_again", "")
     error, status = None, 200
-    if not current or not new:
-        error, status = "Enter your current password and a new one.", 422
-    elif new != again:
-        error, status = "The new password and its repetition differ.", 422
+    try:
+        if not current or not new:
+            raise TokenError("enter your current password and a new one")
+        if new != again:
+            raise TokenError("the new password and its repetition differ")
+        check_new_password(new, current)
+    except TokenError as e:
+        error, status = f"{str(e)[0].upper()}{str(e)[1:]}.", 422
     else:
         engine = trialog().engine
         try:
@@ -205,8 +214,8 @@ def password() -> Any:
         except AccountLocked as e:
             error, status = (f"Too many wrong passwords: your sign-in is locked until "
                              f"{e.until.isoformat(timespec='minutes')} (UTC)."), 423
-        except TokenError as e:  # a rule of the new password, or the row changed meanwhile
-            error, status = f"{str(e)[0].upper()}{str(e)[1:]}.", 422
+        except TokenError:  # the rules were checked above: another change meanwhile
+            error, status = "Your password was changed meanwhile: try again.", 409
         else:
             flash("Your password is changed. Your other sessions have ended.")
             return redirect(url_for("console.overview"), code=303)

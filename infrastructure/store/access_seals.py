@@ -56,8 +56,10 @@ class AccessSeals:
         return self._mac(b"user", login, full_name, role, sites, password_hash, disabled,
                          *changed)
 
-    def session(self, token_hash: str, login: str, expires_at: datetime) -> bytes:
-        return self._mac(b"session", token_hash, login, expires_at)
+    def session(self, token_hash: str, login: str, expires_at: datetime,
+                password_set: int = 0) -> bytes:
+        changed = (password_set,) if password_set else ()  # as a person's row's
+        return self._mac(b"session", token_hash, login, expires_at, *changed)
 
     def console(self, cookie_hash: str, session_hash: str, login: str,
                 last_seen_at: datetime) -> bytes:
@@ -126,9 +128,12 @@ class AccessSeals:
             row.disabled_at is not None, row.password_set))
 
     def session_and_person_hold(self, row: Any) -> bool:
-        """A sign-in session's row and its person's, read together (tokens.SEALED_SESSION)."""
-        return same_seal(row.session_seal, self.session(
-            row.token_hash, row.login, row.expires_at)) and self.user_holds(row)
+        """A sign-in session's row and its person's, read together (tokens.SEALED_SESSION),
+        the session begun under the person's current password."""
+        return (row.session_password_set == row.password_set
+                and same_seal(row.session_seal, self.session(
+                    row.token_hash, row.login, row.expires_at, row.session_password_set))
+                and self.user_holds(row))
 
 
 def _text(value: Any) -> str:

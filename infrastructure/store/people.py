@@ -143,9 +143,12 @@ def sign_in(engine: Engine, login: str, password: str, client: str | None = None
     digest = token_hash(token)
     with engine.begin() as connection:
         connection.execute(delete(login_failures).where(login_failures.c.login == login))
+        # Under the password just checked: a change of it committed meanwhile has ended
+        # this session before it begins (its count is behind the person's).
         connection.execute(insert(user_sessions).values(
             token_hash=digest, login=login, created_at=now, expires_at=expires_at,
-            seal=seals.session(digest, login, expires_at)))
+            password_set=person.password_set,
+            seal=seals.session(digest, login, expires_at, person.password_set)))
         _rehash_if_due(engine, connection, person, password)
     log.info("signed in", extra={"login": login, "client": client})
     return Session(token, expires_at, login, person.role, scope_of(person.sites))
@@ -160,7 +163,12 @@ def change_password(engine: Engine, login: str, current: str, new: str,
     check_new_password(new, current)
     person = _password_checked(engine, login, current, client, datetime.now(UTC),
                                "password change")
-    _replace_password(engine, person, new, login, keep_session)
+    try:
+        _replace_password(engine, person, new, login, keep_session)
+    except TokenError:  # the right password, and another change first: not a failure
+        with engine.begin() as connection:
+            connection.execute(delete(login_failures).where(login_failures.c.login == login))
+        raise
     log.info("password changed", extra={"login": login, "client": client})
 
 
@@ -168,7 +176,7 @@ def reset_password(engine: Engine, login: str, new: str) -> None:
     """An administrator's reset (``trialog user password``): the new password kept
     peppered, the lock lifted, and every session of the person's ended."""
     check_password(new)
-    person = _person(engine, login)
+    person = _person(engine, login, from_before_a_change=True)
     if person is None:
         raise TokenError(f"no person has the login {login!r} (or the row fails its seal)")
     if person.disabled_at is not None:
@@ -192,7 +200,11 @@ def _replace_password(engine: Engine, person: Any, new: str, actor: str,
     meanwhile), the failures counted forgotten, the other sessions ended (a console
     cookie stands on one)."""
     hashed = _hashed(engine, new)
-    login, generation = person.login, person.password_set + 1
+    login = person.login
+    # The next change: after the row's and the register's (a reset of a row put back
+    # from before a change counts on from the register's).
+    revocations = revocations_for(engine)
+    generation = max(person.password_set, revocations.password_changes(login)) + 1
     meanwhile = f"{login!r}: the person's row changed meanwhile: try again"
 
     def keep(session: Any) -> None:
@@ -207,10 +219,18 @@ def _replace_password(engine: Engine, person: Any, new: str, actor: str,
         ended = user_sessions.c.login == login
         if keep_session is not None:
             ended &= user_sessions.c.token_hash != keep_session
+            kept = session.execute(select(user_sessions.c.expires_at).where(
+                user_sessions.c.token_hash == keep_session,
+                user_sessions.c.login == login)).scalar()
+            if kept is not None:  # goes on, under the new password
+                session.execute(update(user_sessions).where(
+                    user_sessions.c.token_hash == keep_session).values(
+                    password_set=generation, seal=seals_for(engine).session(
+                        keep_session, login, kept, generation)))
         session.execute(delete(user_sessions).where(ended))
 
     try:
-        revocations_for(engine).change_password(login, generation, actor, keep)
+        revocations.change_password(login, generation, actor, keep)
     except InvalidTransition:  # the register counts otherwise: another change meanwhile
         raise TokenError(meanwhile) from None
 
@@ -227,10 +247,11 @@ def _password_checked(engine: Engine, login: str, password: str, client: str | N
     return person
 
 
-def _person(engine: Engine, login: str) -> Any | None:
+def _person(engine: Engine, login: str, from_before_a_change: bool = False) -> Any | None:
     """The person's row; None when there is none, when its seal fails (someone changed it
     without the key: a password hash put there signs no one in), or when the access
-    register refuses them (a disabled person's row put back)."""
+    register refuses them (a disabled person's row put back; unless
+    ``from_before_a_change``, a row from before a change of their password)."""
     revocations = revocations_for(engine)
     with engine.connect() as connection:
         person = connection.execute(select(users, users.c.seal.label("user_seal"),
@@ -240,7 +261,8 @@ def _person(engine: Engine, login: str) -> Any | None:
         log.warning("a person's row fails its seal: refused", extra={"login": login})
         return None
     if (person is not None and person.disabled_at is None  # a disabled row is refused as it is
-            and revocations.refuses(login, person.register_version, person.password_set)):
+            and revocations.refuses(login, person.register_version,
+                                    None if from_before_a_change else person.password_set)):
         return None
     return person
 

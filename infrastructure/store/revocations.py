@@ -101,6 +101,12 @@ class Revocations:
             return True
         return False
 
+    def password_changes(self, login: str) -> int:
+        """How many times the register has recorded a change of ``login``'s password (read
+        now, not from what this process keeps)."""
+        register = self.trialog.service.access_register()
+        return register.password_generations.get(login, 0) if register is not None else 0
+
     def change_password(self, login: str, generation: int, actor: str,
                         keep: Callable[[Any], None]) -> None:
         """Records the ``generation``-th change of ``login``'s password; ``keep`` writes

@@ -291,6 +291,9 @@ user_sessions = Table(
     Column("login", String(100), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    # The person's password_set when the session began: one begun under an older password
+    # is refused.
+    Column("password_set", Integer, nullable=False, server_default="0"),
     Column("seal", LargeBinary, nullable=True),  # see access_seals
 )
 

@@ -224,6 +224,7 @@ SEALED_SESSION = (users.c.login, users.c.role, users.c.sites, users.c.full_name,
                   users.c.password_hash, users.c.disabled_at, users.c.password_set,
                   users.c.seal.label("user_seal"),
                   user_sessions.c.token_hash, user_sessions.c.expires_at,
+                  user_sessions.c.password_set.label("session_password_set"),
                   user_sessions.c.seal.label("session_seal"))
 
 

@@ -622,3 +622,91 @@ def test_a_disabled_person_signing_in_is_refused_as_disabled_with_no_false_alarm
     assert "put back" not in caplog.text
     assert [r.reason for r in caplog.records if r.getMessage() == "login failed"] == [
         "disabled"]
+
+
+def test_a_sign_in_checked_before_a_password_change_and_ended_after_it_is_refused(
+        isolated, monkeypatch):
+    """The old password checked, then the change commits, then the session is written:
+    it was begun under the older password, and is refused."""
+    from infrastructure.store import people
+
+    engine = isolated.engine
+    login = name("race")
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    checked = people._password_checked
+
+    def then_changed(engine, login, password, client, now, doing=None):
+        person = checked(engine, login, password, client, now, doing)
+        if doing is None:  # the sign-in's check: the person changes it right then
+            people.change_password(engine, login, PASSWORD, "changed in between")
+        return person
+
+    monkeypatch.setattr(people, "_password_checked", then_changed)
+    late = people.sign_in(engine, login, PASSWORD)
+    monkeypatch.undo()
+    cookie = console.start(engine, login, "changed in between", None)  # no race
+    assert Authenticator(engine)(late.token) is None
+    assert console.person(engine, cookie) is not None
+
+
+def test_sessions_alone_put_back_after_a_password_change_are_refused(isolated):
+    from infrastructure.store.people import change_password
+
+    engine = isolated.engine
+    login, session, cookie, saved = signed_in_twice_and_saved(engine, "kit")
+    change_password(engine, login, PASSWORD, "changed, sessions ended")
+    put_back(engine, user_sessions, "token_hash", saved[user_sessions])
+    put_back(engine, console_sessions, "cookie_hash", saved[console_sessions])
+    assert Authenticator(engine)(session.token) is None
+    assert console.person(engine, cookie) is None
+
+
+def test_a_reset_gives_a_row_put_back_from_before_a_change_its_person_again(isolated):
+    """Refused while it is behind the register; an administrator's reset counts on from
+    the register's count and signs its person in again."""
+    from infrastructure.store.people import change_password, reset_password
+
+    engine = isolated.engine
+    login, _, _, saved = signed_in_twice_and_saved(engine, "lee")
+    change_password(engine, login, PASSWORD, "changed once, then lost")
+    put_back(engine, users, "login", saved[users])
+    with pytest.raises(LoginFailed):
+        sign_in(engine, login, PASSWORD)
+    reset_password(engine, login, "a reset after the restore")
+    [row] = rows_of(engine, users, users.c.login == login)
+    assert row["password_set"] == 2
+    assert sign_in(engine, login, "a reset after the restore").login == login
+
+
+def test_a_change_that_loses_a_race_is_not_counted_as_a_wrong_password(isolated,
+                                                                       monkeypatch):
+    from domain.errors import InvalidTransition
+    from infrastructure.store.people import change_password
+    from infrastructure.store.revocations import revocations_for
+    from infrastructure.store.tables import login_failures
+    from infrastructure.store.tokens import TokenError
+
+    engine = isolated.engine
+    login = name("two")
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+
+    def another_first(*args, **kwargs):
+        raise InvalidTransition("changed 1 times: this change is number 2, not 1")
+
+    monkeypatch.setattr(revocations_for(engine), "change_password", another_first)
+    with pytest.raises(TokenError, match="changed meanwhile"):
+        change_password(engine, login, PASSWORD, "the change that lost")
+    assert rows_of(engine, login_failures, login_failures.c.login == login) == []
+
+
+def test_migration_0029_is_not_undone_once_a_password_was_changed(isolated):
+    from infrastructure.store.people import change_password
+
+    engine = isolated.engine
+    login = name("max")
+    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    change_password(engine, login, PASSWORD, "changed under 0029")
+    with pytest.raises(RuntimeError, match="have changed their password since revision 0029"):
+        downgrade_to(engine, "0028")
+    [row] = rows_of(engine, users, users.c.login == login)
+    assert row["password_set"] == 1
