@@ -113,7 +113,10 @@ def _authenticate() -> None:
         raise ApiError(401, "unauthorized", "an Authorization: Bearer <token> header is required")
     principal = runtime().authenticate(token.strip())
     if principal is None:
-        raise ApiError(401, "unauthorized", "the bearer token is not valid")
+        raise ApiError(401, "unauthorized", "the bearer token is not valid (unknown, revoked "
+                                            "or expired; a person's session also ends at "
+                                            "sign-out and at a change of password: sign "
+                                            "in again)")
     g.principal = principal
     participant_id = (request.view_args or {}).get("participant_id")
     if participant_id is not None:
