@@ -27,7 +27,13 @@ from infrastructure.store.macs import same_seal
 from infrastructure.store.people import sign_in
 from infrastructure.store.revocations import revocations_for
 from infrastructure.store.tables import as_utc, user_sessions, users
-from infrastructure.store.tokens import SEALED_SESSION, Principal, scope_of, token_hash
+from infrastructure.store.tokens import (
+    SEALED_SESSION,
+    Principal,
+    scope_of,
+    token_hash,
+    under_current_password,
+)
 
 PREFIX = "/console"
 COOKIE = "trialog_console"
@@ -92,6 +98,8 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
                 row.cookie_hash, row.session_hash, row.console_login, row.last_seen_at))
             and row.console_login == row.login):
         log.warning("a console session's row fails its seal: refused")
+        return None
+    if not under_current_password(row):
         return None
     if revocations.refuses(row.login, row.register_version, row.password_set):
         return None

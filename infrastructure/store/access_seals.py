@@ -128,12 +128,10 @@ class AccessSeals:
             row.disabled_at is not None, row.password_set))
 
     def session_and_person_hold(self, row: Any) -> bool:
-        """A sign-in session's row and its person's, read together (tokens.SEALED_SESSION),
-        the session begun under the person's current password."""
-        return (row.session_password_set == row.password_set
-                and same_seal(row.session_seal, self.session(
-                    row.token_hash, row.login, row.expires_at, row.session_password_set))
-                and self.user_holds(row))
+        """A sign-in session's row and its person's, read together (tokens.SEALED_SESSION)."""
+        return same_seal(row.session_seal, self.session(
+            row.token_hash, row.login, row.expires_at, row.session_password_set)
+        ) and self.user_holds(row)
 
 
 def _text(value: Any) -> str:

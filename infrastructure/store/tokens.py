@@ -259,6 +259,8 @@ class Authenticator:
                     "digest": digest, "now": datetime.now(UTC)}).first()
                 if person is None or not self.seals.session_and_person_hold(person):
                     return _refused(person)
+                if not under_current_password(person):
+                    return None
                 if self.revocations.refuses(person.login, person.register_version,
                                             person.password_set):
                     return None
@@ -269,6 +271,12 @@ class Authenticator:
         if self.revocations.refuses(row.name, row.register_version):
             return None
         return Principal(row.name, row.role, scope_of(row.sites))
+
+
+def under_current_password(row: Any) -> bool:
+    """Whether a session (its row read with its person's, SEALED_SESSION) began under the
+    person's current password: one begun under an older one ended at the change."""
+    return bool(row.session_password_set == row.password_set)
 
 
 def _refused(row: Any) -> None:
