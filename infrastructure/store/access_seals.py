@@ -52,14 +52,12 @@ class AccessSeals:
              password_hash: str, disabled: bool, password_set: int = 0) -> bytes:
         """``password_set``: how many times the password was changed; covered once it was
         (a row sealed before it existed holds as it was sealed)."""
-        changed = (password_set,) if password_set else ()
         return self._mac(b"user", login, full_name, role, sites, password_hash, disabled,
-                         *changed)
+                         *_changes(password_set))
 
     def session(self, token_hash: str, login: str, expires_at: datetime,
                 password_set: int = 0) -> bytes:
-        changed = (password_set,) if password_set else ()  # as a person's row's
-        return self._mac(b"session", token_hash, login, expires_at, *changed)
+        return self._mac(b"session", token_hash, login, expires_at, *_changes(password_set))
 
     def console(self, cookie_hash: str, session_hash: str, login: str,
                 last_seen_at: datetime) -> bytes:
@@ -132,6 +130,12 @@ class AccessSeals:
         return same_seal(row.session_seal, self.session(
             row.token_hash, row.login, row.expires_at, row.session_password_set)
         ) and self.user_holds(row)
+
+
+def _changes(password_set: int) -> tuple[int, ...]:
+    """A person's or a session's count of password changes, as its seal covers it: not at
+    all while 0, so that rows sealed before the count existed hold as they were sealed."""
+    return (password_set,) if password_set else ()
 
 
 def _text(value: Any) -> str:
