@@ -3,6 +3,8 @@ POST /v1/sessions/password: a person changes their own password."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from flask import Response, g, request
@@ -90,7 +92,22 @@ class PasswordChange(Schema):
             raise ValidationError("must differ from the current password", "new_password")
 
 
+def _a_persons_session(view: Callable[..., Response]) -> Callable[..., Response]:
+    """The view for a person's session alone: a machine token is refused before its body is
+    read (it has no password to change, whatever the body holds)."""
+    @functools.wraps(view)
+    def checked(*args: Any, **kwargs: Any) -> Response:
+        principal = g.principal
+        if not principal.person:
+            raise ApiError(403, "forbidden", f"token {principal.name!r} is a machine token: "
+                                             "only a person's session has a password to "
+                                             "change")
+        return view(*args, **kwargs)
+    return checked
+
+
 @blp.route("/password", methods=["POST"])
+@_a_persons_session
 @blp.arguments(PasswordChange)
 @blp.response(204, description="changed: every other session of the person's has ended")
 @blp.alt_response(400, schema=ErrorBody, description="malformed JSON")
@@ -113,9 +130,6 @@ def post_password(body: dict[str, Any]) -> Response:
     from infrastructure.store.tokens import TokenError, token_hash
 
     principal = g.principal
-    if not principal.person:
-        raise ApiError(403, "forbidden", f"token {principal.name!r} is a machine token: only "
-                                         "a person's session has a password to change")
     token = request.headers["Authorization"].partition(" ")[2].strip()
     try:
         change_password(runtime().trialog.engine, principal.name, body["password"],

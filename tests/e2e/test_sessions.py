@@ -231,5 +231,9 @@ def test_a_wrong_current_password_is_counted_and_a_machine_token_has_none(server
     machine = server.client("coordinator").post("/v1/sessions/password", {
         "password": PASSWORD, "new_password": NEW_PASSWORD})
     assert (machine.status_code, machine.json()["error"]) == (403, "forbidden")
+    # a machine token has no password to change, whatever its body holds
+    for body in ({}, {"password": PASSWORD, "new_password": "short"}):
+        malformed = server.client("coordinator").post("/v1/sessions/password", body)
+        assert (malformed.status_code, malformed.json()["error"]) == (403, "forbidden")
     assert Client(server.url, None).post("/v1/sessions/password", {
         "password": PASSWORD, "new_password": NEW_PASSWORD}).status_code == 401
