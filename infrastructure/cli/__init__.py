@@ -11,8 +11,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from domain.errors import DomainError, ProtocolError
 from infrastructure.audit.exports import FORMATS
 from infrastructure.audit.history import history
@@ -181,6 +179,8 @@ def _signature_text(signature: dict[str, Any]) -> str:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm  # loaded by the commands that draw a bar (a twentieth of a second)
+
     tqdm.monitor_interval = 0  # no monitor thread: the check may fork its workers
     trialog = _app()
     try:

@@ -13,8 +13,6 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from domain import commands as c
 from domain.access import EVERY_SITE
 from domain.deviations import detect
@@ -224,6 +222,8 @@ class Simulation:
 def run_demo(path: Path, participants: int = 40, seed: int = 7,
              show_progress: bool = True) -> dict[str, Any]:
     """Runs the simulation into a fresh SQLite file and returns the trial summary."""
+    from tqdm import tqdm  # loaded by the commands that draw a bar
+
     stale_files = [path, *(Path(f"{path}{suffix}") for suffix in (
         ".key", ".seed", ".pseudonym-key", "-wal", "-shm"))]
     for stale in stale_files:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from tqdm import tqdm
 
 from domain.protocol import Protocol
 from infrastructure.cli import CliError, _app
@@ -141,6 +140,8 @@ def cmd_user_password(args: argparse.Namespace) -> int:
 
 
 def cmd_projections_rebuild(args: argparse.Namespace) -> int:
+    from tqdm import tqdm  # loaded by the commands that draw a bar
+
     from infrastructure.readside.projections import FeedProjection, TrialProjection
 
     trialog = _app()
