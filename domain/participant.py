@@ -800,6 +800,7 @@ class Participant(DataManagement, ChainedAggregate):
     def record_visit_missed(self, visit: str, audit: Audit) -> bool:
         if visit in self.missed_visits or visit in self.completed_visits():
             return False
+        self.require_unlocked(visit)  # the mark is the visit's record
         self.trigger_event(self.VisitMissed, visit=visit, **audit.event_fields())
         return True
 

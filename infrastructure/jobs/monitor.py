@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
+from domain.errors import Locked
 from domain.management import CASEBOOK
 from domain.participant import Participant, participant_uuid
 from domain.schedule import window_ends
@@ -124,12 +125,16 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
         # participant withdrawn before it closed by then (the withdrawal's day, which a
         # correction may move after it).
         left_on = participant.withdrawn_on("study")
-        t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
-                       command_id=t.derived_command_id(
-                           "missed", str(participant.id), finding.key,
-                           str(finding.generation), ends[finding.key].isoformat(),
-                           left_on.isoformat() if left_on else ""),
-                       actor=ACTOR)
+        try:
+            t.bus.dispatch(c.RecordVisitMissed(participant_id, {"visit": finding.key}),
+                           command_id=t.derived_command_id(
+                               "missed", str(participant.id), finding.key,
+                               str(finding.generation), ends[finding.key].isoformat(),
+                               left_on.isoformat() if left_on else ""),
+                           actor=ACTOR)
+        except Locked:  # locked since the record was read: found once unlocked, as above
+            counts["missed"] += missed.index(finding)
+            return
     if missed:
         counts["missed"] += len(missed)
         participant = t.service.get_participant(participant_id)

@@ -209,6 +209,44 @@ def test_a_correction_that_would_retract_a_locked_visit_s_mark_is_refused(isolat
     assert participant.version == version and "week6" in participant.missed_visits
 
 
+def test_a_casebook_locked_after_the_scan_read_it_gets_no_mark_and_nobody_is_set_aside(
+        isolated):
+    """The scan read the record, then a data manager locked the casebook: the mark would
+    change the locked record. It is refused (409 locked, as every change of its data), the
+    scan moves on without setting the participant aside, and marks the visit once the
+    casebook is unlocked."""
+    from domain.errors import Locked
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    at_noon(isolated, 50)
+    TrialProjection(isolated).catch_up()
+    read = isolated.service.get_participant
+    scanned = []
+
+    def read_then_locked(participant_id, *args, **kwargs):
+        participant = read(participant_id, *args, **kwargs)
+        if participant_id == pid and not scanned:
+            scanned.append(participant)
+            send(isolated, c.LockCasebook(pid, {}), actor="dm")  # committed meanwhile
+        return participant
+
+    isolated.service.get_participant = read_then_locked
+    try:
+        counts = scan_clock(isolated, isolated.ended_everywhere())
+    finally:
+        del isolated.service.get_participant
+    participant = read(pid)
+    assert not scanned[0].locks and "casebook" in participant.locks  # the race
+    assert (counts["quarantined"], participant.missed_visits) == (0, [])
+    with pytest.raises(Locked, match="casebook"):
+        send(isolated, c.RecordVisitMissed(pid, {"visit": "week6"}), actor="deviation-monitor")
+    send(isolated, c.UnlockCasebook(pid, {}), actor="dm", reason="checked")
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    assert read(pid).missed_visits == ["week6"]
+
+
 def test_a_mark_for_a_window_open_again_by_the_time_it_is_written_writes_nothing(isolated):
     """The scan read the record, then a correction moved the window: its command found the
     visit missed on a record that no longer says so."""
