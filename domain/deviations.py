@@ -222,11 +222,16 @@ def poor_adherence(p: Participant, protocol: Protocol, today: date) -> Iterator[
 
 
 def b12_use_in_control(p: Participant, protocol: Protocol, today: date) -> Iterator[Finding]:
-    """A control participant reporting B12 use during the study."""
+    """A control participant reporting B12 use during the study: from registration to the
+    day they left it (a study withdrawal's day, or the last visit's that completed it)."""
     if p.arm is None or p.registered_on is None or protocol.arm(p.arm).receives_dose:
         return
+    left = p.withdrawn_on("study") or p.completed_visits().get(
+        protocol.visits[-1].code, {}).get("completed_on")
     for event_id, med in _b12_products(p):
-        ended = med.get("stopped_on")
+        started, ended = med.get("started_on"), med.get("stopped_on")
+        if left is not None and started is not None and started > left:
+            continue  # begun after the study, for this participant
         if ended is None or ended >= p.registered_on:
             yield Finding("b12_use_in_control", event_id, (event_id,),
                           f"{med['drug']} (contains B12) reported by a {p.arm} participant")

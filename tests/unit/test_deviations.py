@@ -257,6 +257,24 @@ def test_b12_use_in_the_control_arm_fires_and_not_in_the_b12_arm():
     assert "b12_use_in_control" not in codes(b12)
 
 
+def test_b12_started_after_a_control_participant_left_the_study_is_not_a_deviation():
+    """A product started after the follow-up visit that completed the study, or after a
+    study withdrawal, was not taken during the study; one started on the last day was."""
+    completed, last_day, withdrawn = (randomized("control"), randomized("control"),
+                                      randomized("control"))
+    for p in (completed, last_day):
+        p.complete_visit({"visit": "follow_up", "completed_on": day(180)}, PROTOCOL, audit())
+        assert p.status == "completed"
+    completed.report_medication(multivitamin(stopped_on=None, started_on=day(181)), audit())
+    last_day.report_medication(multivitamin(stopped_on=None, started_on=day(180)), audit())
+    withdrawn.report_medication(multivitamin(stopped_on=day(90), started_on=day(61)), audit())
+    withdrawn.withdraw({"withdrawn_on": day(60), "scope": "study", "reason_code": "moved"},
+                       audit())  # recorded late: she had left the day before
+    assert "b12_use_in_control" not in codes(completed)
+    assert "b12_use_in_control" in codes(last_day)
+    assert "b12_use_in_control" not in codes(withdrawn)
+
+
 @pytest.mark.parametrize("code", sorted(RULES))
 def test_a_flagged_deviation_is_not_found_again(code):
     p = randomized("control")
