@@ -830,6 +830,10 @@ class Participant(DataManagement, ChainedAggregate):
                                                    for where, message in misdated.items()]})
         if self._step_records().get(path) == version:
             self._require_step_order(path, value, "data.value")
+        elif record["type"] in SCREENINGS and path in ("birth_date", "screened_on"):
+            # a screening a rescreen followed: its own dates in order, as its command's were
+            own = {name: record["data"].get(name) for name in ("birth_date", "screened_on")}
+            _require_in_order({**own, path: value}, path, "data.value")
         if record["type"] == "VisitCompleted" and path == "visit" \
                 and value in self.completed_visits():
             raise InvalidTransition(f"visit {value} is already completed; correct that "
@@ -897,7 +901,8 @@ class Participant(DataManagement, ChainedAggregate):
 
     def _require_withdrawn_after_entry(self, data: Mapping[str, Any], key: str) -> None:
         """A withdrawal is not dated before the registration (from treatment, or from the
-        study once registered), nor before the screening."""
+        study once registered), nor before the screening; and the study is not left before
+        the treatment (nor the treatment after the study)."""
         registered = data["scope"] == "treatment" or self.registered_on is not None
         step = "registered_on" if registered else "screened_on"
         entered = (self.registered_on if step == "registered_on"
@@ -905,6 +910,16 @@ class Participant(DataManagement, ChainedAggregate):
         if entered is not None and data["withdrawn_on"] < entered:
             raise ValidationFailed({key: [
                 f"withdrawn_on must not be before {step} ({entered})"]})
+        if data["scope"] == "study":
+            off_treatment = self.withdrawn_on("treatment")
+            if off_treatment is not None and data["withdrawn_on"] < off_treatment:
+                rule = f"must not be before the treatment withdrawal ({off_treatment})"
+                raise ValidationFailed({key: [f"withdrawn_on {rule}"]})
+        else:
+            left = self.withdrawn_on("study")
+            if left is not None and data["withdrawn_on"] > left:
+                rule = f"must not be after the study withdrawal ({left})"
+                raise ValidationFailed({key: [f"withdrawn_on {rule}"]})
 
     def _require_no_dose_on(self, day: date) -> None:
         """One dose record per day."""

@@ -811,3 +811,44 @@ def test_a_randomized_participant_s_study_withdrawal_is_not_dated_before_the_reg
         p.withdraw({"withdrawn_on": REGISTERED - timedelta(days=1), "scope": "study",
                     "reason_code": "moved"}, audit())
     assert "registered_on" in refused.value.fields["data.withdrawn_on"][0]
+
+
+def test_a_study_withdrawal_is_not_dated_before_the_treatment_withdrawal():
+    """Off treatment on day 30, then out of the study typed as day 20: the record said she
+    stayed on treatment ten days after leaving the study. Nor is a treatment withdrawal
+    corrected to after the study withdrawal."""
+    p = randomized()
+    p.withdraw({"withdrawn_on": REGISTERED + timedelta(days=30), "scope": "treatment",
+                "reason_code": "toxicity"}, audit())
+    with pytest.raises(ValidationFailed) as refused:
+        p.withdraw({"withdrawn_on": REGISTERED + timedelta(days=20), "scope": "study",
+                    "reason_code": "moved"}, audit())
+    off_treatment = REGISTERED + timedelta(days=30)
+    assert refused.value.fields == {"data.withdrawn_on": [
+        f"withdrawn_on must not be before the treatment withdrawal ({off_treatment})"]}
+    p.withdraw({"withdrawn_on": REGISTERED + timedelta(days=30), "scope": "study",
+                "reason_code": "moved"}, audit())  # the same day: both at once
+    for scope, day in (("study", 29), ("treatment", 31)):
+        with pytest.raises(ValidationFailed) as refused:
+            p.correct_data({"event_id": p.event_id_of(p.withdrawals[scope]),
+                            "field": "withdrawn_on", "value": REGISTERED + timedelta(days=day)},
+                           audit(reason="typo"))
+        assert list(refused.value.fields) == ["data.value"]
+        assert ("treatment withdrawal" if scope == "study" else "study withdrawal") in (
+            refused.value.fields["data.value"][0])
+
+
+def test_a_screening_a_rescreen_followed_keeps_its_birth_date_before_its_day():
+    """Only the current screening's dates were held in order when corrected."""
+    p = screened(zubrod=3)
+    first = p.screening_event
+    p.rescreen(screening(), PROTOCOL, audit())
+    for field, value in (("birth_date", SCREENED_ON + timedelta(days=1)),
+                         ("screened_on", date(1950, 1, 1))):
+        with pytest.raises(ValidationFailed) as refused:
+            p.correct_data({"event_id": first, "field": field, "value": value},
+                           audit(reason="typo"))
+        assert list(refused.value.fields) == ["data.value"]
+        assert "1958" not in refused.value.fields["data.value"][0]  # no birth date shown
+    p.correct_data({"event_id": first, "field": "birth_date", "value": date(1958, 6, 16)},
+                   audit(reason="typo"))
