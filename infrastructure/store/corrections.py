@@ -72,7 +72,7 @@ class CorrectionRules:
         try:
             loaded = None if removes else field.deserialize(value)
         except ValidationError as e:
-            raise ValidationFailed({"data.value": _messages(e.messages)}) from None
+            raise ValidationFailed({"data.value": _messages(e.messages, path)}) from None
         self._check_record(schema, path, value, recorded, removes)
         return loaded
 
@@ -103,7 +103,8 @@ def _errors(schema: Schema, data: Any) -> dict[str, str]:
     return {}
 
 
-def _messages(messages: Any) -> list[str]:
+def _messages(messages: Any, field: str) -> list[str]:
+    """A corrected value's refusals, each naming the field (its dotted path) it is for."""
     if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return list(messages)
-    return [f"{path}: {'; '.join(m)}" for path, m in flatten(messages).items()]
+        return [f"{field}: {m}" for m in messages]
+    return [f"{field}.{path}: {'; '.join(m)}" for path, m in flatten(messages).items()]

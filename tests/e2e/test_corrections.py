@@ -44,6 +44,7 @@ def test_a_visit_correction_that_breaks_the_field_rule_is_a_422_and_stores_nothi
     answer = correct(coordinator, pid, visit, field, value)
     assert answer.status_code == 422, answer.text
     assert list(answer.json()["fields"]) == ["data.value"]
+    assert all(field in message for message in answer.json()["fields"]["data.value"])
     assert history_length(coordinator, pid) == 4
 
 
