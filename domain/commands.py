@@ -17,6 +17,11 @@ class Audit:
     recorded_at: datetime
     reason: str | None = None
 
+    @property
+    def gives_reason(self) -> bool:
+        """Whether a reason was given that says something (not white space alone)."""
+        return bool(self.reason and self.reason.strip())
+
     def event_fields(self) -> dict[str, Any]:
         return {
             "command_id": self.command_id,

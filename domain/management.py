@@ -93,7 +93,7 @@ class DataManagement:
             raise InvalidTransition(
                 f"can't {action} query {data['query_id']} in status {query['status']}",
                 status=query["status"])
-        if action == "reopen" and not audit.reason:
+        if action == "reopen" and not audit.gives_reason:
             raise ValidationFailed({"reason": ["is required for ReopenQuery"]})
         event = {"respond": self.QueryAnswered, "close": self.QueryClosed,
                  "reopen": self.QueryReopened, "cancel": self.QueryCancelled}[action]
@@ -197,7 +197,7 @@ class DataManagement:
         if key not in self.locks:
             raise InvalidTransition(f"the {key.replace(':', ' ')} is not locked",
                                     status="unlocked")
-        if not audit.reason:
+        if not audit.gives_reason:
             command = "UnlockCasebook" if key == CASEBOOK else "UnlockVisit"
             raise ValidationFailed({"reason": [f"is required for {command}"]})
         self.trigger_event(self.ScopeUnlocked, scope=key, **audit.event_fields())

@@ -696,7 +696,7 @@ class Participant(DataManagement, ChainedAggregate):
         """Records a new value for a field of a captured event. ``rule`` validates it as
         the original command's field would; without one the value must keep the type of
         the value it corrects (a field the record holds)."""
-        if not audit.reason:
+        if not audit.gives_reason:
             raise ValidationFailed({"reason": ["is required for CorrectData"]})
         target = data["event_id"]
         version = self.version_of(target)

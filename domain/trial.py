@@ -52,6 +52,6 @@ class TrialDatabase(ChainedAggregate):
     def unlock(self, audit: Audit) -> None:
         if self.locked is None:
             raise InvalidTransition("the database is not locked", status="unlocked")
-        if not audit.reason:
+        if not audit.gives_reason:
             raise ValidationFailed({"reason": ["is required for UnlockDatabase"]})
         self.trigger_event(self.DatabaseUnlocked, **audit.event_fields())

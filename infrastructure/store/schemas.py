@@ -115,8 +115,26 @@ def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
     return fields.Integer(strict=True, validate=validate.Range(min=low, max=high), **kwargs)
 
 
+class NotBlank(validate.Validator):
+    """A text that must say something holds a character other than white space (a reason
+    for a change of "   " says nothing)."""
+
+    error = "must not be blank"
+
+    def __call__(self, value: str) -> str:
+        if not value.strip():
+            raise ValidationError(self.error)
+        return value
+
+
+NOT_BLANK = NotBlank()
+
+
 def text(low: int = 1, high: int = 200, **kwargs: Any) -> fields.String:
-    return fields.String(validate=[validate.Length(min=low, max=high), PRINTABLE], **kwargs)
+    """A string of ``low`` to ``high`` characters, none a control character; unless it may
+    be empty (``low`` 0), not white space alone."""
+    rules = [validate.Length(min=low, max=high), PRINTABLE, *([NOT_BLANK] if low else [])]
+    return fields.String(validate=rules, **kwargs)
 
 
 class AromataseInhibitorDrug(fields.String):

@@ -134,6 +134,31 @@ def test_a_correction_needs_a_reason_and_a_value_of_the_recorded_type(server):
     assert state["contact"]["birth_date"] == "1958-06-16"
 
 
+@pytest.mark.parametrize("blank", ["   ", " \t ", "\n"])
+def test_a_required_text_of_white_space_only_is_a_422_and_stores_nothing(server, blank):
+    """A reason for a change, a medication's name or a query's text that says nothing was
+    stored as given."""
+    coordinator = server.client("coordinator")
+    pid, _ = enrol(coordinator)
+    length = history_length(coordinator, pid)
+    screening = coordinator.get(f"/v1/participants/{pid}/history").json()["events"][0]
+    correction = coordinator.command("CorrectData", pid, {
+        "event_id": screening["event_id"], "field": "birth_date", "value": "1958-06-16"},
+        reason=blank)
+    assert (correction.status_code, correction.json()["fields"]) == (
+        422, {"reason": ["must not be blank"]})
+    medication = coordinator.command("ReportMedication", pid, {
+        "drug": blank, "contains_b12": False, "started_on": "2026-03-05"})
+    assert (medication.status_code, medication.json()["fields"]) == (
+        422, {"data.drug": ["must not be blank"]})
+    query = server.client("monitor").command("RaiseQuery", pid, {
+        "query_id": str(uuid.uuid4()), "event_id": screening["event_id"],
+        "field": "birth_date", "text": blank})
+    assert (query.status_code, query.json()["fields"]) == (
+        422, {"data.text": ["must not be blank"]})
+    assert history_length(coordinator, pid) == length
+
+
 def test_control_characters_are_refused_in_queries_and_commands(server):
     service = server.client("service")
     query = service.get("/v1/deviations", code="wash\x00out")

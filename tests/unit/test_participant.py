@@ -852,3 +852,11 @@ def test_a_screening_a_rescreen_followed_keeps_its_birth_date_before_its_day():
         assert "1958" not in refused.value.fields["data.value"][0]  # no birth date shown
     p.correct_data({"event_id": first, "field": "birth_date", "value": date(1958, 6, 16)},
                    audit(reason="typo"))
+
+
+def test_a_reason_of_white_space_alone_is_no_reason():
+    p = screened()
+    with pytest.raises(ValidationFailed) as refused:
+        p.correct_data({"event_id": p.screening_event, "field": "birth_date",
+                        "value": date(1958, 6, 16)}, audit(reason=" \t\n"))
+    assert refused.value.fields == {"reason": ["is required for CorrectData"]}
