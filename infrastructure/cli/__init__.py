@@ -421,10 +421,13 @@ def _actor(text: str) -> str:
     return text
 
 
+NO_TABLES = "the database has no Trialog tables (or older ones): run `trialog db upgrade`"
+
+
 def _one_line(error: Exception) -> str:
     """A failure as one line: the database's own say a migration is missing as such."""
     if _no_tables(error):
-        return "the database has no Trialog tables (or older ones): run `trialog db upgrade`"
+        return NO_TABLES
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 

@@ -14,13 +14,14 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from domain.protocol import Protocol
-from infrastructure.cli import CliError, _app
+from infrastructure.cli import NO_TABLES, CliError, _app
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from infrastructure.logs import configure_logging
 
     configure_logging()
+    _ready_to_serve()
     if args.workers > 1:
         from infrastructure.api.server import serve_processes
 
@@ -40,6 +41,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         waitress.serve(app, host=args.host, port=args.port, threads=args.threads or 16,
                        ident="trialog")
     return 0
+
+
+def _ready_to_serve() -> None:
+    """A server on a database without Trialog's tables, or with older ones, would answer
+    every request 500: it does not start (on SQLite they are made as it starts)."""
+    from sqlalchemy import create_engine
+
+    from infrastructure.store import migrations
+    from infrastructure.store.settings import Settings
+
+    settings = Settings.from_env()
+    if settings.is_sqlite:
+        return
+    engine = create_engine(settings.database_url)
+    try:
+        behind = migrations.behind(engine)
+    finally:
+        engine.dispose()
+    if behind:
+        raise CliError(NO_TABLES)
 
 
 def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:

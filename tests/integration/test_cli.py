@@ -525,6 +525,34 @@ def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "run `trialog db upgrade`" in done.stderr
+    # A server started on it answered every request 500 and its followers logged a
+    # traceback a second: it does not start, nor at an older migration.
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.settings import Settings
+
+    secrets = {"TRIALOG_CIPHER_KEY": TEST_KEY, "TRIALOG_ALLOCATION_SEED": "s",
+               "TRIALOG_PSEUDONYM_KEY": "p"}
+    t = bootstrap(Settings.from_env({"TRIALOG_DATABASE_URL": url, **secrets}), migrate=False)
+    database = t.engine
+    for older in (None, "0028"):
+        if older:
+            migrations.upgrade(database, older)
+        for workers in ("1", "2"):
+            served = run(["serve", "--port", "0", "--workers", workers], tmp_path,
+                         TRIALOG_DATABASE_URL=url, **secrets)
+            assert (served.returncode, served.stdout) == (1, ""), served.stderr
+            assert served.stderr == ("trialog: the database has no Trialog tables (or older "
+                                     "ones): run `trialog db upgrade`\n")
+    try:
+        migrations.upgrade(database)
+        assert not migrations.behind(database)
+        with database.begin() as connection:  # migrated by a later release than this one
+            connection.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = "
+                                    "'9999'"))
+        assert not migrations.behind(database)
+    finally:
+        t.close()
 
 
 def test_the_demo_never_replaces_a_file_that_is_not_its_own(tmp_path):

@@ -84,19 +84,35 @@ def _switch_to_wal(connection: Connection) -> None:
 
 def head() -> str:
     """The newest migration's revision. The migrations are one line, each file named after
-    its revision (``0029_password_changes.py`` is revision "0029", after "0028"; a test
-    holds them to it), so the head is read off the file names, with no need to import
-    Alembic and every migration as a process starts."""
-    return max(path.name.partition("_")[0] for path in (HERE / "versions").glob("[0-9]*_*.py"))
+    its revision (``0029_password_changes.py`` is revision "0029"; a test holds them to
+    it), so the head is read off the file names, with no need to import Alembic and every
+    migration as a process starts."""
+    return max(_known())
+
+
+def _known() -> set[str]:
+    return {path.name.partition("_")[0] for path in (HERE / "versions").glob("[0-9]*_*.py")}
 
 
 def _at_head(engine: Engine) -> bool:
     """Whether the database's own tables are at the newest migration already."""
+    return _revisions(engine) == [head()]
+
+
+def behind(engine: Engine) -> bool:
+    """Whether the database has none of Trialog's tables, or older ones than this release
+    needs (a revision newer than this release knows is not behind: a release before the
+    one that migrated it may run on it meanwhile)."""
+    current = _revisions(engine)
+    return not current or any(revision in _known() - {head()} for revision in current)
+
+
+def _revisions(engine: Engine) -> list[str]:
     with engine.connect() as connection:
         if not inspect(connection).has_table(VERSION_TABLE):
-            return False
+            return []
         current = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-    return [row[0] for row in current] == [head()]
+    return [row[0] for row in current]
 
 
 def tables_and_revision(url: str) -> tuple[set[str], str | None]:
