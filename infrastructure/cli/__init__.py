@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from domain.errors import DomainError, ProtocolError
 from infrastructure.audit.exports import FORMATS
@@ -208,6 +208,14 @@ def _role_and_sites(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-sites", action="store_true", help="every site")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but an argument that can't work is one line naming it, as every other
+    failure is (not the usage first: `--help` shows it); exit code 2, as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from infrastructure.cli.ops import (
         cmd_deviations_scan,
@@ -231,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_webhook_rotate,
     )
 
-    parser = argparse.ArgumentParser(prog="trialog", description=__doc__)
+    parser = _Parser(prog="trialog", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="simulate a cohort on SQLite and print the summary")

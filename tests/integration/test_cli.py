@@ -507,8 +507,10 @@ def test_settings_and_arguments_that_cant_work_are_one_line_naming_them(tmp_path
         done = run(args, tmp_path, **env)
         assert done.returncode != 0, (args, done.stdout)
         assert named in done.stderr, (args, done.stderr)
-        assert "Traceback" not in done.stderr and done.stderr.count("trialog") <= 2, \
-            done.stderr
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    wrong = run(["export", "xml"], tmp_path, **sqlite)  # argparse's own: once a usage too
+    assert (wrong.returncode, wrong.stderr.count("\n")) == (2, 1), wrong.stderr
+    assert wrong.stderr.startswith("trialog export: argument format: invalid choice: 'xml'")
 
 
 def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
