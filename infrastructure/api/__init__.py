@@ -188,7 +188,7 @@ def _position() -> int | None:
     """The newest log position the answer reflects: the one a view set (a command's, a
     participant's newest event), else the read models'."""
     position: int | None = g.get("position")
-    if position is None and request.path != "/openapi.json":
+    if position is None:
         try:
             position = runtime().projection.position()
         except DATABASE_ERRORS:

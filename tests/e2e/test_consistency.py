@@ -75,6 +75,8 @@ def test_every_answer_carries_the_position_it_reflects(behind):
     assert consort.headers["Trialog-Position"] == str(position)
     unknown = behind.get("/v1/participants/CASE-none")
     assert unknown.status_code == 404 and "Trialog-Position" in unknown.headers
+    for public in ("/healthz", "/openapi.json"):  # every answer carries it
+        assert behind.get(public).headers["Trialog-Position"] == "0"
 
 
 def test_a_401_says_how_to_authenticate(behind):
