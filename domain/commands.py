@@ -148,6 +148,7 @@ class UnlockCasebook(Command):
 DATA_COMMANDS = frozenset({
     ScreenParticipant, RecordConsent, RandomizeParticipant, RecordBloodSample, RecordDose,
     CompleteVisit, ReportMedication, WithdrawParticipant, CorrectData,
+    RecordVisitMissed,  # the mark is the visit's record
 })
 SIGNING_COMMANDS = frozenset({SignVisit, SignCasebook})
 TRIAL_COMMANDS = ("LockDatabase", "UnlockDatabase")

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from domain import commands as c
 from domain.deviations import CLOCK_DRIVEN, RULES, detect
-from domain.errors import Locked
+from domain.errors import DatabaseLocked, Locked
 from domain.management import CASEBOOK
 from domain.participant import Participant, participant_uuid
 from domain.schedule import window_ends
@@ -132,7 +132,8 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
                                str(finding.generation), ends[finding.key].isoformat(),
                                left_on.isoformat() if left_on else ""),
                            actor=ACTOR)
-        except Locked:  # locked since the record was read: found once unlocked, as above
+        except (Locked, DatabaseLocked):  # locked since the record was read: found once
+            # unlocked, as above
             counts["missed"] += missed.index(finding)
             return
     if missed:

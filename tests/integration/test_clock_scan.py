@@ -209,6 +209,26 @@ def test_a_correction_that_would_retract_a_locked_visit_s_mark_is_refused(isolat
     assert participant.version == version and "week6" in participant.missed_visits
 
 
+def scanned_then(t, pid: str, meanwhile):
+    """The clock scan, with ``meanwhile`` committed just after it reads ``pid``'s record:
+    its counts, and the record it read."""
+    read = t.service.get_participant
+    scanned = []
+
+    def read_then(participant_id, *args, **kwargs):
+        participant = read(participant_id, *args, **kwargs)
+        if participant_id == pid and not scanned:
+            scanned.append(participant)
+            meanwhile()
+        return participant
+
+    t.service.get_participant = read_then
+    try:
+        return scan_clock(t, t.ended_everywhere()), scanned
+    finally:
+        del t.service.get_participant
+
+
 def test_a_casebook_locked_after_the_scan_read_it_gets_no_mark_and_nobody_is_set_aside(
         isolated):
     """The scan read the record, then a data manager locked the casebook: the mark would
@@ -222,26 +242,35 @@ def test_a_casebook_locked_after_the_scan_read_it_gets_no_mark_and_nobody_is_set
     at_noon(isolated, 50)
     TrialProjection(isolated).catch_up()
     read = isolated.service.get_participant
-    scanned = []
-
-    def read_then_locked(participant_id, *args, **kwargs):
-        participant = read(participant_id, *args, **kwargs)
-        if participant_id == pid and not scanned:
-            scanned.append(participant)
-            send(isolated, c.LockCasebook(pid, {}), actor="dm")  # committed meanwhile
-        return participant
-
-    isolated.service.get_participant = read_then_locked
-    try:
-        counts = scan_clock(isolated, isolated.ended_everywhere())
-    finally:
-        del isolated.service.get_participant
+    counts, scanned = scanned_then(isolated, pid, lambda: send(
+        isolated, c.LockCasebook(pid, {}), actor="dm"))
     participant = read(pid)
     assert not scanned[0].locks and "casebook" in participant.locks  # the race
     assert (counts["quarantined"], participant.missed_visits) == (0, [])
     with pytest.raises(Locked, match="casebook"):
         send(isolated, c.RecordVisitMissed(pid, {"visit": "week6"}), actor="deviation-monitor")
     send(isolated, c.UnlockCasebook(pid, {}), actor="dm", reason="checked")
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    assert read(pid).missed_visits == ["week6"]
+
+
+def test_a_database_locked_after_the_scan_began_gets_no_mark_and_nobody_is_set_aside(
+        isolated):
+    """The scan checks the database lock as it begins; a lock committed after that let its
+    marks through (a mark was no data command to the bus's check of the lock)."""
+    import uuid
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    at_noon(isolated, 50)
+    TrialProjection(isolated).catch_up()
+    read = isolated.service.get_participant
+    counts, scanned = scanned_then(isolated, pid, lambda: isolated.bus.dispatch_trial(
+        "LockDatabase", command_id=str(uuid.uuid4()), actor="dm", reason="interim analysis"))
+    assert scanned and (counts["quarantined"], read(pid).missed_visits) == (0, [])
+    isolated.bus.dispatch_trial("UnlockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="analysis done")
     TrialProjection(isolated).catch_up()
     scan_clock(isolated, isolated.ended_everywhere())
     assert read(pid).missed_visits == ["week6"]
