@@ -105,6 +105,4 @@ def _errors(schema: Schema, data: Any) -> dict[str, str]:
 
 def _messages(messages: Any, field: str) -> list[str]:
     """A corrected value's refusals, each naming the field (its dotted path) it is for."""
-    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return [f"{field}: {m}" for m in messages]
-    return [f"{field}.{path}: {'; '.join(m)}" for path, m in flatten(messages).items()]
+    return [f"{path}: {'; '.join(m)}" for path, m in flatten(messages, field).items()]

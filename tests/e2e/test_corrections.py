@@ -152,3 +152,12 @@ def test_a_screening_corrected_to_ineligible_is_a_screen_failure_that_can_be_res
     again = coordinator.command("ScreenParticipant", pid, p.screening())
     assert again.status_code == 201, again.text
     assert coordinator.command("RecordConsent", pid, p.CONSENT).status_code == 201
+
+
+def test_a_corrected_object_of_the_wrong_type_is_named_by_its_own_path(server):
+    coordinator = server.client("coordinator")
+    pid = p.participant_id()
+    screening = capture(coordinator, pid, "ScreenParticipant", p.screening())
+    answer = correct(coordinator, pid, screening, "eligibility.menopause", 5)
+    assert (answer.status_code, answer.json()["fields"]) == (
+        422, {"data.value": ["eligibility.menopause: Invalid input type."]})
