@@ -118,7 +118,7 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
     missed = [finding for finding in RULES["visit_missed"](participant, t.protocol, today)
               if finding.key not in participant.missed_visits]
     ends = window_ends(t.protocol, participant.registered_on) if missed else {}
-    for finding in missed:
+    for marked, finding in enumerate(missed):
         # One command per mark: a mark retracted (the registration date corrected) is made
         # again by a command of its own (its generation), and so is one whose command
         # wrote nothing, its window open again by then (its window's end) or the
@@ -134,7 +134,7 @@ def _scan_one(t: Trialog, participant_id: str, today: date, counts: dict[str, in
                            actor=ACTOR)
         except (Locked, DatabaseLocked):  # locked since the record was read: found once
             # unlocked, as above
-            counts["missed"] += missed.index(finding)
+            counts["missed"] += marked
             return
     if missed:
         counts["missed"] += len(missed)

@@ -6,6 +6,7 @@ second of a start-up)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,40 +91,44 @@ def head() -> str:
     return max(_known())
 
 
-def _known() -> set[str]:
-    return {path.name.partition("_")[0] for path in (HERE / "versions").glob("[0-9]*_*.py")}
+@functools.cache
+def _known() -> frozenset[str]:
+    """Every migration's revision (read once: a process's migrations don't change)."""
+    return frozenset(path.name.partition("_")[0]
+                     for path in (HERE / "versions").glob("[0-9]*_*.py"))
 
 
 def _at_head(engine: Engine) -> bool:
     """Whether the database's own tables are at the newest migration already."""
-    return _revisions(engine) == [head()]
+    with engine.connect() as connection:
+        return _revisions(connection) == [head()]
 
 
 def behind(engine: Engine) -> bool:
     """Whether the database has none of Trialog's tables, or older ones than this release
     needs (a revision newer than this release knows is not behind: a release before the
     one that migrated it may run on it meanwhile)."""
-    current = _revisions(engine)
-    return not current or any(revision in _known() - {head()} for revision in current)
-
-
-def _revisions(engine: Engine) -> list[str]:
     with engine.connect() as connection:
-        if not inspect(connection).has_table(VERSION_TABLE):
-            return []
-        current = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-    return [row[0] for row in current]
+        current = _revisions(connection)
+    older = _known() - {head()}
+    return not current or any(revision in older for revision in current)
+
+
+def _revisions(connection: Connection) -> list[str]:
+    """The revisions the version table holds (none when there is no table)."""
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return []
+    return [row[0] for row in connection.execute(
+        text(f"SELECT version_num FROM {VERSION_TABLE}")).all()]
 
 
 def tables_and_revision(url: str) -> tuple[set[str], str | None]:
     """The tables a database has and the revision its own tables are at."""
-    from alembic.runtime.migration import MigrationContext
-
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            revision = MigrationContext.configure(
-                connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
-            return set(inspect(connection).get_table_names()), revision
+            revisions = _revisions(connection)
+            return set(inspect(connection).get_table_names()), (
+                revisions[0] if revisions else None)
     finally:
         engine.dispose()
