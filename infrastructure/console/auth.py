@@ -31,8 +31,8 @@ from infrastructure.store.tokens import (
     SEALED_SESSION,
     Principal,
     scope_of,
+    session_stands,
     token_hash,
-    under_current_password,
 )
 
 PREFIX = "/console"
@@ -99,9 +99,7 @@ def person(engine: Engine, cookie: str, now: datetime | None = None) -> Person |
             and row.console_login == row.login):
         log.warning("a console session's row fails its seal: refused")
         return None
-    if not under_current_password(row):
-        return None
-    if revocations.refuses(row.login, row.register_version, row.password_set):
+    if not session_stands(row, revocations):
         return None
     idle = now - as_utc(row.last_seen_at)
     if idle > timedelta(minutes=IDLE_MINUTES):

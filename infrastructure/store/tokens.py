@@ -259,10 +259,7 @@ class Authenticator:
                     "digest": digest, "now": datetime.now(UTC)}).first()
                 if person is None or not self.seals.session_and_person_hold(person):
                     return _refused(person)
-                if not under_current_password(person):
-                    return None
-                if self.revocations.refuses(person.login, person.register_version,
-                                            person.password_set):
+                if not session_stands(person, self.revocations):
                     return None
                 return Principal(person.login, person.role, scope_of(person.sites), True)
             row = connection.execute(self._machine, {"digest": digest}).first()
@@ -273,10 +270,13 @@ class Authenticator:
         return Principal(row.name, row.role, scope_of(row.sites))
 
 
-def under_current_password(row: Any) -> bool:
-    """Whether a session (its row read with its person's, SEALED_SESSION) began under the
-    person's current password: one begun under an older one ended at the change."""
-    return bool(row.session_password_set == row.password_set)
+def session_stands(row: Any, revocations: Any) -> bool:
+    """Whether a person's session (its row read with its person's, SEALED_SESSION, and the
+    access register's version), its seals checked, still stands: begun under the person's
+    current password (one begun under an older one ended at the change), and the person
+    not refused by the register (``Revocations.refuses``)."""
+    return bool(row.session_password_set == row.password_set) and not revocations.refuses(
+        row.login, row.register_version, row.password_set)
 
 
 def _refused(row: Any) -> None:
