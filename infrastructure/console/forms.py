@@ -54,6 +54,12 @@ def _value(text: str) -> Any:
         return text
 
 
+def _typed(text: str) -> str:
+    """A form's text as sent: trimmed, or as typed when it is white space alone, so that
+    the refusal is the API's own (``must not be blank``), not that of a missing field."""
+    return text.strip() or text
+
+
 def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, Any]:
     """The command body of a posted form (its ``type``, ``command_id`` and fields)."""
     kind = form.get("type", "")
@@ -64,8 +70,11 @@ def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, An
         text = form.get(name, "")
         if name == "password":
             data[name] = text  # as typed: never trimmed, never shown again
-        elif text.strip():
-            data[name] = _value(text.strip()) if name == "value" else text.strip()
+        elif name == "value":
+            if text.strip():
+                data[name] = _value(text.strip())
+        elif text:
+            data[name] = _typed(text)
     if kind == "RaiseQuery":
         target_kind, _, target = form.get("target", "").partition(":")
         if target_kind in ("visit", "event_id") and target:
@@ -74,8 +83,8 @@ def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, An
         data["value"] = None
     body: dict[str, Any] = {"command_id": form.get("command_id") or str(uuid.uuid4()),
                             "type": kind, "participant_id": participant_id, "data": data}
-    if kind in WITH_REASON and form.get("reason", "").strip():
-        body["reason"] = form["reason"].strip()
+    if kind in WITH_REASON and form.get("reason"):
+        body["reason"] = _typed(form["reason"])
     return body
 
 

@@ -237,6 +237,10 @@ def test_a_data_manager_locks_and_unlocks_with_a_reason(console, browser, visite
         assert "Visit locked." in page.get_by_role("status").first.inner_text()
         follow(page.get_by_role("button", name="Unlock baseline"))  # no reason: refused
         assert page.locator("#unlock-baseline-reason-error").is_visible()
+        page.get_by_label("Reason to unlock baseline").fill("   ")  # the API's own refusal
+        follow(page.get_by_role("button", name="Unlock baseline"))
+        assert "must not be blank" in page.locator("#unlock-baseline-reason-error").inner_text()
+        assert page.get_by_role("button", name="Unlock baseline").is_visible()
         page.get_by_label("Reason to unlock baseline").fill("a late lab result")
         follow(page.get_by_role("button", name="Unlock baseline"))
         assert "Visit unlocked." in page.get_by_role("status").first.inner_text()
