@@ -128,6 +128,20 @@ def test_a_coordinator_may_not_sign(console, browser, visited):  # noqa: F811
         context.close()
 
 
+def test_the_visits_cells_line_up_in_their_rows_empty_actions_too(console, browser, visited):  # noqa: F811
+    context, page = _as(browser, console, "monitor", visited)
+    try:
+        rows = page.locator("[data-testid=visits] tbody tr")
+        assert rows.count() > 1  # the baseline, which the monitor may verify, and the rest
+        for i in range(rows.count()):
+            boxes = [cell.bounding_box() for cell in rows.nth(i).locator("th, td").all()]
+            assert len(boxes) == 9
+            assert {(round(b["y"]), round(b["height"])) for b in boxes} == {
+                (round(boxes[0]["y"]), round(boxes[0]["height"]))}, boxes
+    finally:
+        context.close()
+
+
 def test_the_record_is_replayed_to_an_earlier_event(console, browser, visited):  # noqa: F811
     pid = visited
     raised = console.admin.command("RaiseQuery", pid, {"query_id": "9b3f0f64-4a52-4c3e-9d6b-"
