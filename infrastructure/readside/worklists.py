@@ -4,6 +4,8 @@ log. Each is limited to the caller's sites."""
 
 from __future__ import annotations
 
+import logging
+from datetime import date
 from typing import Any
 
 from sqlalchemy import select
@@ -12,7 +14,10 @@ from domain.access import Scope
 from infrastructure.readside import quarantine
 from infrastructure.readside.queries import visible
 from infrastructure.store.bootstrap import Trialog
+from infrastructure.store.outages import is_unavailable
 from infrastructure.store.tables import participants, visits
+
+log = logging.getLogger("trialog.worklists")
 
 # Visits whose data is in: each may be verified and signed.
 _COMPLETED = (select(visits.c.participant_id, visits.c.code, visits.c.completed_on,
@@ -70,27 +75,47 @@ def visits_to_sign(t: Trialog, scope: Scope) -> list[dict[str, Any]]:
 
 def casebooks_to_sign(t: Trialog, scope: Scope) -> list[dict[str, Any]]:
     """Participants who completed or left the study, with no query open and every visit
-    completed or missed (a withdrawn participant's later visits are cancelled), whose
-    casebook has no valid signature."""
+    completed or missed (a withdrawn participant's visits whose windows were still open
+    on the day it left are cancelled), whose casebook has no valid signature: those that
+    SignCasebook takes."""
     query = _scoped(select(participants).where(
         participants.c.status.in_(("completed", "withdrawn"))
     ).order_by(participants.c.participant_id), scope)
     with t.engine.connect() as c:
         rows = c.execute(query).all()
-        pending = {r.participant_id for r in c.execute(
-            select(visits.c.participant_id).where(
-                visits.c.completed_on.is_(None), visits.c.missed.is_(False)))}
+        pending: dict[str, list[date]] = {}  # each visit neither completed nor missed
+        for visit in c.execute(select(visits.c.participant_id, visits.c.window_end).where(
+                visits.c.completed_on.is_(None), visits.c.missed.is_(False))):
+            pending.setdefault(visit.participant_id, []).append(visit.window_end)
     found = []
     for row in rows:
         management = row.management or {}
-        if management.get("open_queries", 0):
+        if management.get("open_queries", 0) or not _unsigned(
+                (management.get("casebook") or {}).get("signature")):
             continue
-        if row.status == "completed" and row.participant_id in pending:
+        if row.participant_id in pending and (
+                row.status == "completed"
+                or not _all_cancelled(t, row.participant_id, pending[row.participant_id])):
             continue
-        if _unsigned((management.get("casebook") or {}).get("signature")):
-            found.append({"participant_id": row.participant_id, "site_id": row.site_id,
-                          "status": row.status})
+        found.append({"participant_id": row.participant_id, "site_id": row.site_id,
+                      "status": row.status})
     return found
+
+
+def _all_cancelled(t: Trialog, participant_id: str, window_ends: list[date]) -> bool:
+    """Whether a withdrawn participant's visits still to do were all cancelled by its
+    leaving: each window still open on the day it left the study, which the read models
+    don't keep (the participant is replayed). One that can't be replayed is left to the
+    list of those set aside."""
+    try:
+        left = t.service.get_participant(participant_id).withdrawn_on("study")
+    except Exception as error:
+        if is_unavailable(error):
+            raise
+        log.warning("participant %s can't be replayed; left off the casebooks to sign",
+                    participant_id)
+        return False
+    return left is not None and all(end >= left for end in window_ends)
 
 
 def quarantined(t: Trialog, scope: Scope) -> list[dict[str, Any]]:

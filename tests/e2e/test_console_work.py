@@ -5,6 +5,8 @@ the same through the forms with JavaScript off."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from tests.e2e import payloads as p
@@ -280,5 +282,27 @@ def test_the_investigator_signs_a_completed_casebook(console, browser):  # noqa:
         assert "I approve the data of this casebook" in \
             page.get_by_test_id("casebook").inner_text()
         assert page.get_by_role("link", name="Sign the casebook").count() == 0
+    finally:
+        context.close()
+
+
+def test_a_casebook_signing_would_refuse_is_not_offered(console, browser):  # noqa: F811
+    """Withdrawn with the baseline neither completed nor marked missed: SignCasebook
+    refuses it, so neither the page nor the work list offers it."""
+    pid, _ = enrol(console.admin, "CASE")
+    withdrawal = {"withdrawn_on": (p.REGISTERED + timedelta(days=3)).isoformat(),
+                  "scope": "study", "reason_code": "moved"}
+    answer = console.admin.command("WithdrawParticipant", pid, withdrawal)
+    assert answer.status_code == 201, answer.text
+    listed = console.admin.get(f"/v1/participants?status=withdrawn&wait=10"
+                               f"&after={answer.json()['position']}")  # the read models hold it
+    assert pid in {row["participant_id"] for row in listed.json()["participants"]}
+    context, page = _as(browser, console, "investigator", pid)
+    try:
+        assert page.get_by_test_id("status").inner_text() == "withdrawn"
+        assert page.get_by_role("link", name="Sign the casebook").count() == 0
+        page.goto(console.page_url("/console/work/sign"))
+        assert page.get_by_role("heading", level=1).count() == 1
+        assert pid not in page.content()
     finally:
         context.close()
