@@ -187,7 +187,7 @@ class Participant(DataManagement, ChainedAggregate):
             aggregate.corrected = []  # a list: aggregate state stays plain JSON values
             aggregate.queries = {}
             aggregate.verified = {}  # visit -> the version that verified it
-            aggregate.changed = {}  # visit -> the version of its latest correction
+            aggregate.changed = {}  # visit -> the version of its latest new data
             aggregate.signatures = {}  # "visit:<code>" or "casebook" -> the signature
             aggregate.locks = []  # "visit:<code>" or "casebook"
             Participant.Capture.apply(self, aggregate)
@@ -251,7 +251,9 @@ class Participant(DataManagement, ChainedAggregate):
             aggregate.status = "randomized"
 
     class BloodSampleCollected(Capture):
-        pass
+        def absorb(self, aggregate: Any) -> None:
+            # New data of its visit: a visit verified before it is changed since.
+            aggregate.changed[self.data["timepoint"]] = self.originator_version
 
     class DoseRecorded(Capture):
         pass

@@ -514,6 +514,16 @@ class _Subject:
                                 self._audit(event, contact=contact), values)
         if form.command:
             self.held[event_uuid(event.originator_id, event.originator_version)] = inserted
+        if kind == "BloodSampleCollected":  # new data of its visit
+            self._changed(study_event, event)
+
+    def _changed(self, study_event: str, event: Any) -> None:
+        """As the participant's sdv_status: a verified visit's data corrected, or new data
+        of it, is changed since it was verified."""
+        if study_event in self.verified:
+            self.verified.discard(study_event)
+            self._note(Place(study_event), event, annotation=_annotation(
+                1, [("SDV", "changed_since_verified")]))
 
     def _insert(self, study_event: str, form: Form, version: int, audit: str,
                 values: list[tuple[str, Any]]) -> set[str]:
@@ -570,11 +580,7 @@ class _Subject:
             return
         study_event, form, version = place
         for visit in self._visits_changed(event, study_event, form):
-            if visit in self.verified:
-                # As the participant's sdv_status: a correction of a verified visit's data.
-                self.verified.discard(visit)
-                self._note(Place(visit), event, annotation=_annotation(
-                    1, [("SDV", "changed_since_verified")]))
+            self._changed(visit, event)
         participant_place(self.current[event.target_event_id][0], event.field,
                           copy.deepcopy(event.value))
         if event.field == form.visit_field and event.value is not None \

@@ -587,6 +587,29 @@ def test_a_blood_sample_moved_to_another_visit_changes_both_in_the_odm(isolated,
         ("SE.BASELINE", "Insert"), ("SE.BASELINE", "Remove"), ("SE.WEEK6", "Insert")]
 
 
+def test_a_new_sample_of_a_verified_visit_changes_it_in_the_state_and_both_exports(
+        isolated, odm_schema):
+    """New data of a verified visit is data no one has verified: as a correction of it,
+    and as a signature sees it ("new data")."""
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED}))
+    send(isolated, c.VerifySource(pid, {"visit": "baseline"}), actor="cra-1")
+    send(isolated, c.RecordBloodSample(pid, {"timepoint": "baseline",
+                                             "collected_at": datetime(2026, 3, 4, 8, 30),
+                                             "results": {"crp_mg_l": 99.0}}))
+    TrialProjection(isolated).catch_up()
+
+    assert isolated.service.get_participant(pid).sdv_status("baseline") == \
+        "changed_since_verified"
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    notes = [_flags(a) for a in root.iterfind(
+        ".//odm:StudyEventData[@StudyEventOID='SE.BASELINE']/odm:Annotation", NS)]
+    assert notes == [{"SDV": "verified"}, {"SDV": "changed_since_verified"}]
+    rows = {row["visit"]: row for row in _csv(isolated) if row["participant_id"] == pid}
+    assert rows["baseline"]["sdv"] == "changed_since_verified"
+
+
 def _csv(t, deidentify=False) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO("".join(exports.document(t, "csv", deidentify)))))
 

@@ -292,6 +292,9 @@ def test_a_blood_sample_belongs_to_its_visit_for_locks_verification_and_signatur
     run(service, c.SignVisit, visit="baseline", **SIGN)
     p = run(service, c.RecordBloodSample, **sample)  # a second sample of the visit
     assert p.signatures["visit:baseline"]["valid"] is False
+    assert p.sdv_status("baseline") == "changed_since_verified"  # data not verified yet
+    assert _replayed(service, p.id).sdv_status("baseline") == "changed_since_verified"
+    p = run(service, c.VerifySource, visit="baseline")
     event_id = next(e for e, d in p.records_of("BloodSampleCollected"))
     p = run(service, c.CorrectData, reason="lab correction", event_id=event_id,
             field="results.b12_pg_ml", value=410.0)
