@@ -93,29 +93,29 @@ def casebooks_to_sign(t: Trialog, scope: Scope) -> list[dict[str, Any]]:
         if management.get("open_queries", 0) or not _unsigned(
                 (management.get("casebook") or {}).get("signature")):
             continue
-        if row.participant_id in pending and (
-                row.status == "completed"
-                or not _all_cancelled(t, row.participant_id, pending[row.participant_id])):
-            continue
+        if row.participant_id in pending:
+            left = None if row.status == "completed" else (
+                row.left_on or _left_study_on(t, row.participant_id))
+            if left is None or any(end < left for end in pending[row.participant_id]):
+                continue
         found.append({"participant_id": row.participant_id, "site_id": row.site_id,
                       "status": row.status})
     return found
 
 
-def _all_cancelled(t: Trialog, participant_id: str, window_ends: list[date]) -> bool:
-    """Whether a withdrawn participant's visits still to do were all cancelled by its
-    leaving: each window still open on the day it left the study, which the read models
-    don't keep (the participant is replayed). One that can't be replayed is left to the
-    list of those set aside."""
+def _left_study_on(t: Trialog, participant_id: str) -> date | None:
+    """The day a withdrawn participant left the study, replayed: a row written before the
+    read models kept it has none. One that can't be replayed is left to the list of those
+    set aside."""
     try:
-        left = t.service.get_participant(participant_id).withdrawn_on("study")
+        left: date | None = t.service.get_participant(participant_id).withdrawn_on("study")
     except Exception as error:
         if is_unavailable(error):
             raise
         log.warning("participant %s can't be replayed; left off the casebooks to sign",
                     participant_id)
-        return False
-    return left is not None and all(end >= left for end in window_ends)
+        return None
+    return left
 
 
 def quarantined(t: Trialog, scope: Scope) -> list[dict[str, Any]]:
