@@ -123,6 +123,15 @@ def _one_of(args: dict[str, Any], name: str, values: list[str]) -> None:
         raise invalid({name: [f"must be one of: {', '.join(values)}"]})
 
 
+def _known_site(args: dict[str, Any]) -> None:
+    """``site_id`` as ``_one_of``: a site of the protocol, or one that a participant is at
+    (a site taken out of the protocol may still hold participants)."""
+    site_id, t = args.get("site_id"), _trialog()
+    if site_id is not None and site_id not in t.protocol.site_ids \
+            and not queries.holds_site(t, site_id):
+        _one_of(args, "site_id", list(t.protocol.site_ids))
+
+
 def _reflecting_read_models() -> None:
     """The answer is read from the read models: its position is theirs, taken before they
     are read. A follower may commit between the read and the answer, so a position taken
@@ -160,6 +169,7 @@ def list_participants(**args: Any) -> Response:
     """Participants, filtered by status, arm and site."""
     _read("participants", args)
     _one_of(args, "arm", [arm.code for arm in _trialog().protocol.arms])
+    _known_site(args)
     _reflecting_read_models()
     rows = queries.list_participants(
         _trialog(), scope=g.principal.scope, status=args.get("status"), arm=args.get("arm"),
@@ -282,6 +292,7 @@ def get_deviations(**args: Any) -> Response:
 def get_queries(**args: Any) -> Response:
     """Queries to the sites, oldest first, filtered by status, site and participant."""
     _read("queries", args)
+    _known_site(args)
     _reflecting_read_models()
     return jsonify({"queries": queries.list_queries(
         _trialog(), scope=g.principal.scope, status=args.get("status"),

@@ -161,6 +161,14 @@ def list_participants(t: Trialog, *, scope: Scope, status: str | None = None,
     return [_summary_row(r) for r in rows]
 
 
+def holds_site(t: Trialog, site_id: str) -> bool:
+    """Whether a participant of the read models is at ``site_id`` (a site taken out of the
+    protocol may still hold participants)."""
+    with t.engine.connect() as c:
+        return c.execute(select(participants.c.participant_id)
+                         .where(participants.c.site_id == site_id).limit(1)).first() is not None
+
+
 def list_deviations(t: Trialog, *, scope: Scope, status: str | None = None,
                     code: str | None = None, participant_id: str | None = None,
                     limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:

@@ -358,17 +358,20 @@ def test_a_query_parameter_no_route_takes_is_a_422_naming_it(server, path, param
     assert list(answer.json()["fields"]) == [named]
 
 
-@pytest.mark.parametrize("path, name, wrong, right", [
-    ("/v1/participants", "arm", "B12", "b12"),
-    ("/v1/deviations", "code", "missed_visit", "visit_missed"),
+@pytest.mark.parametrize("path, name, wrong, right, named", [
+    ("/v1/participants", "arm", "B12", "b12", "b12, control"),
+    ("/v1/deviations", "code", "missed_visit", "visit_missed", "visit_missed"),
+    ("/v1/participants", "site_id", "case", "CASE", "CASE, METRO"),
+    ("/v1/queries", "site_id", "NOPE", "METRO", "CASE, METRO"),
 ])
 def test_a_filter_on_a_value_no_row_can_hold_is_a_422_naming_it(server, path, name, wrong,
-                                                                  right):
-    """`?arm=B12` answered an empty list, as if no participant were in the arm."""
+                                                                  right, named):
+    """`?arm=B12` (or `?site_id=case`) answered an empty list, as if no participant were
+    in the arm (or at the site)."""
     monitor = server.client("monitor")
     answer = monitor.get(path, **{name: wrong})
     assert (answer.status_code, list(answer.json()["fields"])) == (422, [name])
-    assert "b12, control" in answer.text or "visit_missed" in answer.text
+    assert named in answer.text
     assert monitor.get(path, **{name: right}).status_code == 200
 
 

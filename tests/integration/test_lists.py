@@ -100,3 +100,31 @@ def test_a_visit_stays_due_until_its_last_day_has_ended_everywhere(isolated):
                                                       hours=12, minutes=30)
     state = participant_state(isolated, pid)
     assert {v["code"]: v["status"] for v in state["visits"]}["week6"] == "overdue"
+
+
+def test_a_site_taken_out_of_the_protocol_still_filters_its_participants(isolated):
+    """A site the protocol no longer lists may still hold participants: a filter on it
+    answers them, where a site no participant is at is a 422."""
+    from datetime import date
+
+    from infrastructure.api import create_app
+    from infrastructure.store.tables import participants
+    from infrastructure.store.tokens import create_token
+
+    pid = f"GONE-{uuid.uuid4().hex[:8]}"
+    with isolated.engine.begin() as connection:  # as the read models keep it
+        connection.execute(insert(participants).values(
+            participant_id=pid, site_id="GONE", status="screen_failed", arm=None, version=1,
+            language="en", eligible=False, failed_criteria=["zubrod"],
+            screened_on=date(2026, 3, 1), scores={}, position=1))
+    token = create_token(isolated.engine, f"admin-{uuid.uuid4().hex[:6]}", "admin")
+    client = create_app(isolated, follow=False).test_client()
+    headers = {"Authorization": f"Bearer {token}"}
+
+    answer = client.get("/v1/participants?site_id=GONE", headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert [row["participant_id"] for row in answer.json["participants"]] == [pid]
+    assert client.get("/v1/queries?site_id=GONE", headers=headers).json == {"queries": []}
+    answer = client.get("/v1/participants?site_id=NOPE", headers=headers)
+    assert (answer.status_code, answer.json["fields"]) == (
+        422, {"site_id": ["must be one of: CASE, METRO"]})
