@@ -47,6 +47,8 @@ class TrialDatabase(ChainedAggregate):
         if self.locked is not None:
             raise InvalidTransition(f"the database is locked already, since "
                                     f"{self.locked['locked_at']}", status="locked")
+        if not audit.gives_reason:  # why the data stop: an interim analysis, the final one
+            raise ValidationFailed({"reason": ["is required for LockDatabase"]})
         self.trigger_event(self.DatabaseLocked, **audit.event_fields())
 
     def unlock(self, audit: Audit) -> None:

@@ -17,7 +17,9 @@ from infrastructure.store.schemas import CommandEnvelope, UUIDString, data_schem
 class TrialCommand(Schema):
     command_id = UUIDString(required=True)
     type = fields.String(required=True, validate=validate.OneOf(TRIAL_COMMANDS))
-    reason = text(1, 2000, allow_none=True, metadata={"description": "required to unlock"})
+    reason = text(1, 2000, allow_none=True,
+                  metadata={"description": "why the database is locked or unlocked "
+                                           "(required)"})
 
 
 class TrialAnswer(Schema):

@@ -176,6 +176,15 @@ def test_the_database_lock_stops_every_data_command_until_unlocked(server, peopl
     lock = {"command_id": str(uuid.uuid4()), "type": "LockDatabase",
             "reason": "interim analysis"}
     refused(coordinator.post("/v1/trial/commands", lock), 403, "forbidden")
+    for reason in ({}, {"reason": None}):  # why the data stop is part of the record
+        answer = manager.post("/v1/trial/commands", {
+            "command_id": str(uuid.uuid4()), "type": "LockDatabase", **reason})
+        if answer.status_code == 201:  # not left locked for the tests after this one
+            ok(manager.post("/v1/trial/commands", {**lock, "type": "UnlockDatabase",
+                                                   "command_id": str(uuid.uuid4())}))
+        unsaid = refused(answer, 422, "validation_failed")
+        assert unsaid["fields"] == {"reason": ["is required for LockDatabase"]}
+    assert ok(manager.get("/v1/trial/summary"), 200)["database_lock"] is None
     locked = ok(manager.post("/v1/trial/commands", lock))
     try:
         assert ok(manager.post("/v1/trial/commands", lock), 200) == locked  # a retry

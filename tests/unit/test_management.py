@@ -168,11 +168,14 @@ def test_a_casebook_is_signed_at_the_end_with_no_query_open(service):
 
 
 def test_the_database_lock_opens_its_stream_and_refuses_a_second_lock(service):
-    database = service.decide_trial("LockDatabase", audit())
+    for blank in (None, " "):
+        with pytest.raises(ValidationFailed, match="is required for LockDatabase"):
+            service.decide_trial("LockDatabase", audit(blank))
+    database = service.decide_trial("LockDatabase", audit("interim analysis"))
     service.save(database)
     assert service.database().locked["locked_by"] == "test-service"
     with pytest.raises(InvalidTransition, match="locked already"):
-        service.decide_trial("LockDatabase", audit())
+        service.decide_trial("LockDatabase", audit("again"))
     with pytest.raises(ValidationFailed, match="reason"):
         service.decide_trial("UnlockDatabase", audit())
     service.save(service.decide_trial("UnlockDatabase", audit("a late query")))
