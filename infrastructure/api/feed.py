@@ -33,14 +33,19 @@ class CloudEvent(Schema):
     source = fields.String(required=True)
     type = fields.String(required=True)
     subject = fields.String(required=True)
-    time = fields.String(required=True)
+    # An org.trialog.EventUnreadable (an event the store can't give) has no time and no
+    # digests: it holds nothing of the event.
+    time = fields.String(metadata={"description": "recorded at (absent in an "
+                                                  "org.trialog.EventUnreadable)"})
     datacontenttype = fields.String(required=True)
     data = fields.Dict(required=True)
     position = fields.Integer(required=True)
-    digest = fields.String(required=True, metadata={
-        "description": "the event's chain digest, keyed (HMAC-SHA256 under the server's key)"})
-    previousdigest = fields.String(required=True, metadata={
-        "description": "the previous event's digest, keyed the same way; empty for the first"})
+    digest = fields.String(metadata={
+        "description": "the event's chain digest, keyed (HMAC-SHA256 under the server's key);"
+                       " absent in an org.trialog.EventUnreadable"})
+    previousdigest = fields.String(metadata={
+        "description": "the previous event's digest, keyed the same way; empty for the first"
+                       ", absent in an org.trialog.EventUnreadable"})
 
 
 class FeedPage(Schema):

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 
 from domain.access import Scope
 from domain.chain import canonical_json
-from domain.participant import participant_uuid
+from domain.participant import event_uuid, participant_uuid
 from domain.randomization import AllocationSequence
 from domain.revocations import AccessRegister
 from infrastructure.audit.history import event_entry, redact_contact
@@ -55,6 +55,7 @@ REGISTER_TOPIC = get_topic(AccessRegister) + "."
 MAX_LIMIT = 1000
 UNKNOWN_SITE = "?"  # no site's: seen only by readers of every site
 FEED_FOLLOWER = "feed"  # the follower of the log that writes rm_feed
+UNREADABLE = "EventUnreadable"  # the type given in place of an event the store can't give
 log = logging.getLogger("trialog.feed")
 
 
@@ -277,10 +278,14 @@ class Feed:
                 events.append(orjson.dumps(self.cloud_event(row, stream, reader, disclosed)))
         return events, (tail[-1].id if tail else covered)
 
-    def render(self, connection: Any, rows: list[Any]) -> list[dict[str, Any]]:
+    def render(self, connection: Any, rows: list[Any],
+               failed: dict[UUID, tuple[Any, str, BaseException]] | None = None
+               ) -> list[dict[str, Any]]:
         """rm_feed's rows for events of the store (the feed's follower writes them): each
         CloudEvent without contact details, and with them (encrypted) when they differ; no
-        body when it can't be rendered now."""
+        body when it can't be rendered now (read from the store when asked). ``failed``
+        collects, by stream, the last row that could not be rendered, its subject and the
+        error."""
         streams = self._learn(connection, events_table(self.trialog.service.recorder), rows)
         mapper = self.trialog.service.mapper
         rendered = []
@@ -295,9 +300,11 @@ class Feed:
                         self._wrapped(row, stream, content, full)))
                 body = orjson.dumps(event).decode()
                 entry = orjson.dumps(history_entry(event)).decode()
-            except Exception:
+            except Exception as error:
                 log.warning("feed: position %s is not rendered ahead; it is read from the "
                             "store when asked", row.id, exc_info=True)
+                if failed is not None:
+                    failed[as_uuid(row.originator_id)] = (row, stream.subject, error)
             rendered.append({"position": row.id, "subject": stream.subject,
                              "site": stream.site, "type": row.topic.rsplit(".", 1)[-1],
                              "body": body, "contact": contact, "entry": entry})
@@ -361,10 +368,40 @@ class Feed:
 
     def cloud_event(self, row: Any, stream: Stream, reader: Reader,
                     disclosed: set[str] | None = None) -> dict[str, Any]:
-        event, has_contact = self._cloud_event(row, stream, reader.contact)
+        try:
+            event, has_contact = self._cloud_event(row, stream, reader.contact)
+        except Exception:
+            log.warning("feed: position %s can't be read from the store; given as %s",
+                        row.id, UNREADABLE, exc_info=True)
+            return self.unreadable(row, stream)
         if has_contact and reader.contact and disclosed is not None:
             disclosed.add(stream.subject)
         return event
+
+    def readable(self, row: Any) -> bool:
+        """Whether the store gives the event of ``row`` now."""
+        try:
+            self._entries(row)
+        except Exception:  # noqa: BLE001 - whatever a damaged row raises
+            return False
+        return True
+
+    def unreadable(self, row: Any, stream: Stream) -> dict[str, Any]:
+        """An event the store holds but can't give (a damaged or altered row; `trialog
+        audit verify` names it): a CloudEvent that says so in its place, so that a page,
+        and every reader and webhook after it, goes on past it. It carries no data of the
+        event, no time and no digests; the feed's follower sets its participant aside."""
+        return {
+            "specversion": "1.0", "id": str(row.id), "source": self.source,
+            "type": TYPE_PREFIX + UNREADABLE, "subject": stream.subject,
+            "datacontenttype": "application/json",
+            "data": {"event_id": event_uuid(as_uuid(row.originator_id),
+                                            row.originator_version),
+                     "version": row.originator_version,
+                     "message": "the stored event can't be read; trialog audit verify "
+                                "names the fault"},
+            "position": row.id,
+        }
 
     def _cloud_event(self, row: Any, stream: Stream,
                      contact: bool) -> tuple[dict[str, Any], bool]:

@@ -34,6 +34,7 @@ from infrastructure.store.bus import WRITE_CONFLICTS
 from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
 from infrastructure.store.stored import (
     PARTICIPANT_TOPIC,
+    as_uuid,
     decode,
     select_rows,
     stored_events,
@@ -46,6 +47,7 @@ from infrastructure.store.tables import (
     insert_rows,
     participants,
     positions,
+    quarantine,
     queries,
     reminder_schedule,
     scores,
@@ -455,7 +457,8 @@ class FeedProjection(LogFollower):
     """Renders the event feed's pages ahead into rm_feed: every event of the log (the
     participants', the allocation sequences', the trial's), one row per position. An event
     that can't be rendered gets a row without a body, and the feed reads it from the store
-    when asked, as it does the positions this follower has not reached."""
+    when asked, as it does the positions this follower has not reached; its stream is set
+    aside (shown as the other followers' are) until one of its later events renders."""
 
     name = FEED_FOLLOWER
     topic_prefix = ""
@@ -468,8 +471,31 @@ class FeedProjection(LogFollower):
     def _apply_rows(self, session: Session, rows: list[Any]) -> None:
         if not rows:
             return
-        insert_rows(session, feed_events, self.feed.render(session, rows))
+        failed: dict[Any, tuple[Any, str, BaseException]] = {}
+        rendered = self.feed.render(session, rows, failed)
+        if len(failed) > 1 and all(r["body"] is None for r in rendered):
+            error = next(iter(failed.values()))[2]  # as _refuse_unreadable_store
+            raise UnreadableStore(f"no event of this batch can be read (from position "
+                                  f"{rows[0].id}): {error!r}; check TRIALOG_CIPHER_KEY")
+        insert_rows(session, feed_events, rendered)
+        self._release_readable(session, set(failed))
+        for originator_id, (row, subject, error) in failed.items():
+            set_aside(session, self.name, originator_id, subject, row.id,
+                      row.topic.rsplit(".", 1)[-1], error)
         self._move_to(session, rows[-1].id)
+
+    def _release_readable(self, session: Session, failing: set[Any]) -> None:
+        """Lifts the quarantine of streams whose unreadable event reads again (the row
+        repaired: the feed reads it from the store, whose row it did not render)."""
+        held = session.execute(select(quarantine.c.originator_id, quarantine.c.position).where(
+            quarantine.c.follower == self.name)).all()
+        wanted = {position: originator_id for originator_id, position in held
+                  if position is not None and as_uuid(originator_id) not in failing}
+        if not wanted:
+            return
+        table = self.events_table
+        rows = session.execute(select_rows(table).where(table.c.id.in_(sorted(wanted))))
+        release(session, self.name, {wanted[row.id] for row in rows if self.feed.readable(row)})
 
 
 def follow_all(trialog: Trialog, stop: threading.Event,

@@ -215,3 +215,73 @@ def test_a_store_no_row_of_which_can_be_read_stops_the_follower_loudly(isolated_
         assert projection.position() == 0 and quarantined(t, "trial") == {}
     finally:
         t.close()
+
+
+def _flip_state(t, pid: str, version: int) -> tuple[bytes, int]:
+    """Damages one stored event of ``pid`` (its last byte flipped): the original state and
+    the event's position."""
+    from sqlalchemy import and_, update
+
+    from domain.participant import participant_uuid
+    from infrastructure.store.stored import as_bytes, events_table
+
+    table = events_table(t.service.recorder)
+    where = and_(table.c.originator_id == participant_uuid(pid),
+                 table.c.originator_version == version)
+    with t.engine.begin() as connection:
+        state, position = connection.execute(select(table.c.state, table.c.id).where(where)).one()
+        state = as_bytes(state)
+        connection.execute(update(table).where(where).values(
+            state=state[:-1] + bytes([state[-1] ^ 1])))
+    return state, position
+
+
+def _restore_state(t, pid: str, version: int, state: bytes) -> None:
+    from sqlalchemy import and_, update
+
+    from domain.participant import participant_uuid
+    from infrastructure.store.stored import events_table
+
+    table = events_table(t.service.recorder)
+    with t.engine.begin() as connection:
+        connection.execute(update(table).where(and_(
+            table.c.originator_id == participant_uuid(pid),
+            table.c.originator_version == version)).values(state=state))
+
+
+def test_an_unreadable_event_is_set_aside_by_the_feed_and_given_in_its_place(isolated):
+    """The feed's follower rendered the row without a body and told no one; every page
+    over it then failed for every reader who could see it, webhooks included."""
+    from domain.access import EVERY_SITE, Scope
+    from infrastructure.audit.feed import Feed, Reader
+    from infrastructure.readside.projections import FeedProjection
+
+    t = isolated
+    bad, good = enrol(t), enrol(t)
+    original, position = _flip_state(t, bad, 2)
+    send(t, c.CompleteVisit(good, visit()))
+    follower = FeedProjection(t)
+
+    follower.catch_up()
+
+    assert follower.position() == follower.head()
+    held = quarantined(t, "feed")
+    assert list(held) == [bad] and held[bad]["position"] == position
+    for reader in (Reader(EVERY_SITE), Reader(EVERY_SITE, contact=True),
+                   Reader(Scope.of(["CASE"]))):
+        events, resume = Feed(t).page(0, 1000, reader)
+        assert resume == follower.head()
+        assert [e["position"] for e in events] == list(range(1, follower.head() + 1))
+        placeholder = next(e for e in events if e["position"] == position)
+        assert (placeholder["type"], placeholder["subject"]) == (
+            "org.trialog.EventUnreadable", bad)
+        assert not {"time", "digest", "previousdigest"} & placeholder.keys()
+        assert placeholder["data"]["version"] == 2
+        assert sum(e["subject"] == good for e in events) == 4  # its own, all of them
+
+    _restore_state(t, bad, 2, original)  # repaired: the next batch reads it again
+    send(t, c.RecordDose(good, {"taken_on": REGISTERED, "taken": True, "dose_mcg": 1000}))
+    follower.catch_up()
+    assert quarantined(t, "feed") == {}
+    events, _ = Feed(t).page(position - 1, 1, Reader(EVERY_SITE))
+    assert events[0]["type"] == "org.trialog.ConsentRecorded"
