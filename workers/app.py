@@ -17,7 +17,13 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_init, import_modules, worker_process_shutdown
 
-from infrastructure.store.settings import Settings, SettingsError, check_secrets, redis_url
+from infrastructure.store.settings import (
+    Settings,
+    SettingsError,
+    check_secrets,
+    redis_url,
+    smtp_url,
+)
 
 VISIBILITY_TIMEOUT = 3600  # s; longer than any task (SMTP timeout 30 s) or countdown
 MAX_RETRY_COUNTDOWN = 600  # s; retries of a failing SMTP server back off up to this
@@ -104,13 +110,14 @@ def trialog(celery_app: Celery | None = None) -> Any:
 @celeryd_init.connect
 @import_modules.connect  # beat: before it prints its banner, which reads the URL
 def _check_settings(**_: Any) -> None:
-    """A worker or beat without the secrets its database needs, or with a broker's URL
-    its transport can't read, stops at once, in one line (not at its first task, or
-    retrying for ever)."""
+    """A worker or beat without the secrets its database needs, or with a broker's or
+    mail server's URL it can't read, stops at once, in one line (not at its first task,
+    or retrying for ever)."""
     if app.conf.trialog_settings is not None:
         return
     try:
         redis_url()
+        smtp_url(os.environ)
         check_secrets()
     except SettingsError as e:
         print(f"trialog: {e}", file=sys.stderr)

@@ -79,6 +79,17 @@ def test_a_worker_or_beat_with_a_broker_url_it_cant_read_stops_at_start_naming_i
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("program", ["worker", "beat"])
+def test_a_worker_or_beat_with_a_mail_url_it_cant_read_stops_at_start_naming_it(tmp_path,
+                                                                                program):
+    """A worker started, then failed every task (reminders and deviation flags alike)."""
+    done = celery([program], tmp_path, 60, TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}",
+                  TRIALOG_SMTP_URL="smtp//bad", TRIALOG_BEAT_SCHEDULE=str(tmp_path / "schedule"))
+    assert isinstance(done, subprocess.CompletedProcess) and done.returncode == 1
+    assert "TRIALOG_SMTP_URL: must be smtp://" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_beat_keeps_its_schedule_outside_the_working_folder(tmp_path):
     schedule = tmp_path / "state" / "beat-schedule"
     schedule.parent.mkdir()
