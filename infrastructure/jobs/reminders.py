@@ -51,6 +51,7 @@ import kombu.exceptions
 import sqlalchemy.exc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from sqlalchemy import Connection, bindparam, func, insert, select, true, update
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
@@ -60,7 +61,7 @@ from infrastructure.logs import mask_email, mask_emails_in
 from infrastructure.readside.projections import TrialProjection
 from infrastructure.store import locks
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.bus import Accepted, Intent
+from infrastructure.store.bus import WRITE_CONFLICTS, Accepted, Intent
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import decrypt, encrypt, load_participants
 from infrastructure.store.tables import as_utc, outbox, positions, reminder_schedule
@@ -123,6 +124,22 @@ def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
     Only what can have become due since the last scan is looked at for new rows:
     reminders due after the last scan's day, and schedule rows written since its
     position."""
+    # Two scans at once (beat's and one by hand) may both find a reminder without a row:
+    # the second's insert conflicts, and its scan again finds the row written.
+    for attempt in Retrying(retry=retry_if_exception_type(WRITE_CONFLICTS),
+                            stop=stop_after_attempt(3), wait=wait_random(0, 0.05),
+                            reraise=True):
+        with attempt:
+            rows, again, notices = _write_rows(t, today)
+    if enqueue is not None:
+        hand_over(t, enqueue, chunk)
+    return ([r.reminder_id for r in rows if not expired(r.due_on, today)] + again
+            + [n["reminder_id"] for n in notices])
+
+
+def _write_rows(t: Trialog, today: date) -> tuple[list[Any], list[str], list[dict[str, Any]]]:
+    """The scan's transaction: the due reminders found and written, the rows due again,
+    and the query notices written."""
     s = reminder_schedule
     now = datetime.now(UTC)
     with t.service.recorder.transaction(commit=True) as session:  # type: ignore[attr-defined]
@@ -147,10 +164,7 @@ def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
             session.execute(insert(outbox), new + notices)
         _record(session, "reminder_scan", position, now)
         _record(session, "reminder_scan_day", today.toordinal(), now)
-    if enqueue is not None:
-        hand_over(t, enqueue, chunk)
-    return ([r.reminder_id for r in rows if not expired(r.due_on, today)] + again
-            + [n["reminder_id"] for n in notices])
+    return rows, again, notices
 
 
 def _due_again(session: Any, today: date) -> list[str]:

@@ -1004,3 +1004,33 @@ def test_a_withdrawal_committed_while_a_chunk_is_mailed_holds_for_the_rows_after
     assert outcomes == {order[first]: "sent", order[second]: "cancelled"}
     assert len(stack.sink.messages) == 1
     assert stack.reminders_sent(second) == []
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql"], indirect=True)
+def test_a_scan_that_meets_another_scans_rows_writes_each_row_once(isolated):
+    """Two scans at once (beat's and `trialog reminders scan`): the second's insert of the
+    rows the first had just written crashed it with an IntegrityError."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from tests.integration.helpers import enrol
+
+    pid = enrol(isolated)
+    TrialProjection(isolated).catch_up()
+    met: list[list[str]] = []
+
+    def another_scan_commits_first(conn, cursor, statement, *_):
+        if not met and statement.lstrip().upper().startswith("INSERT INTO TRIALOG_OUTBOX"):
+            met.append([])
+            met[0] = reminders.scan(isolated, WINDOW_OPENS)  # on a connection of its own
+
+    event.listen(Engine, "before_cursor_execute", another_scan_commits_first)
+    try:
+        ours = reminders.scan(isolated, WINDOW_OPENS)
+    finally:
+        event.remove(Engine, "before_cursor_execute", another_scan_commits_first)
+    with isolated.engine.connect() as connection:
+        rows = connection.execute(select(outbox.c.reminder_id, outbox.c.kind).where(
+            outbox.c.participant_id == pid)).all()
+    assert [kind for _, kind in rows] == ["window_open"]
+    assert met == [[rows[0].reminder_id]] and set(ours) <= {rows[0].reminder_id}
