@@ -404,6 +404,15 @@ class _SMTP(smtplib.SMTP):
 
     content_sent = False
 
+    def rcpt(self, recip: str, options: Any = ()) -> tuple[int, bytes]:
+        """A recipient refused for now (a 4xx: greylisting, a full mailbox) stops the
+        message before its content, for every recipient: it is sent again later to all
+        (smtplib would send it to the others and leave this one out for good)."""
+        code, reply = super().rcpt(recip, options)
+        if 400 <= code < 500 and code != 421:  # (421: smtplib ends the connection)
+            raise smtplib.SMTPRecipientsRefused({recip: (code, reply)})
+        return code, reply
+
     def getreply(self) -> tuple[int, bytes]:
         try:
             code, reply = super().getreply()

@@ -302,8 +302,29 @@ def test_a_deferred_reminder_stays_pending_with_its_reason_masked(stack):
 
     row = wait_until(between_attempts)
     assert row.status == "pending" and "451" in row.last_error
+    # The first recipient deferred stops the message (the others are not asked).
+    assert mask_email(addresses(stack, pid)[0]) in row.last_error
     for address in addresses(stack, pid):
-        assert address not in row.last_error and mask_email(address) in row.last_error
+        assert address not in row.last_error
+
+
+def test_a_recipient_deferred_while_the_other_would_take_it_defers_the_reminder(stack):
+    """A 451 to the participant (greylisting) while the coordinator's address took the
+    message: it was never sent to the participant again, and ReminderSent named them."""
+    pid = stack.enrol()
+    participant, coordinator = addresses(stack, pid)
+    stack.sink.defer = {participant}
+    (reminder_id,) = stack.scan(WINDOW_OPENS)
+    row = wait_until(lambda: (lambda r: r if r.attempts >= 1 else None)(
+        outbox_row(stack, reminder_id)))
+    assert "451" in row.last_error and mask_email(participant) in row.last_error
+    assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
+
+    stack.sink.defer = set()  # the retry goes to both, once
+    wait_until(lambda: status(stack, reminder_id) == "sent")
+    assert [sorted(to) for _, to in stack.sink.envelopes] == [sorted((participant,
+                                                                      coordinator))]
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
 
 
 def test_addresses_are_masked_to_their_first_character_and_domain():
@@ -902,7 +923,7 @@ def test_a_server_that_cant_take_a_message_now_ends_the_chunk_after_recording(st
     first, second = stack.enrol(), stack.enrol()
     ids = scan_without_sending(stack, WINDOW_OPENS)
     order = {outbox_row(stack, r).participant_id: r for r in ids}
-    stack.sink.defer = set(addresses(stack, second))
+    stack.sink.defer = {addresses(stack, second)[0]}  # its own (not the coordinator's)
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     with pytest.raises(reminders.TransientMailError):
         reminders.send_chunk(stack.trialog, mailer, [order[first], order[second]],
