@@ -289,18 +289,18 @@ def test_a_recipient_refused_while_the_other_takes_the_reminder_is_noted(stack):
     assert len(stack.sink.messages) == 1 and stack.reminders_sent(pid) == ["week6/window_open"]
 
 
+def between_attempts(stack: Stack, reminder_id: str) -> Any:
+    """Once deferred, a row waits for its task's retry, which (its countdown jittered down
+    to nothing) may already be sending it again: the row as read between two attempts."""
+    row = outbox_row(stack, reminder_id)
+    return row if row.attempts >= 1 and row.status != "sending" else None
+
+
 def test_a_deferred_reminder_stays_pending_with_its_reason_masked(stack):
     pid = stack.enrol()
     stack.sink.defer = set(addresses(stack, pid))
     (reminder_id,) = stack.scan(WINDOW_OPENS)
-    # Once deferred, the row waits for its task's retry, which (its countdown jittered
-    # down to nothing) may already be sending it again: the row as read between two
-    # attempts.
-    def between_attempts() -> Any:
-        row = outbox_row(stack, reminder_id)
-        return row if row.attempts >= 1 and row.status != "sending" else None
-
-    row = wait_until(between_attempts)
+    row = wait_until(lambda: between_attempts(stack, reminder_id))
     assert row.status == "pending" and "451" in row.last_error
     # The first recipient deferred stops the message (the others are not asked).
     assert mask_email(addresses(stack, pid)[0]) in row.last_error
@@ -315,8 +315,7 @@ def test_a_recipient_deferred_while_the_other_would_take_it_defers_the_reminder(
     participant, coordinator = addresses(stack, pid)
     stack.sink.defer = {participant}
     (reminder_id,) = stack.scan(WINDOW_OPENS)
-    row = wait_until(lambda: (lambda r: r if r.attempts >= 1 else None)(
-        outbox_row(stack, reminder_id)))
+    row = wait_until(lambda: between_attempts(stack, reminder_id))
     assert "451" in row.last_error and mask_email(participant) in row.last_error
     assert stack.sink.messages == [] and stack.reminders_sent(pid) == []
 
