@@ -270,7 +270,7 @@ def _attempt(t: Trialog, connection: Connection, sender: Sender, row: Any,
     except requests.RequestException as e:
         status, error, retry_after = None, f"{type(e).__name__}: {e}"[:500], None
     if status is not None and 200 <= status < 300:
-        if row.attempts:
+        if row.attempts or row.last_error:  # an error that no longer stands is not shown
             connection.execute(update(webhooks).where(webhooks.c.webhook_id == row.webhook_id)
                                .values(attempts=0, retry_at=None, last_error=None))
         return "delivered"
@@ -369,6 +369,11 @@ def redeliver(t: Trialog, webhook_id: str, sender: Sender = SENDER) -> tuple[int
             done += 1
         else:
             again += 1
+    if done and not again:  # every failure delivered: none stands, unless one retries now
+        with t.engine.begin() as connection:
+            connection.execute(update(webhooks).where(webhooks.c.webhook_id == webhook_id,
+                                                      webhooks.c.attempts == 0)
+                               .values(last_error=None))
     return done, again
 
 

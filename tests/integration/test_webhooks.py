@@ -217,7 +217,15 @@ def test_what_fails_every_attempt_is_kept_and_redelivered(stack, receiver, fast_
     receiver.answer = 200
     assert webhooks.redeliver(stack.trialog, webhook_id) == (len(expected), 0)
     assert receiver.positions() == expected
-    assert webhooks.listing(stack.trialog)[0]["failed"] == 0
+    [listed] = webhooks.listing(stack.trialog)
+    assert (listed["failed"], listed["last_error"]) == (0, None)  # none stands now
+
+    with stack.trialog.engine.begin() as connection:  # as an event's last attempt leaves it
+        connection.execute(webhooks.webhooks.update().values(last_error="HTTP 500"))
+    count = len(receiver.received)
+    stack.enrol()
+    delivered_until(stack, lambda: len(receiver.received) > count)
+    assert webhooks.listing(stack.trialog)[0]["last_error"] is None  # the next one went
 
 
 def test_a_rotated_secret_signs_beside_the_old_one_for_a_day(stack, receiver):
