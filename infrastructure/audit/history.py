@@ -16,6 +16,7 @@ import orjson
 
 from domain.participant import CONTACT_FIELDS, Participant, event_uuid, participant_uuid
 from domain.service import TrialService
+from infrastructure.logs import mask_emails_in
 from infrastructure.store.stored import plain_stream
 
 log = logging.getLogger("trialog.history")
@@ -54,11 +55,19 @@ def event_entry(originator_id: UUID, version: int, topic: str,
 REDACTED = "[redacted]"
 
 
+def holds_address(text: Any) -> bool:
+    """Whether a free text (a reason) may quote an email address."""
+    return isinstance(text, str) and "@" in text
+
+
 def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
     """The entry without contact details (screening data, corrections of them, reminder
-    recipients), nor, when it held any, its command id: a caller that may issue the command
-    could send it again under that id with guessed details, and the answer (the first one,
-    or 409 for another body) would tell whether the guess was right."""
+    recipients, an address quoted in its reason, masked as the logs mask it), nor, when
+    its data held any, its command id: a caller that may issue the command could send it
+    again under that id with guessed details, and the answer (the first one, or 409 for
+    another body) would tell whether the guess was right."""
+    if holds_address(entry.get("reason")):
+        entry = {**entry, "reason": mask_emails_in(entry["reason"])}
     data = held = entry["data"]
     if isinstance(data.get("data"), dict) and CONTACT_FIELDS & data["data"].keys():
         captured = {k: REDACTED if k in CONTACT_FIELDS and v is not None else v

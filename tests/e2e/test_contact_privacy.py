@@ -14,6 +14,7 @@ import pytest
 
 from domain import commands as c
 from domain.access import EVERY_SITE
+from infrastructure.logs import mask_email
 from infrastructure.store.bootstrap import bootstrap
 from infrastructure.store.tokens import ROLES, create_token
 from tests.conftest import TEST_KEY, settings_for
@@ -69,6 +70,14 @@ def participant(site) -> str:
     assert coordinator.command("RandomizeParticipant", pid, p.RANDOMIZE).status_code == 201
     last = coordinator.command("CompleteVisit", pid, p.visit("baseline", 0))
     assert last.status_code == 201
+    # A reason that quotes the address (free text): shown masked where the address is not.
+    visit_event = next(e["event_id"] for e in coordinator.get(
+        f"/v1/participants/{pid}/history").json()["events"] if e["type"] == "VisitCompleted")
+    corrected = coordinator.post("/v1/commands", {
+        "command_id": str(uuid.uuid4()), "type": "CorrectData", "participant_id": pid,
+        "reason": f"as {MARKER} wrote to the site",
+        "data": {"event_id": visit_event, "field": "bpi_sf.worst", "value": 6}})
+    assert corrected.status_code == 201, corrected.text
     trialog = bootstrap(settings_for(site.database))
     try:
         sent = trialog.bus.dispatch(
@@ -107,6 +116,8 @@ def test_no_read_of_a_role_without_contact_rights_holds_the_address(site, partic
     history = client.get(f"/v1/participants/{participant}/history").json()["events"]
     reminder = next(e for e in history if e["type"] == "ReminderSent")
     assert reminder["data"]["recipients"] == ["[redacted]", "[redacted]"]
+    correction = next(e for e in history if e["type"] == "DataCorrected")
+    assert correction["reason"] == f"as {mask_email(MARKER)} wrote to the site"
 
 
 @pytest.mark.parametrize("role", sorted(set(ROLES) - WITH_CONTACT))
@@ -134,6 +145,8 @@ def test_roles_with_contact_rights_see_the_address_and_the_recipients(site, part
     reminder = next(e for e in history if e["type"] == "ReminderSent")
     assert MARKER in reminder["data"]["recipients"]
     assert reminder["command_id"] == site.command_ids["reminder"]
+    correction = next(e for e in history if e["type"] == "DataCorrected")
+    assert correction["reason"] == f"as {MARKER} wrote to the site"
 
 
 def test_the_log_and_the_database_file_never_hold_the_address(site, participant):
