@@ -48,7 +48,7 @@ from infrastructure.audit.exports import Deidentifier
 from infrastructure.audit.history import holds_address
 from infrastructure.logs import mask_emails_in
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.stored import participant_events
+from infrastructure.store.stored import UnreadableEvent, participant_events
 
 ODM_NAMESPACE = "http://www.cdisc.org/ns/odm/v1.3"
 METADATA_VERSION = "MDV.1"
@@ -758,6 +758,12 @@ class _Subject:
         self._note(_scope_place(event.scope), event,
                    annotation=_annotation(1, [("LOCK", state)]))
 
+    def unreadable(self, version: int) -> None:
+        """An event the store can't give: said where it would be (the events after it
+        are exported as recorded; those that refer to it find nothing)."""
+        self.out.append(f"<!-- event {version} of this subject can't be read from the "
+                        f"store: trialog audit verify names the fault -->")
+
     def close(self) -> str:
         self.out.append("</SubjectData>\n")
         return "\n".join(self.out + self.after)
@@ -782,6 +788,9 @@ def subjects_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
                 yield subject.key, subject.close()
                 subject = None
             stream = event.originator_id
+            if isinstance(event, UnreadableEvent):  # no screening: whose, which site?
+                skipped = stream  # (audit verify names it; the followers set it aside)
+                continue
             # A stream opens with its screening, which names the site.
             if scope.sites is not None and not scope.admits(event.data["site_id"]):
                 skipped = stream
@@ -790,6 +799,9 @@ def subjects_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
             if shown is not None and not CONTACT_ITEMS & withheld:
                 shown.append(subject.participant_id)
         assert subject is not None
+        if isinstance(event, UnreadableEvent):
+            subject.unreadable(event.originator_version)
+            continue
         gathered.users.add(event.actor)
         subject.add(event)
     if subject is not None:

@@ -4,10 +4,12 @@ projection, the audit and the exports, and the whole store stream by stream."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -24,6 +26,8 @@ from domain.participant import Participant, participant_uuid
 from domain.sealing import check_topic, unseal
 from domain.service import project
 from infrastructure.store.tables import any_of
+
+log = logging.getLogger("trialog.store")
 
 PARTICIPANT_TOPIC = get_topic(Participant) + "."
 
@@ -449,8 +453,25 @@ def _read_rows(engine: Any, query: Any) -> list[Any]:
     return rows
 
 
+@dataclass(frozen=True)
+class UnreadableEvent:
+    """In place of an event the store holds but can't give (a damaged or altered row,
+    which `trialog audit verify` names)."""
+
+    originator_id: UUID
+    originator_version: int
+
+
 def participant_events(service: Any, batch: int = 2000) -> Iterator[Any]:
-    """Every participant event, decoded, participant by participant in version order."""
+    """Every participant event, decoded, participant by participant in version order; an
+    UnreadableEvent in place of one that can't be decoded (one damaged row stops no reader
+    of the others)."""
     mapper = service.mapper
     for row in stream_rows(service.recorder, batch, topic_prefix=PARTICIPANT_TOPIC):
-        yield decode(mapper, row.originator_id, row.originator_version, row.topic, row.state)
+        try:
+            yield decode(mapper, row.originator_id, row.originator_version, row.topic,
+                         row.state)
+        except Exception:  # noqa: BLE001 - whatever a damaged row raises
+            log.warning("event %s of stream %s can't be read from the store",
+                        row.originator_version, row.originator_id)
+            yield UnreadableEvent(as_uuid(row.originator_id), row.originator_version)

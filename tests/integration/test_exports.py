@@ -701,3 +701,25 @@ def test_a_query_s_later_steps_follow_its_form_to_the_visit_it_was_moved_to(isol
               and any(_flags(a).get("QUERY_STATUS") for a in event.iterfind(
                   ".//odm:Annotation", NS))]
     assert places == ["SE.WEEK6", "SE.END_OF_TREATMENT"]  # raised there, answered here
+
+
+def test_an_unreadable_event_stops_neither_the_odm_export_nor_its_subject(isolated,
+                                                                         odm_schema):
+    """One damaged row made the whole export fail, every participant's with it."""
+    from tests.integration.test_quarantine import _flip_state
+
+    damaged, whole, first_lost = enrol(isolated), enrol(isolated), enrol(isolated)
+    _flip_state(isolated, damaged, 2)  # its consent
+    _flip_state(isolated, first_lost, 1)  # its screening: whose, at which site?
+
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    subjects = {s.get("SubjectKey"): s for s in root.iterfind(".//odm:SubjectData", NS)}
+    assert {damaged, whole} <= subjects.keys() and first_lost not in subjects
+    said = [c.text for c in subjects[damaged] if isinstance(c, etree._Comment)]
+    assert said == [(" event 2 of this subject can't be read from the store: trialog audit "
+                     "verify names the fault ")]
+    events = {e.get("StudyEventOID") for e in subjects[damaged].iterfind(
+        "odm:StudyEventData", NS)}
+    assert events == {e.get("StudyEventOID") for e in subjects[whole].iterfind(
+        "odm:StudyEventData", NS)}  # its screening and randomization, as recorded
