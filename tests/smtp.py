@@ -24,6 +24,8 @@ class Sink:
     envelopes: list[tuple[str, list[str]]] = field(default_factory=list)  # (from, to)
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
     defer: set[str] = field(default_factory=set)  # addresses answered 451
+    busy_after: int | None = None  # MAILs taken before every next one is answered 451
+    mails: int = 0
     holding: bool = False  # the next DATA is left unanswered until release() (or a minute)
     dropping: bool = False  # the next DATA is kept, and its connection closed unanswered
     # Commands (DATA, RCPT, RSET) whose next reply is longer than a client reads (a DATA's
@@ -36,6 +38,15 @@ class Sink:
     @property
     def url(self) -> str:
         return f"smtp://127.0.0.1:{self.port}"
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: Any) -> str:
+        if self.busy_after is not None and self.mails >= self.busy_after:
+            return "451 4.3.2 System busy, try again later"
+        self.mails += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: Any) -> str:

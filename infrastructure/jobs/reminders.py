@@ -97,6 +97,12 @@ class TransientMailError(Exception):
     """The server could not take the message now: retried with backoff."""
 
 
+class RecipientDeferred(Exception):
+    """The addressee's server refused them for now (a 4xx to their address: greylisting,
+    a full mailbox): the message went to no one, and its row waits for a later scan
+    (every REENQUEUE_AFTER, until the reminder expires), while the rows after it go on."""
+
+
 class UncertainMailError(Exception):
     """The connection failed once the message had gone out and before the server said
     whether it took it: it may have. Never sent again (at most one email)."""
@@ -274,6 +280,9 @@ class Mailer:
             message = self.message(email)
         try:
             refused = self._deliver(message, email.to)
+        except _Deferred as e:
+            raise RecipientDeferred("recipient refused for now: "
+                                    + "; ".join(_refusals(e.recipients))) from None
         except smtplib.SMTPRecipientsRefused as e:
             permanent = all(code >= 500 for code, _ in e.recipients.values())
             error = PermanentMailError if permanent else TransientMailError
@@ -352,6 +361,7 @@ class Mailer:
                 self._smtp = _SMTP(self.host, self.port, timeout=self.timeout)
             smtp = self._smtp
             smtp.content_sent = False
+            smtp.addressee = to[0] if to else ""
             try:
                 if isinstance(message, EmailMessage):
                     return smtp.send_message(message)  # SMTPUTF8 if the server has it
@@ -403,14 +413,16 @@ class _SMTP(smtplib.SMTP):
     leaves it unknown whether the server took the message."""
 
     content_sent = False
+    addressee = ""  # whom the message is for (the others get copies: a site coordinator)
 
     def rcpt(self, recip: str, options: Any = ()) -> tuple[int, bytes]:
-        """A recipient refused for now (a 4xx: greylisting, a full mailbox) stops the
-        message before its content, for every recipient: it is sent again later to all
-        (smtplib would send it to the others and leave this one out for good)."""
+        """The addressee refused for now (a 4xx to their address: greylisting, a full
+        mailbox) stops the message before its content, for every recipient: it goes to
+        all of them later (smtplib would send it to the copies and leave the addressee
+        out for good). A copy's address refused is noted, and the others get it."""
         code, reply = super().rcpt(recip, options)
-        if 400 <= code < 500 and code != 421:  # (421: smtplib ends the connection)
-            raise smtplib.SMTPRecipientsRefused({recip: (code, reply)})
+        if 400 <= code < 500 and code != 421 and recip == self.addressee:
+            raise _Deferred({recip: (code, reply)})  # (421: smtplib ends the connection)
         return code, reply
 
     def getreply(self) -> tuple[int, bytes]:
@@ -421,6 +433,10 @@ class _SMTP(smtplib.SMTP):
         if code == 354:
             self.content_sent = True
         return code, reply
+
+
+class _Deferred(smtplib.SMTPRecipientsRefused):
+    """The addressee refused for now (see _SMTP.rcpt); the transaction is reset."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -679,6 +695,11 @@ def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: E
     except TransientMailError as e:
         _mark(connection, row, "pending", attempted=True, error=str(e))
         raise
+    except RecipientDeferred as e:  # this row's addressee: no reason to stop the others
+        _mark(connection, row, "pending", attempted=True, error=str(e))
+        log.warning("reminder deferred by a recipient's server; a later scan sends it again",
+                    extra={"reminder_id": row.reminder_id, "error": str(e)})
+        return "deferred"
     note = "recipients refused: " + "; ".join(refused) if refused else None
     _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC))
     if note:
