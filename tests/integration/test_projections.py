@@ -446,6 +446,42 @@ def test_after_migration_0019_the_feed_is_rendered_again_without_contact_command
         t.close()
 
 
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_after_migration_0030_the_feed_is_rendered_again_from_the_first_address(
+        isolated_url):
+    """Before 0030, an address quoted in a reason was rendered whole into rm_feed's
+    events and entries without contact details: the migration deletes the rows from the
+    first that holds an address, and the follower renders them again, masked."""
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    t = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(t.engine, "0029")
+        pids = [_enrol_without_the_bus(t) for _ in range(3)]
+        FeedProjection(t).catch_up()
+        head = FeedProjection(t).head()
+        with t.engine.connect() as connection:
+            quoted = connection.execute(select(feed_events.c.position).where(
+                feed_events.c.subject == pids[1]).order_by(feed_events.c.position)).scalar()
+        with t.engine.begin() as connection:  # as rendered before: an address whole
+            connection.execute(update(feed_events).where(feed_events.c.position == quoted)
+                               .values(body=feed_events.c.body + "jane.doe@example.org"))
+        migrations.upgrade(t.engine)
+        with t.engine.connect() as connection:
+            kept = connection.execute(select(feed_events.c.position)).scalars().all()
+            position = connection.execute(select(positions.c.position).where(
+                positions.c.name == "feed")).scalar()
+        assert kept == list(range(1, quoted)) and position == quoted - 1
+        FeedProjection(t).catch_up()
+        with t.engine.connect() as connection:
+            rendered = connection.execute(select(feed_events.c.body)).scalars().all()
+        assert len(rendered) == head and not [b for b in rendered if "@" in b]
+    finally:
+        t.close()
+
+
 def _enrol_without_the_bus(t) -> str:
     """A randomized participant's events, saved by the service alone."""
     from domain.commands import Audit
