@@ -63,11 +63,12 @@ def holds_address(text: Any) -> bool:
 def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
     """The entry without contact details (screening data, corrections of them, reminder
     recipients, an address quoted in its reason, masked as the logs mask it), nor, when
-    its data held any, its command id: a caller that may issue the command could send it
-    again under that id with guessed details, and the answer (the first one, or 409 for
-    another body) would tell whether the guess was right."""
-    if holds_address(entry.get("reason")):
-        entry = {**entry, "reason": mask_emails_in(entry["reason"])}
+    it held any, its command id: a caller that may issue the command could send it again
+    under that id with guessed details, and the answer (the first one, or 409 for another
+    body) would tell whether the guess was right."""
+    if holds_address(entry.get("reason")):  # its command id too: the reason is in the
+        entry = {**entry, "reason": mask_emails_in(entry["reason"]),  # command's body
+                 "command_id": REDACTED}
     data = held = entry["data"]
     if isinstance(data.get("data"), dict) and CONTACT_FIELDS & data["data"].keys():
         captured = {k: REDACTED if k in CONTACT_FIELDS and v is not None else v

@@ -458,6 +458,7 @@ class _Subject:
             reason = None  # free text, like a note
         elif CONTACT_ITEMS <= self.withheld and holds_address(reason):
             reason = mask_emails_in(reason)  # an address quoted in it, as the history shows
+            contact = True  # and its command's id is left out as well
         reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
         # A command id is listed with the participant's id (history, feed): de-identified,
         # it would lead back from the pseudonym. Where contact details are left out, so is
