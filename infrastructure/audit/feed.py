@@ -30,7 +30,7 @@ from domain.chain import canonical_json
 from domain.participant import event_uuid, participant_uuid
 from domain.randomization import AllocationSequence
 from domain.revocations import AccessRegister
-from infrastructure.audit.history import event_entry, holds_address, redact_contact
+from infrastructure.audit.history import event_entry, quotes_address, redact_contact
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.macs import SEAL, KeyedMacs, same_seal
 from infrastructure.store.stored import (
@@ -418,7 +418,7 @@ class Feed:
         content = self._content(row)
         entry = event_entry(as_uuid(row.originator_id), row.originator_version, row.topic,
                             content, self.trialog.veil_digest)
-        if CONTACT_MARKERS & content.keys() or holds_address(content.get("reason")):
+        if CONTACT_MARKERS & content.keys() or quotes_address(content):
             redacted = redact_contact(entry)
             if redacted != entry:
                 return content, redacted, entry

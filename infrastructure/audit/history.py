@@ -55,30 +55,58 @@ def event_entry(originator_id: UUID, version: int, topic: str,
 REDACTED = "[redacted]"
 
 
+# An event's own free texts (a query's message, a resolution, a signature's meaning), and
+# those of a command's data (a withdrawal's note): where a writer may quote an address.
+FREE_TEXT = ("text", "resolution", "meaning")
+CAPTURED_FREE_TEXT = ("note",)
+
+
 def holds_address(text: Any) -> bool:
-    """Whether a free text (a reason) may quote an email address."""
+    """Whether a free text may quote an email address."""
     return isinstance(text, str) and "@" in text
+
+
+def quotes_address(content: dict[str, Any]) -> bool:
+    """Whether an event's reason or one of its free texts may quote an email address."""
+    captured = content.get("data")
+    return (holds_address(content.get("reason"))
+            or any(holds_address(content.get(k)) for k in FREE_TEXT)
+            or (isinstance(captured, dict)
+                and any(holds_address(captured.get(k)) for k in CAPTURED_FREE_TEXT)))
+
+
+def _masked(texts: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: mask_emails_in(texts[k]) for k in names if holds_address(texts.get(k))}
 
 
 def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
     """The entry without contact details (screening data, corrections of them, reminder
-    recipients, an address quoted in its reason, masked as the logs mask it), nor, when
-    it held any, its command id: a caller that may issue the command could send it again
-    under that id with guessed details, and the answer (the first one, or 409 for another
-    body) would tell whether the guess was right."""
-    if holds_address(entry.get("reason")):  # its command id too: the reason is in the
-        entry = {**entry, "reason": mask_emails_in(entry["reason"]),  # command's body
-                 "command_id": REDACTED}
+    recipients; an address quoted in its reason or a free text, masked as the logs mask
+    it), nor, when it held any, its command id: a caller that may issue the command could
+    send it again under that id with guessed details, and the answer (the first one, or
+    409 for another body) would tell whether the guess was right."""
     data = held = entry["data"]
-    if isinstance(data.get("data"), dict) and CONTACT_FIELDS & data["data"].keys():
-        captured = {k: REDACTED if k in CONTACT_FIELDS and v is not None else v
-                    for k, v in data["data"].items()}
-        data = {**data, "data": captured}
+    quoted = _masked(entry, ("reason",))
+    if quoted:
+        entry = {**entry, **quoted}
+    texts = _masked(data, FREE_TEXT)
+    if texts:
+        data = {**data, **texts}
+    if isinstance(data.get("data"), dict):
+        captured = data["data"]
+        if CONTACT_FIELDS & captured.keys():
+            captured = {k: REDACTED if k in CONTACT_FIELDS and v is not None else v
+                        for k, v in captured.items()}
+        notes = _masked(captured, CAPTURED_FREE_TEXT)
+        if notes:
+            captured = {**captured, **notes}
+        if captured is not data["data"]:
+            data = {**data, "data": captured}
     if data.get("field") in CONTACT_FIELDS:
         data = {**data, "previous_value": REDACTED, "value": REDACTED}
     if data.get("recipients"):  # the addresses a reminder went to
         data = {**data, "recipients": [REDACTED for _ in data["recipients"]]}
-    if data is held:
+    if data is held and not quoted:
         return {**entry}
     return {**entry, "data": data, "command_id": REDACTED}
 

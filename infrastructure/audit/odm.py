@@ -733,6 +733,8 @@ class _Subject:
         query = (self.masker.query_pseudonym(event.query_id) if self.masker
                  else event.query_id)
         comment = None if QUERY_TEXT in self.withheld else text
+        if CONTACT_ITEMS <= self.withheld and holds_address(comment):
+            comment = mask_emails_in(comment)  # as /v1/queries shows it
         self._note(place, event, annotation=_annotation(
             step + 1, [("QUERY_STATUS", status), (QUERY_ID, query)], comment,
             "Site" if action == "respond" else "Sponsor"))

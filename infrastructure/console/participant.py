@@ -18,6 +18,7 @@ from infrastructure.console import forms, timeline
 from infrastructure.console.pages import moment
 from infrastructure.console.web import blp, require_read, runtime, trialog
 from infrastructure.readside import queries
+from infrastructure.readside.projections import without_addresses
 
 MEANINGS = {"visit": "I approve the data of this visit",
             "casebook": "I approve the data of this casebook"}
@@ -77,7 +78,8 @@ def _page_data(participant_id: str) -> dict[str, Any]:
         state = state_of(p, t.protocol, asked["moment"].date(), contact=contact)
         history = audit.history(t.service, participant_id, version=p.version,
                                 cache=runtime().histories, veil=t.veil_digest)
-        query_rows = [{**q, "participant_id": participant_id} for q in p.queries.values()]
+        query_rows = [{**q, "participant_id": participant_id,
+                       "thread": without_addresses(q["thread"])} for q in p.queries.values()]
     if not contact:
         history = [audit.redact_contact(e) for e in history]
     else:

@@ -28,6 +28,8 @@ from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from domain.views import management_view
 from infrastructure.audit.feed import FEED_FOLLOWER, Feed
+from infrastructure.audit.history import holds_address
+from infrastructure.logs import mask_emails_in
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import WRITE_CONFLICTS
@@ -415,7 +417,7 @@ def read_model_rows(p: Participant, trialog: Trialog,
             "query_id": q["query_id"], "participant_id": p.participant_id,
             "site_id": p.site_id, "status": q["status"], "target": q["target"],
             "opened_at": datetime.fromisoformat(q["opened_at"]),
-            "opened_by": q["opened_by"], "thread": q["thread"],
+            "opened_by": q["opened_by"], "thread": without_addresses(q["thread"]),
         }
     completed = p.completed_visits()
     if p.registered_on is not None:
@@ -496,6 +498,14 @@ class FeedProjection(LogFollower):
         table = self.events_table
         rows = session.execute(select_rows(table).where(table.c.id.in_(sorted(wanted))))
         release(session, self.name, {wanted[row.id] for row in rows if self.feed.readable(row)})
+
+
+def without_addresses(thread: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A query's thread as the read models keep it (in plain text, for every role): an
+    address quoted in a message masked, as the logs mask it; the record keeps it whole,
+    encrypted, for the history of those with contact rights."""
+    return [{**m, "text": mask_emails_in(m["text"])} if holds_address(m.get("text")) else m
+            for m in thread]
 
 
 def follow_all(trialog: Trialog, stop: threading.Event,

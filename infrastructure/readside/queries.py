@@ -274,7 +274,7 @@ def list_queries(t: Trialog, *, scope: Scope, status: str | None = None,
                  site_id: str | None = None, participant_id: str | None = None,
                  limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
     """Queries of the scope's sites, oldest first, filtered by status, site and
-    participant."""
+    participant (an address quoted in a thread is masked in the read models)."""
     query = select(queries).order_by(queries.c.opened_at, queries.c.query_id)
     if scope.sites is not None:
         query = query.where(queries.c.site_id.in_(sorted(scope.sites)))

@@ -79,6 +79,10 @@ def participant(site) -> str:
         "data": {"event_id": visit_event, "field": "bpi_sf.worst", "value": 6}})
     assert corrected.status_code == 201, corrected.text
     site.command_ids["correction"] = corrected.json()["command_id"]
+    asked = site.clients["monitor"].command("RaiseQuery", pid, {
+        "query_id": str(uuid.uuid4()), "visit": "baseline",
+        "text": f"The source names {MARKER}: is it right?"})
+    assert asked.status_code == 201, asked.text
     trialog = bootstrap(settings_for(site.database))
     try:
         sent = trialog.bus.dispatch(
@@ -150,6 +154,8 @@ def test_roles_with_contact_rights_see_the_address_and_the_recipients(site, part
     assert reminder["command_id"] == site.command_ids["reminder"]
     correction = next(e for e in history if e["type"] == "DataCorrected")
     assert correction["reason"] == f"as {MARKER} wrote to the site"
+    raised = next(e for e in history if e["type"] == "QueryRaised")
+    assert MARKER in raised["data"]["text"]  # the list keeps it masked, in plain text
 
 
 def test_the_log_and_the_database_file_never_hold_the_address(site, participant):
