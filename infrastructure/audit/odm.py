@@ -424,6 +424,8 @@ class _Subject:
             return None
         if self.masker is not None:
             value = self._referenced(value) if name in DERIVED_IDS else self._shifted(value)
+        elif CONTACT_ITEMS <= self.withheld and holds_address(value):
+            value = mask_emails_in(value)  # a free text quoting an address, as the history
         return _value(value)
 
     def _referenced(self, value: Any) -> Any:

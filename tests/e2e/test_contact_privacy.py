@@ -83,6 +83,10 @@ def participant(site) -> str:
         "query_id": str(uuid.uuid4()), "visit": "baseline",
         "text": f"The source names {MARKER}: is it right?"})
     assert asked.status_code == 201, asked.text
+    left = coordinator.command("WithdrawParticipant", pid, {
+        "withdrawn_on": p.REGISTERED.isoformat(), "scope": "treatment",
+        "reason_code": "other", "note": f"asked by mail from {MARKER}"})
+    assert left.status_code == 201, left.text
     trialog = bootstrap(settings_for(site.database))
     try:
         sent = trialog.bus.dispatch(
