@@ -460,7 +460,7 @@ class FeedProjection(LogFollower):
     participants', the allocation sequences', the trial's), one row per position. An event
     that can't be rendered gets a row without a body, and the feed reads it from the store
     when asked, as it does the positions this follower has not reached; its stream is set
-    aside (shown as the other followers' are) until one of its later events renders."""
+    aside (shown as the other followers' are) until every such event of it reads again."""
 
     name = FEED_FOLLOWER
     topic_prefix = ""
@@ -487,17 +487,24 @@ class FeedProjection(LogFollower):
         self._move_to(session, rows[-1].id)
 
     def _release_readable(self, session: Session, failing: set[Any]) -> None:
-        """Lifts the quarantine of streams whose unreadable event reads again (the row
-        repaired: the feed reads it from the store, whose row it did not render)."""
-        held = session.execute(select(quarantine.c.originator_id, quarantine.c.position).where(
-            quarantine.c.follower == self.name)).all()
-        wanted = {position: originator_id for originator_id, position in held
-                  if position is not None and as_uuid(originator_id) not in failing}
-        if not wanted:
+        """Lifts the quarantine of streams whose every event it could not render reads
+        again (the rows repaired: the feed reads them from the store, as it did not render
+        them). One query when none is set aside."""
+        held = {subject: originator_id for originator_id, subject in session.execute(
+            select(quarantine.c.originator_id, quarantine.c.participant_id).where(
+                quarantine.c.follower == self.name))
+            if as_uuid(originator_id) not in failing}
+        if not held:
             return
+        unrendered = session.execute(select(feed_events.c.position, feed_events.c.subject)
+                                     .where(feed_events.c.subject.in_(sorted(held)),
+                                            feed_events.c.body.is_(None))).all()
         table = self.events_table
-        rows = session.execute(select_rows(table).where(table.c.id.in_(sorted(wanted))))
-        release(session, self.name, {wanted[row.id] for row in rows if self.feed.readable(row)})
+        rows = session.execute(select_rows(table).where(
+            table.c.id.in_(sorted(r.position for r in unrendered)))).all()
+        unreadable = {as_uuid(row.originator_id) for row in rows if not self.feed.readable(row)}
+        release(session, self.name, {originator_id for originator_id in held.values()
+                                     if as_uuid(originator_id) not in unreadable})
 
 
 def without_addresses(thread: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -285,3 +285,29 @@ def test_an_unreadable_event_is_set_aside_by_the_feed_and_given_in_its_place(iso
     assert quarantined(t, "feed") == {}
     events, _ = Feed(t).page(position - 1, 1, Reader(EVERY_SITE))
     assert events[0]["type"] == "org.trialog.ConsentRecorded"
+
+
+def test_the_feed_lifts_a_quarantine_only_when_every_unreadable_event_reads_again(isolated):
+    """It looked at the last event that failed: with two damaged, repairing that one
+    lifted the quarantine while the other was still given as unreadable."""
+    from infrastructure.readside.projections import FeedProjection
+
+    t = isolated
+    bad, good = enrol(t), enrol(t)
+    send(t, c.CompleteVisit(bad, visit()))
+    first, _ = _flip_state(t, bad, 2)
+    last, _ = _flip_state(t, bad, 4)
+    follower = FeedProjection(t, batch_size=1)
+    follower.catch_up()
+    assert list(quarantined(t, "feed")) == [bad]
+
+    _restore_state(t, bad, 4, last)
+    send(t, c.RecordDose(good, {"taken_on": REGISTERED, "taken": True, "dose_mcg": 1000}))
+    follower.catch_up()
+    assert list(quarantined(t, "feed")) == [bad]  # version 2 still can't be read
+
+    _restore_state(t, bad, 2, first)
+    send(t, c.RecordDose(good, {"taken_on": REGISTERED + timedelta(days=1), "taken": True,
+                                "dose_mcg": 1000}))
+    follower.catch_up()
+    assert quarantined(t, "feed") == {}
