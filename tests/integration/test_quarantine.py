@@ -311,3 +311,28 @@ def test_the_feed_lifts_a_quarantine_only_when_every_unreadable_event_reads_agai
                                 "dose_mcg": 1000}))
     follower.catch_up()
     assert quarantined(t, "feed") == {}
+
+
+def test_the_feeds_checkpoint_over_an_unreadable_newest_event_has_no_digest(isolated):
+    """It answered 500: the digest of the newest event was read with no guard."""
+    from sqlalchemy import func, update
+
+    from domain.access import EVERY_SITE
+    from infrastructure.audit.feed import Feed, Reader
+    from infrastructure.store.stored import as_bytes, events_table
+
+    t = isolated
+    enrol(t)
+    table = events_table(t.service.recorder)
+    with t.engine.begin() as connection:
+        newest = connection.execute(select(func.max(table.c.id))).scalar()
+        state = as_bytes(connection.execute(select(table.c.state).where(
+            table.c.id == newest)).scalar())
+        connection.execute(update(table).where(table.c.id == newest).values(
+            state=state[:-1] + bytes([state[-1] ^ 1])))
+    checkpoint = Feed(t).checkpoint(Reader(EVERY_SITE))
+    assert checkpoint["position"] == newest and checkpoint["digest"] is None
+    assert checkpoint["events"] == newest  # the unreadable one is given in its place too
+    with t.engine.begin() as connection:  # repaired
+        connection.execute(update(table).where(table.c.id == newest).values(state=state))
+    assert Feed(t).checkpoint(Reader(EVERY_SITE))["digest"] is not None
