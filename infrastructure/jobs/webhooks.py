@@ -252,7 +252,8 @@ def deliver(t: Trialog, webhook_id: str, feed: Feed | None = None,
                     _advance(connection, webhook_id, delivered)
                     return outcome
                 delivered = event["position"]
-                if row.attempts:  # the retried event went through: the count starts again
+                if row.attempts or row.last_error:  # the retried event went through: the
+                    # count starts again (read once: the next deliveries write nothing)
                     row = connection.execute(select(webhooks).where(
                         webhooks.c.webhook_id == webhook_id)).one()
             _advance(connection, webhook_id, next_position)
