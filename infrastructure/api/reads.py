@@ -124,11 +124,12 @@ def _one_of(args: dict[str, Any], name: str, values: list[str]) -> None:
 
 
 def _known_site(args: dict[str, Any]) -> None:
-    """``site_id`` as ``_one_of``: a site of the protocol, or one that a participant is at
-    (a site taken out of the protocol may still hold participants)."""
+    """``site_id`` as ``_one_of``: a site of the protocol, or one that a participant the
+    caller may see is at (a site taken out of the protocol may still hold participants)."""
     site_id, t = args.get("site_id"), _trialog()
-    if site_id is not None and site_id not in t.protocol.site_ids \
-            and not queries.holds_site(t, site_id):
+    if site_id is not None and site_id not in t.protocol.site_ids and not (
+            g.principal.scope.admits(site_id) and queries.holds_site(t, site_id)):
+        # (a site outside the caller's scope holds nothing for it, whatever it holds)
         _one_of(args, "site_id", list(t.protocol.site_ids))
 
 

@@ -28,6 +28,9 @@ DATA_FIELDS: dict[str, tuple[str, ...]] = {
     "CorrectData": ("event_id", "field", "value"),
 }
 WITH_REASON = frozenset({"ReopenQuery", "UnlockVisit", "UnlockCasebook", "CorrectData"})
+# Optional fields: white space alone there is nothing typed (a required one is sent as
+# typed, and refused as blank).
+OPTIONAL = frozenset({("RaiseQuery", "field"), ("CloseQuery", "text"), ("CancelQuery", "text")})
 SIGNING = frozenset({"SignVisit", "SignCasebook"})
 
 DONE = {
@@ -73,7 +76,7 @@ def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, An
         elif name == "value":
             if text.strip():
                 data[name] = _value(text.strip())
-        elif text:
+        elif text.strip() or (text and (kind, name) not in OPTIONAL):
             data[name] = _typed(text)
     if kind == "RaiseQuery":
         target_kind, _, target = form.get("target", "").partition(":")

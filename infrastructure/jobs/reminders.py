@@ -157,6 +157,7 @@ def _write_rows(t: Trialog, today: date) -> tuple[list[Any], list[str], list[dic
             .outerjoin(outbox, outbox.c.reminder_id == s.c.reminder_id)
             .where(s.c.due_on <= today, s.c.until >= today, outbox.c.reminder_id.is_(None),
                    since | (s.c.position > last_position))
+            .order_by(s.c.reminder_id)  # two scans at once insert in one order: no deadlock
         )
         rows = session.execute(due).all()
         again = _due_again(session, today)

@@ -107,6 +107,7 @@ def test_a_site_taken_out_of_the_protocol_still_filters_its_participants(isolate
     answers them, where a site no participant is at is a 422."""
     from datetime import date
 
+    from domain.access import Scope
     from infrastructure.api import create_app
     from infrastructure.store.tables import participants
     from infrastructure.store.tokens import create_token
@@ -128,3 +129,8 @@ def test_a_site_taken_out_of_the_protocol_still_filters_its_participants(isolate
     answer = client.get("/v1/participants?site_id=NOPE", headers=headers)
     assert (answer.status_code, answer.json["fields"]) == (
         422, {"site_id": ["must be one of: CASE, METRO"]})
+    scoped = create_token(isolated.engine, f"case-{uuid.uuid4().hex[:6]}", "monitor",
+                          Scope.of(["CASE"]))  # GONE's participants are not its to know of
+    answer = client.get("/v1/participants?site_id=GONE",
+                        headers={"Authorization": f"Bearer {scoped}"})
+    assert (answer.status_code, list(answer.json["fields"])) == (422, ["site_id"])

@@ -1,0 +1,27 @@
+"""The console's forms as command bodies: what a person typed, as the API takes it."""
+
+from __future__ import annotations
+
+from werkzeug.datastructures import MultiDict
+
+from infrastructure.console.forms import command_body
+
+
+def _body(kind: str, **fields: str) -> dict:
+    return command_body("CASE-0001", MultiDict({"type": kind, **fields}))
+
+
+def test_white_space_alone_is_sent_as_typed_where_the_field_is_required():
+    """So the refusal is the API's `must not be blank`, not that of a missing field."""
+    assert _body("RaiseQuery", query_id="q", text="  \n")["data"]["text"] == "  \n"
+    assert _body("UnlockVisit", visit="baseline", reason=" ")["reason"] == " "
+    assert _body("RaiseQuery", query_id="q", text="  Worst pain?  ")["data"]["text"] == \
+        "Worst pain?"
+
+
+def test_white_space_alone_in_an_optional_field_is_nothing_typed():
+    """A stray newline in an optional note refused the whole form."""
+    assert "text" not in _body("CloseQuery", query_id="q", text="\n")["data"]
+    assert "text" not in _body("CancelQuery", query_id="q", text=" ")["data"]
+    assert "field" not in _body("RaiseQuery", query_id="q", text="?", field=" ")["data"]
+    assert _body("CloseQuery", query_id="q", text=" fixed ")["data"]["text"] == "fixed"
