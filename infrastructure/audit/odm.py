@@ -795,6 +795,9 @@ def subjects_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
             stream = event.originator_id
             if isinstance(event, UnreadableEvent):  # no screening: whose, which site?
                 skipped = stream  # (audit verify names it; the followers set it aside)
+                if scope.sites is None:  # said to a reader of every site, as the feed does
+                    yield "", ("<!-- a subject whose screening can't be read from the "
+                               "store is left out: trialog audit verify names it -->\n")
                 continue
             # A stream opens with its screening, which names the site.
             if scope.sites is not None and not scope.admits(event.data["site_id"]):

@@ -716,6 +716,10 @@ def test_an_unreadable_event_stops_neither_the_odm_export_nor_its_subject(isolat
     assert odm_schema.validate(root), odm_schema.error_log
     subjects = {s.get("SubjectKey"): s for s in root.iterfind(".//odm:SubjectData", NS)}
     assert {damaged, whole} <= subjects.keys() and first_lost not in subjects
+    left_out = [c.text for c in root.find("odm:ClinicalData", NS)
+                if isinstance(c, etree._Comment)]
+    assert left_out == [(" a subject whose screening can't be read from the store is left "
+                         "out: trialog audit verify names it ")]
     said = [c.text for c in subjects[damaged] if isinstance(c, etree._Comment)]
     assert said == [(" event 2 of this subject can't be read from the store: trialog audit "
                      "verify names the fault ")]
