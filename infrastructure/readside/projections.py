@@ -451,7 +451,7 @@ def read_model_rows(p: Participant, trialog: Trialog,
             "code": d["code"], "severity": d["severity"], "status": d["status"],
             "detail": d["detail"], "evidence": list(d["evidence"]),
             "detected_at": datetime.fromisoformat(d["detected_at"]),
-            "resolution": d["resolution"],
+            "resolution": masked_text(d["resolution"]),
         }
 
 
@@ -507,11 +507,17 @@ class FeedProjection(LogFollower):
                                      if as_uuid(originator_id) not in unreadable})
 
 
+def masked_text(text: Any) -> Any:
+    """A free text as the read models keep it (in plain text, for every role): an address
+    quoted in it masked, as the logs mask it; the record keeps it whole, encrypted, for
+    the history of those with contact rights."""
+    return mask_emails_in(text) if holds_address(text) else text
+
+
 def without_addresses(thread: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A query's thread as the read models keep it (in plain text, for every role): an
-    address quoted in a message masked, as the logs mask it; the record keeps it whole,
-    encrypted, for the history of those with contact rights."""
-    return [{**m, "text": mask_emails_in(m["text"])} if holds_address(m.get("text")) else m
+    """A query's thread as the read models keep it: each message's text as
+    ``masked_text``."""
+    return [{**m, "text": masked_text(m["text"])} if holds_address(m.get("text")) else m
             for m in thread]
 
 

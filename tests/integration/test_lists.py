@@ -134,3 +134,20 @@ def test_a_site_taken_out_of_the_protocol_still_filters_its_participants(isolate
     answer = client.get("/v1/participants?site_id=GONE",
                         headers={"Authorization": f"Bearer {scoped}"})
     assert (answer.status_code, list(answer.json["fields"])) == (422, ["site_id"])
+
+
+def test_a_resolution_quoting_an_address_is_listed_masked(isolated):
+    """/v1/deviations gave it whole to every role (the read models keep it in plain)."""
+    from infrastructure.readside.queries import list_deviations
+    from tests.integration.helpers import enrol
+
+    pid = enrol(isolated)
+    deviation = str(uuid.uuid4())
+    send(isolated, c.FlagDeviation(pid, {"deviation_id": deviation, "code": "wrong_dose",
+                                         "severity": "minor", "evidence": [],
+                                         "detail": "2000 mcg"}), actor="deviation-monitor")
+    send(isolated, c.ResolveDeviation(pid, {"deviation_id": deviation,
+                                            "resolution": "per jane.doe@example.org"}))
+    TrialProjection(isolated).catch_up()
+    (listed,) = list_deviations(isolated, scope=EVERY_SITE, participant_id=pid)
+    assert listed["resolution"] == "per j***@example.org"

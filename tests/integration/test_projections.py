@@ -482,6 +482,45 @@ def test_after_migration_0030_the_feed_is_rendered_again_from_the_first_address(
         t.close()
 
 
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_migration_0031_masks_the_addresses_the_read_models_kept_in_free_texts(isolated_url):
+    """Query threads and resolutions are kept in plain text for every role: written
+    before, an address quoted there was kept whole."""
+    import uuid as uuid_module
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.tables import deviations, queries
+    from tests.conftest import settings_for
+
+    t = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(t.engine, "0030")
+        deviation = str(uuid_module.uuid4())
+        thread = [{"action": "raise", "by": "cra-1", "at": "2026-03-05T10:00:00+00:00",
+                   "text": "The source names jane.doe@example.org"}]
+        with t.engine.begin() as connection:  # as written before
+            connection.execute(insert(queries).values(
+                query_id=str(uuid_module.uuid4()), participant_id="CASE-0001",
+                site_id="CASE", status="open", target={"visit": "baseline"},
+                opened_at=datetime.now(UTC), opened_by="cra-1", thread=thread))
+            connection.execute(insert(deviations).values(
+                deviation_id=deviation, participant_id="CASE-0001", code="wrong_dose",
+                severity="minor", status="resolved", detail="", evidence=[],
+                detected_at=datetime.now(UTC), resolution="confirmed by jane.doe@example.org"))
+        migrations.upgrade(t.engine)
+        with t.engine.connect() as connection:
+            (kept,) = connection.execute(select(queries.c.thread)).scalars().all()
+            resolution = connection.execute(select(deviations.c.resolution)).scalar()
+        assert kept == [{**thread[0], "text": "The source names j***@example.org"}]
+        assert resolution == "confirmed by j***@example.org"
+    finally:
+        t.close()
+
+
 def _enrol_without_the_bus(t) -> str:
     """A randomized participant's events, saved by the service alone."""
     from domain.commands import Audit
