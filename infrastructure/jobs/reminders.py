@@ -698,10 +698,16 @@ def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: E
         _mark(connection, row, "pending", attempted=True, error=str(e))
         raise
     except RecipientDeferred as e:  # this row's addressee: no reason to stop the others
-        _mark(connection, row, "pending", attempted=True, error=str(e))
-        log.warning("reminder deferred by a recipient's server; a later scan sends it again",
+        # A visit reminder expires with its due day (``_check``); a query's email and a
+        # digest once a day old (a query still open is in the weekly digest).
+        stale = (row.kind in (query_notices.RAISED, query_notices.DIGEST)
+                 and as_utc(row.created_at) < datetime.now(UTC) - LATE_BY_AT_MOST)
+        _mark(connection, row, "expired" if stale else "pending", attempted=True,
+              error=str(e))
+        log.warning("reminder deferred by a recipient's server; a later scan sends it again"
+                    if not stale else "reminder deferred a day long; expired",
                     extra={"reminder_id": row.reminder_id, "error": str(e)})
-        return "deferred"
+        return "expired" if stale else "deferred"
     note = "recipients refused: " + "; ".join(refused) if refused else None
     _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC))
     if note:

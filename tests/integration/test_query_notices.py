@@ -207,3 +207,23 @@ def test_a_chunk_sends_a_digest_too(stack):
     assert list(outcomes.values()) == ["sent"]
     [message] = stack.sink.messages
     assert "open more than 7 days" in message["Subject"]
+
+
+def test_a_query_email_the_coordinators_server_defers_waits_then_expires_after_a_day(stack):
+    """Deferred, it was handed over again every 5 minutes for as long as the query
+    stayed open."""
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    raise_query(stack, pid, "Is the worst pain 7 or 8?")
+    row_id = scanned_row(stack)
+    stack.sink.defer = {stack.trialog.protocol.site("CASE").coordinator_email}
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == "deferred"
+    with stack.trialog.engine.begin() as connection:  # a day later, still deferred
+        connection.execute(update(outbox).where(outbox.c.reminder_id == row_id).values(
+            created_at=outbox.c.created_at - timedelta(days=1, minutes=1)))
+    assert reminders.send(stack.trialog, mailer, row_id, REGISTERED) == "expired"
+    with stack.trialog.engine.connect() as connection:
+        row = connection.execute(select(outbox).where(outbox.c.reminder_id == row_id)).one()
+    assert row.status == "expired" and "451" in row.last_error
+    assert stack.sink.messages == []
