@@ -67,10 +67,11 @@ def holds_address(text: Any) -> bool:
 
 
 def quotes_address(content: dict[str, Any]) -> bool:
-    """Whether an event's reason or one of its free texts may quote an email address."""
+    """Whether an event's reason or one of its free texts (or a free text's correction)
+    may quote an email address."""
     captured = content.get("data")
-    return (holds_address(content.get("reason"))
-            or any(holds_address(content.get(k)) for k in FREE_TEXT)
+    return (any(holds_address(content.get(k))
+                for k in ("reason", *FREE_TEXT, "previous_value", "value"))
             or (isinstance(captured, dict)
                 and any(holds_address(captured.get(k)) for k in CAPTURED_FREE_TEXT)))
 
@@ -104,6 +105,10 @@ def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:
             data = {**data, "data": captured}
     if data.get("field") in CONTACT_FIELDS:
         data = {**data, "previous_value": REDACTED, "value": REDACTED}
+    elif str(data.get("field")).rsplit(".", 1)[-1] in FREE_TEXT + CAPTURED_FREE_TEXT:
+        values = _masked(data, ("previous_value", "value"))  # a free text corrected
+        if values:
+            data = {**data, **values}
     if data.get("recipients"):  # the addresses a reminder went to
         data = {**data, "recipients": [REDACTED for _ in data["recipients"]]}
     if data is held and not quoted:

@@ -45,7 +45,7 @@ from domain.participant import CAPTURED_BY, CONTACT_FIELDS, Participant, event_u
 from domain.participant import place as participant_place
 from domain.protocol import Protocol
 from infrastructure.audit.exports import Deidentifier
-from infrastructure.audit.history import holds_address
+from infrastructure.audit.history import holds_address, quotes_address
 from infrastructure.logs import mask_emails_in
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.stored import UnreadableEvent, participant_events
@@ -458,9 +458,10 @@ class _Subject:
         """The event's AuditRecord; ``contact``: the event holds contact details."""
         if self.masker is not None:
             reason = None  # free text, like a note
-        elif CONTACT_ITEMS <= self.withheld and holds_address(reason):
-            reason = mask_emails_in(reason)  # an address quoted in it, as the history shows
-            contact = True  # and its command's id is left out as well
+        elif CONTACT_ITEMS <= self.withheld and (holds_address(reason)
+                                                  or quotes_address(vars(event))):
+            reason = mask_emails_in(reason) if reason else reason  # as the history shows
+            contact = True  # an address quoted: its command's id is left out as well
         reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
         # A command id is listed with the participant's id (history, feed): de-identified,
         # it would lead back from the pseudonym. Where contact details are left out, so is

@@ -87,6 +87,17 @@ def participant(site) -> str:
         "withdrawn_on": p.REGISTERED.isoformat(), "scope": "treatment",
         "reason_code": "other", "note": f"asked by mail from {MARKER}"})
     assert left.status_code == 201, left.text
+    withdrawal = next(e["event_id"] for e in coordinator.get(
+        f"/v1/participants/{pid}/history").json()["events"]
+        if e["type"] == "ParticipantWithdrawn")
+    unquoted = coordinator.post("/v1/commands", {
+        "command_id": str(uuid.uuid4()), "type": "CorrectData", "participant_id": pid,
+        "reason": "no addresses in notes",
+        "data": {"event_id": withdrawal, "field": "note", "value": "asked by mail"}})
+    assert unquoted.status_code == 201, unquoted.text
+    site.command_ids.update(query=asked.json()["command_id"],
+                            withdrawal=left.json()["command_id"],
+                            unquoted=unquoted.json()["command_id"])
     trialog = bootstrap(settings_for(site.database))
     try:
         sent = trialog.bus.dispatch(
@@ -136,8 +147,8 @@ def test_without_contact_rights_no_read_holds_the_id_of_a_command_that_carried_t
     again with guessed contact details and learn from the answer whether they were right
     (the first answer, or 409 for another body)."""
     client = site.clients[role]
-    hidden = (site.command_ids["screening"], site.command_ids["reminder"],
-              site.command_ids["correction"])  # its reason quotes the address
+    hidden = [site.command_ids[name] for name in (  # (the last four quote the address)
+        "screening", "reminder", "correction", "query", "withdrawal", "unquoted")]
     for path in reads(participant):
         answer = client.get(path)
         assert not [i for i in hidden if i in answer.text], (role, path)
