@@ -17,6 +17,9 @@ depends_on = None
 
 def upgrade() -> None:
     connection = op.get_bind()
+    if connection.dialect.name == "postgresql":  # a running follower waits till it commits
+        connection.execute(sa.text(
+            "SELECT position FROM trialog_positions WHERE name = 'feed' FOR UPDATE"))
     first = connection.execute(sa.text(
         "SELECT min(position) FROM rm_feed WHERE body LIKE '%@%' OR entry LIKE '%@%'"
     )).scalar()
