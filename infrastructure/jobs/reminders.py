@@ -157,7 +157,6 @@ def _write_rows(t: Trialog, today: date) -> tuple[list[Any], list[str], list[dic
             .outerjoin(outbox, outbox.c.reminder_id == s.c.reminder_id)
             .where(s.c.due_on <= today, s.c.until >= today, outbox.c.reminder_id.is_(None),
                    since | (s.c.position > last_position))
-            .order_by(s.c.reminder_id)  # two scans at once insert in one order: no deadlock
         )
         rows = session.execute(due).all()
         again = _due_again(session, today)
@@ -167,8 +166,9 @@ def _write_rows(t: Trialog, today: date) -> tuple[list[Any], list[str], list[dic
                 "attempts": 0, "scan_position": position, "created_at": now,
                 "query_id": None} for r in rows]
         notices = query_notices.outbox_rows(t, session, today, now, position)
-        if new or notices:
-            session.execute(insert(outbox), new + notices)
+        if new or notices:  # in one order, so two scans at once can't deadlock
+            session.execute(insert(outbox), sorted(new + notices,
+                                                   key=lambda r: r["reminder_id"]))
         _record(session, "reminder_scan", position, now)
         _record(session, "reminder_scan_day", today.toordinal(), now)
     return rows, again, notices
