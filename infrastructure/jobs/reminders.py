@@ -364,10 +364,10 @@ class Mailer:
             smtp.content_sent = False
             smtp.addressee = to[0] if to else ""
             try:
-                if isinstance(message, EmailMessage):  # SMTPUTF8 if the server has it;
-                    # the envelope as given, not parsed back out of the headers
+                # The envelope as given, not parsed back out of the headers (an
+                # EmailMessage goes with SMTPUTF8 if the server has it).
+                if isinstance(message, EmailMessage):
                     return smtp.send_message(message, self.envelope_from, list(to))
-                # The envelope as given, not parsed back out of the headers.
                 return smtp.sendmail(self.envelope_from, list(to), message)
             except smtplib.SMTPResponseException:
                 raise  # the server's own answer: it did not take the message
