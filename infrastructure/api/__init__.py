@@ -31,6 +31,7 @@ from infrastructure.heap import freeze_startup
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import DATABASE_ERRORS
 from infrastructure.store.schemas import MAX_BODY, PARTICIPANT_ID
+from infrastructure.store.stored import UnreadableRecord
 
 log = logging.getLogger("trialog.http")
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/v1/sessions"})
@@ -86,6 +87,7 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     app.after_request(_log_request)
     app.register_error_handler(ApiError, ApiError.response)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(UnreadableRecord, _unreadable)
     for error in DATABASE_ERRORS:
         app.register_error_handler(error, database_error)
     # What exists now lives as long as the process: out of the collector's way, so a full
@@ -140,6 +142,16 @@ def _gate(participant_id: str) -> None:
     if (not re.fullmatch(PARTICIPANT_ID, participant_id)
             or not visible(runtime().trialog, g.principal.scope, participant_id)):
         raise ApiError(404, "not_found", f"participant {participant_id} not found")
+
+
+def _unreadable(e: UnreadableRecord) -> Response:
+    """A participant's record the store can't give: said so, as the server's fault (500),
+    naming the event; the other participants are read as ever."""
+    log.error("record unreadable", extra={"error": str(e)})
+    participant_id = (request.view_args or {}).get("participant_id") or "a participant"
+    return error_response(500, {"error": "record_unreadable", "message": (
+        f"event {e.version} of {participant_id}'s record can't be read from the store (a "
+        "damaged or altered row: trialog audit verify names it)")})
 
 
 def _http_error(e: HTTPException) -> Response:

@@ -20,7 +20,12 @@ from domain.views import participant_state as state_of
 from domain.views import with_management
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import is_unavailable
-from infrastructure.store.stored import events_table, plain_stream, position_of
+from infrastructure.store.stored import (
+    UnreadableRecord,
+    events_table,
+    plain_stream,
+    position_of,
+)
 from infrastructure.store.tables import (
     as_utc,
     database_lock,
@@ -254,7 +259,10 @@ def visible(t: Trialog, scope: Scope, participant_id: str) -> bool:
     """Whether the participant exists for a caller with ``scope``."""
     if scope.sites is None:
         return True
-    site = site_of(t, participant_id)
+    try:
+        site = site_of(t, participant_id)
+    except UnreadableRecord:  # whose site, no one can say: only every site's callers see it
+        return False
     return site is not None and scope.admits(site)
 
 

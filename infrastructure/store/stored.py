@@ -432,12 +432,15 @@ def plain_stream(service: Any, originator_id: UUID, lte: int | None = None,
     for version, topic, state in rows:
         state = as_bytes(state)
         try:
-            content = plain_state(service.mapper, state, topic)
-        except Upcast:
-            event = decode(service.mapper, originator_id, version, topic, state)
-            content = json.loads(canonical_json({k: v for k, v in vars(event).items()
-                                                 if k not in ("originator_id",
-                                                              "originator_version")}))
+            try:
+                content = plain_state(service.mapper, state, topic)
+            except Upcast:
+                event = decode(service.mapper, originator_id, version, topic, state)
+                content = json.loads(canonical_json({k: v for k, v in vars(event).items()
+                                                     if k not in ("originator_id",
+                                                                  "originator_version")}))
+        except Exception as error:
+            raise UnreadableRecord(originator_id, version) from error
         events.append((version, topic, content))
     return events
 
@@ -451,6 +454,16 @@ def _read_rows(engine: Any, query: Any) -> list[Any]:
     with _binary_cursor(engine, query) as cursor:
         rows: list[Any] = cursor.fetchall()
     return rows
+
+
+class UnreadableRecord(ValueError):
+    """A stream's stored event can't be read (a damaged or altered row, which `trialog
+    audit verify` names): its reader answers so, not as a fault of its own."""
+
+    def __init__(self, originator_id: UUID, version: int) -> None:
+        super().__init__(f"event {version} of stream {originator_id} can't be read from "
+                         "the store")
+        self.originator_id, self.version = originator_id, version
 
 
 @dataclass(frozen=True)

@@ -336,3 +336,27 @@ def test_the_feeds_checkpoint_over_an_unreadable_newest_event_has_no_digest(isol
     with t.engine.begin() as connection:  # repaired
         connection.execute(update(table).where(table.c.id == newest).values(state=state))
     assert Feed(t).checkpoint(Reader(EVERY_SITE))["digest"] is not None
+
+
+def test_a_history_the_store_cant_give_says_so_and_a_scoped_caller_finds_no_one(isolated):
+    """Both were a 500 that said only that the server failed: the history, and any route
+    about a participant whose first event (its site) can't be read, for a site-scoped
+    caller."""
+    from domain.access import Scope
+    from infrastructure.api import create_app
+    from infrastructure.store.tokens import create_token
+
+    t = isolated
+    damaged, lost = enrol(t), enrol(t)
+    _flip_state(t, damaged, 2)
+    _flip_state(t, lost, 1)
+    client = create_app(t, follow=False).test_client()
+    every = {"Authorization": f"Bearer {create_token(t.engine, 'adm-unread', 'admin')}"}
+    scoped = {"Authorization": "Bearer " + create_token(
+        t.engine, "cra-unread", "monitor", Scope.of(["CASE"]))}
+
+    answer = client.get(f"/v1/participants/{damaged}/history", headers=every)
+    assert (answer.status_code, answer.json["error"]) == (500, "record_unreadable")
+    assert answer.json["message"].startswith(f"event 2 of {damaged}'s record can't be read")
+    answer = client.get(f"/v1/participants/{lost}/history", headers=scoped)
+    assert (answer.status_code, answer.json["error"]) == (404, "not_found")
