@@ -4,8 +4,9 @@ verification, signatures and locks (the commands; their events are the Participa
 Query status: open -> answered -> closed; answered or closed -> open (reopen); open or
 answered -> cancelled. A visit's source verification becomes ``changed_since_verified``
 when its data is corrected later, or new data of it (a blood sample) is recorded. A
-correction of signed data, or an unlock, invalidates the signature in the same command. A locked visit or casebook refuses every change of its
-data; queries, verification and signing go on.
+correction of signed data, or an unlock, invalidates the signature in the same command. A
+locked visit or casebook refuses every change of its data; queries, verification and
+signing go on.
 """
 
 from __future__ import annotations

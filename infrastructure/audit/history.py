@@ -76,8 +76,14 @@ def quotes_address(content: dict[str, Any]) -> bool:
                 and any(holds_address(captured.get(k)) for k in CAPTURED_FREE_TEXT)))
 
 
+def masked_text(text: Any) -> Any:
+    """A free text as a reader without contact rights sees it: an address quoted in it
+    masked, as the logs mask it (anything else as it is)."""
+    return mask_emails_in(text) if holds_address(text) else text
+
+
 def _masked(texts: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    return {k: mask_emails_in(texts[k]) for k in names if holds_address(texts.get(k))}
+    return {k: masked_text(texts[k]) for k in names if holds_address(texts.get(k))}
 
 
 def redact_contact(entry: dict[str, Any]) -> dict[str, Any]:

@@ -45,8 +45,7 @@ from domain.participant import CAPTURED_BY, CONTACT_FIELDS, Participant, event_u
 from domain.participant import place as participant_place
 from domain.protocol import Protocol
 from infrastructure.audit.exports import Deidentifier
-from infrastructure.audit.history import holds_address, quotes_address
-from infrastructure.logs import mask_emails_in
+from infrastructure.audit.history import holds_address, masked_text, quotes_address
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.stored import UnreadableEvent, participant_events
 
@@ -424,9 +423,14 @@ class _Subject:
             return None
         if self.masker is not None:
             value = self._referenced(value) if name in DERIVED_IDS else self._shifted(value)
-        elif CONTACT_ITEMS <= self.withheld and holds_address(value):
-            value = mask_emails_in(value)  # a free text quoting an address, as the history
+        else:
+            value = self._as_shown(value)
         return _value(value)
+
+    def _as_shown(self, text: Any) -> Any:
+        """A free text as the export's reader may see it: where contact details are left
+        out, an address quoted in it masked, as the history shows it."""
+        return masked_text(text) if CONTACT_ITEMS <= self.withheld else text
 
     def _referenced(self, value: Any) -> Any:
         """An id, or a list of them, as keyed pseudonyms."""
@@ -460,7 +464,7 @@ class _Subject:
             reason = None  # free text, like a note
         elif CONTACT_ITEMS <= self.withheld and (holds_address(reason)
                                                   or quotes_address(vars(event))):
-            reason = mask_emails_in(reason) if reason else reason  # as the history shows
+            reason = self._as_shown(reason)
             contact = True  # an address quoted: its command's id is left out as well
         reason_xml = f"<ReasonForChange>{escape(reason)}</ReasonForChange>" if reason else ""
         # A command id is listed with the participant's id (history, feed): de-identified,
@@ -735,9 +739,7 @@ class _Subject:
         place = self._target(target)  # where the form is now (a correction may move it)
         query = (self.masker.query_pseudonym(event.query_id) if self.masker
                  else event.query_id)
-        comment = None if QUERY_TEXT in self.withheld else text
-        if CONTACT_ITEMS <= self.withheld and holds_address(comment):
-            comment = mask_emails_in(comment)  # as /v1/queries shows it
+        comment = None if QUERY_TEXT in self.withheld else self._as_shown(text)
         self._note(place, event, annotation=_annotation(
             step + 1, [("QUERY_STATUS", status), (QUERY_ID, query)], comment,
             "Site" if action == "respond" else "Sponsor"))

@@ -28,8 +28,7 @@ from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from domain.views import management_view
 from infrastructure.audit.feed import FEED_FOLLOWER, Feed
-from infrastructure.audit.history import holds_address
-from infrastructure.logs import mask_emails_in
+from infrastructure.audit.history import holds_address, masked_text
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import WRITE_CONFLICTS
@@ -507,16 +506,10 @@ class FeedProjection(LogFollower):
                                      if as_uuid(originator_id) not in unreadable})
 
 
-def masked_text(text: Any) -> Any:
-    """A free text as the read models keep it (in plain text, for every role): an address
-    quoted in it masked, as the logs mask it; the record keeps it whole, encrypted, for
-    the history of those with contact rights."""
-    return mask_emails_in(text) if holds_address(text) else text
-
-
 def without_addresses(thread: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A query's thread as the read models keep it: each message's text as
-    ``masked_text``."""
+    """A query's thread as the read models keep it (in plain text, for every role): each
+    message's text as ``masked_text`` gives it; the record keeps it whole, encrypted, for
+    the history of those with contact rights."""
     return [{**m, "text": masked_text(m["text"])} if holds_address(m.get("text")) else m
             for m in thread]
 

@@ -1,6 +1,6 @@
 """The read models keep free texts in plain text for every role: an address quoted in a
-query's message or a deviation's resolution is kept masked (readside.projections
-.masked_text). The rows written before are masked here.
+query's message or a deviation's resolution is kept masked (audit.history.masked_text).
+The rows written before are masked here.
 
 Revision ID: 0031
 Revises: 0030
@@ -15,7 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    from infrastructure.readside.projections import masked_text, without_addresses
+    from infrastructure.audit.history import masked_text
+    from infrastructure.readside.projections import without_addresses
 
     connection = op.get_bind()
     queries = sa.table("rm_queries", sa.column("participant_id"), sa.column("query_id"),
