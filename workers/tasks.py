@@ -32,14 +32,15 @@ def send_reminder(self: Any, reminder_id: str) -> str:
     """Sends one reminder of the outbox (once; an address that cannot be sent to is
     recorded as failed, a reminder more than a day late as expired)."""
     t = _app(self)
-    return reminders.send(t, _mailer(t), reminder_id, t.today())
+    return reminders.send(t, _mailer(t), reminder_id, reminders.Today.of(t))
 
 
 @shared_task(bind=True)
 def scan_reminders(self: Any) -> int:
     """Turns due reminders into outbox rows and hands them to send_reminder."""
     t = _app(self)
-    new = reminders.scan(t, t.today(), enqueue=send_reminders.delay, chunk=reminders.CHUNK)
+    new = reminders.scan(t, reminders.Today.of(t), enqueue=send_reminders.delay,
+                         chunk=reminders.CHUNK)
     return len(new)
 
 
@@ -50,7 +51,7 @@ def send_reminders(self: Any, reminder_ids: list[str]) -> dict[str, str]:
     """Sends a chunk of the outbox over one SMTP connection and records the sent ones in
     one transaction (rows another sender has are left to it and to the next scan)."""
     t = _app(self)
-    return reminders.send_chunk(t, _mailer(t), list(reminder_ids), t.today())
+    return reminders.send_chunk(t, _mailer(t), list(reminder_ids), reminders.Today.of(t))
 
 
 @shared_task(bind=True)

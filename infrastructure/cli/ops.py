@@ -263,7 +263,7 @@ def cmd_reminders_scan(args: argparse.Namespace) -> int:
     trialog = _app()
     try:
         TrialProjection(trialog).catch_up()  # the schedule is read from the read models
-        new = reminders.scan(trialog, trialog.today())
+        new = reminders.scan(trialog, reminders.Today.of(trialog))
         # Its warning is the workers' (they retry); here the failure is said below, once.
         reminders.log.disabled = True
         handed = reminders.hand_over(trialog, enqueue, reminders.CHUNK)

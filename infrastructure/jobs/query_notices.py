@@ -10,6 +10,7 @@ participant (keyed by the query id), a digest's row is its record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from typing import Any
 from uuid import NAMESPACE_URL, uuid5
@@ -43,21 +44,24 @@ def digest_key(site_id: str, today: date) -> str:
     return f"site:{site_id}:{year}-W{week:02d}"
 
 
-def outbox_rows(t: Trialog, session: Any, today: date, now: datetime,
+def outbox_rows(t: Trialog, session: Any, today: Callable[[str], date], now: datetime,
                 position: int) -> list[dict[str, Any]]:
     """The outbox rows a scan adds: one per query raised since the last day with none yet,
-    and one digest per site with queries open more than 7 days and none this week."""
-    base = {"due_on": today, "status": "pending", "attempts": 0, "scan_position": position,
+    and one digest per site with queries open more than 7 days and none this week (the
+    site's week: ``today`` gives the day at a site)."""
+    base = {"status": "pending", "attempts": 0, "scan_position": position,
             "created_at": now}
     now = t.bus.clock()  # the clock the events are recorded by
     raised = session.execute(
-        select(queries.c.query_id, queries.c.participant_id, queries.c.target)
+        select(queries.c.query_id, queries.c.participant_id, queries.c.target,
+               queries.c.site_id)
         .outerjoin(outbox, and_(outbox.c.query_id == queries.c.query_id,
                                 outbox.c.participant_id == queries.c.participant_id,
                                 outbox.c.kind == RAISED))
         .where(outbox.c.reminder_id.is_(None), queries.c.opened_at >= now - ANNOUNCE_WITHIN)
     ).all()
-    rows = [{**base, "reminder_id": notice_id(RAISED, r.participant_id, r.query_id),
+    rows = [{**base, "due_on": today(r.site_id),
+             "reminder_id": notice_id(RAISED, r.participant_id, r.query_id),
              "participant_id": r.participant_id, "visit": r.target.get("visit") or "",
              "kind": RAISED, "query_id": r.query_id} for r in raised]
     late = now - timedelta(days=DIGEST_AFTER_DAYS)
@@ -66,12 +70,13 @@ def outbox_rows(t: Trialog, session: Any, today: date, now: datetime,
         .where(queries.c.status.in_(("open", "answered")), queries.c.opened_at <= late)
     ).scalars().all()
     for site_id in sites:
-        key = digest_key(site_id, today)
+        key = digest_key(site_id, today(site_id))
         reminder_id = notice_id(DIGEST, key)
         if session.execute(select(outbox.c.reminder_id)
                            .where(outbox.c.reminder_id == reminder_id)).first() is None:
-            rows.append({**base, "reminder_id": reminder_id, "participant_id": key[:64],
-                         "visit": "", "kind": DIGEST, "query_id": None})
+            rows.append({**base, "due_on": today(site_id), "reminder_id": reminder_id,
+                         "participant_id": key[:64], "visit": "", "kind": DIGEST,
+                         "query_id": None})
     return rows
 
 

@@ -55,6 +55,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
+from domain.protocol import Protocol, calendar_day
 from domain.schedule import reminder_due, scheduled_visit
 from infrastructure.jobs import query_notices
 from infrastructure.logs import mask_email, mask_emails_in
@@ -64,7 +65,7 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import WRITE_CONFLICTS, Accepted, Intent
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import decrypt, encrypt, load_participants
-from infrastructure.store.tables import as_utc, outbox, positions, reminder_schedule
+from infrastructure.store.tables import as_utc, outbox, participants, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
 # The statuses of rows a sender still has something to do for: email (pending), record
@@ -112,6 +113,40 @@ class ReminderBusy(Exception):
     """Another sender has this reminder now: tried again later."""
 
 
+@dataclass(frozen=True)
+class Today:
+    """The day it is at each site, by the site's time zone (UTC for a site the protocol
+    doesn't list): a visit reminder falls due, counts its days and expires by its
+    participant's site's calendar, so a site west of UTC gets it on its due day, not the
+    evening before, and a query digest's week is its site's. ``Today.of(t)`` is now by the
+    clock the events are recorded by; a plain date (a day named by hand) is that day at
+    every site."""
+
+    protocol: Protocol
+    now: datetime | None = None
+    day: date | None = None
+
+    @classmethod
+    def of(cls, t: Trialog) -> Today:
+        return cls(t.protocol, now=t.bus.clock())
+
+    def at(self, site_id: str | None) -> date:
+        if self.now is None:
+            assert self.day is not None
+            return self.day
+        site = self.protocol.site(site_id) if site_id else None
+        return calendar_day(self.now, site.zone if site is not None else UTC)
+
+    def span(self) -> tuple[date, date]:
+        """The earliest and the latest of the sites' days (UTC's among them)."""
+        days = [self.at(site.id) for site in self.protocol.sites] + [self.at(None)]
+        return min(days), max(days)
+
+
+def _days(t: Trialog, today: Today | date) -> Today:
+    return today if isinstance(today, Today) else Today(t.protocol, day=today)
+
+
 def expired(due_on: date, today: date) -> bool:
     """A reminder more than a day past its due day is not sent: what it says ("in three
     days", "from today") and when it would arrive no longer help the participant."""
@@ -120,72 +155,83 @@ def expired(due_on: date, today: date) -> bool:
 
 # --- scanning ----------------------------------------------------------------------------
 
-def scan(t: Trialog, today: date, enqueue: Callable[[Any], None] | None = None,
+def scan(t: Trialog, today: Today | date, enqueue: Callable[[Any], None] | None = None,
          chunk: int = 1) -> list[str]:
-    """Writes an outbox row for each reminder due ``today`` that has none, in one
-    transaction with the read models' position, and makes rescheduled rows pending again
-    once due (``_due_again``); then hands pending rows to ``enqueue``. Returns the ids of
-    the rows to send (one found too late is written expired).
+    """Writes an outbox row for each reminder due ``today`` (its site's day) that has
+    none, in one transaction with the read models' position, and makes rescheduled rows
+    pending again once due (``_due_again``); then hands pending rows to ``enqueue``.
+    Returns the ids of the rows to send (one found too late is written expired).
 
     Only what can have become due since the last scan is looked at for new rows:
-    reminders due after the last scan's day, and schedule rows written since its
+    reminders due after the last scan's earliest day, and schedule rows written since its
     position."""
+    days = _days(t, today)
     # Two scans at once (beat's and one by hand) may both find a reminder without a row:
     # the second's insert conflicts, and its scan again finds the row written.
     for attempt in Retrying(retry=retry_if_exception_type(WRITE_CONFLICTS),
                             stop=stop_after_attempt(3), wait=wait_random(0, 0.05),
                             reraise=True):
         with attempt:
-            rows, again, notices = _write_rows(t, today)
+            new, again, notices = _write_rows(t, days)
     if enqueue is not None:
         hand_over(t, enqueue, chunk)
-    return ([r.reminder_id for r in rows if not expired(r.due_on, today)] + again
+    return ([r["reminder_id"] for r in new if r["status"] == "pending"] + again
             + [n["reminder_id"] for n in notices])
 
 
-def _write_rows(t: Trialog, today: date) -> tuple[list[Any], list[str], list[dict[str, Any]]]:
-    """The scan's transaction: the due reminders found and written, the rows due again,
-    and the query notices written."""
+def _write_rows(t: Trialog, days: Today
+                ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """The scan's transaction: the outbox rows written for the due reminders found, the
+    rows due again, and the query notices written."""
     s = reminder_schedule
     now = datetime.now(UTC)
+    earliest, latest = days.span()
     with t.service.recorder.transaction(commit=True) as session:  # type: ignore[attr-defined]
         position = TrialProjection(t).position()
         last_day, last_position = _last_scan(session)
         since = s.c.due_on > last_day if last_day else s.c.due_on.is_not(None)
         due = (
-            select(s.c.reminder_id, s.c.participant_id, s.c.visit, s.c.kind, s.c.due_on)
+            select(s.c.reminder_id, s.c.participant_id, s.c.visit, s.c.kind, s.c.due_on,
+                   s.c.until, participants.c.site_id)
             .outerjoin(outbox, outbox.c.reminder_id == s.c.reminder_id)
-            .where(s.c.due_on <= today, s.c.until >= today, outbox.c.reminder_id.is_(None),
-                   since | (s.c.position > last_position))
+            .outerjoin(participants, participants.c.participant_id == s.c.participant_id)
+            .where(s.c.due_on <= latest, s.c.until >= earliest,
+                   outbox.c.reminder_id.is_(None), since | (s.c.position > last_position))
         )
-        rows = session.execute(due).all()
-        again = _due_again(session, today)
-        new = [{"reminder_id": r.reminder_id, "participant_id": r.participant_id,
-                "visit": r.visit, "kind": r.kind, "due_on": r.due_on,
-                "status": "expired" if expired(r.due_on, today) else "pending",
-                "attempts": 0, "scan_position": position, "created_at": now,
-                "query_id": None} for r in rows]
-        notices = query_notices.outbox_rows(t, session, today, now, position)
+        new = []
+        for r in session.execute(due):
+            today = days.at(r.site_id)
+            if r.due_on <= today <= r.until:  # by its site's calendar
+                new.append({"reminder_id": r.reminder_id, "participant_id": r.participant_id,
+                            "visit": r.visit, "kind": r.kind, "due_on": r.due_on,
+                            "status": "expired" if expired(r.due_on, today) else "pending",
+                            "attempts": 0, "scan_position": position, "created_at": now,
+                            "query_id": None})
+        again = _due_again(session, days)
+        notices = query_notices.outbox_rows(t, session, days.at, now, position)
         if new or notices:  # in one order, so two scans at once can't deadlock
             session.execute(insert(outbox), sorted(new + notices,
                                                    key=lambda r: r["reminder_id"]))
         _record(session, "reminder_scan", position, now)
-        _record(session, "reminder_scan_day", today.toordinal(), now)
-    return rows, again, notices
+        # The earliest site's day: a reminder not due at a site then is due after it.
+        _record(session, "reminder_scan_day", earliest.toordinal(), now)
+    return new, again, notices
 
 
-def _due_again(session: Any, today: date) -> list[str]:
+def _due_again(session: Any, days: Today) -> list[str]:
     """The rows set aside as rescheduled, looked at by every scan: pending again with their
-    new due day once it has come (expired when that was more than a day ago), cancelled
-    once no reminder is owed (the schedule's row gone: withdrawn, the visit done or
-    missed) or its window has closed unsent. The ids of those to send."""
+    new due day once it has come at their site (expired when that was more than a day
+    ago), cancelled once no reminder is owed (the schedule's row gone: withdrawn, the visit
+    done or missed) or its window has closed unsent. The ids of those to send."""
     s = reminder_schedule
     rows = session.execute(
-        select(outbox.c.reminder_id, s.c.due_on, s.c.until)
+        select(outbox.c.reminder_id, s.c.due_on, s.c.until, participants.c.site_id)
         .outerjoin(s, s.c.reminder_id == outbox.c.reminder_id)
+        .outerjoin(participants, participants.c.participant_id == outbox.c.participant_id)
         .where(outbox.c.status == RESCHEDULED)).all()
     again = []
     for row in rows:
+        today = days.at(row.site_id)
         if row.due_on is not None and row.due_on > today:
             continue  # not yet
         if row.due_on is None or row.until < today:
@@ -514,7 +560,7 @@ def _owed(t: Trialog, participant: Participant, visit: str,
     return reminder_due(scheduled, offset), scheduled.window_end
 
 
-def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
+def send(t: Trialog, mailer: Mailer, reminder_id: str, today: Today | date) -> str:
     """Sends one outbox row; what happened: sent, recorded_before, cancelled, rescheduled
     (not due yet: see RESCHEDULED), expired, failed, uncertain (it may have gone, see the
     module's docstring), busy (another sender changed the row meanwhile, or, on SQLite,
@@ -528,14 +574,14 @@ def send(t: Trialog, mailer: Mailer, reminder_id: str, today: date) -> str:
             select(outbox).where(outbox.c.reminder_id == reminder_id)).first()
         if row is None or row.status not in TO_DO:
             return "done"
-        outcome, to, _ = _one(t, connection, mailer, row, today)
+        outcome, to, _ = _one(t, connection, mailer, row, _days(t, today))
         if to is not None:
             _record_sent(t, connection, row, to)
         return outcome
 
 
 def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
-         today: date) -> tuple[str, tuple[str, ...] | None, Participant | None]:
+         days: Today) -> tuple[str, tuple[str, ...] | None, Participant | None]:
     """What became of one pending, sending or mailed row (sent, recorded_before, rescheduled,
     cancelled, expired, failed, uncertain, busy), and the recipients when its ReminderSent
     is still to record (the caller records it). A visit reminder, a raised query's email
@@ -568,6 +614,7 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
             _mark(connection, row, "cancelled")
             return "cancelled", None, None
     else:
+        today = days.at(participant.site_id)  # the participant's site's day
         outcome = _check(t, row, participant, today)
         if outcome == RESCHEDULED:  # only as read: on SQLite another sender may have it
             changed = connection.execute(update(outbox).where(
@@ -903,7 +950,7 @@ FRESH_FOR = 1.0  # seconds a chunk's participants, read together, are used befor
 
 
 def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
-               today: date) -> dict[str, str]:
+               today: Today | date) -> dict[str, str]:
     """Sends several outbox rows over the mailer's one connection, then records their
     ReminderSent events in one transaction and marks them sent together; what happened
     to each (as ``send`` says, ``busy`` for a row another sender has). The rules are
@@ -912,6 +959,7 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
     server that can't take a message now ends the chunk: what was mailed is recorded,
     then TransientMailError."""
     outcomes: dict[str, str] = {}
+    days = _days(t, today)
     with _alone_with_many(t, reminder_ids) as (connection, held):
         outcomes.update({r: "busy" for r in reminder_ids if r not in held})
         rows = connection.execute(select(outbox).where(outbox.c.reminder_id.in_(held))).all()
@@ -929,7 +977,7 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
                     read_at = time.monotonic()
                     while todo:
                         row = todo.pop(0)
-                        outcome, to, participant = _one(t, connection, mailer, row, today)
+                        outcome, to, participant = _one(t, connection, mailer, row, days)
                         outcomes[row.reminder_id] = outcome
                         if to is not None:
                             mailed.append((row, to))

@@ -631,7 +631,8 @@ def test_a_reminders_scan_that_cannot_hand_its_reminders_over_fails_saying_so(tm
     url = f"sqlite:///{tmp_path / 'r.db'}"
     t = bootstrap(settings_for(url), migrate=True)
     try:
-        registered = datetime.now(UTC).date() - timedelta(days=35)  # week 6 opens today
+        # Week 6 opened yesterday by UTC's day: today or yesterday at the site.
+        registered = datetime.now(UTC).date() - timedelta(days=36)
         pid = new_participant_id()
         send(t, c.ScreenParticipant(pid, screening()))
         send(t, c.RecordConsent(pid, consent()))

@@ -435,7 +435,8 @@ def test_a_row_another_sender_took_meanwhile_is_not_set_aside_over_it(stack):
                            .values(status="sending", message_id="<other@example.org>"))
     mailer = reminders.Mailer(stack.sink.url, t.settings.mail_from)
     with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        outcome, to, _ = reminders._one(t, connection, mailer, row, WINDOW_OPENS)
+        outcome, to, _ = reminders._one(t, connection, mailer, row,
+                                        reminders.Today(t.protocol, day=WINDOW_OPENS))
     assert (outcome, to) == ("busy", None)
     assert status(stack, reminder_id) == "sending"
 
@@ -466,6 +467,34 @@ def test_a_reminder_sent_a_day_late_gives_the_date_not_today(stack):
     es = by_recipient[f"{spanish.lower()}@example.org"]
     assert f"due on {WEEK6}." in text_of(en) and "three days" not in text_of(en)
     assert f"corresponde el {WEEK6}." in text_of(es) and "tres días" not in text_of(es)
+
+
+def test_a_reminder_goes_by_its_sites_day_not_the_utc_day(stack):
+    """CASE is in New York (UTC-4 in April): its reminder due on a day is not sent the
+    evening before, when the UTC day has begun; and a day late in New York it is sent, not
+    expired, although the UTC day is two days on."""
+    pid = stack.enrol()
+    t = stack.trialog
+    TrialProjection(t).catch_up()
+
+    def scan_at(now: datetime) -> list[Any]:
+        stack.clock.now = now
+        reminders.scan(t, reminders.Today.of(t))
+        with t.engine.connect() as connection:
+            return connection.execute(
+                select(outbox).where(outbox.c.participant_id == pid)).all()
+
+    evening_before = datetime.combine(WINDOW_OPENS, datetime.min.time(), UTC) + timedelta(
+        hours=2)  # 22:00 the day before in New York
+    assert scan_at(evening_before) == []
+    a_day_late = evening_before + timedelta(days=2)  # 22:00 the day after, New York
+    (row,) = scan_at(a_day_late)
+    assert (row.kind, row.status, row.due_on) == ("window_open", "pending", WINDOW_OPENS)
+    mailer = reminders.Mailer(stack.sink.url, t.settings.mail_from)
+    assert reminders.send(t, mailer, row.reminder_id, reminders.Today.of(t)) == "sent"
+    (message,) = stack.sink.wait_for(1)
+    assert f"due from {WINDOW_OPENS}." in text_of(message)
+    assert stack.reminders_sent(pid) == ["week6/window_open"]
 
 
 def test_a_reminder_sent_on_its_day_says_so(stack):
