@@ -319,10 +319,11 @@ class Mailer:
         self.envelope_from = address or sender
         self._smtp: smtplib.SMTP | None = None
 
-    def send(self, email: Email, message: bytes | EmailMessage | None = None) -> list[str]:
+    def send(self, email: Email, message: bytes | EmailMessage | None = None
+             ) -> dict[str, tuple[int, bytes]]:
         """Sends ``email`` (as ``message``, when it is written already); returns the
-        recipients the server refused while it took the message for the others (masked,
-        each with the server's reply)."""
+        recipients the server refused while it took the message for the others, each with
+        the server's reply."""
         if message is None:
             message = self.message(email)
         try:
@@ -345,7 +346,7 @@ class Mailer:
         except (smtplib.SMTPException, OSError) as e:
             self.close()
             raise TransientMailError(mask_emails_in(str(e)) or type(e).__name__) from None
-        return _refusals(refused)
+        return refused
 
     def message(self, email: Email, message_id: str | None = None) -> bytes | EmailMessage:
         """The message, plain text and HTML, with its Date and Message-ID (``message_id``,
@@ -625,10 +626,10 @@ def _one(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
             _mark(connection, row, "sent" if outcome == "recorded_before" else outcome)
             return outcome, None, None
         email = compose(t, participant, row.visit, row.kind, today)
-    outcome = _mail(t, connection, mailer, row, email)
+    outcome, took = _mail(t, connection, mailer, row, email)
     if outcome != "sent":
         return outcome, None, None
-    return outcome, email.to, participant
+    return outcome, took, participant
 
 
 def _sender_stopped(connection: Connection, row: Any) -> bool:
@@ -703,7 +704,7 @@ def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -
     if email is None:
         _mark(connection, row, "cancelled")
         return "cancelled"
-    outcome = _mail(t, connection, mailer, row, email)
+    outcome, _ = _mail(t, connection, mailer, row, email)
     if outcome == "sent":
         _mark(connection, row, "sent")
     return outcome
@@ -722,25 +723,28 @@ def _check(t: Trialog, row: Any, participant: Participant, today: date) -> str:
     return "due"
 
 
-def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: Email) -> str:
+def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any,
+          email: Email) -> tuple[str, tuple[str, ...]]:
     """Sends the email; the row is marked sending before (if it is still as read, and
     waiting for the disk: a row found sending later is never emailed again), and mailed
-    when the server took it (the caller records ReminderSent)."""
+    when the server took it, with the addresses it took it for (the caller records
+    ReminderSent to those: a copy's address refused is not among them). What became of
+    it, and those addresses."""
     to = _sealed(t, email.to) if row.kind != query_notices.DIGEST else None
     try:
         message_id = mailer.new_message_id()
         message = mailer.message(email, message_id)
         if not _claim(connection, row, message_id, to):
-            return "busy"  # another sender changed the row meanwhile
+            return "busy", ()  # another sender changed the row meanwhile
         refused = mailer.send(email, message)
     except UncertainMailError as e:
         return _uncertain(connection, row, message_id, f"the connection failed as the "
-                          f"server was taking the message ({e}); not sent again")
+                          f"server was taking the message ({e}); not sent again"), ()
     except PermanentMailError as e:
         _mark(connection, row, "failed", attempted=True, error=str(e))
         log.warning("reminder cannot be sent; marked failed",
                     extra={"reminder_id": row.reminder_id, "error": str(e)})
-        return "failed"
+        return "failed", ()
     except TransientMailError as e:
         _mark(connection, row, "pending", attempted=True, error=str(e))
         raise
@@ -754,13 +758,15 @@ def _mail(t: Trialog, connection: Connection, mailer: Mailer, row: Any, email: E
         log.warning("reminder deferred by a recipient's server; a later scan sends it again"
                     if not stale else "reminder deferred a day long; expired",
                     extra={"reminder_id": row.reminder_id, "error": str(e)})
-        return "expired" if stale else "deferred"
-    note = "recipients refused: " + "; ".join(refused) if refused else None
-    _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC))
+        return ("expired" if stale else "deferred"), ()
+    took = tuple(a for a in email.to if a not in refused)
+    note = "recipients refused: " + "; ".join(_refusals(refused)) if refused else None
+    _mark(connection, row, "mailed", attempted=True, error=note, sent_at=datetime.now(UTC),
+          mailed_to=_sealed(t, took) if refused and to is not None else None)
     if note:
         log.warning("reminder sent; some recipients refused",
                     extra={"reminder_id": row.reminder_id, "error": note})
-    return "sent"
+    return "sent", took
 
 
 def _record_sent(t: Trialog, connection: Connection, row: Any, to: tuple[str, ...]) -> None:

@@ -292,6 +292,11 @@ def test_a_copys_address_refused_is_noted_and_the_addressee_gets_the_reminder(st
     assert coordinator not in row.last_error and code in row.last_error
     assert [to for _, to in stack.sink.envelopes] == [[participant]]
     assert len(stack.sink.messages) == 1 and stack.reminders_sent(pid) == ["week6/window_open"]
+    # What the record and the row say it went to: the address that took it.
+    (sent,) = [e for e in stack.trialog.service.events.get(
+        stack.trialog.service.get_participant(pid).id) if type(e).__name__ == "ReminderSent"]
+    assert sent.recipients == [participant]
+    assert reminders._opened(stack.trialog, row.mailed_to) == (participant,)
 
 
 def between_attempts(stack: Stack, reminder_id: str) -> Any:
@@ -763,7 +768,7 @@ def test_a_row_changed_since_it_was_read_is_not_emailed(stack):
     email = reminders.compose(t, t.service.get_participant(pid), row.visit, row.kind,
                               WINDOW_OPENS)
     with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        assert reminders._mail(t, connection, mailer, row, email) == "busy"
+        assert reminders._mail(t, connection, mailer, row, email) == ("busy", ())
     assert stack.sink.messages == [] and status(stack, reminder_id) == "sending"
 
 
@@ -988,10 +993,10 @@ def test_a_connection_the_server_closed_while_idle_is_opened_again_and_sends_onc
     with smtp_sink() as sink:
         mailer = Mailer(sink.url, "Trialog Reminders <reminders@trialog.example>")
         try:
-            assert mailer.send(Email(("ana@example.org",), "One", "1", "<p>1</p>")) == []
+            assert mailer.send(Email(("ana@example.org",), "One", "1", "<p>1</p>")) == {}
             assert mailer._smtp is not None
             mailer._smtp.sock.shutdown(socket.SHUT_RD)  # as if closed by the server
-            assert mailer.send(Email(("ana@example.org",), "Two", "2", "<p>2</p>")) == []
+            assert mailer.send(Email(("ana@example.org",), "Two", "2", "<p>2</p>")) == {}
         finally:
             mailer.close()
         assert [m["Subject"] for m in sink.wait_for(2)] == ["One", "Two"]
@@ -1010,7 +1015,7 @@ def test_the_mailer_sends_the_envelope_it_is_given_and_refuses_an_address_the_se
         try:
             refused = mailer.send(Email(("ana@example.org", "site@example.org"),
                                         "Visit tomorrow", "See you.", "<p>See you.</p>"))
-            assert refused == []
+            assert refused == {}
             [message] = sink.wait_for(1)
             assert sink.envelopes == [("reminders@trialog.example",
                                        ["ana@example.org", "site@example.org"])]
@@ -1024,7 +1029,7 @@ def test_the_mailer_sends_the_envelope_it_is_given_and_refuses_an_address_the_se
         mailer = Mailer(sink.url, "Trialog Reminders <reminders@trialog.example>")
         try:
             assert mailer.send(Email(("josé@example.org",), "Visita mañana", "Hola José.",
-                                     "<p>Hola José.</p>")) == []
+                                     "<p>Hola José.</p>")) == {}
             [message] = sink.wait_for(1)
             assert sink.envelopes == [("reminders@trialog.example", ["josé@example.org"])]
             assert "Hola José." in text_of(message)
