@@ -149,9 +149,7 @@ def _unreadable(e: UnreadableRecord) -> Response:
     naming the event; the other participants are read as ever."""
     log.error("record unreadable", extra={"error": str(e)})
     participant_id = (request.view_args or {}).get("participant_id") or "a participant"
-    return error_response(500, {"error": "record_unreadable", "message": (
-        f"event {e.version} of {participant_id}'s record can't be read from the store (a "
-        "damaged or altered row: trialog audit verify names it)")})
+    return error_response(500, {"error": "record_unreadable", "message": e.of(participant_id)})
 
 
 def _http_error(e: HTTPException) -> Response:

@@ -25,6 +25,7 @@ from infrastructure.audit import access
 from infrastructure.audit import history as audit
 from infrastructure.readside import queries
 from infrastructure.store.schemas import text
+from infrastructure.store.stored import replayed
 
 participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participants",
                              description="Participants: current state, history, the list")
@@ -186,7 +187,7 @@ def get_participant(participant_id: str, **args: Any) -> Response:
     contact = g.principal.sees_contact
     try:
         if args.get("version") is not None:
-            participant = t.service.get_participant(participant_id, version=args["version"])
+            participant = replayed(t.service, participant_id, args["version"])
             if participant.version != args["version"]:
                 raise ApiError(404, "not_found", f"participant {participant_id} has no "
                                                  f"version {args['version']}")

@@ -19,6 +19,7 @@ from infrastructure.console.pages import moment
 from infrastructure.console.web import blp, require_read, runtime, trialog
 from infrastructure.readside import queries
 from infrastructure.readside.projections import without_addresses
+from infrastructure.store.stored import replayed
 
 MEANINGS = {"visit": "I approve the data of this visit",
             "casebook": "I approve the data of this casebook"}
@@ -42,7 +43,7 @@ def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
     if version:
         if not version.isdigit() or int(version) < 1:
             abort(422, "version must be a whole number from 1")
-        p = t.service.get_participant(participant_id, version=int(version))
+        p = replayed(t.service, participant_id, int(version))
         if p.version != int(version):
             abort(404, f"Participant {participant_id} has no version {version}.")
         return p, {"version": p.version, "moment": p.modified_on}

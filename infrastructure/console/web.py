@@ -32,6 +32,7 @@ from infrastructure.store.people import (
     change_password,
     check_new_password,
 )
+from infrastructure.store.stored import UnreadableRecord
 from infrastructure.store.tokens import TokenError
 
 log = logging.getLogger("trialog.console")
@@ -138,6 +139,17 @@ def _database_error(e: Exception) -> tuple[str, int, dict[str, str]]:
 
 for _error in DATABASE_ERRORS:
     blp.register_error_handler(_error, _database_error)
+
+
+@blp.errorhandler(UnreadableRecord)
+def _unreadable(e: UnreadableRecord) -> tuple[str, int]:
+    """A participant's record the store can't give, as the API says it: the event named
+    (the other participants' pages are shown as ever)."""
+    log.error("record unreadable", extra={"error": str(e)})
+    participant_id = (request.view_args or {}).get("participant_id") or "a participant"
+    return render_template(
+        "console/error.html", code=500, title="This record can't be read",
+        description="E" + e.of(participant_id)[1:] + "."), 500
 
 
 def _safe_next(target: str | None) -> str:

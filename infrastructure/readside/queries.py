@@ -25,6 +25,7 @@ from infrastructure.store.stored import (
     events_table,
     plain_stream,
     position_of,
+    replayed,
 )
 from infrastructure.store.tables import (
     as_utc,
@@ -96,6 +97,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     if head is None:
         raise ParticipantNotFound(f"participant {participant_id} not found")
     today, closed_by = t.today(), t.ended_everywhere()
+    fell_back = False
     with t.engine.connect() as c:
         row = c.execute(select(participants)
                         .where(participants.c.participant_id == participant_id)).first()
@@ -106,10 +108,13 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
                 return _replayed_state(t, participant_id, today, contact, head[1],
                                        closed_by)
             except Exception as error:
-                if row is None or is_unavailable(error):
+                # A stored event that can't be read is said so (as the history is); an
+                # event that can't be applied leaves the read models' state before it.
+                if row is None or is_unavailable(error) or isinstance(error, UnreadableRecord):
                     raise
                 log.warning("participant %s can't be replayed; answering its read models",
                             participant_id)
+                fell_back = True
         visit_rows = c.execute(select(visits).where(visits.c.participant_id == participant_id)
                                .order_by(visits.c.sequence)).all()
         open_rows = c.execute(select(deviations).where(
@@ -124,14 +129,15 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
         "position": row.position,
     }
     with_management(state, row.management)
-    if contact:
-        state["contact"] = _contact(t.service.get_participant(participant_id).screening)
+    if contact:  # as at the read models' version when the newest can't be replayed
+        state["contact"] = _contact(replayed(
+            t.service, participant_id, row.version if fell_back else None).screening)
     return state
 
 
 def _replayed_state(t: Trialog, participant_id: str, today: date, contact: bool,
                     position: int, closed_by: date | None = None) -> dict[str, Any]:
-    participant = t.service.get_participant(participant_id)
+    participant = replayed(t.service, participant_id)
     state = state_of(participant, t.protocol, today, contact=contact, closed_by=closed_by)
     state.update(language=participant.screening["language"], position=position)
     return state

@@ -22,9 +22,11 @@ from eventsourcing.utils import get_topic, resolve_topic
 from sqlalchemy import Uuid, func, literal, select, tuple_, union_all
 
 from domain.chain import canonical_json
+from domain.errors import ParticipantNotFound
 from domain.participant import Participant, participant_uuid
 from domain.sealing import check_topic, unseal
 from domain.service import project
+from infrastructure.store.outages import is_unavailable
 from infrastructure.store.tables import any_of
 
 log = logging.getLogger("trialog.store")
@@ -445,6 +447,20 @@ def plain_stream(service: Any, originator_id: UUID, lte: int | None = None,
     return events
 
 
+def replayed(service: Any, participant_id: str, version: int | None = None) -> Participant:
+    """The participant as the store replays it (up to ``version``); when that fails on a
+    stored event that can't be read (a damaged or altered row), UnreadableRecord naming
+    it, found by reading the stream's rows one by one; any other failure as it was."""
+    try:
+        participant: Participant = service.get_participant(participant_id, version=version)
+    except Exception as error:
+        if isinstance(error, ParticipantNotFound) or is_unavailable(error):
+            raise
+        plain_stream(service, participant_uuid(participant_id), lte=version)
+        raise
+    return participant
+
+
 def _read_rows(engine: Any, query: Any) -> list[Any]:
     """The rows of ``query``; on PostgreSQL through a binary cursor (the states arrive as
     their bytes, not as hex text to decode: a third of the time of a long stream's read)."""
@@ -464,6 +480,11 @@ class UnreadableRecord(ValueError):
         super().__init__(f"event {version} of stream {originator_id} can't be read from "
                          "the store")
         self.originator_id, self.version = originator_id, version
+
+    def of(self, participant_id: str) -> str:
+        """What a reader of ``participant_id`` is told."""
+        return (f"event {self.version} of {participant_id}'s record can't be read from the "
+                "store (a damaged or altered row: trialog audit verify names it)")
 
 
 @dataclass(frozen=True)
