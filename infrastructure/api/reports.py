@@ -56,6 +56,12 @@ class ArmFlow(Schema):
     not_analysed = fields.Integer(required=True)
 
 
+class Unreadable(Schema):
+    total = fields.Integer(required=True)
+    participants = fields.List(fields.String(), required=True, metadata={
+        "description": "their ids; one whose first event can't be read has none to give"})
+
+
 class Consort(Schema):
     as_of = fields.String(required=True, allow_none=True)
     assessed = fields.Integer(required=True, metadata={
@@ -66,6 +72,10 @@ class Consort(Schema):
     randomized = fields.Integer(required=True)
     arms = fields.Dict(keys=fields.String(), values=fields.Nested(ArmFlow), required=True)
     primary_endpoint_visit = fields.String(required=True)
+    unreadable = fields.Nested(Unreadable, required=True, metadata={
+        "description": "participants with an event the store can't give (a damaged or "
+                       "altered row, which trialog audit verify names): counted as assessed, "
+                       "in no other box"})
 
 
 @query(blp, "/consort", ConsortArgs, Consort)

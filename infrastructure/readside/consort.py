@@ -8,12 +8,15 @@ Only the events that decide these facts are read (screenings, randomizations,
 withdrawals, completed visits, corrections), stream by stream; of the doses, which are
 most of a record, each randomized participant's first few only (read on while none of
 them was taken). A participant whose record was corrected is
-replayed through the aggregate, so that a corrected screening counts as it now stands.
+replayed through the aggregate, so that a corrected screening counts as it now stands. A
+participant with an event the store can't give (a damaged or altered row) is counted as
+assessed and as unreadable, in no other box, and stops no one else's count.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +29,16 @@ from domain.chain import canonical_json
 from domain.participant import Participant
 from infrastructure.audit.history import participant_as_of
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.stored import PARTICIPANT_TOPIC, Upcast, as_bytes, decode, events_table
+from infrastructure.store.outages import is_unavailable
+from infrastructure.store.stored import (
+    PARTICIPANT_TOPIC,
+    UnreadableRecord,
+    Upcast,
+    as_bytes,
+    decode,
+    events_table,
+    replayed,
+)
 from infrastructure.store.stored import plain_state as _plain_state
 
 SCREENINGS = ("ParticipantScreened", "ParticipantRescreened")
@@ -34,6 +46,7 @@ READ = (*SCREENINGS, "ParticipantRandomized", "ParticipantWithdrawn", "VisitComp
         "DataCorrected")
 DOSE = PARTICIPANT_TOPIC + "DoseRecorded"
 FIRST_DOSES = 3
+log = logging.getLogger("trialog.consort")
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Course:
     dose_taken: bool = False
     primary_done: bool = False
     corrected: bool = False
+    unreadable: int | None = None  # the version of the first event the store can't give
 
 
 def _plain(t: Trialog, row: Any) -> dict[str, Any]:
@@ -61,6 +75,18 @@ def _plain(t: Trialog, row: Any) -> dict[str, Any]:
         event = decode(t.service.mapper, row.originator_id, row.originator_version,
                        row.topic, state)
         return dict(json.loads(canonical_json(vars(event))))
+
+
+def _readable(t: Trialog, row: Any) -> dict[str, Any] | None:
+    """A row's content; None when the store can't give it (a damaged or altered row)."""
+    try:
+        return _plain(t, row)
+    except Exception as error:
+        if is_unavailable(error):
+            raise
+        log.warning("event %s of stream %s can't be read; its participant is counted as "
+                    "unreadable", row.originator_version, row.originator_id)
+        return None
 
 
 def _moment(value: Any) -> datetime:
@@ -74,13 +100,17 @@ class _Fold:
         self.t, self.as_of = t, as_of
         self.course: Course | None = None
         self.past_moment = False
+        self.unreadable: int | None = None
 
     def row(self, row: Any) -> None:
         name = row.topic.rsplit(".", 1)[-1]
         course = self.course
-        if self.past_moment:
+        if self.past_moment or self.unreadable is not None:
             return
-        content = _plain(self.t, row)
+        content = _readable(self.t, row)
+        if content is None:
+            self.unreadable = row.originator_version
+            return
         if self.as_of is not None and _moment(content["timestamp"]) > self.as_of:
             self.past_moment = True  # a stream's events are recorded in version order
             return
@@ -113,10 +143,14 @@ def _has_primary(data: dict[str, Any]) -> bool:
 def _replayed(t: Trialog, course: Course, as_of: datetime | None) -> Course:
     """A corrected record's facts from the aggregate, as its records now stand."""
     p: Participant | None
-    if as_of is None:
-        p = t.service.get_participant(course.participant_id)
-    else:
-        p = participant_as_of(t.service, course.participant_id, as_of)
+    try:
+        if as_of is None:
+            p = replayed(t.service, course.participant_id)
+        else:
+            p = participant_as_of(t.service, course.participant_id, as_of)
+    except UnreadableRecord as error:
+        course.unreadable = error.version
+        return course
     if p is None:
         return course
     eligible, failed = p.eligibility_now(t.protocol)
@@ -147,7 +181,13 @@ def courses(t: Trialog, scope: Scope, as_of: datetime | None = None) -> list[Cou
     stream = None
 
     def finish() -> None:
-        if fold is not None and fold.course is not None and scope.admits(fold.course.site_id):
+        if fold is not None and fold.unreadable is not None:
+            # A first event unreadable leaves its id and site unknown: for every site only.
+            course = fold.course or Course("", "")
+            if scope.admits(course.site_id) if fold.course else scope.every_site:
+                course.unreadable = fold.unreadable
+                found.append(course)
+        elif fold is not None and fold.course is not None and scope.admits(fold.course.site_id):
             course = fold.course
             found.append(_replayed(t, course, as_of) if course.corrected else course)
             if course.arm is not None and not course.corrected:
@@ -165,10 +205,13 @@ def courses(t: Trialog, scope: Scope, as_of: datetime | None = None) -> list[Cou
     return sorted(found, key=lambda c: c.participant_id)
 
 
-def _dose(t: Trialog, row: Any, as_of: datetime | None) -> bool | None:
+def _dose(t: Trialog, row: Any, as_of: datetime | None, course: Course) -> bool | None:
     """Whether a dose row was taken; None when it was recorded after ``as_of`` (and so
-    was every later one)."""
-    content = _plain(t, row)
+    was every later one), or can't be read (``course`` is then unreadable)."""
+    content = _readable(t, row)
+    if content is None:
+        course.unreadable = row.originator_version
+        return None
     if as_of is not None and _moment(content["timestamp"]) > as_of:
         return None
     return bool((content.get("data") or {}).get("taken"))
@@ -194,7 +237,7 @@ def _doses_taken(t: Trialog, courses_by_stream: dict[Any, Course],
             course = courses_by_stream.get(row.originator_id)
             if course is None or row.originator_id in done:
                 continue
-            taken = _dose(t, row, as_of)
+            taken = _dose(t, row, as_of, course)
             if taken is None or taken:
                 course.dose_taken = bool(taken)
                 done.add(row.originator_id)
@@ -208,7 +251,7 @@ def _doses_taken(t: Trialog, courses_by_stream: dict[Any, Course],
                        table.c.originator_version > after)
                 .order_by(table.c.originator_version))
             for row in rest:
-                taken = _dose(t, row, as_of)
+                taken = _dose(t, row, as_of, courses_by_stream[stream])
                 if taken is None or taken:
                     courses_by_stream[stream].dose_taken = bool(taken)
                     break
@@ -228,6 +271,8 @@ def consort_counts(t: Trialog, flow: list[Course], as_of: datetime | None) -> di
     failed: Counter[str] = Counter()
     before: Counter[str] = Counter()
     not_eligible = awaiting = 0
+    unreadable = sorted(c.participant_id for c in flow if c.unreadable is not None)
+    assessed, flow = len(flow), [c for c in flow if c.unreadable is None]
     arms: dict[str, dict[str, Any]] = {}
     for arm in t.protocol.arms:
         arms[arm.code] = {"name": arm.name, "allocated": 0, "received": 0,
@@ -259,7 +304,7 @@ def consort_counts(t: Trialog, flow: list[Course], as_of: datetime | None) -> di
     excluded = not_eligible + sum(before.values())
     return {
         "as_of": as_of.isoformat() if as_of is not None else None,
-        "assessed": len(flow),
+        "assessed": assessed,
         "excluded": {"total": excluded, "not_eligible": not_eligible,
                      "failed_criteria": dict(sorted(failed.items(), key=lambda i: (-i[1], i[0]))),
                      "withdrew_before_randomization": _reasons(before)},
@@ -267,6 +312,8 @@ def consort_counts(t: Trialog, flow: list[Course], as_of: datetime | None) -> di
         "randomized": sum(a["allocated"] for a in arms.values()),
         "arms": arms,
         "primary_endpoint_visit": t.protocol.treatment_ends_at,
+        # Assessed, in no other box: the id of one whose first event can't be read unknown.
+        "unreadable": {"total": len(unreadable), "participants": [p for p in unreadable if p]},
     }
 
 
@@ -276,7 +323,7 @@ def enrolment(flow: list[Course]) -> dict[str, list[tuple[str, int]]]:
     to the last."""
     by_site: dict[str, Counter[str]] = defaultdict(Counter)
     for c in flow:
-        if c.arm is not None and c.registered_on:
+        if c.arm is not None and c.registered_on and c.unreadable is None:
             by_site[c.site_id][c.registered_on[:7]] += 1
     months = sorted({m for counter in by_site.values() for m in counter})
     if not months:

@@ -362,6 +362,20 @@ def test_a_history_the_store_cant_give_says_so_and_a_scoped_caller_finds_no_one(
     assert (answer.status_code, answer.json["error"]) == (404, "not_found")
 
 
+def signed_into_the_console(t, client, login: str) -> None:
+    """``client`` signed into the console as a new data manager of every site."""
+    import re
+
+    from domain.access import EVERY_SITE
+    from infrastructure.store.people import create_user
+
+    create_user(t.engine, login, "Dee Em", "data_manager", EVERY_SITE, "a long password 123!")
+    sign_in = client.get("/console/sign-in").get_data(as_text=True)
+    assert client.post("/console/sign-in", data={
+        "csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', sign_in).group(1),
+        "login": login, "password": "a long password 123!"}).status_code == 303
+
+
 def test_a_state_the_store_cant_replay_says_so_and_one_that_cant_be_applied_shows_its_contact(
         isolated):
     """The current state and a state by version of a participant with an event the store
@@ -369,11 +383,8 @@ def test_a_state_the_store_cant_replay_says_so_and_one_that_cant_be_applied_show
     rights got the read models' older state as the current one), in the API and the
     console; a participant whose newest event can't be applied is answered from its read
     models, and a role with contact rights got a 500 there too."""
-    import re
-
-    from domain.access import EVERY_SITE, Scope
+    from domain.access import Scope
     from infrastructure.api import create_app
-    from infrastructure.store.people import create_user
     from infrastructure.store.tokens import create_token
 
     t = isolated
@@ -399,12 +410,45 @@ def test_a_state_the_store_cant_replay_says_so_and_one_that_cant_be_applied_show
     assert state.status_code == 200 and state.json["version"] == 3
     assert state.json["contact"]["email"] == "participant@example.org"
 
-    create_user(t.engine, "dm-state", "Dee Em", "data_manager", EVERY_SITE,
-                "a long password 123!")
-    sign_in = client.get("/console/sign-in").get_data(as_text=True)
-    assert client.post("/console/sign-in", data={
-        "csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', sign_in).group(1),
-        "login": "dm-state", "password": "a long password 123!"}).status_code == 303
+    signed_into_the_console(t, client, "dm-state")
     page = client.get(f"/console/participants/{damaged}?version=4")
     assert page.status_code == 500 and page.mimetype == "text/html"
     assert f"Event 3 of {damaged}&#39;s record can&#39;t be read" in page.get_data(as_text=True)
+
+
+def test_the_consort_flow_counts_a_record_it_cant_read_apart_and_everyone_else(isolated):
+    """One damaged row made the CONSORT report (and the console's overview) a 500 for
+    every caller: the flow is read from every participant's events."""
+    from domain.access import Scope
+    from infrastructure.api import create_app
+    from infrastructure.store.tokens import create_token
+    from tests.integration.helpers import dose
+
+    t = isolated
+    enrol(t)  # counted as ever: the one randomized
+    randomization, lost, corrected = enrol(t), enrol(t), enrol(t)
+    visit_version = send(t, c.CompleteVisit(corrected, visit()))["version"]
+    send(t, c.CorrectData(corrected, {
+        "event_id": t.service.get_participant(corrected).event_id_of(visit_version),
+        "field": "fact_es.GE1", "value": 2}), reason="transcription error")
+    dose_version = send(t, c.RecordDose(corrected, dose(1)))["version"]
+    _flip_state(t, randomization, 3)
+    _flip_state(t, lost, 1)  # its id and site with it
+    _flip_state(t, corrected, dose_version)  # not read by the flow, but by the replay
+    client = create_app(t, follow=False).test_client()
+    admin = {"Authorization": f"Bearer {create_token(t.engine, 'adm-consort', 'admin')}"}
+    monitor = {"Authorization": "Bearer " + create_token(
+        t.engine, "cra-consort", "monitor", Scope.of(["CASE"]))}
+
+    flow = client.get("/v1/reports/consort", headers=admin)
+    assert flow.status_code == 200, flow.json
+    assert (flow.json["assessed"], flow.json["randomized"]) == (4, 1)
+    assert flow.json["unreadable"] == {"total": 3,
+                                       "participants": sorted([randomization, corrected])}
+    scoped = client.get("/v1/reports/consort", headers=monitor).json
+    assert (scoped["assessed"], scoped["unreadable"]["total"]) == (3, 2)
+    assert sum(arm["allocated"] for arm in scoped["arms"].values()) == 1
+    signed_into_the_console(t, client, "dm-consort")
+    overview = client.get("/console/")
+    assert overview.status_code == 200
+    assert "Record can&#39;t be read" in overview.get_data(as_text=True)
