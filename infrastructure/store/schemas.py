@@ -254,6 +254,24 @@ def field_path(**kwargs: Any) -> fields.String:
               error="must be a dotted field path such as bpi_sf.worst")], **kwargs)
 
 
+MAX_NESTING = 32  # levels of lists and objects in a corrected value (a field's: a few)
+
+
+def shallow(value: Any) -> None:
+    """A value nested no deeper than MAX_NESTING levels of lists and objects: a
+    correction's value is one field's, and a deeper one could not even be fingerprinted
+    (the JSON encoder recurses). Walked without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_NESTING:
+                raise ValidationError(f"must not be nested more than {MAX_NESTING} levels "
+                                      "of lists and objects deep")
+            pending.extend((each, depth + 1)
+                           for each in (item.values() if isinstance(item, dict) else item))
+
+
 def _raise_query(protocol: Protocol) -> type[Schema]:
     class RaiseQueryData(Schema):
         query_id = UUIDString(required=True, metadata={"description": "a client UUID"})
@@ -341,7 +359,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
         "CorrectData": {
             "event_id": UUIDString(required=True),
             "field": field_path(required=True),
-            "value": fields.Raw(required=True, allow_none=True),
+            "value": fields.Raw(required=True, allow_none=True, validate=shallow),
         },
         "ResolveDeviation": {
             "deviation_id": UUIDString(required=True),

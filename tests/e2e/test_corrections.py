@@ -161,3 +161,37 @@ def test_a_corrected_object_of_the_wrong_type_is_named_by_its_own_path(server):
     answer = correct(coordinator, pid, screening, "eligibility.menopause", 5)
     assert (answer.status_code, answer.json()["fields"]) == (
         422, {"data.value": ["eligibility.menopause: Invalid input type."]})
+
+
+def test_a_value_nested_past_any_field_is_a_422_alone_and_in_a_batch(server):
+    """Nested a thousand levels deep (the JSON parser takes 1024), a corrected value was a
+    500 alone, and in a batch made the whole request a 500 with nothing written for the
+    other commands: its fingerprint's encoder recursed past Python's limit."""
+    import json
+    import uuid
+
+    coordinator = server.client("coordinator")
+    pid, other = p.participant_id(), p.participant_id()
+    screening = capture(coordinator, pid, "ScreenParticipant", p.screening())
+    correction = {"command_id": str(uuid.uuid4()), "type": "CorrectData", "participant_id": pid,
+                  "reason": REASON, "data": {"event_id": screening,
+                                             "field": "eligibility.zubrod", "value": "DEEP"}}
+    deep = "[" * 1000 + "1" + "]" * 1000
+
+    def sent(path: str, body: dict) -> dict:
+        raw = json.dumps(body).replace('"DEEP"', deep)
+        answer = coordinator.session.post(coordinator.url + path, data=raw, timeout=30,
+                                          headers={"Content-Type": "application/json"})
+        assert answer.status_code in (200, 422), answer.text
+        return {"status": answer.status_code, "body": answer.json()}
+
+    alone = sent("/v1/commands", correction)
+    assert alone["status"] == 422 and list(alone["body"]["fields"]) == ["data.value"]
+    assert "nested more than 32 levels" in alone["body"]["fields"]["data.value"][0]
+    screen_other = {"command_id": str(uuid.uuid4()), "type": "ScreenParticipant",
+                    "participant_id": other, "data": p.screening()}
+    batch = sent("/v1/commands/batch", {"commands": [
+        screen_other, {**correction, "command_id": str(uuid.uuid4())}]})["body"]["results"]
+    assert [r["status"] for r in batch] == [201, 422]
+    assert batch[1]["body"] == alone["body"]
+    assert history_length(coordinator, pid) == 1 and history_length(coordinator, other) == 1
