@@ -24,6 +24,7 @@ from infrastructure.api.errors import (
     database_error,
     error_response,
     invalid,
+    unreadable,
 )
 from infrastructure.api.runtime import Runtime
 from infrastructure.api.schemas import MAX_BATCH, document_commands
@@ -148,8 +149,7 @@ def _unreadable(e: UnreadableRecord) -> Response:
     """A participant's record the store can't give: said so, as the server's fault (500),
     naming the event; the other participants are read as ever."""
     log.error("record unreadable", extra={"error": str(e)})
-    participant_id = (request.view_args or {}).get("participant_id") or "a participant"
-    return error_response(500, {"error": "record_unreadable", "message": e.of(participant_id)})
+    return error_response(500, unreadable(e, (request.view_args or {}).get("participant_id")))
 
 
 def _http_error(e: HTTPException) -> Response:

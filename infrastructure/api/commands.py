@@ -21,6 +21,7 @@ from infrastructure.api.errors import (
     forbidden,
     from_domain,
     invalid,
+    unreadable,
 )
 from infrastructure.api.schemas import (
     BatchAnswer,
@@ -35,6 +36,7 @@ from infrastructure.logs import fault_trace
 from infrastructure.store.bus import Accepted, Intent
 from infrastructure.store.loaders import Load, data_loaders, loader
 from infrastructure.store.schemas import flatten
+from infrastructure.store.stored import UnreadableRecord
 
 log = logging.getLogger("trialog.commands")
 blp = Blueprint("commands", __name__, url_prefix="/v1/commands",
@@ -205,6 +207,10 @@ def post_batch() -> Response:
         elif isinstance(outcome, DomainError):
             error = from_domain(outcome)
             status, body = error.status, error.body
+        elif isinstance(outcome, UnreadableRecord):  # the participant's, not the server's
+            log.error("record unreadable", extra={
+                "command_id": intent.command_id, "error": str(outcome)})
+            status, body = 500, unreadable(outcome, intent.command.participant_id)
         else:  # the server's fault, this command's alone: nothing of it was written
             log.error("command failed", extra={
                 "command_id": intent.command_id,

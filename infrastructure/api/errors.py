@@ -9,6 +9,7 @@ from flask import Response, jsonify
 
 from domain.errors import DomainError
 from infrastructure.store.outages import is_unavailable
+from infrastructure.store.stored import UnreadableRecord
 
 log = logging.getLogger("trialog.http")
 
@@ -68,6 +69,13 @@ UNAVAILABLE = {"error": "database_unavailable",
 
 
 INTERNAL_ERROR = {"error": "internal_error", "message": "the server failed; the error is logged"}
+
+
+def unreadable(e: UnreadableRecord, participant_id: str | None) -> dict[str, Any]:
+    """The body of a 500 for a participant's record the store can't give, naming the
+    event (``participant_id``: the participant asked about, when the error has none)."""
+    return {"error": "record_unreadable",
+            "message": e.of(e.participant_id or participant_id or "a participant")}
 
 
 def database_error(e: Exception) -> Response:

@@ -41,6 +41,7 @@ from infrastructure.store.loaders import Load, data_loaders, loader
 from infrastructure.store.outages import DATABASE_ERRORS
 from infrastructure.store.schemas import MAX_BODY, CommandEnvelope, flatten, json_fault
 from infrastructure.store.settings import Settings
+from infrastructure.store.stored import UnreadableRecord
 
 CHUNK = 500  # commands per transaction
 MAX_LINE = MAX_BODY  # a line's bytes at most: the API's largest body
@@ -192,8 +193,11 @@ def _reused(command_id: str) -> str:
 
 
 def _failure(error: Exception) -> str:
-    """A command that failed otherwise than by a rule (a fault of the program): its kind
-    and where (see fault_at); nothing of it was written."""
+    """A command that failed otherwise than by a rule: its participant's record the store
+    can't give (the event named), or a fault of the program (its kind and where, see
+    fault_at); nothing of it was written."""
+    if isinstance(error, UnreadableRecord):
+        return f"record_unreadable: {error.of(error.participant_id or 'a participant')}"
     return f"internal_error: {fault_at(error)}"
 
 

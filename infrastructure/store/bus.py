@@ -451,7 +451,7 @@ class CommandBus:
         first: dict[str, int] = {}  # command_id: the index that recorded it in this batch
         records = []
         given = {p.participant_id for p in seeded}
-        loaded, new = load_participants(self.service, session, {
+        loaded, new, unloadable = self._load_all(session, {
             i.command.participant_id for i in intents
             if i.command_id not in previous and i.command.participant_id not in given})
         with self.service.together([*loaded, *seeded], new) as together:
@@ -468,6 +468,8 @@ class CommandBus:
                         continue
                     if locked is not None and type(intent.command) in DATA_COMMANDS:
                         raise locked
+                    if intent.command.participant_id in unloadable:
+                        raise unloadable[intent.command.participant_id]
                     audit = Audit(command_id=intent.command_id, actor=intent.actor,
                                   recorded_at=self.clock(), reason=intent.reason)
                     answer, events = together.decide(intent.command, audit,
@@ -507,6 +509,30 @@ class CommandBus:
                 body = bodies[first[intent.command_id]][0]
                 outcomes[index] = Accepted(dict(body), replayed=True)
         return [outcome for outcome in outcomes if outcome is not None]  # each is, now
+
+    def _load_all(self, session: Any, participant_ids: set[str]
+                  ) -> tuple[list[Participant], set[UUID], dict[str, Exception]]:
+        """The participants, read in one query (see load_participants); when one of them
+        can't be (an event the store can't give, or the rules can't apply), each on its
+        own, so that only that one's commands fail: and why, by participant."""
+        try:
+            loaded, new = load_participants(self.service, session, participant_ids)
+            return loaded, new, {}
+        except Exception as error:
+            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+                raise
+        loaded, new, failed = [], set(), {}
+        for participant_id in sorted(participant_ids):
+            try:
+                one, none = load_participants(self.service, session, {participant_id})
+            except Exception as error:
+                if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+                    raise
+                failed[participant_id] = error
+                continue
+            loaded += one
+            new |= none
+        return loaded, new, failed
 
     def _replay_recorded_meanwhile(self, session: Any, intents: list[Intent],
                                    digests: list[str], outcomes: list[Any],

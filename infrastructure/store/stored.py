@@ -130,8 +130,10 @@ def load_participants(service: Any, session: Any, participant_ids: set[str]
     """The newest state of each of these participants, as the repository would load it
     (the latest snapshot this code derived, then the events after it; all the events when
     the latest is another code's, see Snapshots), in one query for all of them; and the
-    ids of those that have no event yet. ``session``: the caller's transaction."""
-    wanted = {participant_uuid(pid) for pid in participant_ids}
+    ids of those that have no event yet. ``session``: the caller's transaction. A stored
+    event that can't be read raises UnreadableRecord naming it."""
+    named = {participant_uuid(pid): pid for pid in participant_ids}
+    wanted = set(named)
     if not wanted:
         return [], set()
     streams: dict[UUID, list[Any]] = {}
@@ -146,15 +148,24 @@ def load_participants(service: Any, session: Any, participant_ids: set[str]
                 continue
             streams.setdefault(key, []).append(snapshot)
         else:
-            streams.setdefault(key, []).append(service.mapper.to_domain_event(stored))
-    for key, before in _events_up_to(service, session, passed_over).items():
+            streams.setdefault(key, []).append(_event(service, stored, named))
+    for key, before in _events_up_to(service, session, passed_over, named).items():
         streams[key] = before + streams.get(key, [])
     loaded = [project(None, stream) for stream in streams.values()]
     return loaded, wanted - set(streams)
 
 
-def _events_up_to(service: Any, session: Any, versions: dict[UUID, int]
-                  ) -> dict[UUID, list[Any]]:
+def _event(service: Any, stored: StoredEvent, named: dict[UUID, str]) -> Any:
+    """A stored event decoded; one that can't be is UnreadableRecord, naming it."""
+    try:
+        return service.mapper.to_domain_event(stored)
+    except Exception as error:
+        raise UnreadableRecord(stored.originator_id, stored.originator_version,
+                               named.get(stored.originator_id)) from error
+
+
+def _events_up_to(service: Any, session: Any, versions: dict[UUID, int],
+                  named: dict[UUID, str]) -> dict[UUID, list[Any]]:
     """Each participant's events up to its version in ``versions`` (those of a snapshot
     passed over), in one query in the caller's transaction."""
     if not versions:
@@ -173,8 +184,8 @@ def _events_up_to(service: Any, session: Any, versions: dict[UUID, int]
     for r in rows:
         key = as_uuid(r.originator_id)
         if r.originator_version <= versions[key]:
-            found[key].append(service.mapper.to_domain_event(
-                StoredEvent(key, r.originator_version, r.topic, as_bytes(r.state))))
+            found[key].append(_event(service, StoredEvent(
+                key, r.originator_version, r.topic, as_bytes(r.state)), named))
     return found
 
 
@@ -476,10 +487,12 @@ class UnreadableRecord(ValueError):
     """A stream's stored event can't be read (a damaged or altered row, which `trialog
     audit verify` names): its reader answers so, not as a fault of its own."""
 
-    def __init__(self, originator_id: UUID, version: int) -> None:
+    def __init__(self, originator_id: UUID, version: int,
+                 participant_id: str | None = None) -> None:
         super().__init__(f"event {version} of stream {originator_id} can't be read from "
                          "the store")
         self.originator_id, self.version = originator_id, version
+        self.participant_id = participant_id  # when the reader knew it
 
     def of(self, participant_id: str) -> str:
         """What a reader of ``participant_id`` is told."""

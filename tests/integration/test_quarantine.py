@@ -452,3 +452,50 @@ def test_the_consort_flow_counts_a_record_it_cant_read_apart_and_everyone_else(i
     overview = client.get("/console/")
     assert overview.status_code == 200
     assert "Record can&#39;t be read" in overview.get_data(as_text=True)
+
+
+def test_a_participant_the_store_cant_give_fails_its_own_commands_in_a_batch_and_an_import(
+        isolated, tmp_path):
+    """Read together with the others, it made the whole batch a 500 and stopped the import
+    (and every run of it again), with nothing written for anyone."""
+    import json
+
+    from domain.access import Scope
+    from infrastructure.api import create_app
+    from infrastructure.store.tokens import create_token
+    from tests.conftest import TEST_SECRETS
+    from tests.factories import consent, new_participant_id, screening
+    from tests.integration.helpers import dose
+
+    t = isolated
+    damaged = enrol(t)
+    _flip_state(t, damaged, 2)
+    waiting = [new_participant_id(), new_participant_id()]
+    for pid in waiting:
+        send(t, c.ScreenParticipant(pid, screening()))
+
+    def commands(pid: str) -> list[dict]:
+        return [{"command_id": str(uuid.uuid4()), "type": type_, "participant_id": who,
+                 "data": data} for type_, who, data in (
+                    ("RecordConsent", pid, consent()), ("RecordDose", damaged, dose(1)),
+                    ("ScreenParticipant", new_participant_id(), screening()))]
+
+    client = create_app(t, follow=False).test_client()
+    token = create_token(t.engine, "crc-unread", "coordinator", Scope.of(["CASE"]))
+    results = client.post("/v1/commands/batch", json={"commands": commands(waiting[0])},
+                          headers={"Authorization": f"Bearer {token}"}).json["results"]
+    assert [r["status"] for r in results] == [201, 500, 201]
+    assert results[1]["body"] == {"error": "record_unreadable", "message": (
+        f"event 2 of {damaged}'s record can't be read from the store (a damaged or altered "
+        "row: trialog audit verify names it)")}
+
+    path = tmp_path / "commands.ndjson"
+    path.write_text("".join(json.dumps(line, default=str) + "\n"
+                            for line in commands(waiting[1])))
+    imported = run(["import", str(path)], tmp_path,
+                   TRIALOG_DATABASE_URL=t.settings.database_url, **TEST_SECRETS)
+    assert imported.stdout == "2 accepted, 0 repeated, 1 refused\n", imported.stderr
+    assert imported.stderr == (f"line 2: record_unreadable: event 2 of {damaged}'s record "
+                               "can't be read from the store (a damaged or altered row: "
+                               "trialog audit verify names it)\n")
+    assert all(t.service.get_participant(pid).status == "consented" for pid in waiting)
