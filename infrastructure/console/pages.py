@@ -73,9 +73,8 @@ def consort_rows(counts: dict[str, Any]) -> list[tuple[str, str, int]]:
         rows += [(f"arms.{code}.analysed", f"{name}: analysed", arm["analysed"]),
                  (f"arms.{code}.not_analysed", f"{name}: primary endpoint not recorded",
                   arm["not_analysed"])]
-    if counts["unreadable"]["total"]:
-        label = "Record can't be read (assessed only; trialog audit verify names the events)"
-        rows.append(("unreadable.total", label, counts["unreadable"]["total"]))
+    label = "Record can't be read (assessed only; trialog audit verify names the events)"
+    rows.append(("unreadable.total", label, counts["unreadable"]["total"]))
     return rows
 
 

@@ -64,7 +64,7 @@ from infrastructure.store import locks
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import WRITE_CONFLICTS, Accepted, Intent
 from infrastructure.store.outages import is_unavailable
-from infrastructure.store.stored import decrypt, encrypt, load_participants
+from infrastructure.store.stored import decrypt, encrypt, load_apart
 from infrastructure.store.tables import as_utc, outbox, participants, positions, reminder_schedule
 
 log = logging.getLogger("trialog.reminders")
@@ -999,10 +999,13 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
 
 
 def _participants(t: Trialog, rows: list[Any]) -> tuple[list[Participant], set[UUID]]:
-    """The rows' participants, read in one go (a digest's row names a site)."""
+    """The rows' participants, read in one go (a digest's row names a site); one whose
+    record can't be loaded is left out, so that its own row alone is marked failed when
+    ``_one`` reads it (the others go on)."""
     wanted = {row.participant_id for row in rows if row.kind != query_notices.DIGEST}
     with t.service.recorder.transaction(commit=False) as session:
-        return load_participants(t.service, session, wanted)
+        loaded, new, _ = load_apart(t.service, session, wanted)
+    return loaded, new
 
 
 def _record_all(t: Trialog, connection: Connection, mailed: list[tuple[Any, tuple[str, ...]]],

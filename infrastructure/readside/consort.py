@@ -32,7 +32,6 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import (
     PARTICIPANT_TOPIC,
-    UnreadableRecord,
     Upcast,
     as_bytes,
     decode,
@@ -64,7 +63,7 @@ class Course:
     dose_taken: bool = False
     primary_done: bool = False
     corrected: bool = False
-    unreadable: int | None = None  # the version of the first event the store can't give
+    unreadable: bool = False  # an event the store can't give, or the rules can't apply
 
 
 def _plain(t: Trialog, row: Any) -> dict[str, Any]:
@@ -100,16 +99,16 @@ class _Fold:
         self.t, self.as_of = t, as_of
         self.course: Course | None = None
         self.past_moment = False
-        self.unreadable: int | None = None
+        self.unreadable = False
 
     def row(self, row: Any) -> None:
         name = row.topic.rsplit(".", 1)[-1]
         course = self.course
-        if self.past_moment or self.unreadable is not None:
+        if self.past_moment or self.unreadable:
             return
         content = _readable(self.t, row)
         if content is None:
-            self.unreadable = row.originator_version
+            self.unreadable = True
             return
         if self.as_of is not None and _moment(content["timestamp"]) > self.as_of:
             self.past_moment = True  # a stream's events are recorded in version order
@@ -141,15 +140,21 @@ def _has_primary(data: dict[str, Any]) -> bool:
 
 
 def _replayed(t: Trialog, course: Course, as_of: datetime | None) -> Course:
-    """A corrected record's facts from the aggregate, as its records now stand."""
+    """A corrected record's facts from the aggregate, as its records now stand; one that
+    can't be replayed (an event the store can't give, or the rules can't apply) is
+    unreadable."""
     p: Participant | None
     try:
         if as_of is None:
             p = replayed(t.service, course.participant_id)
         else:
             p = participant_as_of(t.service, course.participant_id, as_of)
-    except UnreadableRecord as error:
-        course.unreadable = error.version
+    except Exception as error:
+        if is_unavailable(error):
+            raise
+        log.warning("participant %s can't be replayed; counted as unreadable",
+                    course.participant_id)
+        course.unreadable = True
         return course
     if p is None:
         return course
@@ -181,11 +186,11 @@ def courses(t: Trialog, scope: Scope, as_of: datetime | None = None) -> list[Cou
     stream = None
 
     def finish() -> None:
-        if fold is not None and fold.unreadable is not None:
+        if fold is not None and fold.unreadable:
             # A first event unreadable leaves its id and site unknown: for every site only.
             course = fold.course or Course("", "")
             if scope.admits(course.site_id) if fold.course else scope.every_site:
-                course.unreadable = fold.unreadable
+                course.unreadable = True
                 found.append(course)
         elif fold is not None and fold.course is not None and scope.admits(fold.course.site_id):
             course = fold.course
@@ -210,7 +215,7 @@ def _dose(t: Trialog, row: Any, as_of: datetime | None, course: Course) -> bool 
     was every later one), or can't be read (``course`` is then unreadable)."""
     content = _readable(t, row)
     if content is None:
-        course.unreadable = row.originator_version
+        course.unreadable = True
         return None
     if as_of is not None and _moment(content["timestamp"]) > as_of:
         return None
@@ -271,8 +276,8 @@ def consort_counts(t: Trialog, flow: list[Course], as_of: datetime | None) -> di
     failed: Counter[str] = Counter()
     before: Counter[str] = Counter()
     not_eligible = awaiting = 0
-    unreadable = sorted(c.participant_id for c in flow if c.unreadable is not None)
-    assessed, flow = len(flow), [c for c in flow if c.unreadable is None]
+    unreadable = sorted(c.participant_id for c in flow if c.unreadable)
+    assessed, flow = len(flow), [c for c in flow if not c.unreadable]
     arms: dict[str, dict[str, Any]] = {}
     for arm in t.protocol.arms:
         arms[arm.code] = {"name": arm.name, "allocated": 0, "received": 0,
@@ -323,7 +328,7 @@ def enrolment(flow: list[Course]) -> dict[str, list[tuple[str, int]]]:
     to the last."""
     by_site: dict[str, Counter[str]] = defaultdict(Counter)
     for c in flow:
-        if c.arm is not None and c.registered_on and c.unreadable is None:
+        if c.arm is not None and c.registered_on and not c.unreadable:
             by_site[c.site_id][c.registered_on[:7]] += 1
     months = sorted({m for counter in by_site.values() for m in counter})
     if not months:

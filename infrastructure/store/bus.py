@@ -42,12 +42,14 @@ from tenacity import (
 
 from domain.access import EVERY_SITE, Scope
 from domain.chain import LEAVES, canonical_bytes
-from domain.commands import DATA_COMMANDS, Audit, Command
+from domain.commands import DATA_COMMANDS, Audit, Command, ScreenParticipant
 from domain.errors import (
     CommandRecordAltered,
     DatabaseLocked,
     DomainError,
     IdempotencyKeyReused,
+    ParticipantIdUnavailable,
+    ParticipantNotFound,
 )
 from domain.participant import Participant, participant_uuid
 from domain.service import TrialService
@@ -59,8 +61,10 @@ from infrastructure.store.outages import (
     rolled_back_for_another,
 )
 from infrastructure.store.stored import (
+    UnreadableRecord,
     as_bytes,
     events_table,
+    load_apart,
     load_participants,
     positions_of,
     sealed_topic,
@@ -72,6 +76,7 @@ from infrastructure.store.tables import (
     database_lock,
     insert_rows,
 )
+from infrastructure.store.tables import participants as rm_participants
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
 
@@ -339,7 +344,10 @@ class CommandBus:
         locked = _locked(found, self.service.mapper)
         if changes_data and locked is not None:
             raise locked
-        loaded, new = load_participants(self.service, session, {command.participant_id})
+        try:
+            loaded, new = load_participants(self.service, session, {command.participant_id})
+        except UnreadableRecord as error:
+            raise self._as_seen(session, intent, error) from None
         with self.service.together(loaded, new):  # read in one query, not the library's two
             try:
                 decision = self.service.decide(command, audit, intent.expected_version,
@@ -451,7 +459,7 @@ class CommandBus:
         first: dict[str, int] = {}  # command_id: the index that recorded it in this batch
         records = []
         given = {p.participant_id for p in seeded}
-        loaded, new, unloadable = self._load_all(session, {
+        loaded, new, unloadable = load_apart(self.service, session, {
             i.command.participant_id for i in intents
             if i.command_id not in previous and i.command.participant_id not in given})
         with self.service.together([*loaded, *seeded], new) as together:
@@ -469,7 +477,8 @@ class CommandBus:
                     if locked is not None and type(intent.command) in DATA_COMMANDS:
                         raise locked
                     if intent.command.participant_id in unloadable:
-                        raise unloadable[intent.command.participant_id]
+                        raise self._as_seen(session, intent,
+                                            unloadable[intent.command.participant_id])
                     audit = Audit(command_id=intent.command_id, actor=intent.actor,
                                   recorded_at=self.clock(), reason=intent.reason)
                     answer, events = together.decide(intent.command, audit,
@@ -510,29 +519,22 @@ class CommandBus:
                 outcomes[index] = Accepted(dict(body), replayed=True)
         return [outcome for outcome in outcomes if outcome is not None]  # each is, now
 
-    def _load_all(self, session: Any, participant_ids: set[str]
-                  ) -> tuple[list[Participant], set[UUID], dict[str, Exception]]:
-        """The participants, read in one query (see load_participants); when one of them
-        can't be (an event the store can't give, or the rules can't apply), each on its
-        own, so that only that one's commands fail: and why, by participant."""
-        try:
-            loaded, new = load_participants(self.service, session, participant_ids)
-            return loaded, new, {}
-        except Exception as error:
-            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
-                raise
-        loaded, new, failed = [], set(), {}
-        for participant_id in sorted(participant_ids):
-            try:
-                one, none = load_participants(self.service, session, {participant_id})
-            except Exception as error:
-                if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
-                    raise
-                failed[participant_id] = error
-                continue
-            loaded += one
-            new |= none
-        return loaded, new, failed
+    def _as_seen(self, session: Any, intent: Intent, error: Exception) -> Exception:
+        """A participant whose record can't be loaded, as the caller may know of it: as
+        the service refuses one outside the caller's sites (by the read models' site; one
+        they don't hold, for callers of every site only), so that no command tells it
+        exists; else why it can't be loaded."""
+        if intent.scope.every_site:
+            return error
+        participant_id = intent.command.participant_id
+        site = session.execute(select(rm_participants.c.site_id).where(
+            rm_participants.c.participant_id == participant_id)).scalar()
+        if site is not None and intent.scope.admits(site):
+            return error
+        if isinstance(intent.command, ScreenParticipant):
+            return ParticipantIdUnavailable(f"participant_id {participant_id} is already in "
+                                            "use; choose another")
+        return ParticipantNotFound(f"participant {participant_id} not found")
 
     def _replay_recorded_meanwhile(self, session: Any, intents: list[Intent],
                                    digests: list[str], outcomes: list[Any],

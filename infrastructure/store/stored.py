@@ -26,7 +26,7 @@ from domain.errors import ParticipantNotFound
 from domain.participant import Participant, participant_uuid
 from domain.sealing import check_topic, unseal
 from domain.service import project
-from infrastructure.store.outages import is_unavailable
+from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
 from infrastructure.store.tables import any_of
 
 log = logging.getLogger("trialog.store")
@@ -153,6 +153,40 @@ def load_participants(service: Any, session: Any, participant_ids: set[str]
         streams[key] = before + streams.get(key, [])
     loaded = [project(None, stream) for stream in streams.values()]
     return loaded, wanted - set(streams)
+
+
+def load_apart(service: Any, session: Any, participant_ids: set[str]
+               ) -> tuple[list[Participant], set[UUID], dict[str, Exception]]:
+    """``load_participants``, with those whose record can't be loaded (an event the store
+    can't give, or the rules can't apply) set apart, so that one participant fails only
+    what is its own: the others, the ids with no event, and why each apart failed. A
+    failure naming its participant (UnreadableRecord) sets that one apart and the rest are
+    read together again; one naming none, each is read on its own."""
+    wanted, apart = set(participant_ids), {}
+    while True:
+        try:
+            loaded, new = load_participants(service, session, wanted)
+            return loaded, new, apart
+        except Exception as error:
+            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+                raise
+            named = getattr(error, "participant_id", None)
+            if named not in wanted:
+                break
+            apart[named] = error
+            wanted.discard(named)
+    loaded, new = [], set()
+    for participant_id in sorted(wanted):
+        try:
+            one, none = load_participants(service, session, {participant_id})
+        except Exception as error:
+            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+                raise
+            apart[participant_id] = error
+            continue
+        loaded += one
+        new |= none
+    return loaded, new, apart
 
 
 def _event(service: Any, stored: StoredEvent, named: dict[UUID, str]) -> Any:

@@ -632,6 +632,7 @@ def test_a_retry_racing_its_first_copy_answers_the_first_answer_not_a_refusal(
     expected version, a dose already recorded). It answered that refusal (409), where the
     first answer is owed. Alone and in a group (a batch, an import)."""
     import infrastructure.store.bus as bus_module
+    import infrastructure.store.stored as stored_module
 
     first, retry = two_processes
     pid = enrol(first)
@@ -647,6 +648,8 @@ def test_a_retry_racing_its_first_copy_answers_the_first_answer_not_a_refusal(
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(bus_module, "load_participants", load_once_the_first_copy_committed)
+    monkeypatch.setattr(stored_module, "load_participants",  # a group's, through load_apart
+                        load_once_the_first_copy_committed)
     answers: dict[str, Any] = {}
 
     def send_retry() -> None:

@@ -417,8 +417,9 @@ def test_a_state_the_store_cant_replay_says_so_and_one_that_cant_be_applied_show
 
 
 def test_the_consort_flow_counts_a_record_it_cant_read_apart_and_everyone_else(isolated):
-    """One damaged row made the CONSORT report (and the console's overview) a 500 for
-    every caller: the flow is read from every participant's events."""
+    """One damaged row, or one correction the rules can't apply, made the CONSORT report
+    (and the console's overview) a 500 for every caller: the flow is read from every
+    participant's events."""
     from domain.access import Scope
     from infrastructure.api import create_app
     from infrastructure.store.tokens import create_token
@@ -426,7 +427,8 @@ def test_the_consort_flow_counts_a_record_it_cant_read_apart_and_everyone_else(i
 
     t = isolated
     enrol(t)  # counted as ever: the one randomized
-    randomization, lost, corrected = enrol(t), enrol(t), enrol(t)
+    randomization, lost, corrected, unapplied = enrol(t), enrol(t), enrol(t), enrol(t)
+    write_straight_into_the_store(t, unapplied, None, "bpi_sf.worst", 3)  # names no event
     visit_version = send(t, c.CompleteVisit(corrected, visit()))["version"]
     send(t, c.CorrectData(corrected, {
         "event_id": t.service.get_participant(corrected).event_id_of(visit_version),
@@ -442,11 +444,11 @@ def test_the_consort_flow_counts_a_record_it_cant_read_apart_and_everyone_else(i
 
     flow = client.get("/v1/reports/consort", headers=admin)
     assert flow.status_code == 200, flow.json
-    assert (flow.json["assessed"], flow.json["randomized"]) == (4, 1)
-    assert flow.json["unreadable"] == {"total": 3,
-                                       "participants": sorted([randomization, corrected])}
+    assert (flow.json["assessed"], flow.json["randomized"]) == (5, 1)
+    assert flow.json["unreadable"] == {
+        "total": 4, "participants": sorted([randomization, corrected, unapplied])}
     scoped = client.get("/v1/reports/consort", headers=monitor).json
-    assert (scoped["assessed"], scoped["unreadable"]["total"]) == (3, 2)
+    assert (scoped["assessed"], scoped["unreadable"]["total"]) == (4, 3)
     assert sum(arm["allocated"] for arm in scoped["arms"].values()) == 1
     signed_into_the_console(t, client, "dm-consort")
     overview = client.get("/console/")
@@ -470,6 +472,7 @@ def test_a_participant_the_store_cant_give_fails_its_own_commands_in_a_batch_and
     t = isolated
     damaged = enrol(t)
     _flip_state(t, damaged, 2)
+    TrialProjection(t).catch_up()  # its site known to the read models: the caller's
     waiting = [new_participant_id(), new_participant_id()]
     for pid in waiting:
         send(t, c.ScreenParticipant(pid, screening()))
@@ -499,3 +502,34 @@ def test_a_participant_the_store_cant_give_fails_its_own_commands_in_a_batch_and
                                "can't be read from the store (a damaged or altered row: "
                                "trialog audit verify names it)\n")
     assert all(t.service.get_participant(pid).status == "consented" for pid in waiting)
+
+
+def test_a_record_the_store_cant_give_outside_the_callers_sites_is_not_found(isolated):
+    """A command about it answered record_unreadable, naming it, where an unknown id and
+    every read answer 404: it told a caller of other sites that the participant exists."""
+    from domain.access import Scope
+    from infrastructure.api import create_app
+    from infrastructure.store.tokens import create_token
+    from tests.factories import consent
+
+    t = isolated
+    elsewhere = enrol(t, "METRO")
+    _flip_state(t, elsewhere, 2)
+    TrialProjection(t).catch_up()
+    client = create_app(t, follow=False).test_client()
+    headers = {"Authorization": "Bearer " + create_token(
+        t.engine, "crc-elsewhere", "coordinator", Scope.of(["CASE"]))}
+
+    def command() -> dict:
+        return {"command_id": str(uuid.uuid4()), "type": "RecordConsent",
+                "participant_id": elsewhere, "data": json_ready(consent())}
+
+    alone = client.post("/v1/commands", json=command(), headers=headers)
+    batch = client.post("/v1/commands/batch", json={"commands": [command()]},
+                        headers=headers).json["results"]
+    assert (alone.status_code, alone.json["error"]) == (404, "not_found")
+    assert (batch[0]["status"], batch[0]["body"]) == (404, alone.json)
+
+
+def json_ready(data: dict) -> dict:
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in data.items()}

@@ -540,6 +540,27 @@ def test_a_reminder_of_a_record_that_cannot_be_read_fails_instead_of_coming_back
     assert reminders.hand_over(stack.trialog, stack.task("send_reminder").delay) == 0
 
 
+def test_a_chunk_with_a_record_that_cannot_be_read_fails_that_row_alone(stack):
+    """The chunk's participants are read together: one damaged row made the whole chunk
+    fail before any email, every time it was handed over, until its reminders expired."""
+    from tests.integration.test_quarantine import _flip_state
+
+    damaged, other = stack.enrol(), stack.enrol()
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    by_participant = {outbox_row(stack, r).participant_id: r for r in ids}
+    _flip_state(stack.trialog, damaged, 2)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+
+    outcomes = reminders.send_chunk(stack.trialog, mailer,
+                                    [by_participant[damaged], by_participant[other]],
+                                    WINDOW_OPENS)
+
+    assert outcomes == {by_participant[damaged]: "failed", by_participant[other]: "sent"}
+    assert "can't be read" in outbox_row(stack, by_participant[damaged]).last_error
+    assert stack.reminders_sent(other) == ["week6/window_open"]
+    assert [to[0] for _, to in stack.sink.envelopes] == [f"{other.lower()}@example.org"]
+
+
 # --- many at a time ------------------------------------------------------------------------
 
 def test_chunks_send_each_reminder_once_and_record_them_together(stack):

@@ -293,3 +293,19 @@ def test_the_correction_rules_know_each_command_s_fields():
     for event_type, path in (("VisitCompleted", "bpi_sf.best"), ("VisitCompleted", "nope"),
                              ("DeviationFlagged", "code"), ("NoSuchEvent", "x")):
         assert not defines(event_type, path), path
+
+
+def test_a_corrected_value_may_be_nested_32_levels_and_no_more():
+    """Past that, the fingerprint's JSON encoder recursed past Python's limit (a 500)."""
+    import json
+
+    import orjson
+
+    from infrastructure.store.schemas import shallow
+
+    shallow(json.loads("[" * 32 + "]" * 32))
+    shallow({"a": [[{"b": None}], "x"]})
+    with pytest.raises(ValidationError):
+        shallow(json.loads("[" * 32 + "{}" + "]" * 32))  # the object is the 33rd level
+    with pytest.raises(ValidationError):
+        shallow(orjson.loads("[" * 1000 + "]" * 1000))  # as the API's parser takes it

@@ -93,3 +93,26 @@ def test_a_long_subject_beyond_ascii_keeps_every_space_when_folded():
     written = mailer.message(email)
     assert _read(written)["Subject"] == subject
     assert all(len(line) <= 78 for line in written.split(b"\r\n"))
+
+
+def test_each_site_has_its_own_day_and_a_scan_spans_them():
+    """A site west of UTC is still on the day before in the UTC day's first hours, one east
+    of it on the next; a site the protocol doesn't list keeps UTC's; a day named by hand
+    is that day everywhere."""
+    from dataclasses import replace
+    from datetime import UTC, date, datetime
+
+    from infrastructure.jobs.reminders import Today
+    from tests.factories import protocol
+
+    trial = protocol()
+    east = replace(trial.site("CASE"), id="TOKYO", time_zone="Asia/Tokyo")
+    trial = replace(trial, sites=(*trial.sites, east))
+    days = Today(trial, now=datetime(2026, 4, 7, 23, 30, tzinfo=UTC))
+    assert (days.at("CASE"), days.at("TOKYO"), days.at("NOWHERE"), days.at(None)) == (
+        date(2026, 4, 7), date(2026, 4, 8), date(2026, 4, 7), date(2026, 4, 7))
+    assert days.span() == (date(2026, 4, 7), date(2026, 4, 8))
+    early = Today(trial, now=datetime(2026, 4, 8, 2, tzinfo=UTC))  # 22:00 in New York
+    assert early.span() == (date(2026, 4, 7), date(2026, 4, 8)) and early.at("CASE") == date(
+        2026, 4, 7)
+    assert Today(trial, day=date(2026, 1, 1)).at("TOKYO") == date(2026, 1, 1)
