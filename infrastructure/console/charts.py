@@ -82,9 +82,12 @@ def consort_svg(counts: dict[str, Any], criteria_shown: int = 8) -> Markup:
     body.append(svg)
     side_y = y + h + 20
     side, side_h = _box(centre + 40, side_y, width - centre - 50, exclusion)
-    waiting, _ = _box(10, side_y, centre - 60,
-                      [(f"Awaiting randomization (n={counts['awaiting_randomization']})",
-                        "awaiting_randomization")])
+    aside: list[Line] = [(f"Awaiting randomization (n={counts['awaiting_randomization']})",
+                          "awaiting_randomization")]
+    unreadable = counts["unreadable"]["total"]
+    if unreadable:  # assessed, in no other box: so the boxes add up
+        aside.append((f"Record can't be read (n={unreadable})", "unreadable.total"))
+    waiting, _ = _box(10, side_y, centre - 60, aside)
     body += [side, waiting,
              _arrow(centre, side_y + 14, centre + 38, side_y + 14),
              _arrow(centre, side_y + 14, centre - 48, side_y + 14)]
@@ -127,7 +130,8 @@ def consort_svg(counts: dict[str, Any], criteria_shown: int = 8) -> Markup:
     title = "CONSORT flow diagram" + (f" as recorded at {counts['as_of']}"
                                       if counts.get("as_of") else "")
     desc = (f"{counts['assessed']} assessed for eligibility, {excluded['total']} excluded, "
-            f"{counts['randomized']} randomized: " + "; ".join(
+            + (f"{unreadable} whose record can't be read, " if unreadable else "")
+            + f"{counts['randomized']} randomized: " + "; ".join(
                 f"{a['name']}: {a['allocated']} allocated, {a['analysed']} analysed"
                 for a in arms.values()))
     return _svg(int(width), int(top + 10), "consort", title, desc, body)

@@ -420,6 +420,8 @@ def test_the_consort_flow_counts_a_record_it_cant_read_apart_and_everyone_else(i
     """One damaged row, or one correction the rules can't apply, made the CONSORT report
     (and the console's overview) a 500 for every caller: the flow is read from every
     participant's events."""
+    import re
+
     from domain.access import Scope
     from infrastructure.api import create_app
     from infrastructure.store.tokens import create_token
@@ -453,7 +455,10 @@ def test_the_consort_flow_counts_a_record_it_cant_read_apart_and_everyone_else(i
     signed_into_the_console(t, client, "dm-consort")
     overview = client.get("/console/")
     assert overview.status_code == 200
-    assert "Record can&#39;t be read" in overview.get_data(as_text=True)
+    page = overview.get_data(as_text=True)
+    assert '<td data-key="unreadable.total">4</td>' in page  # the table, and the diagram:
+    assert re.search(r'<text[^>]*data-key="unreadable.total"[^>]*>Record can&#39;t be read '
+                     r'\(n=4\)</text>', page)
 
 
 def test_a_participant_the_store_cant_give_fails_its_own_commands_in_a_batch_and_an_import(
