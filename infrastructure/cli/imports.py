@@ -155,8 +155,20 @@ def _uuid_int(value: Any) -> int | None:
 
 def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
         parts: int = 1) -> Report:
-    """Applies the lines (those of process ``part`` of ``parts``: see router)."""
+    """Applies the lines (those of process ``part`` of ``parts``: see router). A database
+    that fails stops it: the report then says why, and what the transactions before
+    that one wrote and refused."""
     report = Report()
+    try:
+        _apply(t, lines, actor, part, parts, report)
+    except DATABASE_ERRORS as e:
+        report.failed = database_failure(e)
+    report.refused.sort()
+    return report
+
+
+def _apply(t: Trialog, lines: Iterable[bytes], actor: str, part: int, parts: int,
+           report: Report) -> None:
     envelope = loader(CommandEnvelope())
     schemas = data_loaders(t.protocol)
     route = router(t.protocol, parts) if parts > 1 else None
@@ -180,8 +192,6 @@ def run(t: Trialog, lines: Iterable[bytes], actor: str, part: int = 0,
                 report.repeated += 1
             else:
                 report.accepted += 1
-    report.refused.sort()
-    return report
 
 
 def _reused(command_id: str) -> str:

@@ -412,12 +412,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)
     else:
         report = imports.run_file(settings, args.file, args.actor)
-    if report.failed is not None:
-        raise CliError(f"{report.failed}; the commands of the transaction it stopped are "
-                       "not written: run the import again (what was written is "
-                       "recognised by its command ids)")
     for number, refusal in report.refused:
         print(f"line {number}: {refusal}", file=sys.stderr)
+    if report.failed is not None:
+        done = (f"; before it stopped: {report.accepted} accepted, {report.repeated} "
+                f"repeated, {len(report.refused)} refused"
+                if report.accepted or report.repeated or report.refused else "")
+        raise CliError(f"{report.failed}{done}; the commands of the transaction it stopped "
+                       "are not written: run the import again (what was written is "
+                       "recognised by its command ids)")
     print(f"{report.accepted} accepted, {report.repeated} repeated, "
           f"{len(report.refused)} refused")
     return 1 if report.refused else 0

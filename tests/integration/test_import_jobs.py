@@ -216,3 +216,33 @@ def test_a_line_that_fails_by_a_fault_is_reported_alone_and_the_rest_written(
     assert "fails_for_one" in refusal and "example.org" not in refusal  # where, not what
     assert isolated.service.get_participant(faulty).version == 1  # screened only
     assert isolated.service.get_participant(sound).version == 2
+
+
+def test_a_database_that_fails_mid_import_reports_what_was_written_before(isolated,
+                                                                          monkeypatch):
+    """It reported only the failure: what the transactions before it had written and
+    refused was left out, so a person could not tell how far the file had gone."""
+    import sqlalchemy
+
+    from infrastructure.cli import imports
+
+    monkeypatch.setattr(imports, "CHUNK", 2)
+    first, second = p.participant_id(), p.participant_id()
+    lines = [_line("ScreenParticipant", first, p.screening()), "{not json",
+             _line("ScreenParticipant", second, p.screening()),
+             _line("RecordConsent", first, p.CONSENT)]
+    dispatch_all, calls = isolated.bus.dispatch_all, []
+
+    def the_second_transaction_fails(intents, *args, **kwargs):
+        calls.append(intents)
+        if len(calls) == 2:
+            raise sqlalchemy.exc.OperationalError("INSERT", {}, OSError("connection lost"))
+        return dispatch_all(intents, *args, **kwargs)
+
+    monkeypatch.setattr(isolated.bus, "dispatch_all", the_second_transaction_fails)
+    report = imports.run(isolated, [line.encode() for line in lines], "import")
+
+    assert (report.accepted, report.repeated) == (1, 0)
+    assert [number for number, _ in report.refused] == [2]
+    assert report.failed is not None and report.failed.startswith(
+        "the database failed (OperationalError: ")
