@@ -195,7 +195,7 @@ def pain_svg(pain: dict[str, dict[str, dict[str, Any]]], visits: list[str],
              arm_names: dict[str, str]) -> Markup:
     """Mean BPI average pain (0-10) by visit, a bar per arm with its n."""
     arms = list(arm_names)
-    width, height, left, bottom, top = 640, 260, 36, 52, 14
+    width, height, left, bottom, top = 640, 260, 36, 52, 28
     plot_w, plot_h = width - left - 10, height - top - bottom
     group = plot_w / max(1, len(visits))
     bar = (group - 24) / max(1, len(arms))
@@ -217,8 +217,12 @@ def pain_svg(pain: dict[str, dict[str, dict[str, Any]]], visits: list[str],
             x, y = x0 + bar * k, top + plot_h - h
             body.append(f'<rect class="bar s{k % 4}" x="{x:.1f}" y="{y:.1f}" '
                         f'width="{bar - 4:.1f}" height="{h:.1f}"/>')
-            body.append(f'<text class="label" x="{x + (bar - 4) / 2:.1f}" y="{y - 4:.1f}" '
-                        f'text-anchor="middle">{cell["mean"]:.1f} (n={cell["n"]})</text>')
+            # The mean over its n, each as narrow as its bar: side by side, two arms'
+            # labels at nearly the same height no longer run into each other.
+            middle = x + (bar - 4) / 2
+            body.append(f'<text class="label" x="{middle:.1f}" y="{y - 17:.1f}" '
+                        f'text-anchor="middle">{cell["mean"]:.1f}<tspan x="{middle:.1f}" '
+                        f'dy="13">n={cell["n"]}</tspan></text>')
     for k, arm in enumerate(arms):
         x = left + 260 * k
         body.append(f'<rect class="bar s{k % 4}" x="{x}" y="{height - 16}" width="12" '
