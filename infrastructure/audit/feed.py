@@ -493,7 +493,10 @@ class Feed:
                 .where(table.c.originator_id.in_(sorted(unknown)),
                        table.c.originator_version == 1)).all()
             firsts.update({as_uuid(r.originator_id): r for r in more})
-        learned = {o: self._classify(r) for o, r in firsts.items()}
+        classified = {o: self._classify(r) for o, r in firsts.items()}
+        # One whose first event can't be read is not kept: classified again next time, so
+        # that once its row is repaired its site's readers see it.
+        learned = {o: stream for o, stream in classified.items() if stream is not None}
         with self._lock:
             self._streams.update(learned)
             for originator_id in known:
@@ -505,11 +508,12 @@ class Feed:
         lost = {o: Stream(str(o), UNKNOWN_SITE) for o in wanted - set(known) - set(learned)}
         return {**known, **learned, **lost}
 
-    def _classify(self, first: Any) -> Stream:
+    def _classify(self, first: Any) -> Stream | None:
+        """Who a stream is about, from its first event; None when that can't be read."""
         try:
             content = self._content(first)
         except Exception:  # noqa: BLE001 - an unreadable first event: see _learn
-            return Stream(str(as_uuid(first.originator_id)), UNKNOWN_SITE)
+            return None
         if first.topic.startswith(PARTICIPANT_TOPIC):
             return Stream(content["participant_id"], content["data"]["site_id"])
         if first.topic.startswith(SEQUENCE_TOPIC):

@@ -538,3 +538,31 @@ def test_a_record_the_store_cant_give_outside_the_callers_sites_is_not_found(iso
 
 def json_ready(data: dict) -> dict:
     return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in data.items()}
+
+
+def test_a_repaired_first_event_shows_its_participant_to_its_sites_readers_again(isolated):
+    """A stream whose first event could not be read was remembered as of no site for as
+    long as the process lived: once the row was repaired, its new events still went to
+    the feed under no participant and no site until the server restarted. (Its events
+    rendered before the repair are rendered again by `trialog projections rebuild`.)"""
+    from domain.access import Scope
+    from infrastructure.audit.feed import Reader
+    from infrastructure.readside.projections import FeedProjection
+
+    t = isolated
+    pid = enrol(t)
+    original, _ = _flip_state(t, pid, 1)
+    follower = FeedProjection(t)  # one process's, as a server's follower is
+    follower.catch_up()
+    site_reader = Reader(Scope.of(["CASE"]))
+
+    def subjects() -> list[str]:
+        return [e["subject"] for e in follower.feed.page(0, 1000, site_reader)[0]]
+
+    assert pid not in subjects()
+    _restore_state(t, pid, 1, original)
+    send(t, c.RecordDose(pid, {"taken_on": REGISTERED, "taken": True, "dose_mcg": 1000}))
+    follower.catch_up()
+    assert subjects().count(pid) == 1  # the dose recorded since the repair
+    FeedProjection(t).rebuild()  # as `trialog projections rebuild` does
+    assert subjects().count(pid) == 4
