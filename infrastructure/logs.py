@@ -63,6 +63,24 @@ def mask_emails_in(text: str) -> str:
     return _ADDRESS_IN_TEXT.sub(lambda m: mask_email(m.group()), text)
 
 
+# An address quoted in a free text the trial's people wrote (a query's message, a reason):
+# a mailbox at a domain with a top-level name (or localhost, or an address literal, as an
+# email field takes them), so that what a log masks to be safe, "120/80@10.30" or
+# "1000mcg@day", is shown as it was written.
+_ADDRESS_QUOTED = re.compile(
+    r"[^\s@<>()\[\]{},;:\"'=]+@(?:(?:(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}|localhost)"
+    r"(?![A-Za-z0-9-])|\[[0-9A-Fa-f:.]+\])")
+
+
+def quotes_an_address(text: str) -> bool:
+    return "@" in text and _ADDRESS_QUOTED.search(text) is not None
+
+
+def mask_quoted_addresses(text: str) -> str:
+    """A free text with each address quoted in it masked (see ``_ADDRESS_QUOTED``)."""
+    return _ADDRESS_QUOTED.sub(lambda m: mask_email(m.group()), text)
+
+
 # A fault of the program (an exception no rule raised) is described by its kind and where it
 # happened, never by its text: that may quote the data it failed on (a birth date, an email).
 def fault_at(error: BaseException) -> str:

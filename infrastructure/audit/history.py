@@ -16,7 +16,7 @@ import orjson
 
 from domain.participant import CONTACT_FIELDS, Participant, event_uuid, participant_uuid
 from domain.service import TrialService
-from infrastructure.logs import mask_emails_in
+from infrastructure.logs import mask_quoted_addresses, quotes_an_address
 from infrastructure.store.stored import plain_stream
 
 log = logging.getLogger("trialog.history")
@@ -62,8 +62,8 @@ CAPTURED_FREE_TEXT = ("note",)
 
 
 def holds_address(text: Any) -> bool:
-    """Whether a free text may quote an email address."""
-    return isinstance(text, str) and "@" in text
+    """Whether a free text quotes an email address."""
+    return isinstance(text, str) and quotes_an_address(text)
 
 
 def quotes_address(content: dict[str, Any]) -> bool:
@@ -79,7 +79,7 @@ def quotes_address(content: dict[str, Any]) -> bool:
 def masked_text(text: Any) -> Any:
     """A free text as a reader without contact rights sees it: an address quoted in it
     masked, as the logs mask it (anything else as it is)."""
-    return mask_emails_in(text) if holds_address(text) else text
+    return mask_quoted_addresses(text) if holds_address(text) else text
 
 
 def _masked(texts: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:

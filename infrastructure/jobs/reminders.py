@@ -207,7 +207,7 @@ def _write_rows(t: Trialog, days: Today
                             "status": "expired" if expired(r.due_on, today) else "pending",
                             "attempts": 0, "scan_position": position, "created_at": now,
                             "query_id": None})
-        again = _due_again(session, days)
+        again = _due_again(session, days, position)
         notices = query_notices.outbox_rows(t, session, days.at, now, position)
         if new or notices:  # in one order, so two scans at once can't deadlock
             session.execute(insert(outbox), sorted(new + notices,
@@ -218,14 +218,17 @@ def _write_rows(t: Trialog, days: Today
     return new, again, notices
 
 
-def _due_again(session: Any, days: Today) -> list[str]:
+def _due_again(session: Any, days: Today, position: int) -> list[str]:
     """The rows set aside as rescheduled, looked at by every scan: pending again with their
     new due day once it has come at their site (expired when that was more than a day
     ago), cancelled once no reminder is owed (the schedule's row gone: withdrawn, the visit
-    done or missed) or its window has closed unsent. The ids of those to send."""
+    done or missed) or its window has closed unsent. A row whose schedule row is missing
+    while the read models are at an earlier ``position`` than its scan (being rebuilt) is
+    left as it is: its schedule may not be written again yet. The ids of those to send."""
     s = reminder_schedule
     rows = session.execute(
-        select(outbox.c.reminder_id, s.c.due_on, s.c.until, participants.c.site_id)
+        select(outbox.c.reminder_id, outbox.c.scan_position, s.c.due_on, s.c.until,
+               participants.c.site_id)
         .outerjoin(s, s.c.reminder_id == outbox.c.reminder_id)
         .outerjoin(participants, participants.c.participant_id == outbox.c.participant_id)
         .where(outbox.c.status == RESCHEDULED)).all()
@@ -234,6 +237,8 @@ def _due_again(session: Any, days: Today) -> list[str]:
         today = days.at(row.site_id)
         if row.due_on is not None and row.due_on > today:
             continue  # not yet
+        if row.due_on is None and position < row.scan_position:
+            continue  # the read models are behind its scan: rebuilt, not there yet
         if row.due_on is None or row.until < today:
             values: dict[str, Any] = {"status": "cancelled"}
         elif expired(row.due_on, today):

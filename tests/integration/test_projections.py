@@ -468,7 +468,7 @@ def test_after_migration_0030_the_feed_is_rendered_again_from_the_first_address(
         with t.engine.begin() as connection:  # as rendered before: an address whole
             connection.execute(update(feed_events).where(feed_events.c.position == quoted)
                                .values(body=feed_events.c.body + "jane.doe@example.org"))
-        migrations.upgrade(t.engine)
+        migrations.upgrade(t.engine, "0030")
         with t.engine.connect() as connection:
             kept = connection.execute(select(feed_events.c.position)).scalars().all()
             position = connection.execute(select(positions.c.position).where(
@@ -511,12 +511,60 @@ def test_migration_0031_masks_the_addresses_the_read_models_kept_in_free_texts(i
                 deviation_id=deviation, participant_id="CASE-0001", code="wrong_dose",
                 severity="minor", status="resolved", detail="", evidence=[],
                 detected_at=datetime.now(UTC), resolution="confirmed by jane.doe@example.org"))
-        migrations.upgrade(t.engine)
+        migrations.upgrade(t.engine, "0031")
         with t.engine.connect() as connection:
             (kept,) = connection.execute(select(queries.c.thread)).scalars().all()
             resolution = connection.execute(select(deviations.c.resolution)).scalar()
         assert kept == [{**thread[0], "text": "The source names j***@example.org"}]
         assert resolution == "confirmed by j***@example.org"
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("isolated_url", ["postgresql", "sqlite"], indirect=True)
+def test_after_migration_0032_the_read_models_and_the_feed_are_rendered_again(isolated_url):
+    """0031 masked an '@' that is no address as one, for good (only the events can undo
+    it); read models written before a sample on a verified visit counted say verified:
+    0032 empties the read models and rm_feed, and the followers write them again by this
+    release's rules."""
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.tables import participants, queries
+    from tests.conftest import settings_for
+
+    t = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(t.engine, "0031")
+        pid = enrol(t)
+        send(t, c.RaiseQuery(pid, {"query_id": str(uuid4()), "visit": "baseline",
+                                   "text": "BP 120/80@10.30 on the source"}))
+        TrialProjection(t).catch_up()
+        FeedProjection(t).catch_up()
+        with t.engine.begin() as connection:  # as 0031 and the rules before left them
+            connection.execute(update(queries).values(thread=[
+                {**m, "text": "BP 1***@10.30 on the source"} for m in connection.execute(
+                    select(queries.c.thread)).scalar()]))
+            connection.execute(update(participants).values(status="stale"))
+            connection.execute(update(feed_events).where(
+                feed_events.c.subject == pid).values(entry=feed_events.c.entry + "1***@10"))
+        migrations.upgrade(t.engine)
+        with t.engine.connect() as connection:
+            assert connection.execute(select(participants.c.participant_id)).first() is None
+            assert connection.execute(select(feed_events.c.position)).first() is None
+            assert connection.execute(select(positions.c.name, positions.c.position).where(
+                positions.c.name.in_(("trial", "feed"))).order_by(positions.c.name)
+            ).all() == [("feed", 0), ("trial", 0)]
+        TrialProjection(t).catch_up()
+        FeedProjection(t).catch_up()
+        with t.engine.connect() as connection:
+            (thread,) = connection.execute(select(queries.c.thread).where(
+                queries.c.participant_id == pid)).scalars().all()
+            status = connection.execute(select(participants.c.status).where(
+                participants.c.participant_id == pid)).scalar()
+            entries = connection.execute(select(feed_events.c.entry).where(
+                feed_events.c.subject == pid)).scalars().all()
+        assert thread[0]["text"] == "BP 120/80@10.30 on the source" and status == "randomized"
+        assert len(entries) == 4 and not [e for e in entries if "1***@10" in e]
     finally:
         t.close()
 

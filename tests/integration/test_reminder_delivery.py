@@ -427,6 +427,26 @@ def test_a_rescheduled_reminder_no_longer_owed_is_cancelled_by_the_next_scan(sta
     assert status(stack, reminder_id) == "cancelled"
 
 
+def test_a_rescheduled_reminder_waits_while_the_read_models_are_rebuilt(stack, monkeypatch):
+    """Its schedule row is missing while a rebuild (`trialog projections rebuild`, or
+    migration 0032) has not written it again: the scan cancelled the reminder for good."""
+    from sqlalchemy import delete
+
+    from infrastructure.store.tables import reminder_schedule
+
+    pid = stack.enrol()
+    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
+    _registration_corrected_later(stack, pid, 5)
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "rescheduled"
+    with stack.trialog.engine.begin() as connection:  # emptied, not yet written again
+        connection.execute(delete(reminder_schedule).where(
+            reminder_schedule.c.participant_id == pid))
+    monkeypatch.setattr(TrialProjection, "position", lambda self: 0)  # from the start
+    reminders.scan(stack.trialog, WINDOW_OPENS + timedelta(days=1))
+    assert status(stack, reminder_id) == "rescheduled"
+
+
 def test_a_row_another_sender_took_meanwhile_is_not_set_aside_over_it(stack):
     """The rescheduled mark takes the row only as it was read (on SQLite, with no lock,
     another sender may have marked it sending meanwhile)."""

@@ -1,0 +1,26 @@
+"""An address quoted in a free text is masked for readers without contact rights; a
+clinical note with an '@' in it that is no address is shown as it was written."""
+
+from __future__ import annotations
+
+import pytest
+
+from infrastructure.audit.history import holds_address, masked_text
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("The source names jane.doe@example.org", "The source names j***@example.org"),
+    ("write to j@x.org.", "write to j***@x.org."),
+    ("y@mail.example.co.uk, x@localhost", "y***@mail.example.co.uk, x***@localhost"),
+    ("z@[10.0.0.1] wrote", "*** wrote"),
+])
+def test_an_address_quoted_in_a_text_is_masked(text, shown):
+    assert holds_address(text) and masked_text(text) == shown
+
+
+@pytest.mark.parametrize("text", [
+    "BP 120/80@10.30 taken, dose 1000mcg@day",  # 0031 wrote "BP 1***@10.30 ... 1***@day"
+    "sample#12@-80C", "2 tabs@bedtime", "temp 37.2@08:15", "a@b.c", "no address here",
+])
+def test_an_at_sign_that_is_no_address_is_left_as_written(text):
+    assert not holds_address(text) and masked_text(text) == text
