@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_init, import_modules, worker_process_shutdown
 
+from infrastructure.store import migrations
 from infrastructure.store.settings import (
     Settings,
     SettingsError,
@@ -122,6 +123,11 @@ def _check_settings(**_: Any) -> None:
     except SettingsError as e:
         print(f"trialog: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    settings = Settings.from_env()
+    later = None if settings.is_sqlite else migrations.later(settings.database_url)
+    if later is not None:  # see migrations.later: it would show and write what it can't
+        print(f"trialog: {migrations.later_refusal(later)}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 @worker_process_shutdown.connect

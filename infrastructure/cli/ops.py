@@ -61,6 +61,20 @@ def _ready_to_serve() -> None:
         engine.dispose()
     if behind:
         raise CliError(NO_TABLES)
+    _not_migrated_later(settings)
+
+
+def _not_migrated_later(settings: Any) -> None:
+    """A process of this release on a database a later release migrated would show and
+    write what that release's migrations changed: it does not start (on SQLite, every
+    command's migration refuses such a file)."""
+    from infrastructure.store import migrations
+
+    if settings.is_sqlite:
+        return
+    later = migrations.later(settings.database_url)
+    if later is not None:
+        raise CliError(migrations.later_refusal(later))
 
 
 def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:
@@ -223,7 +237,9 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
 
     from infrastructure.heap import freeze_startup
     from infrastructure.readside.projections import follow_all
+    from infrastructure.store.settings import Settings
 
+    _not_migrated_later(Settings.from_env())
     trialog = _app()
     freeze_startup()
     # SIGTERM (a stop, or the master's death) and SIGINT are blocked in every thread and
@@ -403,6 +419,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     refusal = imports.jobs_refusal(settings, load_protocol(settings.protocol_path), args.jobs)
     if refusal is not None:
         raise CliError(refusal)
+    _not_migrated_later(settings)
     try:
         with open(args.file, "rb"):  # readable, before any process starts
             pass

@@ -548,12 +548,32 @@ def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
                                      "ones): run `trialog db upgrade`\n")
     try:
         migrations.upgrade(database)
-        assert not migrations.behind(database)
+        assert not migrations.behind(database) and migrations.later(url) is None
         with database.begin() as connection:  # migrated by a later release than this one
             connection.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = "
                                     "'9999'"))
-        assert not migrations.behind(database)
+        # A server of this release started there, and refused every caller once a
+        # password had changed (an access register it can't read); nor do its follower,
+        # import or workers start there.
+        ndjson = tmp_path / "none.ndjson"
+        ndjson.write_text("")
+        for args in (["serve", "--port", "0"], ["serve", "--port", "0", "--workers", "2"],
+                     ["projections", "follow"], ["import", str(ndjson)]):
+            refused = run(args, tmp_path, TRIALOG_DATABASE_URL=url, **secrets)
+            assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+            assert refused.stderr == ("trialog: the database was migrated by a later release "
+                                      "(revision 9999, which this one doesn't know): run "
+                                      "that release\n")
+        from tests.integration.test_cli_first_steps import celery
+
+        worker = celery(["worker", "--pool", "solo"], tmp_path, 60, TRIALOG_DATABASE_URL=url,
+                        **secrets)
+        assert worker.returncode == 1 and "(revision 9999" in worker.stderr
+        assert "Traceback" not in worker.stderr
     finally:
+        with database.begin() as connection:
+            connection.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = "
+                                    f"'{migrations.head()}'"))
         t.close()
 
 

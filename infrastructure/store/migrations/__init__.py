@@ -104,10 +104,31 @@ def _at_head(engine: Engine) -> bool:
         return _revisions(connection) == [head()]
 
 
+def later(url: str) -> str | None:
+    """The database's revision when this release doesn't know it: a later release migrated
+    it, and this one would show and write what that one's migrations changed (an access
+    register it can't read refuses every caller; texts masked since written whole). None
+    for a known revision, no tables, or a database that can't be reached now (its
+    outage is answered as such)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            current = _revisions(connection)
+    except OperationalError:
+        return None
+    finally:
+        engine.dispose()
+    return next((revision for revision in current if revision not in _known()), None)
+
+
+def later_refusal(revision: str) -> str:
+    return (f"the database was migrated by a later release (revision {revision}, which "
+            "this one doesn't know): run that release")
+
+
 def behind(engine: Engine) -> bool:
     """Whether the database has none of Trialog's tables, or older ones than this release
-    needs (a revision newer than this release knows is not behind: a release before the
-    one that migrated it may run on it meanwhile)."""
+    needs (a revision newer than this release knows is not behind: see ``later``)."""
     with engine.connect() as connection:
         current = _revisions(connection)
     older = _known() - {head()}
