@@ -17,7 +17,6 @@ from werkzeug.wsgi import wrap_file
 
 from domain.deviations import SEVERITY
 from domain.errors import DomainError
-from domain.views import participant_state as state_of
 from infrastructure.api import responses as r
 from infrastructure.api.errors import ApiError, forbidden, from_domain, invalid
 from infrastructure.api.schemas import ErrorBody
@@ -206,7 +205,7 @@ def get_participant(participant_id: str, **args: Any) -> Response:
     if participant is None:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded at or before {moment.isoformat()}")
-    state = state_of(participant, t.protocol, moment.date(), contact=contact)
+    state = queries.shown_state(participant, t.protocol, moment.date(), contact=contact)
     if contact:
         _disclose([participant_id], f"GET /v1/participants/{participant_id}")
     g.position = queries.event_position(t, participant_id, participant.version)

@@ -7,7 +7,7 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -80,6 +80,16 @@ def masked_text(text: Any) -> Any:
     """A free text as a reader without contact rights sees it: an address quoted in it
     masked, as the logs mask it (anything else as it is)."""
     return mask_quoted_addresses(text) if holds_address(text) else text
+
+
+def with_signatures_masked(holders: Iterable[dict[str, Any]]) -> None:
+    """Each holder's ``signature`` (a visit's or the casebook's, in a state or in the read
+    models' management) with an address quoted in its meaning masked: a state is shown to
+    every role, and the history keeps the meaning whole for those with contact rights."""
+    for holder in holders:
+        signature = holder.get("signature")
+        if signature and holds_address(signature.get("meaning")):
+            holder["signature"] = {**signature, "meaning": masked_text(signature["meaning"])}
 
 
 def _masked(texts: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:

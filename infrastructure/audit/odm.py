@@ -750,7 +750,9 @@ class _Subject:
         self._note(Place(study_event), event, annotation=_annotation(1, [("SDV", "verified")]))
 
     def _signed(self, event: Any) -> None:
-        oid = self.gathered.signature(event.signed_by, event.printed_name, event.meaning)
+        # (its SignatureDef's OID derived from the meaning as shown: no digest of the whole)
+        oid = self.gathered.signature(event.signed_by, event.printed_name,
+                                      self._as_shown(event.meaning))
         signature = (f"<Signature><UserRef{_attr('UserOID', user_oid(event.signed_by))}/>"
                      f"<LocationRef{_attr('LocationOID', self.site)}/>"
                      f"<SignatureRef{_attr('SignatureOID', oid)}/>{self._stamp(event)}"

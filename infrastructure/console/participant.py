@@ -10,7 +10,6 @@ from typing import Any
 from flask import abort, flash, g, make_response, redirect, render_template, request, url_for
 
 from domain.errors import DomainError
-from domain.views import participant_state as state_of
 from infrastructure.api.errors import ApiError
 from infrastructure.audit import access
 from infrastructure.audit import history as audit
@@ -76,7 +75,7 @@ def _page_data(participant_id: str) -> dict[str, Any]:
         asked = None
     else:
         p, asked = replay
-        state = state_of(p, t.protocol, asked["moment"].date(), contact=contact)
+        state = queries.shown_state(p, t.protocol, asked["moment"].date(), contact=contact)
         history = audit.history(t.service, participant_id, version=p.version,
                                 cache=runtime().histories, veil=t.veil_digest)
         query_rows = [{**q, "participant_id": participant_id,

@@ -28,7 +28,7 @@ from domain.participant import ACTIVE, Participant
 from domain.schedule import reminder_due, reminder_id, schedule
 from domain.views import management_view
 from infrastructure.audit.feed import FEED_FOLLOWER, Feed
-from infrastructure.audit.history import holds_address, masked_text
+from infrastructure.audit.history import holds_address, masked_text, with_signatures_masked
 from infrastructure.readside.quarantine import quarantined_ids, release, set_aside
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import WRITE_CONFLICTS
@@ -403,13 +403,15 @@ def read_model_rows(p: Participant, trialog: Trialog,
     screening = p.screening
     eligible, failed = p.eligibility_now(trialog.protocol)
     scored = p.scores()
+    management = management_view(p)
+    with_signatures_masked([*management["visits"].values(), management["casebook"]])
     yield participants, {
         "participant_id": p.participant_id, "site_id": p.site_id, "status": p.status,
         "arm": p.arm, "version": p.version, "language": screening["language"],
         "eligible": eligible, "failed_criteria": failed,
         "screened_on": screening["screened_on"], "registered_on": p.registered_on,
         "left_on": p.withdrawn_on("study"),
-        "scores": scored, "position": position, "management": management_view(p),
+        "scores": scored, "position": position, "management": management,
     }
     for q in p.queries.values():
         yield queries, {

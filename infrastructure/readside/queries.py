@@ -14,10 +14,12 @@ from sqlalchemy.engine import Connection
 
 from domain.access import Scope
 from domain.errors import ParticipantNotFound
-from domain.participant import participant_uuid
+from domain.participant import Participant, participant_uuid
+from domain.protocol import Protocol
 from domain.schedule import ScheduledVisit, visit_status
 from domain.views import participant_state as state_of
 from domain.views import with_management
+from infrastructure.audit.history import with_signatures_masked
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import (
@@ -138,8 +140,18 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
 def _replayed_state(t: Trialog, participant_id: str, today: date, contact: bool,
                     position: int, closed_by: date | None = None) -> dict[str, Any]:
     participant = replayed(t.service, participant_id)
-    state = state_of(participant, t.protocol, today, contact=contact, closed_by=closed_by)
+    state = shown_state(participant, t.protocol, today, contact=contact, closed_by=closed_by)
     state.update(language=participant.screening["language"], position=position)
+    return state
+
+
+def shown_state(participant: Participant, protocol: Protocol, today: date,
+                contact: bool = False, closed_by: date | None = None) -> dict[str, Any]:
+    """A participant's state as a reader is shown it: an address quoted in a signature's
+    meaning masked for every role, as the read models keep it (see
+    ``with_signatures_masked``)."""
+    state = state_of(participant, protocol, today, contact=contact, closed_by=closed_by)
+    with_signatures_masked([*state["visits"], state["casebook"]])
     return state
 
 

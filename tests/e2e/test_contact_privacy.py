@@ -104,11 +104,17 @@ def participant(site) -> str:
             c.RecordReminderSent(pid, {"visit": "week6", "kind": "window_open",
                                        "recipients": [MARKER, "coordinator@case.example"]}),
             command_id=str(uuid.uuid4()), actor="reminder-worker")
+        # A signature's meaning is shown in the state to every role, and kept there.
+        signed = trialog.bus.dispatch(
+            c.SignVisit(pid, {"visit": "baseline", "meaning": f"I approve; see {MARKER}",
+                              "signer": "dr-okafor", "printed_name": "A. Okafor"}),
+            command_id=str(uuid.uuid4()), actor="dr-okafor")
     finally:
         trialog.close()
-    coordinator.get(f"/v1/participants/{pid}", after=sent.body["position"])
+    coordinator.get(f"/v1/participants/{pid}", after=signed.body["position"])
     site.command_ids.update(screening=screened.json()["command_id"],
                             reminder=sent.body["command_id"],
+                            signature=signed.body["command_id"],
                             consent=consented.json()["command_id"])
     return pid
 
@@ -117,7 +123,9 @@ def reads(pid: str) -> list[str]:
     return [f"/v1/participants/{pid}", f"/v1/participants/{pid}/history",
             f"/v1/participants/{pid}/history?version=4",
             f"/v1/participants/{pid}/history?as_of=2999-01-01T00:00:00Z",
-            f"/v1/participants/{pid}?version=1", "/v1/participants", "/v1/deviations",
+            f"/v1/participants/{pid}?version=1",
+            f"/v1/participants/{pid}?as_of=2999-01-01T00:00:00Z", "/v1/participants",
+            "/v1/deviations",
             "/v1/queries",
             "/v1/visits/due?within_days=365", "/v1/trial/summary", "/v1/exports/odm",
             "/v1/exports/csv", "/v1/exports/fhir", "/v1/exports/odm?deidentify=true",
@@ -147,8 +155,9 @@ def test_without_contact_rights_no_read_holds_the_id_of_a_command_that_carried_t
     again with guessed contact details and learn from the answer whether they were right
     (the first answer, or 409 for another body)."""
     client = site.clients[role]
-    hidden = [site.command_ids[name] for name in (  # (the last four quote the address)
-        "screening", "reminder", "correction", "query", "withdrawal", "unquoted")]
+    hidden = [site.command_ids[name] for name in (  # (the last five quote the address)
+        "screening", "reminder", "correction", "query", "withdrawal", "unquoted",
+        "signature")]
     for path in reads(participant):
         answer = client.get(path)
         assert not [i for i in hidden if i in answer.text], (role, path)
@@ -171,6 +180,8 @@ def test_roles_with_contact_rights_see_the_address_and_the_recipients(site, part
     assert correction["reason"] == f"as {MARKER} wrote to the site"
     raised = next(e for e in history if e["type"] == "QueryRaised")
     assert MARKER in raised["data"]["text"]  # the list keeps it masked, in plain text
+    signed = next(e for e in history if e["type"] == "RecordSigned")
+    assert MARKER in signed["data"]["meaning"]  # the state shows it masked, to every role
 
 
 def test_the_log_and_the_database_file_never_hold_the_address(site, participant):
