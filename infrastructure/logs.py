@@ -64,12 +64,16 @@ def mask_emails_in(text: str) -> str:
 
 
 # An address quoted in a free text the trial's people wrote (a query's message, a reason):
-# a mailbox at a domain with a top-level name (or localhost, or an address literal, as an
-# email field takes them), so that what a log masks to be safe, "120/80@10.30" or
-# "1000mcg@day", is shown as it was written.
+# a mailbox (any characters an email field takes before its '@') at a domain of dotted
+# labels, letters of any script, whose last has a letter and two characters or more (an
+# "xn--" one too), or at localhost or an address literal, so that what a log masks to be
+# safe, "120/80@10.30", "1000mcg@day" or "1 tab@b.i.d", is shown as it was written. (A
+# domain whose last label is digits alone, "host.42", is taken for none.)
+_LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
+_LAST_LABEL = r"(?=[\w-]{2})[\w-]*[^\W\d_][\w-]*"
 _ADDRESS_QUOTED = re.compile(
-    r"[^\s@<>()\[\]{},;:\"'=]+@(?:(?:(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}|localhost)"
-    r"(?![A-Za-z0-9-])|\[[0-9A-Fa-f:.]+\])")
+    rf"[^\s@<>()\[\],;:]+@(?:(?:(?:{_LABEL}\.)+{_LAST_LABEL}|localhost)(?![\w-])"
+    r"|\[[0-9A-Fa-f:.]+\])")
 
 
 def quotes_an_address(text: str) -> bool:

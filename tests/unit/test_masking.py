@@ -13,6 +13,14 @@ from infrastructure.audit.history import holds_address, masked_text
     ("write to j@x.org.", "write to j***@x.org."),
     ("y@mail.example.co.uk, x@localhost", "y***@mail.example.co.uk, x***@localhost"),
     ("z@[10.0.0.1] wrote", "*** wrote"),
+    # What an email field takes: any script, "xn--" and hyphened last labels, odd local
+    # parts (an address beyond ASCII is masked whole).
+    ("maria.lopez@peñalara.es", "***"), ("ivan@почта.рф", "***"),
+    ("jane@example.xn--p1ai", "j***@example.xn--p1ai"),
+    ("jane@example.co-op", "j***@example.co-op"), ("o'brien@example.org", "o***@example.org"),
+    ("jane}@example.org", "j***@example.org"), ('"j"@example.org', "***@example.org"),
+    ("see jane@example.org-based", "see j***@example.org-based"),
+    ("mailto:jane@example.org", "mailto:j***@example.org"),
 ])
 def test_an_address_quoted_in_a_text_is_masked(text, shown):
     assert holds_address(text) and masked_text(text) == shown
@@ -20,7 +28,8 @@ def test_an_address_quoted_in_a_text_is_masked(text, shown):
 
 @pytest.mark.parametrize("text", [
     "BP 120/80@10.30 taken, dose 1000mcg@day",  # 0031 wrote "BP 1***@10.30 ... 1***@day"
-    "sample#12@-80C", "2 tabs@bedtime", "temp 37.2@08:15", "a@b.c", "no address here",
+    "sample#12@-80C", "2 tabs@bedtime", "temp 37.2@08:15", "1 tab@b.i.d", "a@b.c",
+    "no address here",
 ])
 def test_an_at_sign_that_is_no_address_is_left_as_written(text):
     assert not holds_address(text) and masked_text(text) == text
