@@ -189,6 +189,11 @@ def _write_rows(t: Trialog, days: Today
     with t.service.recorder.transaction(commit=True) as session:  # type: ignore[attr-defined]
         position = TrialProjection(t).position()
         last_day, last_position = _last_scan(session)
+        if position < last_position:
+            # The read models are being rebuilt (`projections rebuild`, migration 0032):
+            # what they hold yet is a record as it stood before, whose due days and
+            # queries may since have changed. Nothing is decided on it until they are back.
+            return [], [], []
         since = s.c.due_on > last_day if last_day else s.c.due_on.is_not(None)
         due = (
             select(s.c.reminder_id, s.c.participant_id, s.c.visit, s.c.kind, s.c.due_on,
@@ -207,7 +212,7 @@ def _write_rows(t: Trialog, days: Today
                             "status": "expired" if expired(r.due_on, today) else "pending",
                             "attempts": 0, "scan_position": position, "created_at": now,
                             "query_id": None})
-        again = _due_again(session, days, position)
+        again = _due_again(session, days)
         notices = query_notices.outbox_rows(t, session, days.at, now, position)
         if new or notices:  # in one order, so two scans at once can't deadlock
             session.execute(insert(outbox), sorted(new + notices,
@@ -218,17 +223,14 @@ def _write_rows(t: Trialog, days: Today
     return new, again, notices
 
 
-def _due_again(session: Any, days: Today, position: int) -> list[str]:
+def _due_again(session: Any, days: Today) -> list[str]:
     """The rows set aside as rescheduled, looked at by every scan: pending again with their
     new due day once it has come at their site (expired when that was more than a day
     ago), cancelled once no reminder is owed (the schedule's row gone: withdrawn, the visit
-    done or missed) or its window has closed unsent. A row whose schedule row is missing
-    while the read models are at an earlier ``position`` than its scan (being rebuilt) is
-    left as it is: its schedule may not be written again yet. The ids of those to send."""
+    done or missed) or its window has closed unsent. The ids of those to send."""
     s = reminder_schedule
     rows = session.execute(
-        select(outbox.c.reminder_id, outbox.c.scan_position, s.c.due_on, s.c.until,
-               participants.c.site_id)
+        select(outbox.c.reminder_id, s.c.due_on, s.c.until, participants.c.site_id)
         .outerjoin(s, s.c.reminder_id == outbox.c.reminder_id)
         .outerjoin(participants, participants.c.participant_id == outbox.c.participant_id)
         .where(outbox.c.status == RESCHEDULED)).all()
@@ -237,8 +239,6 @@ def _due_again(session: Any, days: Today, position: int) -> list[str]:
         today = days.at(row.site_id)
         if row.due_on is not None and row.due_on > today:
             continue  # not yet
-        if row.due_on is None and position < row.scan_position:
-            continue  # the read models are behind its scan: rebuilt, not there yet
         if row.due_on is None or row.until < today:
             values: dict[str, Any] = {"status": "cancelled"}
         elif expired(row.due_on, today):
@@ -701,10 +701,14 @@ _UNCERTAIN = (update(outbox)
 
 
 def _send_digest(t: Trialog, connection: Connection, mailer: Mailer, row: Any) -> str:
-    """A site's weekly digest; its outbox row is its only record."""
+    """A site's weekly digest; its outbox row is its only record. Not while the read
+    models, whose queries it lists, are behind the scan that wrote it (being rebuilt):
+    busy, handed over again later."""
     if row.status == "mailed":
         _mark(connection, row, "sent")
         return "sent"
+    if TrialProjection(t).position() < row.scan_position:
+        return "busy"
     email = query_notices.digest_email(t, row.participant_id)
     if email is None:
         _mark(connection, row, "cancelled")

@@ -427,24 +427,40 @@ def test_a_rescheduled_reminder_no_longer_owed_is_cancelled_by_the_next_scan(sta
     assert status(stack, reminder_id) == "cancelled"
 
 
-def test_a_rescheduled_reminder_waits_while_the_read_models_are_rebuilt(stack, monkeypatch):
-    """Its schedule row is missing while a rebuild (`trialog projections rebuild`, or
-    migration 0032) has not written it again: the scan cancelled the reminder for good."""
+def test_a_scan_decides_nothing_while_the_read_models_are_rebuilt(stack, monkeypatch):
+    """A rebuild (`trialog projections rebuild`, migration 0032) writes the schedule again
+    event by event: a rescheduled reminder whose row was not written yet was cancelled,
+    and one whose row still had its due day from before a correction was written expired,
+    both for good."""
     from sqlalchemy import delete
 
     from infrastructure.store.tables import reminder_schedule
 
-    pid = stack.enrol()
-    (reminder_id,) = scan_without_sending(stack, WINDOW_OPENS)
-    _registration_corrected_later(stack, pid, 5)
+    rescheduled, corrected = stack.enrol(), stack.enrol()
+    ids = scan_without_sending(stack, WINDOW_OPENS - timedelta(days=1))  # nothing due yet
+    assert not [r for r in ids if outbox_row(stack, r).participant_id in (rescheduled,
+                                                                            corrected)]
+    _registration_corrected_later(stack, corrected, 10)  # due ten days later
+    (reminder_id,) = [r for r in scan_without_sending(stack, WINDOW_OPENS)
+                      if outbox_row(stack, r).participant_id in (rescheduled, corrected)]
+    _registration_corrected_later(stack, rescheduled, 5)
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     assert reminders.send(stack.trialog, mailer, reminder_id, WINDOW_OPENS) == "rescheduled"
-    with stack.trialog.engine.begin() as connection:  # emptied, not yet written again
+    TrialProjection(stack.trialog).catch_up()
+    with stack.trialog.engine.begin() as connection:  # as a rebuild half-way has them
         connection.execute(delete(reminder_schedule).where(
-            reminder_schedule.c.participant_id == pid))
+            reminder_schedule.c.participant_id == rescheduled))
+        connection.execute(update(reminder_schedule).where(
+            reminder_schedule.c.participant_id == corrected).values(
+            due_on=reminder_schedule.c.due_on - timedelta(days=10),
+            until=reminder_schedule.c.until - timedelta(days=10)))
     monkeypatch.setattr(TrialProjection, "position", lambda self: 0)  # from the start
-    reminders.scan(stack.trialog, WINDOW_OPENS + timedelta(days=1))
+    for _ in range(2):  # (the first scan of a rebuild wrote its low position as its mark)
+        reminders.scan(stack.trialog, WINDOW_OPENS + timedelta(days=3))
     assert status(stack, reminder_id) == "rescheduled"
+    with stack.trialog.engine.connect() as connection:
+        assert connection.execute(select(outbox.c.status).where(
+            outbox.c.participant_id == corrected)).all() == []
 
 
 def test_a_row_another_sender_took_meanwhile_is_not_set_aside_over_it(stack):
