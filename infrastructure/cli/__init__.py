@@ -46,7 +46,20 @@ def _print_json(value: Any) -> None:
 
 
 def _app() -> Trialog:
-    return bootstrap(Settings.from_env())
+    settings = Settings.from_env()
+    _not_migrated_later(settings)
+    return bootstrap(settings)
+
+
+def _not_migrated_later(settings: Settings) -> None:
+    """A process of this release on a database a later release migrated would show and
+    write what that release's migrations changed: it does not start (on SQLite, every
+    command's migration refuses such a file)."""
+    if settings.is_sqlite:
+        return
+    later = migrations.later(settings.database_url)
+    if later is not None:
+        raise CliError(migrations.later_refusal(later))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

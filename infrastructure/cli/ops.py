@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from domain.protocol import Protocol
-from infrastructure.cli import NO_TABLES, CliError, _app
+from infrastructure.cli import NO_TABLES, CliError, _app, _not_migrated_later
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -62,19 +62,6 @@ def _ready_to_serve() -> None:
     if behind:
         raise CliError(NO_TABLES)
     _not_migrated_later(settings)
-
-
-def _not_migrated_later(settings: Any) -> None:
-    """A process of this release on a database a later release migrated would show and
-    write what that release's migrations changed: it does not start (on SQLite, every
-    command's migration refuses such a file)."""
-    from infrastructure.store import migrations
-
-    if settings.is_sqlite:
-        return
-    later = migrations.later(settings.database_url)
-    if later is not None:
-        raise CliError(migrations.later_refusal(later))
 
 
 def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:
@@ -237,9 +224,6 @@ def cmd_projections_follow(args: argparse.Namespace) -> int:
 
     from infrastructure.heap import freeze_startup
     from infrastructure.readside.projections import follow_all
-    from infrastructure.store.settings import Settings
-
-    _not_migrated_later(Settings.from_env())
     trialog = _app()
     freeze_startup()
     # SIGTERM (a stop, or the master's death) and SIGINT are blocked in every thread and

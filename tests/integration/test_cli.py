@@ -553,12 +553,14 @@ def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
             connection.execute(text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = "
                                     "'9999'"))
         # A server of this release started there, and refused every caller once a
-        # password had changed (an access register it can't read); nor do its follower,
-        # import or workers start there.
+        # password had changed (an access register it can't read); nor does any other
+        # command on the database, nor the workers, start there.
         ndjson = tmp_path / "none.ndjson"
         ndjson.write_text("")
         for args in (["serve", "--port", "0"], ["serve", "--port", "0", "--workers", "2"],
-                     ["projections", "follow"], ["import", str(ndjson)]):
+                     ["projections", "follow"], ["import", str(ndjson)],
+                     ["projections", "rebuild"], ["reminders", "scan"],
+                     ["token", "create", "--name", "late", "--role", "admin"]):
             refused = run(args, tmp_path, TRIALOG_DATABASE_URL=url, **secrets)
             assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
             assert refused.stderr == ("trialog: the database was migrated by a later release "

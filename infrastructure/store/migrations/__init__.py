@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "trialog_alembic_version"
@@ -110,11 +110,12 @@ def later(url: str) -> str | None:
     register it can't read refuses every caller; texts masked since written whole). None
     for a known revision, no tables, or a database that can't be reached now (its
     outage is answered as such)."""
-    engine = create_engine(url)
+    engine = create_engine(url, connect_args=(
+        {"connect_timeout": 10} if url.startswith("postgresql") else {}))
     try:
         with engine.connect() as connection:
             current = _revisions(connection)
-    except OperationalError:
+    except SQLAlchemyError:  # what the process would meet next says it, as ever
         return None
     finally:
         engine.dispose()
