@@ -66,6 +66,7 @@ from infrastructure.store.stored import (
     events_table,
     load_apart,
     load_participants,
+    plain_stream,
     positions_of,
     sealed_topic,
 )
@@ -76,7 +77,6 @@ from infrastructure.store.tables import (
     database_lock,
     insert_rows,
 )
-from infrastructure.store.tables import participants as rm_participants
 
 WRITE_CONFLICTS = (IntegrityError, sqlalchemy.exc.IntegrityError)
 
@@ -346,8 +346,13 @@ class CommandBus:
             raise locked
         try:
             loaded, new = load_participants(self.service, session, {command.participant_id})
-        except UnreadableRecord as error:
-            raise self._as_seen(session, intent, error) from None
+        except Exception as error:  # a record that can't be read, or replayed
+            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+                raise
+            seen = self._as_seen(intent, error)
+            if seen is error:
+                raise
+            raise seen from None
         with self.service.together(loaded, new):  # read in one query, not the library's two
             try:
                 decision = self.service.decide(command, audit, intent.expected_version,
@@ -477,8 +482,7 @@ class CommandBus:
                     if locked is not None and type(intent.command) in DATA_COMMANDS:
                         raise locked
                     if intent.command.participant_id in unloadable:
-                        raise self._as_seen(session, intent,
-                                            unloadable[intent.command.participant_id])
+                        raise self._as_seen(intent, unloadable[intent.command.participant_id])
                     audit = Audit(command_id=intent.command_id, actor=intent.actor,
                                   recorded_at=self.clock(), reason=intent.reason)
                     answer, events = together.decide(intent.command, audit,
@@ -519,17 +523,19 @@ class CommandBus:
                 outcomes[index] = Accepted(dict(body), replayed=True)
         return [outcome for outcome in outcomes if outcome is not None]  # each is, now
 
-    def _as_seen(self, session: Any, intent: Intent, error: Exception) -> Exception:
+    def _as_seen(self, intent: Intent, error: Exception) -> Exception:
         """A participant whose record can't be loaded, as the caller may know of it: as
-        the service refuses one outside the caller's sites (by the read models' site; one
-        they don't hold, for callers of every site only), so that no command tells it
-        exists; else why it can't be loaded."""
+        the service refuses one outside the caller's sites (its site read off its first
+        event, as a read finds it; one whose first event can't be read, for callers of
+        every site only), so that no command tells it exists; else ``error``."""
         if intent.scope.every_site:
             return error
         participant_id = intent.command.participant_id
-        site = session.execute(select(rm_participants.c.site_id).where(
-            rm_participants.c.participant_id == participant_id)).scalar()
-        if site is not None and intent.scope.admits(site):
+        try:
+            first = plain_stream(self.service, participant_uuid(participant_id), lte=1)
+        except UnreadableRecord:
+            first = []
+        if first and intent.scope.admits(first[0][2]["data"]["site_id"]):
             return error
         if isinstance(intent.command, ScreenParticipant):
             return ParticipantIdUnavailable(f"participant_id {participant_id} is already in "
