@@ -174,15 +174,17 @@ def _apply(t: Trialog, lines: Iterable[bytes], actor: str, part: int, parts: int
     route = router(t.protocol, parts) if parts > 1 else None
     for chunk in _chunks(lines, part, route):
         intents: list[tuple[int, Intent]] = []
+        refused: list[tuple[int, str]] = []  # the report's once the chunk's transaction is
         for number, line, taken in chunk:
             intent = _intent(line, actor, envelope, schemas)
             if taken and not isinstance(intent, str):
                 intent = _reused(intent.command_id)
             if isinstance(intent, str):
-                report.refused.append((number, intent))
+                refused.append((number, intent))
             else:
                 intents.append((number, intent))
         outcomes = t.bus.dispatch_all([intent for _, intent in intents])
+        report.refused += refused
         for (number, _), outcome in zip(intents, outcomes, strict=True):
             if isinstance(outcome, DomainError):
                 report.refused.append((number, f"{outcome.code}: {outcome.message}"))

@@ -226,10 +226,10 @@ def test_a_database_that_fails_mid_import_reports_what_was_written_before(isolat
 
     from infrastructure.cli import imports
 
-    monkeypatch.setattr(imports, "CHUNK", 2)
+    monkeypatch.setattr(imports, "CHUNK", 2)  # the second transaction: lines 3 and 4
     first, second = p.participant_id(), p.participant_id()
     lines = [_line("ScreenParticipant", first, p.screening()), "{not json",
-             _line("ScreenParticipant", second, p.screening()),
+             _line("ScreenParticipant", second, p.screening()), "{nor this",  # not reached
              _line("RecordConsent", first, p.CONSENT)]
     dispatch_all, calls = isolated.bus.dispatch_all, []
 
