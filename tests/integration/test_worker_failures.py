@@ -25,7 +25,7 @@ from tests.conftest import TEST_SECRETS, settings_for
 from tests.databases import PG_SERVER, fresh_postgres_database
 from tests.e2e.conftest import free_port
 from tests.factories import consent, new_participant_id, screening
-from tests.integration.test_workers import wait_until
+from tests.integration.test_workers import wait_until, worker
 from tests.smtp import smtp_sink
 from workers.app import make_app
 
@@ -129,9 +129,7 @@ def test_with_redis_down_commands_succeed_and_reminders_go_out_after_it_returns(
 
             redis = start_redis()
             try:
-                from celery.contrib.testing.worker import start_worker
-
-                with start_worker(app, perform_ping_check=False, shutdown_timeout=30):
+                with worker(app):
                     assert reminders.hand_over(t, send) == 1  # the next scan hands it over
                     sink.wait_for(1)
                     wait_until(lambda: t.service.get_participant(pid).reminders != [])

@@ -3,9 +3,11 @@ SMTP server, on a fresh PostgreSQL database and a clock the test moves."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -94,12 +96,25 @@ def stack() -> Iterator[Stack]:
         app.set_current()
         workers.app._trialog[id(app)] = trialog
         try:
-            with start_worker(app, perform_ping_check=False, shutdown_timeout=30):
+            with worker(app):
                 yield Stack(trialog, app, sink, clock)
         finally:
             workers.app._trialog.pop(id(app), None)
             workers.app.app.set_current()
             trialog.close()
+
+
+@contextmanager
+def worker(app: Celery) -> Iterator[None]:
+    """A Celery worker in this process, the root logger's level left as it was found: the
+    worker sets it to ERROR, and the tests after it then captured no warning."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        with start_worker(app, perform_ping_check=False, shutdown_timeout=30):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def wait_until(condition, timeout: float = 30) -> Any:
