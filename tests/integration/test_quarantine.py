@@ -510,30 +510,38 @@ def test_a_participant_the_store_cant_give_fails_its_own_commands_in_a_batch_and
 
 
 def test_a_record_the_store_cant_give_outside_the_callers_sites_is_not_found(isolated):
-    """A command about it answered record_unreadable, naming it, where an unknown id and
-    every read answer 404: it told a caller of other sites that the participant exists."""
+    """A command about it answered record_unreadable, naming it (or, alone, 500 for a
+    record the rules can't replay), where an unknown id and every read answer 404: it told
+    a caller of other sites that the participant exists. A caller of its own site is told
+    why, though the read models hold no row of it."""
     from domain.access import Scope
     from infrastructure.api import create_app
     from infrastructure.store.tokens import create_token
     from tests.factories import consent
 
     t = isolated
-    elsewhere = enrol(t, "METRO")
-    _flip_state(t, elsewhere, 2)
-    TrialProjection(t).catch_up()
+    damaged, unapplied = enrol(t, "METRO"), enrol(t, "METRO")
+    _flip_state(t, damaged, 2)
+    write_straight_into_the_store(t, unapplied, None, "bpi_sf.worst", 3)  # names no event
     client = create_app(t, follow=False).test_client()
-    headers = {"Authorization": "Bearer " + create_token(
-        t.engine, "crc-elsewhere", "coordinator", Scope.of(["CASE"]))}
 
-    def command() -> dict:
+    def headers(site: str) -> dict:
+        return {"Authorization": "Bearer " + create_token(
+            t.engine, f"crc-{site}-{uuid.uuid4().hex[:6]}", "coordinator", Scope.of([site]))}
+
+    def command(pid: str) -> dict:
         return {"command_id": str(uuid.uuid4()), "type": "RecordConsent",
-                "participant_id": elsewhere, "data": json_ready(consent())}
+                "participant_id": pid, "data": json_ready(consent())}
 
-    alone = client.post("/v1/commands", json=command(), headers=headers)
-    batch = client.post("/v1/commands/batch", json={"commands": [command()]},
-                        headers=headers).json["results"]
-    assert (alone.status_code, alone.json["error"]) == (404, "not_found")
-    assert (batch[0]["status"], batch[0]["body"]) == (404, alone.json)
+    elsewhere = headers("CASE")
+    for pid in (damaged, unapplied):
+        alone = client.post("/v1/commands", json=command(pid), headers=elsewhere)
+        batch = client.post("/v1/commands/batch", json={"commands": [command(pid)]},
+                            headers=elsewhere).json["results"]
+        assert (alone.status_code, alone.json["error"]) == (404, "not_found")
+        assert (batch[0]["status"], batch[0]["body"]) == (404, alone.json)
+    own = client.post("/v1/commands", json=command(damaged), headers=headers("METRO"))
+    assert (own.status_code, own.json["error"]) == (500, "record_unreadable")
 
 
 def json_ready(data: dict) -> dict:
@@ -566,3 +574,28 @@ def test_a_repaired_first_event_shows_its_participant_to_its_sites_readers_again
     assert subjects().count(pid) == 1  # the dose recorded since the repair
     FeedProjection(t).rebuild()  # as `trialog projections rebuild` does
     assert subjects().count(pid) == 4
+
+
+def test_the_consort_flow_fails_when_the_database_does_not_hide_it(isolated, monkeypatch):
+    """A database error while a corrected record was replayed was counted as a record that
+    can't be read, in a report for the regulator: it fails the report, as any database
+    error does."""
+    import pytest
+    import sqlalchemy
+
+    from domain.access import EVERY_SITE
+    from infrastructure.readside import consort
+
+    t = isolated
+    pid = enrol(t)
+    visit_version = send(t, c.CompleteVisit(pid, visit()))["version"]
+    send(t, c.CorrectData(pid, {
+        "event_id": t.service.get_participant(pid).event_id_of(visit_version),
+        "field": "fact_es.GE1", "value": 2}), reason="transcription error")
+
+    def disk_fails(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, OSError("disk I/O error"))
+
+    monkeypatch.setattr(consort, "replayed", disk_fails)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        consort.consort(t, EVERY_SITE)
