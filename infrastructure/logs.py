@@ -64,16 +64,24 @@ def mask_emails_in(text: str) -> str:
 
 
 # An address quoted in a free text the trial's people wrote (a query's message, a reason):
-# a mailbox (any characters an email field takes before its '@') at a domain of dotted
-# labels, letters of any script, whose last has a letter and two characters or more (an
-# "xn--" one too), or at localhost or an address literal, so that what a log masks to be
-# safe, "120/80@10.30", "1000mcg@day" or "1 tab@b.i.d", is shown as it was written. (A
-# domain whose last label is digits alone, "host.42", is taken for none.)
-_LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
-_LAST_LABEL = r"(?=[\w-]{2})[\w-]*[^\W\d_][\w-]*"
+# a mailbox (quoted, or any characters an email field takes before its '@') at a domain
+# of dotted labels of the characters an email field takes (any beyond ASCII), whose last
+# starts with a letter and has two characters or more (an "xn--" one too), or at
+# localhost or an address literal; so that what a log masks to be safe, "120/80@10.30",
+# "1000mcg@day", "1 tab@b.i.d" or "500mg@08.00hrs", is shown as it was written. A match
+# starts only where a word does (no scan from inside one: linear in the text's length).
+_DOMAIN_CHAR = "A-Za-z0-9\u00a1-\uffff"
+_LABEL = rf"[{_DOMAIN_CHAR}](?:[{_DOMAIN_CHAR}-]*[{_DOMAIN_CHAR}])?"
+_LAST_LABEL = rf"[A-Za-z\u00a1-\uffff][{_DOMAIN_CHAR}-]+"
 _ADDRESS_QUOTED = re.compile(
-    rf"[^\s@<>()\[\],;:]+@(?:(?:(?:{_LABEL}\.)+{_LAST_LABEL}|localhost)(?![\w-])"
+    r'(?<![^\s@<>()\[\],;:"])(?:"(?:[^"\\\r\n]|\\.)*"|[^\s@<>()\[\],;:"]+)@'
+    rf"(?:(?:(?:{_LABEL}\.)+{_LAST_LABEL}|localhost)(?![{_DOMAIN_CHAR}-])"
     r"|\[[0-9A-Fa-f:.]+\])")
+
+
+def maskable_address(address: str) -> bool:
+    """Whether an address is one a free text quoting it would be found to quote."""
+    return _ADDRESS_QUOTED.fullmatch(address) is not None
 
 
 def quotes_an_address(text: str) -> bool:

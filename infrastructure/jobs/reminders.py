@@ -50,7 +50,7 @@ from uuid import UUID, uuid4
 import kombu.exceptions
 import sqlalchemy.exc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Connection, bindparam, func, insert, select, true, update
+from sqlalchemy import Connection, bindparam, case, func, insert, select, true, update
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from domain import commands as c
@@ -193,6 +193,9 @@ def _write_rows(t: Trialog, days: Today
             # The read models are being rebuilt (`projections rebuild`, migration 0032):
             # what they hold yet is a record as it stood before, whose due days and
             # queries may since have changed. Nothing is decided on it until they are back.
+            log.warning("reminder scan: the read models are at %s, behind the last scan's "
+                        "%s (being rebuilt); nothing new is decided until they are back",
+                        position, last_position)
             return [], [], []
         since = s.c.due_on > last_day if last_day else s.c.due_on.is_not(None)
         due = (
@@ -217,7 +220,8 @@ def _write_rows(t: Trialog, days: Today
         if new or notices:  # in one order, so two scans at once can't deadlock
             session.execute(insert(outbox), sorted(new + notices,
                                                    key=lambda r: r["reminder_id"]))
-        _record(session, "reminder_scan", position, now)
+        # Never lowered, though two scans at once commit in either order: see above.
+        _record(session, "reminder_scan", position, now, only_up=True)
         # The earliest site's day: a reminder not due at a site then is due after it.
         _record(session, "reminder_scan_day", earliest.toordinal(), now)
     return new, again, notices
@@ -258,9 +262,13 @@ def _last_scan(session: Any) -> tuple[date | None, int]:
     return (date.fromordinal(day) if day else None), int(found.get("reminder_scan", -1))
 
 
-def _record(session: Any, name: str, value: int, now: datetime) -> None:
+def _record(session: Any, name: str, value: int, now: datetime, only_up: bool = False) -> None:
+    """A mark of the scan's; ``only_up``: kept if it is higher already (the row as it is
+    when the update runs, after any other scan's commit it waited for)."""
+    new = (case((positions.c.position < value, value), else_=positions.c.position)
+           if only_up else value)
     updated = session.execute(update(positions).where(positions.c.name == name)
-                              .values(position=value, updated_at=now))
+                              .values(position=new, updated_at=now))
     if updated.rowcount == 0:
         session.execute(insert(positions).values(name=name, position=value, updated_at=now))
 

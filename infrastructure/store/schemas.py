@@ -20,6 +20,7 @@ from domain.commands import COMMAND_TYPES
 from domain.eligibility import aromatase_inhibitor_choices, aromatase_inhibitor_generic_name
 from domain.protocol import EligibilityRules, Protocol
 from domain.scoring import BPI_INTERFERENCE_ITEMS, BPI_PAIN_ITEMS, FACT_ITEMS
+from infrastructure.logs import maskable_address
 
 
 class UUIDString(fields.UUID):
@@ -254,6 +255,14 @@ def field_path(**kwargs: Any) -> fields.String:
               error="must be a dotted field path such as bpi_sf.worst")], **kwargs)
 
 
+def maskable(address: str) -> None:
+    """An address a free text quoting it is found to quote, so that it is masked there for
+    readers without contact rights (see infrastructure.logs)."""
+    if not maskable_address(address):
+        raise ValidationError("must be an address at a domain whose last label starts with "
+                              "a letter (name@example.org)")
+
+
 MAX_NESTING = 32  # levels of lists and objects in a corrected value (a field's: a few)
 
 
@@ -313,7 +322,7 @@ def data_schemas(protocol: Protocol) -> dict[str, type[Schema]]:
             "site_id": fields.String(required=True, validate=sites),
             "screened_on": IsoDate(required=True),
             "birth_date": IsoDate(required=True),
-            "email": fields.Email(allow_none=True),
+            "email": fields.Email(allow_none=True, validate=maskable),
             "language": fields.String(required=True, validate=validate.OneOf(protocol.languages)),
             "eligibility": fields.Nested(eligibility_schema(protocol), required=True),
         },
