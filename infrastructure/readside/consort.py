@@ -29,7 +29,7 @@ from domain.chain import canonical_json
 from domain.participant import Participant
 from infrastructure.audit.history import participant_as_of
 from infrastructure.store.bootstrap import Trialog
-from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
+from infrastructure.store.outages import is_unavailable, the_databases
 from infrastructure.store.stored import (
     PARTICIPANT_TOPIC,
     Upcast,
@@ -150,7 +150,7 @@ def _replayed(t: Trialog, course: Course, as_of: datetime | None) -> Course:
         else:
             p = participant_as_of(t.service, course.participant_id, as_of)
     except Exception as error:
-        if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+        if the_databases(error):
             raise
         log.warning("participant %s can't be replayed; counted as unreadable",
                     course.participant_id)

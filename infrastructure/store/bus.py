@@ -59,6 +59,7 @@ from infrastructure.store.outages import (
     DATABASE_ERRORS,
     is_unavailable,
     rolled_back_for_another,
+    the_databases,
 )
 from infrastructure.store.stored import (
     UnreadableRecord,
@@ -347,7 +348,7 @@ class CommandBus:
         try:
             loaded, new = load_participants(self.service, session, {command.participant_id})
         except Exception as error:  # a record that can't be read, or replayed
-            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+            if the_databases(error):
                 raise
             seen = self._as_seen(intent, error)
             if seen is error:
@@ -490,7 +491,7 @@ class CommandBus:
                 except Exception as error:
                     # The database's errors are the whole transaction's (on PostgreSQL it
                     # refuses every statement after one), never one command's.
-                    if (isinstance(error, DATABASE_ERRORS) or is_unavailable(error)
+                    if (the_databases(error)
                             or not (alone or isinstance(error, DomainError))):
                         raise
                     outcomes[index] = error

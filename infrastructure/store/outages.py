@@ -32,6 +32,12 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def the_databases(error: BaseException) -> bool:
+    """Whether ``error`` is the database's (it failed, or can't be reached), never one
+    record's or one command's own."""
+    return isinstance(error, DATABASE_ERRORS) or is_unavailable(error)
+
+
 def is_unavailable(error: BaseException) -> bool:
     """Whether ``error`` says the database can't be reached now (a retry later may work),
     rather than that the statement or the data is wrong."""

@@ -26,7 +26,7 @@ from domain.errors import ParticipantNotFound
 from domain.participant import Participant, participant_uuid
 from domain.sealing import check_topic, unseal
 from domain.service import project
-from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
+from infrastructure.store.outages import is_unavailable, the_databases
 from infrastructure.store.tables import any_of
 
 log = logging.getLogger("trialog.store")
@@ -168,7 +168,7 @@ def load_apart(service: Any, session: Any, participant_ids: set[str]
             loaded, new = load_participants(service, session, wanted)
             return loaded, new, apart
         except Exception as error:
-            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+            if the_databases(error):
                 raise
             named = getattr(error, "participant_id", None)
             if named not in wanted:
@@ -180,7 +180,7 @@ def load_apart(service: Any, session: Any, participant_ids: set[str]
         try:
             one, none = load_participants(service, session, {participant_id})
         except Exception as error:
-            if isinstance(error, DATABASE_ERRORS) or is_unavailable(error):
+            if the_databases(error):
                 raise
             apart[participant_id] = error
             continue
