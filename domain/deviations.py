@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from domain.eligibility import days_between
 from domain.participant import Participant, deviation_uuid
-from domain.protocol import Protocol, calendar_day
+from domain.protocol import Protocol
 from domain.schedule import schedule
 
 SEVERITY = {
@@ -54,8 +54,7 @@ Rule = Callable[[Participant, Protocol, date], Iterator[Finding]]
 def _day(p: Participant, protocol: Protocol, value: date) -> date:
     """The participant's site's calendar day of a date or a time (a site no longer in the
     protocol counts in UTC)."""
-    site = protocol.site(p.site_id)
-    return calendar_day(value, site.zone if site is not None else UTC)
+    return protocol.day_at(p.site_id, value)
 
 
 def _b12_products(p: Participant) -> Iterator[tuple[str, dict[str, Any]]]:

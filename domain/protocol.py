@@ -136,6 +136,14 @@ class Protocol:
     def site(self, site_id: str) -> Site | None:
         return next((s for s in self.sites if s.id == site_id), None)
 
+    def day_at(self, site_id: str | None, now: date) -> date:
+        """The day it is at ``now`` at a site, by its time zone (UTC's for a site the
+        protocol doesn't list): the day a visit's status, its reminders and a casebook's
+        signature are judged by there, and the day a time recorded there falls on (a
+        date is its own day)."""
+        site = self.site(site_id) if site_id else None
+        return calendar_day(now, site.zone if site is not None else UTC)
+
     @property
     def visit_codes(self) -> tuple[str, ...]:
         return tuple(v.code for v in self.visits)

@@ -57,11 +57,13 @@ def window_ends(protocol: Protocol, registered_on: date | None) -> dict[str, dat
 
 def visit_status(
     visit: ScheduledVisit, completed_on: date | None, missed: bool, today: date,
-    left_study_on: date | None = None, closed_by: date | None = None,
+    left_study_on: date | None = None,
 ) -> str:
     """completed | missed | cancelled (the participant left the study before the window
     closed) | open (window open today) | upcoming | overdue (window closed, not yet marked
-    missed)."""
+    missed). ``today`` is the participant's site's day (``Protocol.day_at``): the clock
+    scan marks a visit missed only once its last day has ended everywhere, so a visit is
+    overdue at its site for those hours."""
     if completed_on is not None:
         return "completed"
     if missed:
@@ -70,8 +72,8 @@ def visit_status(
         return "cancelled"
     if today < visit.window_start:
         return "upcoming"
-    if today <= visit.window_end or (closed_by is not None and closed_by <= visit.window_end):
-        return "open"  # (``closed_by``: the day ended everywhere; till then a site is in it)
+    if today <= visit.window_end:
+        return "open"
     return "overdue"
 
 

@@ -396,7 +396,8 @@ class TrialService(Application[Any]):
 
     def sign_casebook(self, participant: Participant, cmd: Command,
                       audit: Audit) -> Decision:
-        visits = visits_view(participant, self.protocol, audit.recorded_at.date())
+        visits = visits_view(participant, self.protocol,
+                             self.protocol.day_at(participant.site_id, audit.recorded_at))
         participant.sign_casebook(cmd.data, {v["code"]: v["status"] for v in visits}, audit)
         return (participant,)
 

@@ -14,11 +14,8 @@ from domain.protocol import Protocol
 from domain.schedule import schedule, visit_status
 
 
-def visits_view(p: Participant, protocol: Protocol, today: date,
-                closed_by: date | None = None) -> list[dict[str, Any]]:
-    """Each scheduled visit and its status on ``today``; with ``closed_by`` (the day ended
-    everywhere, see domain.schedule.ended_everywhere) a window is open until that day has
-    passed it, as the clock scan judges it."""
+def visits_view(p: Participant, protocol: Protocol, today: date) -> list[dict[str, Any]]:
+    """Each scheduled visit and its status on ``today`` (the participant's site's day)."""
     registered_on = p.registered_on
     if registered_on is None:
         return []
@@ -33,7 +30,7 @@ def visits_view(p: Participant, protocol: Protocol, today: date,
                        "end": visit.window_end.isoformat()},
             "status": visit_status(visit, done["completed_on"] if done else None,
                                    visit.code in p.missed_visits, today,
-                                   p.withdrawn_on("study"), closed_by),
+                                   p.withdrawn_on("study")),
             "completed_on": done["completed_on"].isoformat() if done else None,
         })
     return rows
@@ -68,8 +65,9 @@ def with_management(state: dict[str, Any], management: dict[str, Any] | None) ->
 
 
 def participant_state(p: Participant, protocol: Protocol, today: date,
-                      contact: bool = False, closed_by: date | None = None) -> dict[str, Any]:
-    """The participant's current state; contact details only when ``contact``."""
+                      contact: bool = False) -> dict[str, Any]:
+    """The participant's current state on ``today`` (its site's day); contact details
+    only when ``contact``."""
     eligible, failed = p.eligibility_now(protocol)
     state: dict[str, Any] = {
         "participant_id": p.participant_id,
@@ -80,7 +78,7 @@ def participant_state(p: Participant, protocol: Protocol, today: date,
         "eligible": eligible,
         "failed_criteria": failed,
         "registered_on": p.registered_on.isoformat() if p.registered_on else None,
-        "visits": visits_view(p, protocol, today, closed_by),
+        "visits": visits_view(p, protocol, today),
         "open_deviations": [{**d, "participant_id": p.participant_id}
                             for d in p.deviations.values() if d["status"] == "open"],
         "scores": p.scores(),

@@ -205,7 +205,7 @@ def get_participant(participant_id: str, **args: Any) -> Response:
     if participant is None:
         raise ApiError(404, "not_found", f"participant {participant_id} has no events "
                                          f"recorded at or before {moment.isoformat()}")
-    state = queries.shown_state(participant, t.protocol, moment.date(), contact=contact)
+    state = queries.shown_state(participant, t.protocol, moment, contact=contact)
     if contact:
         _disclose([participant_id], f"GET /v1/participants/{participant_id}")
     g.position = queries.event_position(t, participant_id, participant.version)

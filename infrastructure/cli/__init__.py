@@ -139,7 +139,8 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
             trialog.service.get_participant(args.participant_id)  # 'not found' when unknown
             raise CliError(f"participant {args.participant_id} has no events recorded by "
                            f"{args.as_of or f'version {args.version}'}")
-        # The state the record gave at the last event shown, on that event's day.
+        # The state the record gave at the last event shown, on that event's day at the
+        # participant's site.
         last = entries[-1]
         if args.version is not None and last["version"] != args.version:
             raise CliError(f"participant {args.participant_id} has no version "
@@ -147,7 +148,9 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
         participant = trialog.service.get_participant(args.participant_id,
                                                       version=last["version"])
         moment = datetime.fromisoformat(last["recorded_at"])
-        state = participant_state(participant, trialog.protocol, moment.date(), contact=True)
+        state = participant_state(participant, trialog.protocol,
+                                  trialog.protocol.day_at(participant.site_id, moment),
+                                  contact=True)
     finally:
         trialog.close()
     if args.format == "json":

@@ -75,7 +75,7 @@ def _page_data(participant_id: str) -> dict[str, Any]:
         asked = None
     else:
         p, asked = replay
-        state = queries.shown_state(p, t.protocol, asked["moment"].date(), contact=contact)
+        state = queries.shown_state(p, t.protocol, asked["moment"], contact=contact)
         history = audit.history(t.service, participant_id, version=p.version,
                                 cache=runtime().histories, veil=t.veil_digest)
         query_rows = [{**q, "participant_id": participant_id,

@@ -55,7 +55,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from domain import commands as c
 from domain.participant import ACTIVE, Participant
-from domain.protocol import Protocol, calendar_day
+from domain.protocol import Protocol
 from domain.schedule import reminder_due, scheduled_visit
 from infrastructure.jobs import query_notices
 from infrastructure.logs import mask_email, mask_emails_in
@@ -134,8 +134,7 @@ class Today:
         if self.now is None:
             assert self.day is not None
             return self.day
-        site = self.protocol.site(site_id) if site_id else None
-        return calendar_day(self.now, site.zone if site is not None else UTC)
+        return self.protocol.day_at(site_id, self.now)
 
     def span(self) -> tuple[date, date]:
         """The earliest and the latest of the sites' days (UTC's among them)."""

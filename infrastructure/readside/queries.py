@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, func, select, true
+from sqlalchemy import Date, Row, case, func, literal, select, true
 from sqlalchemy.engine import Connection
 
 from domain.access import Scope
@@ -42,13 +42,12 @@ from infrastructure.store.tables import (
 log = logging.getLogger("trialog.queries")
 
 
-def _visit(row: Row[Any], today: date, closed_by: date | None = None) -> dict[str, Any]:
+def _visit(row: Row[Any], today: date) -> dict[str, Any]:
     scheduled = ScheduledVisit(row.code, row.target, row.window_start, row.window_end)
     return {
         "code": row.code, "target": row.target.isoformat(),
         "window": {"start": row.window_start.isoformat(), "end": row.window_end.isoformat()},
-        "status": visit_status(scheduled, row.completed_on, row.missed, today,
-                               closed_by=closed_by),
+        "status": visit_status(scheduled, row.completed_on, row.missed, today),
         "completed_on": row.completed_on.isoformat() if row.completed_on else None,
     }
 
@@ -98,7 +97,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     head = stream_head(t, participant_id)
     if head is None:
         raise ParticipantNotFound(f"participant {participant_id} not found")
-    today, closed_by = t.today(), t.ended_everywhere()
+    now = t.bus.clock()
     fell_back = False
     with t.engine.connect() as c:
         row = c.execute(select(participants)
@@ -107,8 +106,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
         # on the day it left, which the read models don't keep.
         if row is None or row.version < head[0] or row.status == "withdrawn":
             try:
-                return _replayed_state(t, participant_id, today, contact, head[1],
-                                       closed_by)
+                return _replayed_state(t, participant_id, now, contact, head[1])
             except Exception as error:
                 # A stored event that can't be read is said so (as the history is); an
                 # event that can't be applied leaves the read models' state before it.
@@ -125,7 +123,7 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     state = {
         **_summary_row(row),
         "eligible": row.eligible, "failed_criteria": list(row.failed_criteria),
-        "visits": [_visit(v, today, closed_by) for v in visit_rows],
+        "visits": [_visit(v, t.protocol.day_at(row.site_id, now)) for v in visit_rows],
         "open_deviations": [_deviation(d) for d in open_rows],
         "scores": row.scores,
         "position": row.position,
@@ -137,20 +135,21 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
     return state
 
 
-def _replayed_state(t: Trialog, participant_id: str, today: date, contact: bool,
-                    position: int, closed_by: date | None = None) -> dict[str, Any]:
+def _replayed_state(t: Trialog, participant_id: str, now: datetime, contact: bool,
+                    position: int) -> dict[str, Any]:
     participant = replayed(t.service, participant_id)
-    state = shown_state(participant, t.protocol, today, contact=contact, closed_by=closed_by)
+    state = shown_state(participant, t.protocol, now, contact=contact)
     state.update(language=participant.screening["language"], position=position)
     return state
 
 
-def shown_state(participant: Participant, protocol: Protocol, today: date,
-                contact: bool = False, closed_by: date | None = None) -> dict[str, Any]:
-    """A participant's state as a reader is shown it: an address quoted in a signature's
-    meaning masked for every role, as the read models keep it (see
-    ``with_signatures_masked``)."""
-    state = state_of(participant, protocol, today, contact=contact, closed_by=closed_by)
+def shown_state(participant: Participant, protocol: Protocol, now: datetime,
+                contact: bool = False) -> dict[str, Any]:
+    """A participant's state at ``now`` as a reader is shown it: its visits judged by its
+    site's day then, and an address quoted in a signature's meaning masked for every role,
+    as the read models keep it (see ``with_signatures_masked``)."""
+    state = state_of(participant, protocol, protocol.day_at(participant.site_id, now),
+                     contact=contact)
     with_signatures_masked([*state["visits"], state["casebook"]])
     return state
 
@@ -208,16 +207,15 @@ def list_deviations(t: Trialog, *, scope: Scope, status: str | None = None,
 def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None = None,
                offset: int = 0) -> list[dict[str, Any]]:
     """Visits not completed or missed whose window opens within ``within_days`` (or is open
-    now), for participants still in follow-up."""
-    today, closed_by = t.today(), t.ended_everywhere()
+    now), for participants still in follow-up: each judged by its site's day, as its
+    state and its reminders are."""
+    now = t.bus.clock()
     query = (
         select(visits, participants.c.site_id, participants.c.status)
         .join(participants, participants.c.participant_id == visits.c.participant_id)
         .where(visits.c.completed_on.is_(None), visits.c.missed.is_(False),
-               visits.c.window_start <= today + timedelta(days=within_days),
-               # Still due until its last day has ended everywhere, as the clock scan
-               # judges a window closed (a site west of UTC is still in that day).
-               visits.c.window_end >= closed_by,
+               visits.c.window_start <= _site_day(t, now, within_days),
+               visits.c.window_end >= _site_day(t, now),
                participants.c.status.in_(("randomized", "off_treatment")),
                in_scope(scope, participants.c.participant_id))
         .order_by(visits.c.window_start, visits.c.participant_id, visits.c.code)
@@ -225,8 +223,20 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
     with t.engine.connect() as c:
         rows = c.execute(query.limit(limit).offset(offset)).all()
     return [{"participant_id": r.participant_id, "site_id": r.site_id,
-             **_visit(r, today, closed_by)}
+             **_visit(r, t.protocol.day_at(r.site_id, now))}
             for r in rows]
+
+
+def _site_day(t: Trialog, now: datetime, later_by: int = 0) -> Any:
+    """The day ``later_by`` days after the one it is at ``now`` at each participant's site
+    (UTC's at a site the protocol no longer lists), as an expression on its site id."""
+    def day(site_id: str | None) -> Any:
+        return literal(t.protocol.day_at(site_id, now) + timedelta(days=later_by), Date)
+
+    whens = {site.id: day(site.id) for site in t.protocol.sites}
+    if not whens:
+        return day(None)
+    return case(whens, value=participants.c.site_id, else_=day(None))
 
 
 def trial_summary(t: Trialog, *, scope: Scope) -> dict[str, Any]:

@@ -72,10 +72,18 @@ def test_deviations_and_visits_due_are_whole_unless_a_page_is_asked_for(trialog)
     assert len(listed) == 1005
 
 
-def test_a_visit_stays_due_until_its_last_day_has_ended_everywhere(isolated):
-    """At 01:30 UTC it is still the window's last day in Cleveland: the visit left the due
-    list at midnight UTC, and was shown overdue, hours before the site's day ended."""
+def test_a_visits_status_and_the_due_list_follow_its_sites_day(isolated):
+    """The default protocol's sites keep New York's days. In the first hours of a UTC day
+    it is still the day before there: a week-6 window opening on that (UTC) day showed
+    `open` and was listed due, while its reminders (by the site's day) were not due yet.
+    And once its last day had ended in New York, it showed `open` until that day had ended
+    everywhere (UTC-12). Now the current state, a state replayed or as of a moment, and the
+    due list judge it by the site's day, as the reminders do; the clock scan still marks
+    it missed only once its last day has ended everywhere, so it is `overdue` till then."""
     from datetime import date
+    from datetime import time as midnight
+
+    from infrastructure.readside.queries import participant_state, shown_state
 
     pid = new_participant_id()
     registered = date(2026, 3, 4)
@@ -84,22 +92,28 @@ def test_a_visit_stays_due_until_its_last_day_has_ended_everywhere(isolated):
     send(isolated, c.RandomizeParticipant(pid, {"registered_on": registered}))
     send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": registered}))
     TrialProjection(isolated).catch_up()
-    last_day = registered + timedelta(days=49)  # week 6: days 35 to 49
-    isolated.bus.clock = lambda: datetime.combine(last_day + timedelta(days=1),
-                                                  datetime.min.time(), UTC) + timedelta(
-                                                      hours=1, minutes=30)
-    due = visits_due(isolated, 14, scope=EVERY_SITE)
-    assert [(v["participant_id"], v["code"], v["status"]) for v in due] == [
-        (pid, "week6", "open")]  # not overdue while the site is still in that day
-    from infrastructure.readside.queries import participant_state
+    participant = isolated.service.get_participant(pid)
+    first_day, last_day = registered + timedelta(days=35), registered + timedelta(days=49)
 
-    state = participant_state(isolated, pid)
-    assert {v["code"]: v["status"] for v in state["visits"]}["week6"] == "open"
-    isolated.bus.clock = lambda: datetime.combine(last_day + timedelta(days=1),
-                                                  datetime.min.time(), UTC) + timedelta(
-                                                      hours=12, minutes=30)
-    state = participant_state(isolated, pid)
-    assert {v["code"]: v["status"] for v in state["visits"]}["week6"] == "overdue"
+    def week6_at(day: date, hours: float) -> tuple[str, str, str | None]:
+        moment = datetime.combine(day, midnight(), UTC) + timedelta(hours=hours)
+        isolated.bus.clock = lambda: moment
+        due = {v["code"]: v["status"] for v in visits_due(isolated, 0, scope=EVERY_SITE)
+               if v["participant_id"] == pid}
+
+        def week6(state):
+            return {v["code"]: v["status"] for v in state["visits"]}["week6"]
+
+        return (week6(participant_state(isolated, pid)),
+                week6(shown_state(participant, isolated.protocol, moment)), due.get("week6"))
+
+    assert week6_at(first_day, 2) == ("upcoming", "upcoming", None)  # 22:00 the day before
+    assert week6_at(first_day, 5) == ("open", "open", "open")  # 01:00 on its first day
+    assert week6_at(last_day + timedelta(days=1), 1.5) == ("open", "open", "open")  # 21:30
+    # 01:00 the next day in New York: past the window there, not yet everywhere.
+    assert week6_at(last_day + timedelta(days=1), 5) == ("overdue", "overdue", None)
+    assert visits_due(isolated, 1, scope=EVERY_SITE) == []  # nothing else is due for it
+    assert isolated.ended_everywhere() == last_day  # (the scan doesn't mark it missed yet)
 
 
 def test_a_site_taken_out_of_the_protocol_still_filters_its_participants(isolated):
