@@ -18,6 +18,7 @@ from uuid import NAMESPACE_URL, uuid5
 from sqlalchemy import and_, select
 
 from domain.participant import Participant
+from infrastructure.audit.history import masked_text
 from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.tables import as_utc, outbox, queries
 
@@ -110,7 +111,9 @@ def raised_email(t: Trialog, participant: Participant, query_id: str) -> Any:
     language = _language(t, participant.site_id)
     context = {"study": t.protocol.title, "participant_id": participant.participant_id,
                "site_name": site.name, "target": query["target"],
-               "text": query["thread"][0]["text"], "raised_by": query["opened_by"],
+               # An address quoted in it masked, as the digest (from the read models) and
+               # every other reader shows it.
+               "text": masked_text(query["thread"][0]["text"]), "raised_by": query["opened_by"],
                "raised_at": query["opened_at"][:16].replace("T", " "),
                "visit_names": _visit_names(t, language)}
     return Email(

@@ -66,6 +66,21 @@ def test_the_site_coordinator_gets_one_email_per_raised_query(stack):
     assert len(stack.sink.messages) == 1
 
 
+def test_an_address_quoted_in_a_raised_querys_text_is_masked_in_its_email(stack):
+    """The weekly digest quoted a query's text with an address in it masked (from the read
+    models), while the email announcing the query quoted it whole, from the record: an
+    address a monitor quotes to ask about it leaves the database masked, as in every
+    other place it is shown."""
+    pid = stack.enrol()
+    stack.send(c.CompleteVisit(pid, BASELINE))
+    raise_query(stack, pid, "Is ana.lopez@example.org her address? BP 120/80@10.30am")
+    stack.scan(REGISTERED)
+    [message] = stack.sink.wait_for(1)
+    body = text_of(message)
+    assert "ana.lopez@example.org" not in body
+    assert "a***@example.org her address? BP 120/80@10.30am" in body
+
+
 def test_a_query_cancelled_before_its_email_goes_is_not_announced(stack):
     pid = stack.enrol()
     stack.send(c.CompleteVisit(pid, BASELINE))
