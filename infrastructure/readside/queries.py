@@ -120,10 +120,11 @@ def participant_state(t: Trialog, participant_id: str, *, contact: bool = False
         open_rows = c.execute(select(deviations).where(
             deviations.c.participant_id == participant_id, deviations.c.status == "open"
         ).order_by(deviations.c.detected_at)).all()
+    today = t.protocol.day_at(row.site_id, now)
     state = {
         **_summary_row(row),
         "eligible": row.eligible, "failed_criteria": list(row.failed_criteria),
-        "visits": [_visit(v, t.protocol.day_at(row.site_id, now)) for v in visit_rows],
+        "visits": [_visit(v, today) for v in visit_rows],
         "open_deviations": [_deviation(d) for d in open_rows],
         "scores": row.scores,
         "position": row.position,
