@@ -144,6 +144,11 @@ class Protocol:
         site = self.site(site_id) if site_id else None
         return calendar_day(now, site.zone if site is not None else UTC)
 
+    def day_span(self, now: datetime) -> tuple[date, date]:
+        """The earliest and the latest of the sites' days at ``now`` (UTC's among them)."""
+        days = [self.day_at(site_id, now) for site_id in (None, *self.site_ids)]
+        return min(days), max(days)
+
     @property
     def visit_codes(self) -> tuple[str, ...]:
         return tuple(v.code for v in self.visits)

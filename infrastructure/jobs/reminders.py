@@ -138,8 +138,10 @@ class Today:
 
     def span(self) -> tuple[date, date]:
         """The earliest and the latest of the sites' days (UTC's among them)."""
-        days = [self.at(site.id) for site in self.protocol.sites] + [self.at(None)]
-        return min(days), max(days)
+        if self.now is None:
+            assert self.day is not None
+            return self.day, self.day
+        return self.protocol.day_span(self.now)
 
 
 def _days(t: Trialog, today: Today | date) -> Today:

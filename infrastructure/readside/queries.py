@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Date, Row, case, func, literal, select, true
+from sqlalchemy import Date, Row, case, func, literal, select, true, type_coerce
 from sqlalchemy.engine import Connection
 
 from domain.access import Scope
@@ -211,12 +211,16 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
     now), for participants still in follow-up: each judged by its site's day, as its
     state and its reminders are."""
     now = t.bus.clock()
+    earliest, latest = t.protocol.day_span(now)
     query = (
         select(visits, participants.c.site_id, participants.c.status)
         .join(participants, participants.c.participant_id == visits.c.participant_id)
         .where(visits.c.completed_on.is_(None), visits.c.missed.is_(False),
                visits.c.window_start <= _site_day(t, now, within_days),
                visits.c.window_end >= _site_day(t, now),
+               # The same bounds over every site's day: conditions the index serves.
+               visits.c.window_start <= latest + timedelta(days=within_days),
+               visits.c.window_end >= earliest,
                participants.c.status.in_(("randomized", "off_treatment")),
                in_scope(scope, participants.c.participant_id))
         .order_by(visits.c.window_start, visits.c.participant_id, visits.c.code)
@@ -237,7 +241,7 @@ def _site_day(t: Trialog, now: datetime, later_by: int = 0) -> Any:
     whens = {site.id: day(site.id) for site in t.protocol.sites}
     if not whens:
         return day(None)
-    return case(whens, value=participants.c.site_id, else_=day(None))
+    return type_coerce(case(whens, value=participants.c.site_id, else_=day(None)), Date)
 
 
 def trial_summary(t: Trialog, *, scope: Scope) -> dict[str, Any]:

@@ -165,3 +165,65 @@ def test_a_resolution_quoting_an_address_is_listed_masked(isolated):
     TrialProjection(isolated).catch_up()
     (listed,) = list_deviations(isolated, scope=EVERY_SITE, participant_id=pid)
     assert listed["resolution"] == "per j***@example.org"
+
+
+def test_the_due_list_takes_each_sites_own_day(isolated):
+    """Three sites a day apart at one moment: CASE moved to UTC+14, METRO in New York, and
+    a site the protocol no longer lists (UTC). The list is what each visit's status at its
+    own site's day gives, at every hour of two days, and its pages add up to it."""
+    import dataclasses
+    from datetime import date
+
+    from sqlalchemy import select
+
+    from domain.schedule import ScheduledVisit, visit_status
+    from infrastructure.store.tables import participants, visits
+
+    registered = date(2026, 3, 4)
+    pids = []
+    for site in ("CASE", "METRO"):
+        pid = new_participant_id(site)
+        send(isolated, c.ScreenParticipant(pid, screening(site)))
+        send(isolated, c.RecordConsent(pid, consent()))
+        send(isolated, c.RandomizeParticipant(pid, {"registered_on": registered}))
+        pids.append(pid)
+    TrialProjection(isolated).catch_up()
+    gone = f"GONE-{uuid.uuid4().hex[:6]}"
+    with isolated.engine.begin() as connection:  # as if its site had left the protocol
+        row = connection.execute(select(participants).where(
+            participants.c.participant_id == pids[0])).mappings().one()
+        connection.execute(insert(participants).values(
+            {**row, "participant_id": gone, "site_id": "GONE"}))
+        for visit in connection.execute(select(visits).where(
+                visits.c.participant_id == pids[0])).mappings().all():
+            connection.execute(insert(visits).values({**visit, "participant_id": gone}))
+    sites = {s.id: s for s in isolated.protocol.sites}
+    sites["CASE"] = dataclasses.replace(sites["CASE"], time_zone="Pacific/Kiritimati")
+    isolated.protocol = dataclasses.replace(isolated.protocol, sites=tuple(sites.values()))
+    with isolated.engine.connect() as connection:
+        rows = connection.execute(select(visits, participants.c.site_id).join(
+            participants, participants.c.participant_id == visits.c.participant_id)).all()
+    week6_opens = datetime(2026, 4, 8, tzinfo=UTC)
+    for hours in range(-16, 32, 2):
+        now = week6_opens + timedelta(hours=hours)
+        isolated.bus.clock = lambda now=now: now
+        for within in (0, 1):
+            expected = []
+            for r in rows:
+                day = isolated.protocol.day_at(r.site_id, now)
+                scheduled = ScheduledVisit(r.code, r.target, r.window_start, r.window_end)
+                status = visit_status(scheduled, r.completed_on, r.missed, day)
+                if (status == "open" or status == "upcoming"
+                        and r.window_start <= day + timedelta(days=within)):
+                    expected.append((r.window_start.isoformat(), r.participant_id, r.code,
+                                     status))
+            due = visits_due(isolated, within, scope=EVERY_SITE)
+            assert [(v["window"]["start"], v["participant_id"], v["code"], v["status"])
+                    for v in due] == sorted(expected), (now, within)
+            pages = [visits_due(isolated, within, scope=EVERY_SITE, limit=2, offset=offset)
+                     for offset in range(0, len(due) + 2, 2)]
+            assert [visit for page in pages for visit in page] == due
+    # The three sites disagreed at some hours: the week-6 visit due at one, not another.
+    isolated.bus.clock = lambda: week6_opens - timedelta(hours=2)  # +14: the 8th; NY: the 7th
+    assert {v["participant_id"] for v in visits_due(isolated, 0, scope=EVERY_SITE)
+            if v["code"] == "week6"} == {pids[0]}
