@@ -59,7 +59,7 @@ class DeviationMonitor(LogFollower):
         touched = {event.originator_id for _, event in batch if self.evaluates(event)}
         for originator_id in touched:
             participant: Participant = self.service.repository.get(originator_id)
-            flag(self.trialog, participant, self.trialog.today(), EVENT_DRIVEN)
+            flag(self.trialog, participant, self.trialog.ended_everywhere(), EVENT_DRIVEN)
 
 
 def scan_clock(t: Trialog, today: date) -> dict[str, int]:

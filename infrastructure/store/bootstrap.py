@@ -55,9 +55,6 @@ class Trialog:
     service: TrialService
     bus: CommandBus
 
-    def today(self) -> date:
-        return self.bus.clock().date()
-
     def ended_everywhere(self) -> date:
         """The earliest date anywhere: the day the clock's rules judge by (see
         ``domain.schedule.ended_everywhere``)."""

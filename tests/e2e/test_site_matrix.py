@@ -717,7 +717,7 @@ def monitored(server, trialog, world) -> tuple[str, int, str]:
         assert answer.status_code == 201, answer.text
     version = answer.json()["version"]
     participant = trialog.service.get_participant(pid)
-    assert flag(trialog, participant, trialog.today(), ("wrong_dose",)) == ["wrong_dose"]
+    assert flag(trialog, participant, trialog.ended_everywhere(), ("wrong_dose",)) == ["wrong_dose"]
     history = server.client("admin").get(f"/v1/participants/{pid}/history").json()
     flagged = history["events"][-1]
     assert flagged["type"] == "DeviationFlagged" and flagged["actor"] == "deviation-monitor"
