@@ -50,10 +50,11 @@ class UnknownForm(ValueError):
 
 def _value(text: str) -> Any:
     """A correction's value as typed: JSON when it reads as JSON (7, true, null, "x"),
-    else the text itself (a date, a word)."""
+    else the text itself (a date, a word, or brackets nested past what the decoder
+    reads)."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 

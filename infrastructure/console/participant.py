@@ -35,15 +35,25 @@ def _disclose(participant_id: str) -> None:
                   f"GET /console/participants/{participant_id}", g.get("request_id"))
 
 
+def _whole(text: str, largest: int) -> int | None:
+    """A whole number written in ASCII digits, at most ``largest`` (the API's bounds);
+    None for anything else (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(largest)):
+        return None
+    number = int(text)
+    return number if number <= largest else None
+
+
 def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
     """The participant as recorded at ``?version=`` or ``?as_of=``, and what was asked."""
     t = trialog()
     version, as_of = request.args.get("version"), moment(request.args.get("as_of"))
     if version:
-        if not version.isdigit() or int(version) < 1:
-            abort(422, "version must be a whole number from 1")
-        p = replayed(t.service, participant_id, int(version))
-        if p.version != int(version):
+        number = _whole(version, 2**31)
+        if number is None or number < 1:
+            abort(422, f"version must be a whole number from 1 to {2**31}")
+        p = replayed(t.service, participant_id, number)
+        if p.version != number:
             abort(404, f"Participant {participant_id} has no version {version}.")
         return p, {"version": p.version, "moment": p.modified_on}
     if as_of is not None:
@@ -60,9 +70,9 @@ def _page_data(participant_id: str) -> dict[str, Any]:
     contact = principal.sees_contact
     replay = _replayed(participant_id)
     if replay is None:
-        after = request.args.get("after", "")
-        if after.isdigit():  # read your write: the lists include the command just sent
-            reached = runtime().wait_for(int(after), 2.0)
+        after = _whole(request.args.get("after", ""), 2**62)
+        if after is not None:  # read your write: the lists include the command just sent
+            reached = runtime().wait_for(after, 2.0)
             if reached is not None:  # before the lists below are read
                 g.position = reached
         state = queries.participant_state(t, participant_id)
@@ -84,8 +94,8 @@ def _page_data(participant_id: str) -> dict[str, Any]:
         history = [audit.redact_contact(e) for e in history]
     else:
         _disclose(participant_id)
-    page = request.args.get("page", "1")
-    page = min(int(page), timeline.pages(history)) if page.isdigit() and int(page) else 1
+    asked_page = _whole(request.args.get("page", "1"), 10**9)
+    page = min(asked_page, timeline.pages(history)) if asked_page else 1
     return {"state": state, "events": timeline.page_of(history, page), "queries": query_rows,
             "captures": timeline.capture_events(history), "replay": asked,
             "total": len(history), "page": page, "pages": timeline.pages(history),

@@ -315,7 +315,7 @@ def backoff(attempts: int, retry_after: str | None, now: datetime) -> timedelta:
 def _retry_after(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():  # ("²" is a digit to isdigit)
         return float(value.strip())
     try:
         return (parsedate_to_datetime(value) - now).total_seconds()

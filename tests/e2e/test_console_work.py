@@ -246,6 +246,46 @@ def test_a_correction_refused_then_recorded_through_the_form(console, browser, v
         context.close()
 
 
+def test_a_refused_form_keeps_the_event_and_the_visit_chosen(console, browser, visited):  # noqa: F811
+    """A refused form came back with its choices reset to their first option while the
+    texts were kept: the correction sent again went to the newest event, not the one
+    chosen, and the query to the baseline visit. Each choice now comes back as sent."""
+    pid = visited
+    context, page = _as(browser, console, "coordinator", pid)
+    try:
+        event = page.get_by_label("Event")
+        options = event.locator("option")
+        oldest = options.nth(options.count() - 1).get_attribute("value")
+        assert oldest != options.first.get_attribute("value")
+        event.select_option(oldest)
+        page.get_by_label("Field (as the command spells it").fill("language")
+        page.get_by_label("New value").fill('"es"')
+        follow(page.get_by_role("button", name="Record the correction"))  # no reason
+        assert page.get_by_label("Event").input_value() == oldest
+    finally:
+        context.close()
+    monitor, page = _as(browser, console, "monitor", pid)
+    try:
+        page.get_by_label("About").select_option("visit:week6")
+        follow(page.get_by_role("button", name="Raise the query"))  # no question
+        assert page.locator("#raise-text-error").inner_text() != ""
+        assert page.get_by_label("About").input_value() == "visit:week6"
+    finally:
+        monitor.close()
+
+
+def test_a_number_the_page_does_not_read_is_refused_not_failed(console, visited):  # noqa: F811
+    """`?version=²` (a digit to str.isdigit, not to int), a version past PostgreSQL's
+    bigint, and `?page=²` or `?after=²` answered 500."""
+    session = form_session(console, console.logins["monitor"])
+    path = console.page_url(f"/console/participants/{visited}")
+    for query, status in (("version=²", 422), ("version=99999999999999999999999", 422),
+                          ("version=2147483649", 422), ("page=²", 200), ("after=²", 200),
+                          ("page=99999999999999999999999", 200)):
+        answer = session.get(f"{path}?{query}", timeout=30)
+        assert answer.status_code == status, (query, answer.status_code)
+
+
 def test_a_data_manager_locks_and_unlocks_with_a_reason(console, browser, visited):  # noqa: F811
     context, page = _as(browser, console, "data_manager", visited)
     try:

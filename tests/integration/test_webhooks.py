@@ -253,6 +253,10 @@ def test_the_retries_of_one_event_cover_more_than_an_hour(stack):
         assert waits > timedelta(minutes=70)
     assert webhooks.backoff(3, "120", now) >= timedelta(seconds=120)
     assert webhooks.backoff(3, "99999", now) == timedelta(seconds=webhooks.BACKOFF_CAP)
+    # A Retry-After of digits beyond ASCII is no number of seconds: it is not heeded (a
+    # superscript two, which HTTP's Latin-1 allows, failed the delivery's bookkeeping).
+    for odd in ("²", "1²", "٣"):
+        assert webhooks.backoff(1, odd, now) <= timedelta(seconds=webhooks.BACKOFF_BASE * 2)
 
 
 def test_after_a_retried_event_goes_through_the_next_one_gets_every_attempt(

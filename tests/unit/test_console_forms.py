@@ -25,3 +25,11 @@ def test_white_space_alone_in_an_optional_field_is_nothing_typed():
     assert "text" not in _body("CancelQuery", query_id="q", text=" ")["data"]
     assert "field" not in _body("RaiseQuery", query_id="q", text="?", field=" ")["data"]
     assert _body("CloseQuery", query_id="q", text=" fixed ")["data"]["text"] == "fixed"
+
+
+def test_a_value_nested_past_what_the_decoder_reads_is_sent_as_typed():
+    """Brackets nested 100,000 deep failed the page (500): the decoder's recursion limit
+    is no ValueError. The text goes as typed, and the API's rules judge it."""
+    deep = "[" * 100_000
+    assert _body("CorrectData", event_id="e", field="f", value=deep)["data"]["value"] == deep
+    assert _body("CorrectData", event_id="e", field="f", value="[[7]]")["data"]["value"] == [[7]]
