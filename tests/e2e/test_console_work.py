@@ -217,7 +217,33 @@ def test_dates_are_shown_in_the_readers_locale(console, browser, visited):  # no
         assert registered.get_attribute("datetime") == "2026-03-04"
         assert registered.inner_text() == "04.03.2026"
         recorded = page.locator("[data-testid=timeline] time[data-moment]").first
-        assert not recorded.inner_text().endswith("UTC")  # localized, zone of the reader
+        # Localized, in the reader's zone, and saying which (it said no zone at all).
+        assert not recorded.inner_text().endswith("UTC")
+        assert recorded.inner_text().endswith(("MEZ", "MESZ")), recorded.inner_text()
+    finally:
+        context.close()
+
+
+def test_a_time_typed_to_replay_is_the_readers_own(console, browser, visited):  # noqa: F811
+    """The timeline showed times in the reader's zone and the replay box took UTC: a New
+    York reader typing a time shown there replayed the record five hours early (or found
+    nothing). With scripts on, the box takes the reader's time and says so."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    context, page = _as(browser, console, "auditor", visited, timezone_id="America/New_York")
+    try:
+        newest = page.locator("tr[data-version]").first
+        version = newest.get_attribute("data-version")
+        recorded = datetime.fromisoformat(
+            newest.locator("time[data-moment]").get_attribute("datetime"))
+        local = (recorded.astimezone(ZoneInfo("America/New_York")) + timedelta(seconds=1))
+        box = page.get_by_label("Replay as recorded at (your time, America/New_York)")
+        box.fill(local.strftime("%Y-%m-%dT%H:%M:%S"))
+        follow(page.get_by_role("button", name="Replay"))
+        assert page.get_by_test_id("version").inner_text() == version
+        asked = datetime.fromisoformat(page.url.split("as_of=")[1].replace("%3A", ":"))
+        assert abs(asked - recorded.astimezone(UTC)) < timedelta(seconds=2)
     finally:
         context.close()
 
