@@ -186,3 +186,25 @@ def test_pages_pass_axe_ask_nothing_of_another_host_and_are_screenshot(
     others = [url for url in asked if not url.startswith(console.url + "/")]
     assert asked and others == []
     assert refused == []
+
+
+def test_on_a_phone_no_page_pans_sideways(console, browser, trial):  # noqa: F811
+    """At 390 px the work lists and the participants' list were wider than the screen and
+    the whole page panned, their last columns off it; a wide table now scrolls in a
+    region of its own, reachable by keyboard, as the participant page's do."""
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        page = sign_in(context, console, console.logins["monitor"])
+        paths = ["/console/participants", f"/console/participants/{trial['dosed']}",
+                 *(f"/console/work/{name}" for name in ("queries", "due", "deviations",
+                                                         "verify", "sign", "quarantine"))]
+        for path in paths:
+            page.goto(console.page_url(path))
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, (path, width)
+            for table in page.locator("table.list").all():
+                region = table.locator("xpath=..")
+                assert region.get_attribute("role") == "region", path
+                assert region.get_attribute("tabindex") == "0", path
+    finally:
+        context.close()
