@@ -27,6 +27,7 @@ from infrastructure.api.errors import RETRY_AFTER_S
 from infrastructure.console import auth
 from infrastructure.store.outages import DATABASE_ERRORS, is_unavailable
 from infrastructure.store.people import (
+    SESSION_HOURS,
     AccountLocked,
     LoginFailed,
     change_password,
@@ -80,7 +81,10 @@ def _who() -> Response | None:
     g.person = None
     if request.method == "POST":
         try:
-            validate_csrf(request.form.get("csrf_token"), secret_key=_key())
+            # As long as a sign-in lasts (Flask-WTF's default, an hour, refused a form
+            # left open that long while its person worked on in another tab).
+            validate_csrf(request.form.get("csrf_token"), secret_key=_key(),
+                          time_limit=SESSION_HOURS * 3600)
         except ValidationError as e:
             raise CSRFError(str(e)) from None
     if request.endpoint in OPEN_ENDPOINTS:
@@ -113,7 +117,9 @@ def _headers(response: Response) -> Response:
 
 
 @blp.errorhandler(HTTPException)
-def _error(e: HTTPException) -> tuple[str, int]:
+def error_page(e: HTTPException) -> tuple[str, int]:
+    """An HTTP error as a console page (also for a console address that names no page, or
+    a page by a method it doesn't take: see ``routing_error``)."""
     code = e.code or 500
     if isinstance(e, CSRFError):
         description = ("The form had expired or did not come from this console. Go back, "
@@ -137,8 +143,20 @@ def _database_error(e: Exception) -> tuple[str, int, dict[str, str]]:
                            description="The error is logged."), 500, {}
 
 
-for _error in DATABASE_ERRORS:
-    blp.register_error_handler(_error, _database_error)
+for _kind in DATABASE_ERRORS:
+    blp.register_error_handler(_kind, _database_error)
+
+
+def routing_error(e: HTTPException) -> Response:
+    """A console address that names no page, or a page asked by a method it doesn't take,
+    as a console page with the console's headers (the blueprint's own handlers and
+    headers apply only once a page of it is found)."""
+    body, code = error_page(e)
+    response = _headers(make_response(body, code))
+    for header, value in e.get_headers():
+        if header.lower() == "allow":
+            response.headers[header] = value
+    return response
 
 
 @blp.errorhandler(UnreadableRecord)

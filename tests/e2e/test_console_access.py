@@ -4,6 +4,7 @@ after wrong passwords, and a disabled person refused on the next request."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -105,6 +106,45 @@ def test_the_session_cookie_is_httponly_lax_and_every_form_needs_its_csrf_token(
     assert forged.status_code == 400
     assert session.get(console.page_url("/console/"), timeout=30,
                        allow_redirects=False).status_code == 200  # still signed in
+
+
+def test_a_form_left_open_two_hours_of_a_sign_in_is_still_taken(console, two_sites):  # noqa: F811
+    """The forms' CSRF tokens expired after an hour (Flask-WTF's default) while the person
+    was signed in and busy in another tab: the form was refused and what was typed lost.
+    A token now lasts as a sign-in does (12 hours); one older than that is refused."""
+    import hashlib
+    import time
+
+    from flask.json.tag import TaggedJSONSerializer
+    from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+    from infrastructure.console.auth import form_key
+
+    session = form_session(console, console.logins["monitor"])
+    session.get(console.page_url("/console/participants/"), timeout=30)
+    key = form_key(console.engine)
+    cookie = session.cookies.get("trialog_console_form")
+    raw = URLSafeTimedSerializer(key, salt="cookie-session", serializer=TaggedJSONSerializer(),
+                                 signer_kwargs={"key_derivation": "hmac",
+                                                "digest_method": hashlib.sha1}
+                                 ).loads(cookie)["csrf_token"]
+
+    def token_made_hours_ago(hours: float) -> str:
+        class Earlier(TimestampSigner):
+            def get_timestamp(self) -> int:
+                return int(time.time() - hours * 3600)
+
+        return URLSafeTimedSerializer(key, salt="wtf-csrf-token", signer=Earlier).dumps(raw)
+
+    def raise_blank_query(csrf: str) -> int:  # refused by the API's rule once let through
+        return session.post(console.page_url(f"/console/participants/{two_sites[0]}/commands"),
+                            timeout=30, allow_redirects=False,
+                            data={"csrf_token": csrf, "type": "RaiseQuery", "form": "raise",
+                                  "query_id": str(uuid.uuid4()), "target": "visit:baseline",
+                                  "text": ""}).status_code
+
+    assert raise_blank_query(token_made_hours_ago(2)) == 422
+    assert raise_blank_query(token_made_hours_ago(13)) == 400
 
 
 def test_the_cookies_are_secure_when_served_over_https(console):  # noqa: F811
