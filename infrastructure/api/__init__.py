@@ -153,6 +153,10 @@ def _unreadable(e: UnreadableRecord) -> Response:
 
 
 def _http_error(e: HTTPException) -> Response:
+    if console.serves(request.path) and request.blueprint is None:
+        from infrastructure.console.web import routing_error
+
+        return routing_error(e)  # no page of the console's matched: its own error page
     code = e.code or 500
     if code == 500:  # an unhandled error, logged by Flask: the contract's body
         return error_response(500, dict(INTERNAL_ERROR))

@@ -135,12 +135,20 @@ def sign(participant_id: str, status: int = 200,
         abort(404, f"There is no visit {visit!r}.")
     state = queries.participant_state(trialog(), participant_id)
     shown = next((v for v in state["visits"] if v["code"] == visit), None)
+    if visit is not None and shown is None:  # (the page would offer the casebook instead)
+        abort(404, f"Participant {participant_id} has no visit {visit} scheduled.")
     return make_response(render_template(
         "console/sign.html", pid=participant_id, kind=kind, visit=shown, state=state,
         scores=(state["scores"] or {}).get(visit or "", {}),
         meaning=MEANINGS["visit" if visit else "casebook"],
         command_id=request.form.get("command_id") or str(uuid.uuid4()),
         failed=failed or {}), status)
+
+
+@blp.route("/participants/<participant_id>/commands", methods=["GET"])
+def commands_page(participant_id: str) -> Any:
+    """The address a refused form leaves in the bar, asked again: the participant's page."""
+    return redirect(url_for("console.participant", participant_id=participant_id), code=303)
 
 
 @blp.route("/participants/<participant_id>/commands", methods=["POST"])

@@ -119,6 +119,56 @@ def test_the_investigator_signs_with_the_password_and_a_wrong_one_is_refused(
     assert (signed["signed_by"], signed["valid"]) == (console.logins["investigator"], True)
 
 
+def test_the_signing_dialog_marks_the_field_at_fault_and_names_what_is_signed(
+        console, browser, visited):  # noqa: F811
+    """A blank meaning was marked on the password (aria-invalid) and its message tied to
+    no field; every signing page was titled "Sign"; a visit the participant has no
+    schedule for offered the casebook's dialog, whose refusal named a field not shown."""
+    pid = visited
+    context, page = _as(browser, console, "investigator", pid)
+    try:
+        follow(page.get_by_role("link", name="Sign baseline"))
+        assert page.title().startswith(f"Sign visit baseline of {pid}")
+        page.get_by_label("Meaning of the signature").fill("   ")
+        page.get_by_label("Your password").fill(PASSWORD)
+        follow(page.get_by_role("button", name="Sign", exact=True))
+        meaning = page.get_by_label("Meaning of the signature")
+        assert meaning.get_attribute("aria-invalid") == "true"
+        error = page.locator("#" + meaning.get_attribute("aria-describedby"))
+        assert "blank" in error.inner_text()
+        assert page.get_by_label("Your password").get_attribute("aria-invalid") is None
+        assert page.title().startswith("Not signed: ")
+    finally:
+        context.close()
+    screened = p.participant_id("CASE")
+    assert console.admin.command("ScreenParticipant", screened,
+                                 p.screening("CASE")).status_code == 201
+    session = form_session(console, console.logins["investigator"])
+    answer = session.get(console.page_url(f"/console/participants/{screened}/sign?visit=week6"),
+                         timeout=30)
+    assert answer.status_code == 404 and "has no visit week6 scheduled" in answer.text
+
+
+def test_a_console_address_of_no_page_answers_a_console_page(console, visited):  # noqa: F811
+    """An address of no page, or a page asked by a method it doesn't take (the address a
+    refused form leaves in the bar, asked again), answered the API's JSON without the
+    console's headers."""
+    session = form_session(console, console.logins["monitor"])
+    nowhere = session.get(console.page_url("/console/nope"), timeout=30)
+    assert nowhere.status_code == 404 and nowhere.headers["Content-Type"].startswith("text/html")
+    assert nowhere.headers["Cache-Control"] == "no-store"
+    assert "default-src 'self'" in nowhere.headers["Content-Security-Policy"]
+    put = session.put(console.page_url(f"/console/participants/{visited}/commands"), timeout=30)
+    assert put.status_code == 405 and "POST" in put.headers["Allow"]
+    assert put.headers["Content-Type"].startswith("text/html")
+    again = session.get(console.page_url(f"/console/participants/{visited}/commands"),
+                        timeout=30, allow_redirects=False)
+    assert again.status_code == 303
+    assert again.headers["Location"].endswith(f"/console/participants/{visited}")
+    api = console.admin.get("/v1/nope")  # the API's own answer is as ever
+    assert api.status_code == 404 and api.json()["error"] == "not_found"
+
+
 def test_a_coordinator_may_not_sign(console, browser, visited):  # noqa: F811
     context, page = _as(browser, console, "coordinator", visited)
     try:
