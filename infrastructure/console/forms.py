@@ -104,9 +104,26 @@ def field_errors(kind: str, body: dict[str, Any]) -> dict[str, list[str]]:
     return found
 
 
-def message(status: int, body: dict[str, Any]) -> str:
-    """What the page says of a refusal."""
-    if body.get("error") == "validation_failed":
+def message(status: int, body: dict[str, Any], role: str) -> str:
+    """What the page says of a refusal, to a person (the API's words speak to a client)."""
+    error = body.get("error")
+    if error == "validation_failed":
         return "The form has a problem: see the fields marked below."
-    text = str(body.get("message") or body.get("error") or "refused")
+    if error == "forbidden":
+        return f"Refused ({status}): your role ({role.replace('_', ' ')}) may not do this."
+    if error == "idempotency_key_reused":
+        return (f"Refused ({status}): this form was sent before with other values, and "
+                "that version was recorded (see the timeline). Reload the page to send "
+                "another.")
+    text = str(body.get("message") or error or "refused")
     return f"Refused ({status}): {text}"
+
+
+def field_hints(form: MultiDict[str, str], errors: dict[str, list[str]]) -> None:
+    """A correction's value typed as a number, true, false or null and refused as not a
+    text: how to record it as the text typed."""
+    typed = form.get("value", "").strip()
+    refused = errors.get("value") or []
+    if (form.get("type") == "CorrectData" and typed and not isinstance(_value(typed), str)
+            and any("string" in message for message in refused)):
+        refused.append(f'to record it as text, type it in quotes: "{typed}"')

@@ -166,9 +166,11 @@ def command(participant_id: str) -> Any:
     try:
         _, answer = execute(body)
     except ApiError as e:
+        errors = forms.field_errors(kind, e.body)
+        forms.field_hints(request.form, errors)
         failed = {"form": request.form.get("form", ""), "status": e.status,
-                  "message": forms.message(e.status, e.body),
-                  "errors": forms.field_errors(kind, e.body),
+                  "message": forms.message(e.status, e.body, g.principal.role),
+                  "errors": errors,
                   "values": {k: v for k, v in request.form.items()
                              if k not in ("password", "csrf_token")}}
         if e.status == 404:

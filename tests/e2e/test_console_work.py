@@ -138,6 +138,7 @@ def test_the_signing_dialog_marks_the_field_at_fault_and_names_what_is_signed(
         assert "blank" in error.inner_text()
         assert page.get_by_label("Your password").get_attribute("aria-invalid") is None
         assert page.title().startswith("Not signed: ")
+        assert page.evaluate("document.activeElement.id") == "sign-error"  # focus on it
     finally:
         context.close()
     screened = p.participant_id("CASE")

@@ -33,3 +33,21 @@ def test_a_value_nested_past_what_the_decoder_reads_is_sent_as_typed():
     deep = "[" * 100_000
     assert _body("CorrectData", event_id="e", field="f", value=deep)["data"]["value"] == deep
     assert _body("CorrectData", event_id="e", field="f", value="[[7]]")["data"]["value"] == [[7]]
+
+
+def test_a_refusal_speaks_to_a_person_and_says_how_to_type_a_number_as_text():
+    from infrastructure.console.forms import field_hints, message
+
+    assert message(403, {"error": "forbidden", "message": "token 'mon' (role monitor) may "
+                         "not issue CorrectData"}, "data_manager") == \
+        "Refused (403): your role (data manager) may not do this."
+    assert "that version was recorded" in message(
+        409, {"error": "idempotency_key_reused", "message": "command_id x was ..."}, "monitor")
+    form = MultiDict({"type": "CorrectData", "value": "2.0"})
+    errors = {"value": ["Not a valid string."]}
+    field_hints(form, errors)
+    hint = 'to record it as text, type it in quotes: "2.0"'
+    assert errors["value"] == ["Not a valid string.", hint]
+    out_of_range = {"value": ["Must be between 0 and 10."]}
+    field_hints(MultiDict({"type": "CorrectData", "value": "11"}), out_of_range)
+    assert len(out_of_range["value"]) == 1  # no hint where a number was asked for

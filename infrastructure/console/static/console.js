@@ -40,6 +40,12 @@
       if (!isNaN(when)) { el.title = el.getAttribute("datetime"); el.textContent = day.format(when); }
     });
     document.querySelectorAll("form[data-replay]").forEach(replayInLocalTime);
+    // A refused form's message takes the focus, so the keyboard is where the fields are.
+    var refusal = document.querySelector(".error[role=alert]");
+    if (refusal) {
+      refusal.setAttribute("tabindex", "-1");
+      refusal.focus();
+    }
   }
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", localize);
