@@ -100,7 +100,12 @@ def field_errors(kind: str, body: dict[str, Any]) -> dict[str, list[str]]:
         if kind == "RaiseQuery" and name.split(".")[0] in ("visit", "event_id"):
             name = "target"
         name = name.split(".")[0]
-        found.setdefault(name, []).extend(messages)
+        for text in messages:
+            # The contract names `data.value` for a field the event's command doesn't
+            # define: the form marks the field typed, which is the one at fault.
+            at_fault = "field" if kind == "CorrectData" and "is not a field of" in text \
+                else name
+            found.setdefault(at_fault, []).append(text)
     return found
 
 

@@ -51,3 +51,15 @@ def test_a_refusal_speaks_to_a_person_and_says_how_to_type_a_number_as_text():
     out_of_range = {"value": ["Must be between 0 and 10."]}
     field_hints(MultiDict({"type": "CorrectData", "value": "11"}), out_of_range)
     assert len(out_of_range["value"]) == 1  # no hint where a number was asked for
+
+
+def test_a_correction_of_a_field_the_event_has_not_is_marked_on_the_field():
+    """The API names `data.value` (as the contract says); the form marked the value
+    typed, not the field that names nothing."""
+    from infrastructure.console.forms import field_errors
+
+    body = {"fields": {"data.value": ["'visit_note' is not a field of CompleteVisit"]}}
+    assert field_errors("CorrectData", body) == {
+        "field": ["'visit_note' is not a field of CompleteVisit"]}
+    body = {"fields": {"data.value": ["bpi_sf.worst: Must be between 0 and 10."]}}
+    assert list(field_errors("CorrectData", body)) == ["value"]
