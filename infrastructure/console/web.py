@@ -17,6 +17,7 @@ from flask import (
     redirect,
     render_template,
     request,
+    session,
     url_for,
 )
 from flask_wtf.csrf import CSRFError, generate_csrf, validate_csrf
@@ -199,6 +200,7 @@ def sign_in() -> Any:
             error, status = (f"Too many wrong passwords: sign-in is locked until "
                              f"{e.until.isoformat(timespec='minutes')} (UTC)."), 423
         else:
+            _new_form_secret()
             response = redirect(target, code=303)
             response.set_cookie(auth.COOKIE, cookie, **auth.cookie_options(request))
             return response
@@ -206,10 +208,18 @@ def sign_in() -> Any:
                                          error=error), status)
 
 
+def _new_form_secret() -> None:
+    """The forms' CSRF secret is drawn anew at each sign-in and sign-out, so no form drawn
+    for one sign-in is taken in another (a person's after they left, or the next
+    person's on a shared computer)."""
+    session.pop("csrf_token", None)
+
+
 @blp.route("/sign-out", methods=["POST"])
 def sign_out() -> Response:
     """Ends the session."""
     auth.end(trialog().engine, request.cookies.get(auth.COOKIE, ""))
+    _new_form_secret()
     flash("You are signed out.")
     response = redirect(url_for("console.sign_in"), code=303)
     response.delete_cookie(auth.COOKIE, path=auth.PREFIX, httponly=True, samesite="Lax",

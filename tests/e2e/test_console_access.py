@@ -147,6 +147,33 @@ def test_a_form_left_open_two_hours_of_a_sign_in_is_still_taken(console, two_sit
     assert raise_blank_query(token_made_hours_ago(13)) == 400
 
 
+def test_a_form_drawn_before_a_sign_out_is_refused_in_the_next_sign_in(console, two_sites):  # noqa: F811
+    """A form's CSRF token stayed good after its person signed out, in their next sign-in
+    and in the next person's on the same browser. The secret is drawn anew at each."""
+    session = form_session(console, console.logins["monitor"])
+    path = console.page_url(f"/console/participants/{two_sites[0]}")
+    old = csrf_of(session.get(path, timeout=30).text)
+    out = session.post(console.page_url("/console/sign-out"), data={"csrf_token": old},
+                       timeout=30, allow_redirects=False)
+    assert out.status_code == 303
+    for login in (console.logins["monitor"], console.logins["data_manager"]):
+        page = session.get(console.page_url("/console/sign-in"), timeout=30)
+        signed_in = session.post(console.page_url("/console/sign-in"), timeout=30,
+                                 allow_redirects=False,
+                                 data={"csrf_token": csrf_of(page.text), "login": login,
+                                       "password": PASSWORD, "next": "/console/"})
+        assert signed_in.status_code == 303
+        stale = session.post(f"{path}/commands", timeout=30, allow_redirects=False,
+                             data={"csrf_token": old, "type": "RaiseQuery", "form": "raise",
+                                   "query_id": str(uuid.uuid4()), "target": "visit:baseline",
+                                   "text": "Sent with a form of an earlier sign-in?"})
+        assert stale.status_code == 400, login
+        fresh = csrf_of(session.get(path, timeout=30).text)
+        assert session.post(console.page_url("/console/sign-out"), timeout=30,
+                            data={"csrf_token": fresh}, allow_redirects=False
+                            ).status_code == 303
+
+
 def test_the_cookies_are_secure_when_served_over_https(console):  # noqa: F811
     from infrastructure.api import create_app
     from infrastructure.store.bootstrap import bootstrap
