@@ -31,11 +31,12 @@ participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participa
 trial_blp = Blueprint("trial", __name__, url_prefix="/v1",
                       description="Deviations, visits due, the trial summary, audit")
 health_blp = Blueprint("health", __name__, description="Liveness")
-
+# The largest log position and participant version a read may name.
+MAX_POSITION, MAX_VERSION = 2**62, 2**31
 
 
 class ReadArgs(Schema):
-    after = fields.Integer(validate=validate.Range(min=0, max=2**62), metadata={
+    after = fields.Integer(validate=validate.Range(min=0, max=MAX_POSITION), metadata={
         "description": "wait until the read models include this position (read your write)"})
     wait = fields.Float(load_default=2.0, validate=validate.Range(min=0, max=10),
                         metadata={"description": "longest wait for `after`, in seconds"})
@@ -44,7 +45,7 @@ class ReadArgs(Schema):
 class StateArgs(ReadArgs):
     as_of = fields.AwareDateTime(default_timezone=UTC, metadata={
         "description": "the state as recorded at this moment (no zone: UTC)"})
-    version = fields.Integer(validate=validate.Range(min=1, max=2**31), metadata={
+    version = fields.Integer(validate=validate.Range(min=1, max=MAX_VERSION), metadata={
         "description": "the state as it was at this version of the participant"})
 
     @validates_schema

@@ -124,11 +124,11 @@ def message(status: int, body: dict[str, Any], role: str) -> str:
     return f"Refused ({status}): {text}"
 
 
-def field_hints(form: MultiDict[str, str], errors: dict[str, list[str]]) -> None:
-    """A correction's value typed as a number, true, false or null and refused as not a
-    text: how to record it as the text typed."""
+def add_hints(form: MultiDict[str, str], errors: dict[str, list[str]]) -> None:
+    """Adds to ``errors``, for a correction's value typed as a number, true, false, null, a
+    list or an object and refused as not a text, how to record it as the text typed."""
     typed = form.get("value", "").strip()
     refused = errors.get("value") or []
     if (form.get("type") == "CorrectData" and typed and not isinstance(_value(typed), str)
             and any("string" in message for message in refused)):
-        refused.append(f'to record it as text, type it in quotes: "{typed}"')
+        refused.append(f"to record it as text, type it in quotes: {json.dumps(typed)}")

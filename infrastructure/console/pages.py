@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import abort, g, redirect, render_template, request, url_for
@@ -11,16 +12,26 @@ from infrastructure.console import charts
 from infrastructure.console.web import blp, require_read, trialog
 from infrastructure.readside import consort, queries, worklists
 
+# What a moment written to the hour, the minute or the second leaves unsaid: a record is
+# shown as it stood at the end of that hour, minute or second (a time read off the
+# timeline, which shows seconds, is the time of an event recorded within that second).
+_UNSAID = {2: timedelta(hours=1), 5: timedelta(minutes=1), 8: timedelta(seconds=1)}
+
 
 def moment(text: str | None) -> datetime | None:
-    """A moment typed in a form or a link (ISO 8601; no zone: UTC); None when empty."""
+    """A moment typed in a form or a link (ISO 8601; no zone: UTC), in UTC, at the end of
+    the hour, minute or second it is written to; None when empty."""
     if not text:
         return None
+    written = text.strip().replace(" ", "T")
     try:
-        value = datetime.fromisoformat(text.strip().replace(" ", "T"))
+        value = datetime.fromisoformat(written)
     except ValueError:
         abort(422, f"{text!r} is not a date and time (YYYY-MM-DDTHH:MM, UTC)")
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    clock = re.split(r"[Z+-]", written.partition("T")[2], maxsplit=1)[0]
+    if "T" in written and "." not in clock and len(clock) in _UNSAID:
+        value += _UNSAID[len(clock)] - timedelta(microseconds=1)
+    return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @blp.route("/")

@@ -11,6 +11,7 @@ from flask import abort, flash, g, make_response, redirect, render_template, req
 
 from domain.errors import DomainError
 from infrastructure.api.errors import ApiError
+from infrastructure.api.reads import MAX_POSITION, MAX_VERSION
 from infrastructure.audit import access
 from infrastructure.audit import history as audit
 from infrastructure.console import forms, timeline
@@ -38,7 +39,7 @@ def _disclose(participant_id: str) -> None:
 def _whole(text: str, largest: int) -> int | None:
     """A whole number written in ASCII digits, at most ``largest`` (the API's bounds);
     None for anything else (``str.isdigit`` also takes "²", which ``int`` refuses)."""
-    if not (text.isascii() and text.isdigit()) or len(text) > len(str(largest)):
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(largest)):
         return None
     number = int(text)
     return number if number <= largest else None
@@ -49,9 +50,9 @@ def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
     t = trialog()
     version, as_of = request.args.get("version"), moment(request.args.get("as_of"))
     if version:
-        number = _whole(version, 2**31)
+        number = _whole(version, MAX_VERSION)
         if number is None or number < 1:
-            abort(422, f"version must be a whole number from 1 to {2**31}")
+            abort(422, f"version must be a whole number from 1 to {MAX_VERSION}")
         p = replayed(t.service, participant_id, number)
         if p.version != number:
             abort(404, f"Participant {participant_id} has no version {version}.")
@@ -70,7 +71,7 @@ def _page_data(participant_id: str) -> dict[str, Any]:
     contact = principal.sees_contact
     replay = _replayed(participant_id)
     if replay is None:
-        after = _whole(request.args.get("after", ""), 2**62)
+        after = _whole(request.args.get("after", ""), MAX_POSITION)
         if after is not None:  # read your write: the lists include the command just sent
             reached = runtime().wait_for(after, 2.0)
             if reached is not None:  # before the lists below are read
@@ -167,7 +168,7 @@ def command(participant_id: str) -> Any:
         _, answer = execute(body)
     except ApiError as e:
         errors = forms.field_errors(kind, e.body)
-        forms.field_hints(request.form, errors)
+        forms.add_hints(request.form, errors)
         failed = {"form": request.form.get("form", ""), "status": e.status,
                   "message": forms.message(e.status, e.body, g.principal.role),
                   "errors": errors,

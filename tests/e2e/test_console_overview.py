@@ -141,17 +141,18 @@ def _leaves(value: Any, prefix: str = "") -> dict[str, int]:
 def test_the_overview_shows_the_apis_numbers(console, browser, trial, role):  # noqa: F811
     api = console.admin if role == "data_manager" else Client(console.url, create_token(
         console.engine, f"case-{uuid.uuid4().hex[:6]}", "coordinator", Scope.of(["CASE"])))
-    context = browser.new_context()
+    context = browser.new_context(timezone_id="UTC")
     try:
         page = sign_in(context, console, console.logins[role])
         assert _page_counts(page) == _leaves(_consort(api))
         assessed = page.locator("svg text[data-key=assessed]").text_content()
         assert f"(n={_consort(api)['assessed']})" in assessed
-        page.get_by_label("Flow as recorded at (UTC)").fill(
+        page.get_by_label("Flow as recorded at (your time, UTC)").fill(
             trial["before_randomization"][:19])
         follow(page.get_by_role("button", name="Show"))
+        # (a moment typed to the second is the end of that second)
         assert _page_counts(page) == _leaves(
-            _consort(api, as_of=trial["before_randomization"][:19]))
+            _consort(api, as_of=trial["before_randomization"][:19] + ".999999"))
     finally:
         context.close()
 

@@ -276,25 +276,41 @@ def test_dates_are_shown_in_the_readers_locale(console, browser, visited):  # no
 
 
 def test_a_time_typed_to_replay_is_the_readers_own(console, browser, visited):  # noqa: F811
-    """The timeline showed times in the reader's zone and the replay box took UTC: a New
-    York reader typing a time shown there replayed the record five hours early (or found
-    nothing). With scripts on, the box takes the reader's time and says so."""
+    """The timeline showed times in the reader's zone, to the minute, and the replay box
+    took UTC: a New York reader typing a time shown there replayed the record five hours
+    early (or found nothing), and a time read to the minute missed its own event. With
+    scripts on, the timeline shows seconds and the box takes the reader's time; the
+    overview's box too, and it shows again, in the reader's time, the moment asked."""
     from datetime import UTC, datetime
     from zoneinfo import ZoneInfo
 
-    context, page = _as(browser, console, "auditor", visited, timezone_id="America/New_York")
+    new_york = ZoneInfo("America/New_York")
+    context, page = _as(browser, console, "auditor", visited, timezone_id="America/New_York",
+                        locale="en-US")
     try:
         newest = page.locator("tr[data-version]").first
         version = newest.get_attribute("data-version")
-        recorded = datetime.fromisoformat(
-            newest.locator("time[data-moment]").get_attribute("datetime"))
-        local = (recorded.astimezone(ZoneInfo("America/New_York")) + timedelta(seconds=1))
+        shown = newest.locator("time[data-moment]").inner_text().replace("\u202f", " ")
+        typed = datetime.strptime(shown.rsplit(" ", 1)[0], "%b %d, %Y, %I:%M:%S %p")
         box = page.get_by_label("Replay as recorded at (your time, America/New_York)")
-        box.fill(local.strftime("%Y-%m-%dT%H:%M:%S"))
+        box.fill(typed.strftime("%Y-%m-%dT%H:%M:%S"))  # as read off the timeline
         follow(page.get_by_role("button", name="Replay"))
         assert page.get_by_test_id("version").inner_text() == version
+        recorded = datetime.fromisoformat(
+            page.locator("tr[data-version]").first.locator("time[data-moment]")
+            .get_attribute("datetime"))
         asked = datetime.fromisoformat(page.url.split("as_of=")[1].replace("%3A", ":"))
-        assert abs(asked - recorded.astimezone(UTC)) < timedelta(seconds=2)
+        assert asked == typed.replace(tzinfo=new_york).astimezone(UTC)
+        assert asked <= recorded < asked + timedelta(seconds=1)  # within the second typed
+
+        page.goto(console.page_url("/console/"))
+        box = page.get_by_label("Flow as recorded at (your time, America/New_York)")
+        box.fill(typed.strftime("%Y-%m-%dT%H:%M:%S"))
+        follow(page.get_by_role("button", name="Show"))
+        asked = datetime.fromisoformat(page.url.split("as_of=")[1].replace("%3A", ":"))
+        assert asked == typed.replace(tzinfo=new_york).astimezone(UTC)
+        assert page.get_by_label("Flow as recorded at (your time, America/New_York)"
+                                 ).input_value() == typed.strftime("%Y-%m-%dT%H:%M:%S")
     finally:
         context.close()
 

@@ -36,7 +36,7 @@ def test_a_value_nested_past_what_the_decoder_reads_is_sent_as_typed():
 
 
 def test_a_refusal_speaks_to_a_person_and_says_how_to_type_a_number_as_text():
-    from infrastructure.console.forms import field_hints, message
+    from infrastructure.console.forms import add_hints, message
 
     assert message(403, {"error": "forbidden", "message": "token 'mon' (role monitor) may "
                          "not issue CorrectData"}, "data_manager") == \
@@ -45,12 +45,15 @@ def test_a_refusal_speaks_to_a_person_and_says_how_to_type_a_number_as_text():
         409, {"error": "idempotency_key_reused", "message": "command_id x was ..."}, "monitor")
     form = MultiDict({"type": "CorrectData", "value": "2.0"})
     errors = {"value": ["Not a valid string."]}
-    field_hints(form, errors)
+    add_hints(form, errors)
     hint = 'to record it as text, type it in quotes: "2.0"'
     assert errors["value"] == ["Not a valid string.", hint]
     out_of_range = {"value": ["Must be between 0 and 10."]}
-    field_hints(MultiDict({"type": "CorrectData", "value": "11"}), out_of_range)
+    add_hints(MultiDict({"type": "CorrectData", "value": "11"}), out_of_range)
     assert len(out_of_range["value"]) == 1  # no hint where a number was asked for
+    an_object = {"value": ["Not a valid string."]}
+    add_hints(MultiDict({"type": "CorrectData", "value": '{"a": 1}'}), an_object)
+    assert an_object["value"][1].endswith(r'"{\"a\": 1}"')  # quoted as JSON reads it
 
 
 def test_a_correction_of_a_field_the_event_has_not_is_marked_on_the_field():
@@ -63,3 +66,24 @@ def test_a_correction_of_a_field_the_event_has_not_is_marked_on_the_field():
         "field": ["'visit_note' is not a field of CompleteVisit"]}
     body = {"fields": {"data.value": ["bpi_sf.worst: Must be between 0 and 10."]}}
     assert list(field_errors("CorrectData", body)) == ["value"]
+
+
+def test_a_moment_to_replay_is_the_end_of_the_second_or_minute_written():
+    """A time read off the timeline (to the second) and typed to replay came before the
+    event recorded within that second, which the replay then left out."""
+    from datetime import UTC, datetime
+
+    from flask import Flask
+
+    from infrastructure.console.pages import moment
+
+    with Flask(__name__).test_request_context():
+        assert moment("2026-12-07T05:13:43Z") == datetime(2026, 12, 7, 5, 13, 43, 999999,
+                                                          tzinfo=UTC)
+        assert moment("2026-12-07 05:13") == datetime(2026, 12, 7, 5, 13, 59, 999999,
+                                                      tzinfo=UTC)
+        assert moment("2026-12-07T00:13:43-05:00") == datetime(2026, 12, 7, 5, 13, 43,
+                                                               999999, tzinfo=UTC)
+        assert moment("2026-12-07T05:13:43.25Z") == datetime(2026, 12, 7, 5, 13, 43, 250000,
+                                                             tzinfo=UTC)
+        assert moment("") is None

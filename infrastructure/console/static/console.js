@@ -4,11 +4,17 @@
 // true.
 (function () {
   "use strict";
+  // To the second: a time read off the timeline and typed to replay finds its event.
   var moment = new Intl.DateTimeFormat(undefined, {
     year: "numeric", month: "short", day: "numeric", hour: "numeric", minute: "2-digit",
-    timeZoneName: "short" });
+    second: "2-digit", timeZoneName: "short" });
   var day = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeZone: "UTC" });
   var zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  function local(when) {  // as a datetime-local input writes it, in the reader's zone
+    function two(n) { return String(n).padStart(2, "0"); }
+    return when.getFullYear() + "-" + two(when.getMonth() + 1) + "-" + two(when.getDate()) +
+      "T" + two(when.getHours()) + ":" + two(when.getMinutes()) + ":" + two(when.getSeconds());
+  }
   function replayInLocalTime(form) {
     var typed = form.querySelector("input[type=datetime-local]");
     if (!typed || !zone) { return; }
@@ -16,16 +22,21 @@
     var name = typed.name;
     var sent = document.createElement("input");
     sent.type = "hidden";
-    if (label) { label.textContent = "Replay as recorded at (your time, " + zone + ")"; }
+    if (label) { label.textContent = label.textContent.replace("(UTC)", "(your time, " + zone + ")"); }
+    var shown = new Date(typed.getAttribute("data-utc") || "");  // the moment asked before
+    if (!isNaN(shown)) { typed.value = local(shown); }
     form.addEventListener("submit", function () {
       var when = new Date(typed.value);  // a datetime-local value reads as local time
-      if (!typed.value || isNaN(when)) {  // sent as typed: the server says what is wrong
+      if (!typed.value || isNaN(when)) {  // sent as typed (empty: the record now)
         typed.name = name;
         sent.remove();
         return;
       }
       sent.name = name;
-      sent.value = when.toISOString();
+      // In UTC, written to the second or the minute as typed: the server shows the
+      // record as it stood at the end of that second or minute.
+      var precise = when.toISOString();
+      sent.value = precise.slice(0, typed.value.length === 16 ? 16 : 19) + "Z";
       typed.removeAttribute("name");
       form.appendChild(sent);
     });
