@@ -18,6 +18,7 @@ from domain.access import EVERY_SITE
 from domain.deviations import detect
 from domain.errors import DomainError, ValidationFailed
 from domain.scoring import FACT_ITEMS
+from infrastructure.jobs.monitor import EVENT_DRIVEN, scan_clock
 from infrastructure.readside.projections import FeedProjection, TrialProjection
 from infrastructure.readside.queries import trial_summary
 from infrastructure.store.bootstrap import Trialog, bootstrap
@@ -209,10 +210,10 @@ class Simulation:
                 "adherence": {"missed_ai_doses_last_week": self.rng.randint(0, 2)}}
         self.at(day, lambda: self.send(c.CompleteVisit(pid, data)), hour=14)
 
-    def flag_deviations(self, today: date) -> None:
+    def flag_deviations(self, today: date, codes: tuple[str, ...]) -> None:
         for pid in self.ids:
             participant = self.t.service.get_participant(pid)
-            for finding in detect(participant, self.t.protocol, today):
+            for finding in detect(participant, self.t.protocol, today, codes):
                 self.send(c.FlagDeviation(pid, {
                     "deviation_id": finding.deviation_id(participant), "code": finding.code,
                     "severity": finding.severity, "evidence": list(finding.evidence),
@@ -242,7 +243,12 @@ def run_demo(path: Path, participants: int = 40, seed: int = 7,
         with tqdm(total=total_days, unit="day", desc="simulating", disable=not show_progress,
                   leave=False) as bar:
             last_day = sim.run(bar.update)
-        sim.flag_deviations(last_day + timedelta(days=1))
+        # The day after, as the monitor would find it: the clock's scan marks each visit
+        # missed and flags it (and poor adherence), the event-driven rules the rest.
+        clock.now = datetime.combine(last_day + timedelta(days=1), time(12), UTC)
+        TrialProjection(trialog, batch_size=2000).catch_up()
+        scan_clock(trialog, trialog.ended_everywhere())
+        sim.flag_deviations(trialog.ended_everywhere(), EVENT_DRIVEN)
         TrialProjection(trialog, batch_size=2000).catch_up()  # the read models, as the API
         FeedProjection(trialog, batch_size=2000).catch_up()  # and the feed's pages
         summary = trial_summary(trialog, scope=EVERY_SITE)

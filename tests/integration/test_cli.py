@@ -479,6 +479,16 @@ def test_make_demo_s_run_records_a_baseline_sample_for_every_randomized_particip
         for pid in randomized:
             samples = t.service.get_participant(pid).records_of("BloodSampleCollected")
             assert any(d["timepoint"] == "baseline" for _, d in samples), pid
+        # A visit flagged missed is marked missed, as the clock's scan does it: the demo's
+        # completed participants showed a flagged week 6 `overdue` for good.
+        with t.engine.connect() as connection:
+            unmarked = connection.execute(text(
+                "select v.participant_id, v.code from rm_visits v join rm_participants p "
+                "on p.participant_id = v.participant_id where p.status = 'completed' "
+                "and v.completed_on is null and not v.missed")).all()
+            flagged = connection.execute(text(
+                "select count(*) from rm_deviations where code = 'visit_missed'")).scalar()
+        assert unmarked == [] and flagged > 0
     finally:
         t.close()
 
