@@ -86,6 +86,7 @@ def create_app(trialog: Trialog, *, follow: bool = True) -> Flask:
     console.register(app)  # /console/: people sign in with a cookie session of its own
     app.before_request(_authenticate)
     app.after_request(_log_request)
+    app.after_request(_console_headers)
     app.register_error_handler(ApiError, ApiError.response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(UnreadableRecord, _unreadable)
@@ -177,6 +178,17 @@ def _http_error(e: HTTPException) -> Response:
     for header, value in e.get_headers():
         if header.lower() != "content-type":
             response.headers[header] = value  # e.g. Allow on a 405
+    return response
+
+
+def _console_headers(response: Response) -> Response:
+    """A console address no page of it answered (its 404 or 405 page, the redirect from
+    /console to /console/) carries the console's headers too (its pages get them from
+    the console's own hook)."""
+    if console.serves(request.path) and request.blueprint is None:
+        from infrastructure.console.web import console_headers
+
+        return console_headers(response)
     return response
 
 

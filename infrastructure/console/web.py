@@ -107,7 +107,7 @@ def _who() -> Response | None:
 
 
 @blp.after_request
-def _headers(response: Response) -> Response:
+def console_headers(response: Response) -> Response:
     response.headers["Content-Security-Policy"] = POLICY
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "same-origin"
@@ -150,10 +150,10 @@ for _kind in DATABASE_ERRORS:
 
 def routing_error(e: HTTPException) -> Response:
     """A console address that names no page, or a page asked by a method it doesn't take,
-    as a console page with the console's headers (the blueprint's own handlers and
-    headers apply only once a page of it is found)."""
+    as a console page (the blueprint's own handlers and headers apply only once a page
+    of it is found; the API's hook adds the headers)."""
     body, code = error_page(e)
-    response = _headers(make_response(body, code))
+    response = make_response(body, code)  # (the console's headers: see api's hook)
     for header, value in e.get_headers():
         if header.lower() == "allow":
             response.headers[header] = value

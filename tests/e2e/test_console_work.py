@@ -166,6 +166,10 @@ def test_a_console_address_of_no_page_answers_a_console_page(console, visited): 
                         timeout=30, allow_redirects=False)
     assert again.status_code == 303
     assert again.headers["Location"].endswith(f"/console/participants/{visited}")
+    bare = session.get(console.page_url("/console"), timeout=30, allow_redirects=False)
+    assert bare.status_code == 308 and bare.headers["Location"].endswith("/console/")
+    assert "default-src 'self'" in bare.headers["Content-Security-Policy"]
+    assert bare.headers["X-Frame-Options"] == "DENY"
     api = console.admin.get("/v1/nope")  # the API's own answer is as ever
     assert api.status_code == 404 and api.json()["error"] == "not_found"
 
