@@ -12,15 +12,13 @@ from infrastructure.console import charts
 from infrastructure.console.web import blp, require_read, trialog
 from infrastructure.readside import consort, queries, worklists
 
-# What a moment written to the hour, the minute or the second leaves unsaid: a record is
-# shown as it stood at the end of that hour, minute or second (a time read off the
-# timeline, which shows seconds, is the time of an event recorded within that second).
-_UNSAID = {2: timedelta(hours=1), 5: timedelta(minutes=1), 8: timedelta(seconds=1)}
-
 
 def moment(text: str | None) -> datetime | None:
-    """A moment typed in a form or a link (ISO 8601; no zone: UTC), in UTC, at the end of
-    the hour, minute or second it is written to; None when empty."""
+    """A moment typed in a form or a link (ISO 8601; no zone: UTC), in UTC; written to the
+    second or less finely, the end of that second: a time read off the timeline (which
+    shows seconds) is then the time of the event recorded within it. (A date-and-time
+    field leaves ":00" seconds out of what it sends, so a time without seconds is taken
+    as second 0.)"""
     if not text:
         return None
     written = text.strip().replace(" ", "T")
@@ -29,8 +27,8 @@ def moment(text: str | None) -> datetime | None:
     except ValueError:
         abort(422, f"{text!r} is not a date and time (YYYY-MM-DDTHH:MM, UTC)")
     clock = re.split(r"[Z+-]", written.partition("T")[2], maxsplit=1)[0]
-    if "T" in written and "." not in clock and len(clock) in _UNSAID:
-        value += _UNSAID[len(clock)] - timedelta(microseconds=1)
+    if clock and "." not in clock:
+        value += timedelta(seconds=1, microseconds=-1)
     return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 

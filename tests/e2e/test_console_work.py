@@ -313,8 +313,16 @@ def test_a_time_typed_to_replay_is_the_readers_own(console, browser, visited):  
         follow(page.get_by_role("button", name="Show"))
         asked = datetime.fromisoformat(page.url.split("as_of=")[1].replace("%3A", ":"))
         assert asked == typed.replace(tzinfo=new_york).astimezone(UTC)
-        assert page.get_by_label("Flow as recorded at (your time, America/New_York)"
-                                 ).input_value() == typed.strftime("%Y-%m-%dT%H:%M:%S")
+        shown_again = page.get_by_label("Flow as recorded at (your time, America/New_York)"
+                                        ).input_value()  # (":00" seconds left out)
+        assert datetime.fromisoformat(shown_again) == typed
+        # Second 0, which the field sends without its ":00": second 0, not the minute.
+        box = page.get_by_label("Flow as recorded at (your time, America/New_York)")
+        box.fill("2026-12-01T10:00:00")
+        follow(page.get_by_role("button", name="Show"))
+        shown_again = page.get_by_label("Flow as recorded at (your time, America/New_York)"
+                                        ).input_value()
+        assert datetime.fromisoformat(shown_again) == datetime(2026, 12, 1, 10, 0, 0)
     finally:
         context.close()
 

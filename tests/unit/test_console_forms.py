@@ -68,9 +68,10 @@ def test_a_correction_of_a_field_the_event_has_not_is_marked_on_the_field():
     assert list(field_errors("CorrectData", body)) == ["value"]
 
 
-def test_a_moment_to_replay_is_the_end_of_the_second_or_minute_written():
+def test_a_moment_to_replay_is_the_end_of_the_second_written():
     """A time read off the timeline (to the second) and typed to replay came before the
-    event recorded within that second, which the replay then left out."""
+    event recorded within that second, which the replay then left out. A time without
+    seconds is second 0 (a date-and-time field sends ":00" seconds so)."""
     from datetime import UTC, datetime
 
     from flask import Flask
@@ -80,7 +81,7 @@ def test_a_moment_to_replay_is_the_end_of_the_second_or_minute_written():
     with Flask(__name__).test_request_context():
         assert moment("2026-12-07T05:13:43Z") == datetime(2026, 12, 7, 5, 13, 43, 999999,
                                                           tzinfo=UTC)
-        assert moment("2026-12-07 05:13") == datetime(2026, 12, 7, 5, 13, 59, 999999,
+        assert moment("2026-12-07 05:13") == datetime(2026, 12, 7, 5, 13, 0, 999999,
                                                       tzinfo=UTC)
         assert moment("2026-12-07T00:13:43-05:00") == datetime(2026, 12, 7, 5, 13, 43,
                                                                999999, tzinfo=UTC)

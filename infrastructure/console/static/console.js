@@ -33,10 +33,9 @@
         return;
       }
       sent.name = name;
-      // In UTC, written to the second or the minute as typed: the server shows the
-      // record as it stood at the end of that second or minute.
-      var precise = when.toISOString();
-      sent.value = precise.slice(0, typed.value.length === 16 ? 16 : 19) + "Z";
+      // In UTC, to the second: the server shows the record as it stood at the end of
+      // that second.
+      sent.value = when.toISOString().slice(0, 19) + "Z";
       typed.removeAttribute("name");
       form.appendChild(sent);
     });
