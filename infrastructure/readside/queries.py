@@ -211,16 +211,19 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
     now), for participants still in follow-up: each judged by its site's day, as its
     state and its reminders are."""
     now = t.bus.clock()
-    earliest, latest = t.protocol.day_span(now)
+    # Each site's day (None: UTC's, for a site the protocol no longer lists), found once.
+    days = {site_id: t.protocol.day_at(site_id, now)
+            for site_id in (None, *t.protocol.site_ids)}
+    later = timedelta(days=within_days)
     query = (
         select(visits, participants.c.site_id, participants.c.status)
         .join(participants, participants.c.participant_id == visits.c.participant_id)
         .where(visits.c.completed_on.is_(None), visits.c.missed.is_(False),
-               visits.c.window_start <= _site_day(t, now, within_days),
-               visits.c.window_end >= _site_day(t, now),
+               visits.c.window_start <= _by_site(days, later),
+               visits.c.window_end >= _by_site(days),
                # The same bounds over every site's day: conditions the index serves.
-               visits.c.window_start <= latest + timedelta(days=within_days),
-               visits.c.window_end >= earliest,
+               visits.c.window_start <= max(days.values()) + later,
+               visits.c.window_end >= min(days.values()),
                participants.c.status.in_(("randomized", "off_treatment")),
                in_scope(scope, participants.c.participant_id))
         .order_by(visits.c.window_start, visits.c.participant_id, visits.c.code)
@@ -228,17 +231,17 @@ def visits_due(t: Trialog, within_days: int, *, scope: Scope, limit: int | None 
     with t.engine.connect() as c:
         rows = c.execute(query.limit(limit).offset(offset)).all()
     return [{"participant_id": r.participant_id, "site_id": r.site_id,
-             **_visit(r, t.protocol.day_at(r.site_id, now))}
+             **_visit(r, days.get(r.site_id, days[None]))}
             for r in rows]
 
 
-def _site_day(t: Trialog, now: datetime, later_by: int = 0) -> Any:
-    """The day ``later_by`` days after the one it is at ``now`` at each participant's site
-    (UTC's at a site the protocol no longer lists), as an expression on its site id."""
+def _by_site(days: dict[str | None, date], later: timedelta = timedelta()) -> Any:
+    """The day ``later`` after each participant's site's day in ``days`` (UTC's, under
+    None, at a site not among them), as an expression on its site id."""
     def day(site_id: str | None) -> Any:
-        return literal(t.protocol.day_at(site_id, now) + timedelta(days=later_by), Date)
+        return literal(days[site_id] + later, Date)
 
-    whens = {site.id: day(site.id) for site in t.protocol.sites}
+    whens = {site_id: day(site_id) for site_id in days if site_id is not None}
     if not whens:
         return day(None)
     return type_coerce(case(whens, value=participants.c.site_id, else_=day(None)), Date)
