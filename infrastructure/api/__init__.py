@@ -153,8 +153,14 @@ def _unreadable(e: UnreadableRecord) -> Response:
     return error_response(500, unreadable(e, (request.view_args or {}).get("participant_id")))
 
 
+def _console_unrouted() -> bool:
+    """Whether the request is to a console address that no page of the console took (its
+    own handlers and headers apply only once one does)."""
+    return console.serves(request.path) and request.blueprint is None
+
+
 def _http_error(e: HTTPException) -> Response:
-    if console.serves(request.path) and request.blueprint is None:
+    if _console_unrouted():
         from infrastructure.console.web import routing_error
 
         return routing_error(e)  # no page of the console's matched: its own error page
@@ -185,7 +191,7 @@ def _console_headers(response: Response) -> Response:
     """A console address no page of it answered (its 404 or 405 page, the redirect from
     /console to /console/) carries the console's headers too (its pages get them from
     the console's own hook)."""
-    if console.serves(request.path) and request.blueprint is None:
+    if _console_unrouted():
         from infrastructure.console.web import console_headers
 
         return console_headers(response)
