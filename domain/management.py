@@ -81,8 +81,21 @@ class DataManagement:
             if data.get("field") is not None:
                 self.require_field(version, data["field"], defined)
             target = {"event_id": data["event_id"], "field": data.get("field")}
+        self._require_not_asked(data["text"], target)
         self.trigger_event(self.QueryRaised, query_id=query_id, text=data["text"],
                            target=target, **audit.event_fields())
+
+    def _require_not_asked(self, text: str, target: Mapping[str, Any]) -> None:
+        """A query asking what a query still waiting (open or answered) asks of the same
+        target is refused: it is the same question sent twice (a form sent again, a
+        client's retry under a new id), and would leave the site two to answer."""
+        for query in self.queries.values():
+            if (query["status"] in UNRESOLVED and query["target"] == target
+                    and query["thread"][0]["text"] == text):
+                raise InvalidTransition(
+                    f"query {query['query_id']} asks this already of the same target "
+                    f"(status {query['status']})", status=query["status"],
+                    query_id=query["query_id"])
 
     def act_on_query(self, action: str, data: Mapping[str, Any],
                      audit: Audit) -> None:

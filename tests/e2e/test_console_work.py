@@ -379,6 +379,27 @@ def test_a_refused_form_keeps_the_event_and_the_visit_chosen(console, browser, v
         monitor.close()
 
 
+def test_a_query_sent_again_after_back_is_refused_not_raised_twice(console, browser,  # noqa: F811
+                                                                   visited):
+    """Back, then the same question sent again, raised a second query: the page drawn
+    again carried new ids. The second is refused, naming the first."""
+    pid = visited
+    monitor, page = _as(browser, console, "monitor", pid)
+    try:
+        for attempt in range(2):
+            page.get_by_label("About").select_option("visit:baseline")
+            page.get_by_label("Question to the site").fill("Worst pain 7 but average 5?")
+            follow(page.get_by_role("button", name="Raise the query"))
+            if attempt == 0:
+                assert "Query raised." in page.get_by_role("status").first.inner_text()
+                page.go_back()
+        refusal = page.get_by_role("alert").first.inner_text()
+        assert "asks this already of the same target" in refusal, refusal
+    finally:
+        monitor.close()
+    assert _api_state(console, pid)["open_queries"] == 1
+
+
 def test_a_number_the_page_does_not_read_is_refused_not_failed(console, visited):  # noqa: F811
     """`?version=²` (a digit to str.isdigit, not to int), a version past PostgreSQL's
     bigint, and `?page=²` or `?after=²` answered 500."""

@@ -87,6 +87,33 @@ def test_a_query_targets_a_visit_or_an_event_that_exists(service):
             text="?")
 
 
+def test_a_query_asking_what_a_waiting_query_asks_of_its_target_is_refused(service):
+    """The same question of the same target under a new id (a form sent again after Back,
+    a client's retry) while the first still waits: refused, naming the first."""
+    event = baseline_event(service)
+    run(service, c.RaiseQuery, query_id=QUERY, text="BPI worst?", visit="baseline")
+    run(service, c.RaiseQuery, query_id=str(uuid.uuid4()), text="BPI worst?",
+        event_id=event, field=None)
+    again = str(uuid.uuid4())
+    for waiting in ("open", "answered"):
+        with pytest.raises(InvalidTransition, match=f"query {QUERY} asks this already") \
+                as raised:
+            run(service, c.RaiseQuery, query_id=again, text="BPI worst?", visit="baseline")
+        assert raised.value.details == {"status": waiting, "query_id": QUERY}
+        if waiting == "open":
+            run(service, c.RespondToQuery, query_id=QUERY, text="6 in the source")
+    # Another question of the target, or the same question once the first is done, is
+    # a new query.
+    p = run(service, c.RaiseQuery, query_id=again, text="BPI least?", visit="baseline")
+    run(service, c.CloseQuery, query_id=QUERY, text=None)
+    p = run(service, c.RaiseQuery, query_id=str(uuid.uuid4()), text="BPI worst?",
+            visit="baseline")
+    assert p.open_queries == 3
+    with pytest.raises(InvalidTransition, match="asks this already"):
+        run(service, c.RaiseQuery, query_id=str(uuid.uuid4()), text="BPI worst?",
+            event_id=event, field=None)
+
+
 def test_a_correction_after_verification_marks_the_visit_changed(service):
     with pytest.raises(InvalidTransition, match="not completed"):
         run(service, c.VerifySource, visit="week6")
