@@ -44,6 +44,23 @@ DONE = {
 }
 
 
+# What a refusal's summary calls each field: the words of its label on the page, not the
+# API's name (``text``, ``target``).
+LABELS = {"target": "About", "field": "Field", "value": "New value", "reason": "Reason",
+          "event_id": "Event", "visit": "Visit", "meaning": "Meaning of the signature",
+          "password": "Your password", "resolution": "Resolution", "query_id": "Query",
+          "deviation_id": "Deviation"}
+TEXT_LABELS = {"RaiseQuery": "Question to the site", "RespondToQuery": "Your response",
+               "CloseQuery": "Note", "CancelQuery": "Note"}
+
+
+def label(kind: str, name: str) -> str:
+    """A field of a form as its label names it."""
+    if name == "text":
+        return TEXT_LABELS.get(kind, "Text")
+    return LABELS.get(name, name)
+
+
 class UnknownForm(ValueError):
     """A form naming no command the console posts."""
 

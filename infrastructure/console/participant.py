@@ -172,6 +172,7 @@ def command(participant_id: str) -> Any:
         failed = {"form": request.form.get("form", ""), "status": e.status,
                   "message": forms.message(e.status, e.body, g.principal.role),
                   "errors": errors,
+                  "labels": {name: forms.label(kind, name) for name in errors},
                   "values": {k: v for k, v in request.form.items()
                              if k not in ("password", "csrf_token")}}
         if e.status == 404:

@@ -64,6 +64,9 @@ def test_a_query_raised_answered_and_closed_then_the_visit_verified(console, bro
         assert page.get_by_role("button", name="Raise the query").count() == 0  # not theirs
         follow(page.get_by_role("button", name="Respond"))  # empty: the contract's 422
         assert page.get_by_text("There is a problem").is_visible()
+        # The summary names the field as its label does, not as the API does ("text").
+        summary = page.locator(".error-summary a").first.inner_text()
+        assert summary.startswith("Your response: "), summary
         assert page.locator("[aria-invalid=true]").count() == 1
         page.get_by_label("Respond: your response").fill("The source says average 5.")
         follow(page.get_by_role("button", name="Respond"))

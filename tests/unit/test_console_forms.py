@@ -68,6 +68,16 @@ def test_a_correction_of_a_field_the_event_has_not_is_marked_on_the_field():
     assert list(field_errors("CorrectData", body)) == ["value"]
 
 
+def test_a_refusal_names_each_field_as_its_label_does():
+    from infrastructure.console.forms import label
+
+    assert [label("RaiseQuery", n) for n in ("text", "target", "field")] == [
+        "Question to the site", "About", "Field"]
+    assert [label("CorrectData", n) for n in ("event_id", "value", "reason")] == [
+        "Event", "New value", "Reason"]
+    assert label("RespondToQuery", "text") == "Your response"
+
+
 def test_a_moment_to_replay_is_the_end_of_the_second_written():
     """A time read off the timeline (to the second) and typed to replay came before the
     event recorded within that second, which the replay then left out. A time without
