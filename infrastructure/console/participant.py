@@ -5,9 +5,11 @@ signing dialog, which asks for the password again."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from flask import abort, flash, g, make_response, redirect, render_template, request, url_for
+from werkzeug.exceptions import NotFound
 
 from domain.errors import DomainError
 from infrastructure.api.errors import ApiError
@@ -45,6 +47,18 @@ def _whole(text: str, largest: int) -> int | None:
     return number if number <= largest else None
 
 
+class NotRecordedThen(NotFound):
+    """A replay of a moment or version the record doesn't reach; the page names the moment
+    as every time of the console (in the reader's zone), and links to the record now."""
+
+    def __init__(self, participant_id: str, description: str,
+                 at: datetime | None = None) -> None:
+        super().__init__(description)
+        self.moment = at.isoformat() if at is not None else None
+        self.back = {"href": url_for("console.participant", participant_id=participant_id),
+                     "text": f"The record of {participant_id} now"}
+
+
 def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
     """The participant as recorded at ``?version=`` or ``?as_of=``, and what was asked."""
     t = trialog()
@@ -55,13 +69,14 @@ def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
             abort(422, f"version must be a whole number from 1 to {MAX_VERSION}")
         p = replayed(t.service, participant_id, number)
         if p.version != number:
-            abort(404, f"Participant {participant_id} has no version {version}.")
+            raise NotRecordedThen(participant_id,
+                                  f"Participant {participant_id} has no version {version}.")
         return p, {"version": p.version, "moment": p.modified_on}
     if as_of is not None:
         p = audit.participant_as_of(t.service, participant_id, as_of)
         if p is None:
-            abort(404, f"Participant {participant_id} has no event recorded at or before "
-                       f"{as_of.isoformat()}.")
+            raise NotRecordedThen(participant_id, f"Participant {participant_id} has no "
+                                  "event recorded at or before", as_of)
         return p, {"version": p.version, "moment": as_of}
     return None
 

@@ -128,7 +128,8 @@ def error_page(e: HTTPException) -> tuple[str, int]:
     else:
         description = e.description or ""
     return render_template("console/error.html", code=code, title=e.name,
-                           description=description), code
+                           description=description, moment_at=getattr(e, "moment", None),
+                           back=getattr(e, "back", None)), code
 
 
 def _database_error(e: Exception) -> tuple[str, int, dict[str, str]]:
@@ -152,12 +153,28 @@ def routing_error(e: HTTPException) -> Response:
     """A console address that names no page, or a page asked by a method it doesn't take,
     as a console page (the blueprint's own handlers and headers apply only once a page
     of it is found; the API's hook adds the headers)."""
+    _known_person()
     body, code = error_page(e)
     response = make_response(body, code)  # (the console's headers: see api's hook)
     for header, value in e.get_headers():
         if header.lower() == "allow":
             response.headers[header] = value
     return response
+
+
+def _known_person() -> None:
+    """The person signed in, for the navigation of a page no console page took (the
+    blueprint's hook, which finds them, didn't run): none when signed out, idle, or when
+    the session can't be read, and the error page is shown as ever."""
+    cookie = request.cookies.get(auth.COOKIE)
+    if not cookie or g.get("person") is not None:
+        return
+    try:
+        person = auth.person(trialog().engine, cookie)
+    except (auth.IdleTimeout, *DATABASE_ERRORS):
+        return
+    if person is not None:
+        g.person, g.principal = person, person.principal
 
 
 @blp.errorhandler(UnreadableRecord)

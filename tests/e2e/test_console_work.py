@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import requests
 
 from tests.e2e import payloads as p
 from tests.e2e.console_support import (  # noqa: F401  (fixtures)
@@ -162,9 +163,13 @@ def test_a_console_address_of_no_page_answers_a_console_page(console, visited): 
     assert nowhere.status_code == 404 and nowhere.headers["Content-Type"].startswith("text/html")
     assert nowhere.headers["Cache-Control"] == "no-store"
     assert "default-src 'self'" in nowhere.headers["Content-Security-Policy"]
+    assert 'aria-label="Console"' in nowhere.text  # the signed-in person's navigation
+    signed_out = requests.get(console.page_url("/console/nope"), timeout=30)
+    assert signed_out.status_code == 404 and 'aria-label="Console"' not in signed_out.text
     put = session.put(console.page_url(f"/console/participants/{visited}/commands"), timeout=30)
     assert put.status_code == 405 and "POST" in put.headers["Allow"]
     assert put.headers["Content-Type"].startswith("text/html")
+    assert 'aria-label="Console"' in put.text
     again = session.get(console.page_url(f"/console/participants/{visited}/commands"),
                         timeout=30, allow_redirects=False)
     assert again.status_code == 303
@@ -350,6 +355,25 @@ def test_a_correction_refused_then_recorded_through_the_form(console, browser, v
         newest = page.locator("tr[data-version]").first
         assert "bpi_sf.worst: 7 → 8" in newest.inner_text()
         assert "transcription error" in newest.inner_text()
+    finally:
+        context.close()
+
+
+def test_a_moment_before_the_record_is_named_in_the_readers_zone(console, browser,  # noqa: F811
+                                                                 visited):
+    """A replay before the first event was refused naming the moment in UTC, while the
+    reader had typed it in their own zone."""
+    context, page = _as(browser, console, "auditor", visited, timezone_id="America/New_York",
+                        locale="en-US")
+    try:
+        page.get_by_label("Replay as recorded at (your time, America/New_York)").fill(
+            "2020-01-02T03:04:05")
+        follow(page.get_by_role("button", name="Replay"))
+        said = page.locator("main").inner_text()
+        assert "has no event recorded at or before Jan 2, 2020, 3:04:05 AM EST" in said, said
+        follow(page.get_by_role("link", name=f"The record of {visited} now"))
+        assert page.get_by_test_id("version").is_visible()
+        assert page.get_by_role("navigation", name="Console").is_visible()
     finally:
         context.close()
 
