@@ -196,7 +196,8 @@ def test_on_a_phone_no_page_pans_sideways(console, browser, trial):  # noqa: F81
     context = browser.new_context(viewport={"width": 390, "height": 844})
     try:
         page = sign_in(context, console, console.logins["monitor"])
-        paths = ["/console/participants", f"/console/participants/{trial['dosed']}",
+        paths = ["/console/", "/console/participants",
+                 f"/console/participants/{trial['dosed']}",
                  *(f"/console/work/{name}" for name in ("queries", "due", "deviations",
                                                          "verify", "sign", "quarantine"))]
         for path in paths:
@@ -207,5 +208,15 @@ def test_on_a_phone_no_page_pans_sideways(console, browser, trial):  # noqa: F81
                 region = table.locator("xpath=..")
                 assert region.get_attribute("role") == "region", path
                 assert region.get_attribute("tabindex") == "0", path
+        # The flow diagram shrank to the screen, its text 6 px high: it keeps 11 px or
+        # more, and scrolls sideways in a region of its own.
+        page.goto(console.page_url("/console/"))
+        diagram = page.locator("svg.chart").first
+        scale = diagram.evaluate("svg => svg.getBoundingClientRect().width "
+                                 "/ svg.viewBox.baseVal.width")
+        assert 13 * scale >= 11, scale
+        region = diagram.locator("xpath=../..")
+        assert (region.get_attribute("role"), region.get_attribute("tabindex")) == (
+            "region", "0")
     finally:
         context.close()
