@@ -8,7 +8,10 @@ import json
 import uuid
 from typing import Any
 
+from marshmallow import fields
 from werkzeug.datastructures import MultiDict
+
+from infrastructure.store.corrections import NOT_A_FIELD
 
 # The fields of each command's data a form may send; anything else in the form is ignored.
 DATA_FIELDS: dict[str, tuple[str, ...]] = {
@@ -59,6 +62,10 @@ def label(kind: str, name: str) -> str:
     if name == "text":
         return TEXT_LABELS.get(kind, "Text")
     return LABELS.get(name, name)
+
+
+# A value refused for not being a text (marshmallow's words, as the API gives them).
+NOT_TEXT = fields.String.default_error_messages["invalid"]
 
 
 class UnknownForm(ValueError):
@@ -120,7 +127,7 @@ def field_errors(kind: str, body: dict[str, Any]) -> dict[str, list[str]]:
         for text in messages:
             # The contract names `data.value` for a field the event's command doesn't
             # define: the form marks the field typed, which is the one at fault.
-            at_fault = "field" if kind == "CorrectData" and "is not a field of" in text \
+            at_fault = "field" if kind == "CorrectData" and NOT_A_FIELD in text \
                 else name
             found.setdefault(at_fault, []).append(text)
     return found
@@ -147,5 +154,5 @@ def add_hints(form: MultiDict[str, str], errors: dict[str, list[str]]) -> None:
     typed = form.get("value", "").strip()
     refused = errors.get("value") or []
     if (form.get("type") == "CorrectData" and typed and not isinstance(_value(typed), str)
-            and any("string" in message for message in refused)):
+            and any(message.endswith(NOT_TEXT) for message in refused)):
         refused.append(f"to record it as text, type it in quotes: {json.dumps(typed)}")

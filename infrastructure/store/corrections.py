@@ -46,6 +46,11 @@ def field_at(schema: Schema, path: str) -> fields.Field | None:
     return field
 
 
+# The refusal of a correction naming no field of its event's command (the contract names
+# `data.value` for it; the console marks the field typed, finding it by these words).
+NOT_A_FIELD = "is not a field of"
+
+
 class CorrectionRules:
     """Validates corrections against the data schemas of one protocol."""
 
@@ -65,7 +70,7 @@ class CorrectionRules:
         field = field_at(schema, path) if schema is not None else None
         if schema is None or field is None:
             raise ValidationFailed({"data.value": [
-                f"{path!r} is not a field of {command or event_type}"]})
+                f"{path!r} {NOT_A_FIELD} {command or event_type}"]})
         # null for a field the command may leave out takes the answer back (an item
         # answered by mistake); a required field can't be emptied.
         removes = value is None and not field.required and not field.allow_none
