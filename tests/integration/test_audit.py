@@ -598,6 +598,45 @@ def test_the_deep_check_finds_a_read_model_edited_to_say_what_the_record_does_no
     assert check_store(t, processes=1, deep=True).ok
 
 
+def test_a_read_model_row_set_back_a_version_is_no_way_past_the_deep_check(isolated):
+    """The check passed over a row whose version was not the record's, as a follower's
+    that was behind: lowering the version hid an arm and a status edited beside it, which
+    the lists and the exports then served. Only a follower behind is passed over; every
+    column altered is named."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.readside.quarantine import set_aside
+    from infrastructure.store.tables import participants
+
+    t = isolated
+    pid = setup_participant(t)
+    TrialProjection(t).catch_up()
+    p = t.service.get_participant(pid)
+    forged = "control" if p.arm == "b12" else "b12"
+    with t.engine.begin() as conn:
+        conn.execute(update(participants).where(participants.c.participant_id == pid)
+                     .values(version=p.version - 1, arm=forged, status="completed"))
+    problems = check_store(t, processes=1, deep=True).problems
+    assert [(p.kind, p.participant_id) for p in problems] == [("read_model", pid)] * 2
+    assert problems[0].detail == (f"rm_participants.version of {pid} says {p.version - 1}; "
+                                  f"the record is at version {p.version}")
+    assert problems[1].detail == (
+        f"rm_participants.status of {pid} says 'completed'; the record says '{p.status}'; "
+        f"rm_participants.arm of {pid} says '{forged}'; the record says '{p.arm}'")
+    # A follower behind (an event it has not read yet), or a participant it set aside
+    # (listed as such), is passed over, as before.
+    TrialProjection(t).rebuild()
+    send(t, c.RecordDose(pid, dose(3)))
+    assert check_store(t, processes=1, deep=True).ok
+    TrialProjection(t).catch_up()
+    with t.engine.begin() as conn:
+        conn.execute(update(participants).where(participants.c.participant_id == pid)
+                     .values(version=p.version))
+        set_aside(conn, TrialProjection.name, participant_uuid(pid), pid, None, None,
+                  ValueError("can't be applied"))
+    assert check_store(t, processes=1, deep=True).ok
+
+
 def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(isolated):
     # A copy of another participant's first event put before this stream's first event
     # (version 0): the genuine version 1 was blamed, as not following it.
