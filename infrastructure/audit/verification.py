@@ -31,11 +31,13 @@ from uuid import UUID
 import orjson
 import sqlalchemy.exc
 from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
 from sqlalchemy import func, select
 
 from domain.access import Scope
 from domain.chain import GENESIS, canonical_json, compute_digest
-from domain.participant import participant_uuid
+from domain.participant import Participant, participant_uuid
+from domain.randomization import AllocationSequence, sequence_id
 from domain.revocations import register_uuid
 from domain.sealing import TopicAltered, unseal
 from domain.service import TrialService
@@ -83,6 +85,45 @@ class Problem:
 
 
 @dataclass
+class Allocations:
+    """Each randomization (a participant's stream: its allocation index, arm, version and
+    position), each participant's site (its stratum) and id, and each draw of the allocation
+    sequences (a sequence's stream and index: the participant drawn for)."""
+
+    randomized: dict[str, tuple[int, str, int, int]] = field(default_factory=dict)
+    sites: dict[str, tuple[str, str]] = field(default_factory=dict)  # and its id
+    drawn: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def read(self, stream: str, version: int, notification_id: int, topic: str,
+             text: bytes) -> None:
+        """Notes what an event of these kinds says (any other is passed over at once)."""
+        if not topic.endswith(_ALLOCATION_KINDS):
+            return
+        try:
+            content = orjson.loads(text)
+            if topic == _RANDOMIZED:
+                self.randomized[stream] = (content["allocation_index"], content["arm"],
+                                           version, notification_id)
+            elif topic == _DRAWN:
+                self.drawn[stream, content["index"]] = content["participant_id"]
+            elif topic == _SCREENED and version == 1:
+                self.sites[stream] = (content["data"]["site_id"], content["participant_id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return  # a row that doesn't read is reported by the chain's check
+
+    def merge(self, other: Allocations) -> None:
+        self.randomized.update(other.randomized)
+        self.sites.update(other.sites)
+        self.drawn.update(other.drawn)
+
+
+_RANDOMIZED = get_topic(Participant.ParticipantRandomized)
+_DRAWN = get_topic(AllocationSequence.AllocationDrawn)
+_SCREENED = get_topic(Participant.ParticipantScreened)
+_ALLOCATION_KINDS = (_RANDOMIZED, _DRAWN, _SCREENED)
+
+
+@dataclass
 class VerifyReport:
     events_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -91,6 +132,9 @@ class VerifyReport:
     processes: int = 1
     # Deep: the snapshots not compared, never used by this code (another release's).
     snapshots_passed_over: int | None = None
+    # What the randomizations and the allocation draws say, read on the walk (see
+    # ``check_allocations``).
+    allocations: Allocations = field(default_factory=lambda: Allocations())
 
     @property
     def ok(self) -> bool:
@@ -171,6 +215,10 @@ class _StreamCheck:
         self.last_position = 0  # the notification id of the stream's event before
         self.last_digest: str | None = GENESIS
         self.participant_id: str | None = None
+        # Whether it is a participant's stream (its first row's kind): only there does
+        # an event's participant name the stream's owner (a draw of an allocation
+        # sequence names the participant drawn for).
+        self.participant_stream: bool | None = None
         self.found: list[Problem] = []
         self.seen: dict[str, int] = {}
         self.commands: dict[str, int] = {}  # each command id: the version it began at
@@ -196,7 +244,7 @@ class _StreamCheck:
                 and notification_id > self.last_position):
             # The next version, linked to the one before, later in the log: all is well
             # (most rows).
-            self.participant_id = self.participant_id or link[3]
+            self.participant_id = self.participant_id or self._owner(link[3])
             self.seen[link[1]] = self.last_version = version
             self.last_digest = link[1]
             self.last_position = notification_id
@@ -235,7 +283,7 @@ class _StreamCheck:
             event = self.load(version)
             link = _link_of(event) if event is not None else link
         _, digest, intact, participant_id, _ = link
-        self.participant_id = self.participant_id or participant_id
+        self.participant_id = self.participant_id or self._owner(participant_id)
         if intact is False:
             kind, detail = self._classify_broken(self.load(version), linked)
             self.problem(kind, version, notification_id, detail)
@@ -266,7 +314,7 @@ class _StreamCheck:
             return "edited", "the stored state no longer decodes"
         if event.digest in self.seen:
             return "inserted", f"a copy of version {self.seen[event.digest]}"
-        owner = getattr(event, "participant_id", None) or self.participant_id
+        owner = self._owner(getattr(event, "participant_id", None)) or self.participant_id
         if owner is not None and participant_uuid(owner) != event.originator_id:
             return "inserted", f"the event belongs to participant {owner}'s stream"
         version = event.originator_version
@@ -280,10 +328,18 @@ class _StreamCheck:
             return "inserted", "the event does not belong to this stream"
         return "edited", "the event's content does not match its digest"
 
+    def _owner(self, participant_id: str | None) -> str | None:
+        return participant_id if self.participant_stream is not False else None
+
     def finish(self) -> None:
         if self.found and self.participant_id is None:
             first = self.load(1)
-            self.participant_id = getattr(first, "participant_id", None)
+            self.participant_id = self._owner(getattr(first, "participant_id", None))
+            stratum = getattr(first, "stratum", None)
+            if stratum is not None:  # an allocation sequence's: named as such
+                for problem in self.found:
+                    problem.detail = f"allocation sequence of stratum {stratum}: " \
+                                     f"{problem.detail}"
         for problem in self.found:
             problem.participant_id = self.participant_id
         self.report.problems.extend(self.found)
@@ -386,6 +442,10 @@ def verify(service: TrialService, batch: int = 5000, progress: Progress | None =
         if link is None:
             link = _row_link(service, check.stream, row_key, version,
                              topic if recompute else None, state, text)
+        if check.participant_stream is None:  # its first row's kind (version 1's)
+            check.participant_stream = topic.startswith(PARTICIPANT_TOPIC)
+        if text is not None:
+            report.allocations.read(check.stream, version, notification_id, topic, text)
         check.check(notification_id, version, link)
     if check is not None:
         check.finish()
@@ -432,6 +492,7 @@ def verify_parallel(settings: Settings, processes: int, progress: Progress | Non
             part = future.result()
             report.events_checked += part.events_checked
             report.problems += part.problems
+            report.allocations.merge(part.allocations)
             if progress is not None:
                 progress(part.events_checked)
     report.problems.sort(key=lambda p: (p.stream, p.version))
@@ -455,7 +516,8 @@ def check_store(trialog: Trialog, processes: int | None = None,
     else:
         report = verify(trialog.service, progress=progress, deep=deep)
     problems, passed_over = check_snapshots(trialog.service, deep)
-    report.problems += problems + check_records(trialog) + check_disclosures(trialog)
+    report.problems += (problems + check_records(trialog) + check_disclosures(trialog)
+                        + check_allocations(report.allocations, trialog.protocol.study_id))
     if deep:
         report.problems += check_read_models(trialog)
     report.snapshots_passed_over = passed_over if deep else None
@@ -529,6 +591,30 @@ def check_records(trialog: Trialog) -> list[Problem]:
                                     pid))
     lock = _lock_problem(trialog, trial_stream)
     return problems + ([lock] if lock else [])
+
+
+def check_allocations(allocations: Allocations, study_id: str) -> list[Problem]:
+    """Each randomization against its stratum's allocation sequence: the sequence's draw
+    at its index must be for its participant. A stratum's last draws deleted leave a
+    valid shorter chain, and the next randomization there is given a slot drawn before
+    (its arm known): both show here, as the draw missing from the sequence."""
+    problems = []
+    for stream, (index, arm, version, position) in sorted(allocations.randomized.items()):
+        if stream not in allocations.sites:
+            continue  # a stream whose first event can't be read: reported by the walk
+        site, pid = allocations.sites[stream]
+        sequence = str(sequence_id(study_id, site))
+        drawn_for = allocations.drawn.get((sequence, index))
+        if drawn_for == pid:
+            continue
+        given = (f"; the sequence gives that draw to {drawn_for}, whose slot it was given "
+                 "again" if drawn_for else "")
+        problems.append(Problem(
+            "deleted", sequence, index + 2, None,
+            f"the draw {index} of stratum {site}'s allocation sequence is missing: "
+            f"participant {pid} was randomized to {arm} with it (version {version}, "
+            f"position {position}){given}", pid))
+    return problems
 
 
 def check_disclosures(trialog: Trialog) -> list[Problem]:

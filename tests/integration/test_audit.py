@@ -230,6 +230,8 @@ def test_verifying_in_processes_finds_what_one_process_finds(isolated):
         together = verify_parallel(isolated.settings, 2, deep=deep, start_method=start_method)
         assert together.events_checked == alone.events_checked == before - 2
         assert sorted(map(key, together.problems)) == sorted(map(key, alone.problems))
+        assert together.allocations == alone.allocations  # every process's draws, merged
+        assert len(alone.allocations.randomized) == 6 and len(alone.allocations.drawn) == 6
         assert {(p.participant_id, p.kind) for p in together.problems} == {
             (pids[0], "deleted"), (pids[3], "deleted"), (pids[5], "edited")}
     # The parent's pooled connections still work after its children have come and gone.
@@ -635,6 +637,68 @@ def test_a_read_model_row_set_back_a_version_is_no_way_past_the_deep_check(isola
         set_aside(conn, TrialProjection.name, participant_uuid(pid), pid, None, None,
                   ValueError("can't be applied"))
     assert check_store(t, processes=1, deep=True).ok
+
+
+def _sequence(t, site="CASE"):
+    from domain.randomization import sequence_id
+
+    table = events_table(t)
+    return table, sequence_id(t.protocol.study_id, site)
+
+
+def test_a_stratum_s_last_draws_deleted_and_their_slot_given_again_are_found(isolated):
+    """Deleting a stratum's newest allocation draw left a valid shorter chain that both
+    checks passed; the next participant randomized there was given the deleted slot (its
+    arm known, in an open-label trial), unreported."""
+    from infrastructure.audit.verification import check_store
+
+    t = isolated
+    first, second = enrol(t), enrol(t)
+    metro = enrol(t, "METRO")
+    assert check_store(t, processes=1).ok
+    table, sequence = _sequence(t)
+    with t.engine.begin() as conn:
+        conn.execute(delete(table).where(table.c.originator_id == sequence,
+                                         table.c.originator_version == 3))  # draw 1
+    arm = t.service.get_participant(second).arm
+    for deep in (False, True):
+        [problem] = check_store(t, processes=1, deep=deep).problems
+        assert (problem.kind, problem.stream, problem.version, problem.participant_id) == (
+            "deleted", str(sequence), 3, second)
+        assert problem.detail.startswith(
+            f"the draw 1 of stratum CASE's allocation sequence is missing: participant "
+            f"{second} was randomized to {arm} with it (version 3, position ")
+    third = enrol(t)  # given draw 1 again
+    assert t.service.get_participant(third).allocation_index == 1
+    [problem] = check_store(t, processes=1).problems
+    assert problem.participant_id == second and problem.detail.endswith(
+        f"; the sequence gives that draw to {third}, whose slot it was given again")
+    assert first and metro
+
+
+def test_a_problem_in_an_allocation_sequence_is_not_named_after_a_participant(isolated):
+    """A draw names the participant drawn for: a draw edited was reported as an edit of
+    that participant's record, and two draws swapped as events of a participant's
+    stream inserted into the sequence."""
+    from infrastructure.audit.verification import check_store
+
+    t = isolated
+    enrol(t), enrol(t), enrol(t)
+    table, sequence = _sequence(t)
+    in_sequence = table.c.originator_id == sequence
+    with t.engine.begin() as conn:
+        conn.execute(update(table).where(in_sequence, table.c.originator_version == 3)
+                     .values(originator_version=-3))
+        conn.execute(update(table).where(in_sequence, table.c.originator_version == 4)
+                     .values(originator_version=3))
+        conn.execute(update(table).where(in_sequence, table.c.originator_version == -3)
+                     .values(originator_version=4))
+    for deep in (False, True):
+        problems = check_store(t, processes=1, deep=deep).problems
+        assert {(p.kind, p.participant_id) for p in problems} == {("reordered", None)}
+        assert all(p.stream == str(sequence) and p.detail.startswith(
+            "allocation sequence of stratum CASE: the event was recorded as version ")
+            for p in problems), problems
 
 
 def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(isolated):
