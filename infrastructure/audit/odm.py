@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from dataclasses import dataclass, replace
 from dataclasses import field as default
 from datetime import UTC, date, datetime
 from typing import Any
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax import saxutils
 
 from marshmallow import Schema, fields
 
@@ -202,6 +203,20 @@ def _study_events(protocol: Protocol) -> list[tuple[str, str, str, list[Form]]]:
     common = [(oid, name, "Common", [f for f in DISTINCT_FORMS if f.study_event == oid])
               for oid, name in COMMON_STUDY_EVENTS]
     return fixed + visits + common
+
+
+# What no XML document may hold (C0 controls but tab and line breaks, lone surrogates,
+# U+FFFE, U+FFFF): a text recorded before the commands refused them is written with
+# U+FFFD in their place, so that the document stays well-formed.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def escape(text: str) -> str:
+    return saxutils.escape(_NOT_XML.sub("\ufffd", text))
+
+
+def quoteattr(text: str) -> str:
+    return saxutils.quoteattr(_NOT_XML.sub("\ufffd", text))
 
 
 def _attr(name: str, value: Any) -> str:

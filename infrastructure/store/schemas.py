@@ -92,9 +92,11 @@ class Whole(validate.Regexp):
 # PostgreSQL text can't hold NUL, no field of a trial record needs control characters
 # (C0 but tab and line breaks, DEL, C1), and a lone surrogate is no character: no encoder
 # writes it (JSON bodies refuse it first, see infrastructure.api.bodies; this is for
-# every other way in).
-PRINTABLE = validate.Regexp(r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]*$",
-                            error="must not contain control characters")
+# every other way in). U+FFFE and U+FFFF are no characters either, and no XML document
+# (the ODM export) may hold them.
+PRINTABLE = validate.Regexp(
+    r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]*$",
+    error="must not contain control characters or the noncharacters U+FFFE and U+FFFF")
 
 
 # The largest JSON text taken, a body or an import's line: a batch of the most commands,

@@ -168,6 +168,12 @@ def test_control_characters_are_refused_in_queries_and_commands(server):
     answer = service.command("ReportMedication", pid, medication)
     assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.drug"])
     assert history_length(service, pid) == 3
+    # U+FFFF is no character, and no XML document (the ODM export) may hold it.
+    query = server.client("monitor").command("RaiseQuery", pid, {
+        "query_id": str(uuid.uuid4()), "visit": "baseline", "text": "odd \uffff text"})
+    assert (query.status_code, query.json()["fields"]) == (422, {"data.text": [
+        "must not contain control characters or the noncharacters U+FFFE and U+FFFF"]})
+    assert history_length(service, pid) == 3
 
 
 def _raw_post(server, path: str, data: bytes, **headers: str) -> requests.Response:
@@ -221,6 +227,12 @@ def test_delete_and_c1_controls_are_control_characters_too(server):
         answer = service.command("ReportMedication", pid, {"drug": drug,
                                                            "contains_b12": True})
         assert (answer.status_code, list(answer.json()["fields"])) == (422, ["data.drug"])
+    assert history_length(service, pid) == 3
+    # U+FFFF is no character, and no XML document (the ODM export) may hold it.
+    query = server.client("monitor").command("RaiseQuery", pid, {
+        "query_id": str(uuid.uuid4()), "visit": "baseline", "text": "odd \uffff text"})
+    assert (query.status_code, query.json()["fields"]) == (422, {"data.text": [
+        "must not contain control characters or the noncharacters U+FFFE and U+FFFF"]})
     assert history_length(service, pid) == 3
 
 

@@ -441,6 +441,20 @@ def test_the_odm_export_carries_queries_verification_and_signatures(isolated, od
     assert root.find("odm:AdminData/odm:User[@OID='USR.cra-1']/odm:FullName", NS) is None
 
 
+def test_a_character_no_xml_may_hold_is_written_as_a_replacement_character(isolated,
+                                                                          odm_schema):
+    """A query's text holding U+FFFF (taken before the commands refused it) made the ODM
+    export malformed XML, served with 200 and written by the CLI with exit code 0."""
+    t = isolated
+    pid, query = enrol(t), str(uuid.uuid4())
+    send(t, c.RaiseQuery(pid, {"query_id": query, "text": "odd \uffff\ufffe\x01 text",
+                               "visit": "baseline"}), actor="monitor")
+    root = _export(t)
+    assert odm_schema.validate(root), odm_schema.error_log
+    [raised] = _query_steps(root, query)
+    assert raised.findtext("odm:Comment", None, NS) == "odd \ufffd\ufffd\ufffd text"
+
+
 def test_the_deidentified_odm_export_keeps_signatures_but_not_query_texts(isolated,
                                                                           odm_schema):
     ids = _managed_record(isolated)
