@@ -23,7 +23,7 @@ from infrastructure.api.schemas import ErrorBody
 from infrastructure.audit import access
 from infrastructure.audit import history as audit
 from infrastructure.readside import queries
-from infrastructure.store.schemas import text
+from infrastructure.store.schemas import a_moment, text
 from infrastructure.store.stored import replayed
 
 participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participants",
@@ -43,7 +43,7 @@ class ReadArgs(Schema):
 
 
 class StateArgs(ReadArgs):
-    as_of = fields.AwareDateTime(default_timezone=UTC, metadata={
+    as_of = fields.AwareDateTime(default_timezone=UTC, validate=a_moment, metadata={
         "description": "the state as recorded at this moment (no zone: UTC)"})
     version = fields.Integer(validate=validate.Range(min=1, max=MAX_VERSION), metadata={
         "description": "the state as it was at this version of the participant"})

@@ -11,13 +11,14 @@ from marshmallow import Schema, fields
 
 from infrastructure.api.reads import _read, _trialog, query
 from infrastructure.readside.consort import consort
+from infrastructure.store.schemas import a_moment
 
 blp = Blueprint("reports", __name__, url_prefix="/v1/reports",
                 description="Reports drawn from the events")
 
 
 class ConsortArgs(Schema):
-    as_of = fields.AwareDateTime(default_timezone=UTC, metadata={
+    as_of = fields.AwareDateTime(default_timezone=UTC, validate=a_moment, metadata={
         "description": "the counts as recorded at this moment (no zone: UTC); now if absent"})
 
 

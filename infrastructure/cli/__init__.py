@@ -17,6 +17,7 @@ from infrastructure.audit.history import history
 from infrastructure.audit.verification import check_store
 from infrastructure.store import migrations, revocations
 from infrastructure.store.bootstrap import Trialog, bootstrap
+from infrastructure.store.schemas import MOMENT_RULE, in_utc
 from infrastructure.store.settings import Settings, SettingsError
 from infrastructure.store.stored import stored_events
 from infrastructure.store.tokens import check_name
@@ -32,7 +33,10 @@ def parse_moment(text: str) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise CliError(f"--as-of: {text!r} is not an ISO 8601 date or datetime") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    moment = in_utc(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    if moment is None:
+        raise CliError(f"--as-of: {text!r} {MOMENT_RULE}")
+    return moment
 
 
 def _json_default(value: Any) -> str:

@@ -11,6 +11,9 @@ from flask import abort, g, redirect, render_template, request, url_for
 from infrastructure.console import charts
 from infrastructure.console.web import blp, require_read, trialog
 from infrastructure.readside import consort, queries, worklists
+from infrastructure.store.schemas import MOMENT_RULE, in_utc
+
+SECOND = timedelta(seconds=1, microseconds=-1)  # to the end of the second written
 
 
 def moment(text: str | None) -> datetime | None:
@@ -27,9 +30,12 @@ def moment(text: str | None) -> datetime | None:
     except ValueError:
         abort(422, f"{text!r} is not a date and time (YYYY-MM-DDTHH:MM, UTC)")
     clock = re.split(r"[Z+-]", written.partition("T")[2], maxsplit=1)[0]
-    if clock and "." not in clock:
-        value += timedelta(seconds=1, microseconds=-1)
-    return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if clock and "." not in clock and value.replace(tzinfo=None) < datetime.max - SECOND:
+        value += SECOND
+    moment = in_utc(value if value.tzinfo is not None else value.replace(tzinfo=UTC))
+    if moment is None:
+        abort(422, f"{text!r}: {MOMENT_RULE}")
+    return moment
 
 
 @blp.route("/")

@@ -10,7 +10,7 @@ code change.
 from __future__ import annotations
 
 import re
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import orjson
@@ -97,6 +97,30 @@ class Whole(validate.Regexp):
 PRINTABLE = validate.Regexp(
     r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]*$",
     error="must not contain control characters or the noncharacters U+FFFE and U+FFFF")
+
+
+# The moments a replay or a report may name: a day inside what a date can hold, so that
+# the day of the moment at any site (UTC-12 to UTC+14) can be found.
+EARLIEST_MOMENT = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_MOMENT = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+MOMENT_RULE = (f"must be a moment from {EARLIEST_MOMENT.date().isoformat()} to "
+               f"{LATEST_MOMENT.date().isoformat()} (UTC)")
+
+
+def in_utc(value: datetime) -> datetime | None:
+    """An aware moment in UTC; None when it is outside the moments taken (or in no year
+    UTC has: 9999-12-31T23:00-01:00)."""
+    try:
+        moment = value.astimezone(UTC)
+    except OverflowError:
+        return None
+    return moment if EARLIEST_MOMENT <= moment <= LATEST_MOMENT else None
+
+
+def a_moment(value: datetime) -> None:
+    """The rule of a moment to replay or report at (see ``in_utc``)."""
+    if in_utc(value) is None:
+        raise ValidationError(MOMENT_RULE)
 
 
 # The largest JSON text taken, a body or an import's line: a batch of the most commands,

@@ -434,9 +434,15 @@ def test_a_number_the_page_does_not_read_is_refused_not_failed(console, visited)
     path = console.page_url(f"/console/participants/{visited}")
     for query, status in (("version=²", 422), ("version=99999999999999999999999", 422),
                           ("version=2147483649", 422), ("page=²", 200), ("after=²", 200),
-                          ("page=99999999999999999999999", 200)):
+                          ("page=99999999999999999999999", 200),
+                          # In the year 10000 in UTC, or at the end of what a date holds.
+                          ("as_of=9999-12-31T23:59:59-01:00", 422),
+                          ("as_of=9999-12-31T23:59:59", 422), ("as_of=0001-01-01", 422)):
         answer = session.get(f"{path}?{query}", timeout=30)
         assert answer.status_code == status, (query, answer.status_code)
+    overview = session.get(console.page_url("/console/"), timeout=30,
+                           params={"as_of": "9999-12-31T23:59:59-01:00"})
+    assert overview.status_code == 422 and "must be a moment from" in overview.text
 
 
 def test_a_data_manager_locks_and_unlocks_with_a_reason(console, browser, visited):  # noqa: F811

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pytest
@@ -174,6 +175,27 @@ def test_control_characters_are_refused_in_queries_and_commands(server):
     assert (query.status_code, query.json()["fields"]) == (422, {"data.text": [
         "must not contain control characters or the noncharacters U+FFFE and U+FFFF"]})
     assert history_length(service, pid) == 3
+
+
+def test_a_moment_in_no_year_a_date_holds_is_refused_not_failed(server):
+    """`as_of=9999-12-31T23:59:59-01:00` is in the year 10000 in UTC: the state and the
+    report answered 500 (an OverflowError). (The console's replay: test_console_work.)"""
+    from infrastructure.cli import CliError, parse_moment
+    from infrastructure.store.schemas import MOMENT_RULE
+
+    service = server.client("service")
+    pid, _ = enrol(service)
+    for moment in ("9999-12-31T23:59:59-01:00", "9999-12-31T23:00:00", "0001-01-01T00:00:00",
+                   "0001-01-01T12:00:00+13:00"):
+        for path in (f"/v1/participants/{pid}", f"/v1/participants/{pid}/history",
+                     "/v1/reports/consort"):
+            answer = service.get(path, as_of=moment)
+            assert (answer.status_code, answer.json().get("fields")) == (
+                422, {"as_of": [MOMENT_RULE]}), (path, moment, answer.text)
+        with pytest.raises(CliError, match=re.escape(MOMENT_RULE)):
+            parse_moment(moment)
+    assert service.get(f"/v1/participants/{pid}", as_of="9999-12-30T23:59:59Z"
+                       ).status_code == 200
 
 
 def _raw_post(server, path: str, data: bytes, **headers: str) -> requests.Response:
