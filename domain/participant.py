@@ -410,7 +410,9 @@ class Participant(DataManagement, ChainedAggregate):
         cause: str
 
         def apply(self, aggregate: Any) -> None:
-            aggregate.signatures[self.scope]["valid"] = False
+            signature = aggregate.signatures[self.scope]
+            signature["valid"] = False
+            signature["cause"] = self.cause  # why: corrected, new data, unlocked
 
     class ScopeLocked(Event):
         scope: str

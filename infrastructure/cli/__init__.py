@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from domain.errors import DomainError, ProtocolError
+from domain.management import CASEBOOK, visit_key
 from infrastructure.audit.exports import FORMATS
 from infrastructure.audit.history import history
 from infrastructure.audit.verification import check_store
@@ -181,19 +182,29 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
         marks = [visit["sdv"].replace("_", " ")] if visit["sdv"] != "not_verified" else []
         marks += ["locked"] if visit["locked"] else []
         if visit["signature"]:
-            marks.append(_signature_text(visit["signature"]))
+            marks.append(_signature_text(visit["signature"], participant.signatures.get(
+                visit_key(visit["code"]))))
         if marks:
             print(f"  {'':<18} {'; '.join(marks)}")
     casebook = state["casebook"]
     if casebook["signature"] or casebook["locked"]:
         marks = ["locked"] if casebook["locked"] else []
-        marks += [_signature_text(casebook["signature"])] if casebook["signature"] else []
+        marks += [_signature_text(casebook["signature"], participant.signatures.get(
+            CASEBOOK))] if casebook["signature"] else []
         print(f"  casebook: {'; '.join(marks)}")
     return 0
 
 
-def _signature_text(signature: dict[str, Any]) -> str:
-    valid = "" if signature["valid"] else " (no longer valid: the data changed since)"
+# Why a signature no longer holds, by the cause its SignatureInvalidated records.
+INVALIDATED = {"corrected": "its data were corrected since",
+               "new data": "new data of it were recorded since",
+               "unlocked": "it was unlocked since"}
+
+
+def _signature_text(signature: dict[str, Any], recorded: dict[str, Any] | None) -> str:
+    cause = (recorded or {}).get("cause")
+    valid = "" if signature["valid"] else \
+        f" (no longer valid: {INVALIDATED.get(cause, cause or 'see its history')})"
     return (f"signed by {signature['printed_name']} ({signature['signed_by']}) at "
             f"{signature['signed_at']}, meaning: {signature['meaning']}{valid}")
 

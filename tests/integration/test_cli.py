@@ -406,6 +406,21 @@ def test_audit_history_shows_who_signed_when_and_what_it_means(tmp_path):
     assert manifest.endswith("meaning: I approve this visit")
     baseline = next(i for i, line in enumerate(lines) if line.startswith("  baseline "))
     assert "signed by Ada Lovelace (dr.ada)" in lines[baseline + 1]
+    assert "no longer valid" not in lines[baseline + 1]
+
+    # Unlocked, the signature no longer holds: said so, not "the data changed since".
+    t = bootstrap(settings_for(url), migrate=False)
+    t.bus.dispatch(c.LockVisit(pid, {"visit": "baseline"}), command_id=str(uuid.uuid4()),
+                   actor="dm")
+    t.bus.dispatch(c.UnlockVisit(pid, {"visit": "baseline"}), command_id=str(uuid.uuid4()),
+                   actor="dm", reason="re-review requested")
+    t.close()
+    shown = run(["audit", "history", pid], tmp_path, TRIALOG_DATABASE_URL=url,
+                TRIALOG_CIPHER_KEY=TEST_KEY)
+    lines = shown.stdout.splitlines()
+    baseline = next(i for i, line in enumerate(lines) if line.startswith("  baseline "))
+    assert lines[baseline + 1].endswith(
+        "meaning: I approve this visit (no longer valid: it was unlocked since)"), lines
 
 
 def test_import_applies_ndjson_commands_reports_refusals_by_line_and_is_idempotent(
