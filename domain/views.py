@@ -36,14 +36,22 @@ def visits_view(p: Participant, protocol: Protocol, today: date) -> list[dict[st
     return rows
 
 
+VISIT = visit_key("")  # the prefix of a visit's key (a signature's, a lock's)
+
+
 def management_view(p: Participant) -> dict[str, Any]:
-    """Data management on the record: queries not closed, and per completed or missed
-    visit and for the casebook, the source verification, the signature and the lock."""
+    """Data management on the record: queries not closed, and per visit completed, missed,
+    or ever verified, signed or locked (a visit whose data a correction moved to another
+    keeps them: its verification changed since, its signature invalidated), and for the
+    casebook, the source verification, the signature and the lock."""
+    marked = {key.removeprefix(VISIT) for key in [*p.signatures, *p.locks]
+              if key.startswith(VISIT)}
     visits = {
         code: {"sdv": p.sdv_status(code),
                "signature": signature_view(p.signatures.get(visit_key(code))),
                "locked": visit_key(code) in p.locks}
-        for code in [*p.completed_visits(), *p.missed_visits]
+        for code in dict.fromkeys([*p.completed_visits(), *p.missed_visits, *p.verified,
+                                   *sorted(marked)])
     }
     return {"open_queries": p.open_queries, "visits": visits,
             "casebook": {"signature": signature_view(p.signatures.get(CASEBOOK)),

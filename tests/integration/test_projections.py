@@ -569,6 +569,47 @@ def test_after_migration_0032_the_read_models_and_the_feed_are_rendered_again(is
         t.close()
 
 
+def test_after_migration_0033_the_read_models_show_a_moved_visit_s_verification(
+        isolated_url):
+    """A verified visit whose data a correction moved to another was shown not verified
+    (the read models listed only visits completed or missed); 0033 empties the read models
+    (not the feed) and their follower writes them again by this release's rules."""
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.tables import participants
+    from tests.conftest import settings_for
+    from tests.integration.helpers import REGISTERED
+
+    t = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(t.engine, "0032")
+        pid = enrol(t)
+        send(t, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED}))
+        send(t, c.VerifySource(pid, {"visit": "baseline"}))
+        event = t.service.get_participant(pid).completed_visits()["baseline"]["event_id"]
+        send(t, c.CorrectData(pid, {"event_id": event, "field": "visit", "value": "week6"}),
+             reason="entered on the wrong visit")
+        TrialProjection(t).catch_up()
+        FeedProjection(t).catch_up()
+        with t.engine.begin() as connection:  # as the release before wrote it
+            management = connection.execute(select(participants.c.management)).scalar()
+            del management["visits"]["baseline"]
+            connection.execute(update(participants).values(management=management))
+        migrations.upgrade(t.engine)
+        with t.engine.connect() as connection:
+            assert connection.execute(select(participants.c.participant_id)).first() is None
+            assert dict(connection.execute(select(positions.c.name, positions.c.position)
+                                           .where(positions.c.name.in_(("trial", "feed"))))
+                        .all())["trial"] == 0
+            assert connection.execute(select(feed_events.c.position)).first() is not None
+        TrialProjection(t).catch_up()
+        with t.engine.connect() as connection:
+            management = connection.execute(select(participants.c.management)).scalar()
+        assert management["visits"]["baseline"]["sdv"] == "changed_since_verified"
+    finally:
+        t.close()
+
+
 def _enrol_without_the_bus(t) -> str:
     """A randomized participant's events, saved by the service alone."""
     from domain.commands import Audit

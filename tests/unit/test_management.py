@@ -114,6 +114,26 @@ def test_a_query_asking_what_a_waiting_query_asks_of_its_target_is_refused(servi
             event_id=event, field=None)
 
 
+def test_a_visit_whose_data_moved_keeps_its_verification_and_signature_in_the_state(
+        service):
+    """Its data moved to another visit by a correction, a verified and signed visit was
+    shown not verified and unsigned (the state listed only visits completed or missed),
+    while the history and the ODM export said changed since verified and invalidated."""
+    from domain.views import management_view
+
+    run(service, c.VerifySource, visit="baseline")
+    run(service, c.SignVisit, visit="baseline", meaning="I approve", signer="dr.ada",
+        printed_name="Ada Lovelace")
+    p = run(service, c.CorrectData, reason="entered on the wrong visit",
+            event_id=baseline_event(service), field="visit", value="week6")
+    assert "baseline" not in p.completed_visits()
+    shown = management_view(p)["visits"]
+    assert shown["baseline"]["sdv"] == "changed_since_verified"
+    assert (shown["baseline"]["signature"]["signed_by"],
+            shown["baseline"]["signature"]["valid"]) == ("dr.ada", False)
+    assert shown["week6"] == {"sdv": "not_verified", "signature": None, "locked": False}
+
+
 def test_a_correction_after_verification_marks_the_visit_changed(service):
     with pytest.raises(InvalidTransition, match="not completed"):
         run(service, c.VerifySource, visit="week6")
