@@ -367,6 +367,40 @@ def test_a_snapshot_that_does_not_match_its_event_is_reported(isolated):
     [problem] = check_store(t, processes=1).problems
     assert (problem.kind, problem.participant_id, problem.version) == ("snapshot", first, 100)
     assert problem.detail == "the snapshot does not match the event at its version"
+    # Its first event altered too: the check named the snapshot's participant from that
+    # event, and failed ("Invalid cipher tag") when it couldn't be read. (It is named from
+    # the read models then.)
+    from infrastructure.readside.projections import TrialProjection
+
+    TrialProjection(t).catch_up()
+    table, where = row(t, first, 1)
+    with t.engine.begin() as conn:
+        state = conn.execute(select(table.c.state).where(where)).scalar_one()
+        conn.execute(update(table).where(where).values(
+            state=bytes(state[:-1]) + bytes([state[-1] ^ 1])))
+    problems = check_store(t, processes=1).problems
+    assert {(p.kind, p.participant_id) for p in problems} >= {("snapshot", first),
+                                                               ("edited", first)}
+
+
+def test_a_store_no_event_of_which_decrypts_is_said_to_be_another_key_s(isolated):
+    """With another deployment's TRIALOG_CIPHER_KEY, verify failed on "Invalid cipher tag"
+    (or would report every row altered)."""
+    from infrastructure.audit.verification import WrongKey, check_store
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import settings_for
+
+    setup_participant(isolated)
+    other = bootstrap(settings_for(isolated.settings.database_url, TRIALOG_CIPHER_KEY=
+                                   "bm90IHRoZSBrZXkgb2YgdGhpcyBzdG9yZSwgMzIgYnk="),
+                      migrate=False)
+    try:
+        with pytest.raises(WrongKey, match="none of the 8 stored events decrypts with this "
+                                           "TRIALOG_CIPHER_KEY"):
+            check_store(other, processes=1)
+    finally:
+        other.close()
+    assert check_store(isolated, processes=1).ok
 
 
 def test_a_snapshot_whose_topic_column_was_altered_is_reported_and_never_loaded(isolated):
