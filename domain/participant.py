@@ -513,7 +513,7 @@ class Participant(DataManagement, ChainedAggregate):
         screening data was corrected, every criterion evaluated again on ``screened_on``."""
         if self.screening_record not in self.corrected:
             return self.eligible, list(self.failed_criteria)
-        return _screening_outcome(self.screening, protocol)
+        return screening_outcome(self.screening, protocol)
 
     def failed_on(self, registered_on: date, protocol: Protocol) -> list[str]:
         """The criteria the record as it stands fails for a registration on
@@ -564,7 +564,7 @@ class Participant(DataManagement, ChainedAggregate):
     ) -> Participant:
         _require_dated(data, audit)
         _require_in_order(data, "birth_date", "data.birth_date")
-        eligible, failed = _screening_outcome(data, protocol)
+        eligible, failed = screening_outcome(data, protocol)
         return cls._create(
             cls.ParticipantScreened, id=participant_uuid(participant_id),
             participant_id=participant_id, data=dict(data), eligible=eligible,
@@ -591,7 +591,7 @@ class Participant(DataManagement, ChainedAggregate):
         if data["screened_on"] < before:
             raise ValidationFailed({"data.screened_on": [
                 f"screened_on must not be before the screening it follows ({before})"]})
-        eligible, failed = _screening_outcome(data, protocol)
+        eligible, failed = screening_outcome(data, protocol)
         self.trigger_event(self.ParticipantRescreened, data=dict(data), eligible=eligible,
                            failed_criteria=failed, **audit.event_fields())
 
@@ -1115,7 +1115,8 @@ def _require_visit(protocol: Protocol, code: str, path: str) -> None:
         raise ValidationFailed({path: [f"must be one of: {', '.join(protocol.visit_codes)}"]})
 
 
-def _screening_outcome(data: Mapping[str, Any], protocol: Protocol) -> tuple[bool, list[str]]:
+def screening_outcome(data: Mapping[str, Any], protocol: Protocol) -> tuple[bool, list[str]]:
+    """Whether the screening's data are eligible, and the criteria they fail."""
     if protocol.site(data["site_id"]) is None:
         message = f"must be one of: {', '.join(protocol.site_ids)}"
         raise ValidationFailed({"data.site_id": [message]})

@@ -41,8 +41,15 @@ from xml.sax import saxutils
 from marshmallow import Schema, fields
 
 from domain.access import EVERY_SITE, Scope
+from domain.errors import DomainError
 from domain.management import CASEBOOK, QUERY_TRANSITIONS
-from domain.participant import CAPTURED_BY, CONTACT_FIELDS, Participant, event_uuid
+from domain.participant import (
+    CAPTURED_BY,
+    CONTACT_FIELDS,
+    Participant,
+    event_uuid,
+    screening_outcome,
+)
 from domain.participant import place as participant_place
 from domain.protocol import Protocol
 from infrastructure.audit.exports import Deidentifier
@@ -405,8 +412,9 @@ class _Subject:
     data-management steps as SubjectData elements after it)."""
 
     def __init__(self, first: Any, masker: Deidentifier | None, withheld: frozenset[str],
-                 leaves: dict[str, set[str]], gathered: Gathered) -> None:
+                 leaves: dict[str, set[str]], gathered: Gathered, protocol: Protocol) -> None:
         self.participant_id: str = first.participant_id
+        self.protocol = protocol
         self.site = location_oid(first.data["site_id"])
         self.masker = masker
         self.withheld = withheld
@@ -418,6 +426,7 @@ class _Subject:
         self.moved: dict[str, str] = {}  # a blood sample's event id -> the visit it moved to
         self.missed: dict[str, int] = {}  # a visit -> the version of its VISIT_MISSED form
         self.screening: int | None = None  # the version of the latest SCREENING form
+        self.outcome: tuple[bool, list[str]] | None = None  # and its items' values now
         # A captured event's data as corrected so far, and its own fields' items: what a
         # form moved to another visit is inserted there with.
         self.current: dict[str, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
@@ -527,6 +536,7 @@ class _Subject:
             self.missed[event.visit] = event.originator_version
         if form.key == SCREENING.key:
             self.screening = event.originator_version
+            self.outcome = (event.eligible, list(event.failed_criteria))
         values: list[tuple[str, Any]] = []
         attributes = [(name, getattr(event, name)) for name, _ in form.attributes]
         if form.command:
@@ -573,16 +583,23 @@ class _Subject:
         return inserted
 
     def _reassessed(self, event: Any) -> None:
-        """The screening's outcome recorded again after a correction: its SCREENING form's
-        two items updated."""
-        if self.screening is None:
+        """The screening's outcome recorded again after a correction (before a consent)."""
+        self._outcome_now((event.eligible, list(event.failed_criteria)), event)
+
+    def _outcome_now(self, outcome: tuple[bool, list[str]], event: Any) -> None:
+        """The SCREENING form's two items updated, when the outcome of its data as they
+        stand is not what they say: from ``event``, the correction that changed it (after
+        a consent, no event records the outcome again; the state evaluates it), or the
+        ScreeningReassessed that records it."""
+        if self.screening is None or outcome == self.outcome:
             return
+        self.outcome = outcome
         items = "".join(
             f"<ItemData{_attr('ItemOID', SCREENING.item_oid(name))}"
-            f"{_attr('Value', self._plain(name, getattr(event, name)))} "
+            f"{_attr('Value', self._plain(name, value))} "
             f"TransactionType=\"Update\">"
             f"{self._audit(event, event.reason)}</ItemData>"
-            for name, _ in SCREENING.attributes)
+            for (name, _), value in zip(SCREENING.attributes, outcome, strict=True))
         self.out.append(
             f"<StudyEventData{_attr('StudyEventOID', SCREENING.study_event)} "
             f"TransactionType=\"Context\"><FormData{_attr('FormOID', SCREENING.oid)}"
@@ -633,14 +650,21 @@ class _Subject:
             items.append(f"<ItemData{_attr('ItemOID', form.item_oid(path))}{value_xml} "
                          f"TransactionType=\"{step}\">{self._audit(event, event.reason)}"
                          f"</ItemData>")
-        if not items:
-            return
-        self.out.append(
-            f"<StudyEventData{_attr('StudyEventOID', study_event)} TransactionType=\"Context\">"
-            f"<FormData{_attr('FormOID', form.oid)}{_attr('FormRepeatKey', version)} "
-            f"TransactionType=\"Context\"><ItemGroupData{_attr('ItemGroupOID', form.group_oid)}"
-            f" TransactionType=\"Context\">{''.join(items)}</ItemGroupData></FormData>"
-            f"</StudyEventData>")
+        if items:
+            self.out.append(
+                f"<StudyEventData{_attr('StudyEventOID', study_event)} "
+                f"TransactionType=\"Context\"><FormData{_attr('FormOID', form.oid)}"
+                f"{_attr('FormRepeatKey', version)} TransactionType=\"Context\">"
+                f"<ItemGroupData{_attr('ItemGroupOID', form.group_oid)} "
+                f"TransactionType=\"Context\">{''.join(items)}</ItemGroupData></FormData>"
+                f"</StudyEventData>")
+        if form.key == SCREENING.key and version == self.screening:
+            try:
+                outcome = screening_outcome(self.current[event.target_event_id][0],
+                                            self.protocol)
+            except DomainError:  # a site the protocol no longer lists: as recorded
+                return
+            self._outcome_now(outcome, event)
 
     def _moved(self, event: Any, study_event: str, form: Form, version: int) -> None:
         """A form whose visit was corrected (data keyed under the wrong visit, a blood
@@ -823,7 +847,7 @@ def subjects_xml(t: Trialog, items: dict[str, list[tuple[str, str]]],
             if scope.sites is not None and not scope.admits(event.data["site_id"]):
                 skipped = stream
                 continue
-            subject = _Subject(event, masker, withheld, leaves, gathered)
+            subject = _Subject(event, masker, withheld, leaves, gathered, t.protocol)
             if shown is not None and not CONTACT_ITEMS & withheld:
                 shown.append(subject.participant_id)
         assert subject is not None

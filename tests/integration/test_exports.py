@@ -659,6 +659,30 @@ def test_the_odm_updates_the_screening_outcome_a_correction_changed(isolated, od
     assert updates["I.SCREENING.failed_criteria"] == "[]"
 
 
+def test_the_odm_updates_the_screening_outcome_a_correction_changed_after_consent(
+        isolated, odm_schema):
+    """After a consent no event records the outcome again (the state evaluates it): a
+    randomized participant found ineligible by a correction kept `eligible` true in the
+    ODM export while its state said false, failing `zubrod`."""
+    pid = enrol(isolated)
+    screened = isolated.service.get_participant(pid).screening_event
+    send(isolated, c.CorrectData(pid, {"event_id": screened, "field": "eligibility.zubrod",
+                                       "value": 3}),
+         actor="data-manager", reason="transcription error")
+    assert isolated.service.get_participant(pid).eligibility_now(isolated.protocol) == (
+        False, ["zubrod"])
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    subject = root.find(f".//odm:SubjectData[@SubjectKey='{pid}']", NS)
+    updates = [(item.get("ItemOID"), item.get("Value"),
+                item.find("odm:AuditRecord/odm:ReasonForChange", NS).text)
+               for item in subject.iterfind(".//odm:FormData[@FormOID='F.SCREENING']"
+                                            "//odm:ItemData[@TransactionType='Update']", NS)]
+    assert updates == [("I.SCREENING.eligibility.zubrod", "3", "transcription error"),
+                       ("I.SCREENING.eligible", "false", "transcription error"),
+                       ("I.SCREENING.failed_criteria", '["zubrod"]', "transcription error")]
+
+
 def test_the_odm_carries_a_visit_moved_to_its_right_code(isolated, odm_schema):
     """Week 6's data keyed as follow_up, then corrected: the form is removed from the
     follow-up and inserted in week 6 with its data (it stayed in the follow-up, its
