@@ -527,7 +527,7 @@ def check_store(trialog: Trialog, processes: int | None = None,
     report.problems += (problems + check_records(trialog) + check_disclosures(trialog)
                         + check_allocations(report.allocations, trialog.protocol.study_id))
     if deep:
-        report.problems += check_read_models(trialog)
+        report.problems += check_read_models(trialog) + check_feed(trialog)
     report.snapshots_passed_over = passed_over if deep else None
     report.seconds = time.perf_counter() - start
     return report
@@ -754,6 +754,38 @@ def check_read_models(trialog: Trialog) -> list[Problem]:
                 if detail:
                     problems.append(Problem("read_model", str(participant.id), version,
                                             None, detail, pid))
+    return problems
+
+
+def check_feed(trialog: Trialog, batch: int = 5000) -> list[Problem]:
+    """Deep: each rm_feed row against its seals (see ``FeedSeals``). The feed and the
+    history read a row that fails them from the store instead, so nothing wrong is served,
+    but a row changed outside trialog is a `read_model` problem here too, not a log line
+    alone."""
+    from infrastructure.audit.feed import FeedSeals
+    from infrastructure.store.tables import feed_events
+
+    f = feed_events.c
+
+    seals = FeedSeals(trialog.feed_seal_key)
+    problems = []
+    with trialog.engine.connect() as connection:
+        rows = connection.execution_options(yield_per=batch).execute(
+            select(f.position, f.subject, f.site, f.type, f.body, f.contact, f.entry,
+                   f.seals).order_by(f.position))
+        for row in rows:
+            held = row.contact is not None
+            if (seals.body_holds(row.seals, row.position, row.subject, row.site, row.type,
+                                 row.body, held)
+                    and seals.contact_holds(row.seals, row.position, row.subject, row.contact)
+                    and seals.entry_holds(row.seals, row.position, row.subject, row.entry,
+                                          held)):
+                continue
+            problems.append(Problem(
+                "read_model", "rm_feed", 0, row.position,
+                f"rm_feed's row at position {row.position} (subject {row.subject}) fails its "
+                "seal: it was changed outside trialog (the feed and the history read that "
+                "event from the store instead)"))
     return problems
 
 

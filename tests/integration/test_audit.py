@@ -735,6 +735,30 @@ def test_a_problem_in_an_allocation_sequence_is_not_named_after_a_participant(is
             for p in problems), problems
 
 
+def test_the_deep_check_finds_a_feed_row_changed_outside_trialog(isolated):
+    """rm_feed is a copy of the store beside it, each row sealed: a changed row was read
+    from the store instead, and only a log line said so; verify passed."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import FeedProjection
+    from infrastructure.store.tables import feed_events
+
+    t = isolated
+    pid = setup_participant(t)
+    FeedProjection(t).catch_up()
+    assert check_store(t, processes=1, deep=True).ok
+    with t.engine.begin() as conn:
+        position = conn.execute(select(feed_events.c.position).where(
+            feed_events.c.subject == pid).order_by(feed_events.c.position.desc())).first()[0]
+        conn.execute(update(feed_events).where(feed_events.c.position == position)
+                     .values(entry=feed_events.c.entry + " "))
+    assert check_store(t, processes=1).ok  # the plain check reads the store alone
+    [problem] = check_store(t, processes=1, deep=True).problems
+    assert (problem.kind, problem.stream, problem.notification_id) == (
+        "read_model", "rm_feed", position)
+    assert problem.detail.startswith(f"rm_feed's row at position {position} (subject {pid}) "
+                                     "fails its seal")
+
+
 def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(isolated):
     # A copy of another participant's first event put before this stream's first event
     # (version 0): the genuine version 1 was blamed, as not following it.
