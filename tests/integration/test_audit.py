@@ -710,6 +710,19 @@ def test_a_stratum_s_last_draws_deleted_and_their_slot_given_again_are_found(iso
     assert first and metro
 
 
+def test_a_draw_the_walk_read_before_it_was_committed_is_not_reported_missing(isolated):
+    """The walk reads its ranges at different moments (in processes, or batch by batch):
+    a randomization committed between the read of its stratum's sequence and the read of
+    its participant's stream has a draw the walk did not see, and is there all the same."""
+    from infrastructure.audit.verification import check_allocations
+
+    t = isolated
+    enrol(t)
+    seen = verify(t.service).allocations
+    seen.drawn.clear()  # as a sequence read before the randomization committed
+    assert check_allocations(seen, t.service, t.protocol.study_id) == []
+
+
 def test_a_problem_in_an_allocation_sequence_is_not_named_after_a_participant(isolated):
     """A draw names the participant drawn for: a draw edited was reported as an edit of
     that participant's record, and two draws swapped as events of a participant's
