@@ -772,6 +772,27 @@ def test_the_deep_check_finds_a_feed_row_changed_outside_trialog(isolated):
                                      "fails its seal")
 
 
+def test_an_event_recorded_while_the_deep_check_reads_is_no_read_model_problem(
+        isolated, monkeypatch):
+    """The record was replayed after the streams' ends were read: an event recorded
+    between the two made the row (rightly at the version before) look set back."""
+    from infrastructure.audit import verification
+    from infrastructure.readside.projections import TrialProjection
+
+    t = isolated
+    pid = setup_participant(t)
+    TrialProjection(t).catch_up()
+    ends = verification._participant_streams
+
+    def meanwhile(trialog):
+        read = ends(trialog)
+        send(t, c.RecordDose(pid, dose(3)))
+        return read
+
+    monkeypatch.setattr(verification, "_participant_streams", meanwhile)
+    assert verification.check_read_models(t) == []
+
+
 def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(isolated):
     # A copy of another participant's first event put before this stream's first event
     # (version 0): the genuine version 1 was blamed, as not following it.
