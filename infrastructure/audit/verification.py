@@ -96,9 +96,7 @@ class Allocations:
 
     def read(self, stream: str, version: int, notification_id: int, topic: str,
              text: bytes) -> None:
-        """Notes what an event of these kinds says (any other is passed over at once)."""
-        if not topic.endswith(_ALLOCATION_KINDS):
-            return
+        """Notes what an event of these kinds says."""
         try:
             content = orjson.loads(text)
             if topic == _RANDOMIZED:
@@ -447,7 +445,7 @@ def verify(service: TrialService, batch: int = 5000, progress: Progress | None =
                              topic if recompute else None, state, text)
         if check.participant_stream is None:  # its first row's kind (version 1's)
             check.participant_stream = topic.startswith(PARTICIPANT_TOPIC)
-        if text is not None:
+        if text is not None and topic.endswith(_ALLOCATION_KINDS):  # (3 rows a participant)
             report.allocations.read(check.stream, version, notification_id, topic, text)
         check.check(notification_id, version, link)
     if check is not None:
