@@ -701,7 +701,8 @@ def check_read_models(trialog: Trialog) -> list[Problem]:
     read them): a value edited in a read model's table (an arm, a score, a deviation's
     status) is a `read_model` problem, and so is a row whose version is not the record's
     once the follower has passed all its events. A participant they hold at an older
-    version (its follower behind, or it set aside) is passed over; `trialog projections rebuild` writes them again
+    version (its follower behind, or it set aside) is compared with the record at that
+    version; `trialog projections rebuild` writes them again
     from the events."""
     from infrastructure.readside.projections import TrialProjection, read_model_rows
     from infrastructure.readside.quarantine import quarantined_ids
@@ -740,9 +741,7 @@ def check_read_models(trialog: Trialog) -> list[Problem]:
         version = row["version"]
         if version > last:  # events gone: found as deleted (above)
             continue
-        if version < last:
-            if newest > followed or str(stream) in aside:  # the row is older, not altered
-                continue
+        if version < last and newest <= followed and str(stream) not in aside:
             # The follower has passed all its events, so the row is at the newest version:
             # one saying another was edited (as the rows it holds may have been).
             problems.append(Problem(
@@ -750,8 +749,11 @@ def check_read_models(trialog: Trialog) -> list[Problem]:
                 f"rm_participants.version of {pid} says {version}; the record is at "
                 f"version {last}", pid))
             version = last
-        try:  # as of the newest event read (a live store's gets newer ones meanwhile)
-            participant = trialog.service.repository.get(stream, version=last)
+        # Else the rows are the record at the version they say (their follower behind, or
+        # the participant set aside, writes all of a participant's rows at once): compared
+        # with it there (as of the newest event read: a live store's gets newer ones).
+        try:
+            participant = trialog.service.repository.get(stream, version=version)
         except Exception:  # noqa: BLE001, S112 - an unreadable stream: reported above
             continue
         expected: dict[Any, dict[tuple[Any, ...], dict[str, Any]]] = {t: {} for t in keys}
@@ -819,7 +821,8 @@ def _participant_streams(trialog: Trialog) -> dict[str, tuple[UUID, int, int]]:
             pid = plain_state(trialog.service.mapper, as_bytes(state))["participant_id"]
         except Exception:  # noqa: BLE001, S112 - an unreadable first event: reported above
             continue
-        found[pid] = (stream, *newest.get(stream, (0, 0)))
+        if stream in newest:  # (else screened between the two reads: seen next time)
+            found[pid] = (stream, *newest[stream])
     return found
 
 
@@ -956,7 +959,11 @@ def as_seen_by(t: Trialog, scope: Scope, answer: dict[str, Any]) -> dict[str, An
                    participants.c.site_id.in_(sites))).scalars()) if named else set()
         events = connection.execute(select(func.coalesce(func.sum(participants.c.version), 0))
                                     .where(participants.c.site_id.in_(sites))).scalar_one()
-    problems = [p for p in answer.get("problems", ()) if p["participant_id"] in visible]
+    # The allocation sequences of their sites (a stratum is a site): named by no
+    # participant, theirs all the same.
+    strata = {str(sequence_id(t.protocol.study_id, site)) for site in sites}
+    problems = [p for p in answer.get("problems", ())
+                if p["participant_id"] in visible or p["stream"] in strata]
     seen = {**answer, "events_checked": int(events)}
     if "started_by" in seen:  # a deep check's starter may be another site's
         seen["started_by"] = None

@@ -9,10 +9,11 @@ import pytest
 from sqlalchemy import and_, delete, insert, select, update
 
 from domain import commands as c
+from domain.access import Scope
 from domain.participant import participant_uuid
 from domain.sealing import TopicAltered, seal, unseal
 from infrastructure.audit.history import history, participant_as_of
-from infrastructure.audit.verification import verify
+from infrastructure.audit.verification import as_seen_by, verify
 from infrastructure.store.bus import CommandBus
 from infrastructure.store.stored import UnreadableRecord
 from tests.integration.helpers import REGISTERED, dose, enrol, send
@@ -637,7 +638,8 @@ def test_the_deep_check_finds_a_read_model_edited_to_say_what_the_record_does_no
 def test_a_read_model_row_set_back_a_version_is_no_way_past_the_deep_check(isolated):
     """The check passed over a row whose version was not the record's, as a follower's
     that was behind: lowering the version hid an arm and a status edited beside it, which
-    the lists and the exports then served. Only a follower behind is passed over; every
+    the lists and the exports then served. A row at an older version (its follower behind,
+    or its participant set aside) is compared with the record at that version; every
     column altered is named."""
     from infrastructure.audit.verification import check_store
     from infrastructure.readside.projections import TrialProjection
@@ -660,7 +662,7 @@ def test_a_read_model_row_set_back_a_version_is_no_way_past_the_deep_check(isola
         f"rm_participants.status of {pid} says 'completed'; the record says '{p.status}'; "
         f"rm_participants.arm of {pid} says '{forged}'; the record says '{p.arm}'")
     # A follower behind (an event it has not read yet), or a participant it set aside
-    # (listed as such), is passed over, as before.
+    # (listed as such), has rows at an older version: compared with the record there.
     TrialProjection(t).rebuild()
     send(t, c.RecordDose(pid, dose(3)))
     assert check_store(t, processes=1, deep=True).ok
@@ -671,6 +673,14 @@ def test_a_read_model_row_set_back_a_version_is_no_way_past_the_deep_check(isola
         set_aside(conn, TrialProjection.name, participant_uuid(pid), pid, None, None,
                   ValueError("can't be applied"))
     assert check_store(t, processes=1, deep=True).ok
+    # A quarantine row is no cover (the table is not sealed): an arm edited beside it is
+    # found at the version the row says.
+    with t.engine.begin() as conn:
+        conn.execute(update(participants).where(participants.c.participant_id == pid)
+                     .values(arm=forged))
+    [problem] = check_store(t, processes=1, deep=True).problems
+    assert (problem.version, problem.detail) == (p.version, (
+        f"rm_participants.arm of {pid} says '{forged}'; the record says '{p.arm}'"))
 
 
 def _sequence(t, site="CASE"):
@@ -704,10 +714,18 @@ def test_a_stratum_s_last_draws_deleted_and_their_slot_given_again_are_found(iso
             f"{second} was randomized to {arm} with it (version 3, position ")
     third = enrol(t)  # given draw 1 again
     assert t.service.get_participant(third).allocation_index == 1
-    [problem] = check_store(t, processes=1).problems
+    report = check_store(t, processes=1)
+    [problem] = report.problems
     assert problem.participant_id == second and problem.detail.endswith(
         f"; the sequence gives that draw to {third}, whose slot it was given again")
     assert first and metro
+    # A caller of CASE is told of CASE's sequence, one of METRO's alone is not.
+    from infrastructure.readside.projections import TrialProjection
+
+    TrialProjection(t).catch_up()
+    seen = {site: as_seen_by(t, Scope.of([site]), report.as_dict())["problems"]
+            for site in ("CASE", "METRO")}
+    assert [p["stream"] for p in seen["CASE"]] == [str(sequence)] and seen["METRO"] == []
 
 
 def test_a_draw_the_walk_read_before_it_was_committed_is_not_reported_missing(isolated):
@@ -743,6 +761,9 @@ def test_a_problem_in_an_allocation_sequence_is_not_named_after_a_participant(is
     for deep in (False, True):
         problems = check_store(t, processes=1, deep=deep).problems
         assert {(p.kind, p.participant_id) for p in problems} == {("reordered", None)}
+        shown = as_seen_by(t, Scope.of(["CASE"]), check_store(t, processes=1,
+                                                               deep=deep).as_dict())
+        assert len(shown["problems"]) == len(problems) and not shown["ok"]
         assert all(p.stream == str(sequence) and p.detail.startswith(
             "allocation sequence of stratum CASE: the event was recorded as version ")
             for p in problems), problems
