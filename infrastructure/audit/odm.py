@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from dataclasses import field as default
 from datetime import UTC, date, datetime
 from typing import Any
-from xml.sax import saxutils
+from xml.sax.saxutils import escape, quoteattr
 
 from marshmallow import Schema, fields
 
@@ -214,16 +214,13 @@ def _study_events(protocol: Protocol) -> list[tuple[str, str, str, list[Form]]]:
 
 # What no XML document may hold (C0 controls but tab and line breaks, lone surrogates,
 # U+FFFE, U+FFFF): a text recorded before the commands refused them is written with
-# U+FFFD in their place, so that the document stays well-formed.
+# U+FFFD in their place, so that the document stays well-formed. Applied to each part of
+# the document once (the parts hold no markup these could break), not to every value.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
-def escape(text: str) -> str:
-    return saxutils.escape(_NOT_XML.sub("\ufffd", text))
-
-
-def quoteattr(text: str) -> str:
-    return saxutils.quoteattr(_NOT_XML.sub("\ufffd", text))
+def _xml_chars(part: str) -> str:
+    return _NOT_XML.sub("\ufffd", part)
 
 
 def _attr(name: str, value: Any) -> str:
@@ -878,7 +875,7 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
     with tempfile.SpooledTemporaryFile(max_size=4 << 20) as body:
         places = []
         for key, text in subjects_xml(t, items, masker, withheld, gathered, shown, scope):
-            data = text.encode()
+            data = _xml_chars(text).encode()
             places.append((key, body.tell(), len(data)))
             body.write(data)
         yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -886,8 +883,8 @@ def odm_document(t: Trialog, deidentify: bool = False, contact: bool = True,
                f"{_attr('FileOID', f'Trialog.{uuid.uuid4()}')}"
                f"{_attr('CreationDateTime', created.isoformat())}"
                ' Originator="Trialog" SourceSystem="Trialog">\n')
-        yield metadata_xml(t.protocol, items)
-        yield admin_xml(t.protocol, gathered, created.date())
+        yield _xml_chars(metadata_xml(t.protocol, items))
+        yield _xml_chars(admin_xml(t.protocol, gathered, created.date()))
         yield (f"<ClinicalData{_attr('StudyOID', t.protocol.study_id)}"
                f"{_attr('MetaDataVersionOID', METADATA_VERSION)}>\n")
         for _, offset, size in sorted(places) if masker else places:
