@@ -77,10 +77,18 @@ def dispatch_webhooks(self: Any) -> int:
     return len(ids)
 
 
-@shared_task(bind=True)
+# A deliverer starts deliveries for WORK_BUDGET, each whole within TIMEOUT but for a
+# receiver that sends its headers slowly (a per-read timeout alone): the soft limit stops
+# that one as a failed delivery, the hard limit a deliverer stuck elsewhere.
+DELIVERY_LIMITS = {"soft_time_limit": webhooks.WORK_BUDGET + 3 * webhooks.TIMEOUT,
+                   "time_limit": webhooks.WORK_BUDGET + 6 * webhooks.TIMEOUT}
+
+
+@shared_task(bind=True, **DELIVERY_LIMITS)
 def deliver_webhook(self: Any, webhook_id: str) -> str:
-    """Delivers one subscription's events in order until it is up to date or a delivery
-    fails (then its retry time is recorded for the next dispatch)."""
+    """Delivers one subscription's events in order until it is up to date, a delivery
+    fails (then its retry time is recorded for the next dispatch), or it has worked its
+    budget (the next dispatch goes on)."""
     t = _app(self)
     return webhooks.deliver(t, webhook_id, feed=_feed(t))
 

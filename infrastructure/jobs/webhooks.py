@@ -9,8 +9,9 @@ out) is tried again later with exponential backoff and jitter, or after the rece
 no task waits and no countdown outlives the broker's visibility timeout. After
 ``MAX_ATTEMPTS`` (at least 73 minutes of trying) the event is kept as failed, for
 ``trialog webhook redeliver``, and delivery goes on with the next. A ``410 Gone`` disables
-the subscription. A deliverer that dies between a receiver's 2xx and recording it sends
-that event again: receivers deduplicate by ``webhook-id``.
+the subscription. A deliverer that dies sends again the events answered 2xx since it
+last recorded its position (at most SAVE_EVERY before): receivers deduplicate by
+``webhook-id``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import requests
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
@@ -45,8 +47,13 @@ from infrastructure.store.stored import decrypter, events_table
 from infrastructure.store.tables import as_utc, webhook_failures, webhooks
 
 log = logging.getLogger("trialog.webhooks")
-TIMEOUT = 10.0  # s, per delivery
+TIMEOUT = 10.0  # s, per delivery: its answer's status and body, whole
 PAGE = 200  # events read from the feed at a time
+BODY_KEPT = 4096  # bytes of an answer's body read (to reuse the connection); past them,
+# or past TIMEOUT, the connection is closed: the status is the answer
+WORK_BUDGET = 60.0  # s a deliverer starts new deliveries for; the next dispatch goes on
+SAVE_EVERY = 0.5  # s between two records of the position while delivering: a deliverer
+# that dies re-sends at most the events answered since (receivers deduplicate)
 BACKOFF_BASE = 2.0  # s: the first retry's delay; doubled each time
 BACKOFF_CAP = 600.0  # s: the longest delay between two attempts
 # Attempts before an event is kept as failed: with the backoff below, the waits add up
@@ -194,7 +201,8 @@ def _reader(row: Any) -> Reader:
 class Sender:
     """One HTTP session per process, its connections reused."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = TIMEOUT) -> None:
+        self.timeout = timeout
         self.session = requests.Session()
         # The receivers are configured here: no proxy settings read from the environment
         # for every request (a quarter of a delivery's time).
@@ -220,8 +228,30 @@ class Sender:
         headers = {"content-type": "application/cloudevents+json",
                    "webhook-id": message_id, "webhook-timestamp": str(timestamp),
                    "webhook-signature": " ".join(signatures)}
-        return self.session.post(row.url, data=body, timeout=TIMEOUT, headers=headers,
-                                 allow_redirects=False)
+        deadline = time.monotonic() + self.timeout
+        answer = self.session.post(row.url, data=body, timeout=self.timeout,
+                                   headers=headers, allow_redirects=False, stream=True)
+        _drain(answer, deadline)
+        return answer
+
+
+def _drain(answer: requests.Response, deadline: float) -> None:
+    """Reads the rest of an answer (its status and headers are in) a byte at a time, so
+    that no read waits past the deadline by more than one socket timeout: a receiver that
+    sends its body slowly, or a large one, has its connection closed (a per-read timeout
+    alone let one byte every few seconds hold a worker for good, and the body read whole
+    held it all in memory)."""
+    kept = 0
+    try:
+        for _ in answer.iter_content(chunk_size=1):
+            kept += 1
+            if kept > BODY_KEPT or time.monotonic() > deadline:
+                break
+        else:
+            return  # read to its end: the connection goes back to the pool
+    except requests.RequestException:
+        pass  # the status stands; the connection is not reused
+    answer.close()
 
 
 SENDER = Sender()
@@ -230,8 +260,10 @@ SENDER = Sender()
 def deliver(t: Trialog, webhook_id: str, feed: Feed | None = None,
             sender: Sender = SENDER) -> str:
     """Delivers the subscription's events after its position, in order, until it is up
-    to date or an attempt fails; what happened: done, busy, failed, disabled, waiting."""
+    to date, an attempt fails, or it has worked WORK_BUDGET; what happened: done, busy,
+    failed, disabled, waiting, more. Its position is recorded every SAVE_EVERY."""
     feed = feed or Feed(t)
+    started = time.monotonic()
     with _alone_with(t, webhook_id) as connection:
         if connection is None:
             return "busy"
@@ -246,12 +278,19 @@ def deliver(t: Trialog, webhook_id: str, feed: Feed | None = None,
             if next_position == row.position:
                 return "done"
             delivered = row.position
+            saved = time.monotonic()
             for event in events:
+                if time.monotonic() - started > WORK_BUDGET:  # the next dispatch goes on
+                    _advance(connection, webhook_id, delivered)
+                    return "more"
                 outcome = _attempt(t, connection, sender, row, event)
                 if outcome != "delivered":
                     _advance(connection, webhook_id, delivered)
                     return outcome
                 delivered = event["position"]
+                if time.monotonic() - saved > SAVE_EVERY:
+                    _advance(connection, webhook_id, delivered)
+                    saved = time.monotonic()
                 if row.attempts or row.last_error:  # the retried event went through: the
                     # count starts again (read once: the next deliveries write nothing)
                     row = connection.execute(select(webhooks).where(
@@ -270,6 +309,9 @@ def _attempt(t: Trialog, connection: Connection, sender: Sender, row: Any,
                       "followed; subscribe the address it names")
     except requests.RequestException as e:
         status, error, retry_after = None, f"{type(e).__name__}: {e}"[:500], None
+    except SoftTimeLimitExceeded:  # the task's limit (workers.tasks): headers sent slowly
+        status, retry_after = None, None
+        error = "no answer within the deliverer's time limit (its headers came too slowly)"
     if status is not None and 200 <= status < 300:
         if row.attempts or row.last_error:  # an error that no longer stands is not shown
             connection.execute(update(webhooks).where(webhooks.c.webhook_id == row.webhook_id)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,6 +84,23 @@ class Receiver:
 
     def positions(self) -> list[int]:
         return [e["position"] for e in self.received]
+
+
+class Quiet(BaseHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A local HTTP server of ``handler`` while in the block: its address."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -179,26 +198,17 @@ def test_retry_after_is_honoured_and_410_disables(stack, receiver):
 def test_a_redirect_is_not_followed(stack, receiver):
     """A 307 would have the signed event POSTed to an address nobody subscribed: the
     delivery fails, saying so, and the other address gets nothing."""
-    class Redirecting(BaseHTTPRequestHandler):
+    class Redirecting(Quiet):
         def do_POST(self) -> None:
             self.send_response(307)
             self.send_header("Location", receiver.url)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
-    threading.Thread(target=redirecting.serve_forever, daemon=True).start()
-    try:
-        webhook_id, _ = webhooks.add(
-            stack.trialog, f"http://127.0.0.1:{redirecting.server_address[1]}/hook", [], [])
+    with serving(Redirecting) as url:
+        webhook_id, _ = webhooks.add(stack.trialog, url, [], [])
         stack.enrol()
         assert webhooks.deliver(stack.trialog, webhook_id) == "waiting"  # to retry
-    finally:
-        redirecting.shutdown()
-        redirecting.server_close()
     [listed] = [w for w in webhooks.listing(stack.trialog) if w["webhook_id"] == webhook_id]
     assert listed["last_error"].startswith(f"HTTP 307 to {receiver.url}: redirects are not")
     assert receiver.received == []
@@ -277,6 +287,64 @@ def test_after_a_retried_event_goes_through_the_next_one_gets_every_attempt(
     assert webhooks.deliver(stack.trialog, webhook_id) == "waiting"
     [listed] = webhooks.listing(stack.trialog)
     assert (listed["attempts"], listed["failed"]) == (1, 0)
+
+
+def test_a_receiver_that_sends_its_body_slowly_holds_a_deliverer_no_longer_than_its_timeout(
+        stack):
+    """Headers at once, then a byte every half second: the per-read timeout never ran out,
+    and the body was read whole (each of two such receivers held a worker process for
+    good, and the others' deliveries, deviations and reminders waited)."""
+    sent: list[int] = []
+
+    class Trickling(Quiet):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            written = 0
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    written += 1
+                    time.sleep(0.5)
+            except OSError:  # the deliverer closed the connection
+                pass
+            sent.append(written)
+
+    with serving(Trickling) as url:
+        webhook_id, _ = webhooks.add(stack.trialog, url, [], ["ParticipantScreened"])
+        stack.enrol()
+        assert webhooks.deliver(stack.trialog, webhook_id,
+                                sender=webhooks.Sender(timeout=1.0)) == "done"  # its 200
+        wait_until(lambda: sent, 20)  # the receiver's handler ends once cut off
+    assert sent[0] < 100
+
+
+def test_a_deliverer_that_dies_sends_again_only_what_it_delivered_since_its_last_record(
+        stack, receiver, monkeypatch):
+    """The position was recorded once per page (200 events) or on a failure: a deliverer
+    killed mid-page had every event of the page sent again."""
+    class Died(BaseException):
+        pass
+
+    monkeypatch.setattr(webhooks, "SAVE_EVERY", 0.0)
+    webhook_id = subscribe(stack, receiver)
+    stack.enrol()
+    real_post, posted = webhooks.SENDER.post, []
+
+    def post(t, row, event):
+        if len(posted) == 2:
+            raise Died
+        posted.append(event["position"])
+        return real_post(t, row, event)
+
+    monkeypatch.setattr(webhooks.SENDER, "post", post)
+    with pytest.raises(Died):
+        webhooks.deliver(stack.trialog, webhook_id)
+    [listed] = [w for w in webhooks.listing(stack.trialog) if w["webhook_id"] == webhook_id]
+    assert listed["position"] == posted[-1]
 
 
 @pytest.mark.parametrize("compressor", [None, "eventsourcing.compressor:ZlibCompressor"])
