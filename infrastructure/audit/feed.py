@@ -519,7 +519,9 @@ class Feed:
         if first.topic.startswith(SEQUENCE_TOPIC):
             return Stream(f"allocation/{content['stratum']}", content["stratum"])
         if first.topic.startswith(REGISTER_TOPIC):  # who may call: readers of every site
-            return Stream(self.trialog.protocol.study_id, UNKNOWN_SITE)
+            # A subject of its own: the trial's stream (the database lock) is the study's,
+            # and a consumer checks each subject's chain of digests and versions.
+            return Stream(f"access/{self.trialog.protocol.study_id}", UNKNOWN_SITE)
         return Stream(self.trialog.protocol.study_id, None)
 
     def _content(self, row: Any) -> dict[str, Any]:

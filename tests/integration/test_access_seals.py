@@ -395,6 +395,23 @@ def test_the_register_s_events_are_in_the_feed_of_readers_of_every_site_only(iso
     assert every[-1]["data"]["data"] == {"login": login}
     assert not [e for e in case_only if e["type"].endswith(("RegisterOpened", "TokenRevoked",
                                                              "PersonDisabled"))]
+    # The register's subject is its own: the trial's stream (the database lock) had the
+    # same one, two chains under one subject that a consumer checking it took for
+    # tampering.
+    study = isolated.protocol.study_id
+    isolated.bus.dispatch_trial("LockDatabase", command_id=str(uuid.uuid4()), actor="dm",
+                                reason="final analysis")
+    if rendered:
+        FeedProjection(isolated).catch_up()
+    every, _ = feed.page(0, 1000, Reader(EVERY_SITE))
+    assert {e["subject"] for e in every if e["type"].endswith(("RegisterOpened",
+                                                                "PersonDisabled"))} == {
+        f"access/{study}"}
+    assert {e["subject"] for e in every if e["type"].endswith("DatabaseLocked")} == {study}
+    last: dict[str, str] = {}
+    for e in every:  # each subject's events chain, as a consumer checks them
+        assert e["previousdigest"] == last.get(e["subject"], ""), e
+        last[e["subject"]] = e["digest"]
 
 
 def test_a_password_is_kept_peppered_and_an_older_hash_is_replaced_at_sign_in(isolated):

@@ -595,7 +595,7 @@ def test_after_migration_0033_the_read_models_show_a_moved_visit_s_verification(
             management = connection.execute(select(participants.c.management)).scalar()
             del management["visits"]["baseline"]
             connection.execute(update(participants).values(management=management))
-        migrations.upgrade(t.engine)
+        migrations.upgrade(t.engine, "0033")
         with t.engine.connect() as connection:
             assert connection.execute(select(participants.c.participant_id)).first() is None
             assert dict(connection.execute(select(positions.c.name, positions.c.position)
@@ -606,6 +606,35 @@ def test_after_migration_0033_the_read_models_show_a_moved_visit_s_verification(
         with t.engine.connect() as connection:
             management = connection.execute(select(participants.c.management)).scalar()
         assert management["visits"]["baseline"]["sdv"] == "changed_since_verified"
+    finally:
+        t.close()
+
+
+def test_after_migration_0034_the_feed_is_rendered_again_and_the_read_models_kept(
+        isolated_url):
+    """The access register's events had the study's id as their subject, as the database
+    lock's: 0034 empties rm_feed (not the read models) and its follower writes it again."""
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.tables import participants
+    from tests.conftest import settings_for
+
+    t = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(t.engine, "0033")
+        pid = enrol(t)
+        TrialProjection(t).catch_up()
+        FeedProjection(t).catch_up()
+        migrations.upgrade(t.engine)
+        with t.engine.connect() as connection:
+            assert connection.execute(select(feed_events.c.position)).first() is None
+            assert connection.execute(select(participants.c.participant_id)).scalar() == pid
+            assert dict(connection.execute(select(positions.c.name, positions.c.position)
+                                           .where(positions.c.name.in_(("trial", "feed"))))
+                        .all())["feed"] == 0
+        FeedProjection(t).catch_up()
+        with t.engine.connect() as connection:
+            assert connection.execute(select(feed_events.c.position)).first() is not None
     finally:
         t.close()
 
