@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from flask import Request, request
 from webargs.flaskparser import FlaskParser
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from infrastructure.api.errors import ApiError
 from infrastructure.store.schemas import MAX_BODY, json_fault
@@ -31,7 +32,14 @@ def json_body() -> Any:
 def _parsed(req: Request) -> Any:
     if not req.is_json:
         raise ApiError(400, "malformed_json", NOT_JSON)
-    data = req.get_data(cache=True).removeprefix(BOM_UTF8)  # RFC 8259 lets a parser skip it
+    data = req.get_data(cache=True)
+    if req.content_length is None and len(data) >= MAX_BODY \
+            and req.environ["wsgi.input"].read(1):
+        # Sent chunked (no Content-Length), the body is read up to the limit and no further:
+        # one byte more there, and it is larger (cut, it was refused as JSON that ends too
+        # soon).
+        raise RequestEntityTooLarge()
+    data = data.removeprefix(BOM_UTF8)  # RFC 8259 lets a parser skip it
     if not data:
         raise ApiError(400, "malformed_json", NOT_JSON)
     try:

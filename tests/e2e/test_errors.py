@@ -240,6 +240,11 @@ def test_a_body_larger_than_the_server_takes_is_a_413_before_it_is_read(server):
     answer = _raw_post(server, "/v1/commands/batch", b" " * (8 * 2**20 + 1))
     assert (answer.status_code, answer.json()["error"]) == (413, "body_too_large")
     assert "8 MiB" in answer.json()["message"]
+    # Sent chunked (no Content-Length), it was cut at the limit and refused as JSON that
+    # ends too soon (400 malformed_json).
+    pieces = iter([b" " * (8 * 2**20), b"{"])  # one byte over: all of it read
+    chunked = _raw_post(server, "/v1/commands/batch", pieces)  # type: ignore[arg-type]
+    assert (chunked.status_code, chunked.json()["error"]) == (413, "body_too_large")
 
 
 def test_delete_and_c1_controls_are_control_characters_too(server):

@@ -157,6 +157,12 @@ def test_workers_take_a_large_batch_send_an_export_are_replaced_and_end_with_the
                                     headers={"Content-Type": "application/json"})
         assert answer.status_code == 200, answer.text[:500]
         assert [r["status"] for r in answer.json()["results"]] == [201] * 1000
+        # Over 8 MiB sent chunked (no Content-Length): the workers read it up to the
+        # limit and it was refused as JSON that ends too soon (400 malformed_json).
+        pieces = iter([b" " * (8 * 2**20), b"{"])  # one byte over: all of it read
+        chunked = admin.session.post(f"{base}/v1/commands/batch", data=pieces, timeout=60,
+                                     headers={"Content-Type": "application/json"})
+        assert (chunked.status_code, chunked.json()["error"]) == (413, "body_too_large")
         with admin.session.get(f"{base}/v1/exports/odm", stream=True, timeout=60) as export:
             assert export.status_code == 200
             whole = b"".join(export.iter_content(65536))
