@@ -138,8 +138,22 @@ def json_fault(error: orjson.JSONDecodeError, what: str) -> str:
     return f"{error.msg} at character {error.pos + 1} of the {what}"
 
 
+class JsonInteger(fields.Integer):
+    """A whole number, strictly (2.0 is not one). An integer of a JSON body past 64 bits is
+    decoded as a float (orjson): it is taken as the integer it was, so that the refusal
+    names the range it breaks, not "Not a valid integer"."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+            value = int(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
-    return fields.Integer(strict=True, validate=validate.Range(min=low, max=high), **kwargs)
+    return JsonInteger(validate=validate.Range(min=low, max=high), **kwargs)
 
 
 class NotBlank(validate.Validator):
@@ -434,7 +448,7 @@ class CommandEnvelope(Schema):
     participant_id = fields.String(required=True, validate=Whole(
         PARTICIPANT_ID,
         error="must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"))
-    expected_version = fields.Integer(strict=True, validate=validate.Range(min=0, max=2**31),
+    expected_version = JsonInteger(validate=validate.Range(min=0, max=2**31),
                                       allow_none=True)
     reason = text(1, 2000, allow_none=True)
     data = fields.Dict(required=True)  # JSON keys are strings: nothing to check

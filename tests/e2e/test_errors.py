@@ -198,6 +198,21 @@ def test_a_moment_in_no_year_a_date_holds_is_refused_not_failed(server):
                        ).status_code == 200
 
 
+def test_an_integer_past_64_bits_is_refused_for_the_range_it_breaks(server):
+    """JSON decodes an integer past 64 bits as a float: the refusal said "Not a valid
+    integer." of a whole number, not the range it breaks."""
+    service = server.client("service")
+    data = p.screening("CASE")
+    data["eligibility"]["zubrod"] = 10**20
+    answer = service.command("ScreenParticipant", p.participant_id("CASE"), data)
+    assert (answer.status_code, answer.json()["fields"]) == (422, {
+        "data.eligibility.zubrod": [
+            "Must be greater than or equal to 0 and less than or equal to 4."]})
+    data["eligibility"]["zubrod"] = 2.0  # a float is still no whole number
+    answer = service.command("ScreenParticipant", p.participant_id("CASE"), data)
+    assert answer.json()["fields"] == {"data.eligibility.zubrod": ["Not a valid integer."]}
+
+
 def _raw_post(server, path: str, data: bytes, **headers: str) -> requests.Response:
     return requests.post(f"{server.url}{path}", data=data, timeout=30, headers={
         "Authorization": f"Bearer {server.tokens['service']}",
