@@ -842,6 +842,34 @@ def test_a_participant_screened_while_the_deep_check_reads_the_streams_is_not_re
     assert screened and problems == []
 
 
+def test_a_batch_the_follower_commits_while_the_deep_check_reads_is_no_problem(isolated):
+    """The read models' tables are read one statement each: a batch committed between
+    the participants' and the visits' left a participant's rows at two versions, which
+    were reported as edited."""
+    from sqlalchemy import event
+
+    from infrastructure.audit.verification import check_read_models
+    from infrastructure.readside.projections import TrialProjection
+
+    t = isolated
+    pid = setup_participant(t)
+    TrialProjection(t).catch_up()
+    committed = []
+
+    def meanwhile(conn, cursor, statement, parameters, context, executemany):
+        if "FROM rm_visits" in statement and not committed:
+            committed.append(send(t, c.CompleteVisit(pid, {"visit": "baseline",
+                                                           "completed_on": REGISTERED})))
+            TrialProjection(t).catch_up()
+
+    event.listen(t.engine, "before_cursor_execute", meanwhile)
+    try:
+        problems = check_read_models(t)
+    finally:
+        event.remove(t.engine, "before_cursor_execute", meanwhile)
+    assert committed and problems == []
+
+
 def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(isolated):
     # A copy of another participant's first event put before this stream's first event
     # (version 0): the genuine version 1 was blamed, as not following it.
