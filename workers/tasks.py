@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from infrastructure.jobs import monitor, reminders, webhooks
 from workers.app import MAX_RETRY_COUNTDOWN, trialog
@@ -90,7 +91,8 @@ def deliver_webhook(self: Any, webhook_id: str) -> str:
     fails (then its retry time is recorded for the next dispatch), or it has worked its
     budget (the next dispatch goes on)."""
     t = _app(self)
-    return webhooks.deliver(t, webhook_id, feed=_feed(t))
+    return webhooks.deliver(t, webhook_id, feed=_feed(t),
+                            interrupted=(SoftTimeLimitExceeded,))
 
 
 _FEEDS: dict[int, Any] = {}

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import requests
-from celery.exceptions import SoftTimeLimitExceeded
+import urllib3
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
@@ -236,21 +236,23 @@ class Sender:
 
 
 def _drain(answer: requests.Response, deadline: float) -> None:
-    """Reads the rest of an answer (its status and headers are in) a byte at a time, so
-    that no read waits past the deadline by more than one socket timeout: a receiver that
-    sends its body slowly, or a large one, has its connection closed (a per-read timeout
-    alone let one byte every few seconds hold a worker for good, and the body read whole
-    held it all in memory)."""
+    """Reads the rest of an answer (its status and headers are in), each read returning
+    what one receipt brings, so that none waits past the deadline by more than one socket
+    timeout: a receiver that sends its body slowly, or a large one, has its connection
+    closed (a per-read timeout alone let one byte every few seconds hold a worker for
+    good, and the body read whole held it all in memory). Read to its end, the connection
+    goes back to the pool."""
     kept = 0
     try:
-        for _ in answer.iter_content(chunk_size=1):
-            kept += 1
-            if kept > BODY_KEPT or time.monotonic() > deadline:
-                break
-        else:
-            return  # read to its end: the connection goes back to the pool
-    except requests.RequestException:
+        while kept <= BODY_KEPT and time.monotonic() <= deadline:
+            part = answer.raw.read1(BODY_KEPT + 1 - kept)
+            if not part:
+                answer.raw.release_conn()
+                return
+            kept += len(part)
+    except (urllib3.exceptions.HTTPError, OSError):
         pass  # the status stands; the connection is not reused
+    answer.raw.close()  # not read to its end: the connection is dropped
     answer.close()
 
 
@@ -258,16 +260,20 @@ SENDER = Sender()
 
 
 def deliver(t: Trialog, webhook_id: str, feed: Feed | None = None,
-            sender: Sender = SENDER) -> str:
+            sender: Sender = SENDER,
+            interrupted: tuple[type[BaseException], ...] = ()) -> str:
     """Delivers the subscription's events after its position, in order, until it is up
     to date, an attempt fails, or it has worked WORK_BUDGET; what happened: done, busy,
-    failed, disabled, waiting, more. Its position is recorded every SAVE_EVERY."""
+    failed, disabled, waiting, more. Its position is recorded every SAVE_EVERY.
+    ``interrupted``: what the task raises at its time limit (an attempt it stops fails)."""
     feed = feed or Feed(t)
     started = time.monotonic()
     with _alone_with(t, webhook_id) as connection:
         if connection is None:
             return "busy"
         while True:
+            if time.monotonic() - started > WORK_BUDGET:  # the next dispatch goes on
+                return "more"
             row = connection.execute(select(webhooks)
                                      .where(webhooks.c.webhook_id == webhook_id)).first()
             if row is None or row.status != "active":
@@ -283,7 +289,7 @@ def deliver(t: Trialog, webhook_id: str, feed: Feed | None = None,
                 if time.monotonic() - started > WORK_BUDGET:  # the next dispatch goes on
                     _advance(connection, webhook_id, delivered)
                     return "more"
-                outcome = _attempt(t, connection, sender, row, event)
+                outcome = _attempt(t, connection, sender, row, event, interrupted)
                 if outcome != "delivered":
                     _advance(connection, webhook_id, delivered)
                     return outcome
@@ -299,7 +305,7 @@ def deliver(t: Trialog, webhook_id: str, feed: Feed | None = None,
 
 
 def _attempt(t: Trialog, connection: Connection, sender: Sender, row: Any,
-             event: dict[str, Any]) -> str:
+             event: dict[str, Any], interrupted: tuple[type[BaseException], ...] = ()) -> str:
     try:
         answer = sender.post(t, row, event)
         status, error, retry_after = answer.status_code, f"HTTP {answer.status_code}", \
@@ -309,9 +315,9 @@ def _attempt(t: Trialog, connection: Connection, sender: Sender, row: Any,
                       "followed; subscribe the address it names")
     except requests.RequestException as e:
         status, error, retry_after = None, f"{type(e).__name__}: {e}"[:500], None
-    except SoftTimeLimitExceeded:  # the task's limit (workers.tasks): headers sent slowly
+    except interrupted:  # the task's time limit (workers.tasks): an answer sent slowly
         status, retry_after = None, None
-        error = "no answer within the deliverer's time limit (its headers came too slowly)"
+        error = "no whole answer within the deliverer's time limit"
     if status is not None and 200 <= status < 300:
         if row.attempts or row.last_error:  # an error that no longer stands is not shown
             connection.execute(update(webhooks).where(webhooks.c.webhook_id == row.webhook_id)

@@ -347,6 +347,49 @@ def test_a_deliverer_that_dies_sends_again_only_what_it_delivered_since_its_last
     assert listed["position"] == posted[-1]
 
 
+def test_a_deliverer_stops_after_its_budget_and_the_next_goes_on_in_order(
+        stack, receiver, monkeypatch):
+    """A deliverer starts deliveries for WORK_BUDGET (the task's time limit is beyond it):
+    it records where it is and says "more"; the next dispatch goes on from there."""
+    monkeypatch.setattr(webhooks, "WORK_BUDGET", 0.2)
+    webhook_id = subscribe(stack, receiver)
+    stack.enrol()
+    real_post = webhooks.SENDER.post
+
+    def slow(t, row, event):
+        time.sleep(0.15)
+        return real_post(t, row, event)
+
+    monkeypatch.setattr(webhooks.SENDER, "post", slow)
+    assert webhooks.deliver(stack.trialog, webhook_id) == "more"
+    [listed] = [w for w in webhooks.listing(stack.trialog) if w["webhook_id"] == webhook_id]
+    assert 0 < len(receiver.positions()) < len(stored_positions(stack))
+    assert listed["position"] == receiver.positions()[-1]
+    monkeypatch.setattr(webhooks, "WORK_BUDGET", 60.0)
+    assert webhooks.deliver(stack.trialog, webhook_id) == "done"
+    assert receiver.positions() == stored_positions(stack)  # in order, none twice
+
+
+def test_an_attempt_the_task_s_time_limit_stops_is_a_failed_one(stack, receiver):
+    """What the task raises at its soft time limit (a receiver sending its answer slowly)
+    ends the attempt as failed, to be tried again, and the deliverer's state stays."""
+    class Limit(Exception):
+        pass
+
+    class Stopped(webhooks.Sender):
+        def post(self, t, row, event):
+            raise Limit
+
+    webhook_id = subscribe(stack, receiver)
+    stack.enrol()
+    assert webhooks.deliver(stack.trialog, webhook_id, sender=Stopped(),
+                            interrupted=(Limit,)) == "waiting"
+    [listed] = [w for w in webhooks.listing(stack.trialog) if w["webhook_id"] == webhook_id]
+    assert (listed["attempts"], listed["last_error"]) == (
+        1, "no whole answer within the deliverer's time limit")
+    assert receiver.received == []
+
+
 @pytest.mark.parametrize("compressor", [None, "eventsourcing.compressor:ZlibCompressor"])
 def test_a_secret_sealed_by_an_earlier_release_still_signs(database_url, monkeypatch,
                                                           compressor):
