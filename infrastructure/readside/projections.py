@@ -25,6 +25,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from domain.participant import ACTIVE, Participant
+from domain.revocations import AccessRegister
 from domain.schedule import reminder_due, reminder_id, schedule
 from domain.views import management_view
 from infrastructure.audit.feed import FEED_FOLLOWER, Feed
@@ -456,6 +457,11 @@ def read_model_rows(p: Participant, trialog: Trialog,
         }
 
 
+# The access register's event types (its CloudEvents' subject is access/<study>).
+REGISTER_TYPES = sorted(name for name, kind in vars(AccessRegister).items()
+                        if isinstance(kind, type) and name not in ("Event", "Created"))
+
+
 class FeedProjection(LogFollower):
     """Renders the event feed's pages ahead into rm_feed: every event of the log (the
     participants', the allocation sequences', the trial's), one row per position. An event
@@ -470,6 +476,26 @@ class FeedProjection(LogFollower):
     def __init__(self, trialog: Trialog, batch_size: int = 1000) -> None:
         super().__init__(trialog, batch_size)
         self.feed = Feed(trialog)
+
+    def follow(self, stop: threading.Event, wake: threading.Event | None = None,
+               poll_interval: float = 0.05) -> None:
+        """As every follower, once rm_feed is known to be this release's (see
+        ``rendered_before``)."""
+        if self.rendered_before():
+            log.warning("rm_feed holds rows rendered by a release before migration 0034 "
+                        "(one still following while it ran): rendering them again")
+            self.rebuild()
+        super().follow(stop, wake, poll_interval)
+
+    def rendered_before(self) -> bool:
+        """Whether rm_feed holds an access register's event under the study's subject, as
+        a release before migration 0034 rendered them: one still running while the
+        migration emptied rm_feed renders it again so, the seals holding."""
+        with self.trialog.engine.connect() as connection:
+            return connection.execute(
+                select(feed_events.c.position).where(
+                    feed_events.c.subject == self.trialog.protocol.study_id,
+                    feed_events.c.type.in_(REGISTER_TYPES)).limit(1)).first() is not None
 
     def _apply_rows(self, session: Session, rows: list[Any]) -> None:
         if not rows:

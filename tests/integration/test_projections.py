@@ -639,6 +639,35 @@ def test_after_migration_0034_the_feed_is_rendered_again_and_the_read_models_kep
         t.close()
 
 
+def test_the_feed_s_follower_renders_again_what_a_release_before_0034_rendered(isolated):
+    """A release still following the log while migration 0034 emptied rm_feed renders it
+    again with the register's events under the study's subject (their seals holding): the
+    follower of this release renders them again when it starts."""
+    import threading
+
+    from infrastructure.store.tokens import create_token, revoke_token
+
+    t = isolated
+    name = f"old-{uuid4().hex[:8]}"
+    create_token(t.engine, name, "auditor")
+    revoke_token(t.engine, name)
+    FeedProjection(t).catch_up()
+    study = t.protocol.study_id
+    with t.engine.begin() as connection:  # as the release before rendered them
+        connection.execute(update(feed_events).where(feed_events.c.type.in_(
+            ("RegisterOpened", "TokenRevoked"))).values(subject=study))
+    follower = FeedProjection(t)
+    assert follower.rendered_before()
+    stopped = threading.Event()
+    stopped.set()  # renders again, then follows no further
+    follower.follow(stopped)
+    assert not follower.rendered_before()
+    with t.engine.connect() as connection:
+        subjects = set(connection.execute(select(feed_events.c.subject).where(
+            feed_events.c.type == "TokenRevoked")).scalars())
+    assert subjects == {f"access/{study}"}
+
+
 def _enrol_without_the_bus(t) -> str:
     """A randomized participant's events, saved by the service alone."""
     from domain.commands import Audit
