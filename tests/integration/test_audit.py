@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, event, insert, select, update
 
 from domain import commands as c
 from domain.access import Scope
@@ -40,6 +43,25 @@ def tampered(t, pid, statement_for) -> list[dict]:
     # Both checks find and classify the same tampering.
     assert [p.as_dict() for p in deep.problems] == [p.as_dict() for p in report.problems]
     return [p.as_dict() for p in report.problems]
+
+
+@contextmanager
+def meanwhile(t, reading: Callable[[str], bool], then: Callable[[], Any]) -> Iterator[list]:
+    """Runs ``then`` once, as the first statement ``reading`` picks is sent to the
+    database (what another process does while a check reads); what it gave, in the list
+    yielded."""
+    done: list = []
+
+    def before(conn, cursor, statement, parameters, context, executemany) -> None:
+        if not done and reading(statement):
+            done.append(None)  # before ``then``, whose own statements may be picked too
+            done[0] = then()
+
+    event.listen(t.engine, "before_cursor_execute", before)
+    try:
+        yield done
+    finally:
+        event.remove(t.engine, "before_cursor_execute", before)
 
 
 def setup_participant(t) -> str:
@@ -819,26 +841,15 @@ def test_a_participant_screened_while_the_deep_check_reads_the_streams_is_not_re
     """The streams' ends and their first events are two reads: a participant screened
     between them had no end (taken as position 0, passed by any follower), and was
     reported without its row."""
-    from sqlalchemy import event
-
     from infrastructure.audit.verification import check_read_models
     from infrastructure.readside.projections import TrialProjection
 
     t = isolated
     setup_participant(t)
     TrialProjection(t).catch_up()
-    screened = []
-
-    def meanwhile(conn, cursor, statement, parameters, context, executemany):
-        if "originator_version =" in statement and "topic LIKE" in statement \
-                and not screened:
-            screened.append(enrol(t))
-
-    event.listen(t.engine, "before_cursor_execute", meanwhile)
-    try:
+    with meanwhile(t, lambda statement: "originator_version =" in statement
+                   and "topic LIKE" in statement, lambda: enrol(t)) as screened:
         problems = check_read_models(t)
-    finally:
-        event.remove(t.engine, "before_cursor_execute", meanwhile)
     assert screened and problems == []
 
 
@@ -846,27 +857,22 @@ def test_a_batch_the_follower_commits_while_the_deep_check_reads_is_no_problem(i
     """The read models' tables are read one statement each: a batch committed between
     the participants' and the visits' left a participant's rows at two versions, which
     were reported as edited."""
-    from sqlalchemy import event
-
     from infrastructure.audit.verification import check_read_models
     from infrastructure.readside.projections import TrialProjection
 
     t = isolated
     pid = setup_participant(t)
     TrialProjection(t).catch_up()
-    committed = []
 
-    def meanwhile(conn, cursor, statement, parameters, context, executemany):
-        if "FROM rm_visits" in statement and not committed:
-            committed.append(send(t, c.CompleteVisit(pid, {"visit": "baseline",
-                                                           "completed_on": REGISTERED})))
-            TrialProjection(t).catch_up()
+    def complete_and_follow() -> dict:
+        answer = send(t, c.CompleteVisit(pid, {"visit": "baseline",
+                                               "completed_on": REGISTERED}))
+        TrialProjection(t).catch_up()
+        return answer
 
-    event.listen(t.engine, "before_cursor_execute", meanwhile)
-    try:
+    with meanwhile(t, lambda statement: "FROM rm_visits" in statement,
+                   complete_and_follow) as committed:
         problems = check_read_models(t)
-    finally:
-        event.remove(t.engine, "before_cursor_execute", meanwhile)
     assert committed and problems == []
 
 
@@ -890,24 +896,15 @@ def test_a_row_stored_below_version_1_is_reported_not_the_genuine_first_event(is
 def test_a_command_answered_while_verify_reads_is_not_reported_missing(isolated):
     """verify reads what was recorded beside the streams, then their ends: a command
     answered between the two reads had been reported as deleted events."""
-    from sqlalchemy import event
-
     from infrastructure.audit.verification import check_store
 
     t = isolated
     pid = setup_participant(t)
-    sent = []
-
-    def meanwhile(conn, cursor, statement, parameters, context, executemany):
-        if "trialog_commands" in statement and "trialog_events" not in statement and not sent:
-            sent.append(True)  # between the ends' read and the records' (as it was)
-            send(t, c.RecordDose(pid, dose(3)))
-
-    event.listen(t.engine, "before_cursor_execute", meanwhile)
-    try:
+    # Between the ends' read and the records' (as it was).
+    with meanwhile(t, lambda statement: "trialog_commands" in statement
+                   and "trialog_events" not in statement,
+                   lambda: send(t, c.RecordDose(pid, dose(3)))) as sent:
         report = check_store(t, processes=1)
-    finally:
-        event.remove(t.engine, "before_cursor_execute", meanwhile)
     assert sent and report.ok, report.problems
 
 
