@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 
 from domain.access import Scope
 from domain.chain import GENESIS, canonical_json, compute_digest
-from domain.participant import Participant, participant_uuid
+from domain.participant import Participant, event_uuid, participant_uuid
 from domain.randomization import AllocationSequence, sequence_id
 from domain.revocations import register_uuid
 from domain.sealing import TopicAltered, unseal
@@ -779,35 +779,78 @@ def check_read_models(trialog: Trialog) -> list[Problem]:
 
 
 def check_feed(trialog: Trialog, batch: int = 5000) -> list[Problem]:
-    """Deep: each rm_feed row against its seals (see ``FeedSeals``). The feed and the
-    history read a row that fails them from the store instead, so nothing wrong is served,
-    but a row changed outside trialog is a `read_model` problem here too, not a log line
-    alone."""
+    """Deep: each rm_feed row against its seals (see ``FeedSeals``), and against the event
+    the store holds at its position. The feed and the history read a row that fails its
+    seals from the store instead, so nothing wrong is served, but a row changed outside
+    trialog is a `read_model` problem here too, not a log line alone. A position is the
+    one thing of an event the chain does not cover: two events of two streams given each
+    other's positions (or one moved to a free position) leave every chain whole, but not
+    the event rm_feed rendered there, which is `reordered`. rm_feed is read first: each
+    of its rows was written after its event was committed."""
     from infrastructure.audit.feed import FeedSeals
     from infrastructure.store.tables import feed_events
 
     f = feed_events.c
-
+    table = events_table(trialog.service.recorder)
     seals = FeedSeals(trialog.feed_seal_key)
     problems = []
-    with trialog.engine.connect() as connection:
+    with trialog.engine.connect() as connection, trialog.engine.connect() as store:
         rows = connection.execution_options(yield_per=batch).execute(
             select(f.position, f.subject, f.site, f.type, f.body, f.contact, f.entry,
                    f.seals).order_by(f.position))
+        stored = iter(store.execution_options(yield_per=batch).execute(
+            select(table.c.id, table.c.originator_id, table.c.originator_version,
+                   table.c.topic).order_by(table.c.id)))
+        event = next(stored, None)
         for row in rows:
             held = row.contact is not None
-            if (seals.body_holds(row.seals, row.position, row.subject, row.site, row.type,
-                                 row.body, held)
-                    and seals.contact_holds(row.seals, row.position, row.subject, row.contact)
+            if not (seals.body_holds(row.seals, row.position, row.subject, row.site,
+                                     row.type, row.body, held)
+                    and seals.contact_holds(row.seals, row.position, row.subject,
+                                            row.contact)
                     and seals.entry_holds(row.seals, row.position, row.subject, row.entry,
                                           held)):
+                problems.append(Problem(
+                    "read_model", "rm_feed", 0, row.position,
+                    f"rm_feed's row at position {row.position} (subject {row.subject}) "
+                    "fails its seal: it was changed outside trialog (the feed and the "
+                    "history read that event from the store instead)"))
                 continue
-            problems.append(Problem(
-                "read_model", "rm_feed", 0, row.position,
-                f"rm_feed's row at position {row.position} (subject {row.subject}) fails its "
-                "seal: it was changed outside trialog (the feed and the history read that "
-                "event from the store instead)"))
+            while event is not None and event.id < row.position:
+                event = next(stored, None)
+            moved = _position_moved(trialog, row, event if event is not None
+                                    and event.id == row.position else None)
+            if moved:
+                problems.append(moved)
     return problems
+
+
+def _position_moved(trialog: Trialog, row: Any, event: Any) -> Problem | None:
+    """The problem, if any, of a sealed rm_feed row whose position now holds another event
+    in the store (or none), named as the event rendered there: its entry names its id, a
+    row with none (an event it could not render) its type."""
+    rendered = orjson.loads(row.entry) if row.entry is not None else {}
+    if event is not None and (
+            event_uuid(as_uuid(event.originator_id), event.originator_version)
+            == rendered["event_id"] if "event_id" in rendered
+            else event.topic.rsplit(".", 1)[-1] == row.type):
+        return None
+    study = trialog.protocol.study_id
+    stream, pid = {study: (trial_uuid(study), None),
+                   f"access/{study}": (register_uuid(study), None)}.get(
+        row.subject, (None, row.subject))
+    if row.subject.startswith("allocation/"):
+        stream, pid = sequence_id(study, row.subject.split("/", 1)[1]), None
+    version = rendered.get("version", 0)
+    what = (f"{row.type} version {version} of {row.subject}" if version
+            else f"an event {row.type} of {row.subject}")
+    where = ("the store holds no event there: it was moved to another position or deleted"
+             if event is None else "the store holds another event there: positions were "
+             "changed outside trialog")
+    return Problem("reordered", str(stream or participant_uuid(row.subject)),
+                   version, row.position,
+                   f"the feed's follower rendered {what} at position {row.position}; "
+                   f"{where}", pid)
 
 
 def _participant_streams(trialog: Trialog) -> dict[str, tuple[UUID, int, int]]:

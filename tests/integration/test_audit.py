@@ -9,7 +9,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import and_, delete, event, insert, select, update
+from sqlalchemy import and_, delete, event, func, insert, select, update
 
 from domain import commands as c
 from domain.access import Scope
@@ -813,6 +813,54 @@ def test_the_deep_check_finds_a_feed_row_changed_outside_trialog(isolated):
         "read_model", "rm_feed", position)
     assert problem.detail.startswith(f"rm_feed's row at position {position} (subject {pid}) "
                                      "fails its seal")
+
+
+def test_the_deep_check_finds_positions_changed_between_two_streams_or_to_a_free_one(
+        isolated):
+    """A position is the one thing of an event no chain covers: two participants' events
+    given each other's positions, or a stream's last event moved past the log's end,
+    passed both checks (the log, the feed's order and a follower rebuilt from it would
+    have them elsewhere). rm_feed rendered each event at its position before."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import FeedProjection, TrialProjection
+
+    t = isolated
+    first, second = setup_participant(t), setup_participant(t)
+    FeedProjection(t).catch_up(), TrialProjection(t).catch_up()
+    table = events_table(t)
+
+    def position(pid, version):
+        with t.engine.connect() as conn:
+            return conn.execute(select(table.c.id).where(row(t, pid, version)[1])).scalar_one()
+
+    one, other = position(first, 6), position(second, 1)  # each stream's order kept
+    with t.engine.begin() as conn:
+        conn.execute(update(table).where(table.c.id == one).values(id=-one))
+        conn.execute(update(table).where(table.c.id == other).values(id=one))
+        conn.execute(update(table).where(table.c.id == -one).values(id=other))
+    assert check_store(t, processes=1).ok  # the chains are whole: the plain check can't
+    problems = check_store(t, processes=1, deep=True).problems
+    assert sorted((p.kind, p.participant_id, p.version, p.notification_id)
+                  for p in problems) == sorted([("reordered", first, 6, one),
+                                                ("reordered", second, 1, other)])
+    assert all(p.stream == str(participant_uuid(p.participant_id)) for p in problems)
+    mine = as_seen_by(t, Scope.of(["CASE"]), check_store(t, processes=1,
+                                                          deep=True).as_dict())
+    assert len(mine["problems"]) == 2 and not mine["ok"]  # both are CASE's participants
+    with t.engine.begin() as conn:  # put back, then the last event moved past the end
+        conn.execute(update(table).where(table.c.id == one).values(id=-one))
+        conn.execute(update(table).where(table.c.id == other).values(id=one))
+        conn.execute(update(table).where(table.c.id == -one).values(id=other))
+    assert check_store(t, processes=1, deep=True).ok
+    with t.engine.begin() as conn:
+        end = conn.execute(select(func.max(table.c.id))).scalar_one()
+        conn.execute(update(table).where(table.c.id == one).values(id=end + 100))
+    [moved] = check_store(t, processes=1, deep=True).problems
+    assert (moved.kind, moved.participant_id, moved.version, moved.notification_id) == (
+        "reordered", first, 6, one)
+    assert moved.detail == (f"the feed's follower rendered DoseRecorded version 6 of {first} "
+                            f"at position {one}; the store holds no event there: it was "
+                            "moved to another position or deleted")
 
 
 def test_an_event_recorded_while_the_deep_check_reads_is_no_read_model_problem(
