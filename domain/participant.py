@@ -330,7 +330,8 @@ class Participant(DataManagement, ChainedAggregate):
 
     class VisitMissedRetracted(Event):
         """A visit marked missed is missed no longer: a correction of the registration
-        date moved its window, which has not closed yet (``cause`` says so)."""
+        date moved its window, which has not closed yet, or a correction of a visit's code
+        moved that visit's data to it (``cause`` says which)."""
 
         visit: str
         cause: str
@@ -789,17 +790,32 @@ class Participant(DataManagement, ChainedAggregate):
         ends = window_ends(protocol, self.registered_on)
         for visit in list(self.missed_visits):
             if visit in ends and ends[visit] >= today:
-                self.require_unlocked(visit)  # the mark is the locked visit's record
-                cause = (f"registration date corrected to {self.registered_on}: the window "
-                         f"now ends on {ends[visit]}")
-                flagged = deviation_uuid(self.id, "visit_missed", visit,
-                                         self.missed_retractions.get(visit, 0))
-                self.trigger_event(self.VisitMissedRetracted, visit=visit, cause=cause,
-                                   **audit.event_fields())
-                if self.deviations.get(flagged, {}).get("status") == "open":
-                    self.trigger_event(self.DeviationResolved, deviation_id=flagged,
-                                       resolution=f"missed mark retracted: {cause}",
-                                       **audit.event_fields())
+                self._retract_miss(visit, f"registration date corrected to "
+                                          f"{self.registered_on}: the window now ends on "
+                                          f"{ends[visit]}", audit)
+
+    def retract_misses_visited(self, audit: Audit) -> None:
+        """After a correction of a visit's code: a visit marked missed that now holds a
+        visit's data (moved there from the visit it was keyed under) was not missed."""
+        completed = self.completed_visits()
+        for visit in list(self.missed_visits):
+            if visit in completed:
+                self._retract_miss(visit, f"a correction moved the data of the visit held "
+                                          f"on {completed[visit]['completed_on']} here",
+                                   audit)
+
+    def _retract_miss(self, visit: str, cause: str, audit: Audit) -> None:
+        """The visit's missed mark retracted, and its open `visit_missed` deviation
+        resolved, saying why."""
+        self.require_unlocked(visit)  # the mark is the locked visit's record
+        flagged = deviation_uuid(self.id, "visit_missed", visit,
+                                 self.missed_retractions.get(visit, 0))
+        self.trigger_event(self.VisitMissedRetracted, visit=visit, cause=cause,
+                           **audit.event_fields())
+        if self.deviations.get(flagged, {}).get("status") == "open":
+            self.trigger_event(self.DeviationResolved, deviation_id=flagged,
+                               resolution=f"missed mark retracted: {cause}",
+                               **audit.event_fields())
 
     def record_visit_missed(self, visit: str, audit: Audit) -> bool:
         if visit in self.missed_visits or visit in self.completed_visits():

@@ -152,6 +152,45 @@ def test_a_miss_the_corrected_registration_date_voids_is_retracted_and_marked_ag
     assert marks[0][1] == marks[1][1] != marks[2][1]  # the first mark's form removed
 
 
+def test_a_visit_s_data_moved_onto_a_visit_marked_missed_retracts_the_mark(isolated):
+    """Week 6 was held on day 44 but keyed as the end of treatment; the scan on day 50
+    marked week 6 missed. Corrected onto week 6, the record said the visit was both
+    missed (its major deviation open) and held in its window; the ODM export gave both
+    forms."""
+    from domain.views import participant_state
+    from infrastructure.audit.history import history
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    send(isolated, c.CompleteVisit(pid, {"visit": "end_of_treatment",
+                                         "completed_on": day(44)}))
+    at_noon(isolated, 50)
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    participant = isolated.service.get_participant(pid)
+    assert participant.missed_visits == ["week6"]
+    keyed = participant.completed_visits()["end_of_treatment"]["event_id"]
+
+    send(isolated, c.CorrectData(pid, {"event_id": keyed, "field": "visit",
+                                       "value": "week6"}), reason="keyed under wrong visit")
+    participant = isolated.service.get_participant(pid)
+    assert participant.missed_visits == []
+    visits = participant_state(participant, isolated.protocol, day(50))["visits"]
+    assert {v["code"]: v["status"] for v in visits}["week6"] == "completed"
+    cause = f"a correction moved the data of the visit held on {day(44)} here"
+    entries = history(isolated.service, pid, veil=str)
+    assert [e["type"] for e in entries[-3:]] == ["DataCorrected", "VisitMissedRetracted",
+                                                 "DeviationResolved"]
+    assert entries[-2]["data"] == {"visit": "week6", "cause": cause}
+    assert entries[-1]["data"]["resolution"] == f"missed mark retracted: {cause}"
+    assert [d["status"] for d in participant.deviations.values()
+            if d["code"] == "visit_missed"] == ["resolved"]
+    at_noon(isolated, 51)  # held: the scan marks it no more
+    TrialProjection(isolated).catch_up()
+    assert scan_clock(isolated, isolated.ended_everywhere())["missed"] == 0
+    assert isolated.service.get_participant(pid).missed_visits == []
+
+
 def test_a_miss_the_corrected_registration_date_keeps_closed_stays(isolated):
     """Registration corrected to an earlier day: week 6 closed even sooner; the mark
     holds."""
