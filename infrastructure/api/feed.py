@@ -12,7 +12,7 @@ from marshmallow import RAISE, Schema, fields, validate
 from sqlalchemy import func, select
 
 from infrastructure.api.errors import forbidden, invalid
-from infrastructure.api.schemas import ErrorBody
+from infrastructure.api.schemas import ErrorBody, Parameters
 from infrastructure.audit.feed import MAX_LIMIT, Reader
 from infrastructure.store.stored import events_table
 
@@ -20,7 +20,7 @@ blp = Blueprint("feed", __name__, url_prefix="/v1/feed",
                 description="The event feed: every change, in order, resumable")
 
 
-class FeedArgs(Schema):
+class FeedArgs(Parameters):
     after = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**62),
                            metadata={"description": "the last position received"})
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=MAX_LIMIT),

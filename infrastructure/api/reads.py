@@ -19,7 +19,7 @@ from domain.deviations import SEVERITY
 from domain.errors import DomainError
 from infrastructure.api import responses as r
 from infrastructure.api.errors import ApiError, forbidden, from_domain, invalid
-from infrastructure.api.schemas import ErrorBody
+from infrastructure.api.schemas import ErrorBody, Parameters
 from infrastructure.audit import access
 from infrastructure.audit import history as audit
 from infrastructure.readside import queries
@@ -35,7 +35,7 @@ health_blp = Blueprint("health", __name__, description="Liveness")
 MAX_POSITION, MAX_VERSION = 2**62, 2**31
 
 
-class ReadArgs(Schema):
+class ReadArgs(Parameters):
     after = fields.Integer(validate=validate.Range(min=0, max=MAX_POSITION), metadata={
         "description": "wait until the read models include this position (read your write)"})
     wait = fields.Float(load_default=2.0, validate=validate.Range(min=0, max=10),
@@ -320,7 +320,7 @@ def get_summary(**args: Any) -> Response:
     return jsonify(queries.trial_summary(_trialog(), scope=g.principal.scope))
 
 
-class VerifyArgs(Schema):
+class VerifyArgs(Parameters):
     deep = fields.Boolean(load_default=False, metadata={
         "description": "also recompute every event's digest from its content: the check "
                        "runs in the background (202) and is polled at its `url`"})
@@ -366,7 +366,7 @@ def get_verify_job(job_id: UUID) -> Response:
     return jsonify(as_seen_by(_trialog(), g.principal.scope, job))
 
 
-class AccessArgs(Schema):
+class AccessArgs(Parameters):
     participant_id = text(1, 64, metadata={"description": "one participant's disclosures"})
     limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
 
@@ -385,7 +385,7 @@ exports_blp = Blueprint("exports", __name__, url_prefix="/v1/exports",
                         description="Exports for statisticians and auditors")
 
 
-class ExportArgs(Schema):
+class ExportArgs(Parameters):
     deidentify = fields.Boolean(load_default=False, metadata={
         "description": "pseudonymous ids, dates shifted per participant"})
 

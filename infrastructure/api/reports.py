@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 
 from infrastructure.api.reads import _read, _trialog, query
+from infrastructure.api.schemas import Parameters
 from infrastructure.readside.consort import consort
 from infrastructure.store.schemas import a_moment
 
@@ -17,7 +18,7 @@ blp = Blueprint("reports", __name__, url_prefix="/v1/reports",
                 description="Reports drawn from the events")
 
 
-class ConsortArgs(Schema):
+class ConsortArgs(Parameters):
     as_of = fields.AwareDateTime(default_timezone=UTC, validate=a_moment, metadata={
         "description": "the counts as recorded at this moment (no zone: UTC); now if absent"})
 

@@ -7,11 +7,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, pre_load, validate
 
 from domain.commands import TRIAL_COMMANDS
 from domain.protocol import Protocol
 from infrastructure.store.schemas import CommandEnvelope, UUIDString, data_schemas, text
+
+
+class Parameters(Schema):
+    """A query string's arguments, each given once: a second value was dropped unseen
+    (`?status=open&status=closed` answered the open queries alone, as if the list were
+    whole), as a misspelt name would be."""
+
+    @pre_load
+    def given_once(self, data: Any, **kwargs: Any) -> Any:
+        values = getattr(data, "getlist", None)
+        if values is None:
+            return data
+        lists = getattr(data, "multiple_keys", ())
+        repeated = {name: [f"given {count} times: give one value"] for name in data
+                    if name not in lists and (count := len(values(name))) > 1}
+        if repeated:
+            raise ValidationError(repeated)
+        return data
 
 
 class TrialCommand(Schema):

@@ -406,6 +406,25 @@ def test_a_query_parameter_no_route_takes_is_a_422_naming_it(server, path, param
     assert list(answer.json()["fields"]) == [named]
 
 
+@pytest.mark.parametrize("path, name, values", [
+    ("/v1/queries", "status", ["open", "closed"]),
+    ("/v1/participants", "status", ["randomized", "completed"]),
+    ("/v1/participants/{pid}/history", "version", ["1", "2"]),
+    ("/v1/feed", "after", ["0", "5"]),
+    ("/v1/exports/csv", "deidentify", ["true", "false"]),
+    ("/v1/reports/consort", "as_of", ["2026-01-01T00:00:00", "2026-02-01T00:00:00"]),
+])
+def test_a_query_parameter_given_twice_is_a_422_naming_it(server, path, name, values):
+    """`?status=open&status=closed` answered the open queries alone, as if the list were
+    whole: the second value was dropped unseen."""
+    auditor = server.client("auditor")
+    pid, _ = enrol(server.client("service"))
+    answer = auditor.get(path.format(pid=pid), **{name: values})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["fields"] == {name: ["given 2 times: give one value"]}
+    assert auditor.get(path.format(pid=pid), **{name: values[0]}).status_code == 200
+
+
 @pytest.mark.parametrize("path, name, wrong, right, named", [
     ("/v1/participants", "arm", "B12", "b12", "b12, control"),
     ("/v1/deviations", "code", "missed_visit", "visit_missed", "visit_missed"),
