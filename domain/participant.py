@@ -364,10 +364,14 @@ class Participant(DataManagement, ChainedAggregate):
         def apply(self, aggregate: Any) -> None:
             query = aggregate.queries[self.query_id]
             query["status"] = QUERY_TRANSITIONS[self.action][1]
-            query["thread"].append({"action": self.action, "by": self.actor,
-                                    "at": self.timestamp.isoformat(),
-                                    "text": self.text if self.text is not None
-                                    else self.reason})
+            # A step's text, or its reason where it has none; both where it has both (a
+            # reopening's reason is required, its text not).
+            message = {"action": self.action, "by": self.actor,
+                       "at": self.timestamp.isoformat(),
+                       "text": self.text if self.text is not None else self.reason}
+            if self.text is not None and self.reason:
+                message["reason"] = self.reason
+            query["thread"].append(message)
 
     class QueryAnswered(QueryEvent):
         action = "respond"

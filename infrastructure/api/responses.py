@@ -160,6 +160,8 @@ class Message(Schema):
     by = fields.String(required=True)
     at = fields.String(required=True)
     text = _nullable_string()
+    reason = fields.String(metadata={"description": "the step's reason, where it has a "
+                                                    "text too (else the text is the reason)"})
 
 
 class Query(Schema):

@@ -536,10 +536,10 @@ class FeedProjection(LogFollower):
 
 def without_addresses(thread: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A query's thread as the read models keep it (in plain text, for every role): each
-    message's text as ``masked_text`` gives it; the record keeps it whole, encrypted, for
-    the history of those with contact rights."""
-    return [{**m, "text": masked_text(m["text"])} if holds_address(m.get("text")) else m
-            for m in thread]
+    message's text and reason as ``masked_text`` gives them; the record keeps them whole,
+    encrypted, for the history of those with contact rights."""
+    return [{**m, **{name: masked_text(m[name]) for name in ("text", "reason")
+                     if holds_address(m.get(name))}} for m in thread]
 
 
 def follow_all(trialog: Trialog, stop: threading.Event,

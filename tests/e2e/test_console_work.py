@@ -427,6 +427,34 @@ def test_a_query_sent_again_after_back_is_refused_not_raised_twice(console, brow
     assert _api_state(console, pid)["open_queries"] == 1
 
 
+def test_a_query_s_step_shows_its_reason_beside_its_text(console, visited):  # noqa: F811
+    """A reopening's text hid its required reason in the page's thread."""
+    import uuid
+
+    from domain.access import Scope
+    from infrastructure.store.tokens import create_token
+    from tests.e2e.conftest import Client
+
+    def client(role):
+        return Client(console.url, create_token(console.engine, f"{role}-{uuid.uuid4().hex}",
+                                                role, Scope.of(["CASE"])))
+
+    monitor, coordinator, query = client("monitor"), client("coordinator"), str(uuid.uuid4())
+    for who, type_, data, reason in (
+            (monitor, "RaiseQuery", {"text": "Worst pain 9?", "visit": "baseline"}, None),
+            (coordinator, "RespondToQuery", {"text": "9, as the source"}, None),
+            (monitor, "CloseQuery", {}, None),
+            (monitor, "ReopenQuery", {"text": "Please look again"}, "the source was misread")):
+        answer = who.command(type_, visited, {"query_id": query, **data},
+                             **({"reason": reason} if reason else {}))
+        assert answer.status_code == 201, answer.text
+    session = form_session(console, console.logins["monitor"])
+    page = session.get(console.page_url(f"/console/participants/{visited}"), timeout=30,
+                       params={"after": answer.json()["position"]})
+    assert page.status_code == 200
+    assert "Please look again (reason: the source was misread)</li>" in page.text
+
+
 def test_a_number_the_page_does_not_read_is_refused_not_failed(console, visited):  # noqa: F811
     """`?version=²` (a digit to str.isdigit, not to int), a version past PostgreSQL's
     bigint, and `?page=²` or `?after=²` answered 500."""

@@ -610,6 +610,46 @@ def test_after_migration_0033_the_read_models_show_a_moved_visit_s_verification(
         t.close()
 
 
+def test_after_migration_0035_a_query_s_thread_keeps_a_step_s_reason_beside_its_text(
+        isolated_url):
+    """A reopening's text hid its required reason in the thread the query list and the
+    console show; 0035 empties the read models and their follower writes them again,
+    each reason masked as a text is when it quotes an address."""
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.tables import queries
+    from tests.conftest import settings_for
+
+    t = bootstrap(settings_for(isolated_url), migrate=False)
+    try:
+        migrations.upgrade(t.engine, "0034")
+        pid, query = enrol(t), str(uuid4())
+        send(t, c.RaiseQuery(pid, {"query_id": query, "text": "Pain 7?",
+                                   "visit": "baseline"}), actor="cra")
+        send(t, c.RespondToQuery(pid, {"query_id": query, "text": "7, as the source"}))
+        send(t, c.CloseQuery(pid, {"query_id": query}), actor="cra", reason="as answered")
+        send(t, c.ReopenQuery(pid, {"query_id": query, "text": "Please look again"}),
+             actor="cra", reason="asked by ann.lee@example.org")
+        TrialProjection(t).catch_up()
+        with t.engine.begin() as connection:  # as the release before wrote it
+            thread = connection.execute(select(queries.c.thread)).scalar()
+            del thread[-1]["reason"]
+            connection.execute(update(queries).values(thread=thread))
+        migrations.upgrade(t.engine, "0035")
+        with t.engine.connect() as connection:
+            assert connection.execute(select(queries.c.query_id)).first() is None
+            assert connection.execute(select(positions.c.position).where(
+                positions.c.name == "trial")).scalar() == 0
+        TrialProjection(t).catch_up()
+        with t.engine.connect() as connection:
+            thread = connection.execute(select(queries.c.thread)).scalar()
+        assert (thread[-1]["text"], thread[-1]["reason"]) == (
+            "Please look again", "asked by a***@example.org")
+        assert thread[2]["text"] == "as answered" and "reason" not in thread[2]
+    finally:
+        t.close()
+
+
 def test_after_migration_0034_the_feed_is_rendered_again_and_the_read_models_kept(
         isolated_url):
     """The access register's events had the study's id as their subject, as the database
@@ -625,7 +665,7 @@ def test_after_migration_0034_the_feed_is_rendered_again_and_the_read_models_kep
         pid = enrol(t)
         TrialProjection(t).catch_up()
         FeedProjection(t).catch_up()
-        migrations.upgrade(t.engine)
+        migrations.upgrade(t.engine, "0034")
         with t.engine.connect() as connection:
             assert connection.execute(select(feed_events.c.position)).first() is None
             assert connection.execute(select(participants.c.participant_id)).scalar() == pid

@@ -54,6 +54,21 @@ def test_a_query_goes_open_answered_closed_reopened_cancelled(service):
     assert all(m["by"] == "test-service" for m in thread)
 
 
+def test_a_step_with_a_text_and_a_reason_keeps_both_in_the_thread(service):
+    """A reopening's text hid its required reason: the thread showed the text alone."""
+    run(service, c.RaiseQuery, query_id=QUERY, text="BPI worst missing?", visit="baseline")
+    run(service, c.RespondToQuery, query_id=QUERY, text="Checked: source says 6")
+    run(service, c.CloseQuery, query_id=QUERY, text=None)
+    p = run(service, c.ReopenQuery, reason="the source was misread", query_id=QUERY,
+            text="Please look again")
+    assert p.queries[QUERY]["thread"][-1] == {
+        "action": "reopen", "by": "test-service", "at": p.queries[QUERY]["thread"][-1]["at"],
+        "text": "Please look again", "reason": "the source was misread"}
+    p = run(service, c.CancelQuery, reason="raised in error", query_id=QUERY, text=None)
+    assert p.queries[QUERY]["thread"][-1]["text"] == "raised in error"  # the reason alone
+    assert "reason" not in p.queries[QUERY]["thread"][-1]
+
+
 @pytest.mark.parametrize(("steps", "refused", "state"), [
     ([], c.CloseQuery, "open"),
     ([], c.ReopenQuery, "open"),
