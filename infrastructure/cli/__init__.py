@@ -20,7 +20,7 @@ from infrastructure.store import migrations, revocations
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from infrastructure.store.schemas import MOMENT_RULE, in_utc
 from infrastructure.store.settings import Settings, SettingsError
-from infrastructure.store.stored import stored_events
+from infrastructure.store.stored import key_opens, stored_events
 from infrastructure.store.tokens import check_name
 
 
@@ -54,6 +54,17 @@ def _app() -> Trialog:
     settings = Settings.from_env()
     _not_migrated_later(settings)
     return bootstrap(settings)
+
+
+WRONG_KEY = ("TRIALOG_CIPHER_KEY: none of the newest stored events decrypts with it: it is "
+             "not the key this store was written with; nothing was {}")
+
+
+def require_the_store_s_key(trialog: Trialog, nothing: str) -> None:
+    """Refuses a store none of whose newest events TRIALOG_CIPHER_KEY opens: written with
+    another key, what this process writes would never be read with the store's own."""
+    if not key_opens(trialog.service):
+        raise CliError(WRONG_KEY.format(nothing))
 
 
 def _not_migrated_later(settings: Settings) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +15,14 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from domain.protocol import Protocol
-from infrastructure.cli import NO_TABLES, CliError, _app, _not_migrated_later
+from infrastructure.cli import (
+    NO_TABLES,
+    WRONG_KEY,
+    CliError,
+    _app,
+    _not_migrated_later,
+    require_the_store_s_key,
+)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -327,21 +335,50 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """The export, from the read models as they stand after every stored event (no
+    server need be following the log: after an import the CSV was a header alone); to
+    ``--output``, a file written whole or not at all (a failure half way left a previous
+    export cut off)."""
     from infrastructure.audit import exports
+    from infrastructure.readside.projections import TrialProjection
 
     trialog = _app()
     try:
-        out = (open(args.output, "w", newline="", encoding="utf-8")  # noqa: SIM115
-               if args.output else sys.stdout)
-        try:
-            for chunk in exports.document(trialog, args.format, args.deidentify):
-                out.write(chunk)
-        finally:
-            if args.output:
-                out.close()
+        require_the_store_s_key(trialog, "exported")
+        TrialProjection(trialog).catch_up()
+        chunks = exports.document(trialog, args.format, args.deidentify)
+        if not args.output:
+            for chunk in chunks:
+                sys.stdout.write(chunk)
+            return 0
+        _write_whole(args.output, chunks)
     finally:
         trialog.close()
     return 0
+
+
+def _write_whole(path: str, chunks: Any) -> None:
+    """The chunks written to a file beside ``path``, which takes its place once all are
+    written: what ``path`` held stays until then."""
+    import tempfile
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "Is a directory")
+        file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - replaced or removed below
+            "w", dir=folder, prefix=f".{name}.", suffix=".partial", delete=False,
+            newline="", encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"--output: {path}: {e.strerror or e}") from None
+    try:
+        with file:
+            for chunk in chunks:
+                file.write(chunk)
+        os.replace(file.name, path)
+    except BaseException:
+        os.unlink(file.name)
+        raise
 
 
 def _on_webhooks(action: Callable[[Any], str]) -> int:
@@ -394,10 +431,23 @@ def cmd_webhook_rotate(args: argparse.Namespace) -> int:
     return _on_webhooks(lambda t: webhooks.rotate(t, args.webhook_id))
 
 
+def printable(text: str) -> str:
+    """A refusal as one line of plain text: a character that is not printable (a line
+    break, a terminal's escape, NUL) in what the file wrote, a field's name say, is written
+    as its escape, so that one line of the file can't print as another's refusal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from infrastructure.cli import imports
-    from infrastructure.store.bootstrap import load_protocol
+    from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap, load_protocol
+    from infrastructure.store.outages import DATABASE_ERRORS
     from infrastructure.store.settings import Settings
+    from infrastructure.store.stored import key_opens
 
     settings = Settings.from_env()
     refusal = imports.jobs_refusal(settings, load_protocol(settings.protocol_path), args.jobs)
@@ -405,16 +455,34 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise CliError(refusal)
     _not_migrated_later(settings)
     try:
-        with open(args.file, "rb"):  # readable, before any process starts
-            pass
+        with open(args.file, "rb") as file:  # readable, before any process starts
+            regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
     except OSError as e:
         raise CliError(f"{args.file}: {e.strerror}") from None
+    if args.jobs > 1 and not regular:  # each process reads the file through: one stream
+        raise CliError(f"--jobs: {args.jobs} processes each read the whole file, and "
+                       f"{args.file} is not a regular file (a pipe gives each line to one "
+                       "of them only): use --jobs 1, or a file")
+    try:
+        trialog = bootstrap(settings)  # closed before any process starts
+        try:
+            behind = migrations.behind(trialog.engine)
+            opens = behind or key_opens(trialog.service)
+        finally:
+            trialog.close()
+    except DATABASE_ERRORS as e:
+        raise CliError(f"{imports.database_failure(e)}; nothing was imported: run the import "
+                       "again") from None
+    if behind:
+        raise CliError(NO_TABLES)
+    if not opens:
+        raise CliError(WRONG_KEY.format("imported"))
     if args.jobs > 1:
         report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)
     else:
         report = imports.run_file(settings, args.file, args.actor)
     for number, refusal in report.refused:
-        print(f"line {number}: {refusal}", file=sys.stderr)
+        print(f"line {number}: {printable(refusal)}", file=sys.stderr)
     if report.failed is not None:
         done = (f"; before it stopped: {report.accepted} accepted, {report.repeated} "
                 f"repeated, {len(report.refused)} refused"

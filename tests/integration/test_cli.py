@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from infrastructure.cli import NO_TABLES
 from tests.conftest import TEST_KEY
 from tests.databases import SHARED_URL
 
@@ -552,6 +553,15 @@ def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "run `trialog db upgrade`" in done.stderr
+    # An import said the database failed and to run it again; an export emptied its file.
+    (tmp_path / "one.ndjson").write_text("{}\n")
+    (tmp_path / "kept.csv").write_text("a previous export\n")
+    for args in (["import", "one.ndjson"], ["import", "one.ndjson", "--jobs", "2"],
+                 ["export", "csv", "--output", "kept.csv"]):
+        done = run(args, tmp_path, TRIALOG_DATABASE_URL=url, TRIALOG_CIPHER_KEY=TEST_KEY,
+                   TRIALOG_ALLOCATION_SEED="s", TRIALOG_PSEUDONYM_KEY="p")
+        assert (done.returncode, done.stderr) == (1, f"trialog: {NO_TABLES}\n"), args
+    assert (tmp_path / "kept.csv").read_text() == "a previous export\n"
     # A server started on it answered every request 500 and its followers logged a
     # traceback a second: it does not start, nor at an older migration.
     from infrastructure.store import migrations
@@ -695,3 +705,108 @@ def test_a_reminders_scan_that_cannot_hand_its_reminders_over_fails_saying_so(tm
     assert "handed to the workers" in done.stdout and " 0 handed" in done.stdout
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(
         "trialog: the workers' broker (TRIALOG_REDIS_URL) could not be reached")
+
+
+def _screenings(path: Path, count: int) -> list[str]:
+    """A file of ``count`` screenings of new participants; their ids."""
+    from tests.e2e import payloads as p
+
+    ids = [p.participant_id() for _ in range(count)]
+    path.write_text("".join(json.dumps({
+        "command_id": str(uuid.uuid4()), "type": "ScreenParticipant", "participant_id": pid,
+        "data": p.screening()}) + "\n" for pid in ids))
+    return ids
+
+
+def test_an_import_or_export_with_another_cipher_key_is_refused_before_anything_is_done(
+        tmp_path):
+    """With another key, an import refused every line of a known participant as tampered
+    with, and wrote the new ones' events where the store's own key can never read them
+    (verify reported them for good, and their commands could not be sent again); the ODM
+    export gave an empty document and exited 0."""
+    import base64
+
+    from tests.conftest import TEST_SECRETS
+    from tests.databases import PG_SERVER, fresh_postgres_database
+
+    with fresh_postgres_database("trialog_key") as name:
+        right = {**TEST_SECRETS, "TRIALOG_DATABASE_URL": f"{PG_SERVER}/{name}"}
+        assert run(["db", "upgrade"], tmp_path, **right).returncode == 0
+        _screenings(tmp_path / "first.ndjson", 2)
+        assert run(["import", "first.ndjson"], tmp_path, **right).returncode == 0
+        newcomers = _screenings(tmp_path / "second.ndjson", 2)
+        other = {**right, "TRIALOG_CIPHER_KEY": base64.b64encode(os.urandom(32)).decode()}
+        refusal = ("trialog: TRIALOG_CIPHER_KEY: none of the newest stored events decrypts "
+                   "with it: it is not the key this store was written with; nothing was {}\n")
+        for args, nothing in ((["import", "second.ndjson"], "imported"),
+                              (["import", "second.ndjson", "--jobs", "2"], "imported"),
+                              (["export", "odm"], "exported"), (["export", "fhir"], "exported")):
+            done = run(args, tmp_path, **other)
+            assert (done.returncode, done.stdout, done.stderr) == (
+                1, "", refusal.format(nothing)), args
+        verified = run(["audit", "verify", "--quiet"], tmp_path, **right)
+        assert json.loads(verified.stdout)["events_checked"] == 2, verified.stdout
+        assert run(["import", "second.ndjson", "--jobs", "2"], tmp_path, **right).stdout == (
+            "2 accepted, 0 repeated, 0 refused\n")
+        assert newcomers[0] in run(["export", "fhir"], tmp_path, **right).stdout
+
+
+def test_an_import_in_processes_from_a_pipe_is_refused(tmp_path):
+    """Each process read the pipe through: each got some of its lines, and the others'
+    were lost (the counts said so only when a cut fell inside a line)."""
+    from tests.conftest import TEST_SECRETS
+    from tests.databases import PG_SERVER, fresh_postgres_database
+
+    _screenings(tmp_path / "s.ndjson", 3)
+    lines = (tmp_path / "s.ndjson").read_text()
+    with fresh_postgres_database("trialog_pipe") as name:
+        env = {**TEST_SECRETS, "TRIALOG_DATABASE_URL": f"{PG_SERVER}/{name}"}
+        assert run(["db", "upgrade"], tmp_path, **env).returncode == 0
+        piped = run_with_input(["import", "/dev/stdin", "--jobs", "2"], tmp_path, lines, **env)
+        assert (piped.returncode, piped.stdout) == (1, "")
+        assert piped.stderr == (
+            "trialog: --jobs: 2 processes each read the whole file, and /dev/stdin is not a "
+            "regular file (a pipe gives each line to one of them only): use --jobs 1, or a "
+            "file\n")
+        alone = run_with_input(["import", "/dev/stdin"], tmp_path, lines, **env)
+        assert alone.stdout == "3 accepted, 0 repeated, 0 refused\n", alone.stderr
+
+
+def test_an_export_after_an_import_holds_what_was_imported_and_replaces_its_file_whole(
+        tmp_path):
+    """The CSV and FHIR exports read the read models, which no server was following:
+    after an import FHIR held nothing, exit 0. A file named by --output was emptied
+    before the export could fail."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    ids = _screenings(tmp_path / "s.ndjson", 3)
+    assert run(["import", "s.ndjson"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    subjects = run(["export", "fhir"], tmp_path, TRIALOG_DATABASE_URL=url).stdout
+    assert sorted(json.loads(line)["identifier"][0]["value"]
+                  for line in subjects.splitlines()) == sorted(ids)
+    kept = tmp_path / "kept.ndjson"
+    kept.write_text("a previous export\n")
+    later = {"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}  # another key
+    assert run(["export", "fhir", "--output", "kept.ndjson"], tmp_path,
+               **later).returncode == 1
+    assert kept.read_text() == "a previous export\n"
+    assert run(["export", "fhir", "--output", "kept.ndjson"], tmp_path,
+               TRIALOG_DATABASE_URL=url).returncode == 0
+    assert kept.read_text() == subjects and kept.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    for wrong, why in (("nowhere/x.csv", "No such file or directory"),
+                       (".", "Is a directory")):
+        done = run(["export", "csv", "--output", wrong], tmp_path, TRIALOG_DATABASE_URL=url)
+        assert (done.returncode, done.stderr) == (1, f"trialog: --output: {wrong}: {why}\n")
+
+
+def test_a_refusal_is_one_line_whatever_the_file_s_field_names_hold(tmp_path):
+    """A field named with a line break printed as a refusal of another line, and a
+    terminal's escape reached the terminal."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    path = tmp_path / "f.ndjson"
+    path.write_text(json.dumps({"command_id": str(uuid.uuid4()), "type": "LockCasebook",
+                                "participant_id": "CASE-0004",
+                                "data": {"a\nline 99: fake\u001b[31m\u0000": 1}}) + "\n")
+    done = run(["import", "f.ndjson"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert done.stderr == ("line 1: validation_failed: data.a\\nline 99: fake\\x1b[31m\\x00: "
+                           "Unknown field.\n")
