@@ -77,6 +77,7 @@ def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:
     ``refusal`` to standard error as one line."""
     trialog = _app()
     try:
+        require_the_store_s_key(trialog, "done")  # a revocation is an event of the store
         answer = action(trialog)
     except refusal as e:
         raise CliError(str(e)) from None
@@ -270,6 +271,7 @@ def cmd_reminders_scan(args: argparse.Namespace) -> int:
 
     trialog = _app()
     try:
+        require_the_store_s_key(trialog, "done")
         TrialProjection(trialog).catch_up()  # the schedule is read from the read models
         new = reminders.scan(trialog, reminders.Today.of(trialog))
         # Its warning is the workers' (they retry); here the failure is said below, once.
@@ -306,6 +308,7 @@ def cmd_reminders_resolve(args: argparse.Namespace) -> int:
         raise CliError("--actor and --reason: must not be blank")
     trialog = _app()
     try:
+        require_the_store_s_key(trialog, "done")
         status = reminders.resolve(trialog, args.reminder_id, sent=args.sent,
                                    actor=args.actor, reason=args.reason)
     except reminders.NotUncertain as e:
@@ -322,6 +325,7 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
 
     trialog = _app()
     try:
+        require_the_store_s_key(trialog, "done")
         TrialProjection(trialog).catch_up()
         events = monitor.DeviationMonitor(trialog).catch_up()
         counts = monitor.scan_clock(trialog, trialog.ended_everywhere())
