@@ -993,6 +993,22 @@ def _snapshot_problem(service: TrialService, snapshot: Any, event: Any,
     return None
 
 
+def _site_recorded(t: Trialog, pid: str) -> str | None:
+    """A participant's site as its first event records it (a site is never corrected, nor
+    changed by a rescreening); None when that event can't be read (a problem then names
+    no participant)."""
+    table = events_table(t.service.recorder)
+    with t.engine.connect() as connection:
+        state = connection.execute(select(table.c.state).where(
+            table.c.originator_id == participant_uuid(pid),
+            table.c.originator_version == 1)).scalar()
+    try:
+        site: str = plain_state(t.service.mapper, as_bytes(state))["data"]["site_id"]
+    except Exception:  # noqa: BLE001 - none, or damaged (reported as such)
+        return None
+    return site
+
+
 def as_seen_by(t: Trialog, scope: Scope, answer: dict[str, Any]) -> dict[str, Any]:
     """A verification answer for a caller who sees only some sites: the problems of their
     participants only, and the count of their participants' events in place of the whole
@@ -1004,12 +1020,15 @@ def as_seen_by(t: Trialog, scope: Scope, answer: dict[str, Any]) -> dict[str, An
     sites = sorted(scope.sites)
     named = {p["participant_id"] for p in answer.get("problems", ()) if p["participant_id"]}
     with t.engine.connect() as connection:
-        visible = set(connection.execute(
-            select(participants.c.participant_id)
-            .where(participants.c.participant_id.in_(sorted(named)),
-                   participants.c.site_id.in_(sites))).scalars()) if named else set()
+        site_of = dict(connection.execute(
+            select(participants.c.participant_id, participants.c.site_id)
+            .where(participants.c.participant_id.in_(sorted(named))))
+            .tuples().all()) if named else {}
         events = connection.execute(select(func.coalesce(func.sum(participants.c.version), 0))
                                     .where(participants.c.site_id.in_(sites))).scalar_one()
+    for pid in named - set(site_of):  # not in the read models (yet): their problems too
+        site_of[pid] = _site_recorded(t, pid)
+    visible = {pid for pid, site in site_of.items() if site in scope.sites}
     # The allocation sequences of their sites (a stratum is a site): named by no
     # participant, theirs all the same.
     strata = {str(sequence_id(t.protocol.study_id, site)) for site in sites}

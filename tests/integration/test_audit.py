@@ -491,6 +491,24 @@ def test_a_caller_of_some_sites_is_not_told_the_whole_stores_snapshots(isolated)
     assert "snapshots_passed_over" not in as_seen_by(isolated, Scope.of(["CASE"]), answer)
 
 
+def test_a_caller_of_some_sites_is_told_of_their_participant_the_read_models_lack(
+        isolated):
+    """A caller of some sites was told the problems of the participants the read models
+    hold at their sites: one whose follower was behind (or that a rebuild had emptied)
+    was left out, and the answer said ok."""
+    from infrastructure.audit.verification import check_store
+
+    t = isolated
+    pid = setup_participant(t)  # the read models have not followed it
+    table, where = row(t, pid, 3)
+    with t.engine.begin() as conn:
+        conn.execute(update(table).where(where).values(state=b"edited outside trialog"))
+    answer = check_store(t, processes=1).as_dict()
+    mine = as_seen_by(t, Scope.of(["CASE"]), answer)
+    assert not mine["ok"] and {p["participant_id"] for p in mine["problems"]} == {pid}
+    assert as_seen_by(t, Scope.of(["METRO"]), answer)["ok"]
+
+
 def _rewrite_snapshot(t, pid: str, change) -> None:
     """The participant's one snapshot stored again in place, its state updated with
     ``change(state)`` (as someone holding the cipher key could)."""
