@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from infrastructure.audit.verification import check_store
 from infrastructure.store import migrations, revocations
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from infrastructure.store.schemas import MOMENT_RULE, in_utc
-from infrastructure.store.settings import Settings, SettingsError
+from infrastructure.store.settings import Settings, SettingsError, sqlite_file
 from infrastructure.store.stored import key_opens, stored_events
 from infrastructure.store.tokens import check_name
 
@@ -50,7 +51,13 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=_json_default, ensure_ascii=False))
 
 
-def _app() -> Trialog:
+def _app(reads: bool = False) -> Trialog:
+    """The application. A command that only ``reads`` a store does not create one: a
+    mistyped SQLite path made a new, empty file that verified `ok`."""
+    file = sqlite_file(os.environ)
+    if reads and file is not None and not file.exists():  # (nor its secrets beside it)
+        raise CliError(f"TRIALOG_DATABASE_URL: there is no SQLite file {file}: this command "
+                       "reads a store and makes none")
     settings = Settings.from_env()
     _not_migrated_later(settings)
     return bootstrap(settings)
@@ -71,8 +78,9 @@ def _not_migrated_later(settings: Settings) -> None:
     """A process of this release on a database a later release migrated would show and
     write what that release's migrations changed: it does not start (on SQLite, every
     command's migration refuses such a file)."""
-    if settings.is_sqlite:
-        return
+    file = sqlite_file({"TRIALOG_DATABASE_URL": settings.database_url})
+    if settings.is_sqlite and (file is None or not file.is_file()):
+        return  # none yet (looking would make one)
     later = migrations.later(settings.database_url)
     if later is not None:
         raise CliError(migrations.later_refusal(later))
@@ -119,6 +127,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    _not_migrated_later(settings)
     before = migrations.tables_and_revision(settings.database_url)
     trialog = bootstrap(settings, migrate=False)
     try:
@@ -144,9 +153,10 @@ def cmd_audit_history(args: argparse.Namespace) -> int:
 
     if args.as_of and args.version is not None:
         raise CliError("give --as-of or --version, not both")
-    if args.version is not None and args.version < 1:
-        raise CliError(f"--version: {args.version} is not a version (they start at 1)")
-    trialog = _app()
+    if args.version is not None and not 1 <= args.version <= 2**31:  # as the API's
+        raise CliError(f"--version: {args.version} is not a version (they start at 1; at "
+                       f"most {2**31})")
+    trialog = _app(reads=True)
     try:
         as_of = parse_moment(args.as_of) if args.as_of else None
         entries = history(trialog.service, args.participant_id, as_of, args.version,
@@ -224,7 +234,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # loaded by the commands that draw a bar (a twentieth of a second)
 
     tqdm.monitor_interval = 0  # no monitor thread: the check may fork its workers
-    trialog = _app()
+    trialog = _app(reads=True)
     try:
         total = stored_events(trialog.service.recorder)
         with tqdm(total=total, unit="ev", desc="verifying", disable=args.quiet,

@@ -26,8 +26,15 @@ from infrastructure.cli import (
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
     from infrastructure.logs import configure_logging
 
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise CliError(f"--host: {args.host!r} is no address of this machine's names "
+                       f"({getattr(e, 'strerror', None) or e})") from None
     configure_logging()
     _ready_to_serve()
     if args.workers > 1:
@@ -199,7 +206,7 @@ def cmd_projections_status(args: argparse.Namespace) -> int:
     from infrastructure.readside.projections import followers
     from infrastructure.readside.quarantine import listing
 
-    trialog = _app()
+    trialog = _app(reads=True)
     try:
         head = None
         with trialog.engine.connect() as connection:
@@ -292,7 +299,7 @@ def cmd_reminders_scan(args: argparse.Namespace) -> int:
 def cmd_reminders_uncertain(args: argparse.Namespace) -> int:
     from infrastructure.jobs import reminders
 
-    trialog = _app()
+    trialog = _app(reads=True)
     try:
         for row in reminders.uncertain_rows(trialog):
             print(json.dumps(reminders.shown(trialog, row)))
@@ -346,7 +353,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from infrastructure.audit import exports
     from infrastructure.readside.projections import TrialProjection
 
-    trialog = _app()
+    trialog = _app(reads=True)
     try:
         require_the_store_s_key(trialog, "exported")
         TrialProjection(trialog).catch_up()
@@ -481,10 +488,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise CliError(NO_TABLES)
     if not opens:
         raise CliError(WRONG_KEY.format("imported"))
-    if args.jobs > 1:
-        report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)
-    else:
-        report = imports.run_file(settings, args.file, args.actor)
+    try:
+        if args.jobs > 1:
+            report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)
+        else:
+            report = imports.run_file(settings, args.file, args.actor)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        raise CliError("interrupted: the commands of the transaction it was writing are not "
+                       "written: run the import again (what was written is recognised by "
+                       "its command ids)") from None
     for number, refusal in report.refused:
         print(f"line {number}: {printable(refusal)}", file=sys.stderr)
     if report.failed is not None:

@@ -180,6 +180,12 @@ def _given(env: Mapping[str, str]) -> dict[str, str]:
     return {name: (env.get(name) or "").strip() for name in SECRET_FILES}
 
 
+def sqlite_file(env: Mapping[str, str]) -> Path | None:
+    """The SQLite file the settings name (none for PostgreSQL or a memory database),
+    read without making the secrets kept beside it."""
+    return _database_file(database_url(env))
+
+
 def _database_file(url: str) -> Path | None:
     """The SQLite file beside which the secrets are kept; None when there is none."""
     if not url.startswith("sqlite:///") or ":memory:" in url:

@@ -82,6 +82,8 @@ def test_the_same_seed_gives_the_same_summary(tmp_path):
 
 
 def test_failures_are_one_line_on_standard_error(tmp_path):
+    assert run(["db", "upgrade"], tmp_path, TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
+               TRIALOG_CIPHER_KEY=TEST_KEY).returncode == 0
     missing = run(["audit", "history", "CASE-9999"], tmp_path,
                   TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", TRIALOG_CIPHER_KEY=TEST_KEY)
     assert missing.returncode == 1
@@ -815,3 +817,68 @@ def test_a_refusal_is_one_line_whatever_the_file_s_field_names_hold(tmp_path):
     done = run(["import", "f.ndjson"], tmp_path, TRIALOG_DATABASE_URL=url)
     assert done.stderr == ("line 1: validation_failed: data.a\\nline 99: fake\\x1b[31m\\x00: "
                            "Unknown field.\n")
+
+
+def test_arguments_and_files_that_cant_work_are_named_in_one_line(tmp_path):
+    """A version past any, a host that is no address, a SQLite store mistyped for a read
+    (which made a new, empty file that verified `ok`), and a SQLite file a later release
+    migrated each gave a library's words naming none of them."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    assert run(["db", "upgrade"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    huge = run(["audit", "history", "CASE-0001", "--version", "99999999999999999999"],
+               tmp_path, TRIALOG_DATABASE_URL=url)
+    assert (huge.returncode, huge.stderr) == (1, (
+        "trialog: --version: 99999999999999999999 is not a version (they start at 1; at most "
+        "2147483648)\n"))
+    host = run(["serve", "--host", "nosuchhost.invalid", "--port", "0"], tmp_path,
+               TRIALOG_DATABASE_URL=url)
+    assert host.returncode == 1
+    assert host.stderr.startswith("trialog: --host: 'nosuchhost.invalid' is no address")
+    typo = f"sqlite:///{tmp_path / 'typo' / 'x.db'}"
+    for args in (["audit", "verify"], ["audit", "history", "CASE-0001"], ["export", "csv"],
+                 ["projections", "status"], ["reminders", "uncertain"]):
+        done = run(args, tmp_path, TRIALOG_DATABASE_URL=typo)
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", (
+            f"trialog: TRIALOG_DATABASE_URL: there is no SQLite file "
+            f"{tmp_path / 'typo' / 'x.db'}: this command reads a store and makes none\n")), args
+    assert not (tmp_path / "typo").exists()
+    with create_engine(url).begin() as conn:
+        conn.execute(text("UPDATE trialog_alembic_version SET version_num = '9999'"))
+    for args in (["audit", "verify"], ["db", "upgrade"], ["import", "x.ndjson"]):
+        done = run(args, tmp_path, TRIALOG_DATABASE_URL=url)
+        assert (done.returncode, done.stderr) == (1, (
+            "trialog: the database was migrated by a later release (revision 9999, which "
+            "this one doesn't know): run that release\n")), args
+
+
+def test_an_import_interrupted_says_so_in_one_line(tmp_path):
+    import signal
+    import time
+
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    assert run(["db", "upgrade"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    _screenings(tmp_path / "s.ndjson", 20_000)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+    env.update(PYTHONPATH=str(ROOT), TRIALOG_DATABASE_URL=url)
+    process = subprocess.Popen(TRIALOG + ["import", "s.ndjson"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _written(url) and time.monotonic() < deadline:  # a transaction in, then ^C
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out) == (1, ""), err
+    assert err == ("trialog: interrupted: the commands of the transaction it was writing are "
+                   "not written: run the import again (what was written is recognised by its "
+                   "command ids)\n")
+
+
+def _written(url: str) -> bool:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(text("SELECT count(*) FROM trialog_commands")).scalar())
+    except Exception:  # noqa: BLE001 - locked by the writer: not yet known
+        return False
+    finally:
+        engine.dispose()
