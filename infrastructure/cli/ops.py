@@ -369,14 +369,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _write_whole(path: str, chunks: Any) -> None:
-    """The chunks written to a file beside ``path``, which takes its place once all are
-    written: what ``path`` held stays until then."""
+    """The chunks written to ``path``. A regular file (or a new one), through a link or
+    not, is written beside itself and replaced once all are written (what it held stays
+    until then; a file made new is readable by its owner only, one replaced keeps its
+    mode); anything else (a pipe, a device, ``/dev/stdout``) is written to as it is."""
     import tempfile
 
-    folder, name = os.path.split(os.path.abspath(path))
     try:
-        if os.path.isdir(path):
-            raise IsADirectoryError(21, "Is a directory")
+        found = os.stat(path)  # through any link
+    except FileNotFoundError:
+        found = None
+    except OSError as e:
+        raise CliError(f"--output: {path}: {e.strerror or e}") from None
+    if found is not None and stat.S_ISDIR(found.st_mode):
+        raise CliError(f"--output: {path}: Is a directory")
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        try:
+            with open(path, "w", newline="", encoding="utf-8") as out:
+                out.writelines(chunks)
+        except FileNotFoundError as e:
+            raise CliError(f"--output: {path}: {e.strerror or e}") from None
+        return
+    target = os.path.realpath(path)  # the file a link names is replaced, not the link
+    folder, name = os.path.split(target)
+    try:
         file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - replaced or removed below
             "w", dir=folder, prefix=f".{name}.", suffix=".partial", delete=False,
             newline="", encoding="utf-8")
@@ -384,9 +400,10 @@ def _write_whole(path: str, chunks: Any) -> None:
         raise CliError(f"--output: {path}: {e.strerror or e}") from None
     try:
         with file:
-            for chunk in chunks:
-                file.write(chunk)
-        os.replace(file.name, path)
+            file.writelines(chunks)
+        if found is not None:
+            os.chmod(file.name, stat.S_IMODE(found.st_mode))
+        os.replace(file.name, target)
     except BaseException:
         os.unlink(file.name)
         raise

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -792,13 +794,31 @@ def test_an_export_after_an_import_holds_what_was_imported_and_replaces_its_file
                   for line in subjects.splitlines()) == sorted(ids)
     kept = tmp_path / "kept.ndjson"
     kept.write_text("a previous export\n")
+    kept.chmod(0o640)
     later = {"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}  # another key
     assert run(["export", "fhir", "--output", "kept.ndjson"], tmp_path,
                **later).returncode == 1
     assert kept.read_text() == "a previous export\n"
     assert run(["export", "fhir", "--output", "kept.ndjson"], tmp_path,
                TRIALOG_DATABASE_URL=url).returncode == 0
-    assert kept.read_text() == subjects and kept.stat().st_mode & 0o777 == 0o600
+    assert kept.read_text() == subjects and kept.stat().st_mode & 0o777 == 0o640
+    assert run(["export", "fhir", "--output", "new.ndjson"], tmp_path,
+               TRIALOG_DATABASE_URL=url).returncode == 0
+    assert (tmp_path / "new.ndjson").stat().st_mode & 0o777 == 0o600  # made new: the owner's
+    # A link: the file it names is replaced, the link kept; a pipe (or a device) is
+    # written to, not replaced by a file.
+    (tmp_path / "link.ndjson").symlink_to("kept.ndjson")
+    kept.write_text("older\n")
+    assert run(["export", "fhir", "--output", "link.ndjson"], tmp_path,
+               TRIALOG_DATABASE_URL=url).returncode == 0
+    assert (tmp_path / "link.ndjson").is_symlink() and kept.read_text() == subjects
+    os.mkfifo(tmp_path / "pipe")
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit((tmp_path / "pipe").read_text)
+        assert run(["export", "fhir", "--output", "pipe"], tmp_path,
+                   TRIALOG_DATABASE_URL=url).returncode == 0
+        assert read.result(timeout=60) == subjects
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
     for wrong, why in (("nowhere/x.csv", "No such file or directory"),
                        (".", "Is a directory")):
