@@ -331,7 +331,8 @@ class Participant(DataManagement, ChainedAggregate):
     class VisitMissedRetracted(Event):
         """A visit marked missed is missed no longer: a correction of the registration
         date moved its window, which has not closed yet, or a correction of a visit's code
-        moved that visit's data to it (``cause`` says which)."""
+        moved that visit's data to it, or its data was recorded after the mark (``cause``
+        says which): a visit held is not missed (held late, it is out of its window)."""
 
         visit: str
         cause: str
@@ -681,6 +682,9 @@ class Participant(DataManagement, ChainedAggregate):
             self.VisitCompleted, data=dict(data), completes_study=code == protocol.visits[-1].code,
             **audit.event_fields(),
         )
+        if code in self.missed_visits:  # a form entered after the clock marked it missed
+            self._retract_miss(code, f"the visit held on {data['completed_on']} was recorded "
+                                     "after the mark", audit)
 
     def report_medication(self, data: Mapping[str, Any], audit: Audit) -> None:
         self.require_unlocked()
@@ -798,15 +802,13 @@ class Participant(DataManagement, ChainedAggregate):
                                           f"{self.registered_on}: the window now ends on "
                                           f"{ends[visit]}", audit)
 
-    def retract_misses_visited(self, audit: Audit) -> None:
-        """After a correction of a visit's code: a visit marked missed that now holds a
-        visit's data (moved there from the visit it was keyed under) was not missed."""
-        completed = self.completed_visits()
-        for visit in list(self.missed_visits):
-            if visit in completed:
-                self._retract_miss(visit, f"a correction moved the data of the visit held "
-                                          f"on {completed[visit]['completed_on']} here",
-                                   audit)
+    def retract_miss_moved_onto(self, visit: str, audit: Audit) -> None:
+        """After a correction of a visit's code to ``visit``: marked missed, it now holds
+        the data moved there from the visit it was keyed under; it was not missed."""
+        held = self.completed_visits().get(visit)
+        if held is not None and visit in self.missed_visits:
+            self._retract_miss(visit, f"a correction moved the data of the visit held on "
+                                      f"{held['completed_on']} here", audit)
 
     def _retract_miss(self, visit: str, cause: str, audit: Audit) -> None:
         """The visit's missed mark retracted, and its open `visit_missed` deviation

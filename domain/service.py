@@ -359,7 +359,7 @@ class TrialService(Application[Any]):
             participant.reassess_screening(self.protocol, audit)
         if cmd.data["field"] == "visit" and corrected is not None \
                 and participant.records[corrected]["type"] == "VisitCompleted":
-            participant.retract_misses_visited(audit)
+            participant.retract_miss_moved_onto(cmd.data["value"], audit)
             participant.reassess_completion(self.protocol, audit)
         if cmd.data["field"] == "registered_on":  # the schedule moved with it
             participant.retract_open_misses(self.protocol,

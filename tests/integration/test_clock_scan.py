@@ -191,6 +191,36 @@ def test_a_visit_s_data_moved_onto_a_visit_marked_missed_retracts_the_mark(isola
     assert isolated.service.get_participant(pid).missed_visits == []
 
 
+def test_a_visit_recorded_after_its_missed_mark_retracts_the_mark_once(isolated):
+    """Week 6, held on day 44, was entered on day 55, after the scan marked it missed: the
+    record said it was both missed and held (and an unrelated visit-code correction
+    later retracted the mark saying data had been moved there)."""
+    from infrastructure.audit.history import history
+
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": day(0)}))
+    at_noon(isolated, 50)
+    TrialProjection(isolated).catch_up()
+    scan_clock(isolated, isolated.ended_everywhere())
+    at_noon(isolated, 55)
+    send(isolated, c.CompleteVisit(pid, {"visit": "week6", "completed_on": day(44)}))
+    participant = isolated.service.get_participant(pid)
+    assert participant.missed_visits == []
+    cause = f"the visit held on {day(44)} was recorded after the mark"
+    entries = history(isolated.service, pid, veil=str)
+    assert [e["type"] for e in entries[-3:]] == ["VisitCompleted", "VisitMissedRetracted",
+                                                 "DeviationResolved"]
+    assert entries[-2]["data"] == {"visit": "week6", "cause": cause}
+    send(isolated, c.CompleteVisit(pid, {"visit": "end_of_treatment",
+                                         "completed_on": day(50)}))
+    keyed = isolated.service.get_participant(pid).completed_visits()["end_of_treatment"]
+    send(isolated, c.CorrectData(pid, {"event_id": keyed["event_id"], "field": "visit",
+                                       "value": "follow_up"}), reason="wrong visit")
+    types = [e["type"] for e in history(isolated.service, pid, veil=str)]
+    assert types[-2:] == ["DataCorrected", "StudyCompletionReassessed"]
+    assert types.count("VisitMissedRetracted") == 1  # nothing retracted again
+
+
 def test_a_miss_the_corrected_registration_date_keeps_closed_stays(isolated):
     """Registration corrected to an earlier day: week 6 closed even sooner; the mark
     holds."""
