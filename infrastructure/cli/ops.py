@@ -17,7 +17,6 @@ from sqlalchemy.engine import Engine
 from domain.protocol import Protocol
 from infrastructure.cli import (
     NO_TABLES,
-    WRONG_KEY,
     CliError,
     _app,
     _not_migrated_later,
@@ -60,23 +59,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _ready_to_serve() -> None:
     """A server on a database without Trialog's tables, or with older ones, would answer
-    every request 500: it does not start (on SQLite they are made as it starts)."""
+    every request 500: it does not start (on SQLite they are made as it starts); nor with
+    another key than the store's, whose tokens fail their seals and whose events it could
+    not read (one a token made with that key let in would be written unreadable)."""
     from sqlalchemy import create_engine
 
     from infrastructure.store import migrations
+    from infrastructure.store.bootstrap import bootstrap
     from infrastructure.store.settings import Settings
 
     settings = Settings.from_env()
-    if settings.is_sqlite:
-        return
-    engine = create_engine(settings.database_url)
+    if not settings.is_sqlite:
+        engine = create_engine(settings.database_url)
+        try:
+            behind = migrations.behind(engine)
+        finally:
+            engine.dispose()
+        if behind:
+            raise CliError(NO_TABLES)
+        _not_migrated_later(settings)
+    trialog = bootstrap(settings)  # (closed before any worker starts)
     try:
-        behind = migrations.behind(engine)
+        require_the_store_s_key(trialog, "the server does not start")
     finally:
-        engine.dispose()
-    if behind:
-        raise CliError(NO_TABLES)
-    _not_migrated_later(settings)
+        trialog.close()
 
 
 def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:
@@ -84,7 +90,7 @@ def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:
     ``refusal`` to standard error as one line."""
     trialog = _app()
     try:
-        require_the_store_s_key(trialog, "done")  # a revocation is an event of the store
+        require_the_store_s_key(trialog, "nothing was done")  # a revocation is an event of the store
         answer = action(trialog)
     except refusal as e:
         raise CliError(str(e)) from None
@@ -278,7 +284,7 @@ def cmd_reminders_scan(args: argparse.Namespace) -> int:
 
     trialog = _app()
     try:
-        require_the_store_s_key(trialog, "done")
+        require_the_store_s_key(trialog, "nothing was done")
         TrialProjection(trialog).catch_up()  # the schedule is read from the read models
         new = reminders.scan(trialog, reminders.Today.of(trialog))
         # Its warning is the workers' (they retry); here the failure is said below, once.
@@ -315,7 +321,7 @@ def cmd_reminders_resolve(args: argparse.Namespace) -> int:
         raise CliError("--actor and --reason: must not be blank")
     trialog = _app()
     try:
-        require_the_store_s_key(trialog, "done")
+        require_the_store_s_key(trialog, "nothing was done")
         status = reminders.resolve(trialog, args.reminder_id, sent=args.sent,
                                    actor=args.actor, reason=args.reason)
     except reminders.NotUncertain as e:
@@ -332,7 +338,7 @@ def cmd_deviations_scan(args: argparse.Namespace) -> int:
 
     trialog = _app()
     try:
-        require_the_store_s_key(trialog, "done")
+        require_the_store_s_key(trialog, "nothing was done")
         TrialProjection(trialog).catch_up()
         events = monitor.DeviationMonitor(trialog).catch_up()
         counts = monitor.scan_clock(trialog, trialog.ended_everywhere())
@@ -355,7 +361,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     trialog = _app(reads=True)
     try:
-        require_the_store_s_key(trialog, "exported")
+        require_the_store_s_key(trialog, "nothing was exported")
         TrialProjection(trialog).catch_up()
         chunks = exports.document(trialog, args.format, args.deidentify)
         if not args.output:
@@ -475,7 +481,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     from infrastructure.store.bootstrap import bootstrap, load_protocol
     from infrastructure.store.outages import DATABASE_ERRORS
     from infrastructure.store.settings import Settings
-    from infrastructure.store.stored import key_opens
 
     settings = Settings.from_env()
     refusal = imports.jobs_refusal(settings, load_protocol(settings.protocol_path), args.jobs)
@@ -494,17 +499,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         trialog = bootstrap(settings)  # closed before any process starts
         try:
-            behind = migrations.behind(trialog.engine)
-            opens = behind or key_opens(trialog.service)
+            if migrations.behind(trialog.engine):
+                raise CliError(NO_TABLES)
+            require_the_store_s_key(trialog, "nothing was imported")
         finally:
             trialog.close()
     except DATABASE_ERRORS as e:
         raise CliError(f"{imports.database_failure(e)}; nothing was imported: run the import "
                        "again") from None
-    if behind:
-        raise CliError(NO_TABLES)
-    if not opens:
-        raise CliError(WRONG_KEY.format("imported"))
     try:
         if args.jobs > 1:
             report = imports.run_in_processes(settings, args.file, args.actor, args.jobs)

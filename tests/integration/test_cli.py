@@ -740,16 +740,22 @@ def test_an_import_or_export_with_another_cipher_key_is_refused_before_anything_
         assert run(["import", "first.ndjson"], tmp_path, **right).returncode == 0
         newcomers = _screenings(tmp_path / "second.ndjson", 2)
         other = {**right, "TRIALOG_CIPHER_KEY": base64.b64encode(os.urandom(32)).decode()}
-        refusal = ("trialog: TRIALOG_CIPHER_KEY: none of the newest stored events decrypts "
-                   "with it: it is not the key this store was written with; nothing was {}\n")
-        for args, nothing in ((["import", "second.ndjson"], "imported"),
-                              (["import", "second.ndjson", "--jobs", "2"], "imported"),
-                              (["export", "odm"], "exported"), (["export", "fhir"], "exported"),
-                              # A revocation is an event of the store; the rest is sealed.
-                              (["token", "revoke", "someone"], "done"),
-                              (["token", "create", "--name", "x", "--role", "admin"], "done"),
-                              (["webhook", "add", "--url", "https://example.org/h"], "done"),
-                              (["reminders", "scan"], "done"), (["deviations", "scan"], "done")):
+        refusal = ("trialog: TRIALOG_CIPHER_KEY: the store's oldest event does not decrypt "
+                   "with it: it is not the key this store was written with (or that event "
+                   "was damaged: `trialog audit verify` tells); {}\n")
+        for args, nothing in (
+                (["import", "second.ndjson"], "nothing was imported"),
+                (["import", "second.ndjson", "--jobs", "2"], "nothing was imported"),
+                (["export", "odm"], "nothing was exported"),
+                (["export", "fhir"], "nothing was exported"),
+                # A revocation is an event of the store; the rest is sealed.
+                (["token", "revoke", "someone"], "nothing was done"),
+                (["token", "create", "--name", "x", "--role", "admin"], "nothing was done"),
+                (["webhook", "add", "--url", "https://example.org/h"], "nothing was done"),
+                (["reminders", "scan"], "nothing was done"),
+                (["deviations", "scan"], "nothing was done"),
+                (["serve", "--port", "0"], "the server does not start"),
+                (["serve", "--port", "0", "--workers", "2"], "the server does not start")):
             done = run(args, tmp_path, **other)
             assert (done.returncode, done.stdout, done.stderr) == (
                 1, "", refusal.format(nothing)), args
