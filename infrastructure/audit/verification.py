@@ -526,7 +526,8 @@ def check_store(trialog: Trialog, processes: int | None = None,
                         + check_allocations(report.allocations, trialog.service,
                                             trialog.protocol.study_id))
     if deep:
-        report.problems += check_read_models(trialog) + check_feed(trialog)
+        report.problems += check_read_models(trialog) + check_feed(
+            trialog, {p.stream for p in report.problems})
     report.snapshots_passed_over = passed_over if deep else None
     report.seconds = time.perf_counter() - start
     return report
@@ -778,15 +779,18 @@ def check_read_models(trialog: Trialog) -> list[Problem]:
     return problems
 
 
-def check_feed(trialog: Trialog, batch: int = 5000) -> list[Problem]:
+def check_feed(trialog: Trialog, passed_over: set[str] | None = None,
+               batch: int = 5000) -> list[Problem]:
     """Deep: each rm_feed row against its seals (see ``FeedSeals``), and against the event
     the store holds at its position. The feed and the history read a row that fails its
     seals from the store instead, so nothing wrong is served, but a row changed outside
     trialog is a `read_model` problem here too, not a log line alone. A position is the
     one thing of an event the chain does not cover: two events of two streams given each
     other's positions (or one moved to a free position) leave every chain whole, but not
-    the event rm_feed rendered there, which is `reordered`. rm_feed is read first: each
-    of its rows was written after its event was committed."""
+    the event rm_feed rendered there, which is `reordered` (unless its stream is one of
+    ``passed_over``, where the chain check found a problem already). rm_feed is read
+    first: each of its rows was written after its event was committed."""
+    passed_over = passed_over or set()
     from infrastructure.audit.feed import FeedSeals
     from infrastructure.store.tables import feed_events
 
@@ -819,38 +823,54 @@ def check_feed(trialog: Trialog, batch: int = 5000) -> list[Problem]:
             while event is not None and event.id < row.position:
                 event = next(stored, None)
             moved = _position_moved(trialog, row, event if event is not None
-                                    and event.id == row.position else None)
+                                    and event.id == row.position else None, passed_over)
             if moved:
                 problems.append(moved)
     return problems
 
 
-def _position_moved(trialog: Trialog, row: Any, event: Any) -> Problem | None:
+def _position_moved(trialog: Trialog, row: Any, event: Any,
+                    passed_over: set[str]) -> Problem | None:
     """The problem, if any, of a sealed rm_feed row whose position now holds another event
     in the store (or none), named as the event rendered there: its entry names its id, a
-    row with none (an event it could not render) its type."""
+    row with none (an event it could not render) its stream and type. A stream the chain
+    check found a problem in (``passed_over``) is reported there alone."""
+    stream, pid = _subject_stream(trialog, row.subject)
+    moved_from = None if event is None else as_uuid(event.originator_id)
+    if {str(stream), str(moved_from)} & passed_over:
+        return None
     rendered = orjson.loads(row.entry) if row.entry is not None else {}
     if event is not None and (
-            event_uuid(as_uuid(event.originator_id), event.originator_version)
-            == rendered["event_id"] if "event_id" in rendered
-            else event.topic.rsplit(".", 1)[-1] == row.type):
+            event_uuid(moved_from, event.originator_version) == rendered["event_id"]
+            if "event_id" in rendered
+            else (moved_from, event.topic.rsplit(".", 1)[-1]) == (stream, row.type)):
         return None
-    study = trialog.protocol.study_id
-    stream, pid = {study: (trial_uuid(study), None),
-                   f"access/{study}": (register_uuid(study), None)}.get(
-        row.subject, (None, row.subject))
-    if row.subject.startswith("allocation/"):
-        stream, pid = sequence_id(study, row.subject.split("/", 1)[1]), None
     version = rendered.get("version", 0)
     what = (f"{row.type} version {version} of {row.subject}" if version
             else f"an event {row.type} of {row.subject}")
     where = ("the store holds no event there: it was moved to another position or deleted"
              if event is None else "the store holds another event there: positions were "
              "changed outside trialog")
-    return Problem("reordered", str(stream or participant_uuid(row.subject)),
-                   version, row.position,
+    return Problem("reordered", str(stream), version, row.position,
                    f"the feed's follower rendered {what} at position {row.position}; "
                    f"{where}", pid)
+
+
+def _subject_stream(trialog: Trialog, subject: str) -> tuple[UUID, str | None]:
+    """The stream an rm_feed row's subject names, and its participant (None for the
+    trial's own streams, and for one whose first event could not be read, named by its
+    stream's id)."""
+    study = trialog.protocol.study_id
+    if subject == study:
+        return trial_uuid(study), None
+    if subject == f"access/{study}":
+        return register_uuid(study), None
+    if subject.startswith("allocation/"):
+        return sequence_id(study, subject.split("/", 1)[1]), None
+    try:
+        return UUID(subject), None
+    except ValueError:
+        return participant_uuid(subject), subject
 
 
 def _participant_streams(trialog: Trialog) -> dict[str, tuple[UUID, int, int]]:

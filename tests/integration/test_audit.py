@@ -881,6 +881,33 @@ def test_the_deep_check_finds_positions_changed_between_two_streams_or_to_a_free
                             "moved to another position or deleted")
 
 
+@pytest.mark.parametrize("tamper", ["swap", "delete"])
+def test_a_stream_the_chain_check_faults_is_not_reported_again_from_the_feed(isolated,
+                                                                            tamper):
+    """Two versions of a stream swapped (or one deleted) after rm_feed rendered them: the
+    chain check reported it once, and the feed's check again for each row, naming the
+    versions otherwise."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import FeedProjection
+
+    t = isolated
+    pid = setup_participant(t)
+    FeedProjection(t).catch_up()
+    table = events_table(t)
+    at = lambda v: row(t, pid, v)[1]
+    with t.engine.begin() as conn:
+        if tamper == "delete":
+            conn.execute(delete(table).where(at(5)))
+        else:
+            five, six = (conn.execute(select(table.c.id).where(at(v))).scalar_one()
+                         for v in (5, 6))
+            conn.execute(update(table).where(at(5)).values(id=-five))
+            conn.execute(update(table).where(at(6)).values(id=five))
+            conn.execute(update(table).where(at(5)).values(id=six))
+    plain = check_store(t, processes=1).problems
+    assert plain and check_store(t, processes=1, deep=True).problems == plain
+
+
 def test_an_event_recorded_while_the_deep_check_reads_is_no_read_model_problem(
         isolated, monkeypatch):
     """The record was replayed after the streams' ends were read: an event recorded
