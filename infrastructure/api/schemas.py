@@ -25,10 +25,13 @@ class Parameters(Schema):
         if values is None:
             return data
         lists = getattr(data, "multiple_keys", ())
+        known = {field.data_key or name for name, field in self.fields.items()}
         repeated = {name: [f"given {count} times: give one value"] for name in data
-                    if name not in lists and (count := len(values(name))) > 1}
-        if repeated:
-            raise ValidationError(repeated)
+                    if name in known and name not in lists
+                    and (count := len(values(name))) > 1}
+        if repeated:  # named with the unknown ones, which the load would have named
+            raise ValidationError({**repeated, **{name: [self.error_messages["unknown"]]
+                                                  for name in data if name not in known}})
         return data
 
 

@@ -423,6 +423,11 @@ def test_a_query_parameter_given_twice_is_a_422_naming_it(server, path, name, va
     assert answer.status_code == 422, answer.text
     assert answer.json()["fields"] == {name: ["given 2 times: give one value"]}
     assert auditor.get(path.format(pid=pid), **{name: values[0]}).status_code == 200
+    unknown = auditor.get(path.format(pid=pid), **{name: values, "zz": ["1", "2"]})
+    assert unknown.json()["fields"] == {name: ["given 2 times: give one value"],
+                                        "zz": ["Unknown field."]}
+    assert auditor.get(path.format(pid=pid), zz=["1", "2"]).json()["fields"] == {
+        "zz": ["Unknown field."]}
 
 
 @pytest.mark.parametrize("path, name, wrong, right, named", [
