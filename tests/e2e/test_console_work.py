@@ -453,6 +453,9 @@ def test_a_query_s_step_shows_its_reason_beside_its_text(console, visited):  # n
                        params={"after": answer.json()["position"]})
     assert page.status_code == 200
     assert "Please look again (reason: the source was misread)</li>" in page.text
+    work = session.get(console.page_url("/console/work/queries"), timeout=30,
+                       params={"after": answer.json()["position"]})
+    assert "<td>Please look again (reason: the source was misread)</td>" in work.text
 
 
 def test_a_number_the_page_does_not_read_is_refused_not_failed(console, visited):  # noqa: F811
