@@ -357,12 +357,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     ``--output``, a file written whole or not at all (a failure half way left a previous
     export cut off)."""
     from infrastructure.audit import exports
-    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.cli import _no_tables, _one_line
+    from infrastructure.readside.projections import TrialProjection, UnreadableStore
+    from infrastructure.store.outages import DATABASE_ERRORS
 
     trialog = _app(reads=True)
     try:
         require_the_store_s_key(trialog, "nothing was exported")
-        TrialProjection(trialog).catch_up()
+        try:
+            TrialProjection(trialog).catch_up()
+        except (*DATABASE_ERRORS, UnreadableStore) as e:  # a role that may only read, say
+            if _no_tables(e):
+                raise CliError(NO_TABLES) from None
+            print(f"trialog: warning: the read models could not be brought up to date "
+                  f"({_one_line(e)}); the CSV and FHIR exports give them as they stand",
+                  file=sys.stderr)
         chunks = exports.document(trialog, args.format, args.deidentify)
         if not args.output:
             for chunk in chunks:

@@ -832,6 +832,27 @@ def test_an_export_after_an_import_holds_what_was_imported_and_replaces_its_file
         assert (done.returncode, done.stderr) == (1, f"trialog: --output: {wrong}: {why}\n")
 
 
+def test_an_export_whose_read_models_cant_be_brought_up_to_date_says_so_and_goes_on(
+        tmp_path):
+    """Bringing the read models up to date first made an export fail where it had given
+    them as they stood (a role that may only read, a tail of the store that can't be
+    read)."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    [first] = _screenings(tmp_path / "s.ndjson", 1)
+    assert run(["import", "s.ndjson"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    before = run(["export", "fhir"], tmp_path, TRIALOG_DATABASE_URL=url).stdout
+    assert first in before
+    _screenings(tmp_path / "more.ndjson", 2)
+    assert run(["import", "more.ndjson"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    with create_engine(url).begin() as conn:  # the two new events, unreadable
+        conn.execute(text("UPDATE trialog_events SET state = x'00' WHERE id > 1"))
+    done = run(["export", "fhir"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert (done.returncode, done.stdout) == (0, before)
+    assert done.stderr.startswith("trialog: warning: the read models could not be brought "
+                                  "up to date (UnreadableStore: no event of this batch")
+    assert done.stderr.endswith("; the CSV and FHIR exports give them as they stand\n")
+
+
 def test_a_refusal_is_one_line_whatever_the_file_s_field_names_hold(tmp_path):
     """A field named with a line break printed as a refusal of another line, and a
     terminal's escape reached the terminal."""
