@@ -329,12 +329,65 @@ class _Waiter:
         self.reset()
 
 
+# The rules the read models are rendered by: raised with each change of what they hold
+# (0035: a query step's reason beside its text). Read models a process of older rules
+# rendered (one still following while the migration that empties them ran, or after it)
+# are rendered again when a follower of these rules starts.
+RULES = 35
+RULES_ROW = "trial:rules"
+
+
 class TrialProjection(LogFollower):
     """Builds rm_participants, rm_visits, rm_deviations and rm_scores from participant
     events, by applying them to aggregates kept in a bounded cache."""
 
     name = "trial"
     rebuilt_tables = READ_MODELS
+    _rules_checked = False
+
+    def rebuild(self, progress: Progress | None = None) -> int:
+        self._stamp_rules()  # rendered from the first by these rules, whoever stops it
+        return super().rebuild(progress)
+
+    def catch_up(self, progress: Progress | None = None) -> int:
+        self.check_rules()
+        return super().catch_up(progress)
+
+    def follow(self, stop: threading.Event, wake: threading.Event | None = None,
+               poll_interval: float = 0.05) -> None:
+        self.check_rules()
+        super().follow(stop, wake, poll_interval)
+
+    def check_rules(self) -> None:
+        """Renders the read models again if a process of older rules rendered any since
+        they were emptied for these (see RULES); else records that they are these rules'
+        from here on. Once a process."""
+        if self._rules_checked:
+            return
+        self._rules_checked = True
+        with self.trialog.engine.connect() as connection:
+            found = dict(connection.execute(select(positions.c.name, positions.c.position)
+                                            .where(positions.c.name.in_((self.name,
+                                                                          RULES_ROW)))).all())
+        if found.get(RULES_ROW, 0) >= RULES:
+            return
+        if found.get(self.name, 0) > 0:
+            log.warning("the read models hold rows rendered by older rules than this "
+                        "release's (a process of an earlier release followed the log after "
+                        "the migration that emptied them): rendering them again")
+            self.rebuild()
+        else:
+            self._stamp_rules()
+
+    def _stamp_rules(self) -> None:
+        try:
+            with self.recorder.transaction(commit=True) as session:
+                stamped = session.execute(update(positions).where(
+                    positions.c.name == RULES_ROW).values(position=RULES)).rowcount
+                if not stamped:
+                    session.execute(insert(positions).values(name=RULES_ROW, position=RULES))
+        except WRITE_CONFLICTS:
+            pass  # another process stamped it first
 
     def __init__(self, trialog: Trialog, batch_size: int = 500,
                  cache_size: int = 50_000) -> None:

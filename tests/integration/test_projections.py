@@ -650,6 +650,38 @@ def test_after_migration_0035_a_query_s_thread_keeps_a_step_s_reason_beside_its_
         t.close()
 
 
+def test_read_models_a_process_of_older_rules_rendered_are_rendered_again_at_start(
+        isolated):
+    """A process of the release before, still following the log after migration 0035
+    emptied the read models, rendered them again its way (no step's reason), and the
+    follower of this release found nothing left to do: deep verify called the rows
+    edited. Such a process writes no stamp of these rules."""
+    from infrastructure.readside.projections import RULES, RULES_ROW
+    from infrastructure.store.tables import queries
+
+    t = isolated
+    pid, query = enrol(t), str(uuid4())
+    send(t, c.RaiseQuery(pid, {"query_id": query, "text": "Pain 7?", "visit": "baseline"}))
+    send(t, c.CancelQuery(pid, {"query_id": query, "text": "asked twice"}), reason="a typo")
+    TrialProjection(t).catch_up()
+    with t.engine.begin() as connection:  # as the older release renders it, stamping none
+        thread = connection.execute(select(queries.c.thread)).scalar()
+        del thread[-1]["reason"]
+        connection.execute(update(queries).values(thread=thread))
+        connection.execute(delete(positions).where(positions.c.name == RULES_ROW))
+    TrialProjection(t).catch_up()
+    with t.engine.connect() as connection:
+        thread = connection.execute(select(queries.c.thread)).scalar()
+        stamp = connection.execute(select(positions.c.position).where(
+            positions.c.name == RULES_ROW)).scalar()
+    assert thread[-1]["reason"] == "a typo" and stamp == RULES
+    with t.engine.begin() as connection:  # stamped: this release's rows are kept as they are
+        connection.execute(update(queries).values(thread=[]))
+    TrialProjection(t).catch_up()
+    with t.engine.connect() as connection:
+        assert connection.execute(select(queries.c.thread)).scalar() == []
+
+
 def test_after_migration_0034_the_feed_is_rendered_again_and_the_read_models_kept(
         isolated_url):
     """The access register's events had the study's id as their subject, as the database
