@@ -16,6 +16,7 @@ whichever process writes first.
 
 from __future__ import annotations
 
+import signal
 import uuid
 import zlib
 from codecs import BOM_UTF8
@@ -246,12 +247,23 @@ def run_in_processes(settings: Settings, path: str, actor: str, jobs: int) -> Re
     # their collections, and this process's own exit no longer scans them (0.2 s of the
     # import's wall time before, 0.02 s after).
     freeze_startup()
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("fork"),
+                               initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN))
     try:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
-            parts = list(pool.map(run_file, repeat(settings), repeat(path), repeat(actor),
-                                  range(jobs), repeat(jobs)))
+        parts = list(pool.map(run_file, repeat(settings), repeat(path), repeat(actor),
+                              range(jobs), repeat(jobs)))
     except BrokenProcessPool as e:  # one was killed (out of memory, a signal)
         return Report(failed=f"a process of the import was stopped ({e})")
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every process of the terminal's group: the children ignore it
+        # (each printed a traceback) and are stopped here, their transactions rolled back.
+        for process in getattr(pool, "_processes", {}).values():
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown()  # (done already when interrupted)
     report = Report()
     for part in parts:
         report.add(part)

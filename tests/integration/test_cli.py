@@ -900,26 +900,37 @@ def test_arguments_and_files_that_cant_work_are_named_in_one_line(tmp_path):
             "this one doesn't know): run that release\n")), args
 
 
-def test_an_import_interrupted_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_an_import_interrupted_says_so_in_one_line(tmp_path, jobs):
+    """Ctrl-C printed a traceback (with --jobs, one from each process of the import: the
+    terminal's signal reaches them all)."""
     import signal
     import time
 
-    url = f"sqlite:///{tmp_path / 't.db'}"
-    assert run(["db", "upgrade"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    from tests.conftest import TEST_SECRETS
+    from tests.databases import PG_SERVER, fresh_postgres_database
+
     _screenings(tmp_path / "s.ndjson", 20_000)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
-    env.update(PYTHONPATH=str(ROOT), TRIALOG_DATABASE_URL=url)
-    process = subprocess.Popen(TRIALOG + ["import", "s.ndjson"], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not _written(url) and time.monotonic() < deadline:  # a transaction in, then ^C
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    assert (process.returncode, out) == (1, ""), err
-    assert err == ("trialog: interrupted: the commands of the transaction it was writing are "
-                   "not written: run the import again (what was written is recognised by its "
-                   "command ids)\n")
+    with fresh_postgres_database("trialog_ctrl_c") as name:
+        url = f"{PG_SERVER}/{name}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+        env.update(PYTHONPATH=str(ROOT), TRIALOG_DATABASE_URL=url, **TEST_SECRETS)
+        assert run(["db", "upgrade"], tmp_path, **env).returncode == 0
+        process = subprocess.Popen(TRIALOG + ["import", "s.ndjson", "--jobs", jobs],
+                                   cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not _written(url) and time.monotonic() < deadline:  # some written, then ^C
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal does: the whole group
+        out, err = process.communicate(timeout=60)
+        assert (process.returncode, out) == (1, ""), err
+        assert err == ("trialog: interrupted: the commands of the transaction it was writing "
+                       "are not written: run the import again (what was written is recognised "
+                       "by its command ids)\n")
+        again = run(["import", "s.ndjson", "--jobs", jobs], tmp_path, **env)
+        accepted, repeated = (int(n) for n in again.stdout.split()[0:3:2])
+        assert (accepted + repeated, again.returncode) == (20_000, 0), again.stderr
 
 
 def _written(url: str) -> bool:
