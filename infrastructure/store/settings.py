@@ -182,14 +182,8 @@ def _given(env: Mapping[str, str]) -> dict[str, str]:
 
 def sqlite_file(env: Mapping[str, str]) -> Path | None:
     """The SQLite file the settings name (none for PostgreSQL or a memory database),
-    read without making the secrets kept beside it (the URL's query, `?timeout=30`, is
-    no part of the file's name)."""
-    from sqlalchemy.engine import make_url
-
-    url = database_url(env)
-    if _database_file(url) is None:
-        return None
-    return Path(make_url(url).database or "")
+    read without making the secrets kept beside it."""
+    return _database_file(database_url(env))
 
 
 def _database_file(url: str) -> Path | None:

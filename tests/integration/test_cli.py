@@ -889,8 +889,6 @@ def test_arguments_and_files_that_cant_work_are_named_in_one_line(tmp_path):
             f"trialog: TRIALOG_DATABASE_URL: there is no SQLite file "
             f"{tmp_path / 'typo' / 'x.db'}: this command reads a store and makes none\n")), args
     assert not (tmp_path / "typo").exists()
-    queried = run(["audit", "verify", "--quiet"], tmp_path, TRIALOG_DATABASE_URL=f"{url}?timeout=5")
-    assert json.loads(queried.stdout)["ok"], queried.stderr  # the file, not 't.db?timeout=5'
     with create_engine(url).begin() as conn:
         conn.execute(text("UPDATE trialog_alembic_version SET version_num = '9999'"))
     for args in (["audit", "verify"], ["db", "upgrade"], ["import", "x.ndjson"]):
