@@ -501,6 +501,10 @@ def verify_parallel(settings: Settings, processes: int, progress: Progress | Non
     return report
 
 
+# The problems of a stream's chain of events (the others: a record's seal, the access
+# log, the lock's copy, snapshots, read models).
+CHAIN_KINDS = frozenset({"edited", "deleted", "reordered", "inserted", "repeated"})
+
 # Below this many stored events, starting worker processes costs more than it saves.
 PARALLEL_FROM = 100_000
 
@@ -527,7 +531,7 @@ def check_store(trialog: Trialog, processes: int | None = None,
                                             trialog.protocol.study_id))
     if deep:
         report.problems += check_read_models(trialog) + check_feed(
-            trialog, {p.stream for p in report.problems})
+            trialog, {p.stream for p in report.problems if p.kind in CHAIN_KINDS})
     report.snapshots_passed_over = passed_over if deep else None
     report.seconds = time.perf_counter() - start
     return report
@@ -833,12 +837,12 @@ def _position_moved(trialog: Trialog, row: Any, event: Any,
                     passed_over: set[str]) -> Problem | None:
     """The problem, if any, of a sealed rm_feed row whose position now holds another event
     in the store (or none), named as the event rendered there: its entry names its id, a
-    row with none (an event it could not render) its stream and type. A stream the chain
-    check found a problem in (``passed_over``) is reported there alone."""
+    row with none (an event it could not render) its stream and type. A row of a stream
+    whose chain has a problem already (``passed_over``) is reported there alone."""
     stream, pid = _subject_stream(trialog, row.subject)
-    moved_from = None if event is None else as_uuid(event.originator_id)
-    if {str(stream), str(moved_from)} & passed_over:
+    if str(stream) in passed_over:
         return None
+    moved_from = None if event is None else as_uuid(event.originator_id)
     rendered = orjson.loads(row.entry) if row.entry is not None else {}
     if event is not None and (
             event_uuid(moved_from, event.originator_version) == rendered["event_id"]

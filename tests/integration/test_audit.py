@@ -908,6 +908,30 @@ def test_a_stream_the_chain_check_faults_is_not_reported_again_from_the_feed(iso
     assert plain and check_store(t, processes=1, deep=True).problems == plain
 
 
+def test_a_problem_of_another_kind_hides_no_position_changed(isolated):
+    """The feed's check passed over every stream any problem named: a command's record
+    altered hid two events swapped between its stream and another."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import FeedProjection
+    from infrastructure.store.tables import command_records as commands
+
+    t = isolated
+    first, second = setup_participant(t), setup_participant(t)
+    FeedProjection(t).catch_up()
+    table = events_table(t)
+    with t.engine.begin() as conn:
+        a, b = (conn.execute(select(table.c.id).where(row(t, pid, v)[1])).scalar_one()
+                for pid, v in ((first, 6), (second, 1)))
+        conn.execute(update(table).where(table.c.id == a).values(id=-a))
+        conn.execute(update(table).where(table.c.id == b).values(id=a))
+        conn.execute(update(table).where(table.c.id == -a).values(id=b))
+        conn.execute(update(commands).where(commands.c.participant_id == first)
+                     .values(response=commands.c.response + " "))
+    problems = check_store(t, processes=1, deep=True).problems
+    assert {(p.kind, p.participant_id) for p in problems} == {
+        ("record", first), ("reordered", first), ("reordered", second)}
+
+
 def test_an_event_recorded_while_the_deep_check_reads_is_no_read_model_problem(
         isolated, monkeypatch):
     """The record was replayed after the streams' ends were read: an event recorded
