@@ -4,6 +4,7 @@ read models and the workers' scans."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import stat
@@ -383,11 +384,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _a_descriptor(path: str) -> bool:
+    """Whether ``path`` reaches its file through a process's descriptor (`/dev/stdout`,
+    `/dev/fd/N`, `/proc/self/fd/N`): a file the shell opened (`>> log`), written to as it
+    is, not replaced."""
+    seen, here = 0, os.path.abspath(path)
+    while seen < 40:
+        if here.startswith(("/proc/", "/dev/fd/")):
+            return True
+        if not os.path.islink(here):
+            return False
+        here = os.path.join(os.path.dirname(here), os.readlink(here))
+        seen += 1
+    return False
+
+
 def _write_whole(path: str, chunks: Any) -> None:
     """The chunks written to ``path``. A regular file (or a new one), through a link or
     not, is written beside itself and replaced once all are written (what it held stays
     until then; a file made new is readable by its owner only, one replaced keeps its
-    mode); anything else (a pipe, a device, ``/dev/stdout``) is written to as it is."""
+    mode and owner); anything else (a pipe, a device, ``/dev/stdout`` whatever it
+    names) is written to as it is."""
     import tempfile
 
     try:
@@ -398,9 +415,11 @@ def _write_whole(path: str, chunks: Any) -> None:
         raise CliError(f"--output: {path}: {e.strerror or e}") from None
     if found is not None and stat.S_ISDIR(found.st_mode):
         raise CliError(f"--output: {path}: Is a directory")
-    if found is not None and not stat.S_ISREG(found.st_mode):
+    if found is not None and (not stat.S_ISREG(found.st_mode) or _a_descriptor(path)):
         try:
-            with open(path, "w", newline="", encoding="utf-8") as out:
+            # Appended: opened again through a descriptor, "w" would cut the file the
+            # shell opened (`>> log`) back to nothing.
+            with open(path, "a", newline="", encoding="utf-8") as out:
                 out.writelines(chunks)
         except FileNotFoundError as e:
             raise CliError(f"--output: {path}: {e.strerror or e}") from None
@@ -418,6 +437,8 @@ def _write_whole(path: str, chunks: Any) -> None:
             file.writelines(chunks)
         if found is not None:
             os.chmod(file.name, stat.S_IMODE(found.st_mode))
+            with contextlib.suppress(PermissionError):  # (only root gives a file away)
+                os.chown(file.name, found.st_uid, found.st_gid)
         os.replace(file.name, target)
     except BaseException:
         os.unlink(file.name)

@@ -825,6 +825,17 @@ def test_an_export_after_an_import_holds_what_was_imported_and_replaces_its_file
                    TRIALOG_DATABASE_URL=url).returncode == 0
         assert read.result(timeout=60) == subjects
     assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
+    # Standard output by its name (as /dev/stdout is), appended by the shell to a file:
+    # written to, not put in the file's place.
+    (tmp_path / "out").symlink_to("/proc/self/fd/1")
+    log = tmp_path / "append.log"
+    log.write_text("kept\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+    with open(log, "a") as appended:
+        done = subprocess.run(TRIALOG + ["export", "fhir", "--output", "out"], cwd=tmp_path,
+                              env={**env, "PYTHONPATH": str(ROOT), "TRIALOG_DATABASE_URL": url},
+                              stdout=appended, check=False, timeout=120)
+    assert done.returncode == 0 and log.read_text() == "kept\n" + subjects
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
     for wrong, why in (("nowhere/x.csv", "No such file or directory"),
                        (".", "Is a directory")):
