@@ -332,7 +332,8 @@ class Participant(DataManagement, ChainedAggregate):
         """A visit marked missed is missed no longer: a correction of the registration
         date moved its window, which has not closed yet, or a correction of a visit's code
         moved that visit's data to it, or its data was recorded after the mark (``cause``
-        says which): a visit held is not missed (held late, it is out of its window)."""
+        says which): a visit held is not missed (held after its window closed, it is out of
+        its window, a deviation of its own)."""
 
         visit: str
         cause: str

@@ -63,13 +63,13 @@ def _app(reads: bool = False) -> Trialog:
     return bootstrap(settings)
 
 
-WRONG_KEY = ("TRIALOG_CIPHER_KEY: the store's oldest event does not decrypt with it: it is "
-             "not the key this store was written with (or that event was damaged: `trialog "
+WRONG_KEY = ("TRIALOG_CIPHER_KEY: none of the store's oldest events decrypts with it: it "
+             "is not the key this store was written with (or they were damaged: `trialog "
              "audit verify` tells); {}")
 
 
 def require_the_store_s_key(trialog: Trialog, nothing: str) -> None:
-    """Refuses a store whose oldest event TRIALOG_CIPHER_KEY does not open: written with
+    """Refuses a store whose oldest events TRIALOG_CIPHER_KEY does not open: written with
     another key, what this process writes would never be read with the store's own.
     ``nothing`` says what is not done."""
     if not key_opens(trialog.service):

@@ -78,7 +78,7 @@ def _ready_to_serve() -> None:
             engine.dispose()
         if behind:
             raise CliError(NO_TABLES)
-        _not_migrated_later(settings)
+    _not_migrated_later(settings)  # (on SQLite too: the bootstrap below migrates)
     trialog = bootstrap(settings)  # (closed before any worker starts)
     try:
         require_the_store_s_key(trialog, "the server does not start")

@@ -347,6 +347,7 @@ class TrialProjection(LogFollower):
 
     def rebuild(self, progress: Progress | None = None) -> int:
         self._stamp_rules()  # rendered from the first by these rules, whoever stops it
+        self._rules_checked = True
         return super().rebuild(progress)
 
     def catch_up(self, progress: Progress | None = None) -> int:
@@ -364,20 +365,19 @@ class TrialProjection(LogFollower):
         from here on. Once a process."""
         if self._rules_checked:
             return
-        self._rules_checked = True
         with self.trialog.engine.connect() as connection:
             found = dict(connection.execute(select(positions.c.name, positions.c.position)
                                             .where(positions.c.name.in_((self.name,
                                                                           RULES_ROW)))).all())
-        if found.get(RULES_ROW, 0) >= RULES:
-            return
-        if found.get(self.name, 0) > 0:
-            log.warning("the read models hold rows rendered by older rules than this "
-                        "release's (a process of an earlier release followed the log after "
-                        "the migration that emptied them): rendering them again")
-            self.rebuild()
-        else:
-            self._stamp_rules()
+        if found.get(RULES_ROW, 0) < RULES:
+            if found.get(self.name, 0) > 0:
+                log.warning("the read models hold rows rendered by older rules than this "
+                            "release's (a process of an earlier release followed the log "
+                            "after the migration that emptied them): rendering them again")
+                self.rebuild()
+            else:
+                self._stamp_rules()
+        self._rules_checked = True  # (not before: a start that failed checks again)
 
     def _stamp_rules(self) -> None:
         try:

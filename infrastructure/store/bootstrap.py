@@ -39,13 +39,19 @@ def load_protocol(path: Path) -> Protocol:
 
 
 def event_store_env(settings: Settings) -> dict[str, str]:
-    return {
+    env = {
         "PERSISTENCE_MODULE": "infrastructure.store.recording:Factory",
         "SQLALCHEMY_URL": settings.database_url,
         "CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
         "CIPHER_KEY": settings.cipher_key,
         "CREATE_TABLE": "y",
     }
+    # The library reads each setting under the application's name first, from the
+    # process's environment too: TRIALOG_CIPHER_KEY, this service's own setting, won over
+    # the key the settings chose (the demo's, beside its file). Given under both names,
+    # the settings' own win.
+    prefix = TrialService.name.upper()
+    return {**env, **{f"{prefix}_{key}": value for key, value in env.items()}}
 
 
 @dataclass

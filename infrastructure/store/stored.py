@@ -310,26 +310,31 @@ def stored_events(recorder: Any) -> int:
                    or 0)
 
 
+KEY_SAMPLE = 3  # the oldest events a key is tried on
+
+
 def key_opens(service: Any) -> bool:
     """Whether the cipher key opens the store: true for a store that holds no event or
-    does not encrypt, else whether it decrypts the store's oldest event, written with the
-    key the store has been written with since (events written later with another key,
-    however many, don't make that key the store's). A process writing with another key
-    would store events that the store's own key never opens, for good."""
+    does not encrypt, else whether it decrypts one of the store's oldest KEY_SAMPLE
+    events, written with the key the store has been written with since (events written
+    later with another key, however many, don't make that key the store's; one damaged
+    row is no other key). A process writing with another key would store events that the
+    store's own key never opens, for good."""
     cipher = service.mapper.cipher
     if not cipher:
         return True
     table = events_table(service.recorder)
     with service.recorder.datastore.engine.connect() as connection:
         oldest = connection.execute(select(table.c.state).order_by(table.c.id)
-                                    .limit(1)).scalar()
-    if oldest is None:
+                                    .limit(KEY_SAMPLE)).scalars().all()
+    opens = decrypter(cipher)
+    for state in oldest:
+        try:
+            opens(as_bytes(state))
+        except Exception:  # noqa: BLE001, S112 - another key's, or a damaged row
+            continue
         return True
-    try:
-        decrypter(cipher)(as_bytes(oldest))
-    except Exception:  # noqa: BLE001 - another key's (or a damaged row: verify says)
-        return False
-    return True
+    return not oldest
 
 
 def _in_range(query: Any, table: Any, streams: StreamRange) -> Any:

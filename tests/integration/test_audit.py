@@ -509,6 +509,22 @@ def test_a_caller_of_some_sites_is_told_of_their_participant_the_read_models_lac
     assert as_seen_by(t, Scope.of(["METRO"]), answer)["ok"]
 
 
+def test_the_key_check_takes_a_damaged_oldest_event_for_no_other_key(isolated):
+    """The CLI and the server check the key against the store's oldest events: one row
+    damaged there refused every write, token revocations included."""
+    from infrastructure.store.stored import key_opens
+
+    t = isolated
+    setup_participant(t)
+    table = events_table(t)
+    oldest = select(table.c.id).order_by(table.c.id)
+    for damaged, opens in ((1, True), (3, False)):
+        with t.engine.begin() as conn:
+            ids = conn.execute(oldest.limit(damaged)).scalars().all()
+            conn.execute(update(table).where(table.c.id.in_(ids)).values(state=b"damaged"))
+        assert key_opens(t.service) is opens
+
+
 def _rewrite_snapshot(t, pid: str, change) -> None:
     """The participant's one snapshot stored again in place, its state updated with
     ``change(state)`` (as someone holding the cipher key could)."""

@@ -740,9 +740,9 @@ def test_an_import_or_export_with_another_cipher_key_is_refused_before_anything_
         assert run(["import", "first.ndjson"], tmp_path, **right).returncode == 0
         newcomers = _screenings(tmp_path / "second.ndjson", 2)
         other = {**right, "TRIALOG_CIPHER_KEY": base64.b64encode(os.urandom(32)).decode()}
-        refusal = ("trialog: TRIALOG_CIPHER_KEY: the store's oldest event does not decrypt "
-                   "with it: it is not the key this store was written with (or that event "
-                   "was damaged: `trialog audit verify` tells); {}\n")
+        refusal = ("trialog: TRIALOG_CIPHER_KEY: none of the store's oldest events decrypts "
+                   "with it: it is not the key this store was written with (or they were "
+                   "damaged: `trialog audit verify` tells); {}\n")
         for args, nothing in (
                 (["import", "second.ndjson"], "nothing was imported"),
                 (["import", "second.ndjson", "--jobs", "2"], "nothing was imported"),
@@ -902,7 +902,8 @@ def test_arguments_and_files_that_cant_work_are_named_in_one_line(tmp_path):
     assert not (tmp_path / "typo").exists()
     with create_engine(url).begin() as conn:
         conn.execute(text("UPDATE trialog_alembic_version SET version_num = '9999'"))
-    for args in (["audit", "verify"], ["db", "upgrade"], ["import", "x.ndjson"]):
+    for args in (["audit", "verify"], ["db", "upgrade"], ["import", "x.ndjson"],
+                 ["serve", "--port", "0"], ["serve", "--port", "0", "--workers", "2"]):
         done = run(args, tmp_path, TRIALOG_DATABASE_URL=url)
         assert (done.returncode, done.stderr) == (1, (
             "trialog: the database was migrated by a later release (revision 9999, which "
@@ -951,3 +952,19 @@ def _written(url: str) -> bool:
         return False
     finally:
         engine.dispose()
+
+
+def test_the_demo_s_store_opens_with_its_own_key_whatever_the_environment_holds(tmp_path):
+    """With TRIALOG_CIPHER_KEY in the environment, the library encrypted the demo's events
+    with it (it reads a setting under the application's name first) while the demo kept
+    its own key beside its file: the printed `audit verify` then found no event it could
+    decrypt."""
+    import base64
+
+    other = base64.b64encode(os.urandom(32)).decode()
+    demo = run(["demo", "--participants", "2", "--seed", "1"], tmp_path,
+               TRIALOG_CIPHER_KEY=other)
+    assert demo.returncode == 0, demo.stderr
+    verified = run(["audit", "verify", "--quiet"], tmp_path,
+                   TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'trialog-demo.db'}")
+    assert json.loads(verified.stdout)["ok"] is True, verified.stdout + verified.stderr
