@@ -53,13 +53,17 @@ def _print_json(value: Any) -> None:
 
 def _app(reads: bool = False) -> Trialog:
     """The application. A command that only ``reads`` a store does not create one: a
-    mistyped SQLite path made a new, empty file that verified `ok`."""
+    mistyped SQLite path made a new, empty file that verified `ok`. A PostgreSQL
+    database without Trialog's tables (or with older ones) is refused before anything is
+    made there (`trialog db upgrade` makes them)."""
     file = sqlite_file(os.environ)
     if reads and file is not None and not file.exists():  # (nor its secrets beside it)
         raise CliError(f"TRIALOG_DATABASE_URL: there is no SQLite file {file}: this command "
                        "reads a store and makes none")
     settings = Settings.from_env()
     _not_migrated_later(settings)
+    if not settings.is_sqlite and migrations.behind_at(settings.database_url):
+        raise CliError(NO_TABLES)  # before the library makes its tables there
     return bootstrap(settings)
 
 

@@ -526,11 +526,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise CliError(f"--jobs: {args.jobs} processes each read the whole file, and "
                        f"{args.file} is not a regular file (a pipe gives each line to one "
                        "of them only): use --jobs 1, or a file")
+    if not settings.is_sqlite and migrations.behind_at(settings.database_url):
+        raise CliError(NO_TABLES)  # before the library makes its tables there
     try:
         trialog = bootstrap(settings)  # closed before any process starts
         try:
-            if migrations.behind(trialog.engine):
-                raise CliError(NO_TABLES)
             require_the_store_s_key(trialog, "nothing was imported")
         finally:
             trialog.close()

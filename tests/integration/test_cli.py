@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from infrastructure.cli import NO_TABLES
 from tests.conftest import TEST_KEY
@@ -566,6 +566,16 @@ def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
                    TRIALOG_ALLOCATION_SEED="s", TRIALOG_PSEUDONYM_KEY="p")
         assert (done.returncode, done.stderr) == (1, f"trialog: {NO_TABLES}\n"), args
     assert (tmp_path / "kept.csv").read_text() == "a previous export\n"
+    for args in (["audit", "verify"], ["token", "create", "--name", "t", "--role", "admin"],
+                 ["reminders", "scan"]):
+        done = run(args, tmp_path, TRIALOG_DATABASE_URL=url, TRIALOG_CIPHER_KEY=TEST_KEY,
+                   TRIALOG_ALLOCATION_SEED="s", TRIALOG_PSEUDONYM_KEY="p")
+        assert (done.returncode, done.stderr) == (1, f"trialog: {NO_TABLES}\n"), args
+    inspected = create_engine(url)
+    try:  # nothing made there (the library made its two event tables as a command started)
+        assert inspect(inspected).get_table_names() == []
+    finally:
+        inspected.dispose()
     # A server started on it answered every request 500 and its followers logged a
     # traceback a second: it does not start, nor at an older migration.
     from infrastructure.store import migrations

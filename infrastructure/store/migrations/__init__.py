@@ -122,6 +122,20 @@ def later(url: str) -> str | None:
     return next((revision for revision in current if revision not in _known()), None)
 
 
+def behind_at(url: str) -> bool:
+    """``behind`` for a database named by its URL, asked before a process makes anything
+    there (the library makes its event tables as it starts); False when it can't be
+    reached now (what the process meets next says so)."""
+    engine = create_engine(url, connect_args=(
+        {"connect_timeout": 10} if url.startswith("postgresql") else {}))
+    try:
+        return behind(engine)
+    except SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
+
+
 def later_refusal(revision: str) -> str:
     return (f"the database was migrated by a later release (revision {revision}, which "
             "this one doesn't know): run that release")
