@@ -930,7 +930,7 @@ def test_an_import_interrupted_says_so_in_one_line(tmp_path, jobs):
     from tests.conftest import TEST_SECRETS
     from tests.databases import PG_SERVER, fresh_postgres_database
 
-    _screenings(tmp_path / "s.ndjson", 8_000)
+    _screenings(tmp_path / "s.ndjson", 20_000)
     with fresh_postgres_database("trialog_ctrl_c") as name:
         url = f"{PG_SERVER}/{name}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
@@ -950,7 +950,7 @@ def test_an_import_interrupted_says_so_in_one_line(tmp_path, jobs):
                        "by its command ids)\n")
         again = run(["import", "s.ndjson", "--jobs", jobs], tmp_path, **env)
         accepted, repeated = (int(n) for n in again.stdout.split()[0:3:2])
-        assert (accepted + repeated, again.returncode) == (8_000, 0), again.stderr
+        assert (accepted + repeated, again.returncode) == (20_000, 0), again.stderr
 
 
 def _written(url: str) -> bool:
