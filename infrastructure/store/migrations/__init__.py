@@ -110,28 +110,27 @@ def later(url: str) -> str | None:
     register it can't read refuses every caller; texts masked since written whole). None
     for a known revision, no tables, or a database that can't be reached now (its
     outage is answered as such)."""
-    engine = create_engine(url, connect_args=(
-        {"connect_timeout": 10} if url.startswith("postgresql") else {}))
-    try:
-        with engine.connect() as connection:
-            current = _revisions(connection)
-    except SQLAlchemyError:  # what the process would meet next says it, as ever
-        return None
-    finally:
-        engine.dispose()
-    return next((revision for revision in current if revision not in _known()), None)
+    current = _revisions_at(url)
+    return next((revision for revision in current or () if revision not in _known()), None)
 
 
 def behind_at(url: str) -> bool:
     """``behind`` for a database named by its URL, asked before a process makes anything
     there (the library makes its event tables as it starts); False when it can't be
     reached now (what the process meets next says so)."""
+    current = _revisions_at(url)
+    return current is not None and _older(current)
+
+
+def _revisions_at(url: str) -> list[str] | None:
+    """The revisions of the database a URL names; None when it can't be reached now."""
     engine = create_engine(url, connect_args=(
         {"connect_timeout": 10} if url.startswith("postgresql") else {}))
     try:
-        return behind(engine)
-    except SQLAlchemyError:
-        return False
+        with engine.connect() as connection:
+            return _revisions(connection)
+    except SQLAlchemyError:  # what the process would meet next says it, as ever
+        return None
     finally:
         engine.dispose()
 
@@ -145,7 +144,11 @@ def behind(engine: Engine) -> bool:
     """Whether the database has none of Trialog's tables, or older ones than this release
     needs (a revision newer than this release knows is not behind: see ``later``)."""
     with engine.connect() as connection:
-        current = _revisions(connection)
+        return _older(_revisions(connection))
+
+
+def _older(current: list[str]) -> bool:
+    """Whether revisions are none, or older than this release needs."""
     older = _known() - {head()}
     return not current or any(revision in older for revision in current)
 
