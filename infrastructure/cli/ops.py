@@ -11,7 +11,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
@@ -23,6 +23,9 @@ from infrastructure.cli import (
     _not_migrated_later,
     require_the_store_s_key,
 )
+
+if TYPE_CHECKING:
+    from infrastructure.store.bootstrap import Trialog
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -36,9 +39,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--host: {args.host!r} is no address of this machine's names "
                        f"({getattr(e, 'strerror', None) or e})") from None
     configure_logging()
-    _ready_to_serve()
+    trialog = _ready_to_serve()
     if args.workers > 1:
         from infrastructure.api.server import serve_processes
+
+        trialog.close()  # each worker makes its own
 
         # More than granian advises for the cores, it warns at every start.
         threads = args.threads or min(16, 2 * (os.cpu_count() or 1) + 1)
@@ -47,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from infrastructure.api import create_app
 
-    app = create_app(_app(), follow=not args.no_projection)
+    app = create_app(trialog, follow=not args.no_projection)
     if args.dev:
         app.run(host=args.host, port=args.port)
     else:
@@ -58,32 +63,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ready_to_serve() -> None:
-    """A server on a database without Trialog's tables, or with older ones, would answer
-    every request 500: it does not start (on SQLite they are made as it starts); nor with
-    another key than the store's, whose tokens fail their seals and whose events it could
-    not read (one a token made with that key let in would be written unreadable)."""
-    from sqlalchemy import create_engine
-
-    from infrastructure.store import migrations
-    from infrastructure.store.bootstrap import bootstrap
-    from infrastructure.store.settings import Settings
-
-    settings = Settings.from_env()
-    if not settings.is_sqlite:
-        engine = create_engine(settings.database_url)
-        try:
-            behind = migrations.behind(engine)
-        finally:
-            engine.dispose()
-        if behind:
-            raise CliError(NO_TABLES)
-    _not_migrated_later(settings)  # (on SQLite too: the bootstrap below migrates)
-    trialog = bootstrap(settings)  # (closed before any worker starts)
+def _ready_to_serve() -> Trialog:
+    """The application a server starts on. On a database without Trialog's tables, or
+    with older ones, it would answer every request 500, and `_app` refuses it (on SQLite
+    they are made as it starts); nor does it start with another key than the store's,
+    whose tokens fail their seals and whose events it could not read (one a token made
+    with that key let in would be written unreadable)."""
+    trialog = _app()
     try:
         require_the_store_s_key(trialog, "the server does not start")
-    finally:
+    except CliError:
         trialog.close()
+        raise
+    return trialog
 
 
 def _answering(action: Callable[[Any], str], refusal: type[Exception]) -> int:
@@ -507,8 +499,7 @@ def printable(text: str) -> str:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from infrastructure.cli import imports
-    from infrastructure.store import migrations
-    from infrastructure.store.bootstrap import bootstrap, load_protocol
+    from infrastructure.store.bootstrap import load_protocol
     from infrastructure.store.outages import DATABASE_ERRORS
     from infrastructure.store.settings import Settings
 
@@ -526,10 +517,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise CliError(f"--jobs: {args.jobs} processes each read the whole file, and "
                        f"{args.file} is not a regular file (a pipe gives each line to one "
                        "of them only): use --jobs 1, or a file")
-    if not settings.is_sqlite and migrations.behind_at(settings.database_url):
-        raise CliError(NO_TABLES)  # before the library makes its tables there
     try:
-        trialog = bootstrap(settings)  # closed before any process starts
+        trialog = _app()  # closed before any process starts
         try:
             require_the_store_s_key(trialog, "nothing was imported")
         finally:
