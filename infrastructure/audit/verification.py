@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -783,7 +783,7 @@ def check_read_models(trialog: Trialog) -> list[Problem]:
     return problems
 
 
-def check_feed(trialog: Trialog, passed_over: set[str] | None = None,
+def check_feed(trialog: Trialog, passed_over: Collection[str] = frozenset(),
                batch: int = 5000) -> list[Problem]:
     """Deep: each rm_feed row against its seals (see ``FeedSeals``), and against the event
     the store holds at its position. The feed and the history read a row that fails its
@@ -794,7 +794,6 @@ def check_feed(trialog: Trialog, passed_over: set[str] | None = None,
     the event rm_feed rendered there, which is `reordered` (unless its stream is one of
     ``passed_over``, where the chain check found a problem already). rm_feed is read
     first: each of its rows was written after its event was committed."""
-    passed_over = passed_over or set()
     from infrastructure.audit.feed import FeedSeals
     from infrastructure.store.tables import feed_events
 
@@ -834,7 +833,7 @@ def check_feed(trialog: Trialog, passed_over: set[str] | None = None,
 
 
 def _position_moved(trialog: Trialog, row: Any, event: Any,
-                    passed_over: set[str]) -> Problem | None:
+                    passed_over: Collection[str]) -> Problem | None:
     """The problem, if any, of a sealed rm_feed row whose position now holds another event
     in the store (or none), named as the event rendered there: its entry names its id, a
     row with none (an event it could not render) its stream and type. A row of a stream
