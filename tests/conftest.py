@@ -3,9 +3,17 @@ process under pytest-xdist (unique participant ids per test)."""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import sqlite3
+import tempfile
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import sqlalchemy
 import sqlalchemy.exc
 
 from infrastructure.store.settings import Settings
@@ -45,16 +53,73 @@ def settings_for(url: str, **env: str) -> Settings:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'trialog.db'}"
+        file = tmp_path / "trialog.db"
+        if "trialog" in request.fixturenames:  # the application's fixture migrates it
+            _copy_migrated_sqlite_file(file)
+        return f"sqlite:///{file}"
     return SHARED_URL
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def isolated_url(request, tmp_path) -> Iterator[str]:
     """A database no other test writes to (nor follows: another test's server would move
-    its read models meanwhile)."""
+    its read models meanwhile): empty, or for the ``isolated`` application (which migrates
+    it) a copy of one migrated already."""
+    migrated = "isolated" in request.fixturenames
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'isolated.db'}"
+        file = tmp_path / "isolated.db"
+        if migrated:
+            _copy_migrated_sqlite_file(file)
+        yield f"sqlite:///{file}"
         return
-    with fresh_postgres_database("trialog") as name:
+    template = _migrated_postgres_template() if migrated else None
+    with fresh_postgres_database("trialog", template=template) as name:
         yield f"{PG_SERVER}/{name}"
+
+
+# A store migrated once per test process, copied for each test that would migrate a new
+# one: the same tables and rows (a new store holds only its revision), without running
+# every migration again for each test.
+
+@functools.cache
+def _migrated_sqlite_file() -> Path:
+    from infrastructure.store.bootstrap import bootstrap
+
+    folder = Path(tempfile.mkdtemp(prefix="trialog-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    file = folder / "template.db"
+    app = bootstrap(settings_for(f"sqlite:///{file}"), migrate=True)
+    app.close()
+    app.engine.dispose()
+    return file
+
+
+def _copy_migrated_sqlite_file(file: Path) -> None:
+    source = sqlite3.connect(_migrated_sqlite_file())
+    target = sqlite3.connect(file)
+    try:
+        source.backup(target)
+    finally:
+        target.close()
+        source.close()
+
+
+@functools.cache
+def _migrated_postgres_template() -> str:
+    from infrastructure.store.bootstrap import bootstrap
+
+    name = f"trialog_template_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    atexit.register(_drop, admin, name)
+    app = bootstrap(settings_for(f"{PG_SERVER}/{name}"), migrate=True)
+    app.close()
+    app.engine.dispose()  # a template is copied only with no one connected to it
+    return name
+
+
+def _drop(admin: sqlalchemy.Engine, name: str) -> None:
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -37,12 +37,15 @@ def ensure_shared_database() -> None:
 
 
 @contextmanager
-def fresh_postgres_database(prefix: str, server: str = PG_SERVER) -> Iterator[str]:
-    """Creates a database, yields its name, and drops it (closing its connections)."""
+def fresh_postgres_database(prefix: str, server: str = PG_SERVER,
+                            template: str | None = None) -> Iterator[str]:
+    """Creates a database (a copy of ``template`` if one is named), yields its name, and
+    drops it (closing its connections)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = sqlalchemy.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    copied = f' TEMPLATE "{template}"' if template else ""
     with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"{copied}'))
     try:
         yield name
     finally:
