@@ -35,6 +35,10 @@ WITH_REASON = frozenset({"ReopenQuery", "UnlockVisit", "UnlockCasebook", "Correc
 # typed, and refused as blank).
 OPTIONAL = frozenset({("RaiseQuery", "field"), ("CloseQuery", "text"), ("CancelQuery", "text")})
 SIGNING = frozenset({"SignVisit", "SignCasebook"})
+# Forms that attest or change the data the page shows: each carries the participant's
+# version it was shown at (`expected_version`), so that a record changed meanwhile is
+# refused and shown again, not signed, verified, locked or corrected unseen.
+AS_SHOWN = SIGNING | {"VerifySource", "LockVisit", "LockCasebook", "CorrectData"}
 
 DONE = {
     "RaiseQuery": "Query raised.", "RespondToQuery": "Response sent.",
@@ -113,6 +117,11 @@ def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, An
                             "type": kind, "participant_id": participant_id, "data": data}
     if kind in WITH_REASON and form.get("reason"):
         body["reason"] = _typed(form["reason"])
+    shown = form.get("expected_version", "")
+    if kind in AS_SHOWN and shown:
+        # a whole number as such; anything else as sent, for the API to refuse it
+        body["expected_version"] = int(shown) if shown.isascii() and shown.isdigit() \
+            else shown
     return body
 
 
@@ -144,6 +153,10 @@ def message(status: int, body: dict[str, Any], role: str) -> str:
         return (f"Refused ({status}): this form was sent before with other values, and "
                 "that version was recorded (see the timeline). Reload the page to send "
                 "another.")
+    if error == "version_conflict":
+        return (f"Refused ({status}): the record changed since this page was shown. What "
+                "it holds now is shown here: look at it again before you send the form "
+                "again.")
     text = str(body.get("message") or error or "refused")
     return f"Refused ({status}): {text}"
 

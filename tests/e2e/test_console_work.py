@@ -123,6 +123,58 @@ def test_the_investigator_signs_with_the_password_and_a_wrong_one_is_refused(
     assert (signed["signed_by"], signed["valid"]) == (console.logins["investigator"], True)
 
 
+def _correct_baseline_worst_pain(console, pid, worst):  # noqa: F811
+    events = console.admin.get(f"/v1/participants/{pid}/history").json()["events"]
+    visit = next(e for e in events if e["type"] == "VisitCompleted")
+    corrected = console.admin.command("CorrectData", pid, {
+        "event_id": visit["event_id"], "field": "bpi_sf.worst", "value": worst},
+        reason="read again from the source")
+    assert corrected.status_code == 201, corrected.text
+
+
+def test_a_signature_or_verification_sent_after_the_data_changed_is_refused_and_shown_again(
+        console, browser, visited):  # noqa: F811
+    """The signing dialog signed whatever the record held when its form was sent: data
+    corrected while it was open was signed as approved by someone who never saw it (and a
+    visit verified the same way). A form that attests what it shows now carries the version
+    it showed, and a changed record is shown again to be looked at before it is sent."""
+    pid = visited
+    context, page = _as(browser, console, "investigator", pid)
+    try:
+        follow(page.get_by_role("link", name="Sign baseline"))
+        shown = page.get_by_role("dialog").inner_text()
+        _correct_baseline_worst_pain(console, pid, 10)
+        page.get_by_label("Your password").fill(PASSWORD)
+        with page.expect_response(lambda r: r.request.method == "POST") as answer:
+            follow(page.get_by_role("button", name="Sign", exact=True))
+        assert answer.value.status == 409
+        assert "changed since" in page.get_by_role("alert").inner_text()
+        assert _api_state(console, pid)["visits"][0]["signature"] is None
+        assert page.get_by_role("dialog").inner_text() != shown  # the new severity shown
+        page.get_by_label("Your password").fill(PASSWORD)
+        follow(page.get_by_role("button", name="Sign", exact=True))
+        assert "Visit signed." in page.get_by_role("status").first.inner_text()
+    finally:
+        context.close()
+    state = _api_state(console, pid)
+    assert state["visits"][0]["signature"]["valid"] is True
+    signed = [e for e in console.admin.get(f"/v1/participants/{pid}/history").json()["events"]
+              if e["type"] == "RecordSigned"]
+    assert signed[-1]["data"]["signed_version"] == state["version"] - 1
+    context, page = _as(browser, console, "monitor", pid)
+    try:
+        _correct_baseline_worst_pain(console, pid, 9)
+        with page.expect_response(lambda r: r.request.method == "POST") as answer:
+            follow(page.get_by_role("button", name="Verify baseline"))
+        assert answer.value.status == 409
+        assert "changed since" in page.locator("#verify-baseline-error").inner_text()
+        assert _api_state(console, pid)["visits"][0]["sdv"] == "not_verified"
+        follow(page.get_by_role("button", name="Verify baseline"))
+        assert _api_state(console, pid)["visits"][0]["sdv"] == "verified"
+    finally:
+        context.close()
+
+
 def test_the_signing_dialog_marks_the_field_at_fault_and_names_what_is_signed(
         console, browser, visited):  # noqa: F811
     """A blank meaning was marked on the password (aria-invalid) and its message tied to
