@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     importing = sub.add_parser("import", help="apply NDJSON commands, many per transaction")
     importing.add_argument("file", help="one command body a line, as POST /v1/commands "
                                         "takes it")
-    importing.add_argument("--actor", default="import", type=_actor,
+    importing.add_argument("--actor", default="import", type=_import_actor,
                            help="the actor of the events written (default: import)")
     importing.add_argument("--jobs", type=int, default=1, metavar="N",
                            help="N processes (PostgreSQL), the file shared by site: each "
@@ -477,14 +477,19 @@ def _port(text: str) -> int:
     return value
 
 
-def _actor(text: str) -> str:
+def _actor(text: str, own: frozenset[str] = frozenset()) -> str:
     """Who the events written are by: a name as a token's is (1-100 printable characters,
-    no surrounding spaces)."""
+    no surrounding spaces, none of the system's own actors' but ``own``)."""
     try:
-        check_name(text, "--actor")
+        check_name(text, "--actor", own)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--actor: ")) from None
     return text
+
+
+def _import_actor(text: str) -> str:
+    """An import's actor: its own default, ``import``, or a name as ``_actor`` takes."""
+    return _actor(text, frozenset({"import"}))
 
 
 NO_TABLES = "the database has no Trialog tables (or older ones): run `trialog db upgrade`"

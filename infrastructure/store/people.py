@@ -20,6 +20,7 @@ from domain.access import Scope
 from domain.errors import InvalidTransition
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.revocations import revocations_for
+from infrastructure.store.schemas import says_something
 from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
 from infrastructure.store.tokens import (
     SESSION_PREFIX,
@@ -87,8 +88,9 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
                 password: str) -> None:
     check_role(role)
     check_name(login, "--login")
-    if not full_name.strip() or len(full_name) > 200:
-        raise TokenError("--name: must be 1-200 characters")
+    if not says_something(full_name) or len(full_name) > 200 or not full_name.isprintable():
+        raise TokenError("--name: must be 1-200 printable characters, not white space or "
+                         "invisible characters alone (the printed name of a signature)")
     check_password(password)
     hashed = _hashed(engine, password)
     try:

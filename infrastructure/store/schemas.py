@@ -10,6 +10,7 @@ code change.
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -156,14 +157,28 @@ def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
     return JsonInteger(validate=validate.Range(min=low, max=high), **kwargs)
 
 
+# What shows nothing on a page: separators and white space, format and other invisible
+# characters (U+200B ZERO WIDTH SPACE, U+00AD SOFT HYPHEN, U+2060 WORD JOINER, the bidi
+# marks), marks with nothing to mark, and the letters and symbol drawn as blanks.
+_SHOWS_NOTHING = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn", "Mn", "Me"})
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def says_something(text: str) -> bool:
+    """Whether a text holds a character a reader sees: a reason, a signature's meaning or
+    a printed name of white space or invisible characters alone says nothing."""
+    return any(not c.isspace() and c not in _BLANK_GLYPHS
+               and unicodedata.category(c) not in _SHOWS_NOTHING for c in text)
+
+
 class NotBlank(validate.Validator):
-    """A text that must say something holds a character other than white space (a reason
-    for a change of "   " says nothing)."""
+    """A text that must say something holds a character a reader sees (a reason for a
+    change of "   ", or of a zero-width space, says nothing)."""
 
     error = "must not be blank"
 
     def __call__(self, value: str) -> str:
-        if not value.strip():
+        if not says_something(value):
             raise ValidationError(self.error)
         return value
 

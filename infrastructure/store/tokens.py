@@ -22,6 +22,7 @@ from domain.errors import InvalidTransition
 from domain.protocol import Protocol
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.revocations import revocations_for
+from infrastructure.store.schemas import says_something
 from infrastructure.store.tables import tokens, user_sessions, users
 
 SERVICE_COMMANDS = frozenset({
@@ -142,13 +143,24 @@ def name_is_free(connection: Connection, name: str) -> bool:
             is None)
 
 
-def check_name(name: str, option: str) -> None:
+# The actors Trialog writes events as itself (the deviation monitor, the reminder worker,
+# an import's default, the demo's screening app): no token, person or operator takes
+# their names, so that the audit trail never shows a person's act as the system's.
+SYSTEM_ACTORS = frozenset({"deviation-monitor", "reminder-worker", "import",
+                           "demo-screening-app"})
+
+
+def check_name(name: str, option: str, own: frozenset[str] = frozenset()) -> None:
     """A name events carry as their actor: 1-100 printable characters (no line break or
-    control character to forge a line of the audit trail), no surrounding spaces."""
-    if (not name.strip() or len(name) > 100 or name != name.strip()
+    control character to forge a line of the audit trail), no surrounding spaces, one of
+    them visible, and none of the system's own actors' names (but ``own``)."""
+    if (not says_something(name) or len(name) > 100 or name != name.strip()
             or not name.isprintable()):
         raise TokenError(f"{option}: must be 1-100 printable characters, without "
                          "surrounding spaces")
+    if name in SYSTEM_ACTORS - own:
+        raise TokenError(f"{option}: {name!r} is a name Trialog writes its own events "
+                         f"under ({', '.join(sorted(SYSTEM_ACTORS))}): choose another")
 
 
 def create_token(engine: Engine, name: str, role: str, scope: Scope | None = None) -> str:

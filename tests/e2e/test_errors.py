@@ -135,10 +135,12 @@ def test_a_correction_needs_a_reason_and_a_value_of_the_recorded_type(server):
     assert state["contact"]["birth_date"] == "1958-06-16"
 
 
-@pytest.mark.parametrize("blank", ["   ", " \t ", "\n"])
+@pytest.mark.parametrize("blank", ["   ", " \t ", "\n", "\u200b", "\u2060\u00ad",
+                                   " \u3164 ", "\u200e\u0301"])
 def test_a_required_text_of_white_space_only_is_a_422_and_stores_nothing(server, blank):
     """A reason for a change, a medication's name or a query's text that says nothing was
-    stored as given."""
+    stored as given; so was one of invisible characters alone (a zero-width space, a word
+    joiner and a soft hyphen, a Hangul filler, a direction mark with an accent on it)."""
     coordinator = server.client("coordinator")
     pid, _ = enrol(coordinator)
     length = history_length(coordinator, pid)

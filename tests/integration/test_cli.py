@@ -1,7 +1,9 @@
-"""The command line, run as a user runs it (a subprocess, real files)."""
+"""The command line, run as a user runs it (a subprocess, real files); in-process where
+only its answers are looked at."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -251,6 +253,56 @@ def run_with_input(args, cwd, stdin, **env):
     full_env.update(env, PYTHONPATH=str(ROOT))
     return subprocess.run(TRIALOG + args, cwd=cwd, env=full_env, capture_output=True,
                           check=False, text=True, timeout=240, input=stdin)
+
+
+def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
+        tmp_path, monkeypatch, capsys):
+    """A token named deviation-monitor wrote admin commands under the monitor's name, and
+    a person could log in and sign as reminder-worker; a printed name of a zero-width
+    space signed with no visible name."""
+    from infrastructure.cli import demo, main
+    from infrastructure.jobs import monitor, reminders
+    from infrastructure.store.tokens import SYSTEM_ACTORS
+    from tests.conftest import TEST_SECRETS
+
+    def create_user(login: str, printed: str) -> int:
+        monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+        return main(["user", "create", "--login", login, "--name", printed, "--role",
+                     "admin", "--password-stdin"])
+
+    assert {monitor.ACTOR, reminders.ACTOR, "import", demo.SERVICE} == SYSTEM_ACTORS
+    for name, value in {**TEST_SECRETS,
+                        "TRIALOG_DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["db", "upgrade"]) == 0
+    capsys.readouterr()
+    for name in sorted(SYSTEM_ACTORS):
+        assert main(["token", "create", "--name", name, "--role", "admin"]) == 1
+        assert capsys.readouterr().err == (
+            f"trialog: --name: {name!r} is a name Trialog writes its own events under "
+            "(demo-screening-app, deviation-monitor, import, reminder-worker): choose "
+            "another\n")
+        assert create_user(name, "Ann Lee") == 1
+        assert f"--login: {name!r} is a name Trialog writes" in capsys.readouterr().err
+    for printed in ("\u200b", "\u2060\u00ad", " \u3164", "Ann\nLee"):
+        assert create_user("ann", printed) == 1
+        assert capsys.readouterr().err == (
+            "trialog: --name: must be 1-200 printable characters, not white space or "
+            "invisible characters alone (the printed name of a signature)\n")
+    assert main(["token", "create", "--name", "\u3164", "--role", "admin"]) == 1
+    assert "--name: must be 1-100 printable characters" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["import", "x.ndjson", "--actor", "deviation-monitor"])
+    assert refused.value.code == 2
+    assert "'deviation-monitor' is a name Trialog writes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reminders", "resolve", "r", "--sent", "--actor", "import", "--reason", "x"])
+    assert "'import' is a name Trialog writes" in capsys.readouterr().err
+    assert main(["reminders", "resolve", "r", "--sent", "--actor", "dm-ana",
+                 "--reason", "\u200b"]) == 1
+    assert capsys.readouterr().err == "trialog: --reason: must not be blank\n"
+    assert create_user("ann", "Ann Lee") == 0  # a name that says something
+    assert main(["token", "create", "--name", "monitor-1", "--role", "admin"]) == 0
 
 
 def test_token_and_user_creation_need_sites_for_every_role_but_admin_and_auditor(tmp_path):
