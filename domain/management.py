@@ -149,7 +149,12 @@ class DataManagement:
                                     "visit can be signed", status="not_completed")
         self._require_unsigned(visit_key(code))
         record = self.records[self.version_of(completed["event_id"])]
-        self._sign(visit_key(code), data, record["data"], audit)
+        # the visit's data: its form and its blood samples (new data of it, a sample
+        # invalidates its signature), each as corrected
+        samples = [d for _, d in self.records_of("BloodSampleCollected")
+                   if d["timepoint"] == code]
+        self._sign(visit_key(code), data, {"form": record["data"], "blood_samples": samples},
+                   audit)
 
     def sign_casebook(self, data: Mapping[str, Any], visit_statuses: dict[str, str],
                       audit: Audit) -> None:

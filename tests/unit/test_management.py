@@ -366,6 +366,25 @@ def test_a_blood_sample_belongs_to_its_visit_for_locks_verification_and_signatur
     assert p.sdv_status("baseline") == "changed_since_verified"
 
 
+def test_a_visit_s_signature_digests_its_samples_with_its_form(service):
+    """A sample recorded after a signature invalidated it as new data of the visit, yet the
+    next signature's SHA-256 of the signed data was the same: it covered the form alone."""
+    first = run(service, c.SignVisit, visit="baseline", **SIGN).signatures["visit:baseline"]
+    sample = {"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8, tzinfo=UTC),
+              "results": {"b12_pg_ml": 400.0}}
+    assert run(service, c.RecordBloodSample, **sample).signatures[
+        "visit:baseline"]["valid"] is False
+    p = run(service, c.SignVisit, visit="baseline", **SIGN)
+    second = p.signatures["visit:baseline"]
+    assert second["data_sha256"] != first["data_sha256"]
+    event_id = next(e for e, _ in p.records_of("BloodSampleCollected"))
+    p = run(service, c.CorrectData, reason="lab correction", event_id=event_id,
+            field="results.b12_pg_ml", value=410.0)
+    assert p.signatures["visit:baseline"]["valid"] is False
+    third = run(service, c.SignVisit, visit="baseline", **SIGN).signatures["visit:baseline"]
+    assert len({first["data_sha256"], second["data_sha256"], third["data_sha256"]}) == 3
+
+
 def test_a_sample_moved_into_a_verified_signed_visit_changes_both_visits(service):
     sample = {"timepoint": "baseline", "collected_at": datetime(2026, 3, 4, 8, tzinfo=UTC)}
     p = run(service, c.RecordBloodSample, **sample)
