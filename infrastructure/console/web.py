@@ -41,6 +41,10 @@ log = logging.getLogger("trialog.console")
 blp = Blueprint("console", __name__, url_prefix=auth.PREFIX, template_folder="templates",
                 static_folder="static", static_url_path="/static")
 OPEN_ENDPOINTS = frozenset({"console.sign_in", "console.static"})
+# The query parameters the pages read: each taken once (a second value was dropped unseen,
+# as the API refuses it); a parameter no page reads is left alone.
+PAGE_PARAMETERS = frozenset({"as_of", "status", "site_id", "version", "after", "page",
+                             "visit"})
 # Every asset is the console's own: nothing is loaded from another host.
 POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
@@ -99,6 +103,9 @@ def _who() -> Response | None:
     if person is None:
         return _sign_in_redirect()
     g.person, g.principal = person, person.principal
+    for name in sorted(PAGE_PARAMETERS.intersection(request.args)):
+        if (count := len(request.args.getlist(name))) > 1:
+            abort(422, f"{name}: given {count} times: give one value.")
     if request.method == "GET":
         # A page is read from the read models (and the store, which is never behind them):
         # the position it reflects is theirs before it reads, not a newer one taken after.

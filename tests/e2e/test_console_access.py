@@ -147,6 +147,22 @@ def test_a_form_left_open_two_hours_of_a_sign_in_is_still_taken(console, two_sit
     assert raise_blank_query(token_made_hours_ago(13)) == 400
 
 
+def test_a_page_s_parameter_given_twice_is_refused_naming_it(console, two_sites):  # noqa: F811
+    """`?status=screened&status=withdrawn` listed the screened participants alone, as if
+    the list were whole, as the API did before it refused a repeated parameter."""
+    session = form_session(console, console.logins["monitor"])
+    for path in ("/console/participants?status=screened&status=withdrawn",
+                 f"/console/participants/{two_sites[0]}?version=1&version=2",
+                 "/console/?as_of=2026-03-01T00:00&as_of=2026-03-02T00:00"):
+        page = session.get(console.page_url(path), timeout=30)
+        name = path.split("?")[1].split("=")[0]
+        assert page.status_code == 422, path
+        assert f"{name}: given 2 times: give one value" in page.text, path
+    listed = session.get(console.page_url("/console/participants?status=screened&x=1&x=2"),
+                         timeout=30)
+    assert listed.status_code == 200  # a parameter no page reads is left alone, as ever
+
+
 def test_a_form_drawn_before_a_sign_out_is_refused_in_the_next_sign_in(console, two_sites):  # noqa: F811
     """A form's CSRF token stayed good after its person signed out, in their next sign-in
     and in the next person's on the same browser. The secret is drawn anew at each."""
