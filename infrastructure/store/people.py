@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -24,6 +25,8 @@ from infrastructure.store.schemas import says_something
 from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
 from infrastructure.store.tokens import (
     SESSION_PREFIX,
+    USER_DISABLE_ACTOR,
+    USER_PASSWORD_ACTOR,
     TokenError,
     check_name,
     check_role,
@@ -84,13 +87,22 @@ def check_password(password: str) -> None:
         raise TokenError(f"the password must be {low}-{high} characters")
 
 
+# The bidi embeddings, overrides and isolates: a printed name holding one could show its
+# text, and what follows it on a line of the audit trail, in another order. (The joiners
+# U+200C and U+200D, and no-break spaces, are parts of names.)
+_LINE_FORGING = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Scope,
                 password: str) -> None:
     check_role(role)
     check_name(login, "--login")
-    if not says_something(full_name) or len(full_name) > 200 or not full_name.isprintable():
-        raise TokenError("--name: must be 1-200 printable characters, not white space or "
-                         "invisible characters alone (the printed name of a signature)")
+    if (not says_something(full_name) or len(full_name) > 200
+            or any(c in _LINE_FORGING or unicodedata.category(c) in ("Cc", "Zl", "Zp")
+                   for c in full_name)):
+        raise TokenError("--name: must be 1-200 characters with a visible one, without "
+                         "control characters, line breaks or direction overrides (the "
+                         "printed name of a signature)")
     check_password(password)
     hashed = _hashed(engine, password)
     try:
@@ -107,7 +119,7 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
         raise TokenError(f"--login: a token or person named {login!r} already exists") from None
 
 
-def disable_user(engine: Engine, login: str, actor: str = "trialog user disable") -> None:
+def disable_user(engine: Engine, login: str, actor: str = USER_DISABLE_ACTOR) -> None:
     """The person can't sign in any more, and their sessions are refused from the next
     request on: for good, recorded in the access register (see ``store.revocations``),
     their row changed and their sessions ended in the same transaction."""
@@ -183,7 +195,7 @@ def reset_password(engine: Engine, login: str, new: str) -> None:
         raise TokenError(f"no person has the login {login!r} (or the row fails its seal)")
     if person.disabled_at is not None:
         raise TokenError(f"{login!r} was disabled on {person.disabled_at:%Y-%m-%d}")
-    _replace_password(engine, person, new, "trialog user password", keep_session=None)
+    _replace_password(engine, person, new, USER_PASSWORD_ACTOR, keep_session=None)
     log.info("password reset", extra={"login": login})
 
 

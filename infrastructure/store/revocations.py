@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from infrastructure.store.bootstrap import Trialog
 
 log = logging.getLogger("trialog.access")
+# The actor of the revocations an upgrade records (see ``record_earlier``).
+UPGRADE_ACTOR = "trialog db upgrade"
 
 
 class Revocations:
@@ -151,7 +153,7 @@ def record_earlier(trialog: Trialog) -> int:
     for type_name, names in (("RevokeToken", revoked), ("DisablePerson", disabled)):
         for name in names:
             try:
-                revocations.revoke(type_name, name, "trialog db upgrade", lambda _: None,
+                revocations.revoke(type_name, name, UPGRADE_ACTOR, lambda _: None,
                                    reason="recorded on upgrade: done before the register")
             except InvalidTransition:  # another process starting recorded it meanwhile
                 continue

@@ -157,39 +157,47 @@ def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
     return JsonInteger(validate=validate.Range(min=low, max=high), **kwargs)
 
 
-# What shows nothing on a page: separators and white space, format and other invisible
-# characters (U+200B ZERO WIDTH SPACE, U+00AD SOFT HYPHEN, U+2060 WORD JOINER, the bidi
-# marks), marks with nothing to mark, and the letters and symbol drawn as blanks.
-_SHOWS_NOTHING = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn", "Mn", "Me"})
+# What shows nothing on a page: separators and white space, controls, format characters
+# (U+200B ZERO WIDTH SPACE, U+00AD SOFT HYPHEN, U+2060 WORD JOINER, the bidi marks), marks
+# with nothing to mark, and the letters and symbol drawn as blanks. A character this
+# interpreter's Unicode tables don't know yet (a newer emoji) or of private use is taken
+# as seen.
+_SHOWS_NOTHING = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Mn", "Me"})
 _BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_SEEN_ASCII = re.compile(r"[!-~]")
 
 
 def says_something(text: str) -> bool:
     """Whether a text holds a character a reader sees: a reason, a signature's meaning or
     a printed name of white space or invisible characters alone says nothing."""
-    return any(not c.isspace() and c not in _BLANK_GLYPHS
-               and unicodedata.category(c) not in _SHOWS_NOTHING for c in text)
+    if _SEEN_ASCII.search(text):
+        return True
+    return not text.isascii() and any(
+        not c.isspace() and c not in _BLANK_GLYPHS
+        and unicodedata.category(c) not in _SHOWS_NOTHING for c in text)
 
 
 class NotBlank(validate.Validator):
     """A text that must say something holds a character a reader sees (a reason for a
-    change of "   ", or of a zero-width space, says nothing)."""
+    change of "   ", or of a zero-width space, says nothing). A text longer than ``high``
+    is left to the length's rule, which refuses it (marshmallow runs every validator):
+    it is not read through here."""
 
     error = "must not be blank"
 
+    def __init__(self, high: int) -> None:
+        self.high = high
+
     def __call__(self, value: str) -> str:
-        if not says_something(value):
+        if len(value) <= self.high and not says_something(value):
             raise ValidationError(self.error)
         return value
 
 
-NOT_BLANK = NotBlank()
-
-
 def text(low: int = 1, high: int = 200, **kwargs: Any) -> fields.String:
     """A string of ``low`` to ``high`` characters, none a control character; unless it may
-    be empty (``low`` 0), not white space alone."""
-    rules = [validate.Length(min=low, max=high), PRINTABLE, *([NOT_BLANK] if low else [])]
+    be empty (``low`` 0), not white space or invisible characters alone."""
+    rules = [validate.Length(min=low, max=high), PRINTABLE, *([NotBlank(high)] if low else [])]
     return fields.String(validate=rules, **kwargs)
 
 

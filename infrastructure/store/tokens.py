@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import secrets
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from domain.commands import COMMAND_TYPES
 from domain.errors import InvalidTransition
 from domain.protocol import Protocol
 from infrastructure.store.access_seals import seals_for
-from infrastructure.store.revocations import revocations_for
+from infrastructure.store.revocations import UPGRADE_ACTOR, revocations_for
 from infrastructure.store.schemas import says_something
 from infrastructure.store.tables import tokens, user_sessions, users
 
@@ -143,24 +144,45 @@ def name_is_free(connection: Connection, name: str) -> bool:
             is None)
 
 
-# The actors Trialog writes events as itself (the deviation monitor, the reminder worker,
-# an import's default, the demo's screening app): no token, person or operator takes
-# their names, so that the audit trail never shows a person's act as the system's.
+# The actors Trialog writes events as itself: the deviation monitor, the reminder worker,
+# an import's default, the demo's screening app, and the command line's steps on the
+# access register. No token, person or operator takes their names (compared in a form
+# that case, width and dashes don't change), so that the audit trail never shows a
+# person's act as the system's.
+TOKEN_REVOKE_ACTOR = "trialog token revoke"
+USER_DISABLE_ACTOR = "trialog user disable"
+USER_PASSWORD_ACTOR = "trialog user password"
 SYSTEM_ACTORS = frozenset({"deviation-monitor", "reminder-worker", "import",
-                           "demo-screening-app"})
+                           "demo-screening-app", TOKEN_REVOKE_ACTOR, USER_DISABLE_ACTOR,
+                           USER_PASSWORD_ACTOR, UPGRADE_ACTOR})
+
+
+def _compared(name: str) -> str:
+    """A name as its reader tells it from another: compatibility forms folded (full-width
+    letters), case folded, every dash a hyphen-minus and each run of spaces one space."""
+    folded = " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+    return "".join("-" if unicodedata.category(c) == "Pd" else c for c in folded)
+
+
+_RESERVED = {_compared(name): name for name in SYSTEM_ACTORS}
 
 
 def check_name(name: str, option: str, own: frozenset[str] = frozenset()) -> None:
     """A name events carry as their actor: 1-100 printable characters (no line break or
     control character to forge a line of the audit trail), no surrounding spaces, one of
     them visible, and none of the system's own actors' names (but ``own``)."""
-    if (not says_something(name) or len(name) > 100 or name != name.strip()
-            or not name.isprintable()):
+    if not 1 <= len(name) <= 100 or name != name.strip() or not name.isprintable():
         raise TokenError(f"{option}: must be 1-100 printable characters, without "
                          "surrounding spaces")
-    if name in SYSTEM_ACTORS - own:
-        raise TokenError(f"{option}: {name!r} is a name Trialog writes its own events "
-                         f"under ({', '.join(sorted(SYSTEM_ACTORS))}): choose another")
+    if not says_something(name):
+        raise TokenError(f"{option}: must hold a visible character (white space and "
+                         "invisible characters alone name no one)")
+    reserved = _RESERVED.get(_compared(name))
+    if reserved is not None and name not in own:
+        shown = "" if reserved == name else f" (as {reserved!r})"
+        raise TokenError(f"{option}: {name!r}{shown} is a name Trialog writes its own "
+                         f"events under ({', '.join(sorted(SYSTEM_ACTORS))}): choose "
+                         "another")
 
 
 def create_token(engine: Engine, name: str, role: str, scope: Scope | None = None) -> str:
@@ -188,7 +210,7 @@ def create_token(engine: Engine, name: str, role: str, scope: Scope | None = Non
     return token
 
 
-def revoke_token(engine: Engine, name: str, actor: str = "trialog token revoke") -> None:
+def revoke_token(engine: Engine, name: str, actor: str = TOKEN_REVOKE_ACTOR) -> None:
     """Revokes the token named ``name`` for good: recorded in the access register (see
     ``store.revocations``), its row changed in the same transaction. It is refused from
     the next request on."""

@@ -258,11 +258,18 @@ def run_with_input(args, cwd, stdin, **env):
 def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
         tmp_path, monkeypatch, capsys):
     """A token named deviation-monitor wrote admin commands under the monitor's name, and
-    a person could log in and sign as reminder-worker; a printed name of a zero-width
-    space signed with no visible name."""
+    a person could log in and sign as reminder-worker (or as `trialog token revoke`, the
+    command line's own name in the access register); a printed name of a zero-width space
+    signed with no visible name."""
     from infrastructure.cli import demo, main
     from infrastructure.jobs import monitor, reminders
-    from infrastructure.store.tokens import SYSTEM_ACTORS
+    from infrastructure.store.revocations import UPGRADE_ACTOR
+    from infrastructure.store.tokens import (
+        SYSTEM_ACTORS,
+        TOKEN_REVOKE_ACTOR,
+        USER_DISABLE_ACTOR,
+        USER_PASSWORD_ACTOR,
+    )
     from tests.conftest import TEST_SECRETS
 
     def create_user(login: str, printed: str) -> int:
@@ -270,7 +277,10 @@ def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
         return main(["user", "create", "--login", login, "--name", printed, "--role",
                      "admin", "--password-stdin"])
 
-    assert {monitor.ACTOR, reminders.ACTOR, "import", demo.SERVICE} == SYSTEM_ACTORS
+    assert SYSTEM_ACTORS == {monitor.ACTOR, reminders.ACTOR, "import", demo.SERVICE,
+                             TOKEN_REVOKE_ACTOR, USER_DISABLE_ACTOR, USER_PASSWORD_ACTOR,
+                             UPGRADE_ACTOR}
+    listed = ", ".join(sorted(SYSTEM_ACTORS))
     for name, value in {**TEST_SECRETS,
                         "TRIALOG_DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}"}.items():
         monkeypatch.setenv(name, value)
@@ -280,17 +290,23 @@ def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
         assert main(["token", "create", "--name", name, "--role", "admin"]) == 1
         assert capsys.readouterr().err == (
             f"trialog: --name: {name!r} is a name Trialog writes its own events under "
-            "(demo-screening-app, deviation-monitor, import, reminder-worker): choose "
-            "another\n")
+            f"({listed}): choose another\n")
         assert create_user(name, "Ann Lee") == 1
         assert f"--login: {name!r} is a name Trialog writes" in capsys.readouterr().err
-    for printed in ("\u200b", "\u2060\u00ad", " \u3164", "Ann\nLee"):
+    for alike, name in (("Import", "import"), ("deviation\u2010monitor", "deviation-monitor"),
+                        ("\uff49mport", "import"), ("Trialog  DB upgrade", UPGRADE_ACTOR)):
+        assert main(["token", "create", "--name", alike, "--role", "admin"]) == 1
+        assert f"{alike!r} (as {name!r}) is a name" in capsys.readouterr().err
+    for printed in ("\u200b", "\u2060\u00ad", " \u3164", "Ann\nLee", "\u202eeeL nnA"):
         assert create_user("ann", printed) == 1
         assert capsys.readouterr().err == (
-            "trialog: --name: must be 1-200 printable characters, not white space or "
-            "invisible characters alone (the printed name of a signature)\n")
+            "trialog: --name: must be 1-200 characters with a visible one, without control "
+            "characters, line breaks or direction overrides (the printed name of a "
+            "signature)\n")
     assert main(["token", "create", "--name", "\u3164", "--role", "admin"]) == 1
-    assert "--name: must be 1-100 printable characters" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "trialog: --name: must hold a visible character (white space and invisible "
+        "characters alone name no one)\n")
     with pytest.raises(SystemExit) as refused:
         main(["import", "x.ndjson", "--actor", "deviation-monitor"])
     assert refused.value.code == 2
@@ -301,7 +317,13 @@ def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
     assert main(["reminders", "resolve", "r", "--sent", "--actor", "dm-ana",
                  "--reason", "\u200b"]) == 1
     assert capsys.readouterr().err == "trialog: --reason: must not be blank\n"
-    assert create_user("ann", "Ann Lee") == 0  # a name that says something
+    # Names that say something, in any script: joiners and no-break spaces are parts of
+    # names (a Persian surname, Sinhala "Sri").
+    persian = "\u0645\u062d\u0645\u062f\u06cc\u200c\u0646\u0698\u0627\u062f"
+    for login, printed in (("ann", "Ann Lee"), ("m-nejad", persian),
+                           ("sri", "\u0dc1\u0dca\u200d\u0dbb\u0dd3"),
+                           ("jean", "Jean\u00a0Dupont")):
+        assert create_user(login, printed) == 0, capsys.readouterr().err
     assert main(["token", "create", "--name", "monitor-1", "--role", "admin"]) == 0
 
 
