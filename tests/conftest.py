@@ -95,10 +95,13 @@ def _migrated_sqlite_file() -> Path:
 
 
 def _copy_migrated_sqlite_file(file: Path) -> None:
+    """The template's tables and rows, in a file in SQLite's default journal mode, as a
+    new file is: the application switches it to WAL, as it must a new one."""
     source = sqlite3.connect(_migrated_sqlite_file())
     target = sqlite3.connect(file)
     try:
         source.backup(target)
+        target.execute("PRAGMA journal_mode = DELETE")
     finally:
         target.close()
         source.close()
