@@ -37,8 +37,10 @@ OPTIONAL = frozenset({("RaiseQuery", "field"), ("CloseQuery", "text"), ("CancelQ
 SIGNING = frozenset({"SignVisit", "SignCasebook"})
 # Forms that attest or change the data the page shows: each carries the participant's
 # version it was shown at (`expected_version`), so that a record changed meanwhile is
-# refused and shown again, not signed, verified, locked or corrected unseen.
-AS_SHOWN = SIGNING | {"VerifySource", "LockVisit", "LockCasebook", "CorrectData"}
+# refused and shown again, not signed, verified, locked, corrected or closed unseen (a
+# query closed accepts the answer shown).
+AS_SHOWN = SIGNING | {"VerifySource", "LockVisit", "LockCasebook", "CorrectData",
+                      "CloseQuery"}
 
 DONE = {
     "RaiseQuery": "Query raised.", "RespondToQuery": "Response sent.",
@@ -129,6 +131,8 @@ def field_errors(kind: str, body: dict[str, Any]) -> dict[str, list[str]]:
     """A refusal's fields (dotted paths from the body root) by the form's field names."""
     found: dict[str, list[str]] = {}
     for path, messages in (body.get("fields") or {}).items():
+        if path == "expected_version":  # no field of the page: see ``message``
+            continue
         name = path.split(".", 1)[1] if path.startswith("data.") else path
         if kind == "RaiseQuery" and name.split(".")[0] in ("visit", "event_id"):
             name = "target"
@@ -145,6 +149,9 @@ def field_errors(kind: str, body: dict[str, Any]) -> dict[str, list[str]]:
 def message(status: int, body: dict[str, Any], role: str) -> str:
     """What the page says of a refusal, to a person (the API's words speak to a client)."""
     error = body.get("error")
+    if error == "validation_failed" and "expected_version" in (body.get("fields") or {}):
+        return (f"Refused ({status}): the form was changed or is not this page's: reload "
+                "the page and send it again.")
     if error == "validation_failed":
         return "The form has a problem: see the fields marked below."
     if error == "forbidden":

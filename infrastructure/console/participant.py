@@ -81,6 +81,27 @@ def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
     return None
 
 
+def _query_rows(p: Any) -> list[dict[str, Any]]:
+    """A participant's queries as the store replays them (addresses masked, as the read
+    models keep them)."""
+    return [{**q, "participant_id": p.participant_id, "thread": without_addresses(q["thread"])}
+            for q in p.queries.values()]
+
+
+def _live_queries(participant_id: str, version: int) -> list[dict[str, Any]]:
+    """The queries at the state's version, which the page's forms send back: the read
+    models may not have reached it yet, and a query closed from a thread they showed
+    would accept an answer not shown. A record the store can't replay: the read models'
+    rows, as the state falls back to them."""
+    t = trialog()
+    try:
+        p = replayed(t.service, participant_id, version)
+    except Exception:  # noqa: BLE001 - said by the state and the history already
+        return queries.list_queries(t, scope=g.principal.scope,
+                                    participant_id=participant_id)
+    return _query_rows(p)
+
+
 def _page_data(participant_id: str) -> dict[str, Any]:
     t, principal = trialog(), g.principal
     contact = principal.sees_contact
@@ -96,16 +117,14 @@ def _page_data(participant_id: str) -> dict[str, Any]:
                                 veil=t.veil_digest)
         if contact:
             state["contact"] = timeline.contact_of(history)
-        query_rows = queries.list_queries(t, scope=principal.scope,
-                                          participant_id=participant_id)
+        query_rows = _live_queries(participant_id, state["version"])
         asked = None
     else:
         p, asked = replay
         state = queries.shown_state(p, t.protocol, asked["moment"], contact=contact)
         history = audit.history(t.service, participant_id, version=p.version,
                                 cache=runtime().histories, veil=t.veil_digest)
-        query_rows = [{**q, "participant_id": participant_id,
-                       "thread": without_addresses(q["thread"])} for q in p.queries.values()]
+        query_rows = _query_rows(p)
     if not contact:
         history = [audit.redact_contact(e) for e in history]
     else:
@@ -153,12 +172,30 @@ def sign(participant_id: str, status: int = 200,
     shown = next((v for v in state["visits"] if v["code"] == visit), None)
     if visit is not None and shown is None:  # (the page would offer the casebook instead)
         abort(404, f"Participant {participant_id} has no visit {visit} scheduled.")
+    # What is signed, from one replay: its version is the one the form sends, so a record
+    # changed after it is refused, never signed unseen.
+    p = replayed(trialog().service, participant_id)
+    signed = _visit_data(p, visit) if visit is not None else None
     return make_response(render_template(
         "console/sign.html", pid=participant_id, kind=kind, visit=shown, state=state,
-        scores=(state["scores"] or {}).get(visit or "", {}),
+        version=p.version, signed=signed,
+        scores=p.scores().get(visit or "", {}),
         meaning=MEANINGS["visit" if visit else "casebook"],
         command_id=request.form.get("command_id") or str(uuid.uuid4()),
         failed=failed or {}), status)
+
+
+def _visit_data(p: Any, code: str) -> dict[str, Any] | None:
+    """A visit's data as a signature covers it: its form's fields and its blood samples'
+    (each as corrected), as the timeline writes them."""
+    form = p.completed_visits().get(code)
+    if form is None:
+        return None
+    samples = [timeline.flatten(data) for _, data in p.records_of("BloodSampleCollected")
+               if data["timepoint"] == code]
+    return {"form": timeline.flatten({k: v for k, v in form.items()
+                                      if k not in ("event_id", "visit")}),
+            "samples": samples}
 
 
 @blp.route("/participants/<participant_id>/commands", methods=["GET"])

@@ -78,6 +78,19 @@ def test_a_query_raised_answered_and_closed_then_the_visit_verified(console, bro
 
     monitor, page = _as(browser, console, "monitor", pid)
     try:
+        # A close accepts the answer shown: one given again meanwhile is shown first.
+        query_id = console.admin.get("/v1/queries", participant_id=pid).json()["queries"][0][
+            "query_id"]
+        reopened = console.admin.command("ReopenQuery", pid, {"query_id": query_id},
+                                         reason="asked again")
+        assert reopened.status_code == 201, reopened.text
+        again = console.admin.command("RespondToQuery", pid, {
+            "query_id": query_id, "text": "Average 5 after all."})
+        assert again.status_code == 201, again.text
+        with page.expect_response(lambda r: r.request.method == "POST") as answer:
+            follow(page.get_by_role("button", name="Close"))
+        assert answer.value.status == 409
+        assert "Average 5 after all." in page.locator(".thread").inner_text()
         follow(page.get_by_role("button", name="Close"))
         assert page.get_by_test_id("query-status").inner_text() == "closed"
         follow(page.get_by_role("button", name="Verify baseline"))
@@ -90,9 +103,12 @@ def test_a_query_raised_answered_and_closed_then_the_visit_verified(console, bro
     state = _api_state(console, pid)
     assert state["open_queries"] == 0 and state["visits"][0]["sdv"] == "verified"
     history = console.admin.get(f"/v1/participants/{pid}/history").json()["events"]
-    steps = [(e["type"], e["actor"]) for e in history[-4:]]
+    steps = [(e["type"], e["actor"]) for e in history[-6:]]
+    setup = steps[2][1]  # the setting-up token's
     assert steps == [("QueryRaised", console.logins["monitor"]),
                      ("QueryAnswered", console.logins["coordinator"]),
+                     ("QueryReopened", setup),
+                     ("QueryAnswered", setup),
                      ("QueryClosed", console.logins["monitor"]),
                      ("SourceVerified", console.logins["monitor"])]
 
@@ -140,9 +156,14 @@ def test_a_signature_or_verification_sent_after_the_data_changed_is_refused_and_
     it showed, and a changed record is shown again to be looked at before it is sent."""
     pid = visited
     context, page = _as(browser, console, "investigator", pid)
+
+    def signed_items(test_id: str) -> list[str]:
+        return [" ".join(item.split()) for item in
+                page.get_by_test_id(test_id).locator("div").all_inner_texts()]
+
     try:
         follow(page.get_by_role("link", name="Sign baseline"))
-        shown = page.get_by_role("dialog").inner_text()
+        assert "bpi_sf.worst 7" in signed_items("signed-form")  # what is signed, shown
         _correct_baseline_worst_pain(console, pid, 10)
         page.get_by_label("Your password").fill(PASSWORD)
         with page.expect_response(lambda r: r.request.method == "POST") as answer:
@@ -150,7 +171,17 @@ def test_a_signature_or_verification_sent_after_the_data_changed_is_refused_and_
         assert answer.value.status == 409
         assert "changed since" in page.get_by_role("alert").inner_text()
         assert _api_state(console, pid)["visits"][0]["signature"] is None
-        assert page.get_by_role("dialog").inner_text() != shown  # the new severity shown
+        assert "bpi_sf.worst 10" in signed_items("signed-form")  # the record as it is now
+        page.get_by_label("Your password").fill(PASSWORD)
+        follow(page.get_by_role("button", name="Sign", exact=True))
+        assert "Visit signed." in page.get_by_role("status").first.inner_text()
+        # A sample is data of its visit: the dialog shows it beside the form.
+        sample = {"timepoint": "baseline", "collected_at": "2026-03-04T08:30:00Z",
+                  "results": {"b12_pg_ml": 410.0}}
+        assert console.admin.command("RecordBloodSample", pid, sample).status_code == 201
+        page.goto(console.page_url(f"/console/participants/{pid}"))
+        follow(page.get_by_role("link", name="Sign baseline"))
+        assert "results.b12_pg_ml 410.0" in signed_items("signed-sample")
         page.get_by_label("Your password").fill(PASSWORD)
         follow(page.get_by_role("button", name="Sign", exact=True))
         assert "Visit signed." in page.get_by_role("status").first.inner_text()
@@ -161,6 +192,7 @@ def test_a_signature_or_verification_sent_after_the_data_changed_is_refused_and_
     signed = [e for e in console.admin.get(f"/v1/participants/{pid}/history").json()["events"]
               if e["type"] == "RecordSigned"]
     assert signed[-1]["data"]["signed_version"] == state["version"] - 1
+    assert len(signed) == 2
     context, page = _as(browser, console, "monitor", pid)
     try:
         _correct_baseline_worst_pain(console, pid, 9)

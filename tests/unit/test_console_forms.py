@@ -98,3 +98,27 @@ def test_a_moment_to_replay_is_the_end_of_the_second_written():
         assert moment("2026-12-07T05:13:43.25Z") == datetime(2026, 12, 7, 5, 13, 43, 250000,
                                                              tzinfo=UTC)
         assert moment("") is None
+
+
+def test_a_form_that_attests_what_it_shows_sends_the_version_shown():
+    assert _body("SignVisit", visit="baseline", meaning="m", password="p",
+                 expected_version="7")["expected_version"] == 7
+    assert _body("CloseQuery", query_id="q", expected_version="3")["expected_version"] == 3
+    assert "expected_version" not in _body("RespondToQuery", query_id="q", text="t",
+                                           expected_version="3")
+    assert "expected_version" not in _body("VerifySource", visit="baseline",
+                                           expected_version="")
+    for tampered in ("abc", "-1", "\u0663", " 5"):  # as sent, for the API to refuse
+        assert _body("VerifySource", visit="baseline",
+                     expected_version=tampered)["expected_version"] == tampered
+
+
+def test_a_tampered_version_is_no_field_of_the_page_but_a_page_to_reload():
+    """A refused expected_version was marked on a field the page doesn't have, and the
+    page said to see the fields marked below."""
+    from infrastructure.console.forms import field_errors, message
+
+    refused = {"error": "validation_failed",
+               "fields": {"expected_version": ["Not a valid integer."]}}
+    assert field_errors("VerifySource", refused) == {}
+    assert "reload the page" in message(422, refused, "monitor")
