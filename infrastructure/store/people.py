@@ -87,22 +87,27 @@ def check_password(password: str) -> None:
         raise TokenError(f"the password must be {low}-{high} characters")
 
 
-# The bidi embeddings, overrides and isolates: a printed name holding one could show its
-# text, and what follows it on a line of the audit trail, in another order. (The joiners
-# U+200C and U+200D, and no-break spaces, are parts of names.)
-_LINE_FORGING = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+def _in_a_name(c: str) -> bool:
+    """Whether a printed name may hold ``c``: not a control, a line or paragraph break, a
+    surrogate, a private-use or unassigned code point (the noncharacters no XML export may
+    hold among them), nor a format character but the joiners U+200C and U+200D, which are
+    parts of names (a bidi override or mark could show the name, and what follows it on a
+    line of the audit trail, in another order). No-break spaces are taken."""
+    category = unicodedata.category(c)
+    if category == "Cf":
+        return c in "\u200c\u200d"
+    return category not in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp")
 
 
 def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Scope,
                 password: str) -> None:
     check_role(role)
     check_name(login, "--login")
-    if (not says_something(full_name) or len(full_name) > 200
-            or any(c in _LINE_FORGING or unicodedata.category(c) in ("Cc", "Zl", "Zp")
-                   for c in full_name)):
+    if (len(full_name) > 200 or not all(map(_in_a_name, full_name))
+            or not says_something(full_name)):
         raise TokenError("--name: must be 1-200 characters with a visible one, without "
-                         "control characters, line breaks or direction overrides (the "
-                         "printed name of a signature)")
+                         "control or format characters (but the joiners), line breaks or "
+                         "noncharacters (the printed name of a signature)")
     check_password(password)
     hashed = _hashed(engine, password)
     try:

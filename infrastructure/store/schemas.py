@@ -161,10 +161,23 @@ def _int(low: int, high: int | None = None, **kwargs: Any) -> fields.Integer:
 # (U+200B ZERO WIDTH SPACE, U+00AD SOFT HYPHEN, U+2060 WORD JOINER, the bidi marks), marks
 # with nothing to mark, and the letters and symbol drawn as blanks. A character this
 # interpreter's Unicode tables don't know yet (a newer emoji) or of private use is taken
-# as seen.
+# as seen, but for the noncharacters and the code points Unicode reserves to be shown as
+# nothing (U+2065, U+FFF0-U+FFF8, U+E0000-U+E0FFF).
 _SHOWS_NOTHING = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Mn", "Me"})
 _BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 _SEEN_ASCII = re.compile(r"[!-~]")
+
+
+def unseen(c: str) -> bool:
+    """Whether a character shows nothing (see _SHOWS_NOTHING)."""
+    if c.isspace() or c in _BLANK_GLYPHS:
+        return True
+    category = unicodedata.category(c)
+    if category == "Cn":
+        point = ord(c)
+        return (point == 0x2065 or 0xFFF0 <= point <= 0xFFF8 or 0xE0000 <= point <= 0xE0FFF
+                or 0xFDD0 <= point <= 0xFDEF or point & 0xFFFE == 0xFFFE)
+    return category in _SHOWS_NOTHING
 
 
 def says_something(text: str) -> bool:
@@ -172,9 +185,7 @@ def says_something(text: str) -> bool:
     a printed name of white space or invisible characters alone says nothing."""
     if _SEEN_ASCII.search(text):
         return True
-    return not text.isascii() and any(
-        not c.isspace() and c not in _BLANK_GLYPHS
-        and unicodedata.category(c) not in _SHOWS_NOTHING for c in text)
+    return not text.isascii() and not all(map(unseen, text))
 
 
 class NotBlank(validate.Validator):

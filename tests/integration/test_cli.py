@@ -294,15 +294,17 @@ def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
         assert create_user(name, "Ann Lee") == 1
         assert f"--login: {name!r} is a name Trialog writes" in capsys.readouterr().err
     for alike, name in (("Import", "import"), ("deviation\u2010monitor", "deviation-monitor"),
+                        ("deviation\u2212monitor", "deviation-monitor"),
                         ("\uff49mport", "import"), ("Trialog  DB upgrade", UPGRADE_ACTOR)):
         assert main(["token", "create", "--name", alike, "--role", "admin"]) == 1
         assert f"{alike!r} (as {name!r}) is a name" in capsys.readouterr().err
-    for printed in ("\u200b", "\u2060\u00ad", " \u3164", "Ann\nLee", "\u202eeeL nnA"):
+    for printed in ("\u200b", "\u2060\u00ad", " \u3164", "Ann\nLee", "\u202eeeL nnA",
+                    "\u2065", "Ann \uffff", "Dan \udcff", "\u200eAnn Lee", "Ann\u2028Lee"):
         assert create_user("ann", printed) == 1
         assert capsys.readouterr().err == (
             "trialog: --name: must be 1-200 characters with a visible one, without control "
-            "characters, line breaks or direction overrides (the printed name of a "
-            "signature)\n")
+            "or format characters (but the joiners), line breaks or noncharacters (the "
+            "printed name of a signature)\n")
     assert main(["token", "create", "--name", "\u3164", "--role", "admin"]) == 1
     assert capsys.readouterr().err == (
         "trialog: --name: must hold a visible character (white space and invisible "

@@ -20,6 +20,8 @@ def test_a_text_with_a_character_a_reader_sees_says_something(seen):
 @pytest.mark.parametrize("unseen", [
     "", "   ", "\t\n", "\u3000", "\u200b", "\u2060\u00ad", " \u3164 ", "\u115f\u1160",
     "\uffa0", "\u2800", "\u200e\u0301", "\u202e", "\ufe0f", "\x00\x7f",
+    # unassigned, but reserved by Unicode to be shown as nothing, and noncharacters
+    "\u2065", "\ufff0\ufff8", "\U000e0080", "\U000e0fff", "\ufdd0", "\uffff", "\U0010fffe",
 ])
 def test_white_space_and_invisible_characters_alone_say_nothing(unseen):
     assert not says_something(unseen)
