@@ -122,8 +122,8 @@ def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, An
     shown = form.get("expected_version", "")
     if kind in AS_SHOWN and shown:
         # a whole number as such; anything else as sent, for the API to refuse it
-        body["expected_version"] = int(shown) if shown.isascii() and shown.isdigit() \
-            else shown
+        body["expected_version"] = int(shown) \
+            if shown.isascii() and shown.isdigit() and len(shown) <= 18 else shown
     return body
 
 

@@ -21,7 +21,8 @@ from infrastructure.console.pages import moment
 from infrastructure.console.web import blp, require_read, runtime, trialog
 from infrastructure.readside import queries
 from infrastructure.readside.projections import without_addresses
-from infrastructure.store.stored import replayed
+from infrastructure.store.outages import is_unavailable
+from infrastructure.store.stored import UnreadableRecord, replayed
 
 MEANINGS = {"visit": "I approve the data of this visit",
             "casebook": "I approve the data of this casebook"}
@@ -96,7 +97,9 @@ def _live_queries(participant_id: str, version: int) -> list[dict[str, Any]]:
     t = trialog()
     try:
         p = replayed(t.service, participant_id, version)
-    except Exception:  # noqa: BLE001 - said by the state and the history already
+    except Exception as error:  # said by the state and the history already
+        if is_unavailable(error):
+            raise
         return queries.list_queries(t, scope=g.principal.scope,
                                     participant_id=participant_id)
     return _query_rows(p)
@@ -172,9 +175,16 @@ def sign(participant_id: str, status: int = 200,
     shown = next((v for v in state["visits"] if v["code"] == visit), None)
     if visit is not None and shown is None:  # (the page would offer the casebook instead)
         abort(404, f"Participant {participant_id} has no visit {visit} scheduled.")
-    # What is signed, from one replay: its version is the one the form sends, so a record
-    # changed after it is refused, never signed unseen.
-    p = replayed(trialog().service, participant_id)
+    # What is signed, replayed at the state's version: the version the form sends, so a
+    # record changed after what the dialog shows is refused, never signed unseen.
+    try:
+        p = replayed(trialog().service, participant_id, state["version"])
+    except Exception as error:
+        if is_unavailable(error) or isinstance(error, UnreadableRecord):
+            raise  # the console's pages for either
+        abort(409, f"The record of {participant_id} can't be replayed now, so what a "
+                   "signature covers can't be shown: it can't be signed (audit verify and "
+                   "the read models' set-aside list say why).")
     signed = _visit_data(p, visit) if visit is not None else None
     return make_response(render_template(
         "console/sign.html", pid=participant_id, kind=kind, visit=shown, state=state,

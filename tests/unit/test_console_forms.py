@@ -108,7 +108,7 @@ def test_a_form_that_attests_what_it_shows_sends_the_version_shown():
                                            expected_version="3")
     assert "expected_version" not in _body("VerifySource", visit="baseline",
                                            expected_version="")
-    for tampered in ("abc", "-1", "\u0663", " 5"):  # as sent, for the API to refuse
+    for tampered in ("abc", "-1", "\u0663", " 5", "9" * 5000):  # as sent, for the API
         assert _body("VerifySource", visit="baseline",
                      expected_version=tampered)["expected_version"] == tampered
 
