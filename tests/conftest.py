@@ -20,6 +20,7 @@ from infrastructure.store.settings import Settings
 from tests.databases import (
     PG_SERVER,
     SHARED_URL,
+    drop_shared_database,
     ensure_shared_database,
     fresh_postgres_database,
 )
@@ -42,6 +43,17 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     try:
         ensure_shared_database()
+    except sqlalchemy.exc.OperationalError:
+        pass
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A process of pytest-xdist drops its shared database as it ends (each run starts on
+    an empty one)."""
+    if not hasattr(config, "workerinput"):
+        return
+    try:
+        drop_shared_database()
     except sqlalchemy.exc.OperationalError:
         pass
 

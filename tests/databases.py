@@ -12,10 +12,13 @@ import sqlalchemy.exc
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 # The database the tests share: `test`; under pytest-xdist (`make test`) one per process
-# (`test_gw0`, `test_gw1`), so that what a test does to the whole database (locking it,
-# fuzzing it with an admin token) meets only the tests of its own process, one at a time.
+# and run (`test_gw0_1a2b3c4d`), so that what a test does to the whole database (locking
+# it, fuzzing it with an admin token) meets only the tests of its own process, one at a
+# time, and dropped as the process ends: a database kept from run to run grew with each,
+# and the checks of a whole store (a deep verify, the generated requests) slowed with it.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-SHARED_DATABASE = f"test_{_WORKER}" if _WORKER else "test"
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")[:8]
+SHARED_DATABASE = f"test_{_WORKER}_{_RUN}" if _WORKER else "test"
 SHARED_URL = f"{PG_SERVER}/{SHARED_DATABASE}"
 
 
@@ -32,6 +35,18 @@ def ensure_shared_database() -> None:
                     c.execute(sqlalchemy.text(f'CREATE DATABASE "{SHARED_DATABASE}"'))
                 except sqlalchemy.exc.ProgrammingError:  # created meanwhile by another run
                     pass
+    finally:
+        admin.dispose()
+
+
+def drop_shared_database() -> None:
+    """Drops this process's shared database (under pytest-xdist; `test` is kept)."""
+    if SHARED_DATABASE == "test":
+        return
+    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{SHARED_DATABASE}" WITH (FORCE)'))
     finally:
         admin.dispose()
 
