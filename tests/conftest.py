@@ -20,6 +20,8 @@ from infrastructure.store.settings import Settings
 from tests.databases import (
     PG_SERVER,
     SHARED_URL,
+    create_database,
+    drop_database,
     drop_shared_database,
     ensure_shared_database,
     fresh_postgres_database,
@@ -124,17 +126,9 @@ def _migrated_postgres_template() -> str:
     from infrastructure.store.bootstrap import bootstrap
 
     name = f"trialog_template_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    atexit.register(_drop, admin, name)
+    create_database(name)
+    atexit.register(drop_database, name)
     app = bootstrap(settings_for(f"{PG_SERVER}/{name}"), migrate=True)
     app.close()
     app.engine.dispose()  # a template is copied only with no one connected to it
     return name
-
-
-def _drop(admin: sqlalchemy.Engine, name: str) -> None:
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()

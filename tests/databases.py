@@ -41,12 +41,26 @@ def ensure_shared_database() -> None:
 
 def drop_shared_database() -> None:
     """Drops this process's shared database (under pytest-xdist; `test` is kept)."""
-    if SHARED_DATABASE == "test":
-        return
-    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    if SHARED_DATABASE != "test":
+        drop_database(SHARED_DATABASE)
+
+
+def create_database(name: str, server: str = PG_SERVER, template: str | None = None) -> None:
+    """Creates a database, a copy of ``template`` if one is named."""
+    copied = f' TEMPLATE "{template}"' if template else ""
+    _as_admin(server, f'CREATE DATABASE "{name}"{copied}')
+
+
+def drop_database(name: str, server: str = PG_SERVER) -> None:
+    """Drops a database if it is there, closing its connections."""
+    _as_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _as_admin(server: str, statement: str) -> None:
+    admin = sqlalchemy.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as c:
-            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{SHARED_DATABASE}" WITH (FORCE)'))
+            c.execute(sqlalchemy.text(statement))
     finally:
         admin.dispose()
 
@@ -57,13 +71,8 @@ def fresh_postgres_database(prefix: str, server: str = PG_SERVER,
     """Creates a database (a copy of ``template`` if one is named), yields its name, and
     drops it (closing its connections)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
-    copied = f' TEMPLATE "{template}"' if template else ""
-    with admin.connect() as c:
-        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"{copied}'))
+    create_database(name, server, template)
     try:
         yield name
     finally:
-        with admin.connect() as c:
-            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(name, server)
