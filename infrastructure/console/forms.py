@@ -11,6 +11,7 @@ from typing import Any
 from marshmallow import fields
 from werkzeug.datastructures import MultiDict
 
+from infrastructure.api.reads import MAX_VERSION
 from infrastructure.store.corrections import NOT_A_FIELD
 
 # The fields of each command's data a form may send; anything else in the form is ignored.
@@ -94,6 +95,15 @@ def _typed(text: str) -> str:
     return text.strip() or text
 
 
+def whole(text: str, largest: int) -> int | None:
+    """A whole number written in ASCII digits, at most ``largest`` (the API's bounds);
+    None for anything else (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(largest)):
+        return None
+    number = int(text)
+    return number if number <= largest else None
+
+
 def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, Any]:
     """The command body of a posted form (its ``type``, ``command_id`` and fields)."""
     kind = form.get("type", "")
@@ -121,9 +131,9 @@ def command_body(participant_id: str, form: MultiDict[str, str]) -> dict[str, An
         body["reason"] = _typed(form["reason"])
     shown = form.get("expected_version", "")
     if kind in AS_SHOWN and shown:
-        # a whole number as such; anything else as sent, for the API to refuse it
-        body["expected_version"] = int(shown) \
-            if shown.isascii() and shown.isdigit() and len(shown) <= 18 else shown
+        # a version as such; anything else as sent, for the API to refuse it
+        version = whole(shown, MAX_VERSION)
+        body["expected_version"] = shown if version is None else version
     return body
 
 

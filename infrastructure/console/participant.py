@@ -39,15 +39,6 @@ def _disclose(participant_id: str) -> None:
                   f"GET /console/participants/{participant_id}", g.get("request_id"))
 
 
-def _whole(text: str, largest: int) -> int | None:
-    """A whole number written in ASCII digits, at most ``largest`` (the API's bounds);
-    None for anything else (``str.isdigit`` also takes "²", which ``int`` refuses)."""
-    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(largest)):
-        return None
-    number = int(text)
-    return number if number <= largest else None
-
-
 class NotRecordedThen(NotFound):
     """A replay of a moment or version the record doesn't reach; the page names the moment
     as every time of the console (in the reader's zone), and links to the record now."""
@@ -65,7 +56,7 @@ def _replayed(participant_id: str) -> tuple[Any, dict[str, Any]] | None:
     t = trialog()
     version, as_of = request.args.get("version"), moment(request.args.get("as_of"))
     if version:
-        number = _whole(version, MAX_VERSION)
+        number = forms.whole(version, MAX_VERSION)
         if number is None or number < 1:
             abort(422, f"version must be a whole number from 1 to {MAX_VERSION}")
         p = replayed(t.service, participant_id, number)
@@ -110,7 +101,7 @@ def _page_data(participant_id: str) -> dict[str, Any]:
     contact = principal.sees_contact
     replay = _replayed(participant_id)
     if replay is None:
-        after = _whole(request.args.get("after", ""), MAX_POSITION)
+        after = forms.whole(request.args.get("after", ""), MAX_POSITION)
         if after is not None:  # read your write: the lists include the command just sent
             reached = runtime().wait_for(after, 2.0)
             if reached is not None:  # before the lists below are read
@@ -132,7 +123,7 @@ def _page_data(participant_id: str) -> dict[str, Any]:
         history = [audit.redact_contact(e) for e in history]
     else:
         _disclose(participant_id)
-    asked_page = _whole(request.args.get("page", "1"), 10**9)
+    asked_page = forms.whole(request.args.get("page", "1"), 10**9)
     page = min(asked_page, timeline.pages(history)) if asked_page else 1
     return {"state": state, "events": timeline.page_of(history, page), "queries": query_rows,
             "captures": timeline.capture_events(history), "replay": asked,

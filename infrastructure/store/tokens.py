@@ -157,15 +157,15 @@ SYSTEM_ACTORS = frozenset({"deviation-monitor", "reminder-worker", "import",
                            USER_PASSWORD_ACTOR, UPGRADE_ACTOR})
 
 
+_DASH_LIKE = frozenset("\u2212\u2043\u02d7")  # a minus sign, a hyphen bullet, a modifier minus
+
+
 def _compared(name: str) -> str:
     """A name as its reader tells it from another: compatibility forms folded (full-width
     letters), case folded, every dash a hyphen-minus and each run of spaces one space."""
     folded = " ".join(unicodedata.normalize("NFKC", name).casefold().split())
     return "".join("-" if unicodedata.category(c) == "Pd" or c in _DASH_LIKE else c
                    for c in folded)
-
-
-_DASH_LIKE = frozenset("\u2212\u2043\u02d7")  # a minus sign, a hyphen bullet, a modifier minus
 
 
 _RESERVED = {_compared(name): name for name in SYSTEM_ACTORS}
