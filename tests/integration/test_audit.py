@@ -739,6 +739,35 @@ def test_a_read_model_row_set_back_a_version_is_no_way_past_the_deep_check(isola
         f"rm_participants.arm of {pid} says '{forged}'; the record says '{p.arm}'"))
 
 
+def test_the_deep_check_compares_every_participant_past_one_it_cannot_replay(isolated):
+    """The participants are replayed in one read of every stream, stream by stream: one
+    whose events can't all be applied (an event deleted from its middle) is passed over,
+    and each other participant's rows, before and after it in the read, are still
+    compared, each at the version its rows say."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.store.tables import participants
+
+    t = isolated
+    pids = [setup_participant(t) for _ in range(6)]
+    TrialProjection(t).catch_up()
+    ordered = sorted(pids, key=lambda pid: str(participant_uuid(pid)))
+    broken, edited = ordered[2], [ordered[0], ordered[3], ordered[5]]
+    table, where = row(t, broken, 3)
+    arms = {pid: t.service.get_participant(pid).arm for pid in edited}
+    with t.engine.begin() as conn:
+        conn.execute(delete(table).where(where))
+        for pid in edited:
+            conn.execute(update(participants).where(participants.c.participant_id == pid)
+                         .values(arm="forged"))
+    problems = check_store(t, processes=1, deep=True).problems
+    assert {(p.kind, p.participant_id) for p in problems} == {
+        ("deleted", broken), *(("read_model", pid) for pid in edited)}, problems
+    assert sorted(p.detail for p in problems if p.kind == "read_model") == sorted(
+        f"rm_participants.arm of {pid} says 'forged'; the record says '{arms[pid]}'"
+        for pid in edited)
+
+
 def _sequence(t, site="CASE"):
     from domain.randomization import sequence_id
 
