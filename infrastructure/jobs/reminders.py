@@ -50,7 +50,7 @@ from uuid import UUID, uuid4
 import kombu.exceptions
 import sqlalchemy.exc
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from sqlalchemy import Connection, bindparam, case, func, insert, select, true, update
+from sqlalchemy import Connection, bindparam, func, insert, select, true, update
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from domain import commands as c
@@ -65,7 +65,14 @@ from infrastructure.store.bootstrap import Trialog
 from infrastructure.store.bus import WRITE_CONFLICTS, Accepted, Intent
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import decrypt, encrypt, load_apart
-from infrastructure.store.tables import as_utc, outbox, participants, positions, reminder_schedule
+from infrastructure.store.tables import (
+    as_utc,
+    outbox,
+    participants,
+    positions,
+    reminder_schedule,
+    set_position,
+)
 
 log = logging.getLogger("trialog.reminders")
 # The statuses of rows a sender still has something to do for: email (pending), record
@@ -264,14 +271,8 @@ def _last_scan(session: Any) -> tuple[date | None, int]:
 
 
 def _record(session: Any, name: str, value: int, now: datetime, only_up: bool = False) -> None:
-    """A mark of the scan's; ``only_up``: kept if it is higher already (the row as it is
-    when the update runs, after any other scan's commit it waited for)."""
-    new = (case((positions.c.position < value, value), else_=positions.c.position)
-           if only_up else value)
-    updated = session.execute(update(positions).where(positions.c.name == name)
-                              .values(position=new, updated_at=now))
-    if updated.rowcount == 0:
-        session.execute(insert(positions).values(name=name, position=value, updated_at=now))
+    """A mark of the scan's; ``only_up``: kept if it is higher already."""
+    set_position(session, name, value, now, only_up)
 
 
 def hand_over(t: Trialog, enqueue: Callable[[Any], None], chunk: int = 1) -> int:

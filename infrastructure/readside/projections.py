@@ -53,6 +53,7 @@ from infrastructure.store.tables import (
     queries,
     reminder_schedule,
     scores,
+    set_position,
     visits,
 )
 
@@ -382,10 +383,7 @@ class TrialProjection(LogFollower):
     def _stamp_rules(self) -> None:
         try:
             with self.recorder.transaction(commit=True) as session:
-                stamped = session.execute(update(positions).where(
-                    positions.c.name == RULES_ROW).values(position=RULES)).rowcount
-                if not stamped:
-                    session.execute(insert(positions).values(name=RULES_ROW, position=RULES))
+                set_position(session, RULES_ROW, RULES, datetime.now(UTC))
         except WRITE_CONFLICTS:
             pass  # another process stamped it first
 

@@ -26,8 +26,10 @@ from sqlalchemy import (
     TypeDecorator,
     any_,
     bindparam,
+    case,
     insert,
     types,
+    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Dialect
@@ -208,6 +210,21 @@ positions = Table(
     Column("position", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=True),
 )
+
+
+def set_position(on: Session | Connection, name: str, value: int,
+                 updated_at: datetime | None = None, only_up: bool = False) -> None:
+    """The row ``name`` of trialog_positions set to ``value`` (made if it is not there);
+    ``only_up``: a higher value already there is kept (as the row is when the update
+    runs, after any commit it waited for). Two transactions making the row at once: the
+    second's insert fails on the key, and its caller decides."""
+    new = (case((positions.c.position < value, value), else_=positions.c.position)
+           if only_up else value)
+    updated = on.execute(update(positions).where(positions.c.name == name)
+                         .values(position=new, updated_at=updated_at))
+    if updated.rowcount == 0:
+        on.execute(insert(positions).values(name=name, position=value,
+                                            updated_at=updated_at))
 
 
 # Participants a follower of the log could not apply an event of: the follower moves on
