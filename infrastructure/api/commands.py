@@ -83,13 +83,19 @@ def execute(raw: Any) -> tuple[int, dict[str, Any]]:
     return _answered(intent, accepted)
 
 
+def _object(raw: Any) -> dict[str, Any]:
+    """A body (or a batch's entry) that is a JSON object; else the 422 that says so."""
+    if not isinstance(raw, dict):
+        raise _validation({"body": ["must be a JSON object"]})
+    return raw
+
+
 def _intent(raw: Any) -> Intent:
     """The command a JSON body asks for, checked: its fields, and the caller's right to
     issue it (a signature: the signer's password again)."""
     from infrastructure.api import runtime
 
-    if not isinstance(raw, dict):
-        raise _validation({"body": ["must be a JSON object"]})
+    _object(raw)
     try:
         envelope = _ENVELOPE(raw)
     except ValidationError as e:
@@ -186,7 +192,7 @@ def post_batch() -> Response:
 
     raw = json_body()
     try:
-        batch = CommandBatch().load(raw if isinstance(raw, dict) else {})
+        batch = CommandBatch().load(_object(raw))
     except ValidationError as e:
         raise _validation(e.messages) from None
     results: list[dict[str, Any] | None] = []
@@ -244,7 +250,7 @@ def post_trial_command() -> Response:
 
     raw = json_body()
     try:
-        command = TrialCommand().load(raw if isinstance(raw, dict) else {})
+        command = TrialCommand().load(_object(raw))
     except ValidationError as e:
         raise _validation(e.messages) from None
     g.command_id = command["command_id"]

@@ -197,6 +197,19 @@ def test_a_batch_entry_that_is_no_command_object_is_answered_alone(server):
     assert service.get(f"/v1/participants/{pid}").status_code == 200
 
 
+@pytest.mark.parametrize("body", [[1], [], "text", 7, False])
+def test_a_body_that_is_no_json_object_is_refused_alike_by_every_command_endpoint(
+        server, body):
+    """The batch and trial endpoints took a body that is no object (an array, say) for
+    an empty one, and named the fields it lacked (`commands`; `command_id` and `type`),
+    not what was wrong with it, as `POST /v1/commands` does."""
+    admin = server.client("admin")
+    for path in ("/v1/commands", "/v1/commands/batch", "/v1/trial/commands"):
+        answer = admin.post(path, body)
+        assert answer.status_code == 422, (path, answer.text)
+        assert answer.json()["fields"] == {"body": ["must be a JSON object"]}, path
+
+
 def test_deviations_and_visits_due_are_listed(server):
     coordinator = server.client("coordinator")
     pid, position = enrol(coordinator)
