@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from infrastructure.cli import NO_TABLES
 from tests.conftest import TEST_KEY
-from tests.databases import SHARED_URL
+from tests.databases import PG_SERVER, SHARED_URL, fresh_postgres_database
 
 TRIALOG = [sys.executable, "-m", "infrastructure.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -619,14 +620,16 @@ def test_settings_and_arguments_that_cant_work_are_one_line_naming_them(tmp_path
     assert wrong.stderr.startswith("trialog export: argument format: invalid choice: 'xml'")
 
 
-def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path):
-    url = SHARED_URL.rsplit("/", 1)[0] + "/trialog_no_tables"
-    engine = create_engine(SHARED_URL.rsplit("/", 1)[0] + "/postgres",
-                           isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text("DROP DATABASE IF EXISTS trialog_no_tables"))
-        connection.execute(text("CREATE DATABASE trialog_no_tables"))
-    engine.dispose()
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    """The URL of a new database without tables (of its own: runs side by side don't
+    share it), dropped after the test."""
+    with fresh_postgres_database("trialog_no_tables") as name:
+        yield f"{PG_SERVER}/{name}"
+
+
+def test_a_database_without_tables_says_to_migrate_in_one_line(tmp_path, empty_database):
+    url = empty_database
     done = run(["projections", "status"], tmp_path, TRIALOG_DATABASE_URL=url,
                TRIALOG_CIPHER_KEY=TEST_KEY, TRIALOG_ALLOCATION_SEED="s",
                TRIALOG_PSEUDONYM_KEY="p")
