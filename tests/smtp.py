@@ -25,6 +25,7 @@ class Sink:
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
     defer: set[str] = field(default_factory=set)  # addresses answered 451
     busy_after: int | None = None  # MAILs taken before every next one is answered 451
+    defer_data: set[str] = field(default_factory=set)  # a message to these: 451 to its DATA
     mails: int = 0
     holding: bool = False  # the next DATA is left unanswered until release() (or a minute)
     dropping: bool = False  # the next DATA is kept, and its connection closed unanswered
@@ -63,6 +64,8 @@ class Sink:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         import asyncio
 
+        if self.defer_data & set(envelope.rcpt_tos):  # as a content filter's "not now"
+            return "451 4.7.1 message deferred, try again later"
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.messages.append(email.message_from_bytes(envelope.content))
         self.received.set()

@@ -981,9 +981,13 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
     to each (as ``send`` says, ``busy`` for a row another sender has). The rules are
     ``send``'s: a row is held by one sender at a time, marked sending before SMTP talks
     and mailed as soon as the server took it, and never emailed again once sending. A
-    server that can't take a message now ends the chunk: what was mailed is recorded,
-    then TransientMailError."""
+    message the server can't take now is left pending and the next is tried (a server
+    deferring one message, as a content filter may, holds up no other); a second in a
+    row ends the chunk (the server takes none now). Either way what was mailed is
+    recorded, then TransientMailError (the task is retried for the rows left)."""
     outcomes: dict[str, str] = {}
+    not_now: TransientMailError | None = None  # the server's last "not now", if any
+    in_a_row = False  # whether the row before was one
     days = _days(t, today)
     with _alone_with_many(t, reminder_ids) as (connection, held):
         outcomes.update({r: "busy" for r in reminder_ids if r not in held})
@@ -1002,7 +1006,15 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
                     read_at = time.monotonic()
                     while todo:
                         row = todo.pop(0)
-                        outcome, to, participant = _one(t, connection, mailer, row, days)
+                        try:
+                            outcome, to, participant = _one(t, connection, mailer, row,
+                                                            days)
+                        except TransientMailError as error:
+                            if in_a_row:
+                                raise
+                            not_now, in_a_row = error, True
+                            continue
+                        in_a_row = False
                         outcomes[row.reminder_id] = outcome
                         if to is not None:
                             mailed.append((row, to))
@@ -1014,6 +1026,8 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
             _record_all(t, connection, mailed, loaded)
         for row, _ in mailed:
             outcomes[row.reminder_id] = "sent"
+    if not_now is not None:
+        raise not_now
     return outcomes
 
 

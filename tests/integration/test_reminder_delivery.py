@@ -1024,18 +1024,45 @@ def test_a_chunk_leaves_a_reminder_another_sender_holds(stack):
 
 
 def test_a_server_that_cant_take_a_message_now_ends_the_chunk_after_recording(stack):
-    first, second = stack.enrol(), stack.enrol()
+    """A server that can't take two messages in a row can take none now: the chunk ends
+    (the rows after them untried), what was mailed recorded first."""
+    pids = [stack.enrol() for _ in range(4)]
     ids = scan_without_sending(stack, WINDOW_OPENS)
     order = {outbox_row(stack, r).participant_id: r for r in ids}
     stack.sink.busy_after = stack.sink.mails + 1  # the first message, then 451 to MAIL
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     with pytest.raises(reminders.TransientMailError):
-        reminders.send_chunk(stack.trialog, mailer, [order[first], order[second]],
+        reminders.send_chunk(stack.trialog, mailer, [order[pid] for pid in pids],
                              WINDOW_OPENS)
-    assert status(stack, order[first]) == "sent"  # recorded before the error went up
-    assert stack.reminders_sent(first) == ["week6/window_open"]
-    assert status(stack, order[second]) == "pending"
-    assert stack.reminders_sent(second) == []
+    assert status(stack, order[pids[0]]) == "sent"  # recorded before the error went up
+    assert stack.reminders_sent(pids[0]) == ["week6/window_open"]
+    rows = [outbox_row(stack, order[pid]) for pid in pids[1:]]
+    assert [(row.status, row.attempts) for row in rows] == [("pending", 1), ("pending", 1),
+                                                             ("pending", 0)]
+    assert all(stack.reminders_sent(pid) == [] for pid in pids[1:])
+
+
+def test_a_message_the_server_defers_holds_up_no_other_reminder_of_its_chunk(stack):
+    """A 451 to one message's DATA (a content filter's "not now") ended the chunk, and
+    each retry of the task met that message first again: the chunk's other reminders
+    waited for the next scan's hand-over. The server took the next message, so the
+    chunk goes on; the deferred row stays pending, and the task is retried for it."""
+    deferred, *others = [stack.enrol() for _ in range(3)]
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    order = {outbox_row(stack, r).participant_id: r for r in ids}
+    stack.sink.defer_data = {addresses(stack, deferred)[0]}
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    with pytest.raises(reminders.TransientMailError, match="451"):
+        reminders.send_chunk(stack.trialog, mailer, [order[deferred]]
+                             + [order[pid] for pid in others], WINDOW_OPENS)
+    row = outbox_row(stack, order[deferred])
+    assert (row.status, row.attempts) == ("pending", 1) and "451" in row.last_error
+    assert stack.reminders_sent(deferred) == []
+    for pid in others:
+        assert status(stack, order[pid]) == "sent"
+        assert stack.reminders_sent(pid) == ["week6/window_open"]
+    assert [to for _, to in stack.sink.envelopes] == [list(addresses(stack, pid))
+                                                      for pid in others]
 
 
 def test_a_connection_the_server_closed_while_idle_is_opened_again_and_sends_once():
