@@ -64,10 +64,10 @@ class Sink:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         import asyncio
 
-        if self.defer_data & set(envelope.rcpt_tos):  # as a content filter's "not now"
-            return "451 4.7.1 message deferred, try again later"
-        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
-        self.messages.append(email.message_from_bytes(envelope.content))
+        deferred = bool(self.defer_data & set(envelope.rcpt_tos))  # not kept
+        if not deferred:
+            self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+            self.messages.append(email.message_from_bytes(envelope.content))
         self.received.set()
         if self.dropping:  # as a connection lost before the server's reply
             self.dropping = False
@@ -81,6 +81,8 @@ class Sink:
             deadline = time.monotonic() + 60
             while not self.released.is_set() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
+        if deferred:  # as a content filter's "not now"
+            return "451 4.7.1 message deferred, try again later"
         return "250 Message accepted"
 
     async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:

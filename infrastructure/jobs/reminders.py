@@ -105,6 +105,11 @@ class TransientMailError(Exception):
     """The server could not take the message now: retried with backoff."""
 
 
+class ServerUnavailable(TransientMailError):
+    """The server can't be talked to now (the connection refused or lost before the
+    message's content, or its 421): it takes no message, so a chunk ends at once."""
+
+
 class RecipientDeferred(Exception):
     """The addressee's server refused them for now (a 4xx to their address: greylisting,
     a full mailbox): the message went to no one, and its row waits for a later scan
@@ -229,9 +234,9 @@ def _write_rows(t: Trialog, days: Today
             session.execute(insert(outbox), sorted(new + notices,
                                                    key=lambda r: r["reminder_id"]))
         # Never lowered, though two scans at once commit in either order: see above.
-        _record(session, "reminder_scan", position, now, only_up=True)
+        set_position(session, "reminder_scan", position, updated_at=now, only_up=True)
         # The earliest site's day: a reminder not due at a site then is due after it.
-        _record(session, "reminder_scan_day", earliest.toordinal(), now)
+        set_position(session, "reminder_scan_day", earliest.toordinal(), updated_at=now)
     return new, again, notices
 
 
@@ -268,11 +273,6 @@ def _last_scan(session: Any) -> tuple[date | None, int]:
         positions.c.name.in_(("reminder_scan", "reminder_scan_day")))).all())
     day = found.get("reminder_scan_day")
     return (date.fromordinal(day) if day else None), int(found.get("reminder_scan", -1))
-
-
-def _record(session: Any, name: str, value: int, now: datetime, only_up: bool = False) -> None:
-    """A mark of the scan's; ``only_up``: kept if it is higher already."""
-    set_position(session, name, value, now, only_up)
 
 
 def hand_over(t: Trialog, enqueue: Callable[[Any], None], chunk: int = 1) -> int:
@@ -356,11 +356,12 @@ class Mailer:
             self.close()
             raise PermanentMailError(mask_emails_in(str(e))) from None
         except smtplib.SMTPResponseException as e:
-            error = PermanentMailError if e.smtp_code >= 500 else TransientMailError
+            error = (PermanentMailError if e.smtp_code >= 500
+                     else ServerUnavailable if e.smtp_code == 421 else TransientMailError)
             raise error(f"{e.smtp_code} {_reply(e.smtp_error)}") from None
         except (smtplib.SMTPException, OSError) as e:
             self.close()
-            raise TransientMailError(mask_emails_in(str(e)) or type(e).__name__) from None
+            raise ServerUnavailable(mask_emails_in(str(e)) or type(e).__name__) from None
         return refused
 
     def message(self, email: Email, message_id: str | None = None) -> bytes | EmailMessage:
@@ -982,12 +983,13 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
     ``send``'s: a row is held by one sender at a time, marked sending before SMTP talks
     and mailed as soon as the server took it, and never emailed again once sending. A
     message the server can't take now is left pending and the next is tried (a server
-    deferring one message, as a content filter may, holds up no other); a second in a
-    row ends the chunk (the server takes none now). Either way what was mailed is
-    recorded, then TransientMailError (the task is retried for the rows left)."""
+    deferring one message, as a content filter may, holds up no other); a second before
+    the server takes another, or a server that can't be talked to, ends the chunk (it
+    takes none now). Either way what was mailed is recorded, then TransientMailError
+    (the task is retried for the rows left)."""
     outcomes: dict[str, str] = {}
     not_now: TransientMailError | None = None  # the server's last "not now", if any
-    in_a_row = False  # whether the row before was one
+    taken_since = True  # whether the server took a message since it said it
     days = _days(t, today)
     with _alone_with_many(t, reminder_ids) as (connection, held):
         outcomes.update({r: "busy" for r in reminder_ids if r not in held})
@@ -1010,16 +1012,16 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
                             outcome, to, participant = _one(t, connection, mailer, row,
                                                             days)
                         except TransientMailError as error:
-                            if in_a_row:
+                            if isinstance(error, ServerUnavailable) or not taken_since:
                                 raise
-                            not_now, in_a_row = error, True
-                            continue
-                        in_a_row = False
-                        outcomes[row.reminder_id] = outcome
-                        if to is not None:
-                            mailed.append((row, to))
-                            if participant is not None:
-                                loaded.append(participant)
+                            not_now, taken_since = error, False
+                        else:
+                            outcomes[row.reminder_id] = outcome
+                            if to is not None:
+                                taken_since = True
+                                mailed.append((row, to))
+                                if participant is not None:
+                                    loaded.append(participant)
                         if time.monotonic() - read_at >= FRESH_FOR:
                             break
         finally:

@@ -383,7 +383,7 @@ class TrialProjection(LogFollower):
     def _stamp_rules(self) -> None:
         try:
             with self.recorder.transaction(commit=True) as session:
-                set_position(session, RULES_ROW, RULES, datetime.now(UTC))
+                set_position(session, RULES_ROW, RULES, updated_at=datetime.now(UTC))
         except WRITE_CONFLICTS:
             pass  # another process stamped it first
 

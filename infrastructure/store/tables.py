@@ -212,8 +212,8 @@ positions = Table(
 )
 
 
-def set_position(on: Session | Connection, name: str, value: int,
-                 updated_at: datetime | None = None, only_up: bool = False) -> None:
+def set_position(on: Session | Connection, name: str, value: int, *,
+                 updated_at: datetime, only_up: bool = False) -> None:
     """The row ``name`` of trialog_positions set to ``value`` (made if it is not there);
     ``only_up``: a higher value already there is kept (as the row is when the update
     runs, after any commit it waited for). Two transactions making the row at once: the

@@ -743,7 +743,7 @@ def test_the_deep_check_compares_every_participant_past_one_it_cannot_replay(iso
     """The participants are replayed in one read of every stream, stream by stream: one
     whose events can't all be applied (an event deleted from its middle) is passed over,
     and each other participant's rows, before and after it in the read, are still
-    compared, each at the version its rows say."""
+    compared."""
     from infrastructure.audit.verification import check_store
     from infrastructure.readside.projections import TrialProjection
     from infrastructure.store.tables import participants
@@ -766,6 +766,35 @@ def test_the_deep_check_compares_every_participant_past_one_it_cannot_replay(iso
     assert sorted(p.detail for p in problems if p.kind == "read_model") == sorted(
         f"rm_participants.arm of {pid} says 'forged'; the record says '{arms[pid]}'"
         for pid in edited)
+
+
+def test_the_database_failing_while_the_deep_check_replays_is_raised_not_passed(
+        isolated, monkeypatch):
+    """A database error while the deep check read the participants' events ended its
+    comparison with the read models unsaid: the participants after it were not
+    compared, and the check passed."""
+    import sqlalchemy.exc
+
+    from infrastructure.audit import verification
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.store import stored
+
+    t = isolated
+    for _ in range(3):
+        setup_participant(t)
+    TrialProjection(t).catch_up()
+    read = stored.stream_rows
+
+    def lost_midway(*args, **kwargs):
+        for n, found in enumerate(read(*args, **kwargs)):
+            if n == 4:
+                raise sqlalchemy.exc.OperationalError("FETCH", {}, OSError("connection lost"))
+            yield found
+
+    monkeypatch.setattr(stored, "stream_rows", lost_midway)
+    monkeypatch.setattr(verification, "stream_rows", lost_midway, raising=False)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        verification.check_read_models(t)
 
 
 def _sequence(t, site="CASE"):

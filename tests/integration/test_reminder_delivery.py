@@ -1165,6 +1165,64 @@ def test_a_withdrawal_committed_while_a_chunk_is_mailed_holds_for_the_rows_after
     assert stack.reminders_sent(second) == []
 
 
+def test_a_withdrawal_committed_while_a_deferred_message_was_tried_holds_for_the_next(
+        stack, monkeypatch):
+    """The chunk went on past a message the server could not take now with the
+    participants it had read before trying it (a try of up to the server's timeout, twice
+    with a new connection), and emailed one who had left the study meanwhile."""
+    import threading
+
+    deferred, second = stack.enrol(), stack.enrol()
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    order = {outbox_row(stack, r).participant_id: r for r in ids}
+    monkeypatch.setattr(reminders, "FRESH_FOR", 0.0)  # read again after every row
+    stack.sink.defer_data = {addresses(stack, deferred)[0]}
+    stack.sink.hold()  # the server holds its answer (451) to the first message
+
+    def withdraw_while_the_first_is_tried() -> None:
+        try:
+            assert stack.sink.received.wait(30)
+            stack.trialog.bus.dispatch(
+                c.WithdrawParticipant(second, {"withdrawn_on": WINDOW_OPENS,
+                                               "scope": "study", "reason_code": "moved"}),
+                command_id=str(uuid.uuid4()), actor="coordinator")
+        finally:
+            stack.sink.release()
+
+    withdrawing = threading.Thread(target=withdraw_while_the_first_is_tried)
+    withdrawing.start()
+    mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
+    try:
+        with pytest.raises(reminders.TransientMailError, match="451"):
+            reminders.send_chunk(stack.trialog, mailer, [order[deferred], order[second]],
+                                 WINDOW_OPENS)
+    finally:
+        withdrawing.join(30)
+        mailer.close()
+    assert (status(stack, order[deferred]), status(stack, order[second])) == (
+        "pending", "cancelled")
+    assert stack.sink.messages == [] and stack.reminders_sent(second) == []
+
+
+def test_a_server_that_cant_be_reached_ends_the_chunk_at_once(stack):
+    """A server down (the connection refused) was tried again for the next row of the
+    chunk, each try up to the server's timeout; it takes no message, so the chunk ends at
+    the first, the rows after it untried."""
+    pids = [stack.enrol() for _ in range(3)]
+    ids = scan_without_sending(stack, WINDOW_OPENS)
+    order = {outbox_row(stack, r).participant_id: r for r in ids}
+    from tests.e2e.conftest import free_port
+
+    mailer = reminders.Mailer(f"smtp://127.0.0.1:{free_port()}",
+                              stack.trialog.settings.mail_from)
+    with pytest.raises(reminders.ServerUnavailable):
+        reminders.send_chunk(stack.trialog, mailer, [order[pid] for pid in pids],
+                             WINDOW_OPENS)
+    rows = [outbox_row(stack, order[pid]) for pid in pids]
+    assert [(row.status, row.attempts) for row in rows] == [("pending", 1), ("pending", 0),
+                                                             ("pending", 0)]
+
+
 @pytest.mark.parametrize("isolated_url", ["postgresql"], indirect=True)
 def test_a_scan_that_meets_another_scans_rows_writes_each_row_once(isolated):
     """Two scans at once (beat's and `trialog reminders scan`): the second's insert of the
