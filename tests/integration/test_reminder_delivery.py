@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from email.message import Message
 from email.utils import parsedate_to_datetime
@@ -1128,37 +1129,47 @@ def test_the_mailer_sends_the_envelope_it_is_given_and_refuses_an_address_the_se
             mailer.close()
 
 
+@contextmanager
+def withdrawn_while_the_first_is_mailed(stack: Stack, pid: str) -> Iterator[None]:
+    """The server holds its answer to the first message of the chunk sent inside until
+    ``pid`` has left the study."""
+    import threading
+
+    stack.sink.hold()
+
+    def withdraw() -> None:
+        try:
+            assert stack.sink.received.wait(30)
+            stack.trialog.bus.dispatch(
+                c.WithdrawParticipant(pid, {"withdrawn_on": WINDOW_OPENS,
+                                            "scope": "study", "reason_code": "moved"}),
+                command_id=str(uuid.uuid4()), actor="coordinator")
+        finally:
+            stack.sink.release()
+
+    withdrawing = threading.Thread(target=withdraw)
+    withdrawing.start()
+    try:
+        yield
+    finally:
+        withdrawing.join(30)
+
+
 def test_a_withdrawal_committed_while_a_chunk_is_mailed_holds_for_the_rows_after_it(
         stack, monkeypatch):
     """A chunk reads its participants together, and again once they are FRESH_FOR old: a
     participant who leaves the study while the rows before theirs are mailed is not
     emailed."""
-    import threading
-
     first, second = stack.enrol(), stack.enrol()
     ids = scan_without_sending(stack, WINDOW_OPENS)
     order = {outbox_row(stack, r).participant_id: r for r in ids}
     monkeypatch.setattr(reminders, "FRESH_FOR", 0.0)  # read again after every row
-    stack.sink.hold()  # the server holds its answer to the first message
-
-    def withdraw_while_the_first_is_mailed() -> None:
-        try:
-            assert stack.sink.received.wait(30)
-            stack.trialog.bus.dispatch(
-                c.WithdrawParticipant(second, {"withdrawn_on": WINDOW_OPENS,
-                                               "scope": "study", "reason_code": "moved"}),
-                command_id=str(uuid.uuid4()), actor="coordinator")
-        finally:
-            stack.sink.release()
-
-    withdrawing = threading.Thread(target=withdraw_while_the_first_is_mailed)
-    withdrawing.start()
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     try:
-        outcomes = reminders.send_chunk(stack.trialog, mailer, [order[first], order[second]],
-                                        WINDOW_OPENS)
+        with withdrawn_while_the_first_is_mailed(stack, second):
+            outcomes = reminders.send_chunk(stack.trialog, mailer,
+                                            [order[first], order[second]], WINDOW_OPENS)
     finally:
-        withdrawing.join(30)
         mailer.close()
     assert outcomes == {order[first]: "sent", order[second]: "cancelled"}
     assert len(stack.sink.messages) == 1
@@ -1170,34 +1181,18 @@ def test_a_withdrawal_committed_while_a_deferred_message_was_tried_holds_for_the
     """The chunk went on past a message the server could not take now with the
     participants it had read before trying it (a try of up to the server's timeout, twice
     with a new connection), and emailed one who had left the study meanwhile."""
-    import threading
-
     deferred, second = stack.enrol(), stack.enrol()
     ids = scan_without_sending(stack, WINDOW_OPENS)
     order = {outbox_row(stack, r).participant_id: r for r in ids}
     monkeypatch.setattr(reminders, "FRESH_FOR", 0.0)  # read again after every row
-    stack.sink.defer_data = {addresses(stack, deferred)[0]}
-    stack.sink.hold()  # the server holds its answer (451) to the first message
-
-    def withdraw_while_the_first_is_tried() -> None:
-        try:
-            assert stack.sink.received.wait(30)
-            stack.trialog.bus.dispatch(
-                c.WithdrawParticipant(second, {"withdrawn_on": WINDOW_OPENS,
-                                               "scope": "study", "reason_code": "moved"}),
-                command_id=str(uuid.uuid4()), actor="coordinator")
-        finally:
-            stack.sink.release()
-
-    withdrawing = threading.Thread(target=withdraw_while_the_first_is_tried)
-    withdrawing.start()
+    stack.sink.defer_data = {addresses(stack, deferred)[0]}  # answered 451, when released
     mailer = reminders.Mailer(stack.sink.url, stack.trialog.settings.mail_from)
     try:
-        with pytest.raises(reminders.TransientMailError, match="451"):
+        with withdrawn_while_the_first_is_mailed(stack, second), pytest.raises(
+                reminders.TransientMailError, match="451"):
             reminders.send_chunk(stack.trialog, mailer, [order[deferred], order[second]],
                                  WINDOW_OPENS)
     finally:
-        withdrawing.join(30)
         mailer.close()
     assert (status(stack, order[deferred]), status(stack, order[second])) == (
         "pending", "cancelled")
