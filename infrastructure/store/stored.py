@@ -349,13 +349,17 @@ def _in_range(query: Any, table: Any, streams: StreamRange) -> Any:
 
 def stream_rows(recorder: Any, batch: int = 2000, topic_prefix: str | None = None,
                 originator_id: UUID | None = None,
-                streams: StreamRange = (None, None)) -> Iterator[Any]:
+                streams: StreamRange = (None, None),
+                lte: int | None = None) -> Iterator[Any]:
     """Stored rows (id, originator_id, originator_version, topic, state), stream by stream
-    in version order, fetched ``batch`` at a time so memory stays constant."""
+    in version order (up to version ``lte`` of each), fetched ``batch`` at a time so
+    memory stays constant."""
     table = events_table(recorder)
     query = select_rows(table)
     if topic_prefix is not None:
         query = query.where(table.c.topic.startswith(topic_prefix))
+    if lte is not None:
+        query = query.where(table.c.originator_version <= lte)
     if originator_id is not None:
         query = query.where(table.c.originator_id == originator_id)
     query = _in_range(query, table, streams).order_by(table.c.originator_id,

@@ -13,7 +13,7 @@ from sqlalchemy import and_, delete, event, func, insert, select, update
 
 from domain import commands as c
 from domain.access import Scope
-from domain.participant import participant_uuid
+from domain.participant import Participant, participant_uuid
 from domain.sealing import TopicAltered, seal, unseal
 from infrastructure.audit.history import history, participant_as_of
 from infrastructure.audit.verification import as_seen_by, verify
@@ -766,6 +766,33 @@ def test_the_deep_check_compares_every_participant_past_one_it_cannot_replay(iso
     assert sorted(p.detail for p in problems if p.kind == "read_model") == sorted(
         f"rm_participants.arm of {pid} says 'forged'; the record says '{arms[pid]}'"
         for pid in edited)
+
+
+def test_the_deep_check_compares_a_long_record_loaded_from_its_snapshot(isolated):
+    """A record past a snapshot's interval is loaded from its latest snapshot and the
+    events after it (the read of the short records' rows stops at the interval): its read
+    models are compared all the same, at its version."""
+    from infrastructure.audit.verification import check_store
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.store.tables import participants
+
+    t = isolated
+    pid, short = enrol(t), setup_participant(t)
+    for day in range(t.service.snapshotting_intervals[Participant]):
+        send(t, c.RecordDose(pid, dose(day)))
+    TrialProjection(t).catch_up()
+    assert check_store(t, processes=1, deep=True).ok
+    arms = {p: t.service.get_participant(p).arm for p in (pid, short)}
+    with t.engine.begin() as conn:
+        conn.execute(update(participants).values(arm="forged")
+                     .where(participants.c.participant_id.in_(arms)))
+    problems = check_store(t, processes=1, deep=True).problems
+    version = t.service.get_participant(pid).version
+    assert version > t.service.snapshotting_intervals[Participant]
+    assert sorted((p.participant_id, p.version, p.detail) for p in problems) == sorted(
+        (p, t.service.get_participant(p).version,
+         f"rm_participants.arm of {p} says 'forged'; the record says '{arm}'")
+        for p, arm in arms.items())
 
 
 def test_the_database_failing_while_the_deep_check_replays_is_raised_not_passed(
