@@ -24,6 +24,7 @@ class Sink:
     envelopes: list[tuple[str, list[str]]] = field(default_factory=list)  # (from, to)
     refuse: set[str] = field(default_factory=set)  # addresses answered 550
     defer: set[str] = field(default_factory=set)  # addresses answered 451
+    closing: set[str] = field(default_factory=set)  # addresses answered 421 (going away)
     busy_after: int | None = None  # MAILs taken before every next one is answered 451
     defer_data: set[str] = field(default_factory=set)  # a message to these: 451 to its DATA
     mails: int = 0
@@ -56,6 +57,8 @@ class Sink:
             return OVERLONG
         if address in self.refuse:
             return f"550 5.1.1 <{address}>: mailbox unavailable"
+        if address in self.closing:
+            return "421 4.3.2 service shutting down, closing the channel"
         if address in self.defer:
             return f"451 4.3.0 <{address}>: try again later"
         envelope.rcpt_tos.append(address)

@@ -333,6 +333,7 @@ class Mailer:
         self.from_header = formataddr((name, address), charset="utf-8") or sender
         self.envelope_from = address or sender
         self._smtp: smtplib.SMTP | None = None
+        self.taken = 0  # the messages the server has taken (for one recipient or more)
 
     def send(self, email: Email, message: bytes | EmailMessage | None = None
              ) -> dict[str, tuple[int, bytes]]:
@@ -347,8 +348,9 @@ class Mailer:
             raise RecipientDeferred("recipient refused for now: "
                                     + "; ".join(_refusals(e.recipients))) from None
         except smtplib.SMTPRecipientsRefused as e:
-            permanent = all(code >= 500 for code, _ in e.recipients.values())
-            error = PermanentMailError if permanent else TransientMailError
+            codes = [code for code, _ in e.recipients.values()]
+            error = (PermanentMailError if all(code >= 500 for code in codes)
+                     else ServerUnavailable if 421 in codes else TransientMailError)
             raise error("recipients refused: " + "; ".join(_refusals(e.recipients))) from None
         except smtplib.SMTPNotSupportedError as e:  # e.g. a non-ASCII address, no SMTPUTF8
             raise PermanentMailError(mask_emails_in(str(e))) from None
@@ -362,6 +364,7 @@ class Mailer:
         except (smtplib.SMTPException, OSError) as e:
             self.close()
             raise ServerUnavailable(mask_emails_in(str(e)) or type(e).__name__) from None
+        self.taken += 1
         return refused
 
     def message(self, email: Email, message_id: str | None = None) -> bytes | EmailMessage:
@@ -989,7 +992,7 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
     (the task is retried for the rows left)."""
     outcomes: dict[str, str] = {}
     not_now: TransientMailError | None = None  # the server's last "not now", if any
-    taken_since = True  # whether the server took a message since it said it
+    taken_then: int | None = None  # how many messages the mailer had sent by then
     days = _days(t, today)
     with _alone_with_many(t, reminder_ids) as (connection, held):
         outcomes.update({r: "busy" for r in reminder_ids if r not in held})
@@ -1012,13 +1015,13 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
                             outcome, to, participant = _one(t, connection, mailer, row,
                                                             days)
                         except TransientMailError as error:
-                            if isinstance(error, ServerUnavailable) or not taken_since:
+                            if (isinstance(error, ServerUnavailable)
+                                    or taken_then == mailer.taken):  # none taken since
                                 raise
-                            not_now, taken_since = error, False
+                            not_now, taken_then = error, mailer.taken
                         else:
                             outcomes[row.reminder_id] = outcome
                             if to is not None:
-                                taken_since = True
                                 mailed.append((row, to))
                                 if participant is not None:
                                     loaded.append(participant)

@@ -729,6 +729,18 @@ def test_a_read_model_row_set_back_a_version_is_no_way_past_the_deep_check(isola
         set_aside(conn, TrialProjection.name, participant_uuid(pid), pid, None, None,
                   ValueError("can't be applied"))
     assert check_store(t, processes=1, deep=True).ok
+    # A version below 1 edited into a set-aside participant's row is reported (the check
+    # stopped on an AttributeError, replaying no event).
+    with t.engine.begin() as conn:
+        conn.execute(update(participants).where(participants.c.participant_id == pid)
+                     .values(version=0))
+    [problem] = check_store(t, processes=1, deep=True).problems
+    assert (problem.kind, problem.participant_id, problem.detail) == (
+        "read_model", pid, (f"rm_participants.version of {pid} says 0; a record's "
+                            "versions start at 1"))
+    with t.engine.begin() as conn:
+        conn.execute(update(participants).where(participants.c.participant_id == pid)
+                     .values(version=p.version))
     # A quarantine row is no cover (the table is not sealed): an arm edited beside it is
     # found at the version the row says.
     with t.engine.begin() as conn:

@@ -1199,17 +1199,22 @@ def test_a_withdrawal_committed_while_a_deferred_message_was_tried_holds_for_the
     assert stack.sink.messages == [] and stack.reminders_sent(second) == []
 
 
-def test_a_server_that_cant_be_reached_ends_the_chunk_at_once(stack):
-    """A server down (the connection refused) was tried again for the next row of the
-    chunk, each try up to the server's timeout; it takes no message, so the chunk ends at
-    the first, the rows after it untried."""
+@pytest.mark.parametrize("down", ["refused", "421 to RCPT"])
+def test_a_server_that_cant_be_reached_ends_the_chunk_at_once(stack, down):
+    """A server down (the connection refused, or closing it with a 421) was tried again
+    for the next row of the chunk, each try up to the server's timeout; it takes no
+    message, so the chunk ends at the first, the rows after it untried."""
     pids = [stack.enrol() for _ in range(3)]
     ids = scan_without_sending(stack, WINDOW_OPENS)
     order = {outbox_row(stack, r).participant_id: r for r in ids}
     from tests.e2e.conftest import free_port
 
-    mailer = reminders.Mailer(f"smtp://127.0.0.1:{free_port()}",
-                              stack.trialog.settings.mail_from)
+    url = stack.sink.url
+    if down == "refused":
+        url = f"smtp://127.0.0.1:{free_port()}"
+    else:
+        stack.sink.closing = {addresses(stack, pid)[0] for pid in pids}
+    mailer = reminders.Mailer(url, stack.trialog.settings.mail_from)
     with pytest.raises(reminders.ServerUnavailable):
         reminders.send_chunk(stack.trialog, mailer, [order[pid] for pid in pids],
                              WINDOW_OPENS)
