@@ -795,12 +795,12 @@ def _replayed(service: TrialService, wanted: dict[UUID, tuple[str, int]]
     """Each wanted participant (its stream: its id and a version) replayed up to that
     version, in one read of every participant's rows, stream by stream: loaded one by
     one, a participant took two queries, most of the deep check's time on a store of
-    many short records (a long one still loads from its snapshot: its 500 events cost
-    more to decode than the two queries). One whose
-    events up to there can't all be read and applied in order is passed over: a row
-    missing or unreadable is its chain's problem, reported by that check, and an event
-    the rules can't apply has the read models' follower set the participant aside at the
-    version before it. The database failing while it reads is raised."""
+    many short records (one wanted past a snapshot's interval still loads from its
+    snapshot: its events cost more to decode than the two queries). One whose events up
+    to there can't all be read and applied in order is passed over: a row missing or
+    unreadable is its chain's problem, reported by that check, and an event the rules
+    can't apply has the read models' follower set the participant aside at the version
+    before it. The database failing while it reads is raised."""
     interval = service.snapshotting_intervals[Participant]
     rows = stream_rows(service.recorder, topic_prefix=PARTICIPANT_TOPIC, lte=interval)
     for key, of_stream in groupby(rows, key=lambda row: row.originator_id):

@@ -107,7 +107,7 @@ class TransientMailError(Exception):
 
 class ServerUnavailable(TransientMailError):
     """The server can't be talked to now (the connection refused or lost before the
-    message's content, or its 421): it takes no message, so a chunk ends at once."""
+    message's content, or a 421): it takes no message, so a chunk ends at once."""
 
 
 class RecipientDeferred(Exception):
@@ -992,7 +992,7 @@ def send_chunk(t: Trialog, mailer: Mailer, reminder_ids: list[str],
     (the task is retried for the rows left)."""
     outcomes: dict[str, str] = {}
     not_now: TransientMailError | None = None  # the server's last "not now", if any
-    taken_then: int | None = None  # how many messages the mailer had sent by then
+    taken_then: int | None = None  # the messages the server had taken when it said so
     days = _days(t, today)
     with _alone_with_many(t, reminder_ids) as (connection, held):
         outcomes.update({r: "busy" for r in reminder_ids if r not in held})
