@@ -36,7 +36,8 @@ from dataclasses import dataclass, replace
 from dataclasses import field as default
 from datetime import UTC, date, datetime
 from typing import Any
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape as _escape
+from xml.sax.saxutils import quoteattr
 
 from marshmallow import Schema, fields
 
@@ -221,6 +222,12 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 def _xml_chars(part: str) -> str:
     return _NOT_XML.sub("\ufffd", part)
+
+
+def escape(text: str) -> str:
+    """An element's text: a carriage return as a character reference too, which a reader
+    of XML would otherwise read as a line feed."""
+    return _escape(text, {"\r": "&#13;"})
 
 
 def _attr(name: str, value: Any) -> str:

@@ -59,9 +59,10 @@ def capped_lines(file: BinaryIO) -> Iterator[bytes]:
     does)."""
     first = True
     while line := file.readline(MAX_LINE + 1):
+        whole = len(line) <= MAX_LINE or line.endswith(b"\n")  # (the mark counted)
         if first:
             line, first = line.removeprefix(BOM_UTF8), False
-        if len(line) <= MAX_LINE or line.endswith(b"\n"):
+        if whole:
             yield line
             continue
         while (rest := file.readline(MAX_LINE)) and not rest.endswith(b"\n"):

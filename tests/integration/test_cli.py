@@ -620,6 +620,21 @@ def test_settings_and_arguments_that_cant_work_are_one_line_naming_them(tmp_path
     assert wrong.stderr.startswith("trialog export: argument format: invalid choice: 'xml'")
 
 
+def test_a_byte_order_mark_on_an_overlong_first_line_leaves_it_refused_whole(monkeypatch):
+    """The mark was taken off before the line's length was looked at: a first line longer
+    than the cap, read to the cap, was given as a whole line less the mark, and the rest
+    of it as the next (imported if it held a command), every later number one too high."""
+    from infrastructure.cli import imports
+
+    monkeypatch.setattr(imports, "MAX_LINE", 20)
+    lines = list(imports.capped_lines(io.BytesIO(
+        b"\xef\xbb\xbf" + b"x" * 18 + b'{"type": "x"}\n{bad\n')))
+    assert [type(line).__name__ for line in lines] == ["_TooLong", "bytes"]
+    assert lines[1] == b"{bad\n"
+    marked = list(imports.capped_lines(io.BytesIO(b"\xef\xbb\xbf" + b"y" * 10 + b"\nz\n")))
+    assert marked == [b"y" * 10 + b"\n", b"z\n"]
+
+
 @pytest.fixture
 def empty_database() -> Iterator[str]:
     """The URL of a new database without tables (of its own: runs side by side don't

@@ -455,6 +455,25 @@ def test_a_character_no_xml_may_hold_is_written_as_a_replacement_character(isola
     assert raised.findtext("odm:Comment", None, NS) == "odd \ufffd\ufffd\ufffd text"
 
 
+def test_carriage_returns_in_the_odm_export_s_texts_are_kept(isolated, odm_schema):
+    """A reader of XML turns a raw carriage return in an element's text into a line feed:
+    a query's text and a correction's reason written with CRLF or a lone CR were read
+    back otherwise than recorded (attributes kept theirs, as character references)."""
+    pid = enrol(isolated)
+    send(isolated, c.CompleteVisit(pid, {"visit": "baseline", "completed_on": REGISTERED,
+                                         "bpi_sf": {"worst": 6}}))
+    query, text, reason = str(uuid.uuid4()), "line1\r\nline2\rend", "the diary\r\nsays 5\r"
+    send(isolated, c.RaiseQuery(pid, {"query_id": query, "visit": "baseline", "text": text}))
+    visit = next(e for e, _ in isolated.service.get_participant(pid).records_of(
+        "VisitCompleted"))
+    send(isolated, c.CorrectData(pid, {"event_id": visit, "field": "bpi_sf.worst",
+                                       "value": 5}), reason=reason)
+    root = _export(isolated)
+    assert odm_schema.validate(root), odm_schema.error_log
+    assert [a.findtext("odm:Comment", None, NS) for a in _query_steps(root, query)] == [text]
+    assert reason in [e.text for e in root.iterfind(".//odm:ReasonForChange", NS)]
+
+
 def test_the_deidentified_odm_export_keeps_signatures_but_not_query_texts(isolated,
                                                                           odm_schema):
     ids = _managed_record(isolated)
