@@ -366,6 +366,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"trialog: warning: the read models could not be brought up to date "
                   f"({_one_line(e)}); the CSV and FHIR exports give them as they stand",
                   file=sys.stderr)
+        if args.format != "odm":
+            _say_set_aside(trialog)
         chunks = exports.document(trialog, args.format, args.deidentify)
         if not args.output:
             for chunk in chunks:
@@ -375,6 +377,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         trialog.close()
     return 0
+
+
+def _say_set_aside(trialog: Trialog) -> None:
+    """A warning on standard error when the read models (which the CSV and FHIR exports
+    read) hold participants set aside: as they stood before an event of theirs that
+    can't be applied, or not at all."""
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.readside.quarantine import quarantined_ids
+
+    with trialog.engine.connect() as connection:
+        aside = len(quarantined_ids(connection, TrialProjection.name))
+    if aside:
+        many = aside != 1
+        print(f"trialog: warning: {aside} participant{'s' if many else ''} set aside by the "
+              "read models (an event of theirs can't be applied: `trialog projections "
+              f"status` names them) {'are' if many else 'is'} given as they stood before "
+              "it, or left out; the ODM export reads the store", file=sys.stderr)
 
 
 def _a_descriptor(path: str) -> bool:

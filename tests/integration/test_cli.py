@@ -968,6 +968,29 @@ def test_an_export_whose_read_models_cant_be_brought_up_to_date_says_so_and_goes
     assert done.stderr.endswith("; the CSV and FHIR exports give them as they stand\n")
 
 
+def test_an_export_with_participants_the_read_models_set_aside_says_so(tmp_path):
+    """The CSV and FHIR exports read the read models, which hold a participant set aside
+    as it stood before the event that can't be applied (or not at all): they gave that
+    as the record, exit 0, with nothing said (the ODM export reads the store)."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    first, second = _screenings(tmp_path / "s.ndjson", 2)
+    assert run(["import", "s.ndjson"], tmp_path, TRIALOG_DATABASE_URL=url).returncode == 0
+    with create_engine(url).begin() as conn:  # the second's screening, unreadable
+        conn.execute(text("UPDATE trialog_events SET state = x'00' WHERE id = 2"))
+    setting_aside = run(["export", "fhir"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert "participant quarantined" in setting_aside.stderr  # said as it happens only
+    for kind in ("fhir", "csv"):  # (the CSV's rows are visits: none here)
+        done = run(["export", kind], tmp_path, TRIALOG_DATABASE_URL=url)
+        assert done.returncode == 0
+        assert kind == "csv" or (first in done.stdout and second not in done.stdout)
+        assert done.stderr == (
+            "trialog: warning: 1 participant set aside by the read models (an event of "
+            "theirs can't be applied: `trialog projections status` names them) is given "
+            "as they stood before it, or left out; the ODM export reads the store\n"), kind
+    odm = run(["export", "odm"], tmp_path, TRIALOG_DATABASE_URL=url)
+    assert odm.returncode == 0 and "set aside" not in odm.stderr  # (it names the row)
+
+
 def test_a_refusal_is_one_line_whatever_the_file_s_field_names_hold(tmp_path):
     """A field named with a line break printed as a refusal of another line, and a
     terminal's escape reached the terminal."""
