@@ -25,18 +25,10 @@ SHARED_URL = f"{PG_SERVER}/{SHARED_DATABASE}"
 def ensure_shared_database() -> None:
     """Creates this process's shared database when it is missing (`make test` creates
     `test`; a process of pytest-xdist creates its own)."""
-    admin = sqlalchemy.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
     try:
-        with admin.connect() as c:
-            found = c.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"),
-                              {"n": SHARED_DATABASE}).scalar()
-            if not found:
-                try:
-                    c.execute(sqlalchemy.text(f'CREATE DATABASE "{SHARED_DATABASE}"'))
-                except sqlalchemy.exc.ProgrammingError:  # created meanwhile by another run
-                    pass
-    finally:
-        admin.dispose()
+        create_database(SHARED_DATABASE)
+    except sqlalchemy.exc.ProgrammingError:  # there already, or made meanwhile by another run
+        pass
 
 
 def drop_shared_database() -> None:
