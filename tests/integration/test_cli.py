@@ -1,5 +1,7 @@
-"""The command line, run as a user runs it (a subprocess, real files); in-process where
-only its answers are looked at."""
+"""The command line, run as a user runs it: a process of its own (forked from one that has
+imported Trialog, `tests.cli_runner`; started from the shell where signals, pipes or the
+import's processes are what is tested), real files; in-process where only its answers are
+looked at."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from infrastructure.cli import NO_TABLES
+from tests.cli_runner import run_cli
 from tests.conftest import TEST_KEY
 from tests.databases import PG_SERVER, SHARED_URL, fresh_postgres_database
 
@@ -28,9 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run(args, cwd, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
     full_env.update(env)
-    full_env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(TRIALOG + args, cwd=cwd, env=full_env, capture_output=True, check=False,
-                          text=True, timeout=240)
+    return run_cli(args, cwd, full_env)
 
 
 def test_demo_prints_the_summary_then_history_and_verify_work_on_its_file(tmp_path):
@@ -251,9 +252,8 @@ def test_importing_the_worker_app_writes_nothing(tmp_path):
 
 def run_with_input(args, cwd, stdin, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
-    full_env.update(env, PYTHONPATH=str(ROOT))
-    return subprocess.run(TRIALOG + args, cwd=cwd, env=full_env, capture_output=True,
-                          check=False, text=True, timeout=240, input=stdin)
+    full_env.update(env)
+    return run_cli(args, cwd, full_env, stdin=stdin)
 
 
 def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(

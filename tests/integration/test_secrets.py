@@ -10,7 +10,6 @@ import os
 import sqlite3
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,11 @@ import pytest
 from infrastructure.audit import exports
 from infrastructure.readside.projections import TrialProjection
 from infrastructure.store.settings import Settings, SettingsError, check_secrets
+from tests.cli_runner import run_cli
 from tests.conftest import TEST_KEY, TEST_PSEUDONYM_KEY, TEST_SECRETS
 from tests.databases import SHARED_URL
 from tests.integration.helpers import enrol
 
-TRIALOG = str(Path(sys.executable).with_name("trialog"))
-ROOT = Path(__file__).resolve().parents[2]
 FILES = {"TRIALOG_CIPHER_KEY": ".key", "TRIALOG_ALLOCATION_SEED": ".seed",
          "TRIALOG_PSEUDONYM_KEY": ".pseudonym-key"}
 
@@ -34,9 +32,7 @@ def sqlite_settings(database: Path) -> Settings:
 
 def trialog(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
-    return subprocess.run([TRIALOG, *args], cwd=cwd, capture_output=True, text=True,
-                          check=False, timeout=60,
-                          env={**clean, "PYTHONPATH": str(ROOT), **env})
+    return run_cli(args, cwd, {**clean, **env}, timeout=60)
 
 
 def test_the_sqlite_default_makes_three_separate_secret_files_once(tmp_path):
