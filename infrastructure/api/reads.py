@@ -428,6 +428,28 @@ def _whole(chunks: Iterator[str], shown: list[str], endpoint: str, mimetype: str
     return response
 
 
+SET_ASIDE = "Trialog-Set-Aside"
+SET_ASIDE_HEADER = {SET_ASIDE: {
+    "description": ("how many participants of the caller's sites the read models, which this "
+                    "export reads, have set aside (an event of theirs can't be applied): each "
+                    "is given as it stood before that event, or left out (`trialog projections "
+                    "status` names them; the ODM export reads the store). One whose site the "
+                    "read models never learnt counts for every caller"),
+    "required": True, "schema": {"type": "integer", "minimum": 0}}}
+
+
+def _set_aside(kind: str) -> int | None:
+    """For an export of the read models (CSV, FHIR): how many participants within the
+    caller's sites they have set aside."""
+    from infrastructure.readside.projections import TrialProjection
+    from infrastructure.readside.quarantine import set_aside_within
+
+    if kind == "odm":
+        return None
+    with _trialog().engine.connect() as connection:
+        return set_aside_within(connection, TrialProjection.name, g.principal.scope)
+
+
 def _export_view(kind: str, mimetype: str, description: str) -> None:
     def view(deidentify: bool) -> Response:
         from infrastructure.audit import exports
@@ -439,12 +461,17 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
         chunks = exports.document(_trialog(), kind, deidentify,
                                   contact=g.principal.sees_contact, shown=shown,
                                   scope=g.principal.scope)
-        return _whole(chunks, shown, f"GET /v1/exports/{kind}", mimetype)
+        response = _whole(chunks, shown, f"GET /v1/exports/{kind}", mimetype)
+        aside = _set_aside(kind)  # once it is made: one set aside meanwhile is counted
+        if aside is not None:
+            response.headers[SET_ASIDE] = str(aside)
+        return response
 
     view.__name__ = f"get_{kind}"
     view.__doc__ = f"Export: {description}."
     routed = exports_blp.arguments(ExportArgs, location="query", as_kwargs=True, unknown=RAISE)(view)
-    routed = exports_blp.response(200, description=description, content_type=mimetype)(routed)
+    routed = exports_blp.response(200, description=description, content_type=mimetype,
+                                  headers=None if kind == "odm" else SET_ASIDE_HEADER)(routed)
     for code in (401, 403, 422):
         routed = exports_blp.alt_response(code, schema=ErrorBody)(routed)
     exports_blp.route(f"/{kind}")(routed)

@@ -383,11 +383,12 @@ def _say_set_aside(trialog: Trialog) -> None:
     """A warning on standard error when the read models (which the CSV and FHIR exports
     read) hold participants set aside: as they stood before an event of theirs that
     can't be applied, or not at all."""
+    from domain.access import EVERY_SITE
     from infrastructure.readside.projections import TrialProjection
-    from infrastructure.readside.quarantine import quarantined_ids
+    from infrastructure.readside.quarantine import set_aside_within
 
     with trialog.engine.connect() as connection:
-        aside = len(quarantined_ids(connection, TrialProjection.name))
+        aside = set_aside_within(connection, TrialProjection.name, EVERY_SITE)
     if aside:
         many = aside != 1
         print(f"trialog: warning: {aside} participant{'s' if many else ''} set aside by the "

@@ -15,9 +15,10 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from domain.access import Scope
 from infrastructure.logs import mask_emails_in
 from infrastructure.store.bus import WRITE_CONFLICTS
-from infrastructure.store.tables import as_utc, quarantine
+from infrastructure.store.tables import as_utc, participants, quarantine
 
 log = logging.getLogger("trialog.quarantine")
 
@@ -62,6 +63,19 @@ def release(session: Any, follower: str, originator_ids: set[Any]) -> None:
 def quarantined_ids(session: Any, follower: str) -> set[str]:
     return set(session.execute(select(quarantine.c.originator_id).where(
         quarantine.c.follower == follower)).scalars())
+
+
+def set_aside_within(connection: Connection, follower: str, scope: Scope) -> int:
+    """How many participants ``follower`` has set aside within ``scope``'s sites. One whose
+    site the read models never learnt (set aside at its first event) is counted in every
+    scope: it may be of any site (the total is no secret: ``/healthz`` gives it)."""
+    held = select(func.count()).select_from(quarantine.outerjoin(
+        participants, participants.c.participant_id == quarantine.c.participant_id)).where(
+        quarantine.c.follower == follower)
+    if scope.sites is not None:
+        held = held.where(participants.c.site_id.is_(None)
+                          | participants.c.site_id.in_(sorted(scope.sites)))
+    return int(connection.execute(held).scalar_one())
 
 
 def listing(connection: Connection) -> list[dict[str, Any]]:

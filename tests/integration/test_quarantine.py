@@ -15,7 +15,7 @@ from infrastructure.jobs.monitor import DeviationMonitor
 from infrastructure.readside.projections import TrialProjection
 from infrastructure.readside.quarantine import listing
 from infrastructure.store.tables import deviations, participants, scores
-from tests.integration.helpers import REGISTERED, enrol, send
+from tests.integration.helpers import REGISTERED, dose, enrol, send
 from tests.integration.test_cli import TEST_KEY, run
 
 
@@ -599,3 +599,45 @@ def test_the_consort_flow_fails_when_the_database_does_not_hide_it(isolated, mon
     monkeypatch.setattr(consort, "replayed", disk_fails)
     with pytest.raises(sqlalchemy.exc.OperationalError):
         consort.consort(t, EVERY_SITE)
+
+
+def test_an_export_of_the_read_models_over_http_says_how_many_of_the_callers_are_set_aside(
+        isolated):
+    """The CSV and FHIR exports read the read models, which give a participant set aside as
+    it stood before the event that can't be applied (or leave it out): over HTTP they gave
+    that as the record with nothing said (the command line warns on standard error)."""
+    from domain.access import Scope
+    from infrastructure.api import create_app
+    from infrastructure.store.tokens import create_token
+
+    t = isolated
+    on_time, behind = enrol(t, "CASE"), enrol(t, "METRO")
+    client = create_app(t, follow=False).test_client()
+
+    def monitor(sites: list[str] | None) -> dict[str, str]:
+        token = create_token(t.engine, f"cra-{uuid.uuid4().hex[:8]}", "monitor",
+                             Scope.of(sites))
+        return {"Authorization": f"Bearer {token}"}
+
+    every, case, metro = monitor(None), monitor(["CASE"]), monitor(["METRO"])
+    TrialProjection(t).catch_up()
+    assert client.get("/v1/exports/csv", headers=every).headers["Trialog-Set-Aside"] == "0"
+
+    send(t, c.RecordDose(behind, dose(1)))
+    _flip_state(t, behind, 4)  # its row stays as it stood at version 3
+    unknown = enrol(t, "METRO")
+    _flip_state(t, unknown, 1)  # never applied: the read models don't know its site
+    TrialProjection(t).catch_up()
+    for headers, held in ((every, 2), (metro, 2), (case, 1)):
+        for kind in ("csv", "fhir"):
+            answer = client.get(f"/v1/exports/{kind}", headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["Trialog-Set-Aside"] == str(held), (kind, headers)
+    fhir = client.get("/v1/exports/fhir", headers=metro).get_data(as_text=True)
+    assert behind in fhir and unknown not in fhir and on_time not in fhir
+    odm = client.get("/v1/exports/odm", headers=every)  # it reads the store and says so
+    assert odm.status_code == 200 and "Trialog-Set-Aside" not in odm.headers
+    document = client.get("/openapi.json").json
+    for kind in ("csv", "fhir"):
+        assert "Trialog-Set-Aside" in document["paths"][f"/v1/exports/{kind}"]["get"][
+            "responses"]["200"]["headers"]
