@@ -3,26 +3,34 @@ start): each creates what it finds missing, one at a time, and every one starts.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-# Once imported, says so (a file of its own) and waits for the others to have said so too,
-# then builds the application on the file and reads.
-STARTS = r"""
-import sys, time
+import time
+import traceback
 from pathlib import Path
-from infrastructure.store.bootstrap import bootstrap
+
+from tests.cli_runner import forked
 from tests.conftest import settings_for
-url, ready, processes = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-(ready / sys.argv[4]).touch()
-while len(list(ready.iterdir())) < processes:
-    time.sleep(0.001)
-trialog = bootstrap(settings_for(url))
-try:
-    print(trialog.service.recorder.max_notification_id())
-finally:
-    trialog.close()
-"""
+
+
+def _starts(url: str, ready: Path, processes: int, n: int) -> None:
+    """Says it is here (a file of its own in ``ready``) and waits for the others to have
+    said so too, then builds the application on the file and writes what it read."""
+    from infrastructure.store.bootstrap import bootstrap
+
+    (ready / str(n)).touch()
+    while len(list(ready.iterdir())) < processes:
+        time.sleep(0.001)
+    said = ready.parent / f"{ready.name}-read-{n}"
+    try:
+        trialog = bootstrap(settings_for(url))
+    except Exception:
+        said.write_text(traceback.format_exc())
+        raise
+    try:
+        said.write_text(repr(trialog.service.recorder.max_notification_id()))
+    finally:
+        trialog.close()
+
+
 PROCESSES = 3
 
 
@@ -31,15 +39,12 @@ def test_processes_starting_together_on_a_new_file_all_start(tmp_path):
         url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
         ready = tmp_path / f"ready-{attempt}"
         ready.mkdir()
-        processes = [subprocess.Popen([sys.executable, "-c", STARTS, url, str(ready),
-                                       str(PROCESSES), str(n)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True)
-                     for n in range(PROCESSES)]
-        for process in processes:
-            out, err = process.communicate(timeout=120)
-            assert process.returncode == 0, err[-2000:]
-            assert out.strip() in ("None", "0"), out  # no event yet
+        processes = [forked(_starts, url, ready, PROCESSES, n) for n in range(PROCESSES)]
+        for n, process in enumerate(processes):
+            process.join(120)
+            said = tmp_path / f"ready-{attempt}-read-{n}"
+            assert process.exitcode == 0, said.exists() and said.read_text()[-2000:]
+            assert said.read_text() in ("None", "0"), said.read_text()  # no event yet
 
 
 def test_a_process_starting_on_a_file_with_every_table_takes_no_write_lock(tmp_path):
