@@ -1095,3 +1095,36 @@ def test_the_demo_s_store_opens_with_its_own_key_whatever_the_environment_holds(
     verified = run(["audit", "verify", "--quiet"], tmp_path,
                    TRIALOG_DATABASE_URL=f"sqlite:///{tmp_path / 'trialog-demo.db'}")
     assert json.loads(verified.stdout)["ok"] is True, verified.stdout + verified.stderr
+
+
+def test_a_run_forked_from_the_server_ends_as_one_started_from_the_shell(tmp_path):
+    """The runner's runs (`tests.cli_runner`) read their input as the interpreter does (a
+    carriage return kept) and end as it ends: a SQLite file's connections closed, so its
+    write-ahead log folded in and removed (left behind, a test of the files left would
+    have seen what the command never leaves)."""
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.people import reauthenticate
+    from infrastructure.store.settings import Settings
+
+    password = "a long enough pass\rword x"
+    left = {}
+    for how in ("forked", "shell"):
+        folder = tmp_path / how
+        folder.mkdir()
+        args = ["user", "create", "--login", f"ann.{how}", "--name", "Ann", "--role",
+                "admin", "--password-stdin"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
+        env.update(TRIALOG_DATABASE_URL=f"sqlite:///{folder / 't.db'}")
+        done = run_with_input(args, folder, password + "\n", **env) if how == "forked" else \
+            subprocess.run(TRIALOG + args, cwd=folder, input=password + "\n", text=True,
+                           capture_output=True, check=False, timeout=120,
+                           env={**env, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr
+        left[how] = sorted(p.name for p in folder.iterdir())
+        t = bootstrap(Settings.from_env(env))
+        try:
+            assert reauthenticate(t.engine, f"ann.{how}", password) == "Ann"
+        finally:
+            t.close()
+    assert left["forked"] == left["shell"] == [
+        "t.db", "t.db.key", "t.db.pseudonym-key", "t.db.seed"]
