@@ -431,16 +431,17 @@ def _whole(chunks: Iterator[str], shown: list[str], endpoint: str, mimetype: str
 SET_ASIDE = "Trialog-Set-Aside"
 SET_ASIDE_HEADER = {SET_ASIDE: {
     "description": ("how many participants of the caller's sites the read models, which this "
-                    "export reads, have set aside (an event of theirs can't be applied): each "
-                    "is given as it stood before that event, or left out (`trialog projections "
-                    "status` names them; the ODM export reads the store). One whose site the "
-                    "read models never learnt counts for every caller"),
+                    "export reads, had set aside as it began or as it ended (an event of "
+                    "theirs can't be applied): each is given as it stood before that event, "
+                    "or left out; `trialog projections status` names them, and the ODM export "
+                    "reads the store. One whose site the read models never learnt counts for "
+                    "every caller"),
     "required": True, "schema": {"type": "integer", "minimum": 0}}}
 
 
-def _set_aside(kind: str) -> int | None:
-    """For an export of the read models (CSV, FHIR): how many participants within the
-    caller's sites they have set aside."""
+def _set_aside(kind: str) -> set[str] | None:
+    """For an export of the read models (CSV, FHIR): the participants within the caller's
+    sites they have set aside."""
     from infrastructure.readside.projections import TrialProjection
     from infrastructure.readside.quarantine import set_aside_within
 
@@ -458,13 +459,18 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
         if request.method == "HEAD":  # its type alone: no export made, nothing shown, and
             return Response(iter(()), mimetype=mimetype)  # no length until it is made
         shown: list[str] = []
+        aside = _set_aside(kind)
         chunks = exports.document(_trialog(), kind, deidentify,
                                   contact=g.principal.sees_contact, shown=shown,
                                   scope=g.principal.scope)
         response = _whole(chunks, shown, f"GET /v1/exports/{kind}", mimetype)
-        aside = _set_aside(kind)  # once it is made: one set aside meanwhile is counted
+        try:  # and once it is made: one set aside or let go meanwhile is counted
+            aside = aside | _set_aside(kind) if aside is not None else None
+        except BaseException:
+            response.close()  # its file
+            raise
         if aside is not None:
-            response.headers[SET_ASIDE] = str(aside)
+            response.headers[SET_ASIDE] = str(len(aside))
         return response
 
     view.__name__ = f"get_{kind}"

@@ -388,7 +388,7 @@ def _say_set_aside(trialog: Trialog) -> None:
     from infrastructure.readside.quarantine import set_aside_within
 
     with trialog.engine.connect() as connection:
-        aside = set_aside_within(connection, TrialProjection.name, EVERY_SITE)
+        aside = len(set_aside_within(connection, TrialProjection.name, EVERY_SITE))
     if aside:
         many = aside != 1
         print(f"trialog: warning: {aside} participant{'s' if many else ''} set aside by the "

@@ -65,17 +65,18 @@ def quarantined_ids(session: Any, follower: str) -> set[str]:
         quarantine.c.follower == follower)).scalars())
 
 
-def set_aside_within(connection: Connection, follower: str, scope: Scope) -> int:
-    """How many participants ``follower`` has set aside within ``scope``'s sites. One whose
-    site the read models never learnt (set aside at its first event) is counted in every
-    scope: it may be of any site (the total is no secret: ``/healthz`` gives it)."""
-    held = select(func.count()).select_from(quarantine.outerjoin(
+def set_aside_within(connection: Connection, follower: str, scope: Scope) -> set[str]:
+    """The participants (their records' ids) ``follower`` has set aside within ``scope``'s
+    sites. One whose site the read models never learnt (set aside at its first event) is
+    in every scope: it may be of any site (how many are set aside is no secret: ``/healthz``
+    counts every follower's)."""
+    held = select(quarantine.c.originator_id).select_from(quarantine.outerjoin(
         participants, participants.c.participant_id == quarantine.c.participant_id)).where(
         quarantine.c.follower == follower)
     if scope.sites is not None:
         held = held.where(participants.c.site_id.is_(None)
                           | participants.c.site_id.in_(sorted(scope.sites)))
-    return int(connection.execute(held).scalar_one())
+    return set(connection.execute(held).scalars())
 
 
 def listing(connection: Connection) -> list[dict[str, Any]]:
