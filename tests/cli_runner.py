@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -84,27 +85,41 @@ def _main(args: list[str], cwd: str, env: dict[str, str], files: list[str],
         os.close(opened)
     if stdin is not None:  # a pipe, as `subprocess.run(input=...)` gives
         _pipe_in(stdin.encode())
-    # The streams as the interpreter opens them: the locale's error handler (C.UTF-8's
-    # `surrogateescape`), newlines read as they are, stderr a line at a time, stdout
-    # written through under PYTHONUNBUFFERED.
-    errors = "surrogateescape" if locale.getpreferredencoding(False).lower() in (
-        "utf-8", "ascii", "ansi_x3.4-1968") else "strict"
+    gc.freeze()  # the server's own objects are not this run's to finalise
+    # The streams as the interpreter opens them: its error handler for the locale (the
+    # server's: C.UTF-8's `surrogateescape`), newlines as they are, stderr a line at a
+    # time, both written through under PYTHONUNBUFFERED.
+    errors = getattr(sys.__stdout__, "errors", None) or "strict"
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
     sys.stdin = open(0, newline="\n", errors=errors, closefd=False)  # noqa: SIM115
-    written = open(1, "wb", buffering=0, closefd=False)  # noqa: SIM115
-    sys.stdout = io.TextIOWrapper(written, errors=errors,
-                                  write_through=bool(env.get("PYTHONUNBUFFERED")))
-    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace",  # noqa: SIM115
-                      closefd=False)
+    sys.stdout = _written(1, errors, unbuffered, line_buffering=False)
+    sys.stderr = _written(2, "backslashreplace", unbuffered, line_buffering=not unbuffered)
     sys.argv = ["trialog", *args]
     from infrastructure.cli import main
 
-    code = main(args)
-    # What the interpreter does at its exit, which a child of multiprocessing skips (it
-    # ends with os._exit): objects collected (SQLite's last connection checkpoints its
-    # write-ahead log and removes it), then the atexit functions.
-    gc.collect()
-    atexit._run_exitfuncs()
+    try:
+        code = main(args)
+    finally:
+        _as_the_interpreter_ends()
     sys.exit(code)
+
+
+def _written(fd: int, errors: str, unbuffered: bool, *, line_buffering: bool) -> io.TextIOWrapper:
+    raw = open(fd, "wb", buffering=0 if unbuffered else -1, closefd=False)  # noqa: SIM115
+    return io.TextIOWrapper(raw, errors=errors, newline="\n", line_buffering=line_buffering,
+                            write_through=unbuffered)
+
+
+def _as_the_interpreter_ends() -> None:
+    """What the interpreter does at its exit, which a child of multiprocessing skips (it
+    ends with os._exit): threads waited for, the atexit functions run, objects collected
+    (SQLite's last connection checkpoints its write-ahead log and removes it). Objects a
+    module still holds are not finalised, as the interpreter's own end would."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    gc.collect()
 
 
 def _pipe_in(data: bytes) -> None:
