@@ -464,12 +464,12 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
                                   contact=g.principal.sees_contact, shown=shown,
                                   scope=g.principal.scope)
         response = _whole(chunks, shown, f"GET /v1/exports/{kind}", mimetype)
-        try:  # and once it is made: one set aside or let go meanwhile is counted
-            aside = aside | _set_aside(kind) if aside is not None else None
-        except BaseException:
-            response.close()  # its file
-            raise
         if aside is not None:
+            try:  # and once it is made: one set aside or let go meanwhile is counted
+                aside |= _set_aside(kind) or set()
+            except BaseException:
+                response.close()  # its file
+                raise
             response.headers[SET_ASIDE] = str(len(aside))
         return response
 

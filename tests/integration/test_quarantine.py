@@ -653,6 +653,8 @@ def test_an_export_of_the_read_models_over_http_says_how_many_of_the_callers_are
 
     monkeypatch.setattr(exports, "document", letting_go)
     assert client.get("/v1/exports/csv", headers=metro).headers["Trialog-Set-Aside"] == "2"
+    monkeypatch.setattr(exports, "document", made)
+    assert client.get("/v1/exports/csv", headers=metro).headers["Trialog-Set-Aside"] == "1"
     document = client.get("/openapi.json").json
     for kind in ("csv", "fhir"):
         header = document["paths"][f"/v1/exports/{kind}"]["get"]["responses"]["200"][
