@@ -20,7 +20,7 @@ from domain.errors import DomainError
 from infrastructure.api import responses as r
 from infrastructure.api.errors import ApiError, forbidden, from_domain, invalid
 from infrastructure.api.schemas import ErrorBody, Parameters
-from infrastructure.audit import access
+from infrastructure.audit import access, exports
 from infrastructure.audit import history as audit
 from infrastructure.readside import queries
 from infrastructure.store.schemas import a_moment, text
@@ -439,34 +439,29 @@ SET_ASIDE_HEADER = {SET_ASIDE: {
     "required": True, "schema": {"type": "integer", "minimum": 0}}}
 
 
-def _set_aside(kind: str) -> set[str] | None:
-    """For an export of the read models (CSV, FHIR): the participants within the caller's
-    sites they have set aside."""
+def _set_aside() -> set[str]:
+    """The participants within the caller's sites the read models have set aside."""
     from infrastructure.readside.projections import TrialProjection
     from infrastructure.readside.quarantine import set_aside_within
 
-    if kind == "odm":
-        return None
     with _trialog().engine.connect() as connection:
         return set_aside_within(connection, TrialProjection.name, g.principal.scope)
 
 
 def _export_view(kind: str, mimetype: str, description: str) -> None:
     def view(deidentify: bool) -> Response:
-        from infrastructure.audit import exports
-
         _read("exports")
         if request.method == "HEAD":  # its type alone: no export made, nothing shown, and
             return Response(iter(()), mimetype=mimetype)  # no length until it is made
         shown: list[str] = []
-        aside = _set_aside(kind)
+        aside = _set_aside() if kind in exports.FROM_READ_MODELS else None
         chunks = exports.document(_trialog(), kind, deidentify,
                                   contact=g.principal.sees_contact, shown=shown,
                                   scope=g.principal.scope)
         response = _whole(chunks, shown, f"GET /v1/exports/{kind}", mimetype)
         if aside is not None:
             try:  # and once it is made: one set aside or let go meanwhile is counted
-                aside |= _set_aside(kind) or set()
+                aside |= _set_aside()
             except BaseException:
                 response.close()  # its file
                 raise
@@ -477,7 +472,8 @@ def _export_view(kind: str, mimetype: str, description: str) -> None:
     view.__doc__ = f"Export: {description}."
     routed = exports_blp.arguments(ExportArgs, location="query", as_kwargs=True, unknown=RAISE)(view)
     routed = exports_blp.response(200, description=description, content_type=mimetype,
-                                  headers=None if kind == "odm" else SET_ASIDE_HEADER)(routed)
+                                  headers=SET_ASIDE_HEADER if kind in exports.FROM_READ_MODELS
+                                  else None)(routed)
     for code in (401, 403, 422):
         routed = exports_blp.alt_response(code, schema=ErrorBody)(routed)
     exports_blp.route(f"/{kind}")(routed)

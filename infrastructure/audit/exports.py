@@ -146,6 +146,8 @@ def csv_text(t: Trialog, deidentify: bool = False,
 
 
 FORMATS = ("csv", "odm", "fhir")
+# Made from the read models (the ODM export reads the store).
+FROM_READ_MODELS = frozenset({"csv", "fhir"})
 
 
 def document(t: Trialog, kind: str, deidentify: bool = False,

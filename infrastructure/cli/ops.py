@@ -366,7 +366,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"trialog: warning: the read models could not be brought up to date "
                   f"({_one_line(e)}); the CSV and FHIR exports give them as they stand",
                   file=sys.stderr)
-        if args.format != "odm":
+        if args.format in exports.FROM_READ_MODELS:
             _say_set_aside(trialog)
         chunks = exports.document(trialog, args.format, args.deidentify)
         if not args.output:
@@ -383,12 +383,11 @@ def _say_set_aside(trialog: Trialog) -> None:
     """A warning on standard error when the read models (which the CSV and FHIR exports
     read) hold participants set aside: as they stood before an event of theirs that
     can't be applied, or not at all."""
-    from domain.access import EVERY_SITE
     from infrastructure.readside.projections import TrialProjection
-    from infrastructure.readside.quarantine import set_aside_within
+    from infrastructure.readside.quarantine import quarantined_ids
 
     with trialog.engine.connect() as connection:
-        aside = len(set_aside_within(connection, TrialProjection.name, EVERY_SITE))
+        aside = len(quarantined_ids(connection, TrialProjection.name))
     if aside:
         many = aside != 1
         print(f"trialog: warning: {aside} participant{'s' if many else ''} set aside by the "
