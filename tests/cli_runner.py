@@ -43,9 +43,7 @@ def run_cli(args: Sequence[str], cwd: Path | str, env: Mapping[str, str], *,
         files = [os.devnull, *(os.path.join(streams, name) for name in ("out", "err"))]
         for made in files[1:]:  # there even if the run fails before it writes
             Path(made).touch()
-        process = _CONTEXT.Process(target=_main,
-                                   args=(list(args), str(cwd), dict(env), files, stdin))
-        process.start()
+        process = forked(_main, list(args), str(cwd), dict(env), files, stdin)
         process.join(timeout)
         if process.exitcode is None:
             process.kill()

@@ -86,7 +86,7 @@ def isolated_url(request, tmp_path) -> Iterator[str]:
             _copy_migrated_sqlite_file(file)
         yield f"sqlite:///{file}"
         return
-    template = _migrated_postgres_template() if migrated else None
+    template = migrated_postgres_template() if migrated else None
     with fresh_postgres_database("trialog", template=template) as name:
         yield f"{PG_SERVER}/{name}"
 
@@ -122,7 +122,7 @@ def _copy_migrated_sqlite_file(file: Path) -> None:
 
 
 @functools.cache
-def _migrated_postgres_template() -> str:
+def migrated_postgres_template() -> str:
     from infrastructure.store.bootstrap import bootstrap
 
     name = f"trialog_template_{uuid.uuid4().hex[:12]}"

@@ -29,9 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(args, cwd, **env):
+    return run_with_input(args, cwd, None, **env)
+
+
+def run_with_input(args, cwd, stdin, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
     full_env.update(env)
-    return run_cli(args, cwd, full_env)
+    return run_cli(args, cwd, full_env, stdin=stdin)
 
 
 def test_demo_prints_the_summary_then_history_and_verify_work_on_its_file(tmp_path):
@@ -248,12 +252,6 @@ def test_importing_the_worker_app_writes_nothing(tmp_path):
                               capture_output=True, text=True, check=False, timeout=60)
     assert imported.returncode == 0, imported.stderr
     assert list(tmp_path.iterdir()) == []
-
-
-def run_with_input(args, cwd, stdin, **env):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALOG_")}
-    full_env.update(env)
-    return run_cli(args, cwd, full_env, stdin=stdin)
 
 
 def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(

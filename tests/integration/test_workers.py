@@ -25,7 +25,7 @@ from infrastructure.readside.projections import TrialProjection
 from infrastructure.readside.queries import list_deviations
 from infrastructure.store.bootstrap import Trialog, bootstrap
 from infrastructure.store.tables import outbox
-from tests.conftest import _migrated_postgres_template, settings_for
+from tests.conftest import migrated_postgres_template, settings_for
 from tests.databases import PG_SERVER, fresh_postgres_database
 from tests.factories import consent, new_participant_id, screening
 from tests.smtp import Sink, smtp_sink, text_of
@@ -86,7 +86,7 @@ def quick_to_stop(app: Celery) -> dict[str, Any]:
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
-    with fresh_postgres_database("trialog_workers", template=_migrated_postgres_template()
+    with fresh_postgres_database("trialog_workers", template=migrated_postgres_template()
                                  ) as name, smtp_sink() as sink:
         settings = settings_for(f"{PG_SERVER}/{name}", TRIALOG_SMTP_URL=sink.url)
         clock = Clock(REGISTERED)
