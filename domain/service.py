@@ -423,7 +423,8 @@ class TrialService(Application[Any]):
     # --- who may no longer call -----------------------------------------------------------
 
     def access_register(self, version: int | None = None) -> AccessRegister | None:
-        """The register of tokens revoked and people disabled (at ``version``)."""
+        """The register of access granted, tokens revoked and people disabled (at
+        ``version``)."""
         try:
             register: AccessRegister = self.repository.get(
                 register_uuid(self.protocol.study_id), version=version)
@@ -436,6 +437,15 @@ class TrialService(Application[Any]):
         register = (self.access_register()
                     or AccessRegister.open(self.protocol.study_id, audit))
         register.revoke(type_name, name, audit)
+        return register
+
+    def decide_grant(self, name: str, role: str, sites: list[str] | None, audit: Audit,
+                     full_name: str | None = None) -> AccessRegister:
+        """Access granted to a machine token, or to a person (``full_name`` given);
+        nothing is saved yet."""
+        register = (self.access_register()
+                    or AccessRegister.open(self.protocol.study_id, audit))
+        register.grant(name, role, sites, audit, full_name)
         return register
 
     def decide_password_change(self, login: str, generation: int,

@@ -141,8 +141,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         recorded = revocations.record_earlier(trialog)
     finally:
         trialog.close()
-    if recorded:
-        print(f"recorded {recorded} earlier revocations in the access register")
+    if recorded.grants:
+        print(f"recorded {recorded.grants} earlier grants of access in the access register")
+    if recorded.revocations:
+        print(f"recorded {recorded.revocations} earlier revocations in the access register")
     after = migrations.tables_and_revision(settings.database_url)
     created = sorted(after[0] - before[0])
     if created:

@@ -25,12 +25,13 @@ from infrastructure.store.schemas import says_something
 from infrastructure.store.tables import as_utc, login_failures, user_sessions, users
 from infrastructure.store.tokens import (
     SESSION_PREFIX,
+    USER_CREATE_ACTOR,
     USER_DISABLE_ACTOR,
     USER_PASSWORD_ACTOR,
     TokenError,
     check_name,
     check_role,
-    name_is_free,
+    grant_for_good,
     refuse_for_good,
     scope_of,
     sites_column,
@@ -110,18 +111,14 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
                          "noncharacters (the printed name of a signature)")
     check_password(password)
     hashed = _hashed(engine, password)
-    try:
-        with engine.begin() as connection:
-            if not name_is_free(connection, login):
-                raise TokenError(f"--login: a token or person named {login!r} already exists")
-            sites = sites_column(scope)
-            connection.execute(insert(users).values(
-                login=login, full_name=full_name.strip(), role=role, sites=sites,
-                password_hash=hashed, created_at=datetime.now(UTC),
-                seal=seals_for(engine).user(login, full_name.strip(), role, sites, hashed,
-                                            disabled=False)))
-    except sqlalchemy.exc.IntegrityError:
-        raise TokenError(f"--login: a token or person named {login!r} already exists") from None
+    sites, name = sites_column(scope), full_name.strip()
+    grant_for_good(engine, login, role, scope, USER_CREATE_ACTOR, "--login",
+                   insert(users).values(
+                       login=login, full_name=name, role=role, sites=sites,
+                       password_hash=hashed, created_at=datetime.now(UTC),
+                       seal=seals_for(engine).user(login, name, role, sites, hashed,
+                                                   disabled=False)),
+                   full_name=name)
 
 
 def disable_user(engine: Engine, login: str, actor: str = USER_DISABLE_ACTOR) -> None:

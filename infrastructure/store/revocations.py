@@ -8,28 +8,34 @@ everyone in that process; one cut back while no process ran, its commands' recor
 deleted with it, is seen neither here nor by audit verify: the feed's and webhooks'
 consumers hold its events.
 
-Revoking a token or disabling a person records the event and writes the row's copy in
-one transaction (``revoke``). Revocations made before the register existed are recorded
-in it when the database is upgraded (``record_earlier``)."""
+Granting access (``grant``), revoking a token or disabling a person (``revoke``)
+records the event and writes the row in one transaction. Grants made before the register
+recorded them, and revocations made before it existed, are recorded in it when the
+database is upgraded (``record_earlier``)."""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import uuid
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
 from domain.errors import InvalidTransition
 from domain.revocations import register_uuid
+from domain.service import project
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import events_table
-from infrastructure.store.tables import tokens, users
+from infrastructure.store.tables import as_utc, tokens, users
 
 if TYPE_CHECKING:
+    from domain.revocations import AccessRegister
     from infrastructure.store.bootstrap import Trialog
 
 log = logging.getLogger("trialog.access")
@@ -52,6 +58,7 @@ class Revocations:
         # was changed.
         self._known: tuple[int | None, frozenset[str], dict[str, int]] = (None, frozenset(), {})
         self._highest = 0  # the newest version this process has seen the register at
+        self._last: AccessRegister | None = None  # the register as this process read it last
 
     @property
     def trialog(self) -> Trialog:
@@ -83,7 +90,7 @@ class Revocations:
         known = self._known
         if known[0] != version:
             try:
-                register = self.trialog.service.access_register(version)
+                register = self._register_at(version)
             except Exception as error:  # fail closed, and say why
                 if is_unavailable(error):
                     raise
@@ -103,6 +110,20 @@ class Revocations:
             return True
         return False
 
+    def _register_at(self, version: int) -> AccessRegister | None:
+        """The register at ``version``: the one this process read last with the events
+        after it (each grant moves it on, and it is never cut short), else read whole."""
+        last = self._last
+        service = self.trialog.service
+        register = None
+        if last is not None and last.version < version:
+            register = project(copy.deepcopy(last),
+                               service.events.get(last.id, gt=last.version, lte=version))
+        if register is None or register.version != version:  # events after it missing
+            register = service.access_register(version)
+        self._last = register
+        return register
+
     def password_changes(self, login: str) -> int:
         """How many times the register has recorded a change of ``login``'s password (read
         now, not from what this process keeps)."""
@@ -117,6 +138,15 @@ class Revocations:
                                                   command_id=str(uuid.uuid4()), actor=actor,
                                                   keep=keep)
 
+    def grant(self, name: str, role: str, sites: list[str] | None, actor: str,
+              keep: Callable[[Any], None], full_name: str | None = None,
+              reason: str | None = None) -> None:
+        """Records access granted to a machine token, or a person (``full_name`` given);
+        ``keep`` writes the access table's row in the same transaction."""
+        self.trialog.bus.dispatch_grant(name, role, sites, command_id=str(uuid.uuid4()),
+                                        actor=actor, keep=keep, full_name=full_name,
+                                        reason=reason)
+
     def revoke(self, type_name: str, name: str, actor: str, keep: Callable[[Any], None],
                reason: str | None = None) -> None:
         """Records RevokeToken or DisablePerson of ``name``; ``keep`` writes the access
@@ -125,40 +155,66 @@ class Revocations:
                                              actor=actor, keep=keep, reason=reason)
 
 
-def record_earlier(trialog: Trialog) -> int:
-    """Records in the register the tokens revoked and the people disabled before it
-    existed (their rows say so, and hold their seals); how many. Run after each upgrade:
-    once they are recorded, it records nothing. A register that can't be read is left
-    as it is (audit verify reports it; meanwhile it refuses every caller)."""
+@dataclass(frozen=True)
+class Earlier:
+    """What an upgrade recorded in the register of what was done before it recorded it."""
+
+    grants: int = 0
+    revocations: int = 0
+
+
+def record_earlier(trialog: Trialog) -> Earlier:
+    """Records in the register the access granted before it recorded grants (each token
+    and person whose row holds its seal, in the order made), then the tokens revoked and
+    the people disabled before it existed (their rows say so); how many of each. Run
+    after each upgrade: once they are recorded, it records nothing. A register that
+    can't be read is left as it is (audit verify reports it; meanwhile it refuses every
+    caller)."""
     seals = seals_for(trialog.engine)
     with trialog.engine.connect() as connection:
-        revoked = [row.name for row in connection.execute(
-            select(tokens).where(tokens.c.revoked_at.is_not(None))) if seals.token_holds(row)]
-        disabled = [row.login for row in connection.execute(
-            select(users, users.c.seal.label("user_seal"))
-            .where(users.c.disabled_at.is_not(None))) if seals.user_holds(row)]
-    if not revoked and not disabled:
-        return 0
+        made = sorted(
+            [*((as_utc(row.created_at), row.name, row.role, row.sites, None, row.revoked_at)
+               for row in connection.execute(select(tokens)) if seals.token_holds(row)),
+             *((as_utc(row.created_at), row.login, row.role, row.sites, row.full_name,
+                row.disabled_at)
+               for row in connection.execute(select(users, users.c.seal.label("user_seal")))
+               if seals.user_holds(row))],
+            key=lambda holder: (holder[0], holder[1]))
+    if not made:
+        return Earlier()
     try:
         register = trialog.service.access_register()
     except Exception:  # said, and left to audit verify
-        log.exception("the access register can't be read: earlier revocations are not "
-                      "recorded in it")
-        return 0
+        log.exception("the access register can't be read: earlier grants and revocations "
+                      "are not recorded in it")
+        return Earlier()
+    granted = set(register.names_granted) if register is not None else set()
     refused = set(register.refused) if register is not None else set()
-    revoked = [name for name in revoked if name not in refused]
-    disabled = [login for login in disabled if login not in refused]
     revocations = revocations_for(trialog.engine)
-    recorded = 0
-    for type_name, names in (("RevokeToken", revoked), ("DisablePerson", disabled)):
-        for name in names:
-            try:
-                revocations.revoke(type_name, name, UPGRADE_ACTOR, lambda _: None,
-                                   reason="recorded on upgrade: done before the register")
-            except InvalidTransition:  # another process starting recorded it meanwhile
-                continue
-            recorded += 1
-    return recorded
+    grants = recorded = 0
+    for created_at, name, role, sites, full_name, _ in made:
+        if name in granted:
+            continue
+        try:
+            revocations.grant(
+                name, role, None if sites is None else json.loads(sites), UPGRADE_ACTOR,
+                lambda _: None, full_name=full_name,
+                reason=f"recorded on upgrade: granted at {created_at.isoformat()}, before "
+                       "the register recorded grants")
+        except InvalidTransition:  # another process starting recorded it meanwhile
+            continue
+        grants += 1
+    for created_at, name, _, _, full_name, ended_at in made:
+        if ended_at is None or name in refused:
+            continue
+        try:
+            revocations.revoke("RevokeToken" if full_name is None else "DisablePerson",
+                               name, UPGRADE_ACTOR, lambda _: None,
+                               reason="recorded on upgrade: done before the register")
+        except InvalidTransition:
+            continue
+        recorded += 1
+    return Earlier(grants, recorded)
 
 
 _REGISTERED: weakref.WeakKeyDictionary[Any, Revocations] = weakref.WeakKeyDictionary()

@@ -149,12 +149,15 @@ def name_is_free(connection: Connection, name: str) -> bool:
 # access register. No token, person or operator takes their names (compared in a form
 # that case, width and dashes don't change), so that the audit trail never shows a
 # person's act as the system's.
+TOKEN_CREATE_ACTOR = "trialog token create"
 TOKEN_REVOKE_ACTOR = "trialog token revoke"
+USER_CREATE_ACTOR = "trialog user create"
 USER_DISABLE_ACTOR = "trialog user disable"
 USER_PASSWORD_ACTOR = "trialog user password"
 SYSTEM_ACTORS = frozenset({"deviation-monitor", "reminder-worker", "import",
-                           "demo-screening-app", TOKEN_REVOKE_ACTOR, USER_DISABLE_ACTOR,
-                           USER_PASSWORD_ACTOR, UPGRADE_ACTOR})
+                           "demo-screening-app", TOKEN_CREATE_ACTOR, TOKEN_REVOKE_ACTOR,
+                           USER_CREATE_ACTOR, USER_DISABLE_ACTOR, USER_PASSWORD_ACTOR,
+                           UPGRADE_ACTOR})
 
 
 _DASH_LIKE = frozenset("\u2212\u2043\u02d7")  # a minus sign, a hyphen bullet, a modifier minus
@@ -190,8 +193,9 @@ def check_name(name: str, option: str, own: frozenset[str] = frozenset()) -> Non
 
 
 def create_token(engine: Engine, name: str, role: str, scope: Scope | None = None) -> str:
-    """A new machine token for ``name``; only its hash is stored. ``scope`` is required
-    for every role but admin and auditor (fail-closed)."""
+    """A new machine token for ``name``; only its hash is stored, and the grant is
+    recorded in the access register. ``scope`` is required for every role but admin and
+    auditor (fail-closed)."""
     check_role(role)
     check_name(name, "--name")
     if scope is None:
@@ -201,17 +205,30 @@ def create_token(engine: Engine, name: str, role: str, scope: Scope | None = Non
     token = MACHINE_PREFIX + secrets.token_urlsafe(32)
     digest, sites = token_hash(token), sites_column(scope)
     seal = seals_for(engine).token(name, role, digest, sites, revoked=False)
-    try:
-        with engine.begin() as connection:
-            if not name_is_free(connection, name):
-                raise TokenError(f"--name: a token or person named {name!r} already exists")
-            connection.execute(insert(tokens).values(
-                name=name, role=role, token_hash=digest, sites=sites,
-                created_at=datetime.now(UTC), seal=seal,
-            ))
-    except sqlalchemy.exc.IntegrityError:
-        raise TokenError(f"--name: a token or person named {name!r} already exists") from None
+    grant_for_good(engine, name, role, scope, TOKEN_CREATE_ACTOR, "--name",
+                   insert(tokens).values(name=name, role=role, token_hash=digest,
+                                         sites=sites, created_at=datetime.now(UTC),
+                                         seal=seal))
     return token
+
+
+def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, actor: str,
+                   option: str, row: Any, full_name: str | None = None) -> None:
+    """Records access granted to ``name`` (a machine token, or a person: ``full_name``
+    given) in the access register, with ``row``, the access table's insert, in the same
+    transaction. TokenError naming ``option`` when the name is taken."""
+    taken = f"{option}: a token or person named {name!r} already exists"
+
+    def keep(session: Any) -> None:
+        if not name_is_free(session, name):
+            raise TokenError(taken)
+        session.execute(row)
+
+    try:
+        revocations_for(engine).grant(name, role, scope.as_list(), actor, keep,
+                                      full_name=full_name)
+    except (InvalidTransition, sqlalchemy.exc.IntegrityError):
+        raise TokenError(taken) from None
 
 
 def revoke_token(engine: Engine, name: str, actor: str = TOKEN_REVOKE_ACTOR) -> None:

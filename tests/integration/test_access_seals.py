@@ -227,27 +227,125 @@ def test_rows_put_back_from_before_a_password_change_take_the_old_password_no_mo
     assert sign_in(engine, login, "reset by an administrator").login == login
 
 
-def test_revocations_made_before_the_register_are_recorded_on_upgrade(isolated):
-    """A release before the register revoked by the row alone: the upgrade records them,
-    once, after which their rows put back are refused."""
+def made_as_before_grants(engine, table, **row):
+    """A token's or a person's row as a release before 0036 made it: sealed, with no grant
+    in the access register."""
     from infrastructure.store.access_seals import seals_for
-    from infrastructure.store.revocations import record_earlier
+
+    seals = seals_for(engine)
+    seal = (seals.token(row["name"], row["role"], row["token_hash"], row["sites"],
+                        revoked=row.get("revoked_at") is not None) if table is tokens else
+            seals.user(row["login"], row["full_name"], row["role"], row["sites"],
+                       row["password_hash"], disabled=row.get("disabled_at") is not None))
+    with engine.begin() as connection:
+        connection.execute(insert(table).values(**row, seal=seal))
+
+
+def test_grants_and_revocations_made_before_the_register_are_recorded_on_upgrade(isolated):
+    """Releases before revision 0036 granted by the row alone, and before the register
+    revoked by the row alone: the upgrade records them, grants first in the order made,
+    once; a row that fails its seal is no one's and is not recorded. A revoked token's
+    row put back is then refused."""
+    from domain.revocations import AccessRegister
+    from infrastructure.store.revocations import Earlier, record_earlier
 
     engine = isolated.engine
-    service = name("lab")
-    token = create_token(engine, service, "service", Scope.of(["CASE"]))
+    service, person, made_up = name("lab"), name("ada"), name("forged")
+    token = "tlm_" + uuid.uuid4().hex
+    made = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+    made_as_before_grants(engine, users, login=person, full_name="Ada Example",
+                          role="investigator", sites='["METRO"]',
+                          password_hash=HASHER.hash(PASSWORD), created_at=made)
+    made_as_before_grants(engine, tokens, name=service, role="service", sites=None,
+                          token_hash=token_hash(token), created_at=made + timedelta(days=1),
+                          revoked_at=made + timedelta(days=2))
+    with engine.begin() as connection:  # a row added in the database: no seal
+        connection.execute(insert(tokens).values(
+            name=made_up, role="admin", token_hash=token_hash(made_up), sites=None,
+            created_at=made))
+    assert record_earlier(isolated) == Earlier(grants=2, revocations=1)
+    assert record_earlier(isolated) == Earlier()
     saved = rows_of(engine, tokens, tokens.c.name == service)
-    [row] = saved
-    with engine.begin() as connection:  # as the earlier release revoked it
-        connection.execute(update(tokens).where(tokens.c.name == service).values(
-            revoked_at=datetime.now(UTC), seal=seals_for(engine).token(
-                service, row["role"], row["token_hash"], row["sites"], revoked=True)))
-    assert record_earlier(isolated) == 1
-    assert record_earlier(isolated) == 0
     put_back(engine, tokens, "name", saved)
     assert Authenticator(engine)(token) is None
     register = isolated.service.access_register()
-    assert register.refused == [service] and register.version == 2  # opened, revoked
+    assert register.names_granted == [person, service]
+    assert register.refused == [service]
+    events = list(isolated.service.repository.event_store.get(register.id))[1:]
+    assert [(type(e), e.actor) for e in events] == [
+        (AccessRegister.PersonGranted, "trialog db upgrade"),
+        (AccessRegister.TokenGranted, "trialog db upgrade"),
+        (AccessRegister.TokenRevoked, "trialog db upgrade")]
+    assert (events[0].login, events[0].full_name, events[0].role, events[0].sites) == (
+        person, "Ada Example", "investigator", ["METRO"])
+    assert (events[1].name, events[1].role, events[1].sites) == (service, "service", None)
+    assert events[0].reason == ("recorded on upgrade: granted at 2026-03-01T09:30:00+00:00, "
+                                "before the register recorded grants")
+
+
+def test_each_grant_is_recorded_in_the_register_with_its_role_and_sites(isolated,
+                                                                       monkeypatch):
+    """A token made and a person given a login are recorded in the access register in
+    the transaction that writes their rows, with a command's record beside each; a name
+    taken is refused and records nothing."""
+    from domain.revocations import AccessRegister
+    from infrastructure.audit.verification import check_store
+    from infrastructure.store.revocations import revocations_for
+    from infrastructure.store.tokens import TokenError
+
+    t = isolated
+    engine = t.engine
+    service, person = name("lab"), name("ada")
+    create_token(engine, service, "service", Scope.of(["METRO", "CASE"]))
+    create_user(engine, person, "  Ada Example ", "monitor", Scope.of(None), PASSWORD)
+    register = t.service.access_register()
+    events = list(t.service.repository.event_store.get(register.id))
+    assert [type(e) for e in events] == [AccessRegister.RegisterOpened,
+                                         AccessRegister.TokenGranted,
+                                         AccessRegister.PersonGranted]
+    token_granted, person_granted = events[1:]
+    assert (token_granted.name, token_granted.role, token_granted.sites,
+            token_granted.actor) == (service, "service", ["CASE", "METRO"],
+                                     "trialog token create")
+    assert (person_granted.login, person_granted.full_name, person_granted.role,
+            person_granted.sites, person_granted.actor) == (
+        person, "Ada Example", "monitor", None, "trialog user create")
+    [row] = rows_of(engine, tokens, tokens.c.name == service)
+    assert abs(row["created_at"].replace(tzinfo=UTC) - token_granted.timestamp) < timedelta(
+        seconds=5)
+    for taken in (lambda: create_token(engine, person, "service", Scope.of(["CASE"])),
+                  lambda: create_user(engine, service, "Someone", "monitor",
+                                      Scope.of(["CASE"]), PASSWORD)):
+        with pytest.raises(TokenError, match="already exists"):
+            taken()
+    assert t.service.access_register().version == 3
+    with engine.connect() as connection:
+        records = connection.execute(text(
+            "SELECT count(*) FROM trialog_commands WHERE participant_id = :key"),
+            {"key": f"access:{t.protocol.study_id}"}).scalar()
+    assert records == 2
+    assert check_store(t).ok
+    # The door reads the register on from where it last read it: a grant and a
+    # revocation after its last look-up are both applied.
+    token = create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    authenticate = Authenticator(engine)
+    assert authenticate(token).role == "service"
+    later = name("lab")
+    create_token(engine, later, "service", Scope.of(["CASE"]))
+    revoke_token(engine, service)
+    with monkeypatch.context() as patched:  # not read whole again
+        patched.setattr(t.service, "access_register", None)
+        assert authenticate(token).role == "service"
+    whole = t.service.access_register()
+    assert vars(revocations_for(engine)._last) == vars(whole)
+    assert whole.names_granted[-1] == later and whole.refused == [service]
+
+
+def test_migration_0036_is_not_undone_once_a_grant_is_in_the_register(isolated):
+    engine = isolated.engine
+    create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    with pytest.raises(RuntimeError, match="records 1 grants since revision 0036"):
+        downgrade_to(engine, "0035")
 
 
 def test_the_register_verifies_and_its_last_event_deleted_is_found(isolated):
@@ -370,8 +468,8 @@ def test_the_database_unavailable_while_reading_the_register_is_not_a_refusal(
 @pytest.mark.parametrize("rendered", [False, True])
 def test_the_register_s_events_are_in_the_feed_of_readers_of_every_site_only(isolated,
                                                                              rendered):
-    """Who was revoked or disabled is the deployment's, not a site's: a reader of some
-    sites sees none of it, read from the store or from rm_feed."""
+    """Who was granted access, revoked or disabled is the deployment's, not a site's: a
+    reader of some sites sees none of it, read from the store or from rm_feed."""
     from domain.access import EVERY_SITE
     from infrastructure.audit.feed import Feed, Reader
     from infrastructure.readside.projections import FeedProjection
@@ -388,13 +486,18 @@ def test_the_register_s_events_are_in_the_feed_of_readers_of_every_site_only(iso
     feed = Feed(isolated)
     every, _ = feed.page(0, 1000, Reader(EVERY_SITE))
     case_only, _ = feed.page(0, 1000, Reader(Scope.of(["CASE"])))
-    assert [e["type"] for e in every][-3:] == [
-        "org.trialog.RegisterOpened", "org.trialog.TokenRevoked",
+    assert [e["type"] for e in every][-5:] == [
+        "org.trialog.RegisterOpened", "org.trialog.TokenGranted",
+        "org.trialog.PersonGranted", "org.trialog.TokenRevoked",
         "org.trialog.PersonDisabled"]
+    assert every[-4]["data"]["data"] == {"name": revoked, "role": "service",
+                                         "sites": ["CASE"]}
+    assert every[-3]["data"]["data"] == {"login": login, "full_name": login,
+                                         "role": "coordinator", "sites": ["CASE"]}
     assert every[-2]["data"]["data"] == {"name": revoked}
     assert every[-1]["data"]["data"] == {"login": login}
-    assert not [e for e in case_only if e["type"].endswith(("RegisterOpened", "TokenRevoked",
-                                                             "PersonDisabled"))]
+    assert not [e for e in case_only if e["type"].endswith((
+        "RegisterOpened", "Granted", "TokenRevoked", "PersonDisabled"))]
     # The register's subject is its own: the trial's stream (the database lock) had the
     # same one, two chains under one subject that a consumer checking it took for
     # tampering.
@@ -723,7 +826,9 @@ def test_migration_0029_is_not_undone_once_a_password_was_changed(isolated):
 
     engine = isolated.engine
     login = name("max")
-    create_user(engine, login, login, "coordinator", Scope.of(["CASE"]), PASSWORD)
+    made_as_before_grants(engine, users, login=login, full_name=login, role="coordinator",
+                          sites='["CASE"]', password_hash=HASHER.hash(PASSWORD),
+                          created_at=datetime.now(UTC))  # 0036 is undone: no grant in it
     change_password(engine, login, PASSWORD, "changed under 0029")
     with pytest.raises(RuntimeError, match="have changed their password since revision 0029"):
         downgrade_to(engine, "0028")

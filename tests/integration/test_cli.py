@@ -265,7 +265,9 @@ def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
     from infrastructure.store.revocations import UPGRADE_ACTOR
     from infrastructure.store.tokens import (
         SYSTEM_ACTORS,
+        TOKEN_CREATE_ACTOR,
         TOKEN_REVOKE_ACTOR,
+        USER_CREATE_ACTOR,
         USER_DISABLE_ACTOR,
         USER_PASSWORD_ACTOR,
     )
@@ -277,8 +279,8 @@ def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
                      "admin", "--password-stdin"])
 
     assert SYSTEM_ACTORS == {monitor.ACTOR, reminders.ACTOR, "import", demo.SERVICE,
-                             TOKEN_REVOKE_ACTOR, USER_DISABLE_ACTOR, USER_PASSWORD_ACTOR,
-                             UPGRADE_ACTOR}
+                             TOKEN_CREATE_ACTOR, TOKEN_REVOKE_ACTOR, USER_CREATE_ACTOR,
+                             USER_DISABLE_ACTOR, USER_PASSWORD_ACTOR, UPGRADE_ACTOR}
     listed = ", ".join(sorted(SYSTEM_ACTORS))
     for name, value in {**TEST_SECRETS,
                         "TRIALOG_DATABASE_URL": f"sqlite:///{tmp_path / 't.db'}"}.items():

@@ -34,6 +34,34 @@ def test_db_upgrade_says_what_it_created_and_then_that_nothing_was_needed(tmp_pa
     assert "up to date" not in first.stdout
 
 
+def test_db_upgrade_says_how_many_earlier_grants_it_recorded(tmp_path):
+    """A token a release before 0036 made (its row alone, sealed) is recorded in the
+    access register by the next upgrade, once."""
+    from datetime import UTC, datetime
+
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.tables import tokens
+    from tests.conftest import settings_for
+    from tests.integration.test_access_seals import made_as_before_grants
+
+    url = f"sqlite:///{tmp_path / 'earlier.db'}"
+    env = {"TRIALOG_DATABASE_URL": url, "TRIALOG_CIPHER_KEY": TEST_KEY}
+    assert run(["db", "upgrade"], tmp_path, **env).returncode == 0
+    trialog = bootstrap(settings_for(url), migrate=False)
+    try:
+        made_as_before_grants(trialog.engine, tokens, name="lab-earlier", role="service",
+                              sites='["CASE"]', token_hash="0" * 64,
+                              created_at=datetime(2026, 3, 1, tzinfo=UTC))
+    finally:
+        trialog.close()
+    upgraded = run(["db", "upgrade"], tmp_path, **env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.splitlines()[0] == ("recorded 1 earlier grants of access in the "
+                                               "access register")
+    again = run(["db", "upgrade"], tmp_path, **env)
+    assert "recorded" not in again.stdout and "up to date" in again.stdout
+
+
 def test_rebuild_prints_the_rate_of_the_whole_run(tmp_path):
     demo = run(["demo", "--participants", "6", "--seed", "2"], tmp_path)
     assert demo.returncode == 0, demo.stderr

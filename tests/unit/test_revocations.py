@@ -40,6 +40,26 @@ def test_a_name_is_refused_once():
     assert register.version == 2
 
 
+def test_each_grant_is_recorded_in_order_and_a_name_is_granted_once():
+    register = AccessRegister.open("NCT04205786", audit(1))
+    register.grant("lab-1", "service", ["CASE"], audit(2))
+    register.grant("ada", "investigator", None, audit(3), full_name="Ada Example")
+    register.revoke("RevokeToken", "lab-1", audit(4))
+    assert register.names_granted == ["lab-1", "ada"]
+    for full_name in (None, "Lab One"):
+        with pytest.raises(InvalidTransition, match="'lab-1' was granted access already"):
+            register.grant("lab-1", "service", ["CASE"], audit(5), full_name=full_name)
+    assert register.version == 4
+    events = register.collect_events()
+    assert [type(e).__name__ for e in events] == ["RegisterOpened", "TokenGranted",
+                                                   "PersonGranted", "TokenRevoked"]
+    assert (events[1].name, events[1].role, events[1].sites) == ("lab-1", "service", ["CASE"])
+    assert (events[2].login, events[2].full_name, events[2].role, events[2].sites) == (
+        "ada", "Ada Example", "investigator", None)
+    for before, after in pairwise(events):
+        assert after.previous_digest == before.digest == compute_digest(before)
+
+
 def test_each_change_of_a_password_is_counted_in_order():
     register = AccessRegister.open("NCT04205786", audit(1))
     register.password_changed("ada", 1, audit(2))
