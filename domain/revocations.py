@@ -9,6 +9,8 @@ commands' records beside it, which audit verify compares)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -137,3 +139,43 @@ class AccessRegister(ChainedAggregate):
 def _granted(register: AccessRegister, name: str) -> None:
     register.granted = register.names_granted  # none in a register stored before grants
     register.granted.append(name)
+
+
+def holders(events: Iterable[Any], as_of: datetime | None = None) -> list[dict[str, Any]]:
+    """Who the register's ``events`` (in order) granted access or refused, as recorded up
+    to ``as_of`` (None: all of them), in the order each was first named: the name, a
+    token or a person (their full name), the role and sites granted (None: every site),
+    when, by whom and why; when and by whom the access ended (a token revoked, a person
+    disabled), and how many times a person's password was changed. A name refused with
+    no grant recorded (a row that failed its seal, say) has no role, sites or grant."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def holder(name: str, kind: str) -> dict[str, Any]:
+        return found.setdefault(name, {
+            "name": name, "kind": kind, "full_name": None, "role": None, "sites": None,
+            "granted_at": None, "granted_by": None, "grant_reason": None, "ended_at": None,
+            "ended_by": None, "password_changes": 0})
+
+    for event in events:
+        if as_of is not None and event.timestamp > as_of:
+            continue
+        if isinstance(event, AccessRegister.TokenGranted):
+            _grant(holder(event.name, "token"), event)
+        elif isinstance(event, AccessRegister.PersonGranted):
+            _grant(holder(event.login, "person"), event, event.full_name)
+        elif isinstance(event, AccessRegister.TokenRevoked):
+            _end(holder(event.name, "token"), event)
+        elif isinstance(event, AccessRegister.PersonDisabled):
+            _end(holder(event.login, "person"), event)
+        elif isinstance(event, AccessRegister.PasswordChanged):
+            holder(event.login, "person")["password_changes"] = event.generation
+    return list(found.values())
+
+
+def _grant(holder: dict[str, Any], event: Any, full_name: str | None = None) -> None:
+    holder.update(full_name=full_name, role=event.role, sites=event.sites,
+                  granted_at=event.timestamp, granted_by=event.actor, grant_reason=event.reason)
+
+
+def _end(holder: dict[str, Any], event: Any) -> None:
+    holder.update(ended_at=event.timestamp, ended_by=event.actor)

@@ -17,6 +17,7 @@ from werkzeug.wsgi import wrap_file
 
 from domain.deviations import SEVERITY
 from domain.errors import DomainError
+from domain.revocations import holders, register_uuid
 from infrastructure.api import responses as r
 from infrastructure.api.errors import ApiError, forbidden, from_domain, invalid
 from infrastructure.api.schemas import ErrorBody, Parameters
@@ -377,6 +378,31 @@ def get_access_log(**args: Any) -> Response:
     _read("access_log")
     return jsonify({"disclosures": access.disclosures(
         _trialog().engine, args.get("participant_id"), args["limit"], g.principal.scope)})
+
+
+class RegisterArgs(Parameters):
+    as_of = fields.AwareDateTime(default_timezone=UTC, validate=a_moment, metadata={
+        "description": "the holders as recorded at this moment (no zone: UTC)"})
+
+
+@query(trial_blp, "/audit/register", RegisterArgs, r.AccessRegister)
+def get_access_register(**args: Any) -> Response:
+    """Who was granted access (machine tokens, people: role, sites, when, by whom) and
+    whose access ended, from the access register, for callers of every site."""
+    _read("access_register")
+    principal = g.principal
+    if not principal.scope.every_site:
+        raise ApiError(403, "forbidden", f"token {principal.name!r} may not read the access "
+                       "register: it is the deployment's, read by callers of every site")
+    service = _trialog().service
+    events = list(service.events.get(register_uuid(service.protocol.study_id)))
+    listed = holders(events, args.get("as_of"))
+    for holder in listed:
+        for moment in ("granted_at", "ended_at"):
+            if holder[moment] is not None:
+                holder[moment] = holder[moment].astimezone(UTC).isoformat()
+    return jsonify({"version": events[-1].originator_version if events else None,
+                    "holders": listed})
 
 
 SPOOLED = 8 * 1024 * 1024  # an export's bytes kept in memory before its file goes to disk

@@ -242,6 +242,32 @@ class Disclosure(Schema):
                        "database, outside trialog"})
 
 
+class Holder(Schema):
+    """One name the access register granted access or refused."""
+
+    name = fields.String(required=True, metadata={
+        "description": "the token's name or the person's login (the actor of their events)"})
+    kind = fields.String(required=True, validate=validate.OneOf(("token", "person")))
+    full_name = _nullable_string()
+    role = _nullable_string()
+    sites = fields.List(fields.String(), required=True, allow_none=True, metadata={
+        "description": "the sites granted; null: every site"})
+    granted_at = _nullable_string()
+    granted_by = _nullable_string()
+    grant_reason = _nullable_string()
+    ended_at = fields.String(required=True, allow_none=True, metadata={
+        "description": "when the token was revoked or the person disabled"})
+    ended_by = _nullable_string()
+    password_changes = fields.Integer(required=True)
+
+
+class AccessRegister(Schema):
+    version = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "the register's version read (null: nothing recorded yet)"})
+    holders = fields.List(fields.Nested(Holder), required=True,
+                          metadata={"description": "in the order each was first named"})
+
+
 class AccessLog(Schema):
     disclosures = fields.List(fields.Nested(Disclosure), required=True,
                               metadata={"description": "newest first"})

@@ -56,8 +56,10 @@ COMMANDS_BY_ROLE: dict[str, frozenset[str]] = {
 READS_BY_ROLE: dict[str, frozenset[str]] = {
     "service": SERVICE_READS, "coordinator": READS, "investigator": READS, "monitor": READS,
     "data_manager": READS,
-    # The accounting of disclosures of contact details: auditors and admins only.
-    "auditor": READS | {"access_log"}, "admin": READS | {"access_log", "webhooks"},
+    # The accounting of disclosures of contact details and the access register: auditors
+    # and admins only.
+    "auditor": READS | {"access_log", "access_register"},
+    "admin": READS | {"access_log", "access_register", "webhooks"},
 }
 CONTACT_ROLES = frozenset({"coordinator", "investigator", "admin"})
 ROLES = tuple(COMMANDS_BY_ROLE)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
 from domain.commands import COMMAND_TYPES
 from infrastructure.store.tokens import ROLES
 from tests.e2e import payloads as p
+from tests.e2e.conftest import Client
 from tests.e2e.test_lifecycle import enrol
 
 SERVICE = {"ScreenParticipant", "RecordConsent", "RandomizeParticipant", "RecordBloodSample",
@@ -33,7 +35,7 @@ READS = {
     "/v1/trial/summary": "summary",
     "/v1/audit/verify": "audit", "/v1/exports/csv": "exports",
     "/v1/exports/odm": "exports", "/v1/exports/fhir": "exports",
-    "/v1/audit/access": "access_log",
+    "/v1/audit/access": "access_log", "/v1/audit/register": "access_register",
 }
 SERVICE_READS = {"participants", "history", "visits", "deviations", "queries", "summary"}
 ACCESS_LOG_ROLES = {"auditor", "admin"}
@@ -63,7 +65,7 @@ def known_participant(server):
 @pytest.mark.parametrize("path", sorted(READS))
 def test_a_role_reads_only_what_it_may(server, known_participant, role, path):
     answer = server.client(role).get(path.format(pid=known_participant))
-    if READS[path] == "access_log":
+    if READS[path] in ("access_log", "access_register"):
         allowed = role in ACCESS_LOG_ROLES
     else:
         allowed = role != "service" or READS[path] in SERVICE_READS
@@ -112,3 +114,64 @@ def test_every_answer_that_shows_contact_details_is_accounted_for(server):
                     (name, "GET /v1/exports/odm")]
     assert all(d["participant_id"] == pid and d["at"] and d["intact"] is True
                for d in listed.json()["disclosures"])
+
+
+def test_the_access_register_lists_who_was_granted_access_and_whose_access_ended(server):
+    """Auditors and admins of every site read who holds or held access: each token and
+    person with the role and sites granted, when and by whom, and when their access
+    ended; at a moment, as recorded then. A caller of some sites is refused."""
+    import time
+    from datetime import UTC, datetime
+
+    from domain.access import Scope
+    from infrastructure.store.bootstrap import bootstrap
+    from infrastructure.store.people import create_user, disable_user
+    from infrastructure.store.tokens import create_token, revoke_token
+    from tests.conftest import settings_for
+
+    suffix = uuid.uuid4().hex[:8]
+    lab, ada, scoped = f"lab-{suffix}", f"ada-{suffix}", f"auditor-case-{suffix}"
+    t = bootstrap(settings_for(server.database), migrate=False)
+    try:
+        create_token(t.engine, lab, "service", Scope.of(["METRO", "CASE"]))
+        create_user(t.engine, ada, "Ada Example", "investigator", Scope.of(["CASE"]),
+                    "correct horse battery staple")
+        scoped_token = create_token(t.engine, scoped, "auditor", Scope.of(["CASE"]))
+        time.sleep(0.01)
+        before_the_end = datetime.now(UTC)
+        revoke_token(t.engine, lab)
+        disable_user(t.engine, ada)
+    finally:
+        t.close()
+    answer = server.client("auditor").get("/v1/audit/register")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    listed = {h["name"]: h for h in body["holders"]}
+    assert listed[lab] == {
+        "name": lab, "kind": "token", "full_name": None, "role": "service",
+        "sites": ["CASE", "METRO"], "granted_at": listed[lab]["granted_at"],
+        "granted_by": "trialog token create", "grant_reason": None,
+        "ended_at": listed[lab]["ended_at"], "ended_by": "trialog token revoke",
+        "password_changes": 0}
+    assert listed[ada]["kind"] == "person" and listed[ada]["full_name"] == "Ada Example"
+    assert (listed[ada]["role"], listed[ada]["sites"], listed[ada]["ended_by"]) == (
+        "investigator", ["CASE"], "trialog user disable")
+    granted = datetime.fromisoformat(listed[lab]["granted_at"])
+    ended = datetime.fromisoformat(listed[lab]["ended_at"])
+    assert granted < before_the_end < ended <= datetime.now(UTC)
+    admin = server.names["admin"]
+    assert (listed[admin]["role"], listed[admin]["sites"], listed[admin]["ended_at"]) == (
+        "admin", None, None)
+    names = [h["name"] for h in body["holders"]]
+    assert names.index(admin) < names.index(lab) < names.index(ada) < names.index(scoped)
+    assert isinstance(body["version"], int) and body["version"] >= 6
+    then = server.client("admin").get("/v1/audit/register",
+                                      as_of=before_the_end.isoformat()).json()
+    at_the_time = {h["name"]: h for h in then["holders"]}
+    assert at_the_time[lab]["ended_at"] is None and at_the_time[ada]["ended_at"] is None
+    assert then["version"] == body["version"]
+    refused = Client(server.url, scoped_token).get("/v1/audit/register")
+    assert refused.status_code == 403
+    assert "callers of every site" in refused.json()["message"]
+    wrong = server.client("auditor").get("/v1/audit/register", as_of="yesterday")
+    assert wrong.status_code == 422 and "as_of" in wrong.text

@@ -85,3 +85,42 @@ def test_a_change_out_of_its_turn_or_of_a_refused_person_is_refused():
     with pytest.raises(InvalidTransition, match="'ada' is refused"):
         register.password_changed("ada", 2, audit(5))
     assert register.version == 3
+
+
+def test_the_holders_are_who_was_granted_and_refused_as_recorded_at_a_moment():
+    from datetime import timedelta
+
+    from domain.revocations import holders
+
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+
+    def at(n: int, actor: str = "admin", reason: str | None = None) -> Audit:
+        return Audit(command_id=f"c-{n}", actor=actor, reason=reason,
+                     recorded_at=start + timedelta(days=n))
+
+    register = AccessRegister.open("NCT04205786", at(0))
+    register.grant("lab-1", "service", ["CASE"], at(1, "trialog token create"))
+    register.grant("ada", "investigator", None, at(2, "trialog user create", "new PI"),
+                   full_name="Ada Example")
+    register.password_changed("ada", 1, at(3, "ada"))
+    register.revoke("RevokeToken", "lab-1", at(4, "trialog token revoke"))
+    register.revoke("DisablePerson", "old", at(5, "trialog user disable"))  # never granted
+    events = register.collect_events()
+    lab = {"name": "lab-1", "kind": "token", "full_name": None, "role": "service",
+           "sites": ["CASE"], "granted_at": start + timedelta(days=1),
+           "granted_by": "trialog token create", "grant_reason": None, "ended_at": None,
+           "ended_by": None, "password_changes": 0}
+    ada = {"name": "ada", "kind": "person", "full_name": "Ada Example",
+           "role": "investigator", "sites": None, "granted_at": start + timedelta(days=2),
+           "granted_by": "trialog user create", "grant_reason": "new PI", "ended_at": None,
+           "ended_by": None, "password_changes": 1}
+    old = {"name": "old", "kind": "person", "full_name": None, "role": None, "sites": None,
+           "granted_at": None, "granted_by": None, "grant_reason": None,
+           "ended_at": start + timedelta(days=5), "ended_by": "trialog user disable",
+           "password_changes": 0}
+    assert holders(events) == [
+        {**lab, "ended_at": start + timedelta(days=4), "ended_by": "trialog token revoke"},
+        ada, old]
+    assert holders(events, as_of=start + timedelta(days=3, hours=12)) == [lab, ada]
+    assert holders(events, as_of=start + timedelta(days=1)) == [lab]
+    assert holders(events, as_of=start) == []
