@@ -15,7 +15,6 @@ database is upgraded (``record_earlier``)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import uuid
@@ -28,14 +27,12 @@ from sqlalchemy import func, select
 
 from domain.errors import InvalidTransition
 from domain.revocations import register_uuid
-from domain.service import project
 from infrastructure.store.access_seals import seals_for
 from infrastructure.store.outages import is_unavailable
 from infrastructure.store.stored import events_table
 from infrastructure.store.tables import as_utc, tokens, users
 
 if TYPE_CHECKING:
-    from domain.revocations import AccessRegister
     from infrastructure.store.bootstrap import Trialog
 
 log = logging.getLogger("trialog.access")
@@ -58,7 +55,6 @@ class Revocations:
         # was changed.
         self._known: tuple[int | None, frozenset[str], dict[str, int]] = (None, frozenset(), {})
         self._highest = 0  # the newest version this process has seen the register at
-        self._last: AccessRegister | None = None  # the register as this process read it last
 
     @property
     def trialog(self) -> Trialog:
@@ -90,7 +86,7 @@ class Revocations:
         known = self._known
         if known[0] != version:
             try:
-                register = self._register_at(version)
+                register = self.trialog.service.access_register(version)
             except Exception as error:  # fail closed, and say why
                 if is_unavailable(error):
                     raise
@@ -109,20 +105,6 @@ class Revocations:
                         "back: refused", extra={"holder": name})
             return True
         return False
-
-    def _register_at(self, version: int) -> AccessRegister | None:
-        """The register at ``version``: the one this process read last with the events
-        after it (each grant moves it on, and it is never cut short), else read whole."""
-        last = self._last
-        service = self.trialog.service
-        register = None
-        if last is not None and last.version < version:
-            register = project(copy.deepcopy(last),
-                               service.events.get(last.id, gt=last.version, lte=version))
-        if register is None or register.version != version:  # events after it missing
-            register = service.access_register(version)
-        self._last = register
-        return register
 
     def password_changes(self, login: str) -> int:
         """How many times the register has recorded a change of ``login``'s password (read

@@ -229,8 +229,11 @@ def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, actor: st
     try:
         revocations_for(engine).grant(name, role, scope.as_list(), actor, keep,
                                       full_name=full_name)
-    except (InvalidTransition, sqlalchemy.exc.IntegrityError):
+    except InvalidTransition:
         raise TokenError(taken) from None
+    except sqlalchemy.exc.IntegrityError:  # each try met another's write: none was made
+        raise TokenError(f"{option}: {name!r} was not created: the access register or "
+                         "the access tables kept changing meanwhile; try again") from None
 
 
 def revoke_token(engine: Engine, name: str, actor: str = TOKEN_REVOKE_ACTOR) -> None:

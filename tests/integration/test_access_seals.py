@@ -250,7 +250,7 @@ def test_grants_and_revocations_made_before_the_register_are_recorded_on_upgrade
     from infrastructure.store.revocations import Earlier, record_earlier
 
     engine = isolated.engine
-    service, person, made_up = name("lab"), name("ada"), name("forged")
+    service, person, made_up = name("lab"), name("zoe"), name("forged")
     token = "tlm_" + uuid.uuid4().hex
     made = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
     made_as_before_grants(engine, users, login=person, full_name="Ada Example",
@@ -283,14 +283,12 @@ def test_grants_and_revocations_made_before_the_register_are_recorded_on_upgrade
                                 "before the register recorded grants")
 
 
-def test_each_grant_is_recorded_in_the_register_with_its_role_and_sites(isolated,
-                                                                       monkeypatch):
+def test_each_grant_is_recorded_in_the_register_with_its_role_and_sites(isolated):
     """A token made and a person given a login are recorded in the access register in
     the transaction that writes their rows, with a command's record beside each; a name
     taken is refused and records nothing."""
     from domain.revocations import AccessRegister
     from infrastructure.audit.verification import check_store
-    from infrastructure.store.revocations import revocations_for
     from infrastructure.store.tokens import TokenError
 
     t = isolated
@@ -325,25 +323,90 @@ def test_each_grant_is_recorded_in_the_register_with_its_role_and_sites(isolated
             {"key": f"access:{t.protocol.study_id}"}).scalar()
     assert records == 2
     assert check_store(t).ok
-    # The door reads the register on from where it last read it: a grant and a
-    # revocation after its last look-up are both applied.
-    token = create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+
+
+def test_a_grant_refused_by_the_access_tables_leaves_no_event_record_or_row(isolated):
+    """A name the register never granted but a row holds (made by a release before
+    0036, not recorded yet): the grant is decided, then refused by the row's table in
+    the same transaction, and neither its event, its command's record nor a row is left."""
+    from infrastructure.store.tokens import TokenError
+
+    t = isolated
+    engine = t.engine
+    taken = name("lab")
+    made_as_before_grants(engine, tokens, name=taken, role="service", sites='["CASE"]',
+                          token_hash="1" * 64, created_at=datetime.now(UTC))
+    create_token(engine, name("lab"), "service", Scope.of(["CASE"]))  # the register opened
+    version = t.service.access_register().version
+
+    def access_records() -> int:
+        with engine.connect() as connection:
+            return connection.execute(text(
+                "SELECT count(*) FROM trialog_commands WHERE participant_id = :key"),
+                {"key": f"access:{t.protocol.study_id}"}).scalar()
+
+    recorded = access_records()
+    for attempt in (lambda: create_token(engine, taken, "admin"),
+                    lambda: create_user(engine, taken, "Someone", "admin", Scope.of(None),
+                                        PASSWORD)):
+        with pytest.raises(TokenError, match="already exists"):
+            attempt()
+    assert t.service.access_register().version == version
+    assert access_records() == recorded
+    assert [row["role"] for row in rows_of(engine, tokens, tokens.c.name == taken)] == [
+        "service"]
+    assert rows_of(engine, users, users.c.login == taken) == []
+
+
+def test_a_register_cut_back_then_grown_past_where_a_process_read_it_is_read_whole(
+        isolated):
+    """The register restored to an earlier version while a process runs, then grown past
+    the version that process last read: the process reads it whole, so a revocation
+    recorded after the restore is not missed (read on from its last copy, it was, and the
+    revoked token's row put back was let in)."""
+    from sqlalchemy import delete
+
+    from domain.revocations import register_uuid
+    from infrastructure.store.stored import events_table
+
+    t = isolated
+    engine = t.engine
+    kept = create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    for _ in range(2):
+        create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
     authenticate = Authenticator(engine)
-    assert authenticate(token).role == "service"
-    later = name("lab")
-    create_token(engine, later, "service", Scope.of(["CASE"]))
-    revoke_token(engine, service)
-    with monkeypatch.context() as patched:  # not read whole again
-        patched.setattr(t.service, "access_register", None)
-        assert authenticate(token).role == "service"
-    whole = t.service.access_register()
-    assert vars(revocations_for(engine)._last) == vars(whole)
-    assert whole.names_granted[-1] == later and whole.refused == [service]
+    assert authenticate(kept).role == "service"  # the register read at version 4
+    assert t.service.access_register().version == 4
+    events = events_table(t.service.recorder)
+    with engine.begin() as connection:  # back to version 2, records and all
+        connection.execute(delete(events).where(
+            events.c.originator_id == register_uuid(t.protocol.study_id),
+            events.c.originator_version > 2))
+        newest = connection.execute(text(
+            "SELECT command_id FROM trialog_commands WHERE participant_id = :key "
+            "ORDER BY recorded_at DESC LIMIT 2"),
+            {"key": f"access:{t.protocol.study_id}"}).scalars().all()
+        for command_id in newest:
+            connection.execute(text("DELETE FROM trialog_commands WHERE command_id = :c"),
+                               {"c": command_id})
+    assert t.service.access_register().version == 2
+    revoked = name("lab")
+    token = create_token(engine, revoked, "service", Scope.of(["CASE"]))  # version 3
+    saved = rows_of(engine, tokens, tokens.c.name == revoked)
+    revoke_token(engine, revoked)  # version 4
+    create_token(engine, name("lab"), "service", Scope.of(["CASE"]))  # version 5
+    put_back(engine, tokens, "name", saved)
+    assert authenticate(token) is None
+    assert authenticate(kept).role == "service"
 
 
-def test_migration_0036_is_not_undone_once_a_grant_is_in_the_register(isolated):
+@pytest.mark.parametrize("granted", ["token", "person"])
+def test_migration_0036_is_not_undone_once_a_grant_is_in_the_register(isolated, granted):
     engine = isolated.engine
-    create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    if granted == "token":
+        create_token(engine, name("lab"), "service", Scope.of(["CASE"]))
+    else:
+        create_user(engine, name("ada"), "Ada", "monitor", Scope.of(["CASE"]), PASSWORD)
     with pytest.raises(RuntimeError, match="records 1 grants since revision 0036"):
         downgrade_to(engine, "0035")
 
