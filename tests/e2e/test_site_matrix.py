@@ -846,6 +846,7 @@ def test_an_all_sites_token_sees_and_acts_on_both_sites(server, world, role):
 def test_the_matrix_covers_every_role_and_command():
     assert set(ROLES) == set(COMMANDS_BY_ROLE) == set(READS_BY_ROLE)
     # The feed's site filter has tests of its own (tests/e2e/test_feed.py); the webhook
-    # list names no participant.
-    assert {r.what for r in READS} | {"feed", "webhooks"} >= set().union(
+    # list names no participant, nor does the access register, refused to callers of
+    # some sites (tests/e2e/test_roles.py).
+    assert {r.what for r in READS} | {"feed", "webhooks", "access_register"} >= set().union(
         *READS_BY_ROLE.values())
