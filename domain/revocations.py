@@ -37,24 +37,26 @@ class AccessRegister(ChainedAggregate):
             aggregate.refused = []
 
     class TokenGranted(ChainedAggregate.Event):
-        """A machine token made for ``name``, with its role and sites (None: every
-        site)."""
+        """A machine token made for ``name`` at ``granted_at``, with its role and sites
+        (None: every site)."""
 
         name: str
         role: str
         sites: list[str] | None
+        granted_at: datetime
 
         def apply(self, aggregate: Any) -> None:
             _granted(aggregate, self.name)
 
     class PersonGranted(ChainedAggregate.Event):
-        """A person given the login ``login``, with their full name, role and sites (None:
-        every site)."""
+        """A person given the login ``login`` at ``granted_at``, with their full name, role
+        and sites (None: every site)."""
 
         login: str
         full_name: str
         role: str
         sites: list[str] | None
+        granted_at: datetime
 
         def apply(self, aggregate: Any) -> None:
             _granted(aggregate, self.login)
@@ -103,17 +105,19 @@ class AccessRegister(ChainedAggregate):
                            **audit.event_fields())
 
     def grant(self, name: str, role: str, sites: list[str] | None, audit: Audit,
-              full_name: str | None = None) -> None:
-        """Access granted to ``name``: a machine token, or a person (``full_name``
-        given). A name is granted once."""
+              full_name: str | None = None, granted_at: datetime | None = None) -> None:
+        """Access granted to ``name`` at ``granted_at`` (None: as recorded; earlier for a
+        grant made before the register recorded grants): a machine token, or a person
+        (``full_name`` given). A name is granted once."""
         if name in self.names_granted:
             raise InvalidTransition(f"{name!r} was granted access already")
+        at = audit.recorded_at if granted_at is None else granted_at
         if full_name is None:
             self.trigger_event(self.TokenGranted, name=name, role=role, sites=sites,
-                               **audit.event_fields())
+                               granted_at=at, **audit.event_fields())
         else:
             self.trigger_event(self.PersonGranted, login=name, full_name=full_name,
-                               role=role, sites=sites, **audit.event_fields())
+                               role=role, sites=sites, granted_at=at, **audit.event_fields())
 
     def password_changed(self, login: str, generation: int, audit: Audit) -> None:
         """The ``generation``-th change of ``login``'s password (one more than the last)."""
@@ -143,21 +147,26 @@ def _granted(register: AccessRegister, name: str) -> None:
 
 def holders(events: Iterable[Any], as_of: datetime | None = None) -> list[dict[str, Any]]:
     """Who the register's ``events`` (in order) granted access or refused, as recorded up
-    to ``as_of`` (None: all of them), in the order each was first named: the name, a
-    token or a person (their full name), the role and sites granted (None: every site),
-    when, by whom and why; when and by whom the access ended (a token revoked, a person
-    disabled), and how many times a person's password was changed. A name refused with
-    no grant recorded (a row that failed its seal, say) has no role, sites or grant."""
+    to ``as_of`` (None: all of them; a grant counts from when it was made, which for one
+    made before the register recorded grants is before it was recorded), in the order
+    access was granted (a name refused with no grant recorded, a row that failed its
+    seal say, last, with no role, sites or grant): the name, a token or a person (their
+    full name), the role and sites granted (None: every site), when, by whom and why;
+    when, by whom and why the access ended (a token revoked, a person disabled), and how
+    many times a person's password was changed."""
     found: dict[str, dict[str, Any]] = {}
 
     def holder(name: str, kind: str) -> dict[str, Any]:
         return found.setdefault(name, {
             "name": name, "kind": kind, "full_name": None, "role": None, "sites": None,
             "granted_at": None, "granted_by": None, "grant_reason": None, "ended_at": None,
-            "ended_by": None, "password_changes": 0})
+            "ended_by": None, "end_reason": None, "password_changes": 0})
 
     for event in events:
-        if as_of is not None and event.timestamp > as_of:
+        if isinstance(event, AccessRegister.TokenGranted | AccessRegister.PersonGranted):
+            if as_of is not None and event.granted_at > as_of:
+                continue
+        elif as_of is not None and event.timestamp > as_of:
             continue
         if isinstance(event, AccessRegister.TokenGranted):
             _grant(holder(event.name, "token"), event)
@@ -169,13 +178,15 @@ def holders(events: Iterable[Any], as_of: datetime | None = None) -> list[dict[s
             _end(holder(event.login, "person"), event)
         elif isinstance(event, AccessRegister.PasswordChanged):
             holder(event.login, "person")["password_changes"] = event.generation
-    return list(found.values())
+    return sorted(found.values(), key=lambda h: (h["granted_at"] is None,
+                                                 h["granted_at"] or datetime.min))
 
 
 def _grant(holder: dict[str, Any], event: Any, full_name: str | None = None) -> None:
     holder.update(full_name=full_name, role=event.role, sites=event.sites,
-                  granted_at=event.timestamp, granted_by=event.actor, grant_reason=event.reason)
+                  granted_at=event.granted_at, granted_by=event.actor,
+                  grant_reason=event.reason)
 
 
 def _end(holder: dict[str, Any], event: Any) -> None:
-    holder.update(ended_at=event.timestamp, ended_by=event.actor)
+    holder.update(ended_at=event.timestamp, ended_by=event.actor, end_reason=event.reason)

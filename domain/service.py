@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from datetime import date
+from datetime import date, datetime
 from typing import Any, ClassVar, Self
 from uuid import UUID
 
@@ -440,12 +440,13 @@ class TrialService(Application[Any]):
         return register
 
     def decide_grant(self, name: str, role: str, sites: list[str] | None, audit: Audit,
-                     full_name: str | None = None) -> AccessRegister:
-        """Access granted to a machine token, or to a person (``full_name`` given);
-        nothing is saved yet."""
+                     full_name: str | None = None,
+                     granted_at: datetime | None = None) -> AccessRegister:
+        """Access granted to a machine token, or to a person (``full_name`` given), at
+        ``granted_at``; nothing is saved yet."""
         register = (self.access_register()
                     or AccessRegister.open(self.protocol.study_id, audit))
-        register.grant(name, role, sites, audit, full_name)
+        register.grant(name, role, sites, audit, full_name, granted_at)
         return register
 
     def decide_password_change(self, login: str, generation: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import closing
@@ -24,6 +25,7 @@ from infrastructure.api.schemas import ErrorBody, Parameters
 from infrastructure.audit import access, exports
 from infrastructure.audit import history as audit
 from infrastructure.readside import queries
+from infrastructure.store.outages import is_unavailable
 from infrastructure.store.schemas import a_moment, text
 from infrastructure.store.stored import replayed
 
@@ -32,6 +34,7 @@ participants_blp = Blueprint("participants", __name__, url_prefix="/v1/participa
 trial_blp = Blueprint("trial", __name__, url_prefix="/v1",
                       description="Deviations, visits due, the trial summary, audit")
 health_blp = Blueprint("health", __name__, description="Liveness")
+log = logging.getLogger("trialog.http")
 # The largest log position and participant version a read may name.
 MAX_POSITION, MAX_VERSION = 2**62, 2**31
 
@@ -392,16 +395,25 @@ def get_access_register(**args: Any) -> Response:
     _read("access_register")
     principal = g.principal
     if not principal.scope.every_site:
-        raise ApiError(403, "forbidden", f"token {principal.name!r} may not read the access "
-                       "register: it is the deployment's, read by callers of every site")
-    service = _trialog().service
-    events = list(service.events.get(register_uuid(service.protocol.study_id)))
-    listed = holders(events, args.get("as_of"))
+        raise ApiError(403, "forbidden", f"{principal.kind} {principal.name!r} may not read "
+                       "the access register: it is the deployment's, read by callers of "
+                       "every site")
+    service, as_of = _trialog().service, args.get("as_of")
+    try:
+        events = list(service.events.get(register_uuid(service.protocol.study_id)))
+    except Exception as error:  # said, with what to run
+        if is_unavailable(error):
+            raise
+        log.exception("the access register can't be read")
+        raise ApiError(500, "record_unreadable", "the access register can't be read: "
+                       "`trialog audit verify` names the event") from None
+    listed = holders(events, as_of)
     for holder in listed:
         for moment in ("granted_at", "ended_at"):
             if holder[moment] is not None:
                 holder[moment] = holder[moment].astimezone(UTC).isoformat()
-    return jsonify({"version": events[-1].originator_version if events else None,
+    recorded = [e for e in events if as_of is None or e.timestamp <= as_of]
+    return jsonify({"version": recorded[-1].originator_version if recorded else None,
                     "holders": listed})
 
 

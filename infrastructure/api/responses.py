@@ -251,21 +251,25 @@ class Holder(Schema):
     full_name = _nullable_string()
     role = _nullable_string()
     sites = fields.List(fields.String(), required=True, allow_none=True, metadata={
-        "description": "the sites granted; null: every site"})
+        "description": "the sites granted; null: every site (or, role null too, no grant "
+                       "recorded)"})
     granted_at = _nullable_string()
     granted_by = _nullable_string()
     grant_reason = _nullable_string()
     ended_at = fields.String(required=True, allow_none=True, metadata={
         "description": "when the token was revoked or the person disabled"})
     ended_by = _nullable_string()
+    end_reason = _nullable_string()
     password_changes = fields.Integer(required=True)
 
 
 class AccessRegister(Schema):
     version = fields.Integer(required=True, allow_none=True, metadata={
-        "description": "the register's version read (null: nothing recorded yet)"})
-    holders = fields.List(fields.Nested(Holder), required=True,
-                          metadata={"description": "in the order each was first named"})
+        "description": "the register's version read: its last at or before as_of (null: "
+                       "nothing recorded yet)"})
+    holders = fields.List(fields.Nested(Holder), required=True, metadata={
+        "description": "in the order access was granted; names refused with no grant "
+                       "recorded last"})
 
 
 class AccessLog(Schema):

@@ -597,17 +597,19 @@ class CommandBus:
             lambda audit: self.service.decide_revocation(type_name, name, audit),
             lambda session, *_: keep(session))
 
-    def dispatch_grant(self, name: str, role: str, sites: list[str] | None, *,
-                       command_id: str, actor: str, keep: Callable[[Any], None],
-                       full_name: str | None = None, reason: str | None = None) -> Accepted:
-        """Access granted to ``name`` in the access register: a machine token, or a person
-        (``full_name`` given); ``keep`` writes the access table's row in the same
-        transaction."""
+    def dispatch_grant(self, name: str, role: str, sites: list[str] | None,
+                       granted_at: datetime, *, command_id: str, actor: str,
+                       keep: Callable[[Any], None], full_name: str | None = None,
+                       reason: str | None = None) -> Accepted:
+        """Access granted to ``name`` at ``granted_at`` in the access register: a machine
+        token, or a person (``full_name`` given); ``keep`` writes the access table's row
+        in the same transaction."""
         return self._dispatch_whole(
             {"type": "GrantAccess", "name": name, "role": role, "sites": sites,
-             "full_name": full_name, "reason": reason},
+             "full_name": full_name, "granted_at": granted_at.isoformat(), "reason": reason},
             f"access:{self.study_id}", command_id, actor, reason,
-            lambda audit: self.service.decide_grant(name, role, sites, audit, full_name),
+            lambda audit: self.service.decide_grant(name, role, sites, audit, full_name,
+                                                    granted_at),
             lambda session, *_: keep(session))
 
     def dispatch_password_change(self, login: str, generation: int, *, command_id: str,

@@ -111,11 +111,11 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
                          "noncharacters (the printed name of a signature)")
     check_password(password)
     hashed = _hashed(engine, password)
-    sites, name = sites_column(scope), full_name.strip()
-    grant_for_good(engine, login, role, scope, USER_CREATE_ACTOR, "--login",
+    sites, name, created_at = sites_column(scope), full_name.strip(), datetime.now(UTC)
+    grant_for_good(engine, login, role, scope, created_at, USER_CREATE_ACTOR, "--login",
                    insert(users).values(
                        login=login, full_name=name, role=role, sites=sites,
-                       password_hash=hashed, created_at=datetime.now(UTC),
+                       password_hash=hashed, created_at=created_at,
                        seal=seals_for(engine).user(login, name, role, sites, hashed,
                                                    disabled=False)),
                    full_name=name)

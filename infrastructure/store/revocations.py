@@ -21,6 +21,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
@@ -120,14 +121,15 @@ class Revocations:
                                                   command_id=str(uuid.uuid4()), actor=actor,
                                                   keep=keep)
 
-    def grant(self, name: str, role: str, sites: list[str] | None, actor: str,
-              keep: Callable[[Any], None], full_name: str | None = None,
+    def grant(self, name: str, role: str, sites: list[str] | None, granted_at: datetime,
+              actor: str, keep: Callable[[Any], None], full_name: str | None = None,
               reason: str | None = None) -> None:
-        """Records access granted to a machine token, or a person (``full_name`` given);
-        ``keep`` writes the access table's row in the same transaction."""
-        self.trialog.bus.dispatch_grant(name, role, sites, command_id=str(uuid.uuid4()),
-                                        actor=actor, keep=keep, full_name=full_name,
-                                        reason=reason)
+        """Records access granted at ``granted_at`` to a machine token, or a person
+        (``full_name`` given); ``keep`` writes the access table's row in the same
+        transaction."""
+        self.trialog.bus.dispatch_grant(name, role, sites, granted_at,
+                                        command_id=str(uuid.uuid4()), actor=actor,
+                                        keep=keep, full_name=full_name, reason=reason)
 
     def revoke(self, type_name: str, name: str, actor: str, keep: Callable[[Any], None],
                reason: str | None = None) -> None:
@@ -179,20 +181,20 @@ def record_earlier(trialog: Trialog) -> Earlier:
             continue
         try:
             revocations.grant(
-                name, role, None if sites is None else json.loads(sites), UPGRADE_ACTOR,
-                lambda _: None, full_name=full_name,
-                reason=f"recorded on upgrade: granted at {created_at.isoformat()}, before "
-                       "the register recorded grants")
+                name, role, None if sites is None else json.loads(sites), created_at,
+                UPGRADE_ACTOR, lambda _: None, full_name=full_name,
+                reason="recorded on upgrade: granted before the register recorded grants")
         except InvalidTransition:  # another process starting recorded it meanwhile
             continue
         grants += 1
-    for created_at, name, _, _, full_name, ended_at in made:
+    for _, name, _, _, full_name, ended_at in made:
         if ended_at is None or name in refused:
             continue
         try:
             revocations.revoke("RevokeToken" if full_name is None else "DisablePerson",
                                name, UPGRADE_ACTOR, lambda _: None,
-                               reason="recorded on upgrade: done before the register")
+                               reason=f"recorded on upgrade: done at "
+                                      f"{as_utc(ended_at).isoformat()}, before the register")
         except InvalidTransition:
             continue
         recorded += 1

@@ -207,18 +207,19 @@ def create_token(engine: Engine, name: str, role: str, scope: Scope | None = Non
     token = MACHINE_PREFIX + secrets.token_urlsafe(32)
     digest, sites = token_hash(token), sites_column(scope)
     seal = seals_for(engine).token(name, role, digest, sites, revoked=False)
-    grant_for_good(engine, name, role, scope, TOKEN_CREATE_ACTOR, "--name",
+    created_at = datetime.now(UTC)
+    grant_for_good(engine, name, role, scope, created_at, TOKEN_CREATE_ACTOR, "--name",
                    insert(tokens).values(name=name, role=role, token_hash=digest,
-                                         sites=sites, created_at=datetime.now(UTC),
-                                         seal=seal))
+                                         sites=sites, created_at=created_at, seal=seal))
     return token
 
 
-def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, actor: str,
-                   option: str, row: Any, full_name: str | None = None) -> None:
+def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, created_at: datetime,
+                   actor: str, option: str, row: Any, full_name: str | None = None) -> None:
     """Records access granted to ``name`` (a machine token, or a person: ``full_name``
-    given) in the access register, with ``row``, the access table's insert, in the same
-    transaction. TokenError naming ``option`` when the name is taken."""
+    given) at ``created_at`` in the access register, with ``row``, the access table's
+    insert (made at that time), in the same transaction. TokenError naming ``option``
+    when the name is taken."""
     taken = f"{option}: a token or person named {name!r} already exists"
 
     def keep(session: Any) -> None:
@@ -227,7 +228,7 @@ def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, actor: st
         session.execute(row)
 
     try:
-        revocations_for(engine).grant(name, role, scope.as_list(), actor, keep,
+        revocations_for(engine).grant(name, role, scope.as_list(), created_at, actor, keep,
                                       full_name=full_name)
     except InvalidTransition:
         raise TokenError(taken) from None

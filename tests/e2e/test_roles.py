@@ -131,6 +131,7 @@ def test_the_access_register_lists_who_was_granted_access_and_whose_access_ended
 
     suffix = uuid.uuid4().hex[:8]
     lab, ada, scoped = f"lab-{suffix}", f"ada-{suffix}", f"auditor-case-{suffix}"
+    late = f"late-{suffix}"
     t = bootstrap(settings_for(server.database), migrate=False)
     try:
         create_token(t.engine, lab, "service", Scope.of(["METRO", "CASE"]))
@@ -141,6 +142,7 @@ def test_the_access_register_lists_who_was_granted_access_and_whose_access_ended
         before_the_end = datetime.now(UTC)
         revoke_token(t.engine, lab)
         disable_user(t.engine, ada)
+        create_token(t.engine, late, "service", Scope.of(["CASE"]))
     finally:
         t.close()
     answer = server.client("auditor").get("/v1/audit/register")
@@ -152,7 +154,7 @@ def test_the_access_register_lists_who_was_granted_access_and_whose_access_ended
         "sites": ["CASE", "METRO"], "granted_at": listed[lab]["granted_at"],
         "granted_by": "trialog token create", "grant_reason": None,
         "ended_at": listed[lab]["ended_at"], "ended_by": "trialog token revoke",
-        "password_changes": 0}
+        "end_reason": None, "password_changes": 0}
     assert listed[ada]["kind"] == "person" and listed[ada]["full_name"] == "Ada Example"
     assert (listed[ada]["role"], listed[ada]["sites"], listed[ada]["ended_by"]) == (
         "investigator", ["CASE"], "trialog user disable")
@@ -163,13 +165,15 @@ def test_the_access_register_lists_who_was_granted_access_and_whose_access_ended
     assert (listed[admin]["role"], listed[admin]["sites"], listed[admin]["ended_at"]) == (
         "admin", None, None)
     names = [h["name"] for h in body["holders"]]
-    assert names.index(admin) < names.index(lab) < names.index(ada) < names.index(scoped)
-    assert isinstance(body["version"], int) and body["version"] >= 6
+    assert (names.index(admin) < names.index(lab) < names.index(ada) < names.index(scoped)
+            < names.index(late))
+    assert isinstance(body["version"], int) and body["version"] >= 7
     then = server.client("admin").get("/v1/audit/register",
                                       as_of=before_the_end.isoformat()).json()
     at_the_time = {h["name"]: h for h in then["holders"]}
     assert at_the_time[lab]["ended_at"] is None and at_the_time[ada]["ended_at"] is None
-    assert then["version"] == body["version"]
+    assert late not in at_the_time and scoped in at_the_time
+    assert then["version"] == body["version"] - 3  # as recorded then
     refused = Client(server.url, scoped_token).get("/v1/audit/register")
     assert refused.status_code == 403
     assert "callers of every site" in refused.json()["message"]

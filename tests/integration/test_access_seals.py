@@ -246,7 +246,7 @@ def test_grants_and_revocations_made_before_the_register_are_recorded_on_upgrade
     revoked by the row alone: the upgrade records them, grants first in the order made,
     once; a row that fails its seal is no one's and is not recorded. A revoked token's
     row put back is then refused."""
-    from domain.revocations import AccessRegister
+    from domain.revocations import AccessRegister, holders
     from infrastructure.store.revocations import Earlier, record_earlier
 
     engine = isolated.engine
@@ -279,8 +279,16 @@ def test_grants_and_revocations_made_before_the_register_are_recorded_on_upgrade
     assert (events[0].login, events[0].full_name, events[0].role, events[0].sites) == (
         person, "Ada Example", "investigator", ["METRO"])
     assert (events[1].name, events[1].role, events[1].sites) == (service, "service", None)
-    assert events[0].reason == ("recorded on upgrade: granted at 2026-03-01T09:30:00+00:00, "
-                                "before the register recorded grants")
+    assert events[0].reason == ("recorded on upgrade: granted before the register recorded "
+                                "grants")
+    assert (events[0].granted_at, events[1].granted_at) == (made, made + timedelta(days=1))
+    assert events[2].reason == ("recorded on upgrade: done at 2026-03-03T09:30:00+00:00, "
+                                "before the register")
+    listed = holders(events)  # as made, not as recorded on upgrade
+    assert [(h["name"], h["granted_at"], h["ended_at"] == events[2].timestamp)
+            for h in listed] == [(person, made, False), (service, made + timedelta(days=1),
+                                                         True)]
+    assert [h["name"] for h in holders(events, as_of=made + timedelta(hours=1))] == [person]
 
 
 def test_each_grant_is_recorded_in_the_register_with_its_role_and_sites(isolated):
@@ -398,6 +406,39 @@ def test_a_register_cut_back_then_grown_past_where_a_process_read_it_is_read_who
     put_back(engine, tokens, "name", saved)
     assert authenticate(token) is None
     assert authenticate(kept).role == "service"
+
+
+def test_the_register_s_list_refuses_a_person_of_some_sites_and_says_it_can_t_be_read(
+        isolated):
+    """GET /v1/audit/register: a person of some sites is refused, named as a person; an
+    event of the register that no longer decrypts is a 500 that says what to run."""
+    from domain.revocations import register_uuid
+    from infrastructure.api import create_app
+    from infrastructure.store.stored import events_table
+
+    t = isolated
+    auditor, person = name("auditor"), name("aud")
+    token = create_token(t.engine, auditor, "auditor")
+    create_user(t.engine, person, "Ann Lee", "auditor", Scope.of(["CASE"]), PASSWORD)
+    client = create_app(t, follow=False).test_client()
+    session = client.post("/v1/sessions", json={"login": person, "password": PASSWORD})
+    refused = client.get("/v1/audit/register",
+                         headers={"Authorization": f"Bearer {session.json['token']}"})
+    assert refused.status_code == 403
+    assert refused.json["message"] == (
+        f"person {person!r} may not read the access register: it is the deployment's, "
+        "read by callers of every site")
+    headers = {"Authorization": f"Bearer {token}"}
+    listed = client.get("/v1/audit/register", headers=headers)
+    assert [h["name"] for h in listed.json["holders"]] == [auditor, person]
+    table = events_table(t.service.recorder)
+    with t.engine.begin() as connection:  # its first event garbled: it no longer decrypts
+        connection.execute(update(table).where(
+            table.c.originator_id == register_uuid(t.protocol.study_id),
+            table.c.originator_version == 1).values(state=b"garbled"))
+    unreadable = client.get("/v1/audit/register", headers=headers)
+    assert (unreadable.status_code, unreadable.json["error"]) == (500, "record_unreadable")
+    assert "`trialog audit verify` names the event" in unreadable.json["message"]
 
 
 @pytest.mark.parametrize("granted", ["token", "person"])
@@ -537,6 +578,7 @@ def test_the_register_s_events_are_in_the_feed_of_readers_of_every_site_only(iso
     from infrastructure.audit.feed import Feed, Reader
     from infrastructure.readside.projections import FeedProjection
     from infrastructure.store.people import disable_user
+    from infrastructure.store.tables import as_utc
 
     engine = isolated.engine
     revoked, login = name("lab"), name("jan")
@@ -553,10 +595,15 @@ def test_the_register_s_events_are_in_the_feed_of_readers_of_every_site_only(iso
         "org.trialog.RegisterOpened", "org.trialog.TokenGranted",
         "org.trialog.PersonGranted", "org.trialog.TokenRevoked",
         "org.trialog.PersonDisabled"]
+    made = {h: as_utc(rows_of(engine, table, key == h)[0]["created_at"])
+            for h, table, key in ((revoked, tokens, tokens.c.name),
+                                  (login, users, users.c.login))}
     assert every[-4]["data"]["data"] == {"name": revoked, "role": "service",
-                                         "sites": ["CASE"]}
+                                         "sites": ["CASE"],
+                                         "granted_at": made[revoked].isoformat()}
     assert every[-3]["data"]["data"] == {"login": login, "full_name": login,
-                                         "role": "coordinator", "sites": ["CASE"]}
+                                         "role": "coordinator", "sites": ["CASE"],
+                                         "granted_at": made[login].isoformat()}
     assert every[-2]["data"]["data"] == {"name": revoked}
     assert every[-1]["data"]["data"] == {"login": login}
     assert not [e for e in case_only if e["type"].endswith((

@@ -99,28 +99,39 @@ def test_the_holders_are_who_was_granted_and_refused_as_recorded_at_a_moment():
                      recorded_at=start + timedelta(days=n))
 
     register = AccessRegister.open("NCT04205786", at(0))
-    register.grant("lab-1", "service", ["CASE"], at(1, "trialog token create"))
-    register.grant("ada", "investigator", None, at(2, "trialog user create", "new PI"),
+    register.revoke("DisablePerson", "old", at(1, "trialog user disable"))  # never granted
+    register.grant("lab-1", "service", ["CASE"], at(2, "trialog token create"))
+    register.grant("ada", "investigator", None, at(3, "trialog user create", "new PI"),
                    full_name="Ada Example")
-    register.password_changed("ada", 1, at(3, "ada"))
-    register.revoke("RevokeToken", "lab-1", at(4, "trialog token revoke"))
-    register.revoke("DisablePerson", "old", at(5, "trialog user disable"))  # never granted
+    register.password_changed("ada", 1, at(4, "ada"))
+    register.revoke("RevokeToken", "lab-1", at(5, "trialog token revoke", "lost"))
+    # made on day 0, before the register recorded grants, and recorded on day 6
+    register.grant("zed", "monitor", ["METRO"], at(6, "trialog db upgrade"),
+                   granted_at=start)
     events = register.collect_events()
+    day = timedelta(days=1)
     lab = {"name": "lab-1", "kind": "token", "full_name": None, "role": "service",
-           "sites": ["CASE"], "granted_at": start + timedelta(days=1),
+           "sites": ["CASE"], "granted_at": start + 2 * day,
            "granted_by": "trialog token create", "grant_reason": None, "ended_at": None,
-           "ended_by": None, "password_changes": 0}
+           "ended_by": None, "end_reason": None, "password_changes": 0}
     ada = {"name": "ada", "kind": "person", "full_name": "Ada Example",
-           "role": "investigator", "sites": None, "granted_at": start + timedelta(days=2),
+           "role": "investigator", "sites": None, "granted_at": start + 3 * day,
            "granted_by": "trialog user create", "grant_reason": "new PI", "ended_at": None,
-           "ended_by": None, "password_changes": 1}
+           "ended_by": None, "end_reason": None, "password_changes": 0}
+    zed = {"name": "zed", "kind": "token", "full_name": None, "role": "monitor",
+           "sites": ["METRO"], "granted_at": start, "granted_by": "trialog db upgrade",
+           "grant_reason": None, "ended_at": None, "ended_by": None, "end_reason": None,
+           "password_changes": 0}
     old = {"name": "old", "kind": "person", "full_name": None, "role": None, "sites": None,
            "granted_at": None, "granted_by": None, "grant_reason": None,
-           "ended_at": start + timedelta(days=5), "ended_by": "trialog user disable",
+           "ended_at": start + day, "ended_by": "trialog user disable", "end_reason": None,
            "password_changes": 0}
     assert holders(events) == [
-        {**lab, "ended_at": start + timedelta(days=4), "ended_by": "trialog token revoke"},
-        ada, old]
-    assert holders(events, as_of=start + timedelta(days=3, hours=12)) == [lab, ada]
-    assert holders(events, as_of=start + timedelta(days=1)) == [lab]
-    assert holders(events, as_of=start) == []
+        zed, {**lab, "ended_at": start + 5 * day, "ended_by": "trialog token revoke",
+              "end_reason": "lost"},
+        {**ada, "password_changes": 1}, old]
+    assert holders(events, as_of=start + 3 * day + timedelta(hours=12)) == [zed, lab, ada,
+                                                                             old]
+    assert holders(events, as_of=start + 2 * day) == [zed, lab, old]
+    assert holders(events, as_of=start + timedelta(hours=1)) == [zed]
+    assert holders(events, as_of=start - timedelta(seconds=1)) == []
