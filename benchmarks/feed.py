@@ -248,16 +248,19 @@ def figures(t: Trialog, url: str, raw_env: dict[str, str], secrets: dict[str, st
     from benchmarks import http
 
     start = time.perf_counter()
-    events = seed(t, participants, events_each)
+    seed(t, participants, events_each)
+    # The readers' tokens made first: each grant is an event of the log the reads cover.
+    tokens = {False: create_token(t.engine, f"bench-feed-{uuid.uuid4().hex[:8]}", "admin"),
+              True: scoped_token(t)}
+    events = head(t)
     catch_up(t)
     built = time.perf_counter() - start
     library_view(t)
     library = [library_log_read(t, raw_env)]
     reads: dict[str, dict[str, Any]] = {}
     for name, scoped in (("feed_read", False), ("feed_read_scoped", True)):
-        with http.serving(url, secrets, t.engine, workdir) as (base, token):
-            received, positions, seconds = feed_read(base, scoped_token(t) if scoped
-                                                     else token)
+        with http.serving(url, secrets, t.engine, workdir, tokens[scoped]) as (base, token):
+            received, positions, seconds = feed_read(base, token)
         if positions != events:
             raise RuntimeError(f"{name} covered {positions} positions of {events}")
         requests_logged, server = server_seconds(

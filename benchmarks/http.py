@@ -40,9 +40,12 @@ SERVE_ARGS = os.environ.get("TRIALOG_BENCH_SERVE_ARGS", "--workers 2 --threads 8
 
 
 @contextmanager
-def serving(url: str, secrets: dict[str, str], engine: Any,
-            workdir: Path) -> Iterator[tuple[str, str]]:
-    token = create_token(engine, f"bench-{uuid.uuid4().hex[:8]}", "admin")
+def serving(url: str, secrets: dict[str, str], engine: Any, workdir: Path,
+            token: str | None = None) -> Iterator[tuple[str, str]]:
+    """A server on a free port, and ``token`` (made, an admin's, when not given: its grant
+    is an event of the log)."""
+    if token is None:
+        token = create_token(engine, f"bench-{uuid.uuid4().hex[:8]}", "admin")
     port = free_port()
     log = workdir / f"serve-{port}.log"
     env = {**os.environ, "TRIALOG_DATABASE_URL": url, **secrets}
