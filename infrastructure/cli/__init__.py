@@ -349,9 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     create = token.add_parser("create", help="print a new token (only its hash is kept)")
     create.add_argument("--name", required=True, help="who the token is; the events' actor")
     _role_and_sites(create)
+    _access_reason(create, "granted")
     create.set_defaults(func=cmd_token_create)
     revoke = token.add_parser("revoke", help="refuse a token from the next request on")
     revoke.add_argument("name", help="the token's name")
+    _access_reason(revoke, "revoked")
     revoke.set_defaults(func=cmd_token_revoke)
 
     user = sub.add_parser("user", help="people who sign in and sign records").add_subparsers(
@@ -363,9 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     create_user.add_argument("--password-stdin", action="store_true",
                              help="read the password from the first line of standard input")
     _role_and_sites(create_user)
+    _access_reason(create_user, "granted")
     create_user.set_defaults(func=cmd_user_create)
     disable = user.add_parser("disable", help="refuse a person from the next request on")
     disable.add_argument("login")
+    _access_reason(disable, "disabled")
     disable.set_defaults(func=cmd_user_disable)
     password = user.add_parser("password", help="give a person a new password (a reset: "
                                                 "their sessions end)")
@@ -487,6 +491,25 @@ def _actor(text: str, own: frozenset[str] = frozenset()) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--actor: ")) from None
     return text
+
+
+def _reason(value: str) -> str:
+    """A reason, as a command's: 1-2000 characters, none a control character, one a
+    reader sees."""
+    from marshmallow import ValidationError
+
+    from infrastructure.store.schemas import text
+
+    try:
+        text(1, 2000).deserialize(value)
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError("; ".join(map(str, e.messages))) from None
+    return value
+
+
+def _access_reason(parser: argparse.ArgumentParser, done: str) -> None:
+    parser.add_argument("--reason", type=_reason,
+                        help=f"why access is {done} (kept with the access register's event)")
 
 
 def _import_actor(text: str) -> str:

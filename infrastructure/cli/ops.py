@@ -105,7 +105,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
     def create(engine: Engine, protocol: Protocol) -> str:
         scope = scope_for(protocol, args.role, args.site, args.all_sites)
-        return create_token(engine, args.name, args.role, scope)
+        return create_token(engine, args.name, args.role, scope, args.reason)
 
     return _on_tokens(create)
 
@@ -114,7 +114,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     from infrastructure.store.tokens import revoke_token
 
     def revoke(engine: Engine, protocol: Protocol) -> str:
-        revoke_token(engine, args.name)
+        revoke_token(engine, args.name, reason=args.reason)
         return f"revoked {args.name}: refused from the next request on"
 
     return _on_tokens(revoke)
@@ -143,7 +143,7 @@ def cmd_user_create(args: argparse.Namespace) -> int:
         scope = scope_for(protocol, args.role, args.site, args.all_sites)
         password = _password(args.password_stdin)
         check_password(password)
-        create_user(engine, args.login, args.name, args.role, scope, password)
+        create_user(engine, args.login, args.name, args.role, scope, password, args.reason)
         sites = ", ".join(scope.as_list() or ["every site"])
         return f"created {args.login} ({args.role}; {sites})"
 
@@ -157,7 +157,7 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
     from infrastructure.store.people import disable_user
 
     def disable(engine: Engine, protocol: Protocol) -> str:
-        disable_user(engine, args.login)
+        disable_user(engine, args.login, reason=args.reason)
         return f"disabled {args.login}: refused from the next request on"
 
     return _on_tokens(disable)

@@ -101,7 +101,7 @@ def _in_a_name(c: str) -> bool:
 
 
 def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Scope,
-                password: str) -> None:
+                password: str, reason: str | None = None) -> None:
     check_role(role)
     check_name(login, "--login")
     if (len(full_name) > 200 or not all(map(_in_a_name, full_name))
@@ -118,10 +118,11 @@ def create_user(engine: Engine, login: str, full_name: str, role: str, scope: Sc
                        password_hash=hashed, created_at=created_at,
                        seal=seals_for(engine).user(login, name, role, sites, hashed,
                                                    disabled=False)),
-                   full_name=name)
+                   full_name=name, reason=reason)
 
 
-def disable_user(engine: Engine, login: str, actor: str = USER_DISABLE_ACTOR) -> None:
+def disable_user(engine: Engine, login: str, actor: str = USER_DISABLE_ACTOR,
+                 reason: str | None = None) -> None:
     """The person can't sign in any more, and their sessions are refused from the next
     request on: for good, recorded in the access register (see ``store.revocations``),
     their row changed and their sessions ended in the same transaction."""
@@ -144,7 +145,7 @@ def disable_user(engine: Engine, login: str, actor: str = USER_DISABLE_ACTOR) ->
                                         password_set=row.password_set)),
         delete(user_sessions).where(user_sessions.c.login == login),
         meanwhile=f"{login!r}: the person's row changed meanwhile: try again",
-        already=f"{login!r} is disabled already")
+        already=f"{login!r} is disabled already", reason=reason)
 
 
 def sign_in(engine: Engine, login: str, password: str, client: str | None = None,

@@ -194,10 +194,11 @@ def check_name(name: str, option: str, own: frozenset[str] = frozenset()) -> Non
                          "another")
 
 
-def create_token(engine: Engine, name: str, role: str, scope: Scope | None = None) -> str:
+def create_token(engine: Engine, name: str, role: str, scope: Scope | None = None,
+                 reason: str | None = None) -> str:
     """A new machine token for ``name``; only its hash is stored, and the grant is
-    recorded in the access register. ``scope`` is required for every role but admin and
-    auditor (fail-closed)."""
+    recorded in the access register (with ``reason``). ``scope`` is required for every
+    role but admin and auditor (fail-closed)."""
     check_role(role)
     check_name(name, "--name")
     if scope is None:
@@ -210,12 +211,14 @@ def create_token(engine: Engine, name: str, role: str, scope: Scope | None = Non
     created_at = datetime.now(UTC)
     grant_for_good(engine, name, role, scope, created_at, TOKEN_CREATE_ACTOR, "--name",
                    insert(tokens).values(name=name, role=role, token_hash=digest,
-                                         sites=sites, created_at=created_at, seal=seal))
+                                         sites=sites, created_at=created_at, seal=seal),
+                   reason=reason)
     return token
 
 
 def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, created_at: datetime,
-                   actor: str, option: str, row: Any, full_name: str | None = None) -> None:
+                   actor: str, option: str, row: Any, full_name: str | None = None,
+                   reason: str | None = None) -> None:
     """Records access granted to ``name`` (a machine token, or a person: ``full_name``
     given) at ``created_at`` in the access register, with ``row``, the access table's
     insert (made at that time), in the same transaction. TokenError naming ``option``
@@ -229,7 +232,7 @@ def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, created_a
 
     try:
         revocations_for(engine).grant(name, role, scope.as_list(), created_at, actor, keep,
-                                      full_name=full_name)
+                                      full_name=full_name, reason=reason)
     except InvalidTransition:
         raise TokenError(taken) from None
     except sqlalchemy.exc.IntegrityError:  # each try met another's write: none was made
@@ -237,7 +240,8 @@ def grant_for_good(engine: Engine, name: str, role: str, scope: Scope, created_a
                          "the access tables kept changing meanwhile; try again") from None
 
 
-def revoke_token(engine: Engine, name: str, actor: str = TOKEN_REVOKE_ACTOR) -> None:
+def revoke_token(engine: Engine, name: str, actor: str = TOKEN_REVOKE_ACTOR,
+                 reason: str | None = None) -> None:
     """Revokes the token named ``name`` for good: recorded in the access register (see
     ``store.revocations``), its row changed in the same transaction. It is refused from
     the next request on."""
@@ -257,11 +261,12 @@ def revoke_token(engine: Engine, name: str, actor: str = TOKEN_REVOKE_ACTOR) -> 
             seal=seals_for(engine).token(name, row.role, row.token_hash, row.sites,
                                          revoked=True)),
         meanwhile=f"the token {name!r} changed meanwhile: try again",
-        already=f"the token {name!r} is revoked already")
+        already=f"the token {name!r} is revoked already", reason=reason)
 
 
 def refuse_for_good(engine: Engine, type_name: str, name: str, actor: str, change: Any,
-                    *after: Any, meanwhile: str, already: str) -> None:
+                    *after: Any, meanwhile: str, already: str,
+                    reason: str | None = None) -> None:
     """Records RevokeToken or DisablePerson of ``name`` in the access register, with the
     access table's copy in the same transaction: ``change``, the row's update, made on
     the row as it was read (its seal), else TokenError ``meanwhile``; then ``after``.
@@ -274,7 +279,7 @@ def refuse_for_good(engine: Engine, type_name: str, name: str, actor: str, chang
             session.execute(statement)
 
     try:
-        revocations_for(engine).revoke(type_name, name, actor, keep)
+        revocations_for(engine).revoke(type_name, name, actor, keep, reason)
     except InvalidTransition:
         raise TokenError(already) from None
 

@@ -254,6 +254,51 @@ def test_importing_the_worker_app_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_access_granted_revoked_and_disabled_keeps_the_reason_given(tmp_path, monkeypatch,
+                                                                    capsys):
+    """`--reason` on `token create|revoke` and `user create|disable` is kept with the
+    access register's event; a blank or control-character reason is refused, naming it,
+    and nothing is done."""
+    from domain.revocations import holders
+    from infrastructure.cli import main
+    from infrastructure.store.bootstrap import bootstrap
+    from tests.conftest import TEST_SECRETS, settings_for
+
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    for name, value in {**TEST_SECRETS, "TRIALOG_DATABASE_URL": url}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["db", "upgrade"]) == 0
+    assert main(["token", "create", "--name", "lims", "--role", "service", "--site", "CASE",
+                 "--reason", "the lab's system, ticket 42"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long enough password\n"))
+    assert main(["user", "create", "--login", "ada", "--name", "Ada Lee", "--role",
+                 "monitor", "--site", "CASE", "--password-stdin",
+                 "--reason", "monitor for CASE"]) == 0
+    assert main(["token", "revoke", "lims", "--reason", "replaced"]) == 0
+    assert main(["user", "disable", "ada", "--reason", "left the study"]) == 0
+    capsys.readouterr()
+    for args, rule in (
+            (["token", "create", "--name", "x", "--role", "admin", "--reason", "  "],
+             "must not be blank"),
+            (["token", "revoke", "lims", "--reason", "a\u0007b"],
+             "must not contain control characters"),
+            (["user", "disable", "ada", "--reason", ""], "must not be blank")):
+        with pytest.raises(SystemExit) as refused:
+            main(args)
+        assert refused.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --reason: " in err and rule in err, err
+    t = bootstrap(settings_for(url), migrate=False)
+    try:
+        register = t.service.access_register()
+        listed = holders(t.service.repository.event_store.get(register.id))
+    finally:
+        t.close()
+    assert [(h["name"], h["grant_reason"], h["end_reason"]) for h in listed] == [
+        ("lims", "the lab's system, ticket 42", "replaced"),
+        ("ada", "monitor for CASE", "left the study")]
+
+
 def test_the_system_s_own_actors_and_invisible_names_are_taken_by_no_one(
         tmp_path, monkeypatch, capsys):
     """A token named deviation-monitor wrote admin commands under the monitor's name, and
