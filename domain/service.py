@@ -432,10 +432,13 @@ class TrialService(Application[Any]):
             return None
         return register
 
+    def _register_or_opened(self, audit: Audit) -> AccessRegister:
+        """The register, or a new one opened by the command being decided."""
+        return self.access_register() or AccessRegister.open(self.protocol.study_id, audit)
+
     def decide_revocation(self, type_name: str, name: str, audit: Audit) -> AccessRegister:
         """RevokeToken or DisablePerson; nothing is saved yet."""
-        register = (self.access_register()
-                    or AccessRegister.open(self.protocol.study_id, audit))
+        register = self._register_or_opened(audit)
         register.revoke(type_name, name, audit)
         return register
 
@@ -444,16 +447,14 @@ class TrialService(Application[Any]):
                      granted_at: datetime | None = None) -> AccessRegister:
         """Access granted to a machine token, or to a person (``full_name`` given), at
         ``granted_at``; nothing is saved yet."""
-        register = (self.access_register()
-                    or AccessRegister.open(self.protocol.study_id, audit))
+        register = self._register_or_opened(audit)
         register.grant(name, role, sites, audit, full_name, granted_at)
         return register
 
     def decide_password_change(self, login: str, generation: int,
                                audit: Audit) -> AccessRegister:
         """The ``generation``-th change of ``login``'s password; nothing is saved yet."""
-        register = (self.access_register()
-                    or AccessRegister.open(self.protocol.study_id, audit))
+        register = self._register_or_opened(audit)
         register.password_changed(login, generation, audit)
         return register
 

@@ -325,12 +325,16 @@ def test_each_grant_is_recorded_in_the_register_with_its_role_and_sites(isolated
         with pytest.raises(TokenError, match="already exists"):
             taken()
     assert t.service.access_register().version == 3
-    with engine.connect() as connection:
-        records = connection.execute(text(
+    assert access_records(t) == 2
+    assert check_store(t).ok
+
+
+def access_records(t) -> int:
+    """How many commands' records the access register's events have beside them."""
+    with t.engine.connect() as connection:
+        return connection.execute(text(
             "SELECT count(*) FROM trialog_commands WHERE participant_id = :key"),
             {"key": f"access:{t.protocol.study_id}"}).scalar()
-    assert records == 2
-    assert check_store(t).ok
 
 
 def test_a_grant_refused_by_the_access_tables_leaves_no_event_record_or_row(isolated):
@@ -346,21 +350,14 @@ def test_a_grant_refused_by_the_access_tables_leaves_no_event_record_or_row(isol
                           token_hash="1" * 64, created_at=datetime.now(UTC))
     create_token(engine, name("lab"), "service", Scope.of(["CASE"]))  # the register opened
     version = t.service.access_register().version
-
-    def access_records() -> int:
-        with engine.connect() as connection:
-            return connection.execute(text(
-                "SELECT count(*) FROM trialog_commands WHERE participant_id = :key"),
-                {"key": f"access:{t.protocol.study_id}"}).scalar()
-
-    recorded = access_records()
+    recorded = access_records(t)
     for attempt in (lambda: create_token(engine, taken, "admin"),
                     lambda: create_user(engine, taken, "Someone", "admin", Scope.of(None),
                                         PASSWORD)):
         with pytest.raises(TokenError, match="already exists"):
             attempt()
     assert t.service.access_register().version == version
-    assert access_records() == recorded
+    assert access_records(t) == recorded
     assert [row["role"] for row in rows_of(engine, tokens, tokens.c.name == taken)] == [
         "service"]
     assert rows_of(engine, users, users.c.login == taken) == []
